@@ -1,0 +1,151 @@
+"""The command line: classic ``--flag value`` arguments mixed with Hydra overrides.
+
+The classic flags are translated into Hydra overrides before Hydra parses the command
+line, so ``--start_stage 2 --checkpoint_path out/stage1/best stage2.temperature=3``
+and ``start_stage=2 checkpoint_path=out/stage1/best stage2.temperature=3`` are the
+same run, and multirun sweeps (``-m stage2.loss.weights.kl=0.3,0.7``) work with both.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+def _value(key: str):
+    return lambda v: [f"{key}={_quote(v)}"]
+
+
+def _quote(value: str) -> str:
+    """Quote a value for Hydra's override grammar when it holds special characters."""
+    if any(c in value for c in " ,=[]{}()'\"\\:$*?") or value.lower() in ("null", "true", "false"):
+        escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+        return f"'{escaped}'"
+    return value
+
+
+def _sources(key: str):
+    def convert(value: str) -> list[str]:
+        paths = [p for p in value.split(",") if p]
+        return [f"{key}=[{','.join(_quote(p) for p in paths)}]"]
+
+    return convert
+
+
+# flag -> (takes a value, function from the value to Hydra overrides, help text)
+CLASSIC_FLAGS = {
+    "--teacher_model": (True, lambda v: [f"model.teacher.path={_quote(v)}", "model.teacher.random_init=null",
+                                         "model.teacher.gguf_file=null", "model.teacher.tokenizer=null"],
+                        "teacher: hub id, local directory or .gguf file"),
+    "--student_model": (True, lambda v: [f"model.student.path={_quote(v)}", "model.student.keep_layers=null",
+                                         "model.student.random_init=null", "model.student.gguf_file=null",
+                                         "model.student.tokenizer=null"],
+                        "student: hub id, local directory or .gguf file (default: slimmed copy of the teacher)"),
+    "--output_dir": (True, _value("output_dir"), "where models, checkpoints and logs go"),
+    "--general_dataset": (True, _sources("data.general"), "general data: files or HF dataset names, comma-separated"),
+    "--medical_dataset": (True, _sources("data.medical"), "medical data: files or HF dataset names, comma-separated"),
+    "--eval_dataset": (True, _sources("data.eval"), "extra held-out evaluation data, comma-separated"),
+    "--fp16": (False, lambda _: ["train.precision=fp16"], "fp16 mixed precision (GPU)"),
+    "--bf16": (False, lambda _: ["train.precision=bf16"], "bf16 mixed precision"),
+    "--use_lora": (False, lambda _: ["lora.enabled=true"], "train LoRA adapters instead of all weights"),
+    "--use_qlora": (False, lambda _: ["lora.enabled=true", "lora.quantize_4bit=true"],
+                    "QLoRA: 4-bit base + LoRA (CUDA + bitsandbytes)"),
+    "--use_wandb": (False, lambda _: ["logging.wandb.enabled=true"], "log to Weights & Biases (offline without a key)"),
+    "--start_stage": (True, _value("start_stage"), "first stage to run (1-3)"),
+    "--end_stage": (True, _value("end_stage"), "last stage to run (1-3)"),
+    "--checkpoint_path": (True, _value("checkpoint_path"), "student to start from, e.g. out/stage1/best"),
+    "--seed": (True, _value("seed"), "random seed"),
+}
+
+HELP = """usage: python run_distillation.py [CLASSIC FLAGS] [HYDRA OVERRIDES] [-m]
+
+Multi-stage teacher->student distillation (1: general KD, 2: domain-adaptive KD,
+3: medical fine-tune). Both styles mix freely on one command line.
+
+Classic flags:
+{flags}
+
+Hydra overrides (any config key; see conf/ for the groups):
+  model=qwen2.5_7b_to_1.5b          choose a config group option
+  stage2.temperature=3              set a value
+  stage2.loss.weights.kl=0.5        re-weight a loss term
+  +experiment=smoke                 apply a preset from conf/experiment/
+  -m stage2.loss.weights.kl=0.3,0.7 multirun sweep (one output_dir/jobN per run)
+
+Examples:
+  python run_distillation.py
+  python run_distillation.py --start_stage 2 --checkpoint_path out/stage1/best stage2.temperature=3
+  python run_distillation.py +experiment=smoke output_dir=/tmp/smoke
+"""
+
+
+def classic_help() -> str:
+    lines = []
+    for flag, (takes_value, _, text) in CLASSIC_FLAGS.items():
+        name = f"{flag} {flag[2:].upper()}" if takes_value else flag
+        lines.append(f"  {name:<34} {text}")
+    return HELP.format(flags="\n".join(lines))
+
+
+HYDRA_FLAGS = ("--multirun", "--help", "--hydra-help", "--cfg", "--resolve", "--package", "--info",
+               "--config-path", "--config-name", "--config-dir", "--run", "--shell-completion", "--version",
+               "--experimental-rerun")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def translate(argv: list[str]) -> list[str]:
+    """Translate classic flags in ``argv`` (without the program name) into Hydra overrides.
+
+    ``--flag value`` and ``--flag=value`` are both accepted. Anything else is passed through
+    to Hydra unchanged, in order.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, inline = arg.partition("=")
+        if name in CLASSIC_FLAGS:
+            takes_value, convert, _ = CLASSIC_FLAGS[name]
+            if takes_value:
+                if eq:
+                    value = inline
+                elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    value = argv[i + 1]
+                    i += 1
+                else:
+                    raise UsageError(f"{name} needs a value, e.g. `{name} {name[2:].upper()}`")
+                if value == "":
+                    raise UsageError(f"{name} got an empty value")
+            else:
+                if eq:
+                    raise UsageError(f"{name} takes no value")
+                value = ""
+            out.extend(convert(value))
+        elif arg.startswith("--") and name not in HYDRA_FLAGS:
+            raise UsageError(f"unknown flag {name}; classic flags are: {', '.join(CLASSIC_FLAGS)}; any config key "
+                             f"can be set as a Hydra override such as stage2.temperature=3")
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``run_distillation.py``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(classic_help())
+        print("Config groups and the composed default config (Hydra):\n")
+        argv = ["--help" if a == "-h" else a for a in argv]
+    try:
+        overrides = translate(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    from qwen_distillation.app import hydra_entry
+
+    sys.argv = [sys.argv[0] if sys.argv else "run_distillation.py"] + overrides
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    hydra_entry()

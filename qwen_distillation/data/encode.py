@@ -1,0 +1,213 @@
+"""Chat messages -> token ids with assistant-only labels; held-out split.
+
+An encoded example is `{"input_ids": list[int], "labels": list[int]}` (same length, at most
+`max_length`). `labels[t] == input_ids[t]` on the tokens of each assistant turn's content and on
+the end-of-turn token that closes it (`<|im_end|>` for Qwen); every other token (system and user
+turns, role headers, the newline after `<|im_end|>`) is `IGNORE_INDEX`, so neither the
+distillation loss nor the CE loss trains the student to produce the prompt.
+
+Boundaries come from the chat template itself: the text between rendering `messages[:i]` with
+`add_generation_prompt=True` and rendering `messages[:i + 1]` is assistant turn `i`; token offsets
+then map those character spans to tokens. Tokenizers without a chat template use the plain
+template `"User: {content}\n\nAssistant: {content}{eos}"` (turns joined by a blank line, a system
+turn as `"System: {content}\n\n"`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from qwen_distillation.data.formats import detect_format, to_messages
+from qwen_distillation.errors import DataError
+
+IGNORE_INDEX = -100
+
+Span = tuple[int, int]  # [start, end) character offsets of one assistant turn in the text
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _render_with_template(messages: list[dict], tokenizer) -> tuple[str, list[Span]]:
+    text = _render(tokenizer, messages)
+    eos = tokenizer.eos_token
+    spans: list[Span] = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else None
+        through = _render(tokenizer, messages[: i + 1])
+        if before is not None and text.startswith(through) and through.startswith(before):
+            start, end = len(before), len(through)
+        else:
+            # The template renders earlier turns differently once later turns follow (Qwen3 drops
+            # old <think> blocks): fall back to finding the content itself.
+            start = text.find(message["content"], cursor)
+            if start < 0:
+                raise DataError(
+                    "the tokenizer's chat template does not reproduce assistant turn "
+                    f"{i + 1} verbatim, so its labels cannot be located; use another template"
+                )
+            end = start + len(message["content"])
+            if eos and text.startswith(eos, end):
+                end += len(eos)
+        # Keep the end-of-turn token but not the separator the template writes after it.
+        if eos and eos in text[start:end]:
+            end = text.rindex(eos, start, end) + len(eos)
+        else:
+            end = start + len(text[start:end].rstrip())
+        spans.append((start, end))
+        cursor = end
+    return text, spans
+
+
+def _render_plain(messages: list[dict], eos: str | None) -> tuple[str, list[Span]]:
+    """The fallback template for tokenizers without one (see the module docstring)."""
+    text, spans = "", []
+    headers = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
+    for i, message in enumerate(messages):
+        text += headers[message["role"]]
+        if message["role"] == "assistant":
+            start = len(text)
+            text += message["content"] + (eos or "")
+            spans.append((start, len(text)))
+        else:
+            text += message["content"]
+        if i + 1 < len(messages):
+            text += "\n\n"
+    return text, spans
+
+
+def _tokenize_and_label(tokenizer, text: str, spans: list[Span]) -> tuple[list[int], list[int]]:
+    """Token ids of `text` and labels that copy the ids of tokens starting inside a span.
+
+    A token is labelled when its first character lies in an assistant span, so a token that
+    straddles the prompt/response boundary stays unlabelled: no prompt text is ever a target.
+    """
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        # Slow tokenizers have no offsets: count the tokens of each span's prefix instead.
+        input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for start, end in spans:
+            first = len(tokenizer(text[:start], add_special_tokens=False)["input_ids"])
+            last = len(tokenizer(text[:end], add_special_tokens=False)["input_ids"])
+            labels[first:last] = input_ids[first:last]
+        return input_ids, labels
+    input_ids = list(encoded["input_ids"])
+    labels = [IGNORE_INDEX] * len(input_ids)
+    span_at = 0
+    for t, (start, _) in enumerate(encoded["offset_mapping"]):
+        # Tokens come in text order, so one pass over the sorted spans suffices.
+        while span_at < len(spans) and start >= spans[span_at][1]:
+            span_at += 1
+        if span_at < len(spans) and spans[span_at][0] <= start:
+            labels[t] = input_ids[t]
+    return input_ids, labels
+
+
+def encode_messages(messages: list[dict], tokenizer, max_length: int) -> dict | None:
+    """Tokenise one conversation and label its assistant turns.
+
+    Args:
+        messages: `[{"role", "content"}, ...]` ending with an assistant turn.
+        tokenizer: a Hugging Face tokenizer; its chat template is used when it has one.
+        max_length: keep the first `max_length` tokens.
+
+    Returns:
+        `{"input_ids": list[int], "labels": list[int]}`, or None when truncation leaves no
+        labelled token. The last assistant turn always ends in `tokenizer.eos_token_id`: it is
+        appended (and labelled) when the template does not close the turn with it.
+    """
+    eos = tokenizer.eos_token
+    if getattr(tokenizer, "chat_template", None):
+        text, spans = _render_with_template(messages, tokenizer)
+    else:
+        text, spans = _render_plain(messages, eos)
+    append_eos = False
+    if spans and eos and tokenizer.eos_token_id is not None:
+        last_start, last_end = spans[-1]
+        if not text[last_start:last_end].endswith(eos):
+            # Whatever the template writes after the final turn is dropped: eos ends the example.
+            text = text[:last_end]
+            append_eos = True
+
+    input_ids, labels = _tokenize_and_label(tokenizer, text, spans)
+    if append_eos:
+        input_ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def build_examples(
+    records: list[tuple[int, dict]], fmt: str, tokenizer, max_length: int, source: str
+) -> list[dict]:
+    """Convert and encode the records of one source.
+
+    Args:
+        records: `(number, record)` pairs from `loading.load_records`.
+        fmt: a format name, or "auto" to detect it once from the first record.
+        source: the file or dataset name, used in messages and stored in each example.
+
+    Returns:
+        Examples `{"input_ids", "labels", "source": str, "index": int}`; records with no
+        response token left within `max_length` are dropped.
+    """
+    if not records:
+        raise DataError(f"{source}: no records to encode")
+    if fmt == "auto":
+        fmt = detect_format(records[0][1], source)
+    examples = []
+    for index, record in records:
+        encoded = encode_messages(to_messages(record, fmt, source, index), tokenizer, max_length)
+        if encoded is not None:
+            examples.append({**encoded, "source": source, "index": index})
+    if not examples:
+        raise DataError(
+            f"{source}: no usable examples after filtering ({len(records)} records read, "
+            f"{len(records)} had no response tokens left within max_length={max_length}); "
+            "raise data.max_length or check the response field"
+        )
+    return examples
+
+
+def _split_key(example: dict, seed: int) -> str:
+    if "source" in example and "index" in example:
+        identity = f"{example['source']}\0{example['index']}"
+    else:
+        identity = ",".join(map(str, example["input_ids"]))
+    return hashlib.sha256(f"{seed}\0{identity}".encode()).hexdigest()
+
+
+def split_heldout(
+    examples: list, eval_fraction: float, max_eval: int, seed: int
+) -> tuple[list, list]:
+    """Deterministic train/held-out split.
+
+    Each example's rank is a hash of (seed, source, index), or of its input_ids when it has no
+    source/index, so the chosen set depends neither on the list order nor on the order in which
+    other sources were added. The held-out size is `int(len * eval_fraction)`, at least 1 when
+    `eval_fraction > 0` and there are at least 2 examples, at most `max_eval`, never all of them.
+
+    Returns:
+        `(train, heldout)`, each in the input order.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    count = len(examples)
+    if eval_fraction == 0.0 or max_eval <= 0 or count < 2:
+        return list(examples), []
+    n_eval = min(max(1, int(count * eval_fraction)), max_eval, count - 1)
+    ranked = sorted(range(count), key=lambda i: _split_key(examples[i], seed))
+    heldout = set(ranked[:n_eval])
+    train = [ex for i, ex in enumerate(examples) if i not in heldout]
+    return train, [ex for i, ex in enumerate(examples) if i in heldout]

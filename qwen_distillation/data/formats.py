@@ -1,0 +1,319 @@
+"""Raw records -> chat messages.
+
+Every converter returns `[{"role": "system" | "user" | "assistant", "content": str}, ...]`: an
+optional system turn, then user/assistant turns, ending with an assistant turn whose content is
+non-empty. The supported formats and the fields each one reads:
+
+- `alpaca`: instruction, output; optional input (appended to the instruction after a blank line),
+  system, history (list of [query, response] pairs before this turn, as in LLaMA-Factory).
+- `medical_o1`: Question, Complex_CoT, Response -> assistant `<think>{Complex_CoT}</think>{Response}`.
+- `sharegpt`: conversations = [{from: human|gpt|system, value}] or OpenAI-style
+  messages = [{role: user|assistant|system, content}]; multi-turn; optional top-level system.
+- `cmexam`: Question, Options, Answer, Explanation; Options is one string whose options are
+  separated by the two characters backslash + n (real newlines are accepted too).
+- `medmcqa`: question, opa..opd, cop (1-based: 1=opa .. 4=opd), exp (may be null).
+- `mmlu`: question, A..D (E optional), answer letter.
+- `question_answer`: one prompt field (question/Question/QUESTION/ask/query/prompt) and one
+  response field (answer/Answer/LONG_ANSWER/response/Response/completion); an optional context
+  field (context/contexts/CONTEXTS) goes before the question.
+
+`detect_format` tries them in the order of `FORMAT_FIELDS`, most specific first, because real
+files carry several schemas at once (HuatuoGPT-o1's demo has question/answer *and*
+Question/Complex_CoT/Response).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from qwen_distillation.errors import DataError
+
+Messages = list[dict[str, str]]
+
+PROMPT_ALIASES = ("question", "Question", "QUESTION", "ask", "query", "prompt")
+RESPONSE_ALIASES = ("answer", "Answer", "LONG_ANSWER", "response", "Response", "completion")
+CONTEXT_ALIASES = ("context", "contexts", "CONTEXTS")
+
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+
+# Formats in detection order with the fields that identify them (shown in error messages).
+FORMAT_FIELDS: dict[str, str] = {
+    "sharegpt": "conversations or messages",
+    "medical_o1": "Question, Complex_CoT, Response",
+    "cmexam": "Question, Options, Answer, optional Explanation",
+    "medmcqa": "question, opa, opb, opc, opd, cop",
+    "mmlu": "question, A, B, C, D, answer",
+    "alpaca": "instruction, output",
+    "question_answer": f"one of {'/'.join(PROMPT_ALIASES)} and one of {'/'.join(RESPONSE_ALIASES)}",
+}
+
+
+def _where(source: str, index: int) -> str:
+    """`data.jsonl line 12` for JSON Lines and CSV (index is the line number), `x.parquet row 3`,
+    else `source record 12` (see `loading.load_records` for what the number means)."""
+    if source.endswith((".jsonl", ".csv")):
+        return f"{source} line {index}"
+    return f"{source} {'row' if source.endswith('.parquet') else 'record'} {index}"
+
+
+def _fields(record: dict) -> list[str]:
+    return sorted(str(key) for key in record)
+
+
+def _is_blank(value: Any) -> bool:
+    # NaN is what pandas/xlsx exports put in empty cells.
+    return value is None or (isinstance(value, float) and value != value) or str(value).strip() == ""
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "\n".join(str(item) for item in value if not _is_blank(item))
+    return "" if _is_blank(value) else str(value)
+
+
+def _require(record: dict, fields: tuple[str, ...], fmt: str, where: str) -> None:
+    missing = [field for field in fields if field not in record]
+    if missing:
+        raise DataError(
+            f"{where}: {fmt} record is missing field(s) {missing}; fields found: {_fields(record)}. "
+            f"Add the field(s), or set format=... for this source if it is not {fmt} data"
+        )
+
+
+def _nonempty(record: dict, field: str, fmt: str, where: str) -> str:
+    text = _text(record.get(field)).strip()
+    if not text:
+        raise DataError(
+            f"{where}: field '{field}' of this {fmt} record is empty; fill it or delete the record"
+        )
+    return text
+
+
+def _first_alias(record: dict, aliases: tuple[str, ...]) -> str | None:
+    return next((alias for alias in aliases if alias in record), None)
+
+
+def _alpaca(record: dict, where: str) -> Messages:
+    _require(record, ("instruction", "output"), "alpaca", where)
+    parts = [_text(record.get(field)).strip() for field in ("instruction", "input")]
+    prompt = "\n\n".join(part for part in parts if part)
+    if not prompt:
+        raise DataError(f"{where}: alpaca fields 'instruction' and 'input' are both empty; fill one")
+    messages: Messages = []
+    system = _text(record.get("system")).strip()
+    if system:
+        messages.append({"role": "system", "content": system})
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise DataError(f"{where}: alpaca field 'history' must be a list of [query, response] pairs")
+    for turn, pair in enumerate(history, start=1):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise DataError(
+                f"{where}: alpaca history entry {turn} must be a [query, response] pair, got {pair!r}"
+            )
+        messages.append({"role": "user", "content": _text(pair[0])})
+        messages.append({"role": "assistant", "content": _text(pair[1])})
+    messages.append({"role": "user", "content": prompt})
+    messages.append({"role": "assistant", "content": _nonempty(record, "output", "alpaca", where)})
+    return messages
+
+
+def _medical_o1(record: dict, where: str) -> Messages:
+    _require(record, ("Question", "Complex_CoT", "Response"), "medical_o1", where)
+    question = _nonempty(record, "Question", "medical_o1", where)
+    reasoning = _nonempty(record, "Complex_CoT", "medical_o1", where)
+    response = _nonempty(record, "Response", "medical_o1", where)
+    return [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": f"<think>{reasoning}</think>{response}"},
+    ]
+
+
+def _sharegpt(record: dict, where: str) -> Messages:
+    field = "conversations" if "conversations" in record else "messages"
+    if field not in record:
+        raise DataError(
+            f"{where}: sharegpt record has neither 'conversations' nor 'messages'; "
+            f"fields found: {_fields(record)}"
+        )
+    turns = record[field]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: sharegpt field '{field}' must be a non-empty list of turns")
+    messages: Messages = []
+    system = _text(record.get("system")).strip()
+    if system:
+        messages.append({"role": "system", "content": system})
+    for number, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: sharegpt turn {number} must be an object, got {turn!r}")
+        role_name = turn.get("from", turn.get("role"))
+        content = turn.get("value", turn.get("content"))
+        role = SHAREGPT_ROLES.get(str(role_name).lower())
+        if role is None:
+            raise DataError(
+                f"{where}: sharegpt turn {number} has role {role_name!r} (keys {sorted(turn)}); "
+                f"accepted roles: {sorted(SHAREGPT_ROLES)} under 'from'/'role'"
+            )
+        messages.append({"role": role, "content": _text(content)})
+    # A trailing user turn has no response to learn from.
+    while messages and messages[-1]["role"] != "assistant":
+        messages.pop()
+    first_turn = next((m for m in messages if m["role"] != "system"), None)
+    if first_turn is None or not messages[-1]["content"].strip():
+        raise DataError(
+            f"{where}: sharegpt conversation has no non-empty assistant turn at its end; "
+            "fix or delete the record"
+        )
+    if first_turn["role"] != "user":
+        raise DataError(f"{where}: sharegpt conversation must start with a user turn, not assistant")
+    return messages
+
+
+def _option_lines(options: Any) -> list[str]:
+    if isinstance(options, dict):
+        return [f"{key}. {value}" for key, value in options.items()]
+    if isinstance(options, (list, tuple)):
+        return [str(option).strip() for option in options if not _is_blank(option)]
+    text = _text(options).replace("\\n", "\n")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _cmexam(record: dict, where: str) -> Messages:
+    _require(record, ("Question", "Options", "Answer"), "cmexam", where)
+    question = _nonempty(record, "Question", "cmexam", where)
+    options = _option_lines(record["Options"])
+    answer = _nonempty(record, "Answer", "cmexam", where)
+    explanation = _text(record.get("Explanation")).strip()
+    answer_line = f"答案：{answer}"
+    response = f"{explanation}\n\n{answer_line}" if explanation else answer_line
+    return [
+        {"role": "user", "content": "\n".join([question, *options])},
+        {"role": "assistant", "content": response},
+    ]
+
+
+def _lettered_choice(question: str, options: list[str], letter_index: int, explanation: str) -> Messages:
+    letters = "ABCDE"
+    lines = [f"{letters[i]}. {option}" for i, option in enumerate(options)]
+    answer = f"Answer: {letters[letter_index]}. {options[letter_index]}"
+    response = f"{explanation}\n\n{answer}" if explanation else answer
+    return [
+        {"role": "user", "content": "\n".join([question, *lines])},
+        {"role": "assistant", "content": response},
+    ]
+
+
+def _medmcqa(record: dict, where: str) -> Messages:
+    fields = ("question", "opa", "opb", "opc", "opd", "cop")
+    _require(record, fields, "medmcqa", where)
+    question = _nonempty(record, "question", "medmcqa", where)
+    options = [_text(record[field]).strip() for field in fields[1:5]]
+    try:
+        cop = int(str(record["cop"]).strip())
+    except ValueError:
+        cop = 0
+    if not 1 <= cop <= 4:
+        raise DataError(
+            f"{where}: medmcqa field 'cop' is {record['cop']!r}; it must be 1, 2, 3 or 4 "
+            "(1-based: 1=opa .. 4=opd, as in the original MedMCQA JSON; add 1 to 0-based copies)"
+        )
+    return _lettered_choice(question, options, cop - 1, _text(record.get("exp")).strip())
+
+
+def _mmlu(record: dict, where: str) -> Messages:
+    _require(record, ("question", "A", "B", "C", "D", "answer"), "mmlu", where)
+    question = _nonempty(record, "question", "mmlu", where)
+    letters = [letter for letter in "ABCDE" if letter in record]
+    answer = _text(record["answer"]).strip().upper()
+    if answer not in letters:
+        raise DataError(
+            f"{where}: mmlu field 'answer' is {record['answer']!r}; it must be one of {letters}"
+        )
+    options = [_text(record[letter]).strip() for letter in letters]
+    return _lettered_choice(question, options, letters.index(answer), "")
+
+
+def _question_answer(record: dict, where: str) -> Messages:
+    prompt_field = _first_alias(record, PROMPT_ALIASES)
+    response_field = _first_alias(record, RESPONSE_ALIASES)
+    if prompt_field is None or response_field is None:
+        wanted = [] if prompt_field else [f"one of {list(PROMPT_ALIASES)}"]
+        wanted += [] if response_field else [f"one of {list(RESPONSE_ALIASES)}"]
+        raise DataError(
+            f"{where}: question_answer record is missing {' and '.join(wanted)}; "
+            f"fields found: {_fields(record)}"
+        )
+    prompt = _nonempty(record, prompt_field, "question_answer", where)
+    context_field = _first_alias(record, CONTEXT_ALIASES)
+    context = _text(record.get(context_field)).strip() if context_field else ""
+    if context:
+        prompt = f"{context}\n\n{prompt}"
+    return [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": _nonempty(record, response_field, "question_answer", where)},
+    ]
+
+
+FORMATS: dict[str, Callable[[dict, str], Messages]] = {
+    "alpaca": _alpaca,
+    "medical_o1": _medical_o1,
+    "sharegpt": _sharegpt,
+    "cmexam": _cmexam,
+    "medmcqa": _medmcqa,
+    "mmlu": _mmlu,
+    "question_answer": _question_answer,
+}
+
+_DETECTORS: dict[str, Callable[[dict], bool]] = {
+    "sharegpt": lambda r: "conversations" in r or "messages" in r,
+    "medical_o1": lambda r: {"Question", "Complex_CoT", "Response"} <= r.keys(),
+    "cmexam": lambda r: {"Question", "Options", "Answer"} <= r.keys(),
+    "medmcqa": lambda r: {"question", "opa", "opb", "opc", "opd", "cop"} <= r.keys(),
+    "mmlu": lambda r: {"question", "A", "B", "C", "D", "answer"} <= r.keys(),
+    "alpaca": lambda r: {"instruction", "output"} <= r.keys(),
+    "question_answer": lambda r: bool(
+        _first_alias(r, PROMPT_ALIASES) and _first_alias(r, RESPONSE_ALIASES)
+    ),
+}
+
+
+def detect_format(record: dict, source: str) -> str:
+    """Name of the first format in `FORMAT_FIELDS` whose identifying fields `record` has."""
+    for name, matches in _DETECTORS.items():
+        if matches(record):
+            return name
+    expected = ", ".join(f"{name} ({fields})" for name, fields in FORMAT_FIELDS.items())
+    raise DataError(
+        f"{source}: cannot tell the format from the fields found {_fields(record)}; "
+        f"expected one of: {expected}; set format=... for this source"
+    )
+
+
+def to_messages(record: dict, fmt: str, source: str, index: int) -> Messages:
+    """Convert one record to chat messages ending with a non-empty assistant turn.
+
+    Args:
+        record: the raw record (field names as in the file).
+        fmt: a key of `FORMATS`, or "auto" to detect it from this record.
+        source: file path or dataset name, used in error messages.
+        index: 1-based line number for JSON Lines files, else 1-based record number.
+
+    Raises:
+        DataError: unknown `fmt`, missing required fields, or an empty response.
+    """
+    if fmt == "auto":
+        fmt = detect_format(record, source)
+    converter = FORMATS.get(fmt)
+    if converter is None:
+        raise DataError(
+            f"{source}: unknown data format {fmt!r}; valid formats: {['auto', *FORMATS]}"
+        )
+    return converter(record, _where(source, index))

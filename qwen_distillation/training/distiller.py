@@ -1,0 +1,338 @@
+"""The Distiller: runs stages ``start_stage..end_stage`` over one teacher/student pair.
+
+setup (output dir, models, data, logger) -> evaluate the initial student -> for each
+stage: train, evaluate, export ``stageN/best`` and ``stageN/final`` -> summary.
+A killed run resumes from ``stageN/checkpoint`` when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from qwen_distillation.config.schema import DistillationConfig, StageConfig
+from qwen_distillation.data.manager import StageSampler, collate, micro_batches
+from qwen_distillation.data.sources import DomainData, build_domain_data
+from qwen_distillation.errors import CheckpointError, ConfigError, DistillationError
+from qwen_distillation.modeling.pair import ModelPair, build_pair
+from qwen_distillation.training import checkpoint as ckpt
+from qwen_distillation.training.metrics import MetricsLogger, scrub_secrets
+from qwen_distillation.training.step import heldout_nll, lr_lambda, micro_batch_loss
+
+log = logging.getLogger(__name__)
+
+STAGE_KEYS = {1: "stage1", 2: "stage2", 3: "stage3"}
+# Sections whose change makes an existing output_dir a different run.
+RUN_IDENTITY = ("model", "data", "stage1", "stage2", "stage3", "lora", "seed", "start_stage", "end_stage",
+                "checkpoint_path")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+class NonFiniteLossError(DistillationError):
+    pass
+
+
+class Distiller:
+    """Multi-stage teacher->student distillation driven by a :class:`DistillationConfig`."""
+
+    def __init__(self, config: DistillationConfig):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.run_config = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
+        self.run_hash = hashlib.sha256(json.dumps({k: self.run_config[k] for k in RUN_IDENTITY}, sort_keys=True,
+                                                  default=str).encode()).hexdigest()[:16]
+
+    # ----------------------------------------------------------------- set-up
+    def _prepare_output_dir(self) -> dict:
+        """Decide between a new run and a resume; never overwrite a finished run silently."""
+        cfg = self.config
+        state = ckpt.read_run_state(self.output_dir)
+        if state is not None:
+            if cfg.overwrite_output_dir:
+                for child in self.output_dir.iterdir():
+                    if child.name.startswith(("stage", ".stage", "student_base")) or child.name in (
+                            "metrics.jsonl", "tensorboard", "config.yaml", "summary.json", ckpt.RUN_STATE):
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+                state = None
+            elif state.get("finished"):
+                raise ConfigError(f"output_dir={self.output_dir} holds a finished run (stages "
+                                  f"{state.get('completed_stages')}); choose another output_dir or pass "
+                                  f"overwrite_output_dir=true to replace it")
+            elif state.get("run_hash") != self.run_hash or not cfg.resume:
+                raise ConfigError(f"output_dir={self.output_dir} holds an unfinished run with a different "
+                                  f"configuration (or resume=false); rerun the same command to resume it, choose "
+                                  f"another output_dir, or pass overwrite_output_dir=true to start over")
+        elif self.output_dir.exists() and any(self.output_dir.iterdir()) and not cfg.overwrite_output_dir:
+            raise ConfigError(f"output_dir={self.output_dir} exists, is not empty and holds no qwen_distillation run; "
+                              f"choose a new directory or pass overwrite_output_dir=true to write into it")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            state = {"run_hash": self.run_hash, "finished": False, "completed_stages": [], "initial_eval": None}
+        (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.run_config))
+        ckpt.write_json_atomic(self.output_dir / ckpt.RUN_STATE, state)
+        return state
+
+    def _select_device(self) -> None:
+        train = self.config.train
+        if train.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(train.device)
+            if self.device.type == "cuda" and not torch.cuda.is_available():
+                raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+        precision = train.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("train.precision=fp16 (--fp16) needs a CUDA GPU; use bf16 or fp32 on the CPU")
+        self.precision = precision
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        # Student master weights stay fp32 and autocast runs the matmuls in low precision;
+        # the frozen teacher is stored in the low-precision dtype directly.
+        self.teacher_dtype = self.autocast_dtype or torch.float32
+        if train.num_threads > 0:
+            torch.set_num_threads(train.num_threads)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------- evaluation
+    def _eval_batches(self) -> dict[str, list[dict]]:
+        out = {}
+        for name, examples in self.data.eval_sets.items():
+            out[name] = [collate(mb, self.pair.pad_token_id) for mb in micro_batches(examples, 8)]
+        return out
+
+    def evaluate(self, model) -> dict[str, float]:
+        metrics = {}
+        was_training = model.training
+        with self._autocast():
+            for name, batches in self.eval_batches.items():
+                result = heldout_nll(model, [self._to_device(b) for b in batches], self.pair.vocab_size)
+                metrics[f"eval/{name}_nll"] = result["nll"]
+                metrics[f"eval/{name}_ppl"] = result["ppl"]
+        model.train(was_training)
+        return metrics
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ stage
+    def _stage_steps(self, stage: StageConfig) -> int:
+        if stage.max_steps:
+            return stage.max_steps
+        ratio = stage.medical_ratio
+        sizes = {"general": len(self.data.general), "medical": len(self.data.medical)}
+        if max(ratio.start, ratio.end) == 0:
+            pool = sizes["general"]
+        elif min(ratio.start, ratio.end) == 1:
+            pool = sizes["medical"]
+        else:
+            pool = sizes["general"] + sizes["medical"]
+        return max(1, math.ceil(stage.epochs * pool / (stage.batch_size * stage.grad_accum)))
+
+    def _run_stage(self, index: int, state: dict) -> None:
+        key = STAGE_KEYS[index]
+        stage: StageConfig = getattr(self.config, key)
+        student = self.pair.student
+        stage_dir = self.output_dir / f"stage{index}"
+        total_steps = self._stage_steps(stage)
+        examples_per_step = stage.batch_size * stage.grad_accum
+        sampler = StageSampler(self.data.general, self.data.medical, examples_per_step=examples_per_step,
+                               total_steps=total_steps, schedule=stage.medical_ratio.schedule,
+                               start=stage.medical_ratio.start, end=stage.medical_ratio.end,
+                               num_steps=stage.medical_ratio.num_steps, seed=self.config.seed + index, stage=key)
+        params = [p for p in student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay,
+                                      fused=self.device.type == "cuda")
+        warmup = math.ceil(stage.warmup_ratio * total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(total_steps, warmup, stage.lr_scheduler, stage.min_lr_ratio))
+        scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        step, best, bad_total = 0, None, 0
+        resume_dir = ckpt.recover(stage_dir / "checkpoint")
+        if resume_dir.exists():
+            saved = ckpt.load_training_state(resume_dir, model=student, optimizer=optimizer, scheduler=scheduler,
+                                             sampler=sampler)
+            step, best, bad_total = saved["step"], saved["extra"].get("best"), saved["extra"].get("bad_total", 0)
+            self.global_step = saved["extra"]["global_step"]
+            log.info("%s: resuming at step %d/%d from %s", key, step, total_steps, resume_dir)
+        self.logger.truncate(index, step)
+        weights = stage.loss.weights
+        teacher = self.pair.teacher if weights.kl > 0 else None
+        student.train()
+        progress = self._progress(key, total_steps, step)
+        bad_in_row = 0
+        while step < total_steps:
+            started = time.perf_counter()
+            served = sampler.next_step()
+            batches = [self._to_device(collate(mb, self.pair.pad_token_id))
+                       for mb in micro_batches(served.examples, stage.batch_size)]
+            n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            sums = {"ce": 0.0, "kd": 0.0}
+            finite = True
+            for batch in batches:
+                with self._autocast():
+                    loss, parts = micro_batch_loss(
+                        student, teacher, batch, kd_weight=weights.kl, ce_weight=weights.ce, kd=stage.loss.kd,
+                        temperature=stage.temperature, vocab_size=self.pair.vocab_size,
+                        chunk_size=stage.loss.chunk_size, jsd_beta=stage.loss.jsd_beta,
+                        skew_alpha=stage.loss.skew_alpha)
+                loss = loss / max(n_tokens, 1)
+                if not torch.isfinite(loss):
+                    finite = False
+                    sums = {k: float("nan") for k in sums}
+                    break
+                (scaler.scale(loss) if scaler else loss).backward()
+                for name in sums:
+                    sums[name] += parts[name]
+            grad_norm = float("nan")
+            if finite:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    params, stage.max_grad_norm if stage.max_grad_norm > 0 else float("inf")))
+                finite = math.isfinite(grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            if finite:
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                bad_in_row = 0
+            else:
+                bad_in_row += 1
+                bad_total += 1
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            self.global_step += 1
+            ce = sums["ce"] / max(n_tokens, 1)
+            kd = sums["kd"] / max(n_tokens, 1)
+            row = {"stage": index, "stage_name": stage.name, "step": step, "global_step": self.global_step,
+                   "loss": weights.ce * ce + weights.kl * kd, "loss/ce": ce, "loss/kd": kd, "lr": lr,
+                   "medical_ratio": served.medical_ratio, "medical_ratio_target": served.medical_ratio_target,
+                   "tokens": n_tokens, "tokens_per_s": n_tokens / max(time.perf_counter() - started, 1e-9),
+                   "grad_norm": grad_norm, "skipped": not finite, "bad_steps": bad_total}
+            self.logger.log(row)
+            if progress is not None:
+                progress.set_postfix(loss=f"{row['loss']:.3f}", medical_ratio=f"{served.medical_ratio:.2f}")
+                progress.update(1)
+            if bad_in_row >= self.config.train.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{key} step {step}: {bad_in_row} non-finite losses or gradients in a row (loss/ce={ce}, "
+                    f"loss/kd={kd}); lower {key}.lr, check the data, or use train.precision=fp32")
+            is_last = step == total_steps
+            if (stage.eval_every and step % stage.eval_every == 0) or is_last:
+                metrics = self.evaluate(student)
+                self.logger.log({"stage": index, "step": step, "global_step": self.global_step, **metrics})
+                value = metrics.get(stage.best_metric)
+                if value is None:
+                    raise ConfigError(f"{key}.best_metric={stage.best_metric} is not among the evaluation metrics "
+                                      f"{sorted(metrics)}; choose one of them")
+                if best is None or value < best:
+                    best = value
+                    ckpt.export_model(student, self.pair.tokenizer, stage_dir / "best",
+                                      base_model_dir=self.pair.base_model_dir, merge=self.config.lora.merge_on_export)
+                self.last_eval = metrics
+            if (stage.save_every and step % stage.save_every == 0) and not is_last:
+                ckpt.save_training_state(stage_dir / "checkpoint", model=student, optimizer=optimizer,
+                                         scheduler=scheduler, sampler=sampler, step=step,
+                                         extra={"best": best, "bad_total": bad_total,
+                                                "global_step": self.global_step})
+        if progress is not None:
+            progress.close()
+        ckpt.export_model(student, self.pair.tokenizer, stage_dir / "final", base_model_dir=self.pair.base_model_dir,
+                          merge=self.config.lora.merge_on_export)
+        state["completed_stages"] = sorted(set(state["completed_stages"]) | {index})
+        state.setdefault("stage_eval", {})[str(index)] = self.last_eval
+        state["global_step"] = self.global_step
+        ckpt.write_json_atomic(self.output_dir / ckpt.RUN_STATE, state)
+        shutil.rmtree(stage_dir / "checkpoint", ignore_errors=True)
+
+    def _progress(self, key: str, total: int, initial: int):
+        if not self.config.logging.progress_bar:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=key, unit="step", dynamic_ncols=True)
+
+    # -------------------------------------------------------------------- run
+    def run(self) -> dict:
+        cfg = self.config
+        state = self._prepare_output_dir()
+        self._select_device()
+        seed_everything(cfg.seed)
+        resume_from = max(state["completed_stages"], default=0)
+        self.pair: ModelPair = build_pair(cfg, device=self.device, teacher_dtype=self.teacher_dtype,
+                                          output_dir=self.output_dir, resume_after_stage=resume_from)
+        self.data: DomainData = build_domain_data(cfg.data, self.pair.tokenizer, seed=cfg.data.split_seed)
+        self.eval_batches = self._eval_batches()
+        self.logger = MetricsLogger(self.output_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
+                                    wandb_cfg=cfg.logging.wandb, run_config=self.run_config)
+        self.global_step = state.get("global_step", 0)
+        self.last_eval = {}
+        try:
+            if state.get("initial_eval") is None:
+                state["initial_eval"] = {"student": self.evaluate(self.pair.student),
+                                         "teacher": self.evaluate(self.pair.teacher)}
+                ckpt.write_json_atomic(self.output_dir / ckpt.RUN_STATE, state)
+            for index in range(cfg.start_stage, cfg.end_stage + 1):
+                stage = getattr(cfg, STAGE_KEYS[index])
+                if index in state["completed_stages"] or not stage.enabled:
+                    continue
+                seed_everything(cfg.seed + index)
+                self._run_stage(index, state)
+        finally:
+            self.logger.close()
+        state["finished"] = True
+        ckpt.write_json_atomic(self.output_dir / ckpt.RUN_STATE, state)
+        summary = self._summary(state)
+        ckpt.write_json_atomic(self.output_dir / "summary.json", summary)
+        print(self._summary_text(summary))
+        return summary
+
+    def _summary(self, state: dict) -> dict:
+        return {"output_dir": str(self.output_dir), "stages": state["completed_stages"],
+                "final_models": {s: str(self.output_dir / f"stage{s}" / "final") for s in state["completed_stages"]},
+                "metrics": str(self.output_dir / "metrics.jsonl"),
+                "tensorboard": str(self.output_dir / "tensorboard"),
+                "teacher": state["initial_eval"]["teacher"], "student_before": state["initial_eval"]["student"],
+                "student_after_stage": state.get("stage_eval", {})}
+
+    @staticmethod
+    def _summary_text(summary: dict) -> str:
+        names = sorted(k for k in summary["student_before"] if k.endswith("_nll"))
+        columns = ["teacher", "student before"] + [f"after stage {s}" for s in summary["student_after_stage"]]
+        rows = [summary["teacher"], summary["student_before"], *summary["student_after_stage"].values()]
+        lines = ["", "Held-out loss (NLL per response token, lower is better):",
+                 "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for name in names:
+            lines.append(f"| {name} | " + " | ".join(f"{r.get(name, float('nan')):.4f}" for r in rows) + " |")
+        lines += ["", f"Models:  {', '.join(summary['final_models'].values())}",
+                  f"Metrics: {summary['metrics']} (TensorBoard: {summary['tensorboard']})",
+                  f"Summary: {Path(summary['output_dir']) / 'summary.json'}"]
+        return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Metric sinks: JSON Lines (always the source of truth), TensorBoard and wandb."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+from qwen_distillation.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
+
+
+def scrub_secrets(tree):
+    """Replace the values of keys that look like credentials, recursively."""
+    if isinstance(tree, dict):
+        return {k: "***" if SECRET_KEY.search(str(k)) else scrub_secrets(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [scrub_secrets(v) for v in tree]
+    return tree
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    """Writes one row per call to ``metrics.jsonl`` and mirrors scalars to TensorBoard/wandb.
+
+    Each row carries ``stage``, ``step`` (optimizer step within the stage) and
+    ``global_step``. On resume, rows of the resumed stage at or after the resumed step
+    are dropped so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, output_dir: Path, *, jsonl: bool, tensorboard: bool, wandb_cfg, run_config: dict):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.jsonl = jsonl
+        self._tb = None
+        self._wandb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+            except ImportError:
+                log.warning("tensorboard is not installed; TensorBoard logging is off (pip install tensorboard)")
+        if wandb_cfg.enabled:
+            self._wandb = self._start_wandb(wandb_cfg, output_dir, run_config)
+
+    @staticmethod
+    def _start_wandb(cfg, output_dir: Path, run_config: dict):
+        try:
+            import wandb
+        except ImportError as err:
+            raise ConfigError("logging.wandb.enabled=true but wandb is not installed; `pip install wandb` "
+                              "or set logging.wandb.enabled=false") from err
+        mode = cfg.mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.run_name, mode=mode,
+                          dir=str(output_dir), config=scrub_secrets(run_config))
+
+    def truncate(self, stage: int, from_step: int) -> None:
+        """Drop rows of ``stage`` with step >= ``from_step`` and rows of later stages."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("stage", 0) > stage or (row.get("stage") == stage and row.get("step", -1) >= from_step):
+                continue
+            kept.append(line)
+        tmp = self.path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, row: dict) -> None:
+        row = {k: _clean(v) for k, v in row.items()}
+        if self.jsonl:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        step = row.get("global_step", 0)
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("stage", "step",
+                                                                                            "global_step")}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log({**scalars, "stage": row.get("stage")}, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,372 @@
+"""Data pipeline: formats -> messages, loading, assistant-only labels, held-out split.
+
+Uses the real Qwen2.5 tokenizer (built offline) and one real record per shared data file.
+"""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from qwen_distillation.data.encode import IGNORE_INDEX, build_examples, encode_messages, split_heldout
+from qwen_distillation.data.formats import FORMATS, detect_format, to_messages
+from qwen_distillation.data.loading import load_records
+from qwen_distillation.errors import DataError
+from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_qwen_tokenizer()
+
+
+def first_record(name: str, where=lambda record: True) -> tuple[int, dict]:
+    if not DATA.is_dir():
+        pytest.skip(f"shared data not found at {DATA}")
+    return next(pair for pair in load_records(str(DATA / name)) if where(pair[1]))
+
+
+def labelled_runs(example: dict) -> list[list[int]]:
+    """Maximal runs of consecutive labelled token ids."""
+    runs, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+def assert_assistant_only(messages: list[dict], tokenizer, max_length: int = 4096) -> dict:
+    """Labels cover exactly `content<|im_end|>` of each assistant turn, and nothing else."""
+    example = encode_messages(messages, tokenizer, max_length)
+    assert example is not None and len(example["input_ids"]) == len(example["labels"])
+    runs = [tokenizer.decode(run) for run in labelled_runs(example)]
+    assert runs == [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+    # Everything before the first labelled token is exactly the rendered prompt.
+    first = next(t for t, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+    last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    first_assistant = min(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = tokenizer.apply_chat_template(
+        messages[:first_assistant], tokenize=False, add_generation_prompt=True
+    )
+    assert tokenizer.decode(example["input_ids"][:first]) == prompt
+    assert last_assistant == len(messages) - 1
+    return example
+
+
+# --- formats ---------------------------------------------------------------------------------
+
+
+def test_alpaca_input_system_history(tokenizer):
+    record = {
+        "instruction": "Translate to French.",
+        "input": "Good morning",
+        "output": "Bonjour",
+        "system": "You translate.",
+        "history": [["Say hi", "Hi!"]],
+    }
+    messages = to_messages(record, "alpaca", "x.jsonl", 1)
+    assert messages == [
+        {"role": "system", "content": "You translate."},
+        {"role": "user", "content": "Say hi"},
+        {"role": "assistant", "content": "Hi!"},
+        {"role": "user", "content": "Translate to French.\n\nGood morning"},
+        {"role": "assistant", "content": "Bonjour"},
+    ]
+    assert_assistant_only(messages, tokenizer)
+
+
+def test_alpaca_real_record_masks_prompt(tokenizer):
+    _, record = first_record("general/alpaca_zh_demo.jsonl")
+    messages = to_messages(record, "alpaca", "alpaca_zh_demo.jsonl", 1)
+    assert messages[-2]["content"] == record["instruction"]
+    assert_assistant_only(messages, tokenizer)
+
+
+def test_medical_o1_renders_think_block(tokenizer):
+    index, record = first_record("medical_sft/huatuogpt_o1_demo_en.jsonl")
+    assert detect_format(record, "huatuo") == "medical_o1"
+    messages = to_messages(record, "medical_o1", "huatuo.jsonl", index)
+    assert messages[0] == {"role": "user", "content": record["Question"]}
+    assert messages[1]["content"] == f"<think>{record['Complex_CoT']}</think>{record['Response']}"
+    assert_assistant_only(messages, tokenizer)
+
+
+def test_cmexam_multi_letter_answer_and_literal_backslash_n(tokenizer):
+    _, record = first_record(
+        "medical_sft/cmexam_val_reasoning_zh_1000.jsonl", lambda r: len(r["Answer"]) > 1
+    )
+    assert "\\n" in record["Options"] and "\n" not in record["Options"]
+    messages = to_messages(record, "cmexam", "cmexam.jsonl", 1)
+    prompt_lines = messages[0]["content"].split("\n")
+    assert prompt_lines[0] == record["Question"]
+    assert [line[0] for line in prompt_lines[1:]] == list("ABCDE")
+    assert messages[1]["content"] == f"{record['Explanation']}\n\n答案：{record['Answer']}"
+    assert_assistant_only(messages, tokenizer)
+
+    real_newlines = {"Question": "选出正确项", "Options": "A 甲\nB 乙\nC 丙", "Answer": "AC",
+                     "Explanation": ""}
+    assert to_messages(real_newlines, "cmexam", "c.jsonl", 1) == [
+        {"role": "user", "content": "选出正确项\nA 甲\nB 乙\nC 丙"},
+        {"role": "assistant", "content": "答案：AC"},
+    ]
+
+
+@pytest.mark.parametrize("cop, letter, text", [(1, "A", "w"), (2, "B", "x"), ("3", "C", "y"), (4, "D", "z")])
+def test_medmcqa_cop_is_one_based(cop, letter, text):
+    record = {"question": "Q?", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": cop, "exp": None}
+    messages = to_messages(record, "medmcqa", "m.jsonl", 1)
+    assert messages[0]["content"] == "Q?\nA. w\nB. x\nC. y\nD. z"
+    assert messages[1]["content"] == f"Answer: {letter}. {text}"
+
+
+def test_medmcqa_real_record_and_bad_cop(tokenizer):
+    _, record = first_record("medical_sft/medmcqa_dev_exp_en_1000.jsonl", lambda r: r["cop"] == 3)
+    messages = to_messages(record, "medmcqa", "m.jsonl", 1)
+    assert messages[1]["content"] == f"{record['exp'].strip()}\n\nAnswer: C. {record['opc']}"
+    assert_assistant_only(messages, tokenizer)
+    with pytest.raises(DataError, match=r"m\.jsonl line 7: medmcqa field 'cop' is 0; it must be 1"):
+        to_messages({**record, "cop": 0}, "medmcqa", "m.jsonl", 7)
+
+
+def test_sharegpt_multi_turn_labels_every_assistant_turn(tokenizer):
+    record = {"conversations": [
+        {"from": "system", "value": "你是医生。"},
+        {"from": "human", "value": "头痛怎么办？"},
+        {"from": "gpt", "value": "多休息，必要时服用布洛芬。"},
+        {"from": "human", "value": "剂量呢？"},
+        {"from": "gpt", "value": "成人每次200-400mg，每日不超过1200mg。"},
+    ]}
+    messages = to_messages(record, "sharegpt", "s.jsonl", 1)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    example = assert_assistant_only(messages, tokenizer)
+    assert len(labelled_runs(example)) == 2
+
+    openai_style = {"messages": [{"role": "user", "content": "hi"},
+                                 {"role": "assistant", "content": "hello"},
+                                 {"role": "user", "content": "unanswered"}]}
+    assert detect_format(openai_style, "o") == "sharegpt"
+    assert to_messages(openai_style, "sharegpt", "o.jsonl", 1)[-1] == {"role": "assistant", "content": "hello"}
+
+
+def test_sharegpt_real_record(tokenizer):
+    _, record = first_record("medical_sft/medicalgpt_medical_sft_zh_1k.jsonl")
+    assert_assistant_only(to_messages(record, "auto", "medicalgpt.jsonl", 1), tokenizer)
+
+
+def test_question_answer_aliases():
+    gsm = to_messages({"question": "1+1?", "answer": "2\n#### 2"}, "question_answer", "g", 1)
+    assert gsm == [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2\n#### 2"}]
+    pubmed = {"QUESTION": "Does X work?", "CONTEXTS": ["Part one.", "Part two."], "LONG_ANSWER": "Yes."}
+    assert to_messages(pubmed, "auto", "p", 1)[0]["content"] == "Part one.\nPart two.\n\nDoes X work?"
+    assert to_messages({"title": "t", "ask": "咳嗽", "answer": "多喝水"}, "auto", "t", 1)[1]["content"] == "多喝水"
+
+
+# --- detection and errors --------------------------------------------------------------------
+
+REAL_FILES = [
+    ("general/alpaca_en_demo.jsonl", "alpaca"),
+    ("general/alpaca_zh_mt_carbonz0_1500.jsonl", "alpaca"),
+    ("general/gsm8k_train_1500.jsonl", "question_answer"),
+    ("general_eval/alpacaeval_gpt4_outputs.jsonl", "alpaca"),
+    ("medical_sft/huatuogpt_o1_demo_en.jsonl", "medical_o1"),
+    ("medical_sft/medmcqa_dev_exp_en_1000.jsonl", "medmcqa"),
+    ("medical_eval/medmcqa_dev_eval_500.jsonl", "medmcqa"),
+    ("medical_sft/huatuo_llama_med_zh_1000.jsonl", "alpaca"),
+    ("medical_sft/medicalgpt_medical_sft_zh_1k.jsonl", "sharegpt"),
+    ("medical_sft/cmexam_val_reasoning_zh_1000.jsonl", "cmexam"),
+    ("medical_eval/cmexam_val_eval_zh_1000.jsonl", "cmexam"),
+    ("medical_eval/mmlu_medical_test_en.jsonl", "mmlu"),
+    ("medical_eval/pubmedqa_pqal_en.jsonl", "question_answer"),
+    ("medical_freetext/toyhom_im_dialogue_zh_300.jsonl", "question_answer"),
+    ("medical_freetext/pubmedqa_long_answer_en_300.jsonl", "question_answer"),
+]
+
+
+@pytest.mark.parametrize("name, expected", REAL_FILES)
+def test_detect_format_on_real_records(name, expected, tokenizer):
+    index, record = first_record(name)
+    assert detect_format(record, name) == expected
+    assert build_examples([(index, record)], "auto", tokenizer, 4096, name)[0]["index"] == index
+
+
+def test_undetectable_record_lists_fields_and_formats():
+    _, record = first_record("general_eval/belle_eval_set_zh.jsonl")
+    with pytest.raises(DataError) as err:
+        detect_format(record, "belle.jsonl")
+    message = str(err.value)
+    assert message.startswith("belle.jsonl: cannot tell the format from the fields found [")
+    assert "'std_answer'" in message and "alpaca (instruction, output)" in message
+    assert "medical_o1 (Question, Complex_CoT, Response)" in message
+    assert message.endswith("set format=... for this source")
+
+
+def test_missing_field_names_line_and_fields_found():
+    with pytest.raises(DataError) as err:
+        to_messages({"instruction": "hi", "outptu": "typo"}, "alpaca", "data/x.jsonl", 12)
+    message = str(err.value)
+    assert "data/x.jsonl line 12" in message and "['output']" in message
+    assert "fields found: ['instruction', 'outptu']" in message
+
+
+def test_empty_response_and_unknown_format():
+    with pytest.raises(DataError, match=r"x\.jsonl line 3: field 'output' .* is empty"):
+        to_messages({"instruction": "hi", "output": "  "}, "alpaca", "x.jsonl", 3)
+    with pytest.raises(DataError, match="unknown data format 'alpacca'") as err:
+        to_messages({"instruction": "hi", "output": "yo"}, "alpacca", "x.jsonl", 1)
+    assert all(name in str(err.value) for name in FORMATS)
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+
+def test_truncation_keeps_left_and_drops_unlabelled(tokenizer):
+    messages = [{"role": "user", "content": "Name three colours."},
+                {"role": "assistant", "content": "Red, green and blue."}]
+    full = encode_messages(messages, tokenizer, 4096)
+    prompt_length = next(t for t, label in enumerate(full["labels"]) if label != IGNORE_INDEX)
+    cut = encode_messages(messages, tokenizer, prompt_length + 3)
+    assert cut["input_ids"] == full["input_ids"][: prompt_length + 3]
+    assert sum(label != IGNORE_INDEX for label in cut["labels"]) == 3
+    assert encode_messages(messages, tokenizer, prompt_length) is None
+
+
+def test_no_usable_examples_error(tokenizer):
+    records = [(1, {"instruction": "a long prompt " * 20, "output": "x"}),
+               (2, {"instruction": "another long prompt " * 20, "output": "y"})]
+    with pytest.raises(DataError) as err:
+        build_examples(records, "auto", tokenizer, 16, "tiny.jsonl")
+    assert str(err.value) == (
+        "tiny.jsonl: no usable examples after filtering (2 records read, 2 had no response tokens "
+        "left within max_length=16); raise data.max_length or check the response field"
+    )
+
+
+def _byte_level_tokenizer(chat_template=None) -> PreTrainedTokenizerFast:
+    """A merge-free byte-level BPE tokenizer (one token per byte) with eos `</s>`."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", chat_template=chat_template)
+
+
+def test_plain_template_without_chat_template():
+    tokenizer = _byte_level_tokenizer()
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]
+    example = encode_messages(messages, tokenizer, 512)
+    assert tokenizer.decode(example["input_ids"]) == "User: Hi\n\nAssistant: Yo</s>\n\nUser: Bye\n\nAssistant: Ciao</s>"
+    assert [tokenizer.decode(run) for run in labelled_runs(example)] == ["Yo</s>", "Ciao</s>"]
+
+
+def test_eos_appended_when_template_does_not_close_the_turn():
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")
+    tokenizer = _byte_level_tokenizer(template)
+    example = encode_messages([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+                              tokenizer, 512)
+    assert tokenizer.decode(example["input_ids"]) == "user: Q\nassistant: A</s>"
+    assert example["input_ids"][-1] == example["labels"][-1] == tokenizer.eos_token_id
+    assert [tokenizer.decode(run) for run in labelled_runs(example)] == ["A</s>"]
+
+
+# --- held-out split --------------------------------------------------------------------------
+
+
+def _examples(source: str, n: int) -> list[dict]:
+    return [{"input_ids": [i], "labels": [i], "source": source, "index": i} for i in range(1, n + 1)]
+
+
+def test_split_is_deterministic_and_order_independent():
+    examples = _examples("a.jsonl", 50) + _examples("b.jsonl", 50)
+    train, heldout = split_heldout(examples, 0.1, 100, seed=3)
+    assert len(heldout) == 10 and len(train) == 90
+    assert split_heldout(examples, 0.1, 100, seed=3) == (train, heldout)
+    shuffled = examples[:]
+    random.Random(0).shuffle(shuffled)
+    key = lambda e: (e["source"], e["index"])  # noqa: E731
+    assert sorted(map(key, split_heldout(shuffled, 0.1, 100, seed=3)[1])) == sorted(map(key, heldout))
+    assert split_heldout(examples, 0.1, 100, seed=4)[1] != heldout
+
+
+def test_split_bounds():
+    assert len(split_heldout(_examples("a", 10), 0.01, 100, seed=0)[1]) == 1
+    assert len(split_heldout(_examples("a", 100), 0.5, 7, seed=0)[1]) == 7
+    assert len(split_heldout(_examples("a", 2), 0.9, 100, seed=0)[1]) == 1
+    assert split_heldout(_examples("a", 1), 0.5, 100, seed=0) == (_examples("a", 1), [])
+    assert split_heldout(_examples("a", 5), 0.0, 100, seed=0) == (_examples("a", 5), [])
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", output: "d"}\n')
+    with pytest.raises(DataError) as err:
+        load_records(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path} line 3: not valid JSON (")
+    assert message.endswith("); fix or delete that line")
+
+
+def test_jsonl_json_list_and_json_lines(tmp_path):
+    rows = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]
+    (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert load_records(str(tmp_path / "x.jsonl")) == [(1, rows[0]), (2, rows[1])]
+    (tmp_path / "list.json").write_text(json.dumps(rows, indent=2))
+    assert load_records(str(tmp_path / "list.json"), max_records=1) == [(1, rows[0])]
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows))
+    assert load_records(str(tmp_path / "lines.json")) == [(1, rows[0]), (2, rows[1])]
+
+
+def test_csv_and_parquet_loading(tmp_path, tokenizer):
+    rows = [{"instruction": "Say hi", "input": "", "output": "Hi"},
+            {"instruction": "说你好", "input": "礼貌地", "output": "您好"}]
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text("instruction,input,output\nSay hi,,Hi\n说你好,礼貌地,您好\n", encoding="utf-8")
+    assert load_records(str(csv_path)) == [(2, rows[0]), (3, rows[1])]
+
+    parquet_path = tmp_path / "data.parquet"
+    try:
+        import pandas
+        pandas.DataFrame(rows).to_parquet(parquet_path)
+    except ImportError:
+        import datasets
+        datasets.Dataset.from_list(rows).to_parquet(str(parquet_path))
+    records = load_records(str(parquet_path))
+    assert records == [(1, rows[0]), (2, rows[1])]
+    examples = build_examples(records, "auto", tokenizer, 256, str(parquet_path))
+    assert [e["index"] for e in examples] == [1, 2]
+
+    assert len(load_records(str(tmp_path))) == 4  # the directory: csv then parquet
+
+
+def test_missing_empty_and_unreachable(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="file not found"):
+        load_records(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="file not found"):
+        load_records("data/medical/nope")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no records found"):
+        load_records(str(tmp_path / "empty.jsonl"))
+
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="neither a local file or directory .* nor a reachable"):
+        load_records("some-org/some-dataset")
