@@ -23,6 +23,10 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def run(cfg: DictConfig) -> dict:
     """Validate ``cfg`` and run the stages it asks for; returns the run summary."""
     config = validate_config(cfg)
+    # One progress bar per stage is ours; the per-file bars of saves and loads are noise.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         hydra_cfg = HydraConfig.get()
     except ValueError:  # called outside Hydra (tests, notebooks)

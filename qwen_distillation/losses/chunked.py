@@ -2,41 +2,69 @@
 
 With a 151,936-column vocabulary, fp32 logits for 16k tokens take ~10 GB per model, and autograd
 would keep several such tensors for backward. Here the lm_head projection, cross-entropy and
-divergence run on ``chunk_size`` tokens at a time, each chunk under ``torch.utils.checkpoint`` so
-backward recomputes the chunk's logits instead of keeping them: peak memory is O(chunk_size * V)
-in forward and backward. The price is one extra student and teacher matmul per chunk in backward.
+divergence run on ``chunk_size`` tokens at a time, and each chunk's gradients with respect to the
+student hidden states and lm_head weight are computed in the forward pass (the logits are
+freed right after): peak memory is O(chunk_size * V) plus one (N, H) and one (V, H) gradient,
+and backward recomputes nothing.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from qwen_distillation.losses.logit import DIVERGENCES, REDUCTIONS, cross_entropy, divergence
 
 
-def _chunk_sums(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    labels: torch.Tensor,
-    kind: str,
-    temperature: float,
-    ignore_index: int,
-    beta: float,
-    alpha: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CE sum, divergence sum) over one chunk; weights are already truncated to the shared vocab."""
-    student_logits = student_hidden @ student_weight.T
-    with torch.no_grad():
-        teacher_logits = teacher_hidden @ teacher_weight.T
-    ce_sum = cross_entropy(student_logits, labels, ignore_index=ignore_index, reduction="sum")
-    kd_sum = divergence(
-        kind, student_logits, teacher_logits, labels,
-        temperature=temperature, ignore_index=ignore_index, reduction="sum", beta=beta, alpha=alpha,
-    )
-    return ce_sum, kd_sum
+class _FusedLinearKD(torch.autograd.Function):
+    """Loss and its gradients in one pass over the chunks.
+
+    For each chunk the logits are formed, the weighted CE + divergence is computed, and its
+    gradient with respect to the chunk's logits is turned at once into gradients for the
+    student hidden states and lm_head weight; the logits are then freed. Backward only
+    scales the stored gradients, so nothing is recomputed and no (N, V) tensor is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, options, num_valid):
+        kind, temperature, ce_weight, kd_weight, chunk_size, ignore_index, beta, alpha = options
+        hidden, weight = student_hidden.detach(), student_weight.detach()
+        sum_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        ce_total = hidden.new_zeros((), dtype=sum_dtype)
+        kd_total = hidden.new_zeros((), dtype=sum_dtype)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            chunk_labels = labels[start:end]
+            with torch.enable_grad():
+                logits = (hidden[start:end] @ weight.T).requires_grad_()
+                ce_sum = cross_entropy(logits, chunk_labels, ignore_index=ignore_index, reduction="sum")
+                total = ce_weight * ce_sum
+                kd_sum = torch.zeros((), dtype=sum_dtype, device=hidden.device)
+                if kd_weight != 0:
+                    with torch.no_grad():
+                        teacher_logits = teacher_hidden[start:end] @ teacher_weight.T
+                    kd_sum = divergence(kind, logits, teacher_logits, chunk_labels, temperature=temperature,
+                                        ignore_index=ignore_index, reduction="sum", beta=beta, alpha=alpha)
+                    total = total + kd_weight * kd_sum
+                (grad_logits,) = torch.autograd.grad(total, logits)
+            grad_logits = grad_logits.to(weight.dtype)
+            grad_hidden[start:end] = (grad_logits @ weight).to(grad_hidden.dtype)
+            grad_weight += (grad_logits.T @ hidden[start:end]).to(grad_weight.dtype)
+            ce_total += ce_sum.detach()
+            kd_total += kd_sum.detach()
+        if num_valid is not None:
+            ce_total, kd_total = ce_total / num_valid, kd_total / num_valid
+            grad_hidden, grad_weight = grad_hidden / num_valid, grad_weight / num_valid
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        loss = ce_weight * ce_total + kd_weight * kd_total
+        ctx.mark_non_differentiable(ce_total, kd_total)
+        return loss, ce_total, kd_total
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None
 
 
 def chunked_kd_loss(
@@ -128,23 +156,8 @@ def chunked_kd_loss(
     student_weight = student_weight[:vocab_size]
     teacher_weight = teacher_weight[:vocab_size].detach()
 
-    sum_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
-    ce_total = student_hidden.new_zeros((), dtype=sum_dtype)
-    kd_total = student_hidden.new_zeros((), dtype=sum_dtype)
-    # At least one (possibly empty) chunk, so that N = 0 still returns a loss with a graph.
-    for start in range(0, max(num_tokens, 1), chunk_size):
-        end = min(start + chunk_size, num_tokens)
-        ce_sum, kd_sum = checkpoint(
-            _chunk_sums,
-            student_hidden[start:end], student_weight, teacher_hidden[start:end], teacher_weight,
-            labels[start:end], kind, temperature, ignore_index, beta, alpha,
-            use_reentrant=False,
-        )
-        ce_total = ce_total + ce_sum
-        kd_total = kd_total + kd_sum
-    if reduction == "mean":
-        num_valid = (labels != ignore_index).sum().clamp(min=1)
-        ce_total = ce_total / num_valid
-        kd_total = kd_total / num_valid
-    loss = ce_weight * ce_total + kd_weight * kd_total
-    return loss, {"ce": ce_total.detach(), "kd": kd_total.detach()}
+    num_valid = (labels != ignore_index).sum().clamp(min=1) if reduction == "mean" else None
+    loss, ce_total, kd_total = _FusedLinearKD.apply(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+        (kind, temperature, ce_weight, kd_weight, chunk_size, ignore_index, beta, alpha), num_valid)
+    return loss, {"ce": ce_total, "kd": kd_total}

@@ -63,18 +63,15 @@ class Distiller:
                                                   default=str).encode()).hexdigest()[:16]
 
     # ----------------------------------------------------------------- set-up
-    def _prepare_output_dir(self) -> dict:
-        """Decide between a new run and a resume; never overwrite a finished run silently."""
+    def _check_output_dir(self) -> dict | None:
+        """Decide between a new run and a resume, reading only: never overwrite a finished
+        run silently. Returns the run state to resume, or None for a new run."""
         cfg = self.config
         state = ckpt.read_run_state(self.output_dir)
         if state is not None:
             if cfg.overwrite_output_dir:
-                for child in self.output_dir.iterdir():
-                    if child.name.startswith(("stage", ".stage", "student_base")) or child.name in (
-                            "metrics.jsonl", "tensorboard", "config.yaml", "summary.json", ckpt.RUN_STATE):
-                        shutil.rmtree(child) if child.is_dir() else child.unlink()
-                state = None
-            elif state.get("finished"):
+                return None
+            if state.get("finished"):
                 raise ConfigError(f"output_dir={self.output_dir} holds a finished run (stages "
                                   f"{state.get('completed_stages')}); choose another output_dir or pass "
                                   f"overwrite_output_dir=true to replace it")
@@ -85,6 +82,16 @@ class Distiller:
         elif self.output_dir.exists() and any(self.output_dir.iterdir()) and not cfg.overwrite_output_dir:
             raise ConfigError(f"output_dir={self.output_dir} exists, is not empty and holds no qwen_distillation run; "
                               f"choose a new directory or pass overwrite_output_dir=true to write into it")
+        return state
+
+    def _prepare_output_dir(self, state: dict | None) -> dict:
+        """Create the output directory (clearing a previous run's files when overwriting);
+        called only once models and data have loaded, so bad input never costs old outputs."""
+        if state is None and self.output_dir.exists() and self.config.overwrite_output_dir:
+            for child in self.output_dir.iterdir():
+                if child.name.startswith(("stage", ".stage")) or child.name in (
+                        "metrics.jsonl", "tensorboard", "config.yaml", "summary.json", ckpt.RUN_STATE):
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if state is None:
             state = {"run_hash": self.run_hash, "finished": False, "completed_stages": [], "initial_eval": None}
@@ -122,7 +129,8 @@ class Distiller:
     def _eval_batches(self) -> dict[str, list[dict]]:
         out = {}
         for name, examples in self.data.eval_sets.items():
-            out[name] = [collate(mb, self.pair.pad_token_id) for mb in micro_batches(examples, 8)]
+            by_length = sorted(examples, key=lambda e: len(e["input_ids"]))
+            out[name] = [collate(mb, self.pair.pad_token_id) for mb in micro_batches(by_length, 8)]
         return out
 
     def evaluate(self, model) -> dict[str, float]:
@@ -188,8 +196,11 @@ class Distiller:
         while step < total_steps:
             started = time.perf_counter()
             served = sampler.next_step()
+            # Grouping by length cuts padding; the update does not change because the loss is
+            # normalised by the valid tokens of the whole step, not per micro-batch.
+            by_length = sorted(served.examples, key=lambda e: len(e["input_ids"]))
             batches = [self._to_device(collate(mb, self.pair.pad_token_id))
-                       for mb in micro_batches(served.examples, stage.batch_size)]
+                       for mb in micro_batches(by_length, stage.batch_size)]
             n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             sums = {"ce": 0.0, "kd": 0.0}
             finite = True
@@ -283,13 +294,14 @@ class Distiller:
     # -------------------------------------------------------------------- run
     def run(self) -> dict:
         cfg = self.config
-        state = self._prepare_output_dir()
+        state = self._check_output_dir()
         self._select_device()
         seed_everything(cfg.seed)
-        resume_from = max(state["completed_stages"], default=0)
+        resume_from = max(state["completed_stages"], default=0) if state else 0
         self.pair: ModelPair = build_pair(cfg, device=self.device, teacher_dtype=self.teacher_dtype,
                                           output_dir=self.output_dir, resume_after_stage=resume_from)
         self.data: DomainData = build_domain_data(cfg.data, self.pair.tokenizer, seed=cfg.data.split_seed)
+        state = self._prepare_output_dir(state)
         self.eval_batches = self._eval_batches()
         self.logger = MetricsLogger(self.output_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                                     wandb_cfg=cfg.logging.wandb, run_config=self.run_config)

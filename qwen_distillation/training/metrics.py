@@ -35,7 +35,7 @@ class MetricsLogger:
     """Writes one row per call to ``metrics.jsonl`` and mirrors scalars to TensorBoard/wandb.
 
     Each row carries ``stage``, ``step`` (optimizer step within the stage) and
-    ``global_step``. On resume, rows of the resumed stage at or after the resumed step
+    ``global_step``. On resume, rows of the resumed stage after the resumed step
     are dropped so the file reads as one uninterrupted run.
     """
 
@@ -67,14 +67,15 @@ class MetricsLogger:
         return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.run_name, mode=mode,
                           dir=str(output_dir), config=scrub_secrets(run_config))
 
-    def truncate(self, stage: int, from_step: int) -> None:
-        """Drop rows of ``stage`` with step >= ``from_step`` and rows of later stages."""
+    def truncate(self, stage: int, after_step: int) -> None:
+        """Drop rows of ``stage`` logged after ``after_step`` and rows of later stages: what a
+        killed run wrote past its last checkpoint, which the resumed run writes again."""
         if not self.path.exists():
             return
         kept = []
         for line in self.path.read_text().splitlines():
             row = json.loads(line)
-            if row.get("stage", 0) > stage or (row.get("stage") == stage and row.get("step", -1) >= from_step):
+            if row.get("stage", 0) > stage or (row.get("stage") == stage and row.get("step", -1) > after_step):
                 continue
             kept.append(line)
         tmp = self.path.with_name(".metrics.jsonl.tmp")

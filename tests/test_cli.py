@@ -1,0 +1,78 @@
+"""The classic flags map onto the config and mix with Hydra overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import compose_config
+from qwen_distillation.cli import CLASSIC_FLAGS, UsageError, classic_help, translate
+from qwen_distillation.config.validate import normalise_sources, validate_config
+
+
+def _config(argv: list[str]):
+    return validate_config(compose_config(translate(argv)))
+
+
+def test_value_flags_map_onto_the_config(tmp_path):
+    config = _config([
+        "--teacher_model", "Qwen/Qwen2.5-7B-Instruct", "--student_model", str(tmp_path / "student"),
+        "--output_dir", str(tmp_path / "out"), "--general_dataset", "a.jsonl,b.json",
+        "--medical_dataset", "FreedomIntelligence/medical-o1-reasoning-SFT", "--eval_dataset", "c.csv",
+        "--start_stage", "2", "--end_stage", "3", "--checkpoint_path", str(tmp_path / "out/stage1/best"),
+        "--seed", "7",
+    ])
+    assert config.model.teacher.path == "Qwen/Qwen2.5-7B-Instruct" and config.model.teacher.random_init is None
+    assert config.model.student.path == str(tmp_path / "student") and config.model.student.keep_layers is None
+    assert config.output_dir == str(tmp_path / "out")
+    assert [s.path for s in normalise_sources("g", config.data.general)] == ["a.jsonl", "b.json"]
+    assert config.data.medical == ["FreedomIntelligence/medical-o1-reasoning-SFT"]
+    assert config.data.eval == ["c.csv"]
+    assert (config.start_stage, config.end_stage, config.seed) == (2, 3, 7)
+    assert config.checkpoint_path == str(tmp_path / "out/stage1/best")
+
+
+@pytest.mark.parametrize("flag,check", [
+    ("--fp16", lambda c: c.train.precision == "fp16"),
+    ("--bf16", lambda c: c.train.precision == "bf16"),
+    ("--use_lora", lambda c: c.lora.enabled and not c.lora.quantize_4bit),
+    ("--use_qlora", lambda c: c.lora.enabled and c.lora.quantize_4bit),
+    ("--use_wandb", lambda c: c.logging.wandb.enabled),
+])
+def test_switch_flags(flag, check):
+    assert check(_config([flag]))
+
+
+def test_every_documented_flag_is_handled():
+    documented = ("--teacher_model --student_model --output_dir --general_dataset --medical_dataset --eval_dataset "
+                  "--fp16 --bf16 --use_lora --use_qlora --use_wandb --start_stage --end_stage --checkpoint_path "
+                  "--seed").split()
+    assert sorted(CLASSIC_FLAGS) == sorted(documented)
+    text = classic_help()
+    assert all(flag in text for flag in documented) and "stage2.loss.weights.kl" in text
+
+
+def test_flags_mix_with_hydra_overrides_and_equals_form():
+    config = _config(["--start_stage=2", "--checkpoint_path", "out/stage1/best", "stage2.temperature=3",
+                      "stage2.loss.weights.kl=0.5"])
+    assert config.start_stage == 2 and config.checkpoint_path == "out/stage1/best"
+    assert config.stage2.temperature == 3 and config.stage2.loss.weights.kl == 0.5
+
+
+def test_paths_with_special_characters_are_quoted():
+    config = _config(["--output_dir", "runs/a=b,c d"])
+    assert config.output_dir == "runs/a=b,c d"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--start_stage"], "needs a value"),
+    (["--use_lora=yes"], "takes no value"),
+    (["--learning_rate", "1e-4"], "unknown flag --learning_rate"),
+])
+def test_usage_errors(argv, message):
+    with pytest.raises(UsageError, match=message):
+        translate(argv)
+
+
+def test_multirun_flag_passes_through():
+    assert translate(["-m", "stage2.loss.weights.kl=0.3,0.7", "--seed", "1"]) == [
+        "-m", "stage2.loss.weights.kl=0.3,0.7", "seed=1"]

@@ -1,0 +1,85 @@
+"""Every shipped config composes and validates; bad values fail naming the override."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from conftest import compose_config
+from qwen_distillation.app import CONF_DIR
+from qwen_distillation.config.validate import normalise_sources, validate_config
+from qwen_distillation.errors import ConfigError
+
+GROUPS = ["model", "data", "stage1", "stage2", "stage3", "train", "logging"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_group_option_composes_and_validates(group, option):
+    config = validate_config(compose_config([f"{group}={option}"]))
+    assert config.stage1.name
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes_and_validates(experiment):
+    validate_config(compose_config([f"+experiment={experiment}"]))
+
+
+def test_stage_defaults_follow_the_design():
+    # data=shared_kit: the demo data preset caps steps and micro-batches for a CPU run.
+    config = validate_config(compose_config(["data=shared_kit"]))
+    s1, s2, s3 = config.stage1, config.stage2, config.stage3
+    assert (s1.temperature, s1.loss.weights.kl, s1.loss.weights.ce, s1.lr) == (4.0, 0.9, 0.1, 5e-5)
+    assert s1.medical_ratio.start == s1.medical_ratio.end == 0.0
+    assert s1.batch_size > s2.batch_size and 2 <= s1.epochs <= 3
+    assert (s2.temperature, s2.lr, s2.medical_ratio.start, s2.medical_ratio.end) == (2.0, 3e-5, 0.3, 0.7)
+    assert s2.medical_ratio.schedule == "linear"
+    assert (s3.temperature, s3.loss.weights.ce, s3.loss.weights.kl, s3.lr) == (1.0, 0.9, 0.1, 1e-5)
+    assert s3.medical_ratio.start == s3.medical_ratio.end == 1.0
+    assert config.model.name == "demo_smollm2" and config.model.student.keep_layers == 15
+    demo = validate_config(compose_config([]))
+    assert demo.data.name == "demo" and demo.stage1.max_steps and demo.stage2.temperature == 2.0
+
+
+@pytest.mark.parametrize("override,named", [
+    ("stage2.temperature=0", "stage2.temperature"),
+    ("stage1.temperature=-1", "stage1.temperature"),
+    ("stage2.loss.weights.kl=-0.5", "stage2.loss.weights.kl"),
+    ("stage2.medical_ratio.end=1.5", "stage2.medical_ratio.end"),
+    ("stage3.medical_ratio.start=-0.1", "stage3.medical_ratio.start"),
+    ("start_stage=0", "start_stage"),
+    ("end_stage=4", "end_stage"),
+    ("stage2.loss.kd=kl", "stage2.loss.kd"),
+    ("stage2.loss.jsd_beta=2", "stage2.loss.jsd_beta"),
+    ("train.precision=fp8", "train.precision"),
+])
+def test_bad_values_name_the_override(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        validate_config(compose_config([override]))
+
+
+def test_start_after_end_is_rejected():
+    with pytest.raises(ConfigError, match="start_stage"):
+        validate_config(compose_config(["start_stage=3", "end_stage=2"]))
+
+
+@pytest.mark.parametrize("override", ["stage2.loss.weight.kl=0.5", "stage2.temperture=3", "train.foo=1"])
+def test_unknown_key_fails_at_composition(override):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
+        compose_config([override])
+    assert override.split("=")[0].split(".")[-2 if "weight." in override else -1] in str(err.value)
+
+
+def test_data_sources_accept_strings_and_mappings_and_reject_unknown_keys():
+    sources = normalise_sources("data.general", ["a.jsonl", {"path": "b.csv", "format": "alpaca", "max_records": 3}])
+    assert [s.path for s in sources] == ["a.jsonl", "b.csv"] and sources[1].max_records == 3
+    with pytest.raises(ConfigError, match=r"data\.general\[0\].*unknown key"):
+        normalise_sources("data.general", [{"path": "a.jsonl", "fmt": "alpaca"}])
+    with pytest.raises(ConfigError, match=r"data\.medical\[0\]\.format"):
+        normalise_sources("data.medical", [{"path": "a.jsonl", "format": "parquet"}])

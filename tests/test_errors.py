@@ -1,0 +1,93 @@
+"""Bad input stops the run with a clear message and a non-zero exit, and an existing
+finished run in output_dir (even with overwrite_output_dir=true) is left untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import pytest
+
+from conftest import tiny_overrides
+from qwen_distillation.cli import main
+
+
+def _snapshot(directory) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    saved = sys.argv
+    sys.argv = ["run_distillation.py"]
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    saved = sys.argv
+    sys.argv = ["run_distillation.py"]
+    try:
+        main(tiny_overrides(out, steps=1) + ["end_stage=1"])
+    finally:
+        sys.argv = saved
+    assert json.loads((out / "run_state.json").read_text())["finished"]
+    return out
+
+
+def _write(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("case", ["malformed_jsonl", "missing_fields", "empty_after_filtering",
+                                  "missing_checkpoint", "unknown_key", "missing_data_file"])
+def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path, capsys):
+    before = _snapshot(finished_run)
+    base = tiny_overrides(finished_run, steps=1) + ["end_stage=1", "overwrite_output_dir=true"]
+    if case == "malformed_jsonl":
+        bad = _write(tmp_path / "general.jsonl", '{"instruction": "a", "input": "", "output": "b"}\n'
+                                                 '{"instruction": "c", "output": "d"\n')
+        argv, expected = base + ["--general_dataset", str(bad)], [f"{bad} line 2", "not valid JSON"]
+    elif case == "missing_fields":
+        bad = _write(tmp_path / "general.jsonl", '{"prompt_text": "a", "reply": "b"}\n')
+        argv, expected = base + ["--general_dataset", str(bad)], ["prompt_text", "reply", "alpaca"]
+    elif case == "empty_after_filtering":
+        long_prompt = "word " * 400
+        bad = _write(tmp_path / "general.jsonl",
+                     json.dumps({"instruction": long_prompt, "input": "", "output": "short"}) + "\n")
+        argv, expected = base + ["--general_dataset", str(bad)], ["no usable examples", "max_length=96"]
+    elif case == "missing_checkpoint":
+        argv = base + ["--start_stage", "1", "--checkpoint_path", str(tmp_path / "nowhere")]
+        expected = ["checkpoint_path=", "nowhere", "no such directory"]
+    elif case == "unknown_key":
+        argv, expected = base + ["stage1.loss.weights.kll=0.5"], ["kll"]
+    else:
+        argv = base + ["--medical_dataset", str(tmp_path / "missing.jsonl")]
+        expected = ["missing.jsonl", "not found"]
+    code, output = _cli(argv, capsys)
+    assert code != 0, output
+    for text in expected:
+        assert text in output, output
+    assert "Traceback" not in output
+    assert _snapshot(finished_run) == before
+
+
+def test_multirun_sweep_gives_each_job_its_own_output_dir(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = tiny_overrides(out, steps=1) + ["end_stage=1", "-m", "stage1.loss.weights.kl=0.3,0.7"]
+    code, output = _cli(argv, capsys)
+    assert code == 0, output
+    for job, weight in (("job0", 0.3), ("job1", 0.7)):
+        assert (out / job / "stage1" / "final" / "config.json").exists()
+        assert f"kl: {weight}" in (out / job / "config.yaml").read_text()

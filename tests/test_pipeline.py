@@ -1,0 +1,149 @@
+"""End-to-end runs on tiny random Qwen2 models with the real Qwen tokenizer (CPU, fp32):
+exported models load, accumulation is invariant, a killed run resumes exactly,
+--start_stage 2 continues from a checkpoint, and LoRA adapters keep training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import compose_config, read_metrics, tiny_overrides, train_rows
+from qwen_distillation.app import run
+from qwen_distillation.training.metrics import MetricsLogger
+
+
+def _run(overrides: list[str]) -> dict:
+    return run(compose_config(overrides))
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    assert files, f"no safetensors in {path}"
+    out = {}
+    for file in files:
+        out.update(load_file(file))
+    return out
+
+
+def test_three_stages_write_loadable_models_and_metrics(tmp_path):
+    out = tmp_path / "run"
+    summary = _run(tiny_overrides(out, steps=2) + ["stage2.max_steps=6"])
+    assert summary["stages"] == [1, 2, 3]
+    for stage in (1, 2, 3):
+        for kind in ("best", "final"):
+            model = AutoModelForCausalLM.from_pretrained(out / f"stage{stage}" / kind)
+            assert model.config.num_hidden_layers == 2
+            assert (out / f"stage{stage}" / kind / "tokenizer.json").exists()
+    rows = train_rows(out)
+    assert [(r["stage"], r["step"]) for r in rows] == [(1, 1), (1, 2)] + [(2, s) for s in range(1, 7)] + [
+        (3, 1), (3, 2)]
+    for row in rows:
+        for key in ("loss", "loss/ce", "loss/kd", "lr", "medical_ratio", "tokens_per_s"):
+            assert key in row
+    assert all(r["medical_ratio"] == 0 for r in rows if r["stage"] == 1)
+    assert all(r["medical_ratio"] == 1 for r in rows if r["stage"] == 3)
+    stage2 = [r["medical_ratio"] for r in rows if r["stage"] == 2]
+    assert stage2[0] <= 0.5 and stage2[-1] >= 0.5 and stage2[0] < stage2[-1]
+    assert (out / "config.yaml").exists() and json.loads((out / "run_state.json").read_text())["finished"]
+
+
+def test_gradient_accumulation_is_invariant(tmp_path):
+    """Micro-batch 8 x accumulation 1 and 2 x 4 serve the same 8 examples per step and
+    must give the same gradient (logged before clipping) and the same weights."""
+    runs = {}
+    for batch, accum in ((8, 1), (2, 4)):
+        out = tmp_path / f"b{batch}a{accum}"
+        _run(tiny_overrides(out, steps=2) + ["end_stage=1", f"stage1.batch_size={batch}",
+                                             f"stage1.grad_accum={accum}"])
+        runs[(batch, accum)] = (train_rows(out), _weights(out / "stage1" / "final"))
+    (rows_a, weights_a), (rows_b, weights_b) = runs.values()
+    for a, b in zip(rows_a, rows_b):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-4, atol=1e-6)
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after the raise runs."""
+
+
+def test_killed_run_resumes_with_the_same_loss_trajectory(tmp_path, monkeypatch):
+    common = tiny_overrides(tmp_path / "x", steps=4) + ["stage2.save_every=2", "stage2.eval_every=2"]
+    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
+    _run(common + [f"output_dir={reference_dir}"])
+
+    original_log = MetricsLogger.log
+
+    def dying_log(self, row):
+        original_log(self, row)
+        if row.get("stage") == 2 and row.get("step") == 3 and "loss" in row:
+            raise _Killed()
+
+    monkeypatch.setattr(MetricsLogger, "log", dying_log)
+    with pytest.raises(_Killed):
+        _run(common + [f"output_dir={resumed_dir}"])
+    assert (resumed_dir / "stage2" / "checkpoint" / "state.pt").exists()
+    monkeypatch.setattr(MetricsLogger, "log", original_log)
+    _run(common + [f"output_dir={resumed_dir}"])  # the same command again
+
+    reference, resumed = train_rows(reference_dir), train_rows(resumed_dir)
+    assert [(r["stage"], r["step"]) for r in resumed] == [(r["stage"], r["step"]) for r in reference]
+    for a, b in zip(reference, resumed):
+        assert (a["loss"], a["grad_norm"], a["medical_ratio"], a["global_step"]) == (
+            b["loss"], b["grad_norm"], b["medical_ratio"], b["global_step"]), (a, b)
+    for name, value in _weights(reference_dir / "stage3" / "final").items():
+        torch.testing.assert_close(value, _weights(resumed_dir / "stage3" / "final")[name], rtol=0, atol=0)
+    assert not (resumed_dir / "stage2" / "checkpoint").exists()
+
+
+def test_finished_run_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, steps=1) + ["end_stage=1"]
+    _run(overrides)
+    before = (out / "stage1" / "final" / "model.safetensors").read_bytes()
+    from qwen_distillation.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="holds a finished run.*overwrite_output_dir=true"):
+        _run(overrides)
+    assert (out / "stage1" / "final" / "model.safetensors").read_bytes() == before
+    _run(overrides + ["overwrite_output_dir=true", "seed=3"])
+    assert (out / "stage1" / "final" / "model.safetensors").read_bytes() != before
+
+
+def test_start_stage_2_from_a_checkpoint(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    summary1 = _run(tiny_overrides(first, steps=2) + ["end_stage=1"])
+    checkpoint = first / "stage1" / "final"
+    summary2 = _run(tiny_overrides(second, steps=2) + ["start_stage=2", "end_stage=2",
+                                                       f"checkpoint_path={checkpoint}"])
+    # The second run's student starts where the first one's stage 1 ended.
+    assert summary2["student_before"] == pytest.approx(summary1["student_after_stage"]["1"])
+    assert summary2["stages"] == [2]
+    assert [r["stage"] for r in train_rows(second)] == [2, 2]
+    assert AutoModelForCausalLM.from_pretrained(second / "stage2" / "final")
+
+
+def test_lora_adapters_train_and_continue_across_stages(tmp_path):
+    out = tmp_path / "lora"
+    _run(tiny_overrides(out, steps=2) + ["end_stage=2", "lora.enabled=true", "lora.r=4",
+                                         "lora.target_modules=[q_proj,v_proj]", "lora.merge_on_export=true"])
+    stage1, stage2 = out / "stage1" / "final", out / "stage2" / "final"
+    assert (stage1 / "adapter_config.json").exists() and (stage1 / "merged" / "config.json").exists()
+    a1, a2 = _weights(stage1), _weights(stage2)
+    assert a1 and all("lora_" in name for name in a1)
+    assert any(not torch.equal(a1[n], a2[n]) for n in a1), "stage 2 did not train the adapters"
+    # The adapter export loads as a causal LM (peft resolves the saved base) and so does the merge.
+    assert AutoModelForCausalLM.from_pretrained(stage2)
+    assert AutoModelForCausalLM.from_pretrained(stage1 / "merged")
+    # A new run continuing from the stage-1 adapter keeps training it.
+    cont = tmp_path / "continued"
+    _run(tiny_overrides(cont, steps=2) + ["start_stage=2", "end_stage=2", "lora.enabled=true",
+                                          f"checkpoint_path={stage1}"])
+    a3 = _weights(cont / "stage2" / "final")
+    assert set(a3) == set(a1) and any(not torch.equal(a1[n], a3[n]) for n in a1)

@@ -1,0 +1,106 @@
+"""The data manager serves the configured medical ratio per step and resumes exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from qwen_distillation.data.manager import StageSampler, medical_ratio_at
+from qwen_distillation.errors import DataError
+
+
+def _pools(n_general=50, n_medical=40):
+    general = [{"id": f"g{i}", "domain": "general"} for i in range(n_general)]
+    medical = [{"id": f"m{i}", "domain": "medical"} for i in range(n_medical)]
+    return general, medical
+
+
+def _sampler(schedule="linear", start=0.3, end=0.7, steps=20, per_step=8, seed=0, num_steps=5):
+    general, medical = _pools()
+    return StageSampler(general, medical, examples_per_step=per_step, total_steps=steps, schedule=schedule,
+                        start=start, end=end, num_steps=num_steps, seed=seed, stage="stage2")
+
+
+def test_schedules_hand_values():
+    assert medical_ratio_at(0, 11, "linear", 0.3, 0.7) == pytest.approx(0.3)
+    assert medical_ratio_at(5, 11, "linear", 0.3, 0.7) == pytest.approx(0.5)
+    assert medical_ratio_at(10, 11, "linear", 0.3, 0.7) == pytest.approx(0.7)
+    assert medical_ratio_at(5, 11, "cosine", 0.3, 0.7) == pytest.approx(0.5)
+    assert medical_ratio_at(2, 11, "cosine", 0.3, 0.7) == pytest.approx(0.3 + 0.4 * (1 - math.cos(math.pi * 0.2)) / 2)
+    # step: 5 plateaus 0.3, 0.4, 0.5, 0.6, 0.7
+    assert [round(medical_ratio_at(s, 10, "step", 0.3, 0.7), 6) for s in range(10)] == [
+        0.3, 0.3, 0.4, 0.4, 0.5, 0.5, 0.6, 0.6, 0.7, 0.7]
+    assert medical_ratio_at(7, 10, "constant", 0.3, 0.7) == 0.3
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "step"])
+def test_served_ratio_follows_the_schedule(schedule):
+    sampler = _sampler(schedule=schedule, steps=40, per_step=8)
+    served, targets = [], []
+    for _ in range(40):
+        step = sampler.next_step()
+        assert step.num_medical == sum(e["domain"] == "medical" for e in step.examples)
+        assert len(step.examples) == 8
+        served.append(step.medical_ratio)
+        targets.append(step.medical_ratio_target)
+    # Each step is within one example of its target, and the running mean tracks the
+    # running target within one example over the whole stage (error diffusion).
+    assert all(abs(s - t) <= 1 / 8 for s, t in zip(served, targets))
+    assert abs(sum(served) - sum(targets)) <= 1 / 8
+    assert served[0] <= 0.375 and served[-1] >= 0.625
+    assert sum(served[:10]) < sum(served[-10:])
+
+
+def test_stage1_and_stage3_serve_one_domain():
+    general, medical = _pools()
+    only_general = StageSampler(general, [], examples_per_step=4, total_steps=5, schedule="constant", start=0.0,
+                                end=0.0, num_steps=5, seed=0, stage="stage1")
+    only_medical = StageSampler([], medical, examples_per_step=4, total_steps=5, schedule="constant", start=1.0,
+                                end=1.0, num_steps=5, seed=0, stage="stage3")
+    for _ in range(5):
+        assert all(e["domain"] == "general" for e in only_general.next_step().examples)
+        assert all(e["domain"] == "medical" for e in only_medical.next_step().examples)
+
+
+def test_every_example_is_served_once_per_epoch():
+    general, medical = _pools(12, 12)
+    sampler = StageSampler(general, medical, examples_per_step=4, total_steps=6, schedule="constant", start=0.0,
+                           end=0.0, num_steps=5, seed=3, stage="stage1")
+    ids = [e["id"] for _ in range(3) for e in sampler.next_step().examples]
+    assert sorted(ids) == sorted(e["id"] for e in general)
+
+
+def test_state_dict_resumes_exactly():
+    reference = _sampler(seed=5)
+    expected = [[e["id"] for e in reference.next_step().examples] for _ in range(20)]
+    first = _sampler(seed=5)
+    got = [[e["id"] for e in first.next_step().examples] for _ in range(7)]
+    state = first.state_dict()
+    resumed = _sampler(seed=5)
+    resumed.load_state_dict(state)
+    got += [[e["id"] for e in resumed.next_step().examples] for _ in range(13)]
+    assert got == expected
+
+
+def test_seed_changes_the_order_and_is_deterministic():
+    a = [e["id"] for e in _sampler(seed=1).next_step().examples]
+    assert a == [e["id"] for e in _sampler(seed=1).next_step().examples]
+    assert a != [e["id"] for e in _sampler(seed=2).next_step().examples]
+
+
+def test_missing_domain_is_a_clear_error():
+    general, _ = _pools()
+    with pytest.raises(DataError, match=r"stage2 serves medical data.*data\.medical is empty"):
+        StageSampler(general, [], examples_per_step=4, total_steps=3, schedule="linear", start=0.3, end=0.7,
+                     num_steps=5, seed=0, stage="stage2")
+
+
+def test_resume_with_different_data_is_refused():
+    sampler = _sampler()
+    state = sampler.state_dict()
+    general, medical = _pools(n_general=49)
+    other = StageSampler(general, medical, examples_per_step=8, total_steps=20, schedule="linear", start=0.3,
+                         end=0.7, num_steps=5, seed=0, stage="stage2")
+    with pytest.raises(DataError, match="general data has 49 examples"):
+        other.load_state_dict(state)
