@@ -129,7 +129,9 @@ def translate(argv: list[str]) -> list[str]:
         else:
             out.append(arg)
         i += 1
-    return out
+    # Hydra's parser takes its flags only before the overrides; -m may stand anywhere here.
+    multirun = [a for a in out if a in ("-m", "--multirun")]
+    return multirun[:1] + [a for a in out if a not in ("-m", "--multirun")]
 
 
 def main(argv: list[str] | None = None) -> None:

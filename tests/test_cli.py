@@ -74,5 +74,5 @@ def test_usage_errors(argv, message):
 
 
 def test_multirun_flag_passes_through():
-    assert translate(["-m", "stage2.loss.weights.kl=0.3,0.7", "--seed", "1"]) == [
+    assert translate(["stage2.loss.weights.kl=0.3,0.7", "--seed", "1", "-m"]) == [
         "-m", "stage2.loss.weights.kl=0.3,0.7", "seed=1"]

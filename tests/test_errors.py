@@ -51,7 +51,7 @@ def _write(path, text: str):
 
 
 @pytest.mark.parametrize("case", ["malformed_jsonl", "missing_fields", "empty_after_filtering",
-                                  "missing_checkpoint", "unknown_key", "missing_data_file"])
+                                  "missing_checkpoint", "unknown_key", "missing_data_file", "qlora_on_cpu"])
 def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path, capsys):
     before = _snapshot(finished_run)
     base = tiny_overrides(finished_run, steps=1) + ["end_stage=1", "overwrite_output_dir=true"]
@@ -72,9 +72,11 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
         expected = ["checkpoint_path=", "nowhere", "no such directory"]
     elif case == "unknown_key":
         argv, expected = base + ["stage1.loss.weights.kll=0.5"], ["kll"]
-    else:
+    elif case == "missing_data_file":
         argv = base + ["--medical_dataset", str(tmp_path / "missing.jsonl")]
         expected = ["missing.jsonl", "not found"]
+    else:
+        argv, expected = base + ["--use_qlora", "train.device=cpu"], ["--use_qlora", "CUDA GPU", "--use_lora"]
     code, output = _cli(argv, capsys)
     assert code != 0, output
     for text in expected:

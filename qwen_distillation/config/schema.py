@@ -50,7 +50,7 @@ class ModelPairConfig:
 @dataclass
 class DataConfig:
     """Data sources. Each source is a path/dataset name string, or a mapping with keys
-    ``path``, ``format`` (auto|alpaca|medical_o1|sharegpt|cmexam|medmcqa|question_answer),
+    ``path``, ``format`` (auto|alpaca|medical_o1|sharegpt|cmexam|medmcqa|mmlu|question_answer),
     ``split``, ``subset`` (HF config name) and ``max_records``."""
 
     name: str = "custom"

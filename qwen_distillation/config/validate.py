@@ -8,6 +8,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from qwen_distillation.config.schema import DistillationConfig, StageConfig
+from qwen_distillation.data.formats import FORMATS
 from qwen_distillation.errors import ConfigError
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
@@ -15,7 +16,7 @@ RATIO_SCHEDULES = ("constant", "linear", "cosine", "step")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BALANCING = ("none",)
-DATA_FORMATS = ("auto", "alpaca", "medical_o1", "sharegpt", "cmexam", "medmcqa", "question_answer")
+DATA_FORMATS = ("auto", *FORMATS)
 SOURCE_KEYS = ("path", "format", "split", "subset", "max_records")
 STAGES = ("stage1", "stage2", "stage3")
 

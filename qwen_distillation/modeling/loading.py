@@ -142,15 +142,19 @@ def slim_down(teacher: PreTrainedModel, keep_layers: int, dtype: torch.dtype) ->
     return student, kept
 
 
-def load_student_checkpoint(path: str, *, dtype: torch.dtype) -> PreTrainedModel:
-    """Load a student saved by a previous stage (full model or LoRA adapter directory)."""
+def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None) -> PreTrainedModel:
+    """Load a student saved by a previous stage (full model or LoRA adapter directory).
+
+    ``quantization`` (a BitsAndBytesConfig) loads the base of an adapter in 4-bit (QLoRA).
+    """
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint_path={path}: no such directory; pass the directory of a saved "
                               f"stage, e.g. --checkpoint_path OUTPUT_DIR/stage1/best")
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         from peft import AutoPeftModelForCausalLM
 
-        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, is_trainable=True)
+        kwargs = {"quantization_config": quantization, "dtype": torch.bfloat16} if quantization else {"dtype": dtype}
+        return AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=True, **kwargs)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise CheckpointError(f"checkpoint_path={path}: holds no config.json or adapter_config.json; is it a "
                               f"stage directory such as OUTPUT_DIR/stage1/final?")

@@ -48,13 +48,36 @@ def _describe(spec) -> str:
     return spec.path or (f"random {spec.random_init.get('model_type')}" if spec.random_init else "teacher copy")
 
 
-def apply_lora(student, lora_cfg, device: torch.device):
-    """Wrap the student with trainable LoRA adapters (peft) on ``lora.target_modules``."""
+def qlora_quantization(device: torch.device):
+    """4-bit NF4 quantization of the student's base weights (QLoRA); CUDA + bitsandbytes only."""
+    if device.type != "cuda":
+        raise ConfigError("lora.quantize_4bit=true (--use_qlora): 4-bit QLoRA needs a CUDA GPU; on the CPU use "
+                          "--use_lora instead")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ConfigError("lora.quantize_4bit=true (--use_qlora) needs bitsandbytes: pip install bitsandbytes") from err
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def apply_lora(student, lora_cfg, device: torch.device, base_model_dir: str):
+    """Wrap the student with trainable LoRA adapters (peft) on ``lora.target_modules``.
+
+    With ``lora.quantize_4bit`` the base is reloaded from ``base_model_dir`` in 4-bit NF4
+    (QLoRA) and prepared for k-bit training before the adapters are added.
+    """
     from peft import LoraConfig, get_peft_model
 
     if lora_cfg.quantize_4bit:
-        raise ConfigError("lora.quantize_4bit=true (--use_qlora): 4-bit QLoRA needs a CUDA GPU with bitsandbytes; "
-                          "on this machine use --use_lora instead")
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM
+
+        student = AutoModelForCausalLM.from_pretrained(base_model_dir, quantization_config=qlora_quantization(device),
+                                                       dtype=torch.bfloat16, device_map={"": device})
+        student = prepare_model_for_kbit_training(student, use_gradient_checkpointing=False)
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
     try:
@@ -77,15 +100,16 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     teacher = load_causal_lm(model_cfg.teacher, dtype=teacher_dtype, role="teacher")
     kept = None
     base_model_dir = None
+    quantization = qlora_quantization(device) if cfg.lora.quantize_4bit else None
     if resume_after_stage:
         path = output_dir / f"stage{resume_after_stage}" / "final"
-        student = load_student_checkpoint(str(path), dtype=torch.float32)
+        student = load_student_checkpoint(str(path), dtype=torch.float32, quantization=quantization)
         base_model_dir = str(output_dir / "student_base") if cfg.lora.enabled else None
     elif cfg.checkpoint_path:
         if not os.path.isdir(cfg.checkpoint_path):
             raise CheckpointError(f"checkpoint_path={cfg.checkpoint_path}: no such directory; pass the directory of "
                                   f"a saved stage, e.g. --checkpoint_path OUTPUT_DIR/stage1/best")
-        student = load_student_checkpoint(cfg.checkpoint_path, dtype=torch.float32)
+        student = load_student_checkpoint(cfg.checkpoint_path, dtype=torch.float32, quantization=quantization)
         base_model_dir = os.path.abspath(cfg.checkpoint_path)
     elif model_cfg.student.keep_layers:
         student, kept = slim_down(teacher, model_cfg.student.keep_layers, torch.float32)
@@ -103,11 +127,13 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
             base_model_dir = str((output_dir / "student_base").resolve())
             student.save_pretrained(base_model_dir, safe_serialization=True)
             student_tok.save_pretrained(base_model_dir)
-        student = apply_lora(student, cfg.lora, device)
+        student = apply_lora(student, cfg.lora, device, base_model_dir)
     teacher = teacher.to(device=device, dtype=teacher_dtype)
     teacher.requires_grad_(False)
     teacher.eval()
-    student = student.to(device)
+    if not getattr(student, "is_loaded_in_4bit", False) and not getattr(
+            getattr(student, "base_model", None), "is_loaded_in_4bit", False):
+        student = student.to(device)  # a 4-bit model is placed at load time and cannot move
     if cfg.train.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id

