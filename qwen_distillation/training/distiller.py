@@ -329,6 +329,7 @@ class Distiller:
 
     def _summary(self, state: dict) -> dict:
         return {"output_dir": str(self.output_dir), "stages": state["completed_stages"],
+                "device": str(self.device), "precision": self.precision,
                 "final_models": {s: str(self.output_dir / f"stage{s}" / "final") for s in state["completed_stages"]},
                 "metrics": str(self.output_dir / "metrics.jsonl"),
                 "tensorboard": str(self.output_dir / "tensorboard"),
