@@ -74,31 +74,45 @@ class _Killed(BaseException):
 
 
 def test_killed_run_resumes_with_the_same_loss_trajectory(tmp_path, monkeypatch):
-    common = tiny_overrides(tmp_path / "x", steps=4) + ["stage2.save_every=2", "stage2.eval_every=2"]
+    """Killed in stage 2 (feature/attention/contrastive heads and GradNorm weights in
+    flight) and again in stage 3 (hard-example sampler scores in flight), the same command
+    resumes each time, and every logged number equals the uninterrupted run's."""
+    common = tiny_overrides(tmp_path / "x", steps=4) + [
+        "stage2.save_every=2", "stage2.eval_every=2", "stage2.loss.balancing.method=gradnorm",
+        "stage3.save_every=2", "stage3.sampling.mode=hard", "stage3.sampling.rescore_every=3",
+        "stage3.sampling.max_scored=8"]
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
     _run(common + [f"output_dir={reference_dir}"])
 
     original_log = MetricsLogger.log
 
-    def dying_log(self, row):
-        original_log(self, row)
-        if row.get("stage") == 2 and row.get("step") == 3 and "loss" in row:
-            raise _Killed()
+    def dying_at(stage):
+        def dying_log(self, row):
+            original_log(self, row)
+            if row.get("stage") == stage and row.get("step") == 3 and "loss" in row:
+                raise _Killed()
+        return dying_log
 
-    monkeypatch.setattr(MetricsLogger, "log", dying_log)
-    with pytest.raises(_Killed):
-        _run(common + [f"output_dir={resumed_dir}"])
-    assert (resumed_dir / "stage2" / "checkpoint" / "state.pt").exists()
+    for stage in (2, 3):
+        monkeypatch.setattr(MetricsLogger, "log", dying_at(stage))
+        with pytest.raises(_Killed):
+            _run(common + [f"output_dir={resumed_dir}"])
+        assert (resumed_dir / f"stage{stage}" / "checkpoint" / "state.pt").exists()
     monkeypatch.setattr(MetricsLogger, "log", original_log)
     _run(common + [f"output_dir={resumed_dir}"])  # the same command again
 
     reference, resumed = train_rows(reference_dir), train_rows(resumed_dir)
     assert [(r["stage"], r["step"]) for r in resumed] == [(r["stage"], r["step"]) for r in reference]
+    logged = [k for k in reference[-1] if k.startswith(("loss", "weight/", "sampler/"))] + ["grad_norm"]
+    assert "loss/feature" in reference[4] and "weight/feature" in reference[4] and "sampler/score_mean" in logged
     for a, b in zip(reference, resumed):
-        assert (a["loss"], a["grad_norm"], a["medical_ratio"], a["global_step"]) == (
-            b["loss"], b["grad_norm"], b["medical_ratio"], b["global_step"]), (a, b)
+        for key in set(a) | set(b):
+            if key.startswith(("loss", "weight/", "sampler/", "grad_norm", "medical_ratio", "global_step")):
+                assert a.get(key) == b.get(key), (key, a, b)
     for name, value in _weights(reference_dir / "stage3" / "final").items():
         torch.testing.assert_close(value, _weights(resumed_dir / "stage3" / "final")[name], rtol=0, atol=0)
+    torch.testing.assert_close(torch.load(reference_dir / "stage3" / "heads.pt"),
+                               torch.load(resumed_dir / "stage3" / "heads.pt"), rtol=0, atol=0)
     assert not (resumed_dir / "stage2" / "checkpoint").exists()
 
 

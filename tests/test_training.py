@@ -28,7 +28,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 def _poison(monkeypatch, bad_steps: set[int]):
     """Make the loss NaN on the given optimizer steps (1-based)."""
-    real_loss, real_next = distiller_module.micro_batch_loss, distiller_module.StageSampler.next_step
+    real_terms, real_next = distiller_module.micro_batch_terms, distiller_module.StageSampler.next_step
     current = {"step": 0}
 
     def next_step(self):
@@ -37,11 +37,13 @@ def _poison(monkeypatch, bad_steps: set[int]):
         return served
 
     def poisoned(*args, **kwargs):
-        loss, parts = real_loss(*args, **kwargs)
-        return (loss * float("nan") if current["step"] in bad_steps else loss), parts
+        terms, info = real_terms(*args, **kwargs)
+        if current["step"] in bad_steps:
+            terms = {name: value * float("nan") for name, value in terms.items()}
+        return terms, info
 
     monkeypatch.setattr(distiller_module.StageSampler, "next_step", next_step)
-    monkeypatch.setattr(distiller_module, "micro_batch_loss", poisoned)
+    monkeypatch.setattr(distiller_module, "micro_batch_terms", poisoned)
 
 
 def test_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):

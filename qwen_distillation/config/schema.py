@@ -74,29 +74,45 @@ class LossWeights:
 
 @dataclass
 class FeatureLossConfig:
-    """Slot for hidden-state distillation (filled by the loss-suite work)."""
+    """Hidden-state distillation. ``layer_map``: explicit [[student_layer, teacher_layer], ...]
+    (0-based decoder layers whose outputs are matched); null maps ``num_pairs`` evenly spaced
+    student layers proportionally by depth (all student layers when ``num_pairs`` is null)."""
 
     layer_map: Optional[List[List[int]]] = None
+    num_pairs: Optional[int] = 4
     loss: str = "mse"
-    normalize: bool = False
+    normalize: bool = True
 
 
 @dataclass
 class AttentionLossConfig:
-    """Slot for attention distillation (filled by the loss-suite work)."""
+    """Attention distillation from captured queries/keys/values (works with SDPA/flash).
+    mode: ``attention`` (MiniLM attention distributions) or ``relations`` (MiniLMv2 Q-Q,
+    K-K, V-V relations); teacher and student head counts may differ."""
 
     layer_map: Optional[List[List[int]]] = None
+    num_pairs: Optional[int] = 1
     mode: str = "relations"
     relation_heads: int = 8
+    chunk_size: int = 256
 
 
 @dataclass
 class ContrastiveLossConfig:
-    """Slot for contrastive distillation (filled by the loss-suite work)."""
+    """InfoNCE between mean-pooled student and teacher sequence representations."""
 
     temperature: float = 0.1
     projection_dim: int = 256
     domain_aware: bool = False
+
+
+@dataclass
+class BalancingConfig:
+    """Gradient balancing between the active loss terms: none, gradnorm or pcgrad."""
+
+    method: str = "none"
+    gradnorm_alpha: float = 1.5
+    gradnorm_lr: float = 0.025
 
 
 @dataclass
@@ -114,7 +130,7 @@ class LossConfig:
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
     chunk_size: int = 1024
-    balancing: str = "none"
+    balancing: BalancingConfig = field(default_factory=BalancingConfig)
     feature: FeatureLossConfig = field(default_factory=FeatureLossConfig)
     attention: AttentionLossConfig = field(default_factory=AttentionLossConfig)
     contrastive: ContrastiveLossConfig = field(default_factory=ContrastiveLossConfig)
@@ -135,12 +151,26 @@ class MedicalRatioConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How a single-domain stage picks its examples. ``uniform``: shuffled epochs;
+    ``hard``: every ``rescore_every`` steps the student's current loss scores (up to
+    ``max_scored``) examples and sampling favours high scores, mixed with a uniform floor."""
+
+    mode: str = "uniform"
+    uniform_floor: float = 0.3
+    temperature: float = 1.0
+    rescore_every: int = 50
+    max_scored: Optional[int] = 256
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     enabled: bool = True
     temperature: float = 1.0
     loss: LossConfig = field(default_factory=LossConfig)
     medical_ratio: MedicalRatioConfig = field(default_factory=MedicalRatioConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     lr: float = 1e-5
     batch_size: int = 8
     grad_accum: int = 1

@@ -15,7 +15,10 @@ KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_
 RATIO_SCHEDULES = ("constant", "linear", "cosine", "step")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BALANCING = ("none",)
+BALANCING = ("none", "gradnorm", "pcgrad")
+FEATURE_LOSSES = ("mse", "cosine")
+ATTENTION_MODES = ("relations", "attention")
+SAMPLING_MODES = ("uniform", "hard")
 DATA_FORMATS = ("auto", *FORMATS)
 SOURCE_KEYS = ("path", "format", "split", "subset", "max_records")
 STAGES = ("stage1", "stage2", "stage3")
@@ -55,11 +58,47 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
                f"{key}.loss.weights.{name}=0.5")
     _check(sum(weights.values()) > 0, f"{key}.loss.weights", weights, "at least one loss weight must be > 0",
            f"{key}.loss.weights.ce=1")
-    for name in ("feature", "attention", "contrastive"):
-        _check(weights[name] == 0, f"{key}.loss.weights.{name}", weights[name],
-               f"the {name} loss is not implemented yet; keep its weight at 0", f"{key}.loss.weights.{name}=0")
-    _one_of(f"{key}.loss.kd", stage.loss.kd, KD_KINDS)
-    _one_of(f"{key}.loss.balancing", stage.loss.balancing, BALANCING)
+    loss = stage.loss
+    _one_of(f"{key}.loss.kd", loss.kd, KD_KINDS)
+    _one_of(f"{key}.loss.balancing.method", loss.balancing.method, BALANCING)
+    _check(loss.balancing.gradnorm_lr > 0, f"{key}.loss.balancing.gradnorm_lr", loss.balancing.gradnorm_lr,
+           "must be > 0", f"{key}.loss.balancing.gradnorm_lr=0.025")
+    _one_of(f"{key}.loss.feature.loss", loss.feature.loss, FEATURE_LOSSES)
+    _one_of(f"{key}.loss.attention.mode", loss.attention.mode, ATTENTION_MODES)
+    for part in ("feature", "attention"):
+        sub = getattr(loss, part)
+        if sub.num_pairs is not None:
+            _check(sub.num_pairs >= 1, f"{key}.loss.{part}.num_pairs", sub.num_pairs, "must be >= 1 (or null)",
+                   f"{key}.loss.{part}.num_pairs=1")
+        if sub.layer_map is not None:
+            ok = all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in sub.layer_map) and sub.layer_map
+            _check(bool(ok), f"{key}.loss.{part}.layer_map", sub.layer_map,
+                   "must be a non-empty list of [student_layer, teacher_layer] pairs",
+                   f"{key}.loss.{part}.layer_map=[[0,1],[1,3]]")
+    _check(loss.attention.relation_heads >= 1, f"{key}.loss.attention.relation_heads", loss.attention.relation_heads,
+           "must be >= 1", f"{key}.loss.attention.relation_heads=8")
+    _check(loss.attention.chunk_size >= 1, f"{key}.loss.attention.chunk_size", loss.attention.chunk_size,
+           "must be >= 1", f"{key}.loss.attention.chunk_size=256")
+    _check(loss.contrastive.temperature > 0, f"{key}.loss.contrastive.temperature", loss.contrastive.temperature,
+           "must be > 0", f"{key}.loss.contrastive.temperature=0.1")
+    _check(loss.contrastive.projection_dim >= 1, f"{key}.loss.contrastive.projection_dim",
+           loss.contrastive.projection_dim, "must be >= 1", f"{key}.loss.contrastive.projection_dim=256")
+    sampling = stage.sampling
+    _one_of(f"{key}.sampling.mode", sampling.mode, SAMPLING_MODES)
+    _check(0 < sampling.uniform_floor <= 1, f"{key}.sampling.uniform_floor", sampling.uniform_floor,
+           "must be in (0, 1] so no example starves", f"{key}.sampling.uniform_floor=0.3")
+    _check(sampling.temperature > 0, f"{key}.sampling.temperature", sampling.temperature, "must be > 0",
+           f"{key}.sampling.temperature=1")
+    _check(sampling.rescore_every >= 1, f"{key}.sampling.rescore_every", sampling.rescore_every, "must be >= 1",
+           f"{key}.sampling.rescore_every=50")
+    if sampling.max_scored is not None:
+        _check(sampling.max_scored >= 1, f"{key}.sampling.max_scored", sampling.max_scored, "must be >= 1 (or null)",
+               f"{key}.sampling.max_scored=256")
+    if sampling.mode == "hard":
+        ratio = stage.medical_ratio
+        _check(ratio.schedule == "constant" and ratio.start in (0.0, 1.0), f"{key}.sampling.mode", sampling.mode,
+               "hard-example sampling draws from one domain: it needs medical_ratio constant 0 or 1",
+               f"{key}.sampling.mode=uniform")
     _check(0 <= stage.loss.jsd_beta <= 1, f"{key}.loss.jsd_beta", stage.loss.jsd_beta, "must be in [0, 1]",
            f"{key}.loss.jsd_beta=0.5")
     _check(0 <= stage.loss.skew_alpha < 1, f"{key}.loss.skew_alpha", stage.loss.skew_alpha, "must be in [0, 1)",

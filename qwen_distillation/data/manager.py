@@ -153,7 +153,8 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch.
 
     Returns input_ids (B, L) int64, attention_mask (B, L) int64 and labels (B, L) int64 with
-    IGNORE_INDEX on prompt and padding positions. Labels are not shifted: position t's
+    IGNORE_INDEX on prompt and padding positions, plus domain (B,) int64 (0 general,
+    1 medical) when every example carries one. Labels are not shifted: position t's
     label is the token at t, predicted from position t-1.
     """
     length = max(len(e["input_ids"]) for e in examples)
@@ -165,7 +166,10 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         input_ids[row, :n] = torch.tensor(example["input_ids"])
         labels[row, :n] = torch.tensor(example["labels"])
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if all("domain" in e for e in examples):
+        batch["domain"] = torch.tensor([e["domain"] for e in examples], dtype=torch.long)
+    return batch
 
 
 def micro_batches(examples: list[dict], batch_size: int) -> list[list[dict]]:

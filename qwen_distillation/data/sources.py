@@ -15,6 +15,7 @@ from qwen_distillation.modeling.loading import PACKAGE_PREFIX, resolve_path
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DOMAINS = ("general", "medical")  # an example's "domain" field is the index here
 
 
 @dataclass
@@ -58,10 +59,10 @@ def build_domain_data(data_cfg, tokenizer, *, seed: int) -> DomainData:
     per domain overall.
     """
     out = DomainData()
-    for domain in ("general", "medical"):
+    for domain_id, domain in enumerate(DOMAINS):
         heldout = []
         for source in normalise_sources(f"data.{domain}", getattr(data_cfg, domain)):
-            examples = encode_source(source, tokenizer, data_cfg.max_length)
+            examples = [{**e, "domain": domain_id} for e in encode_source(source, tokenizer, data_cfg.max_length)]
             train, held = split_heldout(examples, data_cfg.eval_fraction, data_cfg.max_eval_examples, seed)
             getattr(out, domain).extend(train)
             heldout.extend(held)

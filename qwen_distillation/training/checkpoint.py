@@ -145,3 +145,16 @@ def read_run_state(output_dir: Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: unreadable ({err}); pass overwrite_output_dir=true to start over") from err
+
+
+def save_heads(path: Path, heads: torch.nn.Module) -> None:
+    """The trainable distillation heads (feature/contrastive projections) beside a stage's model."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(heads.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def load_heads(path: Path, heads: torch.nn.Module) -> None:
+    if Path(path).exists():
+        heads.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

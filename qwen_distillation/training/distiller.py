@@ -21,13 +21,16 @@ import torch
 from omegaconf import OmegaConf
 
 from qwen_distillation.config.schema import DistillationConfig, StageConfig
+from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indices
 from qwen_distillation.data.manager import StageSampler, collate, micro_batches
 from qwen_distillation.data.sources import DomainData, build_domain_data
 from qwen_distillation.errors import CheckpointError, ConfigError, DistillationError
 from qwen_distillation.modeling.pair import ModelPair, build_pair
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.metrics import MetricsLogger, scrub_secrets
-from qwen_distillation.training.step import heldout_nll, lr_lambda, micro_batch_loss
+from qwen_distillation.training.balancing import Balancer
+from qwen_distillation.training.plan import build_heads, build_plan, loss_weights, shared_parameter
+from qwen_distillation.training.step import heldout_nll, lr_lambda, micro_batch_terms, per_example_nll
 
 log = logging.getLogger(__name__)
 
@@ -161,40 +164,84 @@ class Distiller:
             pool = sizes["general"] + sizes["medical"]
         return max(1, math.ceil(stage.epochs * pool / (stage.batch_size * stage.grad_accum)))
 
+    def _sampler(self, key: str, stage: StageConfig, total_steps: int, index: int):
+        per_step = stage.batch_size * stage.grad_accum
+        seed = self.config.seed + index
+        if stage.sampling.mode == "hard":
+            domain = "medical" if stage.medical_ratio.start == 1.0 else "general"
+            return HardExampleSampler(getattr(self.data, domain), examples_per_step=per_step, seed=seed,
+                                      domain=domain, stage=key,
+                                      uniform_floor=stage.sampling.uniform_floor,
+                                      temperature=stage.sampling.temperature,
+                                      rescore_every=stage.sampling.rescore_every)
+        ratio = stage.medical_ratio
+        return StageSampler(self.data.general, self.data.medical, examples_per_step=per_step,
+                            total_steps=total_steps, schedule=ratio.schedule, start=ratio.start, end=ratio.end,
+                            num_steps=ratio.num_steps, seed=seed, stage=key)
+
+    def _score_examples(self, sampler: HardExampleSampler, stage: StageConfig) -> None:
+        """Score (a subset of) the pool with the student's current loss, for hard-example sampling."""
+        indices = score_indices(len(sampler.examples), stage.sampling.max_scored, sampler.step, sampler.seed)
+        examples = [sampler.examples[i] for i in indices]
+        scores: list[float] = []
+        was_training = self.pair.student.training
+        self.pair.student.eval()
+        with self._autocast():
+            for chunk in micro_batches(examples, max(stage.batch_size, 8)):
+                batch = self._to_device(collate(chunk, self.pair.pad_token_id))
+                scores.extend(per_example_nll(self.pair.student, batch, self.pair.vocab_size).tolist())
+        self.pair.student.train(was_training)
+        sampler.update_scores(indices, scores)
+        finite = torch.tensor([x for x in scores if math.isfinite(x)])
+        if finite.numel():
+            counts = torch.histc(finite, bins=10, min=float(finite.min()), max=float(finite.max()))
+            edges = torch.linspace(float(finite.min()), float(finite.max()), 11)
+            # Logged with the step it prepares, so a resume past it drops and redoes it.
+            self.logger.log({"stage": self._stage_index, "step": sampler.step + 1, "global_step": self.global_step,
+                             "sampler/scored": len(scores),
+                             "sampler/score_histogram": {"edges": [round(float(e), 4) for e in edges],
+                                                         "counts": [int(c) for c in counts]}})
+
     def _run_stage(self, index: int, state: dict) -> None:
         key = STAGE_KEYS[index]
+        self._stage_index = index
         stage: StageConfig = getattr(self.config, key)
-        student = self.pair.student
+        student, plan = self.pair.student, self.plans[index]
         stage_dir = self.output_dir / f"stage{index}"
         total_steps = self._stage_steps(stage)
-        examples_per_step = stage.batch_size * stage.grad_accum
-        sampler = StageSampler(self.data.general, self.data.medical, examples_per_step=examples_per_step,
-                               total_steps=total_steps, schedule=stage.medical_ratio.schedule,
-                               start=stage.medical_ratio.start, end=stage.medical_ratio.end,
-                               num_steps=stage.medical_ratio.num_steps, seed=self.config.seed + index, stage=key)
-        params = [p for p in student.parameters() if p.requires_grad]
+        sampler = self._sampler(key, stage, total_steps, index)
+        params = [p for p in student.parameters() if p.requires_grad] + list(self.heads.parameters())
         optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay,
                                       fused=self.device.type == "cuda")
         warmup = math.ceil(stage.warmup_ratio * total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total_steps, warmup, stage.lr_scheduler, stage.min_lr_ratio))
         scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        weights = loss_weights(plan)
+        balancing = stage.loss.balancing
+        balancer = Balancer(balancing.method, list(weights), weights, alpha=balancing.gradnorm_alpha,
+                            lr=balancing.gradnorm_lr, seed=self.config.seed + index)
+        shared = shared_parameter(student, plan)
         step, best, bad_total = 0, None, 0
         resume_dir = ckpt.recover(stage_dir / "checkpoint")
         if resume_dir.exists():
             saved = ckpt.load_training_state(resume_dir, model=student, optimizer=optimizer, scheduler=scheduler,
                                              sampler=sampler)
-            step, best, bad_total = saved["step"], saved["extra"].get("best"), saved["extra"].get("bad_total", 0)
-            self.global_step = saved["extra"]["global_step"]
+            extra = saved["extra"]
+            step, best, bad_total = saved["step"], extra.get("best"), extra.get("bad_total", 0)
+            self.global_step = extra["global_step"]
+            self.heads.load_state_dict(extra["heads"])
+            balancer.load_state_dict(extra["balancer"])
             log.info("%s: resuming at step %d/%d from %s", key, step, total_steps, resume_dir)
         self.logger.truncate(index, step)
-        weights = stage.loss.weights
-        teacher = self.pair.teacher if weights.kl > 0 else None
+        teacher = self.pair.teacher if plan.needs_teacher else None
         student.train()
         progress = self._progress(key, total_steps, step)
         bad_in_row = 0
         while step < total_steps:
             started = time.perf_counter()
+            if isinstance(sampler, HardExampleSampler) and sampler.needs_scores():
+                self._score_examples(sampler, stage)
             served = sampler.next_step()
             # Grouping by length cuts padding; the update does not change because the loss is
             # normalised by the valid tokens of the whole step, not per micro-batch.
@@ -202,23 +249,24 @@ class Distiller:
             batches = [self._to_device(collate(mb, self.pair.pad_token_id))
                        for mb in micro_batches(by_length, stage.batch_size)]
             n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            sums = {"ce": 0.0, "kd": 0.0}
+            sums: dict[str, float] = {}
+            balance_log: dict[str, float] = {}
             finite = True
             for batch in batches:
                 with self._autocast():
-                    loss, parts = micro_batch_loss(
-                        student, teacher, batch, kd_weight=weights.kl, ce_weight=weights.ce, kd=stage.loss.kd,
-                        temperature=stage.temperature, vocab_size=self.pair.vocab_size,
-                        chunk_size=stage.loss.chunk_size, jsd_beta=stage.loss.jsd_beta,
-                        skew_alpha=stage.loss.skew_alpha)
-                loss = loss / max(n_tokens, 1)
-                if not torch.isfinite(loss):
+                    terms, info = micro_batch_terms(student, teacher, batch, plan, self.heads)
+                # Token-level sums are normalised by the step's valid tokens; the contrastive
+                # term (per sequence) is averaged over the micro-batches.
+                terms = {name: value / (len(batches) if name == "contrastive" else max(n_tokens, 1))
+                         for name, value in terms.items()}
+                if not all(torch.isfinite(v) for v in terms.values()):
                     finite = False
-                    sums = {k: float("nan") for k in sums}
                     break
-                (scaler.scale(loss) if scaler else loss).backward()
-                for name in sums:
-                    sums[name] += parts[name]
+                if scaler:
+                    terms = {name: scaler.scale(value) for name, value in terms.items()}
+                balance_log = balancer.backward(terms, params, shared=shared)
+                for name, value in info.items():
+                    sums[name] = sums.get(name, 0.0) + value
             grad_norm = float("nan")
             if finite:
                 if scaler:
@@ -241,21 +289,27 @@ class Distiller:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             self.global_step += 1
-            ce = sums["ce"] / max(n_tokens, 1)
-            kd = sums["kd"] / max(n_tokens, 1)
+            per_token = {f"loss/{name}": (value / (len(batches) if name == "contrastive" else max(n_tokens, 1)))
+                         if finite else float("nan") for name, value in sums.items()}
+            total = sum(plan.weights.get(name[5:], 0.0) * value for name, value in per_token.items())
             row = {"stage": index, "stage_name": stage.name, "step": step, "global_step": self.global_step,
-                   "loss": weights.ce * ce + weights.kl * kd, "loss/ce": ce, "loss/kd": kd, "lr": lr,
+                   "loss": total, "loss/ce": float("nan"), "loss/kd": float("nan"), **per_token, "lr": lr,
                    "medical_ratio": served.medical_ratio, "medical_ratio_target": served.medical_ratio_target,
                    "tokens": n_tokens, "tokens_per_s": n_tokens / max(time.perf_counter() - started, 1e-9),
                    "grad_norm": grad_norm, "skipped": not finite, "bad_steps": bad_total}
+            if balancing.method != "none":
+                row.update(balance_log)
+            if isinstance(sampler, HardExampleSampler):
+                row.update(sampler.stats())
             self.logger.log(row)
             if progress is not None:
                 progress.set_postfix(loss=f"{row['loss']:.3f}", medical_ratio=f"{served.medical_ratio:.2f}")
                 progress.update(1)
             if bad_in_row >= self.config.train.max_bad_steps:
                 raise NonFiniteLossError(
-                    f"{key} step {step}: {bad_in_row} non-finite losses or gradients in a row (loss/ce={ce}, "
-                    f"loss/kd={kd}); lower {key}.lr, check the data, or use train.precision=fp32")
+                    f"{key} step {step}: {bad_in_row} non-finite losses or gradients in a row (loss/ce="
+                    f"{row['loss/ce']}, loss/kd={row['loss/kd']}); lower {key}.lr, check the data, or use "
+                    f"train.precision=fp32")
             is_last = step == total_steps
             if (stage.eval_every and step % stage.eval_every == 0) or is_last:
                 metrics = self.evaluate(student)
@@ -273,11 +327,13 @@ class Distiller:
                 ckpt.save_training_state(stage_dir / "checkpoint", model=student, optimizer=optimizer,
                                          scheduler=scheduler, sampler=sampler, step=step,
                                          extra={"best": best, "bad_total": bad_total,
-                                                "global_step": self.global_step})
+                                                "global_step": self.global_step, "heads": self.heads.state_dict(),
+                                                "balancer": balancer.state_dict()})
         if progress is not None:
             progress.close()
         ckpt.export_model(student, self.pair.tokenizer, stage_dir / "final", base_model_dir=self.pair.base_model_dir,
                           merge=self.config.lora.merge_on_export)
+        ckpt.save_heads(stage_dir / "heads.pt", self.heads)
         state["completed_stages"] = sorted(set(state["completed_stages"]) | {index})
         state.setdefault("stage_eval", {})[str(index)] = self.last_eval
         state["global_step"] = self.global_step
@@ -303,6 +359,13 @@ class Distiller:
         self.data: DomainData = build_domain_data(cfg.data, self.pair.tokenizer, seed=cfg.data.split_seed)
         state = self._prepare_output_dir(state)
         self.eval_batches = self._eval_batches()
+        indices = [i for i in range(cfg.start_stage, cfg.end_stage + 1) if getattr(cfg, STAGE_KEYS[i]).enabled]
+        self.plans = {i: build_plan(getattr(cfg, STAGE_KEYS[i]), STAGE_KEYS[i], self.pair.student, self.pair.teacher,
+                                    self.pair.vocab_size) for i in indices}
+        self.heads = build_heads([getattr(cfg, STAGE_KEYS[i]) for i in indices], list(self.plans.values()),
+                                 self.pair.student, self.pair.teacher).to(self.device)
+        if resume_from:
+            ckpt.load_heads(self.output_dir / f"stage{resume_from}" / "heads.pt", self.heads)
         self.logger = MetricsLogger(self.output_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                                     wandb_cfg=cfg.logging.wandb, run_config=self.run_config)
         self.global_step = state.get("global_step", 0)

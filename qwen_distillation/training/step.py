@@ -1,91 +1,212 @@
-"""One micro-batch of distillation: forward passes and the loss sums of a stage.
+"""One micro-batch of distillation: forward passes and the loss terms of a stage.
 
-Losses are returned as *sums* over valid tokens; the trainer divides by the valid tokens
-of the whole optimizer step, so micro-batch 8 x accumulation 1 and 2 x 4 give the same
-update.
+Token-level terms (``ce``, ``kd``, ``feature``, ``attention``) are returned as *sums* over
+the valid (response) tokens; the trainer divides them by the valid tokens of the whole
+optimizer step, so micro-batch 8 x accumulation 1 and 2 x 4 give the same update. The
+``contrastive`` term is per sequence (a mean over the micro-batch's sequences).
+
+A term whose weight is 0 is not computed, and the hooks it would need are not installed.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from qwen_distillation.data.manager import IGNORE_INDEX
+from qwen_distillation.losses.attention import attention_distillation_loss
 from qwen_distillation.losses.chunked import chunked_kd_loss
+from qwen_distillation.losses.contrastive import info_nce, masked_mean_pool
+from qwen_distillation.losses.feature import masked_feature_loss
 from qwen_distillation.losses.logit import cross_entropy, divergence
+from qwen_distillation.modeling.capture import Capture
+
+TOKEN_TERMS = ("ce", "kd", "feature", "attention")
+
+
+@dataclass
+class LossPlan:
+    """What a stage computes: active terms (weight > 0) and their settings."""
+
+    weights: dict[str, float]
+    vocab_size: int
+    kd: str = "forward_kl"
+    temperature: float = 1.0
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+    chunk_size: int = 1024
+    separate_logit_terms: bool = False
+    feature_pairs: list[tuple[int, int]] = field(default_factory=list)
+    feature_loss: str = "mse"
+    feature_normalize: bool = True
+    attention_pairs: list[tuple[int, int]] = field(default_factory=list)
+    attention_mode: str = "relations"
+    relation_heads: int = 8
+    attention_chunk: int = 256
+    contrastive_temperature: float = 0.1
+    domain_aware: bool = False
+
+    def active(self, name: str) -> bool:
+        return self.weights.get(name, 0.0) > 0
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(self.active(n) for n in ("kd", "feature", "attention", "contrastive"))
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The decoder stack (returns final hidden states) and the lm_head of a causal LM,
     also through a peft wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     return base.get_decoder(), base.get_output_embeddings()
 
 
 def supports_hidden_path(model: nn.Module) -> bool:
     """Whether logits are exactly ``hidden @ lm_head.weight.T`` (no bias, scaling or softcap),
     so the loss can be computed from hidden states in chunks."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
-    config = base.config
+    base = _base(model)
+    head, config = base.get_output_embeddings(), base.config
     return (isinstance(head, nn.Linear) and head.bias is None
             and getattr(config, "final_logit_softcapping", None) is None
             and getattr(config, "logit_scale", None) in (None, 1.0)
             and getattr(config, "logits_scaling", None) in (None, 1.0))
 
 
-def valid_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shift labels for next-token prediction.
-
-    Returns (mask over positions 0..L-2 of the hidden states, shape (B, L-1), bool;
-    targets at those positions, shape (N_valid,))."""
-    shifted = labels[:, 1:]
-    mask = shifted != IGNORE_INDEX
-    return mask, shifted[mask]
+def position_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: positions whose *next* token is a response token, i.e. the positions
+    whose hidden state predicts a labelled token (the last position never does)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
 
 
-def micro_batch_loss(student: nn.Module, teacher: nn.Module | None, batch: dict[str, torch.Tensor], *,
-                     kd_weight: float, ce_weight: float, kd: str, temperature: float, vocab_size: int,
-                     chunk_size: int, jsd_beta: float, skew_alpha: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """``ce_weight * CE_sum + kd_weight * KD_sum`` over the valid tokens of one micro-batch.
+class Heads(nn.Module):
+    """Trainable distillation modules that are not part of the student: feature
+    projections and contrastive projections. Saved and restored with the checkpoint."""
 
-    The teacher runs only when ``kd_weight > 0``, under no_grad, and only its decoder: its
-    logits are formed chunk by chunk at valid positions, never for the whole batch.
-    Returns the loss (a graph on the student) and the detached CE and KD sums.
+    def __init__(self, feature=None, contrastive=None):
+        super().__init__()
+        self.feature = feature
+        self.contrastive = contrastive
+
+
+def _forward(model, inputs, *, hidden_layers, qkv_layers, grad: bool):
+    decoder, _ = decoder_and_head(model)
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()), \
+            Capture(model, hidden_layers=hidden_layers, qkv_layers=qkv_layers) as capture:
+        last = decoder(**inputs).last_hidden_state
+    return last, capture
+
+
+def micro_batch_terms(student: nn.Module, teacher: nn.Module | None, batch: dict[str, torch.Tensor],
+                      plan: LossPlan, heads: Heads | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Loss terms of one micro-batch.
+
+    Returns (terms, info): ``terms`` maps each active term to a tensor with a graph on the
+    student (and heads): ``logit`` = ``w_ce * CE_sum + w_kd * KD_sum`` fused, unless
+    ``plan.separate_logit_terms`` asks for ``ce`` and ``kd`` apart (gradient balancing);
+    ``feature`` and ``attention`` sums over valid tokens; ``contrastive`` a mean over
+    sequences. ``info`` holds detached values to log (``ce``, ``kd`` sums, ...).
     """
-    mask, targets = valid_positions(batch["labels"])
+    labels = batch["labels"]
+    mask = position_mask(labels)
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    use_teacher = kd_weight > 0 and teacher is not None
-    if chunk_size > 0 and supports_hidden_path(student) and (not use_teacher or supports_hidden_path(teacher)):
-        s_decoder, s_head = decoder_and_head(student)
-        s_hidden = s_decoder(**inputs).last_hidden_state[:, :-1][mask]
+    use_teacher = teacher is not None and plan.needs_teacher
+    s_feat = [s for s, _ in plan.feature_pairs] if plan.active("feature") else []
+    t_feat = [t for _, t in plan.feature_pairs] if plan.active("feature") else []
+    s_attn = [s for s, _ in plan.attention_pairs] if plan.active("attention") else []
+    t_attn = [t for _, t in plan.attention_pairs] if plan.active("attention") else []
+    hidden_path = plan.chunk_size > 0 and supports_hidden_path(student) and (
+        not use_teacher or supports_hidden_path(teacher))
+    terms: dict[str, torch.Tensor] = {}
+    info: dict[str, float] = {}
+    w_ce, w_kd = plan.weights.get("ce", 0.0), plan.weights.get("kd", 0.0)
+
+    if hidden_path:
+        s_last, s_cap = _forward(student, inputs, hidden_layers=s_feat, qkv_layers=s_attn, grad=True)
+        t_last = t_cap = None
         if use_teacher:
-            t_decoder, t_head = decoder_and_head(teacher)
             with torch.no_grad():
-                t_hidden = t_decoder(**inputs).last_hidden_state[:, :-1][mask]
-            loss, parts = chunked_kd_loss(
-                s_hidden, s_head.weight, t_hidden, t_head.weight, targets, kind=kd, temperature=temperature,
-                ce_weight=ce_weight, kd_weight=kd_weight, vocab_size=vocab_size, chunk_size=chunk_size,
-                beta=jsd_beta, alpha=skew_alpha, reduction="sum")
-            return loss, {"ce": float(parts["ce"]), "kd": float(parts["kd"])}
-        loss = _chunked_ce(s_hidden, s_head.weight[:vocab_size], targets, chunk_size) * ce_weight
-        return loss, {"ce": float(loss.detach()) / ce_weight if ce_weight else 0.0, "kd": 0.0}
-    # Full-logits path: models whose logits are not a plain projection of the hidden states.
-    s_logits = student(**inputs).logits[:, :-1][mask][:, :vocab_size]
-    ce_sum = cross_entropy(s_logits, targets, reduction="sum")
-    kd_sum = torch.zeros((), device=s_logits.device)
-    if use_teacher:
-        with torch.no_grad():
-            t_logits = teacher(**inputs).logits[:, :-1][mask][:, :vocab_size]
-        kd_sum = divergence(kd, s_logits, t_logits, targets, temperature=temperature, reduction="sum",
-                            beta=jsd_beta, alpha=skew_alpha)
-    loss = ce_weight * ce_sum + kd_weight * kd_sum
-    return loss, {"ce": float(ce_sum.detach()), "kd": float(kd_sum.detach())}
+                t_last, t_cap = _forward(teacher, inputs, hidden_layers=t_feat, qkv_layers=t_attn, grad=False)
+        s_head = decoder_and_head(student)[1].weight
+        s_valid = s_last[mask]
+        if w_kd > 0 and use_teacher:
+            t_head = decoder_and_head(teacher)[1].weight
+            t_valid = t_last[mask]
+            kw = dict(kind=plan.kd, temperature=plan.temperature, vocab_size=plan.vocab_size,
+                      chunk_size=plan.chunk_size, beta=plan.jsd_beta, alpha=plan.skew_alpha, reduction="sum")
+            if plan.separate_logit_terms:
+                ce, parts_ce = chunked_kd_loss(s_valid, s_head, t_valid, t_head, targets, ce_weight=1.0,
+                                               kd_weight=0.0, **kw)
+                kd, parts_kd = chunked_kd_loss(s_valid, s_head, t_valid, t_head, targets, ce_weight=0.0,
+                                               kd_weight=1.0, **kw)
+                terms.update({name: value for name, value in (("ce", ce), ("kd", kd)) if plan.active(name)})
+                info.update({"ce": float(parts_ce["ce"]), "kd": float(parts_kd["kd"])})
+            else:
+                logit, parts = chunked_kd_loss(s_valid, s_head, t_valid, t_head, targets, ce_weight=w_ce,
+                                               kd_weight=w_kd, **kw)
+                terms["logit"] = logit
+                info.update({"ce": float(parts["ce"]), "kd": float(parts["kd"])})
+        elif w_ce > 0:
+            ce = chunked_ce(s_valid, s_head[: plan.vocab_size], targets, plan.chunk_size)
+            terms["ce" if plan.separate_logit_terms else "logit"] = ce if plan.separate_logit_terms else w_ce * ce
+            info.update({"ce": float(ce.detach()), "kd": 0.0})
+    else:
+        # Full-logits path: models whose logits are not a plain projection of the hidden states.
+        with Capture(student, hidden_layers=s_feat, qkv_layers=s_attn) as s_cap:
+            out = student(**inputs, output_hidden_states=plan.active("contrastive"))
+        s_logits = out.logits[:, :-1][mask[:, :-1]][:, : plan.vocab_size]
+        s_last = out.hidden_states[-1] if plan.active("contrastive") else None
+        ce = cross_entropy(s_logits, targets, reduction="sum")
+        kd = torch.zeros((), device=s_logits.device)
+        t_cap = t_last = None
+        if use_teacher:
+            with torch.no_grad(), Capture(teacher, hidden_layers=t_feat, qkv_layers=t_attn) as t_cap:
+                t_out = teacher(**inputs, output_hidden_states=plan.active("contrastive"))
+            t_last = t_out.hidden_states[-1] if plan.active("contrastive") else None
+            if w_kd > 0:
+                t_logits = t_out.logits[:, :-1][mask[:, :-1]][:, : plan.vocab_size]
+                kd = divergence(plan.kd, s_logits, t_logits, targets, temperature=plan.temperature,
+                                reduction="sum", beta=plan.jsd_beta, alpha=plan.skew_alpha)
+        if plan.separate_logit_terms:
+            terms.update({k: v for k, v in (("ce", ce), ("kd", kd)) if plan.weights.get(k, 0) > 0})
+        elif w_ce > 0 or w_kd > 0:
+            terms["logit"] = w_ce * ce + w_kd * kd
+        info.update({"ce": float(ce.detach()), "kd": float(kd.detach())})
+
+    if plan.active("feature") and use_teacher:
+        states_s = [s_cap.hidden[s] for s in s_feat]
+        states_t = [t_cap.hidden[t] for t in t_feat]
+        terms["feature"] = masked_feature_loss(states_s, states_t, mask, heads.feature, loss=plan.feature_loss,
+                                               normalize=plan.feature_normalize, reduction="sum")
+    if plan.active("attention") and use_teacher:
+        key_mask = batch["attention_mask"].bool()
+        total = 0.0
+        for s, t in plan.attention_pairs:
+            total = total + attention_distillation_loss(
+                s_cap.qkv[s], t_cap.qkv[t], mask, key_mask, mode=plan.attention_mode,
+                relation_heads=plan.relation_heads, chunk_size=plan.attention_chunk, reduction="sum")
+        terms["attention"] = total / len(plan.attention_pairs)
+    if plan.active("contrastive") and use_teacher:
+        z_s, z_t = heads.contrastive(masked_mean_pool(s_last, mask), masked_mean_pool(t_last.detach(), mask))
+        valid = mask.any(dim=1)
+        terms["contrastive"] = info_nce(z_s, z_t, temperature=plan.contrastive_temperature,
+                                        domains=batch.get("domain") if plan.domain_aware else None, valid=valid)
+    for name in ("feature", "attention", "contrastive"):
+        if name in terms:
+            info[name] = float(terms[name].detach())
+    return terms, info
 
 
-def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Sum of token CE from hidden states (N, H) and lm_head weight (V, H), chunked over N."""
     from torch.utils.checkpoint import checkpoint
 
@@ -99,16 +220,37 @@ def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
 
 
 @torch.no_grad()
+def per_example_nll(model: nn.Module, batch: dict[str, torch.Tensor], vocab_size: int,
+                    chunk_size: int = 1024) -> torch.Tensor:
+    """Mean NLL per response token of each sequence, shape (B,); NaN for a sequence with
+    no response token. Used to score examples for hard-example sampling."""
+    labels = batch["labels"]
+    mask = position_mask(labels)
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    rows = mask.nonzero()[:, 0]
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+    valid = hidden[mask]
+    sums = torch.zeros(labels.shape[0], device=hidden.device)
+    weight = head.weight[:vocab_size]
+    for start in range(0, valid.shape[0], chunk_size):
+        logits = (valid[start:start + chunk_size] @ weight.T).float()
+        nll = torch.nn.functional.cross_entropy(logits, targets[start:start + chunk_size], reduction="none")
+        sums.index_add_(0, rows[start:start + chunk_size], nll)
+    counts = mask.sum(dim=1)
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
+
+
+@torch.no_grad()
 def heldout_nll(model: nn.Module, batches: list[dict[str, torch.Tensor]], vocab_size: int,
                 chunk_size: int = 1024) -> dict[str, float]:
     """Mean negative log-likelihood per response token over pre-collated batches."""
     model.eval()
+    plan = LossPlan(weights={"ce": 1.0}, vocab_size=vocab_size, chunk_size=chunk_size)
     total, count = 0.0, 0
     for batch in batches:
-        loss, _ = micro_batch_loss(model, None, batch, kd_weight=0.0, ce_weight=1.0, kd="forward_kl",
-                                   temperature=1.0, vocab_size=vocab_size, chunk_size=chunk_size,
-                                   jsd_beta=0.5, skew_alpha=0.1)
-        total += float(loss)
+        _, info = micro_batch_terms(model, None, batch, plan)
+        total += info["ce"]
         count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     nll = total / max(count, 1)
     return {"nll": nll, "ppl": math.exp(min(nll, 50.0)), "tokens": count}
