@@ -94,11 +94,6 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
     if sampling.max_scored is not None:
         _check(sampling.max_scored >= 1, f"{key}.sampling.max_scored", sampling.max_scored, "must be >= 1 (or null)",
                f"{key}.sampling.max_scored=256")
-    if sampling.mode == "hard":
-        ratio = stage.medical_ratio
-        _check(ratio.schedule == "constant" and ratio.start in (0.0, 1.0), f"{key}.sampling.mode", sampling.mode,
-               "hard-example sampling draws from one domain: it needs medical_ratio constant 0 or 1",
-               f"{key}.sampling.mode=uniform")
     _check(0 <= stage.loss.jsd_beta <= 1, f"{key}.loss.jsd_beta", stage.loss.jsd_beta, "must be in [0, 1]",
            f"{key}.loss.jsd_beta=0.5")
     _check(0 <= stage.loss.skew_alpha < 1, f"{key}.loss.skew_alpha", stage.loss.skew_alpha, "must be in [0, 1)",
@@ -132,6 +127,11 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
         value = getattr(stage, name)
         _check(value >= 0, f"{key}.{name}", value, "must be >= 0 (0 = only at the end of the stage)",
                f"{key}.{name}=50")
+    if sampling.mode == "hard":
+        ratio = stage.medical_ratio
+        _check(ratio.schedule == "constant" and ratio.start in (0.0, 1.0), f"{key}.sampling.mode", sampling.mode,
+               "hard-example sampling draws from one domain: it needs medical_ratio constant 0 or 1",
+               f"{key}.sampling.mode=uniform")
 
 
 def normalise_sources(key: str, sources: Iterable[Any]) -> list[DataSource]:
