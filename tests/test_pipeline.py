@@ -49,6 +49,13 @@ def test_three_stages_write_loadable_models_and_metrics(tmp_path):
     stage2 = [r["medical_ratio"] for r in rows if r["stage"] == 2]
     assert stage2[0] <= 0.5 and stage2[-1] >= 0.5 and stage2[0] < stage2[-1]
     assert (out / "config.yaml").exists() and json.loads((out / "run_state.json").read_text())["finished"]
+    # The run report: before/after table and readable plots.
+    report = (out / "report.md").read_text()
+    assert "eval/medical_nll" in report and "after stage 3" in report
+    for plot in ("losses", "learning_rate", "medical_ratio", "eval"):
+        png = out / "report" / f"{plot}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"report/{plot}.png" in report
+    assert summary["report"] == str(out / "report.md")
 
 
 def test_gradient_accumulation_is_invariant(tmp_path):

@@ -93,7 +93,8 @@ class Distiller:
         if state is None and self.output_dir.exists() and self.config.overwrite_output_dir:
             for child in self.output_dir.iterdir():
                 if child.name.startswith(("stage", ".stage")) or child.name in (
-                        "metrics.jsonl", "tensorboard", "config.yaml", "summary.json", ckpt.RUN_STATE):
+                        "metrics.jsonl", "tensorboard", "config.yaml", "summary.json", ckpt.RUN_STATE,
+                        "report.md", "report", ".report.tmp", ".report.old"):
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if state is None:
@@ -387,6 +388,12 @@ class Distiller:
         ckpt.write_json_atomic(self.output_dir / ckpt.RUN_STATE, state)
         summary = self._summary(state)
         ckpt.write_json_atomic(self.output_dir / "summary.json", summary)
+        try:
+            from qwen_distillation.evaluation.report import write_report
+
+            summary["report"] = str(write_report(self.output_dir, summary))
+        except Exception as err:  # noqa: BLE001 - a finished run must not fail on its report
+            log.warning("could not write the run report: %s", err)
         print(self._summary_text(summary))
         return summary
 
@@ -411,4 +418,6 @@ class Distiller:
         lines += ["", f"Models:  {', '.join(summary['final_models'].values())}",
                   f"Metrics: {summary['metrics']} (TensorBoard: {summary['tensorboard']})",
                   f"Summary: {Path(summary['output_dir']) / 'summary.json'}"]
+        if summary.get("report"):
+            lines.append(f"Report:  {summary['report']}")
         return "\n".join(lines)

@@ -1,0 +1,442 @@
+"""Run report: PNG plots from ``metrics.jsonl`` and a Markdown page from ``summary.json``.
+
+``write_report(output_dir)`` writes ``output_dir/report/*.png`` and ``output_dir/report.md``.
+Everything is drawn into ``output_dir/.report.tmp`` first and swapped in by renames, so a
+report killed or failing half-way leaves the previous report (or none) in place, never a
+half-written one.
+
+Plots are drawn on ``matplotlib.figure.Figure`` with the Agg canvas, not ``pyplot``: no
+global backend is switched and no figure is left open in the caller's process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+log = logging.getLogger(__name__)
+
+REPORT_MD = "report.md"
+REPORT_DIR = "report"
+# Names a report owns in an output directory (for clearing on overwrite_output_dir).
+REPORT_NAMES = (REPORT_MD, REPORT_DIR, ".report.tmp", ".report.old")
+LOSS_TERMS = ("ce", "kd", "feature", "attention", "contrastive")
+DPI = 110
+
+
+# ------------------------------------------------------------------ reading
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a ``metrics.jsonl``; unreadable lines (a write killed mid-line) are skipped."""
+    path = Path(path)
+    rows = []
+    if not path.exists():
+        return rows
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d is not valid JSON; skipped in the report", path, line_no)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def number(value) -> float:
+    """A logged value as a float: non-finite values arrive as the strings "nan"/"inf";
+    missing or non-numeric values become NaN."""
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def is_train_row(row: dict) -> bool:
+    return "loss" in row
+
+
+def train_rows(rows: list[dict]) -> list[dict]:
+    return sorted((r for r in rows if is_train_row(r)), key=lambda r: number(r.get("global_step")))
+
+
+def eval_rows(rows: list[dict]) -> list[dict]:
+    return sorted((r for r in rows if not is_train_row(r) and any(k.startswith("eval/") for k in r)),
+                  key=lambda r: number(r.get("global_step")))
+
+
+def stage_names(rows: list[dict]) -> dict[int, str]:
+    return {int(r["stage"]): str(r["stage_name"]) for r in rows if "stage" in r and r.get("stage_name")}
+
+
+def stage_boundaries(rows: list[dict]) -> list[tuple[int, float]]:
+    """``(stage, x)`` for each stage in the rows, in stage order: where the stage starts on a
+    global_step axis, halfway between the previous stage's last step and its own first.
+
+    Training rows decide (a hard-example scoring row is logged with the stage it prepares
+    but the previous stage's global_step); a stage with no training rows falls back to its
+    other rows. A stage starting at global_step 1 starts at 0.5.
+    """
+    steps: dict[bool, dict[int, list[float]]] = {True: {}, False: {}}
+    for row in rows:
+        stage, step = row.get("stage"), number(row.get("global_step"))
+        if stage is not None and math.isfinite(step):
+            steps[is_train_row(row)].setdefault(int(stage), []).append(step)
+    spans = {s: steps[True].get(s) or steps[False][s] for s in steps[True].keys() | steps[False].keys()}
+    out, previous_last = [], None
+    for stage in sorted(spans):
+        first, last = min(spans[stage]), max(spans[stage])
+        x = first - 0.5 if previous_last is None or previous_last >= first else (previous_last + first) / 2
+        out.append((stage, float(x)))
+        previous_last = last
+    return out
+
+
+def series(rows: list[dict], key: str, *, break_stages: bool = True) -> tuple[list[float], list[float]]:
+    """(global_step, value) of the rows that carry ``key``. NaN values are kept, and with
+    ``break_stages`` a NaN is put between stages, so a line shows a gap rather than a slope
+    across a skipped step or from one stage's objective to the next."""
+    xs: list[float] = []
+    ys: list[float] = []
+    previous = None
+    for row in rows:
+        x = number(row.get("global_step"))
+        if key not in row or not math.isfinite(x):
+            continue
+        if break_stages and previous is not None and row.get("stage") != previous[0]:
+            xs.append((previous[1] + x) / 2)
+            ys.append(math.nan)
+        xs.append(x)
+        ys.append(number(row[key]))
+        previous = (row.get("stage"), x)
+    return xs, ys
+
+
+def _has_finite(values) -> bool:
+    return any(math.isfinite(v) for v in values)
+
+
+# ----------------------------------------------------------------- plotting
+class Frame(NamedTuple):
+    """What every plot shares: stage starts and names, and one x range for all plots."""
+
+    boundaries: list[tuple[int, float]]
+    names: dict[int, str]
+    xlim: tuple[float, float] | None
+
+
+def make_frame(rows: list[dict]) -> Frame:
+    boundaries = stage_boundaries(rows)
+    steps = [number(r.get("global_step")) for r in rows]
+    steps = [x for x in steps if math.isfinite(x)]
+    # The left edge leaves room for the "student before training" point one step before stage one.
+    xlim = (boundaries[0][1] - 1.0, max(steps) + 0.5) if boundaries and steps else None
+    return Frame(boundaries, stage_names(rows), xlim)
+
+
+def _term_color(key: str) -> str | None:
+    """The same colour for a term in the loss and the balancing plots (``loss/kd``, ``weight/kd``)."""
+    term = key.split("/", 1)[-1]
+    return f"C{LOSS_TERMS.index(term)}" if term in LOSS_TERMS else None
+
+
+def _term_order(key: str):
+    term = key.split("/", 1)[-1]
+    return (LOSS_TERMS.index(term) if term in LOSS_TERMS else len(LOSS_TERMS), key)
+
+
+def _axes(title: str, ylabel: str, right: float = 0.75):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(10, 4.5), dpi=DPI)
+    FigureCanvasAgg(fig)
+    # Fixed margins (legend to the right) rather than bbox_inches="tight", which draws twice.
+    fig.subplots_adjust(left=0.08, right=right, top=0.86, bottom=0.12)
+    ax = fig.add_subplot()
+    ax.set_title(title, pad=16)  # room for the stage labels above the axes
+    ax.set_xlabel("global step (optimizer steps, all stages)")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _finish(fig, ax, path: Path, frame: Frame, legend_axes=None, legend_x: float = 1.01) -> None:
+    if frame.xlim:
+        ax.set_xlim(*frame.xlim)
+    transform = ax.get_xaxis_transform()  # x in data, y in axes fraction
+    for stage, x in frame.boundaries:
+        ax.axvline(x, color="0.35", linestyle="--", linewidth=1)
+        label = f"stage {stage}" + (f": {frame.names[stage]}" if frame.names.get(stage) else "")
+        ax.text(x, 1.005, label, transform=transform, ha="left", va="bottom", fontsize=8, color="0.2")
+    handles, labels = [], []
+    for a in legend_axes or [ax]:
+        h, lab = a.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    if handles:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(legend_x, 1.0), fontsize=8, frameon=False)
+    fig.savefig(path, dpi=DPI)
+
+
+def plot_losses(train: list[dict], path: Path, frame: Frame) -> bool:
+    keys = sorted({k for r in train for k in r if k.startswith("loss/")}, key=_term_order)
+    lines = [(k, *series(train, k)) for k in ["loss", *keys]]
+    lines = [line for line in lines if _has_finite(line[2])]
+    if not lines:
+        return False
+    fig, ax = _axes("Training losses", "loss (nats per token)")
+    for key, xs, ys in lines:
+        total = key == "loss"
+        ax.plot(xs, ys, color="black" if total else _term_color(key), linewidth=2.2 if total else 1.3,
+                marker="." if len(xs) <= 60 else None, label="total (weighted)" if total else key,
+                zorder=1.9 if total else 2)  # a term equal to the total stays visible on it
+    positive = [v for _, _, ys in lines for v in ys if math.isfinite(v) and v > 0]
+    if positive and max(positive) / min(positive) > 100:
+        ax.set_yscale("log", nonpositive="mask")
+        ax.set_ylabel(ax.get_ylabel() + ", log scale")
+    skipped = [number(r.get("global_step")) for r in train if r.get("skipped") in (True, "true", "True")]
+    if skipped:
+        ax.plot(skipped, [0.03] * len(skipped), "x", color="red", markersize=8, mew=2,
+                transform=ax.get_xaxis_transform(), label="skipped step (non-finite)", zorder=4)
+    _finish(fig, ax, path, frame)
+    return True
+
+
+def plot_lines(train: list[dict], keys: list[str], path: Path, frame: Frame, title: str, ylabel: str) -> bool:
+    """One line per key; False (no file) when none has a finite value."""
+    lines = [(key, *series(train, key)) for key in keys]
+    lines = [line for line in lines if _has_finite(line[2])]
+    if not lines:
+        return False
+    fig, ax = _axes(title, ylabel)
+    for key, xs, ys in lines:
+        ax.plot(xs, ys, linewidth=1.5, marker="." if len(xs) <= 60 else None, color=_term_color(key), label=key)
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
+    _finish(fig, ax, path, frame)
+    return True
+
+
+def plot_medical_ratio(train: list[dict], path: Path, frame: Frame) -> bool:
+    xs, served = series(train, "medical_ratio")
+    tx, target = series(train, "medical_ratio_target")
+    if not (_has_finite(served) or _has_finite(target)):
+        return False
+    fig, ax = _axes("Medical share of each step's examples", "medical_ratio (fraction of examples)")
+    if _has_finite(target):
+        ax.plot(tx, target, linewidth=2.5, alpha=0.6, color="tab:orange", label="medical_ratio_target (schedule)")
+    if _has_finite(served):
+        ax.plot(xs, served, drawstyle="steps-mid", marker="o", markersize=3.5, linewidth=1.2, color="tab:blue",
+                label="medical_ratio (served)")
+    ax.set_ylim(-0.04, 1.04)
+    _finish(fig, ax, path, frame)
+    return True
+
+
+def plot_eval(evals: list[dict], summary: dict, path: Path, frame: Frame) -> bool:
+    keys = sorted({k for r in evals for k in r if k.startswith("eval/") and k.endswith("_nll")})
+    if not keys:
+        return False
+    fig, ax = _axes("Held-out loss (lower is better)", "NLL (nats per response token)")
+    before, teacher = summary.get("student_before") or {}, summary.get("teacher") or {}
+    start_x = frame.xlim[0] + 0.5 if frame.xlim else 0.0
+    for i, key in enumerate(keys):
+        color, name = f"C{i % 10}", key[len("eval/"):-len("_nll")]
+        # One trajectory across stages: the same student on the same held-out sets.
+        xs, ys = series(evals, key, break_stages=False)
+        markers = list(range(len(xs)))
+        start = number(before.get(key))
+        if math.isfinite(start):
+            xs, ys, markers = [start_x, *xs], [start, *ys], [m + 1 for m in markers]
+            ax.plot([start_x], [start], "o", markerfacecolor="white", color=color, markersize=7, zorder=4)
+        ax.plot(xs, ys, marker="o", markevery=markers, color=color, linewidth=1.6, label=f"student {name}")
+        reference = number(teacher.get(key))
+        if math.isfinite(reference):
+            ax.axhline(reference, color=color, linestyle=":", linewidth=1.4, label=f"teacher {name}")
+    if any(math.isfinite(number(before.get(k))) for k in keys):
+        ax.plot([], [], "o", markerfacecolor="white", color="0.3", label="student before training")
+    _finish(fig, ax, path, frame)
+    return True
+
+
+def plot_sampler(train: list[dict], path: Path, frame: Frame) -> bool:
+    xs, mean = series(train, "sampler/score_mean")
+    hx, hard = series(train, "sampler/hard_share")
+    if not (_has_finite(mean) or _has_finite(hard)):
+        return False
+    fig, ax = _axes("Hard-example sampler", "mean score (student NLL, nats/token)", right=0.68)
+    ax.plot(xs, mean, color="tab:purple", marker=".", label="sampler/score_mean (left axis)")
+    right = ax.twinx()
+    right.plot(hx, hard, color="tab:green", marker="s", markersize=3, linewidth=1, alpha=0.8,
+               label="sampler/hard_share (right axis)")
+    right.set_ylabel("hard share (fraction above median)")
+    right.set_ylim(-0.04, 1.04)
+    _finish(fig, ax, path, frame, legend_axes=[ax, right], legend_x=1.12)
+    return True
+
+
+# ----------------------------------------------------------------- markdown
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    v = number(value)
+    return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
+
+
+def _stage_key(stage) -> int:
+    try:
+        return int(stage)
+    except (TypeError, ValueError):
+        return 10**6
+
+
+def results_table(summary: dict) -> list[str]:
+    """Rows = each ``eval/<set>_nll``; columns = teacher, student before, after each stage."""
+    after = summary.get("student_after_stage") or {}
+    columns = [("teacher", summary.get("teacher") or {}), ("student before", summary.get("student_before") or {})]
+    columns += [(f"after stage {s}", after[s] or {}) for s in sorted(after, key=_stage_key)]
+    names = sorted({k for _, metrics in columns for k in metrics if k.endswith("_nll")})
+    if not names:
+        return ["No held-out evaluation was recorded."]
+    lines = ["| metric | " + " | ".join(c for c, _ in columns) + " |", "|---" + "|---:" * len(columns) + "|"]
+    for name in names:
+        lines.append(f"| `{name}` | " + " | ".join(_fmt(m.get(name)) for _, m in columns) + " |")
+    return lines
+
+
+def stage_table(train: list[dict], names: dict[int, str]) -> list[str]:
+    stages = sorted({int(r["stage"]) for r in train if "stage" in r})
+    if not stages:
+        return ["No training steps were logged."]
+    lines = ["| stage | name | steps | global steps | mean tokens/s | skipped steps | first loss | last loss |",
+             "|---:|---|---:|---|---:|---:|---:|---:|"]
+    for stage in stages:
+        rows = [r for r in train if r.get("stage") == stage]
+        steps = [number(r.get("global_step")) for r in rows]
+        speed = [v for v in (number(r.get("tokens_per_s")) for r in rows) if math.isfinite(v)]
+        losses = [v for v in (number(r.get("loss")) for r in rows) if math.isfinite(v)]
+        skipped = sum(r.get("skipped") in (True, "true", "True") for r in rows)
+        span = f"{int(min(steps))}–{int(max(steps))}" if _has_finite(steps) else "—"
+        lines.append(f"| {stage} | {names.get(stage, '')} | {len(rows)} | {span} | "
+                     f"{_fmt(sum(speed) / len(speed), 1) if speed else '—'} | {skipped} | "
+                     f"{_fmt(losses[0]) if losses else '—'} | {_fmt(losses[-1]) if losses else '—'} |")
+    return lines
+
+
+CAPTIONS = {
+    "losses.png": ("Training losses", "each `loss/*` term (unweighted; nats per token, contrastive per "
+                   "sequence) and the weighted total; gaps and red crosses are skipped (non-finite) steps."),
+    "learning_rate.png": ("Learning rate", "per optimizer step; each stage has its own schedule."),
+    "medical_ratio.png": ("Medical ratio", "share of medical examples served each step against the "
+                          "scheduled target."),
+    "eval.png": ("Held-out NLL", "student evaluations (hollow marker: before training), teacher as dotted lines."),
+    "balancing.png": ("Loss balancing", "the `weight/*` multipliers chosen by the balancer."),
+    "sampler.png": ("Hard-example sampler", "mean score of the pool and the share of hard examples served."),
+}
+
+
+def render_markdown(output_dir: Path, summary: dict, rows: list[dict], images: list[str]) -> str:
+    train = train_rows(rows)
+    names = stage_names(rows)
+    # A summary lists completed stages; without one (a run in progress) the logged ones.
+    stages, verb = (summary["stages"], "completed") if summary.get("stages") else (sorted(names), "logged")
+    stage_text = ", ".join(f"{s} ({names[_stage_key(s)]})" if _stage_key(s) in names else str(s) for s in stages)
+    models = summary.get("final_models") or {}
+    out = [f"# Distillation run report: `{output_dir.name}`", "",
+           f"- Output directory: `{summary.get('output_dir', output_dir)}`",
+           f"- Device: {summary.get('device', 'unknown')}; precision: {summary.get('precision', 'unknown')}",
+           f"- Stages {verb}: {stage_text or 'none'}"]
+    out += [f"- Model after stage {s}: `{models[s]}`" for s in sorted(models, key=_stage_key)]
+    out += ["", "## Held-out loss", "", "NLL per response token on the held-out sets (lower is better).", "",
+            *results_table(summary), ""]
+    if images:
+        out += ["## Plots", "", "Dashed vertical lines mark where each stage starts.", ""]
+        for image in images:
+            title, caption = CAPTIONS[image]
+            out += [f"![{title}]({REPORT_DIR}/{image})", "", f"*{title}: {caption}*", ""]
+    out += ["## Stages", "", *stage_table(train, names), "",
+            "First and last loss are the weighted total of the first and last step with a finite loss.", "",
+            "## Raw data", "",
+            f"- Every logged row (one JSON object per step or evaluation): "
+            f"`{summary.get('metrics', output_dir / 'metrics.jsonl')}`",
+            f"- TensorBoard: `tensorboard --logdir {summary.get('tensorboard', output_dir / 'tensorboard')}`"]
+    if (output_dir / "summary.json").exists():
+        out.append(f"- Summary: `{output_dir / 'summary.json'}`")
+    out.append("")
+    return "\n".join(out)
+
+
+# -------------------------------------------------------------------- write
+def _draw(train, evals, summary, rows, image_dir: Path) -> list[str]:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log.warning("matplotlib is not installed; the report has no plots (pip install matplotlib)")
+        return []
+    frame = make_frame(rows)
+    weights = sorted({k for r in train for k in r if k.startswith("weight/")}, key=_term_order)
+    plots = {
+        "losses.png": lambda p: plot_losses(train, p, frame),
+        "learning_rate.png": lambda p: plot_lines(train, ["lr"], p, frame, "Learning rate",
+                                                  "learning rate (per optimizer step)"),
+        "medical_ratio.png": lambda p: plot_medical_ratio(train, p, frame),
+        "eval.png": lambda p: plot_eval(evals, summary, p, frame),
+        "balancing.png": lambda p: plot_lines(train, weights, p, frame, "Loss balancing weights",
+                                              "weight (multiplier of the loss term)"),
+        "sampler.png": lambda p: plot_sampler(train, p, frame),
+    }
+    return [name for name, plot in plots.items() if plot(image_dir / name)]
+
+
+def write_report(output_dir: str | Path, summary: dict | None = None) -> Path:
+    """Write ``output_dir/report.md`` and its plots in ``output_dir/report/``; return the
+    report's path. ``summary`` defaults to ``output_dir/summary.json`` (an empty one if absent,
+    e.g. for a run still in progress: the table then shows only what it has)."""
+    output_dir = Path(output_dir)
+    if summary is None:
+        path = output_dir / "summary.json"
+        summary = json.loads(path.read_text()) if path.exists() else {}
+    metrics_path = output_dir / "metrics.jsonl"
+    if not metrics_path.exists() and summary.get("metrics"):
+        metrics_path = Path(summary["metrics"])  # summary passed in, run moved or renamed
+    rows = read_metrics(metrics_path)
+    train, evals = train_rows(rows), eval_rows(rows)
+    if not summary.get("student_after_stage"):
+        # No summary: the last evaluation of each stage stands for "after stage N".
+        last = {}
+        for row in evals:
+            last[str(row.get("stage"))] = {k: v for k, v in row.items() if k.startswith("eval/")}
+        summary = {**summary, "student_after_stage": last}
+
+    target, image_dir = output_dir / REPORT_MD, output_dir / REPORT_DIR
+    staging, old = output_dir / ".report.tmp", output_dir / ".report.old"
+    if not image_dir.exists() and old.exists():  # a swap killed between its renames
+        os.replace(old, image_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / REPORT_DIR).mkdir(parents=True)
+    try:
+        images = _draw(train, evals, summary, rows, staging / REPORT_DIR)
+        (staging / REPORT_MD).write_text(render_markdown(output_dir, summary, rows, images))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    # Commit: swap the image folder, then report.md (the page readers open) last.
+    shutil.rmtree(old, ignore_errors=True)
+    if image_dir.exists():
+        os.replace(image_dir, old)
+    os.replace(staging / REPORT_DIR, image_dir)
+    os.replace(staging / REPORT_MD, target)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    return target

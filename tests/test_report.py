@@ -1,0 +1,201 @@
+"""The run report: plots and report.md from a synthetic metrics.jsonl and summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from qwen_distillation.evaluation import report  # noqa: E402
+from qwen_distillation.evaluation.report import stage_boundaries, write_report  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NAMES = {1: "general_kd", 2: "domain_kd", 3: "medical_ft"}
+TERMS = ("ce", "kd", "feature", "attention", "contrastive")
+
+
+def train_row(stage: int, step: int, global_step: int, *, skipped: bool = False, weights: bool = False) -> dict:
+    nan = "nan"  # how MetricsLogger writes a non-finite float
+    row = {"stage": stage, "stage_name": NAMES[stage], "step": step, "global_step": global_step,
+           "loss": nan if skipped else 2.0 - 0.1 * global_step,
+           "loss/ce": nan if skipped else 11.0 - 0.2 * global_step,
+           "loss/kd": nan if skipped else 0.02 / global_step,
+           "lr": 1e-3 * (1 - 0.2 * step), "medical_ratio": {1: 0.0, 2: 0.25 * step, 3: 1.0}[stage],
+           "medical_ratio_target": {1: 0.0, 2: 0.2 * step + 0.1, 3: 1.0}[stage], "tokens": 400,
+           "tokens_per_s": 100.0 * stage, "grad_norm": nan if skipped else 0.5, "skipped": skipped,
+           "bad_steps": int(skipped)}
+    if stage == 2:
+        row.update({"loss/feature": nan if skipped else 2.0, "loss/attention": nan if skipped else 4e-4,
+                    "loss/contrastive": nan if skipped else 1.4})
+    if weights:
+        row.update({f"weight/{t}": 0.2 + 0.01 * step * (i - 2) for i, t in enumerate(TERMS)})
+    if stage == 3:
+        row.update({"sampler/score_mean": 11.7 - 0.01 * step, "sampler/hard_share": 0.125 * (step % 2)})
+    return row
+
+
+def eval_row(stage: int, step: int, global_step: int, general: float, medical: float) -> dict:
+    return {"stage": stage, "step": step, "global_step": global_step, "eval/general_nll": general,
+            "eval/general_ppl": 2.718281828 ** general, "eval/medical_nll": medical,
+            "eval/medical_ppl": 2.718281828 ** medical}
+
+
+AFTER = {"1": {"eval/general_nll": 8.000854, "eval/medical_nll": 11.085084},
+         "2": {"eval/general_nll": 7.201722, "eval/medical_nll": 9.837350},
+         "3": {"eval/general_nll": 7.122422, "eval/medical_nll": 9.411571}}
+
+
+def three_stage_rows() -> list[dict]:
+    """Stage 1: global steps 1-3; stage 2: 4-7 (weight/* rows, step 5 skipped with NaN, an
+    extra mid-stage evaluation); stage 3: 8-10 (hard-example sampler). Evaluations at stage
+    ends; a score-histogram row logged with stage 3 but stage 2's last global_step."""
+    rows = [train_row(1, s, s) for s in (1, 2, 3)]
+    rows.append(eval_row(1, 3, 3, AFTER["1"]["eval/general_nll"], AFTER["1"]["eval/medical_nll"]))
+    rows += [train_row(2, s, 3 + s, skipped=s == 2, weights=True) for s in (1, 2)]
+    rows.append(eval_row(2, 2, 5, 7.6, 10.2))
+    rows += [train_row(2, s, 3 + s, weights=True) for s in (3, 4)]
+    rows.append(eval_row(2, 4, 7, AFTER["2"]["eval/general_nll"], AFTER["2"]["eval/medical_nll"]))
+    rows.append({"stage": 3, "step": 1, "global_step": 7, "sampler/scored": 16,
+                 "sampler/score_histogram": {"edges": [11.0, 12.0], "counts": [16]}})
+    rows += [train_row(3, s, 7 + s) for s in (1, 2, 3)]
+    rows.append(eval_row(3, 3, 10, AFTER["3"]["eval/general_nll"], AFTER["3"]["eval/medical_nll"]))
+    return rows
+
+
+def summary_for(output_dir: Path, stages: list[int]) -> dict:
+    return {"output_dir": str(output_dir), "stages": stages, "device": "cpu", "precision": "fp32",
+            "final_models": {str(s): str(output_dir / f"stage{s}" / "final") for s in stages},
+            "metrics": str(output_dir / "metrics.jsonl"), "tensorboard": str(output_dir / "tensorboard"),
+            "teacher": {"eval/general_nll": 2.139342, "eval/medical_nll": 2.84628, "eval/general_ppl": 8.49},
+            "student_before": {"eval/general_nll": 12.261623, "eval/medical_nll": "nan"},
+            "student_after_stage": {str(s): AFTER[str(s)] for s in stages}}
+
+
+def write_run(output_dir: Path, rows: list[dict], summary: dict | None) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary is not None:
+        (output_dir / "summary.json").write_text(json.dumps(summary))
+    return output_dir
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) > 10_000, f"{path} is suspiciously small ({len(data)} bytes)"
+    width, height = struct.unpack(">II", data[16:24])  # IHDR
+    assert width >= 700 and height >= 350, (path, width, height)
+
+
+def leftovers(output_dir: Path) -> list[str]:
+    return sorted(p.name for p in output_dir.iterdir() if p.name.startswith(".report"))
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("run")
+    write_run(output_dir, three_stage_rows(), summary_for(output_dir, [1, 2, 3]))
+    assert write_report(output_dir) == output_dir / "report.md"
+    return output_dir
+
+
+def test_report_table_and_facts(full_run):
+    text = (full_run / "report.md").read_text()
+    assert "| metric | teacher | student before | after stage 1 | after stage 2 | after stage 3 |" in text
+    assert "| `eval/general_nll` | 2.1393 | 12.2616 | 8.0009 | 7.2017 | 7.1224 |" in text
+    assert "| `eval/medical_nll` | 2.8463 | nan | 11.0851 | 9.8374 | 9.4116 |" in text
+    assert "ppl" not in text.split("## Held-out loss")[1].split("## Plots")[0]
+    assert "Device: cpu; precision: fp32" in text
+    assert "1 (general_kd), 2 (domain_kd), 3 (medical_ft)" in text
+    assert f"`{full_run / 'stage3' / 'final'}`" in text
+    # Per stage: steps, global steps, mean tokens/s, skipped steps, first and last finite loss.
+    assert "| 1 | general_kd | 3 | 1–3 | 100.0 | 0 | 1.9000 | 1.7000 |" in text
+    assert "| 2 | domain_kd | 4 | 4–7 | 200.0 | 1 | 1.6000 | 1.3000 |" in text
+    assert "| 3 | medical_ft | 3 | 8–10 | 300.0 | 0 | 1.2000 | 1.0000 |" in text
+    assert "tensorboard --logdir" in text and "metrics.jsonl" in text
+
+
+def test_report_images(full_run):
+    text = (full_run / "report.md").read_text()
+    expected = ["losses.png", "learning_rate.png", "medical_ratio.png", "eval.png", "balancing.png", "sampler.png"]
+    assert sorted(p.name for p in (full_run / "report").iterdir()) == sorted(expected)
+    for name in expected:
+        assert_png(full_run / "report" / name)
+        assert f"](report/{name})" in text  # relative link, valid from report.md's folder
+    assert leftovers(full_run) == []
+
+
+def test_stage_boundaries():
+    # Halfway between stages; the histogram row (stage 3 at global_step 7) does not pull stage 3 back.
+    assert stage_boundaries(three_stage_rows()) == [(1, 0.5), (2, 3.5), (3, 7.5)]
+    # A gap in global steps (e.g. a stage resumed elsewhere) puts the line in its middle.
+    rows = [train_row(1, 1, 1), train_row(1, 2, 2), train_row(2, 1, 5), eval_row(2, 1, 5, 1.0, 1.0)]
+    assert stage_boundaries(rows) == [(1, 0.5), (2, 3.5)]
+    # Only stage 2 (start_stage=2): global steps start at 1 again.
+    assert stage_boundaries([train_row(2, s, s) for s in (1, 2)]) == [(2, 0.5)]
+    assert stage_boundaries([]) == []
+
+
+def test_only_stage_two(tmp_path):
+    rows = [train_row(2, s, s) for s in (1, 2, 3)]  # start_stage=2, no balancing weights
+    rows.append(eval_row(2, 3, 3, AFTER["2"]["eval/general_nll"], AFTER["2"]["eval/medical_nll"]))
+    summary = summary_for(tmp_path, [2])
+    write_run(tmp_path, rows, summary=None)
+    path = write_report(tmp_path, summary)  # as Distiller.run passes it, without summary.json
+    text = path.read_text()
+    assert "| metric | teacher | student before | after stage 2 |" in text
+    assert "| `eval/general_nll` | 2.1393 | 12.2616 | 7.2017 |" in text
+    assert "after stage 1" not in text
+    images = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert images == ["eval.png", "learning_rate.png", "losses.png", "medical_ratio.png"]
+    assert "balancing.png" not in text and "sampler.png" not in text
+
+
+def test_without_summary_or_metrics(tmp_path):
+    # A run killed before summary.json: "after stage N" comes from each stage's last evaluation.
+    rows = [eval_row(1, 2, 2, 9.5, 10.25), eval_row(2, 2, 4, 8.75, 9.0)]
+    text = write_report(write_run(tmp_path / "killed", rows, summary=None)).read_text()
+    assert "| `eval/general_nll` | — | — | 9.5000 | 8.7500 |" in text
+    # Only a summary, no metrics.jsonl: the table, no plots.
+    only_summary = tmp_path / "no_metrics"
+    only_summary.mkdir()
+    (only_summary / "summary.json").write_text(json.dumps(summary_for(only_summary, [1])))
+    text = write_report(only_summary).read_text()
+    assert "| `eval/general_nll` | 2.1393 | 12.2616 | 8.0009 |" in text and "![" not in text
+
+
+def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
+    write_run(tmp_path, three_stage_rows(), summary_for(tmp_path, [1, 2, 3]))
+    monkeypatch.setattr(report, "plot_medical_ratio", _fail)  # third plot: two PNGs already drawn
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_report(tmp_path)
+    assert not (tmp_path / "report.md").exists() and not (tmp_path / "report").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_rewrite_keeps_previous_report(tmp_path, monkeypatch):
+    write_run(tmp_path, three_stage_rows()[:4], summary_for(tmp_path, [1]))  # stage 1 only: fewer plots, faster
+    write_report(tmp_path)
+    before = {p.name: p.read_bytes() for p in [tmp_path / "report.md", *(tmp_path / "report").iterdir()]}
+    # New metrics, then a failure after every plot is drawn, while report.md is written.
+    write_run(tmp_path, three_stage_rows()[:6], summary=None)
+    monkeypatch.setattr(report, "render_markdown", _fail)
+    with pytest.raises(RuntimeError):
+        write_report(tmp_path)
+    after = {p.name: p.read_bytes() for p in [tmp_path / "report.md", *(tmp_path / "report").iterdir()]}
+    assert after == before
+    assert leftovers(tmp_path) == []
+    monkeypatch.undo()
+    # A swap killed between its renames (image folder moved aside) is repaired by the next write.
+    os.replace(tmp_path / "report", tmp_path / ".report.old")
+    write_report(tmp_path)
+    assert (tmp_path / "report" / "losses.png").exists() and leftovers(tmp_path) == []
+
+
+def _fail(*args, **kwargs):
+    raise RuntimeError("disk full")
