@@ -50,3 +50,15 @@ def _few_threads():
     torch.set_num_threads(min(threads, 2))
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny tensors: intra-op threads only add contention (3-5x slower on a
+    busy machine)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

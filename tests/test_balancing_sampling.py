@@ -14,12 +14,8 @@ from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indic
 from qwen_distillation.training.balancing import Balancer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one intra-op thread avoids contention (conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------- balancing

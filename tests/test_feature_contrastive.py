@@ -22,13 +22,8 @@ from qwen_distillation.losses.feature import (
 KEY = "stage2.loss.feature.layer_map"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The tensors here are tiny: intra-op threads only add contention on a shared box.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny tensors: one intra-op thread avoids contention (conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------- plain-Python references

@@ -23,13 +23,8 @@ KINDS = sorted(DIVERGENCES)
 IGNORE = -100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The tensors here are tiny: intra-op threads only add contention (3-5x slower on a busy box).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny tensors: one intra-op thread avoids contention (conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------- plain-Python references
