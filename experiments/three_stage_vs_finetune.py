@@ -6,7 +6,7 @@ schedule, on the same data (conf/experiment/arms.yaml):
   (b) single_stage_kd  one stage of KD (T=2, KL 0.5 / CE 0.5) on medical data
   (c) three_stage      stage 1 general KD, stage 2 mixed KD, stage 3 medical fine-tune
 
-    python experiments/three_stage_vs_finetune.py --steps 12 --out /tmp/arms_cpu          # reduced, CPU
+    python experiments/three_stage_vs_finetune.py --reduced --steps 6 --mcq_items 20 --out /tmp/arms_cpu  # CPU
     python experiments/three_stage_vs_finetune.py --steps 300 --out $OUT/arms --device cuda  # full, GPU
 
 Every arm starts from the same 15-of-30-layer copy of SmolLM2-135M-Instruct. Reported per
@@ -36,13 +36,26 @@ SHARED = REPO.parent / "shared" / "data"
 ARMS = ("finetune_ce", "single_stage_kd", "three_stage")
 
 
-def base_overrides(out_dir: Path, device: str, teacher_path: str | None) -> list[str]:
+# The reduced (CPU) version: the same arms and data files, fewer records and shorter examples.
+REDUCED = ["data.max_length=256", "data.max_eval_examples=16",
+           "data.general=[{path: ../shared/data/general/alpaca_en_demo.jsonl, max_records: 120},"
+           "{path: ../shared/data/general/alpaca_zh_demo.jsonl, max_records: 120}]",
+           "data.medical=[{path: ../shared/data/medical_sft/huatuogpt_o1_demo_en.jsonl, max_records: 60},"
+           "{path: ../shared/data/medical_sft/medmcqa_dev_exp_en_1000.jsonl, max_records: 60},"
+           "{path: ../shared/data/medical_sft/medicalgpt_medical_sft_zh_1k.jsonl, max_records: 60},"
+           "{path: ../shared/data/medical_sft/cmexam_val_reasoning_zh_1000.jsonl, max_records: 60}]",
+           "stage3.sampling.max_scored=16"]
+
+
+def base_overrides(out_dir: Path, device: str, teacher_path: str | None, reduced: bool = False) -> list[str]:
     extra = [f"model.teacher.path={teacher_path}"] if teacher_path else []
-    return ["+experiment=arms", f"output_dir={out_dir}", f"train.device={device}", *extra]
+    return ["+experiment=arms", f"output_dir={out_dir}", f"train.device={device}", *extra,
+            *(REDUCED if reduced else [])]
 
 
-def arm_overrides(arm: str, steps: int, out: Path, device: str, teacher_path: str | None = None) -> list[str]:
-    common = base_overrides(out / arm, device, teacher_path)
+def arm_overrides(arm: str, steps: int, out: Path, device: str, teacher_path: str | None = None,
+                  reduced: bool = False) -> list[str]:
+    common = base_overrides(out / arm, device, teacher_path, reduced)
     if arm == "finetune_ce":
         return common + ["start_stage=3", "end_stage=3", f"stage3.max_steps={steps}", "stage3.loss.weights.kl=0",
                          "stage3.loss.weights.ce=1", "stage3.sampling.mode=uniform"]
@@ -69,7 +82,8 @@ def _records(path: Path, limit: int) -> list[dict]:
     return rows
 
 
-def evaluate_arm(arm_dir: Path, mcq_items: int, device: torch.device, teacher_path: str | None = None) -> dict:
+def evaluate_arm(arm_dir: Path, mcq_items: int, device: torch.device, teacher_path: str | None = None,
+                 reduced: bool = False) -> dict:
     """Agreement with the teacher and MCQ accuracy of an arm's final student."""
     from qwen_distillation.config.validate import validate_config
     from qwen_distillation.data.manager import collate, micro_batches
@@ -81,7 +95,7 @@ def evaluate_arm(arm_dir: Path, mcq_items: int, device: torch.device, teacher_pa
 
     summary = json.loads((arm_dir / "summary.json").read_text())
     last = max(int(s) for s in summary["student_after_stage"])
-    config = validate_config(compose_arm(base_overrides(arm_dir, device.type, teacher_path)))
+    config = validate_config(compose_arm(base_overrides(arm_dir, device.type, teacher_path, reduced)))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pair = build_pair(config, device=device, teacher_dtype=dtype, output_dir=arm_dir)
     student = load_student_checkpoint(str(arm_dir / f"stage{last}" / "final"), dtype=torch.float32).to(device)
@@ -136,16 +150,18 @@ def main() -> None:
     parser.add_argument("--mcq_items", type=int, default=100)
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--teacher_path", default=None, help="the teacher GGUF/directory, if not the installed package")
+    parser.add_argument("--reduced", action="store_true", help="fewer records and shorter examples (CPU)")
     args = parser.parse_args()
     out = Path(args.out)
     rows = []
     for arm in args.arms.split(","):
-        run(compose_arm(arm_overrides(arm, args.steps, out, args.device, args.teacher_path)))
+        run(compose_arm(arm_overrides(arm, args.steps, out, args.device, args.teacher_path, args.reduced)))
         row = arm_row(arm, out / arm)
-        row.update(evaluate_arm(out / arm, args.mcq_items, torch.device(args.device), args.teacher_path))
+        row.update(evaluate_arm(out / arm, args.mcq_items, torch.device(args.device), args.teacher_path,
+                                args.reduced))
         rows.append(row)
         (out / "results.json").write_text(json.dumps(rows, indent=2))
-    meta = {"steps": args.steps, "device": args.device, "mcq_items": args.mcq_items}
+    meta = {"steps": args.steps, "device": args.device, "mcq_items": args.mcq_items, "reduced": args.reduced}
     (out / "results.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
 
