@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import compose_config, read_metrics, tiny_overrides, train_rows
+from conftest import compose_config, tiny_overrides, train_rows
 from qwen_distillation.app import run
 from qwen_distillation.training.metrics import MetricsLogger
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
-import torch
 
 from conftest import compose_config, read_metrics, tiny_overrides, train_rows
 from qwen_distillation.app import run

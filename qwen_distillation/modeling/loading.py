@@ -91,7 +91,7 @@ def load_causal_lm(spec, *, dtype: torch.dtype, role: str) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.{role}.path={spec.path}: cannot load a causal LM from it: {err}") from err
-    if gguf_file or getattr(model, "is_quantized", False) and "gguf" in str(getattr(model.config, "quantization_config", "")):
+    if gguf_file:
         model = _plain_copy(model, dtype)
     return model
 
