@@ -72,21 +72,12 @@ def compose_arm(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def _records(path: Path, limit: int) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            rows.append(json.loads(line))
-            if len(rows) == limit:
-                break
-    return rows
-
-
 def evaluate_arm(arm_dir: Path, mcq_items: int, device: torch.device, teacher_path: str | None = None,
                  reduced: bool = False) -> dict:
     """Agreement with the teacher and MCQ accuracy of an arm's final student."""
     from qwen_distillation.config.validate import validate_config
-    from qwen_distillation.data.manager import collate, micro_batches
+    from qwen_distillation.data.loading import load_records
+    from qwen_distillation.data.manager import length_grouped_batches
     from qwen_distillation.data.sources import build_domain_data
     from qwen_distillation.evaluation.agreement import teacher_agreement
     from qwen_distillation.evaluation.mcq import mcq_accuracy, mcq_items as load_items
@@ -100,15 +91,14 @@ def evaluate_arm(arm_dir: Path, mcq_items: int, device: torch.device, teacher_pa
     pair = build_pair(config, device=device, teacher_dtype=dtype, output_dir=arm_dir)
     student = load_student_checkpoint(str(arm_dir / f"stage{last}" / "final"), dtype=torch.float32).to(device)
     data = build_domain_data(config.data, pair.tokenizer, seed=config.data.split_seed)
-    batches = [{k: v.to(device) for k, v in collate(mb, pair.pad_token_id).items()}
-               for mb in micro_batches(sorted(data.eval_sets["medical"], key=lambda e: len(e["input_ids"])), 8)]
+    batches = length_grouped_batches(data.eval_sets["medical"], 8, pair.pad_token_id, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
         agreement = teacher_agreement(student, pair.teacher, batches, pair.vocab_size)
         mcq = {}
         for name, file, fmt in (("medmcqa", "medical_eval/medmcqa_dev_eval_500.jsonl", "medmcqa"),
                                 ("cmexam", "medical_eval/cmexam_val_eval_zh_1000.jsonl", "cmexam")):
-            items = load_items(_records(SHARED / file, mcq_items), fmt)
+            items = load_items(load_records(str(SHARED / file), max_records=mcq_items), fmt, source=file)
             mcq[name] = mcq_accuracy(student, pair.tokenizer, items, vocab_size=pair.vocab_size)["accuracy"]
     return {"top1_agreement": agreement["top1_agreement"], "kl_to_teacher": agreement["kl_to_teacher"],
             "mcq_medmcqa": mcq["medmcqa"], "mcq_cmexam": mcq["cmexam"]}

@@ -25,7 +25,8 @@ import torch
 
 from qwen_distillation.config.schema import ModelSpec
 from qwen_distillation.config.validate import DataSource
-from qwen_distillation.data.manager import collate, micro_batches
+from qwen_distillation.data.loading import load_records
+from qwen_distillation.data.manager import length_grouped_batches
 from qwen_distillation.data.sources import encode_source, locate
 from qwen_distillation.errors import DistillationError
 from qwen_distillation.evaluation.agreement import teacher_agreement
@@ -33,9 +34,6 @@ from qwen_distillation.evaluation.mcq import mcq_accuracy, mcq_items
 from qwen_distillation.modeling.loading import load_causal_lm, load_student_checkpoint, resolve_path, split_gguf
 from qwen_distillation.modeling.tokenizer import load_tokenizer
 from qwen_distillation.training.step import heldout_nll
-
-MCQ_FIELDS = {"cmexam": "Options", "medmcqa": "opa", "pubmedqa": "final_decision", "mmlu": "A"}
-
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
     out = {}
@@ -61,25 +59,6 @@ def load_any_tokenizer(path: str):
     return load_tokenizer(directory, gguf_file=gguf_file)
 
 
-def _mcq_format(record: dict) -> str:
-    for fmt, field in MCQ_FIELDS.items():
-        if field in record:
-            return fmt
-    raise DistillationError(f"cannot tell the multiple-choice format from the fields {sorted(record)}; expected "
-                            f"one of {MCQ_FIELDS}")
-
-
-def _read_jsonl(path: str, limit: int) -> list[dict]:
-    rows = []
-    with open(locate(path), encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-            if len(rows) == limit:
-                break
-    return rows
-
-
 def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str, str], mcq_sets: dict[str, str],
              max_examples: int, max_length: int, device: torch.device) -> dict[str, dict[str, float]]:
     """Metrics per model name: ``<set>/nll`` (+ agreement with the teacher) and ``<set>/accuracy``."""
@@ -89,11 +68,9 @@ def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str,
     batches = {}
     for name, path in nll_sets.items():
         examples = encode_source(DataSource(path=path), tokenizer, max_length)[:max_examples]
-        examples.sort(key=lambda e: len(e["input_ids"]))
-        batches[name] = [{k: v.to(device) for k, v in collate(mb, tokenizer.pad_token_id).items()}
-                         for mb in micro_batches(examples, 8)]
-    items = {name: mcq_items(rows, _mcq_format(rows[0]))
-             for name, rows in ((n, _read_jsonl(p, max_examples)) for n, p in mcq_sets.items())}
+        batches[name] = length_grouped_batches(examples, 8, tokenizer.pad_token_id, device)
+    items = {name: mcq_items(load_records(locate(path), max_records=max_examples), "auto", source=path)
+             for name, path in mcq_sets.items()}
     teacher_model = load_model(models[teacher], dtype).to(device).eval() if teacher else None
     results = {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -174,3 +174,15 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
 def micro_batches(examples: list[dict], batch_size: int) -> list[list[dict]]:
     return [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+
+
+def length_grouped_batches(examples: list[dict], batch_size: int, pad_token_id: int,
+                           device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """Collated micro-batches of examples sorted by length (less padding), on ``device``.
+
+    Sorting does not change a step's update or an evaluation's result: losses are sums
+    over valid tokens, normalised over the whole step or set, not per micro-batch.
+    """
+    by_length = sorted(examples, key=lambda e: len(e["input_ids"]))
+    return [{k: v.to(device) for k, v in collate(mb, pad_token_id).items()}
+            for mb in micro_batches(by_length, batch_size)]

@@ -7,7 +7,6 @@ A killed run resumes from ``stageN/checkpoint`` when the same command is run aga
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -22,9 +21,9 @@ from omegaconf import OmegaConf
 
 from qwen_distillation.config.schema import DistillationConfig, StageConfig
 from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indices
-from qwen_distillation.data.manager import StageSampler, collate, micro_batches
+from qwen_distillation.data.manager import StageSampler, collate, length_grouped_batches, micro_batches
 from qwen_distillation.data.sources import DomainData, build_domain_data
-from qwen_distillation.errors import CheckpointError, ConfigError, DistillationError
+from qwen_distillation.errors import ConfigError, DistillationError
 from qwen_distillation.modeling.pair import ModelPair, build_pair
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.metrics import MetricsLogger, scrub_secrets
@@ -133,8 +132,7 @@ class Distiller:
     def _eval_batches(self) -> dict[str, list[dict]]:
         out = {}
         for name, examples in self.data.eval_sets.items():
-            by_length = sorted(examples, key=lambda e: len(e["input_ids"]))
-            out[name] = [collate(mb, self.pair.pad_token_id) for mb in micro_batches(by_length, 8)]
+            out[name] = length_grouped_batches(examples, 8, self.pair.pad_token_id, self.device)
         return out
 
     def evaluate(self, model) -> dict[str, float]:
@@ -142,7 +140,7 @@ class Distiller:
         was_training = model.training
         with self._autocast():
             for name, batches in self.eval_batches.items():
-                result = heldout_nll(model, [self._to_device(b) for b in batches], self.pair.vocab_size)
+                result = heldout_nll(model, batches, self.pair.vocab_size)
                 metrics[f"eval/{name}_nll"] = result["nll"]
                 metrics[f"eval/{name}_ppl"] = result["ppl"]
         model.train(was_training)
@@ -244,11 +242,7 @@ class Distiller:
             if isinstance(sampler, HardExampleSampler) and sampler.needs_scores():
                 self._score_examples(sampler, stage)
             served = sampler.next_step()
-            # Grouping by length cuts padding; the update does not change because the loss is
-            # normalised by the valid tokens of the whole step, not per micro-batch.
-            by_length = sorted(served.examples, key=lambda e: len(e["input_ids"]))
-            batches = [self._to_device(collate(mb, self.pair.pad_token_id))
-                       for mb in micro_batches(by_length, stage.batch_size)]
+            batches = length_grouped_batches(served.examples, stage.batch_size, self.pair.pad_token_id, self.device)
             n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             sums: dict[str, float] = {}
             balance_log: dict[str, float] = {}
