@@ -13,7 +13,7 @@ from qwen_distillation.app import CONF_DIR
 from qwen_distillation.config.validate import normalise_sources, validate_config
 from qwen_distillation.errors import ConfigError
 
-GROUPS = ["model", "data", "stage1", "stage2", "stage3", "train", "logging"]
+GROUPS = ["model", "data", "stage1", "stage2", "stage3", "eval", "train", "logging"]
 
 
 def _options(group: str) -> list[str]:

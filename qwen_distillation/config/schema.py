@@ -184,6 +184,36 @@ class StageConfig:
     eval_every: int = 0
     save_every: int = 0
     best_metric: str = "eval/medical_nll"
+    # min | max | auto: auto maximises metrics named *accuracy*, *agreement* or *overlap*
+    # and minimises the rest (nll, ppl, kl_to_teacher); see evaluation.direction.
+    best_mode: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    """What ``Distiller.evaluate`` measures besides held-out NLL, before training and at every
+    evaluation of a stage; quality samples are generated once at the end of each stage.
+
+    agreement: student vs teacher on the held-out sets (top-1 match, top-k overlap, KL).
+    agreement_top_k: k of ``topk_overlap``.
+    mcq: multiple-choice sets: ``PATH``, ``NAME=PATH`` or a mapping with keys ``path``,
+        ``name``, ``format`` (auto|cmexam|medmcqa|mmlu|pubmedqa), ``split``, ``subset``;
+        paths resolve like data sources (``package:`` paths included).
+    mcq_max_items: items kept per set (the first ones); null keeps all.
+    samples: greedy answers of teacher and student to ``prompts`` (JSONL with ``prompt`` and
+        optional ``lang``, ``domain``), written to ``stageN/samples.md`` and ``.jsonl``.
+    samples_max_prompts: prompts used (the first ones); null uses all.
+    max_new_tokens: generation length limit per answer.
+    """
+
+    agreement: bool = False
+    agreement_top_k: int = 5
+    mcq: List[Any] = field(default_factory=list)
+    mcq_max_items: Optional[int] = 200
+    samples: bool = False
+    prompts: str = "package:qwen_distillation/data/demo/prompts.jsonl"
+    samples_max_prompts: Optional[int] = None
+    max_new_tokens: int = 64
 
 
 @dataclass
@@ -234,6 +264,7 @@ class DistillationConfig:
     stage3: StageConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     output_dir: str = "outputs/run"
     start_stage: int = 1

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from qwen_distillation.config.schema import DistillationConfig, StageConfig
+from qwen_distillation.config.schema import DistillationConfig, EvalConfig, StageConfig
 from qwen_distillation.data.formats import FORMATS
 from qwen_distillation.errors import ConfigError
 
@@ -21,6 +23,10 @@ ATTENTION_MODES = ("relations", "attention")
 SAMPLING_MODES = ("uniform", "hard")
 DATA_FORMATS = ("auto", *FORMATS)
 SOURCE_KEYS = ("path", "format", "split", "subset", "max_records")
+MCQ_SOURCE_KEYS = ("path", "name", "format", "split", "subset")
+# A set's name becomes part of a metric key: eval/mcq/<name>_accuracy.
+MCQ_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+BEST_MODES = ("auto", "min", "max")
 STAGES = ("stage1", "stage2", "stage3")
 
 
@@ -33,6 +39,17 @@ class DataSource:
     split: str = "train"
     subset: str | None = None
     max_records: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MCQSource:
+    """One ``eval.mcq`` entry after normalisation; ``name`` names its metric."""
+
+    name: str
+    path: str
+    format: str = "auto"
+    split: str = "train"
+    subset: str | None = None
 
 
 def _fail(key: str, value: Any, why: str, example: str) -> None:
@@ -123,6 +140,7 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
     _one_of(f"{key}.lr_scheduler", stage.lr_scheduler, LR_SCHEDULERS)
     _check(stage.max_grad_norm >= 0, f"{key}.max_grad_norm", stage.max_grad_norm, "must be >= 0 (0 disables)",
            f"{key}.max_grad_norm=1.0")
+    _one_of(f"{key}.best_mode", stage.best_mode, BEST_MODES)
     for name in ("eval_every", "save_every"):
         value = getattr(stage, name)
         _check(value >= 0, f"{key}.{name}", value, "must be >= 0 (0 = only at the end of the stage)",
@@ -159,6 +177,54 @@ def normalise_sources(key: str, sources: Iterable[Any]) -> list[DataSource]:
     return out
 
 
+def normalise_mcq_sources(key: str, entries: Iterable[Any]) -> list[MCQSource]:
+    """Turn the entries of ``eval.mcq`` (``PATH``, ``NAME=PATH`` or a mapping) into MCQSources
+    with unique names; a bare path is named after its file stem."""
+    from qwen_distillation.evaluation.mcq import MCQ_FORMATS  # torch is imported only when needed
+
+    out: list[MCQSource] = []
+    example = f"{key}=[{{name: medqa, path: my_mcq.jsonl}}]"
+    for i, entry in enumerate(entries):
+        where = f"{key}[{i}]"
+        if isinstance(entry, str):
+            name, eq, path = entry.partition("=")
+            entry = {"name": name, "path": path} if eq and MCQ_NAME.match(name) else {"path": entry}
+        if not isinstance(entry, dict):
+            _fail(where, entry, "an MCQ set is PATH, NAME=PATH or a mapping with a `path`", example)
+        unknown = sorted(set(entry) - set(MCQ_SOURCE_KEYS))
+        if unknown:
+            _fail(where, entry, f"unknown key(s) {unknown}; valid keys are {', '.join(MCQ_SOURCE_KEYS)}",
+                  f"{key}=[{{name: medqa, path: my_mcq.jsonl, format: cmexam}}]")
+        if not entry.get("path"):
+            _fail(where, entry, "an MCQ set needs a non-empty `path`", example)
+        fields = {k: v for k, v in entry.items() if v is not None or k == "subset"}
+        fields.setdefault("name", Path(str(entry["path"]).split(":")[-1]).stem)
+        source = MCQSource(**fields)
+        _check(bool(MCQ_NAME.match(source.name)), f"{where}.name", source.name,
+               "a set name may hold only letters, digits, '_', '.' and '-' (it names eval/mcq/<name>_accuracy)",
+               f"{where}.name=medqa")
+        _check(source.name not in {s.name for s in out}, f"{where}.name", source.name,
+               "two MCQ sets share this name; name them apart", example)
+        _one_of(f"{where}.format", source.format, ("auto", *MCQ_FORMATS))
+        out.append(source)
+    return out
+
+
+def _validate_eval(cfg: EvalConfig) -> None:
+    _check(cfg.agreement_top_k >= 1, "eval.agreement_top_k", cfg.agreement_top_k, "must be >= 1",
+           "eval.agreement_top_k=5")
+    for name in ("mcq_max_items", "samples_max_prompts"):
+        value = getattr(cfg, name)
+        if value is not None:
+            _check(value >= 1, f"eval.{name}", value, "must be >= 1 (or null for all)", f"eval.{name}=8")
+    _check(cfg.max_new_tokens >= 1, "eval.max_new_tokens", cfg.max_new_tokens, "must be >= 1",
+           "eval.max_new_tokens=64")
+    if cfg.samples:
+        _check(bool(cfg.prompts), "eval.prompts", cfg.prompts, "eval.samples=true needs a prompts file",
+               "eval.prompts=package:qwen_distillation/data/demo/prompts.jsonl")
+    normalise_mcq_sources("eval.mcq", cfg.mcq)
+
+
 def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
     """Check ranges and return the config as a typed :class:`DistillationConfig` object."""
     if isinstance(cfg, DictConfig):
@@ -177,6 +243,7 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
            "data.max_eval_examples=64")
     for key in ("general", "medical", "eval"):
         normalise_sources(f"data.{key}", getattr(data, key))
+    _validate_eval(cfg.eval)
     _one_of("train.precision", cfg.train.precision, PRECISIONS)
     _check(cfg.train.device == "auto" or cfg.train.device.split(":")[0] in ("cpu", "cuda"), "train.device",
            cfg.train.device, "must be auto, cpu, cuda or cuda:N", "train.device=cpu")
