@@ -32,7 +32,7 @@ from qwen_distillation.evaluation import (
     segment,
     strip_think,
 )
-from qwen_distillation.evaluation.agreement import teacher_agreement
+from qwen_distillation.evaluation.agreement import response_states, teacher_agreement
 from qwen_distillation.evaluation.prompting import render_prompt
 from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
 from qwen_distillation.training.step import heldout_nll, position_mask
@@ -321,6 +321,29 @@ def test_teacher_agreement_perturbed_pair_matches_full_logits(tokenizer, batches
     for name in ("nll", "top1_agreement", "topk_overlap", "kl_to_teacher"):
         assert result[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), name
     assert 0 < result["top1_agreement"] < 1 and result["kl_to_teacher"] > 0.01
+    # The trainer keeps the frozen teacher's states from its first evaluation: same numbers.
+    states = [response_states(teacher, batch) for batch in batches]
+    assert teacher_agreement(student, teacher, batches, vocab, topk=5, chunk_size=4, teacher_states=states) == result
+    with pytest.raises(ValueError, match="teacher_states holds 1 entries"):
+        teacher_agreement(student, teacher, batches, vocab, teacher_states=states[:1])
+
+
+def test_trainer_evaluator_agreement_keeps_nll_and_skips_the_teacher(tokenizer, student, batches):
+    from qwen_distillation.training.evaluator import Evaluator
+
+    teacher = tiny_qwen2(TEACHER_COLUMNS, seed=5, tie=False)
+    common = {"teacher": teacher, "tokenizer": tokenizer, "vocab_size": len(tokenizer), "heldout": {"chat": batches}}
+    plain, agreeing = Evaluator(**common), Evaluator(**common, agreement=True, agreement_top_k=3)
+    without, with_ = plain.metrics(student), agreeing.metrics(student)
+    # The student's NLL now comes from the agreement pass: the same number.
+    assert with_["eval/chat_nll"] == pytest.approx(without["eval/chat_nll"], rel=1e-5)
+    assert with_["eval/chat_ppl"] == pytest.approx(without["eval/chat_ppl"], rel=1e-5)
+    assert sorted(set(with_) - set(without)) == ["eval/chat_kl_to_teacher", "eval/chat_top1_agreement",
+                                                 "eval/chat_topk_overlap"]
+    expected = teacher_agreement(student, teacher, batches, len(tokenizer), topk=3)
+    assert with_["eval/chat_kl_to_teacher"] == pytest.approx(expected["kl_to_teacher"], rel=1e-6)
+    assert agreeing.metrics(student) == with_  # from the kept teacher states: identical
+    assert agreeing.metrics(teacher) == plain.metrics(teacher)  # no agreement of the teacher with itself
 
 
 # --- quality samples ----------------------------------------------------------------------

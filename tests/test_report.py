@@ -109,7 +109,7 @@ def test_report_table_and_facts(full_run):
     assert "| metric | teacher | student before | after stage 1 | after stage 2 | after stage 3 |" in text
     assert "| `eval/general_nll` | 2.1393 | 12.2616 | 8.0009 | 7.2017 | 7.1224 |" in text
     assert "| `eval/medical_nll` | 2.8463 | nan | 11.0851 | 9.8374 | 9.4116 |" in text
-    assert "ppl" not in text.split("## Held-out loss")[1].split("## Plots")[0]
+    assert "ppl" not in text.split("## Before and after training")[1].split("## Plots")[0]
     assert "Device: cpu; precision: fp32" in text
     assert "1 (general_kd), 2 (domain_kd), 3 (medical_ft)" in text
     assert f"`{full_run / 'stage3' / 'final'}`" in text
@@ -199,3 +199,29 @@ def test_failed_rewrite_keeps_previous_report(tmp_path, monkeypatch):
 
 def _fail(*args, **kwargs):
     raise RuntimeError("disk full")
+
+
+def test_agreement_mcq_rows_and_samples_section(tmp_path):
+    summary = summary_for(tmp_path, [1])
+    extra = {"eval/medical_top1_agreement": 0.25, "eval/medical_kl_to_teacher": 3.5,
+             "eval/medical_topk_overlap": 0.4, "eval/mcq/demo_accuracy": 0.625, "eval/medical_ppl": 9.0}
+    summary["student_before"] = {**summary["student_before"], **extra}
+    summary["student_after_stage"]["1"] = {**summary["student_after_stage"]["1"], **extra,
+                                           "eval/mcq/demo_accuracy": 0.75}
+    summary["teacher"] = {**summary["teacher"], "eval/mcq/demo_accuracy": 0.875}
+    rows = [{"lang": "en", "domain": "medical", "prompt": "What is a fever?", "teacher": "A high | temperature.",
+             "student": "line one\nline two"}]
+    (tmp_path / "stage1").mkdir(parents=True)
+    (tmp_path / "stage1" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report(write_run(tmp_path, three_stage_rows()[:4], summary=None), summary).read_text()
+    table = text.split("## Before and after training")[1].split("## Plots")[0]
+    names = [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")]
+    # NLL first, then agreement with the teacher, then multiple-choice accuracy; no perplexity.
+    assert names == ["eval/general_nll", "eval/medical_nll", "eval/medical_kl_to_teacher",
+                     "eval/medical_top1_agreement", "eval/medical_topk_overlap", "eval/mcq/demo_accuracy"]
+    assert "| `eval/medical_top1_agreement` | — | 0.2500 | 0.2500 |" in table
+    assert "| `eval/mcq/demo_accuracy` | 0.8750 | 0.6250 | 0.7500 |" in table
+    assert "higher is better" in text
+    samples = text.split("## Quality samples")[1].split("## Stages")[0]
+    assert "### After stage 1" in samples and "[`stage1/samples.md`](stage1/samples.md)" in samples
+    assert "| en | medical | What is a fever? | A high \\| temperature. | line one<br>line two |" in samples

@@ -17,9 +17,15 @@ from qwen_distillation.training.step import decoder_and_head, position_mask, sup
 AGREEMENT_KEYS = ("nll", "top1_agreement", "topk_overlap", "kl_to_teacher")
 
 
-def _response_states(model: nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states at the masked positions, (N, H); or, for a model whose logits are
-    not a plain projection of them, its logits there, (N, V')."""
+@torch.no_grad()
+def response_states(model: nn.Module, batch: dict[str, torch.Tensor],
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Final hidden states at the response positions (``position_mask(batch["labels"])``
+    unless ``mask`` is given), (N, H); or, for a model whose logits are not a plain
+    projection of them, its logits there, (N, V'). A frozen teacher's states can be kept
+    and passed to :func:`teacher_agreement` as ``teacher_states``."""
+    if mask is None:
+        mask = position_mask(batch["labels"])
     device = model_device(model)
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
     if supports_hidden_path(model):
@@ -37,7 +43,8 @@ def _chunk_logits(model: nn.Module, states: torch.Tensor, vocab_size: int, devic
 
 @torch.no_grad()
 def teacher_agreement(student: nn.Module, teacher: nn.Module, batches: list[dict[str, torch.Tensor]],
-                      vocab_size: int, *, topk: int = 5, chunk_size: int = 1024) -> dict[str, float]:
+                      vocab_size: int, *, topk: int = 5, chunk_size: int = 1024,
+                      teacher_states: list[torch.Tensor] | None = None) -> dict[str, float]:
     """Student-vs-teacher agreement on the response tokens of pre-collated batches.
 
     Args:
@@ -47,6 +54,9 @@ def teacher_agreement(student: nn.Module, teacher: nn.Module, batches: list[dict
         topk: k of ``topk_overlap``.
         chunk_size: response positions whose logits are formed at once; memory holds two
             (chunk_size, vocab_size) fp32 blocks, never the logits of all N positions.
+        teacher_states: ``response_states(teacher, batch)`` of each batch, computed earlier
+            (the teacher is frozen, so they do not change): the teacher's decoder is not run
+            again, only its lm_head on chunks of them. ``None`` runs the teacher.
 
     Returns:
         ``nll``: mean student negative log-likelihood of the labelled next token;
@@ -64,12 +74,17 @@ def teacher_agreement(student: nn.Module, teacher: nn.Module, batches: list[dict
     sums = dict.fromkeys(AGREEMENT_KEYS, 0.0)
     tokens = 0
     device = model_device(student)
-    for batch in batches:
+    if teacher_states is not None and len(teacher_states) != len(batches):
+        raise ValueError(f"teacher_states holds {len(teacher_states)} entries for {len(batches)} batches")
+    for index, batch in enumerate(batches):
         labels = batch["labels"]
         mask = position_mask(labels)
         targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX].to(device)
-        s_states = _response_states(student, batch, mask)
-        t_states = _response_states(teacher, batch, mask)
+        s_states = response_states(student, batch, mask)
+        t_states = teacher_states[index] if teacher_states is not None else response_states(teacher, batch, mask)
+        if t_states.shape[0] != targets.shape[0]:
+            raise ValueError(f"teacher_states[{index}] has {t_states.shape[0]} rows; batch {index} has "
+                             f"{targets.shape[0]} response positions")
         for start in range(0, targets.shape[0], chunk_size):
             end = start + chunk_size
             s_logits = _chunk_logits(student, s_states[start:end], vocab_size, device)

@@ -301,18 +301,60 @@ def _stage_key(stage) -> int:
         return 10**6
 
 
+# Rows of the before/after table, in this order: held-out NLL, then agreement with the
+# teacher, then multiple-choice accuracy (perplexity is left out: it is exp(NLL)).
+TABLE_SUFFIXES = ("_nll", "_kl_to_teacher", "_top1_agreement", "_topk_overlap", "_accuracy")
+TABLE_NOTE = ("NLL and KL to the teacher in nats per response token, lower is better; agreement, "
+              "overlap and accuracy are fractions, higher is better; — = not measured, e.g. the "
+              "teacher's agreement with itself")
+
+
+def _table_order(name: str) -> tuple[int, str]:
+    return next(i for i, suffix in enumerate(TABLE_SUFFIXES) if name.endswith(suffix)), name
+
+
 def results_table(summary: dict) -> list[str]:
-    """Rows = each ``eval/<set>_nll``; columns = teacher, student before, after each stage."""
+    """The before/after table: one row per ``eval/<set>_nll``, agreement metric
+    (``_kl_to_teacher``, ``_top1_agreement``, ``_topk_overlap``) and ``eval/mcq/<set>_accuracy``
+    (which direction is better: ``TABLE_NOTE``); columns = teacher, student before, after each
+    stage."""
     after = summary.get("student_after_stage") or {}
     columns = [("teacher", summary.get("teacher") or {}), ("student before", summary.get("student_before") or {})]
     columns += [(f"after stage {s}", after[s] or {}) for s in sorted(after, key=_stage_key)]
-    names = sorted({k for _, metrics in columns for k in metrics if k.endswith("_nll")})
+    names = sorted({k for _, metrics in columns for k in metrics if k.endswith(TABLE_SUFFIXES)}, key=_table_order)
     if not names:
         return ["No held-out evaluation was recorded."]
     lines = ["| metric | " + " | ".join(c for c, _ in columns) + " |", "|---" + "|---:" * len(columns) + "|"]
     for name in names:
         lines.append(f"| `{name}` | " + " | ".join(_fmt(m.get(name)) for _, m in columns) + " |")
     return lines
+
+
+def read_samples(output_dir: Path) -> dict[int, list[dict]]:
+    """Stage -> the rows of ``output_dir/stage<N>/samples.jsonl`` (quality samples), by stage."""
+    out = {}
+    for path in output_dir.glob("stage*/samples.jsonl"):
+        stage = _stage_key(path.parent.name[len("stage"):])
+        rows = [r for r in read_metrics(path) if "prompt" in r]  # same JSONL reader, same tolerance
+        if rows and stage < 10**6:
+            out[stage] = rows
+    return dict(sorted(out.items()))
+
+
+def samples_section(output_dir: Path) -> list[str]:
+    """Markdown: each stage's quality samples (teacher and student side by side), with a link
+    to the stage's own ``samples.md``; empty when no stage wrote samples."""
+    from qwen_distillation.evaluation.samples import samples_markdown
+
+    samples = read_samples(output_dir)
+    if not samples:
+        return []
+    out = ["## Quality samples", "",
+           "Greedy answers of the teacher and of the student at the end of each stage to the same fixed prompts.", ""]
+    for stage, rows in samples.items():
+        out += [f"### After stage {stage}", "", f"File: [`stage{stage}/samples.md`](stage{stage}/samples.md)", "",
+                samples_markdown(rows).rstrip("\n"), ""]
+    return out
 
 
 def stage_table(train: list[dict], names: dict[int, str]) -> list[str]:
@@ -358,13 +400,14 @@ def render_markdown(output_dir: Path, summary: dict, rows: list[dict], images: l
            f"- Device: {summary.get('device', 'unknown')}; precision: {summary.get('precision', 'unknown')}",
            f"- Stages {verb}: {stage_text or 'none'}"]
     out += [f"- Model after stage {s}: `{models[s]}`" for s in sorted(models, key=_stage_key)]
-    out += ["", "## Held-out loss", "", "NLL per response token on the held-out sets (lower is better).", "",
+    out += ["", "## Before and after training", "", f"{TABLE_NOTE[0].upper()}{TABLE_NOTE[1:]}.", "",
             *results_table(summary), ""]
     if images:
         out += ["## Plots", "", "Dashed vertical lines mark where each stage starts.", ""]
         for image in images:
             title, caption = CAPTIONS[image]
             out += [f"![{title}]({REPORT_DIR}/{image})", "", f"*{title}: {caption}*", ""]
+    out += samples_section(output_dir)
     out += ["## Stages", "", *stage_table(train, names), "",
             "First and last loss are the weighted total of the first and last step with a finite loss.", "",
             "## Raw data", "",

@@ -7,9 +7,25 @@ import copy
 import torch
 from torch import nn
 
+from qwen_distillation.data.loading import load_records
+from qwen_distillation.errors import DataError
 from qwen_distillation.evaluation.prompting import model_device, render_prompt
 
 PROMPT_FIELDS = ("lang", "domain", "prompt")
+
+
+def load_prompts(path: str, max_prompts: int | None = None) -> list[dict]:
+    """The first ``max_prompts`` (all when None) records of a prompts file such as
+    ``data/demo/prompts.jsonl``: each needs a non-empty string ``prompt``; ``lang`` and
+    ``domain`` are optional. ``path`` is a local file (resolve ``package:`` paths first)."""
+    prompts = []
+    for number, record in load_records(path, max_records=max_prompts):
+        text = record.get("prompt")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path} record {number}: a prompt record needs a non-empty string field 'prompt'; "
+                            f"fields found: {sorted(record)}")
+        prompts.append({field: str(record.get(field, "")) for field in PROMPT_FIELDS})
+    return prompts
 
 
 def _greedy_config(model: nn.Module, tokenizer, max_new_tokens: int):

@@ -58,11 +58,18 @@ def atomic_dir(target: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) under a temporary name and rename it over ``path``: a reader
+    sees the old file or the new one, never half of one."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
 def export_model(model, tokenizer, target: Path, *, base_model_dir: str | None = None, merge: bool = False) -> None:

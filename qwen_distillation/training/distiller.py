@@ -1,7 +1,8 @@
 """The Distiller: runs stages ``start_stage..end_stage`` over one teacher/student pair.
 
-setup (output dir, models, data, logger) -> evaluate the initial student -> for each
-stage: train, evaluate, export ``stageN/best`` and ``stageN/final`` -> summary.
+setup (output dir, models, data, evaluator, logger) -> evaluate the teacher and the initial
+student -> for each stage: train, evaluate, export ``stageN/best`` and ``stageN/final``, write
+the quality samples -> summary and report.
 A killed run resumes from ``stageN/checkpoint`` when the same command is run again.
 """
 
@@ -24,18 +25,21 @@ from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indic
 from qwen_distillation.data.manager import StageSampler, collate, length_grouped_batches, micro_batches
 from qwen_distillation.data.sources import DomainData, build_domain_data
 from qwen_distillation.errors import ConfigError, DistillationError
+from qwen_distillation.evaluation.direction import best_direction, improves
+from qwen_distillation.evaluation.samples import PROMPT_FIELDS, samples_markdown
 from qwen_distillation.modeling.pair import ModelPair, build_pair
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.metrics import MetricsLogger, scrub_secrets
 from qwen_distillation.training.balancing import Balancer
+from qwen_distillation.training.evaluator import Evaluator, build_evaluator
 from qwen_distillation.training.plan import build_heads, build_plan, loss_weights, shared_parameter
-from qwen_distillation.training.step import heldout_nll, lr_lambda, micro_batch_terms, per_example_nll
+from qwen_distillation.training.step import lr_lambda, micro_batch_terms, per_example_nll
 
 log = logging.getLogger(__name__)
 
 STAGE_KEYS = {1: "stage1", 2: "stage2", 3: "stage3"}
 # Sections whose change makes an existing output_dir a different run.
-RUN_IDENTITY = ("model", "data", "stage1", "stage2", "stage3", "lora", "seed", "start_stage", "end_stage",
+RUN_IDENTITY = ("model", "data", "stage1", "stage2", "stage3", "eval", "lora", "seed", "start_stage", "end_stage",
                 "checkpoint_path")
 
 
@@ -129,22 +133,41 @@ class Distiller:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     # ------------------------------------------------------------- evaluation
-    def _eval_batches(self) -> dict[str, list[dict]]:
-        out = {}
-        for name, examples in self.data.eval_sets.items():
-            out[name] = length_grouped_batches(examples, 8, self.pair.pad_token_id, self.device)
-        return out
-
     def evaluate(self, model) -> dict[str, float]:
-        metrics = {}
-        was_training = model.training
-        with self._autocast():
-            for name, batches in self.eval_batches.items():
-                result = heldout_nll(model, batches, self.pair.vocab_size)
-                metrics[f"eval/{name}_nll"] = result["nll"]
-                metrics[f"eval/{name}_ppl"] = result["ppl"]
-        model.train(was_training)
-        return metrics
+        """Every metric the ``eval`` node asks for (always held-out NLL/PPL); see
+        :meth:`Evaluator.metrics` for the keys."""
+        return self.evaluator.metrics(model)
+
+    def _check_best_metrics(self, metrics: dict[str, float], indices: list[int]) -> None:
+        """Fail before training, not at a stage's first evaluation, on a best_metric that no
+        evaluation produces (every evaluation yields the keys of the initial one)."""
+        for index in indices:
+            key = STAGE_KEYS[index]
+            metric = getattr(self.config, key).best_metric
+            if metric not in metrics:
+                raise ConfigError(f"{key}.best_metric={metric} is not among the evaluation metrics {sorted(metrics)}; "
+                                  f"choose one of them (agreement and MCQ metrics need eval.agreement=true / "
+                                  f"eval.mcq)")
+
+    def _write_samples(self, index: int, stage: StageConfig, state: dict) -> None:
+        """The teacher's and the student's greedy answers to the prompts, side by side, in
+        ``stageN/samples.jsonl`` and ``stageN/samples.md`` (and a wandb table). The teacher's
+        answers are generated once per run and kept in the run state."""
+        teacher_rows = state.get("teacher_samples")
+        if not self.evaluator.prompts_match(teacher_rows):
+            teacher_rows = self.evaluator.teacher_samples()
+            state["teacher_samples"] = teacher_rows
+        rows = self.evaluator.student_samples(self.pair.student, teacher_rows)
+        stage_dir = self.output_dir / f"stage{index}"
+        ckpt.write_text_atomic(stage_dir / "samples.jsonl",
+                               "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        header = (f"# Quality samples after stage {index} ({stage.name})\n\n"
+                  f"Greedy answers (chat template, at most {self.config.eval.max_new_tokens} new tokens) of the "
+                  f"teacher and of the student at the end of stage {index} (global step {self.global_step}).\n\n")
+        ckpt.write_text_atomic(stage_dir / "samples.md", header + samples_markdown(rows))
+        columns = [*PROMPT_FIELDS, "teacher", "student"]
+        self.logger.log_table(f"samples/stage{index}", columns, [[row[c] for c in columns] for row in rows],
+                              step=self.global_step)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -313,7 +336,7 @@ class Distiller:
                 if value is None:
                     raise ConfigError(f"{key}.best_metric={stage.best_metric} is not among the evaluation metrics "
                                       f"{sorted(metrics)}; choose one of them")
-                if best is None or value < best:
+                if improves(value, best, best_direction(stage.best_metric, stage.best_mode)):
                     best = value
                     ckpt.export_model(student, self.pair.tokenizer, stage_dir / "best",
                                       base_model_dir=self.pair.base_model_dir, merge=self.config.lora.merge_on_export)
@@ -329,6 +352,8 @@ class Distiller:
         ckpt.export_model(student, self.pair.tokenizer, stage_dir / "final", base_model_dir=self.pair.base_model_dir,
                           merge=self.config.lora.merge_on_export)
         ckpt.save_heads(stage_dir / "heads.pt", self.heads)
+        if self.evaluator.prompts:
+            self._write_samples(index, stage, state)
         state["completed_stages"] = sorted(set(state["completed_stages"]) | {index})
         state.setdefault("stage_eval", {})[str(index)] = self.last_eval
         state["global_step"] = self.global_step
@@ -352,8 +377,12 @@ class Distiller:
         self.pair: ModelPair = build_pair(cfg, device=self.device, teacher_dtype=self.teacher_dtype,
                                           output_dir=self.output_dir, resume_after_stage=resume_from)
         self.data: DomainData = build_domain_data(cfg.data, self.pair.tokenizer, seed=cfg.data.split_seed)
+        # Built before the output directory is touched: a bad MCQ or prompts file costs no old outputs.
+        self.evaluator: Evaluator = build_evaluator(
+            cfg.eval, teacher=self.pair.teacher, tokenizer=self.pair.tokenizer, vocab_size=self.pair.vocab_size,
+            eval_sets=self.data.eval_sets, pad_token_id=self.pair.pad_token_id, device=self.device,
+            autocast=self._autocast)
         state = self._prepare_output_dir(state)
-        self.eval_batches = self._eval_batches()
         indices = [i for i in range(cfg.start_stage, cfg.end_stage + 1) if getattr(cfg, STAGE_KEYS[i]).enabled]
         self.plans = {i: build_plan(getattr(cfg, STAGE_KEYS[i]), STAGE_KEYS[i], self.pair.student, self.pair.teacher,
                                     self.pair.vocab_size) for i in indices}
@@ -370,6 +399,8 @@ class Distiller:
                 state["initial_eval"] = {"student": self.evaluate(self.pair.student),
                                          "teacher": self.evaluate(self.pair.teacher)}
                 ckpt.write_json_atomic(self.output_dir / ckpt.RUN_STATE, state)
+            self._check_best_metrics(state["initial_eval"]["student"],
+                                     [i for i in indices if i not in state["completed_stages"]])
             for index in range(cfg.start_stage, cfg.end_stage + 1):
                 stage = getattr(cfg, STAGE_KEYS[index])
                 if index in state["completed_stages"] or not stage.enabled:
@@ -398,20 +429,20 @@ class Distiller:
                 "metrics": str(self.output_dir / "metrics.jsonl"),
                 "tensorboard": str(self.output_dir / "tensorboard"),
                 "teacher": state["initial_eval"]["teacher"], "student_before": state["initial_eval"]["student"],
-                "student_after_stage": state.get("stage_eval", {})}
+                "student_after_stage": state.get("stage_eval", {}),
+                "samples": {s: str(self.output_dir / f"stage{s}" / "samples.md") for s in state["completed_stages"]
+                            if (self.output_dir / f"stage{s}" / "samples.md").exists()}}
 
     @staticmethod
     def _summary_text(summary: dict) -> str:
-        names = sorted(k for k in summary["student_before"] if k.endswith("_nll"))
-        columns = ["teacher", "student before"] + [f"after stage {s}" for s in summary["student_after_stage"]]
-        rows = [summary["teacher"], summary["student_before"], *summary["student_after_stage"].values()]
-        lines = ["", "Held-out loss (NLL per response token, lower is better):",
-                 "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-        for name in names:
-            lines.append(f"| {name} | " + " | ".join(f"{r.get(name, float('nan')):.4f}" for r in rows) + " |")
+        from qwen_distillation.evaluation.report import TABLE_NOTE, results_table
+
+        lines = ["", f"Before and after training ({TABLE_NOTE}):", *results_table(summary)]
         lines += ["", f"Models:  {', '.join(summary['final_models'].values())}",
                   f"Metrics: {summary['metrics']} (TensorBoard: {summary['tensorboard']})",
                   f"Summary: {Path(summary['output_dir']) / 'summary.json'}"]
+        if summary.get("samples"):
+            lines.append(f"Samples: {', '.join(summary['samples'].values())}")
         if summary.get("report"):
             lines.append(f"Report:  {summary['report']}")
         return "\n".join(lines)

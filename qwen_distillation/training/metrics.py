@@ -97,6 +97,15 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({**scalars, "stage": row.get("stage")}, step=step)
 
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        """A table of text (e.g. quality samples) to wandb as a ``wandb.Table`` under ``name``;
+        a no-op when wandb is off (the caller writes the table to files itself)."""
+        if self._wandb is None:
+            return
+        import wandb
+
+        self._wandb.log({name: wandb.Table(columns=list(columns), data=[list(row) for row in rows])}, step=step)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

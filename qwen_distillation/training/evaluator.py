@@ -1,0 +1,137 @@
+"""Evaluation during training: held-out NLL, agreement with the teacher, multiple-choice
+accuracy, and the quality samples written at the end of each stage.
+
+:func:`build_evaluator` reads the ``eval`` config node once per run and loads what it names
+(MCQ sets, prompts), so a bad file stops the run before any training. The Distiller then
+calls :meth:`Evaluator.metrics` before training (teacher and initial student) and at every
+evaluation of a stage, and :meth:`Evaluator.student_samples` at the end of each stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+
+from qwen_distillation.config.schema import EvalConfig
+from qwen_distillation.config.validate import normalise_mcq_sources
+from qwen_distillation.data.loading import load_records
+from qwen_distillation.data.manager import length_grouped_batches
+from qwen_distillation.data.sources import locate
+from qwen_distillation.evaluation.agreement import response_states, teacher_agreement
+from qwen_distillation.evaluation.mcq import MCQItem, mcq_accuracy, mcq_items
+from qwen_distillation.evaluation.samples import load_prompts, quality_samples
+from qwen_distillation.training.step import heldout_nll, supports_hidden_path
+
+AGREEMENT_METRICS = ("top1_agreement", "topk_overlap", "kl_to_teacher")
+EVAL_BATCH_SIZE = 8
+
+
+class Evaluator:
+    """The evaluations of one run, over prepared held-out batches, MCQ items and prompts.
+
+    Args:
+        teacher: the frozen teacher; a model that *is* the teacher gets no agreement metrics
+            (they would be trivially perfect).
+        heldout: set name -> collated batches (``length_grouped_batches``) on the device.
+        vocab_size: logit columns shared by teacher and student (``len(tokenizer)``).
+        agreement, agreement_top_k: teacher agreement on every held-out set, with k of
+            ``topk_overlap``.
+        mcq_sets: set name -> items, scored by answer-letter log-likelihood.
+        prompts: rows of a prompts file for the quality samples (empty: no samples).
+        autocast: returns the run's autocast context (fp32 runs get a disabled one).
+    """
+
+    def __init__(self, *, teacher: torch.nn.Module, tokenizer, vocab_size: int, heldout: dict[str, list[dict]],
+                 agreement: bool = False, agreement_top_k: int = 5, mcq_sets: dict[str, list[MCQItem]] | None = None,
+                 prompts: list[dict] | None = None, max_new_tokens: int = 64,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        self.teacher = teacher
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.heldout = heldout
+        self.agreement = agreement
+        self.agreement_top_k = agreement_top_k
+        self.mcq_sets = mcq_sets or {}
+        self.prompts = prompts or []
+        self.max_new_tokens = max_new_tokens
+        self.autocast = autocast
+        self._teacher_states: dict[str, list[torch.Tensor] | None] = {}
+
+    def _states(self, name: str) -> list[torch.Tensor] | None:
+        """The teacher's final hidden states at the response positions of a held-out set, computed
+        on first use and kept: the teacher is frozen, so later evaluations run only its lm_head.
+        (H floats per response token; a teacher whose logits are not a plain projection of its
+        states would need its full logits kept, so it is simply run again: None.)"""
+        if name not in self._teacher_states:
+            keep = supports_hidden_path(self.teacher)
+            self._teacher_states[name] = [response_states(self.teacher.eval(), batch)
+                                          for batch in self.heldout[name]] if keep else None
+        return self._teacher_states[name]
+
+    def metrics(self, model: torch.nn.Module) -> dict[str, float]:
+        """``eval/<set>_nll`` and ``eval/<set>_ppl`` for every held-out set; with agreement on
+        (and ``model`` not the teacher) ``eval/<set>_top1_agreement``, ``eval/<set>_topk_overlap``,
+        ``eval/<set>_kl_to_teacher``; ``eval/mcq/<name>_accuracy`` for every MCQ set.
+
+        With agreement on, a student's NLL comes from the agreement pass (the same mean NLL per
+        response token as ``heldout_nll``, equal to float rounding), so the student runs once."""
+        out: dict[str, float] = {}
+        was_training = model.training
+        is_teacher = model is self.teacher
+        with self.autocast():
+            for name, batches in self.heldout.items():
+                if self.agreement and not is_teacher:
+                    agree = teacher_agreement(model, self.teacher, batches, self.vocab_size,
+                                              topk=self.agreement_top_k, teacher_states=self._states(name))
+                    nll = agree["nll"]
+                else:
+                    agree, nll = {}, heldout_nll(model, batches, self.vocab_size)["nll"]
+                out[f"eval/{name}_nll"] = nll
+                out[f"eval/{name}_ppl"] = math.exp(min(nll, 50.0))  # as heldout_nll caps it
+                out.update({f"eval/{name}_{key}": agree[key] for key in AGREEMENT_METRICS if key in agree})
+            for name, items in self.mcq_sets.items():
+                out[f"eval/mcq/{name}_accuracy"] = mcq_accuracy(model, self.tokenizer, items,
+                                                                vocab_size=self.vocab_size)["accuracy"]
+        model.train(was_training)
+        return out
+
+    def _answers(self, name: str, model: torch.nn.Module) -> list[dict]:
+        with self.autocast():
+            return quality_samples({name: model}, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens)
+
+    def teacher_samples(self) -> list[dict]:
+        """Rows ``{lang, domain, prompt, teacher}``: the teacher's greedy answers (once per run)."""
+        return self._answers("teacher", self.teacher)
+
+    def student_samples(self, student: torch.nn.Module, teacher_rows: list[dict]) -> list[dict]:
+        """``teacher_rows`` with the student's greedy answer added as ``student``, side by side."""
+        student_rows = self._answers("student", student)
+        return [{**teacher_row, "student": row["student"]} for teacher_row, row in zip(teacher_rows, student_rows,
+                                                                                       strict=True)]
+
+    def prompts_match(self, rows: list[dict] | None) -> bool:
+        """Whether cached sample rows answer exactly the current prompts."""
+        return bool(rows) and [row.get("prompt") for row in rows] == [p["prompt"] for p in self.prompts]
+
+
+def load_mcq_sets(sources, max_items: int | None) -> dict[str, list[MCQItem]]:
+    """``eval.mcq`` entries -> set name -> items (the first ``max_items`` records of each)."""
+    return {source.name: mcq_items(load_records(locate(source.path), split=source.split, subset=source.subset,
+                                                max_records=max_items), source.format, source=source.path)
+            for source in sources}
+
+
+def build_evaluator(cfg: EvalConfig, *, teacher: torch.nn.Module, tokenizer, vocab_size: int,
+                    eval_sets: dict[str, list[dict]], pad_token_id: int, device: torch.device,
+                    autocast: Callable[[], contextlib.AbstractContextManager]) -> Evaluator:
+    """The run's :class:`Evaluator` from the ``eval`` node and the encoded held-out sets."""
+    heldout = {name: length_grouped_batches(examples, EVAL_BATCH_SIZE, pad_token_id, device)
+               for name, examples in eval_sets.items()}
+    mcq_sets = load_mcq_sets(normalise_mcq_sources("eval.mcq", cfg.mcq), cfg.mcq_max_items)
+    prompts = load_prompts(locate(cfg.prompts), cfg.samples_max_prompts) if cfg.samples else []
+    return Evaluator(teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size, heldout=heldout,
+                     agreement=cfg.agreement, agreement_top_k=cfg.agreement_top_k, mcq_sets=mcq_sets,
+                     prompts=prompts, max_new_tokens=cfg.max_new_tokens, autocast=autocast)
