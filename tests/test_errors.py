@@ -51,7 +51,8 @@ def _write(path, text: str):
 
 
 @pytest.mark.parametrize("case", ["malformed_jsonl", "missing_fields", "empty_after_filtering",
-                                  "missing_checkpoint", "unknown_key", "missing_data_file", "qlora_on_cpu"])
+                                  "missing_checkpoint", "unknown_key", "missing_data_file", "bad_mcq_record",
+                                  "qlora_on_cpu"])
 def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path, capsys):
     before = _snapshot(finished_run)
     base = tiny_overrides(finished_run, steps=1) + ["end_stage=1", "overwrite_output_dir=true"]
@@ -75,6 +76,10 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
     elif case == "missing_data_file":
         argv = base + ["--medical_dataset", str(tmp_path / "missing.jsonl")]
         expected = ["missing.jsonl", "not found"]
+    elif case == "bad_mcq_record":  # eval.mcq is loaded with the data, before the old run is cleared
+        bad = _write(tmp_path / "mcq.jsonl", '{"question": "q", "A": "a", "B": "b", "C": "c", "D": "d", '
+                                             '"answer": "F"}\n')
+        argv, expected = base + [f"eval.mcq=['{bad}']"], [f"{bad} record 1", "'answer'", "['A', 'B', 'C', 'D']"]
     else:
         argv, expected = base + ["--use_qlora", "train.device=cpu"], ["--use_qlora", "CUDA GPU", "--use_lora"]
     code, output = _cli(argv, capsys)
