@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter; the flag is read when triton is
+# imported, so it is set here, before any test module imports the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 

@@ -25,7 +25,8 @@ class _FusedLinearKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, options, num_valid):
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels, options,
+                num_valid):
         kind, temperature, ce_weight, kd_weight, chunk_size, ignore_index, beta, alpha = options
         hidden, weight = student_hidden.detach(), student_weight.detach()
         sum_dtype = torch.promote_types(hidden.dtype, torch.float32)
@@ -43,8 +44,9 @@ class _FusedLinearKD(torch.autograd.Function):
                 kd_sum = torch.zeros((), dtype=sum_dtype, device=hidden.device)
                 if kd_weight != 0:
                     with torch.no_grad():
-                        teacher_logits = teacher_hidden[start:end] @ teacher_weight.T
-                    kd_sum = divergence(kind, logits, teacher_logits, chunk_labels, temperature=temperature,
+                        chunk_teacher = (teacher_logits[start:end] if teacher_logits is not None
+                                         else teacher_hidden[start:end] @ teacher_weight.T)
+                    kd_sum = divergence(kind, logits, chunk_teacher, chunk_labels, temperature=temperature,
                                         ignore_index=ignore_index, reduction="sum", beta=beta, alpha=alpha)
                     total = total + kd_weight * kd_sum
                 (grad_logits,) = torch.autograd.grad(total, logits)
@@ -64,16 +66,80 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None, None
+
+
+def prepare_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
+                         teacher_logits=None, kind, vocab_size, chunk_size, reduction):
+    """Check and flatten the inputs of a fused-linear KD loss (any kernel).
+
+    Returns ``(student_hidden (N, H_s), student_weight (V, H_s), teacher_hidden (N, H_t) | None,
+    teacher_weight (V, H_t) | None, teacher_logits (N, V) view | None, labels (N,))`` with both
+    weights (or the teacher logits' columns) cut to the shared ``V = vocab_size`` rows.
+    """
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; valid names: {sorted(DIVERGENCES)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    labels = labels.reshape(-1)
+    num_tokens = student_hidden.shape[0]
+    if labels.shape[0] != num_tokens:
+        raise ValueError(f"token counts differ: student_hidden {num_tokens}, labels {labels.shape[0]}")
+    if student_weight.shape[1] != student_hidden.shape[1]:
+        raise ValueError(
+            f"student_weight {tuple(student_weight.shape)} does not match hidden size {student_hidden.shape[1]}"
+        )
+    vocab_student = student_weight.shape[0]
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach()
+        if teacher_logits.shape[0] != num_tokens:
+            raise ValueError(f"token counts differ: student_hidden {num_tokens}, teacher_logits "
+                             f"{teacher_logits.shape[0]}")
+        vocab_teacher = teacher_logits.shape[1]
+        teacher_hidden = teacher_weight = None
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("pass teacher_hidden and teacher_weight, or teacher_logits")
+        teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+        if teacher_hidden.shape[0] != num_tokens:
+            raise ValueError(f"token counts differ: student_hidden {num_tokens}, teacher_hidden "
+                             f"{teacher_hidden.shape[0]}")
+        if teacher_weight.shape[1] != teacher_hidden.shape[1]:
+            raise ValueError(
+                f"teacher_weight {tuple(teacher_weight.shape)} does not match hidden size {teacher_hidden.shape[1]}"
+            )
+        vocab_teacher = teacher_weight.shape[0]
+    if vocab_size is None:
+        if vocab_student != vocab_teacher:
+            raise ValueError(
+                f"vocab sizes differ (student {vocab_student}, teacher {vocab_teacher}); "
+                "pass vocab_size to compare the shared leading columns"
+            )
+        vocab_size = vocab_student
+    elif not 0 < vocab_size <= min(vocab_student, vocab_teacher):
+        raise ValueError(
+            f"vocab_size must be in (0, {min(vocab_student, vocab_teacher)}], got {vocab_size}"
+        )
+    # Truncating the weight rows equals truncating the logit columns, and skips the padded matmul.
+    student_weight = student_weight[:vocab_size]
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits[:, :vocab_size]
+    else:
+        teacher_weight = teacher_weight[:vocab_size].detach()
+    return student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels
 
 
 def chunked_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
     labels: torch.Tensor,
     *,
+    teacher_logits: torch.Tensor | None = None,
     kind: str,
     temperature: float,
     ce_weight: float,
@@ -99,6 +165,8 @@ def chunked_kd_loss(
         teacher_hidden (torch.Tensor): shape (N, H_t) (or (..., H_t)), the teacher's final hidden
             states; treated as constant.
         teacher_weight (torch.Tensor): shape (V_t, H_t), the teacher lm_head weight; constant.
+        teacher_logits (torch.Tensor | None): shape (N, V_t), precomputed teacher logits used
+            instead of ``teacher_hidden @ teacher_weight.T`` (pass None for those two then).
         labels (torch.Tensor): shape (N,) (or (...)), int64, already shifted for next-token
             prediction; positions equal to ``ignore_index`` are masked in both terms.
         kind (str): a key of ``DIVERGENCES``, e.g. "forward_kl" = KL(p_teacher || q_student).
@@ -117,47 +185,11 @@ def chunked_kd_loss(
         tuple[torch.Tensor, dict[str, torch.Tensor]]: the weighted scalar loss, and
         ``{"ce": .., "kd": ..}``, the two unweighted terms under ``reduction``, detached.
     """
-    if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {kind!r}; valid names: {sorted(DIVERGENCES)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
-    labels = labels.reshape(-1)
-    num_tokens = student_hidden.shape[0]
-    if teacher_hidden.shape[0] != num_tokens or labels.shape[0] != num_tokens:
-        raise ValueError(
-            f"token counts differ: student_hidden {num_tokens}, teacher_hidden "
-            f"{teacher_hidden.shape[0]}, labels {labels.shape[0]}"
-        )
-    if student_weight.shape[1] != student_hidden.shape[1]:
-        raise ValueError(
-            f"student_weight {tuple(student_weight.shape)} does not match hidden size {student_hidden.shape[1]}"
-        )
-    if teacher_weight.shape[1] != teacher_hidden.shape[1]:
-        raise ValueError(
-            f"teacher_weight {tuple(teacher_weight.shape)} does not match hidden size {teacher_hidden.shape[1]}"
-        )
-    vocab_student, vocab_teacher = student_weight.shape[0], teacher_weight.shape[0]
-    if vocab_size is None:
-        if vocab_student != vocab_teacher:
-            raise ValueError(
-                f"vocab sizes differ (student {vocab_student}, teacher {vocab_teacher}); "
-                "pass vocab_size to compare the shared leading columns"
-            )
-        vocab_size = vocab_student
-    elif not 0 < vocab_size <= min(vocab_student, vocab_teacher):
-        raise ValueError(
-            f"vocab_size must be in (0, {min(vocab_student, vocab_teacher)}], got {vocab_size}"
-        )
-    # Truncating the weight rows equals truncating the logit columns, and skips the padded matmul.
-    student_weight = student_weight[:vocab_size]
-    teacher_weight = teacher_weight[:vocab_size].detach()
-
+    student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels = prepare_fused_inputs(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, teacher_logits=teacher_logits,
+        kind=kind, vocab_size=vocab_size, chunk_size=chunk_size, reduction=reduction)
     num_valid = (labels != ignore_index).sum().clamp(min=1) if reduction == "mean" else None
     loss, ce_total, kd_total = _FusedLinearKD.apply(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+        student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
         (kind, temperature, ce_weight, kd_weight, chunk_size, ignore_index, beta, alpha), num_valid)
     return loss, {"ce": ce_total, "kd": kd_total}
