@@ -123,6 +123,9 @@ class LossConfig:
         forward_kl = KL(p_teacher || q_student), reverse_kl = KL(q_student || p_teacher),
         jsd (generalised JSD with ``jsd_beta``; 0 -> forward KL, 1 -> reverse KL),
         skew_forward_kl / skew_reverse_kl (with ``skew_alpha``), tv (total variation).
+    kernel: what computes the chunked CE + KD from hidden states: ``auto`` (the Triton kernel
+        on a CUDA device for forward_kl / reverse_kl / jsd, else torch), ``triton``, ``liger``
+        (Liger-Kernel, for comparison) or ``torch`` (the plain-torch reference).
     """
 
     weights: LossWeights = field(default_factory=LossWeights)
@@ -130,6 +133,7 @@ class LossConfig:
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
     chunk_size: int = 1024
+    kernel: str = "auto"
     balancing: BalancingConfig = field(default_factory=BalancingConfig)
     feature: FeatureLossConfig = field(default_factory=FeatureLossConfig)
     attention: AttentionLossConfig = field(default_factory=AttentionLossConfig)
@@ -234,6 +238,8 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    compile: bool = False
+    liger_kernels: bool = False
     max_bad_steps: int = 10
     num_threads: int = 0
 

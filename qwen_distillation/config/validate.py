@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from qwen_distillation.config.schema import DistillationConfig, EvalConfig, StageConfig
 from qwen_distillation.data.formats import FORMATS
 from qwen_distillation.errors import ConfigError
+from qwen_distillation.losses.fused import KERNELS, TRITON_KINDS
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
 RATIO_SCHEDULES = ("constant", "linear", "cosine", "step")
@@ -77,6 +78,10 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
            f"{key}.loss.weights.ce=1")
     loss = stage.loss
     _one_of(f"{key}.loss.kd", loss.kd, KD_KINDS)
+    _one_of(f"{key}.loss.kernel", loss.kernel, KERNELS)
+    if loss.kernel in ("triton", "liger"):
+        _check(loss.kd in TRITON_KINDS, f"{key}.loss.kernel", loss.kernel,
+               f"computes loss.kd in {sorted(TRITON_KINDS)}, not {loss.kd!r}", f"{key}.loss.kernel=auto")
     _one_of(f"{key}.loss.balancing.method", loss.balancing.method, BALANCING)
     _check(loss.balancing.gradnorm_lr > 0, f"{key}.loss.balancing.gradnorm_lr", loss.balancing.gradnorm_lr,
            "must be > 0", f"{key}.loss.balancing.gradnorm_lr=0.025")

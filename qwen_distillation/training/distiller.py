@@ -27,7 +27,9 @@ from qwen_distillation.data.sources import DomainData, build_domain_data
 from qwen_distillation.errors import ConfigError, DistillationError
 from qwen_distillation.evaluation.direction import best_direction, improves
 from qwen_distillation.evaluation.samples import PROMPT_FIELDS, samples_markdown
+from qwen_distillation.losses.fused import resolve_kernel
 from qwen_distillation.modeling.pair import ModelPair, build_pair
+from qwen_distillation.modeling.speed import apply_speedups
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.metrics import MetricsLogger, scrub_secrets
 from qwen_distillation.training.balancing import Balancer
@@ -376,6 +378,9 @@ class Distiller:
         resume_from = max(state["completed_stages"], default=0) if state else 0
         self.pair: ModelPair = build_pair(cfg, device=self.device, teacher_dtype=self.teacher_dtype,
                                           output_dir=self.output_dir, resume_after_stage=resume_from)
+        self.speedups = apply_speedups([m for m in (self.pair.student, self.pair.teacher) if m is not None],
+                                       device=self.device, compile=cfg.train.compile,
+                                       liger_kernels=cfg.train.liger_kernels)
         self.data: DomainData = build_domain_data(cfg.data, self.pair.tokenizer, seed=cfg.data.split_seed)
         # Built before the output directory is touched: a bad MCQ or prompts file costs no old outputs.
         self.evaluator: Evaluator = build_evaluator(
@@ -386,6 +391,11 @@ class Distiller:
         indices = [i for i in range(cfg.start_stage, cfg.end_stage + 1) if getattr(cfg, STAGE_KEYS[i]).enabled]
         self.plans = {i: build_plan(getattr(cfg, STAGE_KEYS[i]), STAGE_KEYS[i], self.pair.student, self.pair.teacher,
                                     self.pair.vocab_size) for i in indices}
+        for i, plan in self.plans.items():
+            try:  # a kernel that cannot run here fails now, naming the stage, not at its first step
+                plan.kernel = resolve_kernel(plan.kernel, self.device, plan.kd)
+            except ValueError as err:
+                raise ConfigError(f"{STAGE_KEYS[i]}.{err}") from err
         self.heads = build_heads([getattr(cfg, STAGE_KEYS[i]) for i in indices], list(self.plans.values()),
                                  self.pair.student, self.pair.teacher).to(self.device)
         if resume_from:
@@ -430,6 +440,8 @@ class Distiller:
                 "tensorboard": str(self.output_dir / "tensorboard"),
                 "teacher": state["initial_eval"]["teacher"], "student_before": state["initial_eval"]["student"],
                 "student_after_stage": state.get("stage_eval", {}),
+                "loss_kernels": {str(i): plan.kernel for i, plan in self.plans.items()},
+                "speedups": self.speedups,
                 "samples": {s: str(self.output_dir / f"stage{s}" / "samples.md") for s in state["completed_stages"]
                             if (self.output_dir / f"stage{s}" / "samples.md").exists()}}
 

@@ -34,6 +34,7 @@ def build_plan(stage, key: str, student, teacher, vocab_size: int) -> LossPlan:
     weights = {WEIGHT_NAMES[name]: w for name, w in dataclasses.asdict(loss.weights).items() if w > 0}
     plan = LossPlan(weights=weights, vocab_size=vocab_size, kd=loss.kd, temperature=stage.temperature,
                     jsd_beta=loss.jsd_beta, skew_alpha=loss.skew_alpha, chunk_size=loss.chunk_size,
+                    kernel=loss.kernel,
                     separate_logit_terms=loss.balancing.method != "none",
                     feature_loss=loss.feature.loss, feature_normalize=loss.feature.normalize,
                     attention_mode=loss.attention.mode, relation_heads=loss.attention.relation_heads,

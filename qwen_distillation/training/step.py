@@ -18,7 +18,7 @@ from torch import nn
 
 from qwen_distillation.data.manager import IGNORE_INDEX
 from qwen_distillation.losses.attention import attention_distillation_loss
-from qwen_distillation.losses.chunked import chunked_kd_loss
+from qwen_distillation.losses.fused import fused_linear_kd
 from qwen_distillation.losses.contrastive import info_nce, masked_mean_pool
 from qwen_distillation.losses.feature import masked_feature_loss
 from qwen_distillation.losses.logit import cross_entropy, divergence
@@ -38,6 +38,7 @@ class LossPlan:
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
     chunk_size: int = 1024
+    kernel: str = "auto"
     separate_logit_terms: bool = False
     feature_pairs: list[tuple[int, int]] = field(default_factory=list)
     feature_loss: str = "mse"
@@ -142,16 +143,17 @@ def micro_batch_terms(student: nn.Module, teacher: nn.Module | None, batch: dict
             t_head = decoder_and_head(teacher)[1].weight
             t_valid = t_last[mask]
             kw = dict(kind=plan.kd, temperature=plan.temperature, vocab_size=plan.vocab_size,
-                      chunk_size=plan.chunk_size, beta=plan.jsd_beta, alpha=plan.skew_alpha, reduction="sum")
+                      chunk_size=plan.chunk_size, beta=plan.jsd_beta, alpha=plan.skew_alpha, reduction="sum",
+                      kernel=plan.kernel)
             if plan.separate_logit_terms:
-                ce, parts_ce = chunked_kd_loss(s_valid, s_head, t_valid, t_head, targets, ce_weight=1.0,
+                ce, parts_ce = fused_linear_kd(s_valid, s_head, t_valid, t_head, targets, ce_weight=1.0,
                                                kd_weight=0.0, **kw)
-                kd, parts_kd = chunked_kd_loss(s_valid, s_head, t_valid, t_head, targets, ce_weight=0.0,
+                kd, parts_kd = fused_linear_kd(s_valid, s_head, t_valid, t_head, targets, ce_weight=0.0,
                                                kd_weight=1.0, **kw)
                 terms.update({name: value for name, value in (("ce", ce), ("kd", kd)) if plan.active(name)})
                 info.update({"ce": float(parts_ce["ce"]), "kd": float(parts_kd["kd"])})
             else:
-                logit, parts = chunked_kd_loss(s_valid, s_head, t_valid, t_head, targets, ce_weight=w_ce,
+                logit, parts = fused_linear_kd(s_valid, s_head, t_valid, t_head, targets, ce_weight=w_ce,
                                                kd_weight=w_kd, **kw)
                 terms["logit"] = logit
                 info.update({"ce": float(parts["ce"]), "kd": float(parts["kd"])})
