@@ -217,6 +217,8 @@ def test_samples_go_to_wandb_as_tables(eval_run):
 def test_report_and_printout_show_agreement_mcq_and_samples(eval_run, capsys):
     out, summary, _, _ = eval_run
     report = (out / "report.md").read_text()
+    for image in ("eval.png", "agreement.png", "mcq.png"):
+        assert f"report/{image}" in report and (out / "report" / image).stat().st_size > 1000
     assert "## Quality samples" in report and "[`stage2/samples.md`](stage2/samples.md)" in report
     assert "| lang | domain | prompt | teacher | student |" in report
     assert "| `eval/mcq/medical_mcq_accuracy` |" in report

@@ -244,15 +244,28 @@ def plot_medical_ratio(train: list[dict], path: Path, frame: Frame) -> bool:
     return True
 
 
-def plot_eval(evals: list[dict], summary: dict, path: Path, frame: Frame) -> bool:
-    keys = sorted({k for r in evals for k in r if k.startswith("eval/") and k.endswith("_nll")})
+EVAL_PLOTS = {
+    # file: (key prefix, key suffix, title, y label)
+    "eval.png": ("eval/", "_nll", "Held-out loss (lower is better)", "NLL (nats per response token)"),
+    "agreement.png": ("eval/", "_top1_agreement", "Top-1 agreement with the teacher (higher is better)",
+                      "top-1 agreement (fraction of tokens)"),
+    "mcq.png": ("eval/mcq/", "_accuracy", "Multiple-choice accuracy (higher is better)",
+                "accuracy (fraction of items)"),
+}
+
+
+def plot_eval(evals: list[dict], summary: dict, path: Path, frame: Frame, kind: str = "eval.png") -> bool:
+    """One student trajectory per eval metric of ``EVAL_PLOTS[kind]`` across stages, its value
+    before training (open marker) and the teacher's value (dotted) where the teacher has one."""
+    prefix, suffix, title, ylabel = EVAL_PLOTS[kind]
+    keys = sorted({k for r in evals for k in r if k.startswith(prefix) and k.endswith(suffix)})
     if not keys:
         return False
-    fig, ax = _axes("Held-out loss (lower is better)", "NLL (nats per response token)")
+    fig, ax = _axes(title, ylabel)
     before, teacher = summary.get("student_before") or {}, summary.get("teacher") or {}
     start_x = frame.xlim[0] + 0.5 if frame.xlim else 0.0
     for i, key in enumerate(keys):
-        color, name = f"C{i % 10}", key[len("eval/"):-len("_nll")]
+        color, name = f"C{i % 10}", key[len(prefix):-len(suffix)]
         # One trajectory across stages: the same student on the same held-out sets.
         xs, ys = series(evals, key, break_stages=False)
         markers = list(range(len(xs)))
@@ -383,6 +396,10 @@ CAPTIONS = {
     "medical_ratio.png": ("Medical ratio", "share of medical examples served each step against the "
                           "scheduled target."),
     "eval.png": ("Held-out NLL", "student evaluations (hollow marker: before training), teacher as dotted lines."),
+    "agreement.png": ("Agreement with the teacher", "top-1 match rate of the student's predictions with "
+                      "the teacher's on each held-out set (hollow marker: before training)."),
+    "mcq.png": ("Multiple-choice accuracy", "option log-likelihood accuracy per MCQ set (hollow marker: "
+                "before training), teacher as dotted lines."),
     "balancing.png": ("Loss balancing", "the `weight/*` multipliers chosen by the balancer."),
     "sampler.png": ("Hard-example sampler", "mean score of the pool and the share of hard examples served."),
 }
@@ -435,6 +452,8 @@ def _draw(train, evals, summary, rows, image_dir: Path) -> list[str]:
                                                   "learning rate (per optimizer step)"),
         "medical_ratio.png": lambda p: plot_medical_ratio(train, p, frame),
         "eval.png": lambda p: plot_eval(evals, summary, p, frame),
+        "agreement.png": lambda p: plot_eval(evals, summary, p, frame, "agreement.png"),
+        "mcq.png": lambda p: plot_eval(evals, summary, p, frame, "mcq.png"),
         "balancing.png": lambda p: plot_lines(train, weights, p, frame, "Loss balancing weights",
                                               "weight (multiplier of the loss term)"),
         "sampler.png": lambda p: plot_sampler(train, p, frame),
