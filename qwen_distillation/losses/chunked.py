@@ -132,64 +132,17 @@ def prepare_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher
     return student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels
 
 
-def chunked_kd_loss(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor | None,
-    teacher_weight: torch.Tensor | None,
-    labels: torch.Tensor,
-    *,
-    teacher_logits: torch.Tensor | None = None,
-    kind: str,
-    temperature: float,
-    ce_weight: float,
-    kd_weight: float,
-    vocab_size: int | None = None,
-    chunk_size: int = 1024,
-    ignore_index: int = -100,
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    reduction: str = "sum",
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``ce_weight * CE + kd_weight * KD`` computed ``chunk_size`` tokens at a time.
+def chunked_kd_loss(*args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The plain-torch path of :func:`qwen_distillation.losses.fused.fused_linear_kd` (same
+    arguments, ``kernel="torch"``): ``ce_weight * CE + kd_weight * KD`` computed
+    ``chunk_size`` tokens at a time.
 
-    Equal in value and gradient to projecting all tokens at once, truncating both logits with
-    ``align_vocab(.., vocab_size)`` and calling :func:`cross_entropy` and
-    ``divergence(kind, ..)`` on the result. The CE therefore also uses only the first
-    ``vocab_size`` student columns, so both terms see the same support (labels must be < vocab_size).
-
-    Args:
-        student_hidden (torch.Tensor): shape (N, H_s) (or (..., H_s), flattened), the student's
-            final hidden states (after the final norm); gets the gradient.
-        student_weight (torch.Tensor): shape (V_s, H_s), the student lm_head weight; gets the gradient.
-        teacher_hidden (torch.Tensor): shape (N, H_t) (or (..., H_t)), the teacher's final hidden
-            states; treated as constant.
-        teacher_weight (torch.Tensor): shape (V_t, H_t), the teacher lm_head weight; constant.
-        teacher_logits (torch.Tensor | None): shape (N, V_t), precomputed teacher logits used
-            instead of ``teacher_hidden @ teacher_weight.T`` (pass None for those two then).
-        labels (torch.Tensor): shape (N,) (or (...)), int64, already shifted for next-token
-            prediction; positions equal to ``ignore_index`` are masked in both terms.
-        kind (str): a key of ``DIVERGENCES``, e.g. "forward_kl" = KL(p_teacher || q_student).
-        temperature (float): softmax temperature of the divergence (CE is at T = 1).
-        ce_weight (float): weight of the cross-entropy term.
-        kd_weight (float): weight of the divergence term.
-        vocab_size (int | None): shared leading columns; None requires V_s == V_t.
-        chunk_size (int): tokens per chunk.
-        ignore_index (int): label value of masked positions.
-        beta (float): mixture weight for kind "jsd".
-        alpha (float): skew for kinds "skew_forward_kl" / "skew_reverse_kl".
-        reduction (str): "sum" (default, over valid tokens, for normalising over an accumulation
-            window) or "mean" (per valid token).
-
-    Returns:
-        tuple[torch.Tensor, dict[str, torch.Tensor]]: the weighted scalar loss, and
-        ``{"ce": .., "kd": ..}``, the two unweighted terms under ``reduction``, detached.
+    Equal in value and gradient to projecting all tokens at once, truncating both logits to
+    their first ``vocab_size`` columns and calling :func:`cross_entropy` and
+    ``divergence(kind, ..)`` on the result, for every divergence of ``DIVERGENCES``. The CE
+    therefore also uses only the first ``vocab_size`` student columns, so both terms see the
+    same support (labels must be < vocab_size).
     """
-    student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels = prepare_fused_inputs(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, teacher_logits=teacher_logits,
-        kind=kind, vocab_size=vocab_size, chunk_size=chunk_size, reduction=reduction)
-    num_valid = (labels != ignore_index).sum().clamp(min=1) if reduction == "mean" else None
-    loss, ce_total, kd_total = _FusedLinearKD.apply(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
-        (kind, temperature, ce_weight, kd_weight, chunk_size, ignore_index, beta, alpha), num_valid)
-    return loss, {"ce": ce_total, "kd": kd_total}
+    from qwen_distillation.losses.fused import fused_linear_kd
+
+    return fused_linear_kd(*args, kernel="torch", **kwargs)
