@@ -116,11 +116,10 @@ def bench_loss(args) -> dict:
                                                                              reduction="sum")
         loss.backward()
 
-    def ours(kernel, chunk, overlap=False):
+    def ours(kernel, chunk):
         def fn():
             loss, _ = fused_linear_kd(hs, ws, ht, wt, labels, kind="forward_kl", temperature=T, ce_weight=w,
-                                      kd_weight=w, chunk_size=chunk, kernel=kernel, reduction="sum",
-                                      overlap=overlap)
+                                      kd_weight=w, chunk_size=chunk, kernel=kernel, reduction="sum")
             loss.backward()
         return fn
 
@@ -171,8 +170,6 @@ def bench_loss(args) -> dict:
         run_arm(f"liger chunked_loss JSD beta=0 ({chunk})", liger(chunk), results, **kw)
     for chunk in args.chunks:
         run_arm(f"triton (this project, {chunk})", ours("triton", chunk), results, **kw)
-        if args.overlap:
-            run_arm(f"triton, stream overlap ({chunk})", ours("triton", chunk, overlap=True), results, **kw)
     for chunk in args.chunks:
         run_arm(f"floor: the 4 GEMMs alone ({chunk})", gemms_only(chunk), results, **kw)
         run_arm(f"the row kernel alone, all tokens ({chunk})", rows_only(chunk), results, **kw)
@@ -347,7 +344,6 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     loss = sub.add_parser("loss")
-    loss.add_argument("--overlap", action="store_true", help="also time the side-stream overlap")
     loss.add_argument("--tokens", type=int, default=8192)
     loss.add_argument("--vocab", type=int, default=151936)
     loss.add_argument("--student-hidden", type=int, default=1536)

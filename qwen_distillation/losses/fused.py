@@ -19,6 +19,9 @@ over valid tokens (``reduction="sum"``) or averaged (``"mean"``).
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 from torch import nn
 
@@ -30,8 +33,6 @@ TRITON_KINDS = frozenset(KIND_CODES)
 
 
 def _triton_runs_on(device: torch.device, allow_interpreter: bool) -> bool:
-    import os
-
     interpreting = allow_interpreter and os.environ.get("TRITON_INTERPRET") == "1"
     return triton_available() and (device.type == "cuda" or interpreting)
 
@@ -62,8 +63,6 @@ def resolve_kernel(kernel: str, device: torch.device | str, kind: str, *, allow_
     if kernel == "liger":
         if kind not in TRITON_KINDS:
             raise ValueError(f"loss.kernel=liger supports loss.kd in {sorted(TRITON_KINDS)}, not {kind!r}")
-        import importlib.util
-
         if importlib.util.find_spec("liger_kernel") is None:
             raise ValueError("loss.kernel=liger needs Liger-Kernel: pip install liger-kernel")
     return kernel
@@ -105,7 +104,6 @@ def fused_linear_kd(
     alpha: float = 0.1,
     reduction: str = "sum",
     kernel: str = "auto",
-    overlap: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``ce_weight * CE + kd_weight * KD`` from final hidden states, never materialising the
     ``[N, V]`` logits, with the kernel chosen by ``kernel``.
@@ -131,9 +129,6 @@ def fused_linear_kd(
         beta: JSD mixture weight; alpha: skew of the skew-KL kinds (torch only).
         reduction: ``sum`` over valid tokens or ``mean`` per valid token.
         kernel: ``auto``, ``triton``, ``liger`` or ``torch`` (see the module docstring).
-        overlap: ``triton`` on CUDA: project the next chunk on a side stream while the current
-            one's loss kernel and gradient matmuls run (two chunks of logits in memory; measured
-            slower on an H100, see docs/performance.md, so off by default).
 
     Returns:
         ``(loss, {"ce": ce, "kd": kd})``: scalar loss with a gradient to the student's hidden
@@ -151,7 +146,7 @@ def fused_linear_kd(
         loss, ce, kd = TritonFusedLinearKD.apply(
             student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
             (kind, float(temperature), float(ce_weight), float(kd_weight), int(chunk_size), int(ignore_index),
-             float(beta), reduction, bool(overlap)))
+             float(beta), reduction))
     elif name == "liger":
         if teacher_logits is not None:
             raise ValueError("loss.kernel=liger needs teacher hidden states and lm_head weight, not teacher logits")
@@ -178,13 +173,13 @@ class FusedLinearKDLoss(nn.Module):
 
     def __init__(self, *, kind: str = "forward_kl", temperature: float = 1.0, ce_weight: float = 0.5,
                  kd_weight: float = 0.5, chunk_size: int = 1024, ignore_index: int = -100, beta: float = 0.5,
-                 alpha: float = 0.1, reduction: str = "sum", kernel: str = "auto", overlap: bool = False):
+                 alpha: float = 0.1, reduction: str = "sum", kernel: str = "auto"):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r} is not one of {list(KERNELS)}")
         self.options = dict(kind=kind, temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
                             chunk_size=chunk_size, ignore_index=ignore_index, beta=beta, alpha=alpha,
-                            reduction=reduction, kernel=kernel, overlap=overlap)
+                            reduction=reduction, kernel=kernel)
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
                 teacher_logits=None, vocab_size=None):

@@ -203,7 +203,8 @@ def _interpreting() -> bool:
 def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, *,
             kind: str, temperature: float, ce_scale: float, kd_scale: float, beta: float = 0.5,
             ignore_index: int = -100, write_grad: bool = True, has_ce: bool = True,
-            block: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            block: int | None = None, num_warps: int | None = None,
+            out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the row kernel on one chunk of logits.
 
     Args:
@@ -214,6 +215,7 @@ def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
         kind: ``forward_kl``, ``reverse_kl`` or ``jsd`` (0 < beta < 1).
         temperature: the divergence's T (CE is at T = 1).
         ce_scale, kd_scale: gradient multipliers (weights, divided by the token count for a mean).
+        out: two contiguous fp32 ``[c]`` tensors to write ``(ce, kd)`` into.
 
     Returns:
         ``(ce, kd)``: fp32 ``[c]`` per-row CE and T**2-scaled divergence, zero on masked rows.
@@ -224,8 +226,10 @@ def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
     if student_logits.stride(1) != 1 or (teacher_logits is not None and teacher_logits.stride(1) != 1):
         raise ValueError("kd_rows needs logits whose last dimension is contiguous")
     has_kd = teacher_logits is not None
-    ce = torch.empty(rows, dtype=torch.float32, device=student_logits.device)
-    kd = torch.empty(rows, dtype=torch.float32, device=student_logits.device)
+    if out is None:
+        out = (torch.empty(rows, dtype=torch.float32, device=student_logits.device),
+               torch.empty(rows, dtype=torch.float32, device=student_logits.device))
+    ce, kd = out
     if rows == 0:
         return ce, kd
     teacher = teacher_logits if has_kd else student_logits
@@ -282,16 +286,13 @@ class TritonFusedLinearKD(torch.autograd.Function):
     last two detached, each summed over valid tokens or averaged per valid token.
 
     Nothing here waits for the GPU: the token count of a mean stays a device tensor and scales
-    the stored gradients in backward. With ``overlap`` (CUDA), the next chunk's two projections
-    run on a side stream while the row kernel (memory-bound) and the gradient matmuls of the
-    current chunk run on the main one; that holds two chunks' logits at once.
+    the stored gradients in backward.
     """
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
                 options):
-        kind, temperature, ce_weight, kd_weight, chunk_size, ignore_index, beta, reduction = options[:8]
-        overlap = len(options) > 8 and options[8] and student_hidden.is_cuda
+        kind, temperature, ce_weight, kd_weight, chunk_size, ignore_index, beta, reduction = options
         need_grad = student_hidden.requires_grad or student_weight.requires_grad
         dtype = _matmul_dtype(student_hidden, student_weight)
         hidden = student_hidden.detach().to(dtype)
@@ -302,57 +303,28 @@ class TritonFusedLinearKD(torch.autograd.Function):
             t_dtype = _matmul_dtype(teacher_hidden, teacher_weight)
             t_hidden, t_weight = teacher_hidden.detach().to(t_dtype), teacher_weight.detach().to(t_dtype)
         num_tokens = hidden.shape[0]
-        ce_rows = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
-        kd_rows_ = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
+        ce_rows = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+        kd_rows_ = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         # The weight gradient accumulates in the weight's own dtype (fp32 master weights: fp32;
         # pure bf16 training: bf16, as Liger does), which keeps its memory at one weight's size.
         acc_dtype = student_weight.dtype
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_grad else None
-        starts = list(range(0, num_tokens, chunk_size))
-
-        def project(start):
+        for start in range(0, num_tokens, chunk_size):
             end = min(start + chunk_size, num_tokens)
             logits = hidden[start:end] @ weight.T
             t_logits = None
             if has_kd:
                 t_logits = (teacher_logits[start:end] if teacher_logits is not None
                             else t_hidden[start:end] @ t_weight.T)
-            return logits, t_logits
-
-        main = side = None
-        if overlap and len(starts) > 1:
-            main, side = torch.cuda.current_stream(), torch.cuda.Stream()
-            side.wait_stream(main)  # the inputs are ready
-            with torch.cuda.stream(side):
-                pending = (project(starts[0]), side.record_event())
-        else:
-            pending = None
-        for index, start in enumerate(starts):
-            end = min(start + chunk_size, num_tokens)
-            if pending is not None:
-                (logits, t_logits), ready = pending
-                main.wait_event(ready)
-                logits.record_stream(main)
-                if t_logits is not None:
-                    t_logits.record_stream(main)
-                if index + 1 < len(starts):
-                    with torch.cuda.stream(side):
-                        pending = (project(starts[index + 1]), side.record_event())
-            else:
-                logits, t_logits = project(start)
-            ce_c, kd_c = kd_rows(logits, t_logits, labels[start:end], kind=kind, temperature=temperature,
-                                 ce_scale=ce_weight, kd_scale=kd_weight, beta=beta, ignore_index=ignore_index,
-                                 write_grad=need_grad)
-            ce_rows[start:end] = ce_c
-            kd_rows_[start:end] = kd_c
+            kd_rows(logits, t_logits, labels[start:end], kind=kind, temperature=temperature, ce_scale=ce_weight,
+                    kd_scale=kd_weight, beta=beta, ignore_index=ignore_index, write_grad=need_grad,
+                    out=(ce_rows[start:end], kd_rows_[start:end]))
             del t_logits
             if need_grad:
                 torch.mm(logits, weight, out=grad_hidden[start:end])
                 _accumulate_weight_grad(grad_weight, logits, hidden[start:end])
             del logits
-        if main is not None:
-            side.wait_stream(main)  # the side stream's buffers are freed after the main stream's use
         scale = torch.ones((), dtype=torch.float32, device=hidden.device)
         if reduction == "mean":
             scale = 1.0 / (labels != ignore_index).sum().clamp(min=1).float()

@@ -82,9 +82,14 @@ def _capture_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         module.config = view
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The model under a peft wrapper (the model itself when it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def find_decoder(model: nn.Module) -> nn.Module:
     """The decoder stack (the module with ``layers``) of a causal LM, also through peft."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
     if not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
         raise ConfigError(
@@ -153,7 +158,7 @@ class Capture:
     def __init__(self, model: nn.Module, hidden_layers: Iterable[int] = (), qkv_layers: Iterable[int] = ()):
         self.decoder = find_decoder(model)
         num_layers = len(self.decoder.layers)
-        name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+        name = type(base_model(model)).__name__
         self.hidden_layers = _check_layers("hidden_layers", hidden_layers, num_layers, name)
         self.qkv_layers = _check_layers("qkv_layers", qkv_layers, num_layers, name)
         self.hidden: dict[int, torch.Tensor] = {}

@@ -22,12 +22,9 @@ import torch
 from torch import nn
 
 from qwen_distillation.errors import ConfigError
+from qwen_distillation.modeling.capture import base_model
 
 log = logging.getLogger(__name__)
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def apply_speedups(models: list[nn.Module], *, device: torch.device, compile: bool = False,
@@ -46,12 +43,12 @@ def apply_speedups(models: list[nn.Module], *, device: torch.device, compile: bo
         except ImportError as err:
             raise ConfigError("train.liger_kernels=true needs Liger-Kernel: pip install liger-kernel") from err
         for model in models:
-            _apply_liger_kernel_to_instance(model=_base(model), rope=True, rms_norm=True, swiglu=True,
+            _apply_liger_kernel_to_instance(model=base_model(model), rope=True, rms_norm=True, swiglu=True,
                                             cross_entropy=False, fused_linear_cross_entropy=False)
         applied.append("liger_kernels")
     if compile:
         for model in models:
-            _base(model).get_decoder().compile()
+            base_model(model).get_decoder().compile()
         applied.append("compile")
     if applied:
         log.info("speed levers: %s", ", ".join(applied))

@@ -18,11 +18,11 @@ from torch import nn
 
 from qwen_distillation.data.manager import IGNORE_INDEX
 from qwen_distillation.losses.attention import attention_distillation_loss
-from qwen_distillation.losses.fused import fused_linear_kd
 from qwen_distillation.losses.contrastive import info_nce, masked_mean_pool
 from qwen_distillation.losses.feature import masked_feature_loss
+from qwen_distillation.losses.fused import fused_linear_kd
 from qwen_distillation.losses.logit import cross_entropy, divergence
-from qwen_distillation.modeling.capture import Capture
+from qwen_distillation.modeling.capture import Capture, base_model
 
 TOKEN_TERMS = ("ce", "kd", "feature", "attention")
 
@@ -58,21 +58,17 @@ class LossPlan:
         return any(self.active(n) for n in ("kd", "feature", "attention", "contrastive"))
 
 
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The decoder stack (returns final hidden states) and the lm_head of a causal LM,
     also through a peft wrapper."""
-    base = _base(model)
+    base = base_model(model)
     return base.get_decoder(), base.get_output_embeddings()
 
 
 def supports_hidden_path(model: nn.Module) -> bool:
     """Whether logits are exactly ``hidden @ lm_head.weight.T`` (no bias, scaling or softcap),
     so the loss can be computed from hidden states in chunks."""
-    base = _base(model)
+    base = base_model(model)
     head, config = base.get_output_embeddings(), base.config
     return (isinstance(head, nn.Linear) and head.bias is None
             and getattr(config, "final_logit_softcapping", None) is None
