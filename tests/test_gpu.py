@@ -58,6 +58,24 @@ def test_stages_run_through_the_fused_kernel_by_default_and_match_the_torch_path
             assert got == pytest.approx(want, rel=2e-2, abs=2e-2), (fused, reference)
 
 
+def test_teacher_stream_overlaps_without_changing_the_losses(tmp_path):
+    # Stages 1 and 2 (stage 2 with feature, attention and contrastive terms: captured teacher
+    # states cross from the side stream to the student's) with the teacher's forward on a side
+    # stream (the default on CUDA) and without: the same kernels on the same batches.
+    losses = {}
+    for enabled in (True, False):
+        out = tmp_path / str(enabled)
+        summary = run(compose_config(tiny_overrides(out, steps=4) + ["train.device=cuda", "end_stage=2",
+                                                                    f"train.teacher_stream={enabled}"]))
+        assert summary["teacher_stream"] is enabled
+        losses[enabled] = [(r["stage"], r["step"], r["loss"], r["loss/ce"], r["loss/kd"]) for r in train_rows(out)]
+    assert len(losses[True]) == len(losses[False]) == 8
+    for overlapped, serial in zip(losses[True], losses[False]):
+        assert overlapped[:2] == serial[:2]
+        for got, want in zip(overlapped[2:], serial[2:]):
+            assert got == pytest.approx(want, rel=1e-3, abs=1e-4), (overlapped, serial)
+
+
 # compile first: Liger's patches replace the model family's RMSNorm / RoPE for the whole process.
 @pytest.mark.parametrize("lever", ["train.compile=true", "train.liger_kernels=true"])
 def test_speed_levers_run_a_stage(tmp_path, lever):

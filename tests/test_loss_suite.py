@@ -10,6 +10,7 @@ import torch
 
 from conftest import compose_config, tiny_overrides, train_rows
 from qwen_distillation.app import run
+from qwen_distillation.losses.feature import FeatureProjector
 from qwen_distillation.modeling import capture as capture_module
 from qwen_distillation.training import step as step_module
 from qwen_distillation.training.step import LossPlan, micro_batch_terms
@@ -110,3 +111,23 @@ def test_teacher_is_not_run_when_no_term_needs_it(monkeypatch):
     teacher.model.forward = teacher.forward
     terms, info = micro_batch_terms(student, teacher, batch, LossPlan(weights={"ce": 1.0}, vocab_size=64))
     assert set(terms) == {"logit"} and info["kd"] == 0.0
+
+
+@pytest.mark.parametrize("chunk_size", [4, 0], ids=["hidden-state path", "full-logits path"])
+def test_training_forwards_build_no_kv_cache(chunk_size):
+    # transformers builds a DynamicCache (a copy of every layer's keys and values) unless told
+    # use_cache=False; nothing is generated in a training step, so both models must be told.
+    teacher, student = _tiny_pair()
+    ids = torch.randint(0, 64, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    seen = []
+    for model in (teacher.model, student.model):
+        model.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(kwargs.get("use_cache")),
+                                        with_kwargs=True)
+    plan = LossPlan(weights={"kd": 0.5, "ce": 0.5, "feature": 1.0}, vocab_size=64, feature_pairs=[(0, 1)],
+                    chunk_size=chunk_size, teacher_stream=True)  # the side stream is CUDA-only: ignored here
+    heads = step_module.Heads(feature=FeatureProjector([(0, 1)], student.config.hidden_size,
+                                                       teacher.config.hidden_size))
+    terms, info = micro_batch_terms(student, teacher, batch, plan, heads)
+    assert seen == [False, False]
+    assert set(terms) == {"logit", "feature"} and info["kd"] > 0

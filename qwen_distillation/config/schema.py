@@ -240,6 +240,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     liger_kernels: bool = False
+    teacher_stream: bool = True
     max_bad_steps: int = 10
     num_threads: int = 0
 

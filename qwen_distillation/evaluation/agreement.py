@@ -27,7 +27,8 @@ def response_states(model: nn.Module, batch: dict[str, torch.Tensor],
     if mask is None:
         mask = position_mask(batch["labels"])
     device = model_device(model)
-    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+              "use_cache": False}
     if supports_hidden_path(model):
         decoder, _ = decoder_and_head(model)
         return decoder(**inputs).last_hidden_state[mask.to(device)]

@@ -255,7 +255,7 @@ def option_scores(model: nn.Module, tokenizer, items: list[MCQItem], *, vocab_si
         for b, (_, ids, _) in enumerate(chunk):
             input_ids[b, :len(ids)] = torch.tensor(ids)
             attention_mask[b, :len(ids)] = 1
-        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "use_cache": False}
         batch_rows = torch.tensor([b for b, (_, _, queries) in enumerate(chunk) for _ in queries], device=device)
         positions = torch.tensor([q[0] for _, _, queries in chunk for q in queries], device=device)
         targets = torch.tensor([q[1] for _, _, queries in chunk for q in queries], device=device)

@@ -378,6 +378,8 @@ class Distiller:
         resume_from = max(state["completed_stages"], default=0) if state else 0
         self.pair: ModelPair = build_pair(cfg, device=self.device, teacher_dtype=self.teacher_dtype,
                                           output_dir=self.output_dir, resume_after_stage=resume_from)
+        self.teacher_stream = bool(cfg.train.teacher_stream and self.device.type == "cuda"
+                                   and self.pair.teacher is not None)
         self.speedups = apply_speedups([m for m in (self.pair.student, self.pair.teacher) if m is not None],
                                        device=self.device, compile=cfg.train.compile,
                                        liger_kernels=cfg.train.liger_kernels)
@@ -396,6 +398,7 @@ class Distiller:
                 plan.kernel = resolve_kernel(plan.kernel, self.device, plan.kd)
             except ValueError as err:
                 raise ConfigError(f"{STAGE_KEYS[i]}.{err}") from err
+            plan.teacher_stream = self.teacher_stream
         self.heads = build_heads([getattr(cfg, STAGE_KEYS[i]) for i in indices], list(self.plans.values()),
                                  self.pair.student, self.pair.teacher).to(self.device)
         if resume_from:
@@ -442,6 +445,7 @@ class Distiller:
                 "student_after_stage": state.get("stage_eval", {}),
                 "loss_kernels": {str(i): plan.kernel for i, plan in self.plans.items()},
                 "speedups": self.speedups,
+                "teacher_stream": self.teacher_stream,
                 "samples": {s: str(self.output_dir / f"stage{s}" / "samples.md") for s in state["completed_stages"]
                             if (self.output_dir / f"stage{s}" / "samples.md").exists()}}
 

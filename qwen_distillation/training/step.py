@@ -49,6 +49,7 @@ class LossPlan:
     attention_chunk: int = 256
     contrastive_temperature: float = 0.1
     domain_aware: bool = False
+    teacher_stream: bool = False
 
     def active(self, name: str) -> bool:
         return self.weights.get(name, 0.0) > 0
@@ -102,6 +103,35 @@ def _forward(model, inputs, *, hidden_layers, qkv_layers, grad: bool):
     return last, capture
 
 
+_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def run_pair(student_pass, teacher_pass, *, concurrent: bool):
+    """``(student_pass(), teacher_pass())`` (``(None, None)`` for a missing teacher pass).
+
+    With ``concurrent`` (CUDA), the frozen teacher's forward is launched first on a side stream
+    and the student's on the current stream, so the GPU fills the gaps while the host launches
+    one model's kernels with the other's (7B -> 1.5B step 374.5 -> 358.9 ms on an H100,
+    docs/performance.md); the current stream then waits for the side stream, so everything
+    after this reads finished teacher outputs. The side stream first waits for the current one, so a block the teacher
+    frees is reused by the next teacher pass only after every kernel queued before that pass
+    (the ones that read the teacher's outputs included) has run. The arithmetic is unchanged.
+    """
+    if not concurrent or teacher_pass is None:
+        student_out = student_pass()
+        return student_out, (teacher_pass() if teacher_pass is not None else (None, None))
+    main = torch.cuda.current_stream()
+    side = _SIDE_STREAMS.get(main.device)
+    if side is None:
+        side = _SIDE_STREAMS[main.device] = torch.cuda.Stream(device=main.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        teacher_out = teacher_pass()
+    student_out = student_pass()
+    main.wait_stream(side)
+    return student_out, teacher_out
+
+
 def micro_batch_terms(student: nn.Module, teacher: nn.Module | None, batch: dict[str, torch.Tensor],
                       plan: LossPlan, heads: Heads | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Loss terms of one micro-batch.
@@ -115,7 +145,10 @@ def micro_batch_terms(student: nn.Module, teacher: nn.Module | None, batch: dict
     labels = batch["labels"]
     mask = position_mask(labels)
     targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    # use_cache=False: nothing is generated here, and transformers would otherwise copy every
+    # layer's keys and values into a cache (docs/performance.md).
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    concurrent = plan.teacher_stream and batch["input_ids"].is_cuda
     use_teacher = teacher is not None and plan.needs_teacher
     s_feat = [s for s, _ in plan.feature_pairs] if plan.active("feature") else []
     t_feat = [t for _, t in plan.feature_pairs] if plan.active("feature") else []
@@ -128,11 +161,13 @@ def micro_batch_terms(student: nn.Module, teacher: nn.Module | None, batch: dict
     w_ce, w_kd = plan.weights.get("ce", 0.0), plan.weights.get("kd", 0.0)
 
     if hidden_path:
-        s_last, s_cap = _forward(student, inputs, hidden_layers=s_feat, qkv_layers=s_attn, grad=True)
-        t_last = t_cap = None
-        if use_teacher:
+        def teacher_pass():
             with torch.no_grad():
-                t_last, t_cap = _forward(teacher, inputs, hidden_layers=t_feat, qkv_layers=t_attn, grad=False)
+                return _forward(teacher, inputs, hidden_layers=t_feat, qkv_layers=t_attn, grad=False)
+
+        (s_last, s_cap), (t_last, t_cap) = run_pair(
+            lambda: _forward(student, inputs, hidden_layers=s_feat, qkv_layers=s_attn, grad=True),
+            teacher_pass if use_teacher else None, concurrent=concurrent and use_teacher)
         s_head = decoder_and_head(student)[1].weight
         s_valid = s_last[mask]
         if w_kd > 0 and use_teacher:
@@ -159,16 +194,23 @@ def micro_batch_terms(student: nn.Module, teacher: nn.Module | None, batch: dict
             info.update({"ce": float(ce.detach()), "kd": 0.0})
     else:
         # Full-logits path: models whose logits are not a plain projection of the hidden states.
-        with Capture(student, hidden_layers=s_feat, qkv_layers=s_attn) as s_cap:
-            out = student(**inputs, output_hidden_states=plan.active("contrastive"))
+        def full_pass(model, hidden_layers, qkv_layers):
+            with Capture(model, hidden_layers=hidden_layers, qkv_layers=qkv_layers) as cap:
+                return model(**inputs, output_hidden_states=plan.active("contrastive")), cap
+
+        def teacher_pass():
+            with torch.no_grad():
+                return full_pass(teacher, t_feat, t_attn)
+
+        (out, s_cap), (t_out, t_cap) = run_pair(lambda: full_pass(student, s_feat, s_attn),
+                                                teacher_pass if use_teacher else None,
+                                                concurrent=concurrent and use_teacher)
         s_logits = out.logits[:, :-1][mask[:, :-1]][:, : plan.vocab_size]
         s_last = out.hidden_states[-1] if plan.active("contrastive") else None
         ce = cross_entropy(s_logits, targets, reduction="sum")
         kd = torch.zeros((), device=s_logits.device)
-        t_cap = t_last = None
+        t_last = None
         if use_teacher:
-            with torch.no_grad(), Capture(teacher, hidden_layers=t_feat, qkv_layers=t_attn) as t_cap:
-                t_out = teacher(**inputs, output_hidden_states=plan.active("contrastive"))
             t_last = t_out.hidden_states[-1] if plan.active("contrastive") else None
             if w_kd > 0:
                 t_logits = t_out.logits[:, :-1][mask[:, :-1]][:, : plan.vocab_size]
@@ -225,7 +267,8 @@ def per_example_nll(model: nn.Module, batch: dict[str, torch.Tensor], vocab_size
     labels = batch["labels"]
     mask = position_mask(labels)
     decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     use_cache=False).last_hidden_state
     rows = mask.nonzero()[:, 0]
     targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
     valid = hidden[mask]
