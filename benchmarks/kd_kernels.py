@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen_distillation.losses.fused import fused_linear_kd  # noqa: E402
 from qwen_distillation.losses.logit import forward_kl  # noqa: E402
+from qwen_distillation.training.step import run_pair  # noqa: E402
 
 QWEN = {
     "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -247,28 +248,67 @@ def bench_step(args) -> dict:
 
     bodies = {"student": student.model, "teacher": teacher.model}
 
-    def hidden_states():
-        hs = bodies["student"](input_ids=input_ids).last_hidden_state.reshape(-1, student.config.hidden_size)
-        with torch.no_grad():
-            ht = bodies["teacher"](input_ids=input_ids).last_hidden_state.reshape(-1, teacher.config.hidden_size)
-        return hs, ht
+    def hidden_states(levers=None):
+        """The decoders' final hidden states. ``levers``: ``use_cache=False`` (no KV cache:
+        transformers otherwise copies every layer's keys and values into one and keeps them) and
+        ``side_stream`` (the frozen teacher's forward on a second stream, concurrently with the
+        student's)."""
+        levers = levers or {"use_cache": None, "side_stream": False}
+        kw = {} if levers["use_cache"] is None else {"use_cache": levers["use_cache"]}
 
-    def liger_step(chunk):
+        def teacher_pass():
+            with torch.no_grad():
+                return bodies["teacher"](input_ids=input_ids, **kw).last_hidden_state
+
+        # The pipeline's own helper (qwen_distillation/training/step.py, train.teacher_stream).
+        hs, ht = run_pair(lambda: bodies["student"](input_ids=input_ids, **kw).last_hidden_state, teacher_pass,
+                          concurrent=levers["side_stream"])
+        return hs.reshape(-1, student.config.hidden_size), ht.reshape(-1, teacher.config.hidden_size)
+
+    def liger_step(chunk, levers=None):
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
         module = LigerFusedLinearJSDLoss(weight_hard_loss=w, weight_soft_loss=w, beta=0.0, temperature=T,
                                          chunk_size=chunk)
 
         def fn():
-            hs, ht = hidden_states()
+            hs, ht = hidden_states(levers)
             finish(module(hs, student.lm_head.weight, ht, teacher.lm_head.weight[:SHARED_VOCAB], flat_labels))
         return fn
 
-    def ours_step(chunk):
+    def ours_step(chunk, levers=None):
         def fn():
-            hs, ht = hidden_states()
+            hs, ht = hidden_states(levers)
             loss, _ = fused_linear_kd(hs, student.lm_head.weight, ht, teacher.lm_head.weight, flat_labels,
                                       kind="forward_kl", temperature=T, ce_weight=w, kd_weight=w,
+                                      vocab_size=SHARED_VOCAB, chunk_size=chunk, kernel="triton",
+                                      reduction="mean")
+            finish(loss)
+        return fn
+
+    def ahead_step(chunk):
+        # The teacher one batch ahead: its forward for the next batch runs on a side stream while
+        # the student's forward, backward and optimizer step of this batch run (the teacher is
+        # frozen, so its outputs do not depend on the step). Same batch each time here.
+        def fn():
+            main = torch.cuda.current_stream()
+            side = state.setdefault("side", torch.cuda.Stream())
+
+            def teacher_ahead():
+                side.wait_stream(main)
+                with torch.cuda.stream(side), torch.no_grad():
+                    state["ahead"] = bodies["teacher"](input_ids=input_ids, use_cache=False).last_hidden_state
+
+            if "ahead" not in state:
+                teacher_ahead()
+            main.wait_stream(side)
+            ht = state.pop("ahead")
+            ht.record_stream(main)
+            teacher_ahead()
+            hs = bodies["student"](input_ids=input_ids, use_cache=False).last_hidden_state
+            loss, _ = fused_linear_kd(hs.reshape(-1, student.config.hidden_size), student.lm_head.weight,
+                                      ht.reshape(-1, teacher.config.hidden_size), teacher.lm_head.weight,
+                                      flat_labels, kind="forward_kl", temperature=T, ce_weight=w, kd_weight=w,
                                       vocab_size=SHARED_VOCAB, chunk_size=chunk, kernel="triton",
                                       reduction="mean")
             finish(loss)
@@ -300,6 +340,12 @@ def bench_step(args) -> dict:
         print(f"compile: {time.perf_counter() - t0:.1f} s", flush=True)
         arm(f"ours KD + torch.compile ({args.chunks[0]})", ours_step(args.chunks[0]))
         arm(f"liger KD + torch.compile ({args.liger_chunk})", liger_step(args.liger_chunk))
+        if args.levers:
+            both = {"use_cache": False, "side_stream": True}
+            arm(f"ours KD + torch.compile + use_cache=False + teacher on a side stream ({args.chunks[0]})",
+                ours_step(args.chunks[0], both))
+            arm(f"liger KD + torch.compile + use_cache=False + teacher on a side stream ({args.liger_chunk})",
+                liger_step(args.liger_chunk, both))
         if args.mixed:
             # The frozen teacher compiled (inference: Inductor fuses it well), the trained
             # student with Liger's RMSNorm and SwiGLU patched into its modules (instance-level;
@@ -314,6 +360,27 @@ def bench_step(args) -> dict:
             arm(f"liger KD + compiled teacher + liger-patched student ({args.liger_chunk})",
                 liger_step(args.liger_chunk))
         bodies.update(student=student.model, teacher=teacher.model)
+    if args.compiled_student:
+        # The trained student compiled (Inductor fuses its norms, RoPE and SwiGLU, forward and
+        # backward), the frozen teacher with Liger's RMSNorm and SwiGLU patched into its modules
+        # (instance-level; HF RoPE, since Liger patches RoPE module-wide, into the student too).
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=teacher, rope=False, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False)
+        bodies.update(student=torch.compile(student.model))
+        t0 = time.perf_counter()
+        new_optimizer()
+        ours_step(args.chunks[0], {"use_cache": False, "side_stream": False})()
+        print(f"compile: {time.perf_counter() - t0:.1f} s", flush=True)
+        for side in (False, True):
+            levers = {"use_cache": False, "side_stream": side}
+            label = "liger-patched teacher + compiled student + use_cache=False" + (
+                " + teacher on a side stream" if side else "")
+            arm(f"liger KD + {label} ({args.liger_chunk})", liger_step(args.liger_chunk, levers))
+            for chunk in args.chunks:
+                arm(f"ours KD + {label} ({chunk})", ours_step(chunk, levers))
+        bodies.update(student=student.model)
     if args.patch:
         # Liger's fused RMSNorm / SwiGLU / RoPE, patched into both models in place (RoPE is
         # patched module-wide, so every arm after this point uses it).
@@ -325,6 +392,21 @@ def bench_step(args) -> dict:
         arm(f"liger KD + liger model patches ({args.liger_chunk})", liger_step(args.liger_chunk))
         for chunk in args.chunks:
             arm(f"ours KD + liger model patches ({chunk})", ours_step(chunk))
+        if args.levers:
+            for side in (False, True):
+                levers = {"use_cache": False, "side_stream": side}
+                label = "liger model patches + use_cache=False" + (" + teacher on a side stream" if side else "")
+                arm(f"liger KD + {label} ({args.liger_chunk})", liger_step(args.liger_chunk, levers))
+                for chunk in args.chunks:
+                    arm(f"ours KD + {label} ({chunk})", ours_step(chunk, levers))
+            arm(f"ours KD + liger model patches + use_cache=False + teacher one batch ahead ({args.chunks[0]})",
+                ahead_step(args.chunks[0]))
+            state.pop("ahead", None)
+    if args.profile:
+        levers = {"use_cache": False, "side_stream": False} if args.levers else None
+        results["profile"] = profile_step(ours_step(args.chunks[0], levers), new_optimizer, {
+            "teacher forward": lambda: bodies["teacher"](input_ids=input_ids),
+        })
     p_s, p_t = matmul_params(student), matmul_params(teacher)
 
     def attn(model):
@@ -333,11 +415,105 @@ def bench_step(args) -> dict:
 
     step_flops = 6 * p_s * b * s + 2 * p_t * b * s + 3 * attn(student) + attn(teacher)
     for name, out in results.items():
-        if "ms" in out:
+        if name != "profile" and "ms" in out:
             flops = 6 * p_s * b * s + 3 * attn(student) if name.startswith("student") else step_flops
             out["mfu"] = flops / (out["ms"] / 1e3) / (args.peak_tflops * 1e12)
     return {"pair": args.pair, "batch": b, "seq": s, "dtype": "bf16", "temperature": T,
             "student_matmul_params": p_s, "teacher_matmul_params": p_t, "step_flops": step_flops, "arms": results}
+
+
+KERNEL_CLASSES = (  # first match wins; names as cuBLAS / cuDNN / Triton / ATen print them
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn", "dot_do_o", "dq_to_16")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_")),
+    ("triton: kd loss rows", ("_kd_rows",)),
+    ("triton: liger", ("liger", "_rms_norm", "_swiglu", "_triton_rope", "rope")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("embedding", ("embedding", "index", "scatter", "sort", "radix")),
+    ("reduce", ("reduce",)),
+    ("elementwise / copy", ("elementwise", "vectorized", "copy", "fill", "cat", "memcpy", "memset")),
+)
+
+
+def kernel_class(name: str) -> str:
+    lower = name.lower()
+    for label, keys in KERNEL_CLASSES:
+        if any(key in lower for key in keys):
+            return label
+    return "other"
+
+
+def profile_step(step, reset, parts, iters: int = 3) -> dict:
+    """Where a step's GPU time goes: kernel time per class (and the top kernels) over ``iters``
+    steps, per step, against the step's wall time; plus the wall time of ``parts`` alone."""
+    from torch.profiler import ProfilerActivity, profile
+
+    reset()
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+    wall = start.elapsed_time(end) / iters
+    import traceback
+    import warnings
+
+    syncs: dict[str, int] = {}
+
+    def record(message, *_args, **_kw):  # where each host synchronisation comes from
+        frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack()[:-2]
+                  if "torch/" not in f.filename and "warnings" not in f.filename][-3:]
+        key = " <- ".join(reversed(frames))
+        syncs[key] = syncs.get(key, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    classes: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for event in prof.key_averages():
+        ms = event.self_device_time_total / 1e3 / iters
+        if ms <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        label = kernel_class(event.key)
+        classes[label] = classes.get(label, 0.0) + ms
+        kernels[event.key[:160]] = kernels.get(event.key[:160], 0.0) + ms
+    busy = sum(classes.values())
+    # GPU idle time between kernels (all streams merged), and the largest gaps with the kernels
+    # on either side: where the GPU waits for the host.
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    gaps, reach, last_name = [], None, ""
+    for begin, finish, name in spans:
+        if reach is not None and begin > reach:
+            gaps.append((begin - reach, last_name[:60], name[:60]))
+        if reach is None or finish > reach:
+            reach, last_name = finish, name
+    gap_ms = sum(g for g, _, _ in gaps) / 1e3 / iters
+    small = sum(g for g, _, _ in gaps if g < 20) / 1e3 / iters
+    top_gaps = [{"us": round(g, 1), "after": a, "before": b} for g, a, b in sorted(gaps, reverse=True)[:25]]
+    out = {"step_ms": wall, "host_syncs": syncs, "kernel_ms": busy, "idle_or_overlap_ms": wall - busy,
+           "gpu_idle_ms": gap_ms, "gpu_idle_in_gaps_under_20us_ms": small, "largest_gaps": top_gaps,
+           "classes_ms": dict(sorted(classes.items(), key=lambda kv: -kv[1])),
+           "top_kernels_ms": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:40])}
+    for name, fn in parts.items():
+        with torch.no_grad():
+            out[f"{name} alone ms"] = timed(fn, warmup=2, iters=5)["ms"]
+    print(json.dumps({k: v for k, v in out.items() if k not in ("top_kernels_ms", "largest_gaps")}, indent=1),
+          flush=True)
+    for gap in top_gaps[:12]:
+        print(gap, flush=True)
+    return out
 
 
 def main(argv=None):
@@ -361,6 +537,12 @@ def main(argv=None):
     step.add_argument("--skip-naive", action="store_true")
     step.add_argument("--patch", action="store_true", help="also measure with Liger's model patches")
     step.add_argument("--compile", action="store_true", help="also measure torch.compile of both decoders")
+    step.add_argument("--levers", action="store_true",
+                      help="with --patch / --compile: also use_cache=False, and the teacher on a side stream")
+    step.add_argument("--compiled-student", action="store_true",
+                      help="also measure a compiled student beside a Liger-patched teacher")
+    step.add_argument("--profile", action="store_true",
+                      help="profile the last 'ours' arm: GPU time per kernel class, top kernels")
     step.add_argument("--mixed", action="store_true",
                       help="with --compile: compiled teacher, Liger-patched student")
     for p in (loss, step):
