@@ -113,9 +113,10 @@ def run_pair(student_pass, teacher_pass, *, concurrent: bool):
     and the student's on the current stream, so the GPU fills the gaps while the host launches
     one model's kernels with the other's (7B -> 1.5B step 374.5 -> 358.9 ms on an H100,
     docs/performance.md); the current stream then waits for the side stream, so everything
-    after this reads finished teacher outputs. The side stream first waits for the current one, so a block the teacher
-    frees is reused by the next teacher pass only after every kernel queued before that pass
-    (the ones that read the teacher's outputs included) has run. The arithmetic is unchanged.
+    after this reads finished teacher outputs. The side stream first waits for the current one,
+    so a block the teacher frees is reused by the next teacher pass only after every kernel
+    queued before that pass (the ones that read the teacher's outputs included) has run. The
+    arithmetic is unchanged.
     """
     if not concurrent or teacher_pass is None:
         student_out = student_pass()
