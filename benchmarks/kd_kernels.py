@@ -276,14 +276,16 @@ def bench_step(args) -> dict:
             finish(module(hs, student.lm_head.weight, ht, teacher.lm_head.weight[:SHARED_VOCAB], flat_labels))
         return fn
 
+    def ours_finish(hs, ht, chunk):
+        loss, _ = fused_linear_kd(hs.reshape(-1, student.config.hidden_size), student.lm_head.weight,
+                                  ht.reshape(-1, teacher.config.hidden_size), teacher.lm_head.weight, flat_labels,
+                                  kind="forward_kl", temperature=T, ce_weight=w, kd_weight=w,
+                                  vocab_size=SHARED_VOCAB, chunk_size=chunk, kernel="triton", reduction="mean")
+        finish(loss)
+
     def ours_step(chunk, levers=None):
         def fn():
-            hs, ht = hidden_states(levers)
-            loss, _ = fused_linear_kd(hs, student.lm_head.weight, ht, teacher.lm_head.weight, flat_labels,
-                                      kind="forward_kl", temperature=T, ce_weight=w, kd_weight=w,
-                                      vocab_size=SHARED_VOCAB, chunk_size=chunk, kernel="triton",
-                                      reduction="mean")
-            finish(loss)
+            ours_finish(*hidden_states(levers), chunk)
         return fn
 
     def ahead_step(chunk):
@@ -305,13 +307,7 @@ def bench_step(args) -> dict:
             ht = state.pop("ahead")
             ht.record_stream(main)
             teacher_ahead()
-            hs = bodies["student"](input_ids=input_ids, use_cache=False).last_hidden_state
-            loss, _ = fused_linear_kd(hs.reshape(-1, student.config.hidden_size), student.lm_head.weight,
-                                      ht.reshape(-1, teacher.config.hidden_size), teacher.lm_head.weight,
-                                      flat_labels, kind="forward_kl", temperature=T, ce_weight=w, kd_weight=w,
-                                      vocab_size=SHARED_VOCAB, chunk_size=chunk, kernel="triton",
-                                      reduction="mean")
-            finish(loss)
+            ours_finish(bodies["student"](input_ids=input_ids, use_cache=False).last_hidden_state, ht, chunk)
         return fn
 
     results = {}

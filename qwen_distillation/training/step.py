@@ -168,7 +168,7 @@ def micro_batch_terms(student: nn.Module, teacher: nn.Module | None, batch: dict
 
         (s_last, s_cap), (t_last, t_cap) = run_pair(
             lambda: _forward(student, inputs, hidden_layers=s_feat, qkv_layers=s_attn, grad=True),
-            teacher_pass if use_teacher else None, concurrent=concurrent and use_teacher)
+            teacher_pass if use_teacher else None, concurrent=concurrent)
         s_head = decoder_and_head(student)[1].weight
         s_valid = s_last[mask]
         if w_kd > 0 and use_teacher:
@@ -204,8 +204,7 @@ def micro_batch_terms(student: nn.Module, teacher: nn.Module | None, batch: dict
                 return full_pass(teacher, t_feat, t_attn)
 
         (out, s_cap), (t_out, t_cap) = run_pair(lambda: full_pass(student, s_feat, s_attn),
-                                                teacher_pass if use_teacher else None,
-                                                concurrent=concurrent and use_teacher)
+                                                teacher_pass if use_teacher else None, concurrent=concurrent)
         s_logits = out.logits[:, :-1][mask[:, :-1]][:, : plan.vocab_size]
         s_last = out.hidden_states[-1] if plan.active("contrastive") else None
         ce = cross_entropy(s_logits, targets, reduction="sum")
