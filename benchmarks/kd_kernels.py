@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qwen_distillation.losses import triton_kd  # noqa: E402
 from qwen_distillation.losses.fused import fused_linear_kd  # noqa: E402
 from qwen_distillation.losses.logit import forward_kl  # noqa: E402
 from qwen_distillation.training.step import run_pair  # noqa: E402
@@ -78,6 +79,17 @@ def timed(fn, *, warmup: int, iters: int, reset=None) -> dict:
     peak = torch.cuda.max_memory_allocated()
     return {"ms": statistics.median(times), "ms_all": times, "peak_gib": peak / 2**30,
             "extra_gib": (peak - base) / 2**30}
+
+
+def one_program_per_row(fn):
+    """``fn`` with the row kernel as it was before the split: one program per row."""
+    def wrapped():
+        previous, triton_kd.SPLIT_SEGMENTS = triton_kd.SPLIT_SEGMENTS, 1
+        try:
+            fn()
+        finally:
+            triton_kd.SPLIT_SEGMENTS = previous
+    return wrapped
 
 
 def run_arm(name, fn, results, **kw):
@@ -139,7 +151,7 @@ def bench_loss(args) -> dict:
                     torch.addmm(grad_w, logits.T, hs[start:start + chunk], out_dtype=torch.float32, out=grad_w)
         return fn
 
-    def rows_only(chunk, block=None, num_warps=None):
+    def rows_only(chunk, **launch):
         from qwen_distillation.losses.triton_kd import kd_rows
 
         s_logits = (hs[:chunk] @ ws.T).detach()
@@ -148,8 +160,15 @@ def bench_loss(args) -> dict:
         def fn():
             for _ in range(0, n, chunk):
                 kd_rows(s_logits, t_logits, labels[:chunk], kind="forward_kl", temperature=T, ce_scale=w,
-                        kd_scale=w, block=block, num_warps=num_warps)
+                        kd_scale=w, **launch)
         return fn
+
+    def matmul_ceiling():
+        # The card's bf16 matmul rate on a large square product: the rate no loss made of these
+        # four GEMMs can beat.
+        a = torch.randn(8192, 8192, device=device, dtype=dtype)
+        b_ = torch.randn(8192, 8192, device=device, dtype=dtype)
+        return lambda: a @ b_
 
     def liger(chunk):
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
@@ -171,16 +190,31 @@ def bench_loss(args) -> dict:
         run_arm(f"liger chunked_loss JSD beta=0 ({chunk})", liger(chunk), results, **kw)
     for chunk in args.chunks:
         run_arm(f"triton (this project, {chunk})", ours("triton", chunk), results, **kw)
+        run_arm(f"triton, one program per row ({chunk})", one_program_per_row(ours("triton", chunk)), results, **kw)
     for chunk in args.chunks:
         run_arm(f"floor: the 4 GEMMs alone ({chunk})", gemms_only(chunk), results, **kw)
         run_arm(f"the row kernel alone, all tokens ({chunk})", rows_only(chunk), results, **kw)
+        run_arm(f"the row kernel alone, one program per row ({chunk})", rows_only(chunk, segments=1), results,
+                **kw)
     for block, warps in args.row_configs:
-        run_arm(f"the row kernel alone, block {block}, {warps} warps", rows_only(args.chunks[0], block, warps),
+        run_arm(f"the row kernel alone, one program per row, block {block}, {warps} warps",
+                rows_only(args.chunks[0], block=block, num_warps=warps, segments=1), results, **kw)
+    for segments, per_sm, warps, block in args.split_configs:
+        run_arm(f"the row kernel alone, split {segments} x {per_sm}/SM, {warps} warps, block {block}",
+                rows_only(args.chunks[0], segments=segments, programs_per_sm=per_sm, num_warps=warps, block=block),
                 results, **kw)
+    ceiling = run_arm("matmul ceiling: 8192^3 bf16", matmul_ceiling(), results, **kw)
+    ceiling["tflops"] = 2 * 8192**3 / ceiling["ms"] / 1e9
     for name, arm in results.items():
-        if "ms" in arm and not name.startswith("the row kernel"):
+        if "ms" in arm and not name.startswith(("the row kernel", "matmul ceiling")):
             arm["tflops"] = flops / arm["ms"] / 1e9
             arm["mfu"] = arm["tflops"] / args.peak_tflops
+    liger_ms = results[f"liger chunked_loss JSD beta=0 ({args.liger_chunks[0]})"].get("ms")
+    if liger_ms:
+        # The rate the four GEMMs alone would need to finish in 0.6x Liger's time.
+        results["target 0.6x liger"] = {"ms": 0.6 * liger_ms, "tflops_needed": flops / (0.6 * liger_ms) / 1e9,
+                                        "matmul_ceiling_tflops": ceiling.get("tflops")}
+        print("target 0.6x liger", results["target 0.6x liger"], flush=True)
     return {"shape": {"tokens": n, "vocab": v, "student_hidden": hs_dim, "teacher_hidden": ht_dim,
                       "dtype": "bf16", "temperature": T, "weights": {"ce": w, "kd": w}},
             "flops": flops, "arms": results}
@@ -312,6 +346,8 @@ def bench_step(args) -> dict:
 
     results = {}
     kw = dict(warmup=args.warmup, iters=args.iters)
+    # --repeats: Liger's arm and ours with every lever, several times in the process (the spread).
+    runs = [""] if args.repeats == 1 else [f" run {i + 1}" for i in range(args.repeats)]
 
     def arm(name, fn):
         new_optimizer()
@@ -323,7 +359,8 @@ def bench_step(args) -> dict:
     arm("student fine-tune alone (CE, HF)", ce_only)
     if not args.skip_naive:
         arm("naive KD (full fp32 logits)", naive)
-    arm(f"liger KD (chunked_loss JSD beta=0, {args.liger_chunk})", liger_step(args.liger_chunk))
+    for run in runs:
+        arm(f"liger KD (chunked_loss JSD beta=0, {args.liger_chunk}){run}", liger_step(args.liger_chunk))
     for chunk in args.chunks:
         arm(f"ours KD (triton loss, {chunk})", ours_step(chunk))
     if args.compile:
@@ -385,19 +422,25 @@ def bench_step(args) -> dict:
         for model in (student, teacher):
             apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                         fused_linear_cross_entropy=False, model=model)
-        arm(f"liger KD + liger model patches ({args.liger_chunk})", liger_step(args.liger_chunk))
-        for chunk in args.chunks:
-            arm(f"ours KD + liger model patches ({chunk})", ours_step(chunk))
+        if not args.best_only:
+            arm(f"liger KD + liger model patches ({args.liger_chunk})", liger_step(args.liger_chunk))
+            for chunk in args.chunks:
+                arm(f"ours KD + liger model patches ({chunk})", ours_step(chunk))
         if args.levers:
-            for side in (False, True):
+            for side in (False, True) if not args.best_only else (True,):
                 levers = {"use_cache": False, "side_stream": side}
                 label = "liger model patches + use_cache=False" + (" + teacher on a side stream" if side else "")
                 arm(f"liger KD + {label} ({args.liger_chunk})", liger_step(args.liger_chunk, levers))
                 for chunk in args.chunks:
-                    arm(f"ours KD + {label} ({chunk})", ours_step(chunk, levers))
-            arm(f"ours KD + liger model patches + use_cache=False + teacher one batch ahead ({args.chunks[0]})",
-                ahead_step(args.chunks[0]))
-            state.pop("ahead", None)
+                    for run in runs if side else ("",):
+                        arm(f"ours KD + {label} ({chunk}){run}", ours_step(chunk, levers))
+                if side:
+                    arm(f"ours KD + {label}, row kernel one program per row ({args.chunks[0]})",
+                        one_program_per_row(ours_step(args.chunks[0], levers)))
+            if not args.best_only:
+                arm(f"ours KD + liger model patches + use_cache=False + teacher one batch ahead ({args.chunks[0]})",
+                    ahead_step(args.chunks[0]))
+                state.pop("ahead", None)
     if args.profile:
         levers = {"use_cache": False, "side_stream": False} if args.levers else None
         results["profile"] = profile_step(ours_step(args.chunks[0], levers), new_optimizer, {
@@ -523,7 +566,10 @@ def main(argv=None):
     loss.add_argument("--chunks", type=int, nargs="+", default=[1024, 2048])
     loss.add_argument("--liger-chunks", type=int, nargs="+", default=[1024])
     loss.add_argument("--row-configs", type=lambda x: tuple(map(int, x.split("x"))), nargs="*", default=[],
-                      help="row-kernel launch configs to time, BLOCKxWARPS, e.g. 8192x16")
+                      help="one-program-per-row launch configs to time, BLOCKxWARPS, e.g. 8192x16")
+    loss.add_argument("--split-configs", type=lambda x: tuple(map(int, x.split("x"))), nargs="*", default=[],
+                      help="split row-kernel launch configs to time, SEGMENTSxPROGRAMS_PER_SMxWARPSxBLOCK, "
+                           "e.g. 8x2x8x2048")
     step = sub.add_parser("step")
     step.add_argument("--pair", choices=sorted(PAIRS), default="1.5b-0.5b")
     step.add_argument("--batch", type=int, default=4)
@@ -541,6 +587,10 @@ def main(argv=None):
                       help="profile the last 'ours' arm: GPU time per kernel class, top kernels")
     step.add_argument("--mixed", action="store_true",
                       help="with --compile: compiled teacher, Liger-patched student")
+    step.add_argument("--repeats", type=int, default=1,
+                      help="time Liger's arm and ours with every lever this many times each")
+    step.add_argument("--best-only", action="store_true",
+                      help="with --patch --levers: only the side-stream arms (no patches-alone, no batch ahead)")
     for p in (loss, step):
         p.add_argument("--temperature", type=float, default=2.0)
         p.add_argument("--warmup", type=int, default=3)
