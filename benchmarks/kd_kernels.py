@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qwen_distillation.losses import triton_kd  # noqa: E402
 from qwen_distillation.losses.fused import fused_linear_kd  # noqa: E402
 from qwen_distillation.losses.logit import forward_kl  # noqa: E402
 from qwen_distillation.training.step import run_pair  # noqa: E402
@@ -79,17 +78,6 @@ def timed(fn, *, warmup: int, iters: int, reset=None) -> dict:
     peak = torch.cuda.max_memory_allocated()
     return {"ms": statistics.median(times), "ms_all": times, "peak_gib": peak / 2**30,
             "extra_gib": (peak - base) / 2**30}
-
-
-def one_program_per_row(fn):
-    """``fn`` with the row kernel as it was before the split: one program per row."""
-    def wrapped():
-        previous, triton_kd.SPLIT_SEGMENTS = triton_kd.SPLIT_SEGMENTS, 1
-        try:
-            fn()
-        finally:
-            triton_kd.SPLIT_SEGMENTS = previous
-    return wrapped
 
 
 def run_arm(name, fn, results, **kw):
@@ -190,19 +178,12 @@ def bench_loss(args) -> dict:
         run_arm(f"liger chunked_loss JSD beta=0 ({chunk})", liger(chunk), results, **kw)
     for chunk in args.chunks:
         run_arm(f"triton (this project, {chunk})", ours("triton", chunk), results, **kw)
-        run_arm(f"triton, one program per row ({chunk})", one_program_per_row(ours("triton", chunk)), results, **kw)
     for chunk in args.chunks:
         run_arm(f"floor: the 4 GEMMs alone ({chunk})", gemms_only(chunk), results, **kw)
         run_arm(f"the row kernel alone, all tokens ({chunk})", rows_only(chunk), results, **kw)
-        run_arm(f"the row kernel alone, one program per row ({chunk})", rows_only(chunk, segments=1), results,
-                **kw)
     for block, warps in args.row_configs:
-        run_arm(f"the row kernel alone, one program per row, block {block}, {warps} warps",
-                rows_only(args.chunks[0], block=block, num_warps=warps, segments=1), results, **kw)
-    for segments, per_sm, warps, block in args.split_configs:
-        run_arm(f"the row kernel alone, split {segments} x {per_sm}/SM, {warps} warps, block {block}",
-                rows_only(args.chunks[0], segments=segments, programs_per_sm=per_sm, num_warps=warps, block=block),
-                results, **kw)
+        run_arm(f"the row kernel alone, block {block}, {warps} warps",
+                rows_only(args.chunks[0], block=block, num_warps=warps), results, **kw)
     ceiling = run_arm("matmul ceiling: 8192^3 bf16", matmul_ceiling(), results, **kw)
     ceiling["tflops"] = 2 * 8192**3 / ceiling["ms"] / 1e9
     for name, arm in results.items():
@@ -434,9 +415,6 @@ def bench_step(args) -> dict:
                 for chunk in args.chunks:
                     for run in runs if side else ("",):
                         arm(f"ours KD + {label} ({chunk}){run}", ours_step(chunk, levers))
-                if side:
-                    arm(f"ours KD + {label}, row kernel one program per row ({args.chunks[0]})",
-                        one_program_per_row(ours_step(args.chunks[0], levers)))
             if not args.best_only:
                 arm(f"ours KD + liger model patches + use_cache=False + teacher one batch ahead ({args.chunks[0]})",
                     ahead_step(args.chunks[0]))
@@ -566,10 +544,7 @@ def main(argv=None):
     loss.add_argument("--chunks", type=int, nargs="+", default=[1024, 2048])
     loss.add_argument("--liger-chunks", type=int, nargs="+", default=[1024])
     loss.add_argument("--row-configs", type=lambda x: tuple(map(int, x.split("x"))), nargs="*", default=[],
-                      help="one-program-per-row launch configs to time, BLOCKxWARPS, e.g. 8192x16")
-    loss.add_argument("--split-configs", type=lambda x: tuple(map(int, x.split("x"))), nargs="*", default=[],
-                      help="split row-kernel launch configs to time, SEGMENTSxPROGRAMS_PER_SMxWARPSxBLOCK, "
-                           "e.g. 8x2x8x2048")
+                      help="row-kernel launch configs to time, BLOCKxWARPS, e.g. 8192x16")
     step = sub.add_parser("step")
     step.add_argument("--pair", choices=sorted(PAIRS), default="1.5b-0.5b")
     step.add_argument("--batch", type=int, default=4)

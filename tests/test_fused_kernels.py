@@ -118,56 +118,6 @@ def test_triton_kernel_takes_precomputed_teacher_logits_and_ce_only():
     assert_close_to(ce_only[:2] + (0.0,) + ce_only[3:], ref[:2] + (0.0,) + ref[3:], rtol=2e-5, atol_grad=2e-5)
 
 
-def _row_kernel_case(rows, vocab, *, device="cpu", dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    s = (torch.randn(rows, vocab, generator=g) * 3).to(device=device, dtype=dtype)
-    t = (torch.randn(rows, vocab + 7, generator=g) * 3).to(device=device, dtype=dtype)  # padded teacher
-    labels = torch.randint(0, vocab, (rows,), generator=g)
-    labels[::4] = -100
-    return s, t, labels.to(device)
-
-
-def _run_rows(s, t, labels, **kw):
-    from qwen_distillation.losses.triton_kd import kd_rows
-
-    grad = s.clone()
-    ce, kd = kd_rows(grad, t, labels, ce_scale=0.4, kd_scale=0.6, **kw)
-    return ce, kd, grad
-
-
-@needs_triton
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "ce_only"])
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-@pytest.mark.parametrize("segments,block", [(2, 64), (3, 64), (5, 32)])
-def test_split_rows_equal_one_program_per_row_in_interpreter(kind, temperature, segments, block):
-    # 9 rows of 300 columns: 5 blocks of 64 in 2 or 3 segments (the last one partial), or 10
-    # blocks of 32 in 5 segments; every fourth row masked. The split path (statistics per
-    # segment, merged) against one program per row on the same logits.
-    from qwen_distillation.losses.triton_kd import split_plan
-
-    s, t, labels = _row_kernel_case(9, 300)
-    teacher = None if kind == "ce_only" else t
-    kw = dict(kind="forward_kl" if kind == "ce_only" else kind, temperature=temperature, block=block)
-    one = _run_rows(s, teacher, labels, segments=1, **kw)
-    split = _run_rows(s, teacher, labels, segments=segments, **kw)
-    assert split_plan(300, block, segments)[0] == segments
-    for got, want in zip(split, one):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert (one[2][labels == -100] == 0).all() and (one[0][labels == -100] == 0).all()
-    assert one[2][labels != -100].abs().sum() > 0
-
-
-def test_split_plan_leaves_no_segment_empty():
-    from qwen_distillation.losses.triton_kd import split_plan
-
-    assert split_plan(151936, 2048, 8) == (8, 20480)  # 75 blocks: 10 per segment, the last 4,9k columns
-    assert split_plan(151936, 2048, 16) == (15, 10240)  # 16 segments of 5 blocks would leave one empty
-    assert split_plan(300, 512, 8) == (1, 512)
-    for vocab, block, segments in [(1000, 64, 7), (64, 64, 4), (151936, 1024, 32)]:
-        k, seg = split_plan(vocab, block, segments)
-        assert k <= segments and seg % block == 0 and (k - 1) * seg < vocab <= k * seg
-
-
 @pytest.mark.skipif(not HAS_LIGER, reason="needs liger-kernel")
 @pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
 def test_liger_adapter_follows_the_project_conventions(kind, beta):
@@ -291,24 +241,3 @@ def test_compile_lever_compiles_both_decoders(monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
     assert apply_speedups(models, device=torch.device("cpu"), compile=True) == ["compile"]
     assert compiled == [m.model for m in models]
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "ce_only"])
-@pytest.mark.parametrize("segments,programs_per_sm", [(8, 2), (4, 1), (15, 4), (2, 1)])
-def test_gpu_split_rows_equal_one_program_per_row(dtype, kind, segments, programs_per_sm):
-    # The one-launch split path (programs wait on their row's counter) against one program per
-    # row, at Qwen's vocabulary, 1,111 rows (more rows than programs: the grid loops), every
-    # fourth row masked; and twice in a row, bit for bit (a race would move the numbers).
-    s, t, labels = _row_kernel_case(1111, QWEN_VOCAB, device="cuda", dtype=dtype)
-    teacher = None if kind == "ce_only" else t
-    kw = dict(kind="forward_kl" if kind == "ce_only" else kind, temperature=2.0)
-    one = _run_rows(s, teacher, labels, segments=1, **kw)
-    split = _run_rows(s, teacher, labels, segments=segments, programs_per_sm=programs_per_sm, **kw)
-    again = _run_rows(s, teacher, labels, segments=segments, programs_per_sm=programs_per_sm, **kw)
-    for got, want, repeat in zip(split, one, again):
-        assert torch.equal(got, repeat)
-        torch.testing.assert_close(got.float(), want.float(), rtol=1e-4 if dtype == torch.float32 else 2e-2,
-                                   atol=1e-5 if dtype == torch.float32 else 1e-4)

@@ -193,172 +193,6 @@ if triton is not None:
 
     _kd_rows_jit = triton.jit(_kd_rows)
 
-    def _kd_split(
-        s_ptr, s_stride, t_ptr, t_stride, labels_ptr, ce_ptr, kd_ptr, part_ptr, count_ptr,
-        rows, V, SEG, inv_t, temperature, ce_scale, kd_scale, ignore_index,
-        K: tl.constexpr, KP: tl.constexpr, KIND: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
-        T_IS_ONE: tl.constexpr, WRITE_GRAD: tl.constexpr, PHASE: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        """Forward / reverse KL (+ CE) with each row split over ``K`` programs of ``SEG`` columns.
-
-        Work item ``i`` is (row ``i // K``, segment ``i % K``); program ``p`` of ``P`` (a multiple
-        of K) takes items ``p, p + P, ...``, so the K segments of a row are taken by K programs in
-        the same round. A segment's program streams its columns once for partial statistics
-        (online log-sum-exp of s/T, s and t/T, and the divergence's running sum), writes them to
-        ``part_ptr[row, segment, 0:8]``, and, once all K partials of the row are there, merges
-        them and writes the gradient over its own columns. Only ``P / K`` rows are in flight, so
-        the second read of a segment comes from L2 instead of device memory.
-
-        ``PHASE``: 0 does both in one launch, waiting on the row's counter in ``count_ptr``
-        (int32 zeros) between them; 1 writes the partials only and 2 merges and writes the
-        gradient only, as two launches, which need no waiting (Triton's interpreter runs one
-        program after another, so it uses these).
-        """
-        pid = tl.program_id(0)
-        num_programs = tl.num_programs(0)
-        offs = tl.arange(0, BLOCK)
-        parts = tl.arange(0, KP) * 8
-        in_row = tl.arange(0, KP) < K
-        neg_inf = float("-inf")
-        for item in range(pid, rows * K, num_programs):
-            row = tl.zeros((), tl.int64) + item // K  # 64-bit offsets (rows * stride)
-            seg = item % K
-            lo = seg * SEG
-            hi = tl.minimum(lo + SEG, V)
-            s_row = s_ptr + row * s_stride
-            t_row = t_ptr + row * t_stride
-            part_row = part_ptr + row * (KP * 8)
-            label = tl.load(labels_ptr + row)
-            if label == ignore_index:
-                if PHASE != 1:
-                    if WRITE_GRAD:
-                        for start in range(lo, hi, BLOCK):
-                            cols = start + offs
-                            tl.store(s_row + cols, tl.zeros([BLOCK], dtype=s_ptr.dtype.element_ty), mask=cols < hi)
-                    if seg == 0:
-                        tl.store(ce_ptr + row, 0.0)
-                        tl.store(kd_ptr + row, 0.0)
-            else:
-                if PHASE != 2:
-                    # ---- pass 1 over this segment: partial statistics
-                    m_s = tl.full((), neg_inf, tl.float32)
-                    d_s = tl.zeros((), tl.float32)
-                    m_c = tl.full((), neg_inf, tl.float32)
-                    d_c = tl.zeros((), tl.float32)
-                    m_t = tl.full((), neg_inf, tl.float32)
-                    d_t = tl.zeros((), tl.float32)
-                    acc = tl.zeros((), tl.float32)
-                    for start in range(lo, hi, BLOCK):
-                        cols = start + offs
-                        mask = cols < hi
-                        s = tl.load(s_row + cols, mask=mask, other=neg_inf).to(tl.float32)
-                        if T_IS_ONE:
-                            s_t = s
-                        else:
-                            s_t = s * inv_t
-                        new_m_s = tl.maximum(m_s, tl.max(s_t, axis=0))
-                        e_s = tl.exp(s_t - new_m_s)
-                        scale_s = tl.exp(m_s - new_m_s)
-                        d_s = d_s * scale_s + tl.sum(e_s, axis=0)
-                        if HAS_CE:
-                            if not T_IS_ONE:
-                                new_m_c = tl.maximum(m_c, tl.max(s, axis=0))
-                                d_c = d_c * tl.exp(m_c - new_m_c) + tl.sum(tl.exp(s - new_m_c), axis=0)
-                                m_c = new_m_c
-                        if HAS_KD:
-                            t_t = tl.load(t_row + cols, mask=mask, other=neg_inf).to(tl.float32)
-                            if not T_IS_ONE:
-                                t_t = t_t * inv_t
-                            new_m_t = tl.maximum(m_t, tl.max(t_t, axis=0))
-                            e_t = tl.exp(t_t - new_m_t)
-                            scale_t = tl.exp(m_t - new_m_t)
-                            d_t = d_t * scale_t + tl.sum(e_t, axis=0)
-                            diff = tl.where(mask, t_t - s_t, 0.0)
-                            if KIND == 0:
-                                acc = acc * scale_t + tl.sum(e_t * diff, axis=0)
-                            else:
-                                acc = acc * scale_s - tl.sum(e_s * diff, axis=0)
-                            m_t = new_m_t
-                        m_s = new_m_s
-                    mine = part_row + seg * 8
-                    tl.store(mine + 0, m_s)
-                    tl.store(mine + 1, d_s)
-                    tl.store(mine + 2, m_c)
-                    tl.store(mine + 3, d_c)
-                    tl.store(mine + 4, m_t)
-                    tl.store(mine + 5, d_t)
-                    tl.store(mine + 6, acc)
-                    if HAS_CE:
-                        if seg == 0:  # read before any program of the row overwrites it
-                            tl.store(mine + 7, tl.load(s_row + label).to(tl.float32))
-                    if PHASE == 0:
-                        # Publish the partials, then wait for the row's other K - 1 programs.
-                        tl.debug_barrier()
-                        arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel") + 1
-                        while arrived < K:
-                            arrived = tl.atomic_add(count_ptr + row, 0, sem="acquire")
-                if PHASE != 1:
-                    # ---- merge the K partials (volatile: written by other programs)
-                    all_m_s = tl.load(part_row + parts + 0, mask=in_row, other=neg_inf, volatile=True)
-                    big_s = tl.max(all_m_s, axis=0)
-                    w_s = tl.exp(all_m_s - big_s)
-                    d_s = tl.sum(tl.load(part_row + parts + 1, mask=in_row, other=0.0, volatile=True) * w_s, axis=0)
-                    lse_s = big_s + tl.log(d_s)
-                    lse_c = lse_s
-                    if HAS_CE:
-                        if not T_IS_ONE:
-                            all_m_c = tl.load(part_row + parts + 2, mask=in_row, other=neg_inf, volatile=True)
-                            big_c = tl.max(all_m_c, axis=0)
-                            d_c = tl.sum(tl.load(part_row + parts + 3, mask=in_row, other=0.0, volatile=True)
-                                         * tl.exp(all_m_c - big_c), axis=0)
-                            lse_c = big_c + tl.log(d_c)
-                    lse_t = tl.zeros((), tl.float32)
-                    kl = tl.zeros((), tl.float32)
-                    if HAS_KD:
-                        all_m_t = tl.load(part_row + parts + 4, mask=in_row, other=neg_inf, volatile=True)
-                        big_t = tl.max(all_m_t, axis=0)
-                        w_t = tl.exp(all_m_t - big_t)
-                        d_t = tl.sum(tl.load(part_row + parts + 5, mask=in_row, other=0.0, volatile=True) * w_t,
-                                     axis=0)
-                        lse_t = big_t + tl.log(d_t)
-                        all_acc = tl.load(part_row + parts + 6, mask=in_row, other=0.0, volatile=True)
-                        if KIND == 0:
-                            kl = tl.sum(all_acc * w_t, axis=0) / d_t - lse_t + lse_s
-                        else:
-                            kl = tl.sum(all_acc * w_s, axis=0) / d_s - lse_s + lse_t
-                    if seg == 0:
-                        ce = tl.zeros((), tl.float32)
-                        if HAS_CE:
-                            ce = lse_c - tl.load(part_row + 7, volatile=True)
-                        tl.store(ce_ptr + row, ce)
-                        tl.store(kd_ptr + row, kl * temperature * temperature)
-                    # ---- pass 2 over this segment (from L2): d loss / d s over the student logits
-                    if WRITE_GRAD:
-                        for start in range(lo, hi, BLOCK):
-                            cols = start + offs
-                            mask = cols < hi
-                            s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
-                            grad = tl.zeros([BLOCK], tl.float32)
-                            if HAS_CE:
-                                soft = tl.exp(s - lse_c)
-                                grad += ce_scale * tl.where(cols == label, soft - 1.0, soft)
-                            if HAS_KD:
-                                t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
-                                if T_IS_ONE:
-                                    log_q = s - lse_s
-                                    log_p = t - lse_t
-                                else:
-                                    log_q = s * inv_t - lse_s
-                                    log_p = t * inv_t - lse_t
-                                q = tl.exp(log_q)
-                                if KIND == 0:
-                                    grad += (kd_scale * temperature) * (q - tl.exp(log_p))
-                                else:
-                                    grad += (kd_scale * temperature) * q * (log_q - log_p - kl)
-                            tl.store(s_row + cols, grad.to(s_ptr.dtype.element_ty), mask=mask)
-
-    _kd_split_jit = triton.jit(_kd_split)
-
 
 def _interpreting() -> bool:
     # TRITON_INTERPRET=1 set before triton is imported runs kernels on CPU tensors (numpy):
@@ -369,14 +203,9 @@ def _interpreting() -> bool:
 def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, *,
             kind: str, temperature: float, ce_scale: float, kd_scale: float, beta: float = 0.5,
             ignore_index: int = -100, write_grad: bool = True, has_ce: bool = True,
-            block: int | None = None, num_warps: int | None = None, segments: int | None = None,
-            programs_per_sm: int | None = None,
+            block: int | None = None, num_warps: int | None = None,
             out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the row kernel on one chunk of logits.
-
-    Forward and reverse KL (and CE alone) split each row over ``segments`` programs
-    (:func:`_kd_split`: a row's second read then comes from L2); JSD, whose mixture needs a
-    third pass, and ``segments=1`` run one program per row (:func:`_kd_rows`).
 
     Args:
         student_logits: ``[c, V]`` (last dim contiguous), bf16/fp16/fp32; overwritten with
@@ -386,9 +215,6 @@ def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
         kind: ``forward_kl``, ``reverse_kl`` or ``jsd`` (0 < beta < 1).
         temperature: the divergence's T (CE is at T = 1).
         ce_scale, kd_scale: gradient multipliers (weights, divided by the token count for a mean).
-        block, num_warps: columns per step and warps per program (defaults: the timed best).
-        segments, programs_per_sm: the split path's programs per row and resident programs per
-            multiprocessor (its grid); the defaults are the timed best.
         out: two contiguous fp32 ``[c]`` tensors to write ``(ce, kd)`` into.
 
     Returns:
@@ -415,12 +241,6 @@ def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
         # 2,048 columns a block with 4 warps: the fastest of the launch configurations timed on
         # an H100 at V = 151,936 (benchmarks/kd_kernels.py loss --row-configs, docs/performance.md).
         block = min(triton.next_power_of_2(vocab), 256 if interpret else 2048)
-    if (segments or SPLIT_SEGMENTS) > 1 and not (has_kd and kind == "jsd"):
-        return _kd_split_rows(student_logits, teacher, labels, ce, kd, kind=kind, has_kd=has_kd, has_ce=has_ce,
-                              temperature=temperature, ce_scale=ce_scale, kd_scale=kd_scale,
-                              ignore_index=ignore_index, write_grad=write_grad, block=block,
-                              num_warps=num_warps or SPLIT_WARPS, segments=segments or SPLIT_SEGMENTS,
-                              programs_per_sm=programs_per_sm or SPLIT_PROGRAMS_PER_SM, interpret=interpret)
     code = KIND_CODES[kind]
     beta_c = min(max(beta, 1e-12), 1 - 1e-12)
     args = (student_logits, student_logits.stride(0), teacher, teacher.stride(0), labels, ce, kd,
@@ -432,48 +252,6 @@ def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
         _kd_rows_jit[(rows,)](*args, **meta)
     else:
         _kd_rows_jit[(rows,)](*args, **meta, num_warps=num_warps or 4)
-    return ce, kd
-
-
-# The split path's launch: programs per row, resident programs per multiprocessor, warps per
-# program (the timed best; benchmarks/kd_kernels.py loss --split-configs, docs/performance.md).
-SPLIT_SEGMENTS, SPLIT_PROGRAMS_PER_SM, SPLIT_WARPS = 8, 2, 8
-
-
-def split_plan(vocab: int, block: int, segments: int) -> tuple[int, int]:
-    """``(K, SEG)``: ``K <= segments`` programs per row, each over ``SEG`` columns (a multiple
-    of ``block``), none of them empty."""
-    blocks = triton.cdiv(vocab, block)
-    seg = triton.cdiv(blocks, min(segments, blocks)) * block
-    return triton.cdiv(vocab, seg), seg
-
-
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _kd_split_rows(student_logits, teacher, labels, ce, kd, *, kind, has_kd, has_ce, temperature, ce_scale,
-                   kd_scale, ignore_index, write_grad, block, num_warps, segments, programs_per_sm, interpret):
-    rows, vocab = student_logits.shape
-    k, seg = split_plan(vocab, block, segments)
-    kp = triton.next_power_of_2(k)
-    parts = torch.empty(rows, kp * 8, dtype=torch.float32, device=student_logits.device)
-    args = [student_logits, student_logits.stride(0), teacher, teacher.stride(0), labels, ce, kd, parts, None,
-            rows, vocab, seg, 1.0 / temperature, float(temperature), float(ce_scale), float(kd_scale),
-            int(ignore_index)]
-    meta = dict(K=k, KP=kp, KIND=KIND_CODES[kind] if has_kd else FORWARD_KL, HAS_CE=bool(has_ce), HAS_KD=has_kd,
-                T_IS_ONE=float(temperature) == 1.0, WRITE_GRAD=bool(write_grad), BLOCK=block)
-    if interpret:
-        # One program after another: statistics for every segment, then merge and gradient.
-        args[8] = parts
-        for phase in (1, 2):
-            _kd_split_jit[(rows * k,)](*args, **meta, PHASE=phase)
-        return ce, kd
-    # A persistent grid of whole rows' worth of programs, all resident at once, so a program
-    # waiting for its row's other K - 1 never waits on one that has not started.
-    programs = min(rows * k, max(k, _multiprocessors(student_logits.device) * programs_per_sm // k * k))
-    args[8] = torch.zeros(rows, dtype=torch.int32, device=student_logits.device)
-    _kd_split_jit[(programs,)](*args, **meta, PHASE=0, num_warps=num_warps)
     return ce, kd
 
 
