@@ -325,6 +325,61 @@ def bench_step(args) -> dict:
             ours_finish(bodies["student"](input_ids=input_ids, use_cache=False).last_hidden_state, ht, chunk)
         return fn
 
+    def graph_arms(chunk):
+        """Probes, not pipeline levers: how much of the step is the host's. A forward with
+        a prepared mask (``{"full_attention": None}``: causal, what these unpadded batches get
+        anyway) skips transformers' host-synchronising packed-sequence check; the frozen teacher's
+        forward captured once in a CUDA graph and replayed on the side stream; and the student's
+        forward and backward graphed too (``torch.cuda.make_graphed_callables``)."""
+        no_sync = {"attention_mask": {"full_attention": None}, "use_cache": False}
+        main = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+
+        def student_pass():
+            return bodies["student"](input_ids=input_ids, **no_sync).last_hidden_state
+
+        def teacher_pass():
+            with torch.no_grad():
+                return bodies["teacher"](input_ids=input_ids, **no_sync).last_hidden_state
+
+        def no_sync_step():
+            ours_finish(*run_pair(student_pass, teacher_pass, concurrent=True), chunk)
+
+        arm(f"ours KD + patches + no cache + side stream + sync-free mask ({chunk})", no_sync_step)
+        graph = torch.cuda.CUDAGraph()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                teacher_pass()
+        main.wait_stream(side)
+        with torch.cuda.graph(graph, stream=side):
+            static_ht = teacher_pass()
+
+        def teacher_graph_step(student_fn):
+            def fn():
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    graph.replay()
+                hs = student_fn()
+                main.wait_stream(side)
+                ours_finish(hs, static_ht, chunk)
+            return fn
+
+        arm(f"ours KD + patches + sync-free mask + teacher CUDA graph on a side stream ({chunk})",
+            teacher_graph_step(student_pass))
+
+        class StudentBody(torch.nn.Module):
+            def __init__(self, body):
+                super().__init__()
+                self.body = body
+
+            def forward(self, ids):
+                return self.body(input_ids=ids, **no_sync).last_hidden_state
+
+        graphed = torch.cuda.make_graphed_callables(StudentBody(bodies["student"]), (input_ids,))
+        arm(f"ours KD + patches + sync-free mask + teacher and student CUDA graphs ({chunk})",
+            teacher_graph_step(lambda: graphed(input_ids)))
+
     results = {}
     kw = dict(warmup=args.warmup, iters=args.iters)
     # --repeats: Liger's arm and ours with every lever, several times in the process (the spread).
@@ -415,15 +470,22 @@ def bench_step(args) -> dict:
                 for chunk in args.chunks:
                     for run in runs if side else ("",):
                         arm(f"ours KD + {label} ({chunk}){run}", ours_step(chunk, levers))
+            if args.graphs:
+                try:
+                    graph_arms(args.chunks[0])
+                except Exception as err:  # a probe: record why it could not run, keep the rest
+                    results["graph probes"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+                    print(results["graph probes"], flush=True)
             if not args.best_only:
                 arm(f"ours KD + liger model patches + use_cache=False + teacher one batch ahead ({args.chunks[0]})",
                     ahead_step(args.chunks[0]))
                 state.pop("ahead", None)
     if args.profile:
-        levers = {"use_cache": False, "side_stream": False} if args.levers else None
+        levers = {"use_cache": False, "side_stream": args.profile_side_stream} if args.levers else None
         results["profile"] = profile_step(ours_step(args.chunks[0], levers), new_optimizer, {
             "teacher forward": lambda: bodies["teacher"](input_ids=input_ids),
         })
+        results["profile"]["levers"] = levers
     p_s, p_t = matmul_params(student), matmul_params(teacher)
 
     def attn(model):
@@ -560,10 +622,14 @@ def main(argv=None):
                       help="also measure a compiled student beside a Liger-patched teacher")
     step.add_argument("--profile", action="store_true",
                       help="profile the last 'ours' arm: GPU time per kernel class, top kernels")
+    step.add_argument("--profile-side-stream", action="store_true",
+                      help="with --profile --levers: profile with the teacher on the side stream too")
     step.add_argument("--mixed", action="store_true",
                       help="with --compile: compiled teacher, Liger-patched student")
     step.add_argument("--repeats", type=int, default=1,
                       help="time Liger's arm and ours with every lever this many times each")
+    step.add_argument("--graphs", action="store_true",
+                      help="with --patch --levers: probe a sync-free mask and CUDA graphs of the teacher / student")
     step.add_argument("--best-only", action="store_true",
                       help="with --patch --levers: only the side-stream arms (no patches-alone, no batch ahead)")
     for p in (loss, step):
