@@ -355,15 +355,13 @@ def bench_step(args) -> dict:
         with torch.cuda.graph(graph, stream=side):
             static_ht = teacher_pass()
 
+        def replay():
+            graph.replay()
+            return static_ht
+
         def teacher_graph_step(student_fn):
-            def fn():
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    graph.replay()
-                hs = student_fn()
-                main.wait_stream(side)
-                ours_finish(hs, static_ht, chunk)
-            return fn
+            # The pipeline's run_pair: the replay on its side stream, the student on this one.
+            return lambda: ours_finish(*run_pair(student_fn, replay, concurrent=True), chunk)
 
         arm(f"ours KD + patches + sync-free mask + teacher CUDA graph on a side stream ({chunk})",
             teacher_graph_step(student_pass))
