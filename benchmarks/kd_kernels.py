@@ -37,7 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen_distillation.losses.fused import fused_linear_kd  # noqa: E402
 from qwen_distillation.losses.logit import forward_kl  # noqa: E402
-from qwen_distillation.training.step import run_pair  # noqa: E402
+from qwen_distillation.training.teacher import launch  # noqa: E402
+
+def run_pair(student_pass, teacher_pass, *, concurrent: bool):
+    """``(student_pass(), teacher_pass())`` in the pipeline's order and streams
+    (qwen_distillation/training/teacher.py, ``train.teacher_stream``): the teacher launched
+    first, on the side stream with ``concurrent``, then the student, then the wait."""
+    pending = launch(teacher_pass, concurrent=concurrent)
+    return student_pass(), pending.result()
+
+
 
 QWEN = {
     "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -140,7 +149,7 @@ def bench_loss(args) -> dict:
         return fn
 
     def rows_only(chunk, **launch):
-        from qwen_distillation.losses.triton_kd import kd_rows
+        from qwen_distillation.kernels.fused_linear_kd import kd_rows
 
         s_logits = (hs[:chunk] @ ws.T).detach()
         t_logits = ht[:chunk] @ wt.T
@@ -276,7 +285,7 @@ def bench_step(args) -> dict:
             with torch.no_grad():
                 return bodies["teacher"](input_ids=input_ids, **kw).last_hidden_state
 
-        # The pipeline's own helper (qwen_distillation/training/step.py, train.teacher_stream).
+        # The pipeline's own stream hand-off (qwen_distillation/training/teacher.py, train.teacher_stream).
         hs, ht = run_pair(lambda: bodies["student"](input_ids=input_ids, **kw).last_hidden_state, teacher_pass,
                           concurrent=levers["side_stream"])
         return hs.reshape(-1, student.config.hidden_size), ht.reshape(-1, teacher.config.hidden_size)

@@ -31,9 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen_distillation.losses.contrastive import ContrastiveHead  # noqa: E402
 from qwen_distillation.losses.feature import FeatureProjector, proportional_layer_map  # noqa: E402
+from qwen_distillation.losses.fused import kd_options  # noqa: E402
 from qwen_distillation.training.balancing import Balancer  # noqa: E402
-from qwen_distillation.training.plan import loss_weights, shared_parameter  # noqa: E402
-from qwen_distillation.training.step import Heads, LossPlan, micro_batch_terms  # noqa: E402
+from qwen_distillation.training.module import DistillationModule, Heads, per_step_mean  # noqa: E402
+from qwen_distillation.training.plan import LossPlan, loss_weights, shared_parameter  # noqa: E402
+from qwen_distillation.training.teacher import TeacherRunner  # noqa: E402
 
 PAIRS = {
     "tiny": (dict(vocab_size=152064, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -71,16 +73,19 @@ def build(pair: str, device: torch.device, dtype: torch.dtype):
 def run_config(name: str, teacher, student, batch, args, device) -> dict:
     weights, method = CONFIGS[name]
     n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
-    plan = LossPlan(weights=dict(weights), vocab_size=151665, kd="forward_kl", temperature=2.0,
-                    chunk_size=args.chunk_size, separate_logit_terms=method != "none",
-                    feature_pairs=proportional_layer_map(n_s, n_t, min(4, n_s)) if "feature" in weights else [],
-                    attention_pairs=proportional_layer_map(n_s, n_t, 1) if "attention" in weights else [],
+    kd = kd_options(kind="forward_kl", temperature=2.0, ce_weight=weights["ce"], kd_weight=weights["kd"],
+                    chunk_size=args.chunk_size, device=device)
+    plan = LossPlan(weights=dict(weights), vocab_size=151665, kd=kd, separate_logit_terms=method != "none",
+                    feature_pairs=tuple(proportional_layer_map(n_s, n_t, min(4, n_s)) if "feature" in weights else []),
+                    attention_pairs=tuple(proportional_layer_map(n_s, n_t, 1) if "attention" in weights else []),
                     relation_heads=2 if args.pair == "tiny" else 8, domain_aware=True)
     heads = Heads(feature=FeatureProjector(plan.feature_pairs, student.config.hidden_size, teacher.config.hidden_size)
                   if plan.feature_pairs else None,
                   contrastive=ContrastiveHead(student.config.hidden_size, teacher.config.hidden_size, 256)
                   if "contrastive" in weights else None).to(device)
-    params = [p for p in student.parameters()] + list(heads.parameters())
+    module, teacher_runner = DistillationModule(student, heads), TeacherRunner(teacher)
+    module.plan = plan
+    params = module.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     term_weights = loss_weights(plan)
     balancer = Balancer(method, list(term_weights), term_weights)
@@ -95,8 +100,8 @@ def run_config(name: str, teacher, student, batch, args, device) -> dict:
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
         with autocast:
-            terms, _ = micro_batch_terms(student, teacher, batch, plan, heads)
-        terms = {k: v / (1 if k == "contrastive" else n_tokens) for k, v in terms.items()}
+            terms, _ = module(batch, teacher_runner(batch, plan))
+        terms = per_step_mean(terms, n_tokens, 1)
         balancer.backward(terms, params, shared=shared)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -18,3 +18,16 @@ class DataError(DistillationError):
 
 class CheckpointError(DistillationError):
     """A checkpoint path is missing, incomplete or does not match the run."""
+
+
+def require(ok: bool, key: str, value, why: str, example: str) -> None:
+    """Raise a :class:`ConfigError` naming the override ``key`` unless ``ok``: ``key=value:
+    why (override it, e.g. `example`)``."""
+    if not ok:
+        raise ConfigError(f"{key}={value}: {why} (override it, e.g. `{example}`)")
+
+
+def require_one_of(key: str, value, allowed) -> None:
+    """``value`` must be one of ``allowed``; the error lists them and suggests the first."""
+    allowed = tuple(allowed)
+    require(value in allowed, key, value, f"must be one of {', '.join(allowed)}", f"{key}={allowed[0]}")

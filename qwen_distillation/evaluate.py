@@ -24,16 +24,16 @@ from pathlib import Path
 import torch
 
 from qwen_distillation.config.schema import ModelSpec
-from qwen_distillation.config.validate import DataSource
 from qwen_distillation.data.loading import load_records
 from qwen_distillation.data.manager import length_grouped_batches
-from qwen_distillation.data.sources import encode_source, locate
+from qwen_distillation.data.sources import DataSource, encode_source
 from qwen_distillation.errors import DistillationError
 from qwen_distillation.evaluation.agreement import teacher_agreement
 from qwen_distillation.evaluation.mcq import mcq_accuracy, mcq_items
-from qwen_distillation.modeling.loading import load_causal_lm, load_student_checkpoint, resolve_path, split_gguf
+from qwen_distillation.evaluation.nll import heldout_nll
+from qwen_distillation.modeling.loading import load_causal_lm, load_student_checkpoint, split_gguf
 from qwen_distillation.modeling.tokenizer import load_tokenizer
-from qwen_distillation.training.step import heldout_nll
+from qwen_distillation.paths import locate, resolve_path
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
     out = {}

@@ -53,6 +53,29 @@ def train_rows(output_dir) -> list[dict]:
     return [row for row in read_metrics(output_dir) if "loss" in row]
 
 
+def loss_plan(weights: dict[str, float], vocab_size: int, *, kd: str = "forward_kl", temperature: float = 1.0,
+              jsd_beta: float = 0.5, skew_alpha: float = 0.1, chunk_size: int = 1024, **fields):
+    """A LossPlan as a stage builds one (torch kernel): ``chunk_size`` 0 is the full-logits path."""
+    from qwen_distillation.losses.fused import kd_options
+    from qwen_distillation.training.plan import LossPlan
+
+    options = kd_options(kind=kd, temperature=temperature, ce_weight=weights.get("ce", 0.0),
+                         kd_weight=weights.get("kd", 0.0), chunk_size=max(chunk_size, 1), beta=jsd_beta,
+                         alpha=skew_alpha, kernel="torch")
+    return LossPlan(weights={k: v for k, v in weights.items() if v > 0}, vocab_size=vocab_size, kd=options,
+                    hidden_path=chunk_size > 0, **fields)
+
+
+def micro_batch_terms(student, teacher, batch: dict, plan, heads=None):
+    """(terms, info) of one micro-batch, as a training step computes them."""
+    from qwen_distillation.training.module import DistillationModule, Heads
+    from qwen_distillation.training.teacher import TeacherRunner
+
+    module = DistillationModule(student, heads if heads is not None else Heads())
+    module.plan = plan
+    return module(batch, TeacherRunner(teacher)(batch, plan))
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     """Two threads keep the CPU tests fast and repeatable on small machines."""

@@ -6,7 +6,8 @@ import pytest
 
 from conftest import compose_config
 from qwen_distillation.cli import CLASSIC_FLAGS, UsageError, classic_help, translate
-from qwen_distillation.config.validate import normalise_sources, validate_config
+from qwen_distillation.config.validate import validate_config
+from qwen_distillation.data.sources import normalise_sources
 
 
 def _config(argv: list[str]):

@@ -10,7 +10,8 @@ from omegaconf.errors import ConfigKeyError
 
 from conftest import compose_config
 from qwen_distillation.app import CONF_DIR
-from qwen_distillation.config.validate import normalise_sources, validate_config
+from qwen_distillation.config.validate import validate_config
+from qwen_distillation.data.sources import normalise_sources
 from qwen_distillation.errors import ConfigError
 
 GROUPS = ["model", "data", "stage1", "stage2", "stage3", "eval", "train", "logging"]

@@ -14,11 +14,14 @@ from omegaconf.errors import ConfigKeyError
 from conftest import compose_config, read_metrics, tiny_overrides, train_rows
 from qwen_distillation.app import run
 from qwen_distillation.config.schema import WandbConfig
-from qwen_distillation.config.validate import MCQSource, normalise_mcq_sources, validate_config
+from qwen_distillation.config.validate import validate_config
 from qwen_distillation.errors import ConfigError
 from qwen_distillation.evaluation.direction import best_direction, higher_is_better, improves
+from qwen_distillation.evaluation.evaluator import Evaluator
+from qwen_distillation.evaluation.mcq import MCQSource, normalise_mcq_sources
+from qwen_distillation.evaluation.report import summary_text
 from qwen_distillation.training import checkpoint as ckpt
-from qwen_distillation.training.evaluator import Evaluator
+from qwen_distillation.training.distiller import Distiller
 from qwen_distillation.training.metrics import MetricsLogger
 
 MCQ = "package:qwen_distillation/data/demo/medical_mcq.jsonl"
@@ -42,7 +45,7 @@ MCQ = "package:qwen_distillation/data/demo/medical_mcq.jsonl"
 ])
 def test_eval_values_are_checked_naming_the_override(override, named):
     with pytest.raises(ConfigError, match=named):
-        validate_config(compose_config([override]))
+        Distiller(validate_config(compose_config([override])))  # checked before anything is read
 
 
 @pytest.mark.parametrize("override", ["eval.agreemnt=true", "eval.samples.prompts=x", "eval.mcq_items=4"])
@@ -224,9 +227,7 @@ def test_report_and_printout_show_agreement_mcq_and_samples(eval_run, capsys):
     assert "| `eval/mcq/medical_mcq_accuracy` |" in report
     row = next(line for line in report.splitlines() if line.startswith("| `eval/medical_top1_agreement` |"))
     assert row.split(" | ")[1] == "—"  # the teacher column: not measured against itself
-    from qwen_distillation.training.distiller import Distiller
-
-    text = Distiller._summary_text(summary)
+    text = summary_text(summary)
     assert "higher is better" in text and "| `eval/medical_kl_to_teacher` | — |" in text
     assert "Samples: " in text and str(out / "stage2" / "samples.md") in text
 

@@ -35,7 +35,8 @@ from qwen_distillation.evaluation import (
 from qwen_distillation.evaluation.agreement import response_states, teacher_agreement
 from qwen_distillation.evaluation.prompting import render_prompt
 from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
-from qwen_distillation.training.step import heldout_nll, position_mask
+from qwen_distillation.evaluation.nll import heldout_nll
+from qwen_distillation.modeling.parts import position_mask
 
 MEDICAL_EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "medical_eval"
 STUDENT_COLUMNS, TEACHER_COLUMNS = 151936, 152064  # Qwen2.5-0.5B's and -7B's padded lm_heads
@@ -329,7 +330,7 @@ def test_teacher_agreement_perturbed_pair_matches_full_logits(tokenizer, batches
 
 
 def test_trainer_evaluator_agreement_keeps_nll_and_skips_the_teacher(tokenizer, student, batches):
-    from qwen_distillation.training.evaluator import Evaluator
+    from qwen_distillation.evaluation.evaluator import Evaluator
 
     teacher = tiny_qwen2(TEACHER_COLUMNS, seed=5, tie=False)
     common = {"teacher": teacher, "tokenizer": tokenizer, "vocab_size": len(tokenizer), "heldout": {"chat": batches}}

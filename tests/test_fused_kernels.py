@@ -206,11 +206,13 @@ def test_kernel_override_is_validated_and_resolved(tmp_path):
     from qwen_distillation.app import run
     from qwen_distillation.config.validate import validate_config
     from qwen_distillation.errors import ConfigError
+    from qwen_distillation.training.distiller import Distiller
 
-    with pytest.raises(ConfigError, match=r"stage2\.loss\.kernel"):
-        validate_config(compose_config(["stage2.loss.kernel=cuda"]))
-    with pytest.raises(ConfigError, match=r"stage1\.loss\.kernel"):
-        validate_config(compose_config(["stage1.loss.kernel=triton", "stage1.loss.kd=tv"]))
+    # Checked when the run is constructed, before anything is read or written.
+    with pytest.raises(ConfigError, match=r"stage2\.loss\.kernel='cuda' is not one of"):
+        Distiller(validate_config(compose_config(["stage2.loss.kernel=cuda"])))
+    with pytest.raises(ConfigError, match=r"stage1\.loss\.kernel=triton implements loss\.kd in"):
+        Distiller(validate_config(compose_config(["stage1.loss.kernel=triton", "stage1.loss.kd=tv"])))
     if not CUDA:
         # Resolved when the run starts, before any output is written.
         out = tmp_path / "run"

@@ -8,12 +8,12 @@ import statistics
 import pytest
 import torch
 
-from conftest import compose_config, tiny_overrides, train_rows
+from conftest import compose_config, loss_plan, micro_batch_terms, tiny_overrides, train_rows
 from qwen_distillation.app import run
 from qwen_distillation.losses.feature import FeatureProjector
 from qwen_distillation.modeling import capture as capture_module
-from qwen_distillation.training import step as step_module
-from qwen_distillation.training.step import LossPlan, micro_batch_terms
+from qwen_distillation.training import module as module_module
+from qwen_distillation.training.module import Heads
 
 
 def _stage2_only(out, steps: int) -> list[str]:
@@ -85,7 +85,7 @@ def test_zero_weight_terms_are_not_computed_and_install_no_hooks(monkeypatch):
         raise AssertionError("a loss with weight 0 was computed")
 
     for name in ("masked_feature_loss", "attention_distillation_loss", "info_nce"):
-        monkeypatch.setattr(step_module, name, forbidden)
+        monkeypatch.setattr(module_module, name, forbidden)
     captures = []
     real_init = capture_module.Capture.__init__
 
@@ -94,8 +94,7 @@ def test_zero_weight_terms_are_not_computed_and_install_no_hooks(monkeypatch):
         real_init(self, model, hidden_layers=hidden_layers, qkv_layers=qkv_layers)
 
     monkeypatch.setattr(capture_module.Capture, "__init__", recording_init)
-    plan = LossPlan(weights={"kd": 0.5, "ce": 0.5}, vocab_size=64, feature_pairs=[(0, 1)],
-                    attention_pairs=[(1, 3)], chunk_size=4)
+    plan = loss_plan({"kd": 0.5, "ce": 0.5}, 64, feature_pairs=((0, 1),), attention_pairs=((1, 3),), chunk_size=4)
     terms, _ = micro_batch_terms(student, teacher, batch, plan)
     assert set(terms) == {"logit"}
     assert captures and all(c == ([], []) for c in captures)
@@ -109,7 +108,7 @@ def test_teacher_is_not_run_when_no_term_needs_it(monkeypatch):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     teacher.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("teacher ran"))
     teacher.model.forward = teacher.forward
-    terms, info = micro_batch_terms(student, teacher, batch, LossPlan(weights={"ce": 1.0}, vocab_size=64))
+    terms, info = micro_batch_terms(student, teacher, batch, loss_plan({"ce": 1.0}, 64))
     assert set(terms) == {"logit"} and info["kd"] == 0.0
 
 
@@ -124,10 +123,8 @@ def test_training_forwards_build_no_kv_cache(chunk_size):
     for model in (teacher.model, student.model):
         model.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(kwargs.get("use_cache")),
                                         with_kwargs=True)
-    plan = LossPlan(weights={"kd": 0.5, "ce": 0.5, "feature": 1.0}, vocab_size=64, feature_pairs=[(0, 1)],
-                    chunk_size=chunk_size, teacher_stream=True)  # the side stream is CUDA-only: ignored here
-    heads = step_module.Heads(feature=FeatureProjector([(0, 1)], student.config.hidden_size,
-                                                       teacher.config.hidden_size))
+    plan = loss_plan({"kd": 0.5, "ce": 0.5, "feature": 1.0}, 64, feature_pairs=((0, 1),), chunk_size=chunk_size)
+    heads = Heads(feature=FeatureProjector([(0, 1)], student.config.hidden_size, teacher.config.hidden_size))
     terms, info = micro_batch_terms(student, teacher, batch, plan, heads)
     assert seen == [False, False]
     assert set(terms) == {"logit", "feature"} and info["kd"] > 0

@@ -8,17 +8,18 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from conftest import loss_plan, micro_batch_terms
 from qwen_distillation.errors import ConfigError
-from qwen_distillation.modeling.loading import evenly_spaced_layers, resolve_path, slim_down
+from qwen_distillation.modeling.loading import evenly_spaced_layers, slim_down
 from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
 from qwen_distillation.modeling.vocab import shared_vocab_size
-from qwen_distillation.training.step import LossPlan, micro_batch_terms
+from qwen_distillation.paths import resolve_path
 
 
 def micro_batch_loss(student, teacher, batch, *, kd_weight, ce_weight, kd, temperature, vocab_size, chunk_size,
                      jsd_beta, skew_alpha):
-    plan = LossPlan(weights={"kd": kd_weight, "ce": ce_weight}, vocab_size=vocab_size, kd=kd,
-                    temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha, chunk_size=chunk_size)
+    plan = loss_plan({"kd": kd_weight, "ce": ce_weight}, vocab_size, kd=kd, temperature=temperature,
+                     jsd_beta=jsd_beta, skew_alpha=skew_alpha, chunk_size=chunk_size)
     terms, info = micro_batch_terms(student, teacher, batch, plan)
     return terms["logit"], info
 

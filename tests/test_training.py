@@ -8,9 +8,10 @@ import pytest
 
 from conftest import compose_config, read_metrics, tiny_overrides, train_rows
 from qwen_distillation.app import run
-from qwen_distillation.training import distiller as distiller_module
+from qwen_distillation.data.manager import StageSampler
 from qwen_distillation.training.distiller import NonFiniteLossError
-from qwen_distillation.training.step import lr_lambda
+from qwen_distillation.training.module import DistillationModule
+from qwen_distillation.training.optim import lr_lambda
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -26,7 +27,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 def _poison(monkeypatch, bad_steps: set[int]):
     """Make the loss NaN on the given optimizer steps (1-based)."""
-    real_terms, real_next = distiller_module.micro_batch_terms, distiller_module.StageSampler.next_step
+    real_forward, real_next = DistillationModule.forward, StageSampler.next_step
     current = {"step": 0}
 
     def next_step(self):
@@ -35,13 +36,13 @@ def _poison(monkeypatch, bad_steps: set[int]):
         return served
 
     def poisoned(*args, **kwargs):
-        terms, info = real_terms(*args, **kwargs)
+        terms, info = real_forward(*args, **kwargs)
         if current["step"] in bad_steps:
             terms = {name: value * float("nan") for name, value in terms.items()}
         return terms, info
 
-    monkeypatch.setattr(distiller_module.StageSampler, "next_step", next_step)
-    monkeypatch.setattr(distiller_module, "micro_batch_terms", poisoned)
+    monkeypatch.setattr(StageSampler, "next_step", next_step)
+    monkeypatch.setattr(DistillationModule, "forward", poisoned)
 
 
 def test_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):

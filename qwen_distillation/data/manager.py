@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen_distillation.data.encode import IGNORE_INDEX
 from qwen_distillation.errors import DataError
 
-IGNORE_INDEX = -100
 
 
 def medical_ratio_at(step: int, total_steps: int, schedule: str, start: float, end: float,
@@ -30,7 +30,7 @@ def medical_ratio_at(step: int, total_steps: int, schedule: str, start: float, e
     step holds ``num_steps`` equal plateaus from start to end.
     """
     if schedule == "constant" or total_steps <= 1:
-        return start if schedule == "constant" or total_steps <= 0 else start
+        return start
     progress = min(max(step / (total_steps - 1), 0.0), 1.0)
     if schedule == "linear":
         return start + (end - start) * progress
@@ -42,6 +42,13 @@ def medical_ratio_at(step: int, total_steps: int, schedule: str, start: float, e
         plateau = min(int(progress * num_steps), num_steps - 1)
         return start + (end - start) * plateau / (num_steps - 1)
     raise ValueError(f"unknown medical ratio schedule {schedule!r}")
+
+
+def stage_domains(start: float, end: float) -> tuple[str, ...]:
+    """The domains a stage serves when its medical ratio goes from ``start`` to ``end``:
+    general data while the ratio is below 1, medical data while it is above 0."""
+    return tuple(domain for domain, serves in (("general", min(start, end) < 1), ("medical", max(start, end) > 0))
+                 if serves)
 
 
 @dataclass
@@ -111,12 +118,11 @@ class StageSampler:
         self.examples_per_step, self.total_steps = examples_per_step, total_steps
         self.schedule, self.start, self.end, self.num_steps = schedule, start, end, num_steps
         self.seed, self.stage = seed, stage
-        needs_general = min(start, end) < 1
-        needs_medical = max(start, end) > 0
-        if needs_general and not general:
+        domains = stage_domains(start, end)
+        if "general" in domains and not general:
             raise DataError(f"{stage} serves general data (medical_ratio below 1) but data.general is empty; "
                             f"pass --general_dataset or set {stage}.medical_ratio.start/end=1")
-        if needs_medical and not medical:
+        if "medical" in domains and not medical:
             raise DataError(f"{stage} serves medical data (medical_ratio above 0) but data.medical is empty; "
                             f"pass --medical_dataset or set {stage}.medical_ratio.start/end=0")
         self.general = _Pool("general", general, seed)

@@ -1,21 +1,64 @@
-"""Build the tokenized general, medical and held-out evaluation sets of a run."""
+"""The data sources of a run (``data.general``, ``data.medical``, ``data.eval``) and the
+tokenized general, medical and held-out evaluation sets built from them."""
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen_distillation.config.validate import DataSource, normalise_sources
+from typing import Any, Iterable
+
 from qwen_distillation.data.encode import build_examples, split_heldout
+from qwen_distillation.data.formats import FORMATS
 from qwen_distillation.data.loading import load_records
-from qwen_distillation.modeling.loading import PACKAGE_PREFIX, resolve_path
+from qwen_distillation.errors import require, require_one_of
+from qwen_distillation.paths import locate
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ("general", "medical")  # an example's "domain" field is the index here
+SOURCE_KEYS = ("path", "format", "split", "subset", "max_records")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One data source after normalisation (a bare string becomes ``DataSource(path=...)``)."""
+
+    path: str
+    format: str = "auto"
+    split: str = "train"
+    subset: str | None = None
+    max_records: int | None = None
+
+
+def normalise_sources(key: str, sources: Iterable[Any]) -> list[DataSource]:
+    """Turn the entries of ``data.general`` / ``data.medical`` / ``data.eval`` (named ``key``
+    in errors) into DataSources: a path string or a mapping with the keys of SOURCE_KEYS."""
+    out = []
+    for i, entry in enumerate(sources):
+        where = f"{key}[{i}]"
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        require(isinstance(entry, dict), where, entry, "a data source is a path/dataset name or a mapping with a "
+                "`path`", f"{key}=[my_data.jsonl]")
+        unknown = sorted(set(entry) - set(SOURCE_KEYS))
+        require(not unknown, where, entry, f"unknown key(s) {unknown}; valid keys are {', '.join(SOURCE_KEYS)}",
+                f"{key}=[{{path: my_data.jsonl, format: alpaca}}]")
+        require(bool(entry.get("path")), where, entry, "a data source needs a non-empty `path`",
+                f"{key}=[my_data.jsonl]")
+        source = DataSource(**{k: v for k, v in entry.items() if v is not None or k in ("subset", "max_records")})
+        require_one_of(f"{where}.format", source.format, ("auto", *FORMATS))
+        if source.max_records is not None:
+            require(source.max_records >= 1, f"{where}.max_records", source.max_records, "must be >= 1",
+                    f"{where}.max_records=1000")
+        out.append(source)
+    return out
+
+
+def data_sources(data_cfg) -> dict[str, list[DataSource]]:
+    """``general``, ``medical`` and ``eval`` sources of a DataConfig, each entry checked."""
+    return {key: normalise_sources(f"data.{key}", getattr(data_cfg, key)) for key in (*DOMAINS, "eval")}
 
 
 @dataclass
@@ -26,16 +69,6 @@ class DomainData:
     general: list[dict] = field(default_factory=list)
     medical: list[dict] = field(default_factory=list)
     eval_sets: dict[str, list[dict]] = field(default_factory=dict)
-
-
-def locate(path: str) -> str:
-    """``package:`` paths resolve inside installed packages; a relative path that does not
-    exist from the working directory is tried against the project root."""
-    if path.startswith(PACKAGE_PREFIX):
-        return resolve_path(path)
-    if not os.path.isabs(path) and not os.path.exists(path) and (PROJECT_ROOT / path).exists():
-        return str(PROJECT_ROOT / path)
-    return path
 
 
 def encode_source(source: DataSource, tokenizer, max_length: int) -> list[dict]:
@@ -51,25 +84,26 @@ def _eval_name(source: DataSource, taken: set[str]) -> str:
     return name
 
 
-def build_domain_data(data_cfg, tokenizer, *, seed: int) -> DomainData:
-    """Load, encode and split every source of ``data_cfg`` (a DataConfig).
+def build_domain_data(sources: dict[str, list[DataSource]], tokenizer, *, max_length: int, eval_fraction: float,
+                      max_eval_examples: int, seed: int) -> DomainData:
+    """Load, encode and split every source of ``sources`` (from :func:`data_sources`).
 
-    Each training source gives ``data.eval_fraction`` of its examples (deterministically,
-    by ``seed``) to the held-out set of its domain, capped at ``data.max_eval_examples``
-    per domain overall.
+    Each training source gives ``eval_fraction`` of its examples (deterministically, by
+    ``seed``) to the held-out set of its domain, capped at ``max_eval_examples`` per domain
+    overall; each ``eval`` source becomes a held-out set of its own, named after its file.
     """
     out = DomainData()
     for domain_id, domain in enumerate(DOMAINS):
         heldout = []
-        for source in normalise_sources(f"data.{domain}", getattr(data_cfg, domain)):
-            examples = [{**e, "domain": domain_id} for e in encode_source(source, tokenizer, data_cfg.max_length)]
-            train, held = split_heldout(examples, data_cfg.eval_fraction, data_cfg.max_eval_examples, seed)
+        for source in sources[domain]:
+            examples = [{**e, "domain": domain_id} for e in encode_source(source, tokenizer, max_length)]
+            train, held = split_heldout(examples, eval_fraction, max_eval_examples, seed)
             getattr(out, domain).extend(train)
             heldout.extend(held)
             log.info("data.%s: %s -> %d train, %d held out", domain, source.path, len(train), len(held))
         if heldout:
-            out.eval_sets[domain] = heldout[: data_cfg.max_eval_examples]
-    for source in normalise_sources("data.eval", data_cfg.eval):
+            out.eval_sets[domain] = heldout[:max_eval_examples]
+    for source in sources["eval"]:
         name = _eval_name(source, set(out.eval_sets))
-        out.eval_sets[name] = encode_source(source, tokenizer, data_cfg.max_length)[: data_cfg.max_eval_examples]
+        out.eval_sets[name] = encode_source(source, tokenizer, max_length)[:max_eval_examples]
     return out

@@ -1,6 +1,6 @@
 """How closely the student follows the teacher on held-out text, token by token.
 
-Measured on response positions only (``training.step.position_mask``: positions whose next
+Measured on response positions only (``modeling.parts.position_mask``: positions whose next
 token is labelled), over the first ``vocab_size`` logit columns of both models (the tokens
 they share; padded lm_head columns are dropped), at temperature 1.
 """
@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwen_distillation.data.manager import IGNORE_INDEX
 from qwen_distillation.evaluation.prompting import model_device
-from qwen_distillation.training.step import decoder_and_head, position_mask, supports_hidden_path
+from qwen_distillation.modeling.parts import decoder_and_head, position_mask, response_targets, supports_hidden_path
 
 AGREEMENT_KEYS = ("nll", "top1_agreement", "topk_overlap", "kl_to_teacher")
 
@@ -80,7 +79,7 @@ def teacher_agreement(student: nn.Module, teacher: nn.Module, batches: list[dict
     for index, batch in enumerate(batches):
         labels = batch["labels"]
         mask = position_mask(labels)
-        targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX].to(device)
+        targets = response_targets(labels).to(device)
         s_states = response_states(student, batch, mask)
         t_states = teacher_states[index] if teacher_states is not None else response_states(teacher, batch, mask)
         if t_states.shape[0] != targets.shape[0]:

@@ -17,17 +17,21 @@ set exactly. Ties go to the earlier letter.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from qwen_distillation.errors import DataError
+from qwen_distillation.data.loading import load_records
+from qwen_distillation.errors import DataError, require, require_one_of
 from qwen_distillation.evaluation.prompting import model_device, render_prompt
 from qwen_distillation.evaluation.text_metrics import has_han
-from qwen_distillation.training.step import decoder_and_head, supports_hidden_path
+from qwen_distillation.modeling.parts import decoder_and_head, supports_hidden_path
+from qwen_distillation.paths import locate
 
 INSTRUCTION_EN = "Answer with the letter."
 INSTRUCTION_ZH = "请直接回答选项字母。"
@@ -197,6 +201,59 @@ def mcq_items(records: Iterable[dict | tuple[int, dict]], fmt: str, source: str 
                                 f"{sorted(record)}; expected one of {_MCQ_FIELDS}")
         items.append(MCQ_FORMATS[name](record, where))
     return items
+
+
+
+MCQ_SOURCE_KEYS = ("path", "name", "format", "split", "subset")
+# A set's name becomes part of a metric key: eval/mcq/<name>_accuracy.
+MCQ_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class MCQSource:
+    """One ``eval.mcq`` entry after normalisation; ``name`` names its metric."""
+
+    name: str
+    path: str
+    format: str = "auto"
+    split: str = "train"
+    subset: str | None = None
+
+
+def normalise_mcq_sources(key: str, entries: Iterable[Any]) -> list[MCQSource]:
+    """Turn the entries of ``eval.mcq`` (named ``key`` in errors: ``PATH``, ``NAME=PATH`` or a
+    mapping) into MCQSources with unique names; a bare path is named after its file stem."""
+    out: list[MCQSource] = []
+    example = f"{key}=[{{name: medqa, path: my_mcq.jsonl}}]"
+    for i, entry in enumerate(entries):
+        where = f"{key}[{i}]"
+        if isinstance(entry, str):
+            name, eq, path = entry.partition("=")
+            entry = {"name": name, "path": path} if eq and MCQ_NAME.match(name) else {"path": entry}
+        require(isinstance(entry, dict), where, entry, "an MCQ set is PATH, NAME=PATH or a mapping with a `path`",
+                example)
+        unknown = sorted(set(entry) - set(MCQ_SOURCE_KEYS))
+        require(not unknown, where, entry, f"unknown key(s) {unknown}; valid keys are {', '.join(MCQ_SOURCE_KEYS)}",
+                f"{key}=[{{name: medqa, path: my_mcq.jsonl, format: cmexam}}]")
+        require(bool(entry.get("path")), where, entry, "an MCQ set needs a non-empty `path`", example)
+        fields = {k: v for k, v in entry.items() if v is not None or k == "subset"}
+        fields.setdefault("name", Path(str(entry["path"]).split(":")[-1]).stem)
+        source = MCQSource(**fields)
+        require(bool(MCQ_NAME.match(source.name)), f"{where}.name", source.name,
+                "a set name may hold only letters, digits, '_', '.' and '-' (it names eval/mcq/<name>_accuracy)",
+                f"{where}.name=medqa")
+        require(source.name not in {s.name for s in out}, f"{where}.name", source.name,
+                "two MCQ sets share this name; name them apart", example)
+        require_one_of(f"{where}.format", source.format, ("auto", *MCQ_FORMATS))
+        out.append(source)
+    return out
+
+
+def load_mcq_sets(sources: list[MCQSource], max_items: int | None) -> dict[str, list[MCQItem]]:
+    """Set name -> items (the first ``max_items`` records of each source; all when None)."""
+    return {source.name: mcq_items(load_records(locate(source.path), split=source.split, subset=source.subset,
+                                                max_records=max_items), source.format, source=source.path)
+            for source in sources}
 
 
 def predict(scores: dict[str, float], k: int = 1) -> frozenset[str]:

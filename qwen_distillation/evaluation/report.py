@@ -502,3 +502,16 @@ def write_report(output_dir: str | Path, summary: dict | None = None) -> Path:
     shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def summary_text(summary: dict) -> str:
+    """The printout at the end of a run: the before/after table and where everything is."""
+    lines = ["", f"Before and after training ({TABLE_NOTE}):", *results_table(summary)]
+    lines += ["", f"Models:  {', '.join(summary['final_models'].values())}",
+              f"Metrics: {summary['metrics']} (TensorBoard: {summary['tensorboard']})",
+              f"Summary: {Path(summary['output_dir']) / 'summary.json'}"]
+    if summary.get("samples"):
+        lines.append(f"Samples: {', '.join(summary['samples'].values())}")
+    if summary.get("report"):
+        lines.append(f"Report:  {summary['report']}")
+    return "\n".join(lines)

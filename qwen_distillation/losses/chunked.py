@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from qwen_distillation.losses.logit import DIVERGENCES, REDUCTIONS, cross_entropy, divergence
+from qwen_distillation.losses.logit import cross_entropy, divergence
 
 
-class _FusedLinearKD(torch.autograd.Function):
-    """Loss and its gradients in one pass over the chunks.
+class TorchFusedLinearKD(torch.autograd.Function):
+    """The plain-torch reference of the fused-linear KD loss (``kernel="torch"``): loss and
+    its gradients in one pass over the chunks. ``options`` is a
+    :class:`~qwen_distillation.kernels.fused_linear_kd.KDOptions` (its ``reduction`` and
+    ``kernel`` are unused: ``num_valid`` divides for a mean).
 
     For each chunk the logits are formed, the weighted CE + divergence is computed, and its
     gradient with respect to the chunk's logits is turned at once into gradients for the
@@ -27,7 +30,9 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels, options,
                 num_valid):
-        kind, temperature, ce_weight, kd_weight, chunk_size, ignore_index, beta, alpha = options
+        kind, temperature, ce_weight, kd_weight = (options.kind, options.temperature, options.ce_weight,
+                                                   options.kd_weight)
+        chunk_size, ignore_index, beta, alpha = options.chunk_size, options.ignore_index, options.beta, options.alpha
         hidden, weight = student_hidden.detach(), student_weight.detach()
         sum_dtype = torch.promote_types(hidden.dtype, torch.float32)
         grad_hidden = torch.zeros_like(hidden)
@@ -70,19 +75,13 @@ class _FusedLinearKD(torch.autograd.Function):
 
 
 def prepare_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
-                         teacher_logits=None, kind, vocab_size, chunk_size, reduction):
+                         teacher_logits=None, vocab_size):
     """Check and flatten the inputs of a fused-linear KD loss (any kernel).
 
     Returns ``(student_hidden (N, H_s), student_weight (V, H_s), teacher_hidden (N, H_t) | None,
     teacher_weight (V, H_t) | None, teacher_logits (N, V) view | None, labels (N,))`` with both
     weights (or the teacher logits' columns) cut to the shared ``V = vocab_size`` rows.
     """
-    if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {kind!r}; valid names: {sorted(DIVERGENCES)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     labels = labels.reshape(-1)
     num_tokens = student_hidden.shape[0]
@@ -132,17 +131,26 @@ def prepare_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher
     return student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels
 
 
-def chunked_kd_loss(*args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The plain-torch path of :func:`qwen_distillation.losses.fused.fused_linear_kd` (same
-    arguments, ``kernel="torch"``): ``ce_weight * CE + kd_weight * KD`` computed
-    ``chunk_size`` tokens at a time.
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_size: int) -> torch.Tensor:
+    """Sum of token CE from hidden states, never forming more than ``chunk_size`` rows of logits.
 
-    Equal in value and gradient to projecting all tokens at once, truncating both logits to
-    their first ``vocab_size`` columns and calling :func:`cross_entropy` and
-    ``divergence(kind, ..)`` on the result, for every divergence of ``DIVERGENCES``. The CE
-    therefore also uses only the first ``vocab_size`` student columns, so both terms see the
-    same support (labels must be < vocab_size).
+    Args:
+        hidden: shape (N, H), final hidden states of the positions to score.
+        weight: shape (V, H), the lm_head weight (cut to the shared vocabulary by the caller).
+        targets: shape (N,), the next tokens.
+        chunk_size: rows per chunk; each chunk is recomputed in backward (activation
+            checkpointing), so only one (chunk_size, V) block of logits is ever alive.
+
+    Returns:
+        Scalar fp32 sum over the N tokens.
     """
-    from qwen_distillation.losses.fused import fused_linear_kd
+    from torch.utils.checkpoint import checkpoint
 
-    return fused_linear_kd(*args, kernel="torch", **kwargs)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        end = start + chunk_size
+        total = total + checkpoint(
+            lambda h, t: cross_entropy(h @ weight.T, t, reduction="sum"), hidden[start:end], targets[start:end],
+            use_reentrant=False)
+    return total

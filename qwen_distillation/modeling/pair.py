@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from qwen_distillation.errors import CheckpointError, ConfigError
-from qwen_distillation.modeling.loading import (load_causal_lm, load_student_checkpoint, resolve_path, slim_down,
-                                                split_gguf)
+from qwen_distillation.modeling.loading import load_causal_lm, load_student_checkpoint, slim_down, split_gguf
 from qwen_distillation.modeling.tokenizer import load_tokenizer
 from qwen_distillation.modeling.vocab import shared_vocab_size
+from qwen_distillation.paths import resolve_path
 
 log = logging.getLogger(__name__)
 

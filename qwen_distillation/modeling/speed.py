@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from qwen_distillation.errors import ConfigError
-from qwen_distillation.modeling.capture import base_model
+from qwen_distillation.modeling.parts import base_model
 
 log = logging.getLogger(__name__)
 

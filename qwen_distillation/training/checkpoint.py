@@ -108,37 +108,32 @@ def set_rng_state(state: dict) -> None:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The parameters the optimizer updates (all of them, or only LoRA's)."""
+    """The parameters the optimizer updates (all of them, or only LoRA's and the heads')."""
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_training_state(target: Path, *, model, optimizer, scheduler, sampler, step: int, extra: dict) -> None:
-    """Everything needed to continue a stage exactly: trainable weights, optimizer,
-    scheduler, RNG states, the data sampler's cursor and the step counters."""
+def save_training_state(target: Path, *, engine, sampler, step: int, extra: dict) -> None:
+    """Everything needed to continue a stage exactly: the engine's state (weights, optimizer,
+    schedule, balancer), RNG states, the data sampler's cursor and the step counters."""
     with atomic_dir(target) as tmp:
-        torch.save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "sampler": sampler.state_dict(),
+        torch.save({"engine": engine.state_dict(), "rng": rng_state(), "sampler": sampler.state_dict(),
                     "step": step, "extra": extra}, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step}, indent=2))
 
 
-def load_training_state(target: Path, *, model, optimizer, scheduler, sampler) -> dict:
+def load_training_state(target: Path, *, engine, sampler) -> dict:
+    """Restore what :func:`save_training_state` wrote into ``engine`` and ``sampler`` (and the
+    RNGs); returns the saved dict (``step``, ``extra``)."""
     target = recover(Path(target))
     path = target / "state.pt"
     if not path.exists():
         raise CheckpointError(f"{target}: no state.pt; the training checkpoint is incomplete. Delete {target} "
                               f"to restart the stage from its beginning")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    missing = [name for name in state["model"] if name not in params]
-    if missing:
-        raise CheckpointError(f"{target}: the checkpoint holds parameters the model lacks ({missing[:3]}); "
-                              f"was it written with another model or LoRA setting?")
-    with torch.no_grad():
-        for name, value in state["model"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        engine.load_state_dict(state["engine"])
+    except CheckpointError as err:
+        raise CheckpointError(f"{target}: {err}") from err
     sampler.load_state_dict(state["sampler"])
     set_rng_state(state["rng"])
     return state

@@ -13,6 +13,9 @@ from qwen_distillation.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
 # Whole key names or their last part after "_": hf_token, wandb_api_key, password; not "tokenizer".
 SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password|credentials?)$", re.IGNORECASE)
 
@@ -41,7 +44,7 @@ class MetricsLogger:
     """
 
     def __init__(self, output_dir: Path, *, jsonl: bool, tensorboard: bool, wandb_cfg, run_config: dict):
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS_FILE
         self.jsonl = jsonl
         self._tb = None
         self._wandb = None
@@ -49,7 +52,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / TENSORBOARD_DIR))
             except ImportError:
                 log.warning("tensorboard is not installed; TensorBoard logging is off (pip install tensorboard)")
         if wandb_cfg.enabled:
@@ -79,7 +82,7 @@ class MetricsLogger:
             if row.get("stage", 0) > stage or (row.get("stage") == stage and row.get("step", -1) > after_step):
                 continue
             kept.append(line)
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
+        tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
 

@@ -1,23 +1,70 @@
-"""From a stage's config to what it computes: the LossPlan (active terms, layer maps) and
-the trainable distillation heads (feature and contrastive projections) a run needs."""
+"""From a stage's config to what it computes: the LossPlan (active terms, KD options with the
+kernel resolved, layer maps), the weights the balancer applies and GradNorm's shared layer."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 
-from qwen_distillation.losses.contrastive import ContrastiveHead
-from qwen_distillation.losses.feature import FeatureProjector, proportional_layer_map, validate_layer_map
-from qwen_distillation.training.step import Heads, LossPlan, decoder_and_head
+import torch
+
+from qwen_distillation.kernels.fused_linear_kd import KDOptions
+from qwen_distillation.losses.feature import proportional_layer_map, validate_layer_map
+from qwen_distillation.losses.fused import kd_options
+from qwen_distillation.modeling.parts import decoder_and_head, supports_hidden_path
 
 WEIGHT_NAMES = {"kl": "kd", "ce": "ce", "feature": "feature", "attention": "attention", "contrastive": "contrastive"}
+TEACHER_TERMS = ("kd", "feature", "attention", "contrastive")
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """What one stage computes for every micro-batch, decided once at the stage's start.
+
+    weights: the active terms (weight > 0) and their configured weights, from ``ce``, ``kd``,
+        ``feature``, ``attention``, ``contrastive``.
+    vocab_size: logit columns teacher and student share.
+    kd: the fused CE + KD loss's options, kernel resolved, with ``ce_weight``/``kd_weight`` the
+        stage's ``ce`` and ``kd`` weights and ``reduction="sum"``.
+    separate_logit_terms: compute ``ce`` and ``kd`` as two terms (gradient balancing needs
+        them apart) instead of one weighted ``logit`` term.
+    hidden_path: both models' logits are a plain projection of their last hidden states, so the
+        logit terms are computed from hidden states in chunks (else from full logits).
+    feature_pairs, attention_pairs: ``(student_layer, teacher_layer)`` pairs matched.
+    """
+
+    weights: dict[str, float]
+    vocab_size: int
+    kd: KDOptions = field(default_factory=KDOptions)
+    separate_logit_terms: bool = False
+    hidden_path: bool = True
+    feature_pairs: tuple[tuple[int, int], ...] = ()
+    feature_loss: str = "mse"
+    feature_normalize: bool = True
+    attention_pairs: tuple[tuple[int, int], ...] = ()
+    attention_mode: str = "relations"
+    relation_heads: int = 8
+    attention_chunk: int = 256
+    contrastive_temperature: float = 0.1
+    domain_aware: bool = False
+
+    def active(self, name: str) -> bool:
+        return self.weights.get(name, 0.0) > 0
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(self.active(name) for name in TEACHER_TERMS)
+
+    def captured_layers(self, side: int) -> tuple[list[int], list[int]]:
+        """(hidden-state layers, q/k/v layers) to capture on the student (``side=0``) or the
+        teacher (``side=1``): the matched layers of the active feature and attention terms."""
+        hidden = [pair[side] for pair in self.feature_pairs] if self.active("feature") else []
+        qkv = [pair[side] for pair in self.attention_pairs] if self.active("attention") else []
+        return hidden, qkv
 
 
 def _layers(model) -> int:
     return len(decoder_and_head(model)[0].layers)
-
-
-def _hidden(model) -> int:
-    return decoder_and_head(model)[1].weight.shape[1]
 
 
 def layer_pairs(sub_cfg, key: str, student, teacher) -> list[tuple[int, int]]:
@@ -29,41 +76,35 @@ def layer_pairs(sub_cfg, key: str, student, teacher) -> list[tuple[int, int]]:
     return proportional_layer_map(num_s, num_t, pairs)
 
 
-def build_plan(stage, key: str, student, teacher, vocab_size: int) -> LossPlan:
+def stage_kd_options(stage, device: torch.device) -> KDOptions:
+    """The stage's fused-loss options, its ``loss.kernel`` resolved for ``device``. Raises
+    ValueError naming ``loss.kernel``/``loss.kd`` (the caller prefixes the stage's key)."""
+    loss, weights = stage.loss, dataclasses.asdict(stage.loss.weights)
+    return kd_options(kind=loss.kd, temperature=stage.temperature, ce_weight=weights["ce"], kd_weight=weights["kl"],
+                      chunk_size=max(loss.chunk_size, 1), beta=loss.jsd_beta, alpha=loss.skew_alpha, reduction="sum",
+                      kernel=loss.kernel, device=device)
+
+
+def build_plan(stage, key: str, student, teacher, vocab_size: int, kd: KDOptions) -> LossPlan:
+    """The LossPlan of stage ``key`` for this pair, with ``kd`` from :func:`stage_kd_options`."""
     loss = stage.loss
     weights = {WEIGHT_NAMES[name]: w for name, w in dataclasses.asdict(loss.weights).items() if w > 0}
-    plan = LossPlan(weights=weights, vocab_size=vocab_size, kd=loss.kd, temperature=stage.temperature,
-                    jsd_beta=loss.jsd_beta, skew_alpha=loss.skew_alpha, chunk_size=loss.chunk_size,
-                    kernel=loss.kernel,
-                    separate_logit_terms=loss.balancing.method != "none",
-                    feature_loss=loss.feature.loss, feature_normalize=loss.feature.normalize,
+    needs_teacher = any(weights.get(name, 0.0) > 0 for name in TEACHER_TERMS)
+    hidden_path = loss.chunk_size > 0 and supports_hidden_path(student) and (
+        not needs_teacher or supports_hidden_path(teacher))
+    feature = layer_pairs(loss.feature, f"{key}.loss.feature", student, teacher) if "feature" in weights else []
+    attention = layer_pairs(loss.attention, f"{key}.loss.attention", student, teacher) if "attention" in weights else []
+    return LossPlan(weights=weights, vocab_size=vocab_size, kd=kd, separate_logit_terms=loss.balancing.method != "none",
+                    hidden_path=hidden_path, feature_pairs=tuple(feature), feature_loss=loss.feature.loss,
+                    feature_normalize=loss.feature.normalize, attention_pairs=tuple(attention),
                     attention_mode=loss.attention.mode, relation_heads=loss.attention.relation_heads,
-                    attention_chunk=loss.attention.chunk_size,
-                    contrastive_temperature=loss.contrastive.temperature,
+                    attention_chunk=loss.attention.chunk_size, contrastive_temperature=loss.contrastive.temperature,
                     domain_aware=loss.contrastive.domain_aware)
-    if plan.active("feature"):
-        plan.feature_pairs = layer_pairs(loss.feature, f"{key}.loss.feature", student, teacher)
-    if plan.active("attention"):
-        plan.attention_pairs = layer_pairs(loss.attention, f"{key}.loss.attention", student, teacher)
-    return plan
-
-
-def build_heads(stages: list, plans: list[LossPlan], student, teacher) -> Heads:
-    """One set of heads for the whole run: the feature projections of every layer pair any
-    stage matches, and one contrastive head (sized by the first stage that uses it)."""
-    pairs = sorted({p for plan in plans for p in plan.feature_pairs})
-    feature = FeatureProjector(pairs, _hidden(student), _hidden(teacher)) if pairs else None
-    contrastive = None
-    for stage, plan in zip(stages, plans):
-        if plan.active("contrastive"):
-            contrastive = ContrastiveHead(_hidden(student), _hidden(teacher), stage.loss.contrastive.projection_dim)
-            break
-    return Heads(feature=feature, contrastive=contrastive)
 
 
 def loss_weights(plan: LossPlan) -> dict[str, float]:
-    """The weights the balancer applies to the terms micro_batch_terms returns: ``logit``
-    comes already weighted (1.0) unless the logit terms are kept apart."""
+    """The weights the balancer applies to the terms the module returns: ``logit`` comes
+    already weighted (1.0) unless the logit terms are kept apart."""
     out = {}
     if plan.separate_logit_terms:
         out.update({k: plan.weights[k] for k in ("ce", "kd") if plan.active(k)})
@@ -73,7 +114,7 @@ def loss_weights(plan: LossPlan) -> dict[str, float]:
     return out
 
 
-def shared_parameter(student, plan: LossPlan):
+def shared_parameter(student, plan: LossPlan) -> list[torch.Tensor]:
     """The layer every active term's gradient passes through (GradNorm measures gradient
     norms there): the input norm of the lowest matched student layer, else the final norm."""
     layers = [s for s, _ in plan.feature_pairs + plan.attention_pairs]

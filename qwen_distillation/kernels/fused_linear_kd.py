@@ -1,7 +1,8 @@
 """Triton fused-linear distillation loss: CE + forward KL / reverse KL / generalised JSD.
 
-The reference for every number here is :func:`qwen_distillation.losses.chunked.chunked_kd_loss`
-(plain torch, chunked) and, below it, the full-logits functions of ``losses/logit.py``.
+The reference for every number here is :class:`qwen_distillation.losses.chunked.TorchFusedLinearKD`
+(plain torch, chunked) and, below it, the full-logits functions of ``losses/logit.py``; the
+dispatcher :func:`qwen_distillation.losses.fused.fused_linear_kd` chooses between them.
 
 Per chunk of ``chunk_size`` tokens:
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -51,6 +53,32 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
 KIND_CODES = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD}
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    """Everything a fused-linear KD computation needs besides its tensors, for every kernel.
+
+    kind: the divergence (``losses.logit.DIVERGENCES``; the Triton kernel: ``KIND_CODES``).
+    temperature: T of the divergence (CE is at T = 1); the divergence is multiplied by T**2.
+    ce_weight, kd_weight: ``loss = ce_weight * CE + kd_weight * KD``.
+    chunk_size: tokens whose logits exist at once.
+    ignore_index: label of masked tokens.
+    beta: JSD mixture weight; alpha: skew of the skew-KL kinds (torch only).
+    reduction: ``sum`` over valid tokens or ``mean`` per valid token.
+    kernel: the implementation that runs, already resolved: ``triton``, ``liger`` or ``torch``.
+    """
+
+    kind: str = "forward_kl"
+    temperature: float = 1.0
+    ce_weight: float = 0.5
+    kd_weight: float = 0.5
+    chunk_size: int = 1024
+    ignore_index: int = -100
+    beta: float = 0.5
+    alpha: float = 0.1
+    reduction: str = "sum"
+    kernel: str = "torch"
 
 
 def triton_available() -> bool:
@@ -282,8 +310,9 @@ class TritonFusedLinearKD(torch.autograd.Function):
     """``w_ce * CE + w_kd * KD`` from hidden states, gradients computed in the forward pass.
 
     Inputs are already flattened to tokens and truncated to the shared vocabulary (see
-    :func:`qwen_distillation.losses.fused.fused_linear_kd`). Returns ``(loss, ce, kd)``, the
-    last two detached, each summed over valid tokens or averaged per valid token.
+    :func:`qwen_distillation.losses.fused.fused_linear_kd`); ``options`` is a :class:`KDOptions`
+    (``alpha`` and ``kernel`` unused). Returns ``(loss, ce, kd)``, the last two detached, each
+    summed over valid tokens or averaged per valid token.
 
     Nothing here waits for the GPU: the token count of a mean stays a device tensor and scales
     the stored gradients in backward.
@@ -292,7 +321,9 @@ class TritonFusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
                 options):
-        kind, temperature, ce_weight, kd_weight, chunk_size, ignore_index, beta, reduction = options
+        kind, temperature, ce_weight, kd_weight = (options.kind, options.temperature, options.ce_weight,
+                                                   options.kd_weight)
+        chunk_size, ignore_index, beta = options.chunk_size, options.ignore_index, options.beta
         need_grad = student_hidden.requires_grad or student_weight.requires_grad
         dtype = _matmul_dtype(student_hidden, student_weight)
         hidden = student_hidden.detach().to(dtype)
@@ -326,7 +357,7 @@ class TritonFusedLinearKD(torch.autograd.Function):
                 _accumulate_weight_grad(grad_weight, logits, hidden[start:end])
             del logits
         scale = torch.ones((), dtype=torch.float32, device=hidden.device)
-        if reduction == "mean":
+        if options.reduction == "mean":
             scale = 1.0 / (labels != ignore_index).sum().clamp(min=1).float()
         ce_total = ce_rows.sum() * scale
         kd_total = kd_rows_.sum() * scale

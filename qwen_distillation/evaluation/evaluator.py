@@ -16,14 +16,13 @@ from typing import Callable
 import torch
 
 from qwen_distillation.config.schema import EvalConfig
-from qwen_distillation.config.validate import normalise_mcq_sources
-from qwen_distillation.data.loading import load_records
 from qwen_distillation.data.manager import length_grouped_batches
-from qwen_distillation.data.sources import locate
 from qwen_distillation.evaluation.agreement import response_states, teacher_agreement
-from qwen_distillation.evaluation.mcq import MCQItem, mcq_accuracy, mcq_items
+from qwen_distillation.evaluation.mcq import MCQItem, MCQSource, load_mcq_sets, mcq_accuracy
+from qwen_distillation.evaluation.nll import heldout_nll
 from qwen_distillation.evaluation.samples import load_prompts, quality_samples
-from qwen_distillation.training.step import heldout_nll, supports_hidden_path
+from qwen_distillation.modeling.parts import supports_hidden_path
+from qwen_distillation.paths import locate
 
 AGREEMENT_METRICS = ("top1_agreement", "topk_overlap", "kl_to_teacher")
 EVAL_BATCH_SIZE = 8
@@ -117,20 +116,14 @@ class Evaluator:
         return bool(rows) and [row.get("prompt") for row in rows] == [p["prompt"] for p in self.prompts]
 
 
-def load_mcq_sets(sources, max_items: int | None) -> dict[str, list[MCQItem]]:
-    """``eval.mcq`` entries -> set name -> items (the first ``max_items`` records of each)."""
-    return {source.name: mcq_items(load_records(locate(source.path), split=source.split, subset=source.subset,
-                                                max_records=max_items), source.format, source=source.path)
-            for source in sources}
-
-
-def build_evaluator(cfg: EvalConfig, *, teacher: torch.nn.Module, tokenizer, vocab_size: int,
-                    eval_sets: dict[str, list[dict]], pad_token_id: int, device: torch.device,
+def build_evaluator(cfg: EvalConfig, *, mcq_sources: list[MCQSource], teacher: torch.nn.Module, tokenizer,
+                    vocab_size: int, eval_sets: dict[str, list[dict]], pad_token_id: int, device: torch.device,
                     autocast: Callable[[], contextlib.AbstractContextManager]) -> Evaluator:
-    """The run's :class:`Evaluator` from the ``eval`` node and the encoded held-out sets."""
+    """The run's :class:`Evaluator` from the ``eval`` node (its MCQ entries already parsed by
+    ``normalise_mcq_sources``) and the encoded held-out sets."""
     heldout = {name: length_grouped_batches(examples, EVAL_BATCH_SIZE, pad_token_id, device)
                for name, examples in eval_sets.items()}
-    mcq_sets = load_mcq_sets(normalise_mcq_sources("eval.mcq", cfg.mcq), cfg.mcq_max_items)
+    mcq_sets = load_mcq_sets(mcq_sources, cfg.mcq_max_items)
     prompts = load_prompts(locate(cfg.prompts), cfg.samples_max_prompts) if cfg.samples else []
     return Evaluator(teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size, heldout=heldout,
                      agreement=cfg.agreement, agreement_top_k=cfg.agreement_top_k, mcq_sets=mcq_sets,

@@ -1,0 +1,52 @@
+"""Reaching into a causal LM the same way everywhere: through a peft wrapper, to its decoder
+stack and lm_head, and to the positions whose hidden state predicts a labelled token."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qwen_distillation.data.encode import IGNORE_INDEX
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """The forward arguments of a collated batch for scoring (no generation): ``use_cache=False``,
+    since transformers would otherwise copy every layer's keys and values into a cache
+    (docs/performance.md)."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The model under a peft wrapper (the model itself when it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The decoder stack (returns final hidden states) and the lm_head of a causal LM,
+    also through a peft wrapper."""
+    base = base_model(model)
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def supports_hidden_path(model: nn.Module) -> bool:
+    """Whether logits are exactly ``hidden @ lm_head.weight.T`` (no bias, scaling or softcap),
+    so a loss can be computed from hidden states in chunks."""
+    base = base_model(model)
+    head, config = base.get_output_embeddings(), base.config
+    return (isinstance(head, nn.Linear) and head.bias is None
+            and getattr(config, "final_logit_softcapping", None) is None
+            and getattr(config, "logit_scale", None) in (None, 1.0)
+            and getattr(config, "logits_scaling", None) in (None, 1.0))
+
+
+def position_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: positions whose *next* token is a response token, i.e. the positions
+    whose hidden state predicts a labelled token (the last position never does)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def response_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) the labelled next tokens, in the order of ``hidden[position_mask(labels)]``."""
+    return labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]

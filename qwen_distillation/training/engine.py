@@ -1,0 +1,163 @@
+"""The engine: the mechanics of optimising the trainable module, behind a small interface.
+
+The stage loop (``training.distiller``) tells the story of a stage: which examples, which
+loss terms, when to evaluate and save. An engine owns the three jobs that change when the
+work is spread over devices: the backward pass of the trainable module's loss terms, the
+optimizer step, and the state those need to resume. Its surface is::
+
+    engine.backward(terms)     # once per micro-batch; None when a term is non-finite
+    engine.step()              # once per optimizer step -> StepOutcome (then zero_grad)
+    engine.zero_grad()
+    engine.state_dict() / engine.load_state_dict(state)
+    engine.save_pretrained(dir, tokenizer, ...)   engine.save_heads(path)
+
+:class:`SingleDeviceEngine` is the engine for one device (CPU or one GPU): gradient
+accumulation (micro-batch gradients add up until ``step``), gradient balancing between the
+terms (``training.balancing``), clipping, the fp16 loss scaler, and the non-finite policy: a
+step with a non-finite loss term or gradient norm is skipped (no update, the schedule does not
+advance) and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qwen_distillation.errors import CheckpointError
+from qwen_distillation.training import checkpoint as ckpt
+from qwen_distillation.training.balancing import Balancer
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did.
+
+    lr: the learning rate the step ran at (before the scheduler advanced).
+    grad_norm: the gradient norm before clipping; NaN when a loss term was non-finite.
+    skipped: no update was made (a non-finite loss term or gradient norm).
+    bad_in_row, bad_total: skipped steps in a row up to this one, and in the stage so far.
+    nonfinite: what was non-finite, e.g. ``loss/kd=inf`` or ``grad_norm=nan``; "" if nothing.
+    """
+
+    lr: float
+    grad_norm: float
+    skipped: bool
+    bad_in_row: int
+    bad_total: int
+    nonfinite: str = ""
+
+
+class SingleDeviceEngine:
+    """Optimises ``module``'s trainable parameters on one device.
+
+    Args:
+        module: the trainable module (``training.module.DistillationModule``: ``.student`` and
+            ``.heads``); its parameters with ``requires_grad`` are trained.
+        optimizer, scheduler: built over those parameters (``training.optim``).
+        balancer: turns a micro-batch's loss terms into gradients (``none``: the weighted sum).
+        shared: GradNorm's shared parameters (``training.plan.shared_parameter``).
+        precision: ``fp16`` adds a loss scaler for the module's device; others need none.
+        max_grad_norm: clip threshold; 0 disables clipping (the norm is still measured).
+    """
+
+    def __init__(self, module: nn.Module, *, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, balancer: Balancer,
+                 shared: list[torch.Tensor] | None = None, precision: str = "fp32", max_grad_norm: float = 1.0):
+        self.module = module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler, self.balancer, self.shared = optimizer, scheduler, balancer, shared
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.max_grad_norm = max_grad_norm
+        self.bad_in_row = 0
+        self.bad_total = 0
+        self._nonfinite = ""
+
+    def backward(self, terms: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        """Add the gradient of one micro-batch's loss terms to the parameters' ``.grad``.
+
+        ``terms`` are the micro-batch's share of the step's per-token means
+        (``training.module.per_step_mean``), so the micro-batches of a step add up to the
+        step's gradient however the step is split. Returns the balancer's values to log, or
+        None when a term is non-finite: nothing is added, the step will be skipped, and the
+        caller runs no further micro-batch of it.
+        """
+        bad = {name: float(value.detach()) for name, value in terms.items() if not torch.isfinite(value)}
+        if bad:
+            self._nonfinite = ", ".join(f"loss/{name}={value}" for name, value in bad.items())
+            return None
+        if self.scaler is not None:
+            terms = {name: self.scaler.scale(value) for name, value in terms.items()}
+        return self.balancer.backward(terms, self.params, shared=self.shared)
+
+    def step(self) -> StepOutcome:
+        """Clip and apply the accumulated gradient (or skip the step, see the module
+        docstring), advance the schedule, and zero the gradients."""
+        lr = self.scheduler.get_last_lr()[0]
+        grad_norm = float("nan")
+        if not self._nonfinite:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
+            if not math.isfinite(grad_norm):
+                self._nonfinite = f"grad_norm={grad_norm}"
+        skipped, nonfinite = bool(self._nonfinite), self._nonfinite
+        if not skipped:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            self.bad_in_row = 0
+        else:
+            if self.scaler is not None and nonfinite.startswith("grad_norm"):
+                # An fp16 overflow: the scaler backs off so the next step can run.
+                self.scaler.update()
+            self.bad_in_row += 1
+            self.bad_total += 1
+        self.zero_grad()
+        return StepOutcome(lr=lr, grad_norm=grad_norm, skipped=skipped, bad_in_row=self.bad_in_row,
+                           bad_total=self.bad_total, nonfinite=nonfinite)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._nonfinite = ""
+
+    def state_dict(self) -> dict:
+        """Everything the engine needs to continue exactly: trainable weights, optimizer,
+        schedule, loss scaler, balancer, and the skipped-step count."""
+        return {"module": ckpt.trainable_state(self.module), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "balancer": self.balancer.state_dict(), "bad_total": self.bad_total}
+
+    def load_state_dict(self, state: dict) -> None:
+        params = dict(self.module.named_parameters())
+        missing = [name for name in state["module"] if name not in params]
+        if missing:
+            raise CheckpointError(f"the checkpoint holds parameters the model lacks ({missing[:3]}); was it "
+                                  f"written with another model, loss or LoRA setting?")
+        with torch.no_grad():
+            for name, value in state["module"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.balancer.load_state_dict(state["balancer"])
+        self.bad_total = state["bad_total"]
+
+    def save_pretrained(self, target: Path, tokenizer, *, base_model_dir: str | None = None,
+                        merge: bool = False) -> None:
+        """Export the student as a Hugging Face directory (``checkpoint.export_model``)."""
+        ckpt.export_model(self.module.student, tokenizer, target, base_model_dir=base_model_dir, merge=merge)
+
+    def save_heads(self, path: Path) -> None:
+        """The distillation heads beside a stage's model, for the stages after it."""
+        ckpt.save_heads(path, self.module.heads)

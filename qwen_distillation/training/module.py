@@ -1,0 +1,163 @@
+"""The trainable unit: one ``nn.Module`` holding what is trained, whose forward turns a
+micro-batch and the teacher's outputs into the stage's loss terms.
+
+Token-level terms (``ce``, ``kd``, ``feature``, ``attention``, or the fused ``logit``) are
+returned as *sums* over the valid (response) tokens; :func:`per_step_mean` divides them by the
+valid tokens of the whole optimizer step, so micro-batch 8 x accumulation 1 and 2 x 4 give the
+same update. The ``contrastive`` term is per sequence (a mean over the micro-batch's
+sequences), averaged over the step's micro-batches.
+
+A term whose weight is 0 is not computed, and the hooks it would need are not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from qwen_distillation.losses.attention import attention_distillation_loss
+from qwen_distillation.losses.chunked import chunked_cross_entropy
+from qwen_distillation.losses.contrastive import ContrastiveHead, info_nce, masked_mean_pool
+from qwen_distillation.losses.feature import FeatureProjector, masked_feature_loss
+from qwen_distillation.losses.fused import apply_fused_kd
+from qwen_distillation.losses.logit import cross_entropy, divergence
+from qwen_distillation.modeling.capture import CapturedForward, forward_captured
+from qwen_distillation.modeling.parts import decoder_and_head, model_inputs, position_mask, response_targets
+from qwen_distillation.training.plan import LossPlan
+from qwen_distillation.training.teacher import Launched
+
+
+class Heads(nn.Module):
+    """Trainable distillation modules that are not part of the student: feature
+    projections and contrastive projections. Saved and restored with the checkpoint."""
+
+    def __init__(self, feature: FeatureProjector | None = None, contrastive: ContrastiveHead | None = None):
+        super().__init__()
+        self.feature = feature
+        self.contrastive = contrastive
+
+
+def build_heads(stages: list, plans: list[LossPlan], student: nn.Module, teacher: nn.Module) -> Heads:
+    """One set of heads for the whole run: the feature projections of every layer pair any
+    stage matches, and one contrastive head (sized by the first stage that uses it)."""
+    student_width = decoder_and_head(student)[1].weight.shape[1]
+    teacher_width = decoder_and_head(teacher)[1].weight.shape[1]
+    pairs = sorted({p for plan in plans for p in plan.feature_pairs})
+    feature = FeatureProjector(pairs, student_width, teacher_width) if pairs else None
+    contrastive = None
+    for stage, plan in zip(stages, plans):
+        if plan.active("contrastive"):
+            contrastive = ContrastiveHead(student_width, teacher_width, stage.loss.contrastive.projection_dim)
+            break
+    return Heads(feature=feature, contrastive=contrastive)
+
+
+class DistillationModule(nn.Module):
+    """The student (or its peft wrapper) and the distillation heads: every trained parameter.
+
+    ``plan`` is the current stage's :class:`LossPlan` (set at the start of each stage).
+    ``forward(batch, teacher)`` runs the student and returns ``(terms, info)``: ``terms`` maps
+    each active term to a scalar tensor with a graph on the student and heads (``logit`` =
+    ``w_ce * CE_sum + w_kd * KD_sum`` fused, unless the plan keeps ``ce`` and ``kd`` apart;
+    ``feature`` and ``attention`` sums over valid tokens; ``contrastive`` a mean over
+    sequences); ``info`` holds the unweighted values to log (``ce``, ``kd``, ...), as floats.
+    """
+
+    def __init__(self, student: nn.Module, heads: Heads):
+        super().__init__()
+        self.student = student
+        self.heads = heads
+        self.plan: LossPlan | None = None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: the student's trainable parameters (all, or LoRA's), then
+        the heads'."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, batch: dict[str, torch.Tensor],
+                teacher: Launched[CapturedForward] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+        plan = self.plan
+        hidden_layers, qkv_layers = plan.captured_layers(side=0)
+        student = forward_captured(self.student, model_inputs(batch), hidden_path=plan.hidden_path,
+                                   hidden_layers=hidden_layers, qkv_layers=qkv_layers,
+                                   output_hidden_states=plan.active("contrastive"))
+        return loss_terms(plan, batch, student, teacher.result() if teacher is not None else None, self.heads)
+
+
+def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForward | None, mask: torch.Tensor,
+                 targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(terms, unweighted ce/kd sums) of the CE and KD terms, from hidden states in chunks
+    (the fused kernel) or from full logits."""
+    w_ce, w_kd = plan.weights.get("ce", 0.0), plan.weights.get("kd", 0.0)
+    if plan.hidden_path:
+        s_valid, s_head = student.last_hidden[mask], student.head_weight
+        if w_kd > 0 and teacher is not None:
+            fused = dict(student_hidden=s_valid, student_weight=s_head, teacher_hidden=teacher.last_hidden[mask],
+                         teacher_weight=teacher.head_weight, labels=targets, vocab_size=plan.vocab_size)
+            if not plan.separate_logit_terms:
+                logit, parts = apply_fused_kd(plan.kd, **fused)
+                return {"logit": logit}, parts
+            ce, parts_ce = apply_fused_kd(dataclasses.replace(plan.kd, ce_weight=1.0, kd_weight=0.0), **fused)
+            kd, parts_kd = apply_fused_kd(dataclasses.replace(plan.kd, ce_weight=0.0, kd_weight=1.0), **fused)
+            terms = {name: value for name, value in (("ce", ce), ("kd", kd)) if plan.active(name)}
+            return terms, {"ce": parts_ce["ce"], "kd": parts_kd["kd"]}
+        if w_ce <= 0:
+            return {}, {}
+        ce = chunked_cross_entropy(s_valid, s_head[: plan.vocab_size], targets, plan.kd.chunk_size)
+        terms = {"ce": ce} if plan.separate_logit_terms else {"logit": w_ce * ce}
+        return terms, {"ce": ce.detach(), "kd": 0.0}
+    # Full-logits path: models whose logits are not a plain projection of the hidden states.
+    s_logits = student.logits[:, :-1][mask[:, :-1]][:, : plan.vocab_size]
+    ce = cross_entropy(s_logits, targets, reduction="sum")
+    kd = torch.zeros((), device=s_logits.device)
+    if teacher is not None and w_kd > 0:
+        t_logits = teacher.logits[:, :-1][mask[:, :-1]][:, : plan.vocab_size]
+        kd = divergence(plan.kd.kind, s_logits, t_logits, targets, temperature=plan.kd.temperature,
+                        reduction="sum", beta=plan.kd.beta, alpha=plan.kd.alpha)
+    if plan.separate_logit_terms:
+        terms = {name: value for name, value in (("ce", ce), ("kd", kd)) if plan.active(name)}
+    else:
+        terms = {"logit": w_ce * ce + w_kd * kd} if w_ce > 0 or w_kd > 0 else {}
+    return terms, {"ce": ce.detach(), "kd": kd.detach()}
+
+
+def loss_terms(plan: LossPlan, batch: dict[str, torch.Tensor], student: CapturedForward,
+               teacher: CapturedForward | None, heads: Heads) -> tuple[dict[str, torch.Tensor], dict]:
+    """The loss terms of one micro-batch from both models' forward passes (see
+    :class:`DistillationModule`); ``teacher`` is None when no active term reads it."""
+    labels = batch["labels"]
+    mask, targets = position_mask(labels), response_targets(labels)
+    terms, parts = _logit_terms(plan, student, teacher, mask, targets)
+    info = {name: float(value) for name, value in parts.items()}
+    if teacher is not None and plan.active("feature"):
+        states_s = [student.hidden[s] for s, _ in plan.feature_pairs]
+        states_t = [teacher.hidden[t] for _, t in plan.feature_pairs]
+        terms["feature"] = masked_feature_loss(states_s, states_t, mask, heads.feature, loss=plan.feature_loss,
+                                               normalize=plan.feature_normalize, reduction="sum")
+    if teacher is not None and plan.active("attention"):
+        key_mask = batch["attention_mask"].bool()
+        total = 0.0
+        for s, t in plan.attention_pairs:
+            total = total + attention_distillation_loss(
+                student.qkv[s], teacher.qkv[t], mask, key_mask, mode=plan.attention_mode,
+                relation_heads=plan.relation_heads, chunk_size=plan.attention_chunk, reduction="sum")
+        terms["attention"] = total / len(plan.attention_pairs)
+    if teacher is not None and plan.active("contrastive"):
+        z_s, z_t = heads.contrastive(masked_mean_pool(student.last_hidden, mask),
+                                     masked_mean_pool(teacher.last_hidden.detach(), mask))
+        terms["contrastive"] = info_nce(z_s, z_t, temperature=plan.contrastive_temperature,
+                                        domains=batch.get("domain") if plan.domain_aware else None,
+                                        valid=mask.any(dim=1))
+    for name in ("feature", "attention", "contrastive"):
+        if name in terms:
+            info[name] = float(terms[name].detach())
+    return terms, info
+
+
+def per_step_mean(values: dict, tokens: int, micro_batches: int) -> dict:
+    """Token-level sums divided by the step's valid tokens, the per-sequence ``contrastive``
+    term by the step's micro-batches: the step's per-token mean of every term."""
+    return {name: value / (micro_batches if name == "contrastive" else max(tokens, 1))
+            for name, value in values.items()}

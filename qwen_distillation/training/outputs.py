@@ -1,0 +1,75 @@
+"""The output directory of a run: which configuration makes it the same run, and whether an
+existing directory is a run to resume, a finished run to keep, or something not to touch.
+
+The directory is only read until models and data have loaded (:func:`check_output_dir`), and
+only then created or cleared (:func:`prepare_output_dir`): bad input never costs old outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from qwen_distillation.errors import ConfigError
+from qwen_distillation.evaluation.report import REPORT_NAMES
+from qwen_distillation.training import checkpoint as ckpt
+from qwen_distillation.training.metrics import METRICS_FILE, TENSORBOARD_DIR
+
+# Sections whose change makes an existing output_dir a different run.
+RUN_IDENTITY = ("model", "data", "stage1", "stage2", "stage3", "eval", "lora", "seed", "start_stage", "end_stage",
+                "checkpoint_path")
+# What a run writes at the top of its output_dir besides stageN/ and .stageN* (cleared on overwrite).
+RUN_FILES = (METRICS_FILE, TENSORBOARD_DIR, "config.yaml", "summary.json", ckpt.RUN_STATE, *REPORT_NAMES)
+
+
+def run_hash(run_config: dict) -> str:
+    """16 hex digits identifying the run: a hash of the RUN_IDENTITY sections of its config."""
+    identity = json.dumps({key: run_config[key] for key in RUN_IDENTITY}, sort_keys=True, default=str)
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: bool) -> dict | None:
+    """Decide between a new run and a resume, reading only: never overwrite a finished run
+    silently. Returns the run state to resume, or None for a new run.
+
+    Raises:
+        ConfigError: the directory holds a finished run, an unfinished run of another
+            configuration (or ``resume=false``), or files that are not a run; unless
+            ``overwrite`` (``overwrite_output_dir=true``).
+    """
+    state = ckpt.read_run_state(output_dir)
+    if state is not None:
+        if overwrite:
+            return None
+        if state.get("finished"):
+            raise ConfigError(f"output_dir={output_dir} holds a finished run (stages "
+                              f"{state.get('completed_stages')}); choose another output_dir or pass "
+                              f"overwrite_output_dir=true to replace it")
+        if state.get("run_hash") != run_id or not resume:
+            raise ConfigError(f"output_dir={output_dir} holds an unfinished run with a different configuration "
+                              f"(or resume=false); rerun the same command to resume it, choose another "
+                              f"output_dir, or pass overwrite_output_dir=true to start over")
+    elif output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"output_dir={output_dir} exists, is not empty and holds no qwen_distillation run; "
+                          f"choose a new directory or pass overwrite_output_dir=true to write into it")
+    return state
+
+
+def prepare_output_dir(output_dir: Path, state: dict | None, *, run_id: str, run_config: dict,
+                       overwrite: bool) -> dict:
+    """Create the output directory (clearing a previous run's files when overwriting), write
+    its ``config.yaml`` and run state; returns the run state (a fresh one for a new run)."""
+    if state is None and output_dir.exists() and overwrite:
+        for child in output_dir.iterdir():
+            if child.name.startswith(("stage", ".stage")) or child.name in RUN_FILES:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        state = {"run_hash": run_id, "finished": False, "completed_stages": [], "initial_eval": None}
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config))
+    ckpt.write_json_atomic(output_dir / ckpt.RUN_STATE, state)
+    return state
