@@ -49,7 +49,7 @@ REDUCED = ["data.max_length=256", "data.max_eval_examples=16",
 
 def base_overrides(out_dir: Path, device: str, teacher_path: str | None, reduced: bool = False) -> list[str]:
     extra = [f"model.teacher.path={teacher_path}"] if teacher_path else []
-    return ["+experiment=arms", f"output_dir={out_dir}", f"train.device={device}", *extra,
+    return ["experiment=arms", f"output_dir={out_dir}", f"train.device={device}", *extra,
             *(REDUCED if reduced else [])]
 
 

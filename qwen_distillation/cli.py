@@ -68,13 +68,13 @@ Hydra overrides (any config key; see conf/ for the groups):
   model=qwen2.5_7b_to_1.5b          choose a config group option
   stage2.temperature=3              set a value
   stage2.loss.weights.kl=0.5        re-weight a loss term
-  +experiment=smoke                 apply a preset from conf/experiment/
+  experiment=smoke                  use another preset from conf/experiment/ (default: demo)
   -m stage2.loss.weights.kl=0.3,0.7 multirun sweep (one output_dir/jobN per run)
 
 Examples:
   python run_distillation.py
   python run_distillation.py --start_stage 2 --checkpoint_path out/stage1/best stage2.temperature=3
-  python run_distillation.py +experiment=smoke output_dir=/tmp/smoke
+  python run_distillation.py experiment=smoke output_dir=/tmp/smoke
 """
 
 
@@ -123,6 +123,10 @@ def translate(argv: list[str]) -> list[str]:
                     raise UsageError(f"{name} takes no value")
                 value = ""
             out.extend(convert(value))
+        elif arg.startswith("+experiment="):
+            # The default config already selects a preset (experiment: demo), so Hydra's
+            # "append" cannot add one; what the writer means is to use this one instead.
+            out.append(arg[1:])
         elif arg.startswith("--") and name not in HYDRA_FLAGS:
             raise UsageError(f"unknown flag {name}; classic flags are: {', '.join(CLASSIC_FLAGS)}; any config key "
                              f"can be set as a Hydra override such as stage2.temperature=3")

@@ -77,3 +77,13 @@ def test_usage_errors(argv, message):
 def test_multirun_flag_passes_through():
     assert translate(["stage2.loss.weights.kl=0.3,0.7", "--seed", "1", "-m"]) == [
         "-m", "stage2.loss.weights.kl=0.3,0.7", "seed=1"]
+
+
+def test_a_preset_is_chosen_with_or_without_the_plus():
+    """The default config selects experiment=demo; `+experiment=smoke`, as older commands
+    wrote it, picks smoke instead (Hydra itself cannot append a group already selected)."""
+    assert translate(["+experiment=smoke", "seed=3"]) == ["experiment=smoke", "seed=3"]
+    for argv in (["+experiment=smoke"], ["experiment=smoke"]):
+        config = _config(argv)
+        assert config.experiment == "smoke" and config.model.name == "tiny_qwen2"
+        assert config.stage1.max_steps == 6 and not config.eval.agreement  # nothing of the demo preset

@@ -29,12 +29,13 @@ def test_every_group_option_composes_and_validates(group, option):
 
 @pytest.mark.parametrize("experiment", _options("experiment"))
 def test_every_experiment_composes_and_validates(experiment):
-    validate_config(compose_config([f"+experiment={experiment}"]))
+    config = validate_config(compose_config([f"experiment={experiment}"]))
+    assert config.experiment == (None if experiment == "none" else experiment)
 
 
 def test_stage_defaults_follow_the_design():
-    # data=shared_kit: the demo data preset caps steps and micro-batches for a CPU run.
-    config = validate_config(compose_config(["data=shared_kit"]))
+    # experiment=none: the stage options as written, without the default demo preset's budgets.
+    config = validate_config(compose_config(["experiment=none"]))
     s1, s2, s3 = config.stage1, config.stage2, config.stage3
     assert (s1.temperature, s1.loss.weights.kl, s1.loss.weights.ce, s1.lr) == (4.0, 0.9, 0.1, 5e-5)
     assert s1.medical_ratio.start == s1.medical_ratio.end == 0.0
@@ -46,6 +47,22 @@ def test_stage_defaults_follow_the_design():
     assert config.model.name == "demo_smollm2" and config.model.student.keep_layers == 15
     demo = validate_config(compose_config([]))
     assert demo.data.name == "demo" and demo.stage1.max_steps and demo.stage2.temperature == 2.0
+    assert demo.experiment == "demo"
+
+
+def test_presets_do_what_their_names_say():
+    """A data option sets data only: the demo's step budgets and evaluation come from the
+    experiment preset the default config selects, and no other preset changes data."""
+    plain = validate_config(compose_config(["experiment=none"]))
+    with_demo_data = validate_config(compose_config(["experiment=none", "data=demo"]))
+    assert with_demo_data.stage1 == plain.stage1 and with_demo_data.eval == plain.eval
+    for data in ("demo", "shared_kit"):
+        config = validate_config(compose_config(["experiment=none", f"data={data}"]))
+        assert (config.stage1, config.stage2, config.stage3, config.eval) == (
+            plain.stage1, plain.stage2, plain.stage3, plain.eval), data
+    demo = validate_config(compose_config([]))
+    assert demo.data == plain.data and demo.stage1.max_steps == 5 and plain.stage1.max_steps is None
+    assert demo.stage2.loss.balancing.method == "none" != plain.stage2.loss.balancing.method
 
 
 @pytest.mark.parametrize("override,named", [

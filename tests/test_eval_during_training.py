@@ -68,7 +68,7 @@ def test_demo_preset_turns_evaluation_on_and_the_default_leaves_it_off():
     demo = validate_config(compose_config([])).eval
     assert demo.agreement and demo.samples and demo.mcq == [MCQ]
     assert demo.samples_max_prompts == 4 and demo.max_new_tokens == 32
-    plain = validate_config(compose_config(["data=shared_kit"])).eval
+    plain = validate_config(compose_config(["experiment=none"])).eval
     assert not plain.agreement and not plain.samples and plain.mcq == []
 
 

@@ -273,6 +273,10 @@ class DistillationConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # The preset (conf/experiment/NAME.yaml) the run was composed with: each preset names
+    # itself here, so `--cfg job` and a run's config.yaml say why the stage values differ
+    # from the stage options. null: none.
+    experiment: Optional[str] = None
     output_dir: str = "outputs/run"
     start_stage: int = 1
     end_stage: int = 3
