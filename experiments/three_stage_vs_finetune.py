@@ -57,11 +57,11 @@ def arm_overrides(arm: str, steps: int, out: Path, device: str, teacher_path: st
                   reduced: bool = False) -> list[str]:
     common = base_overrides(out / arm, device, teacher_path, reduced)
     if arm == "finetune_ce":
-        return common + ["start_stage=3", "end_stage=3", f"stage3.max_steps={steps}", "stage3.loss.weights.kl=0",
+        return common + ["start_stage=3", "end_stage=3", f"stage3.max_steps={steps}", "stage3.loss.weights.kd=0",
                          "stage3.loss.weights.ce=1", "stage3.sampling.mode=uniform"]
     if arm == "single_stage_kd":
         return common + ["start_stage=3", "end_stage=3", f"stage3.max_steps={steps}", "stage3.temperature=2",
-                         "stage3.loss.weights.kl=0.5", "stage3.loss.weights.ce=0.5", "stage3.sampling.mode=uniform"]
+                         "stage3.loss.weights.kd=0.5", "stage3.loss.weights.ce=0.5", "stage3.sampling.mode=uniform"]
     third = steps // 3
     return common + [f"stage1.max_steps={third}", f"stage2.max_steps={third}", f"stage3.max_steps={steps - 2 * third}"]
 

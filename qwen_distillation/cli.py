@@ -3,13 +3,15 @@
 The classic flags are translated into Hydra overrides before Hydra parses the command
 line, so ``--start_stage 2 --checkpoint_path out/stage1/best stage2.temperature=3``
 and ``start_stage=2 checkpoint_path=out/stage1/best stage2.temperature=3`` are the
-same run, and multirun sweeps (``-m stage2.loss.weights.kl=0.3,0.7``) work with both.
+same run, and multirun sweeps (``-m stage2.loss.weights.kd=0.3,0.7``) work with both.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+from qwen_distillation.config.schema import RENAMED_KEYS
 
 def _value(key: str):
     return lambda v: [f"{key}={_quote(v)}"]
@@ -67,9 +69,9 @@ Classic flags:
 Hydra overrides (any config key; see conf/ for the groups):
   model=qwen2.5_7b_to_1.5b          choose a config group option
   stage2.temperature=3              set a value
-  stage2.loss.weights.kl=0.5        re-weight a loss term
+  stage2.loss.weights.kd=0.5        re-weight a loss term
   experiment=smoke                  use another preset from conf/experiment/ (default: demo)
-  -m stage2.loss.weights.kl=0.3,0.7 multirun sweep (one output_dir/jobN per run)
+  -m stage2.loss.weights.kd=0.3,0.7 multirun sweep (one output_dir/jobN per run)
 
 Examples:
   python run_distillation.py
@@ -93,6 +95,15 @@ HYDRA_FLAGS = ("--multirun", "--help", "--hydra-help", "--cfg", "--resolve", "--
 
 class UsageError(ValueError):
     pass
+
+
+def _check_renamed(override: str) -> None:
+    """Refuse an override of a renamed key (``stage2.loss.weights.kl=0.3``), naming the new one."""
+    key, eq, value = override.lstrip("+~").partition("=")
+    for old, new in RENAMED_KEYS.items():
+        if key == old or key.endswith(f".{old}"):
+            renamed = key[: len(key) - len(old)] + new
+            raise UsageError(f"{key} was renamed to {renamed}; write {renamed}{eq}{value}")
 
 
 def translate(argv: list[str]) -> list[str]:
@@ -123,15 +134,15 @@ def translate(argv: list[str]) -> list[str]:
                     raise UsageError(f"{name} takes no value")
                 value = ""
             out.extend(convert(value))
-        elif arg.startswith("+experiment="):
-            # The default config already selects a preset (experiment: demo), so Hydra's
-            # "append" cannot add one; what the writer means is to use this one instead.
-            out.append(arg[1:])
         elif arg.startswith("--") and name not in HYDRA_FLAGS:
             raise UsageError(f"unknown flag {name}; classic flags are: {', '.join(CLASSIC_FLAGS)}; any config key "
                              f"can be set as a Hydra override such as stage2.temperature=3")
         else:
-            out.append(arg)
+            if "=" in arg and not arg.startswith("-"):
+                _check_renamed(arg)
+            # The default config already selects a preset (experiment: demo), so Hydra's "append"
+            # (+experiment=NAME) cannot add one; what the writer means is to use this one instead.
+            out.append(arg[1:] if arg.startswith("+experiment=") else arg)
         i += 1
     # Hydra's parser takes its flags only before the overrides; -m may stand anywhere here.
     multirun = [a for a in out if a in ("-m", "--multirun")]

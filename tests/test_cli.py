@@ -49,14 +49,14 @@ def test_every_documented_flag_is_handled():
                   "--seed").split()
     assert sorted(CLASSIC_FLAGS) == sorted(documented)
     text = classic_help()
-    assert all(flag in text for flag in documented) and "stage2.loss.weights.kl" in text
+    assert all(flag in text for flag in documented) and "stage2.loss.weights.kd" in text
 
 
 def test_flags_mix_with_hydra_overrides_and_equals_form():
     config = _config(["--start_stage=2", "--checkpoint_path", "out/stage1/best", "stage2.temperature=3",
-                      "stage2.loss.weights.kl=0.5"])
+                      "stage2.loss.weights.kd=0.5"])
     assert config.start_stage == 2 and config.checkpoint_path == "out/stage1/best"
-    assert config.stage2.temperature == 3 and config.stage2.loss.weights.kl == 0.5
+    assert config.stage2.temperature == 3 and config.stage2.loss.weights.kd == 0.5
 
 
 def test_paths_with_special_characters_are_quoted():
@@ -75,8 +75,8 @@ def test_usage_errors(argv, message):
 
 
 def test_multirun_flag_passes_through():
-    assert translate(["stage2.loss.weights.kl=0.3,0.7", "--seed", "1", "-m"]) == [
-        "-m", "stage2.loss.weights.kl=0.3,0.7", "seed=1"]
+    assert translate(["stage2.loss.weights.kd=0.3,0.7", "--seed", "1", "-m"]) == [
+        "-m", "stage2.loss.weights.kd=0.3,0.7", "seed=1"]
 
 
 def test_a_preset_is_chosen_with_or_without_the_plus():
@@ -87,3 +87,20 @@ def test_a_preset_is_chosen_with_or_without_the_plus():
         config = _config(argv)
         assert config.experiment == "smoke" and config.model.name == "tiny_qwen2"
         assert config.stage1.max_steps == 6 and not config.eval.agreement  # nothing of the demo preset
+
+
+@pytest.mark.parametrize("override,message", [
+    ("stage2.loss.weights.kl=0.3", "stage2.loss.weights.kl was renamed to stage2.loss.weights.kd; write "
+                                   "stage2.loss.weights.kd=0.3"),
+    ("stage1.loss.weights.kl=0.3,0.7", "write stage1.loss.weights.kd=0.3,0.7"),
+    ("+stage2.medical_ratio.num_steps=4", "stage2.medical_ratio.num_steps was renamed to "
+                                          "stage2.medical_ratio.plateaus; write stage2.medical_ratio.plateaus=4"),
+])
+def test_a_renamed_key_is_refused_naming_the_new_one(override, message):
+    with pytest.raises(UsageError, match=message.replace(".", r"\.")):
+        translate(["--seed", "1", override])
+    with pytest.raises(SystemExit) as exit_info:
+        from qwen_distillation.cli import main
+
+        main([override])
+    assert exit_info.value.code == 2

@@ -37,12 +37,12 @@ def test_stage_defaults_follow_the_design():
     # experiment=none: the stage options as written, without the default demo preset's budgets.
     config = validate_config(compose_config(["experiment=none"]))
     s1, s2, s3 = config.stage1, config.stage2, config.stage3
-    assert (s1.temperature, s1.loss.weights.kl, s1.loss.weights.ce, s1.lr) == (4.0, 0.9, 0.1, 5e-5)
+    assert (s1.temperature, s1.loss.weights.kd, s1.loss.weights.ce, s1.lr) == (4.0, 0.9, 0.1, 5e-5)
     assert s1.medical_ratio.start == s1.medical_ratio.end == 0.0
     assert s1.batch_size > s2.batch_size and 2 <= s1.epochs <= 3
     assert (s2.temperature, s2.lr, s2.medical_ratio.start, s2.medical_ratio.end) == (2.0, 3e-5, 0.3, 0.7)
     assert s2.medical_ratio.schedule == "linear"
-    assert (s3.temperature, s3.loss.weights.ce, s3.loss.weights.kl, s3.lr) == (1.0, 0.9, 0.1, 1e-5)
+    assert (s3.temperature, s3.loss.weights.ce, s3.loss.weights.kd, s3.lr) == (1.0, 0.9, 0.1, 1e-5)
     assert s3.medical_ratio.start == s3.medical_ratio.end == 1.0
     assert config.model.name == "demo_smollm2" and config.model.student.keep_layers == 15
     demo = validate_config(compose_config([]))
@@ -68,7 +68,7 @@ def test_presets_do_what_their_names_say():
 @pytest.mark.parametrize("override,named", [
     ("stage2.temperature=0", "stage2.temperature"),
     ("stage1.temperature=-1", "stage1.temperature"),
-    ("stage2.loss.weights.kl=-0.5", "stage2.loss.weights.kl"),
+    ("stage2.loss.weights.kd=-0.5", "stage2.loss.weights.kd"),
     ("stage2.medical_ratio.end=1.5", "stage2.medical_ratio.end"),
     ("stage3.medical_ratio.start=-0.1", "stage3.medical_ratio.start"),
     ("start_stage=0", "start_stage"),

@@ -72,7 +72,7 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
         argv = base + ["--start_stage", "1", "--checkpoint_path", str(tmp_path / "nowhere")]
         expected = ["checkpoint_path=", "nowhere", "no such directory"]
     elif case == "unknown_key":
-        argv, expected = base + ["stage1.loss.weights.kll=0.5"], ["kll"]
+        argv, expected = base + ["stage1.loss.weights.kdd=0.5"], ["kdd"]
     elif case == "missing_data_file":
         argv = base + ["--medical_dataset", str(tmp_path / "missing.jsonl")]
         expected = ["missing.jsonl", "not found"]
@@ -92,9 +92,9 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
 
 def test_multirun_sweep_gives_each_job_its_own_output_dir(tmp_path, capsys):
     out = tmp_path / "sweep"
-    argv = tiny_overrides(out, steps=1) + ["end_stage=1", "-m", "stage1.loss.weights.kl=0.3,0.7"]
+    argv = tiny_overrides(out, steps=1) + ["end_stage=1", "-m", "stage1.loss.weights.kd=0.3,0.7"]
     code, output = _cli(argv, capsys)
     assert code == 0, output
     for job, weight in (("job0", 0.3), ("job1", 0.7)):
         assert (out / job / "stage1" / "final" / "config.json").exists()
-        assert f"kl: {weight}" in (out / job / "config.yaml").read_text()
+        assert f"kd: {weight}" in (out / job / "config.yaml").read_text()

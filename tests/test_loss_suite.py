@@ -25,7 +25,7 @@ def _stage2_only(out, steps: int) -> list[str]:
 @pytest.mark.parametrize("term", ["feature", "attention", "contrastive"])
 def test_each_auxiliary_loss_alone_falls_over_30_steps(term, tmp_path):
     out = tmp_path / term
-    weights = {"kl": 0.0, "ce": 0.0, "feature": 0.0, "attention": 0.0, "contrastive": 0.0, term: 1.0}
+    weights = {"kd": 0.0, "ce": 0.0, "feature": 0.0, "attention": 0.0, "contrastive": 0.0, term: 1.0}
     overrides = _stage2_only(out, 30) + [f"stage2.loss.weights.{k}={v}" for k, v in weights.items()]
     # Plain InfoNCE here: the domain-aware variant's floor is log(#same-domain rows), which
     # hides the fall in a batch of four.
@@ -49,7 +49,7 @@ def test_balancing_with_a_zero_weight_logit_term(tmp_path):
 def test_all_terms_with_each_balancing_method(method, tmp_path):
     out = tmp_path / method
     overrides = _stage2_only(out, 3) + [
-        "stage2.loss.weights.kl=0.5", "stage2.loss.weights.ce=0.5", "stage2.loss.weights.feature=0.1",
+        "stage2.loss.weights.kd=0.5", "stage2.loss.weights.ce=0.5", "stage2.loss.weights.feature=0.1",
         "stage2.loss.weights.attention=0.1", "stage2.loss.weights.contrastive=0.05",
         f"stage2.loss.balancing.method={method}"]
     run(compose_config(overrides))

@@ -16,10 +16,10 @@ def _pools(n_general=50, n_medical=40):
     return general, medical
 
 
-def _sampler(schedule="linear", start=0.3, end=0.7, steps=20, per_step=8, seed=0, num_steps=5):
+def _sampler(schedule="linear", start=0.3, end=0.7, steps=20, per_step=8, seed=0, plateaus=5):
     general, medical = _pools()
     return StageSampler(general, medical, examples_per_step=per_step, total_steps=steps, schedule=schedule,
-                        start=start, end=end, num_steps=num_steps, seed=seed, stage="stage2")
+                        start=start, end=end, plateaus=plateaus, seed=seed, stage="stage2")
 
 
 def test_schedules_hand_values():
@@ -55,9 +55,9 @@ def test_served_ratio_follows_the_schedule(schedule):
 def test_stage1_and_stage3_serve_one_domain():
     general, medical = _pools()
     only_general = StageSampler(general, [], examples_per_step=4, total_steps=5, schedule="constant", start=0.0,
-                                end=0.0, num_steps=5, seed=0, stage="stage1")
+                                end=0.0, plateaus=5, seed=0, stage="stage1")
     only_medical = StageSampler([], medical, examples_per_step=4, total_steps=5, schedule="constant", start=1.0,
-                                end=1.0, num_steps=5, seed=0, stage="stage3")
+                                end=1.0, plateaus=5, seed=0, stage="stage3")
     for _ in range(5):
         assert all(e["domain"] == "general" for e in only_general.next_step().examples)
         assert all(e["domain"] == "medical" for e in only_medical.next_step().examples)
@@ -66,7 +66,7 @@ def test_stage1_and_stage3_serve_one_domain():
 def test_every_example_is_served_once_per_epoch():
     general, medical = _pools(12, 12)
     sampler = StageSampler(general, medical, examples_per_step=4, total_steps=6, schedule="constant", start=0.0,
-                           end=0.0, num_steps=5, seed=3, stage="stage1")
+                           end=0.0, plateaus=5, seed=3, stage="stage1")
     ids = [e["id"] for _ in range(3) for e in sampler.next_step().examples]
     assert sorted(ids) == sorted(e["id"] for e in general)
 
@@ -93,7 +93,7 @@ def test_missing_domain_is_a_clear_error():
     general, _ = _pools()
     with pytest.raises(DataError, match=r"stage2 serves medical data.*data\.medical is empty"):
         StageSampler(general, [], examples_per_step=4, total_steps=3, schedule="linear", start=0.3, end=0.7,
-                     num_steps=5, seed=0, stage="stage2")
+                     plateaus=5, seed=0, stage="stage2")
 
 
 def test_resume_with_different_data_is_refused():
@@ -101,6 +101,6 @@ def test_resume_with_different_data_is_refused():
     state = sampler.state_dict()
     general, medical = _pools(n_general=49)
     other = StageSampler(general, medical, examples_per_step=8, total_steps=20, schedule="linear", start=0.3,
-                         end=0.7, num_steps=5, seed=0, stage="stage2")
+                         end=0.7, plateaus=5, seed=0, stage="stage2")
     with pytest.raises(DataError, match="general data has 49 examples"):
         other.load_state_dict(state)

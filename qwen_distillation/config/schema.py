@@ -65,7 +65,7 @@ class DataConfig:
 
 @dataclass
 class LossWeights:
-    kl: float = 0.5
+    kd: float = 0.5
     ce: float = 0.5
     feature: float = 0.0
     attention: float = 0.0
@@ -117,7 +117,7 @@ class BalancingConfig:
 
 @dataclass
 class LossConfig:
-    """Loss of one stage: ``weights.kl * KD + weights.ce * CE (+ auxiliary terms)``.
+    """Loss of one stage: ``weights.kd * KD + weights.ce * CE (+ auxiliary terms)``.
 
     kd: which divergence between teacher and student token distributions:
         forward_kl = KL(p_teacher || q_student), reverse_kl = KL(q_student || p_teacher),
@@ -144,14 +144,14 @@ class LossConfig:
 class MedicalRatioConfig:
     """Share of medical examples served per optimizer step, from ``start`` to ``end``.
 
-    schedule: constant (always ``start``), linear, cosine, or step (``num_steps``
-    equal plateaus from start to end).
+    schedule: constant (always ``start``), linear, cosine, or step (``plateaus`` equal
+    plateaus from start to end).
     """
 
     schedule: str = "constant"
     start: float = 0.0
     end: float = 0.0
-    num_steps: int = 5
+    plateaus: int = 5
 
 
 @dataclass
@@ -284,6 +284,10 @@ class DistillationConfig:
     seed: int = 42
     resume: bool = True
     overwrite_output_dir: bool = False
+
+
+# Keys (below any stage) that were renamed: the command line refuses the old name, naming the new.
+RENAMED_KEYS = {"loss.weights.kl": "loss.weights.kd", "medical_ratio.num_steps": "medical_ratio.plateaus"}
 
 
 def register_configs() -> None:

@@ -78,8 +78,8 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
         value = getattr(ratio, end)
         require(0 <= value <= 1, f"{key}.medical_ratio.{end}", value, "a ratio must be in [0, 1]",
                 f"{key}.medical_ratio.{end}=0.5")
-    require(ratio.num_steps >= 1, f"{key}.medical_ratio.num_steps", ratio.num_steps, "must be >= 1",
-            f"{key}.medical_ratio.num_steps=5")
+    require(ratio.plateaus >= 1, f"{key}.medical_ratio.plateaus", ratio.plateaus, "must be >= 1",
+            f"{key}.medical_ratio.plateaus=5")
     require(stage.lr > 0, f"{key}.lr", stage.lr, "the learning rate must be > 0", f"{key}.lr=1e-5")
     require(stage.batch_size >= 1, f"{key}.batch_size", stage.batch_size, "must be >= 1", f"{key}.batch_size=8")
     require(stage.grad_accum >= 1, f"{key}.grad_accum", stage.grad_accum, "must be >= 1", f"{key}.grad_accum=1")

@@ -23,11 +23,11 @@ from qwen_distillation.errors import DataError
 
 
 def medical_ratio_at(step: int, total_steps: int, schedule: str, start: float, end: float,
-                     num_steps: int = 5) -> float:
+                     plateaus: int = 5) -> float:
     """Target medical share for optimizer step ``step`` (0-based) of ``total_steps``.
 
     linear/cosine go from ``start`` at the first step to ``end`` at the last one;
-    step holds ``num_steps`` equal plateaus from start to end.
+    step holds ``plateaus`` equal plateaus from start to end.
     """
     if schedule == "constant" or total_steps <= 1:
         return start
@@ -37,10 +37,10 @@ def medical_ratio_at(step: int, total_steps: int, schedule: str, start: float, e
     if schedule == "cosine":
         return start + (end - start) * (1 - math.cos(math.pi * progress)) / 2
     if schedule == "step":
-        if num_steps == 1:
+        if plateaus == 1:
             return start
-        plateau = min(int(progress * num_steps), num_steps - 1)
-        return start + (end - start) * plateau / (num_steps - 1)
+        plateau = min(int(progress * plateaus), plateaus - 1)
+        return start + (end - start) * plateau / (plateaus - 1)
     raise ValueError(f"unknown medical ratio schedule {schedule!r}")
 
 
@@ -103,7 +103,7 @@ class StageSampler:
         general, medical: tokenized training examples of each domain.
         examples_per_step: micro-batch size x gradient accumulation.
         total_steps: optimizer steps of the stage (the schedule spans them).
-        schedule, start, end, num_steps: the medical ratio schedule.
+        schedule, start, end, plateaus: the medical ratio schedule.
         seed: sampling seed; the same seed serves the same examples.
         stage: stage name, for error messages.
 
@@ -114,9 +114,9 @@ class StageSampler:
     """
 
     def __init__(self, general: list[dict], medical: list[dict], *, examples_per_step: int, total_steps: int,
-                 schedule: str, start: float, end: float, num_steps: int, seed: int, stage: str):
+                 schedule: str, start: float, end: float, plateaus: int, seed: int, stage: str):
         self.examples_per_step, self.total_steps = examples_per_step, total_steps
-        self.schedule, self.start, self.end, self.num_steps = schedule, start, end, num_steps
+        self.schedule, self.start, self.end, self.plateaus = schedule, start, end, plateaus
         self.seed, self.stage = seed, stage
         domains = stage_domains(start, end)
         if "general" in domains and not general:
@@ -131,7 +131,7 @@ class StageSampler:
         self.step = 0
 
     def target(self, step: int) -> float:
-        return medical_ratio_at(step, self.total_steps, self.schedule, self.start, self.end, self.num_steps)
+        return medical_ratio_at(step, self.total_steps, self.schedule, self.start, self.end, self.plateaus)
 
     def next_step(self) -> ServedStep:
         target = self.target(self.step)

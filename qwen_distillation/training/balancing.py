@@ -15,8 +15,9 @@ Three methods, chosen by name (``METHODS``):
   which keeps them positive without clipping.
 
 ``Balancer.backward`` *adds* to ``p.grad``, so it composes with gradient accumulation: the
-trainer calls it once per micro-batch with the losses as token sums and
-``scale = 1 / tokens_in_step``. Two consequences of working per micro-batch:
+engine calls it once per micro-batch with each term already divided by the step's valid
+tokens (``training.module.per_step_mean``) and ``scale`` left at 1 (a caller holding raw token
+sums passes ``scale = 1 / tokens_in_step`` instead). Two consequences of working per micro-batch:
 
 * pcgrad projects the micro-batch gradients, not the accumulated step gradient (the
   projection is invariant to ``scale`` but not to how the step is split);

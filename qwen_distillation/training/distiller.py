@@ -187,7 +187,7 @@ class Distiller:
                                       rescore_every=stage.sampling.rescore_every)
         return StageSampler(self.data.general, self.data.medical, examples_per_step=per_step,
                             total_steps=total_steps, schedule=ratio.schedule, start=ratio.start, end=ratio.end,
-                            num_steps=ratio.num_steps, seed=seed, stage=key)
+                            plateaus=ratio.plateaus, seed=seed, stage=key)
 
     def _open_stage(self, index: int) -> StageRun:
         """The stage's plan, sampler and engine, restored from ``stageN/checkpoint`` if there is one."""

@@ -13,7 +13,6 @@ from qwen_distillation.losses.feature import proportional_layer_map, validate_la
 from qwen_distillation.losses.fused import kd_options
 from qwen_distillation.modeling.parts import decoder_and_head, supports_hidden_path
 
-WEIGHT_NAMES = {"kl": "kd", "ce": "ce", "feature": "feature", "attention": "attention", "contrastive": "contrastive"}
 TEACHER_TERMS = ("kd", "feature", "attention", "contrastive")
 
 
@@ -80,7 +79,7 @@ def stage_kd_options(stage, device: torch.device) -> KDOptions:
     """The stage's fused-loss options, its ``loss.kernel`` resolved for ``device``. Raises
     ValueError naming ``loss.kernel``/``loss.kd`` (the caller prefixes the stage's key)."""
     loss, weights = stage.loss, dataclasses.asdict(stage.loss.weights)
-    return kd_options(kind=loss.kd, temperature=stage.temperature, ce_weight=weights["ce"], kd_weight=weights["kl"],
+    return kd_options(kind=loss.kd, temperature=stage.temperature, ce_weight=weights["ce"], kd_weight=weights["kd"],
                       chunk_size=max(loss.chunk_size, 1), beta=loss.jsd_beta, alpha=loss.skew_alpha, reduction="sum",
                       kernel=loss.kernel, device=device)
 
@@ -88,7 +87,7 @@ def stage_kd_options(stage, device: torch.device) -> KDOptions:
 def build_plan(stage, key: str, student, teacher, vocab_size: int, kd: KDOptions) -> LossPlan:
     """The LossPlan of stage ``key`` for this pair, with ``kd`` from :func:`stage_kd_options`."""
     loss = stage.loss
-    weights = {WEIGHT_NAMES[name]: w for name, w in dataclasses.asdict(loss.weights).items() if w > 0}
+    weights = {name: w for name, w in dataclasses.asdict(loss.weights).items() if w > 0}
     needs_teacher = any(weights.get(name, 0.0) > 0 for name in TEACHER_TERMS)
     hidden_path = loss.chunk_size > 0 and supports_hidden_path(student) and (
         not needs_teacher or supports_hidden_path(teacher))
