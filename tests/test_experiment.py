@@ -1,0 +1,33 @@
+"""The three-arm experiment reports what each arm's own run evaluated, under the metric names of
+metrics.jsonl and the report (one evaluation path), here on the tiny pair for one step an arm."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("arms", REPO / "experiments" / "three_stage_vs_finetune.py")
+arms = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(arms)
+
+TINY = ["model=tiny_qwen2", "data.max_length=96", "data.max_eval_examples=4", "stage3.sampling.max_scored=4",
+        "logging.tensorboard=false"] + [f"stage{i}.batch_size=2" for i in (1, 2, 3)]
+
+
+def test_each_arm_reports_its_runs_final_evaluation(tmp_path):
+    rows = []
+    for arm in arms.ARMS:
+        overrides = arms.arm_overrides(arm, 3, tmp_path, "cpu", mcq_items=2, reduced=True) + TINY
+        arms.run(arms.compose_arm(overrides))
+        rows.append(arms.arm_row(arm, tmp_path / arm))
+    assert [row["optimizer_steps"] for row in rows] == [3, 3, 3]
+    for arm, row in zip(arms.ARMS, rows):
+        summary = json.loads((tmp_path / arm / "summary.json").read_text())
+        final = summary["student_after_stage"][str(max(summary["stages"]))]
+        assert {metric: row[metric] for metric in arms.METRICS} == {metric: final[metric] for metric in arms.METRICS}
+    assert json.loads((tmp_path / "three_stage" / "summary.json").read_text())["stages"] == [1, 2, 3]
+    table = arms.markdown(rows, {"steps": 3, "device": "cpu", "mcq_items": 2}).splitlines()
+    assert table[2] == "| " + " | ".join(["arm", "optimizer_steps", "train_tokens", *arms.METRICS]) + " |"
+    assert [line.split(" | ")[0] for line in table[4:7]] == [f"| {arm}" for arm in arms.ARMS]
