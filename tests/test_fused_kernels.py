@@ -9,6 +9,7 @@ docs/performance.md with the command that produced them.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -19,7 +20,10 @@ from qwen_distillation.losses.fused import FusedLinearKDLoss, fused_linear_kd, r
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 CUDA = torch.cuda.is_available()
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package")
+# The CPU tests of the kernel's code run it in Triton's interpreter, which conftest turns on only
+# where no CUDA GPU is visible; a GPU machine runs the compiled kernel in the gpu matrix instead.
+needs_interpreter = pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="runs the Triton kernel in the interpreter (CPU machines)")
 
 CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0)]
 
@@ -78,7 +82,7 @@ def test_torch_kernel_matches_full_logits_reference(kind, beta, temperature):
     assert_close_to(got, ref, rtol=1e-9, atol_grad=1e-9)
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("kind,beta", CASES)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -93,7 +97,7 @@ def test_triton_kernel_matches_reference_in_interpreter(kind, beta, temperature,
     assert_close_to(got, ref, rtol=2e-5, atol_grad=2e-5)
 
 
-@needs_triton
+@needs_interpreter
 def test_triton_kernel_all_masked_gives_zero_loss_and_gradients():
     hs, ws, ht, wt, labels = make_inputs(10, 8, 8, 50, 50, masked_every=0)
     labels[:] = -100
@@ -103,7 +107,7 @@ def test_triton_kernel_all_masked_gives_zero_loss_and_gradients():
     assert not g_h.any() and not g_w.any()
 
 
-@needs_triton
+@needs_interpreter
 def test_triton_kernel_takes_precomputed_teacher_logits_and_ce_only():
     hs, ws, ht, wt, labels = make_inputs(21, 8, 12, 64, 80)
     kw = dict(kind="forward_kl", temperature=2.0, ce_weight=0.5, kd_weight=0.5, vocab_size=64)
