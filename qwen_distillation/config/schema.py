@@ -195,7 +195,7 @@ class StageConfig:
 
 @dataclass
 class EvalConfig:
-    """What ``Distiller.evaluate`` measures besides held-out NLL, before training and at every
+    """What the run's Evaluator measures besides held-out NLL, before training and at every
     evaluation of a stage; quality samples are generated once at the end of each stage.
 
     agreement: student vs teacher on the held-out sets (top-1 match, top-k overlap, KL).
