@@ -13,6 +13,7 @@ import sys
 
 from qwen_distillation.config.schema import RENAMED_KEYS
 
+
 def _value(key: str):
     return lambda v: [f"{key}={_quote(v)}"]
 

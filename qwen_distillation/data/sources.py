@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import Any, Iterable
 
 from qwen_distillation.data.encode import build_examples, split_heldout
