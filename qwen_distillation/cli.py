@@ -12,6 +12,7 @@ import os
 import sys
 
 from qwen_distillation.config.schema import RENAMED_KEYS
+from qwen_distillation.config.validate import unknown_override_key
 
 
 def _value(key: str):
@@ -98,13 +99,20 @@ class UsageError(ValueError):
     pass
 
 
-def _check_renamed(override: str) -> None:
-    """Refuse an override of a renamed key (``stage2.loss.weights.kl=0.3``), naming the new one."""
+def _check_key(override: str) -> None:
+    """Refuse an override of a key the config does not have, however it is written (``key=``,
+    ``+key=``, ``++key=``): a renamed key with the override to write, any other with the
+    closest valid key. Hydra's own keys (``hydra.*``, ``group/option`` paths) are Hydra's to check."""
     key, eq, value = override.lstrip("+~").partition("=")
     for old, new in RENAMED_KEYS.items():
         if key == old or key.endswith(f".{old}"):
             renamed = key[: len(key) - len(old)] + new
             raise UsageError(f"{key} was renamed to {renamed}; write {renamed}{eq}{value}")
+    hydras_own = key.split(".")[0] == "hydra" or "/" in key  # Hydra's keys, config-group paths
+    unknown = None if hydras_own else unknown_override_key(key)
+    if unknown is not None:
+        raise UsageError(f"{override}: no such config key: {unknown}; `python run_distillation.py --cfg job` "
+                         f"prints every valid key")
 
 
 def translate(argv: list[str]) -> list[str]:
@@ -140,7 +148,7 @@ def translate(argv: list[str]) -> list[str]:
                              f"can be set as a Hydra override such as stage2.temperature=3")
         else:
             if "=" in arg and not arg.startswith("-"):
-                _check_renamed(arg)
+                _check_key(arg)
             # The default config already selects a preset (experiment: demo), so Hydra's "append"
             # (+experiment=NAME) cannot add one; what the writer means is to use this one instead.
             out.append(arg[1:] if arg.startswith("+experiment=") else arg)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import compose_config
@@ -104,3 +106,21 @@ def test_a_renamed_key_is_refused_naming_the_new_one(override, message):
 
         main([override])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("override,message", [
+    ("stage2.eval_evry=3", "no such config key: stage2.eval_evry (did you mean stage2.eval_every?)"),
+    ("+stage2.eval_evry=3", "no such config key: stage2.eval_evry (did you mean stage2.eval_every?)"),
+    ("++train.devic=cpu", "no such config key: train.devic (did you mean train.device?)"),
+    ("+stage2.foo=1", "no such config key: stage2.foo;"),
+    ("stage2.loss.weight.kd=1", "no such config key: stage2.loss.weight (did you mean stage2.loss.weights?)"),
+])
+def test_an_unknown_key_is_refused_however_it_is_written(override, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        translate([override])
+
+
+def test_known_keys_groups_and_hydras_own_pass_through():
+    argv = ["model=tiny_qwen2", "experiment=smoke", "~experiment", "hydra.job.chdir=false",
+            "hydra/job_logging=disabled", "model.teacher.random_init.vocab_size=64", "data.general=[a.jsonl]"]
+    assert translate(argv) == argv

@@ -94,6 +94,18 @@ def test_unknown_key_fails_at_composition(override):
     assert override.split("=")[0].split(".")[-2 if "weight." in override else -1] in str(err.value)
 
 
+@pytest.mark.parametrize("override,named", [
+    ("+stage2.foo=1", "stage2.foo"),
+    ("++stage2.eval_evry=3", r"stage2\.eval_evry \(did you mean stage2\.eval_every\?\)"),
+    ("+foo=1", "foo"),
+    ("+stage2.loss.weights.kl=0.5", r"stage2\.loss\.weights\.kl \(renamed to stage2\.loss\.weights\.kd\)"),
+])
+def test_keys_added_with_a_plus_are_refused_not_dropped(override, named):
+    """Hydra adds a key given with + or ++; the typed config would drop it without a word."""
+    with pytest.raises(ConfigError, match=f"unknown config key\\(s\\): {named}"):
+        validate_config(compose_config([override]))
+
+
 def test_data_sources_accept_strings_and_mappings_and_reject_unknown_keys():
     sources = normalise_sources("data.general", ["a.jsonl", {"path": "b.csv", "format": "alpaca", "max_records": 3}])
     assert [s.path for s in sources] == ["a.jsonl", "b.csv"] and sources[1].max_records == 3

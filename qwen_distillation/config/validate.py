@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import typing
 
 from omegaconf import DictConfig, OmegaConf
 
-from qwen_distillation.config.schema import DistillationConfig, EvalConfig, StageConfig
-from qwen_distillation.errors import require, require_one_of
+from qwen_distillation.config.schema import RENAMED_KEYS, DistillationConfig, EvalConfig, StageConfig
+from qwen_distillation.errors import ConfigError, require, require_one_of
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
 RATIO_SCHEDULES = ("constant", "linear", "cosine", "step")
@@ -121,9 +123,60 @@ def _validate_eval(cfg: EvalConfig) -> None:
                 "eval.prompts=package:qwen_distillation/data/demo/prompts.jsonl")
 
 
+def _unknown(name: str, key: str, fields: set[str], path: str) -> str:
+    """``name`` (the full dotted key) with its new name if it was renamed, else the closest
+    declared key of its node, when one is close."""
+    old = next((old for old in RENAMED_KEYS if name == old or name.endswith(f".{old}")), None)
+    if old is not None:
+        return f"{name} (renamed to {name[: len(name) - len(old)] + RENAMED_KEYS[old]})"
+    close = difflib.get_close_matches(key, fields, n=1)
+    return name + (f" (did you mean {path}{close[0]}?)" if close else "")
+
+
+def _unknown_keys(node: DictConfig, schema: type, path: str = "") -> list[str]:
+    """Keys of ``node`` that the dataclass ``schema`` does not declare, recursively into the
+    fields typed by a dataclass, each with the closest declared key when one is close.
+
+    Hydra refuses ``stage2.foo=1`` while composing, but ``+stage2.foo=1`` and ``++stage2.foo=1``
+    add the key, and turning the config into its dataclasses would then drop it silently."""
+    fields = {field.name for field in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key in node.keys():
+        if key not in fields:
+            found.append(_unknown(f"{path}{key}", str(key), fields, path))
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(node._get_node(key), DictConfig):
+            found += _unknown_keys(node._get_node(key), hints[key], f"{path}{key}.")
+    return found
+
+
+def unknown_override_key(key: str) -> str | None:
+    """For a dotted override key (``stage2.eval_evry``): None if the schema declares it (or it
+    leads into a field that is not a dataclass, such as a list or a free mapping), else the key
+    with the closest declared one."""
+    schema, path = DistillationConfig, ""
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(schema):
+            return None
+        fields = {field.name for field in dataclasses.fields(schema)}
+        if part not in fields:
+            return _unknown(f"{path}{part}", part, fields, path)
+        schema, path = typing.get_type_hints(schema)[part], f"{path}{part}."
+    return None
+
+
 def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
-    """Check ranges and return the config as a typed :class:`DistillationConfig` object."""
+    """Check keys and ranges and return the config as a typed :class:`DistillationConfig`.
+
+    Raises:
+        ConfigError: a key the schema does not declare (added with ``+key=`` or ``++key=``),
+            with the closest valid key; or a value out of range, naming the override.
+    """
     if isinstance(cfg, DictConfig):
+        unknown = _unknown_keys(cfg, DistillationConfig)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; `python run_distillation.py --cfg job` "
+                              f"prints every valid key (docs/configuration.md describes them)")
         cfg = OmegaConf.to_object(cfg)
     for key, value in (("start_stage", cfg.start_stage), ("end_stage", cfg.end_stage)):
         require(1 <= value <= 3, key, value, "stages are numbered 1..3", f"{key}=2")
