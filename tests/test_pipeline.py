@@ -95,8 +95,8 @@ def test_killed_run_resumes_with_the_same_loss_trajectory(tmp_path, monkeypatch)
     original_log = MetricsLogger.log
 
     def dying_at(stage):
-        def dying_log(self, row):
-            original_log(self, row)
+        def dying_log(self, row, **kwargs):
+            original_log(self, row, **kwargs)
             if row.get("stage") == stage and row.get("step") == 3 and "loss" in row:
                 raise _Killed()
         return dying_log
@@ -169,3 +169,35 @@ def test_lora_adapters_train_and_continue_across_stages(tmp_path):
                                           f"checkpoint_path={stage1}"])
     a3 = _weights(cont / "stage2" / "final")
     assert set(a3) == set(a1) and any(not torch.equal(a1[n], a3[n]) for n in a1)
+
+
+def _tensorboard_points(run_dir) -> dict[str, list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()  # applies the purge a resumed run's writer records
+    return {tag: [event.step for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_each_step_once_after_a_resume(tmp_path, monkeypatch):
+    """Killed at stage 3 step 4 (after the scoring pass for step 4, with the checkpoint at step
+    2), the same command resumes; TensorBoard then shows every step once, as an uninterrupted run."""
+    common = tiny_overrides(tmp_path / "x", steps=4) + [
+        "start_stage=3", "logging.tensorboard=true", "stage3.save_every=2", "stage3.eval_every=2",
+        "stage3.sampling.mode=hard", "stage3.sampling.rescore_every=3", "stage3.sampling.max_scored=8"]
+    _run(common + [f"output_dir={tmp_path / 'reference'}"])
+    original_log = MetricsLogger.log
+
+    def dying_log(self, row, **kwargs):
+        original_log(self, row, **kwargs)
+        if row.get("stage") == 3 and row.get("step") == 4 and "loss" in row:
+            raise _Killed()
+
+    monkeypatch.setattr(MetricsLogger, "log", dying_log)
+    with pytest.raises(_Killed):
+        _run(common + [f"output_dir={tmp_path / 'resumed'}"])
+    monkeypatch.setattr(MetricsLogger, "log", original_log)
+    _run(common + [f"output_dir={tmp_path / 'resumed'}"])
+    reference, resumed = _tensorboard_points(tmp_path / "reference"), _tensorboard_points(tmp_path / "resumed")
+    assert reference["loss"] == [1, 2, 3, 4] and "eval/medical_nll" in reference
+    assert resumed == reference

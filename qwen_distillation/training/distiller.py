@@ -218,7 +218,7 @@ class Distiller:
 
     def _run_stage(self, index: int, state: dict) -> None:
         run = self._open_stage(index)
-        self.logger.truncate(index, run.step)
+        self.logger.truncate(index, run.step, self.global_step)
         self.module.train()
         progress = self._progress(run.key, run.total_steps, run.step)
         while run.step < run.total_steps:
@@ -300,7 +300,7 @@ class Distiller:
             self.logger.log({"stage": run.index, "step": sampler.step + 1, "global_step": self.global_step,
                              "sampler/scored": len(scores),
                              "sampler/score_histogram": {"edges": [round(float(e), 4) for e in edges],
-                                                         "counts": [int(c) for c in counts]}})
+                                                         "counts": [int(c) for c in counts]}}, mirror=False)
 
     def _evaluate(self, run: StageRun) -> None:
         """Evaluate the student, log the metrics, and export ``stageN/best`` when its

@@ -47,12 +47,13 @@ class MetricsLogger:
         self.path = Path(output_dir) / METRICS_FILE
         self.jsonl = jsonl
         self._tb = None
+        self._tb_dir = str(Path(output_dir) / TENSORBOARD_DIR)
         self._wandb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / TENSORBOARD_DIR))
+                self._tb = SummaryWriter(log_dir=self._tb_dir)
             except ImportError:
                 log.warning("tensorboard is not installed; TensorBoard logging is off (pip install tensorboard)")
         if wandb_cfg.enabled:
@@ -71,9 +72,16 @@ class MetricsLogger:
         return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.run_name, mode=mode,
                           dir=str(output_dir), config=scrub_secrets(run_config))
 
-    def truncate(self, stage: int, after_step: int) -> None:
+    def truncate(self, stage: int, after_step: int, global_step: int = 0) -> None:
         """Drop rows of ``stage`` logged after ``after_step`` and rows of later stages: what a
-        killed run wrote past its last checkpoint, which the resumed run writes again."""
+        killed run wrote past its last checkpoint, which the resumed run writes again. On
+        TensorBoard the same: events after ``global_step`` (the global step of ``after_step``)
+        are purged when TensorBoard reads the directory (``SummaryWriter(purge_step=...)``)."""
+        if self._tb is not None and global_step > 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(log_dir=self._tb_dir, purge_step=global_step + 1)
         if not self.path.exists():
             return
         kept = []
@@ -86,11 +94,17 @@ class MetricsLogger:
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
 
-    def log(self, row: dict) -> None:
+    def log(self, row: dict, *, mirror: bool = True) -> None:
+        """Append ``row`` to ``metrics.jsonl``; with ``mirror``, send its numbers to TensorBoard
+        and wandb at ``row["global_step"]``. A row logged at the global step of the step *before*
+        the one it prepares (a hard-example scoring pass) is not mirrored: a resume that purges
+        TensorBoard after that step would otherwise see it twice."""
         row = {k: _clean(v) for k, v in row.items()}
         if self.jsonl:
             with self.path.open("a") as f:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if not mirror:
+            return
         step = row.get("global_step", 0)
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("stage", "step",
                                                                                             "global_step")}
