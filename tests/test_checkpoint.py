@@ -38,3 +38,19 @@ def test_successful_save_replaces(tmp_path):
             (tmp / "state.pt").write_text(text)
     assert (target / "state.pt").read_text() == "two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_the_saved_rng_state_includes_numpy():
+    """Every generator a step may draw from continues exactly after a resume (issue 14)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from qwen_distillation.training.checkpoint import rng_state, set_rng_state
+
+    saved = rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.random(), np.random.rand(), torch.rand(3)  # move every generator on
+    set_rng_state(saved)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -14,6 +14,7 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qwen_distillation.errors import CheckpointError
@@ -96,12 +97,15 @@ def export_model(model, tokenizer, target: Path, *, base_model_dir: str | None =
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+    """Python's, numpy's, torch's and (on CUDA) every device's random generator states."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
+    if state.get("numpy") is not None:  # absent from checkpoints written before it was saved
+        np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
