@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from qwen_distillation.config.schema import RENAMED_KEYS
-from qwen_distillation.config.validate import unknown_override_key
+from qwen_distillation.config.validate import renamed_key, unknown_override_key
 
 
 def _value(key: str):
@@ -104,10 +103,9 @@ def _check_key(override: str) -> None:
     ``+key=``, ``++key=``): a renamed key with the override to write, any other with the
     closest valid key. Hydra's own keys (``hydra.*``, ``group/option`` paths) are Hydra's to check."""
     key, eq, value = override.lstrip("+~").partition("=")
-    for old, new in RENAMED_KEYS.items():
-        if key == old or key.endswith(f".{old}"):
-            renamed = key[: len(key) - len(old)] + new
-            raise UsageError(f"{key} was renamed to {renamed}; write {renamed}{eq}{value}")
+    renamed = renamed_key(key)
+    if renamed is not None:
+        raise UsageError(f"{key} was renamed to {renamed}; write {renamed}{eq}{value}")
     hydras_own = key.split(".")[0] == "hydra" or "/" in key  # Hydra's keys, config-group paths
     unknown = None if hydras_own else unknown_override_key(key)
     if unknown is not None:

@@ -123,12 +123,21 @@ def _validate_eval(cfg: EvalConfig) -> None:
                 "eval.prompts=package:qwen_distillation/data/demo/prompts.jsonl")
 
 
+def renamed_key(key: str) -> str | None:
+    """The new name of a dotted key that was renamed (``stage2.loss.weights.kl`` ->
+    ``stage2.loss.weights.kd``, by RENAMED_KEYS), else None."""
+    for old, new in RENAMED_KEYS.items():
+        if key == old or key.endswith(f".{old}"):
+            return key[: len(key) - len(old)] + new
+    return None
+
+
 def _unknown(name: str, key: str, fields: set[str], path: str) -> str:
     """``name`` (the full dotted key) with its new name if it was renamed, else the closest
     declared key of its node, when one is close."""
-    old = next((old for old in RENAMED_KEYS if name == old or name.endswith(f".{old}")), None)
-    if old is not None:
-        return f"{name} (renamed to {name[: len(name) - len(old)] + RENAMED_KEYS[old]})"
+    new = renamed_key(name)
+    if new is not None:
+        return f"{name} (renamed to {new})"
     close = difflib.get_close_matches(key, fields, n=1)
     return name + (f" (did you mean {path}{close[0]}?)" if close else "")
 
