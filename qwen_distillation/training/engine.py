@@ -56,8 +56,9 @@ class SingleDeviceEngine:
 
     Args:
         module: the trainable module (``training.module.DistillationModule``: ``.student`` and
-            ``.heads``); its parameters with ``requires_grad`` are trained.
-        optimizer, scheduler: built over those parameters (``training.optim``).
+            ``.heads``), whose state the engine saves and restores.
+        optimizer, scheduler: built over the module's trainable parameters (``training.optim``);
+            the optimizer's parameters are the ones the engine backpropagates into and clips.
         balancer: turns a micro-batch's loss terms into gradients (``none``: the weighted sum).
         shared: GradNorm's shared parameters (``training.plan.shared_parameter``).
         precision: ``fp16`` adds a loss scaler for the module's device; others need none.
@@ -68,7 +69,7 @@ class SingleDeviceEngine:
                  scheduler: torch.optim.lr_scheduler.LRScheduler, balancer: Balancer,
                  shared: list[torch.Tensor] | None = None, precision: str = "fp32", max_grad_norm: float = 1.0):
         self.module = module
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.optimizer, self.scheduler, self.balancer, self.shared = optimizer, scheduler, balancer, shared
         device = self.params[0].device if self.params else torch.device("cpu")
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
