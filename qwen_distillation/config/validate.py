@@ -98,10 +98,11 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
     require(stage.max_grad_norm >= 0, f"{key}.max_grad_norm", stage.max_grad_norm, "must be >= 0 (0 disables)",
             f"{key}.max_grad_norm=1.0")
     require_one_of(f"{key}.best_mode", stage.best_mode, BEST_MODES)
-    for name in ("eval_every", "save_every"):
-        value = getattr(stage, name)
-        require(value >= 0, f"{key}.{name}", value, "must be >= 0 (0 = only at the end of the stage)",
-                f"{key}.{name}=50")
+    require(stage.eval_every >= 0, f"{key}.eval_every", stage.eval_every,
+            "must be >= 0 (0 = only at the end of the stage)", f"{key}.eval_every=50")
+    require(stage.save_every is None or stage.save_every >= 0, f"{key}.save_every", stage.save_every,
+            "must be >= 0 (0 = by time only, train.save_every_minutes) or null (every quarter of the stage)",
+            f"{key}.save_every=50")
     if sampling.mode == "hard":
         ratio = stage.medical_ratio
         require(ratio.schedule == "constant" and ratio.start in (0.0, 1.0), f"{key}.sampling.mode", sampling.mode,
@@ -205,6 +206,13 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
             cfg.train.device, "must be auto, cpu, cuda or cuda:N", "train.device=cpu")
     require(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", cfg.train.max_bad_steps, "must be >= 1",
             "train.max_bad_steps=10")
+    require(cfg.train.divergence_window >= 1, "train.divergence_window", cfg.train.divergence_window,
+            "must be >= 1", "train.divergence_window=20")
+    require(cfg.train.save_every_minutes >= 0, "train.save_every_minutes", cfg.train.save_every_minutes,
+            "must be >= 0 (0 = save by steps only)", "train.save_every_minutes=30")
+    require(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", cfg.train.keep_checkpoints,
+            "must be >= 1 (stageN.save_every=0 train.save_every_minutes=0 turns mid-stage saves off)",
+            "train.keep_checkpoints=2")
     require_one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled"))
     student = cfg.model.student
     if student.keep_layers is not None:

@@ -63,7 +63,8 @@ def number(value) -> float:
 
 
 def is_train_row(row: dict) -> bool:
-    return "loss" in row
+    """A training step's row: it has a loss, or is a skipped step (which has none)."""
+    return "loss" in row or "skipped" in row
 
 
 def train_rows(rows: list[dict]) -> list[dict]:

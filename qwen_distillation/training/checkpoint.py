@@ -1,17 +1,23 @@
 """Atomic checkpoints: exported models (``stageN/best``, ``stageN/final``) and full
-training state (``stageN/checkpoint``), plus the run state of an output directory.
+training state (``stageN/checkpoint-STEP``, the newest few of a stage in progress), plus the
+run state of an output directory.
 
 Every directory is written under a temporary name and swapped in by ``os.replace``, so a
-save killed half-way leaves the previous checkpoint intact.
+save killed half-way leaves the previous checkpoint intact; a checkpoint that is unreadable
+anyway (a disk error, a file truncated by hand) is passed over for the one before it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import pickle
 import random
+import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +25,12 @@ import torch
 
 from qwen_distillation.errors import CheckpointError
 
+log = logging.getLogger(__name__)
+
 RUN_STATE = "run_state.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+# stageN/checkpoint-STEP, or what a swap killed between its two renames left of one.
+_CHECKPOINT_NAME = re.compile(rf"^\.?{CHECKPOINT_PREFIX}(\d+)(\.old)?$")
 
 
 def _old(target: Path) -> Path:
@@ -127,20 +138,93 @@ def save_training_state(target: Path, *, engine, sampler, step: int, extra: dict
 
 def load_training_state(target: Path, *, engine, sampler) -> dict:
     """Restore what :func:`save_training_state` wrote into ``engine`` and ``sampler`` (and the
-    RNGs); returns the saved dict (``step``, ``extra``)."""
+    RNGs); returns the saved dict (``step``, ``extra``).
+
+    Raises:
+        CheckpointError: ``state.pt`` is missing, unreadable (truncated, not a checkpoint) or
+            does not fit this run's model, optimizer or data; the message names the file.
+    """
     target = recover(Path(target))
     path = target / "state.pt"
     if not path.exists():
-        raise CheckpointError(f"{target}: no state.pt; the training checkpoint is incomplete. Delete {target} "
+        raise CheckpointError(f"{path}: missing; the training checkpoint {target} is incomplete. Delete {target} "
                               f"to restart the stage from its beginning")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        step, extra = int(state["step"]), dict(state["extra"])
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: unreadable training state ({type(err).__name__}: {err}); the file is "
+                              f"truncated or is not a checkpoint. Delete {target} to resume from an older "
+                              f"checkpoint of the stage (or its beginning)") from err
     try:
         engine.load_state_dict(state["engine"])
-    except CheckpointError as err:
-        raise CheckpointError(f"{target}: {err}") from err
-    sampler.load_state_dict(state["sampler"])
-    set_rng_state(state["rng"])
-    return state
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as err:
+        raise CheckpointError(f"{path}: does not fit this run ({type(err).__name__}: {err}); was it written with "
+                              f"another model, loss, LoRA or data setting? Delete {target} to restart the stage "
+                              f"from an older checkpoint or its beginning") from err
+    return {**state, "step": step, "extra": extra}
+
+
+def stage_checkpoints(stage_dir: Path) -> list[Path]:
+    """The training checkpoints of a stage in progress (``stageN/checkpoint-STEP``), newest
+    first; a swap killed between its renames is completed first (:func:`recover`)."""
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir():
+        return []
+    steps = set()
+    for entry in stage_dir.iterdir():
+        match = _CHECKPOINT_NAME.match(entry.name)
+        if match and entry.is_dir() and (match.group(2) is None) == (not entry.name.startswith(".")):
+            steps.add(int(match.group(1)))
+    found = [recover(stage_dir / f"{CHECKPOINT_PREFIX}{step}") for step in sorted(steps, reverse=True)]
+    return [path for path in found if path.is_dir()]
+
+
+def save_stage_checkpoint(stage_dir: Path, *, keep: int, engine, sampler, step: int, extra: dict) -> Path:
+    """Save the training state as ``stage_dir/checkpoint-STEP`` (:func:`save_training_state`),
+    then delete all but the newest ``keep`` checkpoints of the stage. Returns the new one."""
+    target = Path(stage_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    save_training_state(target, engine=engine, sampler=sampler, step=step, extra=extra)
+    for old in stage_checkpoints(stage_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_stage_checkpoint(stage_dir: Path, *, engine, sampler) -> tuple[dict, Path] | None:
+    """Restore the newest readable checkpoint of a stage; returns (saved state, its directory),
+    or None when the stage has none. An unreadable checkpoint is reported and passed over for
+    the one before it (its directory is left as it is, for inspection).
+
+    Raises:
+        CheckpointError: the stage has checkpoints and none of them can be restored.
+    """
+    candidates = stage_checkpoints(stage_dir)
+    failures = []
+    for i, target in enumerate(candidates):
+        try:
+            return load_training_state(target, engine=engine, sampler=sampler), target
+        except CheckpointError as err:
+            failures.append(str(err))
+            if i + 1 < len(candidates):
+                log.warning("%s\nfalling back to the previous checkpoint, %s", err, candidates[i + 1])
+    if failures:
+        raise CheckpointError(f"no checkpoint of {stage_dir} can be restored:\n  " + "\n  ".join(failures)
+                              + f"\nDelete {Path(stage_dir) / (CHECKPOINT_PREFIX + '*')} to restart the stage "
+                              f"from its beginning")
+    return None
+
+
+def remove_stage_checkpoints(stage_dir: Path) -> None:
+    """Delete a finished stage's training checkpoints (and any half-written one)."""
+    stage_dir = Path(stage_dir)
+    if stage_dir.is_dir():
+        for entry in stage_dir.iterdir():
+            if entry.is_dir() and (_CHECKPOINT_NAME.match(entry.name)
+                                   or re.match(rf"^\.{CHECKPOINT_PREFIX}\d+\.tmp$", entry.name)):
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def read_run_state(output_dir: Path) -> dict | None:

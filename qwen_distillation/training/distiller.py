@@ -4,7 +4,9 @@ construct (checks everything that needs no I/O: data and MCQ sources, device, ea
 loss kernel) -> run: read the output directory, load the models and data, build the
 evaluator, then evaluate the teacher and the initial student -> for each stage: train,
 evaluate, export ``stageN/best`` and ``stageN/final``, write the quality samples -> summary
-and report. A killed run resumes from ``stageN/checkpoint`` when the same command is run again.
+and report. A stage saves its training state as it goes (``stageN/checkpoint-STEP``); a killed
+run resumes from the newest readable one when the same command is run again. A stage that
+diverges (mostly skipped steps, or a non-finite evaluation) fails without exporting anything new.
 
 A stage's story is :meth:`Distiller._run_stage`; the forward pass of what is trained is the
 :class:`~qwen_distillation.training.module.DistillationModule`, the teacher's pass the
@@ -18,9 +20,9 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -85,7 +87,7 @@ def select_device(train) -> tuple[torch.device, str]:
 
 
 class NonFiniteLossError(DistillationError):
-    pass
+    """A stage diverged: too many skipped (non-finite) steps, or a non-finite evaluation."""
 
 
 @dataclass
@@ -100,8 +102,15 @@ class StageRun:
     total_steps: int
     sampler: StageSampler | HardExampleSampler
     engine: SingleDeviceEngine
+    save_every: int
     step: int = 0
     best: float | None = None
+    recent_skipped: deque = field(default_factory=deque)  # of the last train.divergence_window steps
+    last_save: float = field(default_factory=time.monotonic)
+
+    def extra(self, global_step: int) -> dict:
+        """What a checkpoint keeps beside the engine's and sampler's state."""
+        return {"best": self.best, "global_step": global_step, "recent_skipped": list(self.recent_skipped)}
 
 
 class Distiller:
@@ -190,7 +199,8 @@ class Distiller:
                             plateaus=ratio.plateaus, seed=seed, stage=key)
 
     def _open_stage(self, index: int) -> StageRun:
-        """The stage's plan, sampler and engine, restored from ``stageN/checkpoint`` if there is one."""
+        """The stage's plan, sampler and engine, restored from the newest readable
+        ``stageN/checkpoint-STEP`` if there is one."""
         key = STAGE_KEYS[index]
         stage: StageConfig = getattr(self.config, key)
         plan = self.module.plan = self.plans[index]
@@ -206,12 +216,15 @@ class Distiller:
         engine = SingleDeviceEngine(self.module, optimizer=optimizer, scheduler=scheduler, balancer=balancer,
                                     shared=shared_parameter(self.pair.student, plan), precision=self.precision,
                                     max_grad_norm=stage.max_grad_norm)
+        save_every = stage.save_every if stage.save_every is not None else math.ceil(total_steps / 4)
         run = StageRun(index, key, stage, plan, self.output_dir / f"stage{index}", total_steps,
-                       self._sampler(key, stage, total_steps, index), engine)
-        resume_dir = ckpt.recover(run.directory / "checkpoint")
-        if resume_dir.exists():
-            saved = ckpt.load_training_state(resume_dir, engine=engine, sampler=run.sampler)
+                       self._sampler(key, stage, total_steps, index), engine, save_every,
+                       recent_skipped=deque(maxlen=self.config.train.divergence_window))
+        restored = ckpt.load_stage_checkpoint(run.directory, engine=engine, sampler=run.sampler)
+        if restored is not None:
+            saved, resume_dir = restored
             run.step, run.best = saved["step"], saved["extra"].get("best")
+            run.recent_skipped.extend(saved["extra"].get("recent_skipped", []))
             self.global_step = saved["extra"]["global_step"]
             log.info("%s: resuming at step %d/%d from %s", key, run.step, total_steps, resume_dir)
         return run
@@ -225,21 +238,49 @@ class Distiller:
             row, outcome = self._train_step(run)
             self.logger.log(row)
             if progress is not None:
-                progress.set_postfix(loss=f"{row['loss']:.3f}", medical_ratio=f"{row['medical_ratio']:.2f}")
+                progress.set_postfix(loss="skipped" if outcome.skipped else f"{row['loss']:.3f}",
+                                     medical_ratio=f"{row['medical_ratio']:.2f}")
                 progress.update(1)
-            if outcome.bad_in_row >= self.config.train.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{run.key} step {run.step}: {outcome.bad_in_row} non-finite losses or gradients in a row "
-                    f"(last: {outcome.nonfinite}); lower {run.key}.lr, check the data, or use train.precision=fp32")
             is_last = run.step == run.total_steps
+            self._check_divergence(run, outcome, is_last)
             if (run.stage.eval_every and run.step % run.stage.eval_every == 0) or is_last:
                 self._evaluate(run)
-            if run.stage.save_every and run.step % run.stage.save_every == 0 and not is_last:
-                ckpt.save_training_state(run.directory / "checkpoint", engine=run.engine, sampler=run.sampler,
-                                         step=run.step, extra={"best": run.best, "global_step": self.global_step})
+            if not is_last and self._save_due(run):
+                ckpt.save_stage_checkpoint(run.directory, keep=self.config.train.keep_checkpoints, engine=run.engine,
+                                           sampler=run.sampler, step=run.step, extra=run.extra(self.global_step))
+                run.last_save = time.monotonic()
         if progress is not None:
             progress.close()
         self._finish_stage(run, state)
+
+    def _save_due(self, run: StageRun) -> bool:
+        """Every ``save_every`` steps, and when ``train.save_every_minutes`` have passed since
+        the stage's last save (or its start)."""
+        minutes = self.config.train.save_every_minutes
+        return bool((run.save_every and run.step % run.save_every == 0)
+                    or (minutes and time.monotonic() - run.last_save >= 60 * minutes))
+
+    def _diverged(self, run: StageRun, what: str) -> NonFiniteLossError:
+        previous = [i for i in self.stages if i < run.index]
+        keep = (f"; stage {previous[-1]}'s exports are kept: continue from them with --start_stage {run.index} "
+                f"--checkpoint_path {self.output_dir / f'stage{previous[-1]}' / 'final'} and a new output_dir"
+                if previous else "")
+        return NonFiniteLossError(
+            f"{run.key} diverged at step {run.step}/{run.total_steps}: {what}. Nothing new was exported as "
+            f"{run.key}/final (or as {run.key}/best after the divergence). Lower {run.key}.lr (now "
+            f"{run.stage.lr:g}), check the data, or use train.precision=fp32{keep}")
+
+    def _check_divergence(self, run: StageRun, outcome: StepOutcome, is_last: bool) -> None:
+        """Fail the stage after ``train.max_bad_steps`` skipped steps in a row, or when more than
+        half of its last ``train.divergence_window`` steps (all of its steps, at its end) were skipped."""
+        run.recent_skipped.append(outcome.skipped)
+        if outcome.bad_in_row >= self.config.train.max_bad_steps:
+            raise self._diverged(run, f"{outcome.bad_in_row} non-finite losses or gradients in a row "
+                                      f"(last: {outcome.nonfinite})")
+        window = run.recent_skipped
+        if (len(window) == window.maxlen or is_last) and 2 * sum(window) > len(window):
+            raise self._diverged(run, f"{sum(window)} of its last {len(window)} steps had non-finite losses or "
+                                      f"gradients and were skipped (last: {outcome.nonfinite or 'finite'})")
 
     def _train_step(self, run: StageRun) -> tuple[dict, StepOutcome]:
         """One optimizer step: serve the examples, run the micro-batches, step the engine.
@@ -264,14 +305,15 @@ class Distiller:
         outcome = run.engine.step()
         run.step += 1
         self.global_step += 1
-        per_token = {f"loss/{name}": float("nan") if outcome.skipped else value
-                     for name, value in per_step_mean(sums, tokens, len(batches)).items()}
-        total = sum(run.plan.weights.get(name[5:], 0.0) * value for name, value in per_token.items())
-        row = {"stage": run.index, "stage_name": run.stage.name, "step": run.step, "global_step": self.global_step,
-               "loss": total, "loss/ce": float("nan"), "loss/kd": float("nan"), **per_token, "lr": outcome.lr,
-               "medical_ratio": served.medical_ratio, "medical_ratio_target": served.medical_ratio_target,
-               "tokens": tokens, "tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9),
-               "grad_norm": outcome.grad_norm, "skipped": outcome.skipped, "bad_steps": outcome.bad_total}
+        row = {"stage": run.index, "stage_name": run.stage.name, "step": run.step, "global_step": self.global_step}
+        if not outcome.skipped:  # a skipped step has no loss value: it is logged with skipped=true only
+            per_token = {f"loss/{name}": value for name, value in per_step_mean(sums, tokens, len(batches)).items()}
+            total = sum(run.plan.weights.get(name[5:], 0.0) * value for name, value in per_token.items())
+            row.update({"loss": total, "loss/ce": float("nan"), "loss/kd": float("nan"), **per_token})
+        row.update({"lr": outcome.lr, "medical_ratio": served.medical_ratio,
+                    "medical_ratio_target": served.medical_ratio_target, "tokens": tokens,
+                    "tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9),
+                    "grad_norm": outcome.grad_norm, "skipped": outcome.skipped, "bad_steps": outcome.bad_total})
         if run.stage.loss.balancing.method != "none":
             row.update(balance_log)
         if isinstance(run.sampler, HardExampleSampler):
@@ -304,13 +346,18 @@ class Distiller:
 
     def _evaluate(self, run: StageRun) -> None:
         """Evaluate the student, log the metrics, and export ``stageN/best`` when its
-        ``best_metric`` improves."""
+        ``best_metric`` improves. A non-finite held-out NLL or ``best_metric`` fails the stage."""
         metrics = self.evaluator.metrics(self.module.student)
         self.logger.log({"stage": run.index, "step": run.step, "global_step": self.global_step, **metrics})
         value = metrics.get(run.stage.best_metric)
         if value is None:
             raise ConfigError(f"{run.key}.best_metric={run.stage.best_metric} is not among the evaluation metrics "
                               f"{sorted(metrics)}; choose one of them")
+        bad = {name: v for name, v in metrics.items() if (name.endswith("_nll") or name == run.stage.best_metric)
+               and isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            raise self._diverged(run, "its evaluation is non-finite (" + ", ".join(f"{k}={v}" for k, v in bad.items())
+                                 + ")")
         if improves(value, run.best, best_direction(run.stage.best_metric, run.stage.best_mode)):
             run.best = value
             self._export(run, "best")
@@ -322,7 +369,7 @@ class Distiller:
 
     def _finish_stage(self, run: StageRun, state: dict) -> None:
         """Export ``stageN/final`` and the heads, write the samples, mark the stage complete
-        in the run state, and drop its mid-stage checkpoint."""
+        in the run state, and drop its mid-stage checkpoints."""
         self._export(run, "final")
         run.engine.save_heads(run.directory / "heads.pt")
         if self.evaluator.prompts:
@@ -331,7 +378,7 @@ class Distiller:
         state.setdefault("stage_eval", {})[str(run.index)] = self.last_eval
         state["global_step"] = self.global_step
         ckpt.write_json_atomic(self.output_dir / ckpt.RUN_STATE, state)
-        shutil.rmtree(run.directory / "checkpoint", ignore_errors=True)
+        ckpt.remove_stage_checkpoints(run.directory)
 
     def _write_samples(self, index: int, stage: StageConfig, state: dict) -> None:
         """The teacher's and the student's greedy answers to the prompts, side by side, in
