@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import sys
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import REPO, tiny_overrides
 from qwen_distillation.cli import main
 
 
@@ -101,3 +103,51 @@ def test_multirun_sweep_gives_each_job_its_own_output_dir(tmp_path, capsys):
     for job, weight in (("job0", 0.3), ("job1", 0.7)):
         assert (out / job / "stage1" / "final" / "config.json").exists()
         assert f"kd: {weight}" in (out / job / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("stage1.lr=abc", ["stage1.lr=abc: Value 'abc' of type 'str' could not be converted to Float",
+                       "give stage1.lr a value of its type"]),
+    ("seed=[1,2]", ["seed=[1,2]:", "could not be converted to Integer", "give seed a value of its type"]),
+    ("model=nope", ["model=nope:", "Could not find 'model/nope'", "Available options in 'model': demo_smollm2, ",
+                    "tiny_qwen2", "e.g. model=demo_smollm2"]),
+    ("stage1.lr", ["Error parsing override 'stage1.lr'", "write KEY=VALUE"]),
+    ("+model=tiny_qwen2", ["+model=tiny_qwen2: Multiple values for model", "write model=tiny_qwen2"]),
+    ("stage1.lr=1,2", ["Ambiguous value for argument 'stage1.lr=1,2'", "add --multirun"]),
+    ("hydra.job.nope=1", ["Could not override 'hydra.job.nope'", "Key 'nope' not in 'JobConf'"]),
+    ("~model", ["model: ", "missing mandatory value: model"]),
+    ("stage1.lr=${nope}", ["stage1.lr: Interpolation key 'nope' not found"]),
+])
+def test_a_config_error_hydra_finds_exits_2_with_one_line(override, expected, tmp_path):
+    """Hydra alone prints its own message and exits 1; a config error is the user's to fix like
+    any other: exit status 2 and one `error:` line naming the override and the fix."""
+    result = subprocess.run([sys.executable, str(REPO / "run_distillation.py"), f"output_dir={tmp_path / 'out'}",
+                             override], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_value_of_the_wrong_type_exits_2(tmp_path, capsys):
+    code, output = _cli([f"output_dir={tmp_path / 'out'}", "-m", "seed=abc,2"], capsys)
+    assert code == 2 and "error: seed=abc,2: Value 'abc' of type 'str' could not be converted to Integer" in output
+
+
+def test_a_bug_inside_a_run_keeps_its_traceback(monkeypatch, tmp_path, capsys):
+    """Only the user's errors become `error:` lines: an exception out of the run itself, even an
+    OmegaConf one, is raised with its traceback (exit status 1)."""
+    from omegaconf.errors import ConfigKeyError
+
+    from qwen_distillation import app
+
+    def broken(cfg):
+        raise ConfigKeyError("a bug in the run")
+
+    monkeypatch.setattr(app, "run", broken)
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    with pytest.raises(ConfigKeyError, match="a bug in the run"):
+        _cli([f"output_dir={tmp_path / 'out'}"], capsys)
+    assert os.environ.get("HYDRA_FULL_ERROR") == before  # set only while Hydra runs
