@@ -5,6 +5,8 @@ status 2 on the command line; never a SafetensorError, JSONDecodeError or torch 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -16,13 +18,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import REPO, compose_config, tiny_overrides
 from qwen_distillation.app import run
-from qwen_distillation.config.schema import ModelSpec
+from qwen_distillation.config.schema import ModelSpec, WandbConfig
 from qwen_distillation.errors import CheckpointError
 from qwen_distillation.evaluate import main as evaluate_main
 from qwen_distillation.modeling.loading import load_causal_lm, load_student_checkpoint
 from qwen_distillation.modeling.pair import _tokenizer_for
 from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
-from qwen_distillation.training.checkpoint import export_model
+from qwen_distillation.training.checkpoint import export_model, load_heads, save_heads
+from qwen_distillation.training.metrics import MetricsLogger
+from qwen_distillation.training.outputs import check_output_dir
 
 DEMO_MEDICAL = "package:qwen_distillation/data/demo/medical.jsonl"
 
@@ -147,6 +151,75 @@ def test_a_damaged_tokenizer_file_names_the_file(saved_stage, tmp_path, capsys, 
     assert code == 2 and capsys.readouterr().err.startswith(f"error: {bad}: unreadable JSON")
 
 
+# ------------------------------------------------------------------------------ heads
+@pytest.mark.parametrize("how", ["truncated", "garbage", "other heads"])
+def test_damaged_or_mismatched_heads_name_the_file_and_the_fix(tmp_path, how):
+    path = tmp_path / "stage1" / "heads.pt"
+    path.parent.mkdir()
+    save_heads(path, torch.nn.Linear(4, 4))
+    if how == "other heads":
+        heads, problem = torch.nn.Linear(4, 8), "holds heads that do not match this run's (bias has shape (4,)"
+    else:
+        heads, problem = torch.nn.Linear(4, 4), "truncated or damaged, torch cannot load it"
+        damage(path, how)
+    with pytest.raises(CheckpointError) as err:
+        load_heads(path, heads)
+    assert str(err.value).startswith(f"{path}: {problem}"), str(err.value)
+    assert f"delete {path} to go on with new heads" in str(err.value)
+    assert "overwrite_output_dir=true" in str(err.value)
+
+
+# ------------------------------------------------------------------------------ run state
+@pytest.mark.parametrize("text", ['{"run_hash": "abc", "completed_st', "[1, 2]", "\xff\xfe"])
+def test_a_damaged_run_state_names_the_file_and_overwriting_clears_it(tmp_path, text):
+    path = tmp_path / "run_state.json"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(CheckpointError) as err:
+        check_output_dir(tmp_path, run_id="abc", resume=True, overwrite=False)
+    assert str(err.value).startswith(f"{path}: "), str(err.value)
+    assert "start over with overwrite_output_dir=true" in str(err.value)
+    # The fix it names works: overwriting treats the directory as a run to clear.
+    assert check_output_dir(tmp_path, run_id="abc", resume=True, overwrite=True) is None
+
+
+# ------------------------------------------------------------------------------ metrics
+def _logger(output_dir: Path) -> MetricsLogger:
+    return MetricsLogger(output_dir, jsonl=True, tensorboard=False, wandb_cfg=WandbConfig(), run_config={})
+
+
+def _rows(*steps: int) -> str:
+    return "".join(json.dumps({"stage": 1, "step": s, "global_step": s, "loss": 1.0}) + "\n" for s in steps)
+
+
+def test_a_damaged_metrics_line_names_the_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(_rows(1) + '{"stage": 1, "step": 2, "lo\n' + _rows(3))
+    with pytest.raises(CheckpointError) as err:
+        _logger(tmp_path).truncate(1, 3)
+    assert str(err.value).startswith(f"{path} line 2: not a metrics row")
+    assert "delete or repair that line, or start over with overwrite_output_dir=true" in str(err.value)
+
+
+def test_a_metrics_row_cut_short_by_the_kill_is_dropped_on_resume(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(_rows(1, 2) + '{"stage": 1, "step": 3, "lo')
+    with caplog.at_level(logging.WARNING):
+        _logger(tmp_path).truncate(1, 2)
+    assert path.read_text() == _rows(1, 2)
+    assert f"{path} line 3: a row cut short" in caplog.text
+
+
+def test_the_report_skips_a_damaged_metrics_line_with_a_warning(tmp_path, caplog):
+    from qwen_distillation.evaluation.report import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(_rows(1).encode() + b"\xff\xfe garbage\n" + b"[1, 2]\n" + _rows(4).encode())
+    with caplog.at_level(logging.WARNING):
+        assert [row["step"] for row in read_metrics(path)] == [1, 4]
+    assert f"{path} line 2 is not a JSON object; skipped in the report" in caplog.text
+    assert f"{path} line 3 is not a JSON object" in caplog.text
+
+
 # ------------------------------------------------------------------------------ a resume
 @pytest.fixture(scope="module")
 def stopped_after_stage_1(tmp_path_factory) -> tuple[Path, list[str]]:
@@ -181,3 +254,20 @@ def test_a_resume_over_a_damaged_final_model_names_it_and_the_way_on(stopped_aft
     assert (f"stage 1 of this run is complete but its final model is damaged or missing: start over with "
             f"overwrite_output_dir=true, or continue in a new output_dir from {out / 'stage1' / 'best'} "
             f"(start_stage=2 checkpoint_path={out / 'stage1' / 'best'})") in message
+
+
+def test_a_resume_over_damaged_heads_names_them(stopped_after_stage_1, tmp_path):
+    out, overrides = _resume_copy(stopped_after_stage_1, tmp_path)
+    bad = damage(out / "stage1" / "heads.pt", "truncated")
+    with pytest.raises(CheckpointError, match=f"{bad}: truncated or damaged, torch cannot load it"):
+        run(compose_config(overrides))
+
+
+def test_a_resume_over_a_damaged_metrics_file_names_the_line(stopped_after_stage_1, tmp_path):
+    out, overrides = _resume_copy(stopped_after_stage_1, tmp_path)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][: len(lines[1]) // 2]
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(CheckpointError, match=f"{out / 'metrics.jsonl'} line 2: not a metrics row"):
+        run(compose_config(overrides))
+    assert os.path.exists(out / "stage1" / "final")

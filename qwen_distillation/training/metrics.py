@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from qwen_distillation.errors import ConfigError
+from qwen_distillation.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +85,39 @@ class MetricsLogger:
         if not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
-            row = json.loads(line)
+        for row, line in self._rows():
             if row.get("stage", 0) > stage or (row.get("stage") == stage and row.get("step", -1) > after_step):
                 continue
             kept.append(line)
         tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
+
+    def _rows(self):
+        """(row, line) of each row of ``metrics.jsonl``.
+
+        A last line cut short (no newline: the run was killed while writing it) is dropped with a
+        warning; it lies past the last checkpoint, so the resumed run writes it again.
+
+        Raises:
+            CheckpointError: any other line is not a JSON object, naming the file, the line and the fix.
+        """
+        text = self.path.read_bytes().decode("utf-8", errors="replace")
+        lines = text.splitlines()
+        for line_no, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
+            except ValueError as err:
+                if line_no == len(lines) and not text.endswith("\n"):
+                    log.warning("%s line %d: a row cut short by the interrupted run; dropped", self.path, line_no)
+                    continue
+                raise CheckpointError(f"{self.path} line {line_no}: not a metrics row ({err}); delete or repair that "
+                                      f"line, or start over with overwrite_output_dir=true") from err
+            yield row, line
 
     def log(self, row: dict, *, mirror: bool = True) -> None:
         """Append ``row`` to ``metrics.jsonl``; with ``mirror``, send its numbers to TensorBoard
