@@ -29,6 +29,48 @@ def scrub_secrets(tree):
     return tree
 
 
+WANDB_FIX = ("set WANDB_API_KEY to a valid key (https://wandb.ai/authorize) or run `wandb login`, or log offline with "
+             "logging.wandb.mode=offline (`wandb sync` uploads it later), or turn wandb off with "
+             "logging.wandb.enabled=false")
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError as err:
+        raise ConfigError("logging.wandb.enabled=true but wandb is not installed; `pip install wandb` "
+                          "or set logging.wandb.enabled=false") from err
+    return wandb
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def wandb_mode(cfg) -> str:
+    """The mode of ``logging.wandb`` with ``auto`` resolved: online when WANDB_API_KEY is set."""
+    if cfg.mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return cfg.mode
+
+
+def check_wandb_login(cfg) -> None:
+    """An online wandb run (``logging.wandb``) must be able to log in. Called before the models
+    load and before the output directory is written, so a key that cannot authenticate costs
+    nothing: a ConfigError naming WANDB_API_KEY, ``logging.wandb.mode=offline`` and
+    ``logging.wandb.enabled=false`` as the fixes (exit status 2), not a wandb traceback out of
+    a half-made output directory. Offline and disabled modes need no login."""
+    if not cfg.enabled or wandb_mode(cfg) != "online":
+        return
+    wandb = _import_wandb()
+    try:
+        wandb.login(verify=True)
+    except wandb.errors.Error as err:  # AuthenticationError, CommError (no server), UsageError (no key, no tty)
+        why = " logs online as WANDB_API_KEY is set" if cfg.mode == "auto" else ""
+        raise ConfigError(f"logging.wandb.mode={cfg.mode}{why}, but wandb cannot log in: {_first_line(err)}; "
+                          f"{WANDB_FIX}") from err
+
+
 def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
@@ -61,16 +103,14 @@ class MetricsLogger:
 
     @staticmethod
     def _start_wandb(cfg, output_dir: Path, run_config: dict):
+        wandb = _import_wandb()
+        mode = wandb_mode(cfg)
         try:
-            import wandb
-        except ImportError as err:
-            raise ConfigError("logging.wandb.enabled=true but wandb is not installed; `pip install wandb` "
-                              "or set logging.wandb.enabled=false") from err
-        mode = cfg.mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.run_name, mode=mode,
-                          dir=str(output_dir), config=scrub_secrets(run_config))
+            return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.run_name, mode=mode,
+                              dir=str(output_dir), config=scrub_secrets(run_config))
+        except wandb.errors.Error as err:
+            raise ConfigError(f"logging.wandb: wandb cannot start a run in {mode} mode "
+                              f"(project={cfg.project}, entity={cfg.entity}): {_first_line(err)}; {WANDB_FIX}") from err
 
     def truncate(self, stage: int, after_step: int, global_step: int = 0) -> None:
         """Drop rows of ``stage`` logged after ``after_step`` and rows of later stages: what a
