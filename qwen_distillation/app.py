@@ -1,14 +1,24 @@
-"""The Hydra application: compose, validate, run the Distiller, report user errors."""
+"""The Hydra application: compose, validate, run the Distiller, report user errors.
+
+Every error a user can fix ends the same way, with one ``error: ...`` line on stderr and exit
+status 2: the project's own (:class:`~qwen_distillation.errors.DistillationError`) and the config
+errors Hydra itself finds while composing (an override it cannot parse, a value of the wrong
+type, an unknown option of a config group), which Hydra alone would print with exit status 1.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from qwen_distillation.config.schema import register_configs
 from qwen_distillation.config.validate import validate_config
@@ -18,6 +28,7 @@ register_configs()
 
 # An absolute path: Hydra resolves a relative one against the package, not the repository.
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+KEYS_HINT = "`python run_distillation.py --cfg job` prints every key with its value"
 
 
 def run(cfg: DictConfig) -> dict:
@@ -39,10 +50,105 @@ def run(cfg: DictConfig) -> dict:
     return Distiller(config).run()
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def hydra_entry(cfg: DictConfig) -> None:
+def _task(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except DistillationError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+hydra_entry = hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(_task)
+
+
+def _raised_in_task(err: BaseException) -> bool:
+    """Whether ``err`` came out of a run (a bug: its traceback is wanted), not out of Hydra's
+    composition of the config before or between runs."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is _task.__code__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _override_key(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0].partition("@")[0]
+
+
+def _culprit(text: str, overrides: list[str]) -> str | None:
+    """The override the error ``text`` is about: the one quoted whole, else the one whose key
+    (or config group) it names; None when the error lies in a config file, not an override."""
+    for override in overrides:
+        if override in text:
+            return override
+    named = [o for o in overrides if "=" in o and re.search(rf"(?<![\w.]){re.escape(_override_key(o))}(?![\w.])", text)]
+    return max(named, key=lambda o: len(_override_key(o)), default=None)
+
+
+def _one_line(text: str) -> str:
+    """Hydra's message on one line: its lines joined by '; ' (by a space after a full stop), a
+    tab-indented list of options as 'a, b, c'; the config search path left out."""
+    out = ""
+    for line in text.split("\nConfig search path:")[0].splitlines():
+        if line.startswith("\t") and out:
+            out += (" " if out.endswith(":") else ", ") + line.strip()
+        elif line.strip():
+            out += ("" if not out else " " if out.endswith(".") else "; ") + line.strip()
+    return out
+
+
+def hydra_error_message(err: Exception, overrides: list[str]) -> str:
+    """One line for a config error Hydra raised while composing: the override at fault,
+    Hydra's own text (with its list of options) and how to fix it."""
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
+    text = _one_line(str(err))
+    if cause is not None or isinstance(err, OmegaConfBaseException):
+        detail = str(cause if cause is not None else err).splitlines()[0]  # without OmegaConf's full_key lines
+        # 'Error merging override X' says no more than the override named in front of the detail.
+        text = detail if cause is None or text.startswith("Error merging override") else f"{text}: {detail}"
+    key = getattr(cause or err, "full_key", None)
+    override = getattr(err, "override", None) if isinstance(err, OverrideParseException) else None
+    override = override or _culprit(text, overrides) or next(
+        (o for o in overrides if key and _override_key(o) == key), None)
+    if isinstance(err, OverrideParseException):
+        fix = "write KEY=VALUE, e.g. stage2.temperature=3, and quote a value with special characters: key='a b'"
+    elif isinstance(err, MissingConfigException) and err.options:
+        group = (err.missing_cfg_file or "").rpartition("/")[0] or "the group"
+        fix = f"choose one of the options, e.g. {group}={err.options[0]}"
+    elif text.startswith("Multiple values for") and override:
+        # Hydra's advice ('override model: ...') is for a defaults list, not the command line.
+        text = text.split(". To override")[0]
+        fix = f"the default config already chooses one; write {override.lstrip('+')} to choose another"
+    elif isinstance(cause or err, ValidationError) and key:
+        fix = f"give {key} a value of its type; {KEYS_HINT}"
+    elif text.startswith("Ambiguous value"):
+        fix = None  # Hydra's text lists the three ways to write it
+    else:
+        fix = f"{KEYS_HINT}; `python run_distillation.py --help` lists the config groups and their options"
+    prefix = f"{override}: " if override and override not in text else ""
+    return f"{prefix}{text}" + (f" ({fix})" if fix else "")
+
+
+def main() -> None:
+    """Run the Hydra app on ``sys.argv``.
+
+    A config error that Hydra finds while composing leaves with ``error: ...`` and exit status 2,
+    as the project's own errors do; any other exception keeps its traceback (exit status 1).
+    With ``HYDRA_FULL_ERROR=1`` set, Hydra's errors keep their full traceback too.
+    """
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    # Hydra prints a config error and exits 1 itself unless HYDRA_FULL_ERROR=1 makes it raise.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_entry()
+    except (HydraException, OmegaConfBaseException) as err:
+        if full_error == "1" or _raised_in_task(err):
+            raise
+        print(f"error: {hydra_error_message(err, sys.argv[1:])}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error

@@ -8,7 +8,6 @@ same run, and multirun sweeps (``-m stage2.loss.weights.kd=0.3,0.7``) work with 
 
 from __future__ import annotations
 
-import os
 import sys
 
 from qwen_distillation.config.validate import renamed_key, unknown_override_key
@@ -168,8 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    from qwen_distillation.app import hydra_entry
+    from qwen_distillation import app
 
     sys.argv = [sys.argv[0] if sys.argv else "run_distillation.py"] + overrides
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    hydra_entry()
+    app.main()

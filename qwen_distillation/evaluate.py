@@ -46,35 +46,44 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
     return out
 
 
-def load_model(path: str, dtype: torch.dtype):
+def load_model(name: str, path: str, dtype: torch.dtype):
+    """The model of ``--model NAME=PATH``; errors name that option."""
     resolved = resolve_path(path)
     if Path(resolved).is_dir() and ((Path(resolved) / "config.json").exists()
                                     or (Path(resolved) / "adapter_config.json").exists()):
-        return load_student_checkpoint(resolved, dtype=dtype)
-    return load_causal_lm(ModelSpec(path=path), dtype=dtype, role="model")
+        return load_student_checkpoint(resolved, dtype=dtype, key=f"--model {name}")
+    return load_causal_lm(ModelSpec(path=path), dtype=dtype, role="model", key=f"--model {name}")
 
 
-def load_any_tokenizer(path: str):
+def load_any_tokenizer(name: str, path: str):
+    """The tokenizer saved with the model of ``--model NAME=PATH``."""
     resolved = resolve_path(path)
     directory, gguf_file = split_gguf(resolved, None)
-    return load_tokenizer(directory, gguf_file=gguf_file)
+    fix = (f"export or copy the tokenizer in {directory} again, or put another checkpoint first among the "
+           f"--model options (or name it with --teacher)")
+    try:
+        return load_tokenizer(directory, gguf_file=gguf_file, fix=fix)
+    except DistillationError:
+        raise
+    except (OSError, ValueError) as err:
+        raise DistillationError(f"--model {name}={path}: cannot load a tokenizer from it: {err}") from err
 
 
 def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str, str], mcq_sets: dict[str, str],
              max_examples: int, max_length: int, device: torch.device) -> dict[str, dict[str, float]]:
     """Metrics per model name, from one :class:`Evaluator` (see the module docstring)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = load_any_tokenizer(models[teacher] if teacher else next(iter(models.values())))
+    tokenizer = load_any_tokenizer(*((teacher, models[teacher]) if teacher else next(iter(models.items()))))
     mcq_sources = normalise_mcq_sources("--mcq", [f"{name}={path}" for name, path in mcq_sets.items()])
     eval_sets = {name: encode_source(DataSource(path=path), tokenizer, max_length)[:max_examples]
                  for name, path in nll_sets.items()}
-    teacher_model = load_model(models[teacher], dtype).to(device).eval() if teacher else None
+    teacher_model = load_model(teacher, models[teacher], dtype).to(device).eval() if teacher else None
     evaluator = Evaluator(teacher=teacher_model, tokenizer=tokenizer, vocab_size=len(tokenizer),
                           heldout=heldout_batches(eval_sets, tokenizer.pad_token_id, device),
                           agreement=teacher_model is not None, mcq_sets=load_mcq_sets(mcq_sources, max_examples),
                           autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16,
                                                           enabled=device.type == "cuda"))
-    return {name: evaluator.metrics(teacher_model if name == teacher else load_model(path, dtype).to(device))
+    return {name: evaluator.metrics(teacher_model if name == teacher else load_model(name, path, dtype).to(device))
             for name, path in models.items()}
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indices
+from qwen_distillation.errors import CheckpointError
 from qwen_distillation.training.balancing import Balancer
 
 
@@ -353,7 +354,9 @@ def test_sampler_rejects_bad_settings():
     with pytest.raises(ValueError, match="example"):
         HardExampleSampler([], examples_per_step=2, seed=0)
     state = _sampler(n=20).state_dict()
-    with pytest.raises(ValueError, match="checkpoint"):
+    with pytest.raises(CheckpointError, match="the medical data has 21 examples but the checkpoint was taken with 20; "
+                                              "resume with the data it was taken with, or delete "
+                                              "OUTPUT_DIR/stage3/checkpoint"):
         _sampler(n=21).load_state_dict(state)
 
 

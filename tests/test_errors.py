@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import sys
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import REPO, tiny_overrides
 from qwen_distillation.cli import main
 
 
@@ -101,3 +103,131 @@ def test_multirun_sweep_gives_each_job_its_own_output_dir(tmp_path, capsys):
     for job, weight in (("job0", 0.3), ("job1", 0.7)):
         assert (out / job / "stage1" / "final" / "config.json").exists()
         assert f"kd: {weight}" in (out / job / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("stage1.lr=abc", ["stage1.lr=abc: Value 'abc' of type 'str' could not be converted to Float",
+                       "give stage1.lr a value of its type"]),
+    ("seed=[1,2]", ["seed=[1,2]:", "could not be converted to Integer", "give seed a value of its type"]),
+    ("model=nope", ["model=nope:", "Could not find 'model/nope'", "Available options in 'model': demo_smollm2, ",
+                    "tiny_qwen2", "e.g. model=demo_smollm2"]),
+    ("stage1.lr", ["Error parsing override 'stage1.lr'", "write KEY=VALUE"]),
+    ("+model=tiny_qwen2", ["+model=tiny_qwen2: Multiple values for model", "write model=tiny_qwen2"]),
+    ("stage1.lr=1,2", ["Ambiguous value for argument 'stage1.lr=1,2'", "add --multirun"]),
+    ("hydra.job.nope=1", ["Could not override 'hydra.job.nope'", "Key 'nope' not in 'JobConf'"]),
+    ("~model", ["model: ", "missing mandatory value: model"]),
+    ("stage1.lr=${nope}", ["stage1.lr: Interpolation key 'nope' not found"]),
+])
+def test_a_config_error_hydra_finds_exits_2_with_one_line(override, expected, tmp_path):
+    """Hydra alone prints its own message and exits 1; a config error is the user's to fix like
+    any other: exit status 2 and one `error:` line naming the override and the fix."""
+    result = subprocess.run([sys.executable, str(REPO / "run_distillation.py"), f"output_dir={tmp_path / 'out'}",
+                             override], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_value_of_the_wrong_type_exits_2(tmp_path, capsys):
+    code, output = _cli([f"output_dir={tmp_path / 'out'}", "-m", "seed=abc,2"], capsys)
+    assert code == 2 and "error: seed=abc,2: Value 'abc' of type 'str' could not be converted to Integer" in output
+
+
+def test_a_bug_inside_a_run_keeps_its_traceback(monkeypatch, tmp_path, capsys):
+    """Only the user's errors become `error:` lines: an exception out of the run itself, even an
+    OmegaConf one, is raised with its traceback (exit status 1)."""
+    from omegaconf.errors import ConfigKeyError
+
+    from qwen_distillation import app
+
+    def broken(cfg):
+        raise ConfigKeyError("a bug in the run")
+
+    monkeypatch.setattr(app, "run", broken)
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    with pytest.raises(ConfigKeyError, match="a bug in the run"):
+        _cli([f"output_dir={tmp_path / 'out'}"], capsys)
+    assert os.environ.get("HYDRA_FULL_ERROR") == before  # set only while Hydra runs
+
+
+# A `wandb` that fails to log in as wandb 0.31 does for a malformed WANDB_API_KEY, without any
+# network: the real one would try to reach the server for a well-formed key.
+FAKE_WANDB = {
+    "errors.py": "class Error(Exception):\n    pass\n\n\nclass CommError(Error):\n    pass\n\n\n"
+                 "class AuthenticationError(CommError):\n    pass\n\n\nclass UsageError(Error):\n    pass\n",
+    "__init__.py": "from wandb import errors\n\ncalls = []\n\n\n"
+                   "def login(**kwargs):\n    calls.append('login')\n"
+                   "    raise errors.AuthenticationError('WANDB_API_KEY invalid: API key must have 40+ characters, "
+                   "has 3.')\n\n\n"
+                   "def init(**kwargs):\n    calls.append('init')\n"
+                   "    raise errors.AuthenticationError('API key verification failed')\n",
+}
+
+
+@pytest.fixture
+def fake_wandb(tmp_path, monkeypatch):
+    """The directory of a fake `wandb` package, imported in place of the real one until the test ends."""
+    package = tmp_path / "fake_site" / "wandb"
+    package.mkdir(parents=True)
+    for name, text in FAKE_WANDB.items():
+        (package / name).write_text(text)
+    monkeypatch.syspath_prepend(str(package.parent))
+    saved = {name: sys.modules.pop(name) for name in ("wandb", "wandb.errors") if name in sys.modules}
+    monkeypatch.setenv("WANDB_API_KEY", "bad")
+    yield package.parent
+    for name in ("wandb", "wandb.errors"):
+        sys.modules.pop(name, None)
+    sys.modules.update(saved)
+
+
+WANDB_FIXES = ["set WANDB_API_KEY to a valid key", "logging.wandb.mode=offline", "logging.wandb.enabled=false"]
+
+
+def test_online_wandb_that_cannot_log_in_fails_before_anything_is_written(fake_wandb, tmp_path):
+    from conftest import compose_config
+    from qwen_distillation.app import run
+    from qwen_distillation.errors import ConfigError
+
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError) as err:
+        run(compose_config(tiny_overrides(out, steps=1) + ["end_stage=1", "logging.wandb.enabled=true"]))
+    message = str(err.value)
+    assert message.startswith("logging.wandb.mode=auto logs online as WANDB_API_KEY is set, but wandb cannot log in: "
+                              "WANDB_API_KEY invalid: API key must have 40+ characters, has 3."), message
+    assert all(fix in message for fix in WANDB_FIXES), message
+    import wandb
+
+    assert wandb.calls == ["login"]  # checked before the models load; no run was started
+    assert not out.exists()
+
+
+def test_wandb_login_is_checked_only_for_online_mode(fake_wandb, monkeypatch):
+    from qwen_distillation.config.schema import WandbConfig
+    from qwen_distillation.errors import ConfigError
+    from qwen_distillation.training.metrics import check_wandb_login
+
+    check_wandb_login(WandbConfig(enabled=False, mode="online"))
+    check_wandb_login(WandbConfig(enabled=True, mode="offline"))
+    check_wandb_login(WandbConfig(enabled=True, mode="disabled"))
+    monkeypatch.delenv("WANDB_API_KEY")
+    check_wandb_login(WandbConfig(enabled=True, mode="auto"))  # auto without a key is offline
+    import wandb
+
+    assert wandb.calls == []
+    with pytest.raises(ConfigError, match=r"logging\.wandb\.mode=online, but wandb cannot log in"):
+        check_wandb_login(WandbConfig(enabled=True, mode="online"))
+
+
+def test_use_wandb_with_a_bad_key_exits_2_on_the_command_line(fake_wandb, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake_wandb), str(REPO)])}
+    result = subprocess.run([sys.executable, str(REPO / "run_distillation.py"), *tiny_overrides(out, steps=1),
+                             "--use_wandb"], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and "wandb cannot log in: WANDB_API_KEY invalid" in errors[0], result.stderr
+    assert all(fix in errors[0] for fix in WANDB_FIXES) and "Traceback" not in result.stderr
+    assert not out.exists()

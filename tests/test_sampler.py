@@ -7,7 +7,7 @@ import math
 import pytest
 
 from qwen_distillation.data.manager import StageSampler, medical_ratio_at
-from qwen_distillation.errors import DataError
+from qwen_distillation.errors import CheckpointError, DataError
 
 
 def _pools(n_general=50, n_medical=40):
@@ -102,5 +102,10 @@ def test_resume_with_different_data_is_refused():
     general, medical = _pools(n_general=49)
     other = StageSampler(general, medical, examples_per_step=8, total_steps=20, schedule="linear", start=0.3,
                          end=0.7, plateaus=5, seed=0, stage="stage2")
-    with pytest.raises(DataError, match="general data has 49 examples"):
+    with pytest.raises(CheckpointError, match="stage2's training checkpoint: the general data has 49 examples but "
+                                              "the checkpoint was taken with 50; resume with the data it was taken "
+                                              "with, or delete OUTPUT_DIR/stage2/checkpoint to restart stage2"):
         other.load_state_dict(state)
+    with pytest.raises(CheckpointError, match="its sampler state lacks carry, general, medical; it is not the state "
+                                              "of uniform sampling"):
+        _sampler().load_state_dict({"step": 3, "seed": 0, "scores": [], "size": 90})

@@ -257,6 +257,13 @@ class TrainConfig:
 
 @dataclass
 class WandbConfig:
+    """Weights & Biases (``--use_wandb``). ``mode``: ``auto`` logs online when WANDB_API_KEY is
+    set and offline otherwise; ``online``, ``offline`` or ``disabled``. An online run that cannot
+    log in (a bad or expired key, no server) fails at start-up, before the models load and
+    before anything is written to output_dir, with an error naming WANDB_API_KEY,
+    ``logging.wandb.mode=offline`` and ``logging.wandb.enabled=false`` (exit status 2); it does not
+    fall back to offline on its own, so a run meant to be watched online is never silently not."""
+
     enabled: bool = False
     project: str = "qwen_distillation"
     entity: Optional[str] = None

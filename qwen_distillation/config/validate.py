@@ -7,6 +7,7 @@ import difflib
 import typing
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from qwen_distillation.config.schema import RENAMED_KEYS, DistillationConfig, EvalConfig, StageConfig
 from qwen_distillation.errors import ConfigError, require, require_one_of
@@ -180,14 +181,20 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
 
     Raises:
         ConfigError: a key the schema does not declare (added with ``+key=`` or ``++key=``),
-            with the closest valid key; or a value out of range, naming the override.
+            with the closest valid key; a value missing or interpolated from a key that does
+            not exist; or a value out of range, naming the override.
     """
     if isinstance(cfg, DictConfig):
         unknown = _unknown_keys(cfg, DistillationConfig)
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; `python run_distillation.py --cfg job` "
                               f"prints every valid key (docs/configuration.md describes them)")
-        cfg = OmegaConf.to_object(cfg)
+        try:
+            cfg = OmegaConf.to_object(cfg)
+        except OmegaConfBaseException as err:  # a missing value (`~model`), an interpolation to nowhere
+            key = err.full_key or "the config"
+            raise ConfigError(f"{key}: {str(err).splitlines()[0]}; set {key} (`python run_distillation.py --cfg job` "
+                              f"prints every key with its value)") from err
     for key, value in (("start_stage", cfg.start_stage), ("end_stage", cfg.end_stage)):
         require(1 <= value <= 3, key, value, "stages are numbered 1..3", f"{key}=2")
     require(cfg.start_stage <= cfg.end_stage, "start_stage", cfg.start_stage,

@@ -22,7 +22,7 @@ import random
 
 import torch
 
-from qwen_distillation.data.manager import ServedStep
+from qwen_distillation.data.manager import ServedStep, check_sampler_state, sampler_state_error
 from qwen_distillation.errors import DataError
 
 
@@ -65,7 +65,7 @@ class HardExampleSampler:
         if not examples:
             raise DataError(f"{stage} hard-example sampling draws {domain} data but data.{domain} is empty; "
                             f"pass --{domain}_dataset")
-        self.domain = domain
+        self.domain, self.stage = domain, stage
         if examples_per_step < 1:
             raise ValueError(f"examples_per_step must be >= 1, got {examples_per_step}")
         if not 0 < uniform_floor <= 1:
@@ -144,9 +144,17 @@ class HardExampleSampler:
                 "served": self.served, "served_hard": self.served_hard, "size": len(self.examples)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` (a :meth:`state_dict`) left off.
+
+        Raises:
+            CheckpointError: the state is not this sampler's, or was taken with another number of
+                examples (the data changed since the checkpoint), naming it and the fix.
+        """
+        check_sampler_state(state, ("step", "seed", "scores", "scored_step", "served", "served_hard", "size"),
+                            self.stage, "hard-example")
         if state["size"] != len(self.examples):
-            raise DataError(f"the medical data has {len(self.examples)} examples but the checkpoint was taken "
-                            f"with {state['size']}; resume with the same data or start a new output_dir")
+            raise sampler_state_error(self.stage, f"the {self.domain} data has {len(self.examples)} examples but "
+                                                  f"the checkpoint was taken with {state['size']}")
         self.step, self.seed, self.scored_step = state["step"], state["seed"], state["scored_step"]
         self.scores = list(state["scores"])
         self.served, self.served_hard = state["served"], state["served_hard"]

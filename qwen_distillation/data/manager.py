@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from qwen_distillation.data.encode import IGNORE_INDEX
-from qwen_distillation.errors import DataError
-
+from qwen_distillation.errors import CheckpointError, DataError
 
 
 def medical_ratio_at(step: int, total_steps: int, schedule: str, start: float, end: float,
@@ -49,6 +48,20 @@ def stage_domains(start: float, end: float) -> tuple[str, ...]:
     general data while the ratio is below 1, medical data while it is above 0."""
     return tuple(domain for domain, serves in (("general", min(start, end) < 1), ("medical", max(start, end) > 0))
                  if serves)
+
+
+def sampler_state_error(stage: str, what: str) -> CheckpointError:
+    """A saved sampler state that does not fit this run's data: ``what`` differs, and the fix."""
+    return CheckpointError(f"{stage}'s training checkpoint: {what}; resume with the data it was taken with, or "
+                           f"delete OUTPUT_DIR/{stage}/checkpoint to restart {stage} from its beginning")
+
+
+def check_sampler_state(state, keys: tuple[str, ...], stage: str, sampling: str) -> None:
+    """``state`` must be a dict with ``keys``, the state of a ``sampling`` sampler."""
+    missing = [key for key in keys if key not in state] if isinstance(state, dict) else list(keys)
+    if missing:
+        raise sampler_state_error(stage, f"its sampler state lacks {', '.join(missing)}; it is not the state of "
+                                         f"{sampling} sampling")
 
 
 @dataclass
@@ -88,10 +101,11 @@ class _Pool:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "size": len(self.examples)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, stage: str) -> None:
+        check_sampler_state(state, ("epoch", "cursor", "size"), stage, "uniform")
         if state["size"] != len(self.examples):
-            raise DataError(f"the {self.name} data has {len(self.examples)} examples but the checkpoint was "
-                            f"taken with {state['size']}; resume with the same data or start a new output_dir")
+            raise sampler_state_error(stage, f"the {self.name} data has {len(self.examples)} examples but the "
+                                             f"checkpoint was taken with {state['size']}")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self._order = self._permutation()
 
@@ -149,10 +163,17 @@ class StageSampler:
                 "general": self.general.state_dict(), "medical": self.medical.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` (a :meth:`state_dict`) left off.
+
+        Raises:
+            CheckpointError: the state is not this sampler's, or a pool's size differs from the
+                data's (the data changed since the checkpoint), naming it and the fix.
+        """
+        check_sampler_state(state, ("step", "carry", "seed", "general", "medical"), self.stage, "uniform")
         self.step, self.carry, self.seed = state["step"], state["carry"], state["seed"]
         self.general.seed = self.medical.seed = self.seed
-        self.general.load_state_dict(state["general"])
-        self.medical.load_state_dict(state["medical"])
+        self.general.load_state_dict(state["general"], self.stage)
+        self.medical.load_state_dict(state["medical"], self.stage)
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -31,21 +31,25 @@ DPI = 110
 
 # ------------------------------------------------------------------ reading
 def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a ``metrics.jsonl``; unreadable lines (a write killed mid-line) are skipped."""
+    """Rows of a ``metrics.jsonl``; a line that is not a JSON object (a write killed mid-line, a
+    damaged file) is skipped with a warning naming the file and line: a finished run must not
+    fail on its report."""
     path = Path(path)
     rows = []
     if not path.exists():
         return rows
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    # Bytes that are not UTF-8 spoil their own line, not the whole file.
+    for line_no, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            log.warning("%s:%d is not valid JSON; skipped in the report", path, line_no)
+            row = None
+        if not isinstance(row, dict):
+            log.warning("%s line %d is not a JSON object; skipped in the report", path, line_no)
             continue
-        if isinstance(row, dict):
-            rows.append(row)
+        rows.append(row)
     return rows
 
 

@@ -9,9 +9,11 @@ import os
 import re
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from qwen_distillation.errors import CheckpointError, ConfigError
+from qwen_distillation.modeling.files import check_model_dir, read_json
 from qwen_distillation.paths import resolve_path
 
 log = logging.getLogger(__name__)
@@ -48,16 +50,23 @@ def _plain_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     return plain
 
 
-def load_causal_lm(spec, *, dtype: torch.dtype, role: str) -> PreTrainedModel:
+def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = None) -> PreTrainedModel:
     """Load one model as described by a :class:`~qwen_distillation.config.schema.ModelSpec`.
 
-    ``role`` (teacher/student) only appears in error messages.
+    ``role`` (teacher/student) and ``key``, the option that gave the path (default
+    ``model.ROLE.path``), only appear in error messages.
+
+    Raises:
+        ConfigError: no path, a local path that does not exist, or a model transformers cannot load.
+        CheckpointError: a local model directory with a truncated or damaged file, named.
     """
+    key = key or f"model.{role}.path"
     if spec.random_init:
         kwargs = dict(spec.random_init)
         model_type = kwargs.pop("model_type", None)
         if model_type is None:
-            raise ConfigError(f"model.{role}.random_init needs a model_type (e.g. model.{role}.random_init.model_type=qwen2)")
+            raise ConfigError(f"model.{role}.random_init needs a model_type (e.g. "
+                              f"model.{role}.random_init.model_type=qwen2)")
         config = AutoConfig.for_model(model_type, **kwargs)
         if spec.attn_implementation:
             config._attn_implementation = spec.attn_implementation
@@ -65,16 +74,18 @@ def load_causal_lm(spec, *, dtype: torch.dtype, role: str) -> PreTrainedModel:
     if not spec.path:
         raise ConfigError(f"model.{role}.path is not set: pass --{role}_model PATH_OR_HUB_ID")
     path, gguf_file = split_gguf(resolve_path(spec.path), spec.gguf_file)
-    require_existing(path, f"model.{role}.path")
+    require_existing(path, key)
     kwargs = dict(dtype=dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    elif os.path.isdir(path):
+        check_model_dir(path, f"download, copy or export {path} again, or point {key} to an intact copy")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model.{role}.path={spec.path}: cannot load a causal LM from it: {err}") from err
+    except (OSError, ValueError, SafetensorError) as err:
+        raise ConfigError(f"{key}={spec.path}: cannot load a causal LM from it: {err}") from err
     if gguf_file:
         model = _plain_copy(model, dtype)
     return model
@@ -126,23 +137,50 @@ def slim_down(teacher: PreTrainedModel, keep_layers: int, dtype: torch.dtype) ->
     return student, kept
 
 
-def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None) -> PreTrainedModel:
+def other_checkpoint(path: str) -> str:
+    """The checkpoint to suggest instead of a damaged ``path``: ``stageN/best`` for ``stageN/final``
+    and the other way round, else the final model of a stage."""
+    name = os.path.basename(os.path.normpath(path))
+    if name in ("best", "final"):
+        return os.path.join(os.path.dirname(os.path.normpath(path)), "final" if name == "best" else "best")
+    return "OUTPUT_DIR/stage1/final"
+
+
+def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None, key: str | None = "checkpoint_path",
+                            fix: str | None = None) -> PreTrainedModel:
     """Load a student saved by a previous stage (full model or LoRA adapter directory).
 
     ``quantization`` (a BitsAndBytesConfig) loads the base of an adapter in 4-bit (QLoRA).
+    ``key`` is the option that gave ``path`` (None: none did) and ``fix`` what to do when the
+    checkpoint is missing or damaged (by default: export it again or pass another saved stage
+    as ``key``); both appear in error messages.
+
+    Raises:
+        CheckpointError: ``path`` is not a saved model, or one of its files (or of the base model
+            of an adapter) is truncated or damaged, named with the fix.
     """
+    where = f"{key}={path}" if key else path
     if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint_path={path}: no such directory; pass the directory of a saved "
-                              f"stage, e.g. --checkpoint_path OUTPUT_DIR/stage1/best")
+        raise CheckpointError(f"{where}: no such directory; "
+                              f"{fix or f'pass the directory of a saved stage, e.g. {key}=OUTPUT_DIR/stage1/best'}")
+    fix = fix or f"export or copy {path} again, or pass another saved stage, e.g. {key}={other_checkpoint(path)}"
+    check_model_dir(path, fix)
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         from peft import AutoPeftModelForCausalLM
 
+        base = read_json(os.path.join(path, "adapter_config.json"), fix).get("base_model_name_or_path")
+        if base and os.path.isdir(base):
+            check_model_dir(base, f"{base} is the base model of the LoRA adapter in {path} (adapter_config.json "
+                                  f"base_model_name_or_path): copy or export it again")
         kwargs = {"quantization_config": quantization, "dtype": torch.bfloat16} if quantization else {"dtype": dtype}
-        return AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=True, **kwargs)
+        try:
+            return AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=True, **kwargs)
+        except (OSError, ValueError, SafetensorError) as err:
+            raise CheckpointError(f"{where}: cannot load the LoRA adapter: {err}") from err
     if not os.path.exists(os.path.join(path, "config.json")):
-        raise CheckpointError(f"checkpoint_path={path}: holds no config.json or adapter_config.json; is it a "
+        raise CheckpointError(f"{where}: holds no config.json or adapter_config.json; is it a "
                               f"stage directory such as OUTPUT_DIR/stage1/final?")
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint_path={path}: cannot load the student: {err}") from err
+    except (OSError, ValueError, SafetensorError) as err:
+        raise CheckpointError(f"{where}: cannot load the student: {err}") from err

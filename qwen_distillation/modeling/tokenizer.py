@@ -25,6 +25,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from qwen_distillation.modeling.files import check_tokenizer_dir
+
 QWEN_TOKENIZER_NAME = "qwen-tokenizer"
 
 # Qwen2's pre-tokenizer: single digits (`\p{N}`, not GPT-4's `\p{N}{1,3}`), letters with one
@@ -242,14 +244,18 @@ def load_tokenizer(
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    fix: str | None = None,
 ):
     """Load a tokenizer by model path or hub id; `"qwen-tokenizer"` builds the offline Qwen2.5 one.
 
     Guarantees a pad token (the eos token when the tokenizer has none) and right padding, which the
-    label masking and collation downstream assume.
+    label masking and collation downstream assume. In a local directory, a tokenizer JSON file that
+    does not parse raises a CheckpointError naming it, with ``fix`` (what to do about it).
     """
     if path == QWEN_TOKENIZER_NAME:
         return build_qwen_tokenizer()
+    if os.path.isdir(path) and gguf_file is None:
+        check_tokenizer_dir(path, fix or f"download, copy or export the tokenizer in {path} again")
     tokenizer = AutoTokenizer.from_pretrained(
         path, gguf_file=gguf_file, trust_remote_code=trust_remote_code, revision=revision
     )

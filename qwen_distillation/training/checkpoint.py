@@ -228,13 +228,23 @@ def remove_stage_checkpoints(stage_dir: Path) -> None:
 
 
 def read_run_state(output_dir: Path) -> dict | None:
+    """The run state of ``output_dir`` (None when there is none).
+
+    Raises:
+        CheckpointError: ``run_state.json`` does not parse or is not a run state, naming it and
+            the fix (start over with ``overwrite_output_dir=true``, or another output_dir).
+    """
     path = Path(output_dir) / RUN_STATE
     if not path.exists():
         return None
+    fix = "start over with overwrite_output_dir=true (which clears this run's outputs) or choose another output_dir"
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: unreadable ({err}); pass overwrite_output_dir=true to start over") from err
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable JSON, the run state is damaged ({err}); {fix}") from err
+    if not isinstance(state, dict) or not isinstance(state.get("completed_stages"), list):
+        raise CheckpointError(f"{path}: not a run state (a JSON object with completed_stages); {fix}")
+    return state
 
 
 def save_heads(path: Path, heads: torch.nn.Module) -> None:
@@ -246,5 +256,32 @@ def save_heads(path: Path, heads: torch.nn.Module) -> None:
 
 
 def load_heads(path: Path, heads: torch.nn.Module) -> None:
-    if Path(path).exists():
-        heads.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    """Restore the heads a completed stage saved into ``heads``; nothing when there is no file.
+
+    Raises:
+        CheckpointError: the file is truncated or damaged, or holds heads of another shape,
+            naming it and the fix (delete it and the heads start anew, or start over).
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    fix = (f"delete {path} to go on with new heads (the feature and contrastive projections start again from "
+           f"random weights) or start over with overwrite_output_dir=true")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types (EOFError, RuntimeError, pickle errors)
+        # The first sentence: torch goes on with advice that does not apply here (weights_only=False).
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        raise CheckpointError(f"{path}: truncated or damaged, torch cannot load it ({reason}); {fix}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds no heads (a {type(state).__name__}, not a state dict); {fix}")
+    expected = heads.state_dict()
+    differences = [f"missing {key}" for key in sorted(expected.keys() - state.keys())]
+    differences += [f"unexpected {key}" for key in sorted(state.keys() - expected.keys())]
+    differences += [f"{key} has shape {tuple(state[key].shape)}, this run's {tuple(expected[key].shape)}"
+                    for key in sorted(expected.keys() & state.keys())
+                    if getattr(state[key], "shape", None) != expected[key].shape]
+    if differences:
+        raise CheckpointError(f"{path}: holds heads that do not match this run's ({'; '.join(differences[:3])}); "
+                              f"{fix}")
+    heads.load_state_dict(state)

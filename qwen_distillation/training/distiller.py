@@ -46,7 +46,8 @@ from qwen_distillation.modeling.speed import apply_speedups
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.balancing import Balancer
 from qwen_distillation.training.engine import SingleDeviceEngine, StepOutcome
-from qwen_distillation.training.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, scrub_secrets
+from qwen_distillation.training.metrics import (METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, check_wandb_login,
+                                                 scrub_secrets)
 from qwen_distillation.training.module import DistillationModule, build_heads, per_step_mean
 from qwen_distillation.training.optim import build_optimizer, build_scheduler
 from qwen_distillation.training.outputs import check_output_dir, prepare_output_dir, run_hash
@@ -423,6 +424,7 @@ class Distiller:
         cfg = self.config
         state = check_output_dir(self.output_dir, run_id=self.run_id, resume=cfg.resume,
                                  overwrite=cfg.overwrite_output_dir)
+        check_wandb_login(cfg.logging.wandb)  # before models load and anything is written
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.seed)

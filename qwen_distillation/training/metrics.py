@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from qwen_distillation.errors import ConfigError
+from qwen_distillation.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,48 @@ def scrub_secrets(tree):
     if isinstance(tree, list):
         return [scrub_secrets(v) for v in tree]
     return tree
+
+
+WANDB_FIX = ("set WANDB_API_KEY to a valid key (https://wandb.ai/authorize) or run `wandb login`, or log offline with "
+             "logging.wandb.mode=offline (`wandb sync` uploads it later), or turn wandb off with "
+             "logging.wandb.enabled=false")
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError as err:
+        raise ConfigError("logging.wandb.enabled=true but wandb is not installed; `pip install wandb` "
+                          "or set logging.wandb.enabled=false") from err
+    return wandb
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def wandb_mode(cfg) -> str:
+    """The mode of ``logging.wandb`` with ``auto`` resolved: online when WANDB_API_KEY is set."""
+    if cfg.mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return cfg.mode
+
+
+def check_wandb_login(cfg) -> None:
+    """An online wandb run (``logging.wandb``) must be able to log in. Called before the models
+    load and before the output directory is written, so a key that cannot authenticate costs
+    nothing: a ConfigError naming WANDB_API_KEY, ``logging.wandb.mode=offline`` and
+    ``logging.wandb.enabled=false`` as the fixes (exit status 2), not a wandb traceback out of
+    a half-made output directory. Offline and disabled modes need no login."""
+    if not cfg.enabled or wandb_mode(cfg) != "online":
+        return
+    wandb = _import_wandb()
+    try:
+        wandb.login(verify=True)
+    except wandb.errors.Error as err:  # AuthenticationError, CommError (no server), UsageError (no key, no tty)
+        why = " logs online as WANDB_API_KEY is set" if cfg.mode == "auto" else ""
+        raise ConfigError(f"logging.wandb.mode={cfg.mode}{why}, but wandb cannot log in: {_first_line(err)}; "
+                          f"{WANDB_FIX}") from err
 
 
 def _clean(value):
@@ -61,16 +103,14 @@ class MetricsLogger:
 
     @staticmethod
     def _start_wandb(cfg, output_dir: Path, run_config: dict):
+        wandb = _import_wandb()
+        mode = wandb_mode(cfg)
         try:
-            import wandb
-        except ImportError as err:
-            raise ConfigError("logging.wandb.enabled=true but wandb is not installed; `pip install wandb` "
-                              "or set logging.wandb.enabled=false") from err
-        mode = cfg.mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.run_name, mode=mode,
-                          dir=str(output_dir), config=scrub_secrets(run_config))
+            return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.run_name, mode=mode,
+                              dir=str(output_dir), config=scrub_secrets(run_config))
+        except wandb.errors.Error as err:
+            raise ConfigError(f"logging.wandb: wandb cannot start a run in {mode} mode "
+                              f"(project={cfg.project}, entity={cfg.entity}): {_first_line(err)}; {WANDB_FIX}") from err
 
     def truncate(self, stage: int, after_step: int, global_step: int = 0) -> None:
         """Drop rows of ``stage`` logged after ``after_step`` and rows of later stages: what a
@@ -85,14 +125,39 @@ class MetricsLogger:
         if not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
-            row = json.loads(line)
+        for row, line in self._rows():
             if row.get("stage", 0) > stage or (row.get("stage") == stage and row.get("step", -1) > after_step):
                 continue
             kept.append(line)
         tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
+
+    def _rows(self):
+        """(row, line) of each row of ``metrics.jsonl``.
+
+        A last line cut short (no newline: the run was killed while writing it) is dropped with a
+        warning; it lies past the last checkpoint, so the resumed run writes it again.
+
+        Raises:
+            CheckpointError: any other line is not a JSON object, naming the file, the line and the fix.
+        """
+        text = self.path.read_bytes().decode("utf-8", errors="replace")
+        lines = text.splitlines()
+        for line_no, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
+            except ValueError as err:
+                if line_no == len(lines) and not text.endswith("\n"):
+                    log.warning("%s line %d: a row cut short by the interrupted run; dropped", self.path, line_no)
+                    continue
+                raise CheckpointError(f"{self.path} line {line_no}: not a metrics row ({err}); delete or repair that "
+                                      f"line, or start over with overwrite_output_dir=true") from err
+            yield row, line
 
     def log(self, row: dict, *, mirror: bool = True) -> None:
         """Append ``row`` to ``metrics.jsonl``; with ``mirror``, send its numbers to TensorBoard

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from qwen_distillation.errors import ConfigError
+from qwen_distillation.errors import CheckpointError, ConfigError
 from qwen_distillation.evaluation.report import REPORT_NAMES
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.metrics import METRICS_FILE, TENSORBOARD_DIR
@@ -40,8 +40,14 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
         ConfigError: the directory holds a finished run, an unfinished run of another
             configuration (or ``resume=false``), or files that are not a run; unless
             ``overwrite`` (``overwrite_output_dir=true``).
+        CheckpointError: its ``run_state.json`` is damaged; unless ``overwrite``.
     """
-    state = ckpt.read_run_state(output_dir)
+    try:
+        state = ckpt.read_run_state(output_dir)
+    except CheckpointError:
+        if not overwrite:
+            raise
+        state = None  # a damaged run state is one more file of the run that overwriting clears
     if state is not None:
         if overwrite:
             return None

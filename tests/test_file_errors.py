@@ -1,0 +1,273 @@
+"""A damaged file the run reads (model weights, tokenizer files, heads, run state, metrics, sampler
+state) stops it with a CheckpointError naming the file, what is wrong with it and the fix, exit
+status 2 on the command line; never a SafetensorError, JSONDecodeError or torch traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import REPO, compose_config, tiny_overrides
+from qwen_distillation.app import run
+from qwen_distillation.config.schema import ModelSpec, WandbConfig
+from qwen_distillation.errors import CheckpointError
+from qwen_distillation.evaluate import main as evaluate_main
+from qwen_distillation.modeling.loading import load_causal_lm, load_student_checkpoint
+from qwen_distillation.modeling.pair import _tokenizer_for
+from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
+from qwen_distillation.training.checkpoint import export_model, load_heads, save_heads
+from qwen_distillation.training.metrics import MetricsLogger
+from qwen_distillation.training.outputs import check_output_dir
+
+DEMO_MEDICAL = "package:qwen_distillation/data/demo/medical.jsonl"
+
+
+def _tiny_student():
+    """The student of `model=tiny_qwen2`, so a run with that teacher can start from it."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen2", vocab_size=151936, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                  max_position_embeddings=2048, tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def saved_stage(tmp_path_factory) -> Path:
+    """``stage1/final`` and ``stage1/best`` as a stage exports them (safetensors and tokenizer)."""
+    stage = tmp_path_factory.mktemp("saved") / "stage1"
+    export_model(_tiny_student(), build_qwen_tokenizer(), stage / "final")
+    shutil.copytree(stage / "final", stage / "best")
+    return stage
+
+
+def damage(path: Path, how: str) -> Path:
+    """Cut ``path`` to half its size, or replace it with bytes that are not its format."""
+    if how == "truncated":
+        with open(path, "r+b") as handle:
+            handle.truncate(path.stat().st_size // 2)
+    else:
+        path.write_bytes(b"\x00\xffnot what this file should hold\n" * 8)
+    return path
+
+
+def damaged_copy(saved_stage: Path, tmp_path: Path, name: str, how: str) -> tuple[Path, Path]:
+    """A copy of ``stage1/final`` (and ``best`` beside it) with file ``name`` damaged."""
+    stage = tmp_path / "run" / "stage1"
+    shutil.copytree(saved_stage, stage)
+    return stage / "final", damage(stage / "final" / name, how)
+
+
+# ------------------------------------------------------------------------------ model weights
+@pytest.mark.parametrize("name,how,problem", [
+    ("model.safetensors", "truncated", "truncated or not a safetensors file (Error while deserializing header"),
+    ("model.safetensors", "garbage", "truncated or not a safetensors file (Error while deserializing header"),
+    ("config.json", "truncated", "unreadable JSON, the file is truncated or damaged"),
+])
+def test_a_damaged_checkpoint_names_the_file_and_another_checkpoint(saved_stage, tmp_path, name, how, problem):
+    final, bad = damaged_copy(saved_stage, tmp_path, name, how)
+    with pytest.raises(CheckpointError) as err:
+        load_student_checkpoint(str(final), dtype=torch.float32)
+    message = str(err.value)
+    assert message.startswith(f"{bad}: {problem}"), message
+    assert f"export or copy {final} again, or pass another saved stage, e.g. checkpoint_path={final.parent / 'best'}" \
+        in message
+
+
+def test_a_damaged_lora_adapter_or_its_base_names_the_file(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base_dir, adapter_dir = tmp_path / "student_base", tmp_path / "stage1" / "final"
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "qwen2", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1))
+    base.save_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    model.save_pretrained(adapter_dir)
+    assert hasattr(load_student_checkpoint(str(adapter_dir), dtype=torch.float32), "peft_config")
+
+    damage(base_dir / "model.safetensors", "truncated")
+    with pytest.raises(CheckpointError, match=f"{base_dir / 'model.safetensors'}: truncated or not a safetensors "
+                                              f"file .*; {base_dir} is the base model of the LoRA adapter in "
+                                              f"{adapter_dir}"):
+        load_student_checkpoint(str(adapter_dir), dtype=torch.float32)
+    damage(adapter_dir / "adapter_model.safetensors", "garbage")
+    with pytest.raises(CheckpointError, match=f"{adapter_dir / 'adapter_model.safetensors'}: truncated or not a "
+                                              f"safetensors file .*; export or copy {adapter_dir} again"):
+        load_student_checkpoint(str(adapter_dir), dtype=torch.float32)
+
+
+def test_a_damaged_local_teacher_names_the_file_and_the_option(saved_stage, tmp_path):
+    final, bad = damaged_copy(saved_stage, tmp_path, "model.safetensors", "truncated")
+    with pytest.raises(CheckpointError) as err:
+        load_causal_lm(ModelSpec(path=str(final)), dtype=torch.float32, role="teacher")
+    assert str(err.value).startswith(f"{bad}: truncated or not a safetensors file")
+    assert f"download, copy or export {final} again, or point model.teacher.path to an intact copy" in str(err.value)
+
+
+def test_a_damaged_checkpoint_on_the_command_line_exits_2_before_writing(saved_stage, tmp_path):
+    final, bad = damaged_copy(saved_stage, tmp_path, "model.safetensors", "truncated")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(REPO / "run_distillation.py"), *tiny_overrides(out, steps=1),
+                             "--start_stage", "2", "--end_stage", "2", "--checkpoint_path", str(final)],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and errors[0].startswith(f"error: {bad}: truncated or not a safetensors file"), result.stderr
+    assert f"checkpoint_path={final.parent / 'best'}" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_a_damaged_model_in_evaluate_exits_2_naming_the_file(saved_stage, tmp_path, capsys):
+    final, bad = damaged_copy(saved_stage, tmp_path, "model.safetensors", "garbage")
+    code = evaluate_main(["--model", f"stage1={final}", "--nll", f"medical={DEMO_MEDICAL}", "--max_examples", "2",
+                          "--max_length", "64", "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"error: {bad}: truncated or not a safetensors file"), err
+    assert f"e.g. --model stage1={final.parent / 'best'}" in err
+
+
+# ------------------------------------------------------------------------------ tokenizer files
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_damaged_tokenizer_file_names_the_file(saved_stage, tmp_path, capsys, name):
+    final, bad = damaged_copy(saved_stage, tmp_path, name, "truncated")
+    with pytest.raises(CheckpointError) as err:
+        _tokenizer_for(ModelSpec(path=str(final)), "teacher")
+    assert str(err.value).startswith(f"{bad}: unreadable JSON, the file is truncated or damaged")
+    assert "or take it from an intact copy with model.teacher.tokenizer=PATH" in str(err.value)
+    code = evaluate_main(["--model", f"stage1={final}", "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    assert code == 2 and capsys.readouterr().err.startswith(f"error: {bad}: unreadable JSON")
+
+
+# ------------------------------------------------------------------------------ heads
+@pytest.mark.parametrize("how", ["truncated", "garbage", "other heads"])
+def test_damaged_or_mismatched_heads_name_the_file_and_the_fix(tmp_path, how):
+    path = tmp_path / "stage1" / "heads.pt"
+    path.parent.mkdir()
+    save_heads(path, torch.nn.Linear(4, 4))
+    if how == "other heads":
+        heads, problem = torch.nn.Linear(4, 8), "holds heads that do not match this run's (bias has shape (4,)"
+    else:
+        heads, problem = torch.nn.Linear(4, 4), "truncated or damaged, torch cannot load it"
+        damage(path, how)
+    with pytest.raises(CheckpointError) as err:
+        load_heads(path, heads)
+    assert str(err.value).startswith(f"{path}: {problem}"), str(err.value)
+    assert f"delete {path} to go on with new heads" in str(err.value)
+    assert "overwrite_output_dir=true" in str(err.value)
+
+
+# ------------------------------------------------------------------------------ run state
+@pytest.mark.parametrize("text", ['{"run_hash": "abc", "completed_st', "[1, 2]", "\xff\xfe"])
+def test_a_damaged_run_state_names_the_file_and_overwriting_clears_it(tmp_path, text):
+    path = tmp_path / "run_state.json"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(CheckpointError) as err:
+        check_output_dir(tmp_path, run_id="abc", resume=True, overwrite=False)
+    assert str(err.value).startswith(f"{path}: "), str(err.value)
+    assert "start over with overwrite_output_dir=true" in str(err.value)
+    # The fix it names works: overwriting treats the directory as a run to clear.
+    assert check_output_dir(tmp_path, run_id="abc", resume=True, overwrite=True) is None
+
+
+# ------------------------------------------------------------------------------ metrics
+def _logger(output_dir: Path) -> MetricsLogger:
+    return MetricsLogger(output_dir, jsonl=True, tensorboard=False, wandb_cfg=WandbConfig(), run_config={})
+
+
+def _rows(*steps: int) -> str:
+    return "".join(json.dumps({"stage": 1, "step": s, "global_step": s, "loss": 1.0}) + "\n" for s in steps)
+
+
+def test_a_damaged_metrics_line_names_the_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(_rows(1) + '{"stage": 1, "step": 2, "lo\n' + _rows(3))
+    with pytest.raises(CheckpointError) as err:
+        _logger(tmp_path).truncate(1, 3)
+    assert str(err.value).startswith(f"{path} line 2: not a metrics row")
+    assert "delete or repair that line, or start over with overwrite_output_dir=true" in str(err.value)
+
+
+def test_a_metrics_row_cut_short_by_the_kill_is_dropped_on_resume(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(_rows(1, 2) + '{"stage": 1, "step": 3, "lo')
+    with caplog.at_level(logging.WARNING):
+        _logger(tmp_path).truncate(1, 2)
+    assert path.read_text() == _rows(1, 2)
+    assert f"{path} line 3: a row cut short" in caplog.text
+
+
+def test_the_report_skips_a_damaged_metrics_line_with_a_warning(tmp_path, caplog):
+    from qwen_distillation.evaluation.report import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(_rows(1).encode() + b"\xff\xfe garbage\n" + b"[1, 2]\n" + _rows(4).encode())
+    with caplog.at_level(logging.WARNING):
+        assert [row["step"] for row in read_metrics(path)] == [1, 4]
+    assert f"{path} line 2 is not a JSON object; skipped in the report" in caplog.text
+    assert f"{path} line 3 is not a JSON object" in caplog.text
+
+
+# ------------------------------------------------------------------------------ a resume
+@pytest.fixture(scope="module")
+def stopped_after_stage_1(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A run of stages 1-2 as it stands after stage 1 completed (stage 2 not begun)."""
+    out = tmp_path_factory.mktemp("resume") / "run"
+    overrides = tiny_overrides(out, steps=1) + ["end_stage=2"]
+    run(compose_config(overrides))
+    state = json.loads((out / "run_state.json").read_text())
+    state.update(finished=False, completed_stages=[1])
+    state["stage_eval"].pop("2")
+    (out / "run_state.json").write_text(json.dumps(state))
+    shutil.rmtree(out / "stage2")
+    metrics = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["stage"] < 2]
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics))
+    return out, overrides
+
+
+def _resume_copy(stopped, tmp_path) -> tuple[Path, list[str]]:
+    out, overrides = stopped
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    return copy, [o if not o.startswith("output_dir=") else f"output_dir={copy}" for o in overrides]
+
+
+def test_a_resume_over_a_damaged_final_model_names_it_and_the_way_on(stopped_after_stage_1, tmp_path):
+    out, overrides = _resume_copy(stopped_after_stage_1, tmp_path)
+    bad = damage(out / "stage1" / "final" / "model.safetensors", "truncated")
+    with pytest.raises(CheckpointError) as err:
+        run(compose_config(overrides))
+    message = str(err.value)
+    assert message.startswith(f"{bad}: truncated or not a safetensors file"), message
+    assert (f"stage 1 of this run is complete but its final model is damaged or missing: start over with "
+            f"overwrite_output_dir=true, or continue in a new output_dir from {out / 'stage1' / 'best'} "
+            f"(start_stage=2 checkpoint_path={out / 'stage1' / 'best'})") in message
+
+
+def test_a_resume_over_damaged_heads_names_them(stopped_after_stage_1, tmp_path):
+    out, overrides = _resume_copy(stopped_after_stage_1, tmp_path)
+    bad = damage(out / "stage1" / "heads.pt", "truncated")
+    with pytest.raises(CheckpointError, match=f"{bad}: truncated or damaged, torch cannot load it"):
+        run(compose_config(overrides))
+
+
+def test_a_resume_over_a_damaged_metrics_file_names_the_line(stopped_after_stage_1, tmp_path):
+    out, overrides = _resume_copy(stopped_after_stage_1, tmp_path)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][: len(lines[1]) // 2]
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(CheckpointError, match=f"{out / 'metrics.jsonl'} line 2: not a metrics row"):
+        run(compose_config(overrides))
+    assert os.path.exists(out / "stage1" / "final")
