@@ -104,7 +104,7 @@ def test_resume_with_different_data_is_refused():
                          end=0.7, plateaus=5, seed=0, stage="stage2")
     with pytest.raises(CheckpointError, match="stage2's training checkpoint: the general data has 49 examples but "
                                               "the checkpoint was taken with 50; resume with the data it was taken "
-                                              "with, or delete OUTPUT_DIR/stage2/checkpoint to restart stage2"):
+                                              "with, or delete OUTPUT_DIR/stage2/checkpoint-\\* to restart stage2"):
         other.load_state_dict(state)
     with pytest.raises(CheckpointError, match="its sampler state lacks carry, general, medical; it is not the state "
                                               "of uniform sampling"):

@@ -53,7 +53,7 @@ def stage_domains(start: float, end: float) -> tuple[str, ...]:
 def sampler_state_error(stage: str, what: str) -> CheckpointError:
     """A saved sampler state that does not fit this run's data: ``what`` differs, and the fix."""
     return CheckpointError(f"{stage}'s training checkpoint: {what}; resume with the data it was taken with, or "
-                           f"delete OUTPUT_DIR/{stage}/checkpoint to restart {stage} from its beginning")
+                           f"delete OUTPUT_DIR/{stage}/checkpoint-* to restart {stage} from its beginning")
 
 
 def check_sampler_state(state, keys: tuple[str, ...], stage: str, sampling: str) -> None:

@@ -161,6 +161,8 @@ def load_training_state(target: Path, *, engine, sampler) -> dict:
         engine.load_state_dict(state["engine"])
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
+    except CheckpointError as err:  # the engine's or the sampler's own account of what differs
+        raise CheckpointError(f"{path}: {err}") from err
     except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as err:
         raise CheckpointError(f"{path}: does not fit this run ({type(err).__name__}: {err}); was it written with "
                               f"another model, loss, LoRA or data setting? Delete {target} to restart the stage "
