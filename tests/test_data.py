@@ -5,6 +5,7 @@ Uses the real Qwen2.5 tokenizer (built offline) and one real record per shared d
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -370,3 +371,29 @@ def test_missing_empty_and_unreachable(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="neither a local file or directory .* nor a reachable"):
         load_records("some-org/some-dataset")
+
+
+# --- regressions found by the property tests (tests/test_data_properties.py) ---------------
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_invalid_utf8_names_file_and_line(tmp_path, suffix):
+    path = tmp_path / f"x{suffix}"
+    where = re.escape(str(path))
+    path.write_bytes(b"\x80")  # hypothesis's minimal example; CSV raised UnicodeDecodeError
+    with pytest.raises(DataError, match=rf"^{where} line 1: not UTF-8 text \(invalid start byte at byte 0\)"):
+        load_records(str(path))
+    path.write_bytes(b'\xef\xbb\xbf{"question": "q", "answer": "a"}\n{"question": "\xe9"}\n')
+    with pytest.raises(DataError, match=rf"^{where} line 2: not UTF-8 text \(.* at byte 50\); re-encode"):
+        load_records(str(path))
+
+
+def test_csv_field_over_the_size_limit_names_its_line(tmp_path):
+    path = tmp_path / "x.csv"
+    where = re.escape(str(path))
+    path.write_bytes(b'"' + b"a" * 140_000 + b'"')  # csv.Error, then "line 0" (DictReader's lagging count)
+    with pytest.raises(DataError, match=rf"^{where} line 1: not readable as CSV \(field larger than field limit"):
+        load_records(str(path))
+    path.write_bytes(b"question,answer\nq,a\nq," + b"a" * 140_000 + b"\n")
+    with pytest.raises(DataError, match=rf"^{where} line 3: not readable as CSV"):
+        load_records(str(path))

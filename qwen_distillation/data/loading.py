@@ -13,7 +13,9 @@ point the user at:
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -38,6 +40,20 @@ def _object(value: object, file: Path, unit: str, number: int) -> dict:
             f"{type(value).__name__}; each record must be {{\"field\": value, ...}}"
         )
     return value
+
+
+def _read_text(file: Path) -> str:
+    """The file as text, without a UTF-8 byte order mark; invalid UTF-8 is reported at its line."""
+    data = file.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, bom + err.start) + 1
+        raise DataError(
+            f"{file} line {line}: not UTF-8 text ({err.reason} at byte {bom + err.start}); "
+            "re-encode the file as UTF-8"
+        ) from None
 
 
 def _read_json_lines(file: Path, text: str) -> Numbered:
@@ -84,10 +100,16 @@ def _read_json(file: Path, text: str) -> Numbered:
 
 
 def _read_csv(file: Path) -> Numbered:
-    with open(file, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
+    reader = csv.DictReader(io.StringIO(_read_text(file), newline=""))
+    try:
         for row in reader:
             yield reader.line_num, dict(row)
+    except csv.Error as err:  # e.g. a field over csv.field_size_limit() (128 KiB)
+        # The line being parsed: the DictReader's own line_num still names the previous row's.
+        raise DataError(
+            f"{file} line {reader.reader.line_num}: not readable as CSV ({err}); fix that line, or "
+            "convert the file to JSON Lines"
+        ) from None
 
 
 def _read_parquet(file: Path) -> Numbered:
@@ -117,10 +139,7 @@ def _read_file(file: Path) -> Numbered:
     elif suffix == ".parquet":
         yield from _read_parquet(file)
     elif suffix in (".jsonl", ".json"):
-        try:
-            text = file.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{file}: not UTF-8 text ({err}); re-encode it as UTF-8") from None
+        text = _read_text(file)
         yield from (_read_json_lines(file, text) if suffix == ".jsonl" else _read_json(file, text))
     else:
         raise DataError(
