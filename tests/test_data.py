@@ -397,3 +397,38 @@ def test_csv_field_over_the_size_limit_names_its_line(tmp_path):
     path.write_bytes(b"question,answer\nq,a\nq," + b"a" * 140_000 + b"\n")
     with pytest.raises(DataError, match=rf"^{where} line 3: not readable as CSV"):
         load_records(str(path))
+
+
+def test_unpaired_surrogate_escape_names_its_line_or_record(tmp_path, tokenizer):
+    # json.loads turns "\ud800" into a lone surrogate; the tokenizer raised TypeError on it.
+    record = '{"instruction": "0", "output": "0", "input": "\\ud800"}'
+    (tmp_path / "x.jsonl").write_text('{"question": "q", "answer": "\\ud83d\\ude00"}\n' + record + "\n")
+    with pytest.raises(DataError, match=r"x\.jsonl line 2: a string holds an unpaired surrogate escape"):
+        load_records(str(tmp_path / "x.jsonl"))
+    (tmp_path / "x.json").write_text(f'[{{"question": "q", "answer": "a"}}, {record}]')
+    with pytest.raises(DataError, match=r"x\.json record 2: a string holds an unpaired surrogate escape"):
+        load_records(str(tmp_path / "x.json"))
+    (tmp_path / "pair.jsonl").write_text('{"question": "q", "answer": "\\ud83d\\ude00"}\n')  # a pair is text
+    records = load_records(str(tmp_path / "pair.jsonl"))
+    assert records == [(1, {"question": "q", "answer": "\U0001f600"})]
+    assert build_examples(records, "auto", tokenizer, 256, "pair.jsonl")[0]["index"] == 1
+
+
+def test_integer_past_pythons_digit_limit_keeps_its_digits(tmp_path, tokenizer):
+    digits = "7" * 5000  # int() refuses more than 4300 digits: json.loads raised a bare ValueError
+    for name, text in [("x.jsonl", f'{{"question": "q", "answer": {digits}}}\n'),
+                       ("x.json", f'[{{"question": "q", "answer": {digits}}}]')]:
+        (tmp_path / name).write_text(text)
+        [(number, record)] = load_records(str(tmp_path / name))
+        assert number == 1 and str(record["answer"]) == digits
+        assert to_messages(record, "auto", name, number)[-1] == {"role": "assistant", "content": digits}
+
+
+def test_json_nested_past_the_recursion_limit(tmp_path):
+    deep = "[" * 1500 + "]" * 1500  # json.loads raised RecursionError
+    (tmp_path / "x.jsonl").write_text(f'{{"question": "q", "answer": "a"}}\n{deep}\n')
+    with pytest.raises(DataError, match=r"x\.jsonl line 2: JSON nested too deeply to read"):
+        load_records(str(tmp_path / "x.jsonl"))
+    (tmp_path / "x.json").write_text(f'[{{"question": "q", "answer": {deep}}}]')
+    with pytest.raises(DataError, match=r"x\.json: JSON nested too deeply to read .*; flatten the records$"):
+        load_records(str(tmp_path / "x.json"))

@@ -9,6 +9,8 @@ point the user at:
 - `.parquet` and hub datasets: 1-based row number;
 - a directory: its supported files in sorted path order, numbered 1, 2, ... across all files
   (malformed-JSON errors still name the exact file and line).
+
+JSON integers longer than Python's 4300-digit limit are read as `Decimal`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import csv
 import io
 import json
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Iterator
 
@@ -42,6 +45,39 @@ def _object(value: object, file: Path, unit: str, number: int) -> dict:
     return value
 
 
+def _integer(digits: str) -> int | Decimal:
+    # Python refuses to convert more than 4300 digits to an int (a ValueError without a position);
+    # such a number keeps its digits as a Decimal.
+    try:
+        return int(digits)
+    except ValueError:
+        return Decimal(digits)
+
+
+_DECODER = json.JSONDecoder(parse_int=_integer)
+
+
+def _require_text(value: object, where: str) -> None:
+    """Refuse parsed JSON that holds a lone surrogate: json turns an unpaired escape such as
+    "\\ud800" into one, and it is not text (it has no UTF-8 form and no tokenizer takes it).
+    Only a "\\u" escape can make one (the file itself is valid UTF-8), so callers check only then."""
+    pending = [value]
+    while pending:  # a loop, not recursion: the value may be nested nearly as deep as json reads
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(
+                    f"{where}: a string holds an unpaired surrogate escape (\\ud800 to \\udfff without its "
+                    "pair), which is not text; fix or delete that escape"
+                ) from None
+        elif isinstance(item, dict):
+            pending += [*item, *item.values()]
+        elif isinstance(item, list):
+            pending += item
+
+
 def _read_text(file: Path) -> str:
     """The file as text, without a UTF-8 byte order mark; invalid UTF-8 is reported at its line."""
     data = file.read_bytes()
@@ -63,11 +99,18 @@ def _read_json_lines(file: Path, text: str) -> Numbered:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = _DECODER.decode(line)
         except json.JSONDecodeError as err:
             raise DataError(
                 f"{file} line {number}: not valid JSON ({err}); fix or delete that line"
             ) from None
+        except RecursionError:
+            raise DataError(
+                f"{file} line {number}: JSON nested too deeply to read (about 1000 levels of [ or {{); "
+                "flatten or delete that line"
+            ) from None
+        if "\\u" in line:
+            _require_text(value, f"{file} line {number}")
         yield number, _object(value, file, "line", number)
 
 
@@ -76,21 +119,29 @@ def _read_json(file: Path, text: str) -> Numbered:
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
-            value = json.loads(text)
+            value = _DECODER.decode(text)
         except json.JSONDecodeError as err:
             raise DataError(
                 f"{file} line {err.lineno}: not valid JSON ({err.msg}, column {err.colno}); "
                 "fix the file so it holds one JSON list of records"
             ) from None
+        except RecursionError:  # json says not where
+            raise DataError(
+                f"{file}: JSON nested too deeply to read (about 1000 levels of [ or {{); flatten the records"
+            ) from None
+        escapes = "\\u" in text
         for number, item in enumerate(value, start=1):
-            yield number, _object(item, file, "record", number)
+            record = _object(item, file, "record", number)
+            if escapes:
+                _require_text(record, f"{file} record {number}")
+            yield number, record
         return
     lines = [line for line in text.split("\n") if line.strip()]
     if len(lines) > 1 and stripped.startswith("{"):
         try:
-            json.loads(text)
-        except json.JSONDecodeError:
-            pass  # several objects, one per line: JSON Lines
+            _DECODER.decode(text)
+        except (json.JSONDecodeError, RecursionError):
+            pass  # several objects, one per line: JSON Lines (read line by line, errors at their line)
         else:
             raise DataError(
                 f"{file}: holds a single JSON object spread over several lines; expected a JSON "
