@@ -432,3 +432,11 @@ def test_json_nested_past_the_recursion_limit(tmp_path):
     (tmp_path / "x.json").write_text(f'[{{"question": "q", "answer": {deep}}}]')
     with pytest.raises(DataError, match=r"x\.json: JSON nested too deeply to read .*; flatten the records$"):
         load_records(str(tmp_path / "x.json"))
+
+
+def test_undetectable_first_record_names_its_line(tmp_path, tokenizer):
+    (tmp_path / "x.jsonl").write_text('\n{}\n{"question": "q", "answer": "a"}\n')  # hypothesis: [{}]
+    path = str(tmp_path / "x.jsonl")
+    where = re.escape(path)
+    with pytest.raises(DataError, match=rf"^{where} line 2: cannot tell the format from the fields found \[\]"):
+        build_examples(load_records(path), "auto", tokenizer, 256, path)

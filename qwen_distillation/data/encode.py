@@ -165,7 +165,7 @@ def build_examples(
     if not records:
         raise DataError(f"{source}: no records to encode")
     if fmt == "auto":
-        fmt = detect_format(records[0][1], source)
+        fmt = detect_format(records[0][1], source, records[0][0])
     examples = []
     for index, record in records:
         encoded = encode_messages(to_messages(record, fmt, source, index), tokenizer, max_length)
