@@ -10,7 +10,9 @@ point the user at:
 - a directory: its supported files in sorted path order, numbered 1, 2, ... across all files
   (malformed-JSON errors still name the exact file and line).
 
-JSON integers longer than Python's 4300-digit limit are read as `Decimal`.
+Whatever a file holds, reading it gives records or a `DataError` naming the file and, where the
+fault is at a line or record, its number (tests/test_data_properties.py checks this on arbitrary
+input). JSON integers longer than Python's 4300-digit limit are read as `Decimal`.
 """
 
 from __future__ import annotations
