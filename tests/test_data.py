@@ -440,3 +440,13 @@ def test_undetectable_first_record_names_its_line(tmp_path, tokenizer):
     where = re.escape(path)
     with pytest.raises(DataError, match=rf"^{where} line 2: cannot tell the format from the fields found \[\]"):
         build_examples(load_records(path), "auto", tokenizer, 256, path)
+
+
+def test_unlabelable_chat_template_names_the_record():
+    # The turn count in front changes every earlier rendering, and the content is upper-cased: the
+    # assistant turn can be found neither by prefix nor verbatim. The error named no file or line.
+    template = "{{ messages | length }}{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
+    records = [(1, {"question": "Q", "answer": "A"}), (3, {"question": "q", "answer": "a"})]
+    with pytest.raises(DataError, match=r"^x\.jsonl line 3: the tokenizer's chat template does not reproduce "
+                                        r"assistant turn 2 verbatim"):
+        build_examples(records, "auto", _byte_level_tokenizer(template), 512, "x.jsonl")

@@ -56,7 +56,7 @@ FORMAT_FIELDS: dict[str, str] = {
 }
 
 
-def _where(source: str, index: int) -> str:
+def location(source: str, index: int) -> str:
     """`data.jsonl line 12` for JSON Lines and CSV (index is the line number), `x.parquet row 3`,
     else `source record 12` (see `loading.load_records` for what the number means)."""
     if source.endswith((".jsonl", ".csv")):
@@ -292,7 +292,7 @@ def detect_format(record: dict, source: str, index: int | None = None) -> str:
         if matches(record):
             return name
     expected = ", ".join(f"{name} ({fields})" for name, fields in FORMAT_FIELDS.items())
-    where = source if index is None else _where(source, index)
+    where = source if index is None else location(source, index)
     raise DataError(
         f"{where}: cannot tell the format from the fields found {_fields(record)}; "
         f"expected one of: {expected}; set format=... for this source"
@@ -318,4 +318,4 @@ def to_messages(record: dict, fmt: str, source: str, index: int) -> Messages:
         raise DataError(
             f"{source}: unknown data format {fmt!r}; valid formats: {['auto', *FORMATS]}"
         )
-    return converter(record, _where(source, index))
+    return converter(record, location(source, index))
