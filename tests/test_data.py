@@ -5,6 +5,7 @@ Uses the real Qwen2.5 tokenizer (built offline) and one real record per shared d
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -370,3 +371,82 @@ def test_missing_empty_and_unreachable(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="neither a local file or directory .* nor a reachable"):
         load_records("some-org/some-dataset")
+
+
+# --- regressions found by the property tests (tests/test_data_properties.py) ---------------
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_invalid_utf8_names_file_and_line(tmp_path, suffix):
+    path = tmp_path / f"x{suffix}"
+    where = re.escape(str(path))
+    path.write_bytes(b"\x80")  # hypothesis's minimal example; CSV raised UnicodeDecodeError
+    with pytest.raises(DataError, match=rf"^{where} line 1: not UTF-8 text \(invalid start byte at byte 0\)"):
+        load_records(str(path))
+    path.write_bytes(b'\xef\xbb\xbf{"question": "q", "answer": "a"}\n{"question": "\xe9"}\n')
+    with pytest.raises(DataError, match=rf"^{where} line 2: not UTF-8 text \(.* at byte 50\); re-encode"):
+        load_records(str(path))
+
+
+def test_csv_field_over_the_size_limit_names_its_line(tmp_path):
+    path = tmp_path / "x.csv"
+    where = re.escape(str(path))
+    path.write_bytes(b'"' + b"a" * 140_000 + b'"')  # csv.Error, then "line 0" (DictReader's lagging count)
+    with pytest.raises(DataError, match=rf"^{where} line 1: not readable as CSV \(field larger than field limit"):
+        load_records(str(path))
+    path.write_bytes(b"question,answer\nq,a\nq," + b"a" * 140_000 + b"\n")
+    with pytest.raises(DataError, match=rf"^{where} line 3: not readable as CSV"):
+        load_records(str(path))
+
+
+def test_unpaired_surrogate_escape_names_its_line_or_record(tmp_path, tokenizer):
+    # json.loads turns "\ud800" into a lone surrogate; the tokenizer raised TypeError on it.
+    record = '{"instruction": "0", "output": "0", "input": "\\ud800"}'
+    (tmp_path / "x.jsonl").write_text('{"question": "q", "answer": "\\ud83d\\ude00"}\n' + record + "\n")
+    with pytest.raises(DataError, match=r"x\.jsonl line 2: a string holds an unpaired surrogate escape"):
+        load_records(str(tmp_path / "x.jsonl"))
+    (tmp_path / "x.json").write_text(f'[{{"question": "q", "answer": "a"}}, {record}]')
+    with pytest.raises(DataError, match=r"x\.json record 2: a string holds an unpaired surrogate escape"):
+        load_records(str(tmp_path / "x.json"))
+    (tmp_path / "pair.jsonl").write_text('{"question": "q", "answer": "\\ud83d\\ude00"}\n')  # a pair is text
+    records = load_records(str(tmp_path / "pair.jsonl"))
+    assert records == [(1, {"question": "q", "answer": "\U0001f600"})]
+    assert build_examples(records, "auto", tokenizer, 256, "pair.jsonl")[0]["index"] == 1
+
+
+def test_integer_past_pythons_digit_limit_keeps_its_digits(tmp_path, tokenizer):
+    digits = "7" * 5000  # int() refuses more than 4300 digits: json.loads raised a bare ValueError
+    for name, text in [("x.jsonl", f'{{"question": "q", "answer": {digits}}}\n'),
+                       ("x.json", f'[{{"question": "q", "answer": {digits}}}]')]:
+        (tmp_path / name).write_text(text)
+        [(number, record)] = load_records(str(tmp_path / name))
+        assert number == 1 and str(record["answer"]) == digits
+        assert to_messages(record, "auto", name, number)[-1] == {"role": "assistant", "content": digits}
+
+
+def test_json_nested_past_the_recursion_limit(tmp_path):
+    deep = "[" * 1500 + "]" * 1500  # json.loads raised RecursionError
+    (tmp_path / "x.jsonl").write_text(f'{{"question": "q", "answer": "a"}}\n{deep}\n')
+    with pytest.raises(DataError, match=r"x\.jsonl line 2: JSON nested too deeply to read"):
+        load_records(str(tmp_path / "x.jsonl"))
+    (tmp_path / "x.json").write_text(f'[{{"question": "q", "answer": {deep}}}]')
+    with pytest.raises(DataError, match=r"x\.json: JSON nested too deeply to read .*; flatten the records$"):
+        load_records(str(tmp_path / "x.json"))
+
+
+def test_undetectable_first_record_names_its_line(tmp_path, tokenizer):
+    (tmp_path / "x.jsonl").write_text('\n{}\n{"question": "q", "answer": "a"}\n')  # hypothesis: [{}]
+    path = str(tmp_path / "x.jsonl")
+    where = re.escape(path)
+    with pytest.raises(DataError, match=rf"^{where} line 2: cannot tell the format from the fields found \[\]"):
+        build_examples(load_records(path), "auto", tokenizer, 256, path)
+
+
+def test_unlabelable_chat_template_names_the_record():
+    # The turn count in front changes every earlier rendering, and the content is upper-cased: the
+    # assistant turn can be found neither by prefix nor verbatim. The error named no file or line.
+    template = "{{ messages | length }}{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
+    records = [(1, {"question": "Q", "answer": "A"}), (3, {"question": "q", "answer": "a"})]
+    with pytest.raises(DataError, match=r"^x\.jsonl line 3: the tokenizer's chat template does not reproduce "
+                                        r"assistant turn 2 verbatim"):
+        build_examples(records, "auto", _byte_level_tokenizer(template), 512, "x.jsonl")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 
-from qwen_distillation.data.formats import detect_format, to_messages
+from qwen_distillation.data.formats import detect_format, location, to_messages
 from qwen_distillation.errors import DataError
 
 IGNORE_INDEX = -100
@@ -165,10 +165,14 @@ def build_examples(
     if not records:
         raise DataError(f"{source}: no records to encode")
     if fmt == "auto":
-        fmt = detect_format(records[0][1], source)
+        fmt = detect_format(records[0][1], source, records[0][0])
     examples = []
     for index, record in records:
-        encoded = encode_messages(to_messages(record, fmt, source, index), tokenizer, max_length)
+        messages = to_messages(record, fmt, source, index)
+        try:
+            encoded = encode_messages(messages, tokenizer, max_length)
+        except DataError as err:  # the chat template could not be labelled: say for which record
+            raise DataError(f"{location(source, index)}: {err}") from None
         if encoded is not None:
             examples.append({**encoded, "source": source, "index": index})
     if not examples:

@@ -56,7 +56,7 @@ FORMAT_FIELDS: dict[str, str] = {
 }
 
 
-def _where(source: str, index: int) -> str:
+def location(source: str, index: int) -> str:
     """`data.jsonl line 12` for JSON Lines and CSV (index is the line number), `x.parquet row 3`,
     else `source record 12` (see `loading.load_records` for what the number means)."""
     if source.endswith((".jsonl", ".csv")):
@@ -285,14 +285,16 @@ _DETECTORS: dict[str, Callable[[dict], bool]] = {
 }
 
 
-def detect_format(record: dict, source: str) -> str:
-    """Name of the first format in `FORMAT_FIELDS` whose identifying fields `record` has."""
+def detect_format(record: dict, source: str, index: int | None = None) -> str:
+    """Name of the first format in `FORMAT_FIELDS` whose identifying fields `record` has; the
+    error names `source` and, when given, the record's `index` (as in `to_messages`)."""
     for name, matches in _DETECTORS.items():
         if matches(record):
             return name
     expected = ", ".join(f"{name} ({fields})" for name, fields in FORMAT_FIELDS.items())
+    where = source if index is None else location(source, index)
     raise DataError(
-        f"{source}: cannot tell the format from the fields found {_fields(record)}; "
+        f"{where}: cannot tell the format from the fields found {_fields(record)}; "
         f"expected one of: {expected}; set format=... for this source"
     )
 
@@ -310,10 +312,10 @@ def to_messages(record: dict, fmt: str, source: str, index: int) -> Messages:
         DataError: unknown `fmt`, missing required fields, or an empty response.
     """
     if fmt == "auto":
-        fmt = detect_format(record, source)
+        fmt = detect_format(record, source, index)
     converter = FORMATS.get(fmt)
     if converter is None:
         raise DataError(
             f"{source}: unknown data format {fmt!r}; valid formats: {['auto', *FORMATS]}"
         )
-    return converter(record, _where(source, index))
+    return converter(record, location(source, index))

@@ -9,13 +9,20 @@ point the user at:
 - `.parquet` and hub datasets: 1-based row number;
 - a directory: its supported files in sorted path order, numbered 1, 2, ... across all files
   (malformed-JSON errors still name the exact file and line).
+
+Whatever a file holds, reading it gives records or a `DataError` naming the file and, where the
+fault is at a line or record, its number (tests/test_data_properties.py checks this on arbitrary
+input). JSON integers longer than Python's 4300-digit limit are read as `Decimal`.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Iterator
 
@@ -40,6 +47,53 @@ def _object(value: object, file: Path, unit: str, number: int) -> dict:
     return value
 
 
+def _integer(digits: str) -> int | Decimal:
+    # Python refuses to convert more than 4300 digits to an int (a ValueError without a position);
+    # such a number keeps its digits as a Decimal.
+    try:
+        return int(digits)
+    except ValueError:
+        return Decimal(digits)
+
+
+_DECODER = json.JSONDecoder(parse_int=_integer)
+
+
+def _require_text(value: object, where: str) -> None:
+    """Refuse parsed JSON that holds a lone surrogate: json turns an unpaired escape such as
+    "\\ud800" into one, and it is not text (it has no UTF-8 form and no tokenizer takes it).
+    Only a "\\u" escape can make one (the file itself is valid UTF-8), so callers check only then."""
+    pending = [value]
+    while pending:  # a loop, not recursion: the value may be nested nearly as deep as json reads
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(
+                    f"{where}: a string holds an unpaired surrogate escape (\\ud800 to \\udfff without its "
+                    "pair), which is not text; fix or delete that escape"
+                ) from None
+        elif isinstance(item, dict):
+            pending += [*item, *item.values()]
+        elif isinstance(item, list):
+            pending += item
+
+
+def _read_text(file: Path) -> str:
+    """The file as text, without a UTF-8 byte order mark; invalid UTF-8 is reported at its line."""
+    data = file.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, bom + err.start) + 1
+        raise DataError(
+            f"{file} line {line}: not UTF-8 text ({err.reason} at byte {bom + err.start}); "
+            "re-encode the file as UTF-8"
+        ) from None
+
+
 def _read_json_lines(file: Path, text: str) -> Numbered:
     # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 etc., which JSON
     # allows unescaped inside strings (PubMedQA has them).
@@ -47,11 +101,18 @@ def _read_json_lines(file: Path, text: str) -> Numbered:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = _DECODER.decode(line)
         except json.JSONDecodeError as err:
             raise DataError(
                 f"{file} line {number}: not valid JSON ({err}); fix or delete that line"
             ) from None
+        except RecursionError:
+            raise DataError(
+                f"{file} line {number}: JSON nested too deeply to read (about 1000 levels of [ or {{); "
+                "flatten or delete that line"
+            ) from None
+        if "\\u" in line:
+            _require_text(value, f"{file} line {number}")
         yield number, _object(value, file, "line", number)
 
 
@@ -60,21 +121,29 @@ def _read_json(file: Path, text: str) -> Numbered:
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
-            value = json.loads(text)
+            value = _DECODER.decode(text)
         except json.JSONDecodeError as err:
             raise DataError(
                 f"{file} line {err.lineno}: not valid JSON ({err.msg}, column {err.colno}); "
                 "fix the file so it holds one JSON list of records"
             ) from None
+        except RecursionError:  # json says not where
+            raise DataError(
+                f"{file}: JSON nested too deeply to read (about 1000 levels of [ or {{); flatten the records"
+            ) from None
+        escapes = "\\u" in text
         for number, item in enumerate(value, start=1):
-            yield number, _object(item, file, "record", number)
+            record = _object(item, file, "record", number)
+            if escapes:
+                _require_text(record, f"{file} record {number}")
+            yield number, record
         return
     lines = [line for line in text.split("\n") if line.strip()]
     if len(lines) > 1 and stripped.startswith("{"):
         try:
-            json.loads(text)
-        except json.JSONDecodeError:
-            pass  # several objects, one per line: JSON Lines
+            _DECODER.decode(text)
+        except (json.JSONDecodeError, RecursionError):
+            pass  # several objects, one per line: JSON Lines (read line by line, errors at their line)
         else:
             raise DataError(
                 f"{file}: holds a single JSON object spread over several lines; expected a JSON "
@@ -84,10 +153,16 @@ def _read_json(file: Path, text: str) -> Numbered:
 
 
 def _read_csv(file: Path) -> Numbered:
-    with open(file, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
+    reader = csv.DictReader(io.StringIO(_read_text(file), newline=""))
+    try:
         for row in reader:
             yield reader.line_num, dict(row)
+    except csv.Error as err:  # e.g. a field over csv.field_size_limit() (128 KiB)
+        # The line being parsed: the DictReader's own line_num still names the previous row's.
+        raise DataError(
+            f"{file} line {reader.reader.line_num}: not readable as CSV ({err}); fix that line, or "
+            "convert the file to JSON Lines"
+        ) from None
 
 
 def _read_parquet(file: Path) -> Numbered:
@@ -117,10 +192,7 @@ def _read_file(file: Path) -> Numbered:
     elif suffix == ".parquet":
         yield from _read_parquet(file)
     elif suffix in (".jsonl", ".json"):
-        try:
-            text = file.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{file}: not UTF-8 text ({err}); re-encode it as UTF-8") from None
+        text = _read_text(file)
         yield from (_read_json_lines(file, text) if suffix == ".jsonl" else _read_json(file, text))
     else:
         raise DataError(
