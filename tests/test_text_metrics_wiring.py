@@ -262,3 +262,28 @@ def test_report_shows_heldout_and_sample_bleu_rouge(tmp_path):
     assert "| `bleu4` | 40.00 | 10.00 | 20.00 |" in text
     assert "| `rougeL` | 50.00 | 15.00 | 30.00 |" in text
     assert "greedy answers to the prompts that have a reference answer (1 of them)" in text
+
+
+# --- a run ----------------------------------------------------------------------------------------
+
+
+def test_turning_text_metrics_on_changes_no_training_number(tmp_path):
+    """Greedy answers between training steps leave the student as they found it (weights, mode,
+    caches) and draw on no generator the run uses: every number a run logs with the option on,
+    evaluated after every step, equals the run without it, besides the added keys."""
+    from conftest import read_metrics, tiny_overrides
+    from qwen_distillation.app import run
+
+    rows = {}
+    for switch in ("false", "true"):
+        out = tmp_path / switch
+        run(compose_config(tiny_overrides(out, steps=3) + [
+            "end_stage=1", "stage1.eval_every=1", f"eval.text_metrics={switch}", "eval.text_metrics_max_examples=2",
+            "eval.max_new_tokens=3", "train.device=cpu", "train.precision=fp32"]))
+        rows[switch] = read_metrics(out)
+    assert len(rows["true"]) == len(rows["false"]) == 6  # 3 steps, each followed by an evaluation
+    for with_, without in zip(rows["true"], rows["false"]):
+        extra = {k for k in with_ if k.endswith(OURS)}
+        assert (extra != set()) == ("eval/medical_nll" in with_)
+        assert {k: v for k, v in with_.items() if k not in extra and k != "tokens_per_s"} == {
+            k: v for k, v in without.items() if k != "tokens_per_s"}
