@@ -6,15 +6,20 @@ with the evaluator and metric names of evaluation during training.
         --model stage1=out/stage1/final --model stage3=out/stage3/final \\
         --teacher teacher --nll medical=../shared/data/medical_sft/huatuogpt_o1_demo_en.jsonl \\
         --mcq medmcqa=../shared/data/medical_eval/medmcqa_dev_eval_500.jsonl \\
-        --max_examples 64 --out eval_out
+        --text_metrics --text_metrics_max_examples 16 --max_examples 64 --out eval_out
 
 Each ``--model NAME=PATH`` is a saved stage directory, a hub id, a local model directory or a
 ``.gguf`` file (``package:`` paths resolve inside installed packages). ``--nll NAME=FILE``
 sets give ``eval/NAME_nll`` and ``eval/NAME_ppl`` (and, with ``--teacher``, the agreement
 metrics ``eval/NAME_top1_agreement``, ``eval/NAME_topk_overlap``, ``eval/NAME_kl_to_teacher``
-for every other model); ``--mcq NAME=FILE`` sets give ``eval/mcq/NAME_accuracy`` (format
-detected from the fields: cmexam, medmcqa, mmlu or pubmedqa). The same names as a run's
-``metrics.jsonl`` and report. Writes ``results.json`` and ``results.md``.
+for every other model); with ``--text_metrics``, every model answers the first
+``--text_metrics_max_examples`` examples of each ``--nll`` set greedily (chat template, at most
+``--max_new_tokens`` tokens) and its answers are scored against the examples' responses:
+``eval/NAME_bleu4``, ``eval/NAME_rouge1``, ``eval/NAME_rouge2``, ``eval/NAME_rougeL`` (word
+level, 0-100) and ``eval/llamafactory/NAME_*`` (LLaMA-Factory's conventions); ``--mcq
+NAME=FILE`` sets give ``eval/mcq/NAME_accuracy`` (format detected from the fields: cmexam,
+medmcqa, mmlu or pubmedqa). The same names as a run's ``metrics.jsonl`` and report. Writes
+``results.json`` and ``results.md``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 
 from qwen_distillation.config.schema import ModelSpec
 from qwen_distillation.data.sources import DataSource, encode_source
-from qwen_distillation.errors import DistillationError
+from qwen_distillation.errors import ConfigError, DistillationError
 from qwen_distillation.evaluation.evaluator import Evaluator, heldout_batches
 from qwen_distillation.evaluation.mcq import load_mcq_sets, normalise_mcq_sources
 from qwen_distillation.modeling.loading import load_causal_lm, load_student_checkpoint, split_gguf
@@ -70,8 +75,10 @@ def load_any_tokenizer(name: str, path: str):
 
 
 def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str, str], mcq_sets: dict[str, str],
-             max_examples: int, max_length: int, device: torch.device) -> dict[str, dict[str, float]]:
-    """Metrics per model name, from one :class:`Evaluator` (see the module docstring)."""
+             max_examples: int, max_length: int, device: torch.device, text_metrics_max_examples: int = 0,
+             max_new_tokens: int = 64) -> dict[str, dict[str, float]]:
+    """Metrics per model name, from one :class:`Evaluator` (see the module docstring);
+    ``text_metrics_max_examples`` > 0 adds BLEU/ROUGE on that many examples of each NLL set."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = load_any_tokenizer(*((teacher, models[teacher]) if teacher else next(iter(models.items()))))
     mcq_sources = normalise_mcq_sources("--mcq", [f"{name}={path}" for name, path in mcq_sets.items()])
@@ -81,6 +88,8 @@ def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str,
     evaluator = Evaluator(teacher=teacher_model, tokenizer=tokenizer, vocab_size=len(tokenizer),
                           heldout=heldout_batches(eval_sets, tokenizer.pad_token_id, device),
                           agreement=teacher_model is not None, mcq_sets=load_mcq_sets(mcq_sources, max_examples),
+                          text_sets={name: examples[:text_metrics_max_examples] for name, examples in eval_sets.items()
+                                     if text_metrics_max_examples > 0}, max_new_tokens=max_new_tokens,
                           autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16,
                                                           enabled=device.type == "cuda"))
     return {name: evaluator.metrics(teacher_model if name == teacher else load_model(name, path, dtype).to(device))
@@ -95,6 +104,15 @@ def to_markdown(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_text_metrics(args: argparse.Namespace) -> None:
+    if not args.nll:
+        raise ConfigError("--text_metrics scores answers to the examples of the --nll sets: add one, e.g. "
+                          "`--nll medical=package:qwen_distillation/data/demo/medical.jsonl`")
+    for flag in ("text_metrics_max_examples", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} {getattr(args, flag)}: must be >= 1 (e.g. `--{flag} 16`)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qwen_distillation.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nll", action="append", default=[], help="NAME=FILE held-out set (repeatable)")
     parser.add_argument("--mcq", action="append", default=[], help="NAME=FILE multiple-choice set (repeatable)")
     parser.add_argument("--max_examples", type=int, default=64)
+    parser.add_argument("--text_metrics", action="store_true",
+                        help="BLEU-4 and ROUGE-1/2/L of each model's greedy answers on the --nll sets")
+    parser.add_argument("--text_metrics_max_examples", type=int, default=16,
+                        help="examples answered per --nll set with --text_metrics (the first ones)")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="length limit of each greedy answer")
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True)
@@ -111,9 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         models = _pairs(args.model, "--model")
         if args.teacher is not None and args.teacher not in models:
             raise DistillationError(f"--teacher {args.teacher}: not among the --model names {sorted(models)}")
+        if args.text_metrics:
+            _check_text_metrics(args)
         results = evaluate(models, teacher=args.teacher, nll_sets=_pairs(args.nll, "--nll"),
                            mcq_sets=_pairs(args.mcq, "--mcq"), max_examples=args.max_examples,
-                           max_length=args.max_length, device=torch.device(args.device))
+                           max_length=args.max_length, device=torch.device(args.device),
+                           text_metrics_max_examples=args.text_metrics_max_examples if args.text_metrics else 0,
+                           max_new_tokens=args.max_new_tokens)
     except DistillationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -66,10 +66,10 @@ def test_mcq_entries_accept_path_name_and_mapping():
 
 def test_demo_preset_turns_evaluation_on_and_the_default_leaves_it_off():
     demo = validate_config(compose_config([])).eval
-    assert demo.agreement and demo.samples and demo.mcq == [MCQ]
+    assert demo.agreement and demo.samples and demo.mcq == [MCQ] and demo.text_metrics
     assert demo.samples_max_prompts == 4 and demo.max_new_tokens == 32
     plain = validate_config(compose_config(["experiment=none"])).eval
-    assert not plain.agreement and not plain.samples and plain.mcq == []
+    assert not plain.agreement and not plain.samples and plain.mcq == [] and not plain.text_metrics
 
 
 # --- best_mode -------------------------------------------------------------------------------
@@ -131,7 +131,8 @@ class _FakeWandbRun:
 
 @pytest.fixture(scope="module")
 def eval_run(tmp_path_factory):
-    """Stages 1-2 with agreement, the demo MCQ set (4 items) and 2 prompts x 4 new tokens;
+    """Stages 1-2 with agreement, the demo MCQ set (4 items), BLEU/ROUGE on the held-out sets
+    (the demo's first 4 examples of each) and 2 prompts, every answer 4 new tokens;
     stage 2 evaluates every step and keeps the step with the *highest* KL to the teacher
     (best_mode=max), so the export record shows which rule chose `best`."""
     out = tmp_path_factory.mktemp("evalrun") / "run"
@@ -163,10 +164,15 @@ def eval_run(tmp_path_factory):
     return out, summary, fake, calls
 
 
-def test_agreement_and_mcq_are_logged_at_every_evaluation(eval_run):
+def test_agreement_mcq_and_text_metrics_are_logged_at_every_evaluation(eval_run):
     out, summary, _, _ = eval_run
     evals = [r for r in read_metrics(out) if "eval/medical_nll" in r]
     assert [(r["stage"], r["step"]) for r in evals] == [(1, 1), (2, 1), (2, 2), (2, 3)]
+    text_metrics = [f"eval/{prefix}{name}_{metric}" for prefix in ("", "llamafactory/")
+                    for name in ("general", "medical") for metric in ("bleu4", "rouge1", "rouge2", "rougeL")]
+    for row in [*evals, summary["teacher"], summary["student_before"]]:
+        for key in text_metrics:  # the demo preset's eval.text_metrics, on with its samples
+            assert 0 <= row[key] <= 100, (key, row)
     for row in evals:
         for key in ("eval/general_top1_agreement", "eval/medical_top1_agreement", "eval/medical_topk_overlap",
                     "eval/medical_kl_to_teacher", "eval/mcq/medical_mcq_accuracy"):
@@ -196,11 +202,17 @@ def test_samples_are_written_per_stage_with_teacher_and_student(eval_run):
         "请简单解释一下彩虹是怎么形成的。", "Explain in two sentences why leaves change colour in autumn."]
     for stage in (1, 2):
         rows = [json.loads(line) for line in (out / f"stage{stage}" / "samples.jsonl").read_text().splitlines()]
-        assert [list(row) for row in rows] == [["lang", "domain", "prompt", "teacher", "student"]] * 2
+        # The demo prompts carry reference answers: each row has it and both answers' scores.
+        assert [list(row) for row in rows] == [["lang", "domain", "prompt", "reference", "teacher", "student",
+                                                "scores"]] * 2
         assert [row["teacher"] for row in rows] == [row["teacher"] for row in state["teacher_samples"]]
+        for row in rows:
+            assert set(row["scores"]) == {"teacher", "student"}
+            assert all(0 <= v <= 100 for scores in row["scores"].values() for v in scores.values()), row
         text = (out / f"stage{stage}" / "samples.md").read_text()
-        assert f"# Quality samples after stage {stage}" in text
-        assert "| lang | domain | prompt | teacher | student |" in text
+        assert f"# Quality samples after stage {stage}" in text and "beside the prompts' reference answers" in text
+        assert "| lang | domain | prompt | reference | teacher | student |" in text
+        assert "| prompt | model | bleu4 | rouge1 | rouge2 | rougeL |" in text and "| mean of 2 | student |" in text
         assert summary["samples"][stage] == str(out / f"stage{stage}" / "samples.md")
     assert not list(out.glob("stage*/.samples*.tmp"))
 
@@ -213,7 +225,7 @@ def test_samples_go_to_wandb_as_tables(eval_run):
     assert [list(data) for data, _ in tables] == [["samples/stage1"], ["samples/stage2"]]
     table = tables[0][0]["samples/stage1"]
     assert isinstance(table, wandb.Table)
-    assert table.columns == ["lang", "domain", "prompt", "teacher", "student"] and len(table.data) == 2
+    assert table.columns == ["lang", "domain", "prompt", "reference", "teacher", "student"] and len(table.data) == 2
     assert tables[0][1] == 1 and tables[1][1] == 4  # global step at the end of each stage
 
 
@@ -223,8 +235,10 @@ def test_report_and_printout_show_agreement_mcq_and_samples(eval_run, capsys):
     for image in ("eval.png", "agreement.png", "mcq.png"):
         assert f"report/{image}" in report and (out / "report" / image).stat().st_size > 1000
     assert "## Quality samples" in report and "[`stage2/samples.md`](stage2/samples.md)" in report
-    assert "| lang | domain | prompt | teacher | student |" in report
+    assert "| lang | domain | prompt | reference | teacher | student |" in report
     assert "| `eval/mcq/medical_mcq_accuracy` |" in report
+    assert "| `eval/medical_rougeL` |" in report  # held-out text metrics in the before/after table
+    assert "| score | teacher | after stage 1 | after stage 2 |" in report  # the sample prompts' scores
     row = next(line for line in report.splitlines() if line.startswith("| `eval/medical_top1_agreement` |"))
     assert row.split(" | ")[1] == "—"  # the teacher column: not measured against itself
     text = summary_text(summary)

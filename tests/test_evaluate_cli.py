@@ -1,5 +1,6 @@
 """`python -m qwen_distillation.evaluate` compares saved checkpoints on NLL, teacher
-agreement and multiple-choice sets and writes a Markdown and JSON table."""
+agreement, BLEU/ROUGE of greedy answers and multiple-choice sets and writes a Markdown and
+JSON table."""
 
 from __future__ import annotations
 
@@ -45,3 +46,32 @@ def test_compares_checkpoints_and_writes_tables(tiny_run, tmp_path, capsys):
 def test_unknown_teacher_name_is_a_clear_error(tiny_run, tmp_path, capsys):
     code = main(["--model", f"a={tiny_run / 'stage1' / 'final'}", "--teacher", "b", "--out", str(tmp_path)])
     assert code == 2 and "--teacher b: not among the --model names ['a']" in capsys.readouterr().err
+
+
+def test_text_metrics_score_every_model_on_the_nll_sets(tiny_run, tmp_path):
+    out = tmp_path / "eval"
+    code = main(["--model", f"stage1={tiny_run / 'stage1' / 'final'}", "--model",
+                 f"stage2={tiny_run / 'stage2' / 'final'}", "--teacher", "stage1",
+                 "--nll", "medical=package:qwen_distillation/data/demo/medical.jsonl",
+                 "--nll", "general=package:qwen_distillation/data/demo/general.jsonl",
+                 "--text_metrics", "--text_metrics_max_examples", "2", "--max_new_tokens", "4",
+                 "--max_examples", "4", "--max_length", "96", "--out", str(out), "--device", "cpu"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    names = {f"eval/{prefix}{name}_{metric}" for prefix in ("", "llamafactory/") for name in ("medical", "general")
+             for metric in ("bleu4", "rouge1", "rouge2", "rougeL")}
+    for model in ("stage1", "stage2"):  # the teacher included: its answers have references too
+        assert names <= set(results[model]), model
+        assert all(0.0 <= results[model][name] <= 100.0 for name in names), results[model]
+    assert "eval/medical_rougeL" in (out / "results.md").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--text_metrics"], "--text_metrics scores answers to the examples of the --nll sets"),
+    (["--text_metrics", "--nll", "m=x.jsonl", "--text_metrics_max_examples", "0"],
+     "--text_metrics_max_examples 0: must be >= 1"),
+    (["--text_metrics", "--nll", "m=x.jsonl", "--max_new_tokens", "0"], "--max_new_tokens 0: must be >= 1"),
+])
+def test_text_metrics_flags_are_checked_before_loading(tmp_path, capsys, flags, message):
+    code = main(["--model", "a=does/not/exist", *flags, "--out", str(tmp_path)])
+    assert code == 2 and message in capsys.readouterr().err

@@ -191,8 +191,8 @@ class StageConfig:
     # (train.save_every_minutes). train.keep_checkpoints of them are kept.
     save_every: Optional[int] = None
     best_metric: str = "eval/medical_nll"
-    # min | max | auto: auto maximises metrics named *accuracy*, *agreement* or *overlap*
-    # and minimises the rest (nll, ppl, kl_to_teacher); see evaluation.direction.
+    # min | max | auto: auto maximises metrics named *accuracy*, *agreement*, *overlap*, *bleu*
+    # or *rouge* and minimises the rest (nll, ppl, kl_to_teacher); see evaluation.direction.
     best_mode: str = "auto"
 
 
@@ -207,16 +207,24 @@ class EvalConfig:
         ``name``, ``format`` (auto|cmexam|medmcqa|mmlu|pubmedqa), ``split``, ``subset``;
         paths resolve like data sources (``package:`` paths included).
     mcq_max_items: items kept per set (the first ones); null keeps all.
+    text_metrics: BLEU-4 and ROUGE-1/2/L (0-100) of the model's greedy answers to the first
+        ``text_metrics_max_examples`` examples of every held-out set, against each example's
+        own response: ``eval/<set>_bleu4``, ``_rouge1``, ``_rouge2``, ``_rougeL`` (word level)
+        and ``eval/llamafactory/<set>_*`` (LLaMA-Factory's conventions); teacher included.
+    text_metrics_max_examples: examples answered per held-out set; null answers all.
     samples: greedy answers of teacher and student to ``prompts`` (JSONL with ``prompt`` and
-        optional ``lang``, ``domain``), written to ``stageN/samples.md`` and ``.jsonl``.
+        optional ``lang``, ``domain``, ``reference``), written to ``stageN/samples.md`` and
+        ``.jsonl``; answers to prompts with a ``reference`` get their BLEU-4 and ROUGE.
     samples_max_prompts: prompts used (the first ones); null uses all.
-    max_new_tokens: generation length limit per answer.
+    max_new_tokens: generation length limit per answer (text metrics and samples).
     """
 
     agreement: bool = False
     agreement_top_k: int = 5
     mcq: List[Any] = field(default_factory=list)
     mcq_max_items: Optional[int] = 200
+    text_metrics: bool = False
+    text_metrics_max_examples: Optional[int] = 16
     samples: bool = False
     prompts: str = "package:qwen_distillation/data/demo/prompts.jsonl"
     samples_max_prompts: Optional[int] = None

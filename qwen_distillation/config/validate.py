@@ -114,7 +114,7 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
 def _validate_eval(cfg: EvalConfig) -> None:
     require(cfg.agreement_top_k >= 1, "eval.agreement_top_k", cfg.agreement_top_k, "must be >= 1",
             "eval.agreement_top_k=5")
-    for name in ("mcq_max_items", "samples_max_prompts"):
+    for name in ("mcq_max_items", "text_metrics_max_examples", "samples_max_prompts"):
         value = getattr(cfg, name)
         if value is not None:
             require(value >= 1, f"eval.{name}", value, "must be >= 1 (or null for all)", f"eval.{name}=8")

@@ -148,6 +148,25 @@ def encode_messages(messages: list[dict], tokenizer, max_length: int) -> dict | 
     return {"input_ids": input_ids, "labels": labels}
 
 
+def split_last_turn(example: dict) -> tuple[list[int], list[int]]:
+    """The context and the reference answer of an encoded example's last assistant turn.
+
+    Returns:
+        ``(prompt_ids, response_ids)``: the ``input_ids`` before the last run of labelled tokens
+        (earlier turns and the chat template's generation prompt: what a model sees when it
+        starts that turn) and the ids of that run (the turn's content and its end-of-turn token,
+        cut where ``max_length`` cut the example). ``([], [])`` when nothing is labelled.
+    """
+    labels = example["labels"]
+    end = len(labels)
+    while end and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    start = end
+    while start and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return list(example["input_ids"][:start]), list(example["input_ids"][start:end])
+
+
 def build_examples(
     records: list[tuple[int, dict]], fmt: str, tokenizer, max_length: int, source: str
 ) -> list[dict]:

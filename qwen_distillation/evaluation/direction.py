@@ -1,17 +1,18 @@
 """Which way is better for a logged evaluation metric, and whether a value improves on the best.
 
 One rule for the whole project (``stageN.best_mode: auto``, the run report's and the final
-printout's "better" column): a metric whose name contains ``accuracy``, ``agreement`` or
-``overlap`` (``eval/mcq/<set>_accuracy``, ``eval/<set>_top1_agreement``,
-``eval/<set>_topk_overlap``) is better when higher; every other metric (``eval/<set>_nll``,
-``eval/<set>_ppl``, ``eval/<set>_kl_to_teacher``) is better when lower.
+printout's "better" column): a metric whose name contains ``accuracy``, ``agreement``,
+``overlap``, ``bleu`` or ``rouge`` (``eval/mcq/<set>_accuracy``, ``eval/<set>_top1_agreement``,
+``eval/<set>_topk_overlap``, ``eval/<set>_bleu4``, ``eval/<set>_rougeL``, ...) is better when
+higher; every other metric (``eval/<set>_nll``, ``eval/<set>_ppl``, ``eval/<set>_kl_to_teacher``)
+is better when lower.
 """
 
 from __future__ import annotations
 
 import math
 
-HIGHER_IS_BETTER = ("accuracy", "agreement", "overlap")
+HIGHER_IS_BETTER = ("accuracy", "agreement", "overlap", "bleu", "rouge")
 
 
 def higher_is_better(metric: str) -> bool:

@@ -1,5 +1,6 @@
 """Evaluation during training: held-out NLL, agreement with the teacher, multiple-choice
-accuracy, and the quality samples written at the end of each stage.
+accuracy, BLEU-4 / ROUGE of greedy answers to held-out prompts, and the quality samples
+written at the end of each stage.
 
 :func:`build_evaluator` reads the ``eval`` config node once per run and loads what it names
 (MCQ sets, prompts), so a bad file stops the run before any training. The Distiller then
@@ -18,9 +19,11 @@ import torch
 from qwen_distillation.config.schema import EvalConfig
 from qwen_distillation.data.manager import length_grouped_batches
 from qwen_distillation.evaluation.agreement import response_states, teacher_agreement
+from qwen_distillation.evaluation.answers import (LLAMAFACTORY, TEXT_METRICS, heldout_references,
+                                                  heldout_text_metrics)
 from qwen_distillation.evaluation.mcq import MCQItem, MCQSource, load_mcq_sets, mcq_accuracy
 from qwen_distillation.evaluation.nll import heldout_nll
-from qwen_distillation.evaluation.samples import load_prompts, quality_samples
+from qwen_distillation.evaluation.samples import load_prompts, quality_samples, score_samples
 from qwen_distillation.modeling.parts import supports_hidden_path
 from qwen_distillation.paths import locate
 
@@ -39,13 +42,18 @@ class Evaluator:
         agreement, agreement_top_k: teacher agreement on every held-out set, with k of
             ``topk_overlap``.
         mcq_sets: set name -> items, scored by answer-letter log-likelihood.
+        text_sets: set name -> encoded held-out examples (``data.encode``) whose last assistant
+            turn is the reference of BLEU-4 / ROUGE: the model answers each example's context
+            greedily (chat template, ``max_new_tokens``). Empty: no text metrics.
         prompts: rows of a prompts file for the quality samples (empty: no samples).
+        max_new_tokens: length limit of every greedy answer (text metrics and samples).
         autocast: returns the run's autocast context (fp32 runs get a disabled one).
     """
 
     def __init__(self, *, teacher: torch.nn.Module | None, tokenizer, vocab_size: int, heldout: dict[str, list[dict]],
                  agreement: bool = False, agreement_top_k: int = 5, mcq_sets: dict[str, list[MCQItem]] | None = None,
-                 prompts: list[dict] | None = None, max_new_tokens: int = 64,
+                 text_sets: dict[str, list[dict]] | None = None, prompts: list[dict] | None = None,
+                 max_new_tokens: int = 64,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         if agreement and teacher is None:
             raise ValueError("agreement with the teacher needs a teacher")
@@ -56,6 +64,8 @@ class Evaluator:
         self.agreement = agreement
         self.agreement_top_k = agreement_top_k
         self.mcq_sets = mcq_sets or {}
+        self.references = {name: heldout_references(examples, tokenizer)
+                           for name, examples in (text_sets or {}).items()}
         self.prompts = prompts or []
         self.max_new_tokens = max_new_tokens
         self.autocast = autocast
@@ -75,7 +85,11 @@ class Evaluator:
     def metrics(self, model: torch.nn.Module) -> dict[str, float]:
         """``eval/<set>_nll`` and ``eval/<set>_ppl`` for every held-out set; with agreement on
         (and ``model`` not the teacher) ``eval/<set>_top1_agreement``, ``eval/<set>_topk_overlap``,
-        ``eval/<set>_kl_to_teacher``; ``eval/mcq/<name>_accuracy`` for every MCQ set.
+        ``eval/<set>_kl_to_teacher``; with text sets, BLEU-4 and ROUGE-1/2/L of the model's greedy
+        answers against the references, 0-100: ``eval/<set>_bleu4``, ``eval/<set>_rouge1``,
+        ``eval/<set>_rouge2``, ``eval/<set>_rougeL`` (word level) and the same four as
+        ``eval/llamafactory/<set>_bleu4`` ... (LLaMA-Factory's conventions, ``text_metrics``);
+        ``eval/mcq/<name>_accuracy`` for every MCQ set.
 
         With agreement on, a student's NLL comes from the agreement pass (the same mean NLL per
         response token as ``heldout_nll``, equal to float rounding), so the student runs once."""
@@ -93,6 +107,10 @@ class Evaluator:
                 out[f"eval/{name}_nll"] = nll
                 out[f"eval/{name}_ppl"] = math.exp(min(nll, 50.0))  # as heldout_nll caps it
                 out.update({f"eval/{name}_{key}": agree[key] for key in AGREEMENT_METRICS if key in agree})
+            for name, references in self.references.items():
+                scores = heldout_text_metrics(model, self.tokenizer, references, self.max_new_tokens)
+                out.update({f"eval/{name}_{key}": scores[key] for key in TEXT_METRICS})
+                out.update({f"eval/{LLAMAFACTORY}{name}_{key}": scores[LLAMAFACTORY + key] for key in TEXT_METRICS})
             for name, items in self.mcq_sets.items():
                 out[f"eval/mcq/{name}_accuracy"] = mcq_accuracy(model, self.tokenizer, items,
                                                                 vocab_size=self.vocab_size)["accuracy"]
@@ -104,14 +122,18 @@ class Evaluator:
             return quality_samples({name: model}, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens)
 
     def teacher_samples(self) -> list[dict]:
-        """Rows ``{lang, domain, prompt, teacher}``: the teacher's greedy answers (once per run)."""
+        """Rows ``{lang, domain, prompt, [reference,] teacher}``: the teacher's greedy answers
+        (once per run)."""
         return self._answers("teacher", self.teacher)
 
     def student_samples(self, student: torch.nn.Module, teacher_rows: list[dict]) -> list[dict]:
-        """``teacher_rows`` with the student's greedy answer added as ``student``, side by side."""
-        student_rows = self._answers("student", student)
-        return [{**teacher_row, "student": row["student"]} for teacher_row, row in zip(teacher_rows, student_rows,
-                                                                                       strict=True)]
+        """The prompts with the teacher's answers from ``teacher_rows`` and the student's greedy
+        answers, side by side (``teacher``, ``student``); rows whose prompt has a reference carry
+        both answers' BLEU-4 and ROUGE in ``scores`` (``samples.score_samples``)."""
+        rows = self._answers("student", student)
+        rows = [{**{k: v for k, v in row.items() if k != "student"}, "teacher": teacher_row["teacher"],
+                 "student": row["student"]} for row, teacher_row in zip(rows, teacher_rows, strict=True)]
+        return score_samples(rows, ["teacher", "student"])
 
     def prompts_match(self, rows: list[dict] | None) -> bool:
         """Whether cached sample rows answer exactly the current prompts."""
@@ -133,6 +155,9 @@ def build_evaluator(cfg: EvalConfig, *, mcq_sources: list[MCQSource], teacher: t
     heldout = heldout_batches(eval_sets, pad_token_id, device)
     mcq_sets = load_mcq_sets(mcq_sources, cfg.mcq_max_items)
     prompts = load_prompts(locate(cfg.prompts), cfg.samples_max_prompts) if cfg.samples else []
+    # The first examples of each set, in the order of the held-out split (not the batches').
+    text_sets = ({name: examples[:cfg.text_metrics_max_examples] for name, examples in eval_sets.items()}
+                 if cfg.text_metrics else {})
     return Evaluator(teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size, heldout=heldout,
                      agreement=cfg.agreement, agreement_top_k=cfg.agreement_top_k, mcq_sets=mcq_sets,
-                     prompts=prompts, max_new_tokens=cfg.max_new_tokens, autocast=autocast)
+                     text_sets=text_sets, prompts=prompts, max_new_tokens=cfg.max_new_tokens, autocast=autocast)

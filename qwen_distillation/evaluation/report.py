@@ -320,10 +320,13 @@ def _stage_key(stage) -> int:
 
 
 # Rows of the before/after table, in this order: held-out NLL, then agreement with the
-# teacher, then multiple-choice accuracy (perplexity is left out: it is exp(NLL)).
-TABLE_SUFFIXES = ("_nll", "_kl_to_teacher", "_top1_agreement", "_topk_overlap", "_accuracy")
+# teacher, then BLEU/ROUGE of greedy answers, then multiple-choice accuracy (perplexity is left
+# out: it is exp(NLL); so are LLaMA-Factory's BLEU/ROUGE, eval/llamafactory/*, kept in the logs).
+TEXT_SUFFIXES = ("_bleu4", "_rouge1", "_rouge2", "_rougeL")
+TABLE_SUFFIXES = ("_nll", "_kl_to_teacher", "_top1_agreement", "_topk_overlap", *TEXT_SUFFIXES, "_accuracy")
 TABLE_NOTE = ("NLL and KL to the teacher in nats per response token, lower is better; agreement, "
-              "overlap and accuracy are fractions, higher is better; — = not measured, e.g. the "
+              "overlap and accuracy are fractions, higher is better; BLEU-4 and ROUGE of greedy answers "
+              "against the held-out references are 0-100, higher is better; — = not measured, e.g. the "
               "teacher's agreement with itself")
 
 
@@ -331,20 +334,25 @@ def _table_order(name: str) -> tuple[int, str]:
     return next(i for i, suffix in enumerate(TABLE_SUFFIXES) if name.endswith(suffix)), name
 
 
+def _in_table(name: str) -> bool:
+    return name.endswith(TABLE_SUFFIXES) and not name.startswith("eval/llamafactory/")
+
+
 def results_table(summary: dict) -> list[str]:
     """The before/after table: one row per ``eval/<set>_nll``, agreement metric
-    (``_kl_to_teacher``, ``_top1_agreement``, ``_topk_overlap``) and ``eval/mcq/<set>_accuracy``
-    (which direction is better: ``TABLE_NOTE``); columns = teacher, student before, after each
-    stage."""
+    (``_kl_to_teacher``, ``_top1_agreement``, ``_topk_overlap``), BLEU/ROUGE metric (``_bleu4``,
+    ``_rouge1``, ``_rouge2``, ``_rougeL``) and ``eval/mcq/<set>_accuracy`` (which direction is
+    better: ``TABLE_NOTE``); columns = teacher, student before, after each stage."""
     after = summary.get("student_after_stage") or {}
     columns = [("teacher", summary.get("teacher") or {}), ("student before", summary.get("student_before") or {})]
     columns += [(f"after stage {s}", after[s] or {}) for s in sorted(after, key=_stage_key)]
-    names = sorted({k for _, metrics in columns for k in metrics if k.endswith(TABLE_SUFFIXES)}, key=_table_order)
+    names = sorted({k for _, metrics in columns for k in metrics if _in_table(k)}, key=_table_order)
     if not names:
         return ["No held-out evaluation was recorded."]
     lines = ["| metric | " + " | ".join(c for c, _ in columns) + " |", "|---" + "|---:" * len(columns) + "|"]
     for name in names:
-        lines.append(f"| `{name}` | " + " | ".join(_fmt(m.get(name)) for _, m in columns) + " |")
+        digits = 2 if name.endswith(TEXT_SUFFIXES) else 4  # 0-100 scores
+        lines.append(f"| `{name}` | " + " | ".join(_fmt(m.get(name), digits) for _, m in columns) + " |")
     return lines
 
 
@@ -359,16 +367,40 @@ def read_samples(output_dir: Path) -> dict[int, list[dict]]:
     return dict(sorted(out.items()))
 
 
+def sample_scores_table(samples: dict[int, list[dict]]) -> list[str]:
+    """Markdown lines: the mean BLEU-4 and ROUGE-1/2/L of the answers to the quality-sample
+    prompts that have a reference, one row per score; columns = the teacher (its answers of the
+    last stage's file: generated once per run) and the student after each stage. Empty when no
+    stage scored an answer."""
+    from qwen_distillation.evaluation.answers import TEXT_METRICS
+    from qwen_distillation.evaluation.samples import mean_sample_scores
+
+    scored = [stage for stage, rows in samples.items() if mean_sample_scores(rows, "student")["n"]]
+    if not scored:
+        return []
+    columns = [("teacher", mean_sample_scores(samples[scored[-1]], "teacher"))]
+    columns += [(f"after stage {stage}", mean_sample_scores(samples[stage], "student")) for stage in scored]
+    lines = [f"Mean BLEU-4 and ROUGE-1/2/L F1 (0-100, word level, `<think>` stripped, higher is better) of the "
+             f"greedy answers to the prompts that have a reference answer ({columns[-1][1]['n']} of them): sentence "
+             f"scores of a few short answers, so a coarse signal (the project's docs/evaluation.md says how to read "
+             f"them).",
+             "", "| score | " + " | ".join(c for c, _ in columns) + " |", "|---" + "|---:" * len(columns) + "|"]
+    lines += [f"| `{metric}` | " + " | ".join(_fmt(m[metric], 2) for _, m in columns) + " |" for metric in TEXT_METRICS]
+    return lines + [""]
+
+
 def samples_section(output_dir: Path) -> list[str]:
-    """Markdown: each stage's quality samples (teacher and student side by side), with a link
-    to the stage's own ``samples.md``; empty when no stage wrote samples."""
+    """Markdown: the BLEU/ROUGE of the answers against the prompts' references
+    (:func:`sample_scores_table`), then each stage's quality samples (teacher and student side by
+    side), with a link to the stage's own ``samples.md``; empty when no stage wrote samples."""
     from qwen_distillation.evaluation.samples import samples_markdown
 
     samples = read_samples(output_dir)
     if not samples:
         return []
     out = ["## Quality samples", "",
-           "Greedy answers of the teacher and of the student at the end of each stage to the same fixed prompts.", ""]
+           "Greedy answers of the teacher and of the student at the end of each stage to the same fixed prompts.", "",
+           *sample_scores_table(samples)]
     for stage, rows in samples.items():
         out += [f"### After stage {stage}", "", f"File: [`stage{stage}/samples.md`](stage{stage}/samples.md)", "",
                 samples_markdown(rows).rstrip("\n"), ""]

@@ -39,7 +39,7 @@ from qwen_distillation.evaluation.evaluator import Evaluator, build_evaluator
 from qwen_distillation.evaluation.mcq import normalise_mcq_sources
 from qwen_distillation.evaluation.nll import per_example_nll
 from qwen_distillation.evaluation.report import summary_text
-from qwen_distillation.evaluation.samples import PROMPT_FIELDS, samples_markdown
+from qwen_distillation.evaluation.samples import REFERENCE, sample_columns, samples_markdown
 from qwen_distillation.modeling.pair import ModelPair, build_pair
 from qwen_distillation.modeling.parts import response_targets
 from qwen_distillation.modeling.speed import apply_speedups
@@ -382,7 +382,8 @@ class Distiller:
         ckpt.remove_stage_checkpoints(run.directory)
 
     def _write_samples(self, index: int, stage: StageConfig, state: dict) -> None:
-        """The teacher's and the student's greedy answers to the prompts, side by side, in
+        """The teacher's and the student's greedy answers to the prompts, side by side, with the
+        BLEU-4 / ROUGE of both against each prompt's reference where it has one, in
         ``stageN/samples.jsonl`` and ``stageN/samples.md`` (and a wandb table). The teacher's
         answers are generated once per run and kept in the run state."""
         teacher_rows = state.get("teacher_samples")
@@ -395,10 +396,12 @@ class Distiller:
                                "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         header = (f"# Quality samples after stage {index} ({stage.name})\n\n"
                   f"Greedy answers (chat template, at most {self.config.eval.max_new_tokens} new tokens) of the "
-                  f"teacher and of the student at the end of stage {index} (global step {self.global_step}).\n\n")
+                  f"teacher and of the student at the end of stage {index} (global step {self.global_step})"
+                  + (", beside the prompts' reference answers" if any(REFERENCE in row for row in rows) else "")
+                  + ".\n\n")
         ckpt.write_text_atomic(stage_dir / "samples.md", header + samples_markdown(rows))
-        columns = [*PROMPT_FIELDS, "teacher", "student"]
-        self.logger.log_table(f"samples/stage{index}", columns, [[row[c] for c in columns] for row in rows],
+        columns = sample_columns(rows)
+        self.logger.log_table(f"samples/stage{index}", columns, [[row.get(c, "") for c in columns] for row in rows],
                               step=self.global_step)
 
     def _progress(self, key: str, total: int, initial: int):
