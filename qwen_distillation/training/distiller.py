@@ -419,8 +419,8 @@ class Distiller:
             metric = getattr(self.config, key).best_metric
             if metric not in metrics:
                 raise ConfigError(f"{key}.best_metric={metric} is not among the evaluation metrics {sorted(metrics)}; "
-                                  f"choose one of them (agreement and MCQ metrics need eval.agreement=true / "
-                                  f"eval.mcq)")
+                                  f"choose one of them (agreement, MCQ and BLEU/ROUGE metrics need eval.agreement=true / "
+                                  f"eval.mcq / eval.text_metrics=true)")
 
     # -------------------------------------------------------------------- run
     def run(self) -> dict:
