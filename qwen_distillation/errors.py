@@ -20,6 +20,12 @@ class CheckpointError(DistillationError):
     """A checkpoint path is missing, incomplete or does not match the run."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty), for
+    quoting another library's error inside one of ours."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def require(ok: bool, key: str, value, why: str, example: str) -> None:
     """Raise a :class:`ConfigError` naming the override ``key`` unless ``ok``: ``key=value:
     why (override it, e.g. `example`)``."""

@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -30,26 +30,48 @@ DPI = 110
 
 
 # ------------------------------------------------------------------ reading
+class MetricsLine(NamedTuple):
+    """One non-blank line of a ``metrics.jsonl``: its 1-based ``number`` and ``text``; ``row``, or
+    None with ``problem`` saying why when the line is not a JSON object; ``cut``: it is the last
+    line and has no newline (a row whose write was killed)."""
+
+    number: int
+    text: str
+    row: dict | None
+    problem: str
+    cut: bool
+
+
+def metrics_lines(path: Path) -> Iterator[MetricsLine]:
+    """The non-blank lines of an existing ``metrics.jsonl``, parsed. Bytes that are not UTF-8
+    spoil their own line, not the whole file. The report skips bad lines, a resume refuses them."""
+    text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            problem = "" if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+        except ValueError as err:
+            row, problem = None, str(err)
+        yield MetricsLine(number, line, row if not problem else None, problem,
+                          number == len(lines) and not text.endswith("\n"))
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """Rows of a ``metrics.jsonl``; a line that is not a JSON object (a write killed mid-line, a
     damaged file) is skipped with a warning naming the file and line: a finished run must not
     fail on its report."""
     path = Path(path)
-    rows = []
     if not path.exists():
-        return rows
-    # Bytes that are not UTF-8 spoil their own line, not the whole file.
-    for line_no, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict):
-            log.warning("%s line %d is not a JSON object; skipped in the report", path, line_no)
-            continue
-        rows.append(row)
+        return []
+    rows = []
+    for line in metrics_lines(path):
+        if line.row is None:
+            log.warning("%s line %d is not a JSON object; skipped in the report", path, line.number)
+        else:
+            rows.append(line.row)
     return rows
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qwen_distillation.errors import CheckpointError
+from qwen_distillation.errors import CheckpointError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def load_heads(path: Path, heads: torch.nn.Module) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch.load raises many types (EOFError, RuntimeError, pickle errors)
         # The first sentence: torch goes on with advice that does not apply here (weights_only=False).
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        reason = first_line(err).split(". ")[0]
         raise CheckpointError(f"{path}: truncated or damaged, torch cannot load it ({reason}); {fix}") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds no heads (a {type(state).__name__}, not a state dict); {fix}")

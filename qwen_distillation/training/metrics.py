@@ -9,7 +9,8 @@ import os
 import re
 from pathlib import Path
 
-from qwen_distillation.errors import CheckpointError, ConfigError
+from qwen_distillation.errors import CheckpointError, ConfigError, first_line
+from qwen_distillation.evaluation.report import metrics_lines
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,6 @@ def _import_wandb():
     return wandb
 
 
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def wandb_mode(cfg) -> str:
     """The mode of ``logging.wandb`` with ``auto`` resolved: online when WANDB_API_KEY is set."""
     if cfg.mode == "auto":
@@ -67,7 +64,7 @@ def check_wandb_login(cfg) -> None:
         wandb.login(verify=True)
     except wandb.errors.Error as err:  # AuthenticationError, CommError (no server), UsageError (no key, no tty)
         why = " logs online as WANDB_API_KEY is set" if cfg.mode == "auto" else ""
-        raise ConfigError(f"logging.wandb.mode={cfg.mode}{why}, but wandb cannot log in: {_first_line(err)}; "
+        raise ConfigError(f"logging.wandb.mode={cfg.mode}{why}, but wandb cannot log in: {first_line(err)}; "
                           f"{WANDB_FIX}") from err
 
 
@@ -110,7 +107,7 @@ class MetricsLogger:
                               dir=str(output_dir), config=scrub_secrets(run_config))
         except wandb.errors.Error as err:
             raise ConfigError(f"logging.wandb: wandb cannot start a run in {mode} mode "
-                              f"(project={cfg.project}, entity={cfg.entity}): {_first_line(err)}; {WANDB_FIX}") from err
+                              f"(project={cfg.project}, entity={cfg.entity}): {first_line(err)}; {WANDB_FIX}") from err
 
     def truncate(self, stage: int, after_step: int, global_step: int = 0) -> None:
         """Drop rows of ``stage`` logged after ``after_step`` and rows of later stages: what a
@@ -142,22 +139,14 @@ class MetricsLogger:
         Raises:
             CheckpointError: any other line is not a JSON object, naming the file, the line and the fix.
         """
-        text = self.path.read_bytes().decode("utf-8", errors="replace")
-        lines = text.splitlines()
-        for line_no, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
-            except ValueError as err:
-                if line_no == len(lines) and not text.endswith("\n"):
-                    log.warning("%s line %d: a row cut short by the interrupted run; dropped", self.path, line_no)
-                    continue
-                raise CheckpointError(f"{self.path} line {line_no}: not a metrics row ({err}); delete or repair that "
-                                      f"line, or start over with overwrite_output_dir=true") from err
-            yield row, line
+        for line in metrics_lines(self.path):
+            if line.row is not None:
+                yield line.row, line.text
+            elif line.cut:
+                log.warning("%s line %d: a row cut short by the interrupted run; dropped", self.path, line.number)
+            else:
+                raise CheckpointError(f"{self.path} line {line.number}: not a metrics row ({line.problem}); delete or "
+                                      f"repair that line, or start over with overwrite_output_dir=true")
 
     def log(self, row: dict, *, mirror: bool = True) -> None:
         """Append ``row`` to ``metrics.jsonl``; with ``mirror``, send its numbers to TensorBoard
