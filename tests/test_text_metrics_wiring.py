@@ -24,25 +24,13 @@ from qwen_distillation.evaluation.report import results_table, write_report
 from qwen_distillation.evaluation.samples import (load_prompts, mean_sample_scores, quality_samples,
                                                   samples_markdown, score_samples)
 from qwen_distillation.evaluation.text_metrics import has_han, segment
-from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
 from qwen_distillation.paths import locate
 
 OURS = ("bleu4", "rouge1", "rouge2", "rougeL")
 DEMO_PROMPTS = "package:qwen_distillation/data/demo/prompts.jsonl"
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_qwen_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int) -> Qwen2ForCausalLM:

@@ -28,11 +28,6 @@ MIXED_TEXT = (
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_qwen_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def encoding():
     return tiktoken.Encoding(
         "qwen2.5-reference",
