@@ -56,7 +56,12 @@ CLASSIC_FLAGS = {
     "--end_stage": (True, _value("end_stage"), "last stage to run (1-3)"),
     "--checkpoint_path": (True, _value("checkpoint_path"), "student to start from, e.g. out/stage1/best"),
     "--seed": (True, _value("seed"), "random seed"),
+    "--deepspeed": (True, lambda v: ["distributed.engine=deepspeed", f"distributed.deepspeed_config={_quote(v)}"],
+                    "a DeepSpeed JSON of your own (ZeRO stage, buckets, offload); the stage config fills the rest"),
+    "--local_rank": (True, lambda v: [], "set by the deepspeed launcher; the LOCAL_RANK variable is used"),
 }
+# The deepspeed launcher's spelling of --local_rank in recent versions.
+FLAG_ALIASES = {"--local-rank": "--local_rank"}
 
 HELP = """usage: python run_distillation.py [CLASSIC FLAGS] [HYDRA OVERRIDES] [-m]
 
@@ -77,6 +82,8 @@ Examples:
   python run_distillation.py
   python run_distillation.py --start_stage 2 --checkpoint_path out/stage1/best stage2.temperature=3
   python run_distillation.py experiment=smoke output_dir=/tmp/smoke
+  torchrun --nproc_per_node 2 run_distillation.py distributed=zero3 model=qwen2.5_7b_to_1.5b
+  deepspeed --num_gpus 8 run_distillation.py --deepspeed ds_config.json model=qwen2.5_72b_to_7b
 """
 
 
@@ -123,6 +130,7 @@ def translate(argv: list[str]) -> list[str]:
     while i < len(argv):
         arg = argv[i]
         name, eq, inline = arg.partition("=")
+        name = FLAG_ALIASES.get(name, name)
         if name in CLASSIC_FLAGS:
             takes_value, convert, _ = CLASSIC_FLAGS[name]
             if takes_value:

@@ -48,7 +48,7 @@ def test_switch_flags(flag, check):
 def test_every_documented_flag_is_handled():
     documented = ("--teacher_model --student_model --output_dir --general_dataset --medical_dataset --eval_dataset "
                   "--fp16 --bf16 --use_lora --use_qlora --use_wandb --start_stage --end_stage --checkpoint_path "
-                  "--seed").split()
+                  "--seed --deepspeed --local_rank").split()
     assert sorted(CLASSIC_FLAGS) == sorted(documented)
     text = classic_help()
     assert all(flag in text for flag in documented) and "stage2.loss.weights.kd" in text

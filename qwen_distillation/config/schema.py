@@ -264,6 +264,31 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How a run is spread over processes, one per GPU (docs/distributed.md). Chosen with the
+    ``distributed`` group (none, zero2, zero3, zero3_offload, fsdp2) or ``--deepspeed ds_config.json``.
+
+    engine: ``none`` (one process, one device), ``deepspeed`` or ``fsdp2``.
+    zero_stage: the DeepSpeed ZeRO stage (1, 2 or 3); null takes it from ``deepspeed_config``.
+        Under stage 3 the frozen teacher is partitioned over the ranks too.
+    offload: ZeRO-3 only: the student's fp32 weights and optimizer states live in CPU memory.
+    deepspeed_config: a DeepSpeed JSON of the user's own (``--deepspeed``). The values both it and
+        the stage config hold (micro-batch, accumulation, clipping, precision, lr) come from the
+        stage config; a different value in the JSON is an error naming both.
+    backend: the process-group backend: ``auto`` (nccl on CUDA, gloo on the CPU), ``nccl`` or ``gloo``.
+    timeout_minutes: how long a rank waits for the others in a collective before the launch fails.
+    """
+
+    name: str = "none"
+    engine: str = "none"
+    zero_stage: Optional[int] = None
+    offload: bool = False
+    deepspeed_config: Optional[str] = None
+    backend: str = "auto"
+    timeout_minutes: float = 30.0
+
+
+@dataclass
 class WandbConfig:
     """Weights & Biases (``--use_wandb``). ``mode``: ``auto`` logs online when WANDB_API_KEY is
     set and offline otherwise; ``online``, ``offline`` or ``disabled``. An online run that cannot
@@ -298,6 +323,7 @@ class DistillationConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # The preset (conf/experiment/NAME.yaml) the run was composed with: each preset names
     # itself here, so `--cfg job` and a run's config.yaml say why the stage values differ
     # from the stage options. null: none.

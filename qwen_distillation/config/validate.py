@@ -22,6 +22,8 @@ ATTENTION_MODES = ("relations", "attention")
 SAMPLING_MODES = ("uniform", "hard")
 BEST_MODES = ("auto", "min", "max")
 STAGES = ("stage1", "stage2", "stage3")
+ENGINES = ("none", "deepspeed", "fsdp2")
+BACKENDS = ("auto", "nccl", "gloo")
 
 
 def _validate_stage(key: str, stage: StageConfig) -> None:
@@ -123,6 +125,50 @@ def _validate_eval(cfg: EvalConfig) -> None:
     if cfg.samples:
         require(bool(cfg.prompts), "eval.prompts", cfg.prompts, "eval.samples=true needs a prompts file",
                 "eval.prompts=package:qwen_distillation/data/demo/prompts.jsonl")
+
+
+def engine_label(distributed) -> str:
+    """How the user chose the engine, for messages: ``distributed=zero3`` or ``--deepspeed FILE``."""
+    if distributed.deepspeed_config:
+        return f"--deepspeed {distributed.deepspeed_config}"
+    return f"distributed={distributed.name}"
+
+
+def _validate_distributed(cfg: DistillationConfig) -> None:
+    """The engine and the options it cannot work with, refused before anything starts."""
+    d = cfg.distributed
+    require_one_of("distributed.engine", d.engine, ENGINES)
+    require_one_of("distributed.backend", d.backend, BACKENDS)
+    require(d.timeout_minutes > 0, "distributed.timeout_minutes", d.timeout_minutes, "must be > 0",
+            "distributed.timeout_minutes=30")
+    if d.engine == "none":
+        return
+    if d.engine == "fsdp2":
+        raise ConfigError("distributed=fsdp2: the FSDP2 engine is not available yet; distributed=zero3 shards the "
+                          "student and the teacher the same way through DeepSpeed (docs/distributed.md)")
+    require(d.zero_stage in (None, 1, 2, 3), "distributed.zero_stage", d.zero_stage, "ZeRO stages are 1, 2 and 3",
+            "distributed=zero2")
+    require(d.zero_stage is not None or d.deepspeed_config is not None, "distributed.zero_stage", None,
+            "DeepSpeed needs a ZeRO stage: choose an option of the distributed group or pass --deepspeed ds_config.json",
+            "distributed=zero2")
+    require(not d.offload or d.zero_stage in (None, 3), "distributed.offload", True,
+            f"offload needs ZeRO stage 3 (this run: {d.zero_stage})", "distributed=zero3_offload")
+    engine = engine_label(d)
+    for key in STAGES[cfg.start_stage - 1:cfg.end_stage]:
+        stage = getattr(cfg, key)
+        if stage.enabled and stage.loss.balancing.method != "none":
+            raise ConfigError(f"{key}.loss.balancing.method={stage.loss.balancing.method} does not work under "
+                              f"{engine}: it takes per-term gradients with torch.autograd.grad, which a sharded "
+                              f"engine does not support; use {key}.loss.balancing.method=none (fixed loss weights) "
+                              f"or run on one device (distributed=none)")
+    require(cfg.train.precision != "fp16", "train.precision", "fp16",
+            f"fp16 (--fp16) is not supported under {engine}; use bf16 (--bf16)", "train.precision=bf16")
+    require(not cfg.lora.quantize_4bit, "lora.quantize_4bit", True,
+            f"QLoRA (--use_qlora) is not supported under {engine}; use LoRA (--use_lora) or distributed=none",
+            "lora.quantize_4bit=false")
+    require(not (cfg.lora.merge_on_export and d.zero_stage == 3), "lora.merge_on_export", True,
+            f"merging the adapters at export needs the whole student on one rank, which {engine} never holds; "
+            f"merge after the run with peft's merge_and_unload", "lora.merge_on_export=false")
 
 
 def renamed_key(key: str) -> str | None:
@@ -229,4 +275,5 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
             "lora.enabled=true")
     require(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1", "lora.r=16")
     require(bool(cfg.output_dir), "output_dir", cfg.output_dir, "must be a directory path", "output_dir=outputs/run")
+    _validate_distributed(cfg)
     return cfg

@@ -13,6 +13,7 @@ import torch
 from qwen_distillation.errors import CheckpointError, ConfigError, DistillationError
 from qwen_distillation.modeling.loading import (load_causal_lm, load_student_checkpoint, require_existing,
                                                 slim_down, split_gguf)
+from qwen_distillation.modeling.parts import weight_shape
 from qwen_distillation.modeling.tokenizer import load_tokenizer
 from qwen_distillation.modeling.vocab import shared_vocab_size
 from qwen_distillation.paths import resolve_path
@@ -93,18 +94,36 @@ def apply_lora(student, lora_cfg, device: torch.device, base_model_dir: str):
         raise ConfigError(f"lora.target_modules={list(lora_cfg.target_modules)}: {err}") from err
 
 
+def _load_partitioned(spec, *, dtype: torch.dtype, zero3: dict):
+    """Load the teacher partitioned over the ranks as it loads (DeepSpeed ZeRO-3 through
+    transformers' ``HfDeepSpeedConfig``), so that no rank ever holds all of it."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(zero3)  # noqa: F841 - transformers holds only a weak reference
+    try:
+        return load_causal_lm(spec, dtype=dtype, role="teacher")
+    finally:
+        unset_hf_deepspeed_config()
+
+
 def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_dir: Path,
-               resume_after_stage: int = 0) -> ModelPair:
+               resume_after_stage: int = 0, teacher_zero3: dict | None = None) -> ModelPair:
     """Load both models as the run config asks.
 
     The student's starting weights, in order of precedence: the final model of the last
     completed stage of this output_dir (resume), ``checkpoint_path``, a slimmed copy of
     the teacher (``model.student.keep_layers``), or ``model.student`` itself.
+
+    ``teacher_zero3``: a DeepSpeed ZeRO-3 config: the teacher is loaded partitioned over the ranks
+    (except when the student is slimmed from it: then it loads whole and is partitioned after).
     """
     model_cfg = cfg.model
     teacher_tok = _tokenizer_for(model_cfg.teacher, "teacher")
     student_tok = teacher_tok if model_cfg.student.keep_layers else _tokenizer_for(model_cfg.student, "student")
-    teacher = load_causal_lm(model_cfg.teacher, dtype=teacher_dtype, role="teacher")
+    if teacher_zero3 is not None and not model_cfg.student.keep_layers:
+        teacher = _load_partitioned(model_cfg.teacher, dtype=teacher_dtype, zero3=teacher_zero3)
+    else:
+        teacher = load_causal_lm(model_cfg.teacher, dtype=teacher_dtype, role="teacher")
     kept = None
     base_model_dir = None
     quantization = qlora_quantization(device) if cfg.lora.quantize_4bit else None
@@ -132,8 +151,8 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     if cfg.start_stage > 1 and not cfg.checkpoint_path and not resume_after_stage:
         log.warning("start_stage=%d without checkpoint_path: stage %d starts from the initial student",
                     cfg.start_stage, cfg.start_stage)
-    vocab_size = shared_vocab_size(teacher_tok, student_tok, teacher.get_output_embeddings().weight.shape[0],
-                                   student.get_output_embeddings().weight.shape[0], _describe(model_cfg.teacher),
+    vocab_size = shared_vocab_size(teacher_tok, student_tok, weight_shape(teacher.get_output_embeddings().weight)[0],
+                                   weight_shape(student.get_output_embeddings().weight)[0], _describe(model_cfg.teacher),
                                    _describe(model_cfg.student))
     if cfg.lora.enabled and not hasattr(student, "peft_config"):
         if base_model_dir is None or not os.path.exists(os.path.join(base_model_dir, "config.json")):
@@ -141,7 +160,8 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
             student.save_pretrained(base_model_dir, safe_serialization=True)
             student_tok.save_pretrained(base_model_dir)
         student = apply_lora(student, cfg.lora, device, base_model_dir)
-    teacher = teacher.to(device=device, dtype=teacher_dtype)
+    if not any(hasattr(p, "ds_id") for p in teacher.parameters()):  # a partitioned teacher is placed as it loads
+        teacher = teacher.to(device=device, dtype=teacher_dtype)
     teacher.requires_grad_(False)
     teacher.eval()
     if not getattr(student, "is_loaded_in_4bit", False) and not getattr(

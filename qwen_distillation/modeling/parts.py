@@ -3,6 +3,9 @@ stack and lm_head, and to the positions whose hidden state predicts a labelled t
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -26,6 +29,43 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     also through a peft wrapper."""
     base = base_model(model)
     return base.get_decoder(), base.get_output_embeddings()
+
+
+def weight_shape(weight: torch.Tensor) -> torch.Size:
+    """A weight's whole shape, also when DeepSpeed ZeRO-3 has partitioned it (``ds_shape``)."""
+    return getattr(weight, "ds_shape", weight.shape)
+
+
+_HELD = -1  # the id under which whole_parameters marks a ZeRO-3 parameter in use
+
+
+@contextlib.contextmanager
+def whole_parameters(params: Iterable[torch.Tensor]):
+    """Hold parameters whole for the block. DeepSpeed ZeRO-3 partitions every parameter (those
+    with a ``ds_id``) and gathers it only while its own module runs; the code that reads an
+    lm_head weight outside its module (the fused loss, held-out NLL, agreement) runs inside this.
+    The parameters are also marked in use, so ZeRO-3 does not release a head tied to the input
+    embedding when the embedding's forward ends. Gradients computed inside reach ZeRO-3's
+    reduction as usual. A no-op for parameters that are not partitioned."""
+    sharded = list({id(p): p for p in params if p is not None and hasattr(p, "ds_id")}.values())
+    if not sharded:
+        yield
+        return
+    from deepspeed.zero import GatheredParameters
+
+    with GatheredParameters(sharded, modifier_rank=None):
+        for p in sharded:
+            p.ds_active_sub_modules.add(_HELD)
+        try:
+            yield
+        finally:
+            for p in sharded:
+                p.ds_active_sub_modules.discard(_HELD)
+
+
+def head_weights(*models: nn.Module | None) -> list[torch.Tensor]:
+    """The lm_head weights of ``models`` (None entries skipped)."""
+    return [decoder_and_head(m)[1].weight for m in models if m is not None]
 
 
 def supports_hidden_path(model: nn.Module) -> bool:

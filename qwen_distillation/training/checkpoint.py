@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from qwen_distillation.errors import CheckpointError, first_line
+from qwen_distillation.training.distributed import SINGLE, Topology, all_reduce_sum, barrier
 
 log = logging.getLogger(__name__)
 
@@ -46,28 +47,37 @@ def recover(target: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path):
+def atomic_dir(target: Path, topology: Topology = SINGLE):
     """Yield a temporary directory; on success it replaces ``target`` in one rename.
 
-    On an exception the temporary directory is removed and ``target`` is untouched.
+    On an exception the temporary directory is removed and ``target`` is untouched. In a launch
+    of several ranks every rank enters (and writes its own files into the same temporary
+    directory, on a file system they share); rank 0 swaps it in once all of them have written,
+    so a rank killed mid-save leaves ``target`` as it was.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover(target)
     tmp = target.parent / f".{target.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if topology.is_main:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier(topology)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if topology.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = _old(target)
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    barrier(topology)
+    if topology.is_main:
+        old = _old(target)
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier(topology)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -84,18 +94,21 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
-def export_model(model, tokenizer, target: Path, *, base_model_dir: str | None = None, merge: bool = False) -> None:
+def export_model(model, tokenizer, target: Path, *, base_model_dir: str | None = None, merge: bool = False,
+                 state_dict: dict | None = None) -> None:
     """Write a model that ``AutoModelForCausalLM.from_pretrained(target)`` loads.
 
     A plain model is saved as safetensors with its tokenizer. A peft model is saved as its
     adapter (``base_model_dir`` recorded as the base) and, with ``merge``, the merged
-    full model under ``target/merged``.
+    full model under ``target/merged``. ``state_dict``: the weights to write instead of the
+    model's own (a model partitioned over ranks, consolidated).
     """
+    extra = {} if state_dict is None else {"state_dict": state_dict}
     with atomic_dir(target) as tmp:
         if hasattr(model, "peft_config"):
             for peft_config in model.peft_config.values():
                 peft_config.base_model_name_or_path = base_model_dir
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, **extra)
             if merge:
                 import copy
 
@@ -103,7 +116,7 @@ def export_model(model, tokenizer, target: Path, *, base_model_dir: str | None =
                 merged.save_pretrained(tmp / "merged", safe_serialization=True)
                 tokenizer.save_pretrained(tmp / "merged")
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, **extra)
         tokenizer.save_pretrained(tmp)
 
 
@@ -127,16 +140,26 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_training_state(target: Path, *, engine, sampler, step: int, extra: dict) -> None:
+def _rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+def save_training_state(target: Path, *, engine, sampler, step: int, extra: dict,
+                        topology: Topology = SINGLE) -> None:
     """Everything needed to continue a stage exactly: the engine's state (weights, optimizer,
-    schedule, balancer), RNG states, the data sampler's cursor and the step counters."""
-    with atomic_dir(target) as tmp:
-        torch.save({"engine": engine.state_dict(), "rng": rng_state(), "sampler": sampler.state_dict(),
-                    "step": step, "extra": extra}, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step}, indent=2))
+    schedule, balancer), RNG states, the data sampler's cursor and the step counters. In a launch
+    of several ranks each writes its engine state and RNG states, and rank 0 the rest."""
+    with atomic_dir(target, topology) as tmp:
+        engine_state = engine.save_state(tmp)
+        if topology.world_size > 1:
+            torch.save(rng_state(), tmp / _rng_file(topology.rank))
+        if topology.is_main:
+            torch.save({"engine": engine_state, "rng": rng_state(), "sampler": sampler.state_dict(),
+                        "step": step, "extra": extra, "world_size": topology.world_size}, tmp / "state.pt")
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": topology.world_size}, indent=2))
 
 
-def load_training_state(target: Path, *, engine, sampler) -> dict:
+def load_training_state(target: Path, *, engine, sampler, topology: Topology = SINGLE) -> dict:
     """Restore what :func:`save_training_state` wrote into ``engine`` and ``sampler`` (and the
     RNGs); returns the saved dict (``step``, ``extra``).
 
@@ -157,10 +180,18 @@ def load_training_state(target: Path, *, engine, sampler) -> dict:
         raise CheckpointError(f"{path}: unreadable training state ({type(err).__name__}: {err}); the file is "
                               f"truncated or is not a checkpoint. Delete {target} to resume from an older "
                               f"checkpoint of the stage (or its beginning)") from err
+    saved_world = state.get("world_size", 1)
+    if saved_world != topology.world_size:
+        raise CheckpointError(f"{path}: written by a launch of {saved_world} process(es), this one has "
+                              f"{topology.world_size}; resume with the same launch, or delete {target} to restart "
+                              f"the stage from an older checkpoint or its beginning")
     try:
-        engine.load_state_dict(state["engine"])
+        engine.load_state(target, state["engine"])
         sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        rng = state["rng"]
+        if topology.world_size > 1:
+            rng = torch.load(target / _rng_file(topology.rank), map_location="cpu", weights_only=False)
+        set_rng_state(rng)
     except CheckpointError as err:  # the engine's or the sampler's own account of what differs
         raise CheckpointError(f"{path}: {err}") from err
     except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as err:
@@ -185,17 +216,21 @@ def stage_checkpoints(stage_dir: Path) -> list[Path]:
     return [path for path in found if path.is_dir()]
 
 
-def save_stage_checkpoint(stage_dir: Path, *, keep: int, engine, sampler, step: int, extra: dict) -> Path:
+def save_stage_checkpoint(stage_dir: Path, *, keep: int, engine, sampler, step: int, extra: dict,
+                          topology: Topology = SINGLE) -> Path:
     """Save the training state as ``stage_dir/checkpoint-STEP`` (:func:`save_training_state`),
     then delete all but the newest ``keep`` checkpoints of the stage. Returns the new one."""
     target = Path(stage_dir) / f"{CHECKPOINT_PREFIX}{step}"
-    save_training_state(target, engine=engine, sampler=sampler, step=step, extra=extra)
-    for old in stage_checkpoints(stage_dir)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+    save_training_state(target, engine=engine, sampler=sampler, step=step, extra=extra, topology=topology)
+    if topology.is_main:
+        for old in stage_checkpoints(stage_dir)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(topology)
     return target
 
 
-def load_stage_checkpoint(stage_dir: Path, *, engine, sampler) -> tuple[dict, Path] | None:
+def load_stage_checkpoint(stage_dir: Path, *, engine, sampler,
+                          topology: Topology = SINGLE) -> tuple[dict, Path] | None:
     """Restore the newest readable checkpoint of a stage; returns (saved state, its directory),
     or None when the stage has none. An unreadable checkpoint is reported and passed over for
     the one before it (its directory is left as it is, for inspection).
@@ -203,15 +238,25 @@ def load_stage_checkpoint(stage_dir: Path, *, engine, sampler) -> tuple[dict, Pa
     Raises:
         CheckpointError: the stage has checkpoints and none of them can be restored.
     """
+    if topology.is_main:
+        stage_checkpoints(stage_dir)  # completes a swap a kill interrupted, before the others look
+    barrier(topology)
     candidates = stage_checkpoints(stage_dir)
     failures = []
     for i, target in enumerate(candidates):
         try:
-            return load_training_state(target, engine=engine, sampler=sampler), target
+            saved, error = load_training_state(target, engine=engine, sampler=sampler, topology=topology), None
         except CheckpointError as err:
-            failures.append(str(err))
-            if i + 1 < len(candidates):
-                log.warning("%s\nfalling back to the previous checkpoint, %s", err, candidates[i + 1])
+            saved, error = None, err
+        # The ranks fall back together: a checkpoint one of them cannot read is passed over by all.
+        (failed,) = all_reduce_sum(topology, [0.0 if error is None else 1.0])
+        if not failed:
+            return saved, target
+        if error is None:
+            error = CheckpointError(f"{target}: another rank of the launch cannot restore it")
+        failures.append(str(error))
+        if i + 1 < len(candidates):
+            log.warning("%s\nfalling back to the previous checkpoint, %s", error, candidates[i + 1])
     if failures:
         raise CheckpointError(f"no checkpoint of {stage_dir} can be restored:\n  " + "\n  ".join(failures)
                               + f"\nDelete {Path(stage_dir) / (CHECKPOINT_PREFIX + '*')} to restart the stage "
@@ -251,9 +296,14 @@ def read_run_state(output_dir: Path) -> dict | None:
 
 def save_heads(path: Path, heads: torch.nn.Module) -> None:
     """The trainable distillation heads (feature/contrastive projections) beside a stage's model."""
+    save_state_dict(path, heads.state_dict())
+
+
+def save_state_dict(path: Path, state: dict) -> None:
+    """``torch.save(state)`` under a temporary name, renamed over ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(heads.state_dict(), tmp)
+    torch.save(state, tmp)
     os.replace(tmp, path)
 
 

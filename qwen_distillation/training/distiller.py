@@ -29,6 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 from qwen_distillation.config.schema import DistillationConfig, StageConfig
+from qwen_distillation.config.validate import engine_label
 from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indices
 from qwen_distillation.data.manager import (StageSampler, collate, length_grouped_batches, micro_batches,
                                             stage_domains)
@@ -41,13 +42,14 @@ from qwen_distillation.evaluation.nll import per_example_nll
 from qwen_distillation.evaluation.report import summary_text
 from qwen_distillation.evaluation.samples import REFERENCE, sample_columns, samples_markdown
 from qwen_distillation.modeling.pair import ModelPair, build_pair
-from qwen_distillation.modeling.parts import response_targets
+from qwen_distillation.modeling.parts import head_weights, response_targets, whole_parameters
 from qwen_distillation.modeling.speed import apply_speedups
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.balancing import Balancer
+from qwen_distillation.training import distributed as dist
 from qwen_distillation.training.engine import SingleDeviceEngine, StepOutcome
-from qwen_distillation.training.metrics import (METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, check_wandb_login,
-                                                 scrub_secrets)
+from qwen_distillation.training.metrics import (METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, NullLogger,
+                                                 check_wandb_login, scrub_secrets)
 from qwen_distillation.training.module import DistillationModule, build_heads, per_step_mean
 from qwen_distillation.training.optim import build_optimizer, build_scheduler
 from qwen_distillation.training.outputs import check_output_dir, prepare_output_dir, run_hash
@@ -102,7 +104,7 @@ class StageRun:
     directory: Path
     total_steps: int
     sampler: StageSampler | HardExampleSampler
-    engine: SingleDeviceEngine
+    engine: SingleDeviceEngine  # or training.deepspeed_engine.DeepSpeedEngine
     save_every: int
     step: int = 0
     best: float | None = None
@@ -127,6 +129,7 @@ class Distiller:
         self.sources = data_sources(config.data)
         self.mcq_sources = normalise_mcq_sources("eval.mcq", config.eval.mcq)
         self.device, self.precision = select_device(config.train)
+        self.topo = dist.SINGLE  # the launch, once run() has started its process group
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         # Student master weights stay fp32 and autocast runs the matmuls in low precision;
         # the frozen teacher is stored in the low-precision dtype directly.
@@ -151,9 +154,18 @@ class Distiller:
         (Random initialisations happen in this order: models, then heads.)"""
         cfg = self.config
         self.pair: ModelPair = build_pair(cfg, device=self.device, teacher_dtype=self.teacher_dtype,
-                                          output_dir=self.output_dir, resume_after_stage=resume_from)
+                                          output_dir=self.output_dir, resume_after_stage=resume_from,
+                                          teacher_zero3=self._teacher_zero3())
+        if self._teacher_zero3() is not None:
+            from qwen_distillation.training.deepspeed_engine import shard_teacher
+
+            self.pair.teacher = shard_teacher(self.pair.teacher, self._teacher_zero3())
         self.teacher_stream = bool(cfg.train.teacher_stream and self.device.type == "cuda"
                                    and self.pair.teacher is not None)
+        if self.teacher_stream and self._sharded():
+            log.info("train.teacher_stream is off under %s: a sharded teacher gathers its weights with "
+                     "collectives that must stay in order with the student's", engine_label(cfg.distributed))
+            self.teacher_stream = False
         self.speedups = apply_speedups([m for m in (self.pair.student, self.pair.teacher) if m is not None],
                                        device=self.device, compile=cfg.train.compile,
                                        liger_kernels=cfg.train.liger_kernels)
@@ -165,6 +177,34 @@ class Distiller:
             cfg.eval, mcq_sources=self.mcq_sources, teacher=self.pair.teacher, tokenizer=self.pair.tokenizer,
             vocab_size=self.pair.vocab_size, eval_sets=self.data.eval_sets, pad_token_id=self.pair.pad_token_id,
             device=self.device, autocast=self._autocast)
+
+    def _deepspeed_config(self, index: int) -> dict:
+        from qwen_distillation.training.deepspeed_engine import deepspeed_config
+
+        key = STAGE_KEYS[index]
+        return deepspeed_config(self.config.distributed, stage=getattr(self.config, key), stage_key=key,
+                                world_size=self.topo.world_size, precision=self.precision)
+
+    def _teacher_zero3(self) -> dict | None:
+        """The teacher's DeepSpeed config when it is partitioned (ZeRO-3), else None."""
+        if self.config.distributed.engine != "deepspeed":
+            return None
+        config = self._deepspeed_config(self.stages[0])
+        if config["zero_optimization"]["stage"] != 3:
+            return None
+        from qwen_distillation.training.deepspeed_engine import teacher_config
+
+        return teacher_config(config)
+
+    def _sharded(self) -> bool:
+        """Whether the models' weights are partitioned over the ranks (ZeRO-3, FSDP2)."""
+        distributed = self.config.distributed
+        return distributed.engine == "fsdp2" or (distributed.engine == "deepspeed"
+                                                 and self._teacher_zero3() is not None)
+
+    def _whole_heads(self):
+        """The student's and teacher's lm_head weights held whole (ZeRO-3) for the block."""
+        return whole_parameters(head_weights(self.pair.student, self.pair.teacher))
 
     def _build_module(self, resume_from: int) -> None:
         cfg, pair = self.config, self.pair
@@ -183,10 +223,14 @@ class Distiller:
             return stage.max_steps
         pool = sum(len(getattr(self.data, domain))
                    for domain in stage_domains(stage.medical_ratio.start, stage.medical_ratio.end))
-        return max(1, math.ceil(stage.epochs * pool / (stage.batch_size * stage.grad_accum)))
+        return max(1, math.ceil(stage.epochs * pool / self._examples_per_step(stage)))
+
+    def _examples_per_step(self, stage: StageConfig) -> int:
+        """Examples of one optimizer step, all ranks together: micro-batch x accumulation x ranks."""
+        return stage.batch_size * stage.grad_accum * self.topo.world_size
 
     def _sampler(self, key: str, stage: StageConfig, total_steps: int, index: int):
-        per_step = stage.batch_size * stage.grad_accum
+        per_step = self._examples_per_step(stage)
         seed = self.config.seed + index
         ratio = stage.medical_ratio
         if stage.sampling.mode == "hard":
@@ -212,16 +256,26 @@ class Distiller:
         scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_ratio=stage.warmup_ratio,
                                     scheduler=stage.lr_scheduler, min_lr_ratio=stage.min_lr_ratio)
         weights, balancing = loss_weights(plan), stage.loss.balancing
-        balancer = Balancer(balancing.method, list(weights), weights, alpha=balancing.gradnorm_alpha,
-                            lr=balancing.gradnorm_lr, seed=self.config.seed + index)
-        engine = SingleDeviceEngine(self.module, optimizer=optimizer, scheduler=scheduler, balancer=balancer,
-                                    shared=shared_parameter(self.pair.student, plan), precision=self.precision,
-                                    max_grad_norm=stage.max_grad_norm)
+        if self.config.distributed.engine == "deepspeed":
+            from qwen_distillation.training.deepspeed_engine import DeepSpeedEngine
+
+            if getattr(self, "_engine", None) is not None:
+                self._engine.destroy()  # the previous stage's hooks and buffers
+            engine = DeepSpeedEngine(self.module, optimizer=optimizer, scheduler=scheduler, weights=weights,
+                                     config=self._deepspeed_config(index), topology=self.topo,
+                                     whole=head_weights(self.pair.student, self.pair.teacher))
+        else:
+            balancer = Balancer(balancing.method, list(weights), weights, alpha=balancing.gradnorm_alpha,
+                                lr=balancing.gradnorm_lr, seed=self.config.seed + index)
+            engine = SingleDeviceEngine(self.module, optimizer=optimizer, scheduler=scheduler, balancer=balancer,
+                                        shared=shared_parameter(self.pair.student, plan), precision=self.precision,
+                                        max_grad_norm=stage.max_grad_norm)
+        self._engine = engine
         save_every = stage.save_every if stage.save_every is not None else math.ceil(total_steps / 4)
         run = StageRun(index, key, stage, plan, self.output_dir / f"stage{index}", total_steps,
                        self._sampler(key, stage, total_steps, index), engine, save_every,
                        recent_skipped=deque(maxlen=self.config.train.divergence_window))
-        restored = ckpt.load_stage_checkpoint(run.directory, engine=engine, sampler=run.sampler)
+        restored = ckpt.load_stage_checkpoint(run.directory, engine=engine, sampler=run.sampler, topology=self.topo)
         if restored is not None:
             saved, resume_dir = restored
             run.step, run.best = saved["step"], saved["extra"].get("best")
@@ -248,7 +302,8 @@ class Distiller:
                 self._evaluate(run)
             if not is_last and self._save_due(run):
                 ckpt.save_stage_checkpoint(run.directory, keep=self.config.train.keep_checkpoints, engine=run.engine,
-                                           sampler=run.sampler, step=run.step, extra=run.extra(self.global_step))
+                                           sampler=run.sampler, step=run.step, extra=run.extra(self.global_step),
+                                           topology=self.topo)
                 run.last_save = time.monotonic()
         if progress is not None:
             progress.close()
@@ -258,8 +313,10 @@ class Distiller:
         """Every ``save_every`` steps, and when ``train.save_every_minutes`` have passed since
         the stage's last save (or its start)."""
         minutes = self.config.train.save_every_minutes
-        return bool((run.save_every and run.step % run.save_every == 0)
-                    or (minutes and time.monotonic() - run.last_save >= 60 * minutes))
+        due = bool((run.save_every and run.step % run.save_every == 0)
+                   or (minutes and time.monotonic() - run.last_save >= 60 * minutes))
+        # Rank 0's clock decides for the launch: every rank takes part in a save.
+        return dist.broadcast_object(self.topo, due) if minutes else due
 
     def _diverged(self, run: StageRun, what: str) -> NonFiniteLossError:
         previous = [i for i in self.stages if i < run.index]
@@ -290,19 +347,25 @@ class Distiller:
         if isinstance(run.sampler, HardExampleSampler) and run.sampler.needs_scores():
             self._score_examples(run)
         served = run.sampler.next_step()
+        # Every rank draws the whole step and runs its share of the micro-batches; the terms are
+        # normalised by the tokens (and micro-batches) of the whole step.
         batches = length_grouped_batches(served.examples, run.stage.batch_size, self.pair.pad_token_id, self.device)
         tokens = sum(int(response_targets(batch["labels"]).numel()) for batch in batches)
         sums: dict[str, float] = {}
         balance_log: dict[str, float] = {}
-        for batch in batches:
-            with self._autocast():
-                terms, info = self.module(batch, self.teacher(batch, run.plan))
-            logs = run.engine.backward(per_step_mean(terms, tokens, len(batches)))
+        for batch in dist.rank_share(batches, self.topo):
+            with run.engine.gathered():
+                with self._autocast():
+                    terms, info = run.engine.forward(batch, self.teacher(batch, run.plan))
+                logs = run.engine.backward(per_step_mean(terms, tokens, len(batches)))
             if logs is None:
                 break
             balance_log = logs
             for name, value in info.items():
                 sums[name] = sums.get(name, 0.0) + value
+        if self.topo.world_size > 1:
+            names = sorted(sums)
+            sums = dict(zip(names, dist.all_reduce_sum(self.topo, [float(sums[n]) for n in names])))
         outcome = run.engine.step()
         run.step += 1
         self.global_step += 1
@@ -326,14 +389,25 @@ class Distiller:
         sampler, student = run.sampler, self.module.student
         indices = score_indices(len(sampler.examples), run.stage.sampling.max_scored, sampler.step, sampler.seed)
         examples = [sampler.examples[i] for i in indices]
-        scores: list[float] = []
+        chunks = list(micro_batches(examples, max(run.stage.batch_size, 8)))
+        # Each rank scores every world_size-th chunk; all run as many forwards (a rank short of
+        # one repeats its last and drops it: ZeRO-3 gathers weights collectively), then share.
+        mine = list(range(len(chunks)))[self.topo.rank::self.topo.world_size]
+        rounds = math.ceil(len(chunks) / self.topo.world_size)
+        scored: dict[int, list[float]] = {}
         was_training = student.training
         student.eval()
-        with self._autocast():
-            for chunk in micro_batches(examples, max(run.stage.batch_size, 8)):
-                batch = {k: v.to(self.device) for k, v in collate(chunk, self.pair.pad_token_id).items()}
-                scores.extend(per_example_nll(student, batch, self.pair.vocab_size).tolist())
+        with self._autocast(), self._whole_heads():
+            for i in range(rounds):
+                index = mine[min(i, len(mine) - 1)] if mine else 0
+                batch = {k: v.to(self.device) for k, v in collate(chunks[index], self.pair.pad_token_id).items()}
+                values = per_example_nll(student, batch, self.pair.vocab_size).tolist()
+                if i < len(mine):
+                    scored[index] = values
         student.train(was_training)
+        for part in dist.all_gather_object(self.topo, scored):
+            scored.update(part)
+        scores = [score for index in range(len(chunks)) for score in scored[index]]
         sampler.update_scores(indices, scores)
         finite = torch.tensor([x for x in scores if math.isfinite(x)])
         if finite.numel():
@@ -348,7 +422,7 @@ class Distiller:
     def _evaluate(self, run: StageRun) -> None:
         """Evaluate the student, log the metrics, and export ``stageN/best`` when its
         ``best_metric`` improves. A non-finite held-out NLL or ``best_metric`` fails the stage."""
-        metrics = self.evaluator.metrics(self.module.student)
+        metrics = self._metrics(self.module.student)
         self.logger.log({"stage": run.index, "step": run.step, "global_step": self.global_step, **metrics})
         value = metrics.get(run.stage.best_metric)
         if value is None:
@@ -364,6 +438,13 @@ class Distiller:
             self._export(run, "best")
         self.last_eval = metrics
 
+    def _metrics(self, model) -> dict:
+        """The evaluator's metrics of ``model``. Every rank evaluates (under ZeRO-3 a forward is a
+        collective) and rank 0's numbers stand for the launch, so all ranks take the same decisions."""
+        with self._whole_heads():
+            metrics = self.evaluator.metrics(model)
+        return dist.broadcast_object(self.topo, metrics)
+
     def _export(self, run: StageRun, name: str) -> None:
         run.engine.save_pretrained(run.directory / name, self.pair.tokenizer, base_model_dir=self.pair.base_model_dir,
                                    merge=self.config.lora.merge_on_export)
@@ -378,8 +459,14 @@ class Distiller:
         state["completed_stages"] = sorted(set(state["completed_stages"]) | {run.index})
         state.setdefault("stage_eval", {})[str(run.index)] = self.last_eval
         state["global_step"] = self.global_step
-        ckpt.write_json_atomic(self.output_dir / ckpt.RUN_STATE, state)
-        ckpt.remove_stage_checkpoints(run.directory)
+        self._write_state(state)
+        if self.topo.is_main:
+            ckpt.remove_stage_checkpoints(run.directory)
+        dist.barrier(self.topo)
+
+    def _write_state(self, state: dict) -> None:
+        if self.topo.is_main:
+            ckpt.write_json_atomic(self.output_dir / ckpt.RUN_STATE, state)
 
     def _write_samples(self, index: int, stage: StageConfig, state: dict) -> None:
         """The teacher's and the student's greedy answers to the prompts, side by side, with the
@@ -391,6 +478,8 @@ class Distiller:
             teacher_rows = self.evaluator.teacher_samples()
             state["teacher_samples"] = teacher_rows
         rows = self.evaluator.student_samples(self.pair.student, teacher_rows)
+        if not self.topo.is_main:
+            return
         stage_dir = self.output_dir / f"stage{index}"
         ckpt.write_text_atomic(stage_dir / "samples.jsonl",
                                "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
@@ -405,7 +494,7 @@ class Distiller:
                               step=self.global_step)
 
     def _progress(self, key: str, total: int, initial: int):
-        if not self.config.logging.progress_bar:
+        if not self.config.logging.progress_bar or not self.topo.is_main:
             return None
         from tqdm.auto import tqdm
 
@@ -425,26 +514,34 @@ class Distiller:
     # -------------------------------------------------------------------- run
     def run(self) -> dict:
         cfg = self.config
+        self.topo = dist.setup(cfg.distributed, self.device.type)
+        if self.topo.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.topo.local_rank)
         state = check_output_dir(self.output_dir, run_id=self.run_id, resume=cfg.resume,
                                  overwrite=cfg.overwrite_output_dir)
-        check_wandb_login(cfg.logging.wandb)  # before models load and anything is written
+        if self.topo.is_main:
+            check_wandb_login(cfg.logging.wandb)  # before models load and anything is written
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.seed)
         resume_from = max(state["completed_stages"], default=0) if state else 0
         self._build(resume_from)
-        state = prepare_output_dir(self.output_dir, state, run_id=self.run_id, run_config=self.run_config,
-                                   overwrite=cfg.overwrite_output_dir)
+        dist.barrier(self.topo)  # every rank has read the old outputs before rank 0 rewrites them
+        if self.topo.is_main:
+            state = prepare_output_dir(self.output_dir, state, run_id=self.run_id, run_config=self.run_config,
+                                       overwrite=cfg.overwrite_output_dir)
+        state = dist.broadcast_object(self.topo, state)
         self._build_module(resume_from)
-        self.logger = MetricsLogger(self.output_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
-                                    wandb_cfg=cfg.logging.wandb, run_config=self.run_config)
+        self.logger = (MetricsLogger(self.output_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
+                                     wandb_cfg=cfg.logging.wandb, run_config=self.run_config)
+                       if self.topo.is_main else NullLogger())
         self.global_step = state.get("global_step", 0)
         self.last_eval = {}
         try:
             if state.get("initial_eval") is None:
-                state["initial_eval"] = {"student": self.evaluator.metrics(self.pair.student),
-                                         "teacher": self.evaluator.metrics(self.pair.teacher)}
-                ckpt.write_json_atomic(self.output_dir / ckpt.RUN_STATE, state)
+                state["initial_eval"] = {"student": self._metrics(self.pair.student),
+                                         "teacher": self._metrics(self.pair.teacher)}
+                self._write_state(state)
             self._check_best_metrics(state["initial_eval"]["student"],
                                      [i for i in self.stages if i not in state["completed_stages"]])
             for index in self.stages:
@@ -454,8 +551,11 @@ class Distiller:
         finally:
             self.logger.close()
         state["finished"] = True
-        ckpt.write_json_atomic(self.output_dir / ckpt.RUN_STATE, state)
+        self._write_state(state)
         summary = self._summary(state)
+        if not self.topo.is_main:
+            dist.shutdown(self.topo)
+            return summary
         ckpt.write_json_atomic(self.output_dir / "summary.json", summary)
         try:
             from qwen_distillation.evaluation.report import write_report
@@ -464,11 +564,13 @@ class Distiller:
         except Exception as err:  # noqa: BLE001 - a finished run must not fail on its report
             log.warning("could not write the run report: %s", err)
         print(summary_text(summary))
+        dist.shutdown(self.topo)
         return summary
 
     def _summary(self, state: dict) -> dict:
         return {"output_dir": str(self.output_dir), "stages": state["completed_stages"],
                 "device": str(self.device), "precision": self.precision,
+                "distributed": {"engine": self.config.distributed.name, "world_size": self.topo.world_size},
                 "final_models": {s: str(self.output_dir / f"stage{s}" / "final") for s in state["completed_stages"]},
                 "metrics": str(self.output_dir / METRICS_FILE),
                 "tensorboard": str(self.output_dir / TENSORBOARD_DIR),

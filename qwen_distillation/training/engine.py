@@ -5,10 +5,12 @@ loss terms, when to evaluate and save. An engine owns the three jobs that change
 work is spread over devices: the backward pass of the trainable module's loss terms, the
 optimizer step, and the state those need to resume. Its surface is::
 
+    engine.forward(batch, teacher)   # the trainable module's forward -> (terms, info)
+    engine.gathered()          # context: weights read outside their module held whole (ZeRO-3)
     engine.backward(terms)     # once per micro-batch; None when a term is non-finite
     engine.step()              # once per optimizer step -> StepOutcome (then zero_grad)
     engine.zero_grad()
-    engine.state_dict() / engine.load_state_dict(state)
+    engine.save_state(dir) -> dict / engine.load_state(dir, dict)   # a mid-stage checkpoint
     engine.save_pretrained(dir, tokenizer, ...)   engine.save_heads(path)
 
 :class:`SingleDeviceEngine` is the engine for one device (CPU or one GPU): gradient
@@ -20,6 +22,7 @@ advance) and counted.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +68,8 @@ class SingleDeviceEngine:
         max_grad_norm: clip threshold; 0 disables clipping (the norm is still measured).
     """
 
+    kind = "single-device"
+
     def __init__(self, module: nn.Module, *, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, balancer: Balancer,
                  shared: list[torch.Tensor] | None = None, precision: str = "fp32", max_grad_norm: float = 1.0):
@@ -77,6 +82,13 @@ class SingleDeviceEngine:
         self.bad_in_row = 0
         self.bad_total = 0
         self._nonfinite = ""
+
+    def forward(self, *args):
+        return self.module(*args)
+
+    def gathered(self):
+        """Nothing to gather on one device."""
+        return contextlib.nullcontext()
 
     def backward(self, terms: dict[str, torch.Tensor]) -> dict[str, float] | None:
         """Add the gradient of one micro-batch's loss terms to the parameters' ``.grad``.
@@ -153,6 +165,18 @@ class SingleDeviceEngine:
             self.scaler.load_state_dict(state["scaler"])
         self.balancer.load_state_dict(state["balancer"])
         self.bad_total = state["bad_total"]
+
+    def save_state(self, directory: Path) -> dict:
+        """A mid-stage checkpoint's engine state: all of it in the returned dict (``directory``,
+        where an engine over several ranks writes its per-rank files, stays empty)."""
+        return {"kind": self.kind, **self.state_dict()}
+
+    def load_state(self, directory: Path, state: dict) -> None:
+        kind = state.get("kind", self.kind)
+        if kind != self.kind:
+            raise CheckpointError(f"it was written by a run on another engine ({kind}, this run: {self.kind}); "
+                                  f"resume it with the same distributed option, or delete it to restart the stage")
+        self.load_state_dict(state)
 
     def save_pretrained(self, target: Path, tokenizer, *, base_model_dir: str | None = None,
                         merge: bool = False) -> None:

@@ -182,3 +182,19 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class NullLogger:
+    """The logger of every rank but rank 0 in a launch of several: rank 0 logs for the launch."""
+
+    def truncate(self, stage: int, after_step: int, global_step: int = 0) -> None:
+        pass
+
+    def log(self, row: dict, *, mirror: bool = True) -> None:
+        pass
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

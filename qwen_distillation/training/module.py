@@ -24,7 +24,8 @@ from qwen_distillation.losses.feature import FeatureProjector, masked_feature_lo
 from qwen_distillation.losses.fused import apply_fused_kd
 from qwen_distillation.losses.logit import cross_entropy, divergence
 from qwen_distillation.modeling.capture import CapturedForward, forward_captured
-from qwen_distillation.modeling.parts import decoder_and_head, model_inputs, position_mask, response_targets
+from qwen_distillation.modeling.parts import (decoder_and_head, model_inputs, position_mask, response_targets,
+                                              weight_shape)
 from qwen_distillation.training.plan import LossPlan
 from qwen_distillation.training.teacher import Launched
 
@@ -42,8 +43,8 @@ class Heads(nn.Module):
 def build_heads(stages: list, plans: list[LossPlan], student: nn.Module, teacher: nn.Module) -> Heads:
     """One set of heads for the whole run: the feature projections of every layer pair any
     stage matches, and one contrastive head (sized by the first stage that uses it)."""
-    student_width = decoder_and_head(student)[1].weight.shape[1]
-    teacher_width = decoder_and_head(teacher)[1].weight.shape[1]
+    student_width = weight_shape(decoder_and_head(student)[1].weight)[1]
+    teacher_width = weight_shape(decoder_and_head(teacher)[1].weight)[1]
     pairs = sorted({p for plan in plans for p in plan.feature_pairs})
     feature = FeatureProjector(pairs, student_width, teacher_width) if pairs else None
     contrastive = None

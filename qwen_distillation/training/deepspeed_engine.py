@@ -1,0 +1,286 @@
+"""The DeepSpeed engine: ZeRO-1/2/3 over the ranks of a launch, behind the engine interface of
+``training/engine.py`` (``forward``, ``backward``, ``step``, state, exports).
+
+What it keeps from the single-device engine, so a stage computes the same thing on one process or
+many: the client ``torch.optim.AdamW`` and LambdaLR schedule (``training.optim``), fp32 master
+weights with the forward under ``torch.autocast`` (DeepSpeed's own fp16/bf16 modes are not used),
+the per-token normalisation over the whole step, clipping at ``stageN.max_grad_norm`` and the
+non-finite policy (a step with a non-finite loss or gradient norm on any rank is skipped by every
+rank, and counted).
+
+Gradient scaling: each rank's loss terms are its share of the step's per-token means
+(:func:`training.module.per_step_mean` over the tokens of the *whole* step, all ranks); DeepSpeed
+averages gradients over the ranks, so the loss is multiplied by the world size, and ``backward``
+runs with ``scale_wrt_gas=False`` (the terms are already shares of the step).
+
+Under ZeRO-3 every parameter is partitioned and gathered only while its module runs. The losses
+that read an lm_head weight outside its module (the fused loss, held-out NLL) run inside
+:meth:`gathered`, which holds the student's and teacher's head weights whole for the block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qwen_distillation.errors import CheckpointError, ConfigError
+from qwen_distillation.modeling.parts import whole_parameters
+from qwen_distillation.training import checkpoint as ckpt
+from qwen_distillation.training.distributed import Topology, all_reduce_sum, barrier
+from qwen_distillation.training.engine import StepOutcome
+
+log = logging.getLogger(__name__)
+
+DS_DIR = "deepspeed"  # the DeepSpeed checkpoint inside stageN/checkpoint-STEP
+# Values of a user's DeepSpeed JSON that the stage config fills; "auto" (the Hugging Face
+# convention) always defers to the stage config.
+AUTO = "auto"
+
+
+def read_deepspeed_json(path: str) -> dict:
+    """The user's DeepSpeed JSON (``--deepspeed``), or a ConfigError naming it."""
+    key = f"distributed.deepspeed_config={path} (--deepspeed)"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: no such file; pass the path of a DeepSpeed JSON, or choose distributed=zero2 "
+                          f"(or zero3, zero3_offload) instead") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{key}: cannot read it ({err})") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{key}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: a DeepSpeed config is a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def _conflict(source: str, field: str, theirs, ours, key: str) -> ConfigError:
+    return ConfigError(f"{source}: {field}={theirs} differs from {key}={ours}; the stage config sets it: remove "
+                       f"{field} from the JSON (or write \"auto\"), or set {key}={theirs}")
+
+
+def deepspeed_config(distributed, *, stage, stage_key: str, world_size: int, precision: str) -> dict:
+    """The DeepSpeed config of one stage: the user's JSON (if any) with the values the stage
+    config holds filled in from it, and the engine's own settings.
+
+    Raises:
+        ConfigError: the JSON sets a value the stage config holds to something else (micro-batch,
+            accumulation, global batch, clipping, lr, precision, ZeRO stage), naming both.
+    """
+    user = read_deepspeed_json(distributed.deepspeed_config) if distributed.deepspeed_config else {}
+    source = f"distributed.deepspeed_config={distributed.deepspeed_config} (--deepspeed)"
+    config = json.loads(json.dumps(user))  # a copy
+    fills = {"train_micro_batch_size_per_gpu": (stage.batch_size, f"{stage_key}.batch_size"),
+             "gradient_accumulation_steps": (stage.grad_accum, f"{stage_key}.grad_accum"),
+             "gradient_clipping": (stage.max_grad_norm, f"{stage_key}.max_grad_norm")}
+    for field, (ours, key) in fills.items():
+        if field in user and user[field] != AUTO and user[field] != ours:
+            raise _conflict(source, field, user[field], ours, key)
+        config[field] = ours
+    total = stage.batch_size * stage.grad_accum * world_size
+    if "train_batch_size" in user and user["train_batch_size"] not in (AUTO, total):
+        raise _conflict(source, "train_batch_size", user["train_batch_size"], total,
+                        f"{stage_key}.batch_size x {stage_key}.grad_accum x {world_size} ranks")
+    config["train_batch_size"] = total
+    for block in ("optimizer", "scheduler"):
+        if block in user:
+            lr = user[block].get("params", {}).get("lr", AUTO) if isinstance(user[block], dict) else AUTO
+            if block == "optimizer" and lr != AUTO and lr != stage.lr:
+                raise _conflict(source, "optimizer.params.lr", lr, stage.lr, f"{stage_key}.lr")
+            log.info("%s: its %s block is not used: the stage config's AdamW and %s schedule are", source, block,
+                     stage.lr_scheduler)
+            config.pop(block)
+    for name in ("fp16", "bf16"):
+        enabled = user.get(name, {}).get("enabled", False) if isinstance(user.get(name), dict) else False
+        if enabled not in (False, AUTO) and precision != name:
+            raise _conflict(source, f"{name}.enabled", enabled, precision, "train.precision")
+        config.pop(name, None)  # mixed precision is torch.autocast over fp32 master weights, as on one device
+    zero = dict(config.get("zero_optimization") or {})
+    stage_from_json = zero.get("stage")
+    if distributed.zero_stage is not None:
+        if stage_from_json not in (None, distributed.zero_stage):
+            raise ConfigError(f"{source}: zero_optimization.stage={stage_from_json} differs from "
+                              f"distributed.zero_stage={distributed.zero_stage} (distributed={distributed.name}); "
+                              f"drop one of them")
+        zero["stage"] = distributed.zero_stage
+    elif stage_from_json not in (1, 2, 3):
+        raise ConfigError(f"{source}: zero_optimization.stage is {stage_from_json}; set it to 1, 2 or 3 in the "
+                          f"JSON, or choose distributed=zero2 / zero3")
+    if distributed.offload:
+        if zero["stage"] != 3:
+            raise ConfigError(f"distributed.offload=true needs ZeRO stage 3 (this run: {zero['stage']}); choose "
+                              f"distributed=zero3_offload")
+        zero.setdefault("offload_optimizer", {"device": "cpu"})
+        zero.setdefault("offload_param", {"device": "cpu"})
+    config["zero_optimization"] = zero
+    # A client torch optimizer: nothing is compiled at run time (DeepSpeed's own Adam ops are).
+    config["zero_allow_untested_optimizer"] = True
+    config["zero_force_ds_cpu_optimizer"] = False
+    config.setdefault("steps_per_print", 2**62)
+    config.setdefault("wall_clock_breakdown", False)
+    return config
+
+
+def teacher_config(config: dict) -> dict:
+    """The DeepSpeed config of the frozen teacher under ZeRO-3: an inference-only engine whose
+    weights are partitioned over the ranks (bf16 when the run's precision is)."""
+    return {"train_micro_batch_size_per_gpu": config["train_micro_batch_size_per_gpu"],
+            "gradient_accumulation_steps": config["gradient_accumulation_steps"],
+            "zero_optimization": {"stage": 3, **{k: v for k, v in config["zero_optimization"].items()
+                                                 if k.startswith("stage3_") or k == "offload_param"}},
+            "steps_per_print": 2**62, "wall_clock_breakdown": False}
+
+
+def shard_teacher(teacher: nn.Module, config: dict) -> nn.Module:
+    """Partition the frozen ``teacher`` over the ranks as an inference-only ZeRO-3 engine (the
+    recipe of TRL's ``prepare_deepspeed``); returns the module to call, whose parameters are
+    gathered layer by layer as it runs."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=teacher, config=teacher_config(config), dist_init_required=False)
+    engine.module.eval()
+    return engine.module
+
+
+class DeepSpeedEngine:
+    """Optimises ``module`` (``training.module.DistillationModule``) with DeepSpeed ZeRO.
+
+    Args:
+        module: the trainable module; DeepSpeed wraps it (and, under ZeRO-3, partitions it).
+        optimizer, scheduler: the stage's client AdamW and schedule (``training.optim``).
+        weights: the weight of each loss term (``training.plan.loss_weights``): the loss is
+            their weighted sum (balancing is refused under DeepSpeed, see ``config.validate``).
+        config: the stage's DeepSpeed config (:func:`deepspeed_config`).
+        topology: this process's place in the launch.
+        whole: parameters held whole inside :meth:`gathered` under ZeRO-3 (the heads' weights).
+    """
+
+    kind = "deepspeed"
+
+    def __init__(self, module: nn.Module, *, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, weights: dict[str, float], config: dict,
+                 topology: Topology, whole: list[torch.Tensor] = ()):
+        import deepspeed
+
+        self.module, self.scheduler, self.weights, self.topo = module, scheduler, weights, topology
+        self.zero_stage = config["zero_optimization"]["stage"]
+        self.kind = f"deepspeed-zero{self.zero_stage}"
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
+                                                             dist_init_required=False)
+        self.whole = list(whole)
+        self._updates = self.ds.global_steps
+        self.bad_in_row = 0
+        self.bad_total = 0
+        self._nonfinite = ""
+
+    def forward(self, *args):
+        return self.ds(*args)
+
+    def gathered(self):
+        """Hold the heads' weights whole for the block (ZeRO-3); nothing otherwise."""
+        return whole_parameters(self.whole) if self.zero_stage == 3 else contextlib.nullcontext()
+
+    def backward(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Backpropagate this rank's share of one micro-batch's terms (see the module docstring).
+        A non-finite term poisons the step's gradient, so every rank skips it at :meth:`step`;
+        every rank runs all its micro-batches either way (DeepSpeed's reductions are collective)."""
+        bad = {name: float(value.detach()) for name, value in terms.items() if not torch.isfinite(value)}
+        loss = sum(self.weights[name] * value for name, value in terms.items()) * self.topo.world_size
+        if bad:
+            self._nonfinite = ", ".join(f"loss/{name}={value}" for name, value in bad.items())
+            loss = loss * float("nan")
+        self.ds.backward(loss, scale_wrt_gas=False)
+        # DeepSpeed's pattern: step after every micro-batch; it updates at the accumulation
+        # boundary (each rank runs exactly gradient_accumulation_steps micro-batches a step).
+        self.ds.step()
+        return {}
+
+    def step(self) -> StepOutcome:
+        """The outcome of the step DeepSpeed took at the last micro-batch (clip, update, zero the
+        gradients); a non-finite global gradient norm (any rank's non-finite loss makes it one)
+        skipped the update on every rank."""
+        lr = self.scheduler.get_last_lr()[0]
+        if self.ds.global_steps != self._updates + 1:
+            raise RuntimeError(f"DeepSpeed took {self.ds.global_steps - self._updates} optimizer steps for one step of "
+                               f"the stage; each rank must run gradient_accumulation_steps micro-batches a step")
+        self._updates = self.ds.global_steps
+        norm = self.ds.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else float("nan")
+        (bad_here,) = all_reduce_sum(self.topo, [1.0 if self._nonfinite else 0.0])
+        skipped = not math.isfinite(grad_norm) or bad_here > 0
+        nonfinite = self._nonfinite or (f"grad_norm={grad_norm}" if skipped else "")
+        if skipped and not nonfinite:
+            nonfinite = "a non-finite loss on another rank"
+        if skipped:
+            self.bad_in_row += 1
+            self.bad_total += 1
+            grad_norm = float("nan") if self._nonfinite or bad_here else grad_norm
+        else:
+            self.scheduler.step()
+            self.bad_in_row = 0
+        self._nonfinite = ""
+        return StepOutcome(lr=lr, grad_norm=grad_norm, skipped=skipped, bad_in_row=self.bad_in_row,
+                           bad_total=self.bad_total, nonfinite=nonfinite)
+
+    def zero_grad(self) -> None:
+        self.ds.zero_grad()
+        self._nonfinite = ""
+
+    def destroy(self) -> None:
+        """Remove DeepSpeed's hooks from the module (before the next stage wraps it anew)."""
+        self.ds.destroy()
+
+    # ------------------------------------------------------------------ state
+    def save_state(self, directory: Path) -> dict:
+        """Write every rank's engine state (DeepSpeed's partitioned weights and optimizer states)
+        under ``directory/deepspeed``; returns the replicated rest (schedule, skip count)."""
+        self.ds.save_checkpoint(str(directory / DS_DIR), tag="state", save_latest=False)
+        return {"kind": self.kind, "scheduler": self.scheduler.state_dict(), "bad_total": self.bad_total}
+
+    def load_state(self, directory: Path, state: dict) -> None:
+        if state.get("kind", "single-device") != self.kind:
+            raise CheckpointError(f"it was written by a run on another engine ({state.get('kind', 'single-device')}, "
+                                  f"this run: {self.kind}); resume it with the same distributed option, or delete "
+                                  f"it to restart the stage")
+        path, _ = self.ds.load_checkpoint(str(directory / DS_DIR), tag="state", load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"{directory / DS_DIR}: no DeepSpeed state can be loaded from it")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.bad_total = state["bad_total"]
+        self._updates = self.ds.global_steps
+
+    # ---------------------------------------------------------------- exports
+    def _full_state(self, prefix: str) -> dict[str, torch.Tensor] | None:
+        """The whole weights under ``prefix`` (``student.``, ``heads.``) on rank 0, None on the
+        others; under ZeRO-3 gathered one layer at a time (a collective: every rank calls it)."""
+        if self.zero_stage == 3:
+            state = self.ds._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.module.state_dict() if self.topo.is_main else None
+        if state is None:
+            return None
+        return {name[len(prefix):]: value for name, value in state.items() if name.startswith(prefix)}
+
+    def save_pretrained(self, target: Path, tokenizer, *, base_model_dir: str | None = None,
+                        merge: bool = False) -> None:
+        """Export the student, consolidated, as a Hugging Face directory (rank 0 writes it)."""
+        state = self._full_state("student.")
+        if self.topo.is_main:
+            ckpt.export_model(self.module.student, tokenizer, target, base_model_dir=base_model_dir, merge=merge,
+                              state_dict=state)
+        barrier(self.topo)
+
+    def save_heads(self, path: Path) -> None:
+        state = self._full_state("heads.")
+        if self.topo.is_main:
+            ckpt.save_state_dict(path, state)
+        barrier(self.topo)
