@@ -51,9 +51,9 @@ def whole_parameters(params: Iterable[torch.Tensor]):
     if not sharded:
         yield
         return
-    from deepspeed.zero import GatheredParameters
+    import deepspeed
 
-    with GatheredParameters(sharded, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
         for p in sharded:
             p.ds_active_sub_modules.add(_HELD)
         try:

@@ -286,6 +286,8 @@ class Distiller:
 
     def _run_stage(self, index: int, state: dict) -> None:
         run = self._open_stage(index)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.logger.truncate(index, run.step, self.global_step)
         self.module.train()
         progress = self._progress(run.key, run.total_steps, run.step)
@@ -378,6 +380,8 @@ class Distiller:
                     "medical_ratio_target": served.medical_ratio_target, "tokens": tokens,
                     "tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9),
                     "grad_norm": outcome.grad_norm, "skipped": outcome.skipped, "bad_steps": outcome.bad_total})
+        if self.device.type == "cuda":  # this rank's peak since the stage began
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if run.stage.loss.balancing.method != "none":
             row.update(balance_log)
         if isinstance(run.sampler, HardExampleSampler):
