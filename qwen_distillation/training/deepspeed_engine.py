@@ -103,6 +103,19 @@ def deepspeed_config(distributed, *, stage, stage_key: str, world_size: int, pre
         if enabled not in (False, AUTO) and precision != name:
             raise _conflict(source, f"{name}.enabled", enabled, precision, "train.precision")
         config.pop(name, None)  # mixed precision is torch.autocast over fp32 master weights, as on one device
+    autocast = dict(user.get("torch_autocast") or {})
+    wanted = {"bf16": "bfloat16"}.get(precision)
+    if autocast.get("enabled") and autocast.get("dtype", "bfloat16") != wanted:
+        raise _conflict(source, "torch_autocast", json.dumps(autocast), precision, "train.precision")
+    if wanted:
+        # DeepSpeed's forward turns an outer autocast off unless its own section asks for it. No
+        # module is named lower-precision-safe (by default Linear is), so gradients are reduced in
+        # fp32, as on one device.
+        autocast.update(enabled=True, dtype=wanted)
+        autocast.setdefault("lower_precision_safe_modules", [])
+        config["torch_autocast"] = autocast
+    else:
+        config.pop("torch_autocast", None)
     zero = dict(config.get("zero_optimization") or {})
     stage_from_json = zero.get("stage")
     if distributed.zero_stage is not None:
