@@ -44,23 +44,30 @@ def whole_parameters(params: Iterable[torch.Tensor]):
     """Hold parameters whole for the block. DeepSpeed ZeRO-3 partitions every parameter (those
     with a ``ds_id``) and gathers it only while its own module runs; the code that reads an
     lm_head weight outside its module (the fused loss, held-out NLL, agreement) runs inside this.
-    The parameters are also marked in use, so ZeRO-3 does not release a head tied to the input
-    embedding when the embedding's forward ends. Gradients computed inside reach ZeRO-3's
-    reduction as usual. A no-op for parameters that are not partitioned."""
+
+    The parameters are gathered (a collective: every rank enters alike) and marked in use for the
+    block, as a module running would mark them, so ZeRO-3 does not release a head tied to the
+    input embedding when the embedding's forward ends; at the end each is partitioned again unless
+    a module still uses it (then ZeRO-3 releases it when that module is done). Gradients computed
+    inside reach ZeRO-3's reduction as usual. A no-op for parameters that are not partitioned."""
     sharded = list({id(p): p for p in params if p is not None and hasattr(p, "ds_id")}.values())
     if not sharded:
         yield
         return
-    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
+    sharded[0].all_gather(param_list=sharded)  # gathers those not available
+    for p in sharded:
+        p.ds_active_sub_modules.add(_HELD)
+    try:
+        yield
+    finally:
         for p in sharded:
-            p.ds_active_sub_modules.add(_HELD)
-        try:
-            yield
-        finally:
-            for p in sharded:
-                p.ds_active_sub_modules.discard(_HELD)
+            p.ds_active_sub_modules.discard(_HELD)
+        free = [p for p in sharded if not p.ds_active_sub_modules and not p.ds_persist
+                and p.ds_status == ZeroParamStatus.AVAILABLE]
+        if free:
+            free[0].partition(param_list=free, has_been_updated=False)
 
 
 def head_weights(*models: nn.Module | None) -> list[torch.Tensor]:

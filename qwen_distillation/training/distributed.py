@@ -103,12 +103,24 @@ def setup(distributed, device_type: str) -> Topology:
         if distributed.engine == "deepspeed":
             import deepspeed
 
+            if device_type == "cpu":
+                _no_shm_op()
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False)
         else:
             dist.init_process_group(backend=backend, timeout=timeout)
     log.info("rank %d of %d (local rank %d), %s", topo.rank, topo.world_size, topo.local_rank,
              engine_label(distributed))
     return topo
+
+
+def _no_shm_op() -> None:
+    """On the CPU, DeepSpeed compiles a shared-memory all-reduce with gcc when its communication
+    starts (and two ranks compiling it at once can collide); nothing is compiled at run time
+    here, so its communication goes through torch.distributed's gloo alone."""
+    import importlib
+
+    # By module name: the attribute deepspeed.comm.torch is the torch package itself.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def barrier(topo: Topology) -> None:

