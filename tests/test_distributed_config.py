@@ -1,0 +1,137 @@
+"""The options of a multi-GPU launch, checked in one process: the DeepSpeed config a stage gets
+from the stage config and a user's JSON, each conflict named, the options an engine refuses, the
+launch checks, and the launchers' command-line flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import compose_config
+from qwen_distillation.cli import translate
+from qwen_distillation.config.validate import validate_config
+from qwen_distillation.errors import ConfigError
+from qwen_distillation.training import distributed as dist
+from qwen_distillation.training.deepspeed_engine import deepspeed_config
+
+
+def _config(*overrides: str):
+    return validate_config(compose_config(list(overrides)))
+
+
+def _ds(tmp_path, user: dict | None, *overrides: str, world_size: int = 2, precision: str = "bf16") -> dict:
+    if user is not None:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(user))
+        overrides = (*overrides, "distributed.engine=deepspeed", f"distributed.deepspeed_config={path}")
+    cfg = _config(*overrides)
+    return deepspeed_config(cfg.distributed, stage=cfg.stage2, stage_key="stage2", world_size=world_size,
+                            precision=precision)
+
+
+def test_stage_config_fills_the_deepspeed_config(tmp_path):
+    config = _ds(tmp_path, None, "distributed=zero3", "stage2.batch_size=3", "stage2.grad_accum=5",
+                 "stage2.max_grad_norm=0.5", world_size=4)
+    assert config["train_micro_batch_size_per_gpu"] == 3 and config["gradient_accumulation_steps"] == 5
+    assert config["train_batch_size"] == 3 * 5 * 4 and config["gradient_clipping"] == 0.5
+    assert config["zero_optimization"]["stage"] == 3
+    # bf16 is torch.autocast through DeepSpeed's own section, with fp32 gradient reduction.
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert "bf16" not in config and "fp16" not in config
+    assert "torch_autocast" not in _ds(tmp_path, None, "distributed=zero2", precision="fp32")
+
+
+def test_a_users_json_keeps_its_own_settings_and_defers_on_auto(tmp_path):
+    user = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2, "reduce_bucket_size": 12345},
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}, "scheduler": {"type": "WarmupLR"}}
+    config = _ds(tmp_path, user, "stage2.batch_size=2")
+    assert config["train_micro_batch_size_per_gpu"] == 2
+    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 12345}
+    assert "optimizer" not in config and "scheduler" not in config  # the stage's AdamW and schedule are used
+
+
+@pytest.mark.parametrize("user,names", [
+    ({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}},
+     ["train_micro_batch_size_per_gpu=4", "stage2.batch_size=8"]),
+    ({"gradient_accumulation_steps": 3, "zero_optimization": {"stage": 2}},
+     ["gradient_accumulation_steps=3", "stage2.grad_accum=1"]),
+    ({"train_batch_size": 64, "zero_optimization": {"stage": 2}}, ["train_batch_size=64", "stage2.batch_size"]),
+    ({"gradient_clipping": 0.3, "zero_optimization": {"stage": 2}}, ["gradient_clipping=0.3", "stage2.max_grad_norm"]),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}, "zero_optimization": {"stage": 2}},
+     ["optimizer.params.lr=0.1", "stage2.lr"]),
+    ({"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}, ["fp16.enabled=True", "train.precision=bf16"]),
+    ({"zero_optimization": {"stage": 0}}, ["zero_optimization.stage is 0"]),
+])
+def test_a_conflict_in_the_json_names_both_sides(tmp_path, user, names):
+    with pytest.raises(ConfigError) as err:
+        _ds(tmp_path, user, "stage2.batch_size=8", "stage2.grad_accum=1")
+    assert all(name in str(err.value) for name in names) and "ds.json" in str(err.value)
+
+
+def test_the_json_and_the_distributed_option_must_agree_on_the_stage(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    cfg = _config("distributed=zero3", f"distributed.deepspeed_config={path}")
+    with pytest.raises(ConfigError, match=r"zero_optimization.stage=2 differs from distributed.zero_stage=3"):
+        deepspeed_config(cfg.distributed, stage=cfg.stage2, stage_key="stage2", world_size=2, precision="fp32")
+
+
+def test_an_unreadable_json_names_the_file_and_line(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 2},\n "bad" }')
+    cfg = _config("distributed.engine=deepspeed", f"distributed.deepspeed_config={path}")
+    with pytest.raises(ConfigError, match=r"ds.json \(--deepspeed\): not valid JSON \(line 2"):
+        deepspeed_config(cfg.distributed, stage=cfg.stage2, stage_key="stage2", world_size=2, precision="fp32")
+    cfg = _config("distributed.engine=deepspeed", f"distributed.deepspeed_config={tmp_path / 'missing.json'}")
+    with pytest.raises(ConfigError, match="missing.json .*no such file"):
+        deepspeed_config(cfg.distributed, stage=cfg.stage2, stage_key="stage2", world_size=2, precision="fp32")
+
+
+@pytest.mark.parametrize("overrides,names", [
+    (["distributed=zero2", "stage2.loss.balancing.method=gradnorm"],
+     ["stage2.loss.balancing.method=gradnorm", "distributed=zero2"]),
+    (["distributed=zero3", "train.precision=fp16"], ["train.precision=fp16", "distributed=zero3"]),
+    (["distributed=zero2", "lora.enabled=true", "lora.quantize_4bit=true"], ["lora.quantize_4bit", "QLoRA"]),
+    (["distributed=zero3", "lora.enabled=true", "lora.merge_on_export=true"], ["lora.merge_on_export"]),
+    (["distributed=zero2", "distributed.offload=true"], ["distributed.offload", "zero3_offload"]),
+    (["distributed.engine=deepspeed"], ["distributed.zero_stage", "--deepspeed"]),
+])
+def test_options_an_engine_cannot_work_with_stop_at_start_up(overrides, names):
+    with pytest.raises(ConfigError) as err:
+        _config(*overrides)
+    assert all(name in str(err.value) for name in names), str(err.value)
+
+
+def test_balancing_outside_the_stages_that_run_is_not_refused():
+    assert _config("distributed=zero2", "stage3.loss.balancing.method=pcgrad", "end_stage=2")
+
+
+def test_several_processes_need_an_engine(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"distributed=none, but the launcher started 2 processes.*distributed=zero2"):
+        dist.setup(_config().distributed, "cpu")
+
+
+def test_more_processes_than_gpus_stop_at_start_up(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"distributed=zero3: the launcher started 4 processes on this machine but "
+                                          r"2 GPU\(s\) are visible; launch at most 2 \(--nproc_per_node 2"):
+        dist.setup(_config("distributed=zero3").distributed, "cuda")
+
+
+def test_a_launch_of_one_needs_no_collectives():
+    topo = dist.SINGLE
+    assert dist.all_reduce_sum(topo, [1.5, 2.0]) == [1.5, 2.0]
+    assert dist.broadcast_object(topo, {"a": 1}) == {"a": 1}
+    assert dist.all_gather_object(topo, 3) == [3]
+    assert dist.rank_share([0, 1, 2, 3, 4], dist.Topology(rank=1, world_size=2)) == [1, 3]
+
+
+def test_launcher_flags():
+    assert translate(["--local_rank=1", "--local-rank", "0"]) == []
+    assert translate(["--deepspeed", "my ds.json", "distributed=zero3"]) == [
+        "distributed.engine=deepspeed", "distributed.deepspeed_config='my ds.json'", "distributed=zero3"]
