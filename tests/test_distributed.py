@@ -134,7 +134,9 @@ def test_engine_matches_single_process(runs, engine):
         assert a["tokens"] == b["tokens"] and a["medical_ratio"] == b["medical_ratio"]
         for key in [k for k in a if k.startswith(("loss", "sampler/")) and isinstance(a[k], float)]:
             assert _close(a[key], b[key]), (engine, a["stage"], a["step"], key, a[key], b[key])
-        assert _close(a["grad_norm"], b["grad_norm"], rel=1e-4)
+        # DeepSpeed's own gradient norm reads about 1e-4 (relative) above torch's clip_grad_norm_
+        # on the same step (measured: 1.1e-4 at most) while the losses agree to 1e-8.
+        assert _close(a["grad_norm"], b["grad_norm"], rel=5e-4)
     evals = lambda rows: [r for r in rows if "eval/medical_nll" in r]  # noqa: E731
     for a, b in zip(evals(read_metrics(runs["none"])), evals(read_metrics(runs[engine])), strict=True):
         assert _close(a["eval/medical_nll"], b["eval/medical_nll"]) and _close(a["eval/general_nll"],
@@ -209,18 +211,48 @@ def test_launch_refuses_what_cannot_work(pair, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("launcher", [
-    ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port"],
-    ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no",
-     "--dynamo_backend", "no", "--main_process_port"],
-], ids=["deepspeed", "accelerate"])
-def test_deepspeed_and_accelerate_launch_with_classic_flags(pair, tmp_path, launcher):
-    """The deepspeed launcher (which passes --local_rank) and accelerate launch start the same
-    2-process run; classic flags and Hydra overrides mix as on one device."""
+def _stage_rows(output_dir: Path, stage: int) -> list[dict]:
+    return [r for r in train_rows(output_dir) if r["stage"] == stage]
+
+
+def _assert_same_losses(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b] and a
+    for x, y in zip(a, b):
+        for key in [k for k in x if k.startswith("loss")]:
+            assert _close(x[key], y[key]), (x["stage"], x["step"], key, x[key], y[key])
+
+
+def test_zero3_offload_matches_single_process(pair, runs, tmp_path):
+    """ZeRO-3 with the student's weights and optimizer states in CPU memory: stage 1 as on one process."""
+    out = tmp_path / "offload"
+    _run([*_launch(pair, out, "zero3_offload"), "end_stage=1"])
+    _assert_same_losses(_stage_rows(runs["none"], 1), _stage_rows(out, 1))
+
+
+def test_a_single_device_export_continues_in_a_launch_and_back(pair, runs, tmp_path):
+    """--start_stage 3 --checkpoint_path: from the single-process run's stage-2 export into a
+    2-process launch started by the deepspeed launcher (which passes --local_rank), and from the
+    ZeRO-3 launch's export into one process; each stage 3 logs what the run it continues logged."""
+    into = tmp_path / "into"
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+               str(_free_port()), "run_distillation.py", *_overrides(pair, into, accumulation=2), "distributed=zero2",
+               "--start_stage", "3", "--checkpoint_path", str(runs["none"] / "stage2" / "final")]
+    _run(command)
+    _assert_same_losses(_stage_rows(runs["none"], 3), _stage_rows(into, 3))
+    back = tmp_path / "back"
+    _run([*_launch(pair, back, "none"), "--start_stage", "3", "--checkpoint_path",
+          str(runs["zero3"] / "stage2" / "final")])
+    _assert_same_losses(_stage_rows(runs["zero3"], 3), _stage_rows(back, 3))
+
+
+def test_accelerate_launch_with_classic_flags(pair, tmp_path):
+    """accelerate launch starts the same 2-process run; classic flags and Hydra overrides mix as on
+    one device (on a CPU, accelerate needs --multi_gpu to start several processes)."""
     out = tmp_path / "run"
-    command = [sys.executable, *launcher, str(_free_port()), "run_distillation.py", "--seed", "7", "--end_stage", "1",
-               *_overrides(pair, out, accumulation=2), "distributed=zero2", "stage1.max_steps=1"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               "run_distillation.py", "--seed", "7", "--end_stage", "1", *_overrides(pair, out, accumulation=2),
+               "distributed=zero2", "stage1.max_steps=1"]
     _run(command)
     assert [(r["stage"], r["step"]) for r in train_rows(out)] == [(1, 1)]
     assert json.loads((out / "summary.json").read_text())["distributed"] == {"engine": "zero2", "world_size": 2}
-
