@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from qwen_distillation.evaluation.prompting import model_device
+from qwen_distillation.evaluation.sharding import Shard, map_shared
 from qwen_distillation.modeling.parts import decoder_and_head, position_mask, response_targets, supports_hidden_path
 
 AGREEMENT_KEYS = ("nll", "top1_agreement", "topk_overlap", "kl_to_teacher")
@@ -44,7 +45,7 @@ def _chunk_logits(model: nn.Module, states: torch.Tensor, vocab_size: int, devic
 @torch.no_grad()
 def teacher_agreement(student: nn.Module, teacher: nn.Module, batches: list[dict[str, torch.Tensor]],
                       vocab_size: int, *, topk: int = 5, chunk_size: int = 1024,
-                      teacher_states: list[torch.Tensor] | None = None) -> dict[str, float]:
+                      teacher_states: list[torch.Tensor] | None = None, shard: Shard | None = None) -> dict[str, float]:
     """Student-vs-teacher agreement on the response tokens of pre-collated batches.
 
     Args:
@@ -57,6 +58,7 @@ def teacher_agreement(student: nn.Module, teacher: nn.Module, batches: list[dict
         teacher_states: ``response_states(teacher, batch)`` of each batch, computed earlier
             (the teacher is frozen, so they do not change): the teacher's decoder is not run
             again, only its lm_head on chunks of them. ``None`` runs the teacher.
+        shard: the batches split over the ranks of a launch (``evaluation.sharding``).
 
     Returns:
         ``nll``: mean student negative log-likelihood of the labelled next token;
@@ -71,12 +73,13 @@ def teacher_agreement(student: nn.Module, teacher: nn.Module, batches: list[dict
     modes = (student.training, teacher.training)
     student.eval()
     teacher.eval()
-    sums = dict.fromkeys(AGREEMENT_KEYS, 0.0)
-    tokens = 0
     device = model_device(student)
     if teacher_states is not None and len(teacher_states) != len(batches):
         raise ValueError(f"teacher_states holds {len(teacher_states)} entries for {len(batches)} batches")
-    for index, batch in enumerate(batches):
+
+    def batch_sums(index: int) -> tuple[dict[str, float], int]:
+        sums = dict.fromkeys(AGREEMENT_KEYS, 0.0)
+        batch = batches[index]
         labels = batch["labels"]
         mask = position_mask(labels)
         targets = response_targets(labels).to(device)
@@ -100,7 +103,14 @@ def teacher_agreement(student: nn.Module, teacher: nn.Module, batches: list[dict
             t_probs = t_logprobs.exp()
             kl = torch.where(t_probs > 0, t_probs * (t_logprobs - s_logprobs), 0.0)
             sums["kl_to_teacher"] += float(kl.sum())
-        tokens += int(targets.shape[0])
+        return sums, int(targets.shape[0])
+
+    sums = dict.fromkeys(AGREEMENT_KEYS, 0.0)
+    tokens = 0
+    for batch_sum, batch_tokens in map_shared(batch_sums, list(range(len(batches))), shard):
+        for name, value in batch_sum.items():
+            sums[name] += value
+        tokens += batch_tokens
     student.train(modes[0])
     teacher.train(modes[1])
     result = {name: (value / tokens if tokens else float("nan")) for name, value in sums.items()}

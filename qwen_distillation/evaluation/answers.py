@@ -17,6 +17,7 @@ from torch import nn
 
 from qwen_distillation.data.encode import split_last_turn
 from qwen_distillation.evaluation.prompting import model_device
+from qwen_distillation.evaluation.sharding import Shard, map_shared
 from qwen_distillation.evaluation.text_metrics import corpus_scores
 
 # corpus_scores' key -> the name of the logged metric (``eval/<set>_<name>``)
@@ -41,21 +42,25 @@ def greedy_config(model: nn.Module, tokenizer, max_new_tokens: int):
 
 
 @torch.no_grad()
-def greedy_answers(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+def greedy_answers(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                   shard: Shard | None = None) -> list[str]:
     """The greedy continuation of each prompt (token ids, chat template already applied): the
     new tokens decoded, special tokens skipped, whitespace stripped (a ``<think>`` block is
-    kept). Leaves the model in the mode it was in."""
+    kept); the prompts split over the ranks of ``shard``. Leaves the model in the mode it was in."""
     was_training = model.training
     model.eval()
     device = model_device(model)
     config = greedy_config(model, tokenizer, max_new_tokens)
-    answers = []
-    for ids in prompts:
+    synced = {"synced_gpus": True} if shard is not None and shard.synced else {}
+
+    def answer(ids: list[int]) -> str:
         # One prompt at a time: no padding, so no left-padding requirement on the tokenizer.
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                generation_config=config)
-        answers.append(tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip())
+                                generation_config=config, **synced)
+        return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+
+    answers = map_shared(answer, prompts, shard)
     model.train(was_training)
     return answers
 
@@ -86,8 +91,8 @@ def text_scores(pairs: list[tuple[str, str]], llamafactory: bool = True) -> dict
 
 
 def heldout_text_metrics(model: nn.Module, tokenizer, references: list[tuple[list[int], str]],
-                         max_new_tokens: int) -> dict[str, float]:
+                         max_new_tokens: int, shard: Shard | None = None) -> dict[str, float]:
     """:func:`text_scores` of the model's greedy answers to the ``references`` of one held-out
-    set (from :func:`heldout_references`)."""
-    answers = greedy_answers(model, tokenizer, [prompt for prompt, _ in references], max_new_tokens)
+    set (from :func:`heldout_references`), the prompts split over the ranks of ``shard``."""
+    answers = greedy_answers(model, tokenizer, [prompt for prompt, _ in references], max_new_tokens, shard)
     return text_scores([(answer, reference) for answer, (_, reference) in zip(answers, references, strict=True)])

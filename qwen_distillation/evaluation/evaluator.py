@@ -24,6 +24,7 @@ from qwen_distillation.evaluation.answers import (LLAMAFACTORY, TEXT_METRICS, he
 from qwen_distillation.evaluation.mcq import MCQItem, MCQSource, load_mcq_sets, mcq_accuracy
 from qwen_distillation.evaluation.nll import heldout_nll
 from qwen_distillation.evaluation.samples import load_prompts, quality_samples, score_samples
+from qwen_distillation.evaluation.sharding import Shard
 from qwen_distillation.modeling.parts import supports_hidden_path
 from qwen_distillation.paths import locate
 
@@ -48,13 +49,16 @@ class Evaluator:
         prompts: rows of a prompts file for the quality samples (empty: no samples).
         max_new_tokens: length limit of every greedy answer (text metrics and samples).
         autocast: returns the run's autocast context (fp32 runs get a disabled one).
+        shard: in a launch of several ranks, every evaluation is split over them and put
+            together on each (``evaluation.sharding``): all ranks call each method alike.
     """
 
     def __init__(self, *, teacher: torch.nn.Module | None, tokenizer, vocab_size: int, heldout: dict[str, list[dict]],
                  agreement: bool = False, agreement_top_k: int = 5, mcq_sets: dict[str, list[MCQItem]] | None = None,
                  text_sets: dict[str, list[dict]] | None = None, prompts: list[dict] | None = None,
                  max_new_tokens: int = 64,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 shard: Shard | None = None):
         if agreement and teacher is None:
             raise ValueError("agreement with the teacher needs a teacher")
         self.teacher = teacher
@@ -69,6 +73,7 @@ class Evaluator:
         self.prompts = prompts or []
         self.max_new_tokens = max_new_tokens
         self.autocast = autocast
+        self.shard = shard
         self._teacher_states: dict[str, list[torch.Tensor] | None] = {}
 
     def _states(self, name: str) -> list[torch.Tensor] | None:
@@ -100,26 +105,28 @@ class Evaluator:
             for name, batches in self.heldout.items():
                 if self.agreement and not is_teacher:
                     agree = teacher_agreement(model, self.teacher, batches, self.vocab_size,
-                                              topk=self.agreement_top_k, teacher_states=self._states(name))
+                                              topk=self.agreement_top_k, teacher_states=self._states(name),
+                                              shard=self.shard)
                     nll = agree["nll"]
                 else:
-                    agree, nll = {}, heldout_nll(model, batches, self.vocab_size)["nll"]
+                    agree, nll = {}, heldout_nll(model, batches, self.vocab_size, shard=self.shard)["nll"]
                 out[f"eval/{name}_nll"] = nll
                 out[f"eval/{name}_ppl"] = math.exp(min(nll, 50.0))  # as heldout_nll caps it
                 out.update({f"eval/{name}_{key}": agree[key] for key in AGREEMENT_METRICS if key in agree})
             for name, references in self.references.items():
-                scores = heldout_text_metrics(model, self.tokenizer, references, self.max_new_tokens)
+                scores = heldout_text_metrics(model, self.tokenizer, references, self.max_new_tokens, self.shard)
                 out.update({f"eval/{name}_{key}": scores[key] for key in TEXT_METRICS})
                 out.update({f"eval/{LLAMAFACTORY}{name}_{key}": scores[LLAMAFACTORY + key] for key in TEXT_METRICS})
             for name, items in self.mcq_sets.items():
-                out[f"eval/mcq/{name}_accuracy"] = mcq_accuracy(model, self.tokenizer, items,
-                                                                vocab_size=self.vocab_size)["accuracy"]
+                out[f"eval/mcq/{name}_accuracy"] = mcq_accuracy(model, self.tokenizer, items, vocab_size=self.vocab_size,
+                                                                shard=self.shard)["accuracy"]
         model.train(was_training)
         return out
 
     def _answers(self, name: str, model: torch.nn.Module) -> list[dict]:
         with self.autocast():
-            return quality_samples({name: model}, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens)
+            return quality_samples({name: model}, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens,
+                                   shard=self.shard)
 
     def teacher_samples(self) -> list[dict]:
         """Rows ``{lang, domain, prompt, [reference,] teacher}``: the teacher's greedy answers
@@ -149,7 +156,7 @@ def heldout_batches(eval_sets: dict[str, list[dict]], pad_token_id: int,
 
 def build_evaluator(cfg: EvalConfig, *, mcq_sources: list[MCQSource], teacher: torch.nn.Module, tokenizer,
                     vocab_size: int, eval_sets: dict[str, list[dict]], pad_token_id: int, device: torch.device,
-                    autocast: Callable[[], contextlib.AbstractContextManager]) -> Evaluator:
+                    autocast: Callable[[], contextlib.AbstractContextManager], shard: Shard | None = None) -> Evaluator:
     """The run's :class:`Evaluator` from the ``eval`` node (its MCQ entries already parsed by
     ``normalise_mcq_sources``) and the encoded held-out sets."""
     heldout = heldout_batches(eval_sets, pad_token_id, device)
@@ -160,4 +167,5 @@ def build_evaluator(cfg: EvalConfig, *, mcq_sources: list[MCQSource], teacher: t
                  if cfg.text_metrics else {})
     return Evaluator(teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size, heldout=heldout,
                      agreement=cfg.agreement, agreement_top_k=cfg.agreement_top_k, mcq_sets=mcq_sets,
-                     text_sets=text_sets, prompts=prompts, max_new_tokens=cfg.max_new_tokens, autocast=autocast)
+                     text_sets=text_sets, prompts=prompts, max_new_tokens=cfg.max_new_tokens, autocast=autocast,
+                     shard=shard)

@@ -29,6 +29,7 @@ from torch import nn
 from qwen_distillation.data.loading import load_records
 from qwen_distillation.errors import DataError, require, require_one_of
 from qwen_distillation.evaluation.prompting import model_device, render_prompt
+from qwen_distillation.evaluation.sharding import Shard, map_shared
 from qwen_distillation.evaluation.text_metrics import has_han
 from qwen_distillation.modeling.parts import decoder_and_head, supports_hidden_path
 from qwen_distillation.paths import locate
@@ -344,12 +345,18 @@ def accuracy_from_scores(items: list[MCQItem], scores: list[dict[str, float]]) -
 
 @torch.no_grad()
 def mcq_accuracy(model: nn.Module, tokenizer, items: list[MCQItem], *, vocab_size: int, batch_size: int = 8,
-                 chat_template_kwargs: dict | None = None) -> dict[str, float]:
-    """Accuracy of ``model`` on ``items`` by answer-letter log-likelihood (module docstring).
+                 chat_template_kwargs: dict | None = None, shard: Shard | None = None) -> dict[str, float]:
+    """Accuracy of ``model`` on ``items`` by answer-letter log-likelihood (module docstring), the
+    items split over the ranks of ``shard`` a batch at a time.
 
     Returns ``{"accuracy", "n", "multi_answer_n", "multi_answer_accuracy"}``; accuracies are
     fractions in [0, 1], NaN over no items.
     """
-    scores = option_scores(model, tokenizer, items, vocab_size=vocab_size, batch_size=batch_size,
-                           chat_template_kwargs=chat_template_kwargs)
-    return accuracy_from_scores(items, scores)
+    def scores_of(chunk: list[MCQItem]) -> list[dict[str, float]]:
+        return option_scores(model, tokenizer, chunk, vocab_size=vocab_size, batch_size=batch_size,
+                             chat_template_kwargs=chat_template_kwargs)
+
+    if shard is None or shard.world_size == 1:
+        return accuracy_from_scores(items, scores_of(items))
+    chunks = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+    return accuracy_from_scores(items, [score for part in map_shared(scores_of, chunks, shard) for score in part])

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from qwen_distillation.losses.chunked import chunked_cross_entropy
+from qwen_distillation.evaluation.sharding import Shard, map_shared
 from qwen_distillation.losses.logit import cross_entropy
 from qwen_distillation.modeling.parts import (decoder_and_head, model_inputs, position_mask, response_targets,
                                               supports_hidden_path)
@@ -31,15 +32,17 @@ def response_nll_sum(model: nn.Module, batch: dict[str, torch.Tensor], vocab_siz
 
 @torch.no_grad()
 def heldout_nll(model: nn.Module, batches: list[dict[str, torch.Tensor]], vocab_size: int,
-                chunk_size: int = 1024) -> dict[str, float]:
+                chunk_size: int = 1024, shard: Shard | None = None) -> dict[str, float]:
     """``{"nll", "ppl", "tokens"}``: mean NLL per response token over pre-collated batches, its
-    perplexity (exp of the NLL, capped at exp(50)) and the number of tokens. Leaves the model
-    in eval mode."""
+    perplexity (exp of the NLL, capped at exp(50)) and the number of tokens; the batches split
+    over the ranks of ``shard``. Leaves the model in eval mode."""
     model.eval()
+    per_batch = map_shared(lambda batch: (response_nll_sum(model, batch, vocab_size, chunk_size),
+                                          int(response_targets(batch["labels"]).numel())), batches, shard)
     total, count = 0.0, 0
-    for batch in batches:
-        total += response_nll_sum(model, batch, vocab_size, chunk_size)
-        count += int(response_targets(batch["labels"]).numel())
+    for value, tokens in per_batch:
+        total += value
+        count += tokens
     nll = total / max(count, 1)
     return {"nll": nll, "ppl": math.exp(min(nll, 50.0)), "tokens": count}
 

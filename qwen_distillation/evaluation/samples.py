@@ -11,6 +11,7 @@ from qwen_distillation.data.loading import load_records
 from qwen_distillation.errors import DataError
 from qwen_distillation.evaluation.answers import TEXT_METRICS, greedy_answers, text_scores
 from qwen_distillation.evaluation.prompting import render_prompt
+from qwen_distillation.evaluation.sharding import Shard
 
 PROMPT_FIELDS = ("lang", "domain", "prompt")
 REFERENCE = "reference"  # optional field of a prompt record, and column of a sample row
@@ -40,7 +41,7 @@ def load_prompts(path: str, max_prompts: int | None = None) -> list[dict]:
 
 
 def quality_samples(models: dict[str, nn.Module], tokenizer, prompts: list[dict], *, max_new_tokens: int = 64,
-                    chat_template_kwargs: dict | None = None) -> list[dict]:
+                    chat_template_kwargs: dict | None = None, shard: Shard | None = None) -> list[dict]:
     """Greedy answers of each model to each prompt, rendered with the chat template.
 
     Args:
@@ -48,6 +49,7 @@ def quality_samples(models: dict[str, nn.Module], tokenizer, prompts: list[dict]
         prompts: dicts with ``prompt`` and optional ``lang``, ``domain``, ``reference`` (the
             rows of ``data/demo/prompts.jsonl``, as :func:`load_prompts` reads them).
         max_new_tokens: generation length limit per answer.
+        shard: the prompts split over the ranks of a launch (``evaluation.sharding``).
 
     Returns:
         One row per prompt: ``{"lang", "domain", "prompt", ["reference",] <model name>: answer,
@@ -61,7 +63,7 @@ def quality_samples(models: dict[str, nn.Module], tokenizer, prompts: list[dict]
     encoded = [tokenizer(render_prompt(tokenizer, row["prompt"], chat_template_kwargs),
                          add_special_tokens=False)["input_ids"] for row in rows]
     for name, model in models.items():
-        for row, answer in zip(rows, greedy_answers(model, tokenizer, encoded, max_new_tokens), strict=True):
+        for row, answer in zip(rows, greedy_answers(model, tokenizer, encoded, max_new_tokens, shard), strict=True):
             row[name] = answer
     return rows
 

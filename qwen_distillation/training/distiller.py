@@ -16,6 +16,7 @@ step and their state the engine (``training/engine.py``). docs/architecture.md d
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from qwen_distillation.evaluation.mcq import normalise_mcq_sources
 from qwen_distillation.evaluation.nll import per_example_nll
 from qwen_distillation.evaluation.report import summary_text
 from qwen_distillation.evaluation.samples import REFERENCE, sample_columns, samples_markdown
+from qwen_distillation.evaluation.sharding import Shard, map_shared
 from qwen_distillation.modeling.pair import ModelPair, build_pair
 from qwen_distillation.modeling.parts import head_weights, response_targets, whole_parameters
 from qwen_distillation.modeling.speed import apply_speedups
@@ -176,7 +178,7 @@ class Distiller:
         self.evaluator: Evaluator = build_evaluator(
             cfg.eval, mcq_sources=self.mcq_sources, teacher=self.pair.teacher, tokenizer=self.pair.tokenizer,
             vocab_size=self.pair.vocab_size, eval_sets=self.data.eval_sets, pad_token_id=self.pair.pad_token_id,
-            device=self.device, autocast=self._autocast)
+            device=self.device, autocast=self._autocast, shard=self._shard())
 
     def _deepspeed_config(self, index: int) -> dict:
         from qwen_distillation.training.deepspeed_engine import deepspeed_config
@@ -201,6 +203,13 @@ class Distiller:
         distributed = self.config.distributed
         return distributed.engine == "fsdp2" or (distributed.engine == "deepspeed"
                                                  and self._teacher_zero3() is not None)
+
+    def _shard(self) -> Shard | None:
+        """How evaluations and scoring split over the ranks of the launch (None: one process)."""
+        if self.topo.world_size == 1:
+            return None
+        return Shard(rank=self.topo.rank, world_size=self.topo.world_size,
+                     all_gather=functools.partial(dist.all_gather_object, self.topo), synced=self._sharded())
 
     def _whole_heads(self):
         """The student's and teacher's lm_head weights held whole (ZeRO-3) for the block."""
@@ -394,24 +403,16 @@ class Distiller:
         indices = score_indices(len(sampler.examples), run.stage.sampling.max_scored, sampler.step, sampler.seed)
         examples = [sampler.examples[i] for i in indices]
         chunks = list(micro_batches(examples, max(run.stage.batch_size, 8)))
-        # Each rank scores every world_size-th chunk; all run as many forwards (a rank short of
-        # one repeats its last and drops it: ZeRO-3 gathers weights collectively), then share.
-        mine = list(range(len(chunks)))[self.topo.rank::self.topo.world_size]
-        rounds = math.ceil(len(chunks) / self.topo.world_size)
-        scored: dict[int, list[float]] = {}
+
+        def score(chunk: list[dict]) -> list[float]:
+            batch = {k: v.to(self.device) for k, v in collate(chunk, self.pair.pad_token_id).items()}
+            return per_example_nll(student, batch, self.pair.vocab_size).tolist()
+
         was_training = student.training
         student.eval()
-        with self._autocast(), self._whole_heads():
-            for i in range(rounds):
-                index = mine[min(i, len(mine) - 1)] if mine else 0
-                batch = {k: v.to(self.device) for k, v in collate(chunks[index], self.pair.pad_token_id).items()}
-                values = per_example_nll(student, batch, self.pair.vocab_size).tolist()
-                if i < len(mine):
-                    scored[index] = values
+        with self._autocast(), self._whole_heads():  # the chunks split over the ranks
+            scores = [value for part in map_shared(score, chunks, self._shard()) for value in part]
         student.train(was_training)
-        for part in dist.all_gather_object(self.topo, scored):
-            scored.update(part)
-        scores = [score for index in range(len(chunks)) for score in scored[index]]
         sampler.update_scores(indices, scores)
         finite = torch.tensor([x for x in scores if math.isfinite(x)])
         if finite.numel():
@@ -443,11 +444,10 @@ class Distiller:
         self.last_eval = metrics
 
     def _metrics(self, model) -> dict:
-        """The evaluator's metrics of ``model``. Every rank evaluates (under ZeRO-3 a forward is a
-        collective) and rank 0's numbers stand for the launch, so all ranks take the same decisions."""
+        """The evaluator's metrics of ``model``, split over the ranks and the same on each of them
+        (so all ranks take the same decisions)."""
         with self._whole_heads():
-            metrics = self.evaluator.metrics(model)
-        return dist.broadcast_object(self.topo, metrics)
+            return self.evaluator.metrics(model)
 
     def _export(self, run: StageRun, name: str) -> None:
         run.engine.save_pretrained(run.directory / name, self.pair.tokenizer, base_model_dir=self.pair.base_model_dir,
