@@ -98,10 +98,10 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def runs(pair, tmp_path_factory):
-    """Output directories of the single-process, ZeRO-2 and ZeRO-3 runs of the same stages."""
+    """Output directories of the single-process, ZeRO-2, ZeRO-3 and FSDP2 runs of the same stages."""
     root = tmp_path_factory.mktemp("runs")
     out = {}
-    for engine in ("none", "zero2", "zero3"):
+    for engine in ("none", "zero2", "zero3", "fsdp2"):
         out[engine] = root / engine
         _run(_launch(pair, out[engine], engine))
     return out
@@ -122,7 +122,7 @@ def _assert_same_weights(a: Path, b: Path, atol: float) -> None:
     assert worst <= atol, f"{a} and {b} differ by {worst}"
 
 
-@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
 def test_engine_matches_single_process(runs, engine):
     single, multi = train_rows(runs["none"]), train_rows(runs[engine])
     assert [(r["stage"], r["step"]) for r in multi] == [(r["stage"], r["step"]) for r in single]
