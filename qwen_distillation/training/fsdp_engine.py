@@ -171,11 +171,14 @@ class FSDP2Engine:
 
         model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory / FSDP_DIR))
-        return {"kind": self.kind, "scheduler": self.scheduler.state_dict(), "bad_total": self.bad_total}
+        # The parameters AdamW holds moments of: not those the stage does not train (a head
+        # of a later stage), which the template of a load would otherwise ask the checkpoint for.
+        return {"kind": self.kind, "scheduler": self.scheduler.state_dict(), "bad_total": self.bad_total,
+                "optimizer_state": sorted(optimizer_state["state"])}
 
     def load_state(self, directory: Path, state: dict) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         kind = state.get("kind", "single-device")
         if kind != self.kind:
@@ -184,10 +187,14 @@ class FSDP2Engine:
         if not (directory / FSDP_DIR).is_dir():
             raise CheckpointError(f"{directory / FSDP_DIR}: missing, no FSDP2 state can be loaded")
         model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
+        saved = set(state["optimizer_state"])
+        optimizer_state["state"] = {name: value for name, value in optimizer_state["state"].items() if name in saved}
         shards = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(shards, checkpoint_id=str(directory / FSDP_DIR))
+        # Not strict: the parameters without AdamW moments stay without them, as in a run that was
+        # never interrupted (the load above already failed on anything else the checkpoint lacks).
         set_state_dict(self.module, self.optimizer, model_state_dict=shards["model"],
-                       optim_state_dict=shards["optimizer"])
+                       optim_state_dict=shards["optimizer"], options=StateDictOptions(strict=False))
         self.scheduler.load_state_dict(state["scheduler"])
         self.bad_total = state["bad_total"]
 
