@@ -130,6 +130,7 @@ class Distiller:
         self.mcq_sources = normalise_mcq_sources("eval.mcq", config.eval.mcq)
         self.device, self.precision = select_device(config.train)
         self.topo = dist.SINGLE  # the launch, once run() has started its process group
+        self.mesh = None  # the ranks FSDP2 shards the models over (distributed=fsdp2), once built
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         # Student master weights stay fp32 and autocast runs the matmuls in low precision;
         # the frozen teacher is stored in the low-precision dtype directly.
@@ -160,7 +161,6 @@ class Distiller:
             from qwen_distillation.training.deepspeed_engine import shard_teacher
 
             self.pair.teacher = shard_teacher(self.pair.teacher, self._teacher_zero3())
-        self.mesh = None
         if cfg.distributed.engine == "fsdp2":
             from qwen_distillation.training.fsdp_engine import device_mesh, shard_model
 
