@@ -14,7 +14,7 @@ from qwen_distillation.config.validate import validate_config
 from qwen_distillation.data.sources import normalise_sources
 from qwen_distillation.errors import ConfigError
 
-GROUPS = ["model", "data", "stage1", "stage2", "stage3", "eval", "train", "logging"]
+GROUPS = ["model", "data", "stage1", "stage2", "stage3", "eval", "train", "logging", "distributed"]
 
 
 def _options(group: str) -> list[str]:
@@ -80,6 +80,18 @@ def test_presets_do_what_their_names_say():
 def test_bad_values_name_the_override(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         validate_config(compose_config([override]))
+
+
+@pytest.mark.parametrize("override,named", [
+    ("lora.merge_on_export=true", "lora.merge_on_export"),
+    ("distributed.zero_stage=3", "distributed.zero_stage"),
+    ("distributed.offload=true", "distributed.offload"),
+    ("train.precision=fp16", "train.precision"),
+    ("stage1.loss.balancing.method=gradnorm", "stage1.loss.balancing.method"),
+])
+def test_fsdp2_refuses_what_it_cannot_do(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        validate_config(compose_config(["distributed=fsdp2", "lora.enabled=true", override]))
 
 
 def test_start_after_end_is_rejected():

@@ -1,8 +1,9 @@
-"""Real 2-process launches on the CPU (torchrun, gloo, ``DS_ACCELERATOR=cpu``): DeepSpeed ZeRO-2
-and ZeRO-3 (student and teacher partitioned) each log the losses of a single-process run of the
-same stages step for step, evaluate the same and export the same weights; a ZeRO-3 launch whose
-rank dies mid-stage exits non-zero, its last checkpoint consolidates to the weights it exported
-at that step, and the same launch run again resumes and ends where an uninterrupted one ends.
+"""Real 2-process launches on the CPU (torchrun, gloo, ``DS_ACCELERATOR=cpu``): DeepSpeed ZeRO-2,
+ZeRO-3 and FSDP2 (the last two with student and teacher sharded) each log the losses of a
+single-process run of the same stages step for step, evaluate the same and export the same
+weights; a ZeRO-3 or FSDP2 launch whose rank dies mid-stage exits non-zero, its last checkpoint
+consolidates to the weights it exported at that step, and the same launch run again resumes and
+ends where an uninterrupted one ends.
 
 The pair is the tiny Qwen2 pair of ``conf/model/tiny_qwen2.yaml`` (real Qwen tokenizer), saved
 once, so every run loads the same weights. Stage 1 is plain KD; stage 2 adds the feature,
@@ -102,10 +103,10 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def runs(pair, tmp_path_factory):
-    """Output directories of the single-process, ZeRO-2 and ZeRO-3 runs of the same stages."""
+    """Output directories of the single-process, ZeRO-2, ZeRO-3 and FSDP2 runs of the same stages."""
     root = tmp_path_factory.mktemp("runs")
     out = {}
-    for engine in ("none", "zero2", "zero3"):
+    for engine in ("none", "zero2", "zero3", "fsdp2"):
         out[engine] = root / engine
         _run(_launch(pair, out[engine], engine))
     return out
@@ -126,7 +127,7 @@ def _assert_same_weights(a: Path, b: Path, atol: float) -> None:
     assert worst <= atol, f"{a} and {b} differ by {worst}"
 
 
-@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
 def test_engine_matches_single_process(runs, engine):
     single, multi = train_rows(runs["none"]), train_rows(runs[engine])
     assert [(r["stage"], r["step"]) for r in multi] == [(r["stage"], r["step"]) for r in single]
@@ -174,14 +175,27 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
-def test_zero3_rank_killed_mid_stage_resumes_exactly(pair, runs, tmp_path):
-    """A rank SIGKILLed after the stage-2 checkpoint of step 4: the launch fails, that checkpoint
-    is complete and its ZeRO-3 partitions consolidate to the weights exported as best at step 4;
-    re-running the launch resumes from it and logs and exports what the uninterrupted one did."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def _consolidated_student(checkpoint: Path, engine: str, scratch: Path) -> dict[str, torch.Tensor]:
+    """The student's whole weights from the shards of a mid-stage checkpoint, without a launch."""
+    if engine == "zero3":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / "deepspeed"), tag="state")
+    else:
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        dcp_to_torch_save(checkpoint / "fsdp", scratch / "consolidated.pt")
+        state = torch.load(scratch / "consolidated.pt", weights_only=False)["model"]
+    return {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+
+
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_rank_killed_mid_stage_resumes_exactly(pair, runs, tmp_path, engine):
+    """A rank SIGKILLed after the stage-2 checkpoint of step 4: the launch fails, that checkpoint
+    is complete and its shards consolidate to the weights exported as best at step 4;
+    re-running the launch resumes from it and logs and exports what the uninterrupted one did."""
     out = tmp_path / "killed"
-    command = _launch(pair, out, "zero3")
+    command = _launch(pair, out, engine)
     process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = out / "stage2" / "checkpoint-4"
     deadline = time.monotonic() + 900
@@ -198,24 +212,23 @@ def test_zero3_rank_killed_mid_stage_resumes_exactly(pair, runs, tmp_path):
     # before the checkpoint of its step (train.keep_checkpoints=2 keeps both).
     nll = {r["step"]: r["eval/medical_nll"] for r in read_metrics(out) if r.get("stage") == 2 and "eval/medical_nll" in r}
     best_step = 4 if nll[4] < nll[2] else 2
-    checkpoint = out / "stage2" / f"checkpoint-{best_step}"
-    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / "deepspeed"), tag="state")
+    student = _consolidated_student(out / "stage2" / f"checkpoint-{best_step}", engine, tmp_path)
     exported = _weights(out / "stage2" / "best")
-    student = {k[len("student."):]: v for k, v in consolidated.items() if k.startswith("student.")}
     for name, value in exported.items():
         assert torch.equal(student[name], value), name
     _run(command)
-    resumed, uninterrupted = train_rows(out), train_rows(runs["zero3"])
+    resumed, uninterrupted = train_rows(out), train_rows(runs[engine])
     assert [(r["stage"], r["step"], r["loss"]) for r in resumed] == [
         (r["stage"], r["step"], r["loss"]) for r in uninterrupted]
-    _assert_same_weights(out / "stage3" / "final", runs["zero3"] / "stage3" / "final", atol=0.0)
+    _assert_same_weights(out / "stage3" / "final", runs[engine] / "stage3" / "final", atol=0.0)
 
 
-def test_launch_refuses_what_cannot_work(pair, tmp_path):
-    done = subprocess.run(_launch(pair, tmp_path / "bad", "zero2", "stage2.loss.balancing.method=pcgrad"),
+@pytest.mark.parametrize("engine", ["zero2", "fsdp2"])
+def test_launch_refuses_what_cannot_work(pair, tmp_path, engine):
+    done = subprocess.run(_launch(pair, tmp_path / "bad", engine, "stage2.loss.balancing.method=pcgrad"),
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert "stage2.loss.balancing.method=pcgrad" in done.stderr and "distributed=zero2" in done.stderr
+    assert "stage2.loss.balancing.method=pcgrad" in done.stderr and f"distributed={engine}" in done.stderr
     assert not (tmp_path / "bad").exists()
 
 

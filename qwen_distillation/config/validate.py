@@ -144,15 +144,19 @@ def _validate_distributed(cfg: DistillationConfig) -> None:
     if d.engine == "none":
         return
     if d.engine == "fsdp2":
-        raise ConfigError("distributed=fsdp2: the FSDP2 engine is not available yet; distributed=zero3 shards the "
-                          "student and the teacher the same way through DeepSpeed (docs/distributed.md)")
-    require(d.zero_stage in (None, 1, 2, 3), "distributed.zero_stage", d.zero_stage, "ZeRO stages are 1, 2 and 3",
-            "distributed=zero2")
-    require(d.zero_stage is not None or d.deepspeed_config is not None, "distributed.zero_stage", None,
-            "DeepSpeed needs a ZeRO stage: choose an option of the distributed group or pass --deepspeed ds_config.json",
-            "distributed=zero2")
-    require(not d.offload or d.zero_stage in (None, 3), "distributed.offload", True,
-            f"offload needs ZeRO stage 3 (this run: {d.zero_stage})", "distributed=zero3_offload")
+        for key, value in (("zero_stage", d.zero_stage), ("deepspeed_config", d.deepspeed_config)):
+            require(value is None, f"distributed.{key}", value, "a DeepSpeed setting, not used by FSDP2",
+                    f"distributed.{key}=null")
+        require(not d.offload, "distributed.offload", True, "FSDP2 keeps everything on the GPU; CPU offload is "
+                "DeepSpeed's (distributed=zero3_offload)", "distributed.offload=false")
+    else:
+        require(d.zero_stage in (None, 1, 2, 3), "distributed.zero_stage", d.zero_stage,
+                "ZeRO stages are 1, 2 and 3", "distributed=zero2")
+        require(d.zero_stage is not None or d.deepspeed_config is not None, "distributed.zero_stage", None,
+                "DeepSpeed needs a ZeRO stage: choose an option of the distributed group or pass --deepspeed "
+                "ds_config.json", "distributed=zero2")
+        require(not d.offload or d.zero_stage in (None, 3), "distributed.offload", True,
+                f"offload needs ZeRO stage 3 (this run: {d.zero_stage})", "distributed=zero3_offload")
     engine = engine_label(d)
     for key in STAGES[cfg.start_stage - 1:cfg.end_stage]:
         stage = getattr(cfg, key)
@@ -166,7 +170,8 @@ def _validate_distributed(cfg: DistillationConfig) -> None:
     require(not cfg.lora.quantize_4bit, "lora.quantize_4bit", True,
             f"QLoRA (--use_qlora) is not supported under {engine}; use LoRA (--use_lora) or distributed=none",
             "lora.quantize_4bit=false")
-    require(not (cfg.lora.merge_on_export and d.zero_stage == 3), "lora.merge_on_export", True,
+    sharded = d.zero_stage == 3 or d.engine == "fsdp2"
+    require(not (cfg.lora.merge_on_export and sharded), "lora.merge_on_export", True,
             f"merging the adapters at export needs the whole student on one rank, which {engine} never holds; "
             f"merge after the run with peft's merge_and_unload", "lora.merge_on_export=false")
 

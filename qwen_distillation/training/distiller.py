@@ -106,7 +106,7 @@ class StageRun:
     directory: Path
     total_steps: int
     sampler: StageSampler | HardExampleSampler
-    engine: SingleDeviceEngine  # or training.deepspeed_engine.DeepSpeedEngine
+    engine: SingleDeviceEngine  # or training.deepspeed_engine.DeepSpeedEngine, training.fsdp_engine.FSDP2Engine
     save_every: int
     step: int = 0
     best: float | None = None
@@ -132,6 +132,7 @@ class Distiller:
         self.mcq_sources = normalise_mcq_sources("eval.mcq", config.eval.mcq)
         self.device, self.precision = select_device(config.train)
         self.topo = dist.SINGLE  # the launch, once run() has started its process group
+        self.mesh = None  # the ranks FSDP2 shards the models over (distributed=fsdp2), once built
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         # Student master weights stay fp32 and autocast runs the matmuls in low precision;
         # the frozen teacher is stored in the low-precision dtype directly.
@@ -162,6 +163,12 @@ class Distiller:
             from qwen_distillation.training.deepspeed_engine import shard_teacher
 
             self.pair.teacher = shard_teacher(self.pair.teacher, self._teacher_zero3())
+        if cfg.distributed.engine == "fsdp2":
+            from qwen_distillation.training.fsdp_engine import device_mesh, shard_model
+
+            self.mesh = device_mesh(self.topo, self.device.type)
+            if self.pair.teacher is not None:
+                shard_model(self.pair.teacher, self.mesh)
         self.teacher_stream = bool(cfg.train.teacher_stream and self.device.type == "cuda"
                                    and self.pair.teacher is not None)
         if self.teacher_stream and self._sharded():
@@ -212,7 +219,14 @@ class Distiller:
                      all_gather=functools.partial(dist.all_gather_object, self.topo), synced=self._sharded())
 
     def _whole_heads(self):
-        """The student's and teacher's lm_head weights held whole (ZeRO-3) for the block."""
+        """The student's and teacher's lm_head weights held whole for the block, for what reads
+        them outside their modules or runs the models outside the engine (evaluation, scoring,
+        generation): under ZeRO-3 the heads gathered, under FSDP2 both root units (embedding, final
+        norm, lm_head, the distillation heads; ``training.fsdp_engine``)."""
+        if self.mesh is not None:
+            from qwen_distillation.training.fsdp_engine import unsharded
+
+            return unsharded([getattr(self, "module", None), self.pair.teacher])
         return whole_parameters(head_weights(self.pair.student, self.pair.teacher))
 
     def _build_module(self, resume_from: int) -> None:
@@ -224,6 +238,10 @@ class Distiller:
         if resume_from:
             ckpt.load_heads(self.output_dir / f"stage{resume_from}" / "heads.pt", heads)
         self.module = DistillationModule(pair.student, heads)
+        if self.mesh is not None:  # sharded once for the whole run; each stage's optimizer takes the shards
+            from qwen_distillation.training.fsdp_engine import shard_model
+
+            shard_model(pair.student, self.mesh, root=self.module)
         self.teacher = TeacherRunner(pair.teacher, concurrent=self.teacher_stream)
 
     # ------------------------------------------------------------------ stage
@@ -273,6 +291,11 @@ class Distiller:
             engine = DeepSpeedEngine(self.module, optimizer=optimizer, scheduler=scheduler, weights=weights,
                                      config=self._deepspeed_config(index), topology=self.topo,
                                      whole=head_weights(self.pair.student, self.pair.teacher))
+        elif self.config.distributed.engine == "fsdp2":
+            from qwen_distillation.training.fsdp_engine import FSDP2Engine
+
+            engine = FSDP2Engine(self.module, optimizer=optimizer, scheduler=scheduler, weights=weights,
+                                 topology=self.topo, max_grad_norm=stage.max_grad_norm, gathered=[self.pair.teacher])
         else:
             balancer = Balancer(balancing.method, list(weights), weights, alpha=balancing.gradnorm_alpha,
                                 lr=balancing.gradnorm_lr, seed=self.config.seed + index)
@@ -478,10 +501,11 @@ class Distiller:
         ``stageN/samples.jsonl`` and ``stageN/samples.md`` (and a wandb table). The teacher's
         answers are generated once per run and kept in the run state."""
         teacher_rows = state.get("teacher_samples")
-        if not self.evaluator.prompts_match(teacher_rows):
-            teacher_rows = self.evaluator.teacher_samples()
-            state["teacher_samples"] = teacher_rows
-        rows = self.evaluator.student_samples(self.pair.student, teacher_rows)
+        with self._whole_heads():  # generation runs the models outside the engine
+            if not self.evaluator.prompts_match(teacher_rows):
+                teacher_rows = self.evaluator.teacher_samples()
+                state["teacher_samples"] = teacher_rows
+            rows = self.evaluator.student_samples(self.pair.student, teacher_rows)
         if not self.topo.is_main:
             return
         stage_dir = self.output_dir / f"stage{index}"
