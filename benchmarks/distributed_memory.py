@@ -26,19 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-# Qwen2.5 shapes (0.5B, 1.5B, 7B as in benchmarks/kd_kernels.py; 72B from its config.json).
-QWEN = {
-    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-               num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
-    "72b": dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
-                num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from qwen_shapes import QWEN  # noqa: E402
+
 PAIRS = {"7b->1.5b": ("7b", "1.5b"), "72b->7b": ("72b", "7b")}  # teacher -> student
 ENGINES = ("none", "zero2", "zero3", "zero3_offload", "fsdp2")
 GPU_COUNTS = (1, 2, 4, 8)

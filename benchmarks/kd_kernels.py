@@ -39,6 +39,9 @@ from qwen_distillation.losses.fused import fused_linear_kd  # noqa: E402
 from qwen_distillation.losses.logit import forward_kl  # noqa: E402
 from qwen_distillation.training.teacher import launch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from qwen_shapes import QWEN  # noqa: E402
+
 def run_pair(student_pass, teacher_pass, *, concurrent: bool):
     """``(student_pass(), teacher_pass())`` in the pipeline's order and streams
     (qwen_distillation/training/teacher.py, ``train.teacher_stream``): the teacher launched
@@ -48,14 +51,6 @@ def run_pair(student_pass, teacher_pass, *, concurrent: bool):
 
 
 
-QWEN = {
-    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-               num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
-}
 PAIRS = {"1.5b-0.5b": ("1.5b", "0.5b"), "7b-1.5b": ("7b", "1.5b")}
 SHARED_VOCAB = 151936
 

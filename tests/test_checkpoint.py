@@ -71,6 +71,13 @@ class _Recorder:
     def load_state_dict(self, state):
         self.loaded.append(state["value"])
 
+    # An engine's side of a checkpoint (training/engine.py): its state in the returned dict.
+    def save_state(self, directory):
+        return self.state_dict()
+
+    def load_state(self, directory, state):
+        self.load_state_dict(state)
+
 
 def _save(stage_dir, step, keep=2):
     return save_stage_checkpoint(stage_dir, keep=keep, engine=_Recorder(step), sampler=_Recorder(-step), step=step,

@@ -149,7 +149,8 @@ def test_engine_matches_single_process(runs, engine):
         for key in keys:
             assert _close(a[key], b[key]), (engine, a["stage"], a["step"], key, a[key], b[key])
     for stage in ("stage1", "stage2", "stage3"):
-        assert (runs[engine] / stage / "samples.jsonl").read_text() == (runs["none"] / stage / "samples.jsonl").read_text()
+        samples = [(run / stage / "samples.jsonl").read_text() for run in (runs["none"], runs[engine])]
+        assert samples[0] == samples[1]
     for stage in ("stage1", "stage2", "stage3"):
         _assert_same_weights(runs["none"] / stage / "final", runs[engine] / stage / "final", atol=1e-5)
     heads = torch.load(runs[engine] / "stage2" / "heads.pt")
@@ -210,7 +211,8 @@ def test_rank_killed_mid_stage_resumes_exactly(pair, runs, tmp_path, engine):
     assert not (out / "stage2" / "final").exists(), "the kill landed after the stage ended"
     # stage2/best is the export of the better of the evaluations at steps 2 and 4, each made just
     # before the checkpoint of its step (train.keep_checkpoints=2 keeps both).
-    nll = {r["step"]: r["eval/medical_nll"] for r in read_metrics(out) if r.get("stage") == 2 and "eval/medical_nll" in r}
+    nll = {r["step"]: r["eval/medical_nll"] for r in read_metrics(out)
+           if r.get("stage") == 2 and "eval/medical_nll" in r}
     best_step = 4 if nll[4] < nll[2] else 2
     student = _consolidated_student(out / "stage2" / f"checkpoint-{best_step}", engine, tmp_path)
     exported = _weights(out / "stage2" / "best")

@@ -118,8 +118,8 @@ class Evaluator:
                 out.update({f"eval/{name}_{key}": scores[key] for key in TEXT_METRICS})
                 out.update({f"eval/{LLAMAFACTORY}{name}_{key}": scores[LLAMAFACTORY + key] for key in TEXT_METRICS})
             for name, items in self.mcq_sets.items():
-                out[f"eval/mcq/{name}_accuracy"] = mcq_accuracy(model, self.tokenizer, items, vocab_size=self.vocab_size,
-                                                                shard=self.shard)["accuracy"]
+                accuracy = mcq_accuracy(model, self.tokenizer, items, vocab_size=self.vocab_size, shard=self.shard)
+                out[f"eval/mcq/{name}_accuracy"] = accuracy["accuracy"]
         model.train(was_training)
         return out
 

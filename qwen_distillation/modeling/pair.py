@@ -152,8 +152,8 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
         log.warning("start_stage=%d without checkpoint_path: stage %d starts from the initial student",
                     cfg.start_stage, cfg.start_stage)
     vocab_size = shared_vocab_size(teacher_tok, student_tok, weight_shape(teacher.get_output_embeddings().weight)[0],
-                                   weight_shape(student.get_output_embeddings().weight)[0], _describe(model_cfg.teacher),
-                                   _describe(model_cfg.student))
+                                   weight_shape(student.get_output_embeddings().weight)[0],
+                                   _describe(model_cfg.teacher), _describe(model_cfg.student))
     if cfg.lora.enabled and not hasattr(student, "peft_config"):
         if base_model_dir is None or not os.path.exists(os.path.join(base_model_dir, "config.json")):
             base_model_dir = str((output_dir / "student_base").resolve())

@@ -31,9 +31,8 @@ from torch import nn
 
 from qwen_distillation.errors import CheckpointError, ConfigError
 from qwen_distillation.modeling.parts import whole_parameters
-from qwen_distillation.training import checkpoint as ckpt
-from qwen_distillation.training.distributed import Topology, all_reduce_sum, barrier
-from qwen_distillation.training.engine import StepOutcome
+from qwen_distillation.training.distributed import Topology, all_reduce_sum
+from qwen_distillation.training.engine import ConsolidatedExports, StepOutcome, weighted_loss
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +162,7 @@ def shard_teacher(teacher: nn.Module, config: dict) -> nn.Module:
     return engine.module
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(ConsolidatedExports):
     """Optimises ``module`` (``training.module.DistillationModule``) with DeepSpeed ZeRO.
 
     Args:
@@ -205,11 +204,8 @@ class DeepSpeedEngine:
         """Backpropagate this rank's share of one micro-batch's terms (see the module docstring).
         A non-finite term poisons the step's gradient, so every rank skips it at :meth:`step`;
         every rank runs all its micro-batches either way (DeepSpeed's reductions are collective)."""
-        bad = {name: float(value.detach()) for name, value in terms.items() if not torch.isfinite(value)}
-        loss = sum(self.weights[name] * value for name, value in terms.items()) * self.topo.world_size
-        if bad:
-            self._nonfinite = ", ".join(f"loss/{name}={value}" for name, value in bad.items())
-            loss = loss * float("nan")
+        loss, nonfinite = weighted_loss(terms, self.weights, self.topo.world_size)
+        self._nonfinite = self._nonfinite or nonfinite
         self.ds.backward(loss, scale_wrt_gas=False)
         # DeepSpeed's pattern: step after every micro-batch; it updates at the accumulation
         # boundary (each rank runs exactly gradient_accumulation_steps micro-batches a step).
@@ -282,18 +278,3 @@ class DeepSpeedEngine:
         if state is None:
             return None
         return {name[len(prefix):]: value for name, value in state.items() if name.startswith(prefix)}
-
-    def save_pretrained(self, target: Path, tokenizer, *, base_model_dir: str | None = None,
-                        merge: bool = False) -> None:
-        """Export the student, consolidated, as a Hugging Face directory (rank 0 writes it)."""
-        state = self._full_state("student.")
-        if self.topo.is_main:
-            ckpt.export_model(self.module.student, tokenizer, target, base_model_dir=base_model_dir, merge=merge,
-                              state_dict=state)
-        barrier(self.topo)
-
-    def save_heads(self, path: Path) -> None:
-        state = self._full_state("heads.")
-        if self.topo.is_main:
-            ckpt.save_state_dict(path, state)
-        barrier(self.topo)

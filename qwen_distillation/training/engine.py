@@ -54,6 +54,48 @@ class StepOutcome:
     nonfinite: str = ""
 
 
+def weighted_loss(terms: dict[str, torch.Tensor], weights: dict[str, float],
+                  world_size: int) -> tuple[torch.Tensor, str]:
+    """The loss an engine over ``world_size`` ranks backpropagates for one micro-batch: the
+    weighted sum of this rank's share of the terms, times the world size (the engines average
+    gradients over the ranks); and what was non-finite (``loss/kd=inf``), "" if nothing. A
+    non-finite term poisons the loss with NaN, so the gradient norm of the whole step is NaN on
+    every rank and every rank skips the step."""
+    bad = {name: float(value.detach()) for name, value in terms.items() if not torch.isfinite(value)}
+    loss = sum(weights[name] * value for name, value in terms.items()) * world_size
+    if bad:
+        loss = loss * float("nan")
+    return loss, ", ".join(f"loss/{name}={value}" for name, value in bad.items())
+
+
+class ConsolidatedExports:
+    """``save_pretrained`` and ``save_heads`` of an engine over several ranks: every rank takes
+    part in gathering the weights (``_full_state``), rank 0 writes them, the others wait."""
+
+    def _full_state(self, prefix: str) -> dict[str, torch.Tensor] | None:
+        """The whole weights under ``prefix`` (``student.``, ``heads.``) on rank 0, None on the others."""
+        raise NotImplementedError
+
+    def save_pretrained(self, target: Path, tokenizer, *, base_model_dir: str | None = None,
+                        merge: bool = False) -> None:
+        """Export the student, consolidated, as a Hugging Face directory (rank 0 writes it)."""
+        from qwen_distillation.training.distributed import barrier
+
+        state = self._full_state("student.")
+        if self.topo.is_main:
+            ckpt.export_model(self.module.student, tokenizer, target, base_model_dir=base_model_dir, merge=merge,
+                              state_dict=state)
+        barrier(self.topo)
+
+    def save_heads(self, path: Path) -> None:
+        from qwen_distillation.training.distributed import barrier
+
+        state = self._full_state("heads.")
+        if self.topo.is_main:
+            ckpt.save_state_dict(path, state)
+        barrier(self.topo)
+
+
 class SingleDeviceEngine:
     """Optimises ``module``'s trainable parameters on one device.
 

@@ -38,9 +38,8 @@ from torch import nn
 
 from qwen_distillation.errors import CheckpointError
 from qwen_distillation.modeling.parts import decoder_and_head
-from qwen_distillation.training import checkpoint as ckpt
-from qwen_distillation.training.distributed import Topology, all_reduce_sum, barrier
-from qwen_distillation.training.engine import StepOutcome
+from qwen_distillation.training.distributed import Topology, all_reduce_sum
+from qwen_distillation.training.engine import ConsolidatedExports, StepOutcome, weighted_loss
 
 FSDP_DIR = "fsdp"  # the distributed checkpoint (torch.distributed.checkpoint) inside stageN/checkpoint-STEP
 
@@ -87,7 +86,7 @@ def unsharded(modules: Iterable[nn.Module | None]):
             root.reshard()
 
 
-class FSDP2Engine:
+class FSDP2Engine(ConsolidatedExports):
     """Optimises ``module`` (``training.module.DistillationModule``, already sharded by
     :func:`shard_model`) with FSDP2.
 
@@ -126,11 +125,8 @@ class FSDP2Engine:
         """Backpropagate this rank's share of one micro-batch's terms (see the module docstring).
         A non-finite term poisons the step's gradient, so every rank skips it at :meth:`step`;
         every rank runs all its micro-batches either way (the reductions are collective)."""
-        bad = {name: float(value.detach()) for name, value in terms.items() if not torch.isfinite(value)}
-        loss = sum(self.weights[name] * value for name, value in terms.items()) * self.topo.world_size
-        if bad:
-            self._nonfinite = ", ".join(f"loss/{name}={value}" for name, value in bad.items())
-            loss = loss * float("nan")
+        loss, nonfinite = weighted_loss(terms, self.weights, self.topo.world_size)
+        self._nonfinite = self._nonfinite or nonfinite
         loss.backward()
         return {}
 
@@ -214,18 +210,3 @@ class FSDP2Engine:
                 if first.setdefault(id(p), name) != name}
         return {name[len(prefix):]: value for name, value in state.items()
                 if name.startswith(prefix) and name not in tied}
-
-    def save_pretrained(self, target: Path, tokenizer, *, base_model_dir: str | None = None,
-                        merge: bool = False) -> None:
-        """Export the student, consolidated, as a Hugging Face directory (rank 0 writes it)."""
-        state = self._full_state("student.")
-        if self.topo.is_main:
-            ckpt.export_model(self.module.student, tokenizer, target, base_model_dir=base_model_dir, merge=merge,
-                              state_dict=state)
-        barrier(self.topo)
-
-    def save_heads(self, path: Path) -> None:
-        state = self._full_state("heads.")
-        if self.topo.is_main:
-            ckpt.save_state_dict(path, state)
-        barrier(self.topo)
