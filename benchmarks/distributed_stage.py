@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def run_engine(engine: str, models: Path, out: Path, args) -> dict:
     steps = [r for r in rows if "loss" in r]
     speed = [r["tokens_per_s"] for r in steps[args.warmup:]]
     summary = json.loads((output / "summary.json").read_text())
+    shutil.rmtree(output / "stage1", ignore_errors=True)  # the 1.5B export: the next engine needs the disk
     return {"engine": engine, "command": " ".join(command), "wall_s": round(wall, 1),
             "loss_kernel": summary["loss_kernels"].get("1"),
             "losses": [r["loss"] for r in steps], "tokens": [r["tokens"] for r in steps],
