@@ -7,12 +7,14 @@ import copy
 import logging
 import os
 import re
+from typing import Sequence
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from qwen_distillation.errors import CheckpointError, ConfigError
+from qwen_distillation.modeling.depth import evenly_spaced_layers
 from qwen_distillation.modeling.files import check_model_dir, read_json
 from qwen_distillation.paths import resolve_path
 
@@ -91,25 +93,21 @@ def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = Non
     return model
 
 
-def evenly_spaced_layers(num_layers: int, keep: int) -> list[int]:
-    """Indices of ``keep`` layers out of ``num_layers``, first and last always kept."""
-    if not 1 <= keep <= num_layers:
-        raise ConfigError(f"model.student.keep_layers={keep}: the teacher has {num_layers} layers; "
-                          f"choose 1..{num_layers}")
-    if keep == 1:
-        return [num_layers - 1]
-    return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
-
-
-def slim_down(teacher: PreTrainedModel, keep_layers: int, dtype: torch.dtype) -> tuple[PreTrainedModel, list[int]]:
-    """A student initialised from the teacher with ``keep_layers`` evenly spaced decoder layers.
+def slim_down(teacher: PreTrainedModel, keep_layers: int, dtype: torch.dtype,
+              layers: Sequence[int] | None = None) -> tuple[PreTrainedModel, list[int]]:
+    """A student initialised from the teacher with ``keep_layers`` of its decoder layers: ``layers``
+    (indices, e.g. chosen by :func:`qwen_distillation.modeling.depth.choose_layers`), else evenly
+    spaced ones. Returns (the student, the kept indices in order).
 
     Embeddings, final norm and lm_head are copied; decoder layer ``kept[j]`` of the teacher
     becomes layer ``j`` of the student. Works for decoder-only models whose layers live in a
     ``layers.<i>.`` module list (Llama, Qwen2, Mistral, Gemma, ...).
     """
     num_layers = teacher.config.num_hidden_layers
-    kept = evenly_spaced_layers(num_layers, keep_layers)
+    kept = sorted(layers) if layers is not None else evenly_spaced_layers(num_layers, keep_layers)
+    if len(set(kept)) != keep_layers or not all(0 <= i < num_layers for i in kept):
+        raise ConfigError(f"model.student.keep_layers={keep_layers}: cannot keep layers {kept} of a teacher "
+                          f"with {num_layers} layers")
     config = copy.deepcopy(teacher.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
