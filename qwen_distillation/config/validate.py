@@ -24,6 +24,8 @@ BEST_MODES = ("auto", "min", "max")
 STAGES = ("stage1", "stage2", "stage3")
 ENGINES = ("none", "deepspeed", "fsdp2")
 BACKENDS = ("auto", "nccl", "gloo")
+PRUNE_METHODS = ("even", "block_influence", "perplexity")  # qwen_distillation.modeling.depth.METHODS
+PRUNE_SEARCHES = ("single", "greedy")
 
 
 def _validate_stage(key: str, stage: StageConfig) -> None:
@@ -125,6 +127,47 @@ def _validate_eval(cfg: EvalConfig) -> None:
     if cfg.samples:
         require(bool(cfg.prompts), "eval.prompts", cfg.prompts, "eval.samples=true needs a prompts file",
                 "eval.prompts=package:qwen_distillation/data/demo/prompts.jsonl")
+
+
+def pruned_from_teacher(student) -> bool:
+    """Whether the student is built from the teacher (``keep_layers`` or a width target set)."""
+    width = student.prune.width
+    return student.keep_layers is not None or any(
+        v is not None for v in (width.intermediate_size, width.num_key_value_heads, width.hidden_size))
+
+
+def _validate_prune(cfg: DistillationConfig) -> None:
+    student, prune = cfg.model.student, cfg.model.student.prune
+    if student.keep_layers is not None:
+        require(student.keep_layers >= 1, "model.student.keep_layers", student.keep_layers, "must be >= 1",
+                "model.student.keep_layers=15")
+    require_one_of("model.student.prune.method", prune.method, PRUNE_METHODS)
+    require_one_of("model.student.prune.perplexity_search", prune.perplexity_search, PRUNE_SEARCHES)
+    require(prune.method == "even" or student.keep_layers is not None, "model.student.prune.method", prune.method,
+            "chooses which of the teacher's layers model.student.keep_layers keeps, and keep_layers is not set",
+            "model.student.keep_layers=15")
+    for name in ("intermediate_size", "num_key_value_heads", "hidden_size"):
+        value = getattr(prune.width, name)
+        require(value is None or value >= 1, f"model.student.prune.width.{name}", value, "must be >= 1 (null: keep "
+                "the teacher's)", f"model.student.prune.width.{name}=null")
+    calibration = prune.calibration
+    for name in ("num_examples", "batch_size"):
+        require(getattr(calibration, name) >= 1, f"model.student.prune.calibration.{name}",
+                getattr(calibration, name), "must be >= 1", f"model.student.prune.calibration.{name}=8")
+    require(calibration.max_length is None or calibration.max_length >= 16, "model.student.prune.calibration."
+            "max_length", calibration.max_length, "must be >= 16 tokens (null: data.max_length)",
+            "model.student.prune.calibration.max_length=256")
+    if pruned_from_teacher(student):
+        other = next((k for k in ("path", "random_init") if getattr(student, k)), None)
+        require(other is None, f"model.student.{other}", getattr(student, other or "path"),
+                "is set, but model.student.keep_layers / model.student.prune.width build the student from the "
+                "teacher", "--student_model PATH (which clears them) or model.student.keep_layers=null")
+    teacher_prune = OmegaConf.to_container(OmegaConf.structured(cfg.model.teacher.prune))
+    default_prune = OmegaConf.to_container(OmegaConf.structured(type(prune)()))
+    require(teacher_prune == default_prune, "model.teacher.prune", teacher_prune, "applies to the student only",
+            "model.student.prune.method=block_influence")
+    require(cfg.model.teacher.keep_layers is None, "model.teacher.keep_layers", cfg.model.teacher.keep_layers,
+            "applies to the student only", "model.student.keep_layers=15")
 
 
 def engine_label(distributed) -> str:
@@ -272,10 +315,7 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
             "must be >= 1 (stageN.save_every=0 train.save_every_minutes=0 turns mid-stage saves off)",
             "train.keep_checkpoints=2")
     require_one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled"))
-    student = cfg.model.student
-    if student.keep_layers is not None:
-        require(student.keep_layers >= 1, "model.student.keep_layers", student.keep_layers, "must be >= 1",
-                "model.student.keep_layers=15")
+    _validate_prune(cfg)
     require(cfg.lora.enabled or not cfg.lora.quantize_4bit, "lora.quantize_4bit", True, "QLoRA needs LoRA on",
             "lora.enabled=true")
     require(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1", "lora.r=16")

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+from qwen_distillation.config.validate import pruned_from_teacher
 from qwen_distillation.errors import CheckpointError, ConfigError, DistillationError
 from qwen_distillation.modeling.loading import (load_causal_lm, load_student_checkpoint, require_existing,
-                                                slim_down, split_gguf)
+                                                split_gguf)
 from qwen_distillation.modeling.parts import weight_shape
+from qwen_distillation.modeling.prune import Pruned, calibration_batches, prune_from_teacher
 from qwen_distillation.modeling.tokenizer import load_tokenizer
 from qwen_distillation.modeling.vocab import shared_vocab_size
 from qwen_distillation.paths import resolve_path
@@ -30,6 +32,7 @@ class ModelPair:
     pad_token_id: int
     base_model_dir: str | None = None
     kept_layers: list[int] | None = None
+    pruned: Pruned | None = None  # what the slim-down step chose, when the student was pruned from the teacher
 
 
 def _tokenizer_for(spec, role: str):
@@ -112,19 +115,21 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
 
     The student's starting weights, in order of precedence: the final model of the last
     completed stage of this output_dir (resume), ``checkpoint_path``, a slimmed copy of
-    the teacher (``model.student.keep_layers``), or ``model.student`` itself.
+    the teacher (``model.student.keep_layers`` / ``model.student.prune``, on a calibration set run
+    on ``device``), or ``model.student`` itself.
 
     ``teacher_zero3``: a DeepSpeed ZeRO-3 config: the teacher is loaded partitioned over the ranks
     (except when the student is slimmed from it: then it loads whole and is partitioned after).
     """
     model_cfg = cfg.model
     teacher_tok = _tokenizer_for(model_cfg.teacher, "teacher")
-    student_tok = teacher_tok if model_cfg.student.keep_layers else _tokenizer_for(model_cfg.student, "student")
-    if teacher_zero3 is not None and not model_cfg.student.keep_layers:
+    slimmed = pruned_from_teacher(model_cfg.student)
+    student_tok = teacher_tok if slimmed else _tokenizer_for(model_cfg.student, "student")
+    if teacher_zero3 is not None and not slimmed:
         teacher = _load_partitioned(model_cfg.teacher, dtype=teacher_dtype, zero3=teacher_zero3)
     else:
         teacher = load_causal_lm(model_cfg.teacher, dtype=teacher_dtype, role="teacher")
-    kept = None
+    kept = pruned = None
     base_model_dir = None
     quantization = qlora_quantization(device) if cfg.lora.quantize_4bit else None
     if resume_after_stage:
@@ -143,9 +148,14 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
                                   f"a saved stage, e.g. --checkpoint_path OUTPUT_DIR/stage1/best")
         student = load_student_checkpoint(cfg.checkpoint_path, dtype=torch.float32, quantization=quantization)
         base_model_dir = os.path.abspath(cfg.checkpoint_path)
-    elif model_cfg.student.keep_layers:
-        student, kept = slim_down(teacher, model_cfg.student.keep_layers, torch.float32)
-        log.info("student: teacher layers %s", kept)
+    elif slimmed:
+        pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
+        batches = calibration_batches(model_cfg.student, cfg.data, teacher_tok, seed=cfg.seed, pad_token_id=pad,
+                                      device=device)
+        if batches is not None:  # the calibration runs where training will
+            teacher = teacher.to(device=device, dtype=teacher_dtype)
+        pruned = prune_from_teacher(teacher, model_cfg.student, batches=batches)
+        student, kept = pruned.student, pruned.kept_layers
     else:
         student = load_causal_lm(model_cfg.student, dtype=torch.float32, role="student")
     if cfg.start_stage > 1 and not cfg.checkpoint_path and not resume_after_stage:
@@ -170,4 +180,4 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     if cfg.train.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id
-    return ModelPair(teacher, student, student_tok, vocab_size, pad, base_model_dir, kept)
+    return ModelPair(teacher, student, student_tok, vocab_size, pad, base_model_dir, kept, pruned)

@@ -46,6 +46,7 @@ from qwen_distillation.evaluation.sharding import Shard, map_shared
 from qwen_distillation.modeling.pair import ModelPair, build_pair
 from qwen_distillation.modeling.parts import head_weights, response_targets, whole_parameters
 from qwen_distillation.modeling.speed import apply_speedups
+from qwen_distillation.modeling.prune import save_pruning
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.balancing import Balancer
 from qwen_distillation.training import distributed as dist
@@ -559,6 +560,8 @@ class Distiller:
             state = prepare_output_dir(self.output_dir, state, run_id=self.run_id, run_config=self.run_config,
                                        overwrite=cfg.overwrite_output_dir)
         state = dist.broadcast_object(self.topo, state)
+        if self.topo.is_main and self.pair.pruned is not None:
+            save_pruning(self.output_dir, self.pair.pruned)
         self._build_module(resume_from)
         self.logger = (MetricsLogger(self.output_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                                      wandb_cfg=cfg.logging.wandb, run_config=self.run_config)
@@ -607,5 +610,7 @@ class Distiller:
                 "loss_kernels": {str(i): plan.kd.kernel for i, plan in self.plans.items()},
                 "speedups": self.speedups,
                 "teacher_stream": self.teacher_stream,
+                "pruning": str(self.output_dir / "pruning.json") if (self.output_dir / "pruning.json").exists()
+                else None,
                 "samples": {s: str(self.output_dir / f"stage{s}" / "samples.md") for s in state["completed_stages"]
                             if (self.output_dir / f"stage{s}" / "samples.md").exists()}}

@@ -1,0 +1,157 @@
+"""The slim-down step: a student pruned from the teacher by measured importance.
+
+Depth first (:mod:`qwen_distillation.modeling.depth`: which ``keep_layers`` layers stay), then width
+(:mod:`qwen_distillation.modeling.width`: MLP channels, whole KV groups of attention heads, hidden
+channels, ranked by their activations on the pruned-in-depth model). Both rank by a calibration set:
+by default training examples (never held-out ones) of the run's general and medical data. The result
+is a standard Hugging Face model of the teacher's architecture with a smaller config, and a record
+of what was chosen and why (:class:`Pruned`), which the run and ``python -m qwen_distillation.prune``
+save beside the student.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from qwen_distillation.data.manager import length_grouped_batches
+from qwen_distillation.data.sources import build_domain_data, data_sources, normalise_sources
+from qwen_distillation.errors import ConfigError
+from qwen_distillation.modeling.depth import choose_layers, decoder_layers
+from qwen_distillation.modeling.loading import slim_down
+from qwen_distillation.modeling.width import WidthScores, prune_width, width_importance
+
+log = logging.getLogger(__name__)
+
+WIDTH_DIMENSIONS = ("intermediate_size", "num_key_value_heads", "hidden_size")
+
+
+@dataclass
+class Pruned:
+    """What the slim-down step chose: ``record`` is JSON-ready (method, kept layers and each
+    layer's score, width targets, calibration set); ``width_scores`` the channel importances."""
+
+    student: PreTrainedModel
+    record: dict
+    width_scores: WidthScores | None = None
+    kept_layers: list[int] = field(default_factory=list)
+
+
+def width_targets(prune_cfg) -> dict[str, int]:
+    """The width dimensions ``prune_cfg.width`` sets (``null`` ones left out)."""
+    return {k: getattr(prune_cfg.width, k) for k in WIDTH_DIMENSIONS if getattr(prune_cfg.width, k) is not None}
+
+
+def needs_calibration(student_spec) -> bool:
+    return student_spec.prune.method != "even" or bool(width_targets(student_spec.prune))
+
+
+def calibration_examples(calibration, data_cfg, tokenizer, seed: int) -> list[dict]:
+    """``calibration.num_examples`` encoded examples drawn by ``calibration.seed`` (else ``seed``).
+
+    From ``calibration.sources`` when given, else from the training examples of ``data.general``
+    and ``data.medical`` (the held-out split excluded, as the run splits it), half from each.
+    """
+    max_length = calibration.max_length or data_cfg.max_length
+    if calibration.sources:
+        sources = {"general": normalise_sources("model.student.prune.calibration.sources", calibration.sources),
+                   "medical": [], "eval": []}
+        eval_fraction = 0.0
+    else:
+        sources = {**data_sources(data_cfg), "eval": []}
+        eval_fraction = data_cfg.eval_fraction
+    data = build_domain_data(sources, tokenizer, max_length=max_length, eval_fraction=eval_fraction,
+                             max_eval_examples=data_cfg.max_eval_examples, seed=data_cfg.split_seed)
+    pools = [pool for pool in (data.general, data.medical) if pool]
+    if not pools:
+        raise ConfigError("model.student.prune.calibration: no examples to calibrate on; set data.general / "
+                          "data.medical or model.student.prune.calibration.sources=[my_data.jsonl]")
+    rng = random.Random(calibration.seed if calibration.seed is not None else seed)
+    share = [calibration.num_examples // len(pools) + (i < calibration.num_examples % len(pools))
+             for i in range(len(pools))]
+    chosen = []
+    for pool, n in zip(pools, share):
+        chosen.extend(pool[i] for i in sorted(rng.sample(range(len(pool)), min(n, len(pool)))))
+    return chosen
+
+
+def _agree(value):
+    """Rank 0's ``value`` on every rank of a launch (ranks may differ in the last bits of a GPU sum)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def prune_from_teacher(teacher: PreTrainedModel, student_spec, *, batches: list[dict] | None,
+                       dtype: torch.dtype = torch.float32) -> Pruned:
+    """Build the student from ``teacher`` as ``student_spec`` (a ModelSpec: ``keep_layers`` and
+    ``prune``) asks. ``batches``: collated calibration micro-batches on the teacher's device (input_ids,
+    attention_mask, labels (B, S)); needed unless the method is ``even`` and no width is pruned.
+    The student is a copy in ``dtype`` on the teacher's device; the teacher is left unchanged."""
+    prune = student_spec.prune
+    num_layers = len(decoder_layers(teacher))
+    keep = student_spec.keep_layers or num_layers
+    if needs_calibration(student_spec) and not batches:
+        raise ConfigError("model.student.prune.calibration: no calibration batches")
+    kept, scores = choose_layers(teacher, keep, prune.method, batches, prune.perplexity_search)
+    kept, scores = _agree((kept, scores))
+    student, kept = slim_down(teacher, keep, dtype, layers=kept)
+    record = {"method": prune.method, "teacher_layers": num_layers, "kept_layers": kept, "layer_scores": scores}
+    if prune.method == "perplexity":
+        record["perplexity_search"] = prune.perplexity_search
+    targets = width_targets(prune)
+    width_scores = None
+    if targets:
+        before = {k: int(getattr(student.config, k)) for k in targets}
+        width_scores = _agree(width_importance(student, batches))
+        student = prune_width(student, width_scores, **targets)
+        record["width"] = {k: {"teacher": before[k], "student": v} for k, v in targets.items()}
+    if batches:
+        record["calibration"] = {"examples": sum(len(b["input_ids"]) for b in batches),
+                                 "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches))}
+    record["parameters"] = {"teacher": _count(teacher), "student": _count(student)}
+    log.info("student: teacher layers %s (%s)%s; %d -> %d parameters", kept, prune.method,
+             "".join(f", {k} {v['teacher']} -> {v['student']}" for k, v in record.get("width", {}).items()),
+             record["parameters"]["teacher"], record["parameters"]["student"])
+    return Pruned(student, record, width_scores, kept)
+
+
+def calibration_batches(student_spec, data_cfg, tokenizer, *, seed: int, pad_token_id: int,
+                        device: torch.device) -> list[dict] | None:
+    """The collated calibration micro-batches ``student_spec.prune`` needs, or None when it needs none."""
+    if not needs_calibration(student_spec):
+        return None
+    calibration = student_spec.prune.calibration
+    examples = calibration_examples(calibration, data_cfg, tokenizer, seed)
+    return length_grouped_batches(examples, calibration.batch_size, pad_token_id, device)
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+
+def save_pruning(directory: Path, pruned: Pruned) -> None:
+    """Write ``pruning.json`` (the record) and, with width pruning, ``pruning_scores.safetensors``
+    (each channel's importance) into ``directory``, each under a temporary name first."""
+    directory = Path(directory)
+    files = {"pruning.json": json.dumps(pruned.record, indent=2).encode()}
+    if pruned.width_scores is not None:
+        from safetensors.torch import save
+
+        scores = pruned.width_scores
+        files["pruning_scores.safetensors"] = save({k: getattr(scores, k).float().contiguous().cpu()
+                                                    for k in ("mlp", "heads", "kv_groups", "hidden")})
+    for name, data in files.items():
+        tmp = directory / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, directory / name)

@@ -1,0 +1,235 @@
+"""Depth pruning by measured importance (ShortGPT's Block Influence, calibration perplexity), the
+slim-down config and the ``python -m qwen_distillation.prune`` command, on tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from qwen_distillation.data.encode import IGNORE_INDEX
+from qwen_distillation.errors import ConfigError
+from qwen_distillation.modeling.depth import (block_influence, choose_layers, keep_highest, perplexity_scores,
+                                              response_nll)
+from qwen_distillation.modeling.loading import slim_down
+from tests.conftest import compose_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LAYERS = 5
+
+
+def _model(kind: str = "llama", layers: int = LAYERS):
+    torch.manual_seed(0)
+    config_class = LlamaConfig if kind == "llama" else Qwen2Config
+    config = config_class(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _batches(pad_rows: bool = True):
+    """Two right-padded micro-batches with prompt tokens masked out of the labels."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for lengths in ((9, 6), (7, 7)):
+        length = max(lengths)
+        ids = torch.randint(1, 97, (2, length), generator=g)
+        mask = torch.zeros(2, length, dtype=torch.long)
+        labels = torch.full((2, length), IGNORE_INDEX)
+        for row, n in enumerate(lengths):
+            mask[row, :n] = 1
+            labels[row, 3:n] = ids[row, 3:n]
+            ids[row, n:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def _hand_block_influence(model, batches):
+    """1 - mean cos(layer input, layer output) over non-padding tokens, from output_hidden_states
+    (entry i is layer i's input; the last entry has the final norm applied, so the last layer's
+    output is taken before it by running the layers by hand)."""
+    layers = model.model.layers
+    sums, count = torch.zeros(len(layers), dtype=torch.float64), 0
+    for batch in batches:
+        with torch.no_grad():
+            states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           output_hidden_states=True, use_cache=False).hidden_states
+            last = []
+            handle = layers[-1].register_forward_hook(lambda m, a, o: last.append(o))
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            handle.remove()
+        outputs = list(states[1:len(layers)]) + [last[0]]
+        mask = batch["attention_mask"].bool()
+        for i in range(len(layers)):
+            cos = torch.nn.functional.cosine_similarity(states[i].float(), outputs[i].float(), dim=-1)
+            sums[i] += cos[mask].double().sum()
+        count += int(mask.sum())
+    return [1 - float(s) / count for s in sums]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_block_influence_equals_a_hand_computation(kind):
+    model = _model(kind)
+    scores = block_influence(model, _batches())
+    assert scores == pytest.approx(_hand_block_influence(model, _batches()), abs=1e-6)
+    assert all(0 < s < 2 for s in scores)
+
+
+def test_block_influence_ignores_padding():
+    model = _model()
+    batches = _batches()
+    padded = []
+    for batch in batches:  # three more padding columns, with tokens the model would otherwise read
+        extra = {"input_ids": torch.randint(1, 97, (2, 3)), "attention_mask": torch.zeros(2, 3, dtype=torch.long),
+                 "labels": torch.full((2, 3), IGNORE_INDEX)}
+        padded.append({k: torch.cat([batch[k], extra[k]], dim=1) for k in batch})
+    assert block_influence(model, padded) == pytest.approx(block_influence(model, batches), abs=1e-6)
+
+
+def test_perplexity_single_scores_are_the_nll_of_the_model_without_that_layer():
+    model = _model()
+    batches = _batches()
+    kept, scores = perplexity_scores(model, batches, keep=3, search="single")
+    for i in range(LAYERS):
+        without, _ = slim_down(model, LAYERS - 1, torch.float32, layers=[j for j in range(LAYERS) if j != i])
+        assert scores[i] == pytest.approx(response_nll(without.eval(), batches), rel=1e-5)
+    assert kept == keep_highest(scores, 3)
+    assert len(model.model.layers) == LAYERS  # the teacher is left whole
+
+
+def test_perplexity_greedy_removes_the_cheapest_layer_each_round():
+    model = _model()
+    batches = _batches()
+    kept, scores = perplexity_scores(model, batches, keep=3, search="greedy")
+    removed = [i for i in range(LAYERS) if i not in kept]
+    assert len(kept) == 3 and all(scores[i] is None for i in kept)
+    _, single = perplexity_scores(model, batches, keep=3, search="single")
+    first = min(range(LAYERS), key=lambda i: (single[i], i))
+    assert first in removed and scores[first] == pytest.approx(single[first], rel=1e-6)
+    second = next(i for i in removed if i != first)
+    both, _ = slim_down(model, 3, torch.float32, layers=kept)
+    assert scores[second] == pytest.approx(response_nll(both.eval(), batches), rel=1e-5)
+
+
+def test_keep_highest_breaks_ties_towards_the_lower_layer():
+    assert keep_highest([0.5, 0.2, 0.5, 0.5, 0.1], 2) == [0, 2]
+    assert keep_highest([3.0, 1.0, 2.0], 3) == [0, 1, 2]
+
+
+def test_choose_layers_even_needs_no_data_and_refuses_a_bad_keep():
+    model = _model(layers=30)
+    assert choose_layers(model, 15, "even", None) == ([0, 2, 4, 6, 8, 10, 12, 14, 17, 19, 21, 23, 25, 27, 29], None)
+    with pytest.raises(ConfigError, match="keep_layers=31"):
+        choose_layers(model, 31, "block_influence", _batches())
+    with pytest.raises(ConfigError, match="prune.method=magnitude"):
+        choose_layers(model, 3, "magnitude", _batches())
+
+
+def test_slim_down_keeps_the_chosen_layers():
+    model = _model()
+    student, kept = slim_down(model, 2, torch.float32, layers=[3, 1])
+    assert kept == [1, 3] and student.config.num_hidden_layers == 2
+    assert torch.equal(student.model.layers[1].mlp.up_proj.weight, model.model.layers[3].mlp.up_proj.weight)
+    with pytest.raises(ConfigError, match="keep_layers=2"):
+        slim_down(model, 2, torch.float32, layers=[1, 1])
+
+
+# ------------------------------------------------------------------ config, calibration, command
+PRUNE_RUN = ["model=tiny_qwen2", "model.student.random_init=null", "data=demo", "data.max_length=96",
+             "model.student.prune.calibration.num_examples=6", "model.student.prune.calibration.batch_size=3",
+             "train.device=cpu"]
+
+
+def _validated(overrides):
+    from qwen_distillation.config.validate import validate_config
+
+    return validate_config(compose_config(overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.student.prune.method=block_influence"], "model.student.prune.method=block_influence: chooses which"),
+    (["model.student.keep_layers=2", "model.student.prune.method=shortgpt"], "model.student.prune.method=shortgpt"),
+    (["model.student.keep_layers=2", "model.student.prune.perplexity_search=beam"], "perplexity_search=beam"),
+    (["model.student.prune.width.hidden_size=0"], "model.student.prune.width.hidden_size=0"),
+    (["model.student.keep_layers=2", "model.student.prune.calibration.num_examples=0"], "calibration.num_examples"),
+    (["model.teacher.prune.method=perplexity"], "model.teacher.prune"),
+])
+def test_bad_pruning_options_are_refused_naming_them(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        _validated(["model=tiny_qwen2", "model.student.random_init=null"] + overrides)
+
+
+def test_pruning_a_student_that_is_loaded_from_elsewhere_is_refused():
+    with pytest.raises(ConfigError, match="model.student.random_init"):
+        _validated(["model=tiny_qwen2", "model.student.keep_layers=2"])
+
+
+def test_calibration_draws_training_examples_of_both_domains_by_seed(tokenizer):
+    from qwen_distillation.data.sources import build_domain_data, data_sources
+    from qwen_distillation.modeling.prune import calibration_examples
+
+    cfg = _validated(PRUNE_RUN + ["model.student.keep_layers=2"])
+    calibration = cfg.model.student.prune.calibration
+    first = calibration_examples(calibration, cfg.data, tokenizer, seed=1)
+    assert [e["input_ids"] for e in first] == [e["input_ids"] for e in
+                                               calibration_examples(calibration, cfg.data, tokenizer, seed=1)]
+    other = calibration_examples(calibration, cfg.data, tokenizer, seed=2)
+    assert [e["input_ids"] for e in first] != [e["input_ids"] for e in other]
+    assert len(first) == 6 and sorted(e["domain"] for e in first) == [0, 0, 0, 1, 1, 1]
+    data = build_domain_data(data_sources(cfg.data), tokenizer, max_length=96, eval_fraction=cfg.data.eval_fraction,
+                             max_eval_examples=cfg.data.max_eval_examples, seed=cfg.data.split_seed)
+    heldout = {tuple(e["input_ids"]) for examples in data.eval_sets.values() for e in examples}
+    assert not heldout & {tuple(e["input_ids"]) for e in first}
+
+
+def test_prune_command_saves_a_loadable_student_with_its_record(tmp_path, capsys):
+    from qwen_distillation.prune import main
+
+    out = tmp_path / "student"
+    args = ["--out", str(out), *PRUNE_RUN, "model.student.keep_layers=2", "model.student.prune.method=block_influence",
+            "seed=3"]
+    main(args)
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["method"] == "block_influence" and record["teacher_layers"] == 4
+    assert record["kept_layers"] == keep_highest(record["layer_scores"], 2)
+    assert record["calibration"]["examples"] == 6
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert student.config.num_hidden_layers == 2
+    assert record["parameters"]["student"] == sum(p.numel() for p in student.parameters())
+    # The same seed chooses the same layers; the output is not overwritten unless asked.
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    main(args + ["--overwrite"])
+    assert json.loads((out / "pruning.json").read_text()) == record
+
+
+def test_prune_command_refuses_a_config_with_nothing_to_prune(tmp_path, capsys):
+    from qwen_distillation.prune import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "s"), *PRUNE_RUN])
+    assert "nothing to prune" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_run_prunes_its_student_from_the_teacher_and_saves_the_record(tmp_path):
+    from qwen_distillation.app import run
+    from tests.conftest import tiny_overrides
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, steps=1) + [
+        "model.student.random_init=null", "model.student.keep_layers=3", "model.student.prune.method=perplexity",
+        "model.student.prune.width.intermediate_size=80", "model.student.prune.calibration.num_examples=4",
+        "start_stage=1", "end_stage=1"]
+    summary = run(compose_config(overrides))
+    record = json.loads((out / "pruning.json").read_text())
+    assert summary["pruning"] == str(out / "pruning.json")
+    assert record["method"] == "perplexity" and len(record["kept_layers"]) == 3
+    assert record["width"] == {"intermediate_size": {"teacher": 128, "student": 80}}
+    assert (out / "pruning_scores.safetensors").exists()
+    final = AutoModelForCausalLM.from_pretrained(out / "stage1" / "final")
+    assert (final.config.num_hidden_layers, final.config.intermediate_size) == (3, 80)
+    assert final.config.hidden_size == 64  # the teacher's
