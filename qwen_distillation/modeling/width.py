@@ -188,15 +188,16 @@ def width_importance(model: PreTrainedModel, batches: Iterable[dict[str, torch.T
     channel, from forward passes (eval mode, no gradients) over calibration ``batches``.
 
     Args:
-        model: a Llama/Qwen2-like causal LM (also under a peft wrapper).
+        model: a Llama/Qwen2-like causal LM (without LoRA adapters).
         batches: dicts with ``input_ids`` (batch, seq) and ``attention_mask`` (batch, seq), left or
             right padded; other keys (``labels``) are ignored.
 
-    Each channel's activation magnitude is aggregated as in Minitron's best setting (Muralidharan
-    et al. 2024, Table 11 and best practice 2; used again by Sreenivas et al. 2024 and by NVIDIA's
-    Model Optimizer): the mean over a sequence's tokens, then the L2 norm over all calibration
-    sequences ("batch=L2, seq=mean"). Padding tokens (attention_mask == 0) count for nothing, so
-    the scores do not depend on how the sequences are padded or grouped into batches.
+    Each channel's activation magnitude is aggregated as in Minitron's best setting, "batch=L2,
+    seq=mean" (a best practice of Muralidharan et al. 2024, used again by Sreenivas et al. 2024:
+    "l2-norm and mean ... across the batch and sequence dimensions, respectively"; NVIDIA's Model
+    Optimizer does the same): the mean over each sequence's tokens, then the L2 norm over all
+    calibration sequences, not the other way round. Padding tokens (attention_mask == 0) count for
+    nothing, so the scores do not depend on how the sequences are padded or grouped into batches.
 
     - MLP neurons: |act(gate_proj(x)) * up_proj(x)|, the activation entering down_proj.
     - heads: the L2 norm of each query head's output (head_dim values) entering o_proj;
@@ -211,8 +212,7 @@ def width_importance(model: PreTrainedModel, batches: Iterable[dict[str, torch.T
         ConfigError: the model is not Llama/Qwen2-like (names the missing module).
         DataError: the batches hold no token.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layout = _layout(base)
+    layout = _layout(model)
     device = layout.embed.weight.device
     acts = _Activations(layout, device)
     handles = []
