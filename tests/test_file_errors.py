@@ -22,7 +22,7 @@ from qwen_distillation.config.schema import ModelSpec, WandbConfig
 from qwen_distillation.errors import CheckpointError
 from qwen_distillation.evaluate import main as evaluate_main
 from qwen_distillation.modeling.loading import load_causal_lm, load_student_checkpoint
-from qwen_distillation.modeling.pair import _tokenizer_for
+from qwen_distillation.modeling.pair import tokenizer_for
 from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
 from qwen_distillation.training.checkpoint import export_model, load_heads, save_heads
 from qwen_distillation.training.metrics import MetricsLogger
@@ -144,7 +144,7 @@ def test_a_damaged_model_in_evaluate_exits_2_naming_the_file(saved_stage, tmp_pa
 def test_a_damaged_tokenizer_file_names_the_file(saved_stage, tmp_path, capsys, name):
     final, bad = damaged_copy(saved_stage, tmp_path, name, "truncated")
     with pytest.raises(CheckpointError) as err:
-        _tokenizer_for(ModelSpec(path=str(final)), "teacher")
+        tokenizer_for(ModelSpec(path=str(final)), "teacher")
     assert str(err.value).startswith(f"{bad}: unreadable JSON, the file is truncated or damaged")
     assert "or take it from an intact copy with model.teacher.tokenizer=PATH" in str(err.value)
     code = evaluate_main(["--model", f"stage1={final}", "--out", str(tmp_path / "eval"), "--device", "cpu"])

@@ -216,10 +216,28 @@ class SamplingConfig:
 
 
 @dataclass
+class StageTeacherConfig:
+    """Where a stage's teacher distribution comes from (docs/teacher_offline.md).
+
+    source: ``online`` (the teacher runs beside the student) or ``cache`` (read from a top-k
+        cache written by ``python -m qwen_distillation.cache_teacher``; an approximation unless
+        its k covers the vocabulary).
+    cache: the cache directory (``source=cache``).
+    tail: how the sparse KD treats the teacher's mass outside its top k: ``bucket`` (one extra
+        outcome for the tail, both models) or ``renormalize`` (both renormalised over the top k).
+    """
+
+    source: str = "online"
+    cache: Optional[str] = None
+    tail: str = "bucket"
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     enabled: bool = True
     temperature: float = 1.0
+    teacher: StageTeacherConfig = field(default_factory=StageTeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     medical_ratio: MedicalRatioConfig = field(default_factory=MedicalRatioConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -24,6 +24,9 @@ BEST_MODES = ("auto", "min", "max")
 STAGES = ("stage1", "stage2", "stage3")
 ENGINES = ("none", "deepspeed", "fsdp2")
 BACKENDS = ("auto", "nccl", "gloo")
+TEACHER_SOURCES = ("online", "cache")
+CACHE_TAILS = ("bucket", "renormalize")  # qwen_distillation.losses.topk.TAILS
+CACHE_KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 PRUNE_METHODS = ("even", "block_influence", "perplexity")  # qwen_distillation.modeling.depth.METHODS
 PRUNE_SEARCHES = ("single", "greedy")
 
@@ -108,11 +111,29 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
     require(stage.save_every is None or stage.save_every >= 0, f"{key}.save_every", stage.save_every,
             "must be >= 0 (0 = by time only, train.save_every_minutes) or null (every quarter of the stage)",
             f"{key}.save_every=50")
+    _validate_stage_teacher(key, stage)
     if sampling.mode == "hard":
         ratio = stage.medical_ratio
         require(ratio.schedule == "constant" and ratio.start in (0.0, 1.0), f"{key}.sampling.mode", sampling.mode,
                 "hard-example sampling draws from one domain: it needs medical_ratio constant 0 or 1",
                 f"{key}.sampling.mode=uniform")
+
+
+def _validate_stage_teacher(key: str, stage: StageConfig) -> None:
+    teacher = stage.teacher
+    require_one_of(f"{key}.teacher.source", teacher.source, TEACHER_SOURCES)
+    require_one_of(f"{key}.teacher.tail", teacher.tail, CACHE_TAILS)
+    if teacher.source != "cache":
+        return
+    require(bool(teacher.cache), f"{key}.teacher.cache", teacher.cache, "source=cache reads a teacher cache "
+            "directory", f"{key}.teacher.cache=out/teacher_cache")
+    for name in ("feature", "attention", "contrastive"):
+        weight = getattr(stage.loss.weights, name)
+        require(weight == 0, f"{key}.loss.weights.{name}", weight, "needs the teacher's hidden states, which a "
+                "top-k logit cache does not hold: set it to 0 or use the online teacher",
+                f"{key}.loss.weights.{name}=0")
+    require(stage.loss.kd in CACHE_KD_KINDS, f"{key}.loss.kd", stage.loss.kd, f"the top-k cache has sparse versions "
+            f"of {', '.join(CACHE_KD_KINDS)} only", f"{key}.loss.kd=forward_kl")
 
 
 def _validate_eval(cfg: EvalConfig) -> None:

@@ -181,7 +181,7 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
     Returns input_ids (B, L) int64, attention_mask (B, L) int64 and labels (B, L) int64 with
     IGNORE_INDEX on prompt and padding positions, plus domain (B,) int64 (0 general,
-    1 medical) when every example carries one. Labels are not shifted: position t's
+    1 medical) and example_id (B,) int64 when every example carries them. Labels are not shifted: position t's
     label is the token at t, predicted from position t-1.
     """
     length = max(len(e["input_ids"]) for e in examples)
@@ -196,6 +196,8 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     if all("domain" in e for e in examples):
         batch["domain"] = torch.tensor([e["domain"] for e in examples], dtype=torch.long)
+    if all("example_id" in e for e in examples):  # a run reading a teacher cache numbers its examples
+        batch["example_id"] = torch.tensor([e["example_id"] for e in examples], dtype=torch.long)
     return batch
 
 

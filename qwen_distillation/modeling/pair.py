@@ -35,7 +35,7 @@ class ModelPair:
     pruned: Pruned | None = None  # what the slim-down step chose, when the student was pruned from the teacher
 
 
-def _tokenizer_for(spec, role: str):
+def tokenizer_for(spec, role: str):
     source = spec.tokenizer or spec.path
     if source is None:
         raise ConfigError(f"model.{role}: set model.{role}.path or model.{role}.tokenizer")
@@ -122,9 +122,9 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     (except when the student is slimmed from it: then it loads whole and is partitioned after).
     """
     model_cfg = cfg.model
-    teacher_tok = _tokenizer_for(model_cfg.teacher, "teacher")
+    teacher_tok = tokenizer_for(model_cfg.teacher, "teacher")
     slimmed = pruned_from_teacher(model_cfg.student)
-    student_tok = teacher_tok if slimmed else _tokenizer_for(model_cfg.student, "student")
+    student_tok = teacher_tok if slimmed else tokenizer_for(model_cfg.student, "student")
     if teacher_zero3 is not None and not slimmed:
         teacher = _load_partitioned(model_cfg.teacher, dtype=teacher_dtype, zero3=teacher_zero3)
     else:

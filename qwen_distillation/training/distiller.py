@@ -188,6 +188,26 @@ class Distiller:
             vocab_size=self.pair.vocab_size, eval_sets=self.data.eval_sets, pad_token_id=self.pair.pad_token_id,
             device=self.device, autocast=self._autocast, shard=self._shard())
 
+    def _teacher_runner(self, index: int):
+        """What gives stage ``index`` its teacher: the model, or its top-k cache
+        (``stageN.teacher.source=cache``; the examples are numbered for the lookup)."""
+        key, stage = STAGE_KEYS[index], getattr(self.config, STAGE_KEYS[index])
+        if stage.teacher.source != "cache":
+            return self.online_teacher
+        from qwen_distillation.data.teacher_cache import CacheReader
+        from qwen_distillation.training.teacher_cache import CachedTeacher, cache_spec
+
+        examples = self.data.general + self.data.medical
+        for example_id, example in enumerate(examples):
+            example["example_id"] = example_id
+        domains = stage_domains(stage.medical_ratio.start, stage.medical_ratio.end)
+        spec = cache_spec(teacher_spec=self.config.model.teacher, seed=self.config.seed, tokenizer=self.pair.tokenizer,
+                          vocab_size=self.pair.vocab_size, sources=[s for d in domains for s in self.sources[d]],
+                          max_length=self.config.data.max_length, k=0, dtype="")
+        log.info("%s: the teacher's top-k distribution is read from the cache %s", key, stage.teacher.cache)
+        return CachedTeacher(CacheReader(stage.teacher.cache), examples, spec, tail=stage.teacher.tail,
+                             where=f"{key}.teacher.cache")
+
     def _deepspeed_config(self, index: int) -> dict:
         from qwen_distillation.training.deepspeed_engine import deepspeed_config
 
@@ -243,7 +263,7 @@ class Distiller:
             from qwen_distillation.training.fsdp_engine import shard_model
 
             shard_model(pair.student, self.mesh, root=self.module)
-        self.teacher = TeacherRunner(pair.teacher, concurrent=self.teacher_stream)
+        self.online_teacher = self.teacher = TeacherRunner(pair.teacher, concurrent=self.teacher_stream)
 
     # ------------------------------------------------------------------ stage
     def _stage_steps(self, stage: StageConfig) -> int:
@@ -277,6 +297,7 @@ class Distiller:
         key = STAGE_KEYS[index]
         stage: StageConfig = getattr(self.config, key)
         plan = self.module.plan = self.plans[index]
+        self.teacher = self._teacher_runner(index)
         total_steps = self._stage_steps(stage)
         params = self.module.trainable_parameters()
         optimizer = build_optimizer(params, lr=stage.lr, weight_decay=stage.weight_decay,

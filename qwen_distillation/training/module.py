@@ -18,16 +18,19 @@ import torch
 from torch import nn
 
 from qwen_distillation.losses.attention import attention_distillation_loss
+from qwen_distillation.losses.cached import cached_teacher_kd
 from qwen_distillation.losses.chunked import chunked_cross_entropy
 from qwen_distillation.losses.contrastive import ContrastiveHead, info_nce, masked_mean_pool
 from qwen_distillation.losses.feature import FeatureProjector, masked_feature_loss
 from qwen_distillation.losses.fused import apply_fused_kd
 from qwen_distillation.losses.logit import cross_entropy, divergence
+from qwen_distillation.losses.topk import topk_divergence
 from qwen_distillation.modeling.capture import CapturedForward, forward_captured
 from qwen_distillation.modeling.parts import (decoder_and_head, model_inputs, position_mask, response_targets,
                                               weight_shape)
 from qwen_distillation.training.plan import LossPlan
 from qwen_distillation.training.teacher import Launched
+from qwen_distillation.training.teacher_cache import CachedTopK
 
 
 class Heads(nn.Module):
@@ -87,11 +90,13 @@ class DistillationModule(nn.Module):
         return loss_terms(plan, batch, student, teacher.result() if teacher is not None else None, self.heads)
 
 
-def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForward | None, mask: torch.Tensor,
+def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForward | CachedTopK | None, mask: torch.Tensor,
                  targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(terms, unweighted ce/kd sums) of the CE and KD terms, from hidden states in chunks
     (the fused kernel) or from full logits."""
     w_ce, w_kd = plan.weights.get("ce", 0.0), plan.weights.get("kd", 0.0)
+    if isinstance(teacher, CachedTopK):
+        return _cached_logit_terms(plan, student, teacher, mask, targets)
     if plan.hidden_path:
         s_valid, s_head = student.last_hidden[mask], student.head_weight
         if w_kd > 0 and teacher is not None:
@@ -124,8 +129,29 @@ def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForw
     return terms, {"ce": ce.detach(), "kd": kd.detach()}
 
 
+def _cached_logit_terms(plan: LossPlan, student: CapturedForward, teacher: CachedTopK, mask: torch.Tensor,
+                        targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The CE and sparse top-k KD terms against a cached teacher (``stageN.teacher.source=cache``)."""
+    w_ce, w_kd = plan.weights.get("ce", 0.0), plan.weights.get("kd", 0.0)
+    options = dict(kind=plan.kd.kind, temperature=plan.kd.temperature, tail=plan.teacher_tail, beta=plan.kd.beta)
+    if plan.hidden_path:
+        ce, kd = cached_teacher_kd(student.last_hidden[mask], student.head_weight[: plan.vocab_size], targets,
+                                   teacher.ids, teacher.logprobs, teacher.tail_logmass, ce=w_ce > 0, kd=w_kd > 0,
+                                   chunk_size=plan.kd.chunk_size, **options)
+    else:
+        s_logits = student.logits[:, :-1][mask[:, :-1]][:, : plan.vocab_size]
+        ce = cross_entropy(s_logits, targets, reduction="sum")
+        kd = topk_divergence(options.pop("kind"), s_logits, teacher.ids, teacher.logprobs, targets,
+                             teacher_tail_logmass=teacher.tail_logmass, reduction="sum", **options)
+    if plan.separate_logit_terms:
+        terms = {name: value for name, value in (("ce", ce), ("kd", kd)) if plan.active(name)}
+    else:
+        terms = {"logit": w_ce * ce + w_kd * kd} if w_ce > 0 or w_kd > 0 else {}
+    return terms, {"ce": ce.detach(), "kd": kd.detach()}
+
+
 def loss_terms(plan: LossPlan, batch: dict[str, torch.Tensor], student: CapturedForward,
-               teacher: CapturedForward | None, heads: Heads) -> tuple[dict[str, torch.Tensor], dict]:
+               teacher: CapturedForward | CachedTopK | None, heads: Heads) -> tuple[dict[str, torch.Tensor], dict]:
     """The loss terms of one micro-batch from both models' forward passes (see
     :class:`DistillationModule`); ``teacher`` is None when no active term reads it."""
     labels = batch["labels"]

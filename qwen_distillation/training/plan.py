@@ -30,6 +30,7 @@ class LossPlan:
     hidden_path: both models' logits are a plain projection of their last hidden states, so the
         logit terms are computed from hidden states in chunks (else from full logits).
     feature_pairs, attention_pairs: ``(student_layer, teacher_layer)`` pairs matched.
+    teacher_tail: with a cached teacher, the sparse KD's treatment of the mass outside its top k.
     """
 
     weights: dict[str, float]
@@ -46,6 +47,7 @@ class LossPlan:
     attention_chunk: int = 256
     contrastive_temperature: float = 0.1
     domain_aware: bool = False
+    teacher_tail: str = "bucket"
 
     def active(self, name: str) -> bool:
         return self.weights.get(name, 0.0) > 0
@@ -89,8 +91,9 @@ def build_plan(stage, key: str, student, teacher, vocab_size: int, kd: KDOptions
     loss = stage.loss
     weights = {name: w for name, w in dataclasses.asdict(loss.weights).items() if w > 0}
     needs_teacher = any(weights.get(name, 0.0) > 0 for name in TEACHER_TERMS)
+    cached = stage.teacher.source == "cache"  # the teacher model takes no part in the loss
     hidden_path = loss.chunk_size > 0 and supports_hidden_path(student) and (
-        not needs_teacher or supports_hidden_path(teacher))
+        not needs_teacher or cached or supports_hidden_path(teacher))
     feature = layer_pairs(loss.feature, f"{key}.loss.feature", student, teacher) if "feature" in weights else []
     attention = layer_pairs(loss.attention, f"{key}.loss.attention", student, teacher) if "attention" in weights else []
     return LossPlan(weights=weights, vocab_size=vocab_size, kd=kd, separate_logit_terms=loss.balancing.method != "none",
@@ -98,7 +101,7 @@ def build_plan(stage, key: str, student, teacher, vocab_size: int, kd: KDOptions
                     feature_normalize=loss.feature.normalize, attention_pairs=tuple(attention),
                     attention_mode=loss.attention.mode, relation_heads=loss.attention.relation_heads,
                     attention_chunk=loss.attention.chunk_size, contrastive_temperature=loss.contrastive.temperature,
-                    domain_aware=loss.contrastive.domain_aware)
+                    domain_aware=loss.contrastive.domain_aware, teacher_tail=stage.teacher.tail)
 
 
 def loss_weights(plan: LossPlan) -> dict[str, float]:

@@ -1,0 +1,133 @@
+"""Run the teacher once over a run's training data and write its top-k cache.
+
+    python -m qwen_distillation.cache_teacher --out out/teacher_cache --k 32
+    python run_distillation.py stage1.teacher.source=cache stage1.teacher.cache=out/teacher_cache
+
+The same config as a run (``conf/``, Hydra overrides, the classic flags such as ``--teacher_model``
+and ``--general_dataset``): the teacher, the tokenizer, ``data.*`` (the training examples of
+``data.general`` and ``data.medical``, held-out ones excluded, as the run splits them) and
+``train.device`` / ``train.precision``. For every response token the cache holds the teacher's
+``--k`` most probable token ids, their log-probabilities and the log of the rest of its mass
+(docs/teacher_offline.md). A killed run continues where it stopped (shards are written whole);
+``torchrun --nproc_per_node N -m qwen_distillation.cache_teacher ...`` splits the examples over the
+ranks, each writing its own shards. A directory holding a cache of other inputs is refused unless
+``--overwrite``. Prints one JSON line: examples, response tokens, seconds, tokens/s, bytes on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qwen_distillation.errors import ConfigError, DistillationError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qwen_distillation.cache_teacher",
+                                     description=__doc__.split("\n\n")[0],
+                                     epilog="Other arguments: classic flags and Hydra overrides, as for "
+                                            "run_distillation.py.")
+    parser.add_argument("--out", required=True, help="the cache directory")
+    parser.add_argument("--k", type=int, default=32, help="top-k token ids kept per response token")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="dtype of the stored log-probabilities (ids are int32, the tail log-mass fp32)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--examples_per_shard", type=int, default=256)
+    parser.add_argument("--overwrite", action="store_true", help="replace a cache of other inputs in --out")
+    return parser
+
+
+def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size: int = 8,
+                  examples_per_shard: int = 256, overwrite: bool = False) -> dict:
+    """Write (or complete) the teacher cache of ``cfg``'s training data in ``out``; returns the stats."""
+    from qwen_distillation.data.sources import build_domain_data, data_sources
+    from qwen_distillation.data.teacher_cache import CacheWriter
+    from qwen_distillation.modeling.loading import load_causal_lm
+    from qwen_distillation.modeling.pair import tokenizer_for
+    from qwen_distillation.modeling.parts import weight_shape
+    from qwen_distillation.training.distiller import seed_everything, select_device
+    from qwen_distillation.training.teacher_cache import cache_spec, write_cache
+
+    if k < 1:
+        raise ConfigError(f"--k {k}: keep at least one token id per position")
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device, precision = select_device(cfg.train)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    tokenizer = tokenizer_for(cfg.model.teacher, "teacher")
+    sources = data_sources(cfg.data)
+    data = build_domain_data(sources, tokenizer, max_length=cfg.data.max_length,
+                             eval_fraction=cfg.data.eval_fraction, max_eval_examples=cfg.data.max_eval_examples,
+                             seed=cfg.data.split_seed)
+    vocab_size = len(tokenizer)
+    spec = cache_spec(teacher_spec=cfg.model.teacher, seed=cfg.seed, tokenizer=tokenizer, vocab_size=vocab_size,
+                      sources=sources["general"] + sources["medical"], max_length=cfg.data.max_length, k=k,
+                      dtype=dtype)
+    if k > vocab_size:
+        raise ConfigError(f"--k {k}: larger than the vocabulary ({vocab_size} tokens)")
+    writer = CacheWriter(out, spec.identity, rank=rank, overwrite=overwrite)
+    examples = data.general + data.medical
+    seed_everything(cfg.seed)  # a random-init teacher gets the weights a run with this seed gives it
+    teacher = load_causal_lm(cfg.model.teacher, dtype=teacher_dtype, role="teacher").to(device).eval()
+    if weight_shape(teacher.get_output_embeddings().weight)[0] < vocab_size:
+        raise ConfigError(f"model.teacher: its lm_head has fewer columns than its tokenizer has tokens "
+                          f"({vocab_size}); the model and tokenizer do not belong together")
+    autocast = (lambda: torch.autocast(device.type, dtype=teacher_dtype)) if teacher_dtype != torch.float32 else (
+        lambda: torch.autocast(device.type, enabled=False))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    mine = [e for i, e in enumerate(examples) if i % world_size == rank and spec.key(e) not in writer.done]
+    tokens = sum(sum(1 for label in e["labels"][1:] if label != -100) for e in mine)
+    written = write_cache(teacher, examples, writer, spec, vocab_size=vocab_size, k=k, batch_size=batch_size,
+                          pad_token_id=pad, device=device, autocast=autocast, examples_per_shard=examples_per_shard,
+                          rank=rank, world_size=world_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    disk = sum(p.stat().st_size for p in Path(out).glob(f"shard-R{rank:05d}-*.safetensors"))
+    all_tokens = sum(sum(1 for label in e["labels"][1:] if label != -100) for e in examples)
+    return {"out": str(out), "rank": rank, "k": k, "dtype": dtype, "examples_written": written,
+            "tokens_written": tokens, "examples_total": len(examples), "tokens_total": all_tokens,
+            "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+            "shard_bytes_this_rank": disk, "device": str(device), "precision": precision}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from qwen_distillation.cli import UsageError, translate
+    from qwen_distillation.prune import compose
+
+    args, rest = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        overrides = translate(rest)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        from qwen_distillation.app import hydra_error_message
+
+        try:
+            cfg = compose(overrides)
+        except (HydraException, OmegaConfBaseException) as err:
+            raise ConfigError(hydra_error_message(err, overrides)) from err
+        stats = cache_teacher(cfg, Path(args.out), k=args.k, dtype=args.dtype, batch_size=args.batch_size,
+                              examples_per_shard=args.examples_per_shard, overwrite=args.overwrite)
+    except DistillationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The teacher, run once: writing its top-k cache over a run's training data, and the teacher
+runner of a stage that reads the cache instead (``stageN.teacher.source=cache``).
+
+The cache's format on disk is :mod:`qwen_distillation.data.teacher_cache`'s; what each entry
+means and what the sparse KD approximates is :mod:`qwen_distillation.losses.topk`'s. Entries are
+taken at the positions :func:`~qwen_distillation.modeling.parts.position_mask` selects, in its
+order, so a micro-batch's cached rows line up with the student's hidden states there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qwen_distillation.data.manager import collate
+from qwen_distillation.data.sources import DataSource
+from qwen_distillation.data.teacher_cache import (CachedExample, CacheReader, CacheWriter, cache_identity,
+                                                  example_key, identity_differences, ids_checksum, source_hashes)
+from qwen_distillation.errors import ConfigError
+from qwen_distillation.losses.topk import teacher_topk
+from qwen_distillation.modeling.parts import decoder_and_head, model_inputs, position_mask
+from qwen_distillation.paths import locate
+from qwen_distillation.training.teacher import Launched
+
+log = logging.getLogger(__name__)
+
+
+def teacher_description(spec, seed: int) -> str:
+    """The teacher as the cache's identity names it: where its weights come from."""
+    if spec.random_init:
+        return f"random_init:{json.dumps(dict(spec.random_init), sort_keys=True)}:seed={seed}"
+    return ":".join(str(v) for v in (spec.path, spec.gguf_file, spec.revision) if v)
+
+
+def tokenizer_description(tokenizer) -> str:
+    """The tokenizer's name, size and a hash of its vocabulary and chat template."""
+    digest = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    return f"{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|{digest.hexdigest()[:16]}"
+
+
+def source_paths(sources: list[DataSource]) -> dict[str, str]:
+    """``{source name as examples carry it: local file path}``."""
+    return {s.path: locate(s.path) for s in sources}
+
+
+def data_identity(sources: list[DataSource], hashes: dict[str, str | None]) -> list[dict]:
+    return [{"path": s.path, "sha256": hashes.get(s.path), "format": s.format, "split": s.split, "subset": s.subset,
+             "max_records": s.max_records} for s in sources]
+
+
+@dataclass
+class CacheSpec:
+    """The identity a run's data and models give a cache, and each example's key."""
+
+    identity: dict
+    hashes: dict[str, str | None]
+
+    def key(self, example: dict) -> str:
+        return example_key(example, self.hashes)
+
+
+def cache_spec(*, teacher_spec, seed: int, tokenizer, vocab_size: int, sources: list[DataSource], max_length: int,
+               k: int, dtype: str) -> CacheSpec:
+    hashes = source_hashes(source_paths(sources))
+    identity = cache_identity(teacher=teacher_description(teacher_spec, seed), tokenizer=tokenizer_description(
+        tokenizer), vocab_size=vocab_size, data=data_identity(sources, hashes), max_length=max_length, k=k, dtype=dtype)
+    return CacheSpec(identity, hashes)
+
+
+@torch.no_grad()
+def teacher_entries(teacher: nn.Module, batch: dict[str, torch.Tensor], *, vocab_size: int, k: int,
+                    chunk_size: int = 1024) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per example of the collated ``batch``: the teacher's (ids (n, k), logprobs (n, k), tail (n,))
+    at its n response positions, from its final hidden states ``chunk_size`` tokens at a time."""
+    decoder, head = decoder_and_head(teacher)
+    hidden = decoder(**model_inputs(batch)).last_hidden_state
+    mask = position_mask(batch["labels"])
+    rows = hidden[mask]
+    weight = head.weight[:vocab_size]
+    parts = [teacher_topk((rows[s:s + chunk_size] @ weight.T).float(), k) for s in range(0, rows.shape[0], chunk_size)]
+    ids = torch.cat([p.ids for p in parts]) if parts else torch.zeros(0, k, dtype=torch.long)
+    logprobs = torch.cat([p.logprobs for p in parts]) if parts else torch.zeros(0, k)
+    tail = torch.cat([p.tail_logmass for p in parts]) if parts else torch.zeros(0)
+    counts = mask.sum(1).tolist()
+    return list(zip(ids.split(counts), logprobs.split(counts), tail.split(counts)))
+
+
+def responses(example: dict) -> int:
+    """Response tokens of an example: the positions whose next token is labelled."""
+    return sum(1 for label in example["labels"][1:] if label != -100)
+
+
+def write_cache(teacher: nn.Module, examples: list[dict], writer: CacheWriter, spec: CacheSpec, *, vocab_size: int,
+                k: int, batch_size: int, pad_token_id: int, device: torch.device, autocast: Callable,
+                examples_per_shard: int = 256, rank: int = 0, world_size: int = 1,
+                progress: Callable[[int], None] | None = None) -> int:
+    """Cache the teacher's top-k over ``examples`` not yet in the cache; this rank takes every
+    ``world_size``-th example. One shard per ``examples_per_shard`` examples, each written whole.
+    Returns the number of examples written."""
+    todo = [e for i, e in enumerate(examples) if i % world_size == rank and spec.key(e) not in writer.done]
+    written = 0
+    teacher.eval()
+    for start in range(0, len(todo), examples_per_shard):
+        group = todo[start:start + examples_per_shard]
+        entries = []
+        # Sorted by length inside the shard: less padding; the shard's metadata keeps the keys.
+        group = sorted(group, key=lambda e: len(e["input_ids"]))
+        for b in range(0, len(group), batch_size):
+            chunk = group[b:b + batch_size]
+            batch = {name: value.to(device) for name, value in collate(chunk, pad_token_id).items()}
+            with autocast():
+                per_example = teacher_entries(teacher, batch, vocab_size=vocab_size, k=k)
+            for example, (ids, logprobs, tail) in zip(chunk, per_example):
+                entries.append(CachedExample(spec.key(example), ids_checksum(example["input_ids"]), ids.cpu(),
+                                             logprobs.cpu(), tail.cpu()))
+        writer.write(entries)
+        written += len(group)
+        if progress is not None:
+            progress(written)
+    return written
+
+
+@dataclass
+class CachedTopK:
+    """The cached teacher of a micro-batch, at the positions ``position_mask(labels)`` selects, in
+    its order: ``ids`` (N, k) int64, ``logprobs`` (N, k) fp32, ``tail_logmass`` (N,) fp32."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail_logmass: torch.Tensor
+
+
+class CachedTeacher:
+    """The teacher runner of a stage that reads a cache: looks the micro-batch's examples up (by the
+    ``example_id`` the run gave each training example) and returns their rows, never a model.
+
+    Args:
+        reader: the open cache.
+        examples: the run's training examples, indexed by their ``example_id``.
+        spec: the run's cache identity (keys of the examples).
+        tail: the stage's ``teacher.tail``.
+    """
+
+    def __init__(self, reader: CacheReader, examples: list[dict], spec: CacheSpec, *, tail: str, where: str):
+        differences = identity_differences(reader.identity, spec.identity)
+        if differences:
+            raise ConfigError(f"{where}={reader.directory}: the cache does not match this stage: "
+                              f"{'; '.join(differences)}; write a cache for it with `python -m "
+                              f"qwen_distillation.cache_teacher --out DIR` and the run's config")
+        self.reader, self.tail = reader, tail
+        self.keys = [(spec.key(e), ids_checksum(e["input_ids"]), responses(e)) for e in examples]
+
+    def __call__(self, batch: dict[str, torch.Tensor], plan) -> Launched[CachedTopK] | None:
+        if not plan.needs_teacher:
+            return None
+        parts = [self.reader.lookup(*self.keys[int(i)]) for i in batch["example_id"].tolist()]
+        device = batch["input_ids"].device
+        ids, logprobs, tail = (torch.cat([p[j] for p in parts]).to(device, non_blocking=True) for j in range(3))
+        return Launched(CachedTopK(ids, logprobs, tail))

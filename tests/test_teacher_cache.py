@@ -1,0 +1,136 @@
+"""The offline teacher cache: written, killed and resumed; read by a stage instead of the teacher;
+refused when it does not match the stage. Tiny random Qwen2 models with a 256-token word-level
+tokenizer trained on the demo set, so that a top-k covering the whole vocabulary stays small."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qwen_distillation.data.teacher_cache import CacheReader, CacheWriter, shard_files, shard_index
+from qwen_distillation.errors import ConfigError
+from tests.conftest import REPO, compose_config, tiny_overrides, train_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+VOCAB = 256
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = []
+    for name in ("general", "medical", "medical_reasoning"):
+        for line in (REPO / "qwen_distillation" / "data" / "demo" / f"{name}.jsonl").read_text().splitlines():
+            texts.append(" ".join(str(v) for v in json.loads(line).values()))
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=VOCAB,
+                                                                   special_tokens=["<unk>", "<pad>", "<eos>"]))
+    directory = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>",
+                            eos_token="<eos>").save_pretrained(directory)
+    return directory
+
+
+def _overrides(out, tokenizer_dir, *extra):
+    return tiny_overrides(out, steps=2) + [
+        f"model.teacher.tokenizer={tokenizer_dir}", f"model.student.tokenizer={tokenizer_dir}",
+        f"model.teacher.random_init.vocab_size={VOCAB}", f"model.student.random_init.vocab_size={VOCAB}",
+        "data.max_length=64", "start_stage=1", "end_stage=1", "stage1.eval_every=0", *extra]
+
+
+def _config(out, tokenizer_dir, *extra):
+    from qwen_distillation.config.validate import validate_config
+
+    return validate_config(compose_config(_overrides(out, tokenizer_dir, *extra)))
+
+
+def _entries(directory):
+    reader = CacheReader(directory)
+    return {key: reader.lookup(key, checksum, rows) for key, (_, _, rows, checksum) in reader.where.items()}
+
+
+def test_a_killed_cache_run_resumes_to_the_uninterrupted_cache(tmp_path, small_tokenizer, monkeypatch):
+    from qwen_distillation.cache_teacher import cache_teacher
+
+    cfg = _config(tmp_path / "run", small_tokenizer)
+    whole = cache_teacher(cfg, tmp_path / "whole", k=8, examples_per_shard=16)
+    assert whole["examples_written"] == whole["examples_total"] > 32
+
+    real_write, calls = CacheWriter.write, []
+
+    def dying_write(self, examples):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return real_write(self, examples)
+
+    monkeypatch.setattr(CacheWriter, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher(cfg, tmp_path / "resumed", k=8, examples_per_shard=16)
+    assert len(shard_files(tmp_path / "resumed")) == 2 and not list((tmp_path / "resumed").glob(".*tmp"))
+    monkeypatch.setattr(CacheWriter, "write", real_write)
+    resumed = cache_teacher(cfg, tmp_path / "resumed", k=8, examples_per_shard=16)
+    assert resumed["examples_written"] == whole["examples_total"] - 32
+    a, b = _entries(tmp_path / "whole"), _entries(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(x, y) for key in a for x, y in zip(a[key], b[key]))
+    # every example once: the shards' entries add up to the distinct keys
+    assert sum(len(shard_index(s)) for s in shard_files(tmp_path / "resumed")) == len(b)
+    ids, logprobs, tail = next(iter(a.values()))
+    assert ids.shape[1] == 8 and torch.all(logprobs[:, :-1] >= logprobs[:, 1:])  # most probable first
+    assert torch.allclose(torch.logsumexp(torch.cat([logprobs, tail[:, None]], 1), 1), torch.zeros(len(tail)),
+                          atol=1e-5)  # top-k and tail hold the whole mass
+
+
+def test_training_from_a_full_vocabulary_cache_equals_the_online_teacher(tmp_path, small_tokenizer):
+    from qwen_distillation.app import run
+    from qwen_distillation.cache_teacher import cache_teacher
+
+    run(compose_config(_overrides(tmp_path / "online", small_tokenizer)))
+    cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "cache", k=VOCAB)
+    run(compose_config(_overrides(tmp_path / "cached", small_tokenizer, "stage1.teacher.source=cache",
+                                  f"stage1.teacher.cache={tmp_path / 'cache'}")))
+    online, cached = train_rows(tmp_path / "online"), train_rows(tmp_path / "cached")
+    assert len(online) == len(cached) == 2
+    for a, b in zip(online, cached):
+        for key in ("loss", "loss/kd", "loss/ce", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    # The run did read the cache: a top-4 cache gives another KD value (the approximation).
+    cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "top4", k=4)
+    run(compose_config(_overrides(tmp_path / "top4run", small_tokenizer, "stage1.teacher.source=cache",
+                                  f"stage1.teacher.cache={tmp_path / 'top4'}")))
+    top4 = train_rows(tmp_path / "top4run")[0]
+    assert top4["loss/ce"] == pytest.approx(online[0]["loss/ce"], rel=1e-6)
+    assert abs(top4["loss/kd"] - online[0]["loss/kd"]) > 1e-3 * online[0]["loss/kd"]
+
+
+def test_a_cache_of_other_inputs_is_refused_naming_what_differs(tmp_path, small_tokenizer):
+    from qwen_distillation.app import run
+    from qwen_distillation.cache_teacher import cache_teacher
+
+    cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "cache", k=4)
+    cached = ["stage1.teacher.source=cache", f"stage1.teacher.cache={tmp_path / 'cache'}"]
+    with pytest.raises(ConfigError, match=r"stage1\.teacher\.cache=.*max_length: cache 64, run 48"):
+        run(compose_config(_overrides(tmp_path / "a", small_tokenizer, "data.max_length=48", *cached)))
+    with pytest.raises(ConfigError, match=r"data: the cache holds no entries for .*alpaca_en_demo"):
+        run(compose_config(_overrides(tmp_path / "b", small_tokenizer, *cached,
+                                      "data.general=[../shared/data/general/alpaca_en_demo.jsonl]")))
+    with pytest.raises(ConfigError, match="other inputs.*k or dtype|overwrite"):
+        cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "cache", k=8)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["stage1.teacher.source=cache"], "stage1.teacher.cache=None"),
+    (["stage1.teacher.source=disk"], "stage1.teacher.source=disk"),
+    (["stage1.teacher.source=cache", "stage1.teacher.cache=c", "stage1.loss.weights.feature=0.1"],
+     "stage1.loss.weights.feature=0.1: needs the teacher's hidden states"),
+    (["stage1.teacher.source=cache", "stage1.teacher.cache=c", "stage1.loss.kd=tv"], "stage1.loss.kd=tv"),
+])
+def test_cache_options_are_checked_naming_them(tmp_path, small_tokenizer, extra, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        _config(tmp_path / "run", small_tokenizer, *extra)
