@@ -51,27 +51,30 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
     return out
 
 
-def load_model(name: str, path: str, dtype: torch.dtype):
-    """The model of ``--model NAME=PATH``; errors name that option."""
+def load_model(name: str, path: str, dtype: torch.dtype, key: str | None = None):
+    """The model of ``--model NAME=PATH`` (a saved stage, hub id, model directory or ``.gguf``);
+    errors name that option, or ``key``."""
+    key = key or f"--model {name}"
     resolved = resolve_path(path)
     if Path(resolved).is_dir() and ((Path(resolved) / "config.json").exists()
                                     or (Path(resolved) / "adapter_config.json").exists()):
-        return load_student_checkpoint(resolved, dtype=dtype, key=f"--model {name}")
-    return load_causal_lm(ModelSpec(path=path), dtype=dtype, role="model", key=f"--model {name}")
+        return load_student_checkpoint(resolved, dtype=dtype, key=key)
+    return load_causal_lm(ModelSpec(path=path), dtype=dtype, role="model", key=key)
 
 
-def load_any_tokenizer(name: str, path: str):
-    """The tokenizer saved with the model of ``--model NAME=PATH``."""
+def load_any_tokenizer(name: str, path: str, key: str | None = None, fix: str | None = None):
+    """The tokenizer saved with the model of ``--model NAME=PATH``; errors name that option (or
+    ``key``) and say what to do (``fix``)."""
     resolved = resolve_path(path)
     directory, gguf_file = split_gguf(resolved, None)
-    fix = (f"export or copy the tokenizer in {directory} again, or put another checkpoint first among the "
-           f"--model options (or name it with --teacher)")
+    fix = fix or (f"export or copy the tokenizer in {directory} again, or put another checkpoint first among the "
+                  f"--model options (or name it with --teacher)")
     try:
         return load_tokenizer(directory, gguf_file=gguf_file, fix=fix)
     except DistillationError:
         raise
     except (OSError, ValueError) as err:
-        raise DistillationError(f"--model {name}={path}: cannot load a tokenizer from it: {err}") from err
+        raise DistillationError(f"{key or f'--model {name}'}={path}: cannot load a tokenizer from it: {err}") from err
 
 
 def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str, str], mcq_sets: dict[str, str],

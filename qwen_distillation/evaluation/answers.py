@@ -28,12 +28,22 @@ LLAMAFACTORY = "llamafactory/"
 
 def greedy_config(model: nn.Module, tokenizer, max_new_tokens: int):
     """Greedy decoding of at most ``max_new_tokens`` tokens, stopping at the model's eos."""
-    # A copy of the model's own config (its eos ids stay) with the sampling knobs at their
-    # neutral values: a released checkpoint's temperature/top_p would trigger "ignored flag"
-    # warnings, and None would be filled back in from the model's config by generate().
+    return sampling_config(model, tokenizer, max_new_tokens, temperature=0.0)
+
+
+def sampling_config(model: nn.Module, tokenizer, max_new_tokens: int, *, temperature: float, top_p: float = 1.0):
+    """At most ``max_new_tokens`` tokens, stopping at the model's eos: sampled at ``temperature``
+    with nucleus ``top_p`` (no top-k cut), or greedy when ``temperature`` is 0."""
+    # A copy of the model's own config (its eos ids stay) with the sampling knobs set
+    # explicitly: a released checkpoint's temperature/top_p/top_k would otherwise apply (or,
+    # under greedy decoding, trigger "ignored flag" warnings), and None would be filled back
+    # in from the model's config by generate().
     config = copy.deepcopy(model.generation_config)
-    config.do_sample, config.num_beams, config.max_new_tokens = False, 1, max_new_tokens
-    config.temperature, config.top_p, config.top_k = 1.0, 1.0, 50
+    config.num_beams, config.max_new_tokens = 1, max_new_tokens
+    if temperature > 0:
+        config.do_sample, config.temperature, config.top_p, config.top_k = True, temperature, top_p, 0
+    else:
+        config.do_sample, config.temperature, config.top_p, config.top_k = False, 1.0, 1.0, 50
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if config.eos_token_id is None:

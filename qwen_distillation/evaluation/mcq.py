@@ -30,7 +30,7 @@ from qwen_distillation.data.loading import load_records
 from qwen_distillation.errors import DataError, require, require_one_of
 from qwen_distillation.evaluation.prompting import model_device, render_prompt
 from qwen_distillation.evaluation.sharding import Shard, map_shared
-from qwen_distillation.evaluation.text_metrics import has_han
+from qwen_distillation.evaluation.text_metrics import has_han, strip_think
 from qwen_distillation.modeling.parts import decoder_and_head, supports_hidden_path
 from qwen_distillation.paths import locate
 
@@ -203,6 +203,37 @@ def mcq_items(records: Iterable[dict | tuple[int, dict]], fmt: str, source: str 
         items.append(MCQ_FORMATS[name](record, where))
     return items
 
+
+
+# "The answer is B", "Answer: (A, C)", "答案是B", "答案：ACD", "选B": the letters after the phrase;
+# a letter must not run on into a word ("The answer is Aspirin" names no letter).
+_LETTERS = r"([A-Z](?:(?:\s*(?:,|，|、|&|和|and|\s)\s*)?[A-Z])*)(?![A-Za-z])"
+_ANSWER_PHRASES = (
+    re.compile(r"(?i:answer)(?:\s+(?i:is|would\s+be|should\s+be))?\s*[:：=]?\s*(?i:option\s*)?[(\[]?\s*" + _LETTERS),
+    re.compile(r"(?:答案|正确答案|故选|应选|选)\s*(?:是|为|应为|：|:)?\s*[(（]?\s*" + _LETTERS),
+)
+_LEADING_LETTER = re.compile(r"^\s*[(\[]?([A-Z])(?:[)\].．、:：]|\s*$)")
+
+
+def answer_letters(text: str, options: dict[str, str]) -> frozenset[str]:
+    """The option letters a free-text answer chooses, or an empty set when it names none.
+
+    Read from ``text`` with any ``<think>`` block removed, in this order: the letters after the
+    last answer phrase that names only option letters ("The answer is B", "Answer: A, C",
+    "答案是ACD", "选B"); else a letter that opens the answer on its own ("B.", "(B)", "B"); else
+    the one option whose text the answer quotes (case-insensitive; none when several are quoted).
+    """
+    answer = strip_think(text)
+    for phrase in _ANSWER_PHRASES:
+        for match in reversed(list(phrase.finditer(answer))):
+            letters = frozenset(re.findall(r"[A-Z]", match.group(1)))
+            if letters and letters <= options.keys():
+                return letters
+    leading = _LEADING_LETTER.match(answer)
+    if leading and leading.group(1) in options:
+        return frozenset(leading.group(1))
+    quoted = [letter for letter, option in options.items() if option.strip() and option.lower() in answer.lower()]
+    return frozenset(quoted) if len(quoted) == 1 else frozenset()
 
 
 MCQ_SOURCE_KEYS = ("path", "name", "format", "split", "subset")

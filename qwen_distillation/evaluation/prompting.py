@@ -12,11 +12,20 @@ def render_prompt(tokenizer, user_text: str, chat_template_kwargs: dict | None =
     ``qwen_distillation.data.encode`` trains with. Tokenise the result with
     ``add_special_tokens=False``: templates write their own special tokens.
     """
+    return render_messages(tokenizer, [{"role": "user", "content": user_text}], chat_template_kwargs)
+
+
+def render_messages(tokenizer, messages: list[dict], chat_template_kwargs: dict | None = None) -> str:
+    """:func:`render_prompt` for a whole conversation (optional system turn, earlier
+    user/assistant turns, the last user turn): the prompt of the next assistant turn. Without a
+    template, turns are ``"System: "``, ``"User: "``, ``"Assistant: "`` blocks joined by a blank
+    line, as ``qwen_distillation.data.encode`` renders them."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True,
-            **(chat_template_kwargs or {}))
-    return f"User: {user_text}\n\nAssistant: "
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **(chat_template_kwargs or {}))
+    headers = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
+    eos = {"assistant": tokenizer.eos_token or ""}  # encode closes an assistant turn with eos
+    return "".join(f"{headers[m['role']]}{m['content']}{eos.get(m['role'], '')}\n\n" for m in messages) + "Assistant: "
 
 
 def model_device(model):

@@ -1,0 +1,292 @@
+"""`python -m qwen_distillation.generate_data`: the teacher writes a dataset (sequence-level KD).
+
+Most tests replace the teacher with a function of the prompt that returns chosen texts, so what
+is kept, rejected, split or resumed is known exactly; the kill-and-resume test runs a tiny random
+Qwen2 model (real Qwen tokenizer) through transformers ``generate`` with sampling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+import qwen_distillation.generate_data as generate_data
+from conftest import SHARED_DATA, compose_config, tiny_overrides
+from qwen_distillation.data.formats import detect_format
+from qwen_distillation.data.generated import (PROVENANCE, RunFiles, Sampling, append_rows, read_journal,
+                                              split_reasoning)
+from qwen_distillation.data.sources import build_domain_data, data_sources
+from qwen_distillation.errors import ConfigError, DataError
+from qwen_distillation.evaluation.generation import Completion, choose_backend
+from qwen_distillation.evaluation.mcq import answer_letters
+from qwen_distillation.evaluation.teacher_data import FORCED_CLOSE, generate_dataset, read_prompts
+
+MEDMCQA = str(SHARED_DATA / "medical_eval" / "medmcqa_dev_eval_500.jsonl")
+DEMO_MEDICAL = "package:qwen_distillation/data/demo/medical.jsonl"
+IDENTITY = {"teacher": "fake", "sampling": "x"}
+PROVENANCE_FIELDS = {"teacher", "source", "sampling", "reasoning", "source_row", "sample", "finished"}
+
+pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+
+
+def fake_teacher(tokenizer, answer):
+    """A backend whose sample ``k`` of the prompt of source row ``row`` is ``answer(row, k, text)``
+    (``text``: the decoded prompt); it records its calls."""
+    calls = []
+
+    def generate(prompts, rows, sampling):
+        calls.append((list(rows), sampling))
+        return [[Completion(*answer(row, k, tokenizer.decode(ids))) for k in range(sampling.num_samples)]
+                for ids, row in zip(prompts, rows, strict=True)]
+
+    generate.calls = calls
+    return generate
+
+
+def run(generate, tokenizer, prompts, out, *, fmt="alpaca", reasoning=False, num_samples=1, batch_size=2, **kw):
+    return generate_dataset(generate, tokenizer, prompts, output=str(out), fmt=fmt,
+                            sampling=Sampling(temperature=1.0, num_samples=num_samples, max_new_tokens=8),
+                            reasoning=reasoning, batch_size=batch_size, identity=kw.pop("identity", IDENTITY),
+                            provenance={"teacher": "fake", "source": "src", "sampling": {}, "reasoning": reasoning},
+                            **kw)
+
+
+@pytest.mark.parametrize("text,letters", [
+    ("The answer is B", "B"), ("So the answer is (C).", "C"), ("Answer: A, C and D", "ACD"), ("答案是AC", "AC"),
+    ("答案：B项", "B"), ("<think>A looks right</think>The answer is D.", "D"), ("B. Vitamin C", "B"),
+    ("It is Heparin.", "C"), ("Answer: E", ""), ("The answer is b", ""), ("I think A or B", ""),
+    ("The answer is Aspirin, surely", "A"),  # no letter after the phrase: the one quoted option
+])
+def test_answer_letters_reads_the_chosen_option(text, letters):
+    options = {"A": "Aspirin", "B": "Vitamin C", "C": "Heparin", "D": "None of these"}
+    assert answer_letters(text, options) == frozenset(letters)
+
+
+@pytest.mark.parametrize("text,parts", [
+    ("<think>\nstep 1\n</think>\n\nThe answer is B", ("step 1", "The answer is B")),
+    ("no block at all", ("", "no block at all")),
+    ("<think>\nstill thinking", ("still thinking", "")),
+])
+def test_split_reasoning(text, parts):
+    assert split_reasoning(text) == parts
+
+
+def test_journal_cuts_a_truncated_last_line_and_refuses_damage_before_it(tmp_path):
+    path = tmp_path / "g.jsonl"
+    rows = [{"x": i, PROVENANCE: {"source_row": i, "sample": 0}} for i in range(3)]
+    append_rows(path, rows)
+    with open(path, "a") as handle:
+        handle.write('{"x": 3, "_prov')  # a write cut by a kill
+    assert read_journal(path) == rows
+    assert path.read_text().endswith("}\n") and len(path.read_text().splitlines()) == 3
+    path.write_text("not json\n" + path.read_text())
+    with pytest.raises(DataError, match=r"g.jsonl line 1: not a row this command wrote"):
+        read_journal(path)
+
+
+def test_rejection_sampling_keeps_exactly_the_samples_that_name_the_gold(tokenizer, tmp_path):
+    prompts, fmt = read_prompts(MEDMCQA, max_prompts=6)
+    assert fmt == "medmcqa" and [p.row for p in prompts] == [1, 2, 3, 4, 5, 6]
+    gold = {p.row: "".join(sorted(p.gold)) for p in prompts}
+    wrong = {row: "ABCD"[("ABCD".index(letter) + 1) % 4] for row, letter in gold.items()}
+
+    def answer(row, k, prompt):
+        assert "The answer is X" in prompt  # the choice instruction reaches the teacher
+        # the gold letter when row + k is odd, another letter when it is even; row 3's sample 0 names none
+        if k == 0 and row == 3:
+            return "I am not sure.", True
+        return f"The answer is {gold[row] if (row + k) % 2 else wrong[row]}.", True
+
+    summary = run(fake_teacher(tokenizer, answer), tokenizer, prompts, tmp_path / "g.jsonl", num_samples=2)
+    kept = read_journal(tmp_path / "g.jsonl")
+    expected = [(row, k) for row in range(1, 7) for k in range(2) if (row + k) % 2 and not (row == 3 and k == 0)]
+    assert [(r[PROVENANCE]["source_row"], r[PROVENANCE]["sample"]) for r in kept] == expected
+    assert all(r[PROVENANCE]["predicted"] == r[PROVENANCE]["gold"] == gold[r[PROVENANCE]["source_row"]]
+               for r in kept)
+    assert summary["kept"] == 5 and summary["samples"] == 12 and summary["keep_rate"] == pytest.approx(5 / 12)
+    assert summary["rejected"] == {"truncated": 0, "empty_response": 0, "no_reasoning": 0, "no_answer": 1,
+                                   "wrong_answer": 6, "duplicate": 0}
+    assert summary["answered_correctly"] == 5 and summary["prompts_done"] == 6
+    manifest = json.loads((tmp_path / "g.jsonl.manifest").read_text())
+    assert manifest["summary"] == summary and manifest["identity"] == IDENTITY
+    # The stored question is the lettered question alone: the instruction is not part of the data.
+    assert kept[0]["instruction"] == prompts[0].messages[0]["content"]
+    assert "The answer is X" not in kept[0]["instruction"]
+    assert set(kept[0]) == {"instruction", "input", "output", PROVENANCE}
+    assert set(kept[0][PROVENANCE]) == PROVENANCE_FIELDS | {"gold", "predicted"}
+
+
+def test_reasoning_splits_into_cot_and_response_and_forces_unfinished_answers(tokenizer, tmp_path):
+    prompts, _ = read_prompts(MEDMCQA, max_prompts=3)
+    gold = {p.row: "".join(sorted(p.gold)) for p in prompts}
+
+    def answer(row, k, prompt):
+        if prompt.endswith(FORCED_CLOSE):  # the forced answer after a block left open
+            return f"The answer is {gold[row]}.", True
+        assert prompt.endswith("<|im_start|>assistant\n<think>\n") and "inside <think> and </think>" in prompt
+        if row == 1:
+            return f"Recall the physiology.\n</think>\n\nThe answer is {gold[row]}.", True
+        if row == 2:
+            return "Thinking without end", False  # cut at max_new_tokens inside the block
+        return "</think>The answer is A.", True  # row 3: an empty block
+
+    teacher = fake_teacher(tokenizer, answer)
+    summary = run(teacher, tokenizer, prompts, tmp_path / "g.jsonl", fmt="medical_o1", reasoning=True, batch_size=3)
+    kept = read_journal(tmp_path / "g.jsonl")
+    assert [set(row) for row in kept] == [{"Question", "Complex_CoT", "Response", PROVENANCE}] * 2
+    assert [(r["Complex_CoT"], r["Response"]) for r in kept] == [
+        ("Recall the physiology.", f"The answer is {gold[1]}."), ("Thinking without end", f"The answer is {gold[2]}.")]
+    assert [r[PROVENANCE].get("answer_forced", False) for r in kept] == [False, True]
+    assert summary["rejected"]["no_reasoning"] == 1  # row 3: medical_o1 needs the reasoning
+    # One call for the batch, one for the forced answer (one sample, --answer_tokens new tokens).
+    assert [(rows, s.num_samples, s.max_new_tokens) for rows, s in teacher.calls] == [([1, 2, 3], 1, 8), ([2], 1, 128)]
+
+
+def test_a_resumed_run_skips_what_is_written_and_drops_duplicate_rows(tokenizer, tmp_path):
+    prompts, _ = read_prompts(DEMO_MEDICAL, max_prompts=5)
+
+    def answer(row, k, prompt):
+        return ("Same answer." if row == 2 else f"Answer {row}.{k}"), True  # row 2: both samples identical
+
+    full = run(fake_teacher(tokenizer, answer), tokenizer, prompts, tmp_path / "full.jsonl", num_samples=2)
+    assert full["kept"] == 9 and full["rejected"]["duplicate"] == 1
+    # Killed after two batches, the last row's write cut in half:
+    calls = []
+
+    def dying(row, k, prompt):
+        if len(calls) == 2 * 2 * 2:  # 2 batches x 2 prompts x 2 samples
+            raise KeyboardInterrupt
+        calls.append(row)
+        return answer(row, k, prompt)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(fake_teacher(tokenizer, dying), tokenizer, prompts, tmp_path / "part.jsonl", num_samples=2)
+    text = (tmp_path / "part.jsonl").read_text()
+    (tmp_path / "part.jsonl").write_text(text[:-40])
+    teacher = fake_teacher(tokenizer, answer)
+    resumed = run(teacher, tokenizer, prompts, tmp_path / "part.jsonl", num_samples=2)
+    # Only the batch with the cut row and the batch never started are generated again.
+    assert [rows for rows, _ in teacher.calls] == [[3, 4], [5]]
+    assert (tmp_path / "part.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+    assert resumed == full
+    rejected = read_journal(RunFiles.of(tmp_path / "part.jsonl").rejected)
+    keys = [(r[PROVENANCE]["source_row"], r[PROVENANCE]["sample"]) for r in
+            read_journal(tmp_path / "part.jsonl") + rejected]
+    assert len(keys) == len(set(keys)) == 10
+    # A third run has nothing left to do.
+    again = fake_teacher(tokenizer, answer)
+    assert run(again, tokenizer, prompts, tmp_path / "part.jsonl", num_samples=2) == full and again.calls == []
+
+
+def test_other_settings_over_an_existing_output_are_refused_unless_overwrite(tokenizer, tmp_path):
+    prompts, _ = read_prompts(DEMO_MEDICAL, max_prompts=2)
+    teacher = fake_teacher(tokenizer, lambda row, k, prompt: ("An answer.", True))
+    run(teacher, tokenizer, prompts, tmp_path / "g.jsonl")
+    other = {"teacher": "fake", "sampling": "y"}
+    with pytest.raises(ConfigError, match=r"was generated with other settings \(sampling: 'x' -> 'y'\).*--overwrite"):
+        run(teacher, tokenizer, prompts, tmp_path / "g.jsonl", identity=other)
+    assert run(teacher, tokenizer, prompts, tmp_path / "g.jsonl", identity=other, overwrite=True)["kept"] == 2
+    RunFiles.of(tmp_path / "g.jsonl").manifest.unlink()
+    with pytest.raises(ConfigError, match="exists without its manifest"):
+        run(teacher, tokenizer, prompts, tmp_path / "g.jsonl", identity=other)
+
+
+@pytest.mark.parametrize("fmt,expected", [
+    ("medical_o1", "<think>Because of X.</think>The answer is B.<|im_end|>"),
+    ("alpaca", "<think>Because of X.</think>The answer is B.<|im_end|>"),
+])
+def test_the_generated_file_loads_as_a_training_source(tokenizer, tmp_path, fmt, expected):
+    prompts, _ = read_prompts(DEMO_MEDICAL, max_prompts=3)
+    teacher = fake_teacher(tokenizer, lambda row, k, prompt: ("Because of X.\n</think>\n\nThe answer is B.", True))
+    out = tmp_path / "generated.jsonl"
+    run(teacher, tokenizer, prompts, out, fmt=fmt, reasoning=True)
+    rows = read_journal(out)
+    assert detect_format(rows[0], str(out)) == fmt
+    config = compose_config(tiny_overrides(tmp_path) + [f"data.medical=[{out}]"])
+    data = build_domain_data(data_sources(config.data), tokenizer, max_length=256, eval_fraction=0.0,
+                             max_eval_examples=0, seed=0)
+    assert len(data.medical) == 3
+    example = data.medical[0]
+    response = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert tokenizer.decode(response) == expected
+    assert prompts[0].messages[-1]["content"] in tokenizer.decode(example["input_ids"])
+
+
+def test_bad_inputs_name_the_file_and_the_fix(tmp_path, capsys):
+    def error(*flags):
+        assert generate_data.main(["--teacher", "does/not/exist", *flags]) == 2
+        return capsys.readouterr().err
+
+    assert "--output g.json: must end in .jsonl" in error("--data", DEMO_MEDICAL, "--output", "g.json")
+    assert "no_such.jsonl: file not found" in error("--data", str(tmp_path / "no_such.jsonl"),
+                                                    "--output", str(tmp_path / "g.jsonl"))
+    assert "--num_samples 2: greedy decoding" in error("--data", DEMO_MEDICAL, "--output", str(tmp_path / "g.jsonl"),
+                                                       "--temperature", "0", "--num_samples", "2")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                                                  {"from": "human", "value": "Headache?"}]}) + "\n")
+    assert "--format medical_o1 holds one question per row, but source row 1" in error(
+        "--data", str(chat), "--output", str(tmp_path / "g.jsonl"), "--reasoning")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 7}) + "\n")
+    assert "bad.jsonl line 1: medmcqa field 'cop' is 7" in error("--data", str(bad),
+                                                                 "--output", str(tmp_path / "g.jsonl"))
+    assert "--backend vllm: vLLM is not installed" in error("--data", DEMO_MEDICAL, "--output",
+                                                            str(tmp_path / "g.jsonl"), "--backend", "vllm")
+    assert choose_backend("auto", "does/not/exist") == "transformers"
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory, tokenizer):
+    """A random 2-layer Qwen2 model for the real Qwen tokenizer, saved as a model directory."""
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("teacher")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def test_a_killed_sampling_run_resumes_to_the_uninterrupted_result(tiny_teacher, tokenizer, tmp_path, monkeypatch):
+    # The saved tokenizer is the fixture's: reading its 151k-token BPE back takes seconds.
+    monkeypatch.setattr(generate_data, "load_any_tokenizer", lambda *args, **kwargs: tokenizer)
+
+    def command(out, *extra):
+        return ["--teacher", str(tiny_teacher), "--data", DEMO_MEDICAL, "--max_prompts", "4", "--output", str(out),
+                "--reasoning", "--format", "alpaca", "--num_samples", "2", "--temperature", "1.0", "--top_p", "1.0",
+                "--max_new_tokens", "3", "--answer_tokens", "2", "--keep_truncated", "--batch_size", "2",
+                "--device", "cpu", *extra]
+
+    assert generate_data.main(command(tmp_path / "full.jsonl")) == 0
+    full = read_journal(tmp_path / "full.jsonl")
+    # 3 random tokens never close the block: every answer is forced; no two samples are alike.
+    assert len(full) == 8 and all(row[PROVENANCE]["answer_forced"] for row in full)
+    assert len({row["output"] for row in full}) == 8
+
+    real = generate_data.transformers_generate
+
+    def dies_on_the_third_call(model, tokenizer):
+        generate, calls = real(model, tokenizer), []
+
+        def counted(*args):
+            calls.append(1)
+            if len(calls) == 3:  # batch 2's samples: batch 1 (a sampling and a forcing call) is written
+                raise KeyboardInterrupt
+            return generate(*args)
+        return counted
+
+    monkeypatch.setattr(generate_data, "transformers_generate", dies_on_the_third_call)
+    with pytest.raises(KeyboardInterrupt):
+        generate_data.main(command(tmp_path / "part.jsonl"))
+    assert len(read_journal(tmp_path / "part.jsonl")) == 4
+    monkeypatch.setattr(generate_data, "transformers_generate", real)
+    assert generate_data.main(command(tmp_path / "part.jsonl")) == 0
+    assert (tmp_path / "part.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+    summary = json.loads((tmp_path / "part.jsonl.manifest").read_text())["summary"]
+    assert summary == json.loads((tmp_path / "full.jsonl.manifest").read_text())["summary"]
+    assert summary["samples"] == summary["kept"] == 8 and summary["prompts_done"] == 4
+    # The same output with another temperature is refused before the teacher loads.
+    assert generate_data.main(command(tmp_path / "part.jsonl", "--temperature", "0.5")) == 2
