@@ -16,6 +16,7 @@ step and their state the engine (``training/engine.py``). docs/architecture.md d
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -159,7 +160,7 @@ class Distiller:
         self.pair: ModelPair = build_pair(cfg, device=self.device, teacher_dtype=self.teacher_dtype,
                                           output_dir=self.output_dir, resume_after_stage=resume_from,
                                           teacher_zero3=self._teacher_zero3())
-        if self._teacher_zero3() is not None:
+        if self._teacher_zero3_config is not None:
             from qwen_distillation.training.deepspeed_engine import shard_teacher
 
             self.pair.teacher = shard_teacher(self.pair.teacher, self._teacher_zero3())
@@ -194,8 +195,11 @@ class Distiller:
         return deepspeed_config(self.config.distributed, stage=getattr(self.config, key), stage_key=key,
                                 world_size=self.topo.world_size, precision=self.precision)
 
-    def _teacher_zero3(self) -> dict | None:
-        """The teacher's DeepSpeed config when it is partitioned (ZeRO-3), else None."""
+    @functools.cached_property
+    def _teacher_zero3_config(self) -> dict | None:
+        """The teacher's DeepSpeed config when it is partitioned (ZeRO-3), else None; read once (the
+        user's JSON) per run. It holds the first stage's micro-batch, accumulation and ZeRO-3
+        options, none of which depend on the launch size."""
         if self.config.distributed.engine != "deepspeed":
             return None
         config = self._deepspeed_config(self.stages[0])
@@ -205,11 +209,13 @@ class Distiller:
 
         return teacher_config(config)
 
+    def _teacher_zero3(self) -> dict | None:
+        """A copy of :attr:`_teacher_zero3_config` for DeepSpeed and transformers to keep."""
+        return copy.deepcopy(self._teacher_zero3_config)
+
     def _sharded(self) -> bool:
         """Whether the models' weights are partitioned over the ranks (ZeRO-3, FSDP2)."""
-        distributed = self.config.distributed
-        return distributed.engine == "fsdp2" or (distributed.engine == "deepspeed"
-                                                 and self._teacher_zero3() is not None)
+        return self.config.distributed.engine == "fsdp2" or self._teacher_zero3_config is not None
 
     def _shard(self) -> Shard | None:
         """How evaluations and scoring split over the ranks of the launch (None: one process)."""
