@@ -113,6 +113,9 @@ class StageRun:
     best: float | None = None
     recent_skipped: deque = field(default_factory=deque)  # of the last train.divergence_window steps
     last_save: float = field(default_factory=time.monotonic)
+    # Rank 0's clock, read at the last step's reduction and the same on every rank:
+    # train.save_every_minutes have passed since last_save.
+    clock_due: bool = False
 
     def extra(self, global_step: int) -> dict:
         """What a checkpoint keeps beside the engine's and sampler's state."""
@@ -345,18 +348,18 @@ class Distiller:
                                            sampler=run.sampler, step=run.step, extra=run.extra(self.global_step),
                                            topology=self.topo)
                 run.last_save = time.monotonic()
+                log.info("%s: saved checkpoint-%d", run.key, run.step)
         if progress is not None:
             progress.close()
         self._finish_stage(run, state)
 
     def _save_due(self, run: StageRun) -> bool:
         """Every ``save_every`` steps, and when ``train.save_every_minutes`` have passed since
-        the stage's last save (or its start)."""
-        minutes = self.config.train.save_every_minutes
-        due = bool((run.save_every and run.step % run.save_every == 0)
-                   or (minutes and time.monotonic() - run.last_save >= 60 * minutes))
-        # Rank 0's clock decides for the launch: every rank takes part in a save.
-        return dist.broadcast_object(self.topo, due) if minutes else due
+        the stage's last save (or its start). Rank 0's clock decides for the launch (every rank
+        takes part in a save); it is read at the step's reduction of the loss sums
+        (:meth:`_train_step`), before the step's evaluation, so a save that falls due during an
+        evaluation is taken after the next step."""
+        return bool((run.save_every and run.step % run.save_every == 0) or run.clock_due)
 
     def _diverged(self, run: StageRun, what: str) -> NonFiniteLossError:
         previous = [i for i in self.stages if i < run.index]
@@ -403,9 +406,15 @@ class Distiller:
             balance_log = logs
             for name, value in info.items():
                 sums[name] = sums.get(name, 0.0) + value
+        minutes = self.config.train.save_every_minutes
+        clock = float(bool(minutes) and self.topo.is_main and time.monotonic() - run.last_save >= 60 * minutes)
         if self.topo.world_size > 1:
+            # Rank 0's clock rides along in the step's one reduction (the other ranks add 0), so the
+            # ranks agree on a time-based save without a collective of its own.
             names = sorted(sums)
-            sums = dict(zip(names, dist.all_reduce_sum(self.topo, [float(sums[n]) for n in names])))
+            *values, clock = dist.all_reduce_sum(self.topo, [float(sums[n]) for n in names] + [clock])
+            sums = dict(zip(names, values))
+        run.clock_due = clock > 0
         outcome = run.engine.step()
         run.step += 1
         self.global_step += 1
