@@ -279,3 +279,46 @@ def test_accelerate_launch_with_classic_flags(pair, tmp_path):
     _run(command)
     assert [(r["stage"], r["step"]) for r in train_rows(out)] == [(1, 1)]
     assert json.loads((out / "summary.json").read_text())["distributed"] == {"engine": "zero2", "world_size": 2}
+
+
+
+# Stage 1 alone with LoRA adapters, 2 steps of 4 examples (micro-batch 2: one a rank, or 2 in one
+# process), short sequences and a 2-example held-out NLL: the cheapest run that still checks an update.
+# No LoRA dropout: its masks come from each process's RNG stream, which a launch splits differently.
+SHORT = ["end_stage=1", "stage1.max_steps=2", "data.max_length=64", "data.max_eval_examples=2",
+         "lora.enabled=true", "lora.dropout=0.0", "stage1.save_every=0", "train.save_every_minutes=1e-9"]
+
+
+def _short(pair: Path, out: Path, engine: str) -> list[str]:
+    models = [f"model.{role}.{key}" for role in ("teacher", "student") for key in ("random_init", "tokenizer")]
+    overrides = [*tiny_overrides(out, steps=2), *[f"{key}=null" for key in models], *SHORT,
+                 f"model.teacher.path={pair / 'teacher'}", f"model.student.path={pair / 'student'}",
+                 f"stage1.grad_accum={2 if engine == 'none' else 1}"]
+    if engine == "none":
+        return [sys.executable, "run_distillation.py", *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(_free_port()), "run_distillation.py", f"distributed={engine}", *overrides]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(pair, tmp_path_factory):
+    """The short LoRA stage in one process, under ZeRO-3 and under FSDP2: output directory and stdout."""
+    root = tmp_path_factory.mktemp("lora")
+    return {engine: (root / engine, _run(_short(pair, root / engine, engine)).stdout)
+            for engine in ("none", "zero3", "fsdp2")}
+
+
+def test_fsdp2_loads_the_weights_on_rank_0_alone(pair, lora_runs):
+    """Under FSDP2 only rank 0 reads the teacher and student from disk; rank 1 builds both (and the
+    student's adapters) on the meta device and receives rank 0's weights as it shards, tied weights
+    and rotary buffers included. A log line counts the
+    parameters each rank held before sharding. Saves by time (after every step but the last here)
+    are taken by both ranks together, rank 0's clock deciding."""
+    stdout = lora_runs["fsdp2"][1]
+    teacher = sum(p.numel() for p in load_file(pair / "teacher" / "model.safetensors").values())
+    for rank, held in ((0, teacher), (1, 0)):
+        assert f"rank {rank}: teacher sharded from rank 0's weights ({held} of its {teacher} parameters" in stdout
+    student = [line for line in stdout.splitlines() if "student sharded from rank 0's weights" in line]
+    assert len(student) == 2 and any(line.startswith("rank 1: student sharded from rank 0's weights (0 of its ")
+                                     for line in student), student
+    assert [stdout.count(f"stage1: saved checkpoint-{step}") for step in (1, 2)] == [2, 0]

@@ -158,11 +158,15 @@ class Distiller:
     # ----------------------------------------------------------------- set-up
     def _build(self, resume_from: int) -> None:
         """Models, data, evaluator, loss plans, the trainable module and the teacher runner.
-        (Random initialisations happen in this order: models, then heads.)"""
+        (Random initialisations happen in this order: models, then heads. Under FSDP2 the ranks
+        other than 0 build the models empty and receive rank 0's weights and heads as they shard.)"""
         cfg = self.config
+        placement = "device"
+        if cfg.distributed.engine == "fsdp2":  # rank 0 alone reads the weights; shard_model spreads them
+            placement = "cpu" if self.topo.is_main else "meta"
         self.pair: ModelPair = build_pair(cfg, device=self.device, teacher_dtype=self.teacher_dtype,
                                           output_dir=self.output_dir, resume_after_stage=resume_from,
-                                          teacher_zero3=self._teacher_zero3())
+                                          teacher_zero3=self._teacher_zero3(), placement=placement)
         if self._teacher_zero3_config is not None:
             from qwen_distillation.training.deepspeed_engine import shard_teacher
 
@@ -172,7 +176,7 @@ class Distiller:
 
             self.mesh = device_mesh(self.topo, self.device.type)
             if self.pair.teacher is not None:
-                shard_model(self.pair.teacher, self.mesh)
+                shard_model(self.pair.teacher, self.mesh, device=self.device, name="teacher")
         self.teacher_stream = bool(cfg.train.teacher_stream and self.device.type == "cuda"
                                    and self.pair.teacher is not None)
         if self.teacher_stream and self._sharded():
@@ -250,7 +254,7 @@ class Distiller:
         if self.mesh is not None:  # sharded once for the whole run; each stage's optimizer takes the shards
             from qwen_distillation.training.fsdp_engine import shard_model
 
-            shard_model(pair.student, self.mesh, root=self.module)
+            shard_model(pair.student, self.mesh, device=self.device, root=self.module, name="student")
         self.teacher = TeacherRunner(pair.teacher, concurrent=self.teacher_stream)
 
     # ------------------------------------------------------------------ stage
