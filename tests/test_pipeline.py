@@ -215,5 +215,6 @@ def test_time_based_saves_follow_the_clock(tmp_path, monkeypatch):
     monkeypatch.setattr(distiller.ckpt, "save_stage_checkpoint",
                         lambda *a, **k: saved.append(k["step"]) or save(*a, **k))
     _run(tiny_overrides(tmp_path / "run", steps=2) + ["end_stage=1", "stage1.save_every=0",
-                                                      "train.save_every_minutes=1e-9", "data.max_eval_examples=2"])
+                                                      "train.save_every_minutes=1e-9", "data.max_eval_examples=2",
+                                                      "data.max_length=64", "stage1.grad_accum=1"])
     assert saved == [1]
