@@ -135,3 +135,27 @@ def test_launcher_flags():
     assert translate(["--local_rank=1", "--local-rank", "0"]) == []
     assert translate(["--deepspeed", "my ds.json", "distributed=zero3"]) == [
         "distributed.engine=deepspeed", "distributed.deepspeed_config='my ds.json'", "distributed=zero3"]
+
+
+def test_the_teacher_zero3_config_is_read_once(tmp_path, monkeypatch):
+    """The teacher's DeepSpeed config comes from one reading of the user's JSON however often it is
+    asked for (the set-up and every _sharded() ask), and each caller gets its own copy."""
+    from qwen_distillation.training import deepspeed_engine
+    from qwen_distillation.training.distiller import Distiller
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 7}}))
+    reads = []
+    read = deepspeed_engine.read_deepspeed_json
+    monkeypatch.setattr(deepspeed_engine, "read_deepspeed_json", lambda p: reads.append(p) or read(p))
+    distiller = Distiller(_config("distributed.engine=deepspeed", f"distributed.deepspeed_config={path}",
+                                  "stage1.batch_size=3", "stage1.grad_accum=5"))
+    first = distiller._teacher_zero3()
+    assert distiller._sharded() and distiller._sharded()
+    first["zero_optimization"]["stage"] = 0  # a caller's copy, not the cached config
+    assert distiller._teacher_zero3() == {
+        "train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 5, "steps_per_print": 2**62,
+        "wall_clock_breakdown": False, "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 7}}
+    assert len(reads) == 1
+    assert not Distiller(_config("distributed=zero2"))._sharded()
+    assert Distiller(_config("distributed=fsdp2"))._teacher_zero3() is None

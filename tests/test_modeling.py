@@ -109,6 +109,54 @@ def test_slim_down_copies_the_kept_layers():
     torch.testing.assert_close(full(ids).logits, teacher(ids).logits)
 
 
+
+def _structure(model) -> dict:
+    """What a rank needs to receive another rank's weights: every state-dict entry's shape and dtype,
+    every buffer, which parameters train, and which are one parameter under two names."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    first = {}
+    return {"state": {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()},
+            "buffers": sorted(name for name, _ in model.named_buffers()),
+            "trainable": sorted(name for name, p in named if p.requires_grad),
+            "tied": sorted(name for name, p in named if first.setdefault(id(p), name) != name)}
+
+
+def test_meta_builds_what_a_load_builds(tmp_path):
+    """The other ranks of an FSDP2 launch build each model on the meta device from its config alone:
+    the structure the real load has (tied head, rotary buffers, a LoRA adapter's trainable
+    weights), with no parameter in memory."""
+    from peft import LoraConfig, get_peft_model
+
+    from qwen_distillation.config.schema import ModelSpec
+    from qwen_distillation.modeling.loading import load_causal_lm, load_student_checkpoint
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "full")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "adapter")
+    random = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
+    builds = {
+        "path": lambda meta: load_causal_lm(ModelSpec(path=str(tmp_path / "full")), dtype=torch.bfloat16,
+                                            role="teacher", meta=meta),
+        "random_init": lambda meta: load_causal_lm(ModelSpec(random_init=random), dtype=torch.float32,
+                                                   role="student", meta=meta),
+        "checkpoint": lambda meta: load_student_checkpoint(str(tmp_path / "full"), dtype=torch.float32, meta=meta),
+        "adapter": lambda meta: load_student_checkpoint(str(tmp_path / "adapter"), dtype=torch.float32, meta=meta),
+        "slimmed": lambda meta: slim_down(builds["path"](meta), 2, torch.float32)[0],
+    }
+    for name, build in builds.items():
+        real, empty = build(False), build(True)
+        assert {p.device.type for p in real.parameters()} == {"cpu"}, name
+        assert {p.device.type for p in empty.parameters()} == {"meta"}, name
+        assert _structure(empty) == _structure(real), name
+    assert _structure(builds["path"](True))["tied"] == ["lm_head.weight"]
+    assert "model.rotary_emb.inv_freq" in _structure(builds["path"](True))["buffers"]
+    assert len(_structure(builds["adapter"](True))["trainable"]) == 16  # lora_A and lora_B, 2 modules x 4 layers
+
+
 def test_missing_package_path_is_a_clear_error():
     with pytest.raises(ConfigError, match="not_a_package.*not installed"):
         resolve_path("package:not_a_package/model.gguf")

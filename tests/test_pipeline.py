@@ -201,3 +201,20 @@ def test_tensorboard_holds_each_step_once_after_a_resume(tmp_path, monkeypatch):
     reference, resumed = _tensorboard_points(tmp_path / "reference"), _tensorboard_points(tmp_path / "resumed")
     assert reference["loss"] == [1, 2, 3, 4] and "eval/medical_nll" in reference
     assert resumed == reference
+
+
+
+def test_time_based_saves_follow_the_clock(tmp_path, monkeypatch):
+    """stage1.save_every=0 with train.save_every_minutes: a checkpoint after every step whose clock
+    reading (taken at the step's reduction) is past the interval, none after the last step (the
+    stage's export follows it). (The same over 2 ranks: tests/test_distributed.py, fsdp2 from disk.)"""
+    from qwen_distillation.training import distiller
+
+    saved = []
+    save = distiller.ckpt.save_stage_checkpoint
+    monkeypatch.setattr(distiller.ckpt, "save_stage_checkpoint",
+                        lambda *a, **k: saved.append(k["step"]) or save(*a, **k))
+    _run(tiny_overrides(tmp_path / "run", steps=2) + ["end_stage=1", "stage1.save_every=0",
+                                                      "train.save_every_minutes=1e-9", "data.max_eval_examples=2",
+                                                      "data.max_length=64", "stage1.grad_accum=1"])
+    assert saved == [1]

@@ -233,3 +233,19 @@ def test_a_run_prunes_its_student_from_the_teacher_and_saves_the_record(tmp_path
     final = AutoModelForCausalLM.from_pretrained(out / "stage1" / "final")
     assert (final.config.num_hidden_layers, final.config.intermediate_size) == (3, 80)
     assert final.config.hidden_size == 64  # the teacher's
+
+
+def test_a_structure_only_student_has_the_pruned_students_shapes():
+    """An FSDP2 rank that receives rank 0's weights builds the student on the meta device."""
+    from qwen_distillation.config.schema import ModelSpec, PruneConfig, WidthPruneConfig
+    from qwen_distillation.modeling.loading import empty_model
+    from qwen_distillation.modeling.prune import prune_from_teacher
+
+    teacher = _model("qwen2")
+    spec = ModelSpec(keep_layers=3, prune=PruneConfig(method="block_influence", width=WidthPruneConfig(
+        intermediate_size=40, num_key_value_heads=1)))
+    real = prune_from_teacher(teacher, spec, batches=_batches()).student
+    meta = prune_from_teacher(empty_model(teacher.config, torch.float32), spec, batches=None,
+                              structure_only=True, agree=False).student
+    assert {k: v.shape for k, v in meta.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+    assert all(p.device.type == "meta" for p in meta.parameters())

@@ -52,11 +52,26 @@ def _plain_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     return plain
 
 
-def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = None) -> PreTrainedModel:
+def empty_model(config, dtype: torch.dtype, *, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model of ``config`` on the meta device: its structure, parameter shapes and dtypes, tied
+    weights tied, and no storage (nothing read, nothing initialised). A rank of an FSDP2 launch
+    builds the models this way and receives rank 0's weights into its shards
+    (``training.fsdp_engine.shard_model``)."""
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):  # as _plain_copy: the weights arrive dequantized
+        del config.quantization_config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = None,
+                   meta: bool = False) -> PreTrainedModel:
     """Load one model as described by a :class:`~qwen_distillation.config.schema.ModelSpec`.
 
     ``role`` (teacher/student) and ``key``, the option that gave the path (default
-    ``model.ROLE.path``), only appear in error messages.
+    ``model.ROLE.path``), only appear in error messages. ``meta``: read only the model's config
+    and build it on the meta device (:func:`empty_model`); the same checks run and the same errors
+    are raised as for a real load, so every rank of a launch stops alike on a bad path.
 
     Raises:
         ConfigError: no path, a local path that does not exist, or a model transformers cannot load.
@@ -72,20 +87,25 @@ def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = Non
         config = AutoConfig.for_model(model_type, **kwargs)
         if spec.attn_implementation:
             config._attn_implementation = spec.attn_implementation
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return empty_model(config, dtype) if meta else AutoModelForCausalLM.from_config(config, dtype=dtype)
     if not spec.path:
         raise ConfigError(f"model.{role}.path is not set: pass --{role}_model PATH_OR_HUB_ID")
     path, gguf_file = split_gguf(resolve_path(spec.path), spec.gguf_file)
     require_existing(path, key)
-    kwargs = dict(dtype=dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    if spec.attn_implementation:
-        kwargs["attn_implementation"] = spec.attn_implementation
+    kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     elif os.path.isdir(path):
         check_model_dir(path, f"download, copy or export {path} again, or point {key} to an intact copy")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if meta:
+            config = AutoConfig.from_pretrained(path, **kwargs)
+            if spec.attn_implementation:
+                config._attn_implementation = spec.attn_implementation
+            return empty_model(config, dtype, trust_remote_code=spec.trust_remote_code)
+        if spec.attn_implementation:
+            kwargs["attn_implementation"] = spec.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:
         raise ConfigError(f"{key}={spec.path}: cannot load a causal LM from it: {err}") from err
     if gguf_file:
@@ -114,7 +134,10 @@ def slim_down(teacher: PreTrainedModel, keep_layers: int, dtype: torch.dtype,
     config.num_hidden_layers = len(kept)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in kept]
-    student = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if teacher.device.type == "meta":  # a rank that receives the weights (FSDP2): the student's structure only
+        student = empty_model(config, dtype)
+    else:
+        student = AutoModelForCausalLM.from_config(config, dtype=dtype)
     new_index = {old: new for new, old in enumerate(kept)}
     pattern = re.compile(r"(^|\.)layers\.(\d+)\.")
     state = {}
@@ -145,13 +168,15 @@ def other_checkpoint(path: str) -> str:
 
 
 def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None, key: str | None = "checkpoint_path",
-                            fix: str | None = None) -> PreTrainedModel:
+                            fix: str | None = None, meta: bool = False) -> PreTrainedModel:
     """Load a student saved by a previous stage (full model or LoRA adapter directory).
 
     ``quantization`` (a BitsAndBytesConfig) loads the base of an adapter in 4-bit (QLoRA).
     ``key`` is the option that gave ``path`` (None: none did) and ``fix`` what to do when the
     checkpoint is missing or damaged (by default: export it again or pass another saved stage
-    as ``key``); both appear in error messages.
+    as ``key``); both appear in error messages. ``meta``: the same files are checked, but only
+    the configs are read and the student (with its trainable adapter) is built on the meta device
+    (:func:`empty_model`).
 
     Raises:
         CheckpointError: ``path`` is not a saved model, or one of its files (or of the base model
@@ -172,6 +197,8 @@ def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None,
                                   f"base_model_name_or_path): copy or export it again")
         kwargs = {"quantization_config": quantization, "dtype": torch.bfloat16} if quantization else {"dtype": dtype}
         try:
+            if meta:
+                return _empty_adapter_model(path, base, dtype)
             return AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=True, **kwargs)
         except (OSError, ValueError, SafetensorError) as err:
             raise CheckpointError(f"{where}: cannot load the LoRA adapter: {err}") from err
@@ -179,6 +206,21 @@ def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None,
         raise CheckpointError(f"{where}: holds no config.json or adapter_config.json; is it a "
                               f"stage directory such as OUTPUT_DIR/stage1/final?")
     try:
+        if meta:
+            return empty_model(AutoConfig.from_pretrained(path), dtype)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(f"{where}: cannot load the student: {err}") from err
+
+
+def _empty_adapter_model(path: str, base: str, dtype: torch.dtype):
+    """The trainable peft model of the LoRA adapter in ``path`` over its base model ``base``, on the
+    meta device: what ``AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=True)`` builds,
+    with no weights read."""
+    from peft import PeftConfig, get_peft_model
+
+    if not base:
+        raise ValueError("its adapter_config.json names no base_model_name_or_path")
+    config = PeftConfig.from_pretrained(path)
+    config.inference_mode = False  # saved adapters say true; the loaded one is trained
+    return get_peft_model(empty_model(AutoConfig.from_pretrained(base), dtype), config)

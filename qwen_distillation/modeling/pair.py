@@ -109,8 +109,12 @@ def _load_partitioned(spec, *, dtype: torch.dtype, zero3: dict):
         unset_hf_deepspeed_config()
 
 
+PLACEMENTS = ("device", "cpu", "meta")
+
+
 def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_dir: Path,
-               resume_after_stage: int = 0, teacher_zero3: dict | None = None) -> ModelPair:
+               resume_after_stage: int = 0, teacher_zero3: dict | None = None,
+               placement: str = "device") -> ModelPair:
     """Load both models as the run config asks.
 
     The student's starting weights, in order of precedence: the final model of the last
@@ -120,7 +124,17 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
 
     ``teacher_zero3``: a DeepSpeed ZeRO-3 config: the teacher is loaded partitioned over the ranks
     (except when the student is slimmed from it: then it loads whole and is partitioned after).
+
+    ``placement``: where the models' weights end up. ``device``: loaded whole and placed on
+    ``device``. ``cpu``: loaded whole and left in CPU memory (rank 0 of an FSDP2 launch, whose
+    sharding places only the shards on the GPU). ``meta``: only the configs are read and both
+    models are built on the meta device, LoRA adapters included, with no weights in memory (the
+    other ranks of an FSDP2 launch: they receive rank 0's weights as they shard); nothing is written
+    (rank 0 saves ``student_base`` for LoRA).
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement={placement!r}: one of {PLACEMENTS}")
+    meta = placement == "meta"
     model_cfg = cfg.model
     teacher_tok = tokenizer_for(model_cfg.teacher, "teacher")
     slimmed = pruned_from_teacher(model_cfg.student)
@@ -128,7 +142,7 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     if teacher_zero3 is not None and not slimmed:
         teacher = _load_partitioned(model_cfg.teacher, dtype=teacher_dtype, zero3=teacher_zero3)
     else:
-        teacher = load_causal_lm(model_cfg.teacher, dtype=teacher_dtype, role="teacher")
+        teacher = load_causal_lm(model_cfg.teacher, dtype=teacher_dtype, role="teacher", meta=meta)
     kept = pruned = None
     base_model_dir = None
     quantization = qlora_quantization(device) if cfg.lora.quantize_4bit else None
@@ -140,24 +154,29 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
                f"start over with overwrite_output_dir=true, or continue in a new output_dir from "
                f"{stage_dir / 'best'} (start_stage={resume_after_stage + 1} checkpoint_path={stage_dir / 'best'})")
         student = load_student_checkpoint(str(stage_dir / "final"), dtype=torch.float32, quantization=quantization,
-                                          key=None, fix=fix)
+                                          key=None, fix=fix, meta=meta)
         base_model_dir = str(output_dir / "student_base") if cfg.lora.enabled else None
     elif cfg.checkpoint_path:
         if not os.path.isdir(cfg.checkpoint_path):
             raise CheckpointError(f"checkpoint_path={cfg.checkpoint_path}: no such directory; pass the directory of "
                                   f"a saved stage, e.g. --checkpoint_path OUTPUT_DIR/stage1/best")
-        student = load_student_checkpoint(cfg.checkpoint_path, dtype=torch.float32, quantization=quantization)
+        student = load_student_checkpoint(cfg.checkpoint_path, dtype=torch.float32, quantization=quantization,
+                                          meta=meta)
         base_model_dir = os.path.abspath(cfg.checkpoint_path)
     elif slimmed:
+        # A rank that receives rank 0's weights (FSDP2) builds the student's structure only: the layers
+        # and channels kept change no shape, so evenly spaced layers and any channels will do.
         pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
-        batches = calibration_batches(model_cfg.student, cfg.data, teacher_tok, seed=cfg.seed, pad_token_id=pad,
-                                      device=device)
-        if batches is not None:  # the calibration runs where training will
-            teacher = teacher.to(device=device, dtype=teacher_dtype)
-        pruned = prune_from_teacher(teacher, model_cfg.student, batches=batches)
+        where = device if placement == "device" else torch.device("cpu")
+        batches = None if meta else calibration_batches(model_cfg.student, cfg.data, teacher_tok, seed=cfg.seed,
+                                                        pad_token_id=pad, device=where)
+        if batches is not None:  # the calibration runs where the teacher will
+            teacher = teacher.to(device=where, dtype=teacher_dtype)
+        pruned = prune_from_teacher(teacher, model_cfg.student, batches=batches, structure_only=meta,
+                                    agree=placement == "device")
         student, kept = pruned.student, pruned.kept_layers
     else:
-        student = load_causal_lm(model_cfg.student, dtype=torch.float32, role="student")
+        student = load_causal_lm(model_cfg.student, dtype=torch.float32, role="student", meta=meta)
     if cfg.start_stage > 1 and not cfg.checkpoint_path and not resume_after_stage:
         log.warning("start_stage=%d without checkpoint_path: stage %d starts from the initial student",
                     cfg.start_stage, cfg.start_stage)
@@ -167,14 +186,15 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     if cfg.lora.enabled and not hasattr(student, "peft_config"):
         if base_model_dir is None or not os.path.exists(os.path.join(base_model_dir, "config.json")):
             base_model_dir = str((output_dir / "student_base").resolve())
-            student.save_pretrained(base_model_dir, safe_serialization=True)
-            student_tok.save_pretrained(base_model_dir)
+            if not meta:
+                student.save_pretrained(base_model_dir, safe_serialization=True)
+                student_tok.save_pretrained(base_model_dir)
         student = apply_lora(student, cfg.lora, device, base_model_dir)
     if not any(hasattr(p, "ds_id") for p in teacher.parameters()):  # a partitioned teacher is placed as it loads
-        teacher = teacher.to(device=device, dtype=teacher_dtype)
+        teacher = teacher.to(device=device if placement == "device" else None, dtype=teacher_dtype)
     teacher.requires_grad_(False)
     teacher.eval()
-    if not getattr(student, "is_loaded_in_4bit", False) and not getattr(
+    if placement == "device" and not getattr(student, "is_loaded_in_4bit", False) and not getattr(
             getattr(student, "base_model", None), "is_loaded_in_4bit", False):
         student = student.to(device)  # a 4-bit model is placed at load time and cannot move
     if cfg.train.gradient_checkpointing:

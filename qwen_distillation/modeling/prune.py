@@ -91,19 +91,32 @@ def _agree(value):
     return box[0]
 
 
+def _placeholder_scores(config) -> WidthScores:
+    """All-zero scores of the right shapes: a structure-only student keeps any channels."""
+    layers = config.num_hidden_layers
+    return WidthScores(mlp=torch.zeros(layers, config.intermediate_size),
+                       heads=torch.zeros(layers, config.num_attention_heads),
+                       kv_groups=torch.zeros(layers, config.num_key_value_heads), hidden=torch.zeros(config.hidden_size))
+
+
 def prune_from_teacher(teacher: PreTrainedModel, student_spec, *, batches: list[dict] | None,
-                       dtype: torch.dtype = torch.float32) -> Pruned:
+                       dtype: torch.dtype = torch.float32, structure_only: bool = False, agree: bool = True) -> Pruned:
     """Build the student from ``teacher`` as ``student_spec`` (a ModelSpec: ``keep_layers`` and
     ``prune``) asks. ``batches``: collated calibration micro-batches on the teacher's device (input_ids,
     attention_mask, labels (B, S)); needed unless the method is ``even`` and no width is pruned.
-    The student is a copy in ``dtype`` on the teacher's device; the teacher is left unchanged."""
+    The student is a copy in ``dtype`` on the teacher's device; the teacher is left unchanged.
+
+    ``structure_only``: the student's shapes alone (a meta teacher on an FSDP2 rank that receives
+    rank 0's weights): no calibration, evenly spaced layers, any channels. ``agree``: every rank of
+    a launch computes the choice and takes rank 0's (a collective; off where rank 0 alone chooses)."""
     prune = student_spec.prune
     num_layers = len(decoder_layers(teacher))
     keep = student_spec.keep_layers or num_layers
-    if needs_calibration(student_spec) and not batches:
+    if needs_calibration(student_spec) and not batches and not structure_only:
         raise ConfigError("model.student.prune.calibration: no calibration batches")
-    kept, scores = choose_layers(teacher, keep, prune.method, batches, prune.perplexity_search)
-    kept, scores = _agree((kept, scores))
+    agreed = _agree if agree else (lambda value: value)
+    method = "even" if structure_only else prune.method
+    kept, scores = agreed(choose_layers(teacher, keep, method, batches, prune.perplexity_search))
     student, kept = slim_down(teacher, keep, dtype, layers=kept)
     record = {"method": prune.method, "teacher_layers": num_layers, "kept_layers": kept, "layer_scores": scores}
     if prune.method == "perplexity":
@@ -112,7 +125,8 @@ def prune_from_teacher(teacher: PreTrainedModel, student_spec, *, batches: list[
     width_scores = None
     if targets:
         before = {k: int(getattr(student.config, k)) for k in targets}
-        width_scores = _agree(width_importance(student, batches))
+        width_scores = (_placeholder_scores(student.config) if structure_only
+                        else agreed(width_importance(student, batches)))
         student = prune_width(student, width_scores, **targets)
         record["width"] = {k: {"teacher": before[k], "student": v} for k, v in targets.items()}
     if batches:

@@ -16,6 +16,7 @@ step and their state the engine (``training/engine.py``). docs/architecture.md d
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -113,6 +114,9 @@ class StageRun:
     best: float | None = None
     recent_skipped: deque = field(default_factory=deque)  # of the last train.divergence_window steps
     last_save: float = field(default_factory=time.monotonic)
+    # Rank 0's clock, read at the last step's reduction and the same on every rank:
+    # train.save_every_minutes have passed since last_save.
+    clock_due: bool = False
 
     def extra(self, global_step: int) -> dict:
         """What a checkpoint keeps beside the engine's and sampler's state."""
@@ -155,12 +159,16 @@ class Distiller:
     # ----------------------------------------------------------------- set-up
     def _build(self, resume_from: int) -> None:
         """Models, data, evaluator, loss plans, the trainable module and the teacher runner.
-        (Random initialisations happen in this order: models, then heads.)"""
+        (Random initialisations happen in this order: models, then heads. Under FSDP2 the ranks
+        other than 0 build the models empty and receive rank 0's weights and heads as they shard.)"""
         cfg = self.config
+        placement = "device"
+        if cfg.distributed.engine == "fsdp2":  # rank 0 alone reads the weights; shard_model spreads them
+            placement = "cpu" if self.topo.is_main else "meta"
         self.pair: ModelPair = build_pair(cfg, device=self.device, teacher_dtype=self.teacher_dtype,
                                           output_dir=self.output_dir, resume_after_stage=resume_from,
-                                          teacher_zero3=self._teacher_zero3())
-        if self._teacher_zero3() is not None:
+                                          teacher_zero3=self._teacher_zero3(), placement=placement)
+        if self._teacher_zero3_config is not None:
             from qwen_distillation.training.deepspeed_engine import shard_teacher
 
             self.pair.teacher = shard_teacher(self.pair.teacher, self._teacher_zero3())
@@ -169,7 +177,7 @@ class Distiller:
 
             self.mesh = device_mesh(self.topo, self.device.type)
             if self.pair.teacher is not None:
-                shard_model(self.pair.teacher, self.mesh)
+                shard_model(self.pair.teacher, self.mesh, device=self.device, name="teacher")
         self.teacher_stream = bool(cfg.train.teacher_stream and self.device.type == "cuda"
                                    and self.pair.teacher is not None)
         if self.teacher_stream and self._sharded():
@@ -215,8 +223,11 @@ class Distiller:
         return deepspeed_config(self.config.distributed, stage=getattr(self.config, key), stage_key=key,
                                 world_size=self.topo.world_size, precision=self.precision)
 
-    def _teacher_zero3(self) -> dict | None:
-        """The teacher's DeepSpeed config when it is partitioned (ZeRO-3), else None."""
+    @functools.cached_property
+    def _teacher_zero3_config(self) -> dict | None:
+        """The teacher's DeepSpeed config when it is partitioned (ZeRO-3), else None; read once (the
+        user's JSON) per run. It holds the first stage's micro-batch, accumulation and ZeRO-3
+        options, none of which depend on the launch size."""
         if self.config.distributed.engine != "deepspeed":
             return None
         config = self._deepspeed_config(self.stages[0])
@@ -226,11 +237,13 @@ class Distiller:
 
         return teacher_config(config)
 
+    def _teacher_zero3(self) -> dict | None:
+        """A copy of :attr:`_teacher_zero3_config` for DeepSpeed and transformers to keep."""
+        return copy.deepcopy(self._teacher_zero3_config)
+
     def _sharded(self) -> bool:
         """Whether the models' weights are partitioned over the ranks (ZeRO-3, FSDP2)."""
-        distributed = self.config.distributed
-        return distributed.engine == "fsdp2" or (distributed.engine == "deepspeed"
-                                                 and self._teacher_zero3() is not None)
+        return self.config.distributed.engine == "fsdp2" or self._teacher_zero3_config is not None
 
     def _shard(self) -> Shard | None:
         """How evaluations and scoring split over the ranks of the launch (None: one process)."""
@@ -262,7 +275,7 @@ class Distiller:
         if self.mesh is not None:  # sharded once for the whole run; each stage's optimizer takes the shards
             from qwen_distillation.training.fsdp_engine import shard_model
 
-            shard_model(pair.student, self.mesh, root=self.module)
+            shard_model(pair.student, self.mesh, device=self.device, root=self.module, name="student")
         self.online_teacher = self.teacher = TeacherRunner(pair.teacher, concurrent=self.teacher_stream)
 
     # ------------------------------------------------------------------ stage
@@ -361,18 +374,18 @@ class Distiller:
                                            sampler=run.sampler, step=run.step, extra=run.extra(self.global_step),
                                            topology=self.topo)
                 run.last_save = time.monotonic()
+                log.info("%s: saved checkpoint-%d", run.key, run.step)
         if progress is not None:
             progress.close()
         self._finish_stage(run, state)
 
     def _save_due(self, run: StageRun) -> bool:
         """Every ``save_every`` steps, and when ``train.save_every_minutes`` have passed since
-        the stage's last save (or its start)."""
-        minutes = self.config.train.save_every_minutes
-        due = bool((run.save_every and run.step % run.save_every == 0)
-                   or (minutes and time.monotonic() - run.last_save >= 60 * minutes))
-        # Rank 0's clock decides for the launch: every rank takes part in a save.
-        return dist.broadcast_object(self.topo, due) if minutes else due
+        the stage's last save (or its start). Rank 0's clock decides for the launch (every rank
+        takes part in a save); it is read at the step's reduction of the loss sums
+        (:meth:`_train_step`), before the step's evaluation, so a save that falls due during an
+        evaluation is taken after the next step."""
+        return bool((run.save_every and run.step % run.save_every == 0) or run.clock_due)
 
     def _diverged(self, run: StageRun, what: str) -> NonFiniteLossError:
         previous = [i for i in self.stages if i < run.index]
@@ -419,9 +432,15 @@ class Distiller:
             balance_log = logs
             for name, value in info.items():
                 sums[name] = sums.get(name, 0.0) + value
+        minutes = self.config.train.save_every_minutes
+        clock = float(bool(minutes) and self.topo.is_main and time.monotonic() - run.last_save >= 60 * minutes)
         if self.topo.world_size > 1:
+            # Rank 0's clock rides along in the step's one reduction (the other ranks add 0), so the
+            # ranks agree on a time-based save without a collective of its own.
             names = sorted(sums)
-            sums = dict(zip(names, dist.all_reduce_sum(self.topo, [float(sums[n]) for n in names])))
+            *values, clock = dist.all_reduce_sum(self.topo, [float(sums[n]) for n in names] + [clock])
+            sums = dict(zip(names, values))
+        run.clock_due = clock > 0
         outcome = run.engine.step()
         run.step += 1
         self.global_step += 1

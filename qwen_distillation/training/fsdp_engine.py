@@ -29,6 +29,7 @@ accumulation; a step could skip the reductions of all but its last micro-batch w
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from pathlib import Path
 from typing import Iterable
@@ -41,6 +42,8 @@ from qwen_distillation.modeling.parts import decoder_and_head
 from qwen_distillation.training.distributed import Topology, all_reduce_sum
 from qwen_distillation.training.engine import ConsolidatedExports, StepOutcome, weighted_loss
 
+log = logging.getLogger(__name__)
+
 FSDP_DIR = "fsdp"  # the distributed checkpoint (torch.distributed.checkpoint) inside stageN/checkpoint-STEP
 
 
@@ -51,21 +54,49 @@ def device_mesh(topo: Topology, device_type: str):
     return init_device_mesh(device_type, (topo.world_size,))
 
 
-def shard_model(model: nn.Module, mesh, *, root: nn.Module | None = None) -> nn.Module:
+def shard_model(model: nn.Module, mesh, *, device: torch.device, root: nn.Module | None = None,
+                name: str = "model") -> nn.Module:
     """Shard ``model`` (a causal LM, also under a peft wrapper) over ``mesh``: one unit per decoder
     layer, then the root unit ``root`` (``model`` itself by default, or a module holding it) for the
     parameters left. Returns the root, ready to run (see the module docstring).
 
+    The weights are rank 0's: it holds ``root`` whole in CPU memory, the other ranks hold it on the
+    meta device (``modeling.pair.build_pair``, ``placement``), so that only rank 0 ever holds a whole
+    model, the way accelerate's ``cpu_ram_efficient_loading`` and torchtitan start. Every rank
+    shards its model (rank 0's shards go to ``device`` unit by unit, the others' stay on the meta
+    device and are then allocated there); rank 0 broadcasts its weights one tensor at a time into
+    every rank's shards (torch.distributed.checkpoint's ``set_model_state_dict`` with
+    ``broadcast_from_rank0``), and then its buffers, which the state dict leaves out (the rotary
+    ``inv_freq``). Tied weights stay one parameter throughout (from_config ties them on the meta
+    device too). A collective: every rank calls it; a log line names the model (``name``) and the
+    parameters the rank held before.
+
     The root is initialised here rather than at its first forward, as FSDP2 would: the evaluation
     before the first step runs the decoder layers without the root's forward, and the first unit
     to run would otherwise take itself for the root (and keep its layer gathered after forward)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
+    root = model if root is None else root
+    held = sum(p.numel() for p in model.parameters() if p.device.type != "meta")
+    total = sum(p.numel() for p in model.parameters())
+    main = dist.get_rank() == 0
+    weights = root.state_dict() if main else {}
     for layer in decoder_and_head(model)[0].layers:
         fully_shard(layer, mesh=mesh)
-    root = model if root is None else root
     fully_shard(root, mesh=mesh)
+    if not main:
+        root.to_empty(device=device)
+    set_model_state_dict(root, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del weights
+    # Every entry (a shared buffer is one tensor on rank 0 but one per module after to_empty), in
+    # the same order on every rank.
+    for _, buffer in root.named_buffers(remove_duplicate=False):
+        dist.broadcast(buffer, src=0)
     root._get_fsdp_state()._lazy_init()
+    log.info("rank %d: %s sharded from rank 0's weights (%d of its %d parameters were in this rank's memory "
+             "before)", dist.get_rank(), name, held, total)
     return root
 
 
