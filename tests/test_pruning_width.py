@@ -386,8 +386,10 @@ def test_all_axes_at_once_equal_pruning_one_axis_after_another():
     (dict(num_key_value_heads=0), "num_key_value_heads=0"),
     (dict(hidden_size=65), "hidden_size=65"),
     (dict(hidden_size=48.0), "hidden_size=48.0"),
-    # LlamaConfig wants hidden_size to be a multiple of num_attention_heads (4).
-    (dict(hidden_size=62), "hidden_size=62"),
+    # LlamaConfig wants hidden_size to be a multiple of num_attention_heads (4, or 2 with one KV group).
+    (dict(hidden_size=62), r"hidden_size=62: .* not a multiple .*; e.g. model.student.prune.width.hidden_size=60 is"),
+    (dict(hidden_size=63, num_key_value_heads=1), r"num_key_value_heads=1, model.student.prune.width.hidden_size=63: "
+                                                  r".*; e.g. model.student.prune.width.hidden_size=62 is accepted"),
 ])
 def test_bad_targets_name_the_option(targets, option):
     model = tiny("llama")

@@ -278,6 +278,17 @@ def _check_scores(layout: _Layout, scores: WidthScores) -> None:
                                 f"the model needs {expected}; compute them on this model with width_importance")
 
 
+def _invalid(config) -> str | None:
+    """Why the config class refuses ``config`` (Llama: hidden_size not a multiple of
+    num_attention_heads), or None. save_pretrained and from_pretrained run the same check."""
+    try:
+        if hasattr(config, "validate"):
+            config.validate()
+    except Exception as err:  # huggingface_hub's strict-dataclass error wraps the reason
+        return first_line(err.__cause__ or err)
+    return None
+
+
 def _pruned_config(model: PreTrainedModel, layout: _Layout, intermediate_size, num_kv_heads, hidden_size):
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):  # a GGUF teacher is dequantized: the copy is plain
@@ -291,16 +302,21 @@ def _pruned_config(model: PreTrainedModel, layout: _Layout, intermediate_size, n
         config.num_attention_heads = num_kv_heads * layout.group_size
     if hidden_size is not None:
         config.hidden_size = hidden_size
-    try:
-        if hasattr(config, "validate"):
-            config.validate()
-    except Exception as err:  # huggingface_hub's strict-dataclass validation error wraps the reason
-        keys = [f"{WIDTH_OPTION}.{name}={value}" for name, value in (
-            ("intermediate_size", intermediate_size), ("num_key_value_heads", num_kv_heads),
-            ("hidden_size", hidden_size)) if value is not None]
-        raise ConfigError(f"{', '.join(keys)}: the pruned {type(config).__name__} is invalid "
-                          f"({first_line(err.__cause__ or err)}); choose other targets") from err
-    return config
+    reason = _invalid(config)
+    if reason is None:
+        return config
+    keys = [f"{WIDTH_OPTION}.{name}={value}" for name, value in (
+        ("intermediate_size", intermediate_size), ("num_key_value_heads", num_kv_heads),
+        ("hidden_size", hidden_size)) if value is not None]
+    fix = "choose other targets"
+    if hidden_size is not None:  # suggest the nearest smaller hidden_size the config class accepts
+        probe = copy.deepcopy(config)
+        for candidate in range(hidden_size - 1, 0, -1):
+            probe.hidden_size = candidate
+            if _invalid(probe) is None:
+                fix = f"e.g. {WIDTH_OPTION}.hidden_size={candidate} is accepted"
+                break
+    raise ConfigError(f"{', '.join(keys)}: the pruned model's {type(config).__name__} is invalid ({reason}); {fix}")
 
 
 def _slicing_plan(model: PreTrainedModel, layout: _Layout, mlp_keep, group_keep, hidden_keep) -> dict:
