@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from qwen_distillation.errors import ConfigError, DistillationError
+from qwen_distillation.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,32 +101,13 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from qwen_distillation.cli import UsageError, translate
-    from qwen_distillation.prune import compose
+    from qwen_distillation.cli import config_command
 
-    args, rest = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-    try:
-        overrides = translate(rest)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
+    def body(args, cfg):
+        print(json.dumps(cache_teacher(cfg, Path(args.out), k=args.k, dtype=args.dtype, batch_size=args.batch_size,
+                                       examples_per_shard=args.examples_per_shard, overwrite=args.overwrite)))
 
-        from qwen_distillation.app import hydra_error_message
-
-        try:
-            cfg = compose(overrides)
-        except (HydraException, OmegaConfBaseException) as err:
-            raise ConfigError(hydra_error_message(err, overrides)) from err
-        stats = cache_teacher(cfg, Path(args.out), k=args.k, dtype=args.dtype, batch_size=args.batch_size,
-                              examples_per_shard=args.examples_per_shard, overwrite=args.overwrite)
-    except DistillationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(stats))
-
+    config_command(_parser(), argv, body)
 
 if __name__ == "__main__":
     main()

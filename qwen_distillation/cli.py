@@ -182,3 +182,39 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.argv = [sys.argv[0] if sys.argv else "run_distillation.py"] + overrides
     app.main()
+
+
+def compose_run_config(overrides: list[str]):
+    """The validated run config of Hydra ``overrides`` (classic flags already translated)."""
+    from hydra import compose, initialize_config_dir
+
+    from qwen_distillation.app import CONF_DIR
+    from qwen_distillation.config.validate import validate_config
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return validate_config(compose(config_name="config", overrides=overrides))
+
+
+def config_command(parser, argv: list[str] | None, body) -> None:
+    """The entry point of a command that takes a run's config besides its own flags: ``parser``
+    reads its flags, the rest are classic flags and Hydra overrides, and ``body(args, cfg)`` runs.
+    A user error (bad flag, override or config, or a DistillationError) ends with one ``error:``
+    line and exit status 2, as ``run_distillation.py`` does."""
+    from qwen_distillation.errors import ConfigError, DistillationError
+
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        overrides = translate(rest)
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        from qwen_distillation.app import hydra_error_message
+
+        try:
+            cfg = compose_run_config(overrides)
+        except (HydraException, OmegaConfBaseException) as err:
+            raise ConfigError(hydra_error_message(err, overrides)) from err
+        body(args, cfg)
+    except (UsageError, DistillationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

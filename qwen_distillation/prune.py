@@ -20,12 +20,11 @@ name and renamed into place; an existing ``--out`` is refused unless ``--overwri
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from qwen_distillation.errors import ConfigError, DistillationError
+from qwen_distillation.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,18 +37,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="dtype of the saved weights")
     return parser
-
-
-def compose(overrides: list[str]):
-    """The validated run config of ``overrides`` (classic flags already translated)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from qwen_distillation.app import CONF_DIR
-    from qwen_distillation.config.validate import validate_config
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return validate_config(hydra_compose(config_name="config", overrides=overrides))
 
 
 def prune_and_save(cfg, out: Path, *, overwrite: bool = False, dtype: str = "auto") -> Path:
@@ -85,36 +72,19 @@ def prune_and_save(cfg, out: Path, *, overwrite: bool = False, dtype: str = "aut
 
 
 def main(argv: list[str] | None = None) -> None:
-    from qwen_distillation.cli import UsageError, translate
+    from qwen_distillation.cli import config_command
 
-    args, rest = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-    try:
-        overrides = translate(rest)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
+    def body(args, cfg):
+        import logging
 
-        from qwen_distillation.app import hydra_error_message
-
-        try:
-            cfg = compose(overrides)
-        except (HydraException, OmegaConfBaseException) as err:
-            raise ConfigError(hydra_error_message(err, overrides)) from err
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        import logging
-
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         out = prune_and_save(cfg, Path(args.out), overwrite=args.overwrite, dtype=args.dtype)
-    except DistillationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"pruned student: {out} (pruning.json: what was kept and why)")
+        print(f"pruned student: {out} (pruning.json: what was kept and why)")
 
+    config_command(_parser(), argv, body)
 
 if __name__ == "__main__":
     main()

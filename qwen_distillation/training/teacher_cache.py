@@ -39,10 +39,11 @@ def teacher_description(spec, seed: int) -> str:
 
 
 def tokenizer_description(tokenizer) -> str:
-    """The tokenizer's name, size and a hash of its vocabulary and chat template."""
+    """The tokenizer's size and a hash of its vocabulary and chat template (not its path: the
+    student's copy of the teacher's tokenizer is the same tokenizer)."""
     digest = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
-    return f"{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|{digest.hexdigest()[:16]}"
+    return f"{len(tokenizer)} tokens, sha256 {digest.hexdigest()[:16]}"
 
 
 def source_paths(sources: list[DataSource]) -> dict[str, str]:
