@@ -134,3 +134,22 @@ def test_a_cache_of_other_inputs_is_refused_naming_what_differs(tmp_path, small_
 def test_cache_options_are_checked_naming_them(tmp_path, small_tokenizer, extra, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         _config(tmp_path / "run", small_tokenizer, *extra)
+
+
+def test_ranks_write_their_own_shards_and_together_equal_one_process(tmp_path, small_tokenizer, monkeypatch):
+    """What `torchrun --nproc_per_node 2 -m qwen_distillation.cache_teacher` does, one rank after the other."""
+    from qwen_distillation.cache_teacher import cache_teacher
+
+    cfg = _config(tmp_path / "run", small_tokenizer)
+    cache_teacher(cfg, tmp_path / "one", k=4)
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        stats = cache_teacher(cfg, tmp_path / "two", k=4)
+        assert 0 < stats["examples_written"] < stats["examples_total"]
+    assert {s.name[:12] for s in shard_files(tmp_path / "two")} == {"shard-R00000", "shard-R00001"}
+    a, b = _entries(tmp_path / "one"), _entries(tmp_path / "two")
+    assert a.keys() == b.keys()
+    # Other micro-batches (other padding) move the teacher's fp32 sums by rounding only.
+    assert all(torch.equal(a[key][0], b[key][0]) for key in a)
+    assert all(torch.allclose(x, y, atol=1e-5) for key in a for x, y in zip(a[key][1:], b[key][1:]))
