@@ -38,26 +38,27 @@ summary of fixed size holds for every T. Two treatments (``tail=``):
   tail, for both models. Exactly: the dense divergence at temperature T between the student and
   the teacher *completed with the student's tail shape*: outside K the teacher's T = 1
   distribution is taken to be ``p_1(tail) * q_1(u) / q_1(tail)``, its own exact tail mass spread
-  like the student's (held constant: no gradient flows through the student's part of it). Tails
-  proportional at T = 1 stay proportional at every T, so the divergence inside the tail is zero
-  and k + 1 outcomes carry it all. At T = 1 this is ``D(coarse p_1 || coarse q_1)``, the dense
-  divergence minus the tail-internal term (for forward KL, minus
-  ``p_1(tail) * KL(p_1(. | tail) || q_1(. | tail))``), with no estimate at all; at T != 1 the
-  teacher's tempered tail mass, ``(p_1(tail) / q_1(tail)) ** (1/T) * sum_tail q_1(u) ** (1/T)``
-  up to the normaliser, is the estimate. Its gradient is that of the divergence with the
-  completed teacher held constant, not the derivative of the value through the borrowed shape
-  (which would reward the student for reshaping its own tail to move the teacher's). The loss is zero, with zero gradient, exactly when the
-  student's T = 1 top-k log-probs and tail mass equal the teacher's, at every T. Treatments that
-  temper the student's true tail but a teacher tail estimated on its own (DistillKit's
-  ``missing=SYMMETRIC_UNIFORM`` tempers the teacher's tail as if it were one token,
-  ``p_1(tail) ** (1/T)``; a flat tail would give ``(V - k) ** (1 - 1/T) * p_1(tail) ** (1/T)``)
-  are minimised by a student sharper or flatter than the teacher at T != 1, and on real text
-  their gradients at T = 2 were further from the dense one (cosine 0.86-0.97 against 0.97-0.99
-  here for k = 8-128; docs/teacher_offline.md).
+  like the student's. Tails proportional at T = 1 stay proportional at every T, so the divergence
+  inside the tail is zero and k + 1 outcomes carry it all. At T = 1 this is
+  ``D(coarse p_1 || coarse q_1)``, the dense divergence minus the tail-internal term (for forward
+  KL, minus ``p_1(tail) * KL(p_1(. | tail) || q_1(. | tail))``), with nothing estimated; at
+  T != 1 the teacher's tempered tail mass, ``(p_1(tail) / q_1(tail)) ** (1/T) * sum_tail
+  q_1(u) ** (1/T)`` up to the normaliser, is an estimate. The completed teacher is a constant:
+  the gradient is that of the divergence against it, not the derivative of the value through the
+  borrowed shape (which would reward the student for reshaping its own tail to move the
+  teacher's). The loss is zero, with zero gradient, exactly when the student's T = 1 top-k
+  log-probs and tail mass equal the teacher's, at every T. Treatments that temper the student's
+  true tail but a teacher tail estimated on its own (DistillKit's ``missing=SYMMETRIC_UNIFORM``
+  tempers it as if it were one token, ``p_1(tail) ** (1/T)``; a flat tail would give
+  ``(V - k) ** (1 - 1/T) * p_1(tail) ** (1/T)``) are minimised by a student sharper or flatter
+  than the teacher at T != 1.
 
-Both treatments equal the dense losses when K covers the vocabulary (k = V). The measured error
-on real text (benchmarks/topk_error.py; docs/teacher_offline.md) is small at T = 1 with
-``bucket`` and large at T = 2, 4 with either treatment for a student far from its teacher.
+Both treatments equal the dense losses when K covers the vocabulary (k = V). What the error is
+on real text (benchmarks/topk_error.py, docs/teacher_offline.md): small for forward KL and JSD
+at T = 1 with ``bucket``, a gradient still close to the dense one for forward KL at T = 2, and
+large for reverse KL at any T and for everything at T = 4 when the student is far from its
+teacher, because then most of the dense gradient lies outside the teacher's top-k, where a cache
+has no teacher information; the gradient of ``renormalize`` is never the closer of the two.
 
 **Student side.** The losses use the student only through its T = 1 log-probs at the k ids,
 the log of its T = 1 tail mass, and (T != 1, ``bucket``) the log of ``sum_tail q_1(u) ** (1/T)``
