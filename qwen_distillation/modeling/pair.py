@@ -184,11 +184,15 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
                                    weight_shape(student.get_output_embeddings().weight)[0],
                                    _describe(model_cfg.teacher), _describe(model_cfg.student))
     if cfg.lora.enabled and not hasattr(student, "peft_config"):
+        ranked = torch.distributed.is_available() and torch.distributed.is_initialized()
         if base_model_dir is None or not os.path.exists(os.path.join(base_model_dir, "config.json")):
             base_model_dir = str((output_dir / "student_base").resolve())
-            if not meta:
+            # One writer per launch: the ranks of a ZeRO launch build the same student.
+            if not meta and (not ranked or torch.distributed.get_rank() == 0):
                 student.save_pretrained(base_model_dir, safe_serialization=True)
                 student_tok.save_pretrained(base_model_dir)
+        if ranked and placement == "device":
+            torch.distributed.barrier()  # written before any rank reads it (QLoRA reloads the base)
         student = apply_lora(student, cfg.lora, device, base_model_dir)
     if not any(hasattr(p, "ds_id") for p in teacher.parameters()):  # a partitioned teacher is placed as it loads
         teacher = teacher.to(device=device if placement == "device" else None, dtype=teacher_dtype)
