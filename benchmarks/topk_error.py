@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qwen_distillation.config.schema import ModelSpec  # noqa: E402
 from qwen_distillation.data.encode import IGNORE_INDEX  # noqa: E402
 from qwen_distillation.data.sources import DataSource, encode_source  # noqa: E402
+from qwen_distillation.data.manager import collate  # noqa: E402
 from qwen_distillation.losses import divergence, sparse_logprobs, teacher_topk, topk_divergence  # noqa: E402
 from qwen_distillation.modeling.loading import load_causal_lm, slim_down, split_gguf  # noqa: E402
 from qwen_distillation.modeling.tokenizer import load_tokenizer  # noqa: E402
@@ -69,17 +70,8 @@ def load_models(teacher_path: str, keep_layers: int, device: torch.device):
 def response_logits(teacher, student, examples, batch_size: int, pad_id: int, device: torch.device):
     """Yield (teacher_logits, student_logits), each (n, V), at the response positions of each batch."""
     for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        width = max(len(e["input_ids"]) for e in batch)
-        ids = torch.full((len(batch), width), pad_id)
-        labels = torch.full((len(batch), width), IGNORE_INDEX)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, example in enumerate(batch):
-            n = len(example["input_ids"])
-            ids[row, :n] = torch.tensor(example["input_ids"])
-            labels[row, :n] = torch.tensor(example["labels"])
-            mask[row, :n] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        batch = collate(examples[start:start + batch_size], pad_id)
+        ids, mask, labels = batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"]
         scored = (labels[:, 1:] != IGNORE_INDEX).to(device)  # logits at t score the label at t + 1
         with torch.inference_mode():
             teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1][scored].float()
