@@ -283,6 +283,17 @@ def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
     return ce, kd
 
 
+def teacher_rows(teacher_logits, start: int, end: int, student_logits: torch.Tensor) -> torch.Tensor:
+    """Rows ``start:end`` of the teacher's logits for a chunk whose student logits are
+    ``student_logits`` (c, V): a slice of a ``(N, V)`` tensor, or what a *row source* builds for the
+    chunk (an object with ``rows(start, end, student_logits) -> (c, V)``, e.g. a cached top-k teacher
+    completed with the student's tail, :class:`qwen_distillation.losses.cached.CompletedTopK`); called
+    before the kernel overwrites ``student_logits`` with their gradient."""
+    if hasattr(teacher_logits, "rows"):
+        return teacher_logits.rows(start, end, student_logits)
+    return teacher_logits[start:end]
+
+
 def _matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The dtype the projections run in: autocast's when it is on for the tensors' device,
     else the common dtype of the inputs."""
@@ -346,7 +357,7 @@ class TritonFusedLinearKD(torch.autograd.Function):
             logits = hidden[start:end] @ weight.T
             t_logits = None
             if has_kd:
-                t_logits = (teacher_logits[start:end] if teacher_logits is not None
+                t_logits = (teacher_rows(teacher_logits, start, end, logits) if teacher_logits is not None
                             else t_hidden[start:end] @ t_weight.T)
             kd_rows(logits, t_logits, labels[start:end], kind=kind, temperature=temperature, ce_scale=ce_weight,
                     kd_scale=kd_weight, beta=beta, ignore_index=ignore_index, write_grad=need_grad,

@@ -1,11 +1,19 @@
 """CE + sparse top-k KD from the student's final hidden states against a cached teacher.
 
 The teacher side is an offline top-k cache entry per token (:mod:`qwen_distillation.losses.topk`:
-``ids``, ``logprobs`` at T = 1, ``tail_logmass``); the student side is the hidden states and lm_head
-weight, projected ``chunk_size`` tokens at a time with each chunk recomputed in backward (activation
-checkpointing), so only one (chunk_size, V) block of student logits is alive, as in
-:func:`qwen_distillation.losses.chunked.chunked_cross_entropy`. The divergence and its approximation
-are :func:`qwen_distillation.losses.topk.topk_divergence`'s.
+``ids``, ``logprobs`` at T = 1, ``tail_logmass``). Two student sides, the same numbers:
+
+* ``tail="bucket"`` runs through the fused-linear kernels of the online teacher
+  (:func:`qwen_distillation.losses.fused.apply_fused_kd`: Triton on a GPU, the torch reference on a
+  CPU) with :class:`CompletedTopK` as the teacher's logits: the ``bucket`` divergence *is* the dense
+  divergence against the teacher completed with the student's T = 1 tail shape (the
+  :mod:`~qwen_distillation.losses.topk` docstring), so per chunk the completed teacher rows are
+  built from the student's own logits and the dense kernel does the rest, gradients included;
+* :func:`cached_teacher_kd` (``renormalize``, and the reference): the student's logits projected
+  ``chunk_size`` tokens at a time with each chunk recomputed in backward (activation
+  checkpointing), and :func:`qwen_distillation.losses.topk.topk_divergence` on them.
+
+Either way only one (chunk_size, V) block of student logits is alive.
 """
 
 from __future__ import annotations
@@ -51,3 +59,40 @@ def cached_teacher_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor
                                     teacher_tail_logmass[start:end], use_reentrant=False)
         ce_total, kd_total = ce_total + ce_sum, kd_total + kd_sum
     return ce_total, kd_total
+
+
+class CompletedTopK:
+    """A cached top-k teacher as dense T = 1 log-probs, one chunk of rows at a time, completed with
+    the student's tail shape: the teacher of the ``bucket`` treatment (:mod:`~qwen_distillation.losses.topk`).
+
+    Row ``n``, column ``u``: ``logprobs[n, i]`` where ``u = ids[n, i]``; elsewhere
+    ``tail_logmass[n] + log q_1(u | tail)``, the teacher's exact T = 1 tail mass spread like the
+    student's, ``z_u - logsumexp_{v not in ids} z_v`` from the student's logits ``z``. The dense
+    divergence D(softmax(t / T) || softmax(z / T)) * T**2 against these rows, the rows held
+    constant, is ``topk_divergence(..., tail="bucket")`` in value and gradient, for forward KL,
+    reverse KL and JSD at any T. A row source for the fused-linear kernels
+    (:func:`qwen_distillation.kernels.fused_linear_kd.teacher_rows`).
+
+    Args:
+        ids (torch.Tensor): shape (N, k), the cached top-k ids (< the student logits' width).
+        logprobs (torch.Tensor): shape (N, k), their T = 1 log-probs.
+        tail_logmass (torch.Tensor): shape (N,), log of the T = 1 mass outside ``ids``.
+    """
+
+    def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, tail_logmass: torch.Tensor):
+        self.ids, self.logprobs, self.tail_logmass = ids.long(), logprobs, tail_logmass
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    @torch.no_grad()
+    def rows(self, start: int, end: int, student_logits: torch.Tensor) -> torch.Tensor:
+        """(end - start, V) fp32 teacher log-probs for the student logits (end - start, V) of the chunk."""
+        ids = self.ids[start:end]
+        rows = student_logits.detach().to(torch.float32, copy=True)  # the student logits stay as they are
+        rows.scatter_(1, ids, float("-inf"))
+        rows -= torch.logsumexp(rows, dim=-1, keepdim=True)  # log q_1(u | tail); -inf at the ids
+        rows += self.tail_logmass[start:end, None].float()
+        rows.scatter_(1, ids, self.logprobs[start:end].float())
+        return rows
+

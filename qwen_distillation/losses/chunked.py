@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from qwen_distillation.kernels.fused_linear_kd import teacher_rows
 from qwen_distillation.losses.logit import cross_entropy, divergence
 
 
@@ -49,8 +50,10 @@ class TorchFusedLinearKD(torch.autograd.Function):
                 kd_sum = torch.zeros((), dtype=sum_dtype, device=hidden.device)
                 if kd_weight != 0:
                     with torch.no_grad():
-                        chunk_teacher = (teacher_logits[start:end] if teacher_logits is not None
-                                         else teacher_hidden[start:end] @ teacher_weight.T)
+                        if teacher_logits is not None:
+                            chunk_teacher = teacher_rows(teacher_logits, start, end, logits)
+                        else:
+                            chunk_teacher = teacher_hidden[start:end] @ teacher_weight.T
                     kd_sum = divergence(kind, logits, chunk_teacher, chunk_labels, temperature=temperature,
                                         ignore_index=ignore_index, reduction="sum", beta=beta, alpha=alpha)
                     total = total + kd_weight * kd_sum
@@ -92,7 +95,12 @@ def prepare_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher
             f"student_weight {tuple(student_weight.shape)} does not match hidden size {student_hidden.shape[1]}"
         )
     vocab_student = student_weight.shape[0]
-    if teacher_logits is not None:
+    if hasattr(teacher_logits, "rows"):  # a row source (kernels.fused_linear_kd.teacher_rows): N rows, any V
+        if len(teacher_logits) != num_tokens:
+            raise ValueError(f"token counts differ: student_hidden {num_tokens}, teacher rows {len(teacher_logits)}")
+        vocab_teacher = vocab_size or vocab_student
+        teacher_hidden = teacher_weight = None
+    elif teacher_logits is not None:
         teacher_logits = teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach()
         if teacher_logits.shape[0] != num_tokens:
             raise ValueError(f"token counts differ: student_hidden {num_tokens}, teacher_logits "
@@ -124,7 +132,9 @@ def prepare_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher
         )
     # Truncating the weight rows equals truncating the logit columns, and skips the padded matmul.
     student_weight = student_weight[:vocab_size]
-    if teacher_logits is not None:
+    if hasattr(teacher_logits, "rows"):
+        pass  # built per chunk at the student's width
+    elif teacher_logits is not None:
         teacher_logits = teacher_logits[:, :vocab_size]
     else:
         teacher_weight = teacher_weight[:vocab_size].detach()

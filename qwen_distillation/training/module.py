@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qwen_distillation.losses.attention import attention_distillation_loss
-from qwen_distillation.losses.cached import cached_teacher_kd
+from qwen_distillation.losses.cached import CompletedTopK, cached_teacher_kd
 from qwen_distillation.losses.chunked import chunked_cross_entropy
 from qwen_distillation.losses.contrastive import ContrastiveHead, info_nce, masked_mean_pool
 from qwen_distillation.losses.feature import FeatureProjector, masked_feature_loss
@@ -43,10 +43,12 @@ class Heads(nn.Module):
         self.contrastive = contrastive
 
 
-def build_heads(stages: list, plans: list[LossPlan], student: nn.Module, teacher: nn.Module) -> Heads:
+def build_heads(stages: list, plans: list[LossPlan], student: nn.Module, teacher: nn.Module | None) -> Heads:
     """One set of heads for the whole run: the feature projections of every layer pair any
     stage matches, and one contrastive head (sized by the first stage that uses it)."""
     student_width = weight_shape(decoder_and_head(student)[1].weight)[1]
+    if teacher is None:  # every stage reads the teacher's cache: no term compares hidden states
+        return Heads()
     teacher_width = weight_shape(decoder_and_head(teacher)[1].weight)[1]
     pairs = sorted({p for plan in plans for p in plan.feature_pairs})
     feature = FeatureProjector(pairs, student_width, teacher_width) if pairs else None
@@ -131,9 +133,23 @@ def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForw
 
 def _cached_logit_terms(plan: LossPlan, student: CapturedForward, teacher: CachedTopK, mask: torch.Tensor,
                         targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The CE and sparse top-k KD terms against a cached teacher (``stageN.teacher.source=cache``)."""
+    """The CE and sparse top-k KD terms against a cached teacher (``stageN.teacher.source=cache``):
+    ``bucket`` through the fused-linear kernel of the online teacher with the completed cached
+    teacher as its logits (:class:`~qwen_distillation.losses.cached.CompletedTopK`), else checkpointed
+    chunks of student logits (:func:`~qwen_distillation.losses.cached.cached_teacher_kd`)."""
     w_ce, w_kd = plan.weights.get("ce", 0.0), plan.weights.get("kd", 0.0)
     options = dict(kind=plan.kd.kind, temperature=plan.kd.temperature, tail=plan.teacher_tail, beta=plan.kd.beta)
+    if plan.hidden_path and w_kd > 0 and plan.teacher_tail == "bucket" and plan.kd.kernel != "liger":
+        fused = dict(student_hidden=student.last_hidden[mask], student_weight=student.head_weight,
+                     teacher_hidden=None, teacher_weight=None, labels=targets, vocab_size=plan.vocab_size,
+                     teacher_logits=CompletedTopK(teacher.ids, teacher.logprobs, teacher.tail_logmass))
+        if not plan.separate_logit_terms:
+            logit, parts = apply_fused_kd(plan.kd, **fused)
+            return {"logit": logit}, parts
+        ce, parts_ce = apply_fused_kd(dataclasses.replace(plan.kd, ce_weight=1.0, kd_weight=0.0), **fused)
+        kd, parts_kd = apply_fused_kd(dataclasses.replace(plan.kd, ce_weight=0.0, kd_weight=1.0), **fused)
+        terms = {name: value for name, value in (("ce", ce), ("kd", kd)) if plan.active(name)}
+        return terms, {"ce": parts_ce["ce"], "kd": parts_kd["kd"]}
     if plan.hidden_path:
         ce, kd = cached_teacher_kd(student.last_hidden[mask], student.head_weight[: plan.vocab_size], targets,
                                    teacher.ids, teacher.logprobs, teacher.tail_logmass, ce=w_ce > 0, kd=w_kd > 0,
