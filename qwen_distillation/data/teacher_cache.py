@@ -60,8 +60,8 @@ def ids_checksum(input_ids) -> int:
     return zlib.crc32(torch.as_tensor(input_ids, dtype=torch.int64).numpy().tobytes())
 
 
-def cache_identity(*, teacher: str, tokenizer: str, vocab_size: int, data: list[dict], max_length: int, k: int,
-                   dtype: str) -> dict:
+def cache_identity(*, teacher: str, tokenizer: str, vocab_size: int, data: list[dict], max_length: int,
+                   k: int | None, dtype: str | None) -> dict:
     """What a cache depends on; training refuses a cache whose identity differs from the stage's.
 
     ``data``: one entry per source, ``{"path", "sha256", "format", "split", "subset", "max_records"}``."""

@@ -11,6 +11,7 @@ evaluation of a stage, and :meth:`Evaluator.student_samples` at the end of each 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Callable
 
@@ -27,6 +28,8 @@ from qwen_distillation.evaluation.samples import load_prompts, quality_samples, 
 from qwen_distillation.evaluation.sharding import Shard
 from qwen_distillation.modeling.parts import supports_hidden_path
 from qwen_distillation.paths import locate
+
+log = logging.getLogger(__name__)
 
 AGREEMENT_METRICS = ("top1_agreement", "topk_overlap", "kl_to_teacher")
 EVAL_BATCH_SIZE = 8
@@ -133,11 +136,14 @@ class Evaluator:
         (once per run)."""
         return self._answers("teacher", self.teacher)
 
-    def student_samples(self, student: torch.nn.Module, teacher_rows: list[dict]) -> list[dict]:
+    def student_samples(self, student: torch.nn.Module, teacher_rows: list[dict] | None) -> list[dict]:
         """The prompts with the teacher's answers from ``teacher_rows`` and the student's greedy
         answers, side by side (``teacher``, ``student``); rows whose prompt has a reference carry
-        both answers' BLEU-4 and ROUGE in ``scores`` (``samples.score_samples``)."""
+        both answers' BLEU-4 and ROUGE in ``scores`` (``samples.score_samples``). Without
+        ``teacher_rows`` (no teacher in the run) the student's answers alone."""
         rows = self._answers("student", student)
+        if teacher_rows is None:
+            return score_samples(rows, ["student"])
         rows = [{**{k: v for k, v in row.items() if k != "student"}, "teacher": teacher_row["teacher"],
                  "student": row["student"]} for row, teacher_row in zip(rows, teacher_rows, strict=True)]
         return score_samples(rows, ["teacher", "student"])
@@ -154,18 +160,23 @@ def heldout_batches(eval_sets: dict[str, list[dict]], pad_token_id: int,
             for name, examples in eval_sets.items()}
 
 
-def build_evaluator(cfg: EvalConfig, *, mcq_sources: list[MCQSource], teacher: torch.nn.Module, tokenizer,
+def build_evaluator(cfg: EvalConfig, *, mcq_sources: list[MCQSource], teacher: torch.nn.Module | None, tokenizer,
                     vocab_size: int, eval_sets: dict[str, list[dict]], pad_token_id: int, device: torch.device,
                     autocast: Callable[[], contextlib.AbstractContextManager], shard: Shard | None = None) -> Evaluator:
     """The run's :class:`Evaluator` from the ``eval`` node (its MCQ entries already parsed by
     ``normalise_mcq_sources``) and the encoded held-out sets."""
     heldout = heldout_batches(eval_sets, pad_token_id, device)
+    agreement = cfg.agreement and teacher is not None
+    if cfg.agreement and teacher is None:
+        log.info("eval.agreement: no agreement with the teacher during this run (its teacher is not loaded: every "
+                 "stage reads the teacher's cache); python -m qwen_distillation.evaluate --teacher gives it for the "
+                 "saved stages")
     mcq_sets = load_mcq_sets(mcq_sources, cfg.mcq_max_items)
     prompts = load_prompts(locate(cfg.prompts), cfg.samples_max_prompts) if cfg.samples else []
     # The first examples of each set, in the order of the held-out split (not the batches').
     text_sets = ({name: examples[:cfg.text_metrics_max_examples] for name, examples in eval_sets.items()}
                  if cfg.text_metrics else {})
     return Evaluator(teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size, heldout=heldout,
-                     agreement=cfg.agreement, agreement_top_k=cfg.agreement_top_k, mcq_sets=mcq_sets,
+                     agreement=agreement, agreement_top_k=cfg.agreement_top_k, mcq_sets=mcq_sets,
                      text_sets=text_sets, prompts=prompts, max_new_tokens=cfg.max_new_tokens, autocast=autocast,
                      shard=shard)

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ModelPair:
-    teacher: torch.nn.Module
+    teacher: torch.nn.Module | None  # None: not loaded (every stage of the run reads a teacher cache)
     student: torch.nn.Module
     tokenizer: object
     vocab_size: int
@@ -114,7 +114,7 @@ PLACEMENTS = ("device", "cpu", "meta")
 
 def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_dir: Path,
                resume_after_stage: int = 0, teacher_zero3: dict | None = None,
-               placement: str = "device") -> ModelPair:
+               placement: str = "device", load_teacher: bool = True) -> ModelPair:
     """Load both models as the run config asks.
 
     The student's starting weights, in order of precedence: the final model of the last
@@ -131,6 +131,13 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     models are built on the meta device, LoRA adapters included, with no weights in memory (the
     other ranks of an FSDP2 launch: they receive rank 0's weights as they shard); nothing is written
     (rank 0 saves ``student_base`` for LoRA).
+
+    ``load_teacher=False`` (every stage of the run reads the teacher's top-k cache): the teacher's
+    weights are never read; its config alone gives the shared vocabulary, and the pair's teacher is
+    None. A student slimmed from the teacher still needs them: the teacher is then loaded for the
+    slim-down and released before training. A ``random_init`` teacher (tests, speed runs) has no
+    weights to read: it is still drawn, so that the student's random initialisation is the one it
+    gets beside an online teacher, and released.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement={placement!r}: one of {PLACEMENTS}")
@@ -139,7 +146,9 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     teacher_tok = tokenizer_for(model_cfg.teacher, "teacher")
     slimmed = pruned_from_teacher(model_cfg.student)
     student_tok = teacher_tok if slimmed else tokenizer_for(model_cfg.student, "student")
-    if teacher_zero3 is not None and not slimmed:
+    if not load_teacher and not slimmed and not model_cfg.teacher.random_init:
+        teacher = load_causal_lm(model_cfg.teacher, dtype=teacher_dtype, role="teacher", meta=True)
+    elif teacher_zero3 is not None and load_teacher and not slimmed:
         teacher = _load_partitioned(model_cfg.teacher, dtype=teacher_dtype, zero3=teacher_zero3)
     else:
         teacher = load_causal_lm(model_cfg.teacher, dtype=teacher_dtype, role="teacher", meta=meta)
@@ -194,10 +203,15 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
         if ranked and placement == "device":
             torch.distributed.barrier()  # written before any rank reads it (QLoRA reloads the base)
         student = apply_lora(student, cfg.lora, device, base_model_dir)
-    if not any(hasattr(p, "ds_id") for p in teacher.parameters()):  # a partitioned teacher is placed as it loads
+    if not load_teacher:
+        log.info("the teacher is not loaded: every stage of this run reads its top-k cache%s",
+                 " (it was loaded only to build the student from it)" if slimmed else "")
+        teacher = None
+    elif not any(hasattr(p, "ds_id") for p in teacher.parameters()):  # a partitioned teacher is placed as it loads
         teacher = teacher.to(device=device if placement == "device" else None, dtype=teacher_dtype)
-    teacher.requires_grad_(False)
-    teacher.eval()
+    if teacher is not None:
+        teacher.requires_grad_(False)
+        teacher.eval()
     if placement == "device" and not getattr(student, "is_loaded_in_4bit", False) and not getattr(
             getattr(student, "base_model", None), "is_loaded_in_4bit", False):
         student = student.to(device)  # a 4-bit model is placed at load time and cannot move

@@ -165,10 +165,12 @@ class Distiller:
         placement = "device"
         if cfg.distributed.engine == "fsdp2":  # rank 0 alone reads the weights; shard_model spreads them
             placement = "cpu" if self.topo.is_main else "meta"
+        load_teacher = self._teacher_needed()
         self.pair: ModelPair = build_pair(cfg, device=self.device, teacher_dtype=self.teacher_dtype,
                                           output_dir=self.output_dir, resume_after_stage=resume_from,
-                                          teacher_zero3=self._teacher_zero3(), placement=placement)
-        if self._teacher_zero3_config is not None:
+                                          teacher_zero3=self._teacher_zero3() if load_teacher else None,
+                                          placement=placement, load_teacher=load_teacher)
+        if self._teacher_zero3_config is not None and self.pair.teacher is not None:
             from qwen_distillation.training.deepspeed_engine import shard_teacher
 
             self.pair.teacher = shard_teacher(self.pair.teacher, self._teacher_zero3())
@@ -196,6 +198,13 @@ class Distiller:
             vocab_size=self.pair.vocab_size, eval_sets=self.data.eval_sets, pad_token_id=self.pair.pad_token_id,
             device=self.device, autocast=self._autocast, shard=self._shard())
 
+    def _teacher_needed(self) -> bool:
+        """Whether the teacher model is loaded: unless every stage this run trains reads the
+        teacher's top-k cache (``stageN.teacher.source=cache``). Without it, evaluation reports no
+        agreement with the teacher and no teacher metrics or samples; ``python -m
+        qwen_distillation.evaluate --teacher`` computes them afterwards from the saved stages."""
+        return any(getattr(self.config, STAGE_KEYS[i]).teacher.source != "cache" for i in self.stages)
+
     def _teacher_runner(self, index: int):
         """What gives stage ``index`` its teacher: the model, or its top-k cache
         (``stageN.teacher.source=cache``; the examples are numbered for the lookup)."""
@@ -211,7 +220,7 @@ class Distiller:
         domains = stage_domains(stage.medical_ratio.start, stage.medical_ratio.end)
         spec = cache_spec(teacher_spec=self.config.model.teacher, seed=self.config.seed, tokenizer=self.pair.tokenizer,
                           vocab_size=self.pair.vocab_size, sources=[s for d in domains for s in self.sources[d]],
-                          max_length=self.config.data.max_length, k=0, dtype="")
+                          max_length=self.config.data.max_length, k=None, dtype=None)  # a stage reads any k, dtype
         log.info("%s: the teacher's top-k distribution is read from the cache %s", key, stage.teacher.cache)
         return CachedTeacher(CacheReader(stage.teacher.cache), examples, spec, tail=stage.teacher.tail,
                              where=f"{key}.teacher.cache")
@@ -543,7 +552,9 @@ class Distiller:
         answers are generated once per run and kept in the run state."""
         teacher_rows = state.get("teacher_samples")
         with self._whole_heads():  # generation runs the models outside the engine
-            if not self.evaluator.prompts_match(teacher_rows):
+            if self.pair.teacher is None:  # a run from the teacher's cache: the student's answers alone
+                teacher_rows = None
+            elif not self.evaluator.prompts_match(teacher_rows):
                 teacher_rows = self.evaluator.teacher_samples()
                 state["teacher_samples"] = teacher_rows
             rows = self.evaluator.student_samples(self.pair.student, teacher_rows)
@@ -611,7 +622,7 @@ class Distiller:
         try:
             if state.get("initial_eval") is None:
                 state["initial_eval"] = {"student": self._metrics(self.pair.student),
-                                         "teacher": self._metrics(self.pair.teacher)}
+                                         "teacher": self._metrics(self.pair.teacher) if self.pair.teacher else {}}
                 self._write_state(state)
             self._check_best_metrics(state["initial_eval"]["student"],
                                      [i for i in self.stages if i not in state["completed_stages"]])

@@ -68,7 +68,9 @@ class CacheSpec:
 
 
 def cache_spec(*, teacher_spec, seed: int, tokenizer, vocab_size: int, sources: list[DataSource], max_length: int,
-               k: int, dtype: str) -> CacheSpec:
+               k: int | None, dtype: str | None) -> CacheSpec:
+    """The identity of a cache of these inputs (``k``/``dtype`` None: what a training stage asks
+    for, which reads a cache of any k and dtype) and the data files' hashes."""
     hashes = source_hashes(source_paths(sources))
     identity = cache_identity(teacher=teacher_description(teacher_spec, seed), tokenizer=tokenizer_description(
         tokenizer), vocab_size=vocab_size, data=data_identity(sources, hashes), max_length=max_length, k=k, dtype=dtype)
