@@ -290,3 +290,41 @@ def test_a_killed_sampling_run_resumes_to_the_uninterrupted_result(tiny_teacher,
     assert summary["samples"] == summary["kept"] == 8 and summary["prompts_done"] == 4
     # The same output with another temperature is refused before the teacher loads.
     assert generate_data.main(command(tmp_path / "part.jsonl", "--temperature", "0.5")) == 2
+
+
+def test_the_vllm_backend_passes_token_prompts_and_per_row_seeds(monkeypatch):
+    """vLLM is not installed here: a stand-in module records what the backend asks of its API
+    (``LLM(model, dtype, seed)``, ``generate([{"prompt_token_ids"}], [SamplingParams per row])``)."""
+    import sys
+    import types
+
+    from qwen_distillation.evaluation.generation import draw_seed, vllm_generate
+
+    calls = {}
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls["engine"] = kwargs
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls["prompts"], calls["params"] = prompts, [p.kwargs for p in params]
+            sample = types.SimpleNamespace
+            return [types.SimpleNamespace(outputs=[sample(text=f" answer {i} ", finish_reason="stop"),
+                                                   sample(text="cut", finish_reason="length")])
+                    for i in range(len(prompts))]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    generate = vllm_generate("/models/teacher", seed=7)
+    assert calls["engine"] == {"model": "/models/teacher", "dtype": "auto", "seed": 7}
+    out = generate([[1, 2, 3], [4]], [5, 9], Sampling(temperature=0.0, top_p=0.9, max_new_tokens=12, num_samples=2,
+                                                      seed=3))
+    assert calls["prompts"] == [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4]}]
+    assert [p["seed"] for p in calls["params"]] == [draw_seed(3, 5), draw_seed(3, 9)]
+    assert all(p["n"] == 2 and p["max_tokens"] == 12 and p["temperature"] == 0.0 and p["top_p"] == 1.0
+               for p in calls["params"])
+    assert out == [[Completion("answer 0", True), Completion("cut", False)],
+                   [Completion("answer 1", True), Completion("cut", False)]]
