@@ -57,6 +57,17 @@ def test_three_stages_write_loadable_models_and_metrics(tmp_path):
         png = out / "report" / f"{plot}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"report/{plot}.png" in report
     assert summary["report"] == str(out / "report.md")
+    # What the run cost by phase, besides its training steps (also in summary.json).
+    timings = json.loads((out / "summary.json").read_text())["timings"]
+    assert timings == summary["timings"]
+    assert set(timings["stages"]) == {"stage1", "stage2", "stage3"}
+    assert all(times["train_s"] > 0 and times["eval_s"] > 0 and times["finish_s"] > 0
+               for times in timings["stages"].values())
+    phases = (timings["build_s"] + timings["initial_eval_s"] + timings["report_s"]
+              + sum(sum(times.values()) for times in timings["stages"].values()))
+    assert 0 < phases <= timings["total_s"] + 1e-3
+    train = sum(times["train_s"] for times in timings["stages"].values())
+    assert timings["fixed_s"] == pytest.approx(timings["total_s"] - train, abs=2e-3)
 
 
 def test_gradient_accumulation_is_invariant(tmp_path):

@@ -16,6 +16,7 @@ step and their state the engine (``training/engine.py``). docs/architecture.md d
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -155,6 +156,19 @@ class Distiller:
         if self.autocast_dtype is None:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @contextlib.contextmanager
+    def _timed(self, *keys: str):
+        """Add the block's wall seconds to ``self.timings[keys[0]][keys[1]]...`` (the run's phase
+        times, in summary.json: what a run costs besides its training steps)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            node = self.timings
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = node.get(keys[-1], 0.0) + time.perf_counter() - started
 
     # ----------------------------------------------------------------- set-up
     def _build(self, resume_from: int) -> None:
@@ -368,7 +382,8 @@ class Distiller:
         self.module.train()
         progress = self._progress(run.key, run.total_steps, run.step)
         while run.step < run.total_steps:
-            row, outcome = self._train_step(run)
+            with self._timed("stages", run.key, "train_s"):
+                row, outcome = self._train_step(run)
             self.logger.log(row)
             if progress is not None:
                 progress.set_postfix(loss="skipped" if outcome.skipped else f"{row['loss']:.3f}",
@@ -377,16 +392,19 @@ class Distiller:
             is_last = run.step == run.total_steps
             self._check_divergence(run, outcome, is_last)
             if (run.stage.eval_every and run.step % run.stage.eval_every == 0) or is_last:
-                self._evaluate(run)
+                with self._timed("stages", run.key, "eval_s"):
+                    self._evaluate(run)
             if not is_last and self._save_due(run):
-                ckpt.save_stage_checkpoint(run.directory, keep=self.config.train.keep_checkpoints, engine=run.engine,
-                                           sampler=run.sampler, step=run.step, extra=run.extra(self.global_step),
-                                           topology=self.topo)
+                with self._timed("stages", run.key, "checkpoints_s"):
+                    ckpt.save_stage_checkpoint(run.directory, keep=self.config.train.keep_checkpoints,
+                                               engine=run.engine, sampler=run.sampler, step=run.step,
+                                               extra=run.extra(self.global_step), topology=self.topo)
                 run.last_save = time.monotonic()
                 log.info("%s: saved checkpoint-%d", run.key, run.step)
         if progress is not None:
             progress.close()
-        self._finish_stage(run, state)
+        with self._timed("stages", run.key, "finish_s"):  # exports, samples, the stage's records
+            self._finish_stage(run, state)
 
     def _save_due(self, run: StageRun) -> bool:
         """Every ``save_every`` steps, and when ``train.save_every_minutes`` have passed since
@@ -604,8 +622,11 @@ class Distiller:
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.seed)
+        started = time.perf_counter()
+        self.timings = {}
         resume_from = max(state["completed_stages"], default=0) if state else 0
-        self._build(resume_from)
+        with self._timed("build_s"):
+            self._build(resume_from)
         dist.barrier(self.topo)  # every rank has read the old outputs before rank 0 rewrites them
         if self.topo.is_main:
             state = prepare_output_dir(self.output_dir, state, run_id=self.run_id, run_config=self.run_config,
@@ -613,7 +634,8 @@ class Distiller:
         state = dist.broadcast_object(self.topo, state)
         if self.topo.is_main and self.pair.pruned is not None:
             save_pruning(self.output_dir, self.pair.pruned)
-        self._build_module(resume_from)
+        with self._timed("build_s"):
+            self._build_module(resume_from)
         self.logger = (MetricsLogger(self.output_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                                      wandb_cfg=cfg.logging.wandb, run_config=self.run_config)
                        if self.topo.is_main else NullLogger())
@@ -621,8 +643,9 @@ class Distiller:
         self.last_eval = {}
         try:
             if state.get("initial_eval") is None:
-                state["initial_eval"] = {"student": self._metrics(self.pair.student),
-                                         "teacher": self._metrics(self.pair.teacher) if self.pair.teacher else {}}
+                with self._timed("initial_eval_s"):
+                    state["initial_eval"] = {"student": self._metrics(self.pair.student),
+                                             "teacher": self._metrics(self.pair.teacher) if self.pair.teacher else {}}
                 self._write_state(state)
             self._check_best_metrics(state["initial_eval"]["student"],
                                      [i for i in self.stages if i not in state["completed_stages"]])
@@ -642,12 +665,28 @@ class Distiller:
         try:
             from qwen_distillation.evaluation.report import write_report
 
-            summary["report"] = str(write_report(self.output_dir, summary))
+            with self._timed("report_s"):
+                summary["report"] = str(write_report(self.output_dir, summary))
         except Exception as err:  # noqa: BLE001 - a finished run must not fail on its report
             log.warning("could not write the run report: %s", err)
+        summary["timings"] = self._timing_summary(time.perf_counter() - started)
+        ckpt.write_json_atomic(self.output_dir / "summary.json", summary)
         print(summary_text(summary))
         dist.shutdown(self.topo)
         return summary
+
+    def _timing_summary(self, total: float) -> dict:
+        """Wall seconds of this invocation by phase: ``build_s`` (models, data, evaluator, heads),
+        ``initial_eval_s``, per stage ``train_s`` (the optimizer steps), ``eval_s``, ``checkpoints_s``
+        and ``finish_s`` (exports, samples), ``report_s``, ``total_s``, and ``fixed_s``: everything
+        but the training steps, the cost of a run besides its tokens. A resumed run counts only
+        what it ran itself."""
+        out = {key: round(value, 3) if isinstance(value, float) else
+               {stage: {k: round(v, 3) for k, v in times.items()} for stage, times in value.items()}
+               for key, value in self.timings.items()}
+        train = sum(times.get("train_s", 0.0) for times in self.timings.get("stages", {}).values())
+        out["total_s"], out["fixed_s"] = round(total, 3), round(total - train, 3)
+        return out
 
     def _summary(self, state: dict) -> dict:
         return {"output_dir": str(self.output_dir), "stages": state["completed_stages"],
