@@ -45,7 +45,8 @@ from qwen_distillation.evaluation.report import summary_text
 from qwen_distillation.evaluation.samples import REFERENCE, sample_columns, samples_markdown
 from qwen_distillation.evaluation.sharding import Shard, map_shared
 from qwen_distillation.modeling.pair import ModelPair, build_pair
-from qwen_distillation.modeling.parts import head_weights, response_targets, whole_parameters
+from qwen_distillation.modeling.parts import (check_packed_attention, head_weights, response_targets,
+                                              whole_parameters)
 from qwen_distillation.modeling.speed import apply_speedups
 from qwen_distillation.modeling.prune import save_pruning
 from qwen_distillation.training import checkpoint as ckpt
@@ -184,6 +185,8 @@ class Distiller:
             log.info("train.teacher_stream is off under %s: a sharded teacher gathers its weights with "
                      "collectives that must stay in order with the student's", engine_label(cfg.distributed))
             self.teacher_stream = False
+        if cfg.train.packing:
+            check_packed_attention({"teacher": self.pair.teacher, "student": self.pair.student})
         self.speedups = apply_speedups([m for m in (self.pair.student, self.pair.teacher) if m is not None],
                                        device=self.device, compile=cfg.train.compile,
                                        liger_kernels=cfg.train.liger_kernels)
@@ -418,7 +421,8 @@ class Distiller:
         served = run.sampler.next_step()
         # Every rank draws the whole step and runs its share of the micro-batches; the terms are
         # normalised by the tokens (and micro-batches) of the whole step.
-        batches = length_grouped_batches(served.examples, run.stage.batch_size, self.pair.pad_token_id, self.device)
+        batches = length_grouped_batches(served.examples, run.stage.batch_size, self.pair.pad_token_id, self.device,
+                                         pack_length=self.config.data.max_length if self.config.train.packing else None)
         tokens = sum(int(response_targets(batch["labels"]).numel()) for batch in batches)
         sums: dict[str, float] = {}
         balance_log: dict[str, float] = {}
