@@ -9,7 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from qwen_distillation.data.encode import IGNORE_INDEX
-from qwen_distillation.data.manager import collate, collate_packed, length_grouped_batches, pack_rows
+from qwen_distillation.data.manager import (collate, collate_packed, first_fit_decreasing, length_grouped_batches,
+                                            pack_rows)
 from qwen_distillation.errors import ConfigError
 from qwen_distillation.modeling.parts import model_inputs, position_mask, response_targets
 from qwen_distillation.training.module import per_step_mean
@@ -63,12 +64,27 @@ def test_rows_are_first_fit_decreasing_deterministic_and_never_split_an_example(
     assert all(sum(lengths[i] for i in row) <= 12 for row in rows)
     assert pack_rows([12, 12], 12) == [[0], [1]]
     assert pack_rows([4, 4, 4], 12) == [[0, 1, 2]]
+    # First fit at 256 would give rows of 210 and 80 (420 positions, more than 4 x 100 unpacked);
+    # rows of at most 100 give 300.
+    assert first_fit_decreasing([100, 90, 80, 20], 256) == [[0, 1, 3], [2]]
+    assert pack_rows([100, 90, 80, 20], 256) == [[0], [1], [2, 3]]
+
+
+def test_packing_never_pads_more_than_one_example_per_row():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        count = int(torch.randint(1, 17, (1,), generator=generator))
+        lengths = torch.randint(1, 300, (count,), generator=generator).tolist()
+        rows = pack_rows(lengths, 300)
+        assert sorted(i for row in rows for i in row) == list(range(count))
+        assert all(sum(lengths[i] for i in row) <= 300 for row in rows)
+        assert len(rows) * max(sum(lengths[i] for i in row) for row in rows) <= count * max(lengths)
 
 
 def test_a_packed_batch_holds_each_example_whole_with_its_own_positions_and_labels():
     examples = _examples([7, 12, 3, 9, 5, 1])
     batch = collate_packed(examples, PAD, 20)
-    assert "attention_mask" not in batch and batch["input_ids"].shape == (2, 20)
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (2, 19)  # 37 tokens in 38 positions
     segments = _segments(batch)
     by_id = {e["example_id"]: e for e in examples}
     assert len(segments) == len(examples)
@@ -200,7 +216,7 @@ def test_a_cached_teacher_gives_a_packed_batch_the_rows_of_its_examples():
     values = []
     for batch in (collate(examples, PAD), collate_packed(examples, PAD, 24)):
         terms, info = module(batch, cached(batch, plan))
-        values.append((float(terms["logit"]), info["kd"]))
+        values.append((float(terms["logit"].detach()), info["kd"]))
     assert values[1][0] == pytest.approx(values[0][0], rel=1e-5)
     assert values[1][1] == pytest.approx(values[0][1], rel=1e-5) and values[0][1] > 0
 
@@ -225,3 +241,26 @@ def test_loaded_models_whose_attention_would_mix_examples_are_refused():
     with pytest.raises(ConfigError, match=r"the student runs attention 'paged\|sdpa'.*model\.student\.attn_impl"
                                           r"ementation.*train\.packing=false"):
         check_packed_attention({"student": model})
+
+
+@pytest.mark.slow
+def test_a_run_with_packing_logs_the_losses_of_the_run_without_and_less_padding(tmp_path):
+    """Stage 2 (all five terms, GradNorm) and stage 3 (hard-example sampling), tiny pair: every
+    step's losses, tokens and gradient norm equal the unpacked run's; only the padding differs."""
+    from qwen_distillation.app import run
+    from tests.conftest import train_rows
+
+    rows = {}
+    for packing in ("false", "true"):
+        out = tmp_path / packing
+        run(compose_config(tiny_overrides(out, steps=2) + [
+            f"train.packing={packing}", "data.max_length=256", "start_stage=2", "stage2.batch_size=4",
+            "stage3.batch_size=4", "stage3.sampling.rescore_every=1"]))
+        rows[packing] = train_rows(out)
+    assert [r["stage"] for r in rows["true"]] == [2, 2, 3, 3]
+    for plain, packed in zip(rows["false"], rows["true"]):
+        assert packed["tokens"] == plain["tokens"]
+        for key in ("loss", "loss/ce", "loss/kd", "loss/feature", "loss/attention", "loss/contrastive", "grad_norm"):
+            if key in plain:
+                assert packed[key] == pytest.approx(plain[key], rel=1e-5), key
+        assert packed["padding"] < plain["padding"]

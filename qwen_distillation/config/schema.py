@@ -314,8 +314,9 @@ class LoraConfig:
 class TrainConfig:
     """How the stages train. packing: each micro-batch of every stage packs its examples several
     to a row of at most ``data.max_length`` tokens (position ids restart per example, attention
-    stays inside each example; docs/performance.md "Sequence packing"): the same examples, tokens
-    and losses as without, less padding. The attention and contrastive terms refuse it."""
+    stays inside each example; docs/performance.md "Sequence packing"): the same examples, tokens,
+    losses and gradients as without (the attention and contrastive terms are taken per example),
+    less padding. Evaluation and hard-example scoring stay unpacked."""
 
     device: str = "auto"
     precision: str = "auto"

@@ -201,18 +201,16 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
-    """Which examples share a row: first-fit decreasing (longest first, ties in the given order;
-    each example goes to the first row it fits in, else opens a new one). Deterministic, and no
-    example is split: every row holds at most ``max_length`` tokens unless one example alone is
-    longer (then it has its own row). Returns the indices into ``lengths`` of each row, in the
-    order they were placed."""
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Rows of at most ``capacity`` tokens (an example longer than that gets a row of its own):
+    longest first, ties in the given order, each example into the first row it fits in, else a
+    new row. Returns the indices into ``lengths`` of each row, in the order they were placed."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # sorted() is stable
     rows: list[list[int]] = []
     used: list[int] = []
     for i in order:
         for r, total in enumerate(used):
-            if total + lengths[i] <= max_length:
+            if total + lengths[i] <= capacity:
                 rows[r].append(i)
                 used[r] += lengths[i]
                 break
@@ -220,6 +218,26 @@ def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
             rows.append([i])
             used.append(lengths[i])
     return rows
+
+
+def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Which examples of a micro-batch share a row, no example split: :func:`first_fit_decreasing`
+    with the row capacity (at most ``max_length``) that leaves the fewest padded positions once the
+    rows are padded to the longest one. The capacities tried are ``max_length`` and, for every row
+    count r, the longest example or total / r if larger; the longest example alone is the unpacked
+    layout's bound, so packing never pads more than one example per row would. Deterministic: ties
+    go to the larger capacity."""
+    if not lengths:
+        return []
+    longest, total = max(lengths), sum(lengths)
+    capacities = {max_length} | {min(max_length, max(longest, -(-total // r))) for r in range(1, len(lengths) + 1)}
+    best, best_cost = [], None
+    for capacity in sorted(capacities, reverse=True):
+        rows = first_fit_decreasing(lengths, capacity)
+        cost = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = rows, cost
+    return best
 
 
 def collate_packed(examples: list[dict], pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
