@@ -169,6 +169,8 @@ class Distiller:
         self.pair: ModelPair = build_pair(cfg, device=self.device, teacher_dtype=self.teacher_dtype,
                                           output_dir=self.output_dir, resume_after_stage=resume_from,
                                           teacher_zero3=self._teacher_zero3(), placement=placement)
+        if cfg.train.packing:  # on the models as loaded, before any engine wraps them
+            check_packed_attention({"teacher": self.pair.teacher, "student": self.pair.student})
         if self._teacher_zero3_config is not None:
             from qwen_distillation.training.deepspeed_engine import shard_teacher
 
@@ -185,8 +187,6 @@ class Distiller:
             log.info("train.teacher_stream is off under %s: a sharded teacher gathers its weights with "
                      "collectives that must stay in order with the student's", engine_label(cfg.distributed))
             self.teacher_stream = False
-        if cfg.train.packing:
-            check_packed_attention({"teacher": self.pair.teacher, "student": self.pair.student})
         self.speedups = apply_speedups([m for m in (self.pair.student, self.pair.teacher) if m is not None],
                                        device=self.device, compile=cfg.train.compile,
                                        liger_kernels=cfg.train.liger_kernels)
