@@ -127,6 +127,32 @@ def test_a_packed_row_gives_each_example_its_logits_alone(family, attn):
     assert crossed > 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_on_the_gpu_a_packed_row_gives_each_example_its_logits_alone(attn):
+    """bf16 on CUDA; flash attention runs its varlen kernel from the position ids. The error
+    against each example alone must be far below what attending across examples gives."""
+    import importlib.util
+
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash_attention_2 needs the flash-attn package")
+    model = _model("qwen2", attn).to("cuda", torch.bfloat16)
+    examples = _examples([7, 12, 3, 9, 5, 1])
+    batch = {k: v.cuda() for k, v in collate_packed(examples, PAD, 20).items()}
+    with torch.no_grad():
+        packed = model(**model_inputs(batch)).logits.float()
+        one_sequence = model(input_ids=batch["input_ids"], use_cache=False).logits.float()
+    error = crossed = 0.0
+    for row, start, n in _segments(batch):
+        ids = batch["input_ids"][row, start:start + n]
+        with torch.no_grad():
+            alone = model(input_ids=ids[None], use_cache=False).logits[0].float()
+        error = max(error, float((packed[row, start:start + n] - alone).abs().max()))
+        crossed = max(crossed, float((one_sequence[row, start:start + n] - alone).abs().max()))
+    assert error < 0.1 * crossed, (error, crossed)
+
+
 def _step(module, teacher, batches):
     """One step's per-token loss and the trained parameters' gradients, as the distiller computes them."""
     from qwen_distillation.training.teacher import TeacherRunner
