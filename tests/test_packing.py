@@ -15,6 +15,7 @@ from qwen_distillation.errors import ConfigError
 from qwen_distillation.modeling.parts import model_inputs, position_mask, response_targets
 from qwen_distillation.training.module import per_step_mean
 from tests.conftest import compose_config, loss_plan, tiny_overrides
+from tests.test_teacher_cache import small_tokenizer  # noqa: F401 - a fixture of the cached-run test
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 VOCAB = 97
@@ -290,3 +291,24 @@ def test_a_run_with_packing_logs_the_losses_of_the_run_without_and_less_padding(
             if key in plain:
                 assert packed[key] == pytest.approx(plain[key], rel=1e-5), key
         assert packed["padding"] < plain["padding"]
+
+
+def test_a_packed_run_from_a_cache_logs_the_online_unpacked_losses(tmp_path, small_tokenizer):  # noqa: F811
+    """Stage 1 reading the teacher from a top-k cache covering the whole vocabulary, with packing,
+    logs the online, unpacked run's losses (the cache is looked up in the packed order)."""
+    from qwen_distillation.app import run
+    from qwen_distillation.cache_teacher import cache_teacher
+    from tests.conftest import train_rows
+    from tests.test_teacher_cache import VOCAB as CACHE_VOCAB, _config, _overrides
+
+    extra = ("stage1.batch_size=4", "data.max_length=128")
+    run(compose_config(_overrides(tmp_path / "online", small_tokenizer, *extra)))
+    cache_teacher(_config(tmp_path / "x", small_tokenizer, *extra), tmp_path / "cache", k=CACHE_VOCAB)
+    run(compose_config(_overrides(tmp_path / "packed", small_tokenizer, "stage1.teacher.source=cache",
+                                  f"stage1.teacher.cache={tmp_path / 'cache'}", "train.packing=true", *extra)))
+    online, packed = train_rows(tmp_path / "online"), train_rows(tmp_path / "packed")
+    assert len(online) == len(packed) == 2
+    for a, b in zip(online, packed):
+        assert b["tokens"] == a["tokens"] and b["padding"] < a["padding"]
+        for key in ("loss", "loss/kd", "loss/ce", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key

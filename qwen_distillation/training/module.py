@@ -186,7 +186,8 @@ def loss_terms(plan: LossPlan, batch: dict[str, torch.Tensor], student: Captured
                 teacher.last_hidden.detach(), mask)
             valid = mask.any(dim=1)
         else:
-            count = int(segments.max()) + 1
+            # The examples' count from a shape where it can (segments.max() would wait for the device).
+            count = batch["domain"].numel() if "domain" in batch else int(segments.max()) + 1
             pooled_s, valid = segment_mean_pool(student.last_hidden, mask, segments, count)
             pooled_t, _ = segment_mean_pool(teacher.last_hidden.detach(), mask, segments, count)
         z_s, z_t = heads.contrastive(pooled_s, pooled_t)
