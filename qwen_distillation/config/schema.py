@@ -312,6 +312,12 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
+    """How the stages train. packing: each micro-batch of every stage packs its examples several
+    to a row of at most ``data.max_length`` tokens (position ids restart per example, attention
+    stays inside each example; docs/performance.md "Sequence packing"): the same examples, tokens,
+    losses and gradients as without (the attention and contrastive terms are taken per example),
+    less padding. Evaluation and hard-example scoring stay unpacked."""
+
     device: str = "auto"
     precision: str = "auto"
     gradient_checkpointing: bool = False
@@ -327,6 +333,7 @@ class TrainConfig:
     # last save (0: by steps only); keep the newest keep_checkpoints of them.
     save_every_minutes: float = 30.0
     keep_checkpoints: int = 2
+    packing: bool = False
 
 
 @dataclass

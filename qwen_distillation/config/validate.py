@@ -136,6 +136,25 @@ def _validate_stage_teacher(key: str, stage: StageConfig) -> None:
             f"of {', '.join(CACHE_KD_KINDS)} only", f"{key}.loss.kd=forward_kl")
 
 
+# The attention implementations that keep a packed row's examples apart (train.packing): transformers 5
+# builds a per-example causal mask from the restarting position ids (sdpa, eager, flex) or runs
+# flash attention's varlen kernel from them; any other implementation would attend across examples.
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def _validate_packing(cfg: DistillationConfig) -> None:
+    """``train.packing`` needs attention that keeps a packed row's examples apart. Every loss term
+    works per example on packed rows (training/module.py), so none is refused."""
+    if not cfg.train.packing:
+        return
+    for side in ("teacher", "student"):
+        implementation = getattr(cfg.model, side).attn_implementation
+        require(implementation is None or implementation in PACKED_ATTENTION, f"model.{side}.attn_implementation",
+                implementation, f"train.packing=true needs an attention that keeps packed examples apart: one of "
+                f"{', '.join(PACKED_ATTENTION)} (or null); otherwise turn packing off with train.packing=false",
+                f"model.{side}.attn_implementation=sdpa")
+
+
 def _validate_eval(cfg: EvalConfig) -> None:
     require(cfg.agreement_top_k >= 1, "eval.agreement_top_k", cfg.agreement_top_k, "must be >= 1",
             "eval.agreement_top_k=5")
@@ -337,6 +356,7 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
             "train.keep_checkpoints=2")
     require_one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled"))
     _validate_prune(cfg)
+    _validate_packing(cfg)
     require(cfg.lora.enabled or not cfg.lora.quantize_4bit, "lora.quantize_4bit", True, "QLoRA needs LoRA on",
             "lora.enabled=true")
     require(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1", "lora.r=16")

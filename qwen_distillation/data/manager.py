@@ -201,17 +201,107 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Rows of at most ``capacity`` tokens (an example longer than that gets a row of its own):
+    longest first, ties in the given order, each example into the first row it fits in, else a
+    new row. Returns the indices into ``lengths`` of each row, in the order they were placed."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # sorted() is stable
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in order:
+        for r, total in enumerate(used):
+            if total + lengths[i] <= capacity:
+                rows[r].append(i)
+                used[r] += lengths[i]
+                break
+        else:
+            rows.append([i])
+            used.append(lengths[i])
+    return rows
+
+
+def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Which examples of a micro-batch share a row, no example split: :func:`first_fit_decreasing`
+    with the row capacity (at most ``max_length``) that leaves the fewest padded positions once the
+    rows are padded to the longest one. The capacities tried are ``max_length`` and, for every row
+    count r, the longest example or total / r if larger; the longest example alone is the unpacked
+    layout's bound, so packing never pads more than one example per row would. Deterministic: ties
+    go to the larger capacity."""
+    if not lengths:
+        return []
+    longest, total = max(lengths), sum(lengths)
+    capacities = {max_length} | {min(max_length, max(longest, -(-total // r))) for r in range(1, len(lengths) + 1)}
+    best, best_cost = [], None
+    for capacity in sorted(capacities, reverse=True):
+        rows = first_fit_decreasing(lengths, capacity)
+        cost = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = rows, cost
+    return best
+
+
+def collate_packed(examples: list[dict], pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Pack a micro-batch: several examples per row (:func:`pack_rows`), right-padded to the longest row.
+
+    Returns input_ids (R, L), labels (R, L), position_ids (R, L) and segments (R, L), all int64,
+    and no attention_mask:
+
+    * ``position_ids`` restart at 0 at each example (and at the padding), which is how
+      transformers 5 keeps attention inside each example (``masking_utils.find_packed_sequence_indices``
+      for sdpa/eager/flex; varlen from the position ids for flash attention);
+    * ``segments`` number the examples 0 .. N-1 in the order they lie in the rows (row by row,
+      left to right), -1 on padding, for the loss terms taken per example;
+    * each example's first label is IGNORE_INDEX, so no next-token target crosses an example
+      boundary (the unpacked collate never reads a first label either);
+    * domain and example_id are (N,) int64 per example in the segments' order, which is the order
+      of their response positions under ``modeling.parts.position_mask`` (a cached teacher's rows
+      are looked up in it).
+    """
+    rows = pack_rows([len(e["input_ids"]) for e in examples], max_length)
+    length = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    segments = torch.full((len(rows), length), -1, dtype=torch.long)
+    placed: list[dict] = []
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            example = examples[i]
+            n = len(example["input_ids"])
+            input_ids[r, start:start + n] = torch.tensor(example["input_ids"])
+            labels[r, start + 1:start + n] = torch.tensor(example["labels"][1:])
+            position_ids[r, start:start + n] = torch.arange(n)
+            segments[r, start:start + n] = len(placed)
+            start += n
+            placed.append(example)
+        position_ids[r, start:] = torch.arange(length - start)  # the padding is a sequence of its own
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segments": segments}
+    if all("domain" in e for e in placed):
+        batch["domain"] = torch.tensor([e["domain"] for e in placed], dtype=torch.long)
+    if all("example_id" in e for e in placed):
+        batch["example_id"] = torch.tensor([e["example_id"] for e in placed], dtype=torch.long)
+    return batch
+
+
 def micro_batches(examples: list[dict], batch_size: int) -> list[list[dict]]:
     return [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
 
 
 def length_grouped_batches(examples: list[dict], batch_size: int, pad_token_id: int,
-                           device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+                           device: torch.device | str = "cpu", *,
+                           pack_length: int | None = None) -> list[dict[str, torch.Tensor]]:
     """Collated micro-batches of examples sorted by length (less padding), on ``device``.
 
     Sorting does not change a step's update or an evaluation's result: losses are sums
     over valid tokens, normalised over the whole step or set, not per micro-batch.
+    With ``pack_length`` (``train.packing``), each micro-batch holds the same examples as
+    without, packed into rows of at most ``pack_length`` tokens (:func:`collate_packed`): the
+    step's micro-batches, tokens and per-micro-batch example sets are unchanged, only padding goes.
     """
     by_length = sorted(examples, key=lambda e: len(e["input_ids"]))
-    return [{k: v.to(device) for k, v in collate(mb, pad_token_id).items()}
+    if pack_length is None:
+        return [{k: v.to(device) for k, v in collate(mb, pad_token_id).items()}
+                for mb in micro_batches(by_length, batch_size)]
+    return [{k: v.to(device) for k, v in collate_packed(mb, pad_token_id, pack_length).items()}
             for mb in micro_batches(by_length, batch_size)]

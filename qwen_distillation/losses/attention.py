@@ -83,12 +83,16 @@ def split_relation_heads(x: torch.Tensor, relation_heads: int) -> torch.Tensor:
     return concatenated.view(batch, length, relation_heads, width // relation_heads).transpose(1, 2)
 
 
-def _allowed_keys(key_mask: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """(B, 1, end - start, end) bool: key j is visible to query i in [start, end) iff j <= i and key_mask[j]."""
+def _allowed_keys(key_mask: torch.Tensor, start: int, end: int, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, end - start, end) bool: key j is visible to query i in [start, end) iff j <= i and key_mask[j]
+    (and, with ``segments``, j lies in i's segment)."""
     queries = torch.arange(start, end, device=key_mask.device)
     keys = torch.arange(end, device=key_mask.device)
     causal = keys[None, :] <= queries[:, None]
-    return (causal[None] & key_mask[:, None, :end])[:, None]
+    allowed = causal[None] & key_mask[:, None, :end]
+    if segments is not None:
+        allowed = allowed & (segments[:, start:end, None] == segments[:, None, :end])
+    return allowed[:, None]
 
 
 def _relation_log_probs(a: torch.Tensor, b: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -126,6 +130,7 @@ def relation_kl(
     relation_heads: int,
     chunk_size: int = 256,
     reduction: str = "sum",
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Forward KL(teacher relation || student relation) of causal relation distributions.
 
@@ -152,6 +157,9 @@ def relation_kl(
         relation_heads (int): R, dividing both n_s * d_s and n_t * d_t.
         chunk_size (int): query positions per chunk, >= 1.
         reduction (str): "sum" (over valid queries) or "mean" (per valid query).
+        segments (torch.Tensor | None): shape (B, L), integer: a packed row's example of each
+            position (``train.packing``); a query sees only the keys of its own example, so each
+            example's relations are those it has alone. None: one sequence per row.
 
     Returns:
         torch.Tensor: scalar, fp32 (fp64 for fp64 inputs).
@@ -187,7 +195,7 @@ def relation_kl(
     for start in range(0, length, chunk_size):
         end = min(start + chunk_size, length)
         args = (s_a[:, :, start:end], s_b[:, :, :end], t_a[:, :, start:end], t_b[:, :, :end],
-                _allowed_keys(key_mask, start, end), valid[:, start:end])
+                _allowed_keys(key_mask, start, end, segments), valid[:, start:end])
         if needs_grad:
             chunk = checkpoint(_chunk_relation_kl, *args, use_reentrant=False)
         else:
@@ -209,6 +217,7 @@ def attention_distillation_loss(
     relation_heads: int = 8,
     chunk_size: int = 256,
     reduction: str = "sum",
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention distillation of one layer pair: forward KL(teacher || student) of relation maps.
 
@@ -232,6 +241,8 @@ def attention_distillation_loss(
         relation_heads (int): R, dividing n_heads * d of both models.
         chunk_size (int): query positions per chunk.
         reduction (str): "sum" (over valid queries) or "mean" (per valid query).
+        segments (torch.Tensor | None): shape (B, L), integer example of each position of a
+            packed row (see :func:`relation_kl`); None: one sequence per row.
 
     Returns:
         torch.Tensor: scalar, fp32 (fp64 for fp64 inputs).
@@ -242,7 +253,7 @@ def attention_distillation_loss(
     q_t, k_t, v_t = teacher_qkv
     k_s, v_s = expand_kv(k_s, q_s.shape[1]), expand_kv(v_s, q_s.shape[1])
     k_t, v_t = expand_kv(k_t, q_t.shape[1]), expand_kv(v_t, q_t.shape[1])
-    kwargs = dict(relation_heads=relation_heads, chunk_size=chunk_size, reduction=reduction)
+    kwargs = dict(relation_heads=relation_heads, chunk_size=chunk_size, reduction=reduction, segments=segments)
     if mode == "attention":
         return relation_kl(q_s, k_s, q_t, k_t, query_mask, key_mask, **kwargs)
     pairs = ((q_s, q_t), (k_s, k_t), (v_s, v_t))

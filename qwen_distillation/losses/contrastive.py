@@ -45,6 +45,35 @@ def masked_mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / count.to(states.dtype)
 
 
+def segment_mean_pool(states: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor,
+                      num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each example's hidden states over its valid tokens, for packed rows: what
+    :func:`masked_mean_pool` gives each example when it has a row of its own.
+
+    Only the selected positions are read (indexing, not a multiplication), so masked positions,
+    NaN included, reach neither the value nor the gradient.
+
+    Args:
+        states (torch.Tensor): shape (B, L, H).
+        mask (torch.Tensor): shape (B, L), bool; True marks the tokens that count.
+        segments (torch.Tensor): shape (B, L), int64: the example (0 .. num_segments - 1) each
+            position belongs to, -1 on padding.
+        num_segments (int): N, the examples of the batch.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: pooled (N, H), fp32 (fp64 for fp64 inputs), zero for an
+        example with no valid token; and valid (N,) bool, whether the example has one.
+    """
+    if states.dim() != 3 or mask.shape != states.shape[:2] or segments.shape != states.shape[:2]:
+        raise ValueError(f"states {tuple(states.shape)} must be (B, L, H), mask {tuple(mask.shape)} and segments "
+                         f"{tuple(segments.shape)} (B, L)")
+    keep = mask.to(torch.bool) & (segments >= 0)
+    rows, index = _upcast(states[keep]), segments[keep]
+    total = rows.new_zeros((num_segments, states.shape[-1])).index_add(0, index, rows)
+    count = torch.bincount(index, minlength=num_segments)
+    return total / count.clamp(min=1).unsqueeze(-1).to(total.dtype), count > 0
+
+
 class ContrastiveHead(nn.Module):
     """Two trainable projections into a shared ``dim``-dimensional space, then L2 normalisation.
 

@@ -15,8 +15,29 @@ from qwen_distillation.data.encode import IGNORE_INDEX
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     """The forward arguments of a collated batch for scoring (no generation): ``use_cache=False``,
     since transformers would otherwise copy every layer's keys and values into a cache
-    (docs/performance.md)."""
+    (docs/performance.md). A packed batch (``data.manager.collate_packed``) passes its
+    ``position_ids`` and no attention mask: transformers then keeps attention inside each
+    example of a row."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
+def check_packed_attention(models: dict[str, nn.Module | None]) -> None:
+    """``train.packing`` needs each model's attention to keep a packed row's examples apart
+    (``config.validate.PACKED_ATTENTION``); checked on the loaded models, whose implementation
+    transformers may have chosen itself. ``models``: side name (teacher, student) -> model."""
+    from qwen_distillation.config.validate import PACKED_ATTENTION
+    from qwen_distillation.errors import ConfigError
+
+    for side, model in models.items():
+        if model is None:
+            continue
+        implementation = getattr(base_model(model).config, "_attn_implementation", None)
+        if implementation not in PACKED_ATTENTION:
+            raise ConfigError(f"train.packing=true: the {side} runs attention {implementation!r}, which would let a "
+                              f"packed row's examples attend to each other; set model.{side}.attn_implementation to "
+                              f"one of {', '.join(PACKED_ATTENTION)}, or train.packing=false")
 
 
 def base_model(model: nn.Module) -> nn.Module:

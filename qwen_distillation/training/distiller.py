@@ -46,7 +46,8 @@ from qwen_distillation.evaluation.report import summary_text
 from qwen_distillation.evaluation.samples import REFERENCE, sample_columns, samples_markdown
 from qwen_distillation.evaluation.sharding import Shard, map_shared
 from qwen_distillation.modeling.pair import ModelPair, build_pair
-from qwen_distillation.modeling.parts import head_weights, response_targets, whole_parameters
+from qwen_distillation.modeling.parts import (check_packed_attention, head_weights, response_targets,
+                                              whole_parameters)
 from qwen_distillation.modeling.speed import apply_speedups
 from qwen_distillation.modeling.prune import save_pruning
 from qwen_distillation.training import checkpoint as ckpt
@@ -184,6 +185,8 @@ class Distiller:
                                           output_dir=self.output_dir, resume_after_stage=resume_from,
                                           teacher_zero3=self._teacher_zero3() if load_teacher else None,
                                           placement=placement, load_teacher=load_teacher)
+        if cfg.train.packing:  # on the models as loaded, before any engine wraps them
+            check_packed_attention({"teacher": self.pair.teacher, "student": self.pair.student})
         if self._teacher_zero3_config is not None and self.pair.teacher is not None:
             from qwen_distillation.training.deepspeed_engine import shard_teacher
 
@@ -445,8 +448,12 @@ class Distiller:
         served = run.sampler.next_step()
         # Every rank draws the whole step and runs its share of the micro-batches; the terms are
         # normalised by the tokens (and micro-batches) of the whole step.
-        batches = length_grouped_batches(served.examples, run.stage.batch_size, self.pair.pad_token_id, self.device)
+        batches = length_grouped_batches(served.examples, run.stage.batch_size, self.pair.pad_token_id, self.device,
+                                         pack_length=self.config.data.max_length if self.config.train.packing else None)
         tokens = sum(int(response_targets(batch["labels"]).numel()) for batch in batches)
+        # The share of the micro-batches' positions that hold padding (what train.packing removes);
+        # from lengths and shapes, so it costs no device sync.
+        padding = 1 - sum(len(e["input_ids"]) for e in served.examples) / sum(b["input_ids"].numel() for b in batches)
         sums: dict[str, float] = {}
         balance_log: dict[str, float] = {}
         for batch in dist.rank_share(batches, self.topo):
@@ -477,7 +484,7 @@ class Distiller:
             total = sum(run.plan.weights.get(name[5:], 0.0) * value for name, value in per_token.items())
             row.update({"loss": total, "loss/ce": float("nan"), "loss/kd": float("nan"), **per_token})
         row.update({"lr": outcome.lr, "medical_ratio": served.medical_ratio,
-                    "medical_ratio_target": served.medical_ratio_target, "tokens": tokens,
+                    "medical_ratio_target": served.medical_ratio_target, "tokens": tokens, "padding": padding,
                     "tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9),
                     "grad_norm": outcome.grad_norm, "skipped": outcome.skipped, "bad_steps": outcome.bad_total})
         if self.device.type == "cuda":  # this rank's peak since the stage began

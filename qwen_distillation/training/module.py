@@ -7,6 +7,11 @@ valid tokens of the whole optimizer step, so micro-batch 8 x accumulation 1 and 
 same update. The ``contrastive`` term is per sequence (a mean over the micro-batch's
 sequences), averaged over the step's micro-batches.
 
+A packed micro-batch (``train.packing``, ``data.manager.collate_packed``) holds the same
+examples as the unpacked one, several to a row: the token-level terms read the same positions
+(no target crosses an example), and the attention and contrastive terms are taken per example
+(``segments``), so every term equals the unpacked batch's, up to float rounding.
+
 A term whose weight is 0 is not computed, and the hooks it would need are not installed.
 """
 
@@ -20,7 +25,7 @@ from torch import nn
 from qwen_distillation.losses.attention import attention_distillation_loss
 from qwen_distillation.losses.cached import CompletedTopK, cached_teacher_kd
 from qwen_distillation.losses.chunked import chunked_cross_entropy
-from qwen_distillation.losses.contrastive import ContrastiveHead, info_nce, masked_mean_pool
+from qwen_distillation.losses.contrastive import ContrastiveHead, info_nce, masked_mean_pool, segment_mean_pool
 from qwen_distillation.losses.feature import FeatureProjector, masked_feature_loss
 from qwen_distillation.losses.fused import apply_fused_kd
 from qwen_distillation.losses.logit import cross_entropy, divergence
@@ -179,20 +184,31 @@ def loss_terms(plan: LossPlan, batch: dict[str, torch.Tensor], student: Captured
         states_t = [teacher.hidden[t] for _, t in plan.feature_pairs]
         terms["feature"] = masked_feature_loss(states_s, states_t, mask, heads.feature, loss=plan.feature_loss,
                                                normalize=plan.feature_normalize, reduction="sum")
+    # A packed batch (train.packing) marks each position's example; the row-wide terms are taken
+    # per example, as each would be alone in its row.
+    segments = batch.get("segments")
     if teacher is not None and plan.active("attention"):
-        key_mask = batch["attention_mask"].bool()
+        key_mask = batch["attention_mask"].bool() if segments is None else segments >= 0
         total = 0.0
         for s, t in plan.attention_pairs:
             total = total + attention_distillation_loss(
                 student.qkv[s], teacher.qkv[t], mask, key_mask, mode=plan.attention_mode,
-                relation_heads=plan.relation_heads, chunk_size=plan.attention_chunk, reduction="sum")
+                relation_heads=plan.relation_heads, chunk_size=plan.attention_chunk, reduction="sum",
+                segments=segments)
         terms["attention"] = total / len(plan.attention_pairs)
     if teacher is not None and plan.active("contrastive"):
-        z_s, z_t = heads.contrastive(masked_mean_pool(student.last_hidden, mask),
-                                     masked_mean_pool(teacher.last_hidden.detach(), mask))
+        if segments is None:
+            pooled_s, pooled_t = masked_mean_pool(student.last_hidden, mask), masked_mean_pool(
+                teacher.last_hidden.detach(), mask)
+            valid = mask.any(dim=1)
+        else:
+            # The examples' count from a shape where it can (segments.max() would wait for the device).
+            count = batch["domain"].numel() if "domain" in batch else int(segments.max()) + 1
+            pooled_s, valid = segment_mean_pool(student.last_hidden, mask, segments, count)
+            pooled_t, _ = segment_mean_pool(teacher.last_hidden.detach(), mask, segments, count)
+        z_s, z_t = heads.contrastive(pooled_s, pooled_t)
         terms["contrastive"] = info_nce(z_s, z_t, temperature=plan.contrastive_temperature,
-                                        domains=batch.get("domain") if plan.domain_aware else None,
-                                        valid=mask.any(dim=1))
+                                        domains=batch.get("domain") if plan.domain_aware else None, valid=valid)
     for name in ("feature", "attention", "contrastive"):
         if name in terms:
             info[name] = float(terms[name].detach())

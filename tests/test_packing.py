@@ -1,0 +1,314 @@
+"""Sequence packing (``train.packing``): the layout of packed rows, a packed row's logits equal to
+each example's alone, one step's loss and gradients equal with and without packing (online and
+cached teacher), and the refusal of the terms that read whole rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from qwen_distillation.data.encode import IGNORE_INDEX
+from qwen_distillation.data.manager import (collate, collate_packed, first_fit_decreasing, length_grouped_batches,
+                                            pack_rows)
+from qwen_distillation.errors import ConfigError
+from qwen_distillation.modeling.parts import model_inputs, position_mask, response_targets
+from qwen_distillation.training.module import per_step_mean
+from tests.conftest import compose_config, loss_plan, tiny_overrides
+from tests.test_teacher_cache import small_tokenizer  # noqa: F401 - a fixture of the cached-run test
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+VOCAB = 97
+PAD = 0
+
+
+def _model(family: str, attn: str, layers: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[
+        family]
+    config = config_class(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          attn_implementation=attn)
+    return model_class(config).eval()
+
+
+def _examples(lengths, seed: int = 1, prompt: int = 3) -> list[dict]:
+    """Examples of the given lengths: random tokens, the first ``prompt`` of them unlabelled."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(1, VOCAB, (n,), generator=generator).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * min(prompt, n) + ids[prompt:],
+                    "domain": i % 2, "example_id": 100 + i})
+    return out
+
+
+def _segments(batch: dict) -> list[tuple[int, int, int]]:
+    """(row, start, length) of each example of a packed batch, in row-major order (the padding
+    excluded: its input ids are PAD, which the examples never hold)."""
+    out = []
+    for row, positions in enumerate(batch["position_ids"].tolist()):
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        for start, end in zip(starts, starts[1:]):
+            if batch["input_ids"][row, start] != PAD:
+                out.append((row, start, end - start))
+    return out
+
+
+def test_rows_are_first_fit_decreasing_deterministic_and_never_split_an_example():
+    lengths = [5, 9, 3, 9, 2, 7, 10]
+    rows = pack_rows(lengths, 12)
+    # Longest first (10, then the 9s in order, ...), each into the first row with room.
+    assert rows == [[6, 4], [1, 2], [3], [5, 0]]
+    assert rows == pack_rows(lengths, 12)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 12 for row in rows)
+    assert pack_rows([12, 12], 12) == [[0], [1]]
+    assert pack_rows([4, 4, 4], 12) == [[0, 1, 2]]
+    # First fit at 256 would give rows of 210 and 80 (420 positions, more than 4 x 100 unpacked);
+    # rows of at most 100 give 300.
+    assert first_fit_decreasing([100, 90, 80, 20], 256) == [[0, 1, 3], [2]]
+    assert pack_rows([100, 90, 80, 20], 256) == [[0], [1], [2, 3]]
+
+
+def test_packing_never_pads_more_than_one_example_per_row():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        count = int(torch.randint(1, 17, (1,), generator=generator))
+        lengths = torch.randint(1, 300, (count,), generator=generator).tolist()
+        rows = pack_rows(lengths, 300)
+        assert sorted(i for row in rows for i in row) == list(range(count))
+        assert all(sum(lengths[i] for i in row) <= 300 for row in rows)
+        assert len(rows) * max(sum(lengths[i] for i in row) for row in rows) <= count * max(lengths)
+
+
+def test_a_packed_batch_holds_each_example_whole_with_its_own_positions_and_labels():
+    examples = _examples([7, 12, 3, 9, 5, 1])
+    batch = collate_packed(examples, PAD, 20)
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (2, 19)  # 37 tokens in 38 positions
+    segments = _segments(batch)
+    by_id = {e["example_id"]: e for e in examples}
+    assert len(segments) == len(examples)
+    for (row, start, n), example_id in zip(segments, batch["example_id"].tolist()):
+        example = by_id[example_id]
+        assert batch["input_ids"][row, start:start + n].tolist() == example["input_ids"]
+        assert batch["position_ids"][row, start:start + n].tolist() == list(range(n))
+        # The first label is dropped: the previous example's last position never predicts it.
+        assert batch["labels"][row, start:start + n].tolist() == [IGNORE_INDEX] + example["labels"][1:]
+    assert batch["domain"].tolist() == [by_id[i]["domain"] for i in batch["example_id"].tolist()]
+    # The same targets as the unpacked batch, example by example in the packed order.
+    unpacked = collate(examples, PAD)
+    per_example = {e["example_id"]: response_targets(unpacked["labels"][i:i + 1]).tolist()
+                   for i, e in enumerate(examples)}
+    assert response_targets(batch["labels"]).tolist() == [t for i in batch["example_id"].tolist()
+                                                          for t in per_example[i]]
+    # A target never crosses a boundary: an example's last position predicts nothing.
+    mask = position_mask(batch["labels"])
+    for row, start, n in segments:
+        assert not mask[row, start + n - 1]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_a_packed_row_gives_each_example_its_logits_alone(family, attn):
+    model = _model(family, attn)
+    examples = _examples([7, 12, 3, 9, 5, 1])
+    batch = collate_packed(examples, PAD, 20)
+    with torch.no_grad():
+        packed = model(**model_inputs(batch)).logits
+        # Without the restarting positions the row is one sequence: the later examples differ.
+        one_sequence = model(input_ids=batch["input_ids"], use_cache=False).logits
+    crossed = 0.0
+    for row, start, n in _segments(batch):
+        example = next(e for e in examples if e["input_ids"] == batch["input_ids"][row, start:start + n].tolist())
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([example["input_ids"]]), use_cache=False).logits[0]
+        torch.testing.assert_close(packed[row, start:start + n], alone, atol=1e-5, rtol=0)
+        crossed = max(crossed, float((one_sequence[row, start:start + n] - alone).abs().max()))
+    assert crossed > 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_on_the_gpu_a_packed_row_gives_each_example_its_logits_alone(attn):
+    """bf16 on CUDA; flash attention runs its varlen kernel from the position ids. The error
+    against each example alone must be far below what attending across examples gives."""
+    import importlib.util
+
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash_attention_2 needs the flash-attn package")
+    model = _model("qwen2", attn).to("cuda", torch.bfloat16)
+    examples = _examples([7, 12, 3, 9, 5, 1])
+    batch = {k: v.cuda() for k, v in collate_packed(examples, PAD, 20).items()}
+    with torch.no_grad():
+        packed = model(**model_inputs(batch)).logits.float()
+        one_sequence = model(input_ids=batch["input_ids"], use_cache=False).logits.float()
+    error = crossed = 0.0
+    for row, start, n in _segments(batch):
+        ids = batch["input_ids"][row, start:start + n]
+        with torch.no_grad():
+            alone = model(input_ids=ids[None], use_cache=False).logits[0].float()
+        error = max(error, float((packed[row, start:start + n] - alone).abs().max()))
+        crossed = max(crossed, float((one_sequence[row, start:start + n] - alone).abs().max()))
+    assert error < 0.1 * crossed, (error, crossed)
+
+
+def _step(module, teacher, batches):
+    """One step's per-token loss and the trained parameters' gradients, as the distiller computes them."""
+    from qwen_distillation.training.teacher import TeacherRunner
+
+    module.zero_grad()
+    tokens = sum(int(response_targets(b["labels"]).numel()) for b in batches)
+    total, terms_total = 0.0, {}
+    for batch in batches:
+        terms, _ = module(batch, TeacherRunner(teacher)(batch, module.plan))
+        means = per_step_mean(terms, tokens, len(batches))
+        loss = sum(module.plan.weights.get(name, 1.0) * value for name, value in means.items())
+        loss.backward()
+        total += float(loss.detach())
+        for name, value in means.items():
+            terms_total[name] = terms_total.get(name, 0.0) + float(value.detach())
+    grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    return total, tokens, terms_total, grads
+
+
+STEP_PLANS = {
+    "ce_kd_hidden_path": dict(weights={"ce": 0.4, "kd": 0.6}, chunk_size=16),
+    "ce_kd_full_logits": dict(weights={"ce": 0.4, "kd": 0.6}, chunk_size=0),
+    # Every row-wide term, taken per example on packed rows; terms kept apart to compare each.
+    "all_terms": dict(weights={"ce": 0.5, "kd": 0.5, "feature": 0.3, "attention": 0.2, "contrastive": 0.1},
+                      chunk_size=16, separate_logit_terms=True, feature_pairs=((0, 1), (1, 2)),
+                      attention_pairs=((1, 2),), relation_heads=4, attention_chunk=8, domain_aware=True),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_PLANS))
+def test_one_step_loss_and_gradients_equal_with_and_without_packing(case):
+    from qwen_distillation.losses.contrastive import ContrastiveHead
+    from qwen_distillation.losses.feature import FeatureProjector
+    from qwen_distillation.training.module import DistillationModule, Heads
+
+    student, teacher = _model("qwen2", "sdpa", layers=2, seed=0), _model("qwen2", "sdpa", layers=3, seed=1)
+    student.train()
+    options = dict(STEP_PLANS[case])
+    plan = loss_plan(options.pop("weights"), VOCAB, temperature=2.0, **options)
+    torch.manual_seed(2)
+    heads = Heads(feature=FeatureProjector(list(plan.feature_pairs), 32, 32) if plan.feature_pairs else None,
+                  contrastive=ContrastiveHead(32, 32, 16) if plan.active("contrastive") else None)
+    module = DistillationModule(student, heads)
+    module.plan = plan
+    examples = _examples([7, 30, 3, 18, 5, 11, 24, 2], seed=3)
+    plain = length_grouped_batches(examples, 4, PAD)
+    packed = length_grouped_batches(examples, 4, PAD, pack_length=32)
+    assert [b["input_ids"].shape[0] for b in packed] == [1, 3]  # 8 rows of examples in 4 packed rows
+    assert sum(b["input_ids"].numel() for b in packed) < sum(b["input_ids"].numel() for b in plain)
+    loss_plain, tokens_plain, terms_plain, grads_plain = _step(module, teacher, plain)
+    loss_packed, tokens_packed, terms_packed, grads_packed = _step(module, teacher, packed)
+    assert tokens_packed == tokens_plain
+    assert terms_packed.keys() == terms_plain.keys() == (set(plan.weights) if plan.separate_logit_terms else {"logit"})
+    for name in terms_plain:
+        assert terms_packed[name] == pytest.approx(terms_plain[name], rel=1e-5, abs=1e-7), name
+        assert abs(terms_plain[name]) > 1e-4, name
+    assert loss_packed == pytest.approx(loss_plain, rel=1e-5)
+    assert grads_packed.keys() == grads_plain.keys()
+    for name in grads_plain:
+        torch.testing.assert_close(grads_packed[name], grads_plain[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_a_cached_teacher_gives_a_packed_batch_the_rows_of_its_examples():
+    """The cache is looked up by example_id in the packed order, which is the order of the packed
+    batch's response positions: the sparse KD equals the unpacked batch's."""
+    from qwen_distillation.training.module import DistillationModule, Heads
+    from qwen_distillation.training.teacher_cache import CachedTeacher, responses, teacher_entries
+
+    student, teacher = _model("qwen2", "sdpa", seed=0), _model("qwen2", "sdpa", seed=1)
+    examples = _examples([7, 12, 3, 9, 5], seed=7)
+    entries = {}
+    for example in examples:  # each example cached alone, as the cache command writes it
+        (entry,) = teacher_entries(teacher, collate([example], PAD), vocab_size=VOCAB, k=8)
+        entries[example["example_id"]] = entry
+
+    class Reader:
+        def lookup(self, key, checksum, rows):
+            assert rows == entries[key][0].shape[0]
+            return entries[key]
+
+    cached = CachedTeacher.__new__(CachedTeacher)
+    cached.reader, cached.tail = Reader(), "bucket"
+    cached.keys = {e["example_id"]: (e["example_id"], 0, responses(e)) for e in examples}
+    plan = loss_plan({"ce": 0.5, "kd": 0.5}, VOCAB)
+    module = DistillationModule(student, Heads())
+    module.plan = plan
+    values = []
+    for batch in (collate(examples, PAD), collate_packed(examples, PAD, 24)):
+        terms, info = module(batch, cached(batch, plan))
+        values.append((float(terms["logit"].detach()), info["kd"]))
+    assert values[1][0] == pytest.approx(values[0][0], rel=1e-5)
+    assert values[1][1] == pytest.approx(values[0][1], rel=1e-5) and values[0][1] > 0
+
+
+def test_packing_refuses_an_attention_that_would_mix_examples_naming_both_options(tmp_path):
+    from qwen_distillation.config.validate import validate_config
+
+    base = tiny_overrides(tmp_path) + ["train.packing=true"]
+    validate_config(compose_config(base))  # every stage's terms (stage 2: all five) pack
+    validate_config(compose_config(base + ["model.student.attn_implementation=eager"]))
+    with pytest.raises(ConfigError, match=r"model\.teacher\.attn_implementation=paged\|sdpa: .*train\.packing=false"):
+        validate_config(compose_config(base + ["model.teacher.attn_implementation=paged|sdpa"]))
+    validate_config(compose_config(tiny_overrides(tmp_path) + ["model.teacher.attn_implementation=paged|sdpa"]))
+
+
+def test_loaded_models_whose_attention_would_mix_examples_are_refused():
+    from qwen_distillation.modeling.parts import check_packed_attention
+
+    check_packed_attention({"teacher": _model("llama", "eager"), "student": _model("qwen2", "sdpa"), "none": None})
+    model = _model("qwen2", "sdpa")
+    model.config._attn_implementation = "paged|sdpa"
+    with pytest.raises(ConfigError, match=r"the student runs attention 'paged\|sdpa'.*model\.student\.attn_impl"
+                                          r"ementation.*train\.packing=false"):
+        check_packed_attention({"student": model})
+
+
+@pytest.mark.slow
+def test_a_run_with_packing_logs_the_losses_of_the_run_without_and_less_padding(tmp_path):
+    """Stage 2 (all five terms, GradNorm) and stage 3 (hard-example sampling), tiny pair: every
+    step's losses, tokens and gradient norm equal the unpacked run's; only the padding differs."""
+    from qwen_distillation.app import run
+    from tests.conftest import train_rows
+
+    rows = {}
+    for packing in ("false", "true"):
+        out = tmp_path / packing
+        run(compose_config(tiny_overrides(out, steps=2) + [
+            f"train.packing={packing}", "data.max_length=256", "start_stage=2", "stage2.batch_size=4",
+            "stage3.batch_size=4", "stage3.sampling.rescore_every=1"]))
+        rows[packing] = train_rows(out)
+    assert [r["stage"] for r in rows["true"]] == [2, 2, 3, 3]
+    for plain, packed in zip(rows["false"], rows["true"]):
+        assert packed["tokens"] == plain["tokens"]
+        for key in ("loss", "loss/ce", "loss/kd", "loss/feature", "loss/attention", "loss/contrastive", "grad_norm"):
+            if key in plain:
+                assert packed[key] == pytest.approx(plain[key], rel=1e-5), key
+        assert packed["padding"] < plain["padding"]
+
+
+def test_a_packed_run_from_a_cache_logs_the_online_unpacked_losses(tmp_path, small_tokenizer):  # noqa: F811
+    """Stage 1 reading the teacher from a top-k cache covering the whole vocabulary, with packing,
+    logs the online, unpacked run's losses (the cache is looked up in the packed order)."""
+    from qwen_distillation.app import run
+    from qwen_distillation.cache_teacher import cache_teacher
+    from tests.conftest import train_rows
+    from tests.test_teacher_cache import VOCAB as CACHE_VOCAB, _config, _overrides
+
+    extra = ("stage1.batch_size=4", "data.max_length=128")
+    run(compose_config(_overrides(tmp_path / "online", small_tokenizer, *extra)))
+    cache_teacher(_config(tmp_path / "x", small_tokenizer, *extra), tmp_path / "cache", k=CACHE_VOCAB)
+    run(compose_config(_overrides(tmp_path / "packed", small_tokenizer, "stage1.teacher.source=cache",
+                                  f"stage1.teacher.cache={tmp_path / 'cache'}", "train.packing=true", *extra)))
+    online, packed = train_rows(tmp_path / "online"), train_rows(tmp_path / "packed")
+    assert len(online) == len(packed) == 2
+    for a, b in zip(online, packed):
+        assert b["tokens"] == a["tokens"] and b["padding"] < a["padding"]
+        for key in ("loss", "loss/kd", "loss/ce", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
