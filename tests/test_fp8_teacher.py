@@ -35,7 +35,8 @@ def test_quantize_rowwise_maps_each_row_max_to_448():
     x = torch.randn(5, 32) * torch.tensor([1e-3, 1.0, 30.0, 1.0, 1.0]).unsqueeze(1)
     x[4] = 0.0  # an all-zero row stays zero with a finite scale
     codes, scale = quantize_rowwise(x)
-    assert codes.dtype == FP8_DTYPE and codes.shape == (5, 32) and scale.shape == (5, 1) and scale.dtype == torch.float32
+    assert codes.dtype == FP8_DTYPE and codes.shape == (5, 32)
+    assert scale.shape == (5, 1) and scale.dtype == torch.float32
     assert torch.equal(codes[:4].float().abs().amax(1), torch.full((4,), FP8_MAX))
     assert torch.equal(codes[4].float(), torch.zeros(32)) and torch.isfinite(scale).all()
     torch.testing.assert_close(scale[:4, 0], x[:4].abs().amax(1) / 448)
