@@ -68,7 +68,13 @@ def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_rowwise(x)
     if _compiled_quantize is None:
         _compiled_quantize = torch.compile(quantize_rowwise, dynamic=True)
-    return _compiled_quantize(x)
+    try:
+        return _compiled_quantize(x)
+    except Exception as err:  # no working Inductor/Triton here: the same arithmetic, eagerly
+        log.warning("%s: compiling the activation quantiser failed (%s: %s); it runs eagerly (slower)", KEY,
+                    type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+        FP8Linear.compile_quantizer = False
+        return quantize_rowwise(x)
 
 
 def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
