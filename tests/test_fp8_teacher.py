@@ -1,6 +1,7 @@
 """The FP8 teacher (model.teacher.fp8, an approximation): FP8Linear against its reference math and
 against the full-precision layer, which layers convert on tiny Qwen2 and Llama models, how far the
-converted teacher's logits move, a tiny run with it, the cache identity, and the refusals.
+converted teacher's logits move, a tiny run with it, the cache identity, and the refusals (the
+cache writer with it: tests/test_teacher_cache.py).
 ``torch._scaled_mm`` with row-wise scales runs on the CPU, so the same code path is tested here."""
 
 from __future__ import annotations
@@ -229,3 +230,4 @@ def test_a_cache_of_the_fp8_teacher_never_matches_the_original_teacher(tokenizer
     assert fp8["teacher"] == original["teacher"] + ":fp8"
     (difference,) = identity_differences(fp8, original)
     assert difference.startswith("teacher: cache ") and ":fp8'" in difference
+
