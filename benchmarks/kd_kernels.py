@@ -6,6 +6,8 @@ kernels, in the same process on the same GPU.
     # full KD step (teacher forward, student forward + backward, fused AdamW), batch 4 x 2048
     python benchmarks/kd_kernels.py step --pair 1.5b-0.5b --out $OUT/kd_step_1.5b-0.5b.json
     python benchmarks/kd_kernels.py step --pair 7b-1.5b --out $OUT/kd_step_7b-1.5b.json
+    # the same step with the FP8 teacher (model.teacher.fp8)
+    python benchmarks/kd_kernels.py step --pair 7b-1.5b --fp8-teacher --out $OUT/kd_step_7b-1.5b_fp8.json
 
 Inputs are random (speed does not depend on the weights); models are Qwen2.5-shaped,
 randomly initialised, bf16, SDPA attention. Each arm is warmed up, then timed with CUDA
@@ -233,6 +235,13 @@ def bench_step(args) -> dict:
     device = torch.device("cuda")
     teacher_size, student_size = PAIRS[args.pair]
     teacher = build_model(teacher_size, device).eval().requires_grad_(False)
+    p_t = matmul_params(teacher)  # before an FP8 conversion turns the weights into buffers
+    if args.fp8_teacher:
+        # model.teacher.fp8: the teacher's decoder linears in FP8 (row-wise scaled E4M3) in every arm;
+        # the FLOPs (and so the MFU) are counted as for the bf16 teacher.
+        from qwen_distillation.modeling.fp8 import convert_to_fp8
+
+        convert_to_fp8(teacher)
     student = build_model(student_size, device).train()
     b, s = args.batch, args.seq
     g = torch.Generator(device=device).manual_seed(0)
@@ -489,7 +498,7 @@ def bench_step(args) -> dict:
             "teacher forward": lambda: bodies["teacher"](input_ids=input_ids),
         })
         results["profile"]["levers"] = levers
-    p_s, p_t = matmul_params(student), matmul_params(teacher)
+    p_s = matmul_params(student)
 
     def attn(model):
         c = model.config
@@ -500,7 +509,7 @@ def bench_step(args) -> dict:
         if name != "profile" and "ms" in out:
             flops = 6 * p_s * b * s + 3 * attn(student) if name.startswith("student") else step_flops
             out["mfu"] = flops / (out["ms"] / 1e3) / (args.peak_tflops * 1e12)
-    return {"pair": args.pair, "batch": b, "seq": s, "dtype": "bf16", "temperature": T,
+    return {"pair": args.pair, "batch": b, "seq": s, "dtype": "bf16", "temperature": T, "fp8_teacher": args.fp8_teacher,
             "student_matmul_params": p_s, "teacher_matmul_params": p_t, "step_flops": step_flops, "arms": results}
 
 
@@ -635,6 +644,9 @@ def main(argv=None):
                       help="with --patch --levers: probe a sync-free mask and CUDA graphs of the teacher / student")
     step.add_argument("--best-only", action="store_true",
                       help="with --patch --levers: only the side-stream arms (no patches-alone, no batch ahead)")
+    step.add_argument("--fp8-teacher", action="store_true",
+                      help="the teacher's decoder linear layers in FP8 in every arm (model.teacher.fp8, an "
+                           "approximation)")
     for p in (loss, step):
         p.add_argument("--temperature", type=float, default=2.0)
         p.add_argument("--warmup", type=int, default=3)

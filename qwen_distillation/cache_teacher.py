@@ -6,9 +6,11 @@
 The same config as a run (``conf/``, Hydra overrides, the classic flags such as ``--teacher_model``
 and ``--general_dataset``): the teacher, the tokenizer, ``data.*`` (the training examples of
 ``data.general`` and ``data.medical``, held-out ones excluded, as the run splits them) and
-``train.device`` / ``train.precision``. For every response token the cache holds the teacher's
-``--k`` most probable token ids, their log-probabilities and the log of the rest of its mass
-(docs/teacher_offline.md). A killed run continues where it stopped (shards are written whole);
+``train.device`` / ``train.precision``; with ``model.teacher.fp8=true`` the FP8 teacher writes the
+cache and the cache's identity names it, so only a run with the FP8 teacher reads it. For every
+response token the cache holds the teacher's ``--k`` most probable token ids, their
+log-probabilities and the log of the rest of its mass (docs/teacher_offline.md). A killed run
+continues where it stopped (shards are written whole);
 ``torchrun --nproc_per_node N -m qwen_distillation.cache_teacher ...`` splits the examples over the
 ranks, each writing its own shards. A directory holding a cache of other inputs is refused unless
 ``--overwrite``. Prints one JSON line: examples, response tokens, seconds, tokens/s, bytes on disk.
@@ -47,6 +49,7 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
     """Write (or complete) the teacher cache of ``cfg``'s training data in ``out``; returns the stats."""
     from qwen_distillation.data.sources import build_domain_data, data_sources
     from qwen_distillation.data.teacher_cache import CacheWriter
+    from qwen_distillation.modeling.fp8 import check_fp8_device, convert_to_fp8
     from qwen_distillation.modeling.loading import load_causal_lm
     from qwen_distillation.modeling.pair import tokenizer_for
     from qwen_distillation.modeling.parts import weight_shape
@@ -74,7 +77,11 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
     writer = CacheWriter(out, spec.identity, rank=rank, overwrite=overwrite)
     examples = data.general + data.medical
     seed_everything(cfg.seed)  # a random-init teacher gets the weights a run with this seed gives it
+    if cfg.model.teacher.fp8:
+        check_fp8_device(device)
     teacher = load_causal_lm(cfg.model.teacher, dtype=teacher_dtype, role="teacher").to(device).eval()
+    if cfg.model.teacher.fp8:  # the identity says so (teacher_description): a bf16 run never reads this cache
+        convert_to_fp8(teacher)
     if weight_shape(teacher.get_output_embeddings().weight)[0] < vocab_size:
         raise ConfigError(f"model.teacher: its lm_head has fewer columns than its tokenizer has tokens "
                           f"({vocab_size}); the model and tokenizer do not belong together")

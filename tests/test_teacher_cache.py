@@ -160,6 +160,25 @@ def test_a_cache_of_other_inputs_is_refused_naming_what_differs(tmp_path, small_
         cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "cache", k=8)
 
 
+def test_the_fp8_teacher_writes_a_cache_that_a_run_of_the_original_teacher_refuses(tmp_path, small_tokenizer,
+                                                                                    monkeypatch):
+    """model.teacher.fp8=true: the writer runs the FP8 teacher and the identity says so (an approximation
+    of the teacher must not pass for it)."""
+    from qwen_distillation.app import run
+    from qwen_distillation.cache_teacher import cache_teacher
+    from qwen_distillation.data.teacher_cache import read_manifest
+    from qwen_distillation.modeling import fp8
+
+    converted, convert = [], fp8.convert_to_fp8
+    monkeypatch.setattr(fp8, "convert_to_fp8", lambda teacher: converted.append(convert(teacher)))
+    cache_teacher(_config(tmp_path / "x", small_tokenizer, "model.teacher.fp8=true"), tmp_path / "cache", k=4)
+    assert len(converted) == 1 and len(converted[0].converted) == 4 * 7
+    assert read_manifest(tmp_path / "cache")["teacher"].endswith(":fp8")
+    cached = ["stage1.teacher.source=cache", f"stage1.teacher.cache={tmp_path / 'cache'}"]
+    with pytest.raises(ConfigError, match=r"stage1\.teacher\.cache=.*teacher: cache '.*:fp8', run '.*seed=42'"):
+        run(compose_config(_overrides(tmp_path / "a", small_tokenizer, *cached)))
+
+
 @pytest.mark.parametrize("extra, message", [
     (["stage1.teacher.source=cache"], "stage1.teacher.cache=None"),
     (["stage1.teacher.source=disk"], "stage1.teacher.source=disk"),

@@ -75,6 +75,12 @@ class ModelSpec:
         decoder layers (the "slim down" step), chosen by ``prune.method``. ``null`` loads ``path``
         (unless ``prune.width`` prunes the teacher's width).
     prune: student only: how the student is pruned from the teacher (:class:`PruneConfig`).
+    fp8: teacher only, an approximation: the frozen teacher's decoder linear layers (attention
+        q/k/v/o, MLP) run in FP8 (E4M3, per-row weight scales, per-token activation scales;
+        ``qwen_distillation.modeling.fp8``), on a GPU with FP8 tensor cores (Ada, Hopper) or the
+        CPU; embeddings and lm_head stay as they are. Its distribution differs from the bf16
+        teacher's (``benchmarks/fp8_teacher.py`` measures by how much). Not with a sharded teacher
+        (ZeRO-3, FSDP2).
     """
 
     path: Optional[str] = None
@@ -86,6 +92,7 @@ class ModelSpec:
     revision: Optional[str] = None
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None
+    fp8: bool = False
 
 
 @dataclass

@@ -210,6 +210,12 @@ def _validate_prune(cfg: DistillationConfig) -> None:
             "applies to the student only", "model.student.keep_layers=15")
 
 
+def _validate_fp8(cfg: DistillationConfig) -> None:
+    require(not cfg.model.student.fp8, "model.student.fp8", True, "FP8 applies to the frozen teacher only (the "
+            "student trains; its weights need their full precision); for an FP8 teacher set model.teacher.fp8=true",
+            "model.student.fp8=false")
+
+
 def engine_label(distributed) -> str:
     """How the user chose the engine, for messages: ``distributed=zero3`` or ``--deepspeed FILE``."""
     if distributed.deepspeed_config:
@@ -254,6 +260,10 @@ def _validate_distributed(cfg: DistillationConfig) -> None:
             f"QLoRA (--use_qlora) is not supported under {engine}; use LoRA (--use_lora) or distributed=none",
             "lora.quantize_4bit=false")
     sharded = d.zero_stage == 3 or d.engine == "fsdp2"
+    require(not (cfg.model.teacher.fp8 and sharded), "model.teacher.fp8", True,
+            f"the FP8 teacher is not supported under {engine}, which partitions the teacher's weights over the "
+            f"ranks (its FP8 weights and their scales are not DeepSpeed/FSDP2 parameters); use distributed=zero2 "
+            f"(the teacher whole on every rank) or the bf16 teacher", "model.teacher.fp8=false")
     require(not (cfg.lora.merge_on_export and sharded), "lora.merge_on_export", True,
             f"merging the adapters at export needs the whole student on one rank, which {engine} never holds; "
             f"merge after the run with peft's merge_and_unload", "lora.merge_on_export=false")
@@ -357,6 +367,7 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
     require_one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled"))
     _validate_prune(cfg)
     _validate_packing(cfg)
+    _validate_fp8(cfg)
     require(cfg.lora.enabled or not cfg.lora.quantize_4bit, "lora.quantize_4bit", True, "QLoRA needs LoRA on",
             "lora.enabled=true")
     require(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1", "lora.r=16")

@@ -12,6 +12,7 @@ import torch
 
 from qwen_distillation.config.validate import pruned_from_teacher
 from qwen_distillation.errors import CheckpointError, ConfigError, DistillationError
+from qwen_distillation.modeling.fp8 import check_fp8_device, convert_to_fp8
 from qwen_distillation.modeling.loading import (load_causal_lm, load_student_checkpoint, require_existing,
                                                 split_gguf)
 from qwen_distillation.modeling.parts import weight_shape
@@ -138,11 +139,20 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     slim-down and released before training. A ``random_init`` teacher (tests, speed runs) has no
     weights to read: it is still drawn, so that the student's random initialisation is the one it
     gets beside an online teacher, and released.
+
+    ``model.teacher.fp8``: the teacher's decoder linear layers are converted to FP8 once it is on
+    ``device`` (after a student is slimmed from it, so the student copies the original weights).
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement={placement!r}: one of {PLACEMENTS}")
     meta = placement == "meta"
     model_cfg = cfg.model
+    if model_cfg.teacher.fp8:  # before anything loads; validation refuses distributed=zero3 / fsdp2 already
+        if teacher_zero3 is not None or placement != "device":
+            raise ConfigError("model.teacher.fp8=true: the FP8 teacher is not supported with a teacher partitioned "
+                              "over the ranks (DeepSpeed ZeRO-3, FSDP2); use ZeRO stage 1/2 (distributed=zero2) or "
+                              "set model.teacher.fp8=false")
+        check_fp8_device(device)
     teacher_tok = tokenizer_for(model_cfg.teacher, "teacher")
     slimmed = pruned_from_teacher(model_cfg.student)
     student_tok = teacher_tok if slimmed else tokenizer_for(model_cfg.student, "student")
@@ -212,6 +222,8 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     if teacher is not None:
         teacher.requires_grad_(False)
         teacher.eval()
+        if model_cfg.teacher.fp8:
+            convert_to_fp8(teacher)
     if placement == "device" and not getattr(student, "is_loaded_in_4bit", False) and not getattr(
             getattr(student, "base_model", None), "is_loaded_in_4bit", False):
         student = student.to(device)  # a 4-bit model is placed at load time and cannot move

@@ -707,6 +707,7 @@ class Distiller:
                 "loss_kernels": {str(i): plan.kd.kernel for i, plan in self.plans.items()},
                 "speedups": self.speedups,
                 "teacher_stream": self.teacher_stream,
+                "teacher_fp8": self.config.model.teacher.fp8,
                 "pruning": str(self.output_dir / "pruning.json") if (self.output_dir / "pruning.json").exists()
                 else None,
                 "samples": {s: str(self.output_dir / f"stage{s}" / "samples.md") for s in state["completed_stages"]

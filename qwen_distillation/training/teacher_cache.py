@@ -32,10 +32,14 @@ log = logging.getLogger(__name__)
 
 
 def teacher_description(spec, seed: int) -> str:
-    """The teacher as the cache's identity names it: where its weights come from."""
+    """The teacher as the cache's identity names it: where its weights come from, and ``:fp8``
+    for the FP8 teacher (``model.teacher.fp8``), whose distribution is not the original's: a cache
+    it wrote never matches a run of the original teacher, nor the other way round."""
     if spec.random_init:
-        return f"random_init:{json.dumps(dict(spec.random_init), sort_keys=True)}:seed={seed}"
-    return ":".join(str(v) for v in (spec.path, spec.gguf_file, spec.revision) if v)
+        name = f"random_init:{json.dumps(dict(spec.random_init), sort_keys=True)}:seed={seed}"
+    else:
+        name = ":".join(str(v) for v in (spec.path, spec.gguf_file, spec.revision) if v)
+    return name + (":fp8" if spec.fp8 else "")
 
 
 def tokenizer_description(tokenizer) -> str:

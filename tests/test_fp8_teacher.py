@@ -1,0 +1,233 @@
+"""The FP8 teacher (model.teacher.fp8, an approximation): FP8Linear against its reference math and
+against the full-precision layer, which layers convert on tiny Qwen2 and Llama models, how far the
+converted teacher's logits move, a tiny run with it, the cache identity, and the refusals (the
+cache writer with it: tests/test_teacher_cache.py).
+``torch._scaled_mm`` with row-wise scales runs on the CPU, so the same code path is tested here."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from conftest import compose_config, tiny_overrides, train_rows
+from qwen_distillation.errors import ConfigError
+from qwen_distillation.modeling.fp8 import (FP8_DTYPE, FP8_MAX, FP8Linear, check_fp8_device, convert_to_fp8,
+                                            fp8_linear_reference, quantize_rowwise)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj"]
+
+
+def _linear(in_features=64, out_features=48, bias=True, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():  # one row with a large outlier: its scale differs from the others'
+        layer.weight[3, 5] = 4.0
+    return layer
+
+
+def test_quantize_rowwise_maps_each_row_max_to_448():
+    x = torch.randn(5, 32) * torch.tensor([1e-3, 1.0, 30.0, 1.0, 1.0]).unsqueeze(1)
+    x[4] = 0.0  # an all-zero row stays zero with a finite scale
+    codes, scale = quantize_rowwise(x)
+    assert codes.dtype == FP8_DTYPE and codes.shape == (5, 32)
+    assert scale.shape == (5, 1) and scale.dtype == torch.float32
+    assert torch.equal(codes[:4].float().abs().amax(1), torch.full((4,), FP8_MAX))
+    assert torch.equal(codes[4].float(), torch.zeros(32)) and torch.isfinite(scale).all()
+    torch.testing.assert_close(scale[:4, 0], x[:4].abs().amax(1) / 448)
+    # E4M3 keeps 3 mantissa bits: the relative rounding error of a normal code is at most 2**-4.
+    dequant, exact = codes[:4].float() * scale[:4], x[:4]
+    normal = exact.abs() >= scale[:4] * 2.0**-6
+    assert ((dequant - exact).abs()[normal] <= exact.abs()[normal] * 2.0**-4 + 1e-12).all()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp8_linear_equals_the_quantise_dequantise_reference(bias):
+    layer = _linear(bias=bias)
+    fp8 = FP8Linear.from_linear(layer)
+    x = torch.randn(2, 7, 64) * 3
+    with torch.no_grad():
+        out = fp8(x)
+        reference = fp8_linear_reference(x, layer.weight, layer.bias)
+    assert out.shape == (2, 7, 48) and out.dtype == torch.float32
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # bf16 in, bf16 out: the reference rounded once more
+        out_bf16 = FP8Linear.from_linear(layer.to(torch.bfloat16))(x.to(torch.bfloat16))
+        reference_bf16 = fp8_linear_reference(x.to(torch.bfloat16), layer.weight, layer.bias)
+    assert out_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(out_bf16.float(), reference_bf16, rtol=2**-7, atol=2**-7 * reference_bf16.abs().max())
+
+
+def test_fp8_linear_differs_from_the_full_precision_layer_by_a_bounded_error():
+    layer = _linear(in_features=256, out_features=128)
+    x = torch.randn(64, 256)
+    with torch.no_grad():
+        exact, approx = layer(x), FP8Linear.from_linear(layer)(x)
+    relative = ((approx - exact).norm() / exact.norm()).item()
+    # Two E4M3 roundings (activation, weight) of about 2**-5 RMS each: a few percent, never zero.
+    assert 0.005 < relative < 0.06, relative
+
+
+def test_fp8_weight_replaces_the_original_and_keeps_its_dtype():
+    layer = _linear().to(torch.bfloat16)
+    fp8 = FP8Linear.from_linear(layer)
+    assert set(fp8.state_dict()) == {"weight", "weight_scale", "bias"}
+    assert fp8.weight.dtype == FP8_DTYPE and fp8.weight.element_size() == 1 and fp8.weight.shape == (48, 64)
+    assert fp8.weight.numel() * fp8.weight.element_size() == layer.weight.numel() * layer.weight.element_size() // 2
+    codes, scale = fp8.weight.clone(), fp8.weight_scale.clone()
+    fp8.to(torch.float32)  # a model-wide dtype cast moves the bias, never the codes or their scales
+    assert fp8.weight.dtype == FP8_DTYPE and fp8.weight_scale.dtype == torch.float32
+    assert torch.equal(fp8.weight.float(), codes.float()) and torch.equal(fp8.weight_scale, scale)
+    assert fp8.bias.dtype == torch.float32 and not fp8.bias.requires_grad
+    fresh = FP8Linear(torch.zeros(48, 64), torch.zeros(48))
+    fresh.load_state_dict(fp8.state_dict())
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), fp8(x))
+
+
+def test_fp8_linear_is_inference_only():
+    fp8 = FP8Linear.from_linear(_linear())
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fp8(torch.randn(2, 64, requires_grad=True))
+    with torch.no_grad():
+        assert fp8(torch.randn(0, 64)).shape == (0, 48)
+
+
+def _qwen2(hidden=64, intermediate=128, init=0.02):
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        initializer_range=init, tie_word_embeddings=False)).eval()
+
+
+def test_conversion_picks_every_decoder_projection_of_qwen2_and_nothing_else():
+    model = _qwen2()
+    head, embed = model.lm_head.weight.clone(), model.model.embed_tokens.weight.clone()
+    report = convert_to_fp8(model)
+    assert report.converted == [f"layers.{i}.{p}" for i in range(2) for p in PROJECTIONS] and report.kept == []
+    fp8 = {name for name, m in model.named_modules() if isinstance(m, FP8Linear)}
+    assert fp8 == {f"model.layers.{i}.{p}" for i in range(2) for p in PROJECTIONS}
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+    assert torch.equal(model.lm_head.weight, head) and torch.equal(model.model.embed_tokens.weight, embed)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None  # Qwen2's q/k/v biases kept
+    assert report.bytes_after < report.bytes_before / 3  # fp32 -> fp8 plus one fp32 scale per row
+
+
+def test_conversion_keeps_llama_layers_whose_shapes_scaled_mm_refuses(caplog):
+    torch.manual_seed(0)
+    # hidden 48 (3 heads of 16, one kv head): q/k/v/o convert; intermediate 88 is not a multiple of 16.
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=88, num_hidden_layers=2,
+                                         num_attention_heads=3, num_key_value_heads=1, head_dim=16)).eval()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    with caplog.at_level(logging.INFO, logger="qwen_distillation.modeling.fp8"):
+        report = convert_to_fp8(model)
+    assert report.converted == [f"layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj",
+                                                                                          "o_proj")]
+    assert report.kept == [f"layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
+    assert type(model.model.layers[1].mlp.down_proj) is nn.Linear
+    assert "6 linear layers stay in torch.float32" in caplog.text and "layers.0.mlp.gate_proj" in caplog.text
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert not torch.equal(before, after) and torch.isfinite(after).all()
+
+
+def test_converted_teacher_logits_stay_close_to_the_original():
+    model = _qwen2(init=0.1)  # a wider init than the default: peakier distributions, larger FP8 effects
+    fp8 = copy.deepcopy(model)
+    convert_to_fp8(fp8)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        exact, approx = model(input_ids=ids).logits, fp8(input_ids=ids).logits
+    log_p, log_q = exact.log_softmax(-1), approx.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # KL(p_original || p_fp8) per token
+    relative = ((approx - exact).norm() / exact.norm()).item()
+    top1 = (exact.argmax(-1) == approx.argmax(-1)).float().mean().item()
+    # Measured on this model: relative 0.083, mean KL 0.0023, top-1 agreement 0.89.
+    assert 0.01 < relative < 0.15 and 0 < kl.mean().item() < 0.01 and top1 >= 0.8, (relative, kl.mean(), top1)
+
+
+def test_a_tiny_run_trains_with_the_fp8_teacher(tmp_path, monkeypatch):
+    from qwen_distillation.app import run
+    from qwen_distillation.modeling import pair
+
+    converted = []
+
+    def spy(teacher):
+        report = convert_to_fp8(teacher)
+        converted.append((teacher, report))
+        return report
+
+    monkeypatch.setattr(pair, "convert_to_fp8", spy)
+    out = tmp_path / "run"
+    summary = run(compose_config(tiny_overrides(out, steps=2) + ["model.teacher.fp8=true", "end_stage=1"]))
+    assert summary["teacher_fp8"] is True and summary["stages"] == [1]
+    (teacher, report), = converted
+    assert len(report.converted) == 4 * 7 and not report.kept  # tiny_qwen2's teacher: 4 layers
+    assert type(teacher.lm_head) is nn.Linear
+    rows = train_rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss/kd"])) and r["loss/kd"] > 0 for r in rows)
+
+
+def _config(*extra):
+    from qwen_distillation.config.validate import validate_config
+
+    return validate_config(compose_config(["model=tiny_qwen2", "data=demo", *extra]))
+
+
+def test_validation_refuses_fp8_on_the_student_and_with_a_sharded_teacher():
+    assert _config("model.teacher.fp8=true").model.teacher.fp8 is True
+    assert _config("model.teacher.fp8=true", "distributed=zero2").model.teacher.fp8 is True
+    with pytest.raises(ConfigError, match=r"model\.student\.fp8=True: FP8 applies to the frozen teacher only.*"
+                                          r"model\.student\.fp8=false"):
+        _config("model.student.fp8=true")
+    for engine in ("zero3", "zero3_offload", "fsdp2"):
+        with pytest.raises(ConfigError, match=r"model\.teacher\.fp8=True: the FP8 teacher is not supported under "
+                                              rf"distributed={engine}.*model\.teacher\.fp8=false"):
+            _config("model.teacher.fp8=true", f"distributed={engine}")
+
+
+def test_build_pair_refuses_a_partitioned_teacher_and_an_old_gpu(tmp_path, monkeypatch):
+    from qwen_distillation.modeling.pair import build_pair
+
+    cfg = _config("model.teacher.fp8=true", f"output_dir={tmp_path}")
+    # A user DeepSpeed JSON with ZeRO stage 3 is only read at run time.
+    with pytest.raises(ConfigError, match=r"not supported with a teacher partitioned.*model\.teacher\.fp8=false"):
+        build_pair(cfg, device=torch.device("cpu"), teacher_dtype=torch.float32, output_dir=tmp_path,
+                   teacher_zero3={"zero_optimization": {"stage": 3}})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ConfigError, match=r"compute capability 8\.9\+.*A100 has 8\.0; set model\.teacher\.fp8=false"):
+        check_fp8_device(torch.device("cuda", 0))
+    check_fp8_device(torch.device("cpu"))
+
+
+def test_a_cache_of_the_fp8_teacher_never_matches_the_original_teacher(tokenizer):
+    from qwen_distillation.data.sources import data_sources
+    from qwen_distillation.data.teacher_cache import identity_differences
+    from qwen_distillation.training.teacher_cache import cache_spec
+
+    cfg = _config()
+    sources = data_sources(cfg.data)["general"]
+
+    def identity(spec):
+        return cache_spec(teacher_spec=spec, seed=42, tokenizer=tokenizer, vocab_size=100, sources=sources,
+                          max_length=64, k=8, dtype="float32").identity
+
+    fp8_spec = copy.deepcopy(cfg.model.teacher)
+    fp8_spec.fp8 = True
+    original, fp8 = identity(cfg.model.teacher), identity(fp8_spec)
+    assert fp8["teacher"] == original["teacher"] + ":fp8"
+    (difference,) = identity_differences(fp8, original)
+    assert difference.startswith("teacher: cache ") and ":fp8'" in difference
+
