@@ -97,6 +97,18 @@ class DistillationModule(nn.Module):
         return loss_terms(plan, batch, student, teacher.result() if teacher is not None else None, self.heads)
 
 
+def _fused_logit_terms(plan: LossPlan, **fused) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """CE + KD through the fused-linear kernel (``apply_fused_kd`` with ``fused`` as its tensors): one
+    ``logit`` term, or ``ce`` and ``kd`` apart when the stage balances them (GradNorm/PCGrad)."""
+    if not plan.separate_logit_terms:
+        logit, parts = apply_fused_kd(plan.kd, **fused)
+        return {"logit": logit}, parts
+    ce, parts_ce = apply_fused_kd(dataclasses.replace(plan.kd, ce_weight=1.0, kd_weight=0.0), **fused)
+    kd, parts_kd = apply_fused_kd(dataclasses.replace(plan.kd, ce_weight=0.0, kd_weight=1.0), **fused)
+    terms = {name: value for name, value in (("ce", ce), ("kd", kd)) if plan.active(name)}
+    return terms, {"ce": parts_ce["ce"], "kd": parts_kd["kd"]}
+
+
 def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForward | CachedTopK | None, mask: torch.Tensor,
                  targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(terms, unweighted ce/kd sums) of the CE and KD terms, from hidden states in chunks
@@ -107,15 +119,9 @@ def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForw
     if plan.hidden_path:
         s_valid, s_head = student.last_hidden[mask], student.head_weight
         if w_kd > 0 and teacher is not None:
-            fused = dict(student_hidden=s_valid, student_weight=s_head, teacher_hidden=teacher.last_hidden[mask],
-                         teacher_weight=teacher.head_weight, labels=targets, vocab_size=plan.vocab_size)
-            if not plan.separate_logit_terms:
-                logit, parts = apply_fused_kd(plan.kd, **fused)
-                return {"logit": logit}, parts
-            ce, parts_ce = apply_fused_kd(dataclasses.replace(plan.kd, ce_weight=1.0, kd_weight=0.0), **fused)
-            kd, parts_kd = apply_fused_kd(dataclasses.replace(plan.kd, ce_weight=0.0, kd_weight=1.0), **fused)
-            terms = {name: value for name, value in (("ce", ce), ("kd", kd)) if plan.active(name)}
-            return terms, {"ce": parts_ce["ce"], "kd": parts_kd["kd"]}
+            return _fused_logit_terms(plan, student_hidden=s_valid, student_weight=s_head,
+                                      teacher_hidden=teacher.last_hidden[mask], teacher_weight=teacher.head_weight,
+                                      labels=targets, vocab_size=plan.vocab_size)
         if w_ce <= 0:
             return {}, {}
         ce = chunked_cross_entropy(s_valid, s_head[: plan.vocab_size], targets, plan.kd.chunk_size)
@@ -145,16 +151,9 @@ def _cached_logit_terms(plan: LossPlan, student: CapturedForward, teacher: Cache
     w_ce, w_kd = plan.weights.get("ce", 0.0), plan.weights.get("kd", 0.0)
     options = dict(kind=plan.kd.kind, temperature=plan.kd.temperature, tail=plan.teacher_tail, beta=plan.kd.beta)
     if plan.hidden_path and w_kd > 0 and plan.teacher_tail == "bucket" and plan.kd.kernel != "liger":
-        fused = dict(student_hidden=student.last_hidden[mask], student_weight=student.head_weight,
-                     teacher_hidden=None, teacher_weight=None, labels=targets, vocab_size=plan.vocab_size,
-                     teacher_logits=CompletedTopK(teacher.ids, teacher.logprobs, teacher.tail_logmass))
-        if not plan.separate_logit_terms:
-            logit, parts = apply_fused_kd(plan.kd, **fused)
-            return {"logit": logit}, parts
-        ce, parts_ce = apply_fused_kd(dataclasses.replace(plan.kd, ce_weight=1.0, kd_weight=0.0), **fused)
-        kd, parts_kd = apply_fused_kd(dataclasses.replace(plan.kd, ce_weight=0.0, kd_weight=1.0), **fused)
-        terms = {name: value for name, value in (("ce", ce), ("kd", kd)) if plan.active(name)}
-        return terms, {"ce": parts_ce["ce"], "kd": parts_kd["kd"]}
+        return _fused_logit_terms(plan, student_hidden=student.last_hidden[mask], student_weight=student.head_weight,
+                                  teacher_hidden=None, teacher_weight=None, labels=targets, vocab_size=plan.vocab_size,
+                                  teacher_logits=CompletedTopK(teacher.ids, teacher.logprobs, teacher.tail_logmass))
     if plan.hidden_path:
         ce, kd = cached_teacher_kd(student.last_hidden[mask], student.head_weight[: plan.vocab_size], targets,
                                    teacher.ids, teacher.logprobs, teacher.tail_logmass, ce=w_ce > 0, kd=w_kd > 0,
