@@ -3,7 +3,8 @@
 The sampler keeps to the budget (at least one example a step), tracks the medical ratio per
 step, is deterministic and resumes exactly; epochs count the pool's tokens over the budget;
 micro-batches are cut by examples, or by tokens when packed; a tiny run logs each step's input
-tokens within its budget; the combinations that cannot work are refused naming the override."""
+tokens within its budget; hard-example sampling keeps to the budget too; the engines that cannot
+work with it are refused naming the override."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import random
 import pytest
 
 from qwen_distillation.config.validate import validate_config
+from qwen_distillation.data.hard_sampling import HardExampleSampler
 from qwen_distillation.data.manager import StageSampler, length_grouped_batches, token_micro_batches
 from qwen_distillation.errors import ConfigError
 from tests.conftest import compose_config, tiny_overrides, train_rows
@@ -102,6 +104,36 @@ def test_deterministic_and_a_restored_sampler_serves_the_same_steps():
     assert [[e["id"] for e in _sampler(seed=8).next_step().examples] for _ in range(3)] != expected[:3]
 
 
+def _hard(seed=0, budget=BUDGET):
+    _, medical = _pools()
+    return HardExampleSampler(medical, examples_per_step=4, seed=seed, uniform_floor=0.3, temperature=0.5,
+                              rescore_every=5, tokens_per_step=budget)
+
+
+def test_hard_example_sampling_keeps_to_the_budget_favours_hard_examples_and_resumes():
+    sampler = _hard()
+    sampler.update_scores(list(range(50)), [5.0] * 25 + [0.0] * 25)  # the first half is hard
+    served = []
+    for _ in range(40):
+        step = sampler.next_step()
+        assert len({e["id"] for e in step.examples}) == len(step.examples) >= 1  # distinct
+        assert _tokens(step) <= BUDGET and step.num_medical == len(step.examples) and step.medical_ratio == 1.0
+        served += [int(e["id"][1:]) for e in step.examples]
+    assert sum(i < 25 for i in served) > 0.7 * len(served)
+    assert len(set(served)) > 25  # the uniform floor reaches the easy half too
+
+    def ids(sampler, n):
+        return [[e["id"] for e in sampler.next_step().examples] for _ in range(n)]
+
+    reference = _hard(seed=4)
+    expected = ids(reference, 12)
+    first = _hard(seed=4)
+    got = ids(first, 5)
+    resumed = _hard(seed=4)
+    resumed.load_state_dict(first.state_dict())
+    assert got + ids(resumed, 7) == expected
+
+
 def test_token_micro_batches_hold_at_most_the_token_cap():
     examples = [{"input_ids": [1] * n} for n in (10, 20, 30, 40, 50, 90)]
     groups = token_micro_batches(examples, 60)
@@ -144,7 +176,6 @@ def test_epochs_count_the_pool_tokens_over_the_budget(tmp_path):
 
 @pytest.mark.parametrize("overrides, key, words", [
     (["stage1.tokens_per_step=0"], "stage1.tokens_per_step=0", "must be >= 1"),
-    (["stage3.tokens_per_step=512"], "stage3.tokens_per_step=512", "stage3.sampling.mode=uniform"),
     (["stage2.tokens_per_step=512", "distributed=zero2"], "stage2.tokens_per_step=512", "distributed=none"),
     (["stage2.tokens_per_step=512", "distributed=fsdp2"], "stage2.tokens_per_step=512", "distributed=none"),
 ])
@@ -160,9 +191,11 @@ def test_a_run_with_a_token_budget_logs_steps_within_it(tmp_path, packing):
 
     out = tmp_path / packing
     run(compose_config(tiny_overrides(out, steps=3) + [
-        "start_stage=2", "end_stage=2", "stage2.tokens_per_step=300", f"train.packing={packing}"]))
+        "start_stage=2", "stage2.tokens_per_step=300", "stage3.tokens_per_step=300",
+        "stage3.sampling.rescore_every=2", "stage3.sampling.max_scored=8", f"train.packing={packing}"]))
     rows = train_rows(out)
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [(r["stage"], r["step"]) for r in rows] == [(2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (3, 3)]
+    assert all(r["medical_ratio"] == 1.0 and "sampler/score_mean" in r for r in rows[3:])  # hard sampling
     for row in rows:
         assert row["examples"] >= 1 and row["input_tokens"] <= 300
         assert 0 < row["tokens"] < row["input_tokens"]  # the response targets are a part of the input
@@ -176,33 +209,38 @@ class _Killed(BaseException):
 
 @pytest.mark.slow
 def test_a_killed_run_with_a_token_budget_resumes_with_the_same_steps(tmp_path, monkeypatch):
-    """Killed after step 3 of 4 (checkpoint at step 2), the same command resumes and logs the
-    uninterrupted run's steps: the same examples, tokens, medical shares and losses."""
+    """Killed after step 3 of 4 of stage 2 (checkpoint at step 2) and again in stage 3 (hard-example
+    sampling, its scores in flight), the same command resumes and logs the uninterrupted run's
+    steps: the same examples, tokens, medical shares and losses."""
     from safetensors.torch import load_file
 
     from qwen_distillation.app import run
     from qwen_distillation.training.metrics import MetricsLogger
 
-    common = tiny_overrides(tmp_path / "x", steps=4) + ["start_stage=2", "end_stage=2", "stage2.save_every=2",
-                                                        "stage2.tokens_per_step=300"]
+    common = tiny_overrides(tmp_path / "x", steps=4) + [
+        "start_stage=2", "stage2.save_every=2", "stage2.tokens_per_step=300", "stage3.save_every=2",
+        "stage3.tokens_per_step=300", "stage3.sampling.rescore_every=3", "stage3.sampling.max_scored=8"]
     run(compose_config(common + [f"output_dir={tmp_path / 'reference'}"]))
     original_log = MetricsLogger.log
 
-    def dying_log(self, row, **kwargs):
-        original_log(self, row, **kwargs)
-        if row.get("step") == 3 and "loss" in row:
-            raise _Killed()
+    def dying_at(stage):
+        def dying_log(self, row, **kwargs):
+            original_log(self, row, **kwargs)
+            if row.get("stage") == stage and row.get("step") == 3 and "loss" in row:
+                raise _Killed()
+        return dying_log
 
-    monkeypatch.setattr(MetricsLogger, "log", dying_log)
-    with pytest.raises(_Killed):
-        run(compose_config(common + [f"output_dir={tmp_path / 'resumed'}"]))
+    for stage in (2, 3):
+        monkeypatch.setattr(MetricsLogger, "log", dying_at(stage))
+        with pytest.raises(_Killed):
+            run(compose_config(common + [f"output_dir={tmp_path / 'resumed'}"]))
     monkeypatch.setattr(MetricsLogger, "log", original_log)
     run(compose_config(common + [f"output_dir={tmp_path / 'resumed'}"]))
     drop = ("tokens_per_s",)
     reference, resumed = ([{k: v for k, v in row.items() if k not in drop} for row in train_rows(tmp_path / name)]
                           for name in ("reference", "resumed"))
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4] * 2
     assert resumed == reference
-    ours, theirs = (load_file(tmp_path / name / "stage2" / "final" / "model.safetensors")
+    ours, theirs = (load_file(tmp_path / name / "stage3" / "final" / "model.safetensors")
                     for name in ("reference", "resumed"))
     assert all(ours[name].equal(theirs[name]) for name in ours)

@@ -102,10 +102,6 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
         require(stage.tokens_per_step >= 1, f"{key}.tokens_per_step", stage.tokens_per_step,
                 "a step's token budget must be >= 1 (or null: batch_size x grad_accum examples a step)",
                 f"{key}.tokens_per_step=16384")
-        require(sampling.mode != "hard", f"{key}.tokens_per_step", stage.tokens_per_step,
-                f"a token budget per step is not supported with hard-example sampling ({key}.sampling.mode=hard), "
-                f"which draws a fixed number of examples a step; use {key}.sampling.mode=uniform or "
-                f"{key}.tokens_per_step=null", f"{key}.sampling.mode=uniform")
     require(0 <= stage.warmup_ratio <= 1, f"{key}.warmup_ratio", stage.warmup_ratio, "must be in [0, 1]",
             f"{key}.warmup_ratio=0.05")
     require(0 <= stage.min_lr_ratio <= 1, f"{key}.min_lr_ratio", stage.min_lr_ratio, "must be in [0, 1]",

@@ -332,7 +332,8 @@ class Distiller:
             return HardExampleSampler(getattr(self.data, domain), examples_per_step=per_step, seed=seed,
                                       domain=domain, stage=key, uniform_floor=stage.sampling.uniform_floor,
                                       temperature=stage.sampling.temperature,
-                                      rescore_every=stage.sampling.rescore_every)
+                                      rescore_every=stage.sampling.rescore_every,
+                                      tokens_per_step=stage.tokens_per_step)
         return StageSampler(self.data.general, self.data.medical, examples_per_step=per_step,
                             total_steps=total_steps, schedule=ratio.schedule, start=ratio.start, end=ratio.end,
                             plateaus=ratio.plateaus, seed=seed, stage=key, tokens_per_step=stage.tokens_per_step)
