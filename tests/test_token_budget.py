@@ -134,6 +134,14 @@ def test_hard_example_sampling_keeps_to_the_budget_favours_hard_examples_and_res
     assert got + ids(resumed, 7) == expected
 
 
+def test_a_hard_step_whose_budget_outlasts_the_pool_is_served_in_rounds():
+    examples = [{"id": f"m{i}", "input_ids": [1] * n, "labels": [1] * n} for i, n in enumerate((10, 20, 30))]
+    sampler = HardExampleSampler(examples, examples_per_step=1, seed=0, tokens_per_step=130)
+    ids = [e["id"] for e in sampler.next_step().examples]
+    assert sorted(ids[:3]) == ["m0", "m1", "m2"] and sorted(ids[3:6]) == ["m0", "m1", "m2"]  # two whole rounds
+    assert sum(int(i[1:]) * 10 + 10 for i in ids) <= 130 and len(ids) >= 6
+
+
 def test_token_micro_batches_hold_at_most_the_token_cap():
     examples = [{"input_ids": [1] * n} for n in (10, 20, 30, 40, 50, 90)]
     groups = token_micro_batches(examples, 60)

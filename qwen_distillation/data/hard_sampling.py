@@ -60,10 +60,10 @@ class HardExampleSampler:
 
     A step holds distinct examples; when ``examples_per_step`` exceeds the number of
     examples, it is served in rounds, each round without replacement. With ``tokens_per_step``,
-    a round is the whole pool drawn without replacement (an order favouring high scores), and
-    the step takes its examples in that order until the next one would bring its input tokens
-    (``len(input_ids)`` summed) past the budget; at least one example, so an example longer
-    than the budget is a step of its own.
+    a round is an order of the pool drawn without replacement (favouring high scores; only as
+    many as can fit the budget are drawn), and the step takes its examples in that order until
+    the next one would bring its input tokens (``len(input_ids)`` summed) past the budget; at
+    least one example, so an example longer than the budget is a step of its own.
     """
 
     def __init__(self, examples: list[dict], *, examples_per_step: int, seed: int, uniform_floor: float = 0.3,
@@ -72,6 +72,8 @@ class HardExampleSampler:
         if tokens_per_step is not None and tokens_per_step < 1:
             raise ValueError(f"tokens_per_step must be >= 1 or None, got {tokens_per_step}")
         self.tokens_per_step = tokens_per_step
+        self._shortest = min((len(example["input_ids"]) for example in examples), default=1) \
+            if tokens_per_step is not None else 1
         if not examples:
             raise DataError(f"{stage} hard-example sampling draws {domain} data but data.{domain} is empty; "
                             f"pass --{domain}_dataset")
@@ -146,8 +148,11 @@ class HardExampleSampler:
         in order until the next would pass the budget (at least one)."""
         indices: list[int] = []
         tokens = 0
+        # More than fit in the budget (every example holds at least the shortest one's tokens), so a
+        # second round is drawn only when the budget outlasts the pool.
+        draw = min(len(self.examples), self.tokens_per_step // max(self._shortest, 1) + 1)
         while True:
-            for i in torch.multinomial(probs, len(self.examples), replacement=False, generator=generator).tolist():
+            for i in torch.multinomial(probs, draw, replacement=False, generator=generator).tolist():
                 length = len(self.examples[i]["input_ids"])
                 if indices and tokens + length > self.tokens_per_step:
                     return indices
