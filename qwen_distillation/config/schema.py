@@ -253,6 +253,11 @@ class StageConfig:
     grad_accum: int = 1
     epochs: float = 1.0
     max_steps: Optional[int] = None
+    # A token budget per optimizer step instead of batch_size x grad_accum examples: a step takes
+    # examples until the next would bring its input tokens past the budget (at least one example);
+    # micro-batches hold batch_size examples, or data.max_length x batch_size tokens with
+    # train.packing. epochs then count the pool's tokens / budget steps. null: a fixed example count.
+    tokens_per_step: Optional[int] = None
     warmup_ratio: float = 0.05
     lr_scheduler: str = "cosine"
     min_lr_ratio: float = 0.1

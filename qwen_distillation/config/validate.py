@@ -98,6 +98,10 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
     if stage.max_steps is not None:
         require(stage.max_steps >= 1, f"{key}.max_steps", stage.max_steps, "must be >= 1 (or null)",
                 f"{key}.max_steps=100")
+    if stage.tokens_per_step is not None:
+        require(stage.tokens_per_step >= 1, f"{key}.tokens_per_step", stage.tokens_per_step,
+                "a step's token budget must be >= 1 (or null: batch_size x grad_accum examples a step)",
+                f"{key}.tokens_per_step=16384")
     require(0 <= stage.warmup_ratio <= 1, f"{key}.warmup_ratio", stage.warmup_ratio, "must be in [0, 1]",
             f"{key}.warmup_ratio=0.05")
     require(0 <= stage.min_lr_ratio <= 1, f"{key}.min_lr_ratio", stage.min_lr_ratio, "must be in [0, 1]",
@@ -249,6 +253,12 @@ def _validate_distributed(cfg: DistillationConfig) -> None:
     engine = engine_label(d)
     for key in STAGES[cfg.start_stage - 1:cfg.end_stage]:
         stage = getattr(cfg, key)
+        if stage.enabled and stage.tokens_per_step is not None:
+            raise ConfigError(f"{key}.tokens_per_step={stage.tokens_per_step} does not work under {engine}: a step "
+                              f"of a token budget has a varying number of micro-batches, while DeepSpeed expects "
+                              f"a fixed gradient_accumulation_steps and the ranks of a launch must run the same "
+                              f"number of micro-batches; use {key}.tokens_per_step=null (batch_size x grad_accum "
+                              f"examples a step) or run on one device (distributed=none)")
         if stage.enabled and stage.loss.balancing.method != "none":
             raise ConfigError(f"{key}.loss.balancing.method={stage.loss.balancing.method} does not work under "
                               f"{engine}: it takes per-term gradients with torch.autograd.grad, which a sharded "

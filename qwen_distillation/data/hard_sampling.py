@@ -3,7 +3,8 @@
 Every ``rescore_every`` optimizer steps the trainer runs a scoring pass (the student's
 current per-example loss on the examples ``score_indices`` picks) and feeds the scores back
 through ``update_scores``. Examples never scored count with the mean of the scored ones.
-Each step then draws ``examples_per_step`` distinct examples from
+Each step then draws ``examples_per_step`` distinct examples (or examples up to a token budget,
+``tokens_per_step``) from
 
     p_i = uniform_floor / N + (1 - uniform_floor) * softmax(score / temperature)_i
 
@@ -54,14 +55,25 @@ class HardExampleSampler:
             1 is plain uniform sampling.
         temperature: softmax temperature over the scores (> 0); lower is greedier.
         rescore_every: optimizer steps between scoring passes (``needs_scores``).
+        tokens_per_step: a token budget per step (``stageN.tokens_per_step``) instead of
+            ``examples_per_step`` examples.
 
     A step holds distinct examples; when ``examples_per_step`` exceeds the number of
-    examples, it is served in rounds, each round without replacement.
+    examples, it is served in rounds, each round without replacement. With ``tokens_per_step``,
+    a round is an order of the pool drawn without replacement (favouring high scores; only as
+    many as can fit the budget are drawn), and the step takes its examples in that order until
+    the next one would bring its input tokens (``len(input_ids)`` summed) past the budget; at
+    least one example, so an example longer than the budget is a step of its own.
     """
 
     def __init__(self, examples: list[dict], *, examples_per_step: int, seed: int, uniform_floor: float = 0.3,
                  temperature: float = 1.0, rescore_every: int = 50, domain: str = "medical",
-                 stage: str = "stage3"):
+                 stage: str = "stage3", tokens_per_step: int | None = None):
+        if tokens_per_step is not None and tokens_per_step < 1:
+            raise ValueError(f"tokens_per_step must be >= 1 or None, got {tokens_per_step}")
+        self.tokens_per_step = tokens_per_step
+        self._shortest = min((len(example["input_ids"]) for example in examples), default=1) \
+            if tokens_per_step is not None else 1
         if not examples:
             raise DataError(f"{stage} hard-example sampling draws {domain} data but data.{domain} is empty; "
                             f"pass --{domain}_dataset")
@@ -115,10 +127,13 @@ class HardExampleSampler:
         filled = self.filled_scores()
         probs = self.probabilities(filled)
         generator = torch.Generator().manual_seed(_derived_seed(self.seed, "hard", self.step))
-        indices: list[int] = []
-        while len(indices) < self.examples_per_step:
-            take = min(self.examples_per_step - len(indices), len(self.examples))
-            indices += torch.multinomial(probs, take, replacement=False, generator=generator).tolist()
+        if self.tokens_per_step is not None:
+            indices = self._within_budget(probs, generator)
+        else:
+            indices: list[int] = []
+            while len(indices) < self.examples_per_step:
+                take = min(self.examples_per_step - len(indices), len(self.examples))
+                indices += torch.multinomial(probs, take, replacement=False, generator=generator).tolist()
         median = float(torch.quantile(filled, 0.5))
         self.served += len(indices)
         self.served_hard += int((filled[indices] > median).sum())
@@ -126,7 +141,23 @@ class HardExampleSampler:
         self.step += 1
         ratio = 1.0 if self.domain == "medical" else 0.0
         return ServedStep([self.examples[i] for i in indices], ratio, ratio,
-                          self.examples_per_step if self.domain == "medical" else 0)
+                          len(indices) if self.domain == "medical" else 0)
+
+    def _within_budget(self, probs: torch.Tensor, generator: torch.Generator) -> list[int]:
+        """The examples of a ``tokens_per_step`` step: whole-pool rounds drawn by ``probs``, taken
+        in order until the next would pass the budget (at least one)."""
+        indices: list[int] = []
+        tokens = 0
+        # More than fit in the budget (every example holds at least the shortest one's tokens), so a
+        # second round is drawn only when the budget outlasts the pool.
+        draw = min(len(self.examples), self.tokens_per_step // max(self._shortest, 1) + 1)
+        while True:
+            for i in torch.multinomial(probs, draw, replacement=False, generator=generator).tolist():
+                length = len(self.examples[i]["input_ids"])
+                if indices and tokens + length > self.tokens_per_step:
+                    return indices
+                indices.append(i)
+                tokens += length
 
     def stats(self) -> dict[str, float]:
         """Score summary and ``sampler/hard_share``: the share of the examples served since

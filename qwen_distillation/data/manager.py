@@ -88,13 +88,17 @@ class _Pool:
         rng.shuffle(order)
         return order
 
+    def peek(self) -> dict:
+        """The example :meth:`take` serves next, not consumed."""
+        if self.cursor == len(self._order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._permutation()
+        return self.examples[self._order[self.cursor]]
+
     def take(self, n: int) -> list[dict]:
         out = []
         for _ in range(n):
-            if self.cursor == len(self._order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._order = self._permutation()
-            out.append(self.examples[self._order[self.cursor]])
+            out.append(self.peek())
             self.cursor += 1
         return out
 
@@ -120,6 +124,8 @@ class StageSampler:
         schedule, start, end, plateaus: the medical ratio schedule.
         seed: sampling seed; the same seed serves the same examples.
         stage: stage name, for error messages.
+        tokens_per_step: a token budget per step (``stageN.tokens_per_step``) instead of
+            ``examples_per_step`` examples: see :meth:`next_step`.
 
     The number of medical examples in a step is the target share times
     ``examples_per_step``, rounded with error diffusion (the rounding remainder carries
@@ -128,8 +134,11 @@ class StageSampler:
     """
 
     def __init__(self, general: list[dict], medical: list[dict], *, examples_per_step: int, total_steps: int,
-                 schedule: str, start: float, end: float, plateaus: int, seed: int, stage: str):
-        self.examples_per_step, self.total_steps = examples_per_step, total_steps
+                 schedule: str, start: float, end: float, plateaus: int, seed: int, stage: str,
+                 tokens_per_step: int | None = None):
+        if tokens_per_step is not None and tokens_per_step < 1:
+            raise ValueError(f"tokens_per_step must be >= 1 or None, got {tokens_per_step}")
+        self.examples_per_step, self.total_steps, self.tokens_per_step = examples_per_step, total_steps, tokens_per_step
         self.schedule, self.start, self.end, self.plateaus = schedule, start, end, plateaus
         self.seed, self.stage = seed, stage
         domains = stage_domains(start, end)
@@ -148,6 +157,18 @@ class StageSampler:
         return medical_ratio_at(step, self.total_steps, self.schedule, self.start, self.end, self.plateaus)
 
     def next_step(self) -> ServedStep:
+        """The examples of the next step.
+
+        With ``tokens_per_step``, the step takes examples one at a time until the next one would
+        bring the step's input tokens (``len(input_ids)`` summed) past the budget; it holds at
+        least one example, so an example longer than the budget is a step of its own. Each
+        example's domain follows the target share by the same error diffusion as a fixed-size
+        step (the k-th example is medical when the rounded ``target * k + carry`` says one more
+        medical example is due), so the served share tracks the schedule per step. An example
+        that does not fit stays first in its pool for the next step: nothing is skipped.
+        """
+        if self.tokens_per_step is not None:
+            return self._next_budget_step()
         target = self.target(self.step)
         wanted = target * self.examples_per_step + self.carry
         num_medical = min(max(int(math.floor(wanted + 0.5)), 0), self.examples_per_step)
@@ -157,6 +178,26 @@ class StageSampler:
         random.Random(f"{self.seed}/mix/{self.step}").shuffle(examples)
         self.step += 1
         return ServedStep(examples, num_medical / self.examples_per_step, target, num_medical)
+
+    def _next_budget_step(self) -> ServedStep:
+        target = self.target(self.step)
+        examples: list[dict] = []
+        num_medical, tokens = 0, 0
+        while True:
+            due = int(math.floor(target * (len(examples) + 1) + self.carry + 0.5)) > num_medical
+            pool = self.medical if due else self.general
+            if not pool.examples:  # a domain the stage does not serve (its share rounds up at an end)
+                pool = self.general if due else self.medical
+            length = len(pool.peek()["input_ids"])
+            if examples and tokens + length > self.tokens_per_step:
+                break
+            examples += pool.take(1)
+            num_medical += pool is self.medical
+            tokens += length
+        self.carry += target * len(examples) - num_medical
+        random.Random(f"{self.seed}/mix/{self.step}").shuffle(examples)
+        self.step += 1
+        return ServedStep(examples, num_medical / len(examples), target, num_medical)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "carry": self.carry, "seed": self.seed,
@@ -288,9 +329,24 @@ def micro_batches(examples: list[dict], batch_size: int) -> list[list[dict]]:
     return [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
 
 
+def token_micro_batches(examples: list[dict], max_tokens: int) -> list[list[dict]]:
+    """Consecutive runs of ``examples`` of at most ``max_tokens`` input tokens each (an example
+    longer than that alone), cut greedily in the given order."""
+    out: list[list[dict]] = []
+    used = 0
+    for example in examples:
+        n = len(example["input_ids"])
+        if not out or used + n > max_tokens:
+            out.append([])
+            used = 0
+        out[-1].append(example)
+        used += n
+    return out
+
+
 def length_grouped_batches(examples: list[dict], batch_size: int, pad_token_id: int,
-                           device: torch.device | str = "cpu", *,
-                           pack_length: int | None = None) -> list[dict[str, torch.Tensor]]:
+                           device: torch.device | str = "cpu", *, pack_length: int | None = None,
+                           by_tokens: bool = False) -> list[dict[str, torch.Tensor]]:
     """Collated micro-batches of examples sorted by length (less padding), on ``device``.
 
     Sorting does not change a step's update or an evaluation's result: losses are sums
@@ -298,10 +354,14 @@ def length_grouped_batches(examples: list[dict], batch_size: int, pad_token_id: 
     With ``pack_length`` (``train.packing``), each micro-batch holds the same examples as
     without, packed into rows of at most ``pack_length`` tokens (:func:`collate_packed`): the
     step's micro-batches, tokens and per-micro-batch example sets are unchanged, only padding goes.
+    With ``pack_length`` and ``by_tokens`` (a step of ``stageN.tokens_per_step``), micro-batches
+    are cut by tokens instead: each holds at most ``pack_length * batch_size`` input tokens (the
+    positions of ``batch_size`` full rows), however many examples that is.
     """
     by_length = sorted(examples, key=lambda e: len(e["input_ids"]))
     if pack_length is None:
         return [{k: v.to(device) for k, v in collate(mb, pad_token_id).items()}
                 for mb in micro_batches(by_length, batch_size)]
-    return [{k: v.to(device) for k, v in collate_packed(mb, pad_token_id, pack_length).items()}
-            for mb in micro_batches(by_length, batch_size)]
+    groups = token_micro_batches(by_length, pack_length * batch_size) if by_tokens else \
+        micro_batches(by_length, batch_size)
+    return [{k: v.to(device) for k, v in collate_packed(mb, pad_token_id, pack_length).items()} for mb in groups]

@@ -306,11 +306,18 @@ class Distiller:
 
     # ------------------------------------------------------------------ stage
     def _stage_steps(self, stage: StageConfig) -> int:
+        """``max_steps`` if set, else the steps of ``epochs`` passes over the stage's pool: its
+        examples over the examples of a step, or, with ``tokens_per_step``, its input tokens over
+        the budget (a step fills its budget up to the last example that fits, so an epoch of such
+        steps serves a little less than the whole pool)."""
         if stage.max_steps:
             return stage.max_steps
-        pool = sum(len(getattr(self.data, domain))
-                   for domain in stage_domains(stage.medical_ratio.start, stage.medical_ratio.end))
-        return max(1, math.ceil(stage.epochs * pool / self._examples_per_step(stage)))
+        pool = [example for domain in stage_domains(stage.medical_ratio.start, stage.medical_ratio.end)
+                for example in getattr(self.data, domain)]
+        if stage.tokens_per_step is not None:
+            tokens = sum(len(example["input_ids"]) for example in pool)
+            return max(1, math.ceil(stage.epochs * tokens / stage.tokens_per_step))
+        return max(1, math.ceil(stage.epochs * len(pool) / self._examples_per_step(stage)))
 
     def _examples_per_step(self, stage: StageConfig) -> int:
         """Examples of one optimizer step, all ranks together: micro-batch x accumulation x ranks."""
@@ -325,10 +332,11 @@ class Distiller:
             return HardExampleSampler(getattr(self.data, domain), examples_per_step=per_step, seed=seed,
                                       domain=domain, stage=key, uniform_floor=stage.sampling.uniform_floor,
                                       temperature=stage.sampling.temperature,
-                                      rescore_every=stage.sampling.rescore_every)
+                                      rescore_every=stage.sampling.rescore_every,
+                                      tokens_per_step=stage.tokens_per_step)
         return StageSampler(self.data.general, self.data.medical, examples_per_step=per_step,
                             total_steps=total_steps, schedule=ratio.schedule, start=ratio.start, end=ratio.end,
-                            plateaus=ratio.plateaus, seed=seed, stage=key)
+                            plateaus=ratio.plateaus, seed=seed, stage=key, tokens_per_step=stage.tokens_per_step)
 
     def _open_stage(self, index: int) -> StageRun:
         """The stage's plan, sampler and engine, restored from the newest readable
@@ -448,8 +456,11 @@ class Distiller:
         served = run.sampler.next_step()
         # Every rank draws the whole step and runs its share of the micro-batches; the terms are
         # normalised by the tokens (and micro-batches) of the whole step.
+        # With stageN.tokens_per_step the step's size varies; so does its number of micro-batches (of
+        # batch_size examples, or of data.max_length x batch_size tokens when packed).
         batches = length_grouped_batches(served.examples, run.stage.batch_size, self.pair.pad_token_id, self.device,
-                                         pack_length=self.config.data.max_length if self.config.train.packing else None)
+                                         pack_length=self.config.data.max_length if self.config.train.packing else None,
+                                         by_tokens=run.stage.tokens_per_step is not None)
         tokens = sum(int(response_targets(batch["labels"]).numel()) for batch in batches)
         # The share of the micro-batches' positions that hold padding (what train.packing removes);
         # from lengths and shapes, so it costs no device sync.
@@ -485,6 +496,8 @@ class Distiller:
             row.update({"loss": total, "loss/ce": float("nan"), "loss/kd": float("nan"), **per_token})
         row.update({"lr": outcome.lr, "medical_ratio": served.medical_ratio,
                     "medical_ratio_target": served.medical_ratio_target, "tokens": tokens, "padding": padding,
+                    "input_tokens": sum(len(e["input_ids"]) for e in served.examples),
+                    "examples": len(served.examples),
                     "tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9),
                     "grad_norm": outcome.grad_norm, "skipped": outcome.skipped, "bad_steps": outcome.bad_total})
         if self.device.type == "cuda":  # this rank's peak since the stage began
