@@ -208,11 +208,13 @@ def ours_command(args, out: Path) -> list[str]:
                f"stage1.lr={args.lr}", "stage1.warmup_ratio=0.05", "stage1.lr_scheduler=cosine",
                "stage1.weight_decay=0.0", "stage1.max_grad_norm=1.0", f"stage1.temperature={args.temperature}",
                "stage1.loss.weights={kd: 1.0, ce: 0.0}", "stage1.loss.kd=forward_kl",
-               f"stage1.eval_every={steps}", f"stage1.save_every={max(1, steps // 2)}", "stage1.best_metric=eval/heldout_nll",
+               f"stage1.eval_every={steps}", f"stage1.save_every={max(1, steps // 2)}",
+               "stage1.best_metric=eval/heldout_nll",
                "train.save_every_minutes=0", f"seed={args.seed}",
                f"output_dir={out / 'run'}", "overwrite_output_dir=true", "logging.progress_bar=false"]
-    if args.gpu_levers:
-        command += ["train.packing=true", "train.liger_kernels=true"]
+    command.append("train.packing=true")
+    if args.gpu_levers:  # Liger-Kernel's Triton kernels need a GPU
+        command.append("train.liger_kernels=true")
     return command + list(args.ours_overrides)
 
 
@@ -317,17 +319,18 @@ def worker_trl(spec: dict) -> None:
             return super().compute_loss(model, inputs, *a, **k)
 
     steps = spec["steps"]
-    config = GKDConfig(
+    config = dict(
         output_dir=spec["out"], lmbda=0.0, beta=0.0, temperature=spec["temperature"], seq_kd=False,
         per_device_train_batch_size=spec["batch_size"], per_device_eval_batch_size=spec["batch_size"],
         gradient_accumulation_steps=spec["grad_accum"], max_steps=steps, learning_rate=spec["lr"],
         lr_scheduler_type="cosine", warmup_steps=math.ceil(0.05 * steps), weight_decay=0.0, max_grad_norm=1.0,
         bf16=cuda, use_liger_kernel=spec["gpu_levers"], max_length=spec["max_length"],
-        eval_strategy="steps", eval_steps=steps, save_strategy="steps", save_steps=max(1, steps // 2),
+        eval_strategy="steps", eval_steps=steps, save_strategy="steps", save_steps=steps,
         logging_steps=1, report_to=[], seed=spec["seed"], remove_unused_columns=False,
         teacher_model_init_kwargs={"dtype": "bfloat16" if cuda else "float32"},
         model_init_kwargs={"dtype": "float32"}, use_cpu=not cuda, dataloader_num_workers=0)
-    trainer = CountingGKDTrainer(model=spec["student"], teacher_model=spec["teacher"], args=config,
+    stats["config"] = {"trl.experimental.gkd.GKDConfig": json.loads(json.dumps(config))}  # GKD edits its kwargs
+    trainer = CountingGKDTrainer(model=spec["student"], teacher_model=spec["teacher"], args=GKDConfig(**config),
                                  data_collator=collate, train_dataset=Dataset.from_list(train),
                                  eval_dataset=Dataset.from_list(heldout), processing_class=tokenizer,
                                  callbacks=[_measuring_callback(stats)])
@@ -369,18 +372,20 @@ def worker_distillkit(spec: dict) -> None:
                                "torch_dtype": "bfloat16" if cuda else "float32"}},
         "loss_functions": [{"function": "kl", "weight": 1.0, "temperature": spec["temperature"]}],
         "training_args": {
-            "packing": spec["distillkit_packing"], "max_steps": steps,
+            "packing": spec["distillkit_packing"], "completion_only_loss": True, "max_steps": steps,
             "per_device_train_batch_size": spec["batch_size"], "per_device_eval_batch_size": spec["batch_size"],
             "gradient_accumulation_steps": spec["grad_accum"], "learning_rate": spec["lr"],
-            "lr_scheduler_type": "cosine", "warmup_steps": math.ceil(0.05 * steps), "weight_decay": 0.0, "max_grad_norm": 1.0,
+            "lr_scheduler_type": "cosine", "warmup_steps": math.ceil(0.05 * steps), "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
             "bf16": cuda, "optim": "adamw_torch", "gradient_checkpointing": spec["distillkit_checkpointing"],
-            "eval_strategy": "steps", "eval_steps": steps, "save_strategy": "steps", "save_steps": max(1, steps // 2),
+            "eval_strategy": "steps", "eval_steps": steps, "save_strategy": "steps", "save_steps": steps,
             "logging_steps": 1, "report_to": "none", "seed": spec["seed"], "use_cpu": not cuda,
             "output_dir": str(out / "final")}}
     config["training_args"].pop("output_dir")
     config_path = out / "distillkit.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     stats = _new_stats()
+    stats["config"] = {"distillkit.yaml": config}
 
     class CountingDistillationTrainer(dk_main.DistillationTrainer):
         def __init__(self, *a, **k):
@@ -434,6 +439,8 @@ def main() -> None:
     parser.add_argument("--distillkit-packing", action="store_true",
                         help="TRL packing under DistillKit (its compute_loss drops position_ids: see docs)")
     parser.add_argument("--distillkit-checkpointing", action="store_true", help="gradient checkpointing (its example)")
+    parser.add_argument("--keep-models", dest="keep_models", action="store_true",
+                        help="keep each arm's checkpoints and final student (removed by default once measured)")
     parser.add_argument("--json", type=Path, help="report JSON (default OUT/real_run.json)")
     parser.add_argument("--worker", choices=["trl", "distillkit"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
@@ -453,6 +460,8 @@ def main() -> None:
         prepare_data(args.data, train_examples=train_examples, heldout_examples=args.heldout_examples,
                      max_length=args.max_length, seed=args.seed)
     if args.models is None:
+        if args.prepare_data:
+            return
         raise SystemExit("--models DIR is needed to run the arms")
     prepare_models(args.pair, args.models, args.smoke)
     spec = {"teacher": str(args.models / "teacher"), "student": str(args.models / "student"),
@@ -469,6 +478,10 @@ def main() -> None:
         result = run_arm(arm, args, spec)
         if result["returncode"] == 0:
             result["heldout_ce"] = round(heldout_ce(Path(result["model_dir"]), heldout), 4)
+        if not args.keep_models:  # the next arm needs the disk (a 1.5B checkpoint with AdamW is ~18 GB)
+            arm_dir = args.out / arm
+            for path in [arm_dir / "run" / "stage1", *(p for p in arm_dir.iterdir() if p.is_dir() and p.name != "run")]:
+                shutil.rmtree(path, ignore_errors=True)
         print(json.dumps({k: v for k, v in result.items() if k not in ("timings", "log_tail")}), flush=True)
         results.append(result)
     report = {"pair": "smoke (tiny Qwen2)" if args.smoke else args.pair, "steps": args.steps,
