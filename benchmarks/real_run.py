@@ -459,6 +459,10 @@ def main() -> None:
     if args.prepare_data or not (args.data / "train.jsonl").exists():
         prepare_data(args.data, train_examples=train_examples, heldout_examples=args.heldout_examples,
                      max_length=args.max_length, seed=args.seed)
+    rows = sum(1 for _ in open(args.data / "train.jsonl"))
+    if rows != train_examples:  # one epoch: every arm sees each example once
+        raise SystemExit(f"{args.data}/train.jsonl has {rows} examples, steps x batch x accumulation is "
+                         f"{train_examples}: rerun with --prepare-data or another --data")
     if args.models is None:
         if args.prepare_data:
             return
