@@ -291,6 +291,10 @@ def test_a_run_with_packing_logs_the_losses_of_the_run_without_and_less_padding(
             if key in plain:
                 assert packed[key] == pytest.approx(plain[key], rel=1e-5), key
         assert packed["padding"] < plain["padding"]
+        # ``positions`` (all positions of the step's micro-batches) gives the same real input tokens
+        assert packed["positions"] < plain["positions"]
+        assert packed["positions"] * (1 - packed["padding"]) == pytest.approx(
+            plain["positions"] * (1 - plain["padding"]), rel=1e-9)
 
 
 def test_a_packed_run_from_a_cache_logs_the_online_unpacked_losses(tmp_path, small_tokenizer):  # noqa: F811

@@ -464,7 +464,8 @@ class Distiller:
         tokens = sum(int(response_targets(batch["labels"]).numel()) for batch in batches)
         # The share of the micro-batches' positions that hold padding (what train.packing removes);
         # from lengths and shapes, so it costs no device sync.
-        padding = 1 - sum(len(e["input_ids"]) for e in served.examples) / sum(b["input_ids"].numel() for b in batches)
+        positions = sum(b["input_ids"].numel() for b in batches)
+        padding = 1 - sum(len(e["input_ids"]) for e in served.examples) / positions
         sums: dict[str, float] = {}
         balance_log: dict[str, float] = {}
         for batch in dist.rank_share(batches, self.topo):
@@ -498,6 +499,7 @@ class Distiller:
                     "medical_ratio_target": served.medical_ratio_target, "tokens": tokens, "padding": padding,
                     "input_tokens": sum(len(e["input_ids"]) for e in served.examples),
                     "examples": len(served.examples),
+                    "positions": positions,
                     "tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9),
                     "grad_norm": outcome.grad_norm, "skipped": outcome.skipped, "bad_steps": outcome.bad_total})
         if self.device.type == "cuda":  # this rank's peak since the stage began

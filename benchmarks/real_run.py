@@ -1,0 +1,517 @@
+"""One distillation stage, end to end, by this project, TRL and DistillKit on the same examples, batch,
+steps, precision and GPU, in one job (docs/performance.md, "Real runs against TRL and DistillKit").
+
+    python benchmarks/real_run.py --prepare-data --data .realrun_data            # once, on a CPU
+    python benchmarks/real_run.py --pair 1.5b-0.5b --models /root/models/1.5b-0.5b --data .realrun_data \
+        --out $OUT/real_run_1.5b-0.5b --arms ours trl distillkit
+    python benchmarks/real_run.py --smoke --data /tmp/rr_data --models /tmp/rr_models --out /tmp/rr_out
+
+The pair is Qwen2.5-shaped with random weights, built once and saved under ``--models`` (the
+teacher in bf16, the student in fp32); the teacher takes the student's vocabulary size (151,936
+rows: TRL's GKDTrainer refuses two sizes; 128 rows of 152,064 change no speed). The examples are
+the shared data kit's general and medical sources (``conf/data/shared_kit.yaml``) at their real
+lengths: ``--prepare-data`` draws records of every source (seeded), keeps those with a labelled
+token within ``--max-length``, and writes them as chat messages to ``DATA/train.jsonl`` (exactly
+``steps x batch x accumulation`` examples: one epoch) and ``DATA/heldout.jsonl``. Every arm trains
+on these very examples, encoded once by this project's encoder (Qwen2.5 chat template, labels on
+the assistant turns): ours reads the files, TRL and DistillKit get the token ids and label masks.
+
+Each arm is a subprocess (its wall time is the whole command: model loading, data preparation,
+training, the held-out evaluation at the end, one checkpoint and the final save):
+
+* ``ours``: ``run_distillation.py`` stage 1, forward KL at ``--temperature`` with weight 1, no CE
+  (the loss TRL's GKDTrainer computes), ``train.packing=true`` and ``train.liger_kernels=true`` on a GPU;
+* ``trl``: ``trl.experimental.gkd.GKDTrainer``, ``lmbda=0`` (off-policy: the dataset's responses),
+  ``beta=0`` (its generalized JSD at beta 0 is the forward KL(teacher || student)),
+  ``use_liger_kernel=True`` on a GPU. GKDTrainer pads (no packing or padding-free path: its loss
+  takes the attention mask); its loss is taken at temperature 1 whatever ``temperature`` says
+  (``temperature`` is its sampling temperature), hence ``--temperature 1`` for every arm;
+* ``distillkit``: DistillKit's own entry point (``distillkit.main``) with an online teacher and a
+  YAML config written from its README (dense ``kl`` at the temperature, weight 1; bf16; flash
+  attention when ``flash_attn`` imports, else sdpa); packing only with ``--distillkit-packing``.
+
+Counted the same way for every arm:
+
+* ``tokens``: real (non-padding) input tokens of the training micro-batches, counted by each arm
+  from the batches it trains on (ours: metrics.jsonl ``tokens``; TRL/DistillKit: the attention
+  mask of each training batch, or every position of a padding-free one); ``tokens_per_s`` =
+  tokens / ``train_s``, the wall seconds of the optimizer steps (ours: ``summary.json``
+  ``timings.stages.1.train_s``; TRL/DistillKit: from each step's start to its end, synchronised);
+* ``padding_fraction``: padded positions / all positions of the training micro-batches;
+* ``peak_memory_gib``: the largest ``torch.cuda.max_memory_allocated`` over the training steps;
+* ``wall_s``: the whole subprocess, measured here;
+* ``heldout_ce``: computed by this script after each arm from the arm's saved final student, the
+  same way for all: summed next-token cross-entropy over the labelled tokens of ``heldout.jsonl``
+  / their count (one example at a time, no padding; bf16 on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+PAIRS = {"1.5b-0.5b": ("1.5b", "0.5b"), "7b-1.5b": ("7b", "1.5b")}
+TINY = {"teacher": dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+        "student": dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)}
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------- data and models
+
+def prepare_data(data_dir: Path, *, train_examples: int, heldout_examples: int, max_length: int, seed: int) -> None:
+    """Draw ``train_examples`` + ``heldout_examples`` records from the shared kit's sources (an even
+    share of each source, seeded), keep those with a labelled token within ``max_length``, and write
+    them as ``{"messages": [...]}`` rows to ``train.jsonl`` and ``heldout.jsonl``."""
+    import yaml
+
+    from qwen_distillation.data.encode import encode_messages
+    from qwen_distillation.data.formats import detect_format, to_messages
+    from qwen_distillation.data.loading import load_records
+    from qwen_distillation.paths import locate
+    from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
+
+    kit = yaml.safe_load((ROOT / "conf/data/shared_kit.yaml").read_text())
+    paths = [*kit["general"], *kit["medical"]]
+    tokenizer = build_qwen_tokenizer()
+    rng = random.Random(seed)
+    wanted = train_examples + heldout_examples
+    per_source = math.ceil(wanted / len(paths))
+    chosen = []
+    for path in paths:
+        records = load_records(str(locate(path)))
+        fmt = detect_format(records[0][1], path, records[0][0])
+        rng.shuffle(records)
+        taken = 0
+        for index, record in records:
+            if taken == per_source:
+                break
+            messages = to_messages(record, fmt, path, index)
+            if encode_messages(messages, tokenizer, max_length) is not None:
+                chosen.append({"messages": messages, "source": path, "index": index})
+                taken += 1
+    rng.shuffle(chosen)
+    if len(chosen) < wanted:
+        raise SystemExit(f"--prepare-data: only {len(chosen)} usable records for {wanted}")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("heldout", chosen[:heldout_examples]), ("train", chosen[heldout_examples:wanted])):
+        with open(data_dir / f"{name}.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"wrote {train_examples} train and {heldout_examples} held-out examples to {data_dir}", flush=True)
+
+
+def encode_file(path: Path, tokenizer, max_length: int) -> list[dict]:
+    """``{"input_ids", "labels"}`` of every row, by the encoder a run uses (sharegpt/messages format)."""
+    from qwen_distillation.data.sources import DataSource, encode_source
+
+    return [{"input_ids": e["input_ids"], "labels": e["labels"]}
+            for e in encode_source(DataSource(path=str(path), format="sharegpt"), tokenizer, max_length)]
+
+
+def prepare_models(pair: str, models: Path, smoke: bool) -> None:
+    """Random-init teacher (bf16) and student (fp32), saved with the Qwen2 tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
+    from qwen_shapes import QWEN
+
+    tokenizer = build_qwen_tokenizer()
+    torch.manual_seed(0)
+    sizes = ("teacher", "student") if smoke else PAIRS[pair]
+    for role, size, dtype in zip(("teacher", "student"), sizes, (torch.bfloat16, torch.float32)):
+        target = models / role
+        if (target / "config.json").exists():
+            continue
+        shape = TINY[size] if smoke else {**QWEN[size], "vocab_size": QWEN[PAIRS[pair][1]]["vocab_size"]}
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = Qwen2ForCausalLM(Qwen2Config(**shape, max_position_embeddings=4096)).to(dtype)
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        del model
+
+
+# --------------------------------------------------------------------------- the held-out metric
+
+def heldout_ce(model_dir: Path, examples: list[dict]) -> float:
+    """Summed next-token CE over the labelled tokens of ``examples`` / their count, one example at a time."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
+    model.to(device).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            ids = torch.tensor([example["input_ids"]], device=device)
+            labels = torch.tensor(example["labels"][1:], device=device)
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            total += F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += int((labels != IGNORE_INDEX).sum())
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return total / count
+
+
+# --------------------------------------------------------------------------- the arms (parent side)
+
+def run_arm(arm: str, args, spec: dict) -> dict:
+    out = args.out / arm
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if arm == "ours":
+        command = ours_command(args, out)
+    else:
+        (out / "spec.json").write_text(json.dumps({**spec, "out": str(out)}))
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", arm, "--spec", str(out / "spec.json")]
+    print(f"[{arm}] {' '.join(command)}", flush=True)
+    started = time.perf_counter()
+    log = open(out / "log.txt", "w")
+    rc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - started
+    result = {"arm": arm, "command": " ".join(command), "returncode": rc, "wall_s": round(wall, 1)}
+    if rc != 0:
+        result["log_tail"] = (out / "log.txt").read_text()[-4000:]
+        return result
+    result.update(read_ours(out) if arm == "ours" else json.loads((out / "result.json").read_text()))
+    return result
+
+
+def ours_command(args, out: Path) -> list[str]:
+    steps, batch, accum = args.steps, args.batch_size, args.grad_accum
+    command = [sys.executable, "run_distillation.py", "experiment=none", "model=tiny_qwen2", "data=shared_kit",
+               f"model.teacher.path={args.models / 'teacher'}", "model.teacher.random_init=null",
+               "model.teacher.tokenizer=null", f"model.student.path={args.models / 'student'}",
+               "model.student.random_init=null", "model.student.tokenizer=null", "end_stage=1",
+               f"data.general=[{args.data / 'train.jsonl'}]", "data.medical=[]",
+               f"data.eval=[{args.data / 'heldout.jsonl'}]", "data.eval_fraction=0",
+               f"data.max_eval_examples={args.heldout_examples}", f"data.max_length={args.max_length}",
+               f"stage1.max_steps={steps}", f"stage1.batch_size={batch}", f"stage1.grad_accum={accum}",
+               f"stage1.lr={args.lr}", "stage1.warmup_ratio=0.05", "stage1.lr_scheduler=cosine",
+               "stage1.weight_decay=0.0", "stage1.max_grad_norm=1.0", f"stage1.temperature={args.temperature}",
+               "stage1.loss.weights={kd: 1.0, ce: 0.0}", "stage1.loss.kd=forward_kl",
+               f"stage1.eval_every={steps}", f"stage1.save_every={max(1, steps // 2)}",
+               "stage1.best_metric=eval/heldout_nll",
+               "train.save_every_minutes=0", f"seed={args.seed}",
+               f"output_dir={out / 'run'}", "overwrite_output_dir=true", "logging.progress_bar=false"]
+    command.append("train.packing=true")
+    if args.gpu_levers:  # Liger-Kernel's Triton kernels need a GPU
+        command.append("train.liger_kernels=true")
+    return command + list(args.ours_overrides)
+
+
+def read_ours(out: Path) -> dict:
+    run = out / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r and "tokens" in r]
+    summary = json.loads((run / "summary.json").read_text())
+    train_s = summary["timings"]["stages"]["stage1"]["train_s"]
+    tokens = sum(r["tokens"] for r in steps)  # labelled (response) tokens of the step
+    positions = sum(r["positions"] for r in steps)
+    input_tokens = round(sum(r["positions"] * (1 - r["padding"]) for r in steps))  # ``padding``: padded share
+    return {"model_dir": str(run / "stage1" / "final"), "steps": len(steps), "tokens": tokens,
+            "input_tokens": input_tokens, "positions": positions,
+            "train_s": train_s, "tokens_per_s": round(tokens / train_s, 1),
+            "padding_fraction": round(1 - input_tokens / positions, 4),
+            "initial_eval_s": summary["timings"].get("initial_eval_s"),
+            "peak_memory_gib": max((r.get("peak_memory_gib", 0.0) for r in steps), default=None),
+            "final_train_loss": steps[-1]["loss"] if steps else None, "timings": summary["timings"]}
+
+
+# --------------------------------------------------------------------------- the arms (worker side)
+
+def _measuring_callback(stats: dict):
+    """A TrainerCallback that adds up the wall time of the optimizer steps and the peak memory."""
+    import torch
+    from transformers import TrainerCallback
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    class Measure(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if stats.get("_begin") is None:
+                sync()
+                stats["_begin"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            stats["train_s"] += time.perf_counter() - stats.pop("_begin")
+            stats["steps"] += 1
+            if torch.cuda.is_available():
+                stats["peak_memory_gib"] = max(stats["peak_memory_gib"], torch.cuda.max_memory_allocated() / 2**30)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                stats["final_train_loss"] = logs["loss"]
+
+    return Measure()
+
+
+def _count_batch(stats: dict, inputs: dict) -> None:
+    """Labelled tokens, real input tokens and positions of one training micro-batch (a padding-free
+    batch has no attention mask: every position is real)."""
+    positions = inputs["input_ids"].numel()
+    mask = inputs.get("attention_mask")
+    stats["input_tokens"] += int(mask.sum()) if mask is not None else positions
+    stats["positions"] += positions
+    stats["tokens"] += int((inputs.get("labels", inputs["input_ids"]) != IGNORE_INDEX).sum())
+
+
+def _finish(stats: dict, spec: dict, model_dir: str) -> None:
+    stats.pop("_begin", None)
+    stats["model_dir"] = model_dir
+    stats["tokens_per_s"] = round(stats["tokens"] / stats["train_s"], 1) if stats["train_s"] else None
+    stats["padding_fraction"] = (round(1 - stats["input_tokens"] / stats["positions"], 4)
+                                 if stats["positions"] else None)
+    stats["train_s"] = round(stats["train_s"], 3)
+    Path(spec["out"], "result.json").write_text(json.dumps(stats, indent=2))
+
+
+def _new_stats() -> dict:
+    return {"train_s": 0.0, "steps": 0, "tokens": 0, "input_tokens": 0, "positions": 0, "peak_memory_gib": 0.0,
+            "final_train_loss": None}
+
+
+def worker_trl(spec: dict) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    cuda = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(spec["student"])
+    train = encode_file(Path(spec["data"], "train.jsonl"), tokenizer, spec["max_length"])
+    heldout = encode_file(Path(spec["data"], "heldout.jsonl"), tokenizer, spec["max_length"])
+    stats = _new_stats()
+
+    def collate(rows):  # right padding, the labels masked as encoded
+        width = max(len(r["input_ids"]) for r in rows)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows])
+        labels = torch.tensor([r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"])) for r in rows])
+        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    class CountingGKDTrainer(GKDTrainer):
+        def compute_loss(self, model, inputs, *a, **k):
+            if model.training:
+                _count_batch(stats, inputs)
+            return super().compute_loss(model, inputs, *a, **k)
+
+    steps = spec["steps"]
+    config = dict(
+        output_dir=spec["out"], lmbda=0.0, beta=0.0, temperature=spec["temperature"], seq_kd=False,
+        per_device_train_batch_size=spec["batch_size"], per_device_eval_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=spec["grad_accum"], max_steps=steps, learning_rate=spec["lr"],
+        lr_scheduler_type="cosine", warmup_steps=math.ceil(0.05 * steps), weight_decay=0.0, max_grad_norm=1.0,
+        bf16=cuda, use_liger_kernel=spec["gpu_levers"], max_length=spec["max_length"],
+        eval_strategy="steps", eval_steps=steps, save_strategy="steps", save_steps=steps,
+        logging_steps=1, report_to=[], seed=spec["seed"], remove_unused_columns=False,
+        teacher_model_init_kwargs={"dtype": "bfloat16" if cuda else "float32"},
+        model_init_kwargs={"dtype": "float32"}, use_cpu=not cuda, dataloader_num_workers=0)
+    stats["config"] = {"trl.experimental.gkd.GKDConfig": json.loads(json.dumps(config))}  # GKD edits its kwargs
+    trainer = CountingGKDTrainer(model=spec["student"], teacher_model=spec["teacher"], args=GKDConfig(**config),
+                                 data_collator=collate, train_dataset=Dataset.from_list(train),
+                                 eval_dataset=Dataset.from_list(heldout), processing_class=tokenizer,
+                                 callbacks=[_measuring_callback(stats)])
+    trainer.train()
+    final = str(Path(spec["out"], "final"))
+    trainer.save_model(final)
+    _finish(stats, spec, final)
+
+
+def worker_distillkit(spec: dict) -> None:
+    """DistillKit's own entry point on a YAML config, its trainer counted by a subclass."""
+    import importlib.util
+
+    import torch
+    import yaml
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    import distillkit.main as dk_main
+
+    cuda = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(spec["teacher"])
+    out = Path(spec["out"])
+    for name in ("train", "heldout"):
+        rows = encode_file(Path(spec["data"], f"{name}.jsonl"), tokenizer, spec["max_length"])
+        Dataset.from_list([{"input_ids": r["input_ids"],
+                            "completion_mask": [int(label != IGNORE_INDEX) for label in r["labels"]]}
+                           for r in rows]).save_to_disk(str(out / f"ds_{name}"))
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    steps = spec["steps"]
+    config = {
+        "project_name": "real-run", "model": spec["student"], "output_path": str(out / "final"),
+        "sequence_length": spec["max_length"], "use_flash_attention": flash,
+        "model_kwargs": {} if flash else {"attn_implementation": "sdpa"},
+        "dataset": {"train_dataset": {"disk_path": str(out / "ds_train")},
+                    "eval_dataset": {"disk_path": str(out / "ds_heldout")}, "seed": spec["seed"]},
+        "teacher": {"kind": "hf", "path": spec["teacher"],
+                    "kwargs": {"attn_implementation": "flash_attention_2" if flash else "sdpa",
+                               "torch_dtype": "bfloat16" if cuda else "float32"}},
+        "loss_functions": [{"function": "kl", "weight": 1.0, "temperature": spec["temperature"]}],
+        "training_args": {
+            "packing": spec["distillkit_packing"], "completion_only_loss": True, "max_steps": steps,
+            "per_device_train_batch_size": spec["batch_size"], "per_device_eval_batch_size": spec["batch_size"],
+            "gradient_accumulation_steps": spec["grad_accum"], "learning_rate": spec["lr"],
+            "lr_scheduler_type": "cosine", "warmup_steps": math.ceil(0.05 * steps), "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "bf16": cuda, "optim": "adamw_torch", "gradient_checkpointing": spec["distillkit_checkpointing"],
+            "eval_strategy": "steps", "eval_steps": steps, "save_strategy": "steps", "save_steps": steps,
+            "logging_steps": 1, "report_to": "none", "seed": spec["seed"], "use_cpu": not cuda,
+            "output_dir": str(out / "final")}}
+    config["training_args"].pop("output_dir")
+    config_path = out / "distillkit.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    stats = _new_stats()
+    stats["config"] = {"distillkit.yaml": config}
+
+    class CountingDistillationTrainer(dk_main.DistillationTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.add_callback(_measuring_callback(stats))
+
+        def compute_loss(self, model, inputs, *a, **k):
+            if model.training:
+                _count_batch(stats, inputs)
+            return super().compute_loss(model, inputs, *a, **k)
+
+    dk_main.DistillationTrainer = CountingDistillationTrainer
+    dk_main.main.main([str(config_path), "-v"], standalone_mode=False)
+    _finish(stats, spec, str(out / "final"))
+
+
+# --------------------------------------------------------------------------- report
+
+def markdown(report: dict) -> str:
+    lines = [f"# Real run: {report['pair']}, {report['steps']} steps x {report['batch_size']} x "
+             f"{report['grad_accum']}, max_length {report['max_length']} ({report['device']})", "",
+             "| arm | tokens/s (train) | padding | peak GiB | wall s | train s | held-out CE | tokens |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        if r["returncode"] != 0:
+            lines.append(f"| {r['arm']} | failed (rc {r['returncode']}) | | | {r['wall_s']} | | | |")
+            continue
+        lines.append(f"| {r['arm']} | {r['tokens_per_s']} | {r['padding_fraction']} | {r['peak_memory_gib']} | "
+                     f"{r['wall_s']} | {r['train_s']} | {r.get('heldout_ce')} | {r['tokens']} |")
+    lines += ["", "Commands:", ""] + [f"- {r['arm']}: `{r['command']}`" for r in report["results"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pair", default="1.5b-0.5b", choices=sorted(PAIRS))
+    parser.add_argument("--models", type=Path)
+    parser.add_argument("--data", type=Path, default=ROOT / ".realrun_data")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs/real_run")
+    parser.add_argument("--arms", nargs="+", default=["ours", "trl", "distillkit"])
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--grad_accum", type=int, default=2)
+    parser.add_argument("--max-length", dest="max_length", type=int, default=2048)
+    parser.add_argument("--heldout-examples", dest="heldout_examples", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--smoke", action="store_true", help="tiny Qwen2 models, 3 steps x 2 x 2, max_length 256")
+    parser.add_argument("--prepare-data", action="store_true", help="write DATA/train.jsonl and heldout.jsonl")
+    parser.add_argument("--distillkit-packing", action="store_true",
+                        help="TRL packing under DistillKit (its compute_loss drops position_ids: see docs)")
+    parser.add_argument("--distillkit-checkpointing", action="store_true", help="gradient checkpointing (its example)")
+    parser.add_argument("--keep-models", dest="keep_models", action="store_true",
+                        help="keep each arm's checkpoints and final student (removed by default once measured)")
+    parser.add_argument("--json", type=Path, help="report JSON (default OUT/real_run.json)")
+    parser.add_argument("--worker", choices=["trl", "distillkit"], help=argparse.SUPPRESS)
+    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("ours_overrides", nargs="*", help="more Hydra overrides for the ours arm")
+    args = parser.parse_args()
+    if args.worker:
+        spec = json.loads(args.spec.read_text())
+        (worker_trl if args.worker == "trl" else worker_distillkit)(spec)
+        return
+    if args.smoke:
+        args.steps, args.batch_size, args.grad_accum, args.max_length, args.heldout_examples = 3, 2, 2, 256, 8
+    import torch
+
+    args.gpu_levers = torch.cuda.is_available()
+    train_examples = args.steps * args.batch_size * args.grad_accum
+    if args.prepare_data or not (args.data / "train.jsonl").exists():
+        prepare_data(args.data, train_examples=train_examples, heldout_examples=args.heldout_examples,
+                     max_length=args.max_length, seed=args.seed)
+    rows = sum(1 for _ in open(args.data / "train.jsonl"))
+    if rows != train_examples:  # one epoch: every arm sees each example once
+        raise SystemExit(f"{args.data}/train.jsonl has {rows} examples, steps x batch x accumulation is "
+                         f"{train_examples}: rerun with --prepare-data or another --data")
+    if args.models is None:
+        if args.prepare_data:
+            return
+        raise SystemExit("--models DIR is needed to run the arms")
+    prepare_models(args.pair, args.models, args.smoke)
+    spec = {"teacher": str(args.models / "teacher"), "student": str(args.models / "student"),
+            "data": str(args.data.resolve()), "steps": args.steps, "batch_size": args.batch_size,
+            "grad_accum": args.grad_accum, "max_length": args.max_length, "lr": args.lr,
+            "temperature": args.temperature, "seed": args.seed, "gpu_levers": args.gpu_levers,
+            "distillkit_packing": args.distillkit_packing, "distillkit_checkpointing": args.distillkit_checkpointing}
+    from transformers import AutoTokenizer
+
+    heldout = encode_file(args.data / "heldout.jsonl", AutoTokenizer.from_pretrained(spec["student"]),
+                          args.max_length)
+    results = []
+    for arm in args.arms:
+        result = run_arm(arm, args, spec)
+        if result["returncode"] == 0:
+            result["heldout_ce"] = round(heldout_ce(Path(result["model_dir"]), heldout), 4)
+        if not args.keep_models:  # the next arm needs the disk (a 1.5B checkpoint with AdamW is ~18 GB)
+            arm_dir = args.out / arm
+            for path in [arm_dir / "run" / "stage1", *(p for p in arm_dir.iterdir() if p.is_dir() and p.name != "run")]:
+                shutil.rmtree(path, ignore_errors=True)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("timings", "log_tail")}), flush=True)
+        results.append(result)
+    report = {"pair": "smoke (tiny Qwen2)" if args.smoke else args.pair, "steps": args.steps,
+              "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
+              "train_examples": train_examples, "heldout_examples": len(heldout), "temperature": args.temperature,
+              "gpu_levers": args.gpu_levers, "device": torch.cuda.get_device_name() if args.gpu_levers else "cpu",
+              "versions": _versions(), "command": "python " + " ".join(sys.argv), "results": results}
+    path = args.json or args.out / "real_run.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "trl", "accelerate", "liger-kernel", "distillkit"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
