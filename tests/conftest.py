@@ -115,3 +115,32 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after the raise runs."""
+
+
+def kill_in_stages(monkeypatch, run_once, stages=(2, 3), at_step: int = 3, after_each=None) -> None:
+    """Run ``run_once()`` once per stage in ``stages``, each time killed (:class:`Killed`) right
+    after that stage's step ``at_step`` is logged, then once more to the end, as a user would
+    rerun the same command after each kill. ``after_each(stage)`` runs after each kill."""
+    from qwen_distillation.training.metrics import MetricsLogger
+
+    original_log = MetricsLogger.log
+
+    def dying_at(stage):
+        def dying_log(self, row, **kwargs):
+            original_log(self, row, **kwargs)
+            if row.get("stage") == stage and row.get("step") == at_step and "loss" in row:
+                raise Killed()
+        return dying_log
+
+    for stage in stages:
+        monkeypatch.setattr(MetricsLogger, "log", dying_at(stage))
+        with pytest.raises(Killed):
+            run_once()
+        if after_each is not None:
+            after_each(stage)
+    monkeypatch.setattr(MetricsLogger, "log", original_log)
+    run_once()

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import compose_config, tiny_overrides, train_rows
+from conftest import compose_config, kill_in_stages, tiny_overrides, train_rows
 from qwen_distillation.app import run
 from qwen_distillation.training.metrics import MetricsLogger
 
@@ -103,22 +103,11 @@ def test_killed_run_resumes_with_the_same_loss_trajectory(tmp_path, monkeypatch)
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
     _run(common + [f"output_dir={reference_dir}"])
 
-    original_log = MetricsLogger.log
-
-    def dying_at(stage):
-        def dying_log(self, row, **kwargs):
-            original_log(self, row, **kwargs)
-            if row.get("stage") == stage and row.get("step") == 3 and "loss" in row:
-                raise _Killed()
-        return dying_log
-
-    for stage in (2, 3):
-        monkeypatch.setattr(MetricsLogger, "log", dying_at(stage))
-        with pytest.raises(_Killed):
-            _run(common + [f"output_dir={resumed_dir}"])
+    def saved(stage):
         assert (resumed_dir / f"stage{stage}" / "checkpoint-2" / "state.pt").exists()
-    monkeypatch.setattr(MetricsLogger, "log", original_log)
-    _run(common + [f"output_dir={resumed_dir}"])  # the same command again
+
+    # The same command, killed in stage 2, again in stage 3, then run to the end.
+    kill_in_stages(monkeypatch, lambda: _run(common + [f"output_dir={resumed_dir}"]), after_each=saved)
 
     reference, resumed = train_rows(reference_dir), train_rows(resumed_dir)
     assert [(r["stage"], r["step"]) for r in resumed] == [(r["stage"], r["step"]) for r in reference]

@@ -16,7 +16,7 @@ from qwen_distillation.config.validate import validate_config
 from qwen_distillation.data.hard_sampling import HardExampleSampler
 from qwen_distillation.data.manager import StageSampler, length_grouped_batches, token_micro_batches
 from qwen_distillation.errors import ConfigError
-from tests.conftest import compose_config, tiny_overrides, train_rows
+from tests.conftest import compose_config, kill_in_stages, tiny_overrides, train_rows
 
 BUDGET = 100
 
@@ -211,10 +211,6 @@ def test_a_run_with_a_token_budget_logs_steps_within_it(tmp_path, packing):
     assert len({r["examples"] for r in rows}) > 1 or len({r["input_tokens"] for r in rows}) > 1
 
 
-class _Killed(BaseException):
-    """Stands for SIGKILL: nothing after the raise runs."""
-
-
 @pytest.mark.slow
 def test_a_killed_run_with_a_token_budget_resumes_with_the_same_steps(tmp_path, monkeypatch):
     """Killed after step 3 of 4 of stage 2 (checkpoint at step 2) and again in stage 3 (hard-example
@@ -223,27 +219,12 @@ def test_a_killed_run_with_a_token_budget_resumes_with_the_same_steps(tmp_path, 
     from safetensors.torch import load_file
 
     from qwen_distillation.app import run
-    from qwen_distillation.training.metrics import MetricsLogger
 
     common = tiny_overrides(tmp_path / "x", steps=4) + [
         "start_stage=2", "stage2.save_every=2", "stage2.tokens_per_step=300", "stage3.save_every=2",
         "stage3.tokens_per_step=300", "stage3.sampling.rescore_every=3", "stage3.sampling.max_scored=8"]
     run(compose_config(common + [f"output_dir={tmp_path / 'reference'}"]))
-    original_log = MetricsLogger.log
-
-    def dying_at(stage):
-        def dying_log(self, row, **kwargs):
-            original_log(self, row, **kwargs)
-            if row.get("stage") == stage and row.get("step") == 3 and "loss" in row:
-                raise _Killed()
-        return dying_log
-
-    for stage in (2, 3):
-        monkeypatch.setattr(MetricsLogger, "log", dying_at(stage))
-        with pytest.raises(_Killed):
-            run(compose_config(common + [f"output_dir={tmp_path / 'resumed'}"]))
-    monkeypatch.setattr(MetricsLogger, "log", original_log)
-    run(compose_config(common + [f"output_dir={tmp_path / 'resumed'}"]))
+    kill_in_stages(monkeypatch, lambda: run(compose_config(common + [f"output_dir={tmp_path / 'resumed'}"])))
     drop = ("tokens_per_s",)
     reference, resumed = ([{k: v for k, v in row.items() if k not in drop} for row in train_rows(tmp_path / name)]
                           for name in ("reference", "resumed"))
