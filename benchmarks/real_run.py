@@ -62,7 +62,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-PAIRS = {"1.5b-0.5b": ("1.5b", "0.5b"), "7b-1.5b": ("7b", "1.5b")}
+from qwen_shapes import PAIRS, QWEN, save_random_pair  # noqa: E402
+
 TINY = {"teacher": dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
         "student": dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -123,26 +124,16 @@ def encode_file(path: Path, tokenizer, max_length: int) -> list[dict]:
 
 
 def prepare_models(pair: str, models: Path, smoke: bool) -> None:
-    """Random-init teacher (bf16) and student (fp32), saved with the Qwen2 tokenizer."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    """Random-init teacher (bf16) and student (fp32), saved with the Qwen2 tokenizer; the teacher
+    gets the student's vocabulary size (GKDTrainer refuses two)."""
     from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
-    from qwen_shapes import QWEN
 
-    tokenizer = build_qwen_tokenizer()
-    torch.manual_seed(0)
-    sizes = ("teacher", "student") if smoke else PAIRS[pair]
-    for role, size, dtype in zip(("teacher", "student"), sizes, (torch.bfloat16, torch.float32)):
-        target = models / role
-        if (target / "config.json").exists():
-            continue
-        shape = TINY[size] if smoke else {**QWEN[size], "vocab_size": QWEN[PAIRS[pair][1]]["vocab_size"]}
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = Qwen2ForCausalLM(Qwen2Config(**shape, max_position_embeddings=4096)).to(dtype)
-        model.save_pretrained(target)
-        tokenizer.save_pretrained(target)
-        del model
+    if smoke:
+        shapes = (TINY["teacher"], TINY["student"])
+    else:
+        teacher, student = PAIRS[pair]
+        shapes = ({**QWEN[teacher], "vocab_size": QWEN[student]["vocab_size"]}, QWEN[student])
+    save_random_pair(models, shapes, build_qwen_tokenizer())
 
 
 # --------------------------------------------------------------------------- the held-out metric
@@ -488,15 +479,17 @@ def main() -> None:
                 shutil.rmtree(path, ignore_errors=True)
         print(json.dumps({k: v for k, v in result.items() if k not in ("timings", "log_tail")}), flush=True)
         results.append(result)
-    report = {"pair": "smoke (tiny Qwen2)" if args.smoke else args.pair, "steps": args.steps,
-              "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
-              "train_examples": train_examples, "heldout_examples": len(heldout), "temperature": args.temperature,
-              "gpu_levers": args.gpu_levers, "device": torch.cuda.get_device_name() if args.gpu_levers else "cpu",
-              "versions": _versions(), "command": "python " + " ".join(sys.argv), "results": results}
-    path = args.json or args.out / "real_run.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown(report))
+        # written after every arm: a call cut short by a time limit still returns the arms it finished
+        report = {"pair": "smoke (tiny Qwen2)" if args.smoke else args.pair, "steps": args.steps,
+                  "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
+                  "train_examples": train_examples, "heldout_examples": len(heldout),
+                  "temperature": args.temperature, "gpu_levers": args.gpu_levers,
+                  "device": torch.cuda.get_device_name() if args.gpu_levers else "cpu",
+                  "versions": _versions(), "command": "python " + " ".join(sys.argv), "results": results}
+        path = args.json or args.out / "real_run.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        path.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
 
 
