@@ -231,3 +231,48 @@ def test_a_cache_of_the_fp8_teacher_never_matches_the_original_teacher(tokenizer
     (difference,) = identity_differences(fp8, original)
     assert difference.startswith("teacher: cache ") and ":fp8'" in difference
 
+
+
+needs_fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                                   reason="needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+)")
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-quantiser", "eager-quantiser"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 37, 512])
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_on_the_gpu_fp8_linear_equals_its_reference(rows, bias, compiled, monkeypatch):
+    """The FP8 tensor-core GEMM (``torch._scaled_mm``, bf16 out) with the Inductor-compiled or the
+    eager activation quantiser against the fp32 quantise-dequantise reference of the same codes."""
+    monkeypatch.setattr(FP8Linear, "compile_quantizer", compiled)
+    layer = _linear(in_features=256, out_features=128, bias=bias).cuda().to(torch.bfloat16)
+    fp8 = FP8Linear.from_linear(layer)
+    x = (torch.randn(rows, 256, device="cuda") * 3).to(torch.bfloat16)
+    with torch.no_grad():
+        out = fp8(x)
+        reference = fp8_linear_reference(x, layer.weight, layer.bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 128)
+    # The reference sums exact products of the same codes in fp32; the GEMM accumulates in fp32
+    # and rounds its output to bf16 (2**-8 relative), before and after the bias.
+    torch.testing.assert_close(out.float(), reference, rtol=2**-7, atol=2**-7 * reference.abs().max().item())
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_on_the_gpu_the_converted_teacher_stays_close_to_bf16():
+    """A tiny Qwen2 in bf16 on CUDA, converted: logits move by a few percent, the distributions by
+    a small KL, with top-1 agreement high (the demo teacher's figures: docs/performance.md)."""
+    model = _qwen2(hidden=128, intermediate=256, init=0.1).cuda().to(torch.bfloat16)
+    fp8 = copy.deepcopy(model)
+    report = convert_to_fp8(fp8)
+    assert len(report.converted) == 2 * 7 and all(m.weight.is_cuda for m in fp8.modules() if isinstance(m, FP8Linear))
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (4, 64), device="cuda")
+    with torch.no_grad():
+        exact, approx = model(input_ids=ids).logits.float(), fp8(input_ids=ids).logits.float()
+    log_p, log_q = exact.log_softmax(-1), approx.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    relative = ((approx - exact).norm() / exact.norm()).item()
+    top1 = (exact.argmax(-1) == approx.argmax(-1)).float().mean().item()
+    assert 0.005 < relative < 0.2 and 0 < kl < 0.02 and top1 >= 0.8, (relative, kl, top1)
