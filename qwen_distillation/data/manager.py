@@ -344,6 +344,15 @@ def token_micro_batches(examples: list[dict], max_tokens: int) -> list[list[dict
     return out
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """``batch`` on ``device``. To a GPU the tensors go from pinned host memory without blocking the
+    host, so it can launch the next kernels while they are copied (the copy is ordered before them on
+    the current stream)."""
+    if torch.device(device).type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def length_grouped_batches(examples: list[dict], batch_size: int, pad_token_id: int,
                            device: torch.device | str = "cpu", *, pack_length: int | None = None,
                            by_tokens: bool = False) -> list[dict[str, torch.Tensor]]:
