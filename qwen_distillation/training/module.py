@@ -112,7 +112,8 @@ def _fused_logit_terms(plan: LossPlan, **fused) -> tuple[dict[str, torch.Tensor]
 
 
 def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForward | CachedTopK | None,
-                 positions: torch.Tensor, targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                 positions: torch.Tensor,
+                 targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(terms, unweighted ce/kd sums) of the CE and KD terms, from hidden states in chunks
     (the fused kernel) or from full logits; ``positions`` (N,) are the labelled positions
     (``modeling.parts.response_positions``), ``targets`` (N,) their next tokens."""
