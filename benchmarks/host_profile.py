@@ -38,9 +38,9 @@ Waits for the device, per step and per phase (``syncs``):
   step counters stay on the host on a GPU too). The wrappers slow every indexing, so the timed run
   does not carry them.
 
-With ``--trace`` on CUDA, the steps after the warm-up run under ``torch.profiler`` and the report
-adds each step's GPU-idle share: 1 - (union of the kernel, copy and set intervals in the step) /
-(the step's wall time).
+With ``--trace`` on CUDA, a third run of the same steps goes under ``torch.profiler`` and the report
+adds each step's GPU-idle share (``traced``): 1 - (union of the kernel, copy and set intervals in the
+step) / (the step's wall time); the tracing slows the host, so its step times are reported apart.
 
 The report (JSON) holds each step's figures and their medians over the steps after ``--warmup``.
 """
@@ -323,25 +323,31 @@ def main() -> None:
         counted = run_profiled(args, count="reads")
         for step, other in zip(steps, counted):
             step["syncs"], step["sync_calls"] = other.get("syncs", {}), other.get("sync_calls", {})
-    if cuda and args.trace:
-        with tempfile.TemporaryDirectory() as scratch:
-            trace = Path(scratch) / "trace.json"
-            traced = run_profiled(args, count=None, trace=trace)
-            shares = gpu_idle_shares(trace)
-        for step, share in zip(steps, shares):
-            step["gpu_idle_share"] = share
-        report["median_gpu_idle_share_traced"] = statistics.median(shares[args.warmup:] or shares)
-        report["median_step_s_traced"] = statistics.median(s["step_s"] for s in traced[args.warmup:] or traced)
     for step in steps:
         for key in ("step_s", *PHASES):
             step[key] = round(step.get(key, 0.0), 6)
     report["summary"] = summarise(steps, args.warmup)
     report["steps_profiled"] = steps
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write(report, args.out)
+    if cuda and args.trace:  # a third run, under torch.profiler (its own step times, slowed by the tracing)
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                trace = Path(scratch) / "trace.json"
+                traced = run_profiled(args, count=None, trace=trace)
+                shares = gpu_idle_shares(trace)
+            report["traced"] = {"gpu_idle_share": shares,
+                                "median_gpu_idle_share": statistics.median(shares[args.warmup:] or shares),
+                                "median_step_s": statistics.median(s["step_s"] for s in traced[args.warmup:] or traced)}
+        except Exception as err:  # the untraced figures are already written
+            report["traced"] = {"error": repr(err)}
+        write(report, args.out)
+    print(json.dumps(report, indent=2))
+
+
+def write(report: dict, out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
