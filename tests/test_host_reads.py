@@ -13,6 +13,7 @@ import torch
 
 from conftest import compose_config, tiny_overrides
 from qwen_distillation.data.manager import collate, collate_packed
+from qwen_distillation.losses.feature import FeatureProjector, masked_feature_loss
 from qwen_distillation.modeling.parts import (gather_positions, gather_targets, position_mask, response_positions,
                                               response_targets)
 
@@ -46,12 +47,32 @@ def test_gathered_positions_equal_the_boolean_mask_in_values_and_gradients(packe
     assert torch.equal(by_index, by_mask)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_feature_loss_by_positions_equals_it_by_mask_in_values_and_gradients(packed):
+    batch = collate_packed(_examples(), 0, 24) if packed else collate(_examples(), 0)
+    labels = batch["labels"]
+    torch.manual_seed(0)
+    students = [torch.randn(*labels.shape, 6, requires_grad=True) for _ in range(2)]
+    teachers = [torch.randn(*labels.shape, 10) for _ in range(2)]
+    projector = FeatureProjector([(0, 0), (1, 1)], 6, 10)
+    results = []
+    for positions in (None, response_positions(labels)):
+        value = masked_feature_loss(students, teachers, position_mask(labels), projector, positions=positions,
+                                    loss="mse", normalize=True, reduction="sum")
+        results.append((value, *torch.autograd.grad(value, [*students, *projector.parameters()])))
+    assert results[0][0] > 0
+    for by_mask, by_positions in zip(*results):
+        assert torch.equal(by_mask, by_positions)
+
+
 def test_a_training_step_reads_the_device_once_per_micro_batch_and_twice_per_step(tmp_path, monkeypatch):
-    """Stage 1 (CE + KD, one ``logit`` term), 2 micro-batches a step. Per step the package reads
+    """Stages 1 (CE + KD, one ``logit`` term) and 2 (all five terms), 2 micro-batches a step. Per step the
+    package reads
     back: the non-finite check of each micro-batch's terms (one read for all of them), the gradient
     norm, and the step's logged loss sums (one read). ``response_positions`` reads the labels on
     the host, before the copy. Before this was cut, a step read the device 8 times per micro-batch
-    (counting the tokens, 3 boolean-mask indexings, 2 logged values, the non-finite check)."""
+    (counting the tokens, 3 boolean-mask indexings, 2 logged values, the non-finite check), in stage 2
+    4 more (the feature term's boolean-mask indexing of its 2 layer pairs) and a read per further term."""
     from qwen_distillation.app import run
     from qwen_distillation.training import distiller
 
@@ -84,7 +105,8 @@ def test_a_training_step_reads_the_device_once_per_micro_batch_and_twice_per_ste
             in_step["on"] = False
 
     monkeypatch.setattr(distiller.Distiller, "_train_step", counted_step)
-    run(compose_config(tiny_overrides(tmp_path, steps=2) + ["end_stage=1", "stage1.eval_every=0"]))
-    assert len(reads) == 2
+    run(compose_config(tiny_overrides(tmp_path, steps=2) + ["end_stage=2", "stage1.eval_every=0",
+                                                            "stage2.eval_every=0"]))
+    assert len(reads) == 4
     for step in reads:
         assert step == Counter({"response_positions": 2, "nonfinite_terms": 2, "step": 1, "host_floats": 1})

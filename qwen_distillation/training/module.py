@@ -193,8 +193,9 @@ def loss_terms(plan: LossPlan, batch: dict[str, torch.Tensor], student: Captured
     if teacher is not None and plan.active("feature"):
         states_s = [student.hidden[s] for s, _ in plan.feature_pairs]
         states_t = [teacher.hidden[t] for _, t in plan.feature_pairs]
-        terms["feature"] = masked_feature_loss(states_s, states_t, mask, heads.feature, loss=plan.feature_loss,
-                                               normalize=plan.feature_normalize, reduction="sum")
+        terms["feature"] = masked_feature_loss(states_s, states_t, mask, heads.feature, positions=positions,
+                                               loss=plan.feature_loss, normalize=plan.feature_normalize,
+                                               reduction="sum")
     # A packed batch (train.packing) marks each position's example; the row-wide terms are taken
     # per example, as each would be alone in its row.
     segments = batch.get("segments")
