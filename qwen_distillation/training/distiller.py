@@ -105,6 +105,7 @@ def host_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     read = dict(zip(names, torch.stack([values[n] for n in names]).tolist())) if names else {}
     return {name: read[name] if name in read else float(value) for name, value in values.items()}
 
+
 @dataclass
 class StageRun:
     """One stage in progress: what it computes and serves, its engine, and its counters."""
