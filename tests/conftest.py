@@ -85,13 +85,14 @@ def loss_plan(weights: dict[str, float], vocab_size: int, *, kd: str = "forward_
 
 
 def micro_batch_terms(student, teacher, batch: dict, plan, heads=None):
-    """(terms, info) of one micro-batch, as a training step computes them."""
+    """(terms, info) of one micro-batch, as a training step computes them (``info`` read as floats)."""
     from qwen_distillation.training.module import DistillationModule, Heads
     from qwen_distillation.training.teacher import TeacherRunner
 
     module = DistillationModule(student, heads if heads is not None else Heads())
     module.plan = plan
-    return module(batch, TeacherRunner(teacher)(batch, plan))
+    terms, info = module(batch, TeacherRunner(teacher)(batch, plan))
+    return terms, {name: float(value) for name, value in info.items()}
 
 
 @pytest.fixture(autouse=True)

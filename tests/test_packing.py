@@ -243,7 +243,7 @@ def test_a_cached_teacher_gives_a_packed_batch_the_rows_of_its_examples():
     values = []
     for batch in (collate(examples, PAD), collate_packed(examples, PAD, 24)):
         terms, info = module(batch, cached(batch, plan))
-        values.append((float(terms["logit"].detach()), info["kd"]))
+        values.append((float(terms["logit"].detach()), float(info["kd"])))
     assert values[1][0] == pytest.approx(values[0][0], rel=1e-5)
     assert values[1][1] == pytest.approx(values[0][1], rel=1e-5) and values[0][1] > 0
 

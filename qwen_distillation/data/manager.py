@@ -344,6 +344,20 @@ def token_micro_batches(examples: list[dict], max_tokens: int) -> list[list[dict
     return out
 
 
+# Batch keys read only by the host (a cached teacher looks its rows up by ``example_id``): they stay
+# there, since reading them back from a GPU would wait for it.
+HOST_KEYS = ("example_id",)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """``batch`` on ``device``, but for :data:`HOST_KEYS`. To a GPU the tensors go from pinned host
+    memory without blocking the host, so it can launch the next kernels while they are copied (the
+    copy is ordered before them on the current stream)."""
+    cuda = torch.device(device).type == "cuda"
+    return {k: v if k in HOST_KEYS else v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)
+            for k, v in batch.items()}
+
+
 def length_grouped_batches(examples: list[dict], batch_size: int, pad_token_id: int,
                            device: torch.device | str = "cpu", *, pack_length: int | None = None,
                            by_tokens: bool = False) -> list[dict[str, torch.Tensor]]:

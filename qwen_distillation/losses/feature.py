@@ -237,6 +237,8 @@ def masked_feature_loss(
     teacher_states: Sequence[torch.Tensor],
     mask: torch.Tensor,
     projector: FeatureProjector | None,
+    *,
+    positions: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
     """Select the valid tokens, project the student and call :func:`feature_loss`.
@@ -250,6 +252,9 @@ def masked_feature_loss(
             teacher (treated as constant).
         mask (torch.Tensor): shape (B, L), bool; True marks the tokens that count.
         projector (FeatureProjector | None): maps H_s -> H_t; ``None`` for equal widths.
+        positions (torch.Tensor | None): shape (N,), int64, the flat indices into the B * L
+            positions where ``mask`` is True, in order; given, the tokens are gathered by index
+            (the same values and gradients), which does not wait for a GPU to count the mask.
         **kwargs: ``loss``, ``normalize``, ``reduction`` of :func:`feature_loss`.
 
     Returns:
@@ -259,8 +264,12 @@ def masked_feature_loss(
     for state in (*student_states, *teacher_states):
         if state.shape[:-1] != mask.shape:
             raise ValueError(f"state shape {tuple(state.shape)} does not match mask shape {tuple(mask.shape)} + (H,)")
-    student = [state[mask] for state in student_states]
-    teacher = [state.detach()[mask] for state in teacher_states]
+    if positions is None:
+        student = [state[mask] for state in student_states]
+        teacher = [state.detach()[mask] for state in teacher_states]
+    else:
+        student = [state.flatten(0, 1).index_select(0, positions) for state in student_states]
+        teacher = [state.detach().flatten(0, 1).index_select(0, positions) for state in teacher_states]
     if projector is not None:
         student = projector(student)
     return feature_loss(student, teacher, **kwargs)

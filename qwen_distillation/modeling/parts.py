@@ -118,3 +118,23 @@ def position_mask(labels: torch.Tensor) -> torch.Tensor:
 def response_targets(labels: torch.Tensor) -> torch.Tensor:
     """(N,) the labelled next tokens, in the order of ``hidden[position_mask(labels)]``."""
     return labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+
+
+def response_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) int64: the flat indices into the (B * L) positions of :func:`position_mask`'s positions,
+    in its order. Taken from the labels on the host, they let the device gather the positions
+    (:func:`gather_positions`) without reading a mask back, which would wait for the device."""
+    return position_mask(labels).flatten().nonzero().squeeze(1)
+
+
+def gather_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(N, ...) the rows of ``states`` (B, L, ...) at the flat ``positions`` (N,) of
+    :func:`response_positions`: ``states[position_mask(labels)]``, the same values and gradients,
+    with no device sync (a boolean-mask index counts the mask on the host first)."""
+    return states.flatten(0, 1).index_select(0, positions)
+
+
+def gather_targets(labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(N,) :func:`response_targets` from the flat ``positions``: each position's next token
+    (never past its row's end: the last position of a row is not among them)."""
+    return labels.flatten().index_select(0, positions + 1)

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from qwen_distillation.config.schema import DistillationConfig, StageConfig
 from qwen_distillation.config.validate import engine_label
 from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indices
-from qwen_distillation.data.manager import (StageSampler, collate, length_grouped_batches, micro_batches,
+from qwen_distillation.data.manager import (StageSampler, collate, length_grouped_batches, micro_batches, to_device,
                                             stage_domains)
 from qwen_distillation.data.sources import DomainData, build_domain_data, data_sources
 from qwen_distillation.errors import ConfigError, DistillationError
@@ -46,7 +46,7 @@ from qwen_distillation.evaluation.report import summary_text
 from qwen_distillation.evaluation.samples import REFERENCE, sample_columns, samples_markdown
 from qwen_distillation.evaluation.sharding import Shard, map_shared
 from qwen_distillation.modeling.pair import ModelPair, build_pair
-from qwen_distillation.modeling.parts import (check_packed_attention, head_weights, response_targets,
+from qwen_distillation.modeling.parts import (check_packed_attention, head_weights, response_positions,
                                               whole_parameters)
 from qwen_distillation.modeling.speed import apply_speedups
 from qwen_distillation.modeling.prune import save_pruning
@@ -97,6 +97,13 @@ def select_device(train) -> tuple[torch.device, str]:
 
 class NonFiniteLossError(DistillationError):
     """A stage diverged: too many skipped (non-finite) steps, or a non-finite evaluation."""
+
+
+def host_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """``values`` as Python floats, the tensors among them (0-d, on one device) read in one transfer."""
+    names = [name for name, value in values.items() if isinstance(value, torch.Tensor)]
+    read = dict(zip(names, torch.stack([values[n] for n in names]).tolist())) if names else {}
+    return {name: read[name] if name in read else float(value) for name, value in values.items()}
 
 
 @dataclass
@@ -458,17 +465,21 @@ class Distiller:
         # normalised by the tokens (and micro-batches) of the whole step.
         # With stageN.tokens_per_step the step's size varies; so does its number of micro-batches (of
         # batch_size examples, or of data.max_length x batch_size tokens when packed).
-        batches = length_grouped_batches(served.examples, run.stage.batch_size, self.pair.pad_token_id, self.device,
+        batches = length_grouped_batches(served.examples, run.stage.batch_size, self.pair.pad_token_id, "cpu",
                                          pack_length=self.config.data.max_length if self.config.train.packing else None,
                                          by_tokens=run.stage.tokens_per_step is not None)
-        tokens = sum(int(response_targets(batch["labels"]).numel()) for batch in batches)
-        # The share of the micro-batches' positions that hold padding (what train.packing removes);
-        # from lengths and shapes, so it costs no device sync.
+        # The labelled positions, found on the host before the copy (finding or counting them on the
+        # device would wait for it); the loss terms gather them (training.module.loss_terms).
+        for batch in batches:
+            batch["response_positions"] = response_positions(batch["labels"])
+        tokens = sum(int(batch["response_positions"].numel()) for batch in batches)
+        # The share of the micro-batches' positions that hold padding (what train.packing removes).
         positions = sum(b["input_ids"].numel() for b in batches)
         padding = 1 - sum(len(e["input_ids"]) for e in served.examples) / positions
-        sums: dict[str, float] = {}
+        share = [to_device(batch, self.device) for batch in dist.rank_share(batches, self.topo)]
+        sums: dict[str, torch.Tensor | float] = {}
         balance_log: dict[str, float] = {}
-        for batch in dist.rank_share(batches, self.topo):
+        for batch in share:
             with run.engine.gathered():
                 with self._autocast():
                     terms, info = run.engine.forward(batch, self.teacher(batch, run.plan))
@@ -477,7 +488,10 @@ class Distiller:
                 break
             balance_log = logs
             for name, value in info.items():
-                sums[name] = sums.get(name, 0.0) + value
+                # Summed in float64 on the device: the same sums as of the values read one by one as
+                # Python floats, read back once for the step.
+                sums[name] = sums.get(name, 0.0) + (value.double() if isinstance(value, torch.Tensor) else value)
+        sums = host_floats(sums)
         minutes = self.config.train.save_every_minutes
         clock = float(bool(minutes) and self.topo.is_main and time.monotonic() - run.last_save >= 60 * minutes)
         if self.topo.world_size > 1:

@@ -54,6 +54,16 @@ class StepOutcome:
     nonfinite: str = ""
 
 
+def nonfinite_terms(terms: dict[str, torch.Tensor]) -> str:
+    """What is non-finite among a micro-batch's loss terms (``loss/kd=inf, ...``), "" if nothing;
+    the terms are checked together, one read of the device for all of them."""
+    values = [value.detach().float() for value in terms.values()]
+    if not values or bool(torch.isfinite(torch.stack(values)).all()):
+        return ""
+    return ", ".join(f"loss/{name}={float(value.detach())}" for name, value in terms.items()
+                     if not torch.isfinite(value))
+
+
 def weighted_loss(terms: dict[str, torch.Tensor], weights: dict[str, float],
                   world_size: int) -> tuple[torch.Tensor, str]:
     """The loss an engine over ``world_size`` ranks backpropagates for one micro-batch: the
@@ -61,11 +71,11 @@ def weighted_loss(terms: dict[str, torch.Tensor], weights: dict[str, float],
     gradients over the ranks); and what was non-finite (``loss/kd=inf``), "" if nothing. A
     non-finite term poisons the loss with NaN, so the gradient norm of the whole step is NaN on
     every rank and every rank skips the step."""
-    bad = {name: float(value.detach()) for name, value in terms.items() if not torch.isfinite(value)}
+    bad = nonfinite_terms(terms)
     loss = sum(weights[name] * value for name, value in terms.items()) * world_size
     if bad:
         loss = loss * float("nan")
-    return loss, ", ".join(f"loss/{name}={value}" for name, value in bad.items())
+    return loss, bad
 
 
 class ConsolidatedExports:
@@ -141,9 +151,9 @@ class SingleDeviceEngine:
         None when a term is non-finite: nothing is added, the step will be skipped, and the
         caller runs no further micro-batch of it.
         """
-        bad = {name: float(value.detach()) for name, value in terms.items() if not torch.isfinite(value)}
+        bad = nonfinite_terms(terms)
         if bad:
-            self._nonfinite = ", ".join(f"loss/{name}={value}" for name, value in bad.items())
+            self._nonfinite = bad
             return None
         if self.scaler is not None:
             terms = {name: self.scaler.scale(value) for name, value in terms.items()}

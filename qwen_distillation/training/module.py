@@ -31,8 +31,8 @@ from qwen_distillation.losses.fused import apply_fused_kd
 from qwen_distillation.losses.logit import cross_entropy, divergence
 from qwen_distillation.losses.topk import topk_divergence
 from qwen_distillation.modeling.capture import CapturedForward, forward_captured
-from qwen_distillation.modeling.parts import (decoder_and_head, model_inputs, position_mask, response_targets,
-                                              weight_shape)
+from qwen_distillation.modeling.parts import (decoder_and_head, gather_positions, gather_targets, model_inputs,
+                                              position_mask, response_positions, weight_shape)
 from qwen_distillation.training.plan import LossPlan
 from qwen_distillation.training.teacher import Launched
 from qwen_distillation.training.teacher_cache import CachedTopK
@@ -73,7 +73,9 @@ class DistillationModule(nn.Module):
     each active term to a scalar tensor with a graph on the student and heads (``logit`` =
     ``w_ce * CE_sum + w_kd * KD_sum`` fused, unless the plan keeps ``ce`` and ``kd`` apart;
     ``feature`` and ``attention`` sums over valid tokens; ``contrastive`` a mean over
-    sequences); ``info`` holds the unweighted values to log (``ce``, ``kd``, ...), as floats.
+    sequences); ``info`` holds the unweighted values to log (``ce``, ``kd``, ...), as detached 0-d
+    tensors (0.0 for a term not computed): the caller sums them on the device and reads them once a
+    step, since reading each as a float would wait for the device at every micro-batch.
     """
 
     def __init__(self, student: nn.Module, heads: Heads):
@@ -109,18 +111,21 @@ def _fused_logit_terms(plan: LossPlan, **fused) -> tuple[dict[str, torch.Tensor]
     return terms, {"ce": parts_ce["ce"], "kd": parts_kd["kd"]}
 
 
-def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForward | CachedTopK | None, mask: torch.Tensor,
+def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForward | CachedTopK | None,
+                 positions: torch.Tensor,
                  targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(terms, unweighted ce/kd sums) of the CE and KD terms, from hidden states in chunks
-    (the fused kernel) or from full logits."""
+    (the fused kernel) or from full logits; ``positions`` (N,) are the labelled positions
+    (``modeling.parts.response_positions``), ``targets`` (N,) their next tokens."""
     w_ce, w_kd = plan.weights.get("ce", 0.0), plan.weights.get("kd", 0.0)
     if isinstance(teacher, CachedTopK):
-        return _cached_logit_terms(plan, student, teacher, mask, targets)
+        return _cached_logit_terms(plan, student, teacher, positions, targets)
     if plan.hidden_path:
-        s_valid, s_head = student.last_hidden[mask], student.head_weight
+        s_valid, s_head = gather_positions(student.last_hidden, positions), student.head_weight
         if w_kd > 0 and teacher is not None:
             return _fused_logit_terms(plan, student_hidden=s_valid, student_weight=s_head,
-                                      teacher_hidden=teacher.last_hidden[mask], teacher_weight=teacher.head_weight,
+                                      teacher_hidden=gather_positions(teacher.last_hidden, positions),
+                                      teacher_weight=teacher.head_weight,
                                       labels=targets, vocab_size=plan.vocab_size)
         if w_ce <= 0:
             return {}, {}
@@ -128,11 +133,11 @@ def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForw
         terms = {"ce": ce} if plan.separate_logit_terms else {"logit": w_ce * ce}
         return terms, {"ce": ce.detach(), "kd": 0.0}
     # Full-logits path: models whose logits are not a plain projection of the hidden states.
-    s_logits = student.logits[:, :-1][mask[:, :-1]][:, : plan.vocab_size]
+    s_logits = gather_positions(student.logits, positions)[:, : plan.vocab_size]
     ce = cross_entropy(s_logits, targets, reduction="sum")
     kd = torch.zeros((), device=s_logits.device)
     if teacher is not None and w_kd > 0:
-        t_logits = teacher.logits[:, :-1][mask[:, :-1]][:, : plan.vocab_size]
+        t_logits = gather_positions(teacher.logits, positions)[:, : plan.vocab_size]
         kd = divergence(plan.kd.kind, s_logits, t_logits, targets, temperature=plan.kd.temperature,
                         reduction="sum", beta=plan.kd.beta, alpha=plan.kd.alpha)
     if plan.separate_logit_terms:
@@ -142,7 +147,7 @@ def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForw
     return terms, {"ce": ce.detach(), "kd": kd.detach()}
 
 
-def _cached_logit_terms(plan: LossPlan, student: CapturedForward, teacher: CachedTopK, mask: torch.Tensor,
+def _cached_logit_terms(plan: LossPlan, student: CapturedForward, teacher: CachedTopK, positions: torch.Tensor,
                         targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The CE and sparse top-k KD terms against a cached teacher (``stageN.teacher.source=cache``):
     ``bucket`` through the fused-linear kernel of the online teacher with the completed cached
@@ -151,15 +156,17 @@ def _cached_logit_terms(plan: LossPlan, student: CapturedForward, teacher: Cache
     w_ce, w_kd = plan.weights.get("ce", 0.0), plan.weights.get("kd", 0.0)
     options = dict(kind=plan.kd.kind, temperature=plan.kd.temperature, tail=plan.teacher_tail, beta=plan.kd.beta)
     if plan.hidden_path and w_kd > 0 and plan.teacher_tail == "bucket" and plan.kd.kernel != "liger":
-        return _fused_logit_terms(plan, student_hidden=student.last_hidden[mask], student_weight=student.head_weight,
+        return _fused_logit_terms(plan, student_hidden=gather_positions(student.last_hidden, positions),
+                                  student_weight=student.head_weight,
                                   teacher_hidden=None, teacher_weight=None, labels=targets, vocab_size=plan.vocab_size,
                                   teacher_logits=CompletedTopK(teacher.ids, teacher.logprobs, teacher.tail_logmass))
     if plan.hidden_path:
-        ce, kd = cached_teacher_kd(student.last_hidden[mask], student.head_weight[: plan.vocab_size], targets,
+        ce, kd = cached_teacher_kd(gather_positions(student.last_hidden, positions),
+                                   student.head_weight[: plan.vocab_size], targets,
                                    teacher.ids, teacher.logprobs, teacher.tail_logmass, ce=w_ce > 0, kd=w_kd > 0,
                                    chunk_size=plan.kd.chunk_size, **options)
     else:
-        s_logits = student.logits[:, :-1][mask[:, :-1]][:, : plan.vocab_size]
+        s_logits = gather_positions(student.logits, positions)[:, : plan.vocab_size]
         ce = cross_entropy(s_logits, targets, reduction="sum")
         kd = topk_divergence(options.pop("kind"), s_logits, teacher.ids, teacher.logprobs, targets,
                              teacher_tail_logmass=teacher.tail_logmass, reduction="sum", **options)
@@ -175,14 +182,20 @@ def loss_terms(plan: LossPlan, batch: dict[str, torch.Tensor], student: Captured
     """The loss terms of one micro-batch from both models' forward passes (see
     :class:`DistillationModule`); ``teacher`` is None when no active term reads it."""
     labels = batch["labels"]
-    mask, targets = position_mask(labels), response_targets(labels)
-    terms, parts = _logit_terms(plan, student, teacher, mask, targets)
-    info = {name: float(value) for name, value in parts.items()}
+    # The labelled positions as flat indices, from the host when the batch brings them (a training
+    # step does, ``response_positions``): gathering them waits for nothing, a boolean mask would.
+    positions = batch.get("response_positions")
+    if positions is None:
+        positions = response_positions(labels)
+    mask, targets = position_mask(labels), gather_targets(labels, positions)
+    terms, parts = _logit_terms(plan, student, teacher, positions, targets)
+    info = {name: value.detach() if isinstance(value, torch.Tensor) else value for name, value in parts.items()}
     if teacher is not None and plan.active("feature"):
         states_s = [student.hidden[s] for s, _ in plan.feature_pairs]
         states_t = [teacher.hidden[t] for _, t in plan.feature_pairs]
-        terms["feature"] = masked_feature_loss(states_s, states_t, mask, heads.feature, loss=plan.feature_loss,
-                                               normalize=plan.feature_normalize, reduction="sum")
+        terms["feature"] = masked_feature_loss(states_s, states_t, mask, heads.feature, positions=positions,
+                                               loss=plan.feature_loss, normalize=plan.feature_normalize,
+                                               reduction="sum")
     # A packed batch (train.packing) marks each position's example; the row-wide terms are taken
     # per example, as each would be alone in its row.
     segments = batch.get("segments")
@@ -210,7 +223,7 @@ def loss_terms(plan: LossPlan, batch: dict[str, torch.Tensor], student: Captured
                                         domains=batch.get("domain") if plan.domain_aware else None, valid=valid)
     for name in ("feature", "attention", "contrastive"):
         if name in terms:
-            info[name] = float(terms[name].detach())
+            info[name] = terms[name].detach()
     return terms, info
 
 

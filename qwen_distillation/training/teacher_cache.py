@@ -167,7 +167,11 @@ class CachedTeacher:
     def __call__(self, batch: dict[str, torch.Tensor], plan) -> Launched[CachedTopK] | None:
         if not plan.needs_teacher:
             return None
+        # example_id stays on the host (data.manager.to_device): the lookup waits for no device.
         parts = [self.reader.lookup(*self.keys[int(i)]) for i in batch["example_id"].tolist()]
         device = batch["input_ids"].device
-        ids, logprobs, tail = (torch.cat([p[j] for p in parts]).to(device, non_blocking=True) for j in range(3))
+        rows = [torch.cat([p[j] for p in parts]) for j in range(3)]
+        if device.type == "cuda":  # from pinned memory the copy does not block the host
+            rows = [r.pin_memory() for r in rows]
+        ids, logprobs, tail = (r.to(device, non_blocking=True) for r in rows)
         return Launched(CachedTopK(ids, logprobs, tail))
