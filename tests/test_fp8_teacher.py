@@ -262,7 +262,8 @@ def test_on_the_gpu_fp8_linear_equals_its_reference(rows, bias, compiled, monkey
 @needs_fp8_gpu
 def test_on_the_gpu_the_converted_teacher_stays_close_to_bf16():
     """A tiny Qwen2 in bf16 on CUDA, converted: logits move by a few percent, the distributions by
-    a small KL, with top-1 agreement high (the demo teacher's figures: docs/performance.md)."""
+    a small KL, and the top-1 token stays where the bf16 model is not near a tie (the demo
+    teacher's figures: docs/performance.md)."""
     model = _qwen2(hidden=128, intermediate=256, init=0.1).cuda().to(torch.bfloat16)
     fp8 = copy.deepcopy(model)
     report = convert_to_fp8(fp8)
@@ -274,5 +275,14 @@ def test_on_the_gpu_the_converted_teacher_stays_close_to_bf16():
     log_p, log_q = exact.log_softmax(-1), approx.log_softmax(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
     relative = ((approx - exact).norm() / exact.norm()).item()
-    top1 = (exact.argmax(-1) == approx.argmax(-1)).float().mean().item()
-    assert 0.005 < relative < 0.2 and 0 < kl < 0.02 and top1 >= 0.8, (relative, kl, top1)
+    agree = exact.argmax(-1) == approx.argmax(-1)
+    best = exact.topk(2, dim=-1).values
+    margin = best[..., 0] - best[..., 1]
+    top1, confident = agree.float().mean().item(), agree[margin > margin.median()].float().mean().item()
+    # Measured on the H200 (2026-12-02): relative 0.146, KL 0.0135, top-1 0.77. This random model's
+    # distributions are nearly flat in bf16 (median top-1/top-2 margin 0.28 against a median
+    # largest logit change of 0.5), so half its tokens are near ties that any rounding flips; where
+    # the bf16 margin is above its median the FP8 teacher agrees on 0.95-0.98 of the tokens (the same
+    # arithmetic on the CPU, three inputs).
+    assert 0.005 < relative < 0.2 and 0 < kl < 0.02 and top1 >= 0.6 and confident >= 0.9, (relative, kl, top1,
+                                                                                           confident)
