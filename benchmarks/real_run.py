@@ -182,7 +182,7 @@ def run_arm(arm: str, args, spec: dict) -> dict:
     if rc != 0:
         result["log_tail"] = (out / "log.txt").read_text()[-4000:]
         return result
-    result.update(read_ours(out) if arm == "ours" else json.loads((out / "result.json").read_text()))
+    result.update(read_ours(out, args.warmup_steps) if arm == "ours" else json.loads((out / "result.json").read_text()))
     return result
 
 
@@ -209,18 +209,23 @@ def ours_command(args, out: Path) -> list[str]:
     return command + list(args.ours_overrides)
 
 
-def read_ours(out: Path) -> dict:
+def read_ours(out: Path, warmup: int) -> dict:
     run = out / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r and "tokens" in r]
     summary = json.loads((run / "summary.json").read_text())
     train_s = summary["timings"]["stages"]["stage1"]["train_s"]
     tokens = sum(r["tokens"] for r in steps)  # labelled (response) tokens of the step
+    # A step's time: its row's tokens / tokens_per_s, timed on the host from the step's start to its
+    # log row (after the gradient norm is read back, so the GPU has finished the step's backward).
+    step_s = [r["tokens"] / r["tokens_per_s"] for r in steps]
     positions = sum(r["positions"] for r in steps)
     input_tokens = round(sum(r["positions"] * (1 - r["padding"]) for r in steps))  # ``padding``: padded share
     return {"model_dir": str(run / "stage1" / "final"), "steps": len(steps), "tokens": tokens,
             "input_tokens": input_tokens, "positions": positions,
-            "train_s": train_s, "tokens_per_s": round(tokens / train_s, 1),
+            "train_s": train_s, "tokens_per_s": round(tokens / train_s, 1), "step_s": step_s,
+            "step_tokens": [r["tokens"] for r in steps],
+            "steady_tokens_per_s": steady_tokens_per_s([r["tokens"] for r in steps], step_s, warmup),
             "padding_fraction": round(1 - input_tokens / positions, 4),
             "initial_eval_s": summary["timings"].get("initial_eval_s"),
             "peak_memory_gib": max((r.get("peak_memory_gib", 0.0) for r in steps), default=None),
@@ -246,7 +251,9 @@ def _measuring_callback(stats: dict):
 
         def on_step_end(self, args, state, control, **kwargs):
             sync()
-            stats["train_s"] += time.perf_counter() - stats.pop("_begin")
+            took = time.perf_counter() - stats.pop("_begin")
+            stats["train_s"] += took
+            stats["step_s"].append(took)
             stats["steps"] += 1
             if torch.cuda.is_available():
                 stats["peak_memory_gib"] = max(stats["peak_memory_gib"], torch.cuda.max_memory_allocated() / 2**30)
@@ -260,16 +267,34 @@ def _measuring_callback(stats: dict):
 
 def _count_batch(stats: dict, inputs: dict) -> None:
     """Labelled tokens, real input tokens and positions of one training micro-batch (a padding-free
-    batch has no attention mask: every position is real)."""
+    batch has no attention mask: every position is real), with the step it belongs to. The counts
+    stay on the device until the arm ends: reading them here would make the peer's step wait for
+    the GPU, a wait its users do not have."""
     positions = inputs["input_ids"].numel()
     mask = inputs.get("attention_mask")
-    stats["input_tokens"] += int(mask.sum()) if mask is not None else positions
-    stats["positions"] += positions
-    stats["tokens"] += int((inputs.get("labels", inputs["input_ids"]) != IGNORE_INDEX).sum())
+    stats["_counts"].append((stats["steps"], (inputs.get("labels", inputs["input_ids"]) != IGNORE_INDEX).sum(),
+                             mask.sum() if mask is not None else positions, positions))
+
+
+def steady_tokens_per_s(tokens: list[int], seconds: list[float], warmup: int) -> float | None:
+    """Labelled tokens per second of the steps after the first ``warmup`` (which carry the kernels'
+    JIT compilation and the allocator's growth), the same for every arm."""
+    if len(tokens) != len(seconds) or len(tokens) <= warmup:
+        return None
+    return round(sum(tokens[warmup:]) / sum(seconds[warmup:]), 1)
 
 
 def _finish(stats: dict, spec: dict, model_dir: str) -> None:
     stats.pop("_begin", None)
+    counts = stats.pop("_counts")
+    per_step = [0] * stats["steps"]
+    for step, tokens, input_tokens, positions in counts:
+        per_step[min(step, len(per_step) - 1)] += int(tokens)
+        stats["tokens"] += int(tokens)
+        stats["input_tokens"] += int(input_tokens)
+        stats["positions"] += positions
+    stats["step_tokens"] = per_step
+    stats["steady_tokens_per_s"] = steady_tokens_per_s(per_step, stats["step_s"], spec["warmup_steps"])
     stats["model_dir"] = model_dir
     stats["tokens_per_s"] = round(stats["tokens"] / stats["train_s"], 1) if stats["train_s"] else None
     stats["padding_fraction"] = (round(1 - stats["input_tokens"] / stats["positions"], 4)
@@ -280,7 +305,7 @@ def _finish(stats: dict, spec: dict, model_dir: str) -> None:
 
 def _new_stats() -> dict:
     return {"train_s": 0.0, "steps": 0, "tokens": 0, "input_tokens": 0, "positions": 0, "peak_memory_gib": 0.0,
-            "final_train_loss": None}
+            "final_train_loss": None, "step_s": [], "_counts": []}
 
 
 def worker_trl(spec: dict) -> None:
@@ -398,13 +423,15 @@ def worker_distillkit(spec: dict) -> None:
 def markdown(report: dict) -> str:
     lines = [f"# Real run: {report['pair']}, {report['steps']} steps x {report['batch_size']} x "
              f"{report['grad_accum']}, max_length {report['max_length']} ({report['device']})", "",
-             "| arm | tokens/s (train) | padding | peak GiB | wall s | train s | held-out CE | tokens |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| arm | tokens/s (train) | tokens/s after step {report['warmup_steps']} | padding | peak GiB | wall s | "
+             "train s | held-out CE | tokens |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         if r["returncode"] != 0:
-            lines.append(f"| {r['arm']} | failed (rc {r['returncode']}) | | | {r['wall_s']} | | | |")
+            lines.append(f"| {r['arm']} | failed (rc {r['returncode']}) | | | | {r['wall_s']} | | | |")
             continue
-        lines.append(f"| {r['arm']} | {r['tokens_per_s']} | {r['padding_fraction']} | {r['peak_memory_gib']} | "
+        lines.append(f"| {r['arm']} | {r['tokens_per_s']} | {r.get('steady_tokens_per_s')} | {r['padding_fraction']} | "
+                     f"{round(r['peak_memory_gib'], 2)} | "
                      f"{r['wall_s']} | {r['train_s']} | {r.get('heldout_ce')} | {r['tokens']} |")
     lines += ["", "Commands:", ""] + [f"- {r['arm']}: `{r['command']}`" for r in report["results"]]
     return "\n".join(lines) + "\n"
@@ -425,6 +452,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=8,
+                        help="first steps left out of the steady tokens/s (JIT compilation, allocator growth)")
     parser.add_argument("--smoke", action="store_true", help="tiny Qwen2 models, 3 steps x 2 x 2, max_length 256")
     parser.add_argument("--prepare-data", action="store_true", help="write DATA/train.jsonl and heldout.jsonl")
     parser.add_argument("--distillkit-packing", action="store_true",
@@ -463,7 +492,8 @@ def main() -> None:
             "data": str(args.data.resolve()), "steps": args.steps, "batch_size": args.batch_size,
             "grad_accum": args.grad_accum, "max_length": args.max_length, "lr": args.lr,
             "temperature": args.temperature, "seed": args.seed, "gpu_levers": args.gpu_levers,
-            "distillkit_packing": args.distillkit_packing, "distillkit_checkpointing": args.distillkit_checkpointing}
+            "warmup_steps": args.warmup_steps, "distillkit_packing": args.distillkit_packing,
+            "distillkit_checkpointing": args.distillkit_checkpointing}
     from transformers import AutoTokenizer
 
     heldout = encode_file(args.data / "heldout.jsonl", AutoTokenizer.from_pretrained(spec["student"]),
@@ -477,12 +507,13 @@ def main() -> None:
             arm_dir = args.out / arm
             for path in [arm_dir / "run" / "stage1", *(p for p in arm_dir.iterdir() if p.is_dir() and p.name != "run")]:
                 shutil.rmtree(path, ignore_errors=True)
-        print(json.dumps({k: v for k, v in result.items() if k not in ("timings", "log_tail")}), flush=True)
+        print(json.dumps({k: v for k, v in result.items()
+                          if k not in ("timings", "log_tail", "step_s", "step_tokens")}), flush=True)
         results.append(result)
         # written after every arm: a call cut short by a time limit still returns the arms it finished
         report = {"pair": "smoke (tiny Qwen2)" if args.smoke else args.pair, "steps": args.steps,
                   "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
-                  "train_examples": train_examples, "heldout_examples": len(heldout),
+                  "warmup_steps": args.warmup_steps, "train_examples": train_examples, "heldout_examples": len(heldout),
                   "temperature": args.temperature, "gpu_levers": args.gpu_levers,
                   "device": torch.cuda.get_device_name() if args.gpu_levers else "cpu",
                   "versions": _versions(), "command": "python " + " ".join(sys.argv), "results": results}
