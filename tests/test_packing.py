@@ -297,6 +297,54 @@ def test_a_run_with_packing_logs_the_losses_of_the_run_without_and_less_padding(
             plain["positions"] * (1 - plain["padding"]), rel=1e-9)
 
 
+def test_a_packed_step_runs_fewer_micro_batches_with_the_same_losses(tmp_path, monkeypatch):
+    """train.pack_step: stage 1 (CE + KD) and stage 3 (hard-example sampling) of the tiny pair, 4
+    micro-batches of 2 demo examples a step at max_length 512. Packed together, a step's examples
+    fill one or two micro-batches; every step's losses, tokens and gradient norm equal those of
+    the run that packs each micro-batch apart."""
+    from qwen_distillation.app import run
+    from qwen_distillation.training.engine import SingleDeviceEngine
+    from tests.conftest import train_rows
+
+    forward = SingleDeviceEngine.forward
+    calls: list[int] = []
+
+    def counted(self, batch, teacher):
+        calls[-1] += 1
+        return forward(self, batch, teacher)
+
+    monkeypatch.setattr(SingleDeviceEngine, "forward", counted)
+    rows, passes = {}, {}
+    for pack_step in ("false", "true"):
+        out = tmp_path / pack_step
+        calls.append(0)
+        run(compose_config(tiny_overrides(out, steps=2) + [
+            "train.packing=true", f"train.pack_step={pack_step}", "data.max_length=512", "stage2.enabled=false",
+            "stage1.grad_accum=4", "stage3.grad_accum=4", "stage3.sampling.rescore_every=1"]))
+        rows[pack_step], passes[pack_step] = train_rows(out), calls[-1]
+    assert [r["stage"] for r in rows["true"]] == [1, 1, 3, 3]
+    # 4 steps of 4 micro-batches each; packed together, 3 steps fit one micro-batch of 2 x 512 tokens
+    # and one step's 8 demo examples need two
+    assert passes == {"false": 16, "true": 5}
+    for apart, together in zip(rows["false"], rows["true"]):
+        assert together["tokens"] == apart["tokens"]
+        for key in ("loss", "loss/ce", "loss/kd", "grad_norm"):
+            if key in apart:
+                assert together[key] == pytest.approx(apart[key], rel=1e-5), key
+
+
+def test_pack_step_needs_packing_and_one_device(tmp_path):
+    from qwen_distillation.config.validate import validate_config
+    from qwen_distillation.errors import ConfigError
+
+    validate_config(compose_config(tiny_overrides(tmp_path) + ["train.packing=true", "train.pack_step=true"]))
+    with pytest.raises(ConfigError, match=r"train\.pack_step.*train\.packing=true"):
+        validate_config(compose_config(tiny_overrides(tmp_path) + ["train.pack_step=true"]))
+    with pytest.raises(ConfigError, match=r"train\.pack_step=true does not work under .*distributed=none"):
+        validate_config(compose_config(tiny_overrides(tmp_path) + ["train.packing=true", "train.pack_step=true",
+                                                                   "distributed=zero2"]))
+
+
 def test_a_packed_run_from_a_cache_logs_the_online_unpacked_losses(tmp_path, small_tokenizer):  # noqa: F811
     """Stage 1 reading the teacher from a top-k cache covering the whole vocabulary, with packing,
     logs the online, unpacked run's losses (the cache is looked up in the packed order)."""

@@ -328,7 +328,12 @@ class TrainConfig:
     to a row of at most ``data.max_length`` tokens (position ids restart per example, attention
     stays inside each example; docs/performance.md "Sequence packing"): the same examples, tokens,
     losses and gradients as without (the attention and contrastive terms are taken per example),
-    less padding. Evaluation and hard-example scoring stay unpacked."""
+    less padding. Evaluation and hard-example scoring stay unpacked. pack_step (with packing, one
+    device): the step's ``batch_size x grad_accum`` examples are packed together and cut into
+    micro-batches of at most ``batch_size`` full rows (``batch_size x data.max_length`` tokens),
+    so a step of short examples runs in fewer forward and backward passes; the same examples,
+    token sums and gradients (the contrastive term's in-batch negatives are a micro-batch's
+    examples, so that term changes with them)."""
 
     device: str = "auto"
     precision: str = "auto"
@@ -346,6 +351,7 @@ class TrainConfig:
     save_every_minutes: float = 30.0
     keep_checkpoints: int = 2
     packing: bool = False
+    pack_step: bool = False
 
 
 @dataclass

@@ -149,6 +149,9 @@ PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "fla
 def _validate_packing(cfg: DistillationConfig) -> None:
     """``train.packing`` needs attention that keeps a packed row's examples apart. Every loss term
     works per example on packed rows (training/module.py), so none is refused."""
+    require(cfg.train.packing or not cfg.train.pack_step, "train.pack_step", True,
+            "packs the step's examples into shared rows, which needs train.packing=true",
+            "train.packing=true train.pack_step=true")
     if not cfg.train.packing:
         return
     for side in ("teacher", "student"):
@@ -251,6 +254,11 @@ def _validate_distributed(cfg: DistillationConfig) -> None:
         require(not d.offload or d.zero_stage in (None, 3), "distributed.offload", True,
                 f"offload needs ZeRO stage 3 (this run: {d.zero_stage})", "distributed=zero3_offload")
     engine = engine_label(d)
+    if cfg.train.pack_step:
+        raise ConfigError(f"train.pack_step=true does not work under {engine}: a packed step has a varying number "
+                          f"of micro-batches, while DeepSpeed expects a fixed gradient_accumulation_steps and the "
+                          f"ranks of a launch must run the same number of micro-batches; use train.pack_step=false "
+                          f"or run on one device (distributed=none)")
     for key in STAGES[cfg.start_stage - 1:cfg.end_stage]:
         stage = getattr(cfg, key)
         if stage.enabled and stage.tokens_per_step is not None:

@@ -464,10 +464,11 @@ class Distiller:
         # Every rank draws the whole step and runs its share of the micro-batches; the terms are
         # normalised by the tokens (and micro-batches) of the whole step.
         # With stageN.tokens_per_step the step's size varies; so does its number of micro-batches (of
-        # batch_size examples, or of data.max_length x batch_size tokens when packed).
+        # batch_size examples, or of data.max_length x batch_size tokens when packed). train.pack_step
+        # cuts a packed step by tokens too: short examples then fill fewer micro-batches.
         batches = length_grouped_batches(served.examples, run.stage.batch_size, self.pair.pad_token_id, "cpu",
                                          pack_length=self.config.data.max_length if self.config.train.packing else None,
-                                         by_tokens=run.stage.tokens_per_step is not None)
+                                         by_tokens=run.stage.tokens_per_step is not None or self.config.train.pack_step)
         # The labelled positions, found on the host before the copy (finding or counting them on the
         # device would wait for it); the loss terms gather them (training.module.loss_terms).
         for batch in batches:
