@@ -176,7 +176,12 @@ def run_arm(arm: str, args, spec: dict) -> dict:
     print(f"[{arm}] {' '.join(command)}", flush=True)
     started = time.perf_counter()
     log = open(out / "log.txt", "w")
-    rc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    # Each arm compiles its Triton (and Inductor) kernels into caches of its own, as on a fresh
+    # install: with the shared default cache an arm would reuse the kernels an earlier arm compiled
+    # (ours and TRL both run Liger's RMSNorm, RoPE and SwiGLU).
+    env = {**os.environ, "TRITON_CACHE_DIR": str(out / "triton_cache"),
+           "TORCHINDUCTOR_CACHE_DIR": str(out / "inductor_cache")}
+    rc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     wall = time.perf_counter() - started
     result = {"arm": arm, "command": " ".join(command), "returncode": rc, "wall_s": round(wall, 1)}
     if rc != 0:
