@@ -220,7 +220,8 @@ def read_ours(out: Path, warmup: int) -> dict:
     steps = [r for r in rows if "loss" in r and "tokens" in r]
     summary = json.loads((run / "summary.json").read_text())
     train_s = summary["timings"]["stages"]["stage1"]["train_s"]
-    tokens = sum(r["tokens"] for r in steps)  # labelled (response) tokens of the step
+    step_tokens = [r["tokens"] for r in steps]  # labelled (response) tokens of the step
+    tokens = sum(step_tokens)
     # A step's time: its row's tokens / tokens_per_s, timed on the host from the step's start to its
     # log row (after the gradient norm is read back, so the GPU has finished the step's backward).
     step_s = [r["tokens"] / r["tokens_per_s"] for r in steps]
@@ -229,8 +230,7 @@ def read_ours(out: Path, warmup: int) -> dict:
     return {"model_dir": str(run / "stage1" / "final"), "steps": len(steps), "tokens": tokens,
             "input_tokens": input_tokens, "positions": positions,
             "train_s": train_s, "tokens_per_s": round(tokens / train_s, 1), "step_s": step_s,
-            "step_tokens": [r["tokens"] for r in steps],
-            "steady_tokens_per_s": steady_tokens_per_s([r["tokens"] for r in steps], step_s, warmup),
+            "step_tokens": step_tokens, "steady_tokens_per_s": steady_tokens_per_s(step_tokens, step_s, warmup),
             "padding_fraction": round(1 - input_tokens / positions, 4),
             "initial_eval_s": summary["timings"].get("initial_eval_s"),
             "peak_memory_gib": max((r.get("peak_memory_gib", 0.0) for r in steps), default=None),

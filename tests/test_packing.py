@@ -335,7 +335,6 @@ def test_a_packed_step_runs_fewer_micro_batches_with_the_same_losses(tmp_path, m
 
 def test_pack_step_needs_packing_and_one_device(tmp_path):
     from qwen_distillation.config.validate import validate_config
-    from qwen_distillation.errors import ConfigError
 
     validate_config(compose_config(tiny_overrides(tmp_path) + ["train.packing=true", "train.pack_step=true"]))
     with pytest.raises(ConfigError, match=r"train\.pack_step.*train\.packing=true"):

@@ -254,18 +254,17 @@ def _validate_distributed(cfg: DistillationConfig) -> None:
         require(not d.offload or d.zero_stage in (None, 3), "distributed.offload", True,
                 f"offload needs ZeRO stage 3 (this run: {d.zero_stage})", "distributed=zero3_offload")
     engine = engine_label(d)
+    # A step whose number of micro-batches varies (train.pack_step, stageN.tokens_per_step).
+    varying = ("has a varying number of micro-batches, while DeepSpeed expects a fixed gradient_accumulation_steps "
+               "and the ranks of a launch must run the same number of micro-batches")
     if cfg.train.pack_step:
-        raise ConfigError(f"train.pack_step=true does not work under {engine}: a packed step has a varying number "
-                          f"of micro-batches, while DeepSpeed expects a fixed gradient_accumulation_steps and the "
-                          f"ranks of a launch must run the same number of micro-batches; use train.pack_step=false "
-                          f"or run on one device (distributed=none)")
+        raise ConfigError(f"train.pack_step=true does not work under {engine}: a packed step {varying}; use "
+                          f"train.pack_step=false or run on one device (distributed=none)")
     for key in STAGES[cfg.start_stage - 1:cfg.end_stage]:
         stage = getattr(cfg, key)
         if stage.enabled and stage.tokens_per_step is not None:
             raise ConfigError(f"{key}.tokens_per_step={stage.tokens_per_step} does not work under {engine}: a step "
-                              f"of a token budget has a varying number of micro-batches, while DeepSpeed expects "
-                              f"a fixed gradient_accumulation_steps and the ranks of a launch must run the same "
-                              f"number of micro-batches; use {key}.tokens_per_step=null (batch_size x grad_accum "
+                              f"of a token budget {varying}; use {key}.tokens_per_step=null (batch_size x grad_accum "
                               f"examples a step) or run on one device (distributed=none)")
         if stage.enabled and stage.loss.balancing.method != "none":
             raise ConfigError(f"{key}.loss.balancing.method={stage.loss.balancing.method} does not work under "
