@@ -48,6 +48,7 @@ The report (JSON) holds each step's figures and their medians over the steps aft
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import functools
 import json
@@ -231,8 +232,9 @@ def count_cuda_syncs(profile: StepProfile):
     warnings.showwarning = record
 
 
-def gpu_idle_shares(trace: Path) -> list[float]:
-    """Each profiled step's GPU-idle share from a Chrome trace of ``torch.profiler``."""
+def gpu_idle_shares(trace: Path, skip: int = 0, top: int = 15) -> tuple[list[float], list[dict]]:
+    """Each profiled step's GPU-idle share from a Chrome trace of ``torch.profiler``, and the ``top``
+    GPU kernels by their summed time over the steps after the first ``skip`` (ms per step)."""
     events = json.loads(trace.read_text())["traceEvents"]
     steps = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "host_profile_step"
                    and e.get("ph") == "X")
@@ -247,7 +249,20 @@ def gpu_idle_shares(trace: Path) -> list[float]:
                 covered += b - a
                 reached = b
         shares.append(round(1 - covered / max(end - start, 1e-9), 4))
-    return shares
+    kept = steps[skip:] or steps
+    starts = [a for a, _ in kept]
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") != "kernel":
+            continue
+        i = bisect.bisect_right(starts, e["ts"]) - 1
+        if i >= 0 and e["ts"] < kept[i][1]:
+            entry = totals.setdefault(e["name"], [0.0, 0])
+            entry[0] += e["dur"]
+            entry[1] += 1
+    kernels = [{"kernel": name[:160], "ms_per_step": round(us / 1000 / len(kept), 3), "calls_per_step": n / len(kept)}
+               for name, (us, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]]
+    return shares, kernels
 
 
 PROFILE = StepProfile()
@@ -334,8 +349,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as scratch:
                 trace = Path(scratch) / "trace.json"
                 traced = run_profiled(args, count=None, trace=trace)
-                shares = gpu_idle_shares(trace)
-            report["traced"] = {"gpu_idle_share": shares,
+                shares, kernels = gpu_idle_shares(trace, skip=args.warmup)
+            report["traced"] = {"gpu_idle_share": shares, "top_kernels": kernels,
                                 "median_gpu_idle_share": statistics.median(shares[args.warmup:] or shares),
                                 "median_step_s": statistics.median(s["step_s"] for s in traced[args.warmup:] or traced)}
         except Exception as err:  # the untraced figures are already written

@@ -164,12 +164,23 @@ def heldout_ce(model_dir: Path, examples: list[dict]) -> float:
 
 # --------------------------------------------------------------------------- the arms (parent side)
 
+# Ours' arms: the levers each one switches on, on top of the common command (``ours_command``).
+# Liger's patches and torch.compile need a GPU; on a CPU every variant runs with packing alone.
+OURS_ARMS = {
+    "ours": {"train.packing": "true", "train.liger_kernels": "true"},
+    "ours_pack_step": {"train.packing": "true", "train.pack_step": "true", "train.liger_kernels": "true"},
+    "ours_compile": {"train.packing": "true", "train.compile": "true"},
+    "ours_pack_step_compile": {"train.packing": "true", "train.pack_step": "true", "train.compile": "true"},
+}
+GPU_ONLY_LEVERS = ("train.liger_kernels", "train.compile")
+
+
 def run_arm(arm: str, args, spec: dict) -> dict:
     out = args.out / arm
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    if arm == "ours":
-        command = ours_command(args, out)
+    if arm in OURS_ARMS:
+        command = ours_command(args, out, OURS_ARMS[arm])
     else:
         (out / "spec.json").write_text(json.dumps({**spec, "out": str(out)}))
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", arm, "--spec", str(out / "spec.json")]
@@ -187,11 +198,11 @@ def run_arm(arm: str, args, spec: dict) -> dict:
     if rc != 0:
         result["log_tail"] = (out / "log.txt").read_text()[-4000:]
         return result
-    result.update(read_ours(out, args.warmup_steps) if arm == "ours" else json.loads((out / "result.json").read_text()))
+    result.update(read_ours(out, args.warmup_steps) if arm in OURS_ARMS else json.loads((out / "result.json").read_text()))
     return result
 
 
-def ours_command(args, out: Path) -> list[str]:
+def ours_command(args, out: Path, levers: dict[str, str]) -> list[str]:
     steps, batch, accum = args.steps, args.batch_size, args.grad_accum
     command = [sys.executable, "run_distillation.py", "experiment=none", "model=tiny_qwen2", "data=shared_kit",
                f"model.teacher.path={args.models / 'teacher'}", "model.teacher.random_init=null",
@@ -208,9 +219,8 @@ def ours_command(args, out: Path) -> list[str]:
                "stage1.best_metric=eval/heldout_nll",
                "train.save_every_minutes=0", f"seed={args.seed}",
                f"output_dir={out / 'run'}", "overwrite_output_dir=true", "logging.progress_bar=false"]
-    command.append("train.packing=true")
-    if args.gpu_levers:  # Liger-Kernel's Triton kernels need a GPU
-        command.append("train.liger_kernels=true")
+    command += [f"{key}={value}" for key, value in levers.items()
+                if args.gpu_levers or key not in GPU_ONLY_LEVERS]
     return command + list(args.ours_overrides)
 
 
@@ -448,7 +458,8 @@ def main() -> None:
     parser.add_argument("--models", type=Path)
     parser.add_argument("--data", type=Path, default=ROOT / ".realrun_data")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs/real_run")
-    parser.add_argument("--arms", nargs="+", default=["ours", "trl", "distillkit"])
+    parser.add_argument("--arms", nargs="+", default=["ours", "trl", "distillkit"],
+                        choices=[*OURS_ARMS, "trl", "distillkit"])
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--grad_accum", type=int, default=2)

@@ -130,14 +130,21 @@ def test_a_packed_row_gives_each_example_its_logits_alone(family, attn):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2", "varlen"])
 def test_on_the_gpu_a_packed_row_gives_each_example_its_logits_alone(attn):
-    """bf16 on CUDA; flash attention runs its varlen kernel from the position ids. The error
-    against each example alone must be far below what attending across examples gives."""
+    """bf16 on CUDA; flash attention runs its varlen kernel from the position ids, ``varlen``
+    PyTorch's from the batch's cu_seq_lens. The error against each example alone must be far below
+    what attending across examples gives."""
     import importlib.util
+
+    from qwen_distillation.modeling import varlen
 
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash_attention_2 needs the flash-attn package")
+    if attn == "varlen":
+        if not varlen.varlen_available():
+            pytest.skip("this torch has no torch.nn.attention.varlen")
+        varlen.register()
     model = _model("qwen2", attn).to("cuda", torch.bfloat16)
     examples = _examples([7, 12, 3, 9, 5, 1])
     batch = {k: v.cuda() for k, v in collate_packed(examples, PAD, 20).items()}
@@ -152,6 +159,38 @@ def test_on_the_gpu_a_packed_row_gives_each_example_its_logits_alone(attn):
         error = max(error, float((packed[row, start:start + n] - alone).abs().max()))
         crossed = max(crossed, float((one_sequence[row, start:start + n] - alone).abs().max()))
     assert error < 0.1 * crossed, (error, crossed)
+
+
+def test_the_packed_batch_names_where_each_sequence_of_its_flattened_rows_starts():
+    """``cu_seq_lens`` (for the varlen attention) start every example and each row's padding, in
+    the flattened rows' order, and agree with the restarting position ids."""
+    from qwen_distillation.modeling.varlen import cu_seq_lens
+
+    batch = collate_packed(_examples([7, 12, 3, 9, 5, 1]), PAD, 20)
+    rows, length = batch["input_ids"].shape
+    cu = batch["cu_seq_lens"]
+    assert cu.dtype == torch.int32 and int(cu[0]) == 0 and int(cu[-1]) == rows * length
+    assert torch.equal(cu, cu_seq_lens(batch["position_ids"])[0])
+    flat_segments = batch["segments"].reshape(-1)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):  # each sequence is one example or one padding
+        assert len(set(flat_segments[start:end].tolist())) == 1
+    assert model_inputs(batch)["cu_seq_lens_q"] is batch["cu_seq_lens"]
+    assert model_inputs(batch)["max_length_q"] == length
+
+
+def test_varlen_attention_off_a_gpu_is_refused_by_name_and_unpacked_batches_run_sdpa():
+    from qwen_distillation.modeling import varlen
+
+    varlen.register()
+    model = _model("qwen2", "varlen")
+    examples = _examples([7, 12, 3])
+    padded = collate(examples, PAD)
+    reference = _model("qwen2", "sdpa")
+    with torch.no_grad():  # no cu_seq_lens: the SDPA path with transformers' sdpa mask, same logits
+        torch.testing.assert_close(model(**model_inputs(padded)).logits, reference(**model_inputs(padded)).logits)
+        if not torch.cuda.is_available():
+            with pytest.raises(ConfigError, match="attn_implementation=varlen.*CUDA"):
+                model(**model_inputs(collate_packed(examples, PAD, 20)))
 
 
 def _step(module, teacher, batches):

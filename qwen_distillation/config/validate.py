@@ -142,8 +142,9 @@ def _validate_stage_teacher(key: str, stage: StageConfig) -> None:
 
 # The attention implementations that keep a packed row's examples apart (train.packing): transformers 5
 # builds a per-example causal mask from the restarting position ids (sdpa, eager, flex) or runs
-# flash attention's varlen kernel from them; any other implementation would attend across examples.
-PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+# flash attention's varlen kernel from them; ``varlen`` (modeling/varlen.py) runs PyTorch's flash varlen
+# kernel from the packed batch's cu_seq_lens; any other implementation would attend across examples.
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "varlen")
 
 
 def _validate_packing(cfg: DistillationConfig) -> None:

@@ -285,13 +285,16 @@ def collate_packed(examples: list[dict], pad_token_id: int, max_length: int) -> 
     """Pack a micro-batch: several examples per row (:func:`pack_rows`), right-padded to the longest row.
 
     Returns input_ids (R, L), labels (R, L), position_ids (R, L) and segments (R, L), all int64,
-    and no attention_mask:
+    cu_seq_lens (S + 1,) int32, and no attention_mask:
 
     * ``position_ids`` restart at 0 at each example (and at the padding), which is how
       transformers 5 keeps attention inside each example (``masking_utils.find_packed_sequence_indices``
       for sdpa/eager/flex; varlen from the position ids for flash attention);
     * ``segments`` number the examples 0 .. N-1 in the order they lie in the rows (row by row,
       left to right), -1 on padding, for the loss terms taken per example;
+    * ``cu_seq_lens`` are where the S sequences of the rows flattened one after the other start
+      (every example, and each row's padding as one more), ending at R * L: the varlen attention
+      (``modeling.varlen``) reads them instead of a mask;
     * each example's first label is IGNORE_INDEX, so no next-token target crosses an example
       boundary (the unpacked collate never reads a first label either);
     * domain and example_id are (N,) int64 per example in the segments' order, which is the order
@@ -305,11 +308,13 @@ def collate_packed(examples: list[dict], pad_token_id: int, max_length: int) -> 
     position_ids = torch.zeros((len(rows), length), dtype=torch.long)
     segments = torch.full((len(rows), length), -1, dtype=torch.long)
     placed: list[dict] = []
+    starts: list[int] = []  # of every sequence in the flattened rows
     for r, row in enumerate(rows):
         start = 0
         for i in row:
             example = examples[i]
             n = len(example["input_ids"])
+            starts.append(r * length + start)
             input_ids[r, start:start + n] = torch.tensor(example["input_ids"])
             labels[r, start + 1:start + n] = torch.tensor(example["labels"][1:])
             position_ids[r, start:start + n] = torch.arange(n)
@@ -317,7 +322,10 @@ def collate_packed(examples: list[dict], pad_token_id: int, max_length: int) -> 
             start += n
             placed.append(example)
         position_ids[r, start:] = torch.arange(length - start)  # the padding is a sequence of its own
-    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segments": segments}
+        if start < length:
+            starts.append(r * length + start)
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segments": segments,
+             "cu_seq_lens": torch.tensor([*starts, len(rows) * length], dtype=torch.int32)}
     if all("domain" in e for e in placed):
         batch["domain"] = torch.tensor([e["domain"] for e in placed], dtype=torch.long)
     if all("example_id" in e for e in placed):

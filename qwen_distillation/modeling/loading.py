@@ -78,6 +78,10 @@ def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = Non
         CheckpointError: a local model directory with a truncated or damaged file, named.
     """
     key = key or f"model.{role}.path"
+    if spec.attn_implementation == "varlen":  # ours: known to transformers once registered
+        from qwen_distillation.modeling.varlen import register
+
+        register()
     if spec.random_init:
         kwargs = dict(spec.random_init)
         model_type = kwargs.pop("model_type", None)

@@ -17,9 +17,17 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     since transformers would otherwise copy every layer's keys and values into a cache
     (docs/performance.md). A packed batch (``data.manager.collate_packed``) passes its
     ``position_ids`` and no attention mask: transformers then keeps attention inside each
-    example of a row."""
+    example of a row. Its ``cu_seq_lens`` go along as transformers' varlen keywords
+    (``cu_seq_lens_q/k``; the row length as ``max_length_q/k``, an upper bound known without
+    reading the device), which ``attn_implementation="varlen"`` (``modeling.varlen``) and flash
+    attention read instead of a mask and SDPA, eager and flex attention ignore."""
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        if "cu_seq_lens" in batch:
+            length = batch["input_ids"].shape[1]
+            inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
+                          max_length_q=length, max_length_k=length)
+        return inputs
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 

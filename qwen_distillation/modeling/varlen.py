@@ -1,0 +1,113 @@
+"""``attn_implementation="varlen"``: attention of packed rows by PyTorch's variable-length flash
+kernel (``torch.nn.attention.varlen.varlen_attn``, CUDA, bf16/fp16), with no mask at all.
+
+A packed micro-batch (``data.manager.collate_packed``) holds several examples per row. With
+``sdpa``, transformers builds a dense (R, 1, L, L) boolean mask from the restarting
+``position_ids`` on every forward and SDPA cannot use its flash kernel with that mask. Here the
+rows are flattened to one sequence of R * L positions and the flash kernel gets each example's
+start (``cu_seq_lens``, built on the host by the collate); attention stays inside each example
+exactly as with the mask (the padding at a row's end is a sequence of its own and holds no label).
+
+Registered with transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` under
+``"varlen"``. A packed batch passes its ``cu_seq_lens`` (``parts.model_inputs`` hands them on as
+transformers' ``cu_seq_lens_q``/``cu_seq_lens_k``) and no attention mask, so no mask is built. A
+forward without them (an unpadded or padded batch, generation) runs SDPA with the mask
+transformers builds for ``sdpa``, so evaluation and generation are unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+VARLEN = "varlen"
+
+
+def varlen_available() -> bool:
+    """Whether this torch has ``torch.nn.attention.varlen`` and a CUDA device to run it."""
+    try:
+        import torch.nn.attention.varlen  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _varlen_call(q, k, v, cu, max_len: int, scale: float | None):
+    """``varlen_attn`` causal, across its signatures (torch 2.10: ``is_causal``; later: ``window_size``),
+    with grouped key/value heads repeated where it has no ``enable_gqa``. q: (T, Hq, D); k, v: (T, Hkv, D)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    parameters = inspect.signature(varlen_attn).parameters
+    kwargs = {"scale": scale} if "scale" in parameters else {}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in parameters:
+            kwargs["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if "window_size" in parameters:
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, scaling: float | None = None,
+                             dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature. query (B, Hq, L, D), key/value (B, Hkv, L, D) ->
+    (B, L, Hq, D), like ``sdpa_attention_forward``. ``kwargs['cu_seq_lens_q']``: (S + 1,) int32 starts of
+    the S sequences of the flattened B * L positions (a row's padding counts as one)."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if not query.is_cuda or not varlen_available():
+        from qwen_distillation.errors import ConfigError
+
+        raise ConfigError("attn_implementation=varlen runs PyTorch's flash varlen kernel, which needs a CUDA GPU and "
+                          "torch >= 2.10 (torch.nn.attention.varlen); set model.teacher.attn_implementation=sdpa "
+                          "and model.student.attn_implementation=sdpa here")
+    if dropout:
+        raise ValueError("attn_implementation='varlen' runs without attention dropout; set the model's "
+                         "attention_dropout to 0")
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.transpose(1, 2).reshape(batch * length, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
+    v = value.transpose(1, 2).reshape(batch * length, kv_heads, dim)
+    max_len = kwargs.get("max_length_q") or length
+    out = _varlen_call(q, k, v, cu.to(torch.int32), int(max_len), scaling)
+    return out.reshape(batch, length, heads, dim), None
+
+
+def varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
+    """transformers' mask interface: no mask for a batch without padding (a packed batch's examples
+    are kept apart by ``cu_seq_lens``; an unpadded one is plainly causal), else SDPA's mask."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register() -> None:
+    """Make ``attn_implementation="varlen"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN, varlen_mask)
+
+
+def cu_seq_lens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The starts of the sequences of packed rows flattened row after row, and the longest one.
+    position_ids: (R, L), restarting at 0 at every example and at a row's padding (host tensor).
+    Returns ((S + 1,) int32 cumulative starts ending at R * L, max length)."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    bounds = torch.cat([starts, torch.tensor([flat.numel()])])
+    return bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max())
