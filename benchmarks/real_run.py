@@ -171,8 +171,11 @@ OURS_ARMS = {
     "ours_pack_step": {"train.packing": "true", "train.pack_step": "true", "train.liger_kernels": "true"},
     "ours_compile": {"train.packing": "true", "train.compile": "true"},
     "ours_pack_step_compile": {"train.packing": "true", "train.pack_step": "true", "train.compile": "true"},
+    "ours_varlen": {"train.packing": "true", "train.pack_step": "true", "train.liger_kernels": "true",
+                    "model.teacher.attn_implementation": "varlen", "model.student.attn_implementation": "varlen"},
 }
-GPU_ONLY_LEVERS = ("train.liger_kernels", "train.compile")
+GPU_ONLY_LEVERS = ("train.liger_kernels", "train.compile", "model.teacher.attn_implementation",
+                   "model.student.attn_implementation")
 
 
 def run_arm(arm: str, args, spec: dict) -> dict:

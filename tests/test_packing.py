@@ -193,6 +193,16 @@ def test_varlen_attention_off_a_gpu_is_refused_by_name_and_unpacked_batches_run_
                 model(**model_inputs(collate_packed(examples, PAD, 20)))
 
 
+def test_a_run_on_a_cpu_refuses_varlen_attention_before_training():
+    from qwen_distillation.modeling import varlen
+    from qwen_distillation.modeling.speed import apply_speedups
+
+    varlen.register()
+    with pytest.raises(ConfigError, match="varlen.*CUDA GPU; running on cpu.*attn_implementation"):
+        apply_speedups([_model("qwen2", "sdpa"), _model("qwen2", "varlen")], device=torch.device("cpu"))
+    assert apply_speedups([_model("qwen2", "sdpa")], device=torch.device("cpu")) == []
+
+
 def _step(module, teacher, batches):
     """One step's per-token loss and the trained parameters' gradients, as the distiller computes them."""
     from qwen_distillation.training.teacher import TeacherRunner

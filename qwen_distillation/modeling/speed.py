@@ -33,6 +33,11 @@ def apply_speedups(models: list[nn.Module], *, device: torch.device, compile: bo
     if compile and liger_kernels:
         raise ConfigError("train.compile=true and train.liger_kernels=true together were measured slower than "
                           "either alone (Inductor cannot trace Liger's RMSNorm); choose one")
+    for model in models:
+        if getattr(base_model(model).config, "_attn_implementation", None) == "varlen" and device.type != "cuda":
+            raise ConfigError(f"attn_implementation=varlen runs PyTorch's flash varlen kernel, which needs a CUDA GPU; "
+                              f"running on {device}: set model.teacher.attn_implementation and "
+                              f"model.student.attn_implementation to sdpa (or null)")
     applied = []
     if liger_kernels:
         if device.type != "cuda":
