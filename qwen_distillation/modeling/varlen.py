@@ -74,6 +74,9 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
     if dropout:
         raise ValueError("attn_implementation='varlen' runs without attention dropout; set the model's "
                          "attention_dropout to 0")
+    if torch.is_autocast_enabled(query.device.type):  # as autocast casts SDPA's inputs (fp32 after RoPE)
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
