@@ -38,9 +38,10 @@ Waits for the device, per step and per phase (``syncs``):
   step counters stay on the host on a GPU too). The wrappers slow every indexing, so the timed run
   does not carry them.
 
-With ``--trace`` on CUDA, a third run of the same steps goes under ``torch.profiler`` and the report
-adds each step's GPU-idle share (``traced``): 1 - (union of the kernel, copy and set intervals in the
-step) / (the step's wall time); the tracing slows the host, so its step times are reported apart.
+With ``--trace`` on CUDA, a third run of the first ``--trace-steps`` steps goes under ``torch.profiler``
+and the report adds each step's GPU-idle share (``traced``): 1 - (union of the kernel, copy and set
+intervals in the step) / (the step's wall time), and the GPU kernels that took the most time per step;
+the tracing slows the host, so its step times are reported apart.
 
 The report (JSON) holds each step's figures and their medians over the steps after ``--warmup``.
 """
@@ -315,6 +316,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-count", action="store_true", help="skip counting the device waits")
     parser.add_argument("--trace", action="store_true", help="CUDA: GPU-idle share per step from torch.profiler")
+    parser.add_argument("--trace-steps", dest="trace_steps", type=int, default=6,
+                        help="steps of the traced run (a trace of every step can outlast a 10-minute call)")
     parser.add_argument("--out", type=Path, help="write the report (JSON) here")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides, e.g. train.packing=true")
     args = parser.parse_args()
@@ -348,11 +351,13 @@ def main() -> None:
         try:
             with tempfile.TemporaryDirectory() as scratch:
                 trace = Path(scratch) / "trace.json"
-                traced = run_profiled(args, count=None, trace=trace)
-                shares, kernels = gpu_idle_shares(trace, skip=args.warmup)
+                traced_args = argparse.Namespace(**{**vars(args), "steps": min(args.steps, args.trace_steps)})
+                traced = run_profiled(traced_args, count=None, trace=trace)
+                shares, kernels = gpu_idle_shares(trace, skip=min(args.warmup, traced_args.steps - 1))
             report["traced"] = {"gpu_idle_share": shares, "top_kernels": kernels,
                                 "median_gpu_idle_share": statistics.median(shares[args.warmup:] or shares),
-                                "median_step_s": statistics.median(s["step_s"] for s in traced[args.warmup:] or traced)}
+                                "median_step_s": statistics.median(s["step_s"] for s in traced[args.warmup:] or traced),
+                                "steps": traced_args.steps}
         except Exception as err:  # the untraced figures are already written
             report["traced"] = {"error": repr(err)}
         write(report, args.out)
