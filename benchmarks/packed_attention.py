@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from kd_kernels import timed  # noqa: E402
 from qwen_shapes import QWEN  # noqa: E402
 
 
@@ -42,20 +42,6 @@ def batches(lengths: list[int], max_length: int, vocab: int) -> dict[str, dict]:
     examples = [{"input_ids": torch.randint(vocab, (n,), generator=generator).tolist(),
                  "labels": torch.randint(vocab, (n,), generator=generator).tolist()} for n in lengths]
     return {"packed": collate_packed(examples, 0, max_length), "padded": collate(examples, 0)}
-
-
-def timed(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return round(statistics.median(times), 3)
 
 
 def main() -> None:
@@ -103,7 +89,8 @@ def main() -> None:
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                     model.model(**inputs)
 
-            ms = timed(student_step if role == "student" else teacher_step, args.repeats, args.warmup)
+            ms = round(timed(student_step if role == "student" else teacher_step, warmup=args.warmup,
+                             iters=args.repeats)["ms"], 3)
             model.zero_grad(set_to_none=True)
             report["results"][f"{role}_{name}"] = {"ms": ms, "shape": list(batch["input_ids"].shape)}
             if name.startswith("packed"):
