@@ -161,6 +161,35 @@ def test_on_the_gpu_a_packed_row_gives_each_example_its_logits_alone(attn):
     assert error < 0.1 * crossed, (error, crossed)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (14, 2)])
+@pytest.mark.parametrize("lengths", [[1], [7, 12, 3, 9, 5, 1], [300, 17, 129]])
+def test_on_the_gpu_the_varlen_kernel_matches_its_reference(heads, kv_heads, lengths):
+    """PyTorch's flash varlen kernel against the per-sequence SDPA reference, bf16, forward and the
+    gradients of q, k and v."""
+    from qwen_distillation.modeling.varlen import varlen_available, varlen_kernel, varlen_reference
+
+    if not varlen_available():
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    torch.manual_seed(0)
+    total, dim = sum(lengths), 64
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    inputs = [torch.randn(total, h, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+              for h in (heads, kv_heads, kv_heads)]
+    results = []
+    for fn in (varlen_kernel, varlen_reference):
+        for x in inputs:
+            x.grad = None
+        out = fn(*inputs, cu, max(lengths), dim ** -0.5)
+        out.float().pow(2).sum().backward()
+        results.append((out.float(), [x.grad.float() for x in inputs]))
+    (out, grads), (ref, ref_grads) = results
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, atol=5e-2, rtol=5e-2)
+
+
 def test_the_packed_batch_names_where_each_sequence_of_its_flattened_rows_starts():
     """``cu_seq_lens`` (for the varlen attention) start every example and each row's padding, in
     the flattened rows' order, and agree with the restarting position ids."""
@@ -232,14 +261,21 @@ STEP_PLANS = {
 }
 
 
+@pytest.mark.parametrize("packed_attn", ["sdpa", "varlen"])
 @pytest.mark.parametrize("case", list(STEP_PLANS))
-def test_one_step_loss_and_gradients_equal_with_and_without_packing(case):
+def test_one_step_loss_and_gradients_equal_with_and_without_packing(case, packed_attn, monkeypatch):
+    """``packed_attn``: the packed step's attention; ``varlen`` runs its pure-torch reference here
+    (the flash kernel needs a GPU, where it is checked against the reference)."""
     from qwen_distillation.losses.contrastive import ContrastiveHead
     from qwen_distillation.losses.feature import FeatureProjector
+    from qwen_distillation.modeling import varlen
     from qwen_distillation.training.module import DistillationModule, Heads
 
     student, teacher = _model("qwen2", "sdpa", layers=2, seed=0), _model("qwen2", "sdpa", layers=3, seed=1)
     student.train()
+    if packed_attn == "varlen":
+        varlen.register()
+        monkeypatch.setattr(varlen, "kernel", varlen.varlen_reference)
     options = dict(STEP_PLANS[case])
     plan = loss_plan(options.pop("weights"), VOCAB, temperature=2.0, **options)
     torch.manual_seed(2)
@@ -253,6 +289,8 @@ def test_one_step_loss_and_gradients_equal_with_and_without_packing(case):
     assert [b["input_ids"].shape[0] for b in packed] == [1, 3]  # 8 rows of examples in 4 packed rows
     assert sum(b["input_ids"].numel() for b in packed) < sum(b["input_ids"].numel() for b in plain)
     loss_plain, tokens_plain, terms_plain, grads_plain = _step(module, teacher, plain)
+    for model in (student, teacher):
+        model.config._attn_implementation = packed_attn
     loss_packed, tokens_packed, terms_packed, grads_packed = _step(module, teacher, packed)
     assert tokens_packed == tokens_plain
     assert terms_packed.keys() == terms_plain.keys() == (set(plan.weights) if plan.separate_logit_terms else {"logit"})

@@ -33,9 +33,16 @@ def varlen_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _varlen_call(q, k, v, cu, max_len: int, scale: float | None):
-    """``varlen_attn`` causal, across its signatures (torch 2.10: ``is_causal``; later: ``window_size``),
-    with grouped key/value heads repeated where it has no ``enable_gqa``. q: (T, Hq, D); k, v: (T, Hkv, D)."""
+def varlen_kernel(q, k, v, cu, max_len: int, scale: float | None):
+    """Causal attention within each sequence of ``cu`` by ``varlen_attn``, across its signatures
+    (torch 2.10: ``is_causal``; later: ``window_size``), with grouped key/value heads repeated where
+    it has no ``enable_gqa``. q: (T, Hq, D); k, v: (T, Hkv, D); cu: (S + 1,) int32 -> (T, Hq, D)."""
+    if not q.is_cuda or not varlen_available():
+        from qwen_distillation.errors import ConfigError
+
+        raise ConfigError("attn_implementation=varlen runs PyTorch's flash varlen kernel, which needs a CUDA GPU and "
+                          "torch >= 2.10 (torch.nn.attention.varlen); set model.teacher.attn_implementation=sdpa "
+                          "and model.student.attn_implementation=sdpa here")
     from torch.nn.attention.varlen import varlen_attn
 
     parameters = inspect.signature(varlen_attn).parameters
@@ -53,6 +60,25 @@ def _varlen_call(q, k, v, cu, max_len: int, scale: float | None):
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
+def varlen_reference(q, k, v, cu, max_len: int, scale: float | None):
+    """The pure-torch reference of :func:`varlen_kernel` (any device, any dtype): SDPA, causal, on
+    each sequence of ``cu`` alone. Same arguments and result."""
+    groups = q.shape[1] // k.shape[1]
+    bounds = cu.tolist()
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        # (n, H, D) -> (H, n, D) for SDPA; grouped key/value heads repeated to the query heads
+        qs = q[start:end].transpose(0, 1)
+        ks = k[start:end].repeat_interleave(groups, dim=1).transpose(0, 1)
+        vs = v[start:end].repeat_interleave(groups, dim=1).transpose(0, 1)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
+    return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+# What the registered attention calls: the flash kernel; tests on a CPU put the reference here.
+kernel = varlen_kernel
+
+
 def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float | None = None,
                              dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
@@ -65,12 +91,6 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    if not query.is_cuda or not varlen_available():
-        from qwen_distillation.errors import ConfigError
-
-        raise ConfigError("attn_implementation=varlen runs PyTorch's flash varlen kernel, which needs a CUDA GPU and "
-                          "torch >= 2.10 (torch.nn.attention.varlen); set model.teacher.attn_implementation=sdpa "
-                          "and model.student.attn_implementation=sdpa here")
     if dropout:
         raise ValueError("attn_implementation='varlen' runs without attention dropout; set the model's "
                          "attention_dropout to 0")
@@ -83,7 +103,7 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
     k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
     v = value.transpose(1, 2).reshape(batch * length, kv_heads, dim)
     max_len = kwargs.get("max_length_q") or length
-    out = _varlen_call(q, k, v, cu.to(torch.int32), int(max_len), scaling)
+    out = kernel(q, k, v, cu.to(torch.int32), int(max_len), scaling)
     return out.reshape(batch, length, heads, dim), None
 
 
