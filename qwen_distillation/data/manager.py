@@ -289,12 +289,13 @@ def collate_packed(examples: list[dict], pad_token_id: int, max_length: int) -> 
 
     * ``position_ids`` restart at 0 at each example (and at the padding), which is how
       transformers 5 keeps attention inside each example (``masking_utils.find_packed_sequence_indices``
-      for sdpa/eager/flex; varlen from the position ids for flash attention);
+      for sdpa/eager/flex);
     * ``segments`` number the examples 0 .. N-1 in the order they lie in the rows (row by row,
       left to right), -1 on padding, for the loss terms taken per example;
     * ``cu_seq_lens`` are where the S sequences of the rows flattened one after the other start
-      (every example, and each row's padding as one more), ending at R * L: the varlen attention
-      (``modeling.varlen``) reads them instead of a mask;
+      (every example, and each row's padding as one more), ending at R * L: flash attention and the
+      varlen attention (``modeling.varlen``) read them instead of a mask (transformers finds packing
+      from the position ids for flash attention only in a single row);
     * each example's first label is IGNORE_INDEX, so no next-token target crosses an example
       boundary (the unpacked collate never reads a first label either);
     * domain and example_id are (N,) int64 per example in the segments' order, which is the order
