@@ -4,7 +4,7 @@ packed rows with ``attn_implementation="varlen"`` (PyTorch's flash varlen kernel
 one example per padded row with SDPA (what a padded trainer runs). The student runs forward and
 backward (fp32 weights under bf16 autocast, as in a stage); the teacher runs forward only (bf16,
 no grad). Reports median milliseconds (CUDA events, after warm-up) and the largest difference of
-the packed varlen logits from the packed SDPA ones.
+the packed varlen final hidden states from the packed SDPA ones.
 
     python benchmarks/packed_attention.py --data .realrun_data --examples 8 --out $OUT/packed_attention.json
 """
@@ -74,7 +74,7 @@ def main() -> None:
         data = batches(lengths, args.max_length, QWEN[shape]["vocab_size"])
         runs = {"packed_sdpa": ("sdpa", data["packed"]), "packed_varlen": ("varlen", data["packed"]),
                 "padded_sdpa": ("sdpa", data["padded"])}
-        logits = {}
+        final_hidden = {}
         for name, (implementation, batch) in runs.items():
             model.config._attn_implementation = implementation
             batch = {k: v.cuda() for k, v in batch.items()}
@@ -96,10 +96,10 @@ def main() -> None:
             if name.startswith("packed"):
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                     keep = batch["segments"] >= 0
-                    logits[name] = model.model(**inputs).last_hidden_state[keep].float()
+                    final_hidden[name] = model.model(**inputs).last_hidden_state[keep].float()
             print(role, name, report["results"][f"{role}_{name}"], flush=True)
         report["results"][f"{role}_varlen_vs_sdpa_max_abs_hidden"] = round(
-            (logits["packed_varlen"] - logits["packed_sdpa"]).abs().max().item(), 5)
+            (final_hidden["packed_varlen"] - final_hidden["packed_sdpa"]).abs().max().item(), 5)
         del model
         torch.cuda.empty_cache()
     text = json.dumps(report, indent=2)

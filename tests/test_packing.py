@@ -193,13 +193,12 @@ def test_on_the_gpu_the_varlen_kernel_matches_its_reference(heads, kv_heads, len
 def test_the_packed_batch_names_where_each_sequence_of_its_flattened_rows_starts():
     """``cu_seq_lens`` (for the varlen attention) start every example and each row's padding, in
     the flattened rows' order, and agree with the restarting position ids."""
-    from qwen_distillation.modeling.varlen import cu_seq_lens
-
     batch = collate_packed(_examples([7, 12, 3, 9, 5, 1]), PAD, 20)
     rows, length = batch["input_ids"].shape
     cu = batch["cu_seq_lens"]
     assert cu.dtype == torch.int32 and int(cu[0]) == 0 and int(cu[-1]) == rows * length
-    assert torch.equal(cu, cu_seq_lens(batch["position_ids"])[0])
+    flat_positions = batch["position_ids"].reshape(-1)  # every sequence starts where its positions restart
+    assert cu[:-1].tolist() == torch.nonzero(flat_positions == 0).flatten().tolist()
     flat_segments = batch["segments"].reshape(-1)
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):  # each sequence is one example or one padding
         assert len(set(flat_segments[start:end].tolist())) == 1

@@ -16,6 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from qwen_distillation.errors import CheckpointError, ConfigError
 from qwen_distillation.modeling.depth import evenly_spaced_layers
 from qwen_distillation.modeling.files import check_model_dir, read_json
+from qwen_distillation.modeling.varlen import VARLEN
+from qwen_distillation.modeling.varlen import register as register_varlen
 from qwen_distillation.paths import resolve_path
 
 log = logging.getLogger(__name__)
@@ -78,10 +80,8 @@ def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = Non
         CheckpointError: a local model directory with a truncated or damaged file, named.
     """
     key = key or f"model.{role}.path"
-    if spec.attn_implementation == "varlen":  # ours: known to transformers once registered
-        from qwen_distillation.modeling.varlen import register
-
-        register()
+    if spec.attn_implementation == VARLEN:  # ours: known to transformers once registered
+        register_varlen()
     if spec.random_init:
         kwargs = dict(spec.random_init)
         model_type = kwargs.pop("model_type", None)

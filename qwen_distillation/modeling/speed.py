@@ -23,6 +23,7 @@ from torch import nn
 
 from qwen_distillation.errors import ConfigError
 from qwen_distillation.modeling.parts import base_model
+from qwen_distillation.modeling.varlen import VARLEN, require_varlen
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,8 @@ def apply_speedups(models: list[nn.Module], *, device: torch.device, compile: bo
     if compile and liger_kernels:
         raise ConfigError("train.compile=true and train.liger_kernels=true together were measured slower than "
                           "either alone (Inductor cannot trace Liger's RMSNorm); choose one")
-    for model in models:
-        if getattr(base_model(model).config, "_attn_implementation", None) == "varlen" and device.type != "cuda":
-            raise ConfigError(f"attn_implementation=varlen runs PyTorch's flash varlen kernel, which needs a CUDA GPU; "
-                              f"running on {device}: set model.teacher.attn_implementation and "
-                              f"model.student.attn_implementation to sdpa (or null)")
+    if any(getattr(base_model(model).config, "_attn_implementation", None) == VARLEN for model in models):
+        require_varlen(device)
     applied = []
     if liger_kernels:
         if device.type != "cuda":

@@ -21,6 +21,8 @@ import inspect
 
 import torch
 
+from qwen_distillation.errors import ConfigError
+
 VARLEN = "varlen"
 
 
@@ -33,16 +35,21 @@ def varlen_available() -> bool:
     return torch.cuda.is_available()
 
 
+def require_varlen(device: torch.device | str) -> None:
+    """Refuse ``attn_implementation=varlen`` where its kernel cannot run (checked at start-up by
+    ``modeling.speed`` and again by the kernel), naming both options."""
+    device = torch.device(device)
+    if device.type != "cuda" or not varlen_available():
+        raise ConfigError(f"attn_implementation=varlen runs PyTorch's flash varlen kernel, which needs torch >= 2.10 "
+                          f"(torch.nn.attention.varlen) and a CUDA GPU; running on {device}: set "
+                          f"model.teacher.attn_implementation and model.student.attn_implementation to sdpa (or null)")
+
+
 def varlen_kernel(q, k, v, cu, max_len: int, scale: float | None):
     """Causal attention within each sequence of ``cu`` by ``varlen_attn``, across its signatures
     (torch 2.10: ``is_causal``; later: ``window_size``), with grouped key/value heads repeated where
     it has no ``enable_gqa``. q: (T, Hq, D); k, v: (T, Hkv, D); cu: (S + 1,) int32 -> (T, Hq, D)."""
-    if not q.is_cuda or not varlen_available():
-        from qwen_distillation.errors import ConfigError
-
-        raise ConfigError("attn_implementation=varlen runs PyTorch's flash varlen kernel, which needs a CUDA GPU and "
-                          "torch >= 2.10 (torch.nn.attention.varlen); set model.teacher.attn_implementation=sdpa "
-                          "and model.student.attn_implementation=sdpa here")
+    require_varlen(q.device)
     from torch.nn.attention.varlen import varlen_attn
 
     parameters = inspect.signature(varlen_attn).parameters
@@ -125,12 +132,3 @@ def register() -> None:
     AttentionInterface.register(VARLEN, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN, varlen_mask)
 
-
-def cu_seq_lens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The starts of the sequences of packed rows flattened row after row, and the longest one.
-    position_ids: (R, L), restarting at 0 at every example and at a row's padding (host tensor).
-    Returns ((S + 1,) int32 cumulative starts ending at R * L, max length)."""
-    flat = position_ids.reshape(-1)
-    starts = torch.nonzero(flat == 0).flatten()
-    bounds = torch.cat([starts, torch.tensor([flat.numel()])])
-    return bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max())
