@@ -122,11 +122,8 @@ def bench_loss(args) -> dict:
                                                                              reduction="sum")
         loss.backward()
 
-    def ours(kernel, chunk, overlap=False):
-        from qwen_distillation.kernels.fused_linear_kd import TritonFusedLinearKD
-
+    def ours(kernel, chunk):
         def fn():
-            TritonFusedLinearKD.overlap_rows = overlap
             loss, _ = fused_linear_kd(hs, ws, ht, wt, labels, kind="forward_kl", temperature=T, ce_weight=w,
                                       kd_weight=w, chunk_size=chunk, kernel=kernel, reduction="sum")
             loss.backward()
@@ -186,9 +183,6 @@ def bench_loss(args) -> dict:
         run_arm(f"liger chunked_loss JSD beta=0 ({chunk})", liger(chunk), results, **kw)
     for chunk in args.chunks:
         run_arm(f"triton (this project, {chunk})", ours("triton", chunk), results, **kw)
-        # The row kernel of chunk i on a side stream while the GEMMs of chunks i+1 and i-1 run.
-        run_arm(f"triton, row kernel overlapped (this project, {chunk})", ours("triton", chunk, overlap=True),
-                results, **kw)
     for chunk in args.chunks:
         run_arm(f"floor: the 4 GEMMs alone ({chunk})", gemms_only(chunk), results, **kw)
         run_arm(f"the row kernel alone, all tokens ({chunk})", rows_only(chunk), results, **kw)
@@ -247,11 +241,6 @@ def bench_step(args) -> dict:
         from qwen_distillation.modeling.fp8 import convert_to_fp8
 
         convert_to_fp8(teacher)
-    if args.overlap_rows:
-        # Ours' loss runs its row kernel on a side stream, overlapped with its GEMMs (Liger's loss is its own).
-        from qwen_distillation.kernels.fused_linear_kd import TritonFusedLinearKD
-
-        TritonFusedLinearKD.overlap_rows = True
     student = build_model(student_size, device).train()
     b, s = args.batch, args.seq
     g = torch.Generator(device=device).manual_seed(0)
@@ -520,7 +509,6 @@ def bench_step(args) -> dict:
             flops = 6 * p_s * b * s + 3 * attn(student) if name.startswith("student") else step_flops
             out["mfu"] = flops / (out["ms"] / 1e3) / (args.peak_tflops * 1e12)
     return {"pair": args.pair, "batch": b, "seq": s, "dtype": "bf16", "temperature": T, "fp8_teacher": args.fp8_teacher,
-            "overlap_rows": args.overlap_rows,
             "student_matmul_params": p_s, "teacher_matmul_params": p_t, "step_flops": step_flops, "arms": results}
 
 
@@ -658,8 +646,6 @@ def main(argv=None):
     step.add_argument("--fp8-teacher", action="store_true",
                       help="the teacher's decoder linear layers in FP8 in every arm (model.teacher.fp8, an "
                            "approximation)")
-    step.add_argument("--overlap-rows", action="store_true",
-                      help="ours' loss with its row kernel overlapped with its GEMMs on a side stream")
     for p in (loss, step):
         p.add_argument("--temperature", type=float, default=2.0)
         p.add_argument("--warmup", type=int, default=3)

@@ -317,40 +317,6 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor
         grad_weight += (grad_logits.T @ hidden).to(grad_weight.dtype)
 
 
-_side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
-
-
-def _overlapped(bounds, project, rows, backprop) -> None:
-    """Run the chunks of :class:`TritonFusedLinearKD` with the row kernel one chunk ahead on a side
-    stream. Current stream: P0, P1, [wait R0] G0, P2, [wait R1] G1, ...; side stream: [wait P0] R0,
-    [wait P1] R1, ... (P: the two projections, R: the row kernel, G: the two gradient matmuls).
-    Every buffer is allocated and freed on the current stream, and freed only after the current
-    stream has waited for the side stream's use of it, so the caching allocator cannot hand it out
-    while the row kernel still reads it."""
-    main = torch.cuda.current_stream()
-    side = _side_streams.get(main.device)
-    if side is None:
-        side = _side_streams[main.device] = torch.cuda.Stream(main.device)
-
-    def launch(index):
-        start, end = bounds[index]
-        logits, t_logits = project(start, end)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            rows(start, end, logits, t_logits)
-            done = side.record_event()
-        return logits, t_logits, done
-
-    ahead = launch(0)
-    for index, (start, end) in enumerate(bounds):
-        logits, t_logits, done = ahead
-        ahead = launch(index + 1) if index + 1 < len(bounds) else None
-        main.wait_event(done)
-        del t_logits
-        backprop(start, end, logits)
-        del logits
-
-
 class TritonFusedLinearKD(torch.autograd.Function):
     """``w_ce * CE + w_kd * KD`` from hidden states, gradients computed in the forward pass.
 
@@ -361,13 +327,7 @@ class TritonFusedLinearKD(torch.autograd.Function):
 
     Nothing here waits for the GPU: the token count of a mean stays a device tensor and scales
     the stored gradients in backward.
-
-    ``overlap_rows`` (CUDA): the row kernel of chunk i runs on a side stream while chunk i+1's
-    projections and chunk i-1's gradient matmuls run on the current one (one more pair of
-    ``[c, V]`` buffers alive); the same kernels on the same data, so the same numbers.
     """
-
-    overlap_rows = False
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
@@ -392,35 +352,21 @@ class TritonFusedLinearKD(torch.autograd.Function):
         # pure bf16 training: bf16, as Liger does), which keeps its memory at one weight's size.
         acc_dtype = student_weight.dtype
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_grad else None
-
-        def project(start, end):
+        for start in range(0, num_tokens, chunk_size):
+            end = min(start + chunk_size, num_tokens)
             logits = hidden[start:end] @ weight.T
             t_logits = None
             if has_kd:
                 t_logits = (teacher_rows(teacher_logits, start, end, logits) if teacher_logits is not None
                             else t_hidden[start:end] @ t_weight.T)
-            return logits, t_logits
-
-        def rows(start, end, logits, t_logits):
             kd_rows(logits, t_logits, labels[start:end], kind=kind, temperature=temperature, ce_scale=ce_weight,
                     kd_scale=kd_weight, beta=beta, ignore_index=ignore_index, write_grad=need_grad,
                     out=(ce_rows[start:end], kd_rows_[start:end]))
-
-        def backprop(start, end, logits):
+            del t_logits
             if need_grad:
                 torch.mm(logits, weight, out=grad_hidden[start:end])
                 _accumulate_weight_grad(grad_weight, logits, hidden[start:end])
-
-        bounds = [(start, min(start + chunk_size, num_tokens)) for start in range(0, num_tokens, chunk_size)]
-        if TritonFusedLinearKD.overlap_rows and hidden.is_cuda and len(bounds) > 1:
-            _overlapped(bounds, project, rows, backprop)
-        else:
-            for start, end in bounds:
-                logits, t_logits = project(start, end)
-                rows(start, end, logits, t_logits)
-                del t_logits
-                backprop(start, end, logits)
-                del logits
+            del logits
         scale = torch.ones((), dtype=torch.float32, device=hidden.device)
         if options.reduction == "mean":
             scale = 1.0 / (labels != ignore_index).sum().clamp(min=1).float()
