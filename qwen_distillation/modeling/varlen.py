@@ -17,6 +17,7 @@ transformers builds for ``sdpa``, so evaluation and generation are unchanged.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -45,14 +46,26 @@ def require_varlen(device: torch.device | str) -> None:
                           f"model.teacher.attn_implementation and model.student.attn_implementation to sdpa (or null)")
 
 
+@functools.cache
+def _varlen_attn_parameters() -> frozenset[str] | None:
+    """The parameter names of this torch's ``varlen_attn`` (read once: the kernel runs in every
+    attention layer of every forward), or None where torch has no ``torch.nn.attention.varlen``."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
 def varlen_kernel(q, k, v, cu, max_len: int, scale: float | None):
     """Causal attention within each sequence of ``cu`` by ``varlen_attn``, across its signatures
     (torch 2.10: ``is_causal``; later: ``window_size``), with grouped key/value heads repeated where
     it has no ``enable_gqa``. q: (T, Hq, D); k, v: (T, Hkv, D); cu: (S + 1,) int32 -> (T, Hq, D)."""
-    require_varlen(q.device)
+    parameters = _varlen_attn_parameters()
+    if parameters is None or not q.is_cuda:
+        require_varlen(q.device)
     from torch.nn.attention.varlen import varlen_attn
 
-    parameters = inspect.signature(varlen_attn).parameters
     kwargs = {"scale": scale} if "scale" in parameters else {}
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in parameters:
