@@ -140,6 +140,51 @@ def test_conversion_keeps_llama_layers_whose_shapes_scaled_mm_refuses(caplog):
     assert not torch.equal(before, after) and torch.isfinite(after).all()
 
 
+def test_siblings_quantise_their_shared_input_once_and_keep_nothing(monkeypatch):
+    """q/k/v and gate/up read one input: it is quantised once per layer and forward (4 of 7), the
+    logits are exactly those of the layers quantising separately, and no input is held after."""
+    from qwen_distillation.modeling import fp8 as fp8_module
+
+    model = _qwen2()
+    convert_to_fp8(model)
+    separate = copy.deepcopy(model)
+    for module in separate.modules():
+        if isinstance(module, FP8Linear):
+            module.shared = None
+    layer = model.model.layers[0]
+    assert layer.self_attn.q_proj.shared is layer.self_attn.v_proj.shared is not None
+    assert layer.mlp.gate_proj.shared is layer.mlp.up_proj.shared is not layer.self_attn.q_proj.shared
+    assert layer.self_attn.o_proj.shared is None and layer.mlp.down_proj.shared is None
+    assert model.model.layers[1].self_attn.q_proj.shared is not layer.self_attn.q_proj.shared
+    calls = []
+    real = fp8_module._quantize_activations
+    monkeypatch.setattr(fp8_module, "_quantize_activations", lambda rows: calls.append(rows.shape) or real(rows))
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        shared_logits = model(input_ids=ids).logits
+        assert len(calls) == 2 * 4
+        separate_logits = separate(input_ids=ids).logits
+    assert len(calls) == 2 * 4 + 2 * 7
+    assert torch.equal(shared_logits, separate_logits)
+    assert all(m.shared._source is None and m.shared._codes is None for m in model.modules()
+               if isinstance(m, FP8Linear) and m.shared is not None)
+
+
+def test_a_sibling_called_with_another_input_quantises_its_own():
+    model = _qwen2()
+    convert_to_fp8(model)
+    attn = model.model.layers[0].self_attn
+    x, y = torch.randn(3, 64), torch.randn(3, 64)
+    with torch.no_grad():
+        q = attn.q_proj(x)
+        k_other = attn.k_proj(y)  # not the input q_proj quantised
+        x.mul_(2.0)  # the same tensor, modified in place: quantised again
+        v_changed = attn.v_proj(x)
+        attn.q_proj.shared = attn.k_proj.shared = attn.v_proj.shared = None
+        assert torch.equal(q, attn.q_proj(x / 2.0)) and torch.equal(k_other, attn.k_proj(y))
+        assert torch.equal(v_changed, attn.v_proj(x))
+
+
 def test_converted_teacher_logits_stay_close_to_the_original():
     model = _qwen2(init=0.1)  # a wider init than the default: peakier distributions, larger FP8 effects
     fp8 = copy.deepcopy(model)
@@ -237,15 +282,39 @@ needs_fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.g
                                    reason="needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+)")
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-quantiser", "eager-quantiser"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("cols", [16, 1040, 3584, 9000])  # one block, several, a partial last block
+@pytest.mark.parametrize("rows", [1, 37, 1024])
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_on_the_gpu_the_triton_quantiser_equals_the_reference_bit_for_bit(rows, cols, dtype):
+    from qwen_distillation.kernels.fp8_quant import triton_quantize_rowwise
+
+    torch.manual_seed(rows * cols)
+    x = torch.randn(rows, cols, device="cuda") * torch.logspace(-4, 3, rows, device="cuda").unsqueeze(1)
+    x[0, cols // 2] = 5e4  # an outlier: that row's scale follows it
+    if rows > 2:
+        x[1] = 0.0  # an all-zero row: codes 0, finite scale
+    x = x.to(dtype)
+    codes, scale = triton_quantize_rowwise(x)
+    reference_codes, reference_scale = quantize_rowwise(x)
+    assert codes.dtype == FP8_DTYPE and scale.shape == (rows, 1)
+    assert torch.equal(scale, reference_scale)
+    assert torch.equal(codes.view(torch.uint8), reference_codes.view(torch.uint8))
+    strided = torch.cat([x, x], dim=1)[:, :cols]  # rows not contiguous with each other
+    assert torch.equal(triton_quantize_rowwise(strided)[0].view(torch.uint8), reference_codes.view(torch.uint8))
+
+
+@pytest.mark.parametrize("quantizer", ["triton", "compiled", "eager"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 37, 512])
 @pytest.mark.gpu
 @needs_fp8_gpu
-def test_on_the_gpu_fp8_linear_equals_its_reference(rows, bias, compiled, monkeypatch):
-    """The FP8 tensor-core GEMM (``torch._scaled_mm``, bf16 out) with the Inductor-compiled or the
-    eager activation quantiser against the fp32 quantise-dequantise reference of the same codes."""
-    monkeypatch.setattr(FP8Linear, "compile_quantizer", compiled)
+def test_on_the_gpu_fp8_linear_equals_its_reference(rows, bias, quantizer, monkeypatch):
+    """The FP8 tensor-core GEMM (``torch._scaled_mm``, bf16 out, the bias in its epilogue) with the
+    Triton, the Inductor-compiled or the eager activation quantiser against the fp32
+    quantise-dequantise reference of the same codes."""
+    monkeypatch.setattr(FP8Linear, "quantizer", quantizer)
     layer = _linear(in_features=256, out_features=128, bias=bias).cuda().to(torch.bfloat16)
     fp8 = FP8Linear.from_linear(layer)
     x = (torch.randn(rows, 256, device="cuda") * 3).to(torch.bfloat16)

@@ -92,7 +92,7 @@ ALLOWED = {
     "config": {"errors"},
     "kernels": set(),
     "data": {"errors", "paths"},
-    "modeling": {"errors", "paths", "config", "data"},
+    "modeling": {"errors", "paths", "config", "data", "kernels"},
     "losses": {"errors", "kernels"},
     "evaluation": {"errors", "paths", "config", "data", "modeling", "losses"},
     "training": {"errors", "paths", "config", "data", "modeling", "losses", "kernels", "evaluation"},

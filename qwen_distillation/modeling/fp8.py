@@ -4,7 +4,9 @@ The teacher's decoder ``nn.Linear`` layers (attention q/k/v/o, MLP gate/up/down)
 :class:`FP8Linear`: the weight is quantised once, per output row, to ``float8_e4m3fn`` with an
 fp32 scale ``amax(row) / 448``; each forward quantises its input the same way per token (row) and
 multiplies with ``torch._scaled_mm`` (FP8 tensor cores on Ada/Hopper GPUs), rescaling the fp32
-accumulator by ``scale_x[m] * scale_w[n]``. The embeddings, the final norm and the ``lm_head`` stay
+accumulator by ``scale_x[m] * scale_w[n]``. On a GPU the input is quantised by a Triton kernel
+(:mod:`qwen_distillation.kernels.fp8_quant`, bit-equal to the reference), once for the siblings
+that read the same input (q/k/v, gate/up: :class:`SharedInput`), and a bias is added in the GEMM. The embeddings, the final norm and the ``lm_head`` stay
 in the teacher's dtype: the fused KD kernel reads the ``lm_head`` weight directly, and the teacher's
 logits come from it. The teacher's next-token distribution is therefore not the bf16 teacher's:
 KL(p_bf16 || p_fp8) and top-1 agreement are measured by ``benchmarks/fp8_teacher.py``.
@@ -27,45 +29,32 @@ import torch
 from torch import nn
 
 from qwen_distillation.errors import ConfigError
+from qwen_distillation.kernels.fp8_quant import (FP8_DTYPE, FP8_MAX, MIN_AMAX, quantize_rowwise,  # noqa: F401
+                                                 triton_available, triton_quantize_rowwise)
 from qwen_distillation.modeling.parts import base_model
 
 log = logging.getLogger(__name__)
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 ALIGNMENT = 16  # torch._scaled_mm on CUDA: K and N multiples of 16
-# An all-zero row gets this amax instead of 0 (its codes are then all 0, its scale tiny and finite).
-MIN_AMAX = 1e-12
 KEY = "model.teacher.fp8"
-
-
-def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row FP8 (E4M3) quantisation.
-
-    Args:
-        x (torch.Tensor): shape (M, K), any floating dtype.
-
-    Returns:
-        (codes, scale): codes of shape (M, K) in ``float8_e4m3fn`` and scale of shape (M, 1) fp32,
-        with ``x ~= codes.float() * scale`` and ``scale = amax(|x[m]|) / 448``: each row's largest
-        magnitude maps to the largest finite E4M3 value. The clamp keeps a division that rounds
-        just past 448 from becoming NaN (E4M3 has no infinity).
-    """
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_AMAX) / FP8_MAX
-    codes = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return codes, scale
-
+QUANTIZERS = ("triton", "compiled", "eager")
+# Sibling layers that read the same input in the decoder layers of HF models (Qwen2, Llama, Mistral):
+# their input is quantised once per forward, by the first of them to run.
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 _compiled_quantize = None
 
 
 def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_rowwise` of a layer input; on a CUDA device compiled once (Inductor fuses the
-    abs/amax/divide/cast passes into one kernel, where eager torch reads the activations several
-    times; ``FP8Linear.compile_quantizer = False`` measures the eager path)."""
+    """:func:`quantize_rowwise` of a layer input. On a CUDA device, by ``FP8Linear.quantizer``:
+    ``"triton"`` (default; one kernel, bit-equal, :mod:`qwen_distillation.kernels.fp8_quant`),
+    ``"compiled"`` (Inductor's compile of the reference) or ``"eager"`` (the reference, which reads
+    the activations several times); the CPU always runs the reference."""
     global _compiled_quantize
-    if not (x.is_cuda and FP8Linear.compile_quantizer):
+    if not x.is_cuda or FP8Linear.quantizer == "eager":
         return quantize_rowwise(x)
+    if FP8Linear.quantizer == "triton" and triton_available():
+        return triton_quantize_rowwise(x)
     if _compiled_quantize is None:
         _compiled_quantize = torch.compile(quantize_rowwise, dynamic=True)
     try:
@@ -73,8 +62,36 @@ def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     except Exception as err:  # no working Inductor/Triton here: the same arithmetic, eagerly
         log.warning("%s: compiling the activation quantiser failed (%s: %s); it runs eagerly (slower)", KEY,
                     type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
-        FP8Linear.compile_quantizer = False
+        FP8Linear.quantizer = "eager"
         return quantize_rowwise(x)
+
+
+class SharedInput:
+    """The quantised input of a group of sibling :class:`FP8Linear` layers that read the same tensor
+    (q/k/v, gate/up): the first member to run quantises it, the others reuse the codes while the
+    input is the same tensor object, unmodified; once every member has read it the entry is
+    dropped (nothing is kept between forwards). A member called with another input quantises its
+    own, so any call order stays correct."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._source: torch.Tensor | None = None
+        self._version = -1
+        self._codes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._reads = 0
+
+    def quantize(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            version = x._version
+        except RuntimeError:  # an inference-mode tensor has no version counter: no sharing
+            return _quantize_activations(rows)
+        if self._source is not x or self._version != version or self._codes is None:
+            self._source, self._version, self._codes, self._reads = x, version, _quantize_activations(rows), 0
+        codes = self._codes
+        self._reads += 1
+        if self._reads >= self.size:
+            self._source, self._codes = None, None
+        return codes
 
 
 def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,22 +128,27 @@ class FP8Linear(nn.Module):
     The FP8 weight replaces the original one: a bf16 layer's weight memory halves.
 
     ``forward(x)``: x of shape (..., in_features) -> (..., out_features) in x's dtype. On CUDA,
-    ``torch._scaled_mm`` with row-wise scales writes bf16, cast to x's dtype after.
+    ``torch._scaled_mm`` with row-wise scales writes bf16 (the bias added in the GEMM's epilogue
+    where cuBLAS takes it), cast to x's dtype after. ``shared``: the :class:`SharedInput` of the
+    layer's sibling group, set by :func:`convert_to_fp8`, or ``None``.
     """
 
-    compile_quantizer = True  # see _quantize_activations
+    quantizer = "triton"  # see _quantize_activations; one of QUANTIZERS
+    bias_in_gemm = True  # cleared the first time torch._scaled_mm refuses a bias (then added after)
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fast_accum: bool = False):
         super().__init__()
+        self.fast_accum = fast_accum
         self.out_features, self.in_features = weight.shape
         codes, scale = quantize_rowwise(weight.detach())
         self.register_buffer("weight", codes)
         self.register_buffer("weight_scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.shared: SharedInput | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
-        return cls(linear.weight, linear.bias)
+    def from_linear(cls, linear: nn.Linear, fast_accum: bool = False) -> "FP8Linear":
+        return cls(linear.weight, linear.bias, fast_accum)
 
     def _apply(self, fn, recurse=True):
         # ``model.to(dtype)`` casts every floating tensor, and FP8 counts as one: the codes would be
@@ -146,11 +168,23 @@ class FP8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        codes, scale = _quantize_activations(rows.contiguous())
+        rows = rows.contiguous()
+        codes, scale = self.shared.quantize(x, rows) if self.shared is not None else _quantize_activations(rows)
         # Row-wise scaled FP8 GEMMs on CUDA write bf16 only.
         out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
-        out = torch._scaled_mm(codes, self.weight.t(), scale_a=scale, scale_b=self.weight_scale.view(1, -1),
-                               out_dtype=out_dtype)
+        scale_b = self.weight_scale.view(1, -1)
+        if self.bias is not None and x.is_cuda and FP8Linear.bias_in_gemm:
+            try:
+                out = torch._scaled_mm(codes, self.weight.t(), scale_a=scale, scale_b=scale_b,
+                                       bias=self.bias.to(out_dtype), out_dtype=out_dtype,
+                                       use_fast_accum=self.fast_accum)
+                return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            except RuntimeError as err:  # this torch/cuBLAS takes no bias with row-wise scales
+                log.info("%s: torch._scaled_mm takes no bias here (%s); biases are added after the GEMM", KEY,
+                         str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+                FP8Linear.bias_in_gemm = False
+        out = torch._scaled_mm(codes, self.weight.t(), scale_a=scale, scale_b=scale_b, out_dtype=out_dtype,
+                               use_fast_accum=self.fast_accum and x.is_cuda)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -184,7 +218,19 @@ class FP8Conversion:
     bytes_after: int = 0
 
 
-def convert_to_fp8(model: nn.Module) -> FP8Conversion:
+def _share_inputs(module: nn.Module) -> None:
+    """Give each group of ``module``'s FP8 children named in :data:`SHARED_INPUT_GROUPS` (at least
+    two of them converted) one :class:`SharedInput`: their common input is quantised once."""
+    for names in SHARED_INPUT_GROUPS:
+        members = [getattr(module, name, None) for name in names]
+        members = [m for m in members if isinstance(m, FP8Linear)]
+        if len(members) > 1:
+            shared = SharedInput(len(members))
+            for member in members:
+                member.shared = shared
+
+
+def convert_to_fp8(model: nn.Module, fast_accum: bool = False) -> FP8Conversion:
     """Replace, in place, every ``nn.Linear`` inside the decoder layers of ``model`` by an
     :class:`FP8Linear` (quantised on the layer's own device). Embeddings, the final norm and the
     ``lm_head`` are outside the decoder layers and stay as they are. Layers whose shapes
@@ -204,11 +250,12 @@ def convert_to_fp8(model: nn.Module) -> FP8Conversion:
                 if not fp8_eligible(child):
                     report.kept.append(full)
                     continue
-                fp8 = FP8Linear.from_linear(child)
+                fp8 = FP8Linear.from_linear(child, fast_accum)
                 report.bytes_before += child.weight.numel() * child.weight.element_size()
                 report.bytes_after += fp8.weight.numel() + fp8.weight_scale.numel() * 4
                 setattr(module, child_name, fp8)
                 report.converted.append(full)
+            _share_inputs(module)
     if not report.converted:
         raise ConfigError(f"{KEY}=true: no decoder linear layer of the teacher has in/out features that are "
                           f"multiples of {ALIGNMENT}, so nothing would run in FP8; set {KEY}=false")

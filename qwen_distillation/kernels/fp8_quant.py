@@ -1,0 +1,149 @@
+"""Per-row FP8 (E4M3) quantisation: the pure-torch reference and its Triton kernel.
+
+Used by the FP8 teacher (``model.teacher.fp8``) for every decoder linear layer's input, once per
+forward. :func:`quantize_rowwise` is the definition; :func:`triton_quantize_rowwise` computes the
+same codes and scales bit for bit (the same fp32 multiplications; the one division per row IEEE
+round-to-nearest, ``tl.math.div_rn``, like torch's ``reciprocal``; the E4M3 cast rounds to nearest
+even like torch's; the GPU tests compare them), reading each row once (up to 8,192 columns, kept in registers) or
+twice (wider rows, the second read from L2). Why a kernel: on the H200 (2026-12-03,
+``benchmarks/fp8_teacher.py --gemms --profile``) Inductor's compile of the reference took 0.17 ms
+for an 8192 x 3584 bf16 input, about ten times what its bytes need, and 30 ms of a 142 ms FP8
+7B teacher forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: CPUs use the torch reference.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+    tl = None
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+# The scale is amax times this fp32 constant: a multiplication, which torch (CPU and CUDA) and
+# Triton round the same way (torch on CUDA divides by a Python scalar as a multiplication by its
+# reciprocal, so an "amax / 448" would differ between devices in the last bit).
+INV_FP8_MAX = 1.0 / FP8_MAX
+# An all-zero row gets this amax instead of 0 (its codes are then all 0, its scale tiny and finite).
+MIN_AMAX = 1e-12
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row FP8 (E4M3) quantisation, plain torch: the reference.
+
+    Args:
+        x (torch.Tensor): shape (M, K), any floating dtype.
+
+    Returns:
+        (codes, scale): codes of shape (M, K) in ``float8_e4m3fn`` and scale of shape (M, 1) fp32,
+        with ``x ~= codes.float() * scale``, ``scale = amax(|x[m]|) * fp32(1 / 448)`` and the codes
+        ``x * (1 / scale)`` (one IEEE division per row, then multiplications): each row's largest
+        magnitude maps to the largest finite E4M3 value. The clamp keeps a product that rounds just
+        past 448 from becoming NaN (E4M3 has no infinity).
+    """
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_AMAX) * INV_FP8_MAX
+    codes = (x.float() * torch.reciprocal(scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return codes, scale
+
+
+if triton is not None:
+
+    @triton.jit
+    def _quantize_rows(x_ptr, codes_ptr, scale_ptr, M, K, stride_x, stride_c, FP8_MAX: tl.constexpr,
+                       INV_FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr, BLOCK: tl.constexpr,
+                       ROWS: tl.constexpr, ONE_BLOCK: tl.constexpr, RECIPROCAL: tl.constexpr):
+        """``ROWS`` rows per program: each row's absolute maximum, then the codes
+        ``clamp(x / scale, +-448)`` cast to E4M3, fp32 arithmetic throughout. ``ONE_BLOCK``
+        (K <= BLOCK): the rows are read once and kept in registers; otherwise in blocks, twice
+        (the second read from L2). ``RECIPROCAL``: ``x * (1 / scale)`` (one division per row)
+        instead of ``x / scale``."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < M
+        x_rows = x_ptr + rows[:, None] * stride_x
+        c_rows = codes_ptr + rows[:, None] * stride_c
+        if ONE_BLOCK:
+            cols = tl.arange(0, BLOCK)
+            ok = row_ok[:, None] & (cols[None, :] < K)
+            x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            scale = tl.maximum(tl.max(tl.abs(x), axis=1), MIN_AMAX) * INV_FP8_MAX
+            tl.store(scale_ptr + rows, scale, mask=row_ok)
+            if RECIPROCAL:
+                q = x * tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)[:, None]
+            else:
+                q = tl.math.div_rn(x, scale[:, None])
+            q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+            tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
+        else:
+            amax = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+            for start in range(0, K, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                ok = row_ok[:, None] & (cols[None, :] < K)
+                x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(x))
+            scale = tl.maximum(tl.max(amax, axis=1), MIN_AMAX) * INV_FP8_MAX
+            tl.store(scale_ptr + rows, scale, mask=row_ok)
+            inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)
+            for start in range(0, K, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                ok = row_ok[:, None] & (cols[None, :] < K)
+                x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                if RECIPROCAL:
+                    q = x * inv[:, None]
+                else:
+                    q = tl.math.div_rn(x, scale[:, None])
+                q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+                tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
+
+
+def triton_quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rowwise` as one Triton kernel (CUDA tensors; bit-equal codes and scales).
+
+    Args:
+        x (torch.Tensor): shape (M, K) on a CUDA device, bf16 / fp16 / fp32, last dim contiguous.
+
+    Returns:
+        (codes, scale): (M, K) ``float8_e4m3fn`` and (M, 1) fp32, as :func:`quantize_rowwise`.
+    """
+    if triton is None or not x.is_cuda:
+        raise RuntimeError("triton_quantize_rowwise needs Triton and a CUDA tensor; use quantize_rowwise")
+    if x.dim() != 2:
+        raise ValueError(f"triton_quantize_rowwise takes a 2-D (rows, features) tensor, got shape {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    codes = torch.empty((m, k), device=x.device, dtype=FP8_DTYPE)
+    scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return codes, scale
+    launch_quantize_rows(x, codes, scale)
+    return codes, scale
+
+
+def launch_quantize_rows(x, codes, scale, *, rows: int | None = None, block: int | None = None,
+                         reciprocal: bool = True, num_warps: int | None = None) -> None:
+    """Launch :func:`_quantize_rows`. The defaults are :func:`triton_quantize_rowwise`'s, chosen by
+    ``benchmarks/fp8_teacher.py --gemms`` on the H200 (2026-12-03, kernel time, 8192 rows of bf16):
+    3,584 columns in one block, one row per program, 8 warps, 22.6 us (the bytes need 18.4 us; the
+    per-element division took 44.7); 18,944 columns two-pass in blocks of 4,096, two rows per
+    program, 16 warps, 125.5 us (bytes: 97 us; one row, 8 warps: 152.9). ``reciprocal=False``
+    divides each element (not the reference's arithmetic: a probe of its cost only)."""
+    m, k = x.shape
+    width = triton.next_power_of_2(max(k, 16))
+    one_block = width <= 8192 if block is None else width <= block
+    block = block or (width if one_block else 4096)
+    if rows is None:
+        rows = max(1, min(8, 4096 // block)) if one_block else 2
+    if num_warps is None:
+        num_warps = 8 if one_block else 16
+    _quantize_rows[(triton.cdiv(m, rows),)](
+        x, codes, scale, m, k, x.stride(0), codes.stride(0), FP8_MAX=FP8_MAX, INV_FP8_MAX=INV_FP8_MAX,
+        MIN_AMAX=MIN_AMAX, BLOCK=block, ROWS=rows, ONE_BLOCK=one_block, RECIPROCAL=reciprocal,
+        num_warps=num_warps if rows * block >= 2048 else min(num_warps, 4))
