@@ -25,8 +25,8 @@ converted by ``convert_to_fp8``; both run under autocast like the training loop'
 (b) Time (CUDA only; ``--smoke`` times a tiny model on the CPU with the wall clock instead): the
 teacher's decoder forward (``model.model``, ``use_cache=False``, no grad; the lm_head is read by the
 fused KD loss, not run here) for the Qwen2.5-7B shape at ``--batch`` x ``--seq`` (4 x 2048),
-random weights, bf16, then the same model converted to FP8 with the activation quantiser compiled
-(``FP8Linear.compile_quantizer``, the default) and eager. CUDA events, ``--iters`` timed after
+random weights, bf16, then the same model converted to FP8 with each activation quantiser
+(``FP8Linear.quantizer``: the Triton kernel, the default; Inductor's compile of the reference; eager). CUDA events, ``--iters`` timed after
 ``--warmup``, median and min reported; peak memory of each forward and the decoder weights' bytes.
 """
 
@@ -131,8 +131,15 @@ def fidelity(teacher, tokenizer, files: list[str], args, device: torch.device, d
     conversion = convert_to_fp8(models["fp8"])
     if floor:
         models["fp32"] = copy.deepcopy(teacher).float()
+    fast = args.fast_accum and device.type == "cuda"
+    if fast:  # the same FP8 codes, the GEMMs with use_fast_accum (model.teacher.fp8_fast_accum)
+        models["fp8_fast_accum"] = copy.deepcopy(models["fp8"])
+        for module in models["fp8_fast_accum"].modules():
+            if isinstance(module, FP8Linear):
+                module.fast_accum = True
+    kinds = ("fp8_vs_ref", "ref_vs_fp32", "fp8_fast_accum_vs_ref", "fp8_fast_accum_vs_fp8")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    overall = {"fp8_vs_ref": Comparison(), "ref_vs_fp32": Comparison()}
+    overall = {kind: Comparison() for kind in kinds}
     per_file = {}
     for path in files:
         try:
@@ -142,7 +149,7 @@ def fidelity(teacher, tokenizer, files: list[str], args, device: torch.device, d
             print(path, per_file[path], flush=True)
             continue
         examples.sort(key=lambda e: len(e["input_ids"]))
-        here = {"fp8_vs_ref": Comparison(), "ref_vs_fp32": Comparison()}
+        here = {kind: Comparison() for kind in kinds}
         for start in range(0, len(examples), args.batch_size):
             batch = collate(examples[start:start + args.batch_size], pad)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -157,6 +164,11 @@ def fidelity(teacher, tokenizer, files: list[str], args, device: torch.device, d
             approx = logits(models["fp8"], dtype)
             for table in (overall, here):
                 table["fp8_vs_ref"].add(reference, approx)
+            if fast:
+                quick = logits(models["fp8_fast_accum"], dtype)
+                for table in (overall, here):
+                    table["fp8_fast_accum_vs_ref"].add(reference, quick)
+                    table["fp8_fast_accum_vs_fp8"].add(approx, quick)
             if floor:
                 full = logits(models["fp32"], torch.float32)
                 for table in (overall, here):
@@ -201,7 +213,7 @@ def time_forward(body, input_ids, *, warmup: int, iters: int, device: torch.devi
 
 
 def timing(shape: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
-    """The teacher decoder's forward, bf16 then FP8 (quantiser compiled, then eager), same weights."""
+    """The teacher decoder's forward, bf16 then FP8 (each quantiser), same weights."""
     model = random_qwen2(shape, dtype, device)
     g = torch.Generator(device=device).manual_seed(0)
     input_ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), device=device, generator=g)
@@ -213,16 +225,134 @@ def timing(shape: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
     print("bf16", out["bf16"]["ms_median"], flush=True)
     conversion = convert_to_fp8(model)
     out["decoder_linear_mib"] = {"bf16": conversion.bytes_before / 2**20, "fp8": conversion.bytes_after / 2**20}
-    arms = [("fp8, compiled quantiser", True), ("fp8, eager quantiser", False)]
-    for name, compiled in arms if device.type == "cuda" else arms[1:]:
-        FP8Linear.compile_quantizer = compiled
+    arms = [("fp8, triton quantiser", "triton"), ("fp8, compiled quantiser", "compiled"),
+            ("fp8, eager quantiser", "eager")]
+    if args.fast_accum and device.type == "cuda":
+        arms.insert(1, ("fp8, triton quantiser, fast accumulation", "triton"))
+    for name, quantizer in arms if device.type == "cuda" else arms[2:]:
+        FP8Linear.quantizer = quantizer
+        for module in model.modules():
+            if isinstance(module, FP8Linear):
+                module.fast_accum = "fast accumulation" in name
         out[name] = time_forward(model.model, input_ids, **kw)
         out[name]["speedup_vs_bf16"] = out["bf16"]["ms_median"] / out[name]["ms_median"]
         print(name, out[name]["ms_median"], flush=True)
-    FP8Linear.compile_quantizer = True
+    FP8Linear.quantizer = "triton"
     with torch.no_grad():
         approx = model.model(input_ids=input_ids, use_cache=False).last_hidden_state.float()
     out["last_hidden_rel_err"] = ((approx - reference).norm() / reference.norm()).item()
+    return out
+
+
+def gemm_shapes(shape: dict, args, device: torch.device) -> dict:
+    """Where the FP8 teacher's time goes, per linear layer shape of one decoder layer (M = batch x seq
+    tokens): bf16 ``x @ W.T`` against ``torch._scaled_mm`` with row-wise scales (what ``FP8Linear``
+    runs), with one tensor-wide scale each, and row-wise with ``use_fast_accum``; and the compiled
+    activation quantiser alone. Also the fused shapes q|k|v and gate|up (one GEMM over the
+    concatenated weights, one quantisation of the shared input). CUDA events, median of ``--iters``."""
+    from qwen_distillation.kernels.fp8_quant import triton_quantize_rowwise
+    from qwen_distillation.modeling.fp8 import _quantize_activations, quantize_rowwise
+
+    h, inter = shape["hidden_size"], shape["intermediate_size"]
+    kv = shape["num_key_value_heads"] * h // shape["num_attention_heads"]
+    m = args.batch * args.seq
+    shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (inter, h),
+              "up_proj": (inter, h), "down_proj": (h, inter), "qkv fused": (h + 2 * kv, h),
+              "gate_up fused": (2 * inter, h)}
+
+    def ms(fn) -> float:
+        for _ in range(args.warmup):
+            fn()
+        times = []
+        for _ in range(args.iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    out = {"tokens": m}
+    g = torch.Generator(device=device).manual_seed(0)
+    _compiled = torch.compile(quantize_rowwise, dynamic=True)
+    for name, (n, k) in shapes.items():
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=g)
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=g) * k ** -0.5
+        xq, xs = quantize_rowwise(x)
+        wq, ws = quantize_rowwise(w)
+        one = torch.ones((), device=device, dtype=torch.float32)
+        row = {"n": n, "k": k, "gflop": 2 * m * n * k / 1e9,
+               "bf16_ms": ms(lambda: x @ w.t()),
+               "fp8_rowwise_ms": ms(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1),
+                                                             out_dtype=torch.bfloat16)),
+               "fp8_tensorwise_ms": ms(lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one,
+                                                                out_dtype=torch.bfloat16)),
+               "quantise_ms": ms(lambda: _quantize_activations(x)),  # FP8Linear.quantizer's choice
+               "quantise_triton_ms": ms(lambda: triton_quantize_rowwise(x)),
+               "quantise_compiled_ms": ms(lambda: _compiled(x))}
+        try:
+            row["fp8_rowwise_fast_accum_ms"] = ms(lambda: torch._scaled_mm(
+                xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=torch.bfloat16, use_fast_accum=True))
+        except Exception as err:  # a probe: record why, keep the rest
+            row["fp8_rowwise_fast_accum_ms"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        for key in [k_ for k_ in row if k_.endswith("_ms") and isinstance(row[k_], float)]:
+            row[key.replace("_ms", "_tflops")] = row["gflop"] / row[key]  # GFLOP / ms = TFLOP/s
+        out[name] = row
+        print(name, json.dumps({k_: round(v, 3) if isinstance(v, float) else v for k_, v in row.items()}), flush=True)
+    # Launch shapes of the Triton quantiser, kernel time only (CUDA graph replay: no launch cost).
+    from triton.testing import do_bench_cudagraph
+
+    from qwen_distillation.kernels.fp8_quant import FP8_DTYPE, launch_quantize_rows
+
+    variants = {"default": {}, "divide each element": {"reciprocal": False}, "one row per program": {"rows": 1},
+                "4 warps": {"num_warps": 4}, "8 warps": {"num_warps": 8}, "16 warps": {"num_warps": 16},
+                "two-pass 1024": {"block": 1024}, "two-pass 2048": {"block": 2048}}
+    out["quantiser_variants_us"] = {}
+    for k in sorted({h, inter}):
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=g)
+        codes = torch.empty(m, k, device=device, dtype=FP8_DTYPE)
+        scale = torch.empty(m, 1, device=device, dtype=torch.float32)
+        row = {}
+        for name, kw in variants.items():
+            try:
+                row[name] = 1e3 * do_bench_cudagraph(lambda: launch_quantize_rows(x, codes, scale, **kw))
+            except Exception as err:  # a probe: record why, keep the rest
+                row[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        row["bytes_floor_us"] = 3 * m * k / 4.8e12 * 1e6  # read 2 B + write 1 B per element at 4.8 TB/s
+        out["quantiser_variants_us"][f"{m} x {k}"] = row
+        print("quantiser", k, json.dumps({a: round(b, 1) if isinstance(b, float) else b for a, b in row.items()}),
+              flush=True)
+    per_layer = [n for n in shapes if "fused" not in n]
+    for key in ("bf16_ms", "fp8_rowwise_ms", "fp8_tensorwise_ms", "quantise_ms", "quantise_triton_ms",
+                "quantise_compiled_ms", "fp8_rowwise_fast_accum_ms"):
+        if all(isinstance(out[n].get(key), float) for n in per_layer):
+            out[f"all {shape['num_hidden_layers']} layers, {key}"] = shape["num_hidden_layers"] * sum(
+                out[n][key] for n in per_layer)
+    return out
+
+
+def profile_forward(shape: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """Kernel time per class of the teacher decoder's forward (bf16, then FP8), with Liger's RMSNorm,
+    SwiGLU and RoPE patched in as in the KD step's best arms (``kd_kernels.py step --patch``)."""
+    from kd_kernels import profile_step
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+    model = random_qwen2(shape, dtype, device)
+    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model)
+    g = torch.Generator(device=device).manual_seed(0)
+    input_ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), device=device, generator=g)
+
+    def forward():
+        with torch.no_grad():
+            model.model(input_ids=input_ids, use_cache=False)
+
+    out = {"bf16": profile_step(forward, lambda: None, {})}
+    convert_to_fp8(model)
+    out["fp8"] = profile_step(forward, lambda: None, {})
+    for arm in out.values():
+        arm.pop("host_syncs", None)
     return out
 
 
@@ -243,6 +373,14 @@ def main(argv=None) -> dict:
                         help="(a) also for a random-init Qwen2.5-7B-shaped teacher on the Qwen tokenizer")
     parser.add_argument("--skip-fidelity", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--fast-accum", action="store_true",
+                        help="also the FP8 teacher with use_fast_accum GEMMs (model.teacher.fp8_fast_accum): its "
+                             "timing, and its KL against the bf16 and the plain FP8 teacher (CUDA)")
+    parser.add_argument("--gemms", action="store_true",
+                        help="also time each 7B decoder linear shape: bf16 against the FP8 variants (CUDA)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the Liger-patched 7B teacher's forward, bf16 and FP8, by kernel class "
+                             "(CUDA, needs liger-kernel)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--warmup", type=int, default=3)
@@ -275,6 +413,10 @@ def main(argv=None) -> dict:
         if device.type != "cuda" and not args.smoke:
             parser.error("the timing part needs a CUDA GPU (or --smoke, or --skip-timing)")
         result["timing"] = timing(TINY if args.smoke else QWEN["7b"], args, device, dtype)
+    if args.gemms and device.type == "cuda":
+        result["gemms"] = gemm_shapes(QWEN["7b"], args, device)
+    if args.profile and device.type == "cuda":
+        result["profile"] = profile_forward(QWEN["7b"], args, device, dtype)
     result["wall_s"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

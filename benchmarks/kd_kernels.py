@@ -240,7 +240,7 @@ def bench_step(args) -> dict:
         # the FLOPs (and so the MFU) are counted as for the bf16 teacher.
         from qwen_distillation.modeling.fp8 import convert_to_fp8
 
-        convert_to_fp8(teacher)
+        convert_to_fp8(teacher, fast_accum=args.fp8_fast_accum)
     student = build_model(student_size, device).train()
     b, s = args.batch, args.seq
     g = torch.Generator(device=device).manual_seed(0)
@@ -646,6 +646,8 @@ def main(argv=None):
     step.add_argument("--fp8-teacher", action="store_true",
                       help="the teacher's decoder linear layers in FP8 in every arm (model.teacher.fp8, an "
                            "approximation)")
+    step.add_argument("--fp8-fast-accum", action="store_true",
+                      help="with --fp8-teacher: the FP8 GEMMs with use_fast_accum (model.teacher.fp8_fast_accum)")
     for p in (loss, step):
         p.add_argument("--temperature", type=float, default=2.0)
         p.add_argument("--warmup", type=int, default=3)
