@@ -185,6 +185,21 @@ def test_a_sibling_called_with_another_input_quantises_its_own():
         assert torch.equal(v_changed, attn.v_proj(x))
 
 
+def test_the_converted_teacher_compiles_into_one_graph_with_the_same_output():
+    """train.compile compiles the teacher's decoder: FP8Linear traces without a graph break (no
+    input sharing or custom kernel under compilation) and gives the eager module's output."""
+    model = _qwen2()
+    convert_to_fp8(model)
+    ids = torch.randint(0, 256, (2, 9))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model.model)(input_ids=ids, use_cache=False)
+        compiled = torch.compile(model.model, backend="eager")(input_ids=ids, use_cache=False).last_hidden_state
+        eager = model.model(input_ids=ids, use_cache=False).last_hidden_state
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert torch.equal(compiled, eager)
+
+
 def test_converted_teacher_logits_stay_close_to_the_original():
     model = _qwen2(init=0.1)  # a wider init than the default: peakier distributions, larger FP8 effects
     fp8 = copy.deepcopy(model)

@@ -169,11 +169,19 @@ class FP8Linear(nn.Module):
         if rows.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
         rows = rows.contiguous()
-        codes, scale = self.shared.quantize(x, rows) if self.shared is not None else _quantize_activations(rows)
+        # Under torch.compile (train.compile) Inductor gets the plain arithmetic to fuse as it sees fit:
+        # no sharing (a tensor's version counter breaks the graph), no custom kernel, no probing try.
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            codes, scale = quantize_rowwise(rows)
+        elif self.shared is not None:
+            codes, scale = self.shared.quantize(x, rows)
+        else:
+            codes, scale = _quantize_activations(rows)
         # Row-wise scaled FP8 GEMMs on CUDA write bf16 only.
         out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
         scale_b = self.weight_scale.view(1, -1)
-        if self.bias is not None and x.is_cuda and FP8Linear.bias_in_gemm:
+        if self.bias is not None and x.is_cuda and FP8Linear.bias_in_gemm and not compiling:
             try:
                 out = torch._scaled_mm(codes, self.weight.t(), scale_a=scale, scale_b=scale_b,
                                        bias=self.bias.to(out_dtype), out_dtype=out_dtype,
