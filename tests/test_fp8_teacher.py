@@ -370,3 +370,25 @@ def test_on_the_gpu_the_converted_teacher_stays_close_to_bf16():
     # arithmetic on the CPU, three inputs).
     assert 0.005 < relative < 0.2 and 0 < kl < 0.02 and top1 >= 0.6 and confident >= 0.9, (relative, kl, top1,
                                                                                            confident)
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_on_the_gpu_the_compiled_fp8_teacher_approximates_bf16_as_the_eager_one_does():
+    """train.compile with the FP8 teacher: Inductor compiles FP8Linear's plain arithmetic (the eager
+    module runs the Triton quantiser, input sharing and the bias epilogue). Inductor's fused norms
+    skip bf16 roundings the eager modules make, which flips FP8 codes here and there, so the two do
+    not agree bit for bit (0.10 relative on this chaotic random model, H200 2026-12-03); both must be
+    as close to the bf16 model as FP8 is (0.146 eager, the test above)."""
+    model = _qwen2(hidden=128, intermediate=256, init=0.1).cuda().to(torch.bfloat16)
+    fp8 = copy.deepcopy(model)
+    convert_to_fp8(fp8)
+    ids = torch.randint(0, 256, (2, 64), device="cuda")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        exact = model.model(input_ids=ids, use_cache=False).last_hidden_state.float()
+        eager = fp8.model(input_ids=ids, use_cache=False).last_hidden_state.float()
+        compiled = torch.compile(fp8.model)(input_ids=ids, use_cache=False).last_hidden_state.float()
+    errors = [((out - exact).norm() / exact.norm()).item() for out in (eager, compiled)]
+    assert torch.isfinite(compiled).all() and all(0.005 < e < 0.25 for e in errors), errors
+    assert errors[1] < 1.5 * errors[0], errors
