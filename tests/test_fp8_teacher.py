@@ -170,6 +170,16 @@ def test_siblings_quantise_their_shared_input_once_and_keep_nothing(monkeypatch)
                if isinstance(m, FP8Linear) and m.shared is not None)
 
 
+def test_the_converted_teacher_runs_under_inference_mode_with_the_same_logits():
+    model = _qwen2()
+    convert_to_fp8(model)
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    with torch.inference_mode():  # no version counters: each layer quantises its own input
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+
 def test_a_sibling_called_with_another_input_quantises_its_own():
     model = _qwen2()
     convert_to_fp8(model)
