@@ -26,8 +26,14 @@ converted by ``convert_to_fp8``; both run under autocast like the training loop'
 teacher's decoder forward (``model.model``, ``use_cache=False``, no grad; the lm_head is read by the
 fused KD loss, not run here) for the Qwen2.5-7B shape at ``--batch`` x ``--seq`` (4 x 2048),
 random weights, bf16, then the same model converted to FP8 with each activation quantiser
-(``FP8Linear.quantizer``: the Triton kernel, the default; Inductor's compile of the reference; eager). CUDA events, ``--iters`` timed after
-``--warmup``, median and min reported; peak memory of each forward and the decoder weights' bytes.
+(``FP8Linear.quantizer``: the Triton kernel, the default; Inductor's compile of the reference;
+eager). CUDA events, ``--iters`` timed after ``--warmup``, median and min reported; peak memory of
+each forward and the decoder weights' bytes.
+
+(c) ``--gemms``: each 7B decoder linear shape in bf16 and FP8 (row-wise, tensor-wise, fast
+accumulation) and the quantisers, plus the Triton quantiser's launch shapes; ``--profile``: the
+Liger-patched teacher's forward by kernel class, bf16 and FP8; ``--fast-accum``: a probe of the
+FP8 GEMMs with ``use_fast_accum`` (timing, and its KL against the bf16 and the plain FP8 teacher).
 """
 
 from __future__ import annotations

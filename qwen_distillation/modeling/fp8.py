@@ -2,13 +2,14 @@
 
 The teacher's decoder ``nn.Linear`` layers (attention q/k/v/o, MLP gate/up/down) become
 :class:`FP8Linear`: the weight is quantised once, per output row, to ``float8_e4m3fn`` with an
-fp32 scale ``amax(row) / 448``; each forward quantises its input the same way per token (row) and
-multiplies with ``torch._scaled_mm`` (FP8 tensor cores on Ada/Hopper GPUs), rescaling the fp32
-accumulator by ``scale_x[m] * scale_w[n]``. On a GPU the input is quantised by a Triton kernel
+fp32 scale ``amax(row) * fp32(1 / 448)``; each forward quantises its input the same way per token
+(row) and multiplies with ``torch._scaled_mm`` (FP8 tensor cores on Ada/Hopper GPUs), rescaling the
+fp32 accumulator by ``scale_x[m] * scale_w[n]``. On a GPU the input is quantised by a Triton kernel
 (:mod:`qwen_distillation.kernels.fp8_quant`, bit-equal to the reference), once for the siblings
-that read the same input (q/k/v, gate/up: :class:`SharedInput`), and a bias is added in the GEMM. The embeddings, the final norm and the ``lm_head`` stay
-in the teacher's dtype: the fused KD kernel reads the ``lm_head`` weight directly, and the teacher's
-logits come from it. The teacher's next-token distribution is therefore not the bf16 teacher's:
+that read the same input (q/k/v, gate/up: :class:`SharedInput`), and a bias is added in the GEMM.
+The embeddings, the final norm and the ``lm_head`` stay in the teacher's dtype: the fused KD kernel
+reads the ``lm_head`` weight directly, and the teacher's logits come from it. The teacher's
+next-token distribution is therefore not the bf16 teacher's:
 KL(p_bf16 || p_fp8) and top-1 agreement are measured by ``benchmarks/fp8_teacher.py``.
 
 :func:`fp8_linear_reference` is the same arithmetic in plain fp32 torch (quantise, dequantise,
@@ -130,7 +131,10 @@ class FP8Linear(nn.Module):
     ``forward(x)``: x of shape (..., in_features) -> (..., out_features) in x's dtype. On CUDA,
     ``torch._scaled_mm`` with row-wise scales writes bf16 (the bias added in the GEMM's epilogue
     where cuBLAS takes it), cast to x's dtype after. ``shared``: the :class:`SharedInput` of the
-    layer's sibling group, set by :func:`convert_to_fp8`, or ``None``.
+    layer's sibling group, set by :func:`convert_to_fp8`, or ``None``. ``fast_accum``: the GEMM with
+    ``use_fast_accum`` on CUDA, a benchmark probe only (``benchmarks/kd_kernels.py step
+    --fp8-fast-accum``): what it changes in the teacher's distribution is not measured, so no
+    config key turns it on.
     """
 
     quantizer = "triton"  # see _quantize_activations; one of QUANTIZERS
