@@ -4,8 +4,8 @@ Used by the FP8 teacher (``model.teacher.fp8``) for every decoder linear layer's
 forward. :func:`quantize_rowwise` is the definition; :func:`triton_quantize_rowwise` computes the
 same codes and scales bit for bit (the same fp32 multiplications; the one division per row IEEE
 round-to-nearest, ``tl.math.div_rn``, like torch's ``reciprocal``; the E4M3 cast rounds to nearest
-even like torch's; the GPU tests compare them), reading each row once (up to 8,192 columns, kept in registers) or
-twice (wider rows, the second read from L2). Why a kernel: on the H200 (2026-12-03,
+even like torch's; the GPU tests compare them), reading each row once (up to 8,192 columns, kept
+in registers) or twice (wider rows, the second read from L2). Why a kernel: on the H200 (2026-12-03,
 ``benchmarks/fp8_teacher.py --gemms --profile``) Inductor's compile of the reference took 0.17 ms
 for an 8192 x 3584 bf16 input, about ten times what its bytes need, and 30 ms of a 142 ms FP8
 7B teacher forward.
