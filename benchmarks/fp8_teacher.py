@@ -138,7 +138,7 @@ def fidelity(teacher, tokenizer, files: list[str], args, device: torch.device, d
     if floor:
         models["fp32"] = copy.deepcopy(teacher).float()
     fast = args.fast_accum and device.type == "cuda"
-    if fast:  # the same FP8 codes, the GEMMs with use_fast_accum (model.teacher.fp8_fast_accum)
+    if fast:  # the same FP8 codes, the GEMMs with use_fast_accum (a probe: no config key)
         models["fp8_fast_accum"] = copy.deepcopy(models["fp8"])
         for module in models["fp8_fast_accum"].modules():
             if isinstance(module, FP8Linear):
@@ -256,6 +256,8 @@ def gemm_shapes(shape: dict, args, device: torch.device) -> dict:
     runs), with one tensor-wide scale each, and row-wise with ``use_fast_accum``; and the compiled
     activation quantiser alone. Also the fused shapes q|k|v and gate|up (one GEMM over the
     concatenated weights, one quantisation of the shared input). CUDA events, median of ``--iters``."""
+    from kd_kernels import timed
+
     from qwen_distillation.kernels.fp8_quant import triton_quantize_rowwise
     from qwen_distillation.modeling.fp8 import _quantize_activations, quantize_rowwise
 
@@ -267,17 +269,7 @@ def gemm_shapes(shape: dict, args, device: torch.device) -> dict:
               "gate_up fused": (2 * inter, h)}
 
     def ms(fn) -> float:
-        for _ in range(args.warmup):
-            fn()
-        times = []
-        for _ in range(args.iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        return timed(fn, warmup=args.warmup, iters=args.iters)["ms"]
 
     out = {"tokens": m}
     g = torch.Generator(device=device).manual_seed(0)
@@ -311,7 +303,7 @@ def gemm_shapes(shape: dict, args, device: torch.device) -> dict:
 
     from qwen_distillation.kernels.fp8_quant import FP8_DTYPE, launch_quantize_rows
 
-    variants = {"default": {}, "divide each element": {"reciprocal": False}, "one row per program": {"rows": 1},
+    variants = {"default": {}, "one row per program": {"rows": 1},
                 "4 warps": {"num_warps": 4}, "8 warps": {"num_warps": 8}, "16 warps": {"num_warps": 16},
                 "two-pass 1024": {"block": 1024}, "two-pass 2048": {"block": 2048}}
     out["quantiser_variants_us"] = {}
@@ -380,7 +372,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-fidelity", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--fast-accum", action="store_true",
-                        help="also the FP8 teacher with use_fast_accum GEMMs (model.teacher.fp8_fast_accum): its "
+                        help="also the FP8 teacher with use_fast_accum GEMMs (a probe: no config key): its "
                              "timing, and its KL against the bf16 and the plain FP8 teacher (CUDA)")
     parser.add_argument("--gemms", action="store_true",
                         help="also time each 7B decoder linear shape: bf16 against the FP8 variants (CUDA)")

@@ -647,7 +647,7 @@ def main(argv=None):
                       help="the teacher's decoder linear layers in FP8 in every arm (model.teacher.fp8, an "
                            "approximation)")
     step.add_argument("--fp8-fast-accum", action="store_true",
-                      help="with --fp8-teacher: the FP8 GEMMs with use_fast_accum (model.teacher.fp8_fast_accum)")
+                      help="with --fp8-teacher: the FP8 GEMMs with use_fast_accum (a probe: no config key)")
     for p in (loss, step):
         p.add_argument("--temperature", type=float, default=2.0)
         p.add_argument("--warmup", type=int, default=3)

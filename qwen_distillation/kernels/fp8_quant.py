@@ -59,12 +59,11 @@ if triton is not None:
     @triton.jit
     def _quantize_rows(x_ptr, codes_ptr, scale_ptr, M, K, stride_x, stride_c, FP8_MAX: tl.constexpr,
                        INV_FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr, BLOCK: tl.constexpr,
-                       ROWS: tl.constexpr, ONE_BLOCK: tl.constexpr, RECIPROCAL: tl.constexpr):
+                       ROWS: tl.constexpr, ONE_BLOCK: tl.constexpr):
         """``ROWS`` rows per program: each row's absolute maximum, then the codes
-        ``clamp(x / scale, +-448)`` cast to E4M3, fp32 arithmetic throughout. ``ONE_BLOCK``
-        (K <= BLOCK): the rows are read once and kept in registers; otherwise in blocks, twice
-        (the second read from L2). ``RECIPROCAL``: ``x * (1 / scale)`` (one division per row)
-        instead of ``x / scale``."""
+        ``clamp(x * (1 / scale), +-448)`` cast to E4M3 (one division per row), fp32 arithmetic
+        throughout. ``ONE_BLOCK`` (K <= BLOCK): the rows are read once and kept in registers;
+        otherwise in blocks, twice (the second read from L2)."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < M
         x_rows = x_ptr + rows[:, None] * stride_x
@@ -75,10 +74,7 @@ if triton is not None:
             x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             scale = tl.maximum(tl.max(tl.abs(x), axis=1), MIN_AMAX) * INV_FP8_MAX
             tl.store(scale_ptr + rows, scale, mask=row_ok)
-            if RECIPROCAL:
-                q = x * tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)[:, None]
-            else:
-                q = tl.math.div_rn(x, scale[:, None])
+            q = x * tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)[:, None]
             q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
             tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
         else:
@@ -95,11 +91,7 @@ if triton is not None:
                 cols = start + tl.arange(0, BLOCK)
                 ok = row_ok[:, None] & (cols[None, :] < K)
                 x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                if RECIPROCAL:
-                    q = x * inv[:, None]
-                else:
-                    q = tl.math.div_rn(x, scale[:, None])
-                q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+                q = tl.minimum(tl.maximum(x * inv[:, None], -FP8_MAX), FP8_MAX)
                 tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
 
 
@@ -128,13 +120,12 @@ def triton_quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def launch_quantize_rows(x, codes, scale, *, rows: int | None = None, block: int | None = None,
-                         reciprocal: bool = True, num_warps: int | None = None) -> None:
+                         num_warps: int | None = None) -> None:
     """Launch :func:`_quantize_rows`. The defaults are :func:`triton_quantize_rowwise`'s, chosen by
     ``benchmarks/fp8_teacher.py --gemms`` on the H200 (2026-12-03, kernel time, 8192 rows of bf16):
     3,584 columns in one block, one row per program, 8 warps, 22.6 us (the bytes need 18.4 us; the
     per-element division took 44.7); 18,944 columns two-pass in blocks of 4,096, two rows per
-    program, 16 warps, 125.5 us (bytes: 97 us; one row, 8 warps: 152.9). ``reciprocal=False``
-    divides each element (not the reference's arithmetic: a probe of its cost only)."""
+    program, 16 warps, 125.5 us (bytes: 97 us; one row, 8 warps: 152.9)."""
     m, k = x.shape
     width = triton.next_power_of_2(max(k, 16))
     one_block = width <= 8192 if block is None else width <= block
@@ -145,5 +136,5 @@ def launch_quantize_rows(x, codes, scale, *, rows: int | None = None, block: int
         num_warps = 8 if one_block else 16
     _quantize_rows[(triton.cdiv(m, rows),)](
         x, codes, scale, m, k, x.stride(0), codes.stride(0), FP8_MAX=FP8_MAX, INV_FP8_MAX=INV_FP8_MAX,
-        MIN_AMAX=MIN_AMAX, BLOCK=block, ROWS=rows, ONE_BLOCK=one_block, RECIPROCAL=reciprocal,
+        MIN_AMAX=MIN_AMAX, BLOCK=block, ROWS=rows, ONE_BLOCK=one_block,
         num_warps=num_warps if rows * block >= 2048 else min(num_warps, 4))

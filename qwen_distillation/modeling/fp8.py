@@ -185,20 +185,21 @@ class FP8Linear(nn.Module):
         # Row-wise scaled FP8 GEMMs on CUDA write bf16 only.
         out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
         scale_b = self.weight_scale.view(1, -1)
+        fast_accum = self.fast_accum and x.is_cuda
+        out = None
         if self.bias is not None and x.is_cuda and FP8Linear.bias_in_gemm and not compiling:
             try:
                 out = torch._scaled_mm(codes, self.weight.t(), scale_a=scale, scale_b=scale_b,
-                                       bias=self.bias.to(out_dtype), out_dtype=out_dtype,
-                                       use_fast_accum=self.fast_accum)
-                return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+                                       bias=self.bias.to(out_dtype), out_dtype=out_dtype, use_fast_accum=fast_accum)
             except RuntimeError as err:  # this torch/cuBLAS takes no bias with row-wise scales
                 log.info("%s: torch._scaled_mm takes no bias here (%s); biases are added after the GEMM", KEY,
                          str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
                 FP8Linear.bias_in_gemm = False
-        out = torch._scaled_mm(codes, self.weight.t(), scale_a=scale, scale_b=scale_b, out_dtype=out_dtype,
-                               use_fast_accum=self.fast_accum and x.is_cuda)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+        if out is None:
+            out = torch._scaled_mm(codes, self.weight.t(), scale_a=scale, scale_b=scale_b, out_dtype=out_dtype,
+                                   use_fast_accum=fast_accum)
+            if self.bias is not None:
+                out = out + self.bias.to(out.dtype)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
