@@ -27,7 +27,8 @@ teacher's decoder forward (``model.model``, ``use_cache=False``, no grad; the lm
 fused KD loss, not run here) for the Qwen2.5-7B shape at ``--batch`` x ``--seq`` (4 x 2048),
 random weights, bf16, then the same model converted to FP8 with each activation quantiser
 (``FP8Linear.quantizer``: the Triton kernel, the default; Inductor's compile of the reference;
-eager). CUDA events, ``--iters`` timed after ``--warmup``, median and min reported; peak memory of
+eager), and with the Triton kernels and each MLP run as its three converted layers instead of the
+fused SwiGLU quantiser (``FP8SwiGLU``). CUDA events, ``--iters`` timed after ``--warmup``, median and min reported; peak memory of
 each forward and the decoder weights' bytes.
 
 (c) ``--gemms``: each 7B decoder linear shape in bf16 and FP8 (row-wise, tensor-wise, fast
@@ -55,7 +56,7 @@ from qwen_distillation.data.encode import IGNORE_INDEX  # noqa: E402
 from qwen_distillation.data.manager import collate  # noqa: E402
 from qwen_distillation.data.sources import DataSource, encode_source  # noqa: E402
 from qwen_distillation.errors import DataError  # noqa: E402
-from qwen_distillation.modeling.fp8 import FP8Linear, convert_to_fp8  # noqa: E402
+from qwen_distillation.modeling.fp8 import FP8Linear, FP8SwiGLU, convert_to_fp8  # noqa: E402
 from qwen_distillation.modeling.loading import load_causal_lm, split_gguf  # noqa: E402
 from qwen_distillation.modeling.tokenizer import load_tokenizer  # noqa: E402
 from qwen_distillation.paths import resolve_path  # noqa: E402
@@ -243,6 +244,19 @@ def timing(shape: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
         out[name] = time_forward(model.model, input_ids, **kw)
         out[name]["speedup_vs_bf16"] = out["bf16"]["ms_median"] / out[name]["ms_median"]
         print(name, out[name]["ms_median"], flush=True)
+        if quantizer == "triton" and "fast" not in name and conversion.fused:
+            # The same teacher with each MLP as its three converted layers (convert_to_fp8(fuse_mlp=False)):
+            # silu(gate) * up stored in bf16, then quantised for the down projection by its own kernel.
+            mlps = [m for m in model.modules() if isinstance(m, FP8SwiGLU)]
+            for mlp in mlps:
+                mlp.forward = (lambda m: lambda x: m.down_proj(torch.nn.functional.silu(m.gate_proj(x))
+                                                               * m.up_proj(x)))(mlp)
+            layered = f"{name}, MLPs as three layers"
+            out[layered] = time_forward(model.model, input_ids, **kw)
+            out[layered]["speedup_vs_bf16"] = out["bf16"]["ms_median"] / out[layered]["ms_median"]
+            print(layered, out[layered]["ms_median"], flush=True)
+            for mlp in mlps:
+                del mlp.forward
     FP8Linear.quantizer = "triton"
     with torch.no_grad():
         approx = model.model(input_ids=input_ids, use_cache=False).last_hidden_state.float()

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen_distillation.losses.fused import fused_linear_kd  # noqa: E402
 from qwen_distillation.losses.logit import forward_kl  # noqa: E402
+from qwen_distillation.modeling.fp8 import fused_mlps  # noqa: E402
 from qwen_distillation.training.teacher import launch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -240,7 +241,7 @@ def bench_step(args) -> dict:
         # the FLOPs (and so the MFU) are counted as for the bf16 teacher.
         from qwen_distillation.modeling.fp8 import convert_to_fp8
 
-        convert_to_fp8(teacher, fast_accum=args.fp8_fast_accum)
+        convert_to_fp8(teacher, fast_accum=args.fp8_fast_accum, fuse_mlp=not args.fp8_layered_mlp)
     student = build_model(student_size, device).train()
     b, s = args.batch, args.seq
     g = torch.Generator(device=device).manual_seed(0)
@@ -467,7 +468,8 @@ def bench_step(args) -> dict:
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
 
         for model in (student, teacher):
-            apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+            # An FP8 teacher's MLPs keep their fused SwiGLU quantiser, as train.liger_kernels leaves them.
+            apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=not fused_mlps(model), cross_entropy=False,
                                         fused_linear_cross_entropy=False, model=model)
         if not args.best_only:
             arm(f"liger KD + liger model patches ({args.liger_chunk})", liger_step(args.liger_chunk))
@@ -648,6 +650,9 @@ def main(argv=None):
                            "approximation)")
     step.add_argument("--fp8-fast-accum", action="store_true",
                       help="with --fp8-teacher: the FP8 GEMMs with use_fast_accum (a probe: no config key)")
+    step.add_argument("--fp8-layered-mlp", action="store_true",
+                      help="with --fp8-teacher: each MLP as its three converted layers, not the fused SwiGLU "
+                           "quantiser (convert_to_fp8(fuse_mlp=False): the FP8 teacher before 2026-12-03's fusion)")
     for p in (loss, step):
         p.add_argument("--temperature", type=float, default=2.0)
         p.add_argument("--warmup", type=int, default=3)

@@ -16,8 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from conftest import compose_config, tiny_overrides, train_rows
 from qwen_distillation.errors import ConfigError
-from qwen_distillation.modeling.fp8 import (FP8_DTYPE, FP8_MAX, FP8Linear, check_fp8_device, convert_to_fp8,
-                                            fp8_linear_reference, quantize_rowwise)
+from qwen_distillation.modeling.fp8 import (FP8_DTYPE, FP8_MAX, FP8Linear, FP8SwiGLU, check_fp8_device,
+                                            convert_to_fp8, fp8_linear_reference, quantize_rowwise)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -114,6 +114,7 @@ def test_conversion_picks_every_decoder_projection_of_qwen2_and_nothing_else():
     assert report.converted == [f"layers.{i}.{p}" for i in range(2) for p in PROJECTIONS] and report.kept == []
     fp8 = {name for name, m in model.named_modules() if isinstance(m, FP8Linear)}
     assert fp8 == {f"model.layers.{i}.{p}" for i in range(2) for p in PROJECTIONS}
+    assert report.fused == ["layers.0.mlp", "layers.1.mlp"] and type(model.model.layers[1].mlp) is FP8SwiGLU
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
     assert torch.equal(model.lm_head.weight, head) and torch.equal(model.model.embed_tokens.weight, embed)
     assert model.model.layers[0].self_attn.q_proj.bias is not None  # Qwen2's q/k/v biases kept
@@ -146,7 +147,7 @@ def test_siblings_quantise_their_shared_input_once_and_keep_nothing(monkeypatch)
     from qwen_distillation.modeling import fp8 as fp8_module
 
     model = _qwen2()
-    convert_to_fp8(model)
+    convert_to_fp8(model, fuse_mlp=False)  # gate/up as two layers (the fused MLP: the tests below)
     separate = copy.deepcopy(model)
     for module in separate.modules():
         if isinstance(module, FP8Linear):
@@ -168,6 +169,93 @@ def test_siblings_quantise_their_shared_input_once_and_keep_nothing(monkeypatch)
     assert torch.equal(shared_logits, separate_logits)
     assert all(m.shared._source is None and m.shared._codes is None for m in model.modules()
                if isinstance(m, FP8Linear) and m.shared is not None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_fused_swiglu_mlp_equals_its_three_converted_layers(dtype, monkeypatch):
+    """FP8SwiGLU computes what the MLP of three FP8Linear layers computes, bit for bit (one
+    quantisation of x for gate and up, silu(gate) * up in the model's dtype, quantised for down), with
+    three activation quantisations and one SwiGLU quantisation per layer; a forward bound over it
+    afterwards (Liger's SwiGLU patch) still gives the same logits, unfused."""
+    from qwen_distillation.modeling import fp8 as fp8_module
+
+    fused, layered = _qwen2().to(dtype), _qwen2().to(dtype)
+    assert convert_to_fp8(fused).fused == ["layers.0.mlp", "layers.1.mlp"]
+    assert convert_to_fp8(layered, fuse_mlp=False).fused == []
+    assert fused.state_dict().keys() == layered.state_dict().keys()
+    calls = []
+    for name in ("_quantize_activations", "_quantize_swiglu"):
+        real = getattr(fp8_module, name)
+        monkeypatch.setattr(fp8_module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        expected = layered(input_ids=ids).logits
+        calls.clear()
+        assert torch.equal(fused(input_ids=ids).logits, expected)
+        assert sorted(calls) == sorted(["_quantize_activations"] * 2 * 3 + ["_quantize_swiglu"] * 2)
+        for layer in fused.model.layers:  # what Liger's _patch_swiglu_module binds (LigerSwiGLUMLP.forward)
+            layer.mlp.forward = (lambda mlp: lambda x: mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x))
+                                                                     * mlp.up_proj(x)))(layer.mlp)
+        assert torch.equal(fused(input_ids=ids).logits, expected)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fused.model.layers[0].mlp.__class__.forward(fused.model.layers[0].mlp,
+                                                    torch.randn(2, 64, dtype=dtype, requires_grad=True))
+
+
+def test_only_silu_mlps_of_known_classes_are_fused():
+    model = _qwen2()
+    model.model.layers[1].mlp.act_fn = nn.GELU()
+    report = convert_to_fp8(model)
+    assert report.fused == ["layers.0.mlp"] and type(model.model.layers[1].mlp).__name__ == "Qwen2MLP"
+
+
+def test_liger_speedups_leave_the_fused_mlps_alone(monkeypatch):
+    """train.liger_kernels patches the FP8 teacher's norms and RoPE, not its fused MLPs."""
+    import sys
+    import types
+
+    from qwen_distillation.modeling import speed
+
+    seen = []
+    liger = types.ModuleType("liger_kernel.transformers")
+    liger._apply_liger_kernel_to_instance = lambda model, **kw: seen.append(kw["swiglu"])
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", liger)
+    teacher, student = _qwen2(), _qwen2()
+    convert_to_fp8(teacher)
+    assert speed.apply_speedups([student, teacher], device=torch.device("cuda"), liger_kernels=True) == [
+        "liger_kernels"]
+    assert seen == [True, False]
+
+
+needs_interpreter = pytest.mark.skipif(
+    not __import__("qwen_distillation.kernels.fp8_quant", fromlist=["x"]).triton_available()
+    or __import__("os").environ.get("TRITON_INTERPRET") != "1",
+    reason="runs the Triton kernels in Triton's interpreter (CPU machines)")
+
+
+@pytest.mark.parametrize("rows,cols,block", [(5, 40, None), (3, 300, 128), (9, 1536, None)])
+@needs_interpreter
+def test_the_triton_kernels_compute_their_references_in_the_interpreter(rows, cols, block):
+    """The quantiser and the SwiGLU quantiser kernels' code on the CPU (Triton's interpreter): one
+    block and two passes, partial blocks, several rows a program, gate and up as strided halves of one
+    GEMM output. The interpreter's casts are not the GPU's (it rounds to bf16 towards zero, and its
+    E4M3 cast drops the carry of a value that rounds up to the next power of two: 64 for 127.0, about
+    2% of random codes), so here the inputs are fp32, the scales must match and the codes nearly all;
+    the GPU tests below compare bit for bit."""
+    from qwen_distillation.kernels.fp8_quant import (silu_mul_quantize, triton_quantize_rowwise,
+                                                     triton_silu_mul_quantize)
+
+    torch.manual_seed(cols)
+    both = torch.randn(rows, 2 * cols) * torch.logspace(-1, 1, rows).unsqueeze(1)  # few E4M3 subnormals
+    gate, up = both[:, :cols], both[:, cols:]
+    for (codes, scale), (reference_codes, reference_scale) in (
+            (triton_quantize_rowwise(gate), quantize_rowwise(gate)),
+            (triton_silu_mul_quantize(gate, up, block=block), silu_mul_quantize(gate, up))):
+        assert codes.dtype == FP8_DTYPE and scale.shape == (rows, 1)
+        torch.testing.assert_close(scale, reference_scale, rtol=1e-6, atol=0)  # exp: numpy's against torch's
+        same = codes.view(torch.uint8) == reference_codes.view(torch.uint8)
+        assert same.float().mean() > 0.95 and same.any(dim=1).all()
 
 
 def test_the_converted_teacher_runs_under_inference_mode_with_the_same_logits():
@@ -328,6 +416,49 @@ def test_on_the_gpu_the_triton_quantiser_equals_the_reference_bit_for_bit(rows, 
     assert torch.equal(codes.view(torch.uint8), reference_codes.view(torch.uint8))
     strided = torch.cat([x, x], dim=1)[:, :cols]  # rows not contiguous with each other
     assert torch.equal(triton_quantize_rowwise(strided)[0].view(torch.uint8), reference_codes.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("cols", [16, 1040, 8960, 18944])  # one block; two passes (1.5B's and 7B's MLP widths)
+@pytest.mark.parametrize("rows", [1, 37, 1024])
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_on_the_gpu_the_swiglu_quantiser_equals_its_reference(rows, cols, dtype):
+    """The fused SwiGLU quantiser against silu(gate) * up rounded by torch, then quantised: the
+    kernel's silu (Triton's exp) and torch's may round a value to a neighbouring bf16 number now and
+    then, which moves a code by one step or a row's scale by one bf16 step; nothing else differs."""
+    from qwen_distillation.kernels.fp8_quant import silu_mul_quantize, triton_silu_mul_quantize
+
+    torch.manual_seed(rows * cols)
+    both = (torch.randn(rows, 2 * cols, device="cuda") * torch.logspace(-2, 2, rows, device="cuda").unsqueeze(1))
+    both = both.to(dtype)
+    gate, up = both[:, :cols], both[:, cols:]  # halves of one output: strided rows
+    codes, scale = triton_silu_mul_quantize(gate, up)
+    reference_codes, reference_scale = silu_mul_quantize(gate, up)
+    assert codes.dtype == FP8_DTYPE and scale.shape == (rows, 1)
+    assert (scale == reference_scale).float().mean() >= 0.99
+    torch.testing.assert_close(scale, reference_scale, rtol=2**-7, atol=0)
+    same = codes.view(torch.uint8) == reference_codes.view(torch.uint8)
+    assert same.float().mean() >= 0.999, same.float().mean()
+    deq, reference = codes.float() * scale, reference_codes.float() * reference_scale
+    assert ((deq - reference).abs() <= 0.13 * reference.abs() + 2**-9 * reference_scale).all()
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_on_the_gpu_the_fused_mlp_teacher_equals_the_layered_one():
+    """The fused SwiGLU MLPs against the three converted layers of each MLP, both under Liger's
+    patches or not: the same arithmetic up to the rare silu rounding (test above), so the logits
+    agree to bf16 noise; on this well-conditioned model (init 0.02) that is far below FP8's error."""
+    model = _qwen2(hidden=128, intermediate=256).cuda().to(torch.bfloat16)
+    fused, layered = copy.deepcopy(model), copy.deepcopy(model)
+    assert len(convert_to_fp8(fused).fused) == 2 and convert_to_fp8(layered, fuse_mlp=False).fused == []
+    ids = torch.randint(0, 256, (4, 64), device="cuda")
+    with torch.no_grad():
+        exact = model(input_ids=ids).logits.float()
+        a, b = fused(input_ids=ids).logits.float(), layered(input_ids=ids).logits.float()
+    between, fp8_error = ((a - b).norm() / b.norm()).item(), ((b - exact).norm() / exact.norm()).item()
+    assert between < 0.1 * fp8_error, (between, fp8_error)
 
 
 @pytest.mark.parametrize("quantizer", ["triton", "compiled", "eager"])

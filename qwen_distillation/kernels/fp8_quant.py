@@ -9,11 +9,19 @@ in registers) or twice (wider rows, the second read from L2). Why a kernel: on t
 ``benchmarks/fp8_teacher.py --gemms --profile``) Inductor's compile of the reference took 0.17 ms
 for an 8192 x 3584 bf16 input, about ten times what its bytes need, and 30 ms of a 142 ms FP8
 7B teacher forward.
+
+:func:`silu_mul_quantize` is the SwiGLU activation of the FP8 teacher's MLPs, ``silu(gate) * up``
+rounded as torch and Liger round it, quantised the same way for the down projection; its kernel,
+:func:`triton_silu_mul_quantize`, computes it from the two GEMM outputs in one kernel, so the
+activation itself is never written to memory.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as F
 
 try:  # Triton is optional: CPUs use the torch reference.
     import triton
@@ -36,6 +44,13 @@ def triton_available() -> bool:
     return triton is not None
 
 
+def _runs_here(x: torch.Tensor) -> bool:
+    """Whether the kernels can take ``x``: a CUDA tensor, or any tensor in Triton's interpreter
+    (``TRITON_INTERPRET=1`` before Triton is imported: the CPU tests run the kernels' code so; the
+    interpreter rounds fp32 to bf16 towards zero, so only fp32 inputs compare there)."""
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row FP8 (E4M3) quantisation, plain torch: the reference.
 
@@ -52,6 +67,26 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_AMAX) * INV_FP8_MAX
     codes = (x.float() * torch.reciprocal(scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return codes, scale
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation ``silu(gate) * up`` in the inputs' dtype, rounded as transformers'
+    ``act_fn(gate) * up`` and Liger's SiLU-mul kernel round it (silu in fp32, rounded to the dtype,
+    times ``up``, rounded)."""
+    return F.silu(gate) * up
+
+
+def silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rowwise` of :func:`silu_mul`, plain torch: the reference.
+
+    Args:
+        gate, up (torch.Tensor): shape (M, K) each, the same floating dtype (the MLP's gate and up
+            projections of M tokens).
+
+    Returns:
+        (codes, scale): (M, K) ``float8_e4m3fn`` and (M, 1) fp32, the input of the down projection.
+    """
+    return quantize_rowwise(silu_mul(gate, up))
 
 
 if triton is not None:
@@ -94,6 +129,54 @@ if triton is not None:
                 q = tl.minimum(tl.maximum(x * inv[:, None], -FP8_MAX), FP8_MAX)
                 tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
 
+    @triton.jit
+    def _swiglu(g, u):
+        """``silu(g) * u`` of two loaded blocks in their dtype's rounding (see :func:`silu_mul`),
+        returned in fp32: silu in fp32 as torch writes it, ``x / (1 + exp(-x))``."""
+        gf = g.to(tl.float32)
+        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype, fp_downcast_rounding="rtne")
+        return (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype, fp_downcast_rounding="rtne").to(tl.float32)
+
+    @triton.jit
+    def _silu_mul_quantize_rows(g_ptr, u_ptr, codes_ptr, scale_ptr, M, K, stride_g, stride_u, stride_c,
+                                FP8_MAX: tl.constexpr, INV_FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
+                                BLOCK: tl.constexpr, ROWS: tl.constexpr, ONE_BLOCK: tl.constexpr):
+        """:func:`_quantize_rows` of ``silu(g) * u``, computed from the gate and up rows as they are
+        read (twice, the activation recomputed, when a row is wider than ``BLOCK``)."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < M
+        g_rows = g_ptr + rows[:, None] * stride_g
+        u_rows = u_ptr + rows[:, None] * stride_u
+        c_rows = codes_ptr + rows[:, None] * stride_c
+        if ONE_BLOCK:
+            cols = tl.arange(0, BLOCK)
+            ok = row_ok[:, None] & (cols[None, :] < K)
+            h = _swiglu(tl.load(g_rows + cols[None, :], mask=ok, other=0.0),
+                        tl.load(u_rows + cols[None, :], mask=ok, other=0.0))
+            scale = tl.maximum(tl.max(tl.abs(h), axis=1), MIN_AMAX) * INV_FP8_MAX
+            tl.store(scale_ptr + rows, scale, mask=row_ok)
+            q = h * tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)[:, None]
+            q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+            tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
+        else:
+            amax = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+            for start in range(0, K, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                ok = row_ok[:, None] & (cols[None, :] < K)
+                h = _swiglu(tl.load(g_rows + cols[None, :], mask=ok, other=0.0),
+                            tl.load(u_rows + cols[None, :], mask=ok, other=0.0))
+                amax = tl.maximum(amax, tl.abs(h))
+            scale = tl.maximum(tl.max(amax, axis=1), MIN_AMAX) * INV_FP8_MAX
+            tl.store(scale_ptr + rows, scale, mask=row_ok)
+            inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)
+            for start in range(0, K, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                ok = row_ok[:, None] & (cols[None, :] < K)
+                h = _swiglu(tl.load(g_rows + cols[None, :], mask=ok, other=0.0),
+                            tl.load(u_rows + cols[None, :], mask=ok, other=0.0))
+                q = tl.minimum(tl.maximum(h * inv[:, None], -FP8_MAX), FP8_MAX)
+                tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
+
 
 def triton_quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_rowwise` as one Triton kernel (CUDA tensors; bit-equal codes and scales).
@@ -104,7 +187,7 @@ def triton_quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     Returns:
         (codes, scale): (M, K) ``float8_e4m3fn`` and (M, 1) fp32, as :func:`quantize_rowwise`.
     """
-    if triton is None or not x.is_cuda:
+    if not _runs_here(x):
         raise RuntimeError("triton_quantize_rowwise needs Triton and a CUDA tensor; use quantize_rowwise")
     if x.dim() != 2:
         raise ValueError(f"triton_quantize_rowwise takes a 2-D (rows, features) tensor, got shape {tuple(x.shape)}")
@@ -119,6 +202,19 @@ def triton_quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return codes, scale
 
 
+def _launch_config(k: int, rows: int | None, block: int | None, num_warps: int | None) -> dict:
+    """Grid-independent launch parameters of the row kernels (see :func:`launch_quantize_rows`)."""
+    width = triton.next_power_of_2(max(k, 16))
+    one_block = width <= 8192 if block is None else width <= block
+    block = block or (width if one_block else 4096)
+    if rows is None:
+        rows = max(1, min(8, 4096 // block)) if one_block else 2
+    if num_warps is None:
+        num_warps = 8 if one_block else 16
+    return dict(BLOCK=block, ROWS=rows, ONE_BLOCK=one_block,
+                num_warps=num_warps if rows * block >= 2048 else min(num_warps, 4))
+
+
 def launch_quantize_rows(x, codes, scale, *, rows: int | None = None, block: int | None = None,
                          num_warps: int | None = None) -> None:
     """Launch :func:`_quantize_rows`. The defaults are :func:`triton_quantize_rowwise`'s, chosen by
@@ -127,14 +223,41 @@ def launch_quantize_rows(x, codes, scale, *, rows: int | None = None, block: int
     per-element division took 44.7); 18,944 columns two-pass in blocks of 4,096, two rows per
     program, 16 warps, 125.5 us (bytes: 97 us; one row, 8 warps: 152.9)."""
     m, k = x.shape
-    width = triton.next_power_of_2(max(k, 16))
-    one_block = width <= 8192 if block is None else width <= block
-    block = block or (width if one_block else 4096)
-    if rows is None:
-        rows = max(1, min(8, 4096 // block)) if one_block else 2
-    if num_warps is None:
-        num_warps = 8 if one_block else 16
-    _quantize_rows[(triton.cdiv(m, rows),)](
+    config = _launch_config(k, rows, block, num_warps)
+    _quantize_rows[(triton.cdiv(m, config["ROWS"]),)](
         x, codes, scale, m, k, x.stride(0), codes.stride(0), FP8_MAX=FP8_MAX, INV_FP8_MAX=INV_FP8_MAX,
-        MIN_AMAX=MIN_AMAX, BLOCK=block, ROWS=rows, ONE_BLOCK=one_block,
-        num_warps=num_warps if rows * block >= 2048 else min(num_warps, 4))
+        MIN_AMAX=MIN_AMAX, **config)
+
+
+def triton_silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor, *, rows: int | None = None,
+                             block: int | None = None,
+                             num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`silu_mul_quantize` as one Triton kernel (CUDA tensors): the activation is formed in
+    registers and never stored. Codes and scales equal the reference's wherever the kernel's fp32
+    ``exp`` and torch's round ``silu`` to the same bf16 value (the GPU tests count the rest).
+
+    Args:
+        gate, up (torch.Tensor): shape (M, K) each on a CUDA device, one dtype, last dim contiguous
+            (rows may be strided, e.g. halves of one ``(M, 2K)`` GEMM output).
+        rows, block, num_warps: launch overrides for benchmarks (defaults as :func:`launch_quantize_rows`).
+
+    Returns:
+        (codes, scale): (M, K) ``float8_e4m3fn`` and (M, 1) fp32.
+    """
+    if not _runs_here(gate):
+        raise RuntimeError("triton_silu_mul_quantize needs Triton and CUDA tensors; use silu_mul_quantize")
+    if gate.dim() != 2 or gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"triton_silu_mul_quantize takes two 2-D tensors of one shape and dtype, got "
+                         f"{tuple(gate.shape)} {gate.dtype} and {tuple(up.shape)} {up.dtype}")
+    gate = gate if gate.stride(-1) == 1 else gate.contiguous()
+    up = up if up.stride(-1) == 1 else up.contiguous()
+    m, k = gate.shape
+    codes = torch.empty((m, k), device=gate.device, dtype=FP8_DTYPE)
+    scale = torch.empty((m, 1), device=gate.device, dtype=torch.float32)
+    if m == 0:
+        return codes, scale
+    config = _launch_config(k, rows, block, num_warps)
+    _silu_mul_quantize_rows[(triton.cdiv(m, config["ROWS"]),)](
+        gate, up, codes, scale, m, k, gate.stride(0), up.stride(0), codes.stride(0), FP8_MAX=FP8_MAX,
+        INV_FP8_MAX=INV_FP8_MAX, MIN_AMAX=MIN_AMAX, **config)
+    return codes, scale

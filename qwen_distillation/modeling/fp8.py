@@ -31,7 +31,8 @@ from torch import nn
 
 from qwen_distillation.errors import ConfigError
 from qwen_distillation.kernels.fp8_quant import (FP8_DTYPE, FP8_MAX, MIN_AMAX, quantize_rowwise,  # noqa: F401
-                                                 triton_available, triton_quantize_rowwise)
+                                                 silu_mul, silu_mul_quantize, triton_available,
+                                                 triton_quantize_rowwise, triton_silu_mul_quantize)
 from qwen_distillation.modeling.parts import base_model
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,25 @@ QUANTIZERS = ("triton", "compiled", "eager")
 # Sibling layers that read the same input in the decoder layers of HF models (Qwen2, Llama, Mistral):
 # their input is quantised once per forward, by the first of them to run.
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: with a SiLU ``act_fn``
+# they become :class:`FP8SwiGLU` (the same arithmetic, the activation quantised as it is formed).
+SWIGLU_MLPS = ("Qwen2MLP", "Qwen3MLP", "LlamaMLP", "MistralMLP", "LigerSwiGLUMLP")
 
-_compiled_quantize = None
+_compiled = {}
+
+
+def _compiled_or_eager(name: str, fn, *args):
+    """``fn(*args)`` through ``torch.compile`` (cached per name); eagerly, once and for all
+    (``FP8Linear.quantizer = "eager"``), if compiling fails here."""
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn, dynamic=True)
+    try:
+        return _compiled[name](*args)
+    except Exception as err:  # no working Inductor/Triton here: the same arithmetic, eagerly
+        log.warning("%s: compiling %s failed (%s: %s); it runs eagerly (slower)", KEY, name, type(err).__name__,
+                    str(err).splitlines()[0][:200] if str(err) else "")
+        FP8Linear.quantizer = "eager"
+        return fn(*args)
 
 
 def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,20 +69,21 @@ def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``"triton"`` (default; one kernel, bit-equal, :mod:`qwen_distillation.kernels.fp8_quant`),
     ``"compiled"`` (Inductor's compile of the reference) or ``"eager"`` (the reference, which reads
     the activations several times); the CPU always runs the reference."""
-    global _compiled_quantize
     if not x.is_cuda or FP8Linear.quantizer == "eager":
         return quantize_rowwise(x)
     if FP8Linear.quantizer == "triton" and triton_available():
         return triton_quantize_rowwise(x)
-    if _compiled_quantize is None:
-        _compiled_quantize = torch.compile(quantize_rowwise, dynamic=True)
-    try:
-        return _compiled_quantize(x)
-    except Exception as err:  # no working Inductor/Triton here: the same arithmetic, eagerly
-        log.warning("%s: compiling the activation quantiser failed (%s: %s); it runs eagerly (slower)", KEY,
-                    type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
-        FP8Linear.quantizer = "eager"
-        return quantize_rowwise(x)
+    return _compiled_or_eager("the activation quantiser", quantize_rowwise, x)
+
+
+def _quantize_swiglu(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`silu_mul_quantize` of an MLP's gate and up outputs, chosen as :func:`_quantize_activations`
+    chooses: the Triton kernel (the activation never stored), Inductor's compile, or the reference."""
+    if not gate.is_cuda or FP8Linear.quantizer == "eager":
+        return silu_mul_quantize(gate, up)
+    if FP8Linear.quantizer == "triton" and triton_available():
+        return triton_silu_mul_quantize(gate, up)
+    return _compiled_or_eager("the SwiGLU quantiser", silu_mul_quantize, gate, up)
 
 
 class SharedInput:
@@ -114,6 +133,11 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if bias is not None:
         out = out + bias.float()
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _refuse_grad(x: torch.Tensor, name: str) -> None:
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError(f"{name} is inference-only (the FP8 teacher is frozen): call it under torch.no_grad()")
 
 
 def fp8_eligible(linear: nn.Linear) -> bool:
@@ -166,45 +190,92 @@ class FP8Linear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError("FP8Linear is inference-only (the FP8 teacher is frozen): call it under "
-                               "torch.no_grad()")
+        _refuse_grad(x, type(self).__name__)
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
         rows = rows.contiguous()
         # Under torch.compile (train.compile) Inductor gets the plain arithmetic to fuse as it sees fit:
         # no sharing (a tensor's version counter breaks the graph), no custom kernel, no probing try.
-        compiling = torch.compiler.is_compiling()
-        if compiling:
+        if torch.compiler.is_compiling():
             codes, scale = quantize_rowwise(rows)
         elif self.shared is not None:
             codes, scale = self.shared.quantize(x, rows)
         else:
             codes, scale = _quantize_activations(rows)
-        # Row-wise scaled FP8 GEMMs on CUDA write bf16 only.
-        out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
+        return self.matmul(codes, scale, x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def matmul(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The layer's output from its quantised input: ``torch._scaled_mm`` of the codes (M, in_features)
+        and their scale (M, 1) with the weight, plus the bias (in the GEMM's epilogue where cuBLAS takes
+        it), in ``dtype`` (M, out_features). On CUDA the GEMM writes bf16 (row-wise scaled FP8 GEMMs
+        write nothing else), cast to ``dtype`` after."""
+        cuda = codes.is_cuda
+        out_dtype = torch.bfloat16 if cuda else dtype
         scale_b = self.weight_scale.view(1, -1)
-        fast_accum = self.fast_accum and x.is_cuda
-        out = None
-        if self.bias is not None and x.is_cuda and FP8Linear.bias_in_gemm and not compiling:
+        fast_accum = self.fast_accum and cuda
+        if self.bias is not None and cuda and FP8Linear.bias_in_gemm and not torch.compiler.is_compiling():
             try:
-                out = torch._scaled_mm(codes, self.weight.t(), scale_a=scale, scale_b=scale_b,
-                                       bias=self.bias.to(out_dtype), out_dtype=out_dtype, use_fast_accum=fast_accum)
+                return torch._scaled_mm(codes, self.weight.t(), scale_a=scale, scale_b=scale_b,
+                                        bias=self.bias.to(out_dtype), out_dtype=out_dtype,
+                                        use_fast_accum=fast_accum).to(dtype)
             except RuntimeError as err:  # this torch/cuBLAS takes no bias with row-wise scales
                 log.info("%s: torch._scaled_mm takes no bias here (%s); biases are added after the GEMM", KEY,
                          str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
                 FP8Linear.bias_in_gemm = False
-        if out is None:
-            out = torch._scaled_mm(codes, self.weight.t(), scale_a=scale, scale_b=scale_b, out_dtype=out_dtype,
-                                   use_fast_accum=fast_accum)
-            if self.bias is not None:
-                out = out + self.bias.to(out.dtype)
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        out = torch._scaled_mm(codes, self.weight.t(), scale_a=scale, scale_b=scale_b, out_dtype=out_dtype,
+                               use_fast_accum=fast_accum)
+        return (out if self.bias is None else out + self.bias.to(out.dtype)).to(dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight={FP8_DTYPE}, per-row scales")
+
+
+class FP8SwiGLU(nn.Module):
+    """A SwiGLU MLP of :class:`FP8Linear` projections, ``down_proj(silu(gate_proj(x)) * up_proj(x))``
+    (Qwen2, Qwen3, Llama, Mistral: :data:`SWIGLU_MLPS`), computed as the three converted layers and
+    transformers' MLP compute it (one quantisation of ``x`` for gate and up; the activation in x's
+    dtype, rounded as ``act_fn(gate) * up`` rounds it; its row-wise quantisation for the down
+    projection), except that on a GPU the activation is formed and quantised in one Triton kernel
+    (:func:`~qwen_distillation.kernels.fp8_quant.triton_silu_mul_quantize`) and never stored. The
+    children keep their names, so the state dict's keys are the MLP's, and a forward bound over this
+    one (Liger's SwiGLU patch applied after the conversion) still computes the same MLP, unfused.
+
+    ``forward(x)``: x (..., hidden) -> (..., hidden) in x's dtype.
+    """
+
+    def __init__(self, gate_proj: FP8Linear, up_proj: FP8Linear, down_proj: FP8Linear):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _refuse_grad(x, type(self).__name__)
+        rows = x.reshape(-1, self.gate_proj.in_features)
+        if rows.shape[0] == 0:
+            return x.new_zeros(*x.shape[:-1], self.down_proj.out_features)
+        rows = rows.contiguous()
+        compiling = torch.compiler.is_compiling()  # Inductor gets the plain arithmetic (see FP8Linear)
+        codes, scale = quantize_rowwise(rows) if compiling else _quantize_activations(rows)
+        gate = self.gate_proj.matmul(codes, scale, x.dtype)
+        up = self.up_proj.matmul(codes, scale, x.dtype)
+        codes, scale = silu_mul_quantize(gate, up) if compiling else _quantize_swiglu(gate, up)
+        del gate, up
+        return self.down_proj.matmul(codes, scale, x.dtype).reshape(*x.shape[:-1], self.down_proj.out_features)
+
+
+def _swiglu_mlp(module: nn.Module) -> bool:
+    """Whether ``module`` is one of :data:`SWIGLU_MLPS` with a SiLU activation and three FP8 projections."""
+    name = type(module).__name__  # Liger's MLP (the class a model gets once Liger patched its family) is SiLU
+    act = getattr(module, "act_fn", None)
+    return (name in SWIGLU_MLPS and (name == "LigerSwiGLUMLP" or type(act).__name__ in ("SiLU", "SiLUActivation"))
+            and all(isinstance(getattr(module, name, None), FP8Linear) for name in ("gate_proj", "up_proj",
+                                                                                  "down_proj")))
+
+
+def fused_mlps(model: nn.Module) -> int:
+    """How many :class:`FP8SwiGLU` MLPs ``model`` holds (``modeling.speed`` leaves them unpatched)."""
+    return sum(isinstance(module, FP8SwiGLU) for module in model.modules())
 
 
 def check_fp8_device(device: torch.device) -> None:
@@ -223,10 +294,12 @@ def check_fp8_device(device: torch.device) -> None:
 @dataclass
 class FP8Conversion:
     """What :func:`convert_to_fp8` did: the converted layers' names and the ones left in the
-    original dtype (shapes ``torch._scaled_mm`` does not take), and the weight bytes before/after."""
+    original dtype (shapes ``torch._scaled_mm`` does not take), the MLPs that became
+    :class:`FP8SwiGLU`, and the weight bytes before/after."""
 
     converted: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    fused: list[str] = field(default_factory=list)
     bytes_before: int = 0
     bytes_after: int = 0
 
@@ -243,11 +316,13 @@ def _share_inputs(module: nn.Module) -> None:
                 member.shared = shared
 
 
-def convert_to_fp8(model: nn.Module, fast_accum: bool = False) -> FP8Conversion:
+def convert_to_fp8(model: nn.Module, fast_accum: bool = False, fuse_mlp: bool = True) -> FP8Conversion:
     """Replace, in place, every ``nn.Linear`` inside the decoder layers of ``model`` by an
-    :class:`FP8Linear` (quantised on the layer's own device). Embeddings, the final norm and the
-    ``lm_head`` are outside the decoder layers and stay as they are. Layers whose shapes
-    ``torch._scaled_mm`` does not take are kept, and a log line names them."""
+    :class:`FP8Linear` (quantised on the layer's own device), and each SwiGLU MLP whose three
+    projections converted by an :class:`FP8SwiGLU` of them (``fuse_mlp``; the same arithmetic, one
+    kernel less per layer on a GPU). Embeddings, the final norm and the ``lm_head`` are outside the
+    decoder layers and stay as they are. Layers whose shapes ``torch._scaled_mm`` does not take are
+    kept, and a log line names them."""
     decoder = base_model(model).get_decoder()
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -269,12 +344,17 @@ def convert_to_fp8(model: nn.Module, fast_accum: bool = False) -> FP8Conversion:
                 setattr(module, child_name, fp8)
                 report.converted.append(full)
             _share_inputs(module)
+        for name, module in list(layer.named_modules()) if fuse_mlp else ():
+            for child_name, child in list(module.named_children()):
+                if _swiglu_mlp(child):
+                    setattr(module, child_name, FP8SwiGLU(child.gate_proj, child.up_proj, child.down_proj))
+                    report.fused.append(f"layers.{index}.{name + '.' if name else ''}{child_name}")
     if not report.converted:
         raise ConfigError(f"{KEY}=true: no decoder linear layer of the teacher has in/out features that are "
                           f"multiples of {ALIGNMENT}, so nothing would run in FP8; set {KEY}=false")
     log.info("%s: %d decoder linear layers in FP8 (E4M3, per-row scales; an approximation), weights %.1f -> "
-             "%.1f MiB; embeddings and lm_head unchanged", KEY, len(report.converted), report.bytes_before / 2**20,
-             report.bytes_after / 2**20)
+             "%.1f MiB; embeddings and lm_head unchanged; %d SwiGLU MLPs fused", KEY, len(report.converted),
+             report.bytes_before / 2**20, report.bytes_after / 2**20, len(report.fused))
     if report.kept:
         log.info("%s: %d linear layers stay in %s: in/out features not multiples of %d (torch._scaled_mm): %s",
                  KEY, len(report.kept), next(model.parameters()).dtype, ALIGNMENT, ", ".join(report.kept))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from qwen_distillation.errors import ConfigError
+from qwen_distillation.modeling.fp8 import fused_mlps
 from qwen_distillation.modeling.parts import base_model
 from qwen_distillation.modeling.varlen import VARLEN, require_varlen
 
@@ -46,8 +47,10 @@ def apply_speedups(models: list[nn.Module], *, device: torch.device, compile: bo
         except ImportError as err:
             raise ConfigError("train.liger_kernels=true needs Liger-Kernel: pip install liger-kernel") from err
         for model in models:
-            _apply_liger_kernel_to_instance(model=base_model(model), rope=True, rms_norm=True, swiglu=True,
-                                            cross_entropy=False, fused_linear_cross_entropy=False)
+            # An FP8 teacher's MLPs compute SwiGLU inside their own quantiser (modeling.fp8.FP8SwiGLU).
+            _apply_liger_kernel_to_instance(model=base_model(model), rope=True, rms_norm=True,
+                                            swiglu=not fused_mlps(model), cross_entropy=False,
+                                            fused_linear_cross_entropy=False)
         applied.append("liger_kernels")
     if compile:
         for model in models:
