@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen_distillation.losses.fused import fused_linear_kd  # noqa: E402
 from qwen_distillation.losses.logit import forward_kl  # noqa: E402
-from qwen_distillation.modeling.fp8 import fused_mlps  # noqa: E402
+from qwen_distillation.modeling.fp8 import FP8Head, fused_mlps  # noqa: E402
 from qwen_distillation.training.teacher import launch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -306,10 +306,16 @@ def bench_step(args) -> dict:
         return fn
 
     def ours_finish(hs, ht, chunk):
+        teacher_kw = dict(teacher_hidden=ht.reshape(-1, teacher.config.hidden_size),
+                          teacher_weight=teacher.lm_head.weight)
+        if args.fp8_head:  # model.teacher.fp8_head: the teacher's logits from an FP8 copy of its lm_head
+            state["head"] = FP8Head.of(teacher.lm_head.weight, state.get("head"), args.fp8_fast_accum)
+            teacher_kw = dict(teacher_hidden=None, teacher_weight=None,
+                              teacher_logits=state["head"].rows(teacher_kw["teacher_hidden"], SHARED_VOCAB))
         loss, _ = fused_linear_kd(hs.reshape(-1, student.config.hidden_size), student.lm_head.weight,
-                                  ht.reshape(-1, teacher.config.hidden_size), teacher.lm_head.weight, flat_labels,
-                                  kind="forward_kl", temperature=T, ce_weight=w, kd_weight=w,
-                                  vocab_size=SHARED_VOCAB, chunk_size=chunk, kernel="triton", reduction="mean")
+                                  labels=flat_labels, kind="forward_kl", temperature=T, ce_weight=w, kd_weight=w,
+                                  vocab_size=SHARED_VOCAB, chunk_size=chunk, kernel="triton", reduction="mean",
+                                  **teacher_kw)
         finish(loss)
 
     def ours_step(chunk, levers=None):
@@ -510,8 +516,10 @@ def bench_step(args) -> dict:
         if name != "profile" and "ms" in out:
             flops = 6 * p_s * b * s + 3 * attn(student) if name.startswith("student") else step_flops
             out["mfu"] = flops / (out["ms"] / 1e3) / (args.peak_tflops * 1e12)
+    fp8 = {"fp8_head": args.fp8_head, "fp8_fast_accum": args.fp8_fast_accum,
+           "fp8_fused_mlp": not args.fp8_layered_mlp} if args.fp8_teacher else {}
     return {"pair": args.pair, "batch": b, "seq": s, "dtype": "bf16", "temperature": T, "fp8_teacher": args.fp8_teacher,
-            "student_matmul_params": p_s, "teacher_matmul_params": p_t, "step_flops": step_flops, "arms": results}
+            **fp8, "student_matmul_params": p_s, "teacher_matmul_params": p_t, "step_flops": step_flops, "arms": results}
 
 
 KERNEL_CLASSES = (  # first match wins; names as cuBLAS / cuDNN / Triton / ATen print them
@@ -649,7 +657,10 @@ def main(argv=None):
                       help="the teacher's decoder linear layers in FP8 in every arm (model.teacher.fp8, an "
                            "approximation)")
     step.add_argument("--fp8-fast-accum", action="store_true",
-                      help="with --fp8-teacher: the FP8 GEMMs with use_fast_accum (a probe: no config key)")
+                      help="with --fp8-teacher: the FP8 GEMMs with use_fast_accum (model.teacher.fp8_fast_accum)")
+    step.add_argument("--fp8-head", action="store_true",
+                      help="with --fp8-teacher: ours reads the teacher's logits from an FP8 copy of its lm_head "
+                           "(model.teacher.fp8_head); Liger's arm keeps the bf16 lm_head (its loss takes a weight)")
     step.add_argument("--fp8-layered-mlp", action="store_true",
                       help="with --fp8-teacher: each MLP as its three converted layers, not the fused SwiGLU "
                            "quantiser (convert_to_fp8(fuse_mlp=False): the FP8 teacher before 2026-12-03's fusion)")

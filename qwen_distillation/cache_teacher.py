@@ -81,7 +81,7 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
         check_fp8_device(device)
     teacher = load_causal_lm(cfg.model.teacher, dtype=teacher_dtype, role="teacher").to(device).eval()
     if cfg.model.teacher.fp8:  # the identity says so (teacher_description): a bf16 run never reads this cache
-        convert_to_fp8(teacher)
+        convert_to_fp8(teacher, fast_accum=cfg.model.teacher.fp8_fast_accum)
     if weight_shape(teacher.get_output_embeddings().weight)[0] < vocab_size:
         raise ConfigError(f"model.teacher: its lm_head has fewer columns than its tokenizer has tokens "
                           f"({vocab_size}); the model and tokenizer do not belong together")

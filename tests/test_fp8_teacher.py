@@ -320,8 +320,8 @@ def test_a_tiny_run_trains_with_the_fp8_teacher(tmp_path, monkeypatch):
 
     converted = []
 
-    def spy(teacher):
-        report = convert_to_fp8(teacher)
+    def spy(teacher, **kw):
+        report = convert_to_fp8(teacher, **kw)
         converted.append((teacher, report))
         return report
 
@@ -335,6 +335,57 @@ def test_a_tiny_run_trains_with_the_fp8_teacher(tmp_path, monkeypatch):
     rows = train_rows(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss/kd"])) and r["loss/kd"] > 0 for r in rows)
+
+
+def test_a_tiny_run_trains_with_the_fp8_head(tmp_path, monkeypatch):
+    """model.teacher.fp8_head: the loss reads the teacher's logits from an FP8 copy of its lm_head,
+    made once for the run (the teacher's own lm_head unchanged), and the KD term moves by no more
+    than an FP8 rounding from the FP8 teacher's with the bf16 head, step for step."""
+    from qwen_distillation.app import run
+    from qwen_distillation.modeling import fp8 as fp8_module
+
+    made = []
+    real = fp8_module.FP8Head.__init__
+    monkeypatch.setattr(fp8_module.FP8Head, "__init__", lambda self, *a, **kw: made.append(1) or real(self, *a, **kw))
+    losses = {}
+    for head in ("false", "true"):
+        out = tmp_path / f"head_{head}"
+        run(compose_config(tiny_overrides(out, steps=2) + ["model.teacher.fp8=true", f"model.teacher.fp8_head={head}",
+                                                           "end_stage=1"]))
+        losses[head] = [r["loss/kd"] for r in train_rows(out)]
+    assert len(made) == 1
+    assert losses["true"] != losses["false"]
+    torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=0.05, atol=1e-3)
+
+
+def test_the_fp8_head_gives_its_reference_logits_and_the_loss_reads_them():
+    from qwen_distillation.losses.fused import fused_linear_kd
+    from qwen_distillation.modeling.fp8 import FP8Head, fp8_head_reference
+
+    torch.manual_seed(0)
+    weight = torch.randn(250, 32)  # 250 rows: padded to 256 for torch._scaled_mm, cut again
+    hidden, student_hidden, student_weight = torch.randn(2, 7, 32), torch.randn(14, 24), torch.randn(250, 24)
+    head = FP8Head(weight)
+    assert head.codes.shape == (256, 32) and FP8Head.of(weight, head) is head
+    for vocab in (250, 240):
+        rows = head.rows(hidden, vocab)
+        assert len(rows) == 14
+        reference = fp8_head_reference(hidden, weight, vocab)
+        chunk = rows.rows(3, 10, torch.empty(7, vocab))
+        assert chunk.shape == (7, vocab) and chunk.stride(1) == 1
+        torch.testing.assert_close(chunk, reference[3:10], rtol=1e-5, atol=1e-5)
+    labels = torch.randint(0, 240, (14,))
+    kw = dict(kind="forward_kl", temperature=2.0, vocab_size=240, chunk_size=5, kernel="torch")
+    loss, parts = fused_linear_kd(student_hidden, student_weight, None, None, labels, teacher_logits=rows, **kw)
+    expected, expected_parts = fused_linear_kd(student_hidden, student_weight, None, None, labels,
+                                               teacher_logits=reference, **kw)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(parts["kd"], expected_parts["kd"])
+    with torch.no_grad():
+        weight[0, 0] += 1.0  # the weight changed in place: a new copy
+    assert FP8Head.of(weight, head) is not head
+    with pytest.raises(ValueError, match="vocab_size 300"):
+        head.rows(hidden, 300)
 
 
 def _config(*extra):
@@ -353,6 +404,16 @@ def test_validation_refuses_fp8_on_the_student_and_with_a_sharded_teacher():
         with pytest.raises(ConfigError, match=r"model\.teacher\.fp8=True: the FP8 teacher is not supported under "
                                               rf"distributed={engine}.*model\.teacher\.fp8=false"):
             _config("model.teacher.fp8=true", f"distributed={engine}")
+    for option in ("fp8_head", "fp8_fast_accum"):
+        assert getattr(_config("model.teacher.fp8=true", f"model.teacher.{option}=true").model.teacher, option)
+        with pytest.raises(ConfigError, match=rf"model\.teacher\.{option}=True: refines the FP8 teacher.*"
+                                              r"model\.teacher\.fp8=true"):
+            _config(f"model.teacher.{option}=true")
+        with pytest.raises(ConfigError, match=rf"model\.student\.{option}=True"):
+            _config(f"model.student.{option}=true")
+    with pytest.raises(ConfigError, match=r"stage2\.loss\.kernel=liger: Liger's loss takes the teacher's lm_head.*"
+                                          r"stage2\.loss\.kernel=auto"):
+        _config("model.teacher.fp8=true", "model.teacher.fp8_head=true", "stage2.loss.kernel=liger")
 
 
 def test_build_pair_refuses_a_partitioned_teacher_and_an_old_gpu(tmp_path, monkeypatch):
@@ -388,6 +449,10 @@ def test_a_cache_of_the_fp8_teacher_never_matches_the_original_teacher(tokenizer
     assert fp8["teacher"] == original["teacher"] + ":fp8"
     (difference,) = identity_differences(fp8, original)
     assert difference.startswith("teacher: cache ") and ":fp8'" in difference
+    fp8_spec.fp8_fast_accum = True  # another FP8 teacher (its GEMMs accumulate differently)
+    assert identity(fp8_spec)["teacher"] == original["teacher"] + ":fp8-fast-accum"
+    fp8_spec.fp8_fast_accum, fp8_spec.fp8_head = False, True  # the cache writer never reads the FP8 head
+    assert identity(fp8_spec)["teacher"] == fp8["teacher"]
 
 
 

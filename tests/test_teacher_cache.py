@@ -170,7 +170,7 @@ def test_the_fp8_teacher_writes_a_cache_that_a_run_of_the_original_teacher_refus
     from qwen_distillation.modeling import fp8
 
     converted, convert = [], fp8.convert_to_fp8
-    monkeypatch.setattr(fp8, "convert_to_fp8", lambda teacher: converted.append(convert(teacher)))
+    monkeypatch.setattr(fp8, "convert_to_fp8", lambda teacher, **kw: converted.append(convert(teacher, **kw)))
     cache_teacher(_config(tmp_path / "x", small_tokenizer, "model.teacher.fp8=true"), tmp_path / "cache", k=4)
     assert len(converted) == 1 and len(converted[0].converted) == 4 * 7
     assert read_manifest(tmp_path / "cache")["teacher"].endswith(":fp8")

@@ -81,6 +81,14 @@ class ModelSpec:
         CPU; embeddings and lm_head stay as they are. Its distribution differs from the bf16
         teacher's (``benchmarks/fp8_teacher.py`` measures by how much). Not with a sharded teacher
         (ZeRO-3, FSDP2).
+    fp8_head: teacher only, with ``fp8``, a further approximation: the fused KD loss forms the
+        teacher's logits from its final hidden states with an FP8 copy of its ``lm_head`` (per-row
+        scales, one FP8 GEMM per chunk; ``modeling.fp8.FP8Head``). The teacher's own ``lm_head``
+        stays as it is for evaluation and the cache writer. Needs the hidden-state path and
+        ``loss.kernel`` triton, torch or auto.
+    fp8_fast_accum: teacher only, with ``fp8``: the FP8 GEMMs accumulate with
+        ``use_fast_accum`` (Hopper's faster, less exact accumulation; torchao's default for FP8
+        inference); measured by ``benchmarks/fp8_teacher.py --fast-accum``.
     """
 
     path: Optional[str] = None
@@ -93,6 +101,8 @@ class ModelSpec:
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None
     fp8: bool = False
+    fp8_head: bool = False
+    fp8_fast_accum: bool = False
 
 
 @dataclass

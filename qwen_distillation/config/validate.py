@@ -222,6 +222,17 @@ def _validate_fp8(cfg: DistillationConfig) -> None:
     require(not cfg.model.student.fp8, "model.student.fp8", True, "FP8 applies to the frozen teacher only (the "
             "student trains; its weights need their full precision); for an FP8 teacher set model.teacher.fp8=true",
             "model.student.fp8=false")
+    for option in ("fp8_head", "fp8_fast_accum"):
+        require(not getattr(cfg.model.student, option), f"model.student.{option}", True,
+                f"applies to the frozen FP8 teacher only; set model.teacher.{option}=true", f"model.student.{option}=false")
+        require(cfg.model.teacher.fp8 or not getattr(cfg.model.teacher, option), f"model.teacher.{option}", True,
+                "refines the FP8 teacher, which is off (model.teacher.fp8=false)", "model.teacher.fp8=true")
+    if cfg.model.teacher.fp8_head:
+        for key in STAGES[cfg.start_stage - 1:cfg.end_stage]:
+            stage = getattr(cfg, key)
+            require(not stage.enabled or stage.loss.kernel != "liger", f"{key}.loss.kernel", "liger",
+                    "Liger's loss takes the teacher's lm_head weight, not the FP8 head's logits "
+                    "(model.teacher.fp8_head=true)", f"{key}.loss.kernel=auto")
 
 
 def engine_label(distributed) -> str:

@@ -224,12 +224,15 @@ class CapturedForward:
         path unless its hidden states were asked for.
     logits: (B, L, V') on the full-logits path, else None.
     head_weight: (V', H) the lm_head weight on the hidden-state path, else None.
+    head_fp8: an FP8 copy of ``head_weight`` (``modeling.fp8.FP8Head``) that the fused KD loss forms
+        the teacher's logits with (``model.teacher.fp8_head``), else None.
     hidden, qkv: the captured layers (see :class:`Capture`).
     """
 
     last_hidden: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     head_weight: torch.Tensor | None = None
+    head_fp8: object | None = None
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 

@@ -278,6 +278,70 @@ def fused_mlps(model: nn.Module) -> int:
     return sum(isinstance(module, FP8SwiGLU) for module in model.modules())
 
 
+class FP8Head:
+    """An FP8 copy of the teacher's ``lm_head`` weight for the fused KD loss (``model.teacher.fp8_head``,
+    a further approximation): the weight quantised per vocabulary row like :class:`FP8Linear`'s, its
+    rows padded with zeros to a multiple of 16 (``torch._scaled_mm``). The teacher's own ``lm_head``
+    is untouched (evaluation and the cache writer read it); the copy costs half its bytes and is made
+    again only when the weight object or its version changes (:meth:`of`).
+
+    :meth:`rows` gives the loss a *row source* (``kernels.fused_linear_kd.teacher_rows``): the teacher's
+    logits for a chunk of tokens, formed from its quantised final hidden states by one FP8 GEMM.
+    """
+
+    def __init__(self, weight: torch.Tensor, fast_accum: bool = False):
+        codes, scale = quantize_rowwise(weight.detach())
+        pad = -codes.shape[0] % ALIGNMENT
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
+            scale = torch.cat([scale, scale.new_ones(pad, 1)])
+        self.codes, self.scale, self.fast_accum = codes, scale.view(1, -1), fast_accum
+        self.source, self.version = weight, weight._version
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, cached: "FP8Head | None", fast_accum: bool = False) -> "FP8Head":
+        """``cached`` if it was made from this very weight, unmodified since; else a new copy."""
+        if cached is not None and cached.source is weight and cached.version == weight._version:
+            return cached
+        return cls(weight, fast_accum)
+
+    def rows(self, hidden: torch.Tensor, vocab_size: int) -> "FP8HeadRows":
+        """The row source of the logits ``hidden @ weight[:vocab_size].T`` for hidden (N, H)."""
+        if hidden.shape[-1] != self.codes.shape[1]:
+            raise ValueError(f"teacher hidden size {hidden.shape[-1]} does not match its lm_head "
+                             f"({self.codes.shape[1]} columns)")
+        return FP8HeadRows(self, hidden.reshape(-1, hidden.shape[-1]), vocab_size)
+
+
+class FP8HeadRows:
+    """The teacher's logits (N, vocab_size) from an :class:`FP8Head`, a chunk of rows at a time:
+    the hidden states (N, H) are quantised per token once, and ``rows(start, end, student_logits)``
+    runs ``torch._scaled_mm`` for rows ``start:end`` (bf16 on CUDA, else the student logits' dtype),
+    returning a (c, vocab_size) view whose last dimension is contiguous."""
+
+    def __init__(self, head: FP8Head, hidden: torch.Tensor, vocab_size: int):
+        if not 0 < vocab_size <= head.codes.shape[0]:
+            raise ValueError(f"vocab_size {vocab_size} is not within the teacher lm_head's {head.codes.shape[0]} rows")
+        self.head, self.vocab_size, self.num_rows = head, vocab_size, hidden.shape[0]
+        rows = hidden.detach().contiguous()
+        self.codes, self.scale = _quantize_activations(rows) if rows.shape[0] else quantize_rowwise(rows)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def rows(self, start: int, end: int, student_logits: torch.Tensor) -> torch.Tensor:
+        cuda = self.codes.is_cuda
+        out = torch._scaled_mm(self.codes[start:end], self.head.codes.t(), scale_a=self.scale[start:end],
+                               scale_b=self.head.scale, out_dtype=torch.bfloat16 if cuda else student_logits.dtype,
+                               use_fast_accum=self.head.fast_accum and cuda)
+        return out[:, :self.vocab_size]
+
+
+def fp8_head_reference(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """What :class:`FP8HeadRows` gives for all rows, in plain fp32 torch: (N, vocab_size)."""
+    return fp8_linear_reference(hidden.reshape(-1, hidden.shape[-1]), weight[:vocab_size])
+
+
 def check_fp8_device(device: torch.device) -> None:
     """Refuse a GPU without FP8 tensor cores (``torch._scaled_mm`` needs compute capability 8.9:
     Ada, Hopper and later). The CPU runs it (slowly: a way to test the approximation, not a speed-up)."""

@@ -223,7 +223,7 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
         teacher.requires_grad_(False)
         teacher.eval()
         if model_cfg.teacher.fp8:
-            convert_to_fp8(teacher)
+            convert_to_fp8(teacher, fast_accum=model_cfg.teacher.fp8_fast_accum)
     if placement == "device" and not getattr(student, "is_loaded_in_4bit", False) and not getattr(
             getattr(student, "base_model", None), "is_loaded_in_4bit", False):
         student = student.to(device)  # a 4-bit model is placed at load time and cannot move

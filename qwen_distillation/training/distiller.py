@@ -309,7 +309,10 @@ class Distiller:
             from qwen_distillation.training.fsdp_engine import shard_model
 
             shard_model(pair.student, self.mesh, device=self.device, root=self.module, name="student")
-        self.online_teacher = self.teacher = TeacherRunner(pair.teacher, concurrent=self.teacher_stream)
+        teacher_spec = cfg.model.teacher
+        self.online_teacher = self.teacher = TeacherRunner(pair.teacher, concurrent=self.teacher_stream,
+                                                           fp8_head=teacher_spec.fp8 and teacher_spec.fp8_head,
+                                                           fast_accum=teacher_spec.fp8_fast_accum)
 
     # ------------------------------------------------------------------ stage
     def _stage_steps(self, stage: StageConfig) -> int:

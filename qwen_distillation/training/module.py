@@ -123,10 +123,13 @@ def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForw
     if plan.hidden_path:
         s_valid, s_head = gather_positions(student.last_hidden, positions), student.head_weight
         if w_kd > 0 and teacher is not None:
-            return _fused_logit_terms(plan, student_hidden=s_valid, student_weight=s_head,
-                                      teacher_hidden=gather_positions(teacher.last_hidden, positions),
-                                      teacher_weight=teacher.head_weight,
-                                      labels=targets, vocab_size=plan.vocab_size)
+            t_valid = gather_positions(teacher.last_hidden, positions)
+            if teacher.head_fp8 is not None:  # model.teacher.fp8_head: the teacher's logits by FP8 GEMMs
+                return _fused_logit_terms(plan, student_hidden=s_valid, student_weight=s_head, teacher_hidden=None,
+                                          teacher_weight=None, labels=targets, vocab_size=plan.vocab_size,
+                                          teacher_logits=teacher.head_fp8.rows(t_valid, plan.vocab_size))
+            return _fused_logit_terms(plan, student_hidden=s_valid, student_weight=s_head, teacher_hidden=t_valid,
+                                      teacher_weight=teacher.head_weight, labels=targets, vocab_size=plan.vocab_size)
         if w_ce <= 0:
             return {}, {}
         ce = chunked_cross_entropy(s_valid, s_head[: plan.vocab_size], targets, plan.kd.chunk_size)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from qwen_distillation.modeling.capture import CapturedForward, forward_captured
+from qwen_distillation.modeling.fp8 import FP8Head
 from qwen_distillation.modeling.parts import model_inputs
 from qwen_distillation.training.plan import LossPlan
 
@@ -66,11 +67,17 @@ class TeacherRunner:
     Args:
         teacher: the frozen teacher (``requires_grad_(False)``, eval mode), or None.
         concurrent: launch it on a side stream when the batch is on a CUDA device.
+        fp8_head: on the hidden-state path, give the loss an FP8 copy of the teacher's lm_head
+            (``model.teacher.fp8_head``; :class:`~qwen_distillation.modeling.fp8.FP8Head`, made once
+            and kept while the weight is unchanged); ``fast_accum``: its GEMMs with ``use_fast_accum``.
     """
 
-    def __init__(self, teacher: nn.Module | None, *, concurrent: bool = False):
+    def __init__(self, teacher: nn.Module | None, *, concurrent: bool = False, fp8_head: bool = False,
+                 fast_accum: bool = False):
         self.teacher = teacher
         self.concurrent = concurrent
+        self.fp8_head, self.fast_accum = fp8_head, fast_accum
+        self._head: FP8Head | None = None
 
     def __call__(self, batch: dict[str, torch.Tensor], plan: LossPlan) -> Launched[CapturedForward] | None:
         """The teacher's pass over ``batch`` as ``plan`` needs it; None when no active term
@@ -81,8 +88,11 @@ class TeacherRunner:
 
         def run() -> CapturedForward:
             with torch.no_grad():
-                return forward_captured(self.teacher, model_inputs(batch), hidden_path=plan.hidden_path,
-                                        hidden_layers=hidden_layers, qkv_layers=qkv_layers,
-                                        output_hidden_states=plan.active("contrastive"))
+                out = forward_captured(self.teacher, model_inputs(batch), hidden_path=plan.hidden_path,
+                                       hidden_layers=hidden_layers, qkv_layers=qkv_layers,
+                                       output_hidden_states=plan.active("contrastive"))
+                if self.fp8_head and out.head_weight is not None:
+                    self._head = out.head_fp8 = FP8Head.of(out.head_weight, self._head, self.fast_accum)
+            return out
 
         return launch(run, concurrent=self.concurrent and batch["input_ids"].is_cuda)

@@ -33,13 +33,15 @@ log = logging.getLogger(__name__)
 
 def teacher_description(spec, seed: int) -> str:
     """The teacher as the cache's identity names it: where its weights come from, and ``:fp8``
-    for the FP8 teacher (``model.teacher.fp8``), whose distribution is not the original's: a cache
-    it wrote never matches a run of the original teacher, nor the other way round."""
+    for the FP8 teacher (``model.teacher.fp8``; ``:fp8-fast-accum`` with ``fp8_fast_accum``), whose
+    distribution is not the original's: a cache it wrote never matches a run of the original
+    teacher, nor the other way round. (``fp8_head`` changes only the online loss's teacher logits;
+    the cache writer reads the teacher's own ``lm_head``.)"""
     if spec.random_init:
         name = f"random_init:{json.dumps(dict(spec.random_init), sort_keys=True)}:seed={seed}"
     else:
         name = ":".join(str(v) for v in (spec.path, spec.gguf_file, spec.revision) if v)
-    return name + (":fp8" if spec.fp8 else "")
+    return name + ((":fp8-fast-accum" if spec.fp8_fast_accum else ":fp8") if spec.fp8 else "")
 
 
 def tokenizer_description(tokenizer) -> str:
