@@ -56,7 +56,7 @@ from qwen_distillation.data.encode import IGNORE_INDEX  # noqa: E402
 from qwen_distillation.data.manager import collate  # noqa: E402
 from qwen_distillation.data.sources import DataSource, encode_source  # noqa: E402
 from qwen_distillation.errors import DataError  # noqa: E402
-from qwen_distillation.modeling.fp8 import FP8Linear, FP8SwiGLU, convert_to_fp8  # noqa: E402
+from qwen_distillation.modeling.fp8 import FP8Head, FP8Linear, FP8SwiGLU, convert_to_fp8  # noqa: E402
 from qwen_distillation.modeling.loading import load_causal_lm, split_gguf  # noqa: E402
 from qwen_distillation.modeling.tokenizer import load_tokenizer  # noqa: E402
 from qwen_distillation.paths import resolve_path  # noqa: E402
@@ -139,12 +139,19 @@ def fidelity(teacher, tokenizer, files: list[str], args, device: torch.device, d
     if floor:
         models["fp32"] = copy.deepcopy(teacher).float()
     fast = args.fast_accum and device.type == "cuda"
-    if fast:  # the same FP8 codes, the GEMMs with use_fast_accum (a probe: no config key)
+    if fast:  # the same FP8 codes, the GEMMs with use_fast_accum (model.teacher.fp8_fast_accum)
         models["fp8_fast_accum"] = copy.deepcopy(models["fp8"])
         for module in models["fp8_fast_accum"].modules():
             if isinstance(module, FP8Linear):
                 module.fast_accum = True
-    kinds = ("fp8_vs_ref", "ref_vs_fp32", "fp8_fast_accum_vs_ref", "fp8_fast_accum_vs_fp8")
+    heads = {}
+    if args.fp8_head:  # model.teacher.fp8_head: the logits from an FP8 copy of the lm_head, as the loss forms them
+        weight = models["fp8"].get_output_embeddings().weight
+        heads = {"fp8": FP8Head(weight)}
+        if fast:
+            heads["fp8_fast_accum"] = FP8Head(weight, fast_accum=True)
+    kinds = ("fp8_vs_ref", "ref_vs_fp32", "fp8_fast_accum_vs_ref", "fp8_fast_accum_vs_fp8", "fp8_head_vs_ref",
+             "fp8_head_vs_fp8", "fp8_head_fast_accum_vs_ref")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     overall = {kind: Comparison() for kind in kinds}
     per_file = {}
@@ -167,6 +174,13 @@ def fidelity(teacher, tokenizer, files: list[str], args, device: torch.device, d
                     out = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][scored]
                 return out.float()
 
+            def head_logits(name):
+                with torch.no_grad(), autocast(device, dtype):
+                    hidden = models[name].model(input_ids=ids, attention_mask=mask,
+                                                use_cache=False).last_hidden_state[:, :-1][scored]
+                    rows = heads[name].rows(hidden, models[name].get_output_embeddings().weight.shape[0])
+                    return rows.rows(0, len(rows), hidden.new_empty(0, dtype=torch.float32)).float()
+
             reference = logits(teacher, dtype)
             approx = logits(models["fp8"], dtype)
             for table in (overall, here):
@@ -176,13 +190,21 @@ def fidelity(teacher, tokenizer, files: list[str], args, device: torch.device, d
                 for table in (overall, here):
                     table["fp8_fast_accum_vs_ref"].add(reference, quick)
                     table["fp8_fast_accum_vs_fp8"].add(approx, quick)
+            if heads:
+                with_head = head_logits("fp8")
+                for table in (overall, here):
+                    table["fp8_head_vs_ref"].add(reference, with_head)
+                    table["fp8_head_vs_fp8"].add(approx, with_head)
+                if fast:
+                    for table in (overall, here):
+                        table["fp8_head_fast_accum_vs_ref"].add(reference, head_logits("fp8_fast_accum"))
             if floor:
                 full = logits(models["fp32"], torch.float32)
                 for table in (overall, here):
                     table["ref_vs_fp32"].add(full, reference)
         per_file[path] = {"examples": len(examples), **{k: v.summary() for k, v in here.items() if v.kl}}
         print(path, json.dumps(per_file[path]), flush=True)
-    del models
+    models.clear()
     return {**{k: v.summary() for k, v in overall.items() if v.kl}, "per_file": per_file,
             "fp8_layers": len(conversion.converted), "layers_kept": conversion.kept,
             "decoder_linear_mib": {"before": conversion.bytes_before / 2**20, "after": conversion.bytes_after / 2**20}}
@@ -385,8 +407,11 @@ def main(argv=None) -> dict:
                         help="(a) also for a random-init Qwen2.5-7B-shaped teacher on the Qwen tokenizer")
     parser.add_argument("--skip-fidelity", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--fp8-head", action="store_true",
+                        help="fidelity: also the FP8 teacher's logits from an FP8 copy of its lm_head "
+                             "(model.teacher.fp8_head), against the reference and the FP8 teacher")
     parser.add_argument("--fast-accum", action="store_true",
-                        help="also the FP8 teacher with use_fast_accum GEMMs (a probe: no config key): its "
+                        help="also the FP8 teacher with use_fast_accum GEMMs (model.teacher.fp8_fast_accum): its "
                              "timing, and its KL against the bf16 and the plain FP8 teacher (CUDA)")
     parser.add_argument("--gemms", action="store_true",
                         help="also time each 7B decoder linear shape: bf16 against the FP8 variants (CUDA)")
