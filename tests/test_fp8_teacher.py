@@ -489,22 +489,28 @@ def test_on_the_gpu_the_triton_quantiser_equals_the_reference_bit_for_bit(rows, 
 @pytest.mark.gpu
 @needs_fp8_gpu
 def test_on_the_gpu_the_swiglu_quantiser_equals_its_reference(rows, cols, dtype):
-    """The fused SwiGLU quantiser against silu(gate) * up rounded by torch, then quantised: the
-    kernel's silu (Triton's exp) and torch's may round a value to a neighbouring bf16 number now and
-    then, which moves a code by one step or a row's scale by one bf16 step; nothing else differs."""
+    """The fused SwiGLU quantiser against silu(gate) * up rounded by torch, then quantised. The
+    kernel's silu (Triton's exp) and torch's differ in the last fp32 bits: in bf16 and fp16 the
+    rounding to the dtype absorbs that except now and then (a code one step over, a row's scale one
+    step of the dtype); in fp32 nothing rounds it away, so every scale may differ in its last bits
+    (H200, 2026-12-03: bf16 passed bit for bit in all but rare codes; fp32 scales equal in 0-86% of
+    rows). Inputs within fp16's range (the activation of |g|, |u| <= ~45)."""
     from qwen_distillation.kernels.fp8_quant import silu_mul_quantize, triton_silu_mul_quantize
 
     torch.manual_seed(rows * cols)
-    both = (torch.randn(rows, 2 * cols, device="cuda") * torch.logspace(-2, 2, rows, device="cuda").unsqueeze(1))
+    both = (torch.randn(rows, 2 * cols, device="cuda") * torch.logspace(-2, 1, rows, device="cuda").unsqueeze(1))
     both = both.to(dtype)
     gate, up = both[:, :cols], both[:, cols:]  # halves of one output: strided rows
     codes, scale = triton_silu_mul_quantize(gate, up)
     reference_codes, reference_scale = silu_mul_quantize(gate, up)
     assert codes.dtype == FP8_DTYPE and scale.shape == (rows, 1)
-    assert (scale == reference_scale).float().mean() >= 0.99
-    torch.testing.assert_close(scale, reference_scale, rtol=2**-7, atol=0)
+    rounded = dtype != torch.float32
+    step = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 2**-20}[dtype]
+    torch.testing.assert_close(scale, reference_scale, rtol=step, atol=0)
+    if rounded:
+        assert (scale == reference_scale).float().mean() >= 0.99
     same = codes.view(torch.uint8) == reference_codes.view(torch.uint8)
-    assert same.float().mean() >= 0.999, same.float().mean()
+    assert same.float().mean() >= (0.999 if rounded else 0.99), same.float().mean()
     deq, reference = codes.float() * scale, reference_codes.float() * reference_scale
     assert ((deq - reference).abs() <= 0.13 * reference.abs() + 2**-9 * reference_scale).all()
 
@@ -598,3 +604,32 @@ def test_on_the_gpu_the_compiled_fp8_teacher_approximates_bf16_as_the_eager_one_
     errors = [((out - exact).norm() / exact.norm()).item() for out in (eager, compiled)]
     assert torch.isfinite(compiled).all() and all(0.005 < e < 0.25 for e in errors), errors
     assert errors[1] < 1.5 * errors[0], errors
+
+
+@pytest.mark.parametrize("fast_accum", [False, True], ids=["exact_accum", "fast_accum"])
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_on_the_gpu_the_fp8_head_gives_its_reference_logits_to_the_triton_loss(fast_accum):
+    """model.teacher.fp8_head on CUDA: the FP8 GEMM's bf16 logits against the fp32 quantise-dequantise
+    reference (a vocabulary padded to a multiple of 16 and cut), and the Triton loss reading them
+    chunk by chunk as it reads the same logits given whole."""
+    from qwen_distillation.losses.fused import fused_linear_kd
+    from qwen_distillation.modeling.fp8 import FP8Head, fp8_head_reference
+
+    torch.manual_seed(0)
+    weight = torch.randn(1000, 256, device="cuda").to(torch.bfloat16)
+    hidden = (torch.randn(300, 256, device="cuda") * 4).to(torch.bfloat16)
+    head = FP8Head(weight, fast_accum=fast_accum)
+    rows = head.rows(hidden, 990)
+    logits = rows.rows(0, 300, torch.empty(0, device="cuda", dtype=torch.bfloat16))
+    reference = fp8_head_reference(hidden, weight, 990)
+    assert logits.dtype == torch.bfloat16 and logits.shape == (300, 990)
+    tolerance = 2**-6 if fast_accum else 2**-7
+    torch.testing.assert_close(logits.float(), reference, rtol=tolerance, atol=tolerance * reference.abs().max().item())
+    student_hidden = torch.randn(300, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    student_weight = (torch.randn(990, 128, device="cuda") * 0.05).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 990, (300,), device="cuda")
+    kw = dict(kind="forward_kl", temperature=2.0, vocab_size=990, chunk_size=128, kernel="triton", reduction="mean")
+    loss, _ = fused_linear_kd(student_hidden, student_weight, None, None, labels, teacher_logits=rows, **kw)
+    whole, _ = fused_linear_kd(student_hidden, student_weight, None, None, labels, teacher_logits=logits, **kw)
+    torch.testing.assert_close(loss, whole, rtol=1e-3, atol=1e-3)
