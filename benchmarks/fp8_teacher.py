@@ -33,8 +33,10 @@ each forward and the decoder weights' bytes.
 
 (c) ``--gemms``: each 7B decoder linear shape in bf16 and FP8 (row-wise, tensor-wise, fast
 accumulation) and the quantisers, plus the Triton quantiser's launch shapes; ``--profile``: the
-Liger-patched teacher's forward by kernel class, bf16 and FP8; ``--fast-accum``: a probe of the
-FP8 GEMMs with ``use_fast_accum`` (timing, and its KL against the bf16 and the plain FP8 teacher).
+Liger-patched teacher's forward by kernel class, bf16 and FP8; ``--fast-accum``: the FP8 GEMMs
+with ``use_fast_accum`` (``model.teacher.fp8_fast_accum``; timing, and its KL against the bf16 and
+the plain FP8 teacher); ``--fp8-head``: the logits from an FP8 copy of the ``lm_head``
+(``model.teacher.fp8_head``), as the fused KD loss forms them, against the bf16 and the FP8 teacher.
 """
 
 from __future__ import annotations

@@ -7,10 +7,14 @@ fp32 scale ``amax(row) * fp32(1 / 448)``; each forward quantises its input the s
 fp32 accumulator by ``scale_x[m] * scale_w[n]``. On a GPU the input is quantised by a Triton kernel
 (:mod:`qwen_distillation.kernels.fp8_quant`, bit-equal to the reference), once for the siblings
 that read the same input (q/k/v, gate/up: :class:`SharedInput`), and a bias is added in the GEMM.
-The embeddings, the final norm and the ``lm_head`` stay in the teacher's dtype: the fused KD kernel
-reads the ``lm_head`` weight directly, and the teacher's logits come from it. The teacher's
-next-token distribution is therefore not the bf16 teacher's:
-KL(p_bf16 || p_fp8) and top-1 agreement are measured by ``benchmarks/fp8_teacher.py``.
+A SwiGLU MLP becomes :class:`FP8SwiGLU`: the same arithmetic, its activation quantised as it is
+formed (one Triton kernel). The embeddings, the final norm and the ``lm_head`` stay in the
+teacher's dtype: the fused KD kernel reads the ``lm_head`` weight directly, and the teacher's
+logits come from it, unless ``model.teacher.fp8_head`` gives the loss an FP8 copy of it
+(:class:`FP8Head`, a further approximation). ``model.teacher.fp8_fast_accum`` runs every FP8 GEMM
+with ``use_fast_accum``. The teacher's next-token distribution is therefore not the bf16
+teacher's: KL(p_bf16 || p_fp8) and top-1 agreement, for each option, are measured by
+``benchmarks/fp8_teacher.py``.
 
 :func:`fp8_linear_reference` is the same arithmetic in plain fp32 torch (quantise, dequantise,
 matmul): the module equals it up to the accumulation order and the output rounding.
@@ -156,9 +160,7 @@ class FP8Linear(nn.Module):
     ``torch._scaled_mm`` with row-wise scales writes bf16 (the bias added in the GEMM's epilogue
     where cuBLAS takes it), cast to x's dtype after. ``shared``: the :class:`SharedInput` of the
     layer's sibling group, set by :func:`convert_to_fp8`, or ``None``. ``fast_accum``: the GEMM with
-    ``use_fast_accum`` on CUDA, a benchmark probe only (``benchmarks/kd_kernels.py step
-    --fp8-fast-accum``): what it changes in the teacher's distribution is not measured, so no
-    config key turns it on.
+    ``use_fast_accum`` on CUDA (``model.teacher.fp8_fast_accum``; the CPU has no such mode).
     """
 
     quantizer = "triton"  # see _quantize_activations; one of QUANTIZERS
