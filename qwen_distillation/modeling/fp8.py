@@ -292,7 +292,8 @@ class FP8Head:
     """
 
     def __init__(self, weight: torch.Tensor, fast_accum: bool = False):
-        codes, scale = quantize_rowwise(weight.detach())
+        # The Triton quantiser on a GPU: no fp32 copy of the (V, H) weight on the way (2.2 GB for a 7B's).
+        codes, scale = _quantize_activations(weight.detach().contiguous())
         pad = -codes.shape[0] % ALIGNMENT
         if pad:
             codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
