@@ -92,21 +92,39 @@ def silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tenso
 if triton is not None:
 
     @triton.jit
-    def _quantize_rows(x_ptr, codes_ptr, scale_ptr, M, K, stride_x, stride_c, FP8_MAX: tl.constexpr,
-                       INV_FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr, BLOCK: tl.constexpr,
-                       ROWS: tl.constexpr, ONE_BLOCK: tl.constexpr):
-        """``ROWS`` rows per program: each row's absolute maximum, then the codes
-        ``clamp(x * (1 / scale), +-448)`` cast to E4M3 (one division per row), fp32 arithmetic
-        throughout. ``ONE_BLOCK`` (K <= BLOCK): the rows are read once and kept in registers;
-        otherwise in blocks, twice (the second read from L2)."""
+    def _swiglu(g, u):
+        """``silu(g) * u`` of two loaded blocks in their dtype's rounding (see :func:`silu_mul`),
+        returned in fp32: silu in fp32 as torch writes it, ``x / (1 + exp(-x))``."""
+        gf = g.to(tl.float32)
+        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype, fp_downcast_rounding="rtne")
+        return (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype, fp_downcast_rounding="rtne").to(tl.float32)
+
+    @triton.jit
+    def _row_values(x_rows, u_rows, cols, ok, SWIGLU: tl.constexpr):
+        """A block of the rows to quantise, in fp32: ``x``, or ``silu(x) * u`` when ``SWIGLU``."""
+        x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0)
+        if SWIGLU:
+            return _swiglu(x, tl.load(u_rows + cols[None, :], mask=ok, other=0.0))
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _quantize_rows(x_ptr, u_ptr, codes_ptr, scale_ptr, M, K, stride_x, stride_u, stride_c,
+                       FP8_MAX: tl.constexpr, INV_FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
+                       BLOCK: tl.constexpr, ROWS: tl.constexpr, ONE_BLOCK: tl.constexpr, SWIGLU: tl.constexpr):
+        """``ROWS`` rows per program of ``x`` (or, with ``SWIGLU``, of ``silu(x) * u``, formed from
+        the gate rows ``x`` and up rows ``u`` as they are read): each row's absolute maximum, then
+        the codes ``clamp(value * (1 / scale), +-448)`` cast to E4M3 (one division per row), fp32
+        arithmetic throughout. ``ONE_BLOCK`` (K <= BLOCK): the rows are read once and kept in
+        registers; otherwise in blocks, twice (the second read from L2; the activation recomputed)."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < M
         x_rows = x_ptr + rows[:, None] * stride_x
+        u_rows = u_ptr + rows[:, None] * stride_u
         c_rows = codes_ptr + rows[:, None] * stride_c
         if ONE_BLOCK:
             cols = tl.arange(0, BLOCK)
             ok = row_ok[:, None] & (cols[None, :] < K)
-            x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            x = _row_values(x_rows, u_rows, cols, ok, SWIGLU)
             scale = tl.maximum(tl.max(tl.abs(x), axis=1), MIN_AMAX) * INV_FP8_MAX
             tl.store(scale_ptr + rows, scale, mask=row_ok)
             q = x * tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)[:, None]
@@ -117,64 +135,15 @@ if triton is not None:
             for start in range(0, K, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 ok = row_ok[:, None] & (cols[None, :] < K)
-                x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.abs(x))
+                amax = tl.maximum(amax, tl.abs(_row_values(x_rows, u_rows, cols, ok, SWIGLU)))
             scale = tl.maximum(tl.max(amax, axis=1), MIN_AMAX) * INV_FP8_MAX
             tl.store(scale_ptr + rows, scale, mask=row_ok)
             inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)
             for start in range(0, K, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 ok = row_ok[:, None] & (cols[None, :] < K)
-                x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                x = _row_values(x_rows, u_rows, cols, ok, SWIGLU)
                 q = tl.minimum(tl.maximum(x * inv[:, None], -FP8_MAX), FP8_MAX)
-                tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
-
-    @triton.jit
-    def _swiglu(g, u):
-        """``silu(g) * u`` of two loaded blocks in their dtype's rounding (see :func:`silu_mul`),
-        returned in fp32: silu in fp32 as torch writes it, ``x / (1 + exp(-x))``."""
-        gf = g.to(tl.float32)
-        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype, fp_downcast_rounding="rtne")
-        return (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype, fp_downcast_rounding="rtne").to(tl.float32)
-
-    @triton.jit
-    def _silu_mul_quantize_rows(g_ptr, u_ptr, codes_ptr, scale_ptr, M, K, stride_g, stride_u, stride_c,
-                                FP8_MAX: tl.constexpr, INV_FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
-                                BLOCK: tl.constexpr, ROWS: tl.constexpr, ONE_BLOCK: tl.constexpr):
-        """:func:`_quantize_rows` of ``silu(g) * u``, computed from the gate and up rows as they are
-        read (twice, the activation recomputed, when a row is wider than ``BLOCK``)."""
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < M
-        g_rows = g_ptr + rows[:, None] * stride_g
-        u_rows = u_ptr + rows[:, None] * stride_u
-        c_rows = codes_ptr + rows[:, None] * stride_c
-        if ONE_BLOCK:
-            cols = tl.arange(0, BLOCK)
-            ok = row_ok[:, None] & (cols[None, :] < K)
-            h = _swiglu(tl.load(g_rows + cols[None, :], mask=ok, other=0.0),
-                        tl.load(u_rows + cols[None, :], mask=ok, other=0.0))
-            scale = tl.maximum(tl.max(tl.abs(h), axis=1), MIN_AMAX) * INV_FP8_MAX
-            tl.store(scale_ptr + rows, scale, mask=row_ok)
-            q = h * tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)[:, None]
-            q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-            tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
-        else:
-            amax = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-            for start in range(0, K, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                ok = row_ok[:, None] & (cols[None, :] < K)
-                h = _swiglu(tl.load(g_rows + cols[None, :], mask=ok, other=0.0),
-                            tl.load(u_rows + cols[None, :], mask=ok, other=0.0))
-                amax = tl.maximum(amax, tl.abs(h))
-            scale = tl.maximum(tl.max(amax, axis=1), MIN_AMAX) * INV_FP8_MAX
-            tl.store(scale_ptr + rows, scale, mask=row_ok)
-            inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)
-            for start in range(0, K, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                ok = row_ok[:, None] & (cols[None, :] < K)
-                h = _swiglu(tl.load(g_rows + cols[None, :], mask=ok, other=0.0),
-                            tl.load(u_rows + cols[None, :], mask=ok, other=0.0))
-                q = tl.minimum(tl.maximum(h * inv[:, None], -FP8_MAX), FP8_MAX)
                 tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
 
 
@@ -225,8 +194,8 @@ def launch_quantize_rows(x, codes, scale, *, rows: int | None = None, block: int
     m, k = x.shape
     config = _launch_config(k, rows, block, num_warps)
     _quantize_rows[(triton.cdiv(m, config["ROWS"]),)](
-        x, codes, scale, m, k, x.stride(0), codes.stride(0), FP8_MAX=FP8_MAX, INV_FP8_MAX=INV_FP8_MAX,
-        MIN_AMAX=MIN_AMAX, **config)
+        x, x, codes, scale, m, k, x.stride(0), x.stride(0), codes.stride(0), FP8_MAX=FP8_MAX,
+        INV_FP8_MAX=INV_FP8_MAX, MIN_AMAX=MIN_AMAX, SWIGLU=False, **config)
 
 
 def triton_silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor, *, rows: int | None = None,
@@ -257,7 +226,7 @@ def triton_silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor, *, rows: int 
     if m == 0:
         return codes, scale
     config = _launch_config(k, rows, block, num_warps)
-    _silu_mul_quantize_rows[(triton.cdiv(m, config["ROWS"]),)](
+    _quantize_rows[(triton.cdiv(m, config["ROWS"]),)](
         gate, up, codes, scale, m, k, gate.stride(0), up.stride(0), codes.stride(0), FP8_MAX=FP8_MAX,
-        INV_FP8_MAX=INV_FP8_MAX, MIN_AMAX=MIN_AMAX, **config)
+        INV_FP8_MAX=INV_FP8_MAX, MIN_AMAX=MIN_AMAX, SWIGLU=True, **config)
     return codes, scale
