@@ -35,7 +35,7 @@ from torch import nn
 
 from qwen_distillation.errors import ConfigError
 from qwen_distillation.kernels.fp8_quant import (FP8_DTYPE, FP8_MAX, MIN_AMAX, quantize_rowwise,  # noqa: F401
-                                                 silu_mul, silu_mul_quantize, triton_available,
+                                                 silu_mul_quantize, triton_available,
                                                  triton_quantize_rowwise, triton_silu_mul_quantize)
 from qwen_distillation.modeling.parts import base_model
 
