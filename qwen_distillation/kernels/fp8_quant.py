@@ -18,10 +18,10 @@ activation itself is never written to memory.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from qwen_distillation.kernels import interpreting
 
 try:  # Triton is optional: CPUs use the torch reference.
     import triton
@@ -48,7 +48,7 @@ def _runs_here(x: torch.Tensor) -> bool:
     """Whether the kernels can take ``x``: a CUDA tensor, or any tensor in Triton's interpreter
     (``TRITON_INTERPRET=1`` before Triton is imported: the CPU tests run the kernels' code so; the
     interpreter rounds fp32 to bf16 towards zero, so only fp32 inputs compare there)."""
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return triton is not None and (x.is_cuda or interpreting())
 
 
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,10 +39,11 @@ convention); the caller maps them before launching.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
+
+from qwen_distillation.kernels import interpreting
 
 try:  # Triton is optional: CPUs use the torch path.
     import triton
@@ -222,12 +223,6 @@ if triton is not None:
     _kd_rows_jit = triton.jit(_kd_rows)
 
 
-def _interpreting() -> bool:
-    # TRITON_INTERPRET=1 set before triton is imported runs kernels on CPU tensors (numpy):
-    # slow, but it lets the CPU test suite execute this kernel's code.
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, *,
             kind: str, temperature: float, ce_scale: float, kd_scale: float, beta: float = 0.5,
             ignore_index: int = -100, write_grad: bool = True, has_ce: bool = True,
@@ -262,7 +257,7 @@ def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
         return ce, kd
     teacher = teacher_logits if has_kd else student_logits
     interpret = student_logits.device.type == "cpu"
-    if interpret and not _interpreting():
+    if interpret and not interpreting():
         raise RuntimeError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before importing "
                            "triton, for tests on a CPU); use kernel='torch' on a CPU")
     if block is None:

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 
 import torch
 from torch import nn
 
+from qwen_distillation.kernels import interpreting
 from qwen_distillation.kernels.fused_linear_kd import KIND_CODES, KDOptions, TritonFusedLinearKD, triton_available
 from qwen_distillation.losses.chunked import TorchFusedLinearKD, prepare_fused_inputs
 from qwen_distillation.losses.logit import DIVERGENCES, REDUCTIONS
@@ -37,8 +37,7 @@ TRITON_KINDS = frozenset(KIND_CODES)
 
 
 def _triton_runs_on(device: torch.device, allow_interpreter: bool) -> bool:
-    interpreting = allow_interpreter and os.environ.get("TRITON_INTERPRET") == "1"
-    return triton_available() and (device.type == "cuda" or interpreting)
+    return triton_available() and (device.type == "cuda" or (allow_interpreter and interpreting()))
 
 
 def resolve_kernel(kernel: str, device: torch.device | str, kind: str, *, allow_interpreter: bool = False) -> str:
