@@ -72,8 +72,9 @@ def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_rowwise` of a layer input. On a CUDA device, by ``FP8Linear.quantizer``:
     ``"triton"`` (default; one kernel, bit-equal, :mod:`qwen_distillation.kernels.fp8_quant`),
     ``"compiled"`` (Inductor's compile of the reference) or ``"eager"`` (the reference, which reads
-    the activations several times); the CPU always runs the reference."""
-    if not x.is_cuda or FP8Linear.quantizer == "eager":
+    the activations several times); the CPU always runs the reference, and so does a forward under
+    ``torch.compile`` (``train.compile``: Inductor gets the plain arithmetic to fuse as it sees fit)."""
+    if not x.is_cuda or FP8Linear.quantizer == "eager" or torch.compiler.is_compiling():
         return quantize_rowwise(x)
     if FP8Linear.quantizer == "triton" and triton_available():
         return triton_quantize_rowwise(x)
@@ -83,7 +84,7 @@ def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _quantize_swiglu(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`silu_mul_quantize` of an MLP's gate and up outputs, chosen as :func:`_quantize_activations`
     chooses: the Triton kernel (the activation never stored), Inductor's compile, or the reference."""
-    if not gate.is_cuda or FP8Linear.quantizer == "eager":
+    if not gate.is_cuda or FP8Linear.quantizer == "eager" or torch.compiler.is_compiling():
         return silu_mul_quantize(gate, up)
     if FP8Linear.quantizer == "triton" and triton_available():
         return triton_silu_mul_quantize(gate, up)
@@ -197,11 +198,8 @@ class FP8Linear(nn.Module):
         if rows.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
         rows = rows.contiguous()
-        # Under torch.compile (train.compile) Inductor gets the plain arithmetic to fuse as it sees fit:
-        # no sharing (a tensor's version counter breaks the graph), no custom kernel, no probing try.
-        if torch.compiler.is_compiling():
-            codes, scale = quantize_rowwise(rows)
-        elif self.shared is not None:
+        # Under torch.compile (train.compile) no sharing: a tensor's version counter breaks the graph.
+        if self.shared is not None and not torch.compiler.is_compiling():
             codes, scale = self.shared.quantize(x, rows)
         else:
             codes, scale = _quantize_activations(rows)
@@ -257,11 +255,10 @@ class FP8SwiGLU(nn.Module):
         if rows.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.down_proj.out_features)
         rows = rows.contiguous()
-        compiling = torch.compiler.is_compiling()  # Inductor gets the plain arithmetic (see FP8Linear)
-        codes, scale = quantize_rowwise(rows) if compiling else _quantize_activations(rows)
+        codes, scale = _quantize_activations(rows)
         gate = self.gate_proj.matmul(codes, scale, x.dtype)
         up = self.up_proj.matmul(codes, scale, x.dtype)
-        codes, scale = silu_mul_quantize(gate, up) if compiling else _quantize_swiglu(gate, up)
+        codes, scale = _quantize_swiglu(gate, up)
         del gate, up
         return self.down_proj.matmul(codes, scale, x.dtype).reshape(*x.shape[:-1], self.down_proj.out_features)
 
@@ -271,7 +268,7 @@ def _swiglu_mlp(module: nn.Module) -> bool:
     name = type(module).__name__  # Liger's MLP (the class a model gets once Liger patched its family) is SiLU
     act = getattr(module, "act_fn", None)
     return (name in SWIGLU_MLPS and (name == "LigerSwiGLUMLP" or type(act).__name__ in ("SiLU", "SiLUActivation"))
-            and all(isinstance(getattr(module, name, None), FP8Linear) for name in ("gate_proj", "up_proj",
+            and all(isinstance(getattr(module, part, None), FP8Linear) for part in ("gate_proj", "up_proj",
                                                                                   "down_proj")))
 
 
@@ -327,7 +324,7 @@ class FP8HeadRows:
             raise ValueError(f"vocab_size {vocab_size} is not within the teacher lm_head's {head.codes.shape[0]} rows")
         self.head, self.vocab_size, self.num_rows = head, vocab_size, hidden.shape[0]
         rows = hidden.detach().contiguous()
-        self.codes, self.scale = _quantize_activations(rows) if rows.shape[0] else quantize_rowwise(rows)
+        self.codes, self.scale = _quantize_activations(rows)
 
     def __len__(self) -> int:
         return self.num_rows
