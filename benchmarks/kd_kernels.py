@@ -306,12 +306,12 @@ def bench_step(args) -> dict:
         return fn
 
     def ours_finish(hs, ht, chunk):
-        teacher_kw = dict(teacher_hidden=ht.reshape(-1, teacher.config.hidden_size),
-                          teacher_weight=teacher.lm_head.weight)
+        ht = ht.reshape(-1, teacher.config.hidden_size)
+        teacher_kw = dict(teacher_hidden=ht, teacher_weight=teacher.lm_head.weight)
         if args.fp8_head:  # model.teacher.fp8_head: the teacher's logits from an FP8 copy of its lm_head
             state["head"] = FP8Head.of(teacher.lm_head.weight, state.get("head"), args.fp8_fast_accum)
             teacher_kw = dict(teacher_hidden=None, teacher_weight=None,
-                              teacher_logits=state["head"].rows(teacher_kw["teacher_hidden"], SHARED_VOCAB))
+                              teacher_logits=state["head"].rows(ht, SHARED_VOCAB))
         loss, _ = fused_linear_kd(hs.reshape(-1, student.config.hidden_size), student.lm_head.weight,
                                   labels=flat_labels, kind="forward_kl", temperature=T, ce_weight=w, kd_weight=w,
                                   vocab_size=SHARED_VOCAB, chunk_size=chunk, kernel="triton", reduction="mean",
