@@ -82,8 +82,9 @@ class ModelSpec:
         teacher's (``benchmarks/fp8_teacher.py`` measures by how much). Not with a sharded teacher
         (ZeRO-3, FSDP2).
     fp8_head: teacher only, with ``fp8``, a further approximation: the fused KD loss forms the
-        teacher's logits from its final hidden states with an FP8 copy of its ``lm_head`` (per-row
-        scales, one FP8 GEMM per chunk; ``modeling.fp8.FP8Head``). The teacher's own ``lm_head``
+        teacher's logits from its final hidden states with an FP8 copy of its ``lm_head`` (its columns
+        balanced against the hidden states', then per-row scales; one FP8 GEMM per chunk;
+        ``modeling.fp8.FP8Head``). The teacher's own ``lm_head``
         stays as it is for evaluation and the cache writer. Needs the hidden-state path and
         ``loss.kernel`` triton, torch or auto.
     fp8_fast_accum: teacher only, with ``fp8``: the FP8 GEMMs accumulate with

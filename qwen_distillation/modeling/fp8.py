@@ -277,20 +277,43 @@ def fused_mlps(model: nn.Module) -> int:
     return sum(isinstance(module, FP8SwiGLU) for module in model.modules())
 
 
+def head_balance(weight: torch.Tensor) -> torch.Tensor:
+    """The column balance of an FP8 head: ``c[j] = sqrt(max_i |weight[i, j]|)`` in fp32, shape (H,).
+
+    The logits ``h @ W.T`` equal ``(h * c) @ (W / c).T``; quantised per row, ``W / c`` loses less than
+    ``W`` wherever a few hidden dimensions carry much larger weights than the rest (each vocabulary
+    row's scale is set by its largest entry, and E4M3 keeps 3 mantissa bits below it). The square root
+    splits the columns' range between the two operands, as SmoothQuant's ``alpha = 0.5`` does with
+    activation statistics; here from the weight alone, so the head is the same for every batch."""
+    amax = weight.detach().abs().amax(dim=0).float()
+    return amax.clamp(min=MIN_AMAX).sqrt()
+
+
 class FP8Head:
     """An FP8 copy of the teacher's ``lm_head`` weight for the fused KD loss (``model.teacher.fp8_head``,
-    a further approximation): the weight quantised per vocabulary row like :class:`FP8Linear`'s, its
-    rows padded with zeros to a multiple of 16 (``torch._scaled_mm``). The teacher's own ``lm_head``
-    is untouched (evaluation and the cache writer read it); the copy costs half its bytes and is made
-    again only when the weight object or its version changes (:meth:`of`).
+    a further approximation): the weight divided by its column balance (:func:`head_balance`, unless
+    ``balance=False``), quantised per vocabulary row like :class:`FP8Linear`'s, its rows padded with
+    zeros to a multiple of 16 (``torch._scaled_mm``). The teacher's own ``lm_head`` is untouched
+    (evaluation and the cache writer read it); the copy costs half its bytes and is made again only
+    when the weight object or its version changes (:meth:`of`).
 
     :meth:`rows` gives the loss a *row source* (``kernels.fused_linear_kd.teacher_rows``): the teacher's
-    logits for a chunk of tokens, formed from its quantised final hidden states by one FP8 GEMM.
+    logits for a chunk of tokens, formed from its final hidden states (times the balance, quantised
+    per token) by one FP8 GEMM.
     """
 
-    def __init__(self, weight: torch.Tensor, fast_accum: bool = False):
-        # The Triton quantiser on a GPU: no fp32 copy of the (V, H) weight on the way (2.2 GB for a 7B's).
-        codes, scale = _quantize_activations(weight.detach().contiguous())
+    ROWS_PER_PASS = 8192  # rows of the weight balanced and quantised at a time (bounds the fp32 copy)
+
+    def __init__(self, weight: torch.Tensor, fast_accum: bool = False, balance: bool = True):
+        values = weight.detach()
+        self.balance = head_balance(values) if balance else None
+        inverse = None if self.balance is None else torch.reciprocal(self.balance)
+        parts = []
+        for start in range(0, values.shape[0], self.ROWS_PER_PASS):
+            rows = values[start:start + self.ROWS_PER_PASS]
+            # The Triton quantiser on a GPU; fp32 only a pass at a time (a 7B's whole weight: 2.2 GB).
+            parts.append(_quantize_activations(rows.contiguous() if inverse is None else rows.float() * inverse))
+        codes, scale = torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
         pad = -codes.shape[0] % ALIGNMENT
         if pad:
             codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
@@ -315,15 +338,17 @@ class FP8Head:
 
 class FP8HeadRows:
     """The teacher's logits (N, vocab_size) from an :class:`FP8Head`, a chunk of rows at a time:
-    the hidden states (N, H) are quantised per token once, and ``rows(start, end, student_logits)``
-    runs ``torch._scaled_mm`` for rows ``start:end`` (bf16 on CUDA, else the student logits' dtype),
-    returning a (c, vocab_size) view whose last dimension is contiguous."""
+    the hidden states (N, H), times the head's balance, are quantised per token once, and
+    ``rows(start, end, student_logits)`` runs ``torch._scaled_mm`` for rows ``start:end`` (bf16 on
+    CUDA, else the student logits' dtype), returning a (c, vocab_size) view whose last dimension is
+    contiguous."""
 
     def __init__(self, head: FP8Head, hidden: torch.Tensor, vocab_size: int):
         if not 0 < vocab_size <= head.codes.shape[0]:
             raise ValueError(f"vocab_size {vocab_size} is not within the teacher lm_head's {head.codes.shape[0]} rows")
         self.head, self.vocab_size, self.num_rows = head, vocab_size, hidden.shape[0]
-        rows = hidden.detach().contiguous()
+        rows = hidden.detach()
+        rows = rows.contiguous() if head.balance is None else rows.float() * head.balance
         self.codes, self.scale = _quantize_activations(rows)
 
     def __len__(self) -> int:
@@ -337,9 +362,14 @@ class FP8HeadRows:
         return out[:, :self.vocab_size]
 
 
-def fp8_head_reference(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def fp8_head_reference(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int,
+                       balance: bool = True) -> torch.Tensor:
     """What :class:`FP8HeadRows` gives for all rows, in plain fp32 torch: (N, vocab_size)."""
-    return fp8_linear_reference(hidden.reshape(-1, hidden.shape[-1]), weight[:vocab_size])
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    if not balance:
+        return fp8_linear_reference(rows, weight[:vocab_size])
+    c = head_balance(weight)  # from the whole weight, as the head is made
+    return fp8_linear_reference(rows.float() * c, weight[:vocab_size].float() * torch.reciprocal(c))
 
 
 def check_fp8_device(device: torch.device) -> None:
