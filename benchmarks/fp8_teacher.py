@@ -36,7 +36,9 @@ accumulation) and the quantisers, plus the Triton quantiser's launch shapes; ``-
 Liger-patched teacher's forward by kernel class, bf16 and FP8; ``--fast-accum``: the FP8 GEMMs
 with ``use_fast_accum`` (``model.teacher.fp8_fast_accum``; timing, and its KL against the bf16 and
 the plain FP8 teacher); ``--fp8-head``: the logits from an FP8 copy of the ``lm_head``
-(``model.teacher.fp8_head``), as the fused KD loss forms them, against the bf16 and the FP8 teacher.
+(``model.teacher.fp8_head``), as the fused KD loss forms them, against the bf16 and the FP8 teacher,
+and the same head without its column balance (``fp8_head_unbalanced_vs_ref``: ``FP8Head(balance=False)``,
+what ``fp8_head`` computed before the balance).
 """
 
 from __future__ import annotations
@@ -149,11 +151,11 @@ def fidelity(teacher, tokenizer, files: list[str], args, device: torch.device, d
     heads = {}
     if args.fp8_head:  # model.teacher.fp8_head: the logits from an FP8 copy of the lm_head, as the loss forms them
         weight = models["fp8"].get_output_embeddings().weight
-        heads = {"fp8": FP8Head(weight)}
+        heads = {"fp8": FP8Head(weight), "fp8_unbalanced": FP8Head(weight, balance=False)}
         if fast:
             heads["fp8_fast_accum"] = FP8Head(weight, fast_accum=True)
     kinds = ("fp8_vs_ref", "ref_vs_fp32", "fp8_fast_accum_vs_ref", "fp8_fast_accum_vs_fp8", "fp8_head_vs_ref",
-             "fp8_head_vs_fp8", "fp8_head_fast_accum_vs_ref")
+             "fp8_head_vs_fp8", "fp8_head_fast_accum_vs_ref", "fp8_head_unbalanced_vs_ref")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     overall = {kind: Comparison() for kind in kinds}
     per_file = {}
@@ -176,11 +178,11 @@ def fidelity(teacher, tokenizer, files: list[str], args, device: torch.device, d
                     out = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][scored]
                 return out.float()
 
-            def head_logits(name):
+            def head_logits(name, model=None):
                 with torch.no_grad(), autocast(device, dtype):
-                    hidden = models[name].model(input_ids=ids, attention_mask=mask,
+                    hidden = models[model or name].model(input_ids=ids, attention_mask=mask,
                                                 use_cache=False).last_hidden_state[:, :-1][scored]
-                    rows = heads[name].rows(hidden, models[name].get_output_embeddings().weight.shape[0])
+                    rows = heads[name].rows(hidden, models[model or name].get_output_embeddings().weight.shape[0])
                     return rows.rows(0, len(rows), hidden.new_empty(0, dtype=torch.float32)).float()
 
             reference = logits(teacher, dtype)
@@ -197,6 +199,7 @@ def fidelity(teacher, tokenizer, files: list[str], args, device: torch.device, d
                 for table in (overall, here):
                     table["fp8_head_vs_ref"].add(reference, with_head)
                     table["fp8_head_vs_fp8"].add(approx, with_head)
+                    table["fp8_head_unbalanced_vs_ref"].add(reference, head_logits("fp8_unbalanced", "fp8"))
                 if fast:
                     for table in (overall, here):
                         table["fp8_head_fast_accum_vs_ref"].add(reference, head_logits("fp8_fast_accum"))

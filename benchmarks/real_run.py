@@ -205,6 +205,9 @@ OURS_ARMS = {
     "ours_varlen": {"train.packing": "true", "train.pack_step": "true", "train.liger_kernels": "true",
                     "model.teacher.attn_implementation": "varlen", "model.student.attn_implementation": "varlen"},
 }
+# The same with the FP8 teacher (an approximation, opt-in: model.teacher.fp8, with fast accumulation).
+OURS_ARMS["ours_varlen_fp8"] = {**OURS_ARMS["ours_varlen"], "model.teacher.fp8": "true",
+                                "model.teacher.fp8_fast_accum": "true"}
 GPU_ONLY_LEVERS = ("train.liger_kernels", "train.compile", "model.teacher.attn_implementation",
                    "model.student.attn_implementation")
 
