@@ -178,12 +178,14 @@ def fidelity(teacher, tokenizer, files: list[str], args, device: torch.device, d
                     out = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][scored]
                 return out.float()
 
-            def head_logits(name, model=None):
+            def head_logits(model, *names):
+                """The logits of each FP8 head in ``names``, from one forward of ``models[model]``'s decoder."""
                 with torch.no_grad(), autocast(device, dtype):
-                    hidden = models[model or name].model(input_ids=ids, attention_mask=mask,
-                                                use_cache=False).last_hidden_state[:, :-1][scored]
-                    rows = heads[name].rows(hidden, models[model or name].get_output_embeddings().weight.shape[0])
-                    return rows.rows(0, len(rows), hidden.new_empty(0, dtype=torch.float32)).float()
+                    hidden = models[model].model(input_ids=ids, attention_mask=mask,
+                                                 use_cache=False).last_hidden_state[:, :-1][scored]
+                    vocab = models[model].get_output_embeddings().weight.shape[0]
+                    empty = hidden.new_empty(0, dtype=torch.float32)
+                    return [heads[name].rows(hidden, vocab).rows(0, len(hidden), empty).float() for name in names]
 
             reference = logits(teacher, dtype)
             approx = logits(models["fp8"], dtype)
@@ -195,14 +197,14 @@ def fidelity(teacher, tokenizer, files: list[str], args, device: torch.device, d
                     table["fp8_fast_accum_vs_ref"].add(reference, quick)
                     table["fp8_fast_accum_vs_fp8"].add(approx, quick)
             if heads:
-                with_head = head_logits("fp8")
+                with_head, unbalanced = head_logits("fp8", "fp8", "fp8_unbalanced")
+                quick_head = head_logits("fp8_fast_accum", "fp8_fast_accum")[0] if fast else None
                 for table in (overall, here):
                     table["fp8_head_vs_ref"].add(reference, with_head)
                     table["fp8_head_vs_fp8"].add(approx, with_head)
-                    table["fp8_head_unbalanced_vs_ref"].add(reference, head_logits("fp8_unbalanced", "fp8"))
-                if fast:
-                    for table in (overall, here):
-                        table["fp8_head_fast_accum_vs_ref"].add(reference, head_logits("fp8_fast_accum"))
+                    table["fp8_head_unbalanced_vs_ref"].add(reference, unbalanced)
+                    if fast:
+                        table["fp8_head_fast_accum_vs_ref"].add(reference, quick_head)
             if floor:
                 full = logits(models["fp32"], torch.float32)
                 for table in (overall, here):
