@@ -42,7 +42,11 @@ Counted the same way for every arm:
 * ``wall_s``: the whole subprocess, measured here;
 * ``heldout_ce``: computed by this script after each arm from the arm's saved final student, the
   same way for all: summed next-token cross-entropy over the labelled tokens of ``heldout.jsonl``
-  / their count (one example at a time, no padding; bf16 on a GPU).
+  / their count (one example at a time, no padding; bf16 on a GPU);
+* ``heldout_kl``: the same examples and positions, KL(p_teacher || p_student) at ``--temperature``:
+  the loss every arm trains on, on data none of them trained on. ``initial_student`` holds both
+  metrics of the untrained student (where every arm starts). With a random-init teacher the
+  held-out CE measures only the student's drift; the KL measures the distillation.
 """
 
 from __future__ import annotations
@@ -169,28 +173,54 @@ def prepare_models(pair: str, models: Path, smoke: bool, teacher_path: str | Non
 
 # --------------------------------------------------------------------------- the held-out metric
 
-def heldout_ce(model_dir: Path, examples: list[dict]) -> float:
-    """Summed next-token CE over the labelled tokens of ``examples`` / their count, one example at a time."""
+def load_for_eval(model_dir: Path):
+    """The saved model at ``model_dir``, in bf16 on a GPU (fp32 on a CPU), in eval mode."""
     import torch
-    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
-    model.to(device).eval()
-    total, count = 0.0, 0
+    return model.to("cuda" if cuda else "cpu").eval()
+
+
+def heldout_metrics(model_dir: Path, examples: list[dict], teacher_dir: Path | None = None,
+                    temperature: float = 1.0) -> dict:
+    """The student at ``model_dir`` on the held-out ``examples``, one example at a time, no padding:
+
+    * ``heldout_ce``: summed next-token CE over the labelled tokens / their count;
+    * ``heldout_kl`` (with ``teacher_dir``): KL(p_teacher || p_student) at ``temperature``, the forward KL
+      every arm trains on, summed over the positions that predict a labelled token / their count.
+      Both distributions are softmaxes over the vocabulary the two models share (the first
+      ``min(V_teacher, V_student)`` logits).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    model = load_for_eval(model_dir)
+    teacher = None if teacher_dir is None else load_for_eval(teacher_dir)
+    device = next(model.parameters()).device
+    ce_sum, kl_sum, count = 0.0, 0.0, 0
     with torch.no_grad():
         for example in examples:
             ids = torch.tensor([example["input_ids"]], device=device)
             labels = torch.tensor(example["labels"][1:], device=device)
             logits = model(input_ids=ids).logits[0, :-1].float()
-            total += F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            ce_sum += F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
             count += int((labels != IGNORE_INDEX).sum())
-    del model
-    if cuda:
+            if teacher is not None:
+                kept = labels != IGNORE_INDEX
+                teacher_logits = teacher(input_ids=ids).logits[0, :-1].float()
+                vocab = min(logits.shape[-1], teacher_logits.shape[-1])
+                student_logp = F.log_softmax(logits[kept, :vocab] / temperature, dim=-1)
+                teacher_logp = F.log_softmax(teacher_logits[kept, :vocab] / temperature, dim=-1)
+                kl_sum += F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum").item()
+    del model, teacher  # both loaded per call: nothing of them stays on the GPU while an arm trains
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return total / count
+    metrics = {"heldout_ce": ce_sum / count}
+    if teacher_dir is not None:
+        metrics["heldout_kl"] = kl_sum / count
+    return metrics
 
 
 # --------------------------------------------------------------------------- the arms (parent side)
@@ -476,15 +506,19 @@ def markdown(report: dict) -> str:
     lines = [f"# Real run: {report['pair']}, {report['steps']} steps x {report['batch_size']} x "
              f"{report['grad_accum']}, max_length {report['max_length']} ({report['device']})", "",
              f"| arm | tokens/s (train) | tokens/s after step {report['warmup_steps']} | padding | peak GiB | wall s | "
-             "train s | held-out CE | tokens |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "train s | held-out CE | held-out KL | tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    initial = report.get("initial_student")
+    if initial:
+        lines.append(f"| (untrained student) | | | | | | | {initial.get('heldout_ce')} | {initial.get('heldout_kl')} | |")
     for r in report["results"]:
         if r["returncode"] != 0:
-            lines.append(f"| {r['arm']} | failed (rc {r['returncode']}) | | | | {r['wall_s']} | | | |")
+            lines.append(f"| {r['arm']} | failed (rc {r['returncode']}) | | | | {r['wall_s']} | | | | |")
             continue
         lines.append(f"| {r['arm']} | {r['tokens_per_s']} | {r.get('steady_tokens_per_s')} | {r['padding_fraction']} | "
                      f"{round(r['peak_memory_gib'], 2)} | "
-                     f"{r['wall_s']} | {r['train_s']} | {r.get('heldout_ce')} | {r['tokens']} |")
+                     f"{r['wall_s']} | {r['train_s']} | {r.get('heldout_ce')} | {r.get('heldout_kl')} | "
+                     f"{r['tokens']} |")
     lines += ["", "Commands:", ""] + [f"- {r['arm']}: `{r['command']}`" for r in report["results"]]
     return "\n".join(lines) + "\n"
 
@@ -553,11 +587,17 @@ def main() -> None:
 
     heldout = encode_file(args.data / "heldout.jsonl", AutoTokenizer.from_pretrained(spec["student"]),
                           args.max_length)
+    # The untrained student on the same held-out examples: where every arm starts from.
+    initial = {key: round(value, 5) for key, value in
+               heldout_metrics(args.models / "student", heldout, args.models / "teacher", args.temperature).items()}
+    print(json.dumps({"initial_student": initial}), flush=True)
     results = []
     for arm in args.arms:
         result = run_arm(arm, args, spec)
         if result["returncode"] == 0:
-            result["heldout_ce"] = round(heldout_ce(Path(result["model_dir"]), heldout), 4)
+            result.update({key: round(value, 5) for key, value in
+                           heldout_metrics(Path(result["model_dir"]), heldout, args.models / "teacher",
+                                           args.temperature).items()})
         if not args.keep_models:  # the next arm needs the disk (a 1.5B checkpoint with AdamW is ~18 GB)
             arm_dir = args.out / arm
             for path in [arm_dir / "run" / "stage1", *(p for p in arm_dir.iterdir() if p.is_dir() and p.name != "run")]:
@@ -570,7 +610,7 @@ def main() -> None:
                            else args.pair), "steps": args.steps,
                   "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
                   "warmup_steps": args.warmup_steps, "train_examples": train_examples, "heldout_examples": len(heldout),
-                  "temperature": args.temperature, "gpu_levers": args.gpu_levers,
+                  "temperature": args.temperature, "gpu_levers": args.gpu_levers, "initial_student": initial,
                   "device": torch.cuda.get_device_name() if args.gpu_levers else "cpu",
                   "versions": _versions(), "command": "python " + " ".join(sys.argv), "results": results}
         path = args.json or args.out / "real_run.json"
