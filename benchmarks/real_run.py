@@ -259,6 +259,11 @@ def run_arm(arm: str, args, spec: dict) -> dict:
     # (ours and TRL both run Liger's RMSNorm, RoPE and SwiGLU).
     env = {**os.environ, "TRITON_CACHE_DIR": str(out / "triton_cache"),
            "TORCHINDUCTOR_CACHE_DIR": str(out / "inductor_cache")}
+    # The CUDA allocator's settings, the same for every arm (a lever of any PyTorch trainer): in the
+    # environment, which ours' train.cuda_alloc_conf defers to, as do TRL's and DistillKit's processes.
+    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    if args.cuda_alloc_conf:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = args.cuda_alloc_conf
     rc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     wall = time.perf_counter() - started
     result = {"arm": arm, "command": " ".join(command), "returncode": rc, "wall_s": round(wall, 1)}
@@ -288,6 +293,8 @@ def ours_command(args, out: Path, levers: dict[str, str]) -> list[str]:
                f"output_dir={out / 'run'}", "overwrite_output_dir=true", "logging.progress_bar=false"]
     command += [f"{key}={value}" for key, value in levers.items()
                 if args.gpu_levers or key not in GPU_ONLY_LEVERS]
+    if not args.cuda_alloc_conf:  # PyTorch's default allocator for every arm
+        command.append("train.cuda_alloc_conf=null")
     return command + list(args.ours_overrides)
 
 
@@ -550,6 +557,9 @@ def main() -> None:
     parser.add_argument("--distillkit-checkpointing", action="store_true", help="gradient checkpointing (its example)")
     parser.add_argument("--keep-models", dest="keep_models", action="store_true",
                         help="keep each arm's checkpoints and final student (removed by default once measured)")
+    parser.add_argument("--cuda-alloc-conf", dest="cuda_alloc_conf", default="",
+                        help="PYTORCH_CUDA_ALLOC_CONF of every arm, e.g. expandable_segments:True (default: '', "
+                             "PyTorch's default allocator)")
     parser.add_argument("--json", type=Path, help="report JSON (default OUT/real_run.json)")
     parser.add_argument("--worker", choices=["trl", "distillkit"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
@@ -611,6 +621,7 @@ def main() -> None:
                   "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
                   "warmup_steps": args.warmup_steps, "train_examples": train_examples, "heldout_examples": len(heldout),
                   "temperature": args.temperature, "gpu_levers": args.gpu_levers, "initial_student": initial,
+                  "cuda_alloc_conf": args.cuda_alloc_conf or None,
                   "device": torch.cuda.get_device_name() if args.gpu_levers else "cpu",
                   "versions": _versions(), "command": "python " + " ".join(sys.argv), "results": results}
         path = args.json or args.out / "real_run.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -68,6 +69,7 @@ def test_teacher_stream_overlaps_without_changing_the_losses(tmp_path):
         summary = run(compose_config(tiny_overrides(out, steps=4) + ["train.device=cuda", "end_stage=2",
                                                                     f"train.teacher_stream={enabled}"]))
         assert summary["teacher_stream"] is enabled
+        assert summary["cuda_alloc_conf"] == os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # null: PyTorch's default
         losses[enabled] = [(r["stage"], r["step"], r["loss"], r["loss/ce"], r["loss/kd"]) for r in train_rows(out)]
     assert len(losses[True]) == len(losses[False]) == 8
     for overlapped, serial in zip(losses[True], losses[False]):

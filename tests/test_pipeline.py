@@ -34,6 +34,7 @@ def test_three_stages_write_loadable_models_and_metrics(tmp_path):
     summary = _run(tiny_overrides(out, steps=2) + ["stage2.max_steps=6"])
     assert summary["stages"] == [1, 2, 3]
     assert summary["teacher_stream"] is False  # train.teacher_stream defaults to true; CUDA only
+    assert summary["cuda_alloc_conf"] is None  # train.cuda_alloc_conf: CUDA only
     for stage in (1, 2, 3):
         for kind in ("best", "final"):
             model = AutoModelForCausalLM.from_pretrained(out / f"stage{stage}" / kind)

@@ -344,7 +344,10 @@ class TrainConfig:
     micro-batches of at most ``batch_size`` full rows (``batch_size x data.max_length`` tokens),
     so a step of short examples runs in fewer forward and backward passes; the same examples,
     token sums and gradients (the contrastive term's in-batch negatives are a micro-batch's
-    examples, so that term changes with them)."""
+    examples, so that term changes with them). cuda_alloc_conf: the CUDA caching allocator's settings
+    for the run (PyTorch's ``PYTORCH_CUDA_ALLOC_CONF`` syntax), applied before the models load;
+    ``null`` leaves PyTorch's default, and a ``PYTORCH_CUDA_ALLOC_CONF`` set in the environment wins
+    over either. Ignored on a CPU."""
 
     device: str = "auto"
     precision: str = "auto"
@@ -363,6 +366,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     packing: bool = False
     pack_step: bool = False
+    cuda_alloc_conf: Optional[str] = None
 
 
 @dataclass

@@ -394,6 +394,11 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
             "must be >= 1 (stageN.save_every=0 train.save_every_minutes=0 turns mid-stage saves off)",
             "train.keep_checkpoints=2")
     require_one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled"))
+    conf = cfg.train.cuda_alloc_conf
+    require(conf is None or (isinstance(conf, str) and bool(conf.strip()) and all(
+        len(item.split(":")) == 2 and all(part.strip() for part in item.split(":")) for item in conf.split(","))),
+        "train.cuda_alloc_conf", conf, "takes PYTORCH_CUDA_ALLOC_CONF's syntax, option:value pairs separated by "
+        "commas, or null for PyTorch's default", "train.cuda_alloc_conf=expandable_segments:True")
     _validate_prune(cfg)
     _validate_packing(cfg)
     _validate_fp8(cfg)

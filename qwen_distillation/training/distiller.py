@@ -51,6 +51,7 @@ from qwen_distillation.modeling.parts import (check_packed_attention, head_weigh
 from qwen_distillation.modeling.speed import apply_speedups
 from qwen_distillation.modeling.prune import save_pruning
 from qwen_distillation.training import checkpoint as ckpt
+from qwen_distillation.training.allocator import set_cuda_allocator
 from qwen_distillation.training.balancing import Balancer
 from qwen_distillation.training import distributed as dist
 from qwen_distillation.training.engine import SingleDeviceEngine, StepOutcome
@@ -140,6 +141,7 @@ class Distiller:
         self.output_dir = Path(config.output_dir)
         self.run_config = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
         self.run_id = run_hash(self.run_config)
+        self.cuda_alloc_conf: str | None = None  # the allocator settings in force, set by run() on a GPU
         # Entries the config schema cannot type, and choices that depend on this machine, fail
         # here, before anything is read or written.
         self.sources = data_sources(config.data)
@@ -652,6 +654,8 @@ class Distiller:
     # -------------------------------------------------------------------- run
     def run(self) -> dict:
         cfg = self.config
+        # Before anything is allocated on the GPU (the process group, the models).
+        self.cuda_alloc_conf = set_cuda_allocator(cfg.train.cuda_alloc_conf) if self.device.type == "cuda" else None
         self.topo = dist.setup(cfg.distributed, self.device.type)
         if self.topo.active and self.device.type == "cuda":
             self.device = torch.device("cuda", self.topo.local_rank)
@@ -740,6 +744,7 @@ class Distiller:
                 "loss_kernels": {str(i): plan.kd.kernel for i, plan in self.plans.items()},
                 "speedups": self.speedups,
                 "teacher_stream": self.teacher_stream,
+                "cuda_alloc_conf": self.cuda_alloc_conf,
                 "teacher_fp8": self.config.model.teacher.fp8,
                 "pruning": str(self.output_dir / "pruning.json") if (self.output_dir / "pruning.json").exists()
                 else None,
