@@ -148,6 +148,20 @@ def test_token_micro_batches_hold_at_most_the_token_cap():
     assert [[len(e["input_ids"]) for e in g] for g in groups] == [[10, 20, 30], [40], [50], [90]]
 
 
+def test_packed_micro_batches_stay_within_batch_size_rows_when_the_lengths_do_not_pack_evenly():
+    # Nine examples of 33 tokens hold 297 <= 8 x 40 tokens, but rows of 40 take one each: nine rows.
+    examples = [{"input_ids": [1] * 33} for _ in range(9)]
+    assert [len(g) for g in token_micro_batches(examples, 320)] == [9]  # the token cap alone
+    assert [len(g) for g in token_micro_batches(examples, 320, row_length=40)] == [8, 1]
+    rng = random.Random(5)
+    for _ in range(50):
+        examples = [{"input_ids": list(range(2, n + 2)), "labels": [-100] + list(range(3, n + 2))}
+                    for n in sorted(rng.randint(2, 40) for _ in range(rng.randint(1, 40)))]
+        packed = length_grouped_batches(examples, 4, 0, pack_length=40, by_tokens=True)
+        assert all(b["input_ids"].numel() <= 4 * 40 for b in packed)  # the positions of batch_size full rows
+        assert sum(int((b["segments"] >= 0).sum()) for b in packed) == sum(len(e["input_ids"]) for e in examples)
+
+
 def test_packed_micro_batches_are_cut_by_tokens_unpacked_by_examples():
     rng = random.Random(3)
     examples = []

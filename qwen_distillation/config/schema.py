@@ -341,7 +341,7 @@ class TrainConfig:
     losses and gradients as without (the attention and contrastive terms are taken per example),
     less padding. Evaluation and hard-example scoring stay unpacked. pack_step (with packing, one
     device): the step's ``batch_size x grad_accum`` examples are packed together and cut into
-    micro-batches of at most ``batch_size`` full rows (``batch_size x data.max_length`` tokens),
+    micro-batches of at most the positions of ``batch_size`` full rows (``batch_size x data.max_length``),
     so a step of short examples runs in fewer forward and backward passes; the same examples,
     token sums and gradients (the contrastive term's in-batch negatives are a micro-batch's
     examples, so that term changes with them). cuda_alloc_conf: the CUDA caching allocator's settings

@@ -338,17 +338,28 @@ def micro_batches(examples: list[dict], batch_size: int) -> list[list[dict]]:
     return [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
 
 
-def token_micro_batches(examples: list[dict], max_tokens: int) -> list[list[dict]]:
+def token_micro_batches(examples: list[dict], max_tokens: int, row_length: int | None = None) -> list[list[dict]]:
     """Consecutive runs of ``examples`` of at most ``max_tokens`` input tokens each (an example
-    longer than that alone), cut greedily in the given order."""
+    longer than that alone), cut greedily in the given order. With ``row_length`` (packed
+    micro-batches), a run also packs into at most ``max_tokens // row_length`` rows of
+    ``row_length`` tokens (:func:`first_fit_decreasing`, the layout :func:`pack_rows` starts from), so
+    its packed positions stay within ``max_tokens`` however the lengths fall."""
+    max_rows = None if row_length is None else max(1, max_tokens // row_length)
     out: list[list[dict]] = []
+    lengths: list[int] = []
     used = 0
     for example in examples:
         n = len(example["input_ids"])
-        if not out or used + n > max_tokens:
+        fits = bool(out) and used + n <= max_tokens
+        # First fit leaves no two rows that could be merged, so it needs at most 2 * tokens / row + 1
+        # rows: below that the rows are not counted.
+        if fits and max_rows is not None and 2 * (used + n) / row_length + 1 > max_rows:
+            fits = len(first_fit_decreasing(lengths + [n], row_length)) <= max_rows
+        if not fits:
             out.append([])
-            used = 0
+            lengths, used = [], 0
         out[-1].append(example)
+        lengths.append(n)
         used += n
     return out
 
@@ -378,13 +389,15 @@ def length_grouped_batches(examples: list[dict], batch_size: int, pad_token_id: 
     without, packed into rows of at most ``pack_length`` tokens (:func:`collate_packed`): the
     step's micro-batches, tokens and per-micro-batch example sets are unchanged, only padding goes.
     With ``pack_length`` and ``by_tokens`` (a step of ``stageN.tokens_per_step``), micro-batches
-    are cut by tokens instead: each holds at most ``pack_length * batch_size`` input tokens (the
-    positions of ``batch_size`` full rows), however many examples that is.
+    are cut by tokens instead: each holds at most ``pack_length * batch_size`` input tokens and
+    fits ``batch_size`` rows of ``pack_length``, so its packed positions are at most those of
+    ``batch_size`` full rows (:func:`pack_rows` may lay it out in more, shorter rows where that pads
+    less), however many examples that is.
     """
     by_length = sorted(examples, key=lambda e: len(e["input_ids"]))
     if pack_length is None:
         return [{k: v.to(device) for k, v in collate(mb, pad_token_id).items()}
                 for mb in micro_batches(by_length, batch_size)]
-    groups = token_micro_batches(by_length, pack_length * batch_size) if by_tokens else \
+    groups = token_micro_batches(by_length, pack_length * batch_size, pack_length) if by_tokens else \
         micro_batches(by_length, batch_size)
     return [{k: v.to(device) for k, v in collate_packed(mb, pad_token_id, pack_length).items()} for mb in groups]
