@@ -93,11 +93,11 @@ def main() -> None:
         shapes = step_shapes(examples, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                              max_length=args.max_length, seed=seed)
         report["by_seed"][str(seed)] = summarise(shapes)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
+    text = json.dumps(report, indent=2) + "\n"
+    sys.stdout.write(text)
+    if args.out is not None:  # the report as printed
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        args.out.write_text(text)
 
 
 if __name__ == "__main__":
