@@ -238,6 +238,9 @@ OURS_ARMS = {
 # The same with the FP8 teacher (an approximation, opt-in: model.teacher.fp8, with fast accumulation).
 OURS_ARMS["ours_varlen_fp8"] = {**OURS_ARMS["ours_varlen"], "model.teacher.fp8": "true",
                                 "model.teacher.fp8_fast_accum": "true"}
+# The same with the CUDA allocator's expandable segments (train.cuda_alloc_conf), for an A/B against
+# ours_varlen in one call, each arm with its own cold Triton cache (without --cuda-alloc-conf).
+OURS_ARMS["ours_varlen_expandable"] = {**OURS_ARMS["ours_varlen"], "train.cuda_alloc_conf": "expandable_segments:True"}
 GPU_ONLY_LEVERS = ("train.liger_kernels", "train.compile", "model.teacher.attn_implementation",
                    "model.student.attn_implementation")
 
@@ -293,7 +296,7 @@ def ours_command(args, out: Path, levers: dict[str, str]) -> list[str]:
                f"output_dir={out / 'run'}", "overwrite_output_dir=true", "logging.progress_bar=false"]
     command += [f"{key}={value}" for key, value in levers.items()
                 if args.gpu_levers or key not in GPU_ONLY_LEVERS]
-    if not args.cuda_alloc_conf:  # PyTorch's default allocator for every arm
+    if not args.cuda_alloc_conf and "train.cuda_alloc_conf" not in levers:  # PyTorch's default allocator
         command.append("train.cuda_alloc_conf=null")
     return command + list(args.ours_overrides)
 
