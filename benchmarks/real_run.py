@@ -205,10 +205,10 @@ def heldout_metrics(model_dir: Path, examples: list[dict], teacher_dir: Path | N
             ids = torch.tensor([example["input_ids"]], device=device)
             labels = torch.tensor(example["labels"][1:], device=device)
             logits = model(input_ids=ids).logits[0, :-1].float()
+            kept = labels != IGNORE_INDEX
             ce_sum += F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
-            count += int((labels != IGNORE_INDEX).sum())
+            count += int(kept.sum())
             if teacher is not None:
-                kept = labels != IGNORE_INDEX
                 teacher_logits = teacher(input_ids=ids).logits[0, :-1].float()
                 vocab = min(logits.shape[-1], teacher_logits.shape[-1])
                 student_logp = F.log_softmax(logits[kept, :vocab] / temperature, dim=-1)
@@ -273,7 +273,8 @@ def run_arm(arm: str, args, spec: dict) -> dict:
     if rc != 0:
         result["log_tail"] = (out / "log.txt").read_text()[-4000:]
         return result
-    result.update(read_ours(out, args.warmup_steps) if arm in OURS_ARMS else json.loads((out / "result.json").read_text()))
+    result.update(read_ours(out, args.warmup_steps) if arm in OURS_ARMS
+                  else json.loads((out / "result.json").read_text()))
     return result
 
 
@@ -520,7 +521,8 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     initial = report.get("initial_student")
     if initial:
-        lines.append(f"| (untrained student) | | | | | | | {initial.get('heldout_ce')} | {initial.get('heldout_kl')} | |")
+        lines.append(f"| (untrained student) | | | | | | | {initial.get('heldout_ce')} | "
+                     f"{initial.get('heldout_kl')} | |")
     for r in report["results"]:
         if r["returncode"] != 0:
             lines.append(f"| {r['arm']} | failed (rc {r['returncode']}) | | | | {r['wall_s']} | | | | |")

@@ -147,6 +147,13 @@ def _validate_stage_teacher(key: str, stage: StageConfig) -> None:
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "varlen")
 
 
+def _alloc_conf_shaped(conf) -> bool:
+    """Whether ``conf`` has ``PYTORCH_CUDA_ALLOC_CONF``'s shape: non-empty option:value pairs separated
+    by commas (PyTorch itself judges the options when the run applies them)."""
+    pairs = [item.split(":") for item in conf.split(",")] if isinstance(conf, str) else [[]]
+    return all(len(pair) == 2 and all(part.strip() for part in pair) for pair in pairs)
+
+
 def _validate_packing(cfg: DistillationConfig) -> None:
     """``train.packing`` needs attention that keeps a packed row's examples apart. Every loss term
     works per example on packed rows (training/module.py), so none is refused."""
@@ -224,7 +231,8 @@ def _validate_fp8(cfg: DistillationConfig) -> None:
             "model.student.fp8=false")
     for option in ("fp8_head", "fp8_fast_accum"):
         require(not getattr(cfg.model.student, option), f"model.student.{option}", True,
-                f"applies to the frozen FP8 teacher only; set model.teacher.{option}=true", f"model.student.{option}=false")
+                f"applies to the frozen FP8 teacher only; set model.teacher.{option}=true",
+                f"model.student.{option}=false")
         require(cfg.model.teacher.fp8 or not getattr(cfg.model.teacher, option), f"model.teacher.{option}", True,
                 "refines the FP8 teacher, which is off (model.teacher.fp8=false)", "model.teacher.fp8=true")
     if cfg.model.teacher.fp8_head:
@@ -395,10 +403,9 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
             "train.keep_checkpoints=2")
     require_one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled"))
     conf = cfg.train.cuda_alloc_conf
-    require(conf is None or (isinstance(conf, str) and bool(conf.strip()) and all(
-        len(item.split(":")) == 2 and all(part.strip() for part in item.split(":")) for item in conf.split(","))),
-        "train.cuda_alloc_conf", conf, "takes PYTORCH_CUDA_ALLOC_CONF's syntax, option:value pairs separated by "
-        "commas, or null for PyTorch's default", "train.cuda_alloc_conf=expandable_segments:True")
+    require(conf is None or _alloc_conf_shaped(conf), "train.cuda_alloc_conf", conf,
+            "takes PYTORCH_CUDA_ALLOC_CONF's syntax, option:value pairs separated by commas, or null for "
+            "PyTorch's default", "train.cuda_alloc_conf=expandable_segments:True")
     _validate_prune(cfg)
     _validate_packing(cfg)
     _validate_fp8(cfg)
