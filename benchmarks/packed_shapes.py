@@ -7,8 +7,9 @@ For each of ``--steps`` steps of ``batch_size x grad_accum`` examples (one seede
 ``train.packing=true train.pack_step=true`` builds (``data.manager.length_grouped_batches`` with
 ``pack_length=max_length`` and ``by_tokens``), and for each: its row count R, its row length L and
 the padded positions. It reports the distinct row counts and the step each first appears at, and
-the padding fraction of this layout (the same micro-batches laid out as one row each, the examples
-back to back, would hold the same tokens with no padding).
+the padding fraction of this layout. ``--layout padding_free`` lays each micro-batch out as one row,
+the examples back to back (``train.pack_layout=padding_free``): row count 1, no padding, and
+micro-batches cut by tokens alone.
 
 Why the row count matters: Liger-Kernel's RoPE kernel (``liger_kernel/ops/rope.py``,
 ``_triton_rope``) takes the batch size as a ``tl.constexpr``, so Triton compiles it again (forward
@@ -32,8 +33,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def step_shapes(examples: list[dict], *, steps: int, batch_size: int, grad_accum: int, max_length: int,
-                seed: int) -> list[list[dict]]:
-    """Per step, per micro-batch: ``{"rows", "length", "positions", "tokens"}`` under pack_step."""
+                seed: int, layout: str = "rows") -> list[list[dict]]:
+    """Per step, per micro-batch: ``{"rows", "length", "positions", "tokens"}`` under pack_step, with
+    ``train.pack_layout=layout``."""
     from qwen_distillation.data.manager import length_grouped_batches
 
     order = list(range(len(examples)))
@@ -44,7 +46,8 @@ def step_shapes(examples: list[dict], *, steps: int, batch_size: int, grad_accum
         chosen = [examples[i] for i in order[step * per_step:(step + 1) * per_step]]
         if len(chosen) < per_step:
             break
-        batches = length_grouped_batches(chosen, batch_size, 0, pack_length=max_length, by_tokens=True)
+        batches = length_grouped_batches(chosen, batch_size, 0, pack_length=max_length, by_tokens=True,
+                                         layout=layout)
         shapes = []
         for batch in batches:
             rows, length = batch["input_ids"].shape
@@ -80,6 +83,8 @@ def main() -> None:
     parser.add_argument("--grad_accum", type=int, default=2)
     parser.add_argument("--max-length", dest="max_length", type=int, default=2048)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 7])
+    parser.add_argument("--layout", choices=["rows", "padding_free"], default="rows",
+                        help="train.pack_layout: rows of max_length, or one row per micro-batch")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -88,10 +93,10 @@ def main() -> None:
 
     examples = encode_file(args.data / "train.jsonl", build_qwen_tokenizer(), args.max_length)
     report = {"command": "python " + " ".join(sys.argv), "examples": len(examples), "batch_size": args.batch_size,
-              "grad_accum": args.grad_accum, "max_length": args.max_length, "by_seed": {}}
+              "grad_accum": args.grad_accum, "max_length": args.max_length, "layout": args.layout, "by_seed": {}}
     for seed in args.seeds:
         shapes = step_shapes(examples, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                             max_length=args.max_length, seed=seed)
+                             max_length=args.max_length, seed=seed, layout=args.layout)
         report["by_seed"][str(seed)] = summarise(shapes)
     text = json.dumps(report, indent=2) + "\n"
     sys.stdout.write(text)

@@ -241,8 +241,12 @@ OURS_ARMS["ours_varlen_fp8"] = {**OURS_ARMS["ours_varlen"], "model.teacher.fp8":
 # The same with the CUDA allocator's expandable segments (train.cuda_alloc_conf), for an A/B against
 # ours_varlen in one call, each arm with its own cold Triton cache (without --cuda-alloc-conf).
 OURS_ARMS["ours_varlen_expandable"] = {**OURS_ARMS["ours_varlen"], "train.cuda_alloc_conf": "expandable_segments:True"}
+# The same with each micro-batch in one row, no padding (train.pack_layout=padding_free): one row count
+# every step, so Liger's RoPE kernel (row count as a constexpr) compiles once per model.
+OURS_ARMS["ours_varlen_padding_free"] = {**OURS_ARMS["ours_varlen"], "train.pack_layout": "padding_free"}
+# Left out on a CPU (a smoke run): the one-row layout goes with the varlen attention it needs.
 GPU_ONLY_LEVERS = ("train.liger_kernels", "train.compile", "model.teacher.attn_implementation",
-                   "model.student.attn_implementation")
+                   "model.student.attn_implementation", "train.pack_layout")
 
 
 def run_arm(arm: str, args, spec: dict) -> dict:

@@ -190,20 +190,43 @@ def test_on_the_gpu_the_varlen_kernel_matches_its_reference(heads, kv_heads, len
         torch.testing.assert_close(grad, ref_grad, atol=5e-2, rtol=5e-2)
 
 
-def test_the_packed_batch_names_where_each_sequence_of_its_flattened_rows_starts():
+@pytest.mark.parametrize("layout", ["rows", "padding_free"])
+def test_the_packed_batch_names_where_each_sequence_of_its_flattened_rows_starts(layout):
     """``cu_seq_lens`` (for the varlen attention) start every example and each row's padding, in
-    the flattened rows' order, and agree with the restarting position ids."""
-    batch = collate_packed(_examples([7, 12, 3, 9, 5, 1]), PAD, 20)
+    the flattened rows' order, and agree with the restarting position ids; the attention's max
+    length is the longest of those sequences, read from the host copy ``sequence_starts``."""
+    batch = collate_packed(_examples([7, 12, 3, 9, 5, 1]), PAD, 20, layout)
     rows, length = batch["input_ids"].shape
     cu = batch["cu_seq_lens"]
     assert cu.dtype == torch.int32 and int(cu[0]) == 0 and int(cu[-1]) == rows * length
+    assert batch["sequence_starts"].tolist() == cu.tolist() and batch["sequence_starts"].dtype == torch.long
     flat_positions = batch["position_ids"].reshape(-1)  # every sequence starts where its positions restart
     assert cu[:-1].tolist() == torch.nonzero(flat_positions == 0).flatten().tolist()
     flat_segments = batch["segments"].reshape(-1)
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):  # each sequence is one example or one padding
         assert len(set(flat_segments[start:end].tolist())) == 1
     assert model_inputs(batch)["cu_seq_lens_q"] is batch["cu_seq_lens"]
+    assert model_inputs(batch)["max_length_q"] == model_inputs(batch)["max_length_k"] == max(cu.diff().tolist())
+    if layout == "padding_free":  # one row, the examples back to back in the micro-batch's order
+        assert (rows, length) == (1, 37) and bool((batch["segments"] >= 0).all())
+        assert model_inputs(batch)["max_length_q"] == 12
+    else:
+        assert rows > 1
+    del batch["sequence_starts"]  # without the host copy: the row length, an upper bound
     assert model_inputs(batch)["max_length_q"] == length
+
+
+def test_a_padding_free_micro_batch_cut_by_tokens_holds_at_most_its_token_budget():
+    """``by_tokens`` with the one-row layout: each micro-batch is one row of at most
+    ``pack_length * batch_size`` tokens (no row-count bound: its positions are its tokens), and
+    the examples are those of the whole step, each once."""
+    examples = _examples([30, 2, 25, 17, 9, 31, 4, 12, 28, 6], seed=5)
+    batches = length_grouped_batches(examples, 2, PAD, pack_length=32, by_tokens=True, layout="padding_free")
+    assert all(b["input_ids"].shape[0] == 1 and b["input_ids"].shape[1] <= 64 for b in batches)
+    assert sum(b["input_ids"].numel() for b in batches) == sum(len(e["input_ids"]) for e in examples)
+    assert sorted(i for b in batches for i in b["example_id"].tolist()) == [e["example_id"] for e in examples]
+    # sorted by length and cut greedily at 64 tokens: 2..17 (50), 25 + 28 (53), 30 + 31 (61)
+    assert [b["input_ids"].shape[1] for b in batches] == [50, 53, 61]
 
 
 def test_varlen_attention_off_a_gpu_is_refused_by_name_and_unpacked_batches_run_sdpa():
@@ -260,11 +283,12 @@ STEP_PLANS = {
 }
 
 
-@pytest.mark.parametrize("packed_attn", ["sdpa", "varlen"])
+@pytest.mark.parametrize("packed_attn,layout", [("sdpa", "rows"), ("varlen", "rows"), ("varlen", "padding_free")])
 @pytest.mark.parametrize("case", list(STEP_PLANS))
-def test_one_step_loss_and_gradients_equal_with_and_without_packing(case, packed_attn, monkeypatch):
+def test_one_step_loss_and_gradients_equal_with_and_without_packing(case, packed_attn, layout, monkeypatch):
     """``packed_attn``: the packed step's attention; ``varlen`` runs its pure-torch reference here
-    (the flash kernel needs a GPU, where it is checked against the reference)."""
+    (the flash kernel needs a GPU, where it is checked against the reference). ``layout``: rows of
+    at most 32 tokens, or each micro-batch in one row with no padding."""
     from qwen_distillation.losses.contrastive import ContrastiveHead
     from qwen_distillation.losses.feature import FeatureProjector
     from qwen_distillation.modeling import varlen
@@ -284,8 +308,9 @@ def test_one_step_loss_and_gradients_equal_with_and_without_packing(case, packed
     module.plan = plan
     examples = _examples([7, 30, 3, 18, 5, 11, 24, 2], seed=3)
     plain = length_grouped_batches(examples, 4, PAD)
-    packed = length_grouped_batches(examples, 4, PAD, pack_length=32)
-    assert [b["input_ids"].shape[0] for b in packed] == [1, 3]  # 8 rows of examples in 4 packed rows
+    packed = length_grouped_batches(examples, 4, PAD, pack_length=32, layout=layout)
+    # 8 rows of examples in 4 packed rows, or in one row per micro-batch
+    assert [b["input_ids"].shape[0] for b in packed] == ([1, 3] if layout == "rows" else [1, 1])
     assert sum(b["input_ids"].numel() for b in packed) < sum(b["input_ids"].numel() for b in plain)
     loss_plain, tokens_plain, terms_plain, grads_plain = _step(module, teacher, plain)
     for model in (student, teacher):
@@ -449,3 +474,87 @@ def test_a_packed_run_from_a_cache_logs_the_online_unpacked_losses(tmp_path, sma
         assert b["tokens"] == a["tokens"] and b["padding"] < a["padding"]
         for key in ("loss", "loss/kd", "loss/ce", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
+
+
+def test_the_attention_terms_key_windows_leave_the_loss_and_its_gradient_unchanged():
+    """``sequence_starts`` lets each chunk of queries read only the keys from the start of its
+    first query's example (the earliest over the rows): the same loss and gradients as reading all
+    keys up to the chunk's end, fp64, for rows and for one row; and the windows do start late."""
+    from qwen_distillation.losses.attention import _first_key, attention_distillation_loss
+
+    examples = _examples([7, 30, 3, 18, 5, 11, 24, 2], seed=4)
+    for layout in ("rows", "padding_free"):
+        batch = collate_packed(examples, PAD, 40, layout)
+        rows, length = batch["input_ids"].shape
+        segments = batch["segments"]
+        mask = position_mask(batch["labels"])
+        generator = torch.Generator().manual_seed(0)
+        student = [torch.randn(rows, heads, length, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+                   for heads in (4, 2, 2)]
+        teacher = [torch.randn(rows, heads, length, 16, generator=generator, dtype=torch.float64)
+                   for heads in (4, 2, 2)]
+        values, grads = [], []
+        for starts in (None, batch["sequence_starts"].tolist()):
+            loss = attention_distillation_loss(student, teacher, mask, segments >= 0, relation_heads=4, chunk_size=8,
+                                               segments=segments, sequence_starts=starts)
+            values.append(loss.detach())
+            grads.append(torch.autograd.grad(loss, student))
+        assert float(values[0]) > 1e-3
+        torch.testing.assert_close(values[1], values[0], rtol=1e-12, atol=0)
+        for windowed, whole in zip(grads[1], grads[0]):
+            torch.testing.assert_close(windowed, whole, rtol=1e-10, atol=1e-14)
+        starts = batch["sequence_starts"].tolist()
+        firsts = [_first_key(starts, rows, length, start) for start in range(0, length, 8)]
+        assert all(first <= start for first, start in zip(firsts, range(0, length, 8)))
+        if layout == "padding_free":  # one row of 100 tokens; queries 96.. lie in the example at 74..97
+            assert length == 100 and firsts[-1] == 74
+
+
+def test_padding_free_needs_packing_and_attention_that_reads_the_bounds(tmp_path):
+    from qwen_distillation.config.validate import PACK_LAYOUTS, validate_config
+    from qwen_distillation.data.manager import PACK_LAYOUTS as DATA_LAYOUTS
+    from qwen_distillation.modeling.parts import check_packed_attention
+
+    assert PACK_LAYOUTS == DATA_LAYOUTS
+    varlen = ["model.teacher.attn_implementation=varlen", "model.student.attn_implementation=varlen"]
+    base = tiny_overrides(tmp_path) + ["train.packing=true", "train.pack_layout=padding_free"]
+    validate_config(compose_config(base + varlen))
+    validate_config(compose_config(base + ["model.teacher.attn_implementation=flash_attention_2",
+                                           "model.student.attn_implementation=varlen"]))
+    with pytest.raises(ConfigError, match=r"model\.student\.attn_implementation=sdpa: .*one of varlen, "
+                                          r"flash_attention_2, flash_attention_3.*train\.pack_layout=rows"):
+        validate_config(compose_config(base + varlen[:1] + ["model.student.attn_implementation=sdpa"]))
+    with pytest.raises(ConfigError, match=r"model\.teacher\.attn_implementation=None"):
+        validate_config(compose_config(base))
+    with pytest.raises(ConfigError, match=r"train\.pack_layout=padding_free: .*needs train\.packing=true"):
+        validate_config(compose_config(tiny_overrides(tmp_path) + ["train.pack_layout=padding_free"] + varlen))
+    with pytest.raises(ConfigError, match=r"train\.pack_layout=flat: must be one of rows, padding_free"):
+        validate_config(compose_config(tiny_overrides(tmp_path) + ["train.packing=true", "train.pack_layout=flat"]))
+    with pytest.raises(ConfigError, match=r"train\.pack_layout=padding_free: the teacher runs attention 'sdpa'.*"
+                                          r"model\.teacher\.attn_implementation.*train\.pack_layout=rows"):
+        check_packed_attention({"teacher": _model("qwen2", "sdpa")}, "padding_free")
+
+
+def test_a_padding_free_run_logs_the_losses_of_the_run_in_rows_with_no_padding(tmp_path, monkeypatch):
+    """Stage 2 of the tiny pair (all five terms, GradNorm), varlen attention (its pure-torch
+    reference on the CPU): each step's losses, tokens and gradient norm in one row per micro-batch
+    equal those in padded rows; the padding is 0."""
+    from qwen_distillation.app import run
+    from qwen_distillation.modeling import speed, varlen
+    from tests.conftest import train_rows
+
+    monkeypatch.setattr(varlen, "kernel", varlen.varlen_reference)
+    monkeypatch.setattr(speed, "require_varlen", lambda device: None)
+    rows = {}
+    for layout in ("rows", "padding_free"):
+        out = tmp_path / layout
+        run(compose_config(tiny_overrides(out, steps=2) + [
+            "train.packing=true", f"train.pack_layout={layout}", "model.teacher.attn_implementation=varlen",
+            "model.student.attn_implementation=varlen", "data.max_length=256", "start_stage=2", "end_stage=2",
+            "stage2.batch_size=4"]))
+        rows[layout] = train_rows(out)
+    assert [r["stage"] for r in rows["padding_free"]] == [2, 2]
+    for packed, flat in zip(rows["rows"], rows["padding_free"]):
+        assert flat["tokens"] == packed["tokens"] and flat["padding"] == 0 < packed["padding"]
+        for key in ("loss", "loss/ce", "loss/kd", "loss/feature", "loss/attention", "loss/contrastive", "grad_norm"):
+            assert flat[key] == pytest.approx(packed[key], rel=1e-5), key

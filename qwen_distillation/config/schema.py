@@ -344,10 +344,14 @@ class TrainConfig:
     micro-batches of at most the positions of ``batch_size`` full rows (``batch_size x data.max_length``),
     so a step of short examples runs in fewer forward and backward passes; the same examples,
     token sums and gradients (the contrastive term's in-batch negatives are a micro-batch's
-    examples, so that term changes with them). cuda_alloc_conf: the CUDA caching allocator's settings
-    for the run (PyTorch's ``PYTORCH_CUDA_ALLOC_CONF`` syntax), applied before the models load;
-    ``null`` leaves PyTorch's default, and a ``PYTORCH_CUDA_ALLOC_CONF`` set in the environment wins
-    over either. Ignored on a CPU."""
+    examples, so that term changes with them). pack_layout (with packing): ``rows`` packs a
+    micro-batch into rows of at most ``data.max_length`` tokens, padded to the longest row;
+    ``padding_free`` lays its examples back to back in one row with no padding (TRL's
+    ``padding_free``), which needs attention that reads the examples' bounds (varlen or flash
+    attention, for both models): no padding, and one row count for every step. cuda_alloc_conf: the
+    CUDA caching allocator's settings for the run (PyTorch's ``PYTORCH_CUDA_ALLOC_CONF`` syntax),
+    applied before the models load; ``null`` leaves PyTorch's default, and a
+    ``PYTORCH_CUDA_ALLOC_CONF`` set in the environment wins over either. Ignored on a CPU."""
 
     device: str = "auto"
     precision: str = "auto"
@@ -366,6 +370,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     packing: bool = False
     pack_step: bool = False
+    pack_layout: str = "rows"
     cuda_alloc_conf: Optional[str] = None
 
 

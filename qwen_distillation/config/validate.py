@@ -145,6 +145,10 @@ def _validate_stage_teacher(key: str, stage: StageConfig) -> None:
 # flash attention's varlen kernel from them; ``varlen`` (modeling/varlen.py) runs PyTorch's flash varlen
 # kernel from the packed batch's cu_seq_lens; any other implementation would attend across examples.
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "varlen")
+PACK_LAYOUTS = ("rows", "padding_free")  # qwen_distillation.data.manager.PACK_LAYOUTS
+# The implementations that read a packed batch's cu_seq_lens and build no (L, L) mask: the one-row
+# layout (train.pack_layout=padding_free) would give any other a mask over all of a micro-batch's tokens.
+PADDING_FREE_ATTENTION = ("varlen", "flash_attention_2", "flash_attention_3")
 
 
 def _alloc_conf_shaped(conf) -> bool:
@@ -160,8 +164,20 @@ def _validate_packing(cfg: DistillationConfig) -> None:
     require(cfg.train.packing or not cfg.train.pack_step, "train.pack_step", True,
             "packs the step's examples into shared rows, which needs train.packing=true",
             "train.packing=true train.pack_step=true")
+    require_one_of("train.pack_layout", cfg.train.pack_layout, PACK_LAYOUTS)
+    require(cfg.train.packing or cfg.train.pack_layout == "rows", "train.pack_layout", cfg.train.pack_layout,
+            "lays out packed micro-batches, which needs train.packing=true",
+            f"train.packing=true train.pack_layout={cfg.train.pack_layout}")
     if not cfg.train.packing:
         return
+    if cfg.train.pack_layout == "padding_free":
+        for side in ("teacher", "student"):
+            implementation = getattr(cfg.model, side).attn_implementation
+            require(implementation in PADDING_FREE_ATTENTION, f"model.{side}.attn_implementation", implementation,
+                    f"train.pack_layout=padding_free puts a micro-batch's examples in one row, which needs an "
+                    f"attention that reads their bounds and builds no mask over the row: one of "
+                    f"{', '.join(PADDING_FREE_ATTENTION)} (varlen on a CUDA GPU); otherwise use "
+                    f"train.pack_layout=rows", f"model.{side}.attn_implementation=varlen")
     for side in ("teacher", "student"):
         implementation = getattr(cfg.model, side).attn_implementation
         require(implementation is None or implementation in PACKED_ATTENTION, f"model.{side}.attn_implementation",

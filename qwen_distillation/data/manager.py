@@ -281,11 +281,19 @@ def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
     return best
 
 
-def collate_packed(examples: list[dict], pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
-    """Pack a micro-batch: several examples per row (:func:`pack_rows`), right-padded to the longest row.
+# How a packed micro-batch lies (``train.pack_layout``): ``rows`` packs its examples into rows of at
+# most data.max_length tokens, padded to the longest row; ``padding_free`` lays them all back to back
+# in one row with no padding (TRL's ``padding_free``), for attention that reads cu_seq_lens.
+PACK_LAYOUTS = ("rows", "padding_free")
+
+
+def collate_packed(examples: list[dict], pad_token_id: int, max_length: int,
+                   layout: str = "rows") -> dict[str, torch.Tensor]:
+    """Pack a micro-batch: several examples per row (:func:`pack_rows`), right-padded to the longest
+    row; with ``layout="padding_free"``, all of them in one row (R = 1, L = their tokens), no padding.
 
     Returns input_ids (R, L), labels (R, L), position_ids (R, L) and segments (R, L), all int64,
-    cu_seq_lens (S + 1,) int32, and no attention_mask:
+    cu_seq_lens (S + 1,) int32 and its host copy sequence_starts (S + 1,) int64, and no attention_mask:
 
     * ``position_ids`` restart at 0 at each example (and at the padding), which is how
       transformers 5 keeps attention inside each example (``masking_utils.find_packed_sequence_indices``
@@ -295,14 +303,19 @@ def collate_packed(examples: list[dict], pad_token_id: int, max_length: int) -> 
     * ``cu_seq_lens`` are where the S sequences of the rows flattened one after the other start
       (every example, and each row's padding as one more), ending at R * L: flash attention and the
       varlen attention (``modeling.varlen``) read them instead of a mask (transformers finds packing
-      from the position ids for flash attention only in a single row);
+      from the position ids for flash attention only in a single row); ``sequence_starts`` holds the
+      same values and stays on the host (:data:`HOST_KEYS`), where the attention's longest sequence
+      and the attention term's key windows are read from it without waiting for the device;
     * each example's first label is IGNORE_INDEX, so no next-token target crosses an example
       boundary (the unpacked collate never reads a first label either);
     * domain and example_id are (N,) int64 per example in the segments' order, which is the order
       of their response positions under ``modeling.parts.position_mask`` (a cached teacher's rows
       are looked up in it).
     """
-    rows = pack_rows([len(e["input_ids"]) for e in examples], max_length)
+    if layout not in PACK_LAYOUTS:
+        raise ValueError(f"layout must be one of {PACK_LAYOUTS}, got {layout!r}")
+    lengths = [len(e["input_ids"]) for e in examples]
+    rows = pack_rows(lengths, max_length) if layout == "rows" else [list(range(len(examples)))]
     length = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
@@ -326,7 +339,8 @@ def collate_packed(examples: list[dict], pad_token_id: int, max_length: int) -> 
         if start < length:
             starts.append(r * length + start)
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segments": segments,
-             "cu_seq_lens": torch.tensor([*starts, len(rows) * length], dtype=torch.int32)}
+             "cu_seq_lens": torch.tensor([*starts, len(rows) * length], dtype=torch.int32),
+             "sequence_starts": torch.tensor([*starts, len(rows) * length], dtype=torch.long)}
     if all("domain" in e for e in placed):
         batch["domain"] = torch.tensor([e["domain"] for e in placed], dtype=torch.long)
     if all("example_id" in e for e in placed):
@@ -364,9 +378,10 @@ def token_micro_batches(examples: list[dict], max_tokens: int, row_length: int |
     return out
 
 
-# Batch keys read only by the host (a cached teacher looks its rows up by ``example_id``): they stay
-# there, since reading them back from a GPU would wait for it.
-HOST_KEYS = ("example_id",)
+# Batch keys read only by the host (a cached teacher looks its rows up by ``example_id``; a packed
+# batch's attention reads its longest sequence from ``sequence_starts``): they stay there, since
+# reading them back from a GPU would wait for it.
+HOST_KEYS = ("example_id", "sequence_starts")
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -380,7 +395,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dic
 
 def length_grouped_batches(examples: list[dict], batch_size: int, pad_token_id: int,
                            device: torch.device | str = "cpu", *, pack_length: int | None = None,
-                           by_tokens: bool = False) -> list[dict[str, torch.Tensor]]:
+                           by_tokens: bool = False, layout: str = "rows") -> list[dict[str, torch.Tensor]]:
     """Collated micro-batches of examples sorted by length (less padding), on ``device``.
 
     Sorting does not change a step's update or an evaluation's result: losses are sums
@@ -392,12 +407,17 @@ def length_grouped_batches(examples: list[dict], batch_size: int, pad_token_id: 
     are cut by tokens instead: each holds at most ``pack_length * batch_size`` input tokens and
     fits ``batch_size`` rows of ``pack_length``, so its packed positions are at most those of
     ``batch_size`` full rows (:func:`pack_rows` may lay it out in more, shorter rows where that pads
-    less), however many examples that is.
+    less), however many examples that is. With ``layout="padding_free"`` each micro-batch is one
+    row of its examples back to back (:func:`collate_packed`): cut by tokens, a micro-batch then
+    holds at most ``pack_length * batch_size`` tokens and positions alike.
     """
     by_length = sorted(examples, key=lambda e: len(e["input_ids"]))
     if pack_length is None:
         return [{k: v.to(device) for k, v in collate(mb, pad_token_id).items()}
                 for mb in micro_batches(by_length, batch_size)]
-    groups = token_micro_batches(by_length, pack_length * batch_size, pack_length) if by_tokens else \
+    row_length = pack_length if layout == "rows" else None  # one row of no padding: its tokens are its positions
+    groups = token_micro_batches(by_length, pack_length * batch_size, row_length) if by_tokens else \
         micro_batches(by_length, batch_size)
-    return [{k: v.to(device) for k, v in collate_packed(mb, pad_token_id, pack_length).items()} for mb in groups]
+    return [{k: v if k in HOST_KEYS else v.to(device) for k, v in collate_packed(mb, pad_token_id, pack_length,
+                                                                                 layout).items()}
+            for mb in groups]

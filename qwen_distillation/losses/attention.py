@@ -26,7 +26,9 @@ still part of the autograd graph.
 
 from __future__ import annotations
 
+import bisect
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,16 +85,29 @@ def split_relation_heads(x: torch.Tensor, relation_heads: int) -> torch.Tensor:
     return concatenated.view(batch, length, relation_heads, width // relation_heads).transpose(1, 2)
 
 
-def _allowed_keys(key_mask: torch.Tensor, start: int, end: int, segments: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, 1, end - start, end) bool: key j is visible to query i in [start, end) iff j <= i and key_mask[j]
-    (and, with ``segments``, j lies in i's segment)."""
+def _allowed_keys(key_mask: torch.Tensor, start: int, end: int, segments: torch.Tensor | None = None,
+                  first_key: int = 0) -> torch.Tensor:
+    """(B, 1, end - start, end - first_key) bool: key j in [first_key, end) is visible to query i in
+    [start, end) iff j <= i and key_mask[j] (and, with ``segments``, j lies in i's segment)."""
     queries = torch.arange(start, end, device=key_mask.device)
-    keys = torch.arange(end, device=key_mask.device)
+    keys = torch.arange(first_key, end, device=key_mask.device)
     causal = keys[None, :] <= queries[:, None]
-    allowed = causal[None] & key_mask[:, None, :end]
+    allowed = causal[None] & key_mask[:, None, first_key:end]
     if segments is not None:
-        allowed = allowed & (segments[:, start:end, None] == segments[:, None, :end])
+        allowed = allowed & (segments[:, start:end, None] == segments[:, None, first_key:end])
     return allowed[:, None]
+
+
+def _first_key(sequence_starts: Sequence[int], rows: int, length: int, start: int) -> int:
+    """The first key any query at or after position ``start`` of its row can see: the start of the
+    sequence holding ``start``, the earliest over the rows. ``sequence_starts``: where each sequence
+    of the ``rows`` rows of ``length`` flattened one after the other starts (a packed batch's
+    cu_seq_lens), each row starting one."""
+    first = start
+    for row in range(rows):
+        position = row * length + start
+        first = min(first, sequence_starts[bisect.bisect_right(sequence_starts, position) - 1] - row * length)
+    return first
 
 
 def _relation_log_probs(a: torch.Tensor, b: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -131,6 +146,7 @@ def relation_kl(
     chunk_size: int = 256,
     reduction: str = "sum",
     segments: torch.Tensor | None = None,
+    sequence_starts: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Forward KL(teacher relation || student relation) of causal relation distributions.
 
@@ -160,6 +176,11 @@ def relation_kl(
         segments (torch.Tensor | None): shape (B, L), integer: a packed row's example of each
             position (``train.packing``); a query sees only the keys of its own example, so each
             example's relations are those it has alone. None: one sequence per row.
+        sequence_starts (Sequence[int] | None): with ``segments``, where each sequence of the B rows
+            flattened one after the other starts (the packed batch's cu_seq_lens, read on the host).
+            A chunk's keys then begin at the earliest sequence start of its queries, not at 0: a
+            one-row (``padding_free``) batch costs O(L * longest example), not O(L * L). The result
+            is the same: the keys left out are those no query of the chunk can see.
 
     Returns:
         torch.Tensor: scalar, fp32 (fp64 for fp64 inputs).
@@ -194,8 +215,9 @@ def relation_kl(
     needs_grad = torch.is_grad_enabled() and (s_a.requires_grad or s_b.requires_grad)
     for start in range(0, length, chunk_size):
         end = min(start + chunk_size, length)
-        args = (s_a[:, :, start:end], s_b[:, :, :end], t_a[:, :, start:end], t_b[:, :, :end],
-                _allowed_keys(key_mask, start, end, segments), valid[:, start:end])
+        first = 0 if segments is None or sequence_starts is None else _first_key(sequence_starts, batch, length, start)
+        args = (s_a[:, :, start:end], s_b[:, :, first:end], t_a[:, :, start:end], t_b[:, :, first:end],
+                _allowed_keys(key_mask, start, end, segments, first), valid[:, start:end])
         if needs_grad:
             chunk = checkpoint(_chunk_relation_kl, *args, use_reentrant=False)
         else:
@@ -218,6 +240,7 @@ def attention_distillation_loss(
     chunk_size: int = 256,
     reduction: str = "sum",
     segments: torch.Tensor | None = None,
+    sequence_starts: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Attention distillation of one layer pair: forward KL(teacher || student) of relation maps.
 
@@ -243,6 +266,8 @@ def attention_distillation_loss(
         reduction (str): "sum" (over valid queries) or "mean" (per valid query).
         segments (torch.Tensor | None): shape (B, L), integer example of each position of a
             packed row (see :func:`relation_kl`); None: one sequence per row.
+        sequence_starts (Sequence[int] | None): with ``segments``, the packed batch's sequence starts
+            (see :func:`relation_kl`): each chunk reads only the keys its queries can see.
 
     Returns:
         torch.Tensor: scalar, fp32 (fp64 for fp64 inputs).
@@ -253,7 +278,8 @@ def attention_distillation_loss(
     q_t, k_t, v_t = teacher_qkv
     k_s, v_s = expand_kv(k_s, q_s.shape[1]), expand_kv(v_s, q_s.shape[1])
     k_t, v_t = expand_kv(k_t, q_t.shape[1]), expand_kv(v_t, q_t.shape[1])
-    kwargs = dict(relation_heads=relation_heads, chunk_size=chunk_size, reduction=reduction, segments=segments)
+    kwargs = dict(relation_heads=relation_heads, chunk_size=chunk_size, reduction=reduction, segments=segments,
+                  sequence_starts=sequence_starts)
     if mode == "attention":
         return relation_kl(q_s, k_s, q_t, k_t, query_mask, key_mask, **kwargs)
     pairs = ((q_s, q_t), (k_s, k_t), (v_s, v_t))

@@ -18,34 +18,40 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     (docs/performance.md). A packed batch (``data.manager.collate_packed``) passes its
     ``position_ids`` and no attention mask: transformers then keeps attention inside each
     example of a row. Its ``cu_seq_lens`` go along as transformers' varlen keywords
-    (``cu_seq_lens_q/k``; the row length as ``max_length_q/k``, an upper bound known without
-    reading the device), which ``attn_implementation="varlen"`` (``modeling.varlen``) and flash
-    attention read instead of a mask and SDPA, eager and flex attention ignore."""
+    (``cu_seq_lens_q/k``; the longest sequence as ``max_length_q/k``, read from the host copy
+    ``sequence_starts`` where the batch has it, else the row length, an upper bound), which
+    ``attn_implementation="varlen"`` (``modeling.varlen``) and flash attention read instead of a
+    mask and SDPA, eager and flex attention ignore."""
     if "position_ids" in batch:
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         if "cu_seq_lens" in batch:
-            length = batch["input_ids"].shape[1]
+            starts = batch.get("sequence_starts")
+            longest = batch["input_ids"].shape[1] if starts is None else int((starts[1:] - starts[:-1]).max())
             inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
-                          max_length_q=length, max_length_k=length)
+                          max_length_q=longest, max_length_k=longest)
         return inputs
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
-def check_packed_attention(models: dict[str, nn.Module | None]) -> None:
+def check_packed_attention(models: dict[str, nn.Module | None], layout: str = "rows") -> None:
     """``train.packing`` needs each model's attention to keep a packed row's examples apart
-    (``config.validate.PACKED_ATTENTION``); checked on the loaded models, whose implementation
+    (``config.validate.PACKED_ATTENTION``), and ``train.pack_layout=padding_free`` one that reads
+    their bounds (``PADDING_FREE_ATTENTION``); checked on the loaded models, whose implementation
     transformers may have chosen itself. ``models``: side name (teacher, student) -> model."""
-    from qwen_distillation.config.validate import PACKED_ATTENTION
+    from qwen_distillation.config.validate import PACKED_ATTENTION, PADDING_FREE_ATTENTION
     from qwen_distillation.errors import ConfigError
 
+    allowed, setting = (PACKED_ATTENTION, "train.packing=true") if layout == "rows" else \
+        (PADDING_FREE_ATTENTION, f"train.pack_layout={layout}")
     for side, model in models.items():
         if model is None:
             continue
         implementation = getattr(base_model(model).config, "_attn_implementation", None)
-        if implementation not in PACKED_ATTENTION:
-            raise ConfigError(f"train.packing=true: the {side} runs attention {implementation!r}, which would let a "
-                              f"packed row's examples attend to each other; set model.{side}.attn_implementation to "
-                              f"one of {', '.join(PACKED_ATTENTION)}, or train.packing=false")
+        if implementation not in allowed:
+            raise ConfigError(f"{setting}: the {side} runs attention {implementation!r}, which would let a "
+                              f"packed row's examples attend to each other or build a mask over the row; set "
+                              f"model.{side}.attn_implementation to one of {', '.join(allowed)}, or "
+                              f"{'train.packing=false' if layout == 'rows' else 'train.pack_layout=rows'}")
 
 
 def base_model(model: nn.Module) -> nn.Module:

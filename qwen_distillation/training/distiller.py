@@ -195,7 +195,8 @@ class Distiller:
                                           teacher_zero3=self._teacher_zero3() if load_teacher else None,
                                           placement=placement, load_teacher=load_teacher)
         if cfg.train.packing:  # on the models as loaded, before any engine wraps them
-            check_packed_attention({"teacher": self.pair.teacher, "student": self.pair.student})
+            check_packed_attention({"teacher": self.pair.teacher, "student": self.pair.student},
+                                   cfg.train.pack_layout)
         if self._teacher_zero3_config is not None and self.pair.teacher is not None:
             from qwen_distillation.training.deepspeed_engine import shard_teacher
 
@@ -473,7 +474,8 @@ class Distiller:
         # cuts a packed step by tokens too: short examples then fill fewer micro-batches.
         batches = length_grouped_batches(served.examples, run.stage.batch_size, self.pair.pad_token_id, "cpu",
                                          pack_length=self.config.data.max_length if self.config.train.packing else None,
-                                         by_tokens=run.stage.tokens_per_step is not None or self.config.train.pack_step)
+                                         by_tokens=run.stage.tokens_per_step is not None or self.config.train.pack_step,
+                                         layout=self.config.train.pack_layout)
         # The labelled positions, found on the host before the copy (finding or counting them on the
         # device would wait for it); the loss terms gather them (training.module.loss_terms).
         for batch in batches:

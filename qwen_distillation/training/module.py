@@ -204,12 +204,14 @@ def loss_terms(plan: LossPlan, batch: dict[str, torch.Tensor], student: Captured
     segments = batch.get("segments")
     if teacher is not None and plan.active("attention"):
         key_mask = batch["attention_mask"].bool() if segments is None else segments >= 0
+        # Host ints: each chunk of queries reads only the keys of its own examples (no device wait).
+        starts = batch["sequence_starts"].tolist() if "sequence_starts" in batch else None
         total = 0.0
         for s, t in plan.attention_pairs:
             total = total + attention_distillation_loss(
                 student.qkv[s], teacher.qkv[t], mask, key_mask, mode=plan.attention_mode,
                 relation_heads=plan.relation_heads, chunk_size=plan.attention_chunk, reduction="sum",
-                segments=segments)
+                segments=segments, sequence_starts=starts)
         terms["attention"] = total / len(plan.attention_pairs)
     if teacher is not None and plan.active("contrastive"):
         if segments is None:
