@@ -88,3 +88,26 @@ def test_speed_levers_run_a_stage(tmp_path, lever):
     assert summary["speedups"] == [lever.split(".")[1].split("=")[0]]
     rows = train_rows(out)
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) and not r["skipped"] for r in rows)
+
+
+def test_a_padding_free_stage_logs_the_losses_of_packed_rows(tmp_path):
+    """Stage 2 (all five terms) with PyTorch's flash varlen kernel, bf16: one row per micro-batch
+    (train.pack_layout=padding_free) logs the rows layout's tokens and, to bf16 rounding, losses,
+    with no padding."""
+    from qwen_distillation.modeling.varlen import varlen_available
+
+    if not varlen_available():
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    rows = {}
+    for layout in ("rows", "padding_free"):
+        out = tmp_path / layout
+        run(compose_config(tiny_overrides(out, steps=2) + [
+            "train.device=cuda", "train.packing=true", f"train.pack_layout={layout}",
+            "model.teacher.attn_implementation=varlen", "model.student.attn_implementation=varlen",
+            "data.max_length=256", "start_stage=2", "end_stage=2", "stage2.batch_size=4"]))
+        rows[layout] = train_rows(out)
+    assert len(rows["padding_free"]) == 2
+    for packed, flat in zip(rows["rows"], rows["padding_free"]):
+        assert flat["tokens"] == packed["tokens"] and flat["padding"] == 0 < packed["padding"]
+        for key in ("loss/ce", "loss/kd"):
+            assert flat[key] == pytest.approx(packed[key], rel=2e-2), key

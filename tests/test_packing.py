@@ -130,11 +130,13 @@ def test_a_packed_row_gives_each_example_its_logits_alone(family, attn):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2", "varlen"])
-def test_on_the_gpu_a_packed_row_gives_each_example_its_logits_alone(attn):
-    """bf16 on CUDA; flash attention runs its varlen kernel from the position ids, ``varlen``
-    PyTorch's from the batch's cu_seq_lens. The error against each example alone must be far below
-    what attending across examples gives."""
+@pytest.mark.parametrize("attn,layout", [("sdpa", "rows"), ("flash_attention_2", "rows"), ("varlen", "rows"),
+                                         ("flash_attention_2", "padding_free"), ("varlen", "padding_free")])
+def test_on_the_gpu_a_packed_row_gives_each_example_its_logits_alone(attn, layout):
+    """bf16 on CUDA; flash attention runs its varlen kernel from the batch's cu_seq_lens, ``varlen``
+    PyTorch's. The error against each example alone must be far below what attending across
+    examples gives."""
+    from qwen_distillation.data.manager import HOST_KEYS
     import importlib.util
 
     from qwen_distillation.modeling import varlen
@@ -147,7 +149,7 @@ def test_on_the_gpu_a_packed_row_gives_each_example_its_logits_alone(attn):
         varlen.register()
     model = _model("qwen2", attn).to("cuda", torch.bfloat16)
     examples = _examples([7, 12, 3, 9, 5, 1])
-    batch = {k: v.cuda() for k, v in collate_packed(examples, PAD, 20).items()}
+    batch = {k: v if k in HOST_KEYS else v.cuda() for k, v in collate_packed(examples, PAD, 20, layout).items()}
     with torch.no_grad():
         packed = model(**model_inputs(batch)).logits.float()
         one_sequence = model(input_ids=batch["input_ids"], use_cache=False).logits.float()
