@@ -354,11 +354,13 @@ def test_a_cached_teacher_gives_a_packed_batch_the_rows_of_its_examples():
     module = DistillationModule(student, Heads())
     module.plan = plan
     values = []
-    for batch in (collate(examples, PAD), collate_packed(examples, PAD, 24)):
+    for batch in (collate(examples, PAD), collate_packed(examples, PAD, 24),
+                  collate_packed(examples, PAD, 24, "padding_free")):
         terms, info = module(batch, cached(batch, plan))
         values.append((float(terms["logit"].detach()), float(info["kd"])))
-    assert values[1][0] == pytest.approx(values[0][0], rel=1e-5)
-    assert values[1][1] == pytest.approx(values[0][1], rel=1e-5) and values[0][1] > 0
+    for packed in values[1:]:  # rows of 24 tokens, and one row
+        assert packed[0] == pytest.approx(values[0][0], rel=1e-5)
+        assert packed[1] == pytest.approx(values[0][1], rel=1e-5) and values[0][1] > 0
 
 
 def test_packing_refuses_an_attention_that_would_mix_examples_naming_both_options(tmp_path):
