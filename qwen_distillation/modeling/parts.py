@@ -41,17 +41,19 @@ def check_packed_attention(models: dict[str, nn.Module | None], layout: str = "r
     from qwen_distillation.config.validate import PACKED_ATTENTION, PADDING_FREE_ATTENTION
     from qwen_distillation.errors import ConfigError
 
-    allowed, setting = (PACKED_ATTENTION, "train.packing=true") if layout == "rows" else \
-        (PADDING_FREE_ATTENTION, f"train.pack_layout={layout}")
+    if layout == "rows":
+        allowed, setting, other = PACKED_ATTENTION, "train.packing=true", "train.packing=false"
+        why = "would let a packed row's examples attend to each other"
+    else:
+        allowed, setting, other = PADDING_FREE_ATTENTION, f"train.pack_layout={layout}", "train.pack_layout=rows"
+        why = "does not read the examples' bounds and would build a mask over the micro-batch's whole row"
     for side, model in models.items():
         if model is None:
             continue
         implementation = getattr(base_model(model).config, "_attn_implementation", None)
         if implementation not in allowed:
-            raise ConfigError(f"{setting}: the {side} runs attention {implementation!r}, which would let a "
-                              f"packed row's examples attend to each other or build a mask over the row; set "
-                              f"model.{side}.attn_implementation to one of {', '.join(allowed)}, or "
-                              f"{'train.packing=false' if layout == 'rows' else 'train.pack_layout=rows'}")
+            raise ConfigError(f"{setting}: the {side} runs attention {implementation!r}, which {why}; set "
+                              f"model.{side}.attn_implementation to one of {', '.join(allowed)}, or {other}")
 
 
 def base_model(model: nn.Module) -> nn.Module:
