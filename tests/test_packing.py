@@ -136,9 +136,9 @@ def test_on_the_gpu_a_packed_row_gives_each_example_its_logits_alone(attn, layou
     """bf16 on CUDA; flash attention runs its varlen kernel from the batch's cu_seq_lens, ``varlen``
     PyTorch's. The error against each example alone must be far below what attending across
     examples gives."""
-    from qwen_distillation.data.manager import HOST_KEYS
     import importlib.util
 
+    from qwen_distillation.data.manager import HOST_KEYS
     from qwen_distillation.modeling import varlen
 
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
