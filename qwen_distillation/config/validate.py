@@ -170,20 +170,20 @@ def _validate_packing(cfg: DistillationConfig) -> None:
             f"train.packing=true train.pack_layout={cfg.train.pack_layout}")
     if not cfg.train.packing:
         return
-    if cfg.train.pack_layout == "padding_free":
-        for side in ("teacher", "student"):
-            implementation = getattr(cfg.model, side).attn_implementation
+    for side in ("teacher", "student"):
+        implementation = getattr(cfg.model, side).attn_implementation
+        if cfg.train.pack_layout == "padding_free":
             require(implementation in PADDING_FREE_ATTENTION, f"model.{side}.attn_implementation", implementation,
                     f"train.pack_layout=padding_free puts a micro-batch's examples in one row, which needs an "
                     f"attention that reads their bounds and builds no mask over the row: one of "
                     f"{', '.join(PADDING_FREE_ATTENTION)} (varlen on a CUDA GPU); otherwise use "
                     f"train.pack_layout=rows", f"model.{side}.attn_implementation=varlen")
-    for side in ("teacher", "student"):
-        implementation = getattr(cfg.model, side).attn_implementation
-        require(implementation is None or implementation in PACKED_ATTENTION, f"model.{side}.attn_implementation",
-                implementation, f"train.packing=true needs an attention that keeps packed examples apart: one of "
-                f"{', '.join(PACKED_ATTENTION)} (or null); otherwise turn packing off with train.packing=false",
-                f"model.{side}.attn_implementation=sdpa")
+        else:
+            require(implementation is None or implementation in PACKED_ATTENTION,
+                    f"model.{side}.attn_implementation", implementation,
+                    f"train.packing=true needs an attention that keeps packed examples apart: one of "
+                    f"{', '.join(PACKED_ATTENTION)} (or null); otherwise turn packing off with train.packing=false",
+                    f"model.{side}.attn_implementation=sdpa")
 
 
 def _validate_eval(cfg: EvalConfig) -> None:

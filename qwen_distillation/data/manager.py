@@ -316,18 +316,17 @@ def collate_packed(examples: list[dict], pad_token_id: int, max_length: int,
         raise ValueError(f"layout must be one of {PACK_LAYOUTS}, got {layout!r}")
     lengths = [len(e["input_ids"]) for e in examples]
     rows = pack_rows(lengths, max_length) if layout == "rows" else [list(range(len(examples)))]
-    length = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
+    length = max(sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), length), dtype=torch.long)
     segments = torch.full((len(rows), length), -1, dtype=torch.long)
     placed: list[dict] = []
-    starts: list[int] = []  # of every sequence in the flattened rows
+    starts: list[int] = []  # where every sequence of the flattened rows starts, then where they end
     for r, row in enumerate(rows):
         start = 0
         for i in row:
-            example = examples[i]
-            n = len(example["input_ids"])
+            example, n = examples[i], lengths[i]
             starts.append(r * length + start)
             input_ids[r, start:start + n] = torch.tensor(example["input_ids"])
             labels[r, start + 1:start + n] = torch.tensor(example["labels"][1:])
@@ -338,9 +337,9 @@ def collate_packed(examples: list[dict], pad_token_id: int, max_length: int,
         position_ids[r, start:] = torch.arange(length - start)  # the padding is a sequence of its own
         if start < length:
             starts.append(r * length + start)
+    starts.append(len(rows) * length)
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segments": segments,
-             "cu_seq_lens": torch.tensor([*starts, len(rows) * length], dtype=torch.int32),
-             "sequence_starts": torch.tensor([*starts, len(rows) * length], dtype=torch.long)}
+             "cu_seq_lens": torch.tensor(starts, dtype=torch.int32), "sequence_starts": torch.tensor(starts)}
     if all("domain" in e for e in placed):
         batch["domain"] = torch.tensor([e["domain"] for e in placed], dtype=torch.long)
     if all("example_id" in e for e in placed):
@@ -418,6 +417,4 @@ def length_grouped_batches(examples: list[dict], batch_size: int, pad_token_id: 
     row_length = pack_length if layout == "rows" else None  # one row of no padding: its tokens are its positions
     groups = token_micro_batches(by_length, pack_length * batch_size, row_length) if by_tokens else \
         micro_batches(by_length, batch_size)
-    return [{k: v if k in HOST_KEYS else v.to(device) for k, v in collate_packed(mb, pad_token_id, pack_length,
-                                                                                 layout).items()}
-            for mb in groups]
+    return [to_device(collate_packed(mb, pad_token_id, pack_length, layout), device) for mb in groups]
