@@ -15,9 +15,9 @@ of the student and of the teacher
 * ``scores``: the relation scores the term computes, counted from the shapes (every chunk's
   queries x the keys it reads, x rows, for one relation head and one relation of the three):
   the work, whatever the machine;
-* ``ms``: the median wall time of its forward and backward (the student's side gets the
-  gradient), ``--repeats`` times after one warm-up, on this machine's CPU (or the GPU with
-  ``--device cuda``);
+* ``ms``: the median time of its forward and backward (the student's side gets the gradient),
+  ``--repeats`` times after one warm-up (``fp8_teacher.time_call``: the wall clock on this
+  machine's CPU, CUDA events on the GPU with ``--device cuda``);
 * the largest relative difference of the loss with the windows from the loss without.
 """
 
@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -59,20 +56,6 @@ def layer_qkv(shape: dict, rows: int, length: int, dtype, device, generator, gra
             for h in (heads, kv_heads, kv_heads)]
 
 
-def timed_ms(fn, repeats: int, device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT / ".realrun_data")
@@ -90,6 +73,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
+    from fp8_teacher import time_call
+    from packed_shapes import step_examples
     from real_run import encode_file
 
     from qwen_distillation.data.manager import collate_packed, token_micro_batches
@@ -103,13 +88,10 @@ def main() -> None:
     report = {"command": "python " + " ".join(sys.argv), "device": str(device), "threads": torch.get_num_threads(),
               "student": args.student, "teacher": args.teacher, "relation_heads": args.relation_heads,
               "chunk": args.chunk, "batches": []}
-    order = list(range(len(examples)))
-    random.Random(args.seed).shuffle(order)
-    per_step = args.batch_size * args.grad_accum
     groups = []
-    for step in range(args.steps):
-        chosen = sorted((examples[i] for i in order[step * per_step:(step + 1) * per_step]),
-                        key=lambda e: len(e["input_ids"]))
+    for chosen in step_examples(examples, steps=args.steps, per_step=args.batch_size * args.grad_accum,
+                                seed=args.seed):
+        chosen = sorted(chosen, key=lambda e: len(e["input_ids"]))
         groups += token_micro_batches(chosen, args.max_length * args.batch_size, args.max_length)
     for index, chosen in enumerate(groups):
         entry = {"lengths": [len(e["input_ids"]) for e in chosen]}
@@ -132,7 +114,8 @@ def main() -> None:
                     losses[windows] = float(loss.detach())
 
                 name = f"{layout}{'_windows' if windows else ''}"
-                entry[name] = {"rows": rows, "length": length, "ms": round(timed_ms(step, args.repeats, device), 1),
+                timing = time_call(step, warmup=1, iters=args.repeats, device=device)
+                entry[name] = {"rows": rows, "length": length, "ms": round(timing["ms_median"], 1),
                                "scores": score_count(rows, length, args.chunk, starts if windows else None)}
             entry[f"{layout}_windows"]["loss_rel_diff"] = abs(losses[True] - losses[False]) / abs(losses[False])
         report["batches"].append(entry)

@@ -218,11 +218,17 @@ def fidelity(teacher, tokenizer, files: list[str], args, device: torch.device, d
 
 
 def time_forward(body, input_ids, *, warmup: int, iters: int, device: torch.device) -> dict:
-    """Median and min ms of ``body(input_ids)`` (no grad); CUDA events on a GPU, the wall clock on a CPU."""
+    """Median and min ms of ``body(input_ids)`` (no grad): :func:`time_call`."""
     def once():
         with torch.no_grad():
             return body(input_ids=input_ids, use_cache=False).last_hidden_state
 
+    return time_call(once, warmup=warmup, iters=iters, device=device)
+
+
+def time_call(once, *, warmup: int, iters: int, device: torch.device) -> dict:
+    """Median and min ms of ``once()`` over ``iters`` calls after ``warmup``: CUDA events and the
+    peak activation memory on a GPU, the wall clock on a CPU."""
     for _ in range(warmup):
         once()
     times = []

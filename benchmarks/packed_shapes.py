@@ -32,20 +32,23 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+def step_examples(examples: list[dict], *, steps: int, per_step: int, seed: int) -> list[list[dict]]:
+    """The examples of each of the first ``steps`` full steps of ``per_step`` examples, from one
+    shuffle of ``examples`` seeded by ``seed`` (fewer steps where the examples run out)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    chosen = [[examples[i] for i in order[step * per_step:(step + 1) * per_step]] for step in range(steps)]
+    return [step for step in chosen if len(step) == per_step]
+
+
 def step_shapes(examples: list[dict], *, steps: int, batch_size: int, grad_accum: int, max_length: int,
                 seed: int, layout: str = "rows") -> list[list[dict]]:
     """Per step, per micro-batch: ``{"rows", "length", "positions", "tokens"}`` under pack_step, with
     ``train.pack_layout=layout``."""
     from qwen_distillation.data.manager import length_grouped_batches
 
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    per_step = batch_size * grad_accum
     out = []
-    for step in range(steps):
-        chosen = [examples[i] for i in order[step * per_step:(step + 1) * per_step]]
-        if len(chosen) < per_step:
-            break
+    for chosen in step_examples(examples, steps=steps, per_step=batch_size * grad_accum, seed=seed):
         batches = length_grouped_batches(chosen, batch_size, 0, pack_length=max_length, by_tokens=True,
                                          layout=layout)
         shapes = []
