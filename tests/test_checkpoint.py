@@ -134,3 +134,118 @@ def test_a_checkpoint_of_another_run_is_refused_with_its_path(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"checkpoint-4/state\.pt: does not fit this run \(RuntimeError: size"):
         load_training_state(tmp_path / "checkpoint-4", engine=Mismatch(), sampler=_Recorder())
+
+
+class _TensorEngine:
+    """An engine whose state holds tensors the step loop goes on updating in place."""
+
+    def __init__(self):
+        import torch
+
+        self.weight = torch.arange(6.0).reshape(2, 3)
+        self.moments = [torch.ones(3), (torch.zeros(2), 7)]
+
+    def save_state(self, directory):
+        return {"module": {"w": self.weight}, "optimizer": {"state": self.moments, "lr": 0.1}}
+
+    def load_state(self, directory, state):
+        self.loaded = state
+
+
+def _saved_state(path):
+    import torch
+
+    return torch.load(path / "state.pt", weights_only=False)
+
+
+def test_a_background_save_writes_the_state_of_its_step_not_of_the_steps_after_it(tmp_path, monkeypatch):
+    """train.async_checkpoint: the step loop changes the weights in place while the writer thread
+    works; the checkpoint holds them as they were at the save, and equals a save in step."""
+    import threading
+
+    import torch
+
+    from qwen_distillation.training import checkpoint
+    from qwen_distillation.training.checkpoint import StageSaves
+
+    engine, sampler = _TensorEngine(), _Recorder(5)
+    save_stage_checkpoint(tmp_path / "in_step", keep=2, engine=engine, sampler=sampler, step=4,
+                          extra={"best": 1.5, "recent_skipped": [False]})
+    stepped, write = threading.Event(), checkpoint._write_state
+    monkeypatch.setattr(checkpoint, "_write_state", lambda *args: stepped.wait(10) and write(*args))
+    saves = StageSaves(background=True)
+    target = saves.save(tmp_path / "background", keep=2, engine=engine, sampler=sampler, step=4,
+                        extra={"best": 1.5, "recent_skipped": [False]})
+    engine.weight.add_(100.0)  # the next steps, before the writer thread writes
+    engine.moments[0].mul_(3.0)
+    sampler.value = 6
+    stepped.set()
+    saves.wait()
+    assert target == tmp_path / "background" / "checkpoint-4"
+    in_step, background = _saved_state(tmp_path / "in_step" / "checkpoint-4"), _saved_state(target)
+    assert torch.equal(background["engine"]["module"]["w"], torch.arange(6.0).reshape(2, 3))
+    assert torch.equal(background["engine"]["optimizer"]["state"][0], torch.ones(3))
+    assert background["sampler"] == {"value": 5} and background["step"] == 4
+    for key in ("sampler", "step", "extra", "world_size"):
+        assert background[key] == in_step[key], key
+    torch.testing.assert_close(background["engine"], in_step["engine"], rtol=0, atol=0)
+    assert (target / "meta.json").read_text() == (tmp_path / "in_step" / "checkpoint-4" / "meta.json").read_text()
+
+
+def test_background_saves_keep_the_newest_and_each_waits_for_the_one_before(tmp_path):
+    from qwen_distillation.training.checkpoint import StageSaves
+
+    saves = StageSaves(background=True)
+    for step in (3, 6, 9):
+        saves.save(tmp_path, keep=2, engine=_Recorder(step), sampler=_Recorder(-step), step=step,
+                   extra={"global_step": step})
+    saves.wait()
+    assert [p.name for p in stage_checkpoints(tmp_path)] == ["checkpoint-9", "checkpoint-6"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6", "checkpoint-9"]
+    engine, sampler = _Recorder(), _Recorder()
+    saved, path = load_stage_checkpoint(tmp_path, engine=engine, sampler=sampler)
+    assert (saved["step"], engine.loaded, sampler.loaded, path.name) == (9, [9], [-9], "checkpoint-9")
+
+
+def test_a_failed_background_save_is_raised_at_the_next_wait_and_keeps_the_older_checkpoints(tmp_path, monkeypatch):
+    from qwen_distillation.training import checkpoint
+    from qwen_distillation.training.checkpoint import StageSaves
+
+    saves = StageSaves(background=True)
+    saves.save(tmp_path, keep=2, engine=_Recorder(2), sampler=_Recorder(), step=2, extra={})
+    saves.wait()
+
+    def disk_full(directory, state):
+        (directory / "state.pt").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_state", disk_full)
+    saves.save(tmp_path, keep=1, engine=_Recorder(4), sampler=_Recorder(), step=4, extra={})
+    with pytest.raises(CheckpointError, match=r"checkpoint-4: the background save failed \(OSError.*No space left"
+                                              r".*earlier checkpoints are kept.*train.async_checkpoint=false"):
+        saves.wait()
+    saves.wait()  # reported once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert load_training_state(tmp_path / "checkpoint-2", engine=_Recorder(), sampler=_Recorder())["step"] == 2
+
+
+def test_background_saves_are_for_one_process():
+    from qwen_distillation.training.checkpoint import StageSaves
+    from qwen_distillation.training.distributed import Topology
+
+    with pytest.raises(ValueError, match="one process"):
+        StageSaves(background=True, topology=Topology(rank=0, world_size=2, local_rank=0))
+
+
+def test_host_copy_copies_every_tensor_and_keeps_the_structure():
+    import torch
+
+    from qwen_distillation.training.checkpoint import host_copy
+
+    original = {"a": torch.ones(2), "b": [torch.zeros(1), (3, torch.full((1,), 2.0))], "c": {"d": [1, 2]}}
+    copied = host_copy(original)
+    original["a"].add_(1.0)
+    original["b"][1][1].add_(1.0)
+    original["c"]["d"].append(3)
+    assert torch.equal(copied["a"], torch.ones(2)) and torch.equal(copied["b"][1][1], torch.full((1,), 2.0))
+    assert isinstance(copied["b"][1], tuple) and copied["b"][1][0] == 3 and copied["c"] == {"d": [1, 2]}

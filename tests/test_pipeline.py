@@ -125,6 +125,40 @@ def test_killed_run_resumes_with_the_same_loss_trajectory(tmp_path, monkeypatch)
     assert not list((resumed_dir / "stage2").glob("*checkpoint*"))
 
 
+def test_a_run_killed_after_a_background_save_resumes_from_it_with_the_same_losses(tmp_path, monkeypatch):
+    """train.async_checkpoint=true: the kill after step 3 lets the background save of step 2 finish,
+    the same command resumes from it, and every logged number and the final weights equal those of a
+    run that saved in step and was never killed."""
+    common = tiny_overrides(tmp_path / "x", steps=4) + ["end_stage=1", "stage1.save_every=2",
+                                                         "train.save_every_minutes=0"]
+    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
+    _run(common + [f"output_dir={reference_dir}"])
+    background = common + [f"output_dir={resumed_dir}", "train.async_checkpoint=true"]
+
+    def saved(stage):
+        assert [p.name for p in (resumed_dir / "stage1").iterdir() if "checkpoint" in p.name] == ["checkpoint-2"]
+
+    kill_in_stages(monkeypatch, lambda: _run(background), stages=(1,), after_each=saved)
+    reference, resumed = train_rows(reference_dir), train_rows(resumed_dir)
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference] == [1, 2, 3, 4]
+    for a, b in zip(reference, resumed):
+        for key in a:
+            if key.startswith(("loss", "grad_norm", "lr")) or key == "tokens":
+                assert a[key] == b[key], (key, a, b)
+    for name, value in _weights(reference_dir / "stage1" / "final").items():
+        torch.testing.assert_close(value, _weights(resumed_dir / "stage1" / "final")[name], rtol=0, atol=0)
+    assert not list((resumed_dir / "stage1").glob("*checkpoint*"))
+
+
+def test_background_saves_are_refused_for_a_launch_over_several_processes():
+    from qwen_distillation.cli import compose_run_config
+    from qwen_distillation.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.async_checkpoint=True: .*distributed\.engine=deepspeed.*"
+                                          r"`train\.async_checkpoint=false`"):
+        compose_run_config(["distributed=zero2", "train.async_checkpoint=true"])
+
+
 def test_finished_run_is_not_overwritten(tmp_path):
     out = tmp_path / "run"
     overrides = tiny_overrides(out, steps=1) + ["end_stage=1"]

@@ -368,6 +368,9 @@ class TrainConfig:
     # last save (0: by steps only); keep the newest keep_checkpoints of them.
     save_every_minutes: float = 30.0
     keep_checkpoints: int = 2
+    # Write mid-stage checkpoints on a background thread (one process only): the step loop waits for
+    # a host copy of the state, not for the disk. Same files; one more host copy of the state held.
+    async_checkpoint: bool = False
     packing: bool = False
     pack_step: bool = False
     pack_layout: str = "rows"

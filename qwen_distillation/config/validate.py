@@ -417,6 +417,10 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
     require(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", cfg.train.keep_checkpoints,
             "must be >= 1 (stageN.save_every=0 train.save_every_minutes=0 turns mid-stage saves off)",
             "train.keep_checkpoints=2")
+    require(not cfg.train.async_checkpoint or cfg.distributed.engine == "none", "train.async_checkpoint", True,
+            f"writes a single process's checkpoints in the background; a launch with "
+            f"distributed.engine={cfg.distributed.engine} saves each rank's share in step",
+            "train.async_checkpoint=false")
     require_one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled"))
     conf = cfg.train.cuda_alloc_conf
     require(conf is None or _alloc_conf_shaped(conf), "train.cuda_alloc_conf", conf,

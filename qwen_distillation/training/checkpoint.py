@@ -5,11 +5,16 @@ run state of an output directory.
 Every directory is written under a temporary name and swapped in by ``os.replace``, so a
 save killed half-way leaves the previous checkpoint intact; a checkpoint that is unreadable
 anyway (a disk error, a file truncated by hand) is passed over for the one before it.
+
+With ``train.async_checkpoint`` a single-device run writes its mid-stage checkpoints on a
+background thread (:class:`StageSaves`): the step loop waits only for a host copy of the state,
+and the files are the same as a save in step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -17,6 +22,7 @@ import pickle
 import random
 import re
 import shutil
+import threading
 import zipfile
 from pathlib import Path
 
@@ -154,9 +160,19 @@ def save_training_state(target: Path, *, engine, sampler, step: int, extra: dict
         if topology.world_size > 1:
             torch.save(rng_state(), tmp / _rng_file(topology.rank))
         if topology.is_main:
-            torch.save({"engine": engine_state, "rng": rng_state(), "sampler": sampler.state_dict(),
-                        "step": step, "extra": extra, "world_size": topology.world_size}, tmp / "state.pt")
-            (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": topology.world_size}, indent=2))
+            _write_state(tmp, _state(engine_state, sampler, step, extra, topology.world_size))
+
+
+def _state(engine_state: dict, sampler, step: int, extra: dict, world_size: int) -> dict:
+    """What ``state.pt`` holds."""
+    return {"engine": engine_state, "rng": rng_state(), "sampler": sampler.state_dict(), "step": step,
+            "extra": extra, "world_size": world_size}
+
+
+def _write_state(directory: Path, state: dict) -> None:
+    torch.save(state, directory / "state.pt")
+    (directory / "meta.json").write_text(json.dumps({"step": state["step"], "world_size": state["world_size"]},
+                                                    indent=2))
 
 
 def load_training_state(target: Path, *, engine, sampler, topology: Topology = SINGLE) -> dict:
@@ -223,10 +239,98 @@ def save_stage_checkpoint(stage_dir: Path, *, keep: int, engine, sampler, step: 
     target = Path(stage_dir) / f"{CHECKPOINT_PREFIX}{step}"
     save_training_state(target, engine=engine, sampler=sampler, step=step, extra=extra, topology=topology)
     if topology.is_main:
-        for old in stage_checkpoints(stage_dir)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(stage_dir, keep)
     barrier(topology)
     return target
+
+
+def _prune(stage_dir: Path, keep: int) -> None:
+    for old in stage_checkpoints(stage_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def host_copy(obj, buffers: dict | None = None, key: tuple = ()):
+    """A copy of ``obj`` (dicts, lists and tuples of tensors and other values) that later in-place
+    updates of its tensors do not reach: each tensor copied into host memory, everything else
+    deep-copied. With ``buffers`` (a dict kept between calls), a GPU tensor is copied into the pinned
+    host tensor kept there under its place in ``obj`` when shape and dtype still match (allocated
+    there otherwise), without blocking, and the copies are waited for once at the end."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach()
+        if obj.device.type != "cuda" or buffers is None:
+            return obj.to("cpu", copy=True)
+        buffer = buffers.get(key)
+        if buffer is None or buffer.shape != obj.shape or buffer.dtype != obj.dtype:
+            buffer = buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+        return buffer.copy_(obj, non_blocking=True)
+    if isinstance(obj, dict):
+        out = {name: host_copy(value, buffers, key + (name,)) for name, value in obj.items()}
+    elif isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        out = type(obj)(host_copy(value, buffers, key + (i,)) for i, value in enumerate(obj))
+    else:
+        return copy.deepcopy(obj)
+    if not key and torch.cuda.is_available():
+        torch.cuda.synchronize()  # the non-blocking copies into pinned memory have landed
+    return out
+
+
+class StageSaves:
+    """Saves a stage's mid-stage checkpoints (:func:`save_stage_checkpoint`), in step or, with
+    ``background`` (``train.async_checkpoint``, one process only), on a background thread.
+
+    In the background, :meth:`save` first waits for the previous save, then takes a host copy of the
+    training state (:func:`host_copy`; pinned buffers reused from save to save on a GPU), hands it to
+    a writer thread and returns: the step loop goes on while the files are written and the older
+    checkpoints pruned. The files, and the atomic swap that keeps the previous checkpoint whole if the
+    process dies mid-write, are the same as in step. The cost is one host copy of the trainable weights
+    and the optimizer's state, held from one save to the next. :meth:`wait` joins the writer and
+    raises its error, if it had one; call it before a stage's checkpoints are read or removed.
+    """
+
+    def __init__(self, *, background: bool = False, topology: Topology = SINGLE):
+        if background and topology.world_size > 1:
+            raise ValueError("background saves are for one process; a launch over several saves in step")
+        self.background, self.topology = background, topology
+        self._thread: threading.Thread | None = None
+        self._failure: tuple[Path, BaseException] | None = None
+        self._buffers: dict = {}
+
+    def save(self, stage_dir: Path, *, keep: int, engine, sampler, step: int, extra: dict) -> Path:
+        if not self.background:
+            return save_stage_checkpoint(stage_dir, keep=keep, engine=engine, sampler=sampler, step=step,
+                                         extra=extra, topology=self.topology)
+        self.wait()
+        target = Path(stage_dir) / f"{CHECKPOINT_PREFIX}{step}"
+        # The single-device engine keeps its whole state in the returned dict; the directory stays unused.
+        state = host_copy(_state(engine.save_state(target), sampler, step, extra, 1), self._buffers)
+        self._thread = threading.Thread(target=self._write, args=(Path(stage_dir), target, state, keep),
+                                        name=f"save {target.name}")
+        self._thread.start()
+        return target
+
+    def _write(self, stage_dir: Path, target: Path, state: dict, keep: int) -> None:
+        try:
+            with atomic_dir(target) as tmp:
+                _write_state(tmp, state)
+            _prune(stage_dir, keep)
+        except BaseException as err:  # noqa: BLE001 - handed to the step loop by wait()
+            self._failure = (target, err)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is written.
+
+        Raises:
+            CheckpointError: the background save failed; the message names the checkpoint and the
+                reason, and the stage's earlier checkpoints are as they were.
+        """
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._failure is not None:
+            (target, err), self._failure = self._failure, None
+            raise CheckpointError(f"{target}: the background save failed ({type(err).__name__}: {err}); the "
+                                  f"stage's earlier checkpoints are kept. Free space or fix the output directory "
+                                  f"and resume, or set train.async_checkpoint=false") from err
 
 
 def load_stage_checkpoint(stage_dir: Path, *, engine, sampler,

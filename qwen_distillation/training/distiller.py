@@ -37,7 +37,7 @@ from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indic
 from qwen_distillation.data.manager import (StageSampler, collate, length_grouped_batches, micro_batches, to_device,
                                             stage_domains)
 from qwen_distillation.data.sources import DomainData, build_domain_data, data_sources
-from qwen_distillation.errors import ConfigError, DistillationError
+from qwen_distillation.errors import CheckpointError, ConfigError, DistillationError
 from qwen_distillation.evaluation.direction import best_direction, improves
 from qwen_distillation.evaluation.evaluator import Evaluator, build_evaluator
 from qwen_distillation.evaluation.mcq import normalise_mcq_sources
@@ -420,13 +420,14 @@ class Distiller:
                     self._evaluate(run)
             if not is_last and self._save_due(run):
                 with self._timed("stages", run.key, "checkpoints_s"):
-                    ckpt.save_stage_checkpoint(run.directory, keep=self.config.train.keep_checkpoints,
-                                               engine=run.engine, sampler=run.sampler, step=run.step,
-                                               extra=run.extra(self.global_step), topology=self.topo)
+                    self.saves.save(run.directory, keep=self.config.train.keep_checkpoints, engine=run.engine,
+                                    sampler=run.sampler, step=run.step, extra=run.extra(self.global_step))
                 run.last_save = time.monotonic()
                 log.info("%s: saved checkpoint-%d", run.key, run.step)
         if progress is not None:
             progress.close()
+        with self._timed("stages", run.key, "checkpoints_s"):  # a background save still being written
+            self.saves.wait()
         with self._timed("stages", run.key, "finish_s"):  # exports, samples, the stage's records
             self._finish_stage(run, state)
 
@@ -659,6 +660,7 @@ class Distiller:
         # Before anything is allocated on the GPU (the process group, the models).
         self.cuda_alloc_conf = set_cuda_allocator(cfg.train.cuda_alloc_conf) if self.device.type == "cuda" else None
         self.topo = dist.setup(cfg.distributed, self.device.type)
+        self.saves = ckpt.StageSaves(background=cfg.train.async_checkpoint, topology=self.topo)
         if self.topo.active and self.device.type == "cuda":
             self.device = torch.device("cuda", self.topo.local_rank)
         state = check_output_dir(self.output_dir, run_id=self.run_id, resume=cfg.resume,
@@ -700,6 +702,7 @@ class Distiller:
                     seed_everything(cfg.seed + index)
                     self._run_stage(index, state)
         finally:
+            self._wait_for_saves()
             self.logger.close()
         state["finished"] = True
         self._write_state(state)
@@ -720,6 +723,14 @@ class Distiller:
         print(summary_text(summary))
         dist.shutdown(self.topo)
         return summary
+
+    def _wait_for_saves(self) -> None:
+        """On the way out of the stages (an error included): let a background save finish writing, and
+        report, without raising over the error in flight, a save that failed."""
+        try:
+            self.saves.wait()
+        except CheckpointError as err:
+            log.error("%s", err)
 
     def _timing_summary(self, total: float) -> dict:
         """Wall seconds of this invocation by phase: ``build_s`` (models, data, evaluator, heads),
