@@ -244,6 +244,9 @@ OURS_ARMS["ours_varlen_expandable"] = {**OURS_ARMS["ours_varlen"], "train.cuda_a
 # The same with each micro-batch in one row, no padding (train.pack_layout=padding_free): one row count
 # every step, so Liger's RoPE kernel (row count as a constexpr) compiles once per model.
 OURS_ARMS["ours_varlen_padding_free"] = {**OURS_ARMS["ours_varlen"], "train.pack_layout": "padding_free"}
+# The same with the mid-stage checkpoint (stage1.save_every=32: one, at step 32) written in the background
+# (train.async_checkpoint): the step loop waits for a host copy of the state, not for the disk.
+OURS_ARMS["ours_varlen_async_checkpoint"] = {**OURS_ARMS["ours_varlen"], "train.async_checkpoint": "true"}
 # Left out on a CPU (a smoke run): the one-row layout goes with the varlen attention it needs.
 GPU_ONLY_LEVERS = ("train.liger_kernels", "train.compile", "model.teacher.attn_implementation",
                    "model.student.attn_implementation", "train.pack_layout")
