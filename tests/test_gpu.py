@@ -111,3 +111,23 @@ def test_a_padding_free_stage_logs_the_losses_of_packed_rows(tmp_path):
         assert flat["tokens"] == packed["tokens"] and flat["padding"] == 0 < packed["padding"]
         for key in ("loss/ce", "loss/kd"):
             assert flat[key] == pytest.approx(packed[key], rel=2e-2), key
+
+
+def test_a_background_save_copies_the_gpu_state_into_pinned_buffers_it_reuses():
+    """train.async_checkpoint on a GPU: host_copy copies each CUDA tensor into a pinned host buffer
+    without blocking and waits once; the copy holds the values of the moment, and the next save of
+    the same shapes reuses the buffers."""
+    from qwen_distillation.training.checkpoint import host_copy
+
+    state = {"module": {"w": torch.randn(1024, 512, device="cuda")},
+             "optimizer": {"state": {0: {"exp_avg": torch.randn(4096, device="cuda"), "step": torch.tensor(3.0)}},
+                           "param_groups": [{"lr": 0.1, "params": [0]}]}}
+    buffers = {}
+    first = host_copy(state, buffers)
+    expected = state["module"]["w"].cpu()
+    state["module"]["w"].add_(1.0)  # the steps after the save
+    assert torch.equal(first["module"]["w"], expected) and first["module"]["w"].is_pinned()
+    assert first["optimizer"]["state"][0]["step"].item() == 3.0 and first["optimizer"]["param_groups"][0]["lr"] == 0.1
+    second = host_copy(state, buffers)
+    assert second["module"]["w"].data_ptr() == first["module"]["w"].data_ptr()
+    assert torch.equal(second["module"]["w"], state["module"]["w"].cpu())
