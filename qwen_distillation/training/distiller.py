@@ -426,8 +426,9 @@ class Distiller:
                 log.info("%s: saved checkpoint-%d", run.key, run.step)
         if progress is not None:
             progress.close()
-        with self._timed("stages", run.key, "checkpoints_s"):  # a background save still being written
-            self.saves.wait()
+        if self.saves.background:  # a save still being written, before the stage's checkpoints are removed
+            with self._timed("stages", run.key, "checkpoints_s"):
+                self.saves.wait()
         with self._timed("stages", run.key, "finish_s"):  # exports, samples, the stage's records
             self._finish_stage(run, state)
 
