@@ -249,3 +249,43 @@ def test_host_copy_copies_every_tensor_and_keeps_the_structure():
     original["c"]["d"].append(3)
     assert torch.equal(copied["a"], torch.ones(2)) and torch.equal(copied["b"][1][1], torch.full((1,), 2.0))
     assert isinstance(copied["b"][1], tuple) and copied["b"][1][0] == 3 and copied["c"] == {"d": [1, 2]}
+
+
+def _an_export(directory):
+    (directory / "merged").mkdir(parents=True)
+    for name, data in (("model.safetensors", b"weights"), ("config.json", b"{}"),
+                       ("merged/model.safetensors", b"merged weights"), ("merged/tokenizer.json", b"tok")):
+        (directory / name).write_bytes(data)
+    return directory
+
+
+def test_link_export_links_the_weights_copies_the_rest_and_replaces_the_target(tmp_path):
+    """stageN/final when stageN/best was exported at the last step: the same files, the weights
+    hard-linked, the small files (a user may edit them in place) copied."""
+    from qwen_distillation.training.checkpoint import link_export
+
+    best = _an_export(tmp_path / "best")
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "stale.txt").write_text("from an earlier export")
+    link_export(best, tmp_path / "final")
+    final = tmp_path / "final"
+    names = sorted(str(p.relative_to(final)) for p in final.rglob("*"))
+    assert names == ["config.json", "merged", "merged/model.safetensors", "merged/tokenizer.json", "model.safetensors"]
+    for name in names:
+        if (best / name).is_file():
+            assert (final / name).read_bytes() == (best / name).read_bytes()
+            assert os.path.samefile(final / name, best / name) == name.endswith(".safetensors"), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "final"]
+
+
+def test_link_export_copies_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    from qwen_distillation.training.checkpoint import link_export
+
+    def no_links(source, target):
+        raise OSError(1, "Operation not permitted")
+
+    best = _an_export(tmp_path / "best")
+    monkeypatch.setattr(os, "link", no_links)
+    link_export(best, tmp_path / "final")
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == b"weights"
+    assert not os.path.samefile(tmp_path / "final" / "model.safetensors", best / "model.safetensors")

@@ -194,6 +194,22 @@ def test_best_mode_max_exports_at_each_new_maximum(eval_run):
     assert [r["step"] for r in train_rows(out) if r["stage"] == 2] == [1, 2, 3]
 
 
+def test_final_shares_the_weight_files_of_a_best_exported_at_the_last_step(eval_run):
+    """Stage 1 (one step) exports best at its last step, so final links best's weights instead of
+    writing them again; stage 2 does the same only when its last evaluation was its best."""
+    import os
+
+    out, _, _, calls = eval_run
+    kl = [r["eval/medical_kl_to_teacher"] for r in read_metrics(out) if r.get("stage") == 2 and "eval/medical_nll" in r]
+    for stage, best_at_last in ((1, True), (2, kl[-1] > max(kl[:-1]))):
+        best, final = out / f"stage{stage}" / "best", out / f"stage{stage}" / "final"
+        weights = sorted(p.name for p in final.glob("*.safetensors"))
+        assert weights == sorted(p.name for p in best.glob("*.safetensors")) != []
+        for name in weights:
+            assert os.path.samefile(final / name, best / name) == best_at_last, (stage, name)
+        assert not os.path.samefile(final / "config.json", best / "config.json")
+
+
 def test_samples_are_written_per_stage_with_teacher_and_student(eval_run):
     out, summary, _, calls = eval_run
     assert calls["teacher_samples"] == 1  # generated once for the run, reused by stage 2

@@ -126,6 +126,26 @@ def export_model(model, tokenizer, target: Path, *, base_model_dir: str | None =
         tokenizer.save_pretrained(tmp)
 
 
+def link_export(source: Path, target: Path) -> None:
+    """Make ``target`` an export with the files of ``source`` (an export of the same weights), under
+    a temporary directory swapped in like any export (:func:`atomic_dir`): the weight files
+    (``*.safetensors``) hard-linked, or copied where the file system refuses links, every other file
+    (config, tokenizer: small, and what a user might edit in place) copied. The package never
+    changes an export's files in place (each export is written anew and swapped in)."""
+    source = Path(source)
+    with atomic_dir(target) as tmp:
+        for path in sorted(source.rglob("*")):
+            copy_to = tmp / path.relative_to(source)
+            if path.is_dir():
+                copy_to.mkdir(parents=True, exist_ok=True)
+                continue
+            if path.suffix == ".safetensors":
+                with contextlib.suppress(OSError):  # no hard links here: copied below
+                    os.link(path, copy_to)
+                    continue
+            shutil.copy2(path, copy_to)
+
+
 def rng_state() -> dict:
     """Python's, numpy's, torch's and (on CUDA) every device's random generator states."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),

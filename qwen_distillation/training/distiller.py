@@ -122,6 +122,7 @@ class StageRun:
     save_every: int
     step: int = 0
     best: float | None = None
+    best_step: int | None = None  # the step stageN/best was exported at by this process
     recent_skipped: deque = field(default_factory=deque)  # of the last train.divergence_window steps
     last_save: float = field(default_factory=time.monotonic)
     # Rank 0's clock, read at the last step's reduction and the same on every rank:
@@ -576,7 +577,7 @@ class Distiller:
             raise self._diverged(run, "its evaluation is non-finite (" + ", ".join(f"{k}={v}" for k, v in bad.items())
                                  + ")")
         if improves(value, run.best, best_direction(run.stage.best_metric, run.stage.best_mode)):
-            run.best = value
+            run.best, run.best_step = value, run.step
             self._export(run, "best")
         self.last_eval = metrics
 
@@ -592,8 +593,15 @@ class Distiller:
 
     def _finish_stage(self, run: StageRun, state: dict) -> None:
         """Export ``stageN/final`` and the heads, write the samples, mark the stage complete
-        in the run state, and drop its mid-stage checkpoints."""
-        self._export(run, "final")
+        in the run state, and drop its mid-stage checkpoints. When ``best`` was exported at the
+        last step (its metric improved there), ``final`` holds the same weights: its files are
+        linked to ``best``'s (copied where the file system has no hard links) instead of written again."""
+        if run.best_step == run.step:
+            if self.topo.is_main:
+                ckpt.link_export(run.directory / "best", run.directory / "final")
+            dist.barrier(self.topo)
+        else:
+            self._export(run, "final")
         run.engine.save_heads(run.directory / "heads.pt")
         if self.evaluator.prompts:
             self._write_samples(run.index, run.stage, state)
