@@ -162,8 +162,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The parameters the optimizer updates (all of them, or only LoRA's and the heads')."""
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """The parameters the optimizer updates (all of them, or only LoRA's and the heads'), detached, not
+    copied (as the optimizer's own ``state_dict`` holds its state): ``torch.save`` copies them as it
+    writes, and a background save takes its own copy (:func:`host_copy`)."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _rng_file(rank: int) -> str:
