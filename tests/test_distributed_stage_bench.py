@@ -16,7 +16,8 @@ spec = importlib.util.spec_from_file_location("distributed_stage", REPO / "bench
 ds = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ds)
 
-ARGS = argparse.Namespace(steps=12, batch_size=4, grad_accum=2, max_length=2048, overrides=["seed=1"])
+ARGS = argparse.Namespace(steps=12, batch_size=4, grad_accum=2, max_length=2048, overrides=["seed=1"],
+                          pair="7b-1.5b", draw=False)
 
 
 def test_one_gpu_runs_the_command_itself_and_several_run_it_under_torchrun_with_the_work_per_gpu_fixed():
@@ -44,3 +45,20 @@ def test_scaling_is_each_count_over_its_own_engine_on_one_gpu_beside_its_target(
     assert results[4]["scaling_vs_1_gpu"] == pytest.approx(7.25) and results[4]["scaling_target"] == 7.0
     assert results[4]["scaling_target_met"] is True
     assert "scaling_vs_1_gpu" not in results[0] and "scaling_vs_1_gpu" not in results[5]  # no one-GPU run of zero2
+
+
+def test_draw_builds_both_models_at_load_from_the_pairs_shapes_and_72b_is_never_saved(tmp_path):
+    """--draw (the 72B -> 7B run of docs/distributed.md): no saved pair, each model drawn from its
+    Qwen2.5 shape at load (partitioned over the ranks under ZeRO-3); the user's overrides come last."""
+    drawn = ds.engine_command("zero3", 2, None, Path("/o"), argparse.Namespace(**{**vars(ARGS), "pair": "72b-7b",
+                                                                                      "draw": True}))
+    assert not any(arg.startswith("model.") and "/m/" in arg for arg in drawn)
+    for role, size in (("teacher", "72b"), ("student", "7b")):
+        assert f"model.{role}.path=null" in drawn and f"model.{role}.random_init.model_type=qwen2" in drawn
+        for key, value in ds.QWEN[size].items():
+            assert f"model.{role}.random_init.{key}={value}" in drawn
+    assert "model.teacher.random_init.hidden_size=8192" in drawn and drawn[-1] == "seed=1"
+    saved = ds.engine_command("zero3", 1, Path("/m"), Path("/o"), ARGS)
+    assert "model.teacher.path=/m/teacher" in saved and "model.student.random_init=null" in saved
+    with pytest.raises(SystemExit, match="--draw"):
+        ds.prepare("72b-7b", tmp_path)
