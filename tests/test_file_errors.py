@@ -256,6 +256,19 @@ def test_a_resume_over_a_damaged_final_model_names_it_and_the_way_on(stopped_aft
             f"(start_stage=2 checkpoint_path={out / 'stage1' / 'best'})") in message
 
 
+def test_a_resume_over_a_damaged_final_that_shares_best_s_weights_offers_only_the_start_over(
+        stopped_after_stage_1, tmp_path):
+    from qwen_distillation.training.checkpoint import link_export
+
+    out, overrides = _resume_copy(stopped_after_stage_1, tmp_path)
+    link_export(out / "stage1" / "best", out / "stage1" / "final")  # as the stage left them (the copy broke the links)
+    damage(out / "stage1" / "final" / "model.safetensors", "truncated")
+    with pytest.raises(CheckpointError) as err:
+        run(compose_config(overrides))
+    assert (f"its final model is damaged or missing: start over with overwrite_output_dir=true "
+            f"({out / 'stage1' / 'best'} shares its weight files, exported at the stage's last step)") in str(err.value)
+
+
 def test_a_resume_over_damaged_heads_names_them(stopped_after_stage_1, tmp_path):
     out, overrides = _resume_copy(stopped_after_stage_1, tmp_path)
     bad = damage(out / "stage1" / "heads.pt", "truncated")
@@ -271,3 +284,22 @@ def test_a_resume_over_a_damaged_metrics_file_names_the_line(stopped_after_stage
     with pytest.raises(CheckpointError, match=f"{out / 'metrics.jsonl'} line 2: not a metrics row"):
         run(compose_config(overrides))
     assert os.path.exists(out / "stage1" / "final")
+
+
+def test_a_damaged_final_that_shares_best_s_weight_files_does_not_send_the_user_to_best(saved_stage, tmp_path):
+    """stageN/final linked to a best exported at the last step (training.checkpoint.link_export):
+    the weight file damaged under one name is damaged under both, so best is not offered."""
+    from qwen_distillation.modeling.loading import shares_weights
+    from qwen_distillation.training.checkpoint import link_export
+
+    stage = tmp_path / "run" / "stage1"
+    shutil.copytree(saved_stage / "best", stage / "best")
+    link_export(stage / "best", stage / "final")
+    assert shares_weights(str(stage / "final"), str(stage / "best"))
+    assert not shares_weights(str(saved_stage / "final"), str(saved_stage / "best"))  # copies
+    bad = damage(stage / "final" / "model.safetensors", "truncated")
+    with pytest.raises(CheckpointError) as err:
+        load_student_checkpoint(str(stage / "final"), dtype=torch.float32)
+    message = str(err.value)
+    assert message.startswith(f"{bad}: truncated") and "checkpoint_path=OUTPUT_DIR/stage1/final" in message
+    assert str(stage / "best") not in message

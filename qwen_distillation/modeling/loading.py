@@ -162,12 +162,25 @@ def slim_down(teacher: PreTrainedModel, keep_layers: int, dtype: torch.dtype,
     return student, kept
 
 
+def shares_weights(path: str, other: str) -> bool:
+    """Whether the exports ``path`` and ``other`` share their weight files (``stageN/final`` linked
+    to a ``stageN/best`` exported at the stage's last step): a damaged one is damaged in both."""
+    try:
+        files = [name for name in os.listdir(path) if name.endswith(".safetensors")]
+        return bool(files) and all(os.path.samefile(os.path.join(path, name), os.path.join(other, name))
+                                   for name in files)
+    except OSError:
+        return False
+
+
 def other_checkpoint(path: str) -> str:
     """The checkpoint to suggest instead of a damaged ``path``: ``stageN/best`` for ``stageN/final``
-    and the other way round, else the final model of a stage."""
+    and the other way round unless the two share their weight files, else the final model of a stage."""
     name = os.path.basename(os.path.normpath(path))
     if name in ("best", "final"):
-        return os.path.join(os.path.dirname(os.path.normpath(path)), "final" if name == "best" else "best")
+        other = os.path.join(os.path.dirname(os.path.normpath(path)), "final" if name == "best" else "best")
+        if not shares_weights(path, other):
+            return other
     return "OUTPUT_DIR/stage1/final"
 
 

@@ -14,7 +14,7 @@ from qwen_distillation.config.validate import pruned_from_teacher
 from qwen_distillation.errors import CheckpointError, ConfigError, DistillationError
 from qwen_distillation.modeling.fp8 import check_fp8_device, convert_to_fp8
 from qwen_distillation.modeling.loading import (load_causal_lm, load_student_checkpoint, require_existing,
-                                                split_gguf)
+                                                shares_weights, split_gguf)
 from qwen_distillation.modeling.parts import weight_shape
 from qwen_distillation.modeling.prune import Pruned, calibration_batches, prune_from_teacher
 from qwen_distillation.modeling.tokenizer import load_tokenizer
@@ -169,9 +169,13 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
         stage_dir = output_dir / f"stage{resume_after_stage}"
         # Stage N is complete in the run state, so the run cannot redo it: it starts over, or a new
         # run continues from the stage's other export.
+        best = stage_dir / "best"
         fix = (f"stage {resume_after_stage} of this run is complete but its final model is damaged or missing: "
-               f"start over with overwrite_output_dir=true, or continue in a new output_dir from "
-               f"{stage_dir / 'best'} (start_stage={resume_after_stage + 1} checkpoint_path={stage_dir / 'best'})")
+               f"start over with overwrite_output_dir=true" + (
+                   f" ({best} shares its weight files, exported at the stage's last step)"
+                   if shares_weights(str(stage_dir / "final"), str(best)) else
+                   f", or continue in a new output_dir from {best} (start_stage={resume_after_stage + 1} "
+                   f"checkpoint_path={best})"))
         student = load_student_checkpoint(str(stage_dir / "final"), dtype=torch.float32, quantization=quantization,
                                           key=None, fix=fix, meta=meta)
         base_model_dir = str(output_dir / "student_base") if cfg.lora.enabled else None
