@@ -594,8 +594,8 @@ class Distiller:
     def _finish_stage(self, run: StageRun, state: dict) -> None:
         """Export ``stageN/final`` and the heads, write the samples, mark the stage complete
         in the run state, and drop its mid-stage checkpoints. When ``best`` was exported at the
-        last step (its metric improved there), ``final`` holds the same weights: its files are
-        linked to ``best``'s (copied where the file system has no hard links) instead of written again."""
+        last step (its metric improved there), ``final`` holds the same weights: it is made from
+        ``best``'s files (:func:`checkpoint.link_export`: the weight files hard-linked) instead of written again."""
         if run.best_step == run.step:
             if self.topo.is_main:
                 ckpt.link_export(run.directory / "best", run.directory / "final")
