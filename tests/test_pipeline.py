@@ -93,14 +93,16 @@ class _Killed(BaseException):
     """Stands for SIGKILL: nothing after the raise runs."""
 
 
-def test_killed_run_resumes_with_the_same_loss_trajectory(tmp_path, monkeypatch):
+@pytest.mark.parametrize("background", [False, True], ids=["saves_in_step", "async_checkpoint"])
+def test_killed_run_resumes_with_the_same_loss_trajectory(tmp_path, monkeypatch, background):
     """Killed in stage 2 (feature/attention/contrastive heads and GradNorm weights in
     flight) and again in stage 3 (hard-example sampler scores in flight), the same command
-    resumes each time, and every logged number equals the uninterrupted run's."""
+    resumes each time, and every logged number equals the uninterrupted run's; the same with the
+    checkpoints written in the background (train.async_checkpoint)."""
     common = tiny_overrides(tmp_path / "x", steps=4) + [
         "stage2.save_every=2", "stage2.eval_every=2", "stage2.loss.balancing.method=gradnorm",
         "stage3.save_every=2", "stage3.sampling.mode=hard", "stage3.sampling.rescore_every=3",
-        "stage3.sampling.max_scored=8"]
+        "stage3.sampling.max_scored=8", f"train.async_checkpoint={str(background).lower()}"]
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
     _run(common + [f"output_dir={reference_dir}"])
 
