@@ -40,6 +40,11 @@ CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_NAME = re.compile(rf"^\.?{CHECKPOINT_PREFIX}(\d+)(\.old)?$")
 
 
+def checkpoint_dir(stage_dir: Path, step: int) -> Path:
+    """Where a stage's training checkpoint of ``step`` lives: ``stage_dir/checkpoint-STEP``."""
+    return Path(stage_dir) / f"{CHECKPOINT_PREFIX}{step}"
+
+
 def _old(target: Path) -> Path:
     return target.parent / f".{target.name}.old"
 
@@ -250,7 +255,7 @@ def stage_checkpoints(stage_dir: Path) -> list[Path]:
         match = _CHECKPOINT_NAME.match(entry.name)
         if match and entry.is_dir() and (match.group(2) is None) == (not entry.name.startswith(".")):
             steps.add(int(match.group(1)))
-    found = [recover(stage_dir / f"{CHECKPOINT_PREFIX}{step}") for step in sorted(steps, reverse=True)]
+    found = [recover(checkpoint_dir(stage_dir, step)) for step in sorted(steps, reverse=True)]
     return [path for path in found if path.is_dir()]
 
 
@@ -258,7 +263,7 @@ def save_stage_checkpoint(stage_dir: Path, *, keep: int, engine, sampler, step: 
                           topology: Topology = SINGLE) -> Path:
     """Save the training state as ``stage_dir/checkpoint-STEP`` (:func:`save_training_state`),
     then delete all but the newest ``keep`` checkpoints of the stage. Returns the new one."""
-    target = Path(stage_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    target = checkpoint_dir(stage_dir, step)
     save_training_state(target, engine=engine, sampler=sampler, step=step, extra=extra, topology=topology)
     if topology.is_main:
         _prune(stage_dir, keep)
@@ -322,7 +327,7 @@ class StageSaves:
             return save_stage_checkpoint(stage_dir, keep=keep, engine=engine, sampler=sampler, step=step,
                                          extra=extra, topology=self.topology)
         self.wait()
-        target = Path(stage_dir) / f"{CHECKPOINT_PREFIX}{step}"
+        target = checkpoint_dir(stage_dir, step)
         # The single-device engine keeps its whole state in the returned dict; the directory stays unused.
         state = host_copy(_state(engine.save_state(target), sampler, step, extra, 1), self._buffers)
         self._thread = threading.Thread(target=self._write, args=(Path(stage_dir), target, state, keep),
