@@ -131,3 +131,46 @@ def test_a_background_save_copies_the_gpu_state_into_pinned_buffers_it_reuses():
     second = host_copy(state, buffers)
     assert second["module"]["w"].data_ptr() == first["module"]["w"].data_ptr()
     assert torch.equal(second["module"]["w"], state["module"]["w"].cpu())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
+def test_liger_rope_folded_over_rows_is_bit_equal_and_compiles_once_for_every_row_count():
+    """modeling.speed.rope_over_rows on the GPU: Liger's RoPE with the batch folded into the sequence
+    gives the unfolded kernel's values and gradients to the bit (bf16, per-row cos of packed rows),
+    and three row counts add one forward and one backward compilation instead of one per row count."""
+    from liger_kernel.ops import rope as liger_rope
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    from qwen_distillation.modeling.speed import rope_over_rows
+
+    kernel = liger_rope._triton_rope
+    if not hasattr(kernel, "device_caches"):
+        pytest.skip("this Triton keeps no per-device kernel cache to count")
+    device = torch.cuda.current_device()
+
+    def compiled():
+        return len(kernel.device_caches[device][0]) if device in kernel.device_caches else 0
+
+    folded = rope_over_rows(liger_rotary_pos_emb)
+
+    def run(rope, bsz, seq=200, n_q=12, n_kv=2, head_dim=128):
+        g = torch.Generator(device="cuda").manual_seed(bsz)
+        q = torch.randn(bsz, seq, n_q, head_dim, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+        k = torch.randn(bsz, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+        angles = torch.rand(bsz, seq, head_dim // 2, device="cuda", generator=g) * 100
+        cos, sin = (f(torch.cat([angles, angles], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+        q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+        q_out, k_out = rope(q, k, cos, sin)
+        (q_out.float().square().sum() + k_out.float().sum()).backward()
+        return q_out.detach(), k_out.detach(), q.grad, k.grad
+
+    run(folded, 2)  # compile the folded variants first
+    before = compiled()
+    for bsz in (3, 5, 7):
+        for a, b in zip(run(liger_rotary_pos_emb, bsz), run(folded, bsz)):
+            assert torch.equal(a, b)
+    unfolded_added = compiled() - before
+    before = compiled()
+    for bsz in (4, 6, 9):
+        run(folded, bsz)
+    assert compiled() - before == 0 and unfolded_added >= 3

@@ -8,7 +8,10 @@
   first steps of each new sequence length compile (Inductor then switches to dynamic shapes).
 
 Liger replaces the model family's RMSNorm, MLP and RoPE for the whole process: models built
-later in the same process (another job of a ``-m`` sweep run in-process) get them too.
+later in the same process (another job of a ``-m`` sweep run in-process) get them too. Its RoPE is
+called through :func:`rope_over_rows` (the batch folded into the sequence), so that its Triton
+kernel, which takes the batch size as a compile-time constant, compiles once per head layout
+instead of once per row count of a packed micro-batch.
 
 Both at once was measured slower (Inductor cannot trace Liger's RMSNorm kernel and falls back),
 so the two are refused together.
@@ -16,7 +19,9 @@ so the two are refused together.
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 
 import torch
 from torch import nn
@@ -27,6 +32,56 @@ from qwen_distillation.modeling.parts import base_model
 from qwen_distillation.modeling.varlen import VARLEN, require_varlen
 
 log = logging.getLogger(__name__)
+
+
+def rope_over_rows(rope):
+    """``rope`` (Liger's ``liger_rotary_pos_emb``, the contract of transformers' ``apply_rotary_pos_emb``)
+    called with the batch folded into the sequence.
+
+    ``folded(q, k, cos, sin, *args, **kwargs)``: q (bsz, n_q_heads, seq, head_dim)
+    and k (bsz, n_kv_heads, seq, head_dim), the transposed views transformers' attention hands it;
+    cos and sin (1 or bsz, seq, rotary width). ``rope`` gets q and k as (1, heads, bsz * seq, head_dim)
+    views of the same storage and cos/sin as (1, bsz * seq, width), and its outputs are viewed back as
+    (bsz, heads, seq, head_dim). Each position is rotated by its own row of cos/sin either way, so the
+    values are the same to the bit, forward and backward. Liger's kernel takes the batch sizes of q and
+    of cos as ``tl.constexpr``: unfolded, Triton compiles it again (forward and backward, per model's
+    head layout) for every row count a packed micro-batch brings (the H200 real run's rows layout spent 0.3-0.5 s
+    more on each step that brought a new row count: docs/performance.md);
+    folded, the batch is always 1. The other arguments (``unsqueeze_dim``, ``rotary_dim``) are passed
+    on as given. A call of other shapes (one row, 4-D cos) or with a tensor among the other arguments
+    (``position_ids``, which would need folding too) goes to ``rope`` unchanged."""
+
+    @functools.wraps(rope)
+    def folded(q, k, cos, sin, *args, **kwargs):
+        bsz = q.shape[0] if q.ndim == 4 else 0
+        if (bsz < 2 or k.ndim != 4 or k.shape[0] != bsz or k.shape[2] != q.shape[2] or cos.ndim != 3
+                or sin.shape != cos.shape or cos.shape[0] not in (1, bsz) or cos.shape[1] != q.shape[2]
+                or any(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values()))):
+            return rope(q, k, cos, sin, *args, **kwargs)
+        seq = q.shape[2]
+
+        def fold(x):  # (bsz, heads, seq, d) -> (1, heads, bsz * seq, d), a view where x's rows are contiguous
+            return x.transpose(1, 2).reshape(1, bsz * seq, x.shape[1], x.shape[3]).transpose(1, 2)
+
+        def unfold(x):
+            return x.transpose(1, 2).reshape(bsz, seq, x.shape[1], x.shape[3]).transpose(1, 2)
+
+        cos, sin = (t.expand(bsz, -1, -1).reshape(1, bsz * seq, t.shape[-1]) for t in (cos, sin))
+        q_out, k_out = rope(fold(q), fold(k), cos, sin, *args, **kwargs)
+        return unfold(q_out), unfold(k_out)
+
+    return folded
+
+
+def _fold_liger_rope(model: nn.Module) -> None:
+    """Route the RoPE function Liger put into ``model``'s modeling module through :func:`rope_over_rows`."""
+    try:
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    except ImportError:  # a Liger without this module: its RoPE, if any, runs unfolded
+        return
+    module = sys.modules.get(type(model).__module__)
+    if getattr(module, "apply_rotary_pos_emb", None) is liger_rotary_pos_emb:
+        module.apply_rotary_pos_emb = rope_over_rows(liger_rotary_pos_emb)
 
 
 def apply_speedups(models: list[nn.Module], *, device: torch.device, compile: bool = False,
@@ -51,6 +106,7 @@ def apply_speedups(models: list[nn.Module], *, device: torch.device, compile: bo
             _apply_liger_kernel_to_instance(model=base_model(model), rope=True, rms_norm=True,
                                             swiglu=not fused_mlps(model), cross_entropy=False,
                                             fused_linear_cross_entropy=False)
+            _fold_liger_rope(base_model(model))
         applied.append("liger_kernels")
     if compile:
         for model in models:
