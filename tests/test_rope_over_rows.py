@@ -19,16 +19,16 @@ needs_interpreter = pytest.mark.skipif(not HAS_LIGER or os.environ.get("TRITON_I
                                        reason="runs Liger's Triton RoPE kernel in Triton's interpreter (CPU machines)")
 
 
-def _inputs(bsz, seq, n_q=4, n_kv=2, head_dim=16, cos_rows=None, seed=0):
+def _inputs(bsz, seq, n_q=4, n_kv=2, head_dim=16, cos_rows=None, seed=0, device="cpu", dtype=torch.float32):
     """q and k as transformers' attention hands them (transposed views of (bsz, seq, heads, d)), and
     cos/sin of RoPE's form (the two halves of each row equal) for ``cos_rows`` rows (bsz or 1)."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(bsz, seq, n_q, head_dim, generator=g).transpose(1, 2)
-    k = torch.randn(bsz, seq, n_kv, head_dim, generator=g).transpose(1, 2)
+    q = torch.randn(bsz, seq, n_q, head_dim, generator=g).to(device, dtype).transpose(1, 2)
+    k = torch.randn(bsz, seq, n_kv, head_dim, generator=g).to(device, dtype).transpose(1, 2)
     rows = bsz if cos_rows is None else cos_rows
     angles = torch.randn(rows, seq, head_dim // 2, generator=g)
     angles = torch.cat([angles, angles], dim=-1)
-    return q, k, angles.cos(), angles.sin()
+    return q, k, angles.cos().to(device, dtype), angles.sin().to(device, dtype)
 
 
 def _run(rope, q, k, cos, sin):
@@ -36,8 +36,8 @@ def _run(rope, q, k, cos, sin):
     q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
     q_out, k_out = rope(q.clone(), k.clone(), cos, sin)
     g = torch.Generator().manual_seed(1)
-    (q_out * torch.randn(q_out.shape, generator=g)).sum().add((k_out * torch.randn(k_out.shape, generator=g)).sum()
-                                                              ).backward()
+    upstream_q, upstream_k = (torch.randn(x.shape, generator=g).to(x.device, x.dtype) for x in (q_out, k_out))
+    ((q_out * upstream_q).sum() + (k_out * upstream_k).sum()).backward()
     return q_out.detach(), k_out.detach(), q.grad, k.grad
 
 
@@ -105,3 +105,36 @@ def test_the_liger_patch_routes_the_model_familys_rope_through_the_fold(monkeypa
     monkeypatch.setattr(modeling_qwen2, "apply_rotary_pos_emb", apply_rotary_pos_emb)
     _fold_liger_rope(model)
     assert modeling_qwen2.apply_rotary_pos_emb is apply_rotary_pos_emb
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_LIGER, reason="needs a CUDA GPU and liger-kernel")
+def test_on_the_gpu_liger_rope_folded_is_bit_equal_and_compiles_once_for_every_row_count():
+    """On the GPU: Liger's RoPE folded gives the unfolded kernel's values and gradients to the bit
+    (bf16, per-row cos of packed rows), and further row counts add no compilation of its kernel,
+    where three row counts unfolded added at least three."""
+    from liger_kernel.ops import rope as liger_rope
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    kernel = liger_rope._triton_rope
+    if not hasattr(kernel, "device_caches"):
+        pytest.skip("this Triton keeps no per-device kernel cache to count")
+    device = torch.cuda.current_device()
+
+    def compiled():
+        return len(kernel.device_caches[device][0]) if device in kernel.device_caches else 0
+
+    def inputs(bsz):
+        return _inputs(bsz, 200, n_q=12, n_kv=2, head_dim=128, seed=bsz, device="cuda", dtype=torch.bfloat16)
+
+    folded = rope_over_rows(liger_rotary_pos_emb)
+    _run(folded, *inputs(2))  # compile the folded variants first
+    before = compiled()
+    for bsz in (3, 5, 7):
+        for a, b in zip(_run(liger_rotary_pos_emb, *inputs(bsz)), _run(folded, *inputs(bsz))):
+            assert torch.equal(a, b)
+    unfolded_added = compiled() - before
+    before = compiled()
+    for bsz in (4, 6, 9):
+        _run(folded, *inputs(bsz))
+    assert compiled() - before == 0 and unfolded_added >= 3
