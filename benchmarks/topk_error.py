@@ -5,7 +5,12 @@ on real text with the real demo teacher.
         --markdown benchmarks/results/topk_error_smollm2_cpu.md
 
 The teacher is SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to fp32); the student is made from
-it with ``slim_down(teacher, 15)`` (15 of its 30 layers, untrained, so far from the teacher). The
+it with ``slim_down(teacher, 15)`` (15 of its 30 layers, untrained, so far from the teacher), or,
+with ``--student DIR``, is a student a run exported (``OUTPUT_DIR/stage1/final``, say), to see how
+the errors change as the student nears its teacher:
+
+    python benchmarks/topk_error.py --student /tmp/near/s120/stage1/final --ks 32 --no-compare-distillkit \
+        --out benchmarks/results/topk_error_near/s120.json --markdown benchmarks/results/topk_error_near/s120.md The
 data are the first ``--max-records`` records of each ``--data`` file, encoded as training encodes
 them (chat template, assistant-only labels, ``--max-length``); the losses are taken on the response
 positions only (logits at t score label t + 1). For every divergence, temperature, k and tail
@@ -59,10 +64,16 @@ TAILS = ("bucket", "renormalize")
 DISTILLKIT = ("distillkit_zero", "distillkit_symmetric_uniform")
 
 
-def load_models(teacher_path: str, keep_layers: int, device: torch.device):
-    spec = ModelSpec(path=teacher_path)
-    teacher = load_causal_lm(spec, dtype=torch.float32, role="teacher").eval()
-    student, kept = slim_down(teacher, keep_layers, torch.float32)
+def load_models(teacher_path: str, keep_layers: int, student_path: str | None, device: torch.device):
+    """(teacher, student, kept layers or None for an exported student, tokenizer), fp32."""
+    teacher = load_causal_lm(ModelSpec(path=teacher_path), dtype=torch.float32, role="teacher").eval()
+    if student_path:
+        student, kept = load_causal_lm(ModelSpec(path=student_path), dtype=torch.float32, role="student"), None
+        if student.config.vocab_size != teacher.config.vocab_size:
+            raise SystemExit(f"--student {student_path}: vocabulary of {student.config.vocab_size} tokens, the "
+                             f"teacher's has {teacher.config.vocab_size}; pass a student distilled from --teacher")
+    else:
+        student, kept = slim_down(teacher, keep_layers, torch.float32)
     directory, gguf_file = split_gguf(resolve_path(teacher_path), None)
     tokenizer = load_tokenizer(directory, gguf_file=gguf_file)
     return teacher.to(device), student.eval().to(device), kept, tokenizer
@@ -150,8 +161,9 @@ def markdown(rows: list[dict], tails: dict, meta: dict) -> str:
         return f"{row['loss_rel_err']:+.3f} / {row['grad_cos']:.3f} / {row['grad_rel_err']:.3f}"
 
     by_key = {(r["kind"], r["temperature"], r["k"], r["tail"]): r for r in rows}
+    student = meta["student"] or f"slim_down({meta['keep_layers']} layers)"
     lines = [f"{meta['tokens']} response tokens ({meta['examples']} examples), teacher {meta['teacher']}, student "
-             f"slim_down({meta['keep_layers']} layers), V = {meta['vocab_size']}; {meta['machine']}, "
+             f"{student}, V = {meta['vocab_size']}; {meta['machine']}, "
              f"{meta['wall_s']:.0f} s.", "",
              "Mass outside the teacher's top-k (T = 1, mean over tokens), teacher / student: "
              + ", ".join(f"k = {k}: {mass['teacher']:.3f} / {mass['student']:.3f}" for k, mass in tails.items())
@@ -194,6 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default=TEACHER)
     parser.add_argument("--keep-layers", type=int, default=15)
+    parser.add_argument("--student", help="an exported student's directory (default: slim_down of the teacher)")
     parser.add_argument("--data", nargs="+", default=DATA)
     parser.add_argument("--max-records", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
@@ -209,7 +222,7 @@ def main() -> None:
 
     start = time.perf_counter()
     device = torch.device(args.device)
-    teacher, student, kept, tokenizer = load_models(args.teacher, args.keep_layers, device)
+    teacher, student, kept, tokenizer = load_models(args.teacher, args.keep_layers, args.student, device)
     examples = []
     for path in args.data:
         examples += encode_source(DataSource(path=path, max_records=args.max_records), tokenizer, args.max_length)
@@ -226,7 +239,8 @@ def main() -> None:
     rows, tails = summarise(stats, num_tokens)
     machine = (f"{cpu_name()}, {torch.get_num_threads()} torch threads" if device.type == "cpu"
                else torch.cuda.get_device_name(device))
-    meta = dict(teacher=args.teacher, keep_layers=args.keep_layers, kept_layers=kept, data=args.data,
+    meta = dict(teacher=args.teacher, student=args.student, keep_layers=None if args.student else args.keep_layers,
+                kept_layers=kept, data=args.data,
                 max_records=args.max_records, max_length=args.max_length, examples=len(examples), tokens=num_tokens,
                 vocab_size=teacher.config.vocab_size, ks=args.ks, temperatures=args.temperatures, machine=machine,
                 device=str(device), torch=torch.__version__, wall_s=time.perf_counter() - start,
