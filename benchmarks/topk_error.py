@@ -9,8 +9,11 @@ it with ``slim_down(teacher, 15)`` (15 of its 30 layers, untrained, so far from 
 with ``--student DIR``, is a student a run exported (``OUTPUT_DIR/stage1/final``, say), to see how
 the errors change as the student nears its teacher:
 
-    python benchmarks/topk_error.py --student /tmp/near/s120/stage1/final --ks 32 --no-compare-distillkit \
-        --out benchmarks/results/topk_error_near/s120.json --markdown benchmarks/results/topk_error_near/s120.md The
+    python benchmarks/topk_error.py --student /tmp/near/s40/stage1/final --ks 32 --no-compare-distillkit \\
+        --out benchmarks/results/topk_error_near/topk_s40.json \\
+        --markdown benchmarks/results/topk_error_near/topk_s40.md
+
+(docs/teacher_offline.md has the run that trains that student). The
 data are the first ``--max-records`` records of each ``--data`` file, encoded as training encodes
 them (chat template, assistant-only labels, ``--max-length``); the losses are taken on the response
 positions only (logits at t score label t + 1). For every divergence, temperature, k and tail
