@@ -35,6 +35,19 @@ def _problem(tokens=13, hidden=8, vocab=40, k=5, seed=0, dtype=torch.float32):
     return student_hidden, weight, targets, teacher_topk(teacher_logits, k)
 
 
+def test_completed_rows_sum_the_students_mass_outside_the_cached_ids_over_every_chunk():
+    student_hidden, weight, _, entry = _problem(dtype=torch.float64)
+    logits = student_hidden @ weight.T
+    source = CompletedTopK(*entry)
+    assert source.student_tail_mass is None
+    half = logits.shape[0] // 2
+    source.rows(0, half, logits[:half])
+    source.rows(half, logits.shape[0], logits[half:])
+    expected = 1 - F.softmax(logits, -1).gather(1, entry.ids).sum(-1)  # (N,), exact in fp64
+    assert 0.05 < float(expected.mean()) < 0.95  # neither nothing nor everything outside: the test can fail
+    torch.testing.assert_close(source.student_tail_mass.double(), expected.sum(), rtol=1e-5, atol=0)
+
+
 def test_completed_rows_keep_the_cache_and_spread_its_tail_like_the_student():
     student_hidden, weight, _, entry = _problem(dtype=torch.float64)
     logits = student_hidden @ weight.T

@@ -102,6 +102,8 @@ def test_training_from_a_full_vocabulary_cache_equals_the_online_teacher(tmp_pat
         # of 0.02 between two close models is a difference of two sums of about 5 nats.
         for key in ("loss", "loss/kd", "loss/ce", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=2e-6), key
+        # Nothing lies outside a cache of the whole vocabulary; the online run logs no such measure.
+        assert b["cache/student_mass_outside_topk"] == 0.0 and "cache/student_mass_outside_topk" not in a
     # The run did read the cache: a top-4 cache gives another KD value (the approximation).
     cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "top4", k=4)
     run(compose_config(_overrides(tmp_path / "top4run", small_tokenizer, "stage1.teacher.source=cache",
@@ -109,6 +111,8 @@ def test_training_from_a_full_vocabulary_cache_equals_the_online_teacher(tmp_pat
     top4 = train_rows(tmp_path / "top4run")[0]
     assert top4["loss/ce"] == pytest.approx(online[0]["loss/ce"], rel=1e-6)
     assert abs(top4["loss/kd"] - online[0]["loss/kd"]) > 1e-3 * online[0]["loss/kd"]
+    # The tiny random student spreads its mass: most of it lies outside the teacher's top 4 of 256 tokens.
+    assert 0.5 < top4["cache/student_mass_outside_topk"] < 1.0
 
 
 def test_a_run_from_the_cache_never_reads_the_teachers_weights(tmp_path, small_tokenizer):

@@ -77,10 +77,16 @@ class CompletedTopK:
         ids (torch.Tensor): shape (N, k), the cached top-k ids (< the student logits' width).
         logprobs (torch.Tensor): shape (N, k), their T = 1 log-probs.
         tail_logmass (torch.Tensor): shape (N,), log of the T = 1 mass outside ``ids``.
+
+    ``student_tail_mass``: after :meth:`rows` has built rows, the sum over them of the student's T = 1
+    mass outside ``ids`` (a 0-d fp32 tensor on the rows' device; None before), what the bucket cannot
+    resolve: the sparse loss's gradient is near the dense one's only where it is small
+    (docs/teacher_offline.md). Reading it costs a (c, k) gather per chunk, no device wait.
     """
 
     def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, tail_logmass: torch.Tensor):
         self.ids, self.logprobs, self.tail_logmass = ids.long(), logprobs, tail_logmass
+        self.student_tail_mass: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -90,8 +96,12 @@ class CompletedTopK:
         """(end - start, V) fp32 teacher log-probs for the student logits (end - start, V) of the chunk."""
         ids = self.ids[start:end]
         rows = student_logits.detach().to(torch.float32, copy=True)  # the student logits stay as they are
+        in_ids = torch.logsumexp(rows.gather(1, ids), dim=-1, keepdim=True)
         rows.scatter_(1, ids, float("-inf"))
-        rows -= torch.logsumexp(rows, dim=-1, keepdim=True)  # log q_1(u | tail); -inf at the ids
+        outside = torch.logsumexp(rows, dim=-1, keepdim=True)
+        mass = torch.exp(outside - torch.logaddexp(outside, in_ids)).sum()  # the student's, outside the ids
+        self.student_tail_mass = mass if self.student_tail_mass is None else self.student_tail_mass + mass
+        rows -= outside  # log q_1(u | tail); -inf at the ids
         rows += self.tail_logmass[start:end, None].float()
         rows.scatter_(1, ids, self.logprobs[start:end].float())
         return rows

@@ -517,8 +517,11 @@ class Distiller:
         self.global_step += 1
         row = {"stage": run.index, "stage_name": run.stage.name, "step": run.step, "global_step": self.global_step}
         if not outcome.skipped:  # a skipped step has no loss value: it is logged with skipped=true only
-            per_token = {f"loss/{name}": value for name, value in per_step_mean(sums, tokens, len(batches)).items()}
-            total = sum(run.plan.weights.get(name[5:], 0.0) * value for name, value in per_token.items())
+            # A name with its own group (module.STUDENT_TAIL) is a per-token measure, not a loss term.
+            per_token = {name if "/" in name else f"loss/{name}": value
+                         for name, value in per_step_mean(sums, tokens, len(batches)).items()}
+            total = sum(run.plan.weights.get(name[5:], 0.0) * value for name, value in per_token.items()
+                        if name.startswith("loss/"))
             row.update({"loss": total, "loss/ce": float("nan"), "loss/kd": float("nan"), **per_token})
         row.update({"lr": outcome.lr, "medical_ratio": served.medical_ratio,
                     "medical_ratio_target": served.medical_ratio_target, "tokens": tokens, "padding": padding,

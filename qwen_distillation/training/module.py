@@ -38,6 +38,11 @@ from qwen_distillation.training.teacher import Launched
 from qwen_distillation.training.teacher_cache import CachedTopK
 
 
+# Logged by a stage that reads a teacher cache with tail=bucket: the student's mean T = 1 mass outside the
+# cached top k (CompletedTopK.student_tail_mass), not a loss term.
+STUDENT_TAIL = "cache/student_mass_outside_topk"
+
+
 class Heads(nn.Module):
     """Trainable distillation modules that are not part of the student: feature
     projections and contrastive projections. Saved and restored with the checkpoint."""
@@ -159,10 +164,14 @@ def _cached_logit_terms(plan: LossPlan, student: CapturedForward, teacher: Cache
     w_ce, w_kd = plan.weights.get("ce", 0.0), plan.weights.get("kd", 0.0)
     options = dict(kind=plan.kd.kind, temperature=plan.kd.temperature, tail=plan.teacher_tail, beta=plan.kd.beta)
     if plan.hidden_path and w_kd > 0 and plan.teacher_tail == "bucket" and plan.kd.kernel != "liger":
-        return _fused_logit_terms(plan, student_hidden=gather_positions(student.last_hidden, positions),
-                                  student_weight=student.head_weight,
-                                  teacher_hidden=None, teacher_weight=None, labels=targets, vocab_size=plan.vocab_size,
-                                  teacher_logits=CompletedTopK(teacher.ids, teacher.logprobs, teacher.tail_logmass))
+        completed = CompletedTopK(teacher.ids, teacher.logprobs, teacher.tail_logmass)
+        terms, parts = _fused_logit_terms(plan, student_hidden=gather_positions(student.last_hidden, positions),
+                                          student_weight=student.head_weight, teacher_hidden=None,
+                                          teacher_weight=None, labels=targets, vocab_size=plan.vocab_size,
+                                          teacher_logits=completed)
+        if completed.student_tail_mass is not None:  # a sum over the tokens, logged as a per-token mean
+            parts[STUDENT_TAIL] = completed.student_tail_mass
+        return terms, parts
     if plan.hidden_path:
         ce, kd = cached_teacher_kd(gather_positions(student.last_hidden, positions),
                                    student.head_weight[: plan.vocab_size], targets,
