@@ -131,4 +131,3 @@ def test_a_background_save_copies_the_gpu_state_into_pinned_buffers_it_reuses():
     second = host_copy(state, buffers)
     assert second["module"]["w"].data_ptr() == first["module"]["w"].data_ptr()
     assert torch.equal(second["module"]["w"], state["module"]["w"].cpu())
-
