@@ -95,6 +95,36 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
     assert _snapshot(finished_run) == before
 
 
+@pytest.mark.parametrize("case", ["data", "eval", "mcq", "calibration", "checkpoint"])
+def test_a_mistyped_path_fails_before_any_model_loads(case, monkeypatch, tmp_path, capsys):
+    """The teacher of a real run takes minutes to load: a path that does not exist fails first,
+    naming the config entry."""
+    import qwen_distillation.modeling.pair as pair
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the missing path was reported")
+
+    monkeypatch.setattr(pair, "load_causal_lm", no_model)
+    missing = tmp_path / "missing.jsonl"
+    base = tiny_overrides(tmp_path / "run", steps=1) + ["end_stage=1"]
+    argv, expected = {
+        "data": (base + ["--medical_dataset", str(missing)], "data.medical[0]="),
+        "eval": (base + [f"data.eval=[{missing}]"], "data.eval[0]="),
+        "mcq": (base + [f"eval.mcq=['{missing}']"], "eval.mcq[0]="),
+        "calibration": (base + ["model.student.random_init=null", "model.student.keep_layers=1",
+                                "model.student.prune.method=block_influence",
+                                f"model.student.prune.calibration.sources=[{missing}]"],
+                        "model.student.prune.calibration.sources[0]="),
+        "checkpoint": (base + ["--start_stage", "1", "--checkpoint_path", str(tmp_path / "nowhere")],
+                       "checkpoint_path="),
+    }[case]
+    code, output = _cli(argv, capsys)
+    assert code == 2, output
+    assert expected in output and ("file not found" in output or "no such directory" in output), output
+    assert "Traceback" not in output and "a model was loaded" not in output
+    assert not (tmp_path / "run").exists()
+
+
 def test_multirun_sweep_gives_each_job_its_own_output_dir(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = tiny_overrides(out, steps=1) + ["end_stage=1", "-m", "stage1.loss.weights.kd=0.3,0.7"]

@@ -215,6 +215,23 @@ def test_prune_command_refuses_a_config_with_nothing_to_prune(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("override", ["model.student.prune.calibration.sources=[{missing}]",
+                                      "data.medical=[{missing}]"])
+def test_prune_command_reports_a_missing_calibration_file_before_the_teacher_loads(override, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import qwen_distillation.modeling.pair as pair
+    from qwen_distillation.prune import main
+
+    monkeypatch.setattr(pair, "load_causal_lm", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "s"), *PRUNE_RUN, "model.student.keep_layers=2",
+              "model.student.prune.method=block_influence", override.format(missing=missing)])
+    assert exit_info.value.code == 2
+    assert f"{override.split('=')[0]}[0]={missing}: file not found" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_run_prunes_its_student_from_the_teacher_and_saves_the_record(tmp_path):
     from qwen_distillation.app import run
     from tests.conftest import tiny_overrides

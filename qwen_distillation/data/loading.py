@@ -209,6 +209,19 @@ def _looks_local(path: str) -> bool:
     return path.count("/") > 1 or (os.sep != "/" and os.sep in path)
 
 
+def check_local_path(path: str, where: str | None = None) -> None:
+    """Raise the DataError that reading ``path`` would raise when it names a local file or
+    directory that does not exist (a hub dataset id passes), without reading anything: entry
+    points call it on their config so that a mistyped path fails before any model loads.
+    ``where`` (e.g. ``data.general[0]``) names the config entry in the message."""
+    local = Path(os.path.expanduser(path))
+    if local.exists() or not _looks_local(path):
+        return
+    named = f"{where}={path}" if where else path
+    raise DataError(f"{named}: file not found (looked at {local.resolve()}); check the data path "
+                    "(relative paths are resolved from the working directory)")
+
+
 def _take(rows: Numbered, max_records: int | None) -> list[tuple[int, dict]]:
     records = []
     for item in rows:
@@ -270,10 +283,7 @@ def load_records(
     elif local.is_file():
         records = _take(_read_file(local), max_records)
     elif _looks_local(path):
-        raise DataError(
-            f"{path}: file not found (looked at {local.resolve()}); check the data path "
-            "(relative paths are resolved from the working directory)"
-        )
+        check_local_path(path)
     else:
         records = _load_hub(path, subset, split, max_records)
     if not records:

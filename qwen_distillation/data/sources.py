@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 from qwen_distillation.data.encode import build_examples, split_heldout
 from qwen_distillation.data.formats import FORMATS
-from qwen_distillation.data.loading import load_records
+from qwen_distillation.data.loading import check_local_path, load_records
 from qwen_distillation.errors import require, require_one_of
 from qwen_distillation.paths import locate
 
@@ -55,9 +55,18 @@ def normalise_sources(key: str, sources: Iterable[Any]) -> list[DataSource]:
     return out
 
 
+def checked_sources(key: str, entries: Iterable[Any]) -> list[DataSource]:
+    """:func:`normalise_sources`, and each local path must exist: a mistyped path fails here,
+    naming ``key[i]``, before any model loads (a hub dataset id is not looked up)."""
+    sources = normalise_sources(key, entries)
+    for i, source in enumerate(sources):
+        check_local_path(locate(source.path), f"{key}[{i}]")
+    return sources
+
+
 def data_sources(data_cfg) -> dict[str, list[DataSource]]:
     """``general``, ``medical`` and ``eval`` sources of a DataConfig, each entry checked."""
-    return {key: normalise_sources(f"data.{key}", getattr(data_cfg, key)) for key in (*DOMAINS, "eval")}
+    return {key: checked_sources(f"data.{key}", getattr(data_cfg, key)) for key in (*DOMAINS, "eval")}
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from qwen_distillation.data.loading import load_records
+from qwen_distillation.data.loading import check_local_path, load_records
 from qwen_distillation.errors import DataError, require, require_one_of
 from qwen_distillation.evaluation.prompting import model_device, render_prompt
 from qwen_distillation.evaluation.sharding import Shard, map_shared
@@ -254,7 +254,8 @@ class MCQSource:
 
 def normalise_mcq_sources(key: str, entries: Iterable[Any]) -> list[MCQSource]:
     """Turn the entries of ``eval.mcq`` (named ``key`` in errors: ``PATH``, ``NAME=PATH`` or a
-    mapping) into MCQSources with unique names; a bare path is named after its file stem."""
+    mapping) into MCQSources with unique names; a bare path is named after its file stem. A local
+    path must exist (a hub dataset id is not looked up)."""
     out: list[MCQSource] = []
     example = f"{key}=[{{name: medqa, path: my_mcq.jsonl}}]"
     for i, entry in enumerate(entries):
@@ -278,6 +279,8 @@ def normalise_mcq_sources(key: str, entries: Iterable[Any]) -> list[MCQSource]:
                 "two MCQ sets share this name; name them apart", example)
         require_one_of(f"{where}.format", source.format, ("auto", *MCQ_FORMATS))
         out.append(source)
+    for i, source in enumerate(out):  # every entry well formed, then its path: before any model loads
+        check_local_path(locate(source.path), f"{key}[{i}]")
     return out
 
 

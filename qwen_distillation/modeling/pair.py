@@ -153,6 +153,10 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
                               "over the ranks (DeepSpeed ZeRO-3, FSDP2); use ZeRO stage 1/2 (distributed=zero2) or "
                               "set model.teacher.fp8=false")
         check_fp8_device(device)
+    if not resume_after_stage and cfg.checkpoint_path and not os.path.isdir(cfg.checkpoint_path):
+        # Before the teacher loads (minutes for a large one), not after.
+        raise CheckpointError(f"checkpoint_path={cfg.checkpoint_path}: no such directory; pass the directory of "
+                              f"a saved stage, e.g. --checkpoint_path OUTPUT_DIR/stage1/best")
     teacher_tok = tokenizer_for(model_cfg.teacher, "teacher")
     slimmed = pruned_from_teacher(model_cfg.student)
     student_tok = teacher_tok if slimmed else tokenizer_for(model_cfg.student, "student")
@@ -180,9 +184,6 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
                                           key=None, fix=fix, meta=meta)
         base_model_dir = str(output_dir / "student_base") if cfg.lora.enabled else None
     elif cfg.checkpoint_path:
-        if not os.path.isdir(cfg.checkpoint_path):
-            raise CheckpointError(f"checkpoint_path={cfg.checkpoint_path}: no such directory; pass the directory of "
-                                  f"a saved stage, e.g. --checkpoint_path OUTPUT_DIR/stage1/best")
         student = load_student_checkpoint(cfg.checkpoint_path, dtype=torch.float32, quantization=quantization,
                                           meta=meta)
         base_model_dir = os.path.abspath(cfg.checkpoint_path)

@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from qwen_distillation.data.manager import length_grouped_batches
-from qwen_distillation.data.sources import build_domain_data, data_sources, normalise_sources
+from qwen_distillation.data.sources import DataSource, build_domain_data, checked_sources, data_sources
 from qwen_distillation.errors import ConfigError
 from qwen_distillation.modeling.depth import choose_layers, decoder_layers
 from qwen_distillation.modeling.loading import slim_down
@@ -53,6 +53,11 @@ def needs_calibration(student_spec) -> bool:
     return student_spec.prune.method != "even" or bool(width_targets(student_spec.prune))
 
 
+def calibration_sources(calibration) -> list[DataSource]:
+    """``model.student.prune.calibration.sources``, checked (empty: calibrate on the run's data)."""
+    return checked_sources("model.student.prune.calibration.sources", calibration.sources)
+
+
 def calibration_examples(calibration, data_cfg, tokenizer, seed: int) -> list[dict]:
     """``calibration.num_examples`` encoded examples drawn by ``calibration.seed`` (else ``seed``).
 
@@ -61,8 +66,7 @@ def calibration_examples(calibration, data_cfg, tokenizer, seed: int) -> list[di
     """
     max_length = calibration.max_length or data_cfg.max_length
     if calibration.sources:
-        sources = {"general": normalise_sources("model.student.prune.calibration.sources", calibration.sources),
-                   "medical": [], "eval": []}
+        sources = {"general": calibration_sources(calibration), "medical": [], "eval": []}
         eval_fraction = 0.0
     else:
         sources = {**data_sources(data_cfg), "eval": []}
@@ -96,7 +100,8 @@ def _placeholder_scores(config) -> WidthScores:
     layers = config.num_hidden_layers
     return WidthScores(mlp=torch.zeros(layers, config.intermediate_size),
                        heads=torch.zeros(layers, config.num_attention_heads),
-                       kv_groups=torch.zeros(layers, config.num_key_value_heads), hidden=torch.zeros(config.hidden_size))
+                       kv_groups=torch.zeros(layers, config.num_key_value_heads),
+                       hidden=torch.zeros(config.hidden_size))
 
 
 def prune_from_teacher(teacher: PreTrainedModel, student_spec, *, batches: list[dict] | None,

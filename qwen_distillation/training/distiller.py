@@ -49,7 +49,7 @@ from qwen_distillation.modeling.pair import ModelPair, build_pair
 from qwen_distillation.modeling.parts import (check_packed_attention, head_weights, response_positions,
                                               whole_parameters)
 from qwen_distillation.modeling.speed import apply_speedups
-from qwen_distillation.modeling.prune import save_pruning
+from qwen_distillation.modeling.prune import calibration_sources, save_pruning
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.allocator import set_cuda_allocator
 from qwen_distillation.training.balancing import Balancer
@@ -145,7 +145,8 @@ class Distiller:
         self.cuda_alloc_conf: str | None = None  # the allocator settings in force, set by run() on a GPU
         # Entries the config schema cannot type, and choices that depend on this machine, fail
         # here, before anything is read or written.
-        self.sources = data_sources(config.data)
+        self.sources = data_sources(config.data)  # and a mistyped local path, before any model loads
+        calibration_sources(config.model.student.prune.calibration)
         self.mcq_sources = normalise_mcq_sources("eval.mcq", config.eval.mcq)
         self.device, self.precision = select_device(config.train)
         self.topo = dist.SINGLE  # the launch, once run() has started its process group
@@ -663,8 +664,8 @@ class Distiller:
             metric = getattr(self.config, key).best_metric
             if metric not in metrics:
                 raise ConfigError(f"{key}.best_metric={metric} is not among the evaluation metrics {sorted(metrics)}; "
-                                  f"choose one of them (agreement, MCQ and BLEU/ROUGE metrics need eval.agreement=true / "
-                                  f"eval.mcq / eval.text_metrics=true)")
+                                  "choose one of them (agreement, MCQ and BLEU/ROUGE metrics need "
+                                  "eval.agreement=true / eval.mcq / eval.text_metrics=true)")
 
     # -------------------------------------------------------------------- run
     def run(self) -> dict:
