@@ -95,7 +95,7 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
     assert _snapshot(finished_run) == before
 
 
-@pytest.mark.parametrize("case", ["data", "eval", "mcq", "calibration", "checkpoint"])
+@pytest.mark.parametrize("case", ["data", "eval", "mcq", "calibration", "prompts", "cache", "checkpoint"])
 def test_a_mistyped_path_fails_before_any_model_loads(case, monkeypatch, tmp_path, capsys):
     """The teacher of a real run takes minutes to load: a path that does not exist fails first,
     naming the config entry."""
@@ -115,12 +115,16 @@ def test_a_mistyped_path_fails_before_any_model_loads(case, monkeypatch, tmp_pat
                                 "model.student.prune.method=block_influence",
                                 f"model.student.prune.calibration.sources=[{missing}]"],
                         "model.student.prune.calibration.sources[0]="),
+        "prompts": (base + ["eval.samples=true", f"eval.prompts={missing}"], "eval.prompts="),
+        "cache": (base + ["stage1.teacher.source=cache", f"stage1.teacher.cache={tmp_path / 'nocache'}"],
+                  "stage1.teacher.cache="),
         "checkpoint": (base + ["--start_stage", "1", "--checkpoint_path", str(tmp_path / "nowhere")],
                        "checkpoint_path="),
     }[case]
     code, output = _cli(argv, capsys)
     assert code == 2, output
-    assert expected in output and ("file not found" in output or "no such directory" in output), output
+    assert expected in output, output
+    assert any(f in output for f in ("file not found", "no such directory", "no teacher cache here")), output
     assert "Traceback" not in output and "a model was loaded" not in output
     assert not (tmp_path / "run").exists()
 

@@ -36,7 +36,9 @@ from qwen_distillation.config.validate import engine_label
 from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indices
 from qwen_distillation.data.manager import (StageSampler, collate, length_grouped_batches, micro_batches, to_device,
                                             stage_domains)
+from qwen_distillation.data.loading import check_local_path
 from qwen_distillation.data.sources import DomainData, build_domain_data, data_sources
+from qwen_distillation.data.teacher_cache import read_manifest
 from qwen_distillation.errors import CheckpointError, ConfigError, DistillationError
 from qwen_distillation.evaluation.direction import best_direction, improves
 from qwen_distillation.evaluation.evaluator import Evaluator, build_evaluator
@@ -50,6 +52,7 @@ from qwen_distillation.modeling.parts import (check_packed_attention, head_weigh
                                               whole_parameters)
 from qwen_distillation.modeling.speed import apply_speedups
 from qwen_distillation.modeling.prune import calibration_sources, save_pruning
+from qwen_distillation.paths import locate
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.allocator import set_cuda_allocator
 from qwen_distillation.training.balancing import Balancer
@@ -145,8 +148,7 @@ class Distiller:
         self.cuda_alloc_conf: str | None = None  # the allocator settings in force, set by run() on a GPU
         # Entries the config schema cannot type, and choices that depend on this machine, fail
         # here, before anything is read or written.
-        self.sources = data_sources(config.data)  # and a mistyped local path, before any model loads
-        calibration_sources(config.model.student.prune.calibration)
+        self.sources = data_sources(config.data)
         self.mcq_sources = normalise_mcq_sources("eval.mcq", config.eval.mcq)
         self.device, self.precision = select_device(config.train)
         self.topo = dist.SINGLE  # the launch, once run() has started its process group
@@ -163,6 +165,24 @@ class Distiller:
                 self.kd_options[i] = stage_kd_options(getattr(config, STAGE_KEYS[i]), self.device)
             except ValueError as err:
                 raise ConfigError(f"{STAGE_KEYS[i]}.{err}") from err
+        self._check_input_files()
+
+    def _check_input_files(self) -> None:
+        """A mistyped path fails here, before any model loads (minutes for a large teacher), naming
+        its config entry: the data and MCQ paths were checked as their entries were read
+        (``data_sources``, ``normalise_mcq_sources``); here the calibration set, the prompts of the
+        quality samples and the teacher caches the stages read (their manifests, not the shards)."""
+        cfg = self.config
+        calibration_sources(cfg.model.student.prune.calibration)
+        if cfg.eval.samples:
+            check_local_path(locate(cfg.eval.prompts), "eval.prompts")
+        for key in (STAGE_KEYS[i] for i in self.stages):
+            cache = getattr(cfg, key).teacher
+            if cache.source == "cache":
+                try:
+                    read_manifest(Path(cache.cache))
+                except ConfigError as err:
+                    raise ConfigError(f"{key}.teacher.cache={err}") from None
 
     def _autocast(self):
         if self.autocast_dtype is None:
