@@ -146,8 +146,8 @@ class Distiller:
         self.run_config = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
         self.run_id = run_hash(self.run_config)
         self.cuda_alloc_conf: str | None = None  # the allocator settings in force, set by run() on a GPU
-        # Entries the config schema cannot type, and choices that depend on this machine, fail
-        # here, before anything is read or written.
+        # Entries the config schema cannot type, choices that depend on this machine and input
+        # paths that do not exist fail here, before any model loads and anything is written.
         self.sources = data_sources(config.data)
         self.mcq_sources = normalise_mcq_sources("eval.mcq", config.eval.mcq)
         self.device, self.precision = select_device(config.train)
