@@ -242,7 +242,9 @@ OURS_ARMS["ours_varlen_fp8"] = {**OURS_ARMS["ours_varlen"], "model.teacher.fp8":
 # ours_varlen in one call, each arm with its own cold Triton cache (without --cuda-alloc-conf).
 OURS_ARMS["ours_varlen_expandable"] = {**OURS_ARMS["ours_varlen"], "train.cuda_alloc_conf": "expandable_segments:True"}
 # The same with each micro-batch in one row, no padding (train.pack_layout=padding_free): one row count
-# every step, so Liger's RoPE kernel (row count as a constexpr) compiles once per model.
+# every step. (Liger's RoPE, which takes the row count as a constexpr, is called with the rows folded
+# into one in either layout since modeling.speed.rope_over_rows; before that, this layout alone
+# compiled it once per model.)
 OURS_ARMS["ours_varlen_padding_free"] = {**OURS_ARMS["ours_varlen"], "train.pack_layout": "padding_free"}
 # The same with the mid-stage checkpoint (stage1.save_every=32: one, at step 32) written in the background
 # (train.async_checkpoint): the step loop waits for a host copy of the state, not for the disk.
