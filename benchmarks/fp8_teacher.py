@@ -28,8 +28,8 @@ fused KD loss, not run here) for the Qwen2.5-7B shape at ``--batch`` x ``--seq``
 random weights, bf16, then the same model converted to FP8 with each activation quantiser
 (``FP8Linear.quantizer``: the Triton kernel, the default; Inductor's compile of the reference;
 eager), and with the Triton kernels and each MLP run as its three converted layers instead of the
-fused SwiGLU quantiser (``FP8SwiGLU``). CUDA events, ``--iters`` timed after ``--warmup``, median and min reported; peak memory of
-each forward and the decoder weights' bytes.
+fused SwiGLU quantiser (``FP8SwiGLU``). CUDA events, ``--iters`` timed after ``--warmup``, median and
+min reported; peak memory of each forward and the decoder weights' bytes.
 
 (c) ``--gemms``: each 7B decoder linear shape in bf16 and FP8 (row-wise, tensor-wise, fast
 accumulation) and the quantisers, plus the Triton quantiser's launch shapes; ``--profile``: the

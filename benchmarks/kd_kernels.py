@@ -519,7 +519,8 @@ def bench_step(args) -> dict:
     fp8 = {"fp8_head": args.fp8_head, "fp8_fast_accum": args.fp8_fast_accum,
            "fp8_fused_mlp": not args.fp8_layered_mlp} if args.fp8_teacher else {}
     return {"pair": args.pair, "batch": b, "seq": s, "dtype": "bf16", "temperature": T, "fp8_teacher": args.fp8_teacher,
-            **fp8, "student_matmul_params": p_s, "teacher_matmul_params": p_t, "step_flops": step_flops, "arms": results}
+            **fp8, "student_matmul_params": p_s, "teacher_matmul_params": p_t, "step_flops": step_flops,
+            "arms": results}
 
 
 KERNEL_CLASSES = (  # first match wins; names as cuBLAS / cuDNN / Triton / ATen print them

@@ -83,7 +83,8 @@ def train(args) -> None:
             "train_tokens": sum(r["tokens"] for r in steps), "run_seconds": round(seconds, 1),
             "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps[5:] or steps),
             **{f"before/{m}": summary["student_before"].get(m) for m in METRICS},
-            **{f"after/{m}": after.get(m) for m in METRICS}, "teacher": {m: summary["teacher"].get(m) for m in METRICS}})
+            **{f"after/{m}": after.get(m) for m in METRICS},
+            "teacher": {m: summary["teacher"].get(m) for m in METRICS}})
 
 
 def main() -> None:

@@ -102,7 +102,8 @@ def test_slim_down_copies_the_kept_layers():
     assert kept == [0, 2, 5] and student.config.num_hidden_layers == 3
     t, s = teacher.state_dict(), student.state_dict()
     for new, old in enumerate(kept):
-        torch.testing.assert_close(s[f"model.layers.{new}.mlp.up_proj.weight"], t[f"model.layers.{old}.mlp.up_proj.weight"])
+        torch.testing.assert_close(s[f"model.layers.{new}.mlp.up_proj.weight"],
+                                   t[f"model.layers.{old}.mlp.up_proj.weight"])
     torch.testing.assert_close(s["lm_head.weight"], t["lm_head.weight"])
     full, _ = slim_down(teacher, 6, torch.float32)
     ids = torch.randint(0, 64, (1, 7))
