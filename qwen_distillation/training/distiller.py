@@ -177,10 +177,10 @@ class Distiller:
         if cfg.eval.samples:
             check_local_path(locate(cfg.eval.prompts), "eval.prompts")
         for key in (STAGE_KEYS[i] for i in self.stages):
-            cache = getattr(cfg, key).teacher
-            if cache.source == "cache":
+            teacher = getattr(cfg, key).teacher
+            if teacher.source == "cache":
                 try:
-                    read_manifest(Path(cache.cache))
+                    read_manifest(Path(teacher.cache))
                 except ConfigError as err:
                     raise ConfigError(f"{key}.teacher.cache={err}") from None
 
