@@ -54,7 +54,7 @@ def _write(path, text: str):
 
 @pytest.mark.parametrize("case", ["malformed_jsonl", "missing_fields", "empty_after_filtering",
                                   "missing_checkpoint", "unknown_key", "missing_data_file", "bad_mcq_record",
-                                  "missing_teacher_dir", "qlora_on_cpu"])
+                                  "missing_teacher_dir", "qlora_on_cpu", "unknown_best_metric"])
 def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path, capsys):
     before = _snapshot(finished_run)
     base = tiny_overrides(finished_run, steps=1) + ["end_stage=1", "overwrite_output_dir=true"]
@@ -85,6 +85,8 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
     elif case == "missing_teacher_dir":  # not reported as the hub's "Repo id must be in the form ..."
         argv = base + ["--teacher_model", str(tmp_path / "no_such_teacher")]
         expected = [f"model.teacher.path={tmp_path / 'no_such_teacher'}: no such file or directory"]
+    elif case == "unknown_best_metric":  # known only once the evaluation sets are built: still before clearing
+        argv, expected = base + ["stage1.best_metric=eval/foo_nll"], ["stage1.best_metric=eval/foo_nll", "not among"]
     else:
         argv, expected = base + ["--use_qlora", "train.device=cpu"], ["--use_qlora", "CUDA GPU", "--use_lora"]
     code, output = _cli(argv, capsys)

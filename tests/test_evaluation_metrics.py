@@ -324,6 +324,7 @@ def test_trainer_evaluator_agreement_keeps_nll_and_skips_the_teacher(tokenizer, 
     common = {"teacher": teacher, "tokenizer": tokenizer, "vocab_size": len(tokenizer), "heldout": {"chat": batches}}
     plain, agreeing = Evaluator(**common), Evaluator(**common, agreement=True, agreement_top_k=3)
     without, with_ = plain.metrics(student), agreeing.metrics(student)
+    assert (plain.metric_names(), agreeing.metric_names()) == (set(without), set(with_))
     # The student's NLL now comes from the agreement pass: the same number.
     assert with_["eval/chat_nll"] == pytest.approx(without["eval/chat_nll"], rel=1e-5)
     assert with_["eval/chat_ppl"] == pytest.approx(without["eval/chat_ppl"], rel=1e-5)

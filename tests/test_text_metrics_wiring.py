@@ -20,6 +20,7 @@ from qwen_distillation.errors import ConfigError, DataError
 from qwen_distillation.evaluation.answers import heldout_references
 from qwen_distillation.evaluation.direction import best_direction
 from qwen_distillation.evaluation.evaluator import Evaluator, build_evaluator, heldout_batches
+from qwen_distillation.evaluation.mcq import load_mcq_sets, normalise_mcq_sources
 from qwen_distillation.evaluation.report import results_table, write_report
 from qwen_distillation.evaluation.samples import (load_prompts, mean_sample_scores, quality_samples,
                                                   samples_markdown, score_samples)
@@ -98,19 +99,23 @@ def test_text_metrics_of_every_set_are_in_range_and_the_teacher_gets_them(tokeni
                example(tokenizer, "Name a prime number.", "Seven is a prime number.")]
     medical = [example(tokenizer, "什么是高血压？", "<think>按定义回答。</think>高血压是动脉血压持续高于正常范围。")]
     teacher = tiny_model(seed=1)
+    mcq = load_mcq_sets(normalise_mcq_sources("eval.mcq", ["package:qwen_distillation/data/demo/medical_mcq.jsonl"]),
+                        max_items=2)
     evaluator = Evaluator(teacher=teacher, tokenizer=tokenizer, vocab_size=len(tokenizer),
                           heldout=heldout_batches({"general": general, "medical": medical}, tokenizer.pad_token_id,
                                                   CPU),
-                          agreement=True, text_sets={"general": general, "medical": medical[:1]},
+                          agreement=True, text_sets={"general": general, "medical": medical[:1]}, mcq_sets=mcq,
                           max_new_tokens=6)
     # The reference is the final answer as encoded; corpus_scores strips the <think> block.
     assert evaluator.references["medical"][0][1].startswith("<think>按定义回答。</think>高血压")
     for scored in (model, teacher):
         metrics = evaluator.metrics(scored)
-        expected = metric_names(["general", "medical"])
+        expected = metric_names(["general", "medical"]) | {"eval/mcq/medical_mcq_accuracy"}
         if scored is model:
             expected |= {f"eval/{s}_{k}" for s in ("general", "medical")
                          for k in ("top1_agreement", "topk_overlap", "kl_to_teacher")}
+            # What a run checks each stage's best_metric against, before any model runs.
+            assert evaluator.metric_names() == expected
         assert set(metrics) == expected
         for name, value in metrics.items():
             if name.split("_")[-1] in OURS:

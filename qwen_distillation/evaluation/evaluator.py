@@ -90,6 +90,20 @@ class Evaluator:
                                           for batch in self.heldout[name]] if keep else None
         return self._teacher_states[name]
 
+    def metric_names(self) -> set[str]:
+        """The keys :meth:`metrics` returns for a model that is not the teacher, known before any
+        model runs (a run checks each stage's ``best_metric`` against them before it clears an
+        old output directory)."""
+        names = set()
+        for name in self.heldout:
+            names |= {f"eval/{name}_nll", f"eval/{name}_ppl"}
+            if self.agreement:
+                names |= {f"eval/{name}_{key}" for key in AGREEMENT_METRICS}
+        for name in self.references:
+            names |= {f"eval/{name}_{key}" for key in TEXT_METRICS}
+            names |= {f"eval/{LLAMAFACTORY}{name}_{key}" for key in TEXT_METRICS}
+        return names | {f"eval/mcq/{name}_accuracy" for name in self.mcq_sets}
+
     def metrics(self, model: torch.nn.Module) -> dict[str, float]:
         """``eval/<set>_nll`` and ``eval/<set>_ppl`` for every held-out set; with agreement on
         (and ``model`` not the teacher) ``eval/<set>_top1_agreement``, ``eval/<set>_topk_overlap``,

@@ -676,9 +676,9 @@ class Distiller:
 
         return tqdm(total=total, initial=initial, desc=key, unit="step", dynamic_ncols=True)
 
-    def _check_best_metrics(self, metrics: dict[str, float], indices: list[int]) -> None:
-        """Fail before training, not at a stage's first evaluation, on a best_metric that no
-        evaluation produces (every evaluation yields the keys of the initial one)."""
+    def _check_best_metrics(self, metrics: set[str], indices: list[int]) -> None:
+        """Fail before the output directory is touched, not at a stage's first evaluation, on a
+        best_metric that no evaluation produces (``metrics``: the evaluator's metric names)."""
         for index in indices:
             key = STAGE_KEYS[index]
             metric = getattr(self.config, key).best_metric
@@ -708,6 +708,9 @@ class Distiller:
         resume_from = max(state["completed_stages"], default=0) if state else 0
         with self._timed("build_s"):
             self._build(resume_from)
+        # Before an old run is cleared (overwrite_output_dir=true): a best_metric no evaluation gives.
+        self._check_best_metrics(self.evaluator.metric_names(),
+                                 [i for i in self.stages if i not in (state or {}).get("completed_stages", [])])
         dist.barrier(self.topo)  # every rank has read the old outputs before rank 0 rewrites them
         if self.topo.is_main:
             state = prepare_output_dir(self.output_dir, state, run_id=self.run_id, run_config=self.run_config,
@@ -728,8 +731,6 @@ class Distiller:
                     state["initial_eval"] = {"student": self._metrics(self.pair.student),
                                              "teacher": self._metrics(self.pair.teacher) if self.pair.teacher else {}}
                 self._write_state(state)
-            self._check_best_metrics(state["initial_eval"]["student"],
-                                     [i for i in self.stages if i not in state["completed_stages"]])
             for index in self.stages:
                 if index not in state["completed_stages"]:
                     seed_everything(cfg.seed + index)
