@@ -97,7 +97,8 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
     assert _snapshot(finished_run) == before
 
 
-@pytest.mark.parametrize("case", ["data", "eval", "mcq", "calibration", "prompts", "cache", "checkpoint"])
+@pytest.mark.parametrize("case", ["data", "eval", "mcq", "calibration", "prompts", "cache", "checkpoint",
+                                  "checkpoint_without_model"])
 def test_a_mistyped_path_fails_before_any_model_loads(case, monkeypatch, tmp_path, capsys):
     """The teacher of a real run takes minutes to load: a path that does not exist fails first,
     naming the config entry."""
@@ -108,6 +109,7 @@ def test_a_mistyped_path_fails_before_any_model_loads(case, monkeypatch, tmp_pat
 
     monkeypatch.setattr(pair, "load_causal_lm", no_model)
     missing = tmp_path / "missing.jsonl"
+    (tmp_path / "old" / "stage1" / "best").mkdir(parents=True)  # a run's output_dir, its export left out
     base = tiny_overrides(tmp_path / "run", steps=1) + ["end_stage=1"]
     argv, expected = {
         "data": (base + ["--medical_dataset", str(missing)], "data.medical[0]="),
@@ -122,11 +124,14 @@ def test_a_mistyped_path_fails_before_any_model_loads(case, monkeypatch, tmp_pat
                   "stage1.teacher.cache="),
         "checkpoint": (base + ["--start_stage", "1", "--checkpoint_path", str(tmp_path / "nowhere")],
                        "checkpoint_path="),
+        "checkpoint_without_model": (base + ["--start_stage", "1", "--checkpoint_path", str(tmp_path / "old")],
+                                     f"e.g. {tmp_path / 'old' / 'stage1' / 'best'}"),
     }[case]
     code, output = _cli(argv, capsys)
     assert code == 2, output
     assert expected in output, output
-    assert any(f in output for f in ("file not found", "no such directory", "no teacher cache here")), output
+    assert any(f in output for f in ("file not found", "no such directory", "no teacher cache here",
+                                     "holds no config.json")), output
     assert "Traceback" not in output and "a model was loaded" not in output
     assert not (tmp_path / "run").exists()
 

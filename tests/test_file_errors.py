@@ -303,3 +303,22 @@ def test_a_damaged_final_that_shares_best_s_weight_files_does_not_send_the_user_
     message = str(err.value)
     assert message.startswith(f"{bad}: truncated") and "checkpoint_path=OUTPUT_DIR/stage1/final" in message
     assert str(stage / "best") not in message
+
+
+def test_a_directory_without_a_saved_model_is_named_for_what_it_holds(tmp_path):
+    """--checkpoint_path at a run's output_dir, at a stage folder or at a mid-stage checkpoint: the
+    error says which export to pass instead (checked before any model loads)."""
+    from qwen_distillation.modeling.loading import check_student_checkpoint
+
+    run = tmp_path / "run"
+    (run / "stage1" / "best").mkdir(parents=True)
+    (run / "stage2" / "checkpoint-4").mkdir(parents=True)
+    (run / "stage2" / "final").mkdir()
+    cases = {run: f"output_dir: pass a stage's export, e.g. {run / 'stage2' / 'best'}",
+             run / "stage1": f"stage folder: pass one of its exports, e.g. {run / 'stage1' / 'best'}",
+             run / "stage2" / "checkpoint-4": "mid-stage checkpoint",
+             tmp_path: "is it a stage directory such as OUTPUT_DIR/stage1/final?"}
+    for path, hint in cases.items():
+        with pytest.raises(CheckpointError, match="holds no config.json or adapter_config.json") as err:
+            check_student_checkpoint(str(path))
+        assert hint in str(err.value) and f"checkpoint_path={path}" in str(err.value)

@@ -184,6 +184,35 @@ def other_checkpoint(path: str) -> str:
     return "OUTPUT_DIR/stage1/final"
 
 
+def _not_a_stage_hint(path: str) -> str:
+    """What to pass instead of a directory that holds no saved model, by what it holds."""
+    name = os.path.basename(os.path.normpath(path))
+    if name.startswith("checkpoint-"):
+        return ("it is a mid-stage checkpoint (engine state, not an export): to continue that run, rerun its own "
+                "command with the same output_dir; to start from that stage, pass its best or final export, e.g. "
+                f"{os.path.join(os.path.dirname(os.path.normpath(path)), 'best')}")
+    for export in ("best", "final"):
+        if os.path.isdir(os.path.join(path, export)):
+            return f"it is a stage folder: pass one of its exports, e.g. {os.path.join(path, export)}"
+    stages = sorted(d for d in os.listdir(path) if d.startswith("stage") and os.path.isdir(os.path.join(path, d)))
+    if stages:
+        return f"it is a run's output_dir: pass a stage's export, e.g. {os.path.join(path, stages[-1], 'best')}"
+    return "is it a stage directory such as OUTPUT_DIR/stage1/final?"
+
+
+def check_student_checkpoint(path: str, *, key: str | None = "checkpoint_path", fix: str | None = None) -> None:
+    """The checks of :func:`load_student_checkpoint` that read only small files (the directory,
+    its JSON files and safetensors headers): a run makes them before any model loads."""
+    where = f"{key}={path}" if key else path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{where}: no such directory; "
+                              f"{fix or f'pass the directory of a saved stage, e.g. {key}=OUTPUT_DIR/stage1/best'}")
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
+        raise CheckpointError(f"{where}: holds no config.json or adapter_config.json; {_not_a_stage_hint(path)}")
+    check_model_dir(path, fix or f"export or copy {path} again, or pass another saved stage, e.g. "
+                              f"{key}={other_checkpoint(path)}")
+
+
 def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None, key: str | None = "checkpoint_path",
                             fix: str | None = None, meta: bool = False) -> PreTrainedModel:
     """Load a student saved by a previous stage (full model or LoRA adapter directory).
@@ -200,11 +229,8 @@ def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None,
             of an adapter) is truncated or damaged, named with the fix.
     """
     where = f"{key}={path}" if key else path
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{where}: no such directory; "
-                              f"{fix or f'pass the directory of a saved stage, e.g. {key}=OUTPUT_DIR/stage1/best'}")
+    check_student_checkpoint(path, key=key, fix=fix)
     fix = fix or f"export or copy {path} again, or pass another saved stage, e.g. {key}={other_checkpoint(path)}"
-    check_model_dir(path, fix)
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         from peft import AutoPeftModelForCausalLM
 
@@ -219,9 +245,6 @@ def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None,
             return AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=True, **kwargs)
         except (OSError, ValueError, SafetensorError) as err:
             raise CheckpointError(f"{where}: cannot load the LoRA adapter: {err}") from err
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise CheckpointError(f"{where}: holds no config.json or adapter_config.json; is it a "
-                              f"stage directory such as OUTPUT_DIR/stage1/final?")
     try:
         if meta:
             return empty_model(AutoConfig.from_pretrained(path), dtype)

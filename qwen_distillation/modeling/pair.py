@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from qwen_distillation.config.validate import pruned_from_teacher
-from qwen_distillation.errors import CheckpointError, ConfigError, DistillationError
+from qwen_distillation.errors import ConfigError, DistillationError
 from qwen_distillation.modeling.fp8 import check_fp8_device, convert_to_fp8
-from qwen_distillation.modeling.loading import (load_causal_lm, load_student_checkpoint, require_existing,
-                                                shares_weights, split_gguf)
+from qwen_distillation.modeling.loading import (check_student_checkpoint, load_causal_lm, load_student_checkpoint,
+                                                require_existing, shares_weights, split_gguf)
 from qwen_distillation.modeling.parts import weight_shape
 from qwen_distillation.modeling.prune import Pruned, calibration_batches, prune_from_teacher
 from qwen_distillation.modeling.tokenizer import load_tokenizer
@@ -153,10 +153,8 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
                               "over the ranks (DeepSpeed ZeRO-3, FSDP2); use ZeRO stage 1/2 (distributed=zero2) or "
                               "set model.teacher.fp8=false")
         check_fp8_device(device)
-    if not resume_after_stage and cfg.checkpoint_path and not os.path.isdir(cfg.checkpoint_path):
-        # Before the teacher loads (minutes for a large one), not after.
-        raise CheckpointError(f"checkpoint_path={cfg.checkpoint_path}: no such directory; pass the directory of "
-                              f"a saved stage, e.g. --checkpoint_path OUTPUT_DIR/stage1/best")
+    if not resume_after_stage and cfg.checkpoint_path:  # before the teacher loads (minutes for a large one)
+        check_student_checkpoint(cfg.checkpoint_path)
     teacher_tok = tokenizer_for(model_cfg.teacher, "teacher")
     slimmed = pruned_from_teacher(model_cfg.student)
     student_tok = teacher_tok if slimmed else tokenizer_for(model_cfg.student, "student")
