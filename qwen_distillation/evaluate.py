@@ -36,7 +36,8 @@ from qwen_distillation.data.sources import DataSource, encode_source
 from qwen_distillation.errors import ConfigError, DistillationError
 from qwen_distillation.evaluation.evaluator import Evaluator, heldout_batches
 from qwen_distillation.evaluation.mcq import load_mcq_sets, normalise_mcq_sources
-from qwen_distillation.modeling.loading import load_causal_lm, load_student_checkpoint, split_gguf
+from qwen_distillation.modeling.loading import (check_student_checkpoint, load_causal_lm, load_student_checkpoint,
+                                                require_existing, split_gguf)
 from qwen_distillation.modeling.tokenizer import load_tokenizer
 from qwen_distillation.paths import resolve_path
 
@@ -47,6 +48,9 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
         name, eq, path = value.partition("=")
         if not eq or not name or not path:
             raise DistillationError(f"{flag} {value}: expected NAME=PATH")
+        if name in out:
+            raise DistillationError(f"{flag} {value}: the name {name} is given twice ({flag} {name}={out[name]} "
+                                    f"too); give each {flag} a name of its own")
         out[name] = path
     return out
 
@@ -60,6 +64,15 @@ def load_model(name: str, path: str, dtype: torch.dtype, key: str | None = None)
                                     or (Path(resolved) / "adapter_config.json").exists()):
         return load_student_checkpoint(resolved, dtype=dtype, key=key)
     return load_causal_lm(ModelSpec(path=path), dtype=dtype, role="model", key=key)
+
+
+def check_model_path(name: str, path: str) -> None:
+    """A ``--model NAME=PATH`` that can only be local must exist, and a directory must hold a saved
+    model (a hub id is left to the hub)."""
+    resolved = resolve_path(path)
+    require_existing(resolved, f"--model {name}")
+    if Path(resolved).is_dir():
+        check_student_checkpoint(resolved, key=f"--model {name}")
 
 
 def load_any_tokenizer(name: str, path: str, key: str | None = None, fix: str | None = None):
@@ -139,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
             raise DistillationError(f"--teacher {args.teacher}: not among the --model names {sorted(models)}")
         if args.text_metrics:
             _check_text_metrics(args)
+        if not args.nll and not args.mcq:
+            raise ConfigError("nothing to evaluate on: give at least one --nll NAME=FILE or --mcq NAME=FILE set")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out}: is a file; give a directory (it receives results.json and "
+                              f"results.md)")
+        for name, path in models.items():  # before any model loads: a mistyped path, a folder with no model
+            check_model_path(name, path)
         results = evaluate(models, teacher=args.teacher, nll_sets=_pairs(args.nll, "--nll"),
                            mcq_sets=_pairs(args.mcq, "--mcq"), max_examples=args.max_examples,
                            max_length=args.max_length, device=torch.device(args.device),

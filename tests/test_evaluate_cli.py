@@ -75,3 +75,26 @@ def test_text_metrics_score_every_model_on_the_nll_sets(tiny_run, tmp_path):
 def test_text_metrics_flags_are_checked_before_loading(tmp_path, capsys, flags, message):
     code = main(["--model", "a=does/not/exist", *flags, "--out", str(tmp_path)])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_arguments_are_refused_before_any_model_loads(tiny_run, tmp_path, capsys):
+    """Duplicate names, no set to evaluate on, --out naming a file, a model path that does not
+    exist or a folder with no saved model: exit 2 with one line naming the option."""
+    final, nll = str(tiny_run / "stage1" / "final"), "package:qwen_distillation/data/demo/medical.jsonl"
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("kept")
+    cases = [
+        (["--model", f"a={final}", "--model", f"a={tmp_path}", "--nll", f"m={nll}"], "the name a is given twice"),
+        (["--model", f"a={final}", "--nll", f"m={nll}", "--mcq", f"m={nll}", "--mcq", f"m={nll}"],
+         "--mcq m="),
+        (["--model", f"a={final}"], "nothing to evaluate on"),
+        (["--model", f"a={tmp_path / 'nope'}", "--nll", f"m={nll}"], f"--model a={tmp_path / 'nope'}: no such file"),
+        (["--model", f"a={tiny_run / 'stage1'}", "--nll", f"m={nll}"], "stage folder: pass one of its exports"),
+    ]
+    for flags, message in cases:
+        code = main([*flags, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (flags, err)
+    code = main(["--model", f"a={final}", "--nll", f"m={nll}", "--out", str(a_file)])
+    assert code == 2 and f"--out {a_file}: is a file" in capsys.readouterr().err
+    assert a_file.read_text() == "kept" and not (tmp_path / "out").exists()
