@@ -58,6 +58,11 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
 
     if k < 1:
         raise ConfigError(f"--k {k}: keep at least one token id per position")
+    for flag, value in (("--batch_size", batch_size), ("--examples_per_shard", examples_per_shard)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: must be >= 1 (e.g. `{flag} 8`)")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out}: is a file; give a directory for the cache")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device, precision = select_device(cfg.train)
     if device.type == "cuda" and world_size > 1:

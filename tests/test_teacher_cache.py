@@ -149,6 +149,23 @@ def test_a_run_from_the_cache_never_reads_the_teachers_weights(tmp_path, small_t
         run(compose_config(_overrides(tmp_path / "online", small_tokenizer, *teacher)))
 
 
+@pytest.mark.parametrize("kwargs,message", [({"batch_size": 0}, "--batch_size 0: must be >= 1"),
+                                            ({"examples_per_shard": 0}, "--examples_per_shard 0: must be >= 1"),
+                                            ({"out_is_a_file": True}, "is a file")])
+def test_cache_arguments_are_refused_before_the_teacher_loads(kwargs, message, tmp_path, small_tokenizer,
+                                                              monkeypatch):
+    import qwen_distillation.modeling.loading as loading
+    from qwen_distillation.cache_teacher import cache_teacher
+
+    monkeypatch.setattr(loading, "load_causal_lm", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    out = tmp_path / "cache"
+    if kwargs.pop("out_is_a_file", False):
+        out.write_text("kept")
+    with pytest.raises(ConfigError, match=message):
+        cache_teacher(_config(tmp_path / "x", small_tokenizer), out, k=4, **kwargs)
+    assert out.read_text() == "kept" if out.is_file() else not out.exists()
+
+
 def test_a_cache_of_other_inputs_is_refused_naming_what_differs(tmp_path, small_tokenizer):
     from qwen_distillation.app import run
     from qwen_distillation.cache_teacher import cache_teacher
