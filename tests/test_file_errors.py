@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from conftest import REPO, compose_config, tiny_overrides
 from qwen_distillation.app import run
 from qwen_distillation.config.schema import ModelSpec, WandbConfig
-from qwen_distillation.errors import CheckpointError
+from qwen_distillation.errors import CheckpointError, ConfigError
 from qwen_distillation.evaluate import main as evaluate_main
 from qwen_distillation.modeling.loading import load_causal_lm, load_student_checkpoint
 from qwen_distillation.modeling.pair import tokenizer_for
@@ -147,7 +147,8 @@ def test_a_damaged_tokenizer_file_names_the_file(saved_stage, tmp_path, capsys, 
         tokenizer_for(ModelSpec(path=str(final)), "teacher")
     assert str(err.value).startswith(f"{bad}: unreadable JSON, the file is truncated or damaged")
     assert "or take it from an intact copy with model.teacher.tokenizer=PATH" in str(err.value)
-    code = evaluate_main(["--model", f"stage1={final}", "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    code = evaluate_main(["--model", f"stage1={final}", "--nll", "m=package:qwen_distillation/data/demo/medical.jsonl",
+                          "--out", str(tmp_path / "eval"), "--device", "cpu"])
     assert code == 2 and capsys.readouterr().err.startswith(f"error: {bad}: unreadable JSON")
 
 
@@ -180,6 +181,24 @@ def test_a_damaged_run_state_names_the_file_and_overwriting_clears_it(tmp_path, 
     assert "start over with overwrite_output_dir=true" in str(err.value)
     # The fix it names works: overwriting treats the directory as a run to clear.
     assert check_output_dir(tmp_path, run_id="abc", resume=True, overwrite=True) is None
+
+
+def test_an_unfinished_run_of_another_configuration_names_the_keys_that_differ(tmp_path):
+    from omegaconf import OmegaConf
+
+    from qwen_distillation.training.outputs import RUN_IDENTITY, run_hash
+
+    old = {"seed": 42, "stage1": {"max_steps": 4, "loss": {"weights": {"kd": 0.9, "ce": 0.1}}}, "output_dir": "a"}
+    new = {**old, "stage1": {"max_steps": 5, "loss": {"weights": {"kd": 0.5, "ce": 0.1}}}, "output_dir": "b"}
+    full = {key: None for key in RUN_IDENTITY}
+    old, new = {**full, **old}, {**full, **new}
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    (tmp_path / "run_state.json").write_text(json.dumps({"run_hash": run_hash(old), "finished": False,
+                                                         "completed_stages": []}))
+    with pytest.raises(ConfigError) as err:
+        check_output_dir(tmp_path, run_id=run_hash(new), resume=True, overwrite=False, run_config=new)
+    assert "(changed: stage1.loss.weights.kd: 0.9 -> 0.5, stage1.max_steps: 4 -> 5)" in str(err.value)
+    assert "output_dir: 'a'" not in str(err.value)  # not part of the run's identity
 
 
 # ------------------------------------------------------------------------------ metrics

@@ -32,9 +32,35 @@ def run_hash(run_config: dict) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
-def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: bool) -> dict | None:
+def _flat(tree, prefix: str = "") -> dict[str, object]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {key: value for name, child in tree.items() for key, value in _flat(child, f"{prefix}{name}.").items()}
+
+
+def changed_keys(output_dir: Path, run_config: dict, limit: int = 6) -> str:
+    """`` (key: old -> new, ...)``: the run-identity keys where ``run_config`` differs from the
+    ``config.yaml`` of the run in ``output_dir``; empty when that file is missing or unreadable."""
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(output_dir / "config.yaml"), resolve=False)
+    except Exception:  # noqa: BLE001 - only a hint in an error message
+        return ""
+    before = _flat({k: old.get(k) for k in RUN_IDENTITY}) if isinstance(old, dict) else {}
+    after = _flat({k: run_config.get(k) for k in RUN_IDENTITY})
+    changed = [f"{key.rstrip('.')}: {before.get(key)!r} -> {after.get(key)!r}"
+               for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    if not changed:
+        return ""
+    more = f", and {len(changed) - limit} more" if len(changed) > limit else ""
+    return f" (changed: {', '.join(changed[:limit])}{more})"
+
+
+def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: bool,
+                     run_config: dict | None = None) -> dict | None:
     """Decide between a new run and a resume, reading only: never overwrite a finished run
-    silently. Returns the run state to resume, or None for a new run.
+    silently. Returns the run state to resume, or None for a new run. ``run_config`` (the run's
+    resolved config) lets the error for an unfinished run of another configuration name the keys
+    that differ.
 
     Raises:
         ConfigError: the directory holds a finished run, an unfinished run of another
@@ -56,8 +82,9 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
                               f"{state.get('completed_stages')}); choose another output_dir or pass "
                               f"overwrite_output_dir=true to replace it")
         if state.get("run_hash") != run_id or not resume:
+            changed = changed_keys(output_dir, run_config) if run_config and state.get("run_hash") != run_id else ""
             raise ConfigError(f"output_dir={output_dir} holds an unfinished run with a different configuration "
-                              f"(or resume=false); rerun the same command to resume it, choose another "
+                              f"(or resume=false){changed}; rerun the same command to resume it, choose another "
                               f"output_dir, or pass overwrite_output_dir=true to start over")
     elif output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ConfigError(f"output_dir={output_dir} exists, is not empty and holds no qwen_distillation run; "
