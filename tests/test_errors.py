@@ -54,7 +54,8 @@ def _write(path, text: str):
 
 @pytest.mark.parametrize("case", ["malformed_jsonl", "missing_fields", "empty_after_filtering",
                                   "missing_checkpoint", "unknown_key", "missing_data_file", "bad_mcq_record",
-                                  "missing_teacher_dir", "qlora_on_cpu", "unknown_best_metric"])
+                                  "missing_teacher_dir", "qlora_on_cpu", "unknown_best_metric",
+                                  "checkpoint_inside_cleared_dir", "checkpoint_inside_finished_run"])
 def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path, capsys):
     before = _snapshot(finished_run)
     base = tiny_overrides(finished_run, steps=1) + ["end_stage=1", "overwrite_output_dir=true"]
@@ -85,6 +86,12 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
     elif case == "missing_teacher_dir":  # not reported as the hub's "Repo id must be in the form ..."
         argv = base + ["--teacher_model", str(tmp_path / "no_such_teacher")]
         expected = [f"model.teacher.path={tmp_path / 'no_such_teacher'}: no such file or directory"]
+    elif case.startswith("checkpoint_inside"):  # --start_stage 2 from this run's stage 1, in the same output_dir
+        argv = base + ["--start_stage", "1", "--checkpoint_path", str(finished_run / "stage1" / "best")]
+        if case == "checkpoint_inside_finished_run":
+            argv.remove("overwrite_output_dir=true")
+        expected = ["lies inside output_dir", "start the new stages in another output_dir",
+                    "would clear" if case == "checkpoint_inside_cleared_dir" else "holds a finished run"]
     elif case == "unknown_best_metric":  # known only once the evaluation sets are built: still before clearing
         argv, expected = base + ["stage1.best_metric=eval/foo_nll"], ["stage1.best_metric=eval/foo_nll", "not among"]
     else:

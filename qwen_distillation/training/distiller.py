@@ -697,7 +697,8 @@ class Distiller:
         if self.topo.active and self.device.type == "cuda":
             self.device = torch.device("cuda", self.topo.local_rank)
         state = check_output_dir(self.output_dir, run_id=self.run_id, resume=cfg.resume,
-                                 overwrite=cfg.overwrite_output_dir, run_config=self.run_config)
+                                 overwrite=cfg.overwrite_output_dir, run_config=self.run_config,
+                                 checkpoint_path=cfg.checkpoint_path)
         if self.topo.is_main:
             check_wandb_login(cfg.logging.wandb)  # before models load and anything is written
         if cfg.train.num_threads > 0:

@@ -56,11 +56,12 @@ def changed_keys(output_dir: Path, run_config: dict, limit: int = 6) -> str:
 
 
 def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: bool,
-                     run_config: dict | None = None) -> dict | None:
+                     run_config: dict | None = None, checkpoint_path: str | None = None) -> dict | None:
     """Decide between a new run and a resume, reading only: never overwrite a finished run
     silently. Returns the run state to resume, or None for a new run. ``run_config`` (the run's
     resolved config) lets the error for an unfinished run of another configuration name the keys
-    that differ.
+    that differ. ``checkpoint_path`` (the saved stage a new run starts from) may not lie inside an
+    output directory that the run would clear or that holds a finished run.
 
     Raises:
         ConfigError: the directory holds a finished run, an unfinished run of another
@@ -74,6 +75,12 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
         if not overwrite:
             raise
         state = None  # a damaged run state is one more file of the run that overwriting clears
+    resuming = state is not None and not overwrite and not state.get("finished")
+    if checkpoint_path and not resuming and output_dir.resolve() in Path(checkpoint_path).resolve().parents:
+        raise ConfigError(f"checkpoint_path={checkpoint_path} lies inside output_dir={output_dir}, which "
+                          + ("overwrite_output_dir=true would clear" if overwrite else "holds a finished run")
+                          + f"; start the new stages in another output_dir (e.g. output_dir={output_dir}_from_"
+                          f"{Path(checkpoint_path).parent.name})")
     if state is not None:
         if overwrite:
             return None
