@@ -75,8 +75,8 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
         if not overwrite:
             raise
         state = None  # a damaged run state is one more file of the run that overwriting clears
-    resuming = state is not None and not overwrite and not state.get("finished")
-    if checkpoint_path and not resuming and output_dir.resolve() in Path(checkpoint_path).resolve().parents:
+    clears = overwrite or bool(state and state.get("finished"))  # what a new run here would replace
+    if checkpoint_path and clears and output_dir.resolve() in Path(checkpoint_path).resolve().parents:
         raise ConfigError(f"checkpoint_path={checkpoint_path} lies inside output_dir={output_dir}, which "
                           + ("overwrite_output_dir=true would clear" if overwrite else "holds a finished run")
                           + f"; start the new stages in another output_dir (e.g. output_dir={output_dir}_from_"
