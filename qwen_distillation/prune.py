@@ -42,9 +42,8 @@ def _parser() -> argparse.ArgumentParser:
 def prune_and_save(cfg, out: Path, *, overwrite: bool = False, dtype: str = "auto") -> Path:
     """Build the student ``cfg.model.student`` prunes from the teacher and save it into ``out``."""
     from qwen_distillation.config.validate import pruned_from_teacher
-    from qwen_distillation.data.sources import data_sources
     from qwen_distillation.modeling.pair import build_pair
-    from qwen_distillation.modeling.prune import calibration_sources, needs_calibration, save_pruning
+    from qwen_distillation.modeling.prune import calibration_source_set, needs_calibration, save_pruning
     from qwen_distillation.training.checkpoint import atomic_dir
     from qwen_distillation.training.distiller import select_device
 
@@ -61,10 +60,7 @@ def prune_and_save(cfg, out: Path, *, overwrite: bool = False, dtype: str = "aut
         raise ConfigError(f"checkpoint_path={cfg.checkpoint_path}: the prune command builds the student from the "
                           f"teacher; leave checkpoint_path unset")
     if needs_calibration(cfg.model.student):  # a mistyped data path fails before the teacher loads
-        if cfg.model.student.prune.calibration.sources:
-            calibration_sources(cfg.model.student.prune.calibration)
-        else:
-            data_sources(cfg.data)
+        calibration_source_set(cfg.model.student.prune.calibration, cfg.data)
     device, precision = select_device(cfg.train)
     teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     save_dtype = DTYPES.get(dtype) or (torch.bfloat16 if precision == "bf16" else torch.float32)

@@ -143,6 +143,25 @@ def test_a_mistyped_path_fails_before_any_model_loads(case, monkeypatch, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_a_calibration_set_is_checked_only_where_the_run_prunes(monkeypatch, tmp_path, capsys):
+    """``model.student.prune.calibration.sources`` is read only to prune the student from the teacher:
+    a stale entry left in a config whose student is not pruned does not stop the run."""
+    import qwen_distillation.modeling.pair as pair
+
+    class Loading(Exception):
+        pass
+
+    def loading(*args, **kwargs):
+        raise Loading
+
+    monkeypatch.setattr(pair, "load_causal_lm", loading)
+    argv = tiny_overrides(tmp_path / "run", steps=1) + [
+        "end_stage=1", "model.student.prune.method=even",
+        f"model.student.prune.calibration.sources=[{tmp_path / 'moved.jsonl'}]"]
+    with pytest.raises(Loading):
+        _cli(argv, capsys)
+
+
 def test_multirun_sweep_gives_each_job_its_own_output_dir(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = tiny_overrides(out, steps=1) + ["end_stage=1", "-m", "stage1.loss.weights.kd=0.3,0.7"]

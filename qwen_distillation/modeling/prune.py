@@ -53,24 +53,24 @@ def needs_calibration(student_spec) -> bool:
     return student_spec.prune.method != "even" or bool(width_targets(student_spec.prune))
 
 
-def calibration_sources(calibration) -> list[DataSource]:
-    """``model.student.prune.calibration.sources``, checked (empty: calibrate on the run's data)."""
-    return checked_sources("model.student.prune.calibration.sources", calibration.sources)
+def calibration_source_set(calibration, data_cfg) -> tuple[dict[str, list[DataSource]], float]:
+    """Where a calibration set is drawn from: ``(sources, eval_fraction)`` for ``build_domain_data``.
+
+    ``calibration.sources`` when given (all of it), else the run's ``data.general`` and ``data.medical``
+    less the held-out split (``data.eval_fraction``), as the run splits them. Each path is checked here,
+    so a mistyped one fails before any model loads, naming its config entry.
+    """
+    if calibration.sources:
+        sources = checked_sources("model.student.prune.calibration.sources", calibration.sources)
+        return {"general": sources, "medical": [], "eval": []}, 0.0
+    return {**data_sources(data_cfg), "eval": []}, data_cfg.eval_fraction
 
 
 def calibration_examples(calibration, data_cfg, tokenizer, seed: int) -> list[dict]:
-    """``calibration.num_examples`` encoded examples drawn by ``calibration.seed`` (else ``seed``).
-
-    From ``calibration.sources`` when given, else from the training examples of ``data.general``
-    and ``data.medical`` (the held-out split excluded, as the run splits it), half from each.
-    """
+    """``calibration.num_examples`` encoded examples drawn by ``calibration.seed`` (else ``seed``),
+    from :func:`calibration_source_set`, half from each of its general and medical pools."""
     max_length = calibration.max_length or data_cfg.max_length
-    if calibration.sources:
-        sources = {"general": calibration_sources(calibration), "medical": [], "eval": []}
-        eval_fraction = 0.0
-    else:
-        sources = {**data_sources(data_cfg), "eval": []}
-        eval_fraction = data_cfg.eval_fraction
+    sources, eval_fraction = calibration_source_set(calibration, data_cfg)
     data = build_domain_data(sources, tokenizer, max_length=max_length, eval_fraction=eval_fraction,
                              max_eval_examples=data_cfg.max_eval_examples, seed=data_cfg.split_seed)
     pools = [pool for pool in (data.general, data.medical) if pool]

@@ -32,7 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from qwen_distillation.config.schema import DistillationConfig, StageConfig
-from qwen_distillation.config.validate import engine_label
+from qwen_distillation.config.validate import engine_label, pruned_from_teacher
 from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indices
 from qwen_distillation.data.manager import (StageSampler, collate, length_grouped_batches, micro_batches, to_device,
                                             stage_domains)
@@ -51,7 +51,7 @@ from qwen_distillation.modeling.pair import ModelPair, build_pair
 from qwen_distillation.modeling.parts import (check_packed_attention, head_weights, response_positions,
                                               whole_parameters)
 from qwen_distillation.modeling.speed import apply_speedups
-from qwen_distillation.modeling.prune import calibration_sources, save_pruning
+from qwen_distillation.modeling.prune import calibration_source_set, needs_calibration, save_pruning
 from qwen_distillation.paths import locate
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.allocator import set_cuda_allocator
@@ -170,10 +170,13 @@ class Distiller:
     def _check_input_files(self) -> None:
         """A mistyped path fails here, before any model loads (minutes for a large teacher), naming
         its config entry: the data and MCQ paths were checked as their entries were read
-        (``data_sources``, ``normalise_mcq_sources``); here the calibration set, the prompts of the
-        quality samples and the teacher caches the stages read (their manifests, not the shards)."""
+        (``data_sources``, ``normalise_mcq_sources``); here the calibration set of a student pruned
+        from the teacher, the prompts of the quality samples and the teacher caches the stages read
+        (their manifests, not the shards)."""
         cfg = self.config
-        calibration_sources(cfg.model.student.prune.calibration)
+        student = cfg.model.student
+        if pruned_from_teacher(student) and needs_calibration(student) and not cfg.checkpoint_path:
+            calibration_source_set(student.prune.calibration, cfg.data)
         if cfg.eval.samples:
             check_local_path(locate(cfg.eval.prompts), "eval.prompts")
         for key in (STAGE_KEYS[i] for i in self.stages):
