@@ -200,6 +200,11 @@ def _not_a_stage_hint(path: str) -> str:
     return "is it a stage directory such as OUTPUT_DIR/stage1/final?"
 
 
+def _damaged_fix(path: str, key: str | None) -> str:
+    """The default fix for a saved student whose files are truncated or damaged."""
+    return f"export or copy {path} again, or pass another saved stage, e.g. {key}={other_checkpoint(path)}"
+
+
 def check_student_checkpoint(path: str, *, key: str | None = "checkpoint_path", fix: str | None = None) -> None:
     """The checks of :func:`load_student_checkpoint` that read only small files (the directory,
     its JSON files and safetensors headers): a run makes them before any model loads."""
@@ -209,8 +214,7 @@ def check_student_checkpoint(path: str, *, key: str | None = "checkpoint_path", 
                               f"{fix or f'pass the directory of a saved stage, e.g. {key}=OUTPUT_DIR/stage1/best'}")
     if not any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
         raise CheckpointError(f"{where}: holds no config.json or adapter_config.json; {_not_a_stage_hint(path)}")
-    check_model_dir(path, fix or f"export or copy {path} again, or pass another saved stage, e.g. "
-                              f"{key}={other_checkpoint(path)}")
+    check_model_dir(path, fix or _damaged_fix(path, key))
 
 
 def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None, key: str | None = "checkpoint_path",
@@ -230,7 +234,7 @@ def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None,
     """
     where = f"{key}={path}" if key else path
     check_student_checkpoint(path, key=key, fix=fix)
-    fix = fix or f"export or copy {path} again, or pass another saved stage, e.g. {key}={other_checkpoint(path)}"
+    fix = fix or _damaged_fix(path, key)
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         from peft import AutoPeftModelForCausalLM
 
