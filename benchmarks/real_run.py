@@ -249,6 +249,12 @@ OURS_ARMS["ours_varlen_padding_free"] = {**OURS_ARMS["ours_varlen"], "train.pack
 # The same with the mid-stage checkpoint (stage1.save_every=32: one, at step 32) written in the background
 # (train.async_checkpoint): the step loop waits for a host copy of the state, not for the disk.
 OURS_ARMS["ours_varlen_async_checkpoint"] = {**OURS_ARMS["ours_varlen"], "train.async_checkpoint": "true"}
+# The same with steps sized by tokens (stage1.tokens_per_step: 16,384 input tokens, the positions of one
+# micro-batch of 8 full rows) for one pass over the data (epochs=1 in place of --steps), one mid-stage
+# checkpoint at step 8 (about half of it) and the held-out evaluation at the end: the same examples as
+# ours_varlen's 64 steps x 8 x 2, in about a quarter of the optimizer steps.
+OURS_ARMS["ours_varlen_tokens_16k"] = {**OURS_ARMS["ours_varlen"], "stage1.tokens_per_step": "16384",
+                                       "stage1.max_steps": "null", "stage1.epochs": "1", "stage1.save_every": "8"}
 # Left out on a CPU (a smoke run): the one-row layout goes with the varlen attention it needs.
 GPU_ONLY_LEVERS = ("train.liger_kernels", "train.compile", "model.teacher.attn_implementation",
                    "model.student.attn_implementation", "train.pack_layout")
