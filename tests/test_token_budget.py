@@ -191,9 +191,42 @@ def test_epochs_count_the_pool_tokens_over_the_budget(tmp_path):
     distiller.data = Data()
     distiller.data.general, distiller.data.medical = general, medical
     tokens = sum(len(e["input_ids"]) for e in general)
-    assert distiller._stage_steps(cfg.stage1) == -(-2 * tokens // 500)
+    assert distiller._stage_steps("stage1", cfg.stage1) == -(-2 * tokens // 500)
     cfg.stage1.max_steps = 7
-    assert distiller._stage_steps(cfg.stage1) == 7
+    assert distiller._stage_steps("stage1", cfg.stage1) == 7
+
+
+@pytest.mark.parametrize("budget", [None, "tokens"])
+def test_a_step_larger_than_the_whole_pool_is_logged(budget, tmp_path, caplog):
+    """A step that holds more than the stage's whole pool serves examples more than once in every
+    step (an epoch then is not one pass): the run says so, with the option to lower."""
+    from qwen_distillation.training.distiller import Distiller
+
+    general, medical = _pools()
+    tokens = sum(len(e["input_ids"]) for e in general)
+    size = ["stage1.batch_size=1", f"stage1.grad_accum={len(general) + 1}"] if budget is None else [
+        f"stage1.tokens_per_step={tokens + 1}"]
+    cfg = validate_config(compose_config(tiny_overrides(tmp_path / "out") + size))
+    distiller = Distiller(cfg)
+
+    class Data:
+        pass
+
+    distiller.data = Data()
+    distiller.data.general, distiller.data.medical = general, medical
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.distiller"):
+        distiller._stage_steps("stage1", cfg.stage1)
+    assert "every step serves some examples more than once" in caplog.text
+    assert ("lower stage1.tokens_per_step" if budget else "lower stage1.batch_size or stage1.grad_accum") \
+        in caplog.text
+    caplog.clear()
+    if budget:  # a step of exactly the pool: no warning
+        cfg.stage1.tokens_per_step = tokens
+    else:
+        cfg.stage1.grad_accum = len(general)
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.distiller"):
+        distiller._stage_steps("stage1", cfg.stage1)
+    assert "more than once" not in caplog.text
 
 
 @pytest.mark.parametrize("overrides, key, words", [

@@ -343,19 +343,27 @@ class Distiller:
                                                            fast_accum=teacher_spec.fp8_fast_accum)
 
     # ------------------------------------------------------------------ stage
-    def _stage_steps(self, stage: StageConfig) -> int:
+    def _stage_steps(self, key: str, stage: StageConfig) -> int:
         """``max_steps`` if set, else the steps of ``epochs`` passes over the stage's pool: its
         examples over the examples of a step, or, with ``tokens_per_step``, its input tokens over
         the budget (a step fills its budget up to the last example that fits, so an epoch of such
-        steps serves a little less than the whole pool)."""
-        if stage.max_steps:
-            return stage.max_steps
+        steps serves a little less than the whole pool). A step larger than the whole pool is
+        logged: each of its steps serves some examples more than once."""
         pool = [example for domain in stage_domains(stage.medical_ratio.start, stage.medical_ratio.end)
                 for example in getattr(self.data, domain)]
         if stage.tokens_per_step is not None:
-            tokens = sum(len(example["input_ids"]) for example in pool)
-            return max(1, math.ceil(stage.epochs * tokens / stage.tokens_per_step))
-        return max(1, math.ceil(stage.epochs * len(pool) / self._examples_per_step(stage)))
+            step, size = stage.tokens_per_step, sum(len(example["input_ids"]) for example in pool)
+            what = (f"{key}.tokens_per_step={step} is more than the {size:,} input tokens of the stage's "
+                    f"{len(pool):,} examples", f"lower {key}.tokens_per_step")
+        else:
+            step, size = self._examples_per_step(stage), len(pool)
+            what = (f"{key}: a step of {step} examples (batch_size x grad_accum x ranks) is more than the "
+                    f"stage's {size:,} examples", f"lower {key}.batch_size or {key}.grad_accum")
+        if step > size:
+            log.warning("%s: every step serves some examples more than once (%s, or add data)", *what)
+        if stage.max_steps:
+            return stage.max_steps
+        return max(1, math.ceil(stage.epochs * size / step))
 
     def _examples_per_step(self, stage: StageConfig) -> int:
         """Examples of one optimizer step, all ranks together: micro-batch x accumulation x ranks."""
@@ -383,7 +391,7 @@ class Distiller:
         stage: StageConfig = getattr(self.config, key)
         plan = self.module.plan = self.plans[index]
         self.teacher = self._teacher_runner(index)
-        total_steps = self._stage_steps(stage)
+        total_steps = self._stage_steps(key, stage)
         params = self.module.trainable_parameters()
         optimizer = build_optimizer(params, lr=stage.lr, weight_decay=stage.weight_decay,
                                     fused=self.device.type == "cuda")
