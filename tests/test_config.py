@@ -76,10 +76,15 @@ def test_presets_do_what_their_names_say():
     ("stage2.loss.kd=kl", "stage2.loss.kd"),
     ("stage2.loss.jsd_beta=2", "stage2.loss.jsd_beta"),
     ("train.precision=fp8", "train.precision"),
+    ("stage1.lr=inf", "stage1.lr"),
+    ("stage3.weight_decay=-1", "stage3.weight_decay"),
+    ("lora.dropout=1.5", "lora.dropout"),
+    ("lora.alpha=-4", "lora.alpha"),
+    ("lora.enabled=true lora.target_modules=[]", "lora.target_modules"),
 ])
 def test_bad_values_name_the_override(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
-        validate_config(compose_config([override]))
+        validate_config(compose_config(override.split()))
 
 
 @pytest.mark.parametrize("override,named", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 
 from omegaconf import DictConfig, OmegaConf
@@ -90,7 +91,10 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
                 f"{key}.medical_ratio.{end}=0.5")
     require(ratio.plateaus >= 1, f"{key}.medical_ratio.plateaus", ratio.plateaus, "must be >= 1",
             f"{key}.medical_ratio.plateaus=5")
-    require(stage.lr > 0, f"{key}.lr", stage.lr, "the learning rate must be > 0", f"{key}.lr=1e-5")
+    require(0 < stage.lr < math.inf, f"{key}.lr", stage.lr, "the learning rate must be a finite number > 0",
+            f"{key}.lr=1e-5")
+    require(0 <= stage.weight_decay < math.inf, f"{key}.weight_decay", stage.weight_decay,
+            "must be a finite number >= 0 (0: none)", f"{key}.weight_decay=0.01")
     require(stage.batch_size >= 1, f"{key}.batch_size", stage.batch_size, "must be >= 1", f"{key}.batch_size=8")
     require(stage.grad_accum >= 1, f"{key}.grad_accum", stage.grad_accum, "must be >= 1", f"{key}.grad_accum=1")
     require(stage.epochs > 0 or (stage.max_steps or 0) > 0, f"{key}.epochs", stage.epochs,
@@ -432,6 +436,12 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
     require(cfg.lora.enabled or not cfg.lora.quantize_4bit, "lora.quantize_4bit", True, "QLoRA needs LoRA on",
             "lora.enabled=true")
     require(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1", "lora.r=16")
+    require(cfg.lora.alpha > 0, "lora.alpha", cfg.lora.alpha, "must be > 0 (the adapter is scaled by alpha / r)",
+            "lora.alpha=32")
+    require(0 <= cfg.lora.dropout < 1, "lora.dropout", cfg.lora.dropout, "a dropout probability must be in [0, 1)",
+            "lora.dropout=0.05")
+    require(bool(cfg.lora.target_modules) or not cfg.lora.enabled, "lora.target_modules", cfg.lora.target_modules,
+            "LoRA needs at least one module to adapt", "lora.target_modules=[q_proj,v_proj]")
     require(bool(cfg.output_dir), "output_dir", cfg.output_dir, "must be a directory path", "output_dir=outputs/run")
     _validate_distributed(cfg)
     return cfg
