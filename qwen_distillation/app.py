@@ -42,12 +42,18 @@ def run(cfg: DictConfig) -> dict:
         hydra_cfg = HydraConfig.get()
     except ValueError:  # called outside Hydra (tests, notebooks)
         hydra_cfg = None
-    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
-        # Each sweep job writes into its own output_dir/jobN.
+    sweep_job = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
+    if sweep_job:  # each sweep job writes into its own output_dir/jobN
         config.output_dir = hydra_cfg.runtime.output_dir
     from qwen_distillation.training.distiller import Distiller
 
-    return Distiller(config).run()
+    distiller = Distiller(config)
+    done = distiller.finished_summary() if sweep_job else None
+    if done is not None:  # a sweep run again after a failed or interrupted job
+        print(f"{config.output_dir}: this sweep job's run is finished; skipped (overwrite_output_dir=true "
+              f"runs it again)")
+        return done
+    return distiller.run()
 
 
 def _task(cfg: DictConfig) -> None:

@@ -178,10 +178,63 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if overrides[:1] in (["-m"], ["--multirun"]) and not any(a in HYDRA_FLAGS for a in overrides[1:]):
+        try:
+            check_sweep(overrides[1:])
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
     from qwen_distillation import app
 
     sys.argv = [sys.argv[0] if sys.argv else "run_distillation.py"] + overrides
     app.main()
+
+
+def sweep_jobs(overrides: list[str]) -> list[tuple[list[str], list[str]]] | None:
+    """Each job of a multirun sweep, in Hydra's BasicSweeper order (the cartesian product of the
+    comma-separated choices): its overrides and, of them, the swept ones. None when Hydra's parser
+    refuses an override, or a sweep is not a plain list of choices (Hydra reports those itself)."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(
+            [o for o in overrides if not o.lstrip("+~").startswith("hydra")])
+    except HydraException:
+        return None
+    choices, swept = [], []
+    for override in parsed:
+        swept.append(override.is_sweep_override())
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            if not override.is_discrete_sweep():
+                return None
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        elif override.is_delete():
+            choices.append([override.input_line])
+        else:
+            choices.append([f"{key}={override.get_value_element_as_str()}"])
+    return [(list(job), [o for o, sweep in zip(job, swept) if sweep]) for job in itertools.product(*choices)]
+
+
+def check_sweep(overrides: list[str]) -> None:
+    """Validate every job of a multirun sweep before the first one starts: a value out of range in
+    the last job would otherwise stop the sweep after the jobs before it had trained. Errors that
+    Hydra finds while composing are left to Hydra, which reports them as it launches."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from qwen_distillation.errors import DistillationError
+
+    for number, (job, swept) in enumerate(sweep_jobs(overrides) or []):
+        try:
+            compose_run_config(job)
+        except (HydraException, OmegaConfBaseException):
+            return
+        except DistillationError as err:
+            raise UsageError(f"sweep job {number} ({' '.join(swept)}): {err}; no job was started") from None
 
 
 def compose_run_config(overrides: list[str]):

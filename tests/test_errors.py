@@ -55,7 +55,8 @@ def _write(path, text: str):
 @pytest.mark.parametrize("case", ["malformed_jsonl", "missing_fields", "empty_after_filtering",
                                   "missing_checkpoint", "unknown_key", "missing_data_file", "bad_mcq_record",
                                   "missing_teacher_dir", "qlora_on_cpu", "unknown_best_metric",
-                                  "checkpoint_inside_cleared_dir", "checkpoint_inside_finished_run"])
+                                  "checkpoint_inside_cleared_dir", "checkpoint_inside_finished_run",
+                                  "feature_layer_out_of_range", "relation_heads", "weight_decay", "lora_targets"])
 def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path, capsys):
     before = _snapshot(finished_run)
     base = tiny_overrides(finished_run, steps=1) + ["end_stage=1", "overwrite_output_dir=true"]
@@ -92,6 +93,17 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
             argv.remove("overwrite_output_dir=true")
         expected = ["lies inside output_dir", "start the new stages in another output_dir",
                     "would clear" if case == "checkpoint_inside_cleared_dir" else "holds a finished run"]
+    elif case == "feature_layer_out_of_range":  # checked against the models, still before clearing
+        argv = base + ["stage1.loss.weights.feature=0.1", "stage1.loss.feature.layer_map=[[0,9]]"]
+        expected = ["stage1.loss.feature.layer_map", "out of range"]
+    elif case == "relation_heads":
+        argv = base + ["stage1.loss.weights.attention=0.1", "stage1.loss.attention.relation_heads=7"]
+        expected = ["stage1.loss.attention.relation_heads=7: must divide", "e.g. stage1.loss.attention.relation_heads="]
+    elif case == "weight_decay":  # torch's AdamW refused it only when the stage opened
+        argv, expected = base + ["stage1.weight_decay=-1"], ["stage1.weight_decay=-1", "must be a finite number >= 0"]
+    elif case == "lora_targets":  # refused before student_base is written into the old run
+        argv = base + ["lora.enabled=true", "lora.target_modules=[foo_proj]"]
+        expected = ["lora.target_modules=['foo_proj']", "no module named ['foo_proj']", "q_proj"]
     elif case == "unknown_best_metric":  # known only once the evaluation sets are built: still before clearing
         argv, expected = base + ["stage1.best_metric=eval/foo_nll"], ["stage1.best_metric=eval/foo_nll", "not among"]
     else:
@@ -143,6 +155,23 @@ def test_a_mistyped_path_fails_before_any_model_loads(case, monkeypatch, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("case", ["file", "under_a_file"])
+def test_an_output_dir_that_is_a_file_is_refused_and_kept(case, tmp_path, capsys):
+    blocker = _write(tmp_path / "notes.txt", "kept")
+    out = blocker if case == "file" else blocker / "run"
+    code, output = _cli(tiny_overrides(out, steps=1) + ["end_stage=1", "overwrite_output_dir=true"], capsys)
+    assert code == 2 and f"output_dir={out}: " in output and "is a file, not a directory" in output, output
+    assert "Traceback" not in output and blocker.read_text() == "kept"
+
+
+def test_a_run_with_every_stage_disabled_is_refused(tmp_path, capsys):
+    argv = tiny_overrides(tmp_path / "run", steps=1) + ["--start_stage", "2", "--end_stage", "3",
+                                                         "stage2.enabled=false", "stage3.enabled=false"]
+    code, output = _cli(argv, capsys)
+    assert code == 2 and "no stage to run: stage2.enabled=false, stage3.enabled=false" in output, output
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_calibration_set_is_checked_only_where_the_run_prunes(monkeypatch, tmp_path, capsys):
     """``model.student.prune.calibration.sources`` is read only to prune the student from the teacher:
     a stale entry left in a config whose student is not pruned does not stop the run."""
@@ -170,6 +199,28 @@ def test_multirun_sweep_gives_each_job_its_own_output_dir(tmp_path, capsys):
     for job, weight in (("job0", 0.3), ("job1", 0.7)):
         assert (out / job / "stage1" / "final" / "config.json").exists()
         assert f"kd: {weight}" in (out / job / "config.yaml").read_text()
+
+
+def test_a_sweep_checks_every_job_before_the_first_starts(tmp_path, capsys):
+    """A value out of range in a later sweep point stops the sweep before any job trains."""
+    out = tmp_path / "sweep"
+    argv = tiny_overrides(out, steps=1) + ["end_stage=1", "-m", "stage1.lr=1e-3,-1"]
+    code, output = _cli(argv, capsys)
+    assert code == 2, output
+    assert "sweep job 1 (stage1.lr=-1): stage1.lr=-1.0: the learning rate must be" in output, output
+    assert not out.exists()
+
+
+def test_a_sweep_run_again_skips_its_finished_jobs(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = tiny_overrides(out, steps=1) + ["end_stage=1", "-m", "stage1.loss.weights.kd=0.3,0.7"]
+    assert _cli(argv[:-1] + ["stage1.loss.weights.kd=0.3"], capsys)[0] == 0  # job0 alone, as if job1 had failed
+    finished = (out / "job0" / "summary.json").stat().st_mtime_ns
+    code, output = _cli(argv, capsys)
+    assert code == 0, output
+    assert f"{out / 'job0'}: this sweep job's run is finished; skipped" in output
+    assert (out / "job0" / "summary.json").stat().st_mtime_ns == finished
+    assert json.loads((out / "job1" / "run_state.json").read_text())["finished"]
 
 
 @pytest.mark.parametrize("override,expected", [

@@ -181,6 +181,24 @@ def test_a_cache_of_other_inputs_is_refused_naming_what_differs(tmp_path, small_
         cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "cache", k=8)
 
 
+def test_a_cache_missing_examples_is_refused_before_an_old_run_is_cleared(tmp_path, small_tokenizer):
+    """A cache whose run was interrupted lacks some of the stage's examples: the run stops at start-up
+    naming one, not at the first step that meets it, and overwrite_output_dir=true keeps the old run."""
+    from qwen_distillation.app import run
+    from qwen_distillation.cache_teacher import cache_teacher
+
+    old = tmp_path / "old"
+    run(compose_config(_overrides(old, small_tokenizer)))
+    before = sorted(str(p.relative_to(old)) for p in old.rglob("*"))
+    cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "cache", k=4, examples_per_shard=16)
+    shard_files(tmp_path / "cache")[0].unlink()  # an interrupted cache: one of its shards never written
+    with pytest.raises(ConfigError, match=r"no entry for example"):
+        run(compose_config(_overrides(old, small_tokenizer, "overwrite_output_dir=true",
+                                      "stage1.teacher.source=cache", f"stage1.teacher.cache={tmp_path / 'cache'}")))
+    assert sorted(str(p.relative_to(old)) for p in old.rglob("*")) == before
+    assert json.loads((old / "run_state.json").read_text())["finished"]
+
+
 def test_the_fp8_teacher_writes_a_cache_that_a_run_of_the_original_teacher_refuses(tmp_path, small_tokenizer,
                                                                                     monkeypatch):
     """model.teacher.fp8=true: the writer runs the FP8 teacher and the identity says so (an approximation

@@ -212,6 +212,15 @@ class CacheReader:
         """(ids (n, k) int64, logprobs (n, k) fp32, tail_logmass (n,)) of one example.
 
         Raises ConfigError when the cache does not hold it or holds another version of it."""
+        shard, row, rows = self.locate(key, checksum, responses)
+        tensors = self._tensors(shard)
+        return (tensors["ids"][row:row + rows].long(), tensors["logprobs"][row:row + rows].float(),
+                tensors["tail_logmass"][row:row + rows])
+
+    def locate(self, key: str, checksum: int, responses: int) -> tuple[Path, int, int]:
+        """(shard, first row, rows) of one example, read from the index alone (no tensors load).
+
+        Raises ConfigError when the cache does not hold it or holds another version of it."""
         if key not in self.where:
             raise ConfigError(f"teacher cache {self.directory}: no entry for example {key} (source hash:record); "
                               f"the cache was written for other data or is incomplete: run the cache command "
@@ -221,6 +230,4 @@ class CacheReader:
             raise ConfigError(f"teacher cache {self.directory}: example {key} was cached with other tokens "
                               f"({rows} response tokens, checksum {cached_checksum}; the run has {responses}, "
                               f"{checksum}): the tokenizer, chat template or max_length changed; write a new cache")
-        tensors = self._tensors(shard)
-        return (tensors["ids"][row:row + rows].long(), tensors["logprobs"][row:row + rows].float(),
-                tensors["tail_logmass"][row:row + rows])
+        return shard, row, rows

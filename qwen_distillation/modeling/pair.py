@@ -75,6 +75,20 @@ def qlora_quantization(device: torch.device):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+def check_lora_targets(student, targets) -> None:
+    """Each of ``lora.target_modules`` names a module of the student, as peft matches it (the whole
+    name or its last parts; ``all-linear`` is peft's shorthand for every linear layer)."""
+    if list(targets) == ["all-linear"]:
+        return
+    names = [name for name, _ in student.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"lora.target_modules={list(targets)}: the student has no module named {missing}; "
+                          f"its linear layers are {linear} (e.g. lora.target_modules=[{','.join(linear[:2])}], "
+                          f"or lora.target_modules=[all-linear])")
+
+
 def apply_lora(student, lora_cfg, device: torch.device, base_model_dir: str):
     """Wrap the student with trainable LoRA adapters (peft) on ``lora.target_modules``.
 
@@ -206,6 +220,7 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
                                    weight_shape(student.get_output_embeddings().weight)[0],
                                    _describe(model_cfg.teacher), _describe(model_cfg.student))
     if cfg.lora.enabled and not hasattr(student, "peft_config"):
+        check_lora_targets(student, cfg.lora.target_modules)  # before student_base is written
         ranked = torch.distributed.is_available() and torch.distributed.is_initialized()
         if base_model_dir is None or not os.path.exists(os.path.join(base_model_dir, "config.json")):
             base_model_dir = str((output_dir / "student_base").resolve())

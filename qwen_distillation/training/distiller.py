@@ -159,6 +159,11 @@ class Distiller:
         self.teacher_dtype = self.autocast_dtype or torch.float32
         self.stages = [i for i in range(config.start_stage, config.end_stage + 1)
                        if getattr(config, STAGE_KEYS[i]).enabled]
+        if not self.stages:
+            span = range(config.start_stage, config.end_stage + 1)
+            raise ConfigError(f"no stage to run: {', '.join(f'{STAGE_KEYS[i]}.enabled=false' for i in span)} "
+                              f"(start_stage={config.start_stage}, end_stage={config.end_stage}); enable one, "
+                              f"e.g. {STAGE_KEYS[config.start_stage]}.enabled=true")
         self.kd_options = {}
         for i in self.stages:
             try:
@@ -259,10 +264,13 @@ class Distiller:
 
     def _teacher_runner(self, index: int):
         """What gives stage ``index`` its teacher: the model, or its top-k cache
-        (``stageN.teacher.source=cache``; the examples are numbered for the lookup)."""
+        (``stageN.teacher.source=cache``), opened and checked by :meth:`_build_plans`."""
+        return self.cached_teachers.get(index, self.online_teacher)
+
+    def _cached_teacher(self, index: int):
+        """Stage ``index``'s top-k cache, its identity and its entries for the stage's examples
+        checked (the examples are numbered for the lookup)."""
         key, stage = STAGE_KEYS[index], getattr(self.config, STAGE_KEYS[index])
-        if stage.teacher.source != "cache":
-            return self.online_teacher
         from qwen_distillation.data.teacher_cache import CacheReader
         from qwen_distillation.training.teacher_cache import CachedTeacher, cache_spec
 
@@ -274,8 +282,10 @@ class Distiller:
                           vocab_size=self.pair.vocab_size, sources=[s for d in domains for s in self.sources[d]],
                           max_length=self.config.data.max_length, k=None, dtype=None)  # a stage reads any k, dtype
         log.info("%s: the teacher's top-k distribution is read from the cache %s", key, stage.teacher.cache)
-        return CachedTeacher(CacheReader(stage.teacher.cache), examples, spec, tail=stage.teacher.tail,
-                             where=f"{key}.teacher.cache")
+        teacher = CachedTeacher(CacheReader(stage.teacher.cache), examples, spec, tail=stage.teacher.tail,
+                                where=f"{key}.teacher.cache")
+        teacher.check_examples(e["example_id"] for d in domains for e in getattr(self.data, d))
+        return teacher
 
     def _deepspeed_config(self, index: int) -> dict:
         from qwen_distillation.training.deepspeed_engine import deepspeed_config
@@ -324,10 +334,18 @@ class Distiller:
             return unsharded([getattr(self, "module", None), self.pair.teacher])
         return whole_parameters(head_weights(self.pair.student, self.pair.teacher))
 
-    def _build_module(self, resume_from: int) -> None:
+    def _build_plans(self, to_run: list[int]) -> None:
+        """Each stage's LossPlan (its layer maps and relation heads checked against the two models),
+        and the teacher caches of the stages ``to_run`` opened and checked against the run's examples:
+        all before an old run is cleared, so that none of these mistakes costs its outputs."""
         cfg, pair = self.config, self.pair
         self.plans = {i: build_plan(getattr(cfg, STAGE_KEYS[i]), STAGE_KEYS[i], pair.student, pair.teacher,
                                     pair.vocab_size, self.kd_options[i]) for i in self.stages}
+        self.cached_teachers = {i: self._cached_teacher(i) for i in to_run
+                                if getattr(cfg, STAGE_KEYS[i]).teacher.source == "cache"}
+
+    def _build_module(self, resume_from: int) -> None:
+        cfg, pair = self.config, self.pair
         heads = build_heads([getattr(cfg, STAGE_KEYS[i]) for i in self.stages], list(self.plans.values()),
                             pair.student, pair.teacher).to(self.device)
         if resume_from:
@@ -699,6 +717,19 @@ class Distiller:
                                   "eval.agreement=true / eval.mcq / eval.text_metrics=true)")
 
     # -------------------------------------------------------------------- run
+    def finished_summary(self) -> dict | None:
+        """The summary of this very run (the same config) when ``output_dir`` holds it finished and
+        ``overwrite_output_dir`` is off, else None: a rerun sweep skips the jobs it has done."""
+        try:
+            state = ckpt.read_run_state(self.output_dir)
+        except CheckpointError:
+            return None
+        if self.config.overwrite_output_dir or not (state and state.get("finished")
+                                                    and state.get("run_hash") == self.run_id):
+            return None
+        path = self.output_dir / "summary.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
     def run(self) -> dict:
         cfg = self.config
         # Before anything is allocated on the GPU (the process group, the models).
@@ -720,9 +751,11 @@ class Distiller:
         resume_from = max(state["completed_stages"], default=0) if state else 0
         with self._timed("build_s"):
             self._build(resume_from)
-        # Before an old run is cleared (overwrite_output_dir=true): a best_metric no evaluation gives.
-        self._check_best_metrics(self.evaluator.metric_names(),
-                                 [i for i in self.stages if i not in (state or {}).get("completed_stages", [])])
+        # Before an old run is cleared (overwrite_output_dir=true): a best_metric no evaluation gives,
+        # a layer map or relation-head count the models do not fit, a teacher cache that misses examples.
+        to_run = [i for i in self.stages if i not in (state or {}).get("completed_stages", [])]
+        self._check_best_metrics(self.evaluator.metric_names(), to_run)
+        self._build_plans(to_run)
         dist.barrier(self.topo)  # every rank has read the old outputs before rank 0 rewrites them
         if self.topo.is_main:
             state = prepare_output_dir(self.output_dir, state, run_id=self.run_id, run_config=self.run_config,

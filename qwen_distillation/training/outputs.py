@@ -69,6 +69,10 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
             ``overwrite`` (``overwrite_output_dir=true``).
         CheckpointError: its ``run_state.json`` is damaged; unless ``overwrite``.
     """
+    blocking = next((p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"output_dir={output_dir}: {'it' if blocking == output_dir else blocking} is a file, not a "
+                          f"directory; choose a directory for the run's outputs (e.g. output_dir=outputs/run)")
     try:
         state = ckpt.read_run_state(output_dir)
     except CheckpointError:

@@ -4,14 +4,17 @@ kernel resolved, layer maps), the weights the balancer applies and GradNorm's sh
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+from qwen_distillation.errors import ConfigError
 from qwen_distillation.kernels.fused_linear_kd import KDOptions
 from qwen_distillation.losses.feature import proportional_layer_map, validate_layer_map
 from qwen_distillation.losses.fused import kd_options
-from qwen_distillation.modeling.parts import decoder_and_head, supports_hidden_path
+from qwen_distillation.modeling.capture import find_decoder
+from qwen_distillation.modeling.parts import base_model, decoder_and_head, supports_hidden_path
 
 TEACHER_TERMS = ("kd", "feature", "attention", "contrastive")
 
@@ -65,7 +68,26 @@ class LossPlan:
 
 
 def _layers(model) -> int:
-    return len(decoder_and_head(model)[0].layers)
+    return len(find_decoder(model).layers)  # a ConfigError for a decoder without `layers`
+
+
+def _attention_width(model) -> int:
+    """num_attention_heads x head_dim: the width of a layer's concatenated queries (and of its keys
+    and values, repeated to the query heads), which the attention term splits into relation heads."""
+    config = base_model(model).config
+    heads = config.num_attention_heads
+    return heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
+def check_relation_heads(relation_heads: int, key: str, student, teacher) -> None:
+    """``relation_heads`` must divide both models' attention widths (MiniLMv2 splits each into them)."""
+    widths = {"student": _attention_width(student), "teacher": _attention_width(teacher)}
+    if all(width % relation_heads == 0 for width in widths.values()):
+        return
+    both = math.gcd(*widths.values())
+    fit = max(d for d in range(1, min(relation_heads, both) + 1) if both % d == 0)
+    raise ConfigError(f"{key}={relation_heads}: must divide num_attention_heads x head_dim of both models "
+                      f"(student {widths['student']}, teacher {widths['teacher']}); e.g. {key}={fit}")
 
 
 def layer_pairs(sub_cfg, key: str, student, teacher) -> list[tuple[int, int]]:
@@ -96,6 +118,8 @@ def build_plan(stage, key: str, student, teacher, vocab_size: int, kd: KDOptions
         not needs_teacher or cached or supports_hidden_path(teacher))
     feature = layer_pairs(loss.feature, f"{key}.loss.feature", student, teacher) if "feature" in weights else []
     attention = layer_pairs(loss.attention, f"{key}.loss.attention", student, teacher) if "attention" in weights else []
+    if attention:
+        check_relation_heads(loss.attention.relation_heads, f"{key}.loss.attention.relation_heads", student, teacher)
     return LossPlan(weights=weights, vocab_size=vocab_size, kd=kd, separate_logit_terms=loss.balancing.method != "none",
                     hidden_path=hidden_path, feature_pairs=tuple(feature), feature_loss=loss.feature.loss,
                     feature_normalize=loss.feature.normalize, attention_pairs=tuple(attention),
@@ -121,9 +145,7 @@ def shared_parameter(student, plan: LossPlan) -> list[torch.Tensor]:
     norms there): the input norm of the lowest matched student layer, else the final norm."""
     layers = [s for s, _ in plan.feature_pairs + plan.attention_pairs]
     decoder = decoder_and_head(student)[0]
-    if layers:
-        module = decoder.layers[min(layers)].input_layernorm
-    else:
-        module = decoder.norm
-    return [p for p in module.parameters() if p.requires_grad] or [
+    # A decoder without a final ``norm`` (GPT-2's is ``ln_f``): the last trainable parameter.
+    module = decoder.layers[min(layers)].input_layernorm if layers else getattr(decoder, "norm", None)
+    return [p for p in (module.parameters() if module is not None else ()) if p.requires_grad] or [
         p for p in student.parameters() if p.requires_grad][-1:]

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -165,6 +165,12 @@ class CachedTeacher:
                               f"qwen_distillation.cache_teacher --out DIR` and the run's config")
         self.reader, self.tail = reader, tail
         self.keys = [(spec.key(e), ids_checksum(e["input_ids"]), responses(e)) for e in examples]
+
+    def check_examples(self, example_ids: Iterable[int]) -> None:
+        """Every example of ``example_ids`` is in the cache, with the run's tokens: a stage checks its
+        examples before it starts (and before an old run is cleared), not at the first one missing."""
+        for example_id in example_ids:
+            self.reader.locate(*self.keys[example_id])
 
     def __call__(self, batch: dict[str, torch.Tensor], plan) -> Launched[CachedTopK] | None:
         if not plan.needs_teacher:
