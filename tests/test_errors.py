@@ -56,7 +56,8 @@ def _write(path, text: str):
                                   "missing_checkpoint", "unknown_key", "missing_data_file", "bad_mcq_record",
                                   "missing_teacher_dir", "qlora_on_cpu", "unknown_best_metric",
                                   "checkpoint_inside_cleared_dir", "checkpoint_inside_finished_run",
-                                  "feature_layer_out_of_range", "relation_heads", "weight_decay", "lora_targets"])
+                                  "feature_layer_out_of_range", "relation_heads", "weight_decay", "lora_targets",
+                                  "decoder_without_layers"])
 def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path, capsys):
     before = _snapshot(finished_run)
     base = tiny_overrides(finished_run, steps=1) + ["end_stage=1", "overwrite_output_dir=true"]
@@ -104,6 +105,15 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
     elif case == "lora_targets":  # refused before student_base is written into the old run
         argv = base + ["lora.enabled=true", "lora.target_modules=[foo_proj]"]
         expected = ["lora.target_modules=['foo_proj']", "no module named ['foo_proj']", "q_proj"]
+    elif case == "decoder_without_layers":  # every step runs the student through the layer capture
+        from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+        gpt2 = tmp_path / "gpt2"
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(AutoTokenizer.from_pretrained(finished_run / "stage1" / "final")),
+                                   n_embd=32, n_layer=2, n_head=2)).save_pretrained(gpt2)
+        AutoTokenizer.from_pretrained(finished_run / "stage1" / "final").save_pretrained(gpt2)
+        argv = base + ["--start_stage", "1", "--checkpoint_path", str(gpt2)]
+        expected = ["model.student: GPT2LMHeadModel: its decoder GPT2Model has no `layers` list"]
     elif case == "unknown_best_metric":  # known only once the evaluation sets are built: still before clearing
         argv, expected = base + ["stage1.best_metric=eval/foo_nll"], ["stage1.best_metric=eval/foo_nll", "not among"]
     else:

@@ -47,6 +47,7 @@ from qwen_distillation.evaluation.nll import per_example_nll
 from qwen_distillation.evaluation.report import summary_text
 from qwen_distillation.evaluation.samples import REFERENCE, sample_columns, samples_markdown
 from qwen_distillation.evaluation.sharding import Shard, map_shared
+from qwen_distillation.modeling.capture import find_decoder
 from qwen_distillation.modeling.pair import ModelPair, build_pair
 from qwen_distillation.modeling.parts import (check_packed_attention, head_weights, response_positions,
                                               whole_parameters)
@@ -335,10 +336,17 @@ class Distiller:
         return whole_parameters(head_weights(self.pair.student, self.pair.teacher))
 
     def _build_plans(self, to_run: list[int]) -> None:
-        """Each stage's LossPlan (its layer maps and relation heads checked against the two models),
-        and the teacher caches of the stages ``to_run`` opened and checked against the run's examples:
-        all before an old run is cleared, so that none of these mistakes costs its outputs."""
+        """Each stage's LossPlan (its layer maps and relation heads checked against the two models,
+        whose decoders the layer capture must support), and the teacher caches of the stages
+        ``to_run`` opened and checked against the run's examples: all before an old run is cleared,
+        so that none of these mistakes costs its outputs."""
         cfg, pair = self.config, self.pair
+        for role, model in (("student", pair.student), ("teacher", pair.teacher)):
+            if model is not None:  # every step runs both through the layer capture
+                try:
+                    find_decoder(model)
+                except ConfigError as err:
+                    raise ConfigError(f"model.{role}: {err}") from None
         self.plans = {i: build_plan(getattr(cfg, STAGE_KEYS[i]), STAGE_KEYS[i], pair.student, pair.teacher,
                                     pair.vocab_size, self.kd_options[i]) for i in self.stages}
         self.cached_teachers = {i: self._cached_teacher(i) for i in to_run

@@ -145,7 +145,9 @@ def shared_parameter(student, plan: LossPlan) -> list[torch.Tensor]:
     norms there): the input norm of the lowest matched student layer, else the final norm."""
     layers = [s for s, _ in plan.feature_pairs + plan.attention_pairs]
     decoder = decoder_and_head(student)[0]
-    # A decoder without a final ``norm`` (GPT-2's is ``ln_f``): the last trainable parameter.
-    module = decoder.layers[min(layers)].input_layernorm if layers else getattr(decoder, "norm", None)
-    return [p for p in (module.parameters() if module is not None else ()) if p.requires_grad] or [
+    if layers:
+        module = decoder.layers[min(layers)].input_layernorm
+    else:
+        module = decoder.norm
+    return [p for p in module.parameters() if p.requires_grad] or [
         p for p in student.parameters() if p.requires_grad][-1:]
