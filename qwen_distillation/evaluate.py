@@ -33,7 +33,7 @@ import torch
 
 from qwen_distillation.config.schema import ModelSpec
 from qwen_distillation.data.sources import DataSource, encode_source
-from qwen_distillation.errors import ConfigError, DistillationError
+from qwen_distillation.errors import ConfigError, DataError, DistillationError
 from qwen_distillation.evaluation.evaluator import Evaluator, heldout_batches
 from qwen_distillation.evaluation.mcq import load_mcq_sets, normalise_mcq_sources
 from qwen_distillation.modeling.loading import (check_student_checkpoint, load_causal_lm, load_student_checkpoint,
@@ -66,13 +66,47 @@ def load_model(name: str, path: str, dtype: torch.dtype, key: str | None = None)
     return load_causal_lm(ModelSpec(path=path), dtype=dtype, role="model", key=key)
 
 
-def check_model_path(name: str, path: str) -> None:
+def check_model_path(name: str, path: str, key: str | None = None) -> None:
     """A ``--model NAME=PATH`` that can only be local must exist, and a directory must hold a saved
-    model (a hub id is left to the hub)."""
+    model (a hub id is left to the hub); errors name that option, or ``key``."""
+    key = key or f"--model {name}"
     resolved = resolve_path(path)
-    require_existing(resolved, f"--model {name}")
+    require_existing(resolved, key)
     if Path(resolved).is_dir():
-        check_student_checkpoint(resolved, key=f"--model {name}")
+        check_student_checkpoint(resolved, key=key)
+
+
+def check_device(value: str, flag: str = "--device") -> torch.device:
+    """The device of ``flag`` (cpu, cuda, cuda:N or, where available, mps), refused with a
+    ConfigError naming ``flag`` before any model loads when torch does not know it or it is not
+    there (as ``select_device`` of the training run refuses ``train.device=cuda`` without a GPU)."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{flag} {value}: not a device torch knows; use cpu or cuda (cuda:N for one GPU)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag} {value}: no CUDA GPU is visible; use {flag} cpu (or leave it out)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{flag} {value}: only {count} CUDA GPU(s) visible (cuda:0 to cuda:{count - 1})")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{flag} {value}: MPS is not available here; use {flag} cpu (or leave it out)")
+    elif device.type != "cpu":
+        raise ConfigError(f"{flag} {value}: this command runs on cpu or cuda (cuda:N for one GPU)")
+    return device
+
+
+def encode_eval_set(name: str, path: str, tokenizer, max_length: int) -> list[dict]:
+    """The examples of ``--nll NAME=FILE``; an error about the length limit names ``--max_length``
+    (this command's option), not the training config's ``data.max_length``."""
+    try:
+        return encode_source(DataSource(path=path), tokenizer, max_length)
+    except DataError as err:
+        if "data.max_length" not in str(err):
+            raise
+        raise DataError(f"--nll {name}: " + str(err).replace("data.max_length", "--max_length")) from None
 
 
 def load_any_tokenizer(name: str, path: str, key: str | None = None, fix: str | None = None):
@@ -98,7 +132,7 @@ def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str,
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = load_any_tokenizer(*((teacher, models[teacher]) if teacher else next(iter(models.items()))))
     mcq_sources = normalise_mcq_sources("--mcq", [f"{name}={path}" for name, path in mcq_sets.items()])
-    eval_sets = {name: encode_source(DataSource(path=path), tokenizer, max_length)[:max_examples]
+    eval_sets = {name: encode_eval_set(name, path, tokenizer, max_length)[:max_examples]
                  for name, path in nll_sets.items()}
     teacher_model = load_model(teacher, models[teacher], dtype).to(device).eval() if teacher else None
     evaluator = Evaluator(teacher=teacher_model, tokenizer=tokenizer, vocab_size=len(tokenizer),
@@ -129,6 +163,16 @@ def _check_text_metrics(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{flag} {getattr(args, flag)}: must be >= 1 (e.g. `--{flag} 16`)")
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Sizes out of range would slice the sets wrongly (``[:0]`` scores nothing, ``[:-1]`` drops
+    one example) or encode nothing: refuse them before anything loads."""
+    if args.max_examples < 1:
+        raise ConfigError(f"--max_examples {args.max_examples}: must be >= 1 (leave it out for the default, 64; "
+                          f"e.g. `--max_examples 64`)")
+    if args.max_length < 16:
+        raise ConfigError(f"--max_length {args.max_length}: must be >= 16 tokens (e.g. `--max_length 512`)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qwen_distillation.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         models = _pairs(args.model, "--model")
         if args.teacher is not None and args.teacher not in models:
             raise DistillationError(f"--teacher {args.teacher}: not among the --model names {sorted(models)}")
+        _check_numbers(args)
         if args.text_metrics:
             _check_text_metrics(args)
         if not args.nll and not args.mcq:
@@ -157,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ConfigError(f"--out {args.out}: is a file; give a directory (it receives results.json and "
                               f"results.md)")
+        device = check_device(args.device)
         for name, path in models.items():  # before any model loads: a mistyped path, a folder with no model
             check_model_path(name, path)
         results = evaluate(models, teacher=args.teacher, nll_sets=_pairs(args.nll, "--nll"),
                            mcq_sets=_pairs(args.mcq, "--mcq"), max_examples=args.max_examples,
-                           max_length=args.max_length, device=torch.device(args.device),
+                           max_length=args.max_length, device=device,
                            text_metrics_max_examples=args.text_metrics_max_examples if args.text_metrics else 0,
                            max_new_tokens=args.max_new_tokens)
     except DistillationError as err:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import asdict
 
@@ -41,7 +42,7 @@ import torch
 
 from qwen_distillation.data.generated import OUTPUT_FORMATS, RunFiles, Sampling, file_digest
 from qwen_distillation.errors import ConfigError, DistillationError
-from qwen_distillation.evaluate import load_any_tokenizer, load_model
+from qwen_distillation.evaluate import check_device, check_model_path, load_any_tokenizer, load_model
 from qwen_distillation.evaluation.generation import BACKENDS, choose_backend, transformers_generate, vllm_generate
 from qwen_distillation.evaluation.teacher_data import (CHOICE_INSTRUCTION, REASONING_INSTRUCTION, THINK_PREFILL,
                                                        check_run, generate_dataset, read_prompts)
@@ -99,6 +100,29 @@ def run_identity(args: argparse.Namespace, sampling: Sampling, fmt: str) -> dict
     }
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (through symlinks, hard links, ``..``)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output_is_not_input(data: str, output: str) -> None:
+    """``--output`` (or the rejected-samples and manifest files written next to it) must not be
+    the file of ``--data``: the run would replace, append to or delete its own input."""
+    source = locate(data)
+    if not os.path.exists(source):  # a hub dataset id: nothing local to overwrite
+        return
+    files = RunFiles.of(output)
+    if _same_file(str(files.output), source):
+        raise ConfigError(f"--output {output}: is the input file given by --data; choose another --output")
+    for written in (files.rejected, files.manifest):
+        if _same_file(str(written), source):
+            raise ConfigError(f"--output {output}: the run writes {written}, the input file given by --data; "
+                              f"choose another --output")
+
+
 def describe(summary: dict) -> str:
     """One line: prompts done, samples kept, keep rate, and the rejections by reason."""
     rate = summary["keep_rate"]
@@ -121,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--max_prompts {args.max_prompts}: must be >= 1 or left out")
         if args.answer_tokens < 0:
             raise ConfigError(f"--answer_tokens {args.answer_tokens}: must be >= 0 (0: never force an answer)")
+        # The transformers backend's device (vLLM places the model itself).
+        device = check_device(args.device) if args.backend != "vllm" else None
+        check_output_is_not_input(args.data, args.output)
         fmt = args.format or ("medical_o1" if args.reasoning else "alpaca")
         prompts, source_format = read_prompts(args.data, fmt=args.source_format, split=args.split,
                                               subset=args.subset, max_prompts=args.max_prompts)
@@ -130,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(prompts)} prompts from {args.data} ({source_format}"
               f"{', graded against the gold answers' if prompts[0].gold is not None else ''})")
         backend = choose_backend(args.backend, resolve_path(args.teacher))
+        check_model_path("teacher", args.teacher, key="--teacher")  # before it loads: a mistyped path, no model
         fix = f"give a --teacher whose directory holds its tokenizer files (or export {args.teacher} again)"
         tokenizer = load_any_tokenizer("teacher", args.teacher, key="--teacher", fix=fix)
         if backend == "vllm":
             generate = vllm_generate(resolve_path(args.teacher), seed=args.seed)
         else:
-            device = torch.device(args.device)
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             generate = transformers_generate(load_model("teacher", args.teacher, dtype, key="--teacher").to(device),
                                              tokenizer)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+import qwen_distillation.evaluate as evaluate_module
 from conftest import SHARED_DATA, compose_config, tiny_overrides
 from qwen_distillation.app import run
 from qwen_distillation.evaluate import main
@@ -98,3 +100,33 @@ def test_bad_arguments_are_refused_before_any_model_loads(tiny_run, tmp_path, ca
     code = main(["--model", f"a={final}", "--nll", f"m={nll}", "--out", str(a_file)])
     assert code == 2 and f"--out {a_file}: is a file" in capsys.readouterr().err
     assert a_file.read_text() == "kept" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max_examples", "0"], "--max_examples 0: must be >= 1"),  # [:0]: a perfect NLL of 0 on nothing
+    (["--max_examples", "-1"], "--max_examples -1: must be >= 1"),  # [:-1]: all but one example
+    (["--max_length", "0"], "--max_length 0: must be >= 16 tokens"),
+    (["--device", "tpu"], "--device tpu: not a device torch knows; use cpu or cuda"),
+    (["--device", "meta"], "--device meta: this command runs on cpu or cuda"),
+])
+def test_sizes_and_devices_out_of_range_are_refused_before_loading(tmp_path, capsys, flags, message):
+    code = main(["--model", "a=does/not/exist", "--nll", "m=x.jsonl", *flags, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_without_a_gpu_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["--model", "a=does/not/exist", "--nll", "m=x.jsonl", "--device", "cuda", "--out", str(tmp_path)])
+    assert code == 2 and "--device cuda: no CUDA GPU is visible; use --device cpu" in capsys.readouterr().err
+
+
+def test_a_too_short_max_length_names_this_commands_option(tiny_run, tokenizer, tmp_path, capsys, monkeypatch):
+    # The saved tokenizer is the fixture's: reading its 151k-token BPE back takes seconds.
+    monkeypatch.setattr(evaluate_module, "load_any_tokenizer", lambda *args, **kwargs: tokenizer)
+    code = main(["--model", f"a={tiny_run / 'stage1' / 'final'}", "--nll",
+                 "m=package:qwen_distillation/data/demo/medical.jsonl", "--max_length", "16", "--device", "cpu",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--nll m: " in err and "raise --max_length" in err and "data.max_length" not in err, err

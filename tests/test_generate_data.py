@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 import qwen_distillation.generate_data as generate_data
-from conftest import SHARED_DATA, compose_config, tiny_overrides
+from conftest import REPO, SHARED_DATA, compose_config, tiny_overrides
 from qwen_distillation.data.formats import detect_format
 from qwen_distillation.data.generated import (PROVENANCE, RunFiles, Sampling, append_rows, read_journal,
                                               split_reasoning)
@@ -328,3 +328,38 @@ def test_the_vllm_backend_passes_token_prompts_and_per_row_seeds(monkeypatch):
                for p in calls["params"])
     assert out == [[Completion("answer 0", True), Completion("cut", False)],
                    [Completion("answer 1", True), Completion("cut", False)]]
+
+
+def test_the_output_may_not_be_the_input_file(tmp_path, capsys):
+    """--output naming the --data file (itself, through a symlink or another spelling) would
+    replace the input: refused, and the input is left as it was."""
+    data = tmp_path / "in.jsonl"
+    data.write_text((REPO / "qwen_distillation" / "data" / "demo" / "medical.jsonl").read_text())
+    before = data.read_text()
+    (tmp_path / "link.jsonl").symlink_to(data)
+    (tmp_path / "sub").mkdir()
+    for output in (data, tmp_path / "link.jsonl", tmp_path / "sub" / ".." / "in.jsonl"):
+        code = generate_data.main(["--teacher", "does/not/exist", "--data", str(data), "--output", str(output),
+                                   "--overwrite"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--output {output}: is the input file given by --data; choose another --output" in err
+    assert data.read_text() == before
+
+
+@pytest.mark.parametrize("teacher", ["/no/such/teacher", "./no_such_teacher", "~/no_such_teacher_dir"])
+def test_a_missing_local_teacher_is_refused_before_loading(tmp_path, capsys, teacher):
+    code = generate_data.main(["--teacher", teacher, "--data", DEMO_MEDICAL, "--output", str(tmp_path / "g.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--teacher=" in err and "no such file or directory" in err and "Repo id" not in err, err
+
+
+@pytest.mark.parametrize("device,message", [
+    ("tpu", "--device tpu: not a device torch knows; use cpu or cuda"),
+    ("cuda", "--device cuda: no CUDA GPU is visible; use --device cpu"),
+])
+def test_a_device_that_is_not_there_is_refused_before_loading(tmp_path, capsys, monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = generate_data.main(["--teacher", "does/not/exist", "--data", DEMO_MEDICAL, "--device", device,
+                               "--output", str(tmp_path / "g.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
