@@ -27,7 +27,9 @@ def _quote(value: str) -> str:
 
 def _sources(key: str):
     def convert(value: str) -> list[str]:
-        paths = [p for p in value.split(",") if p]
+        paths = [p for p in value.split(",") if p.strip()]
+        if not paths:
+            raise UsageError(f"{value!r} names no file or dataset; give them comma-separated (for none: {key}=[])")
         return [f"{key}=[{','.join(_quote(p) for p in paths)}]"]
 
     return convert
@@ -122,6 +124,17 @@ def _check_key(override: str) -> None:
                          f"prints every valid key")
 
 
+def _check_once(override: str, written: str, set_by: dict[str, tuple[str, str, bool]], *, flag: bool) -> None:
+    """Refuse a key that a classic flag sets and the command line sets again to another value
+    (``--seed 1 --seed 2``, ``--fp16 --bf16``, ``--start_stage 2 start_stage=3``): Hydra would keep one
+    of them without a word. Overrides among themselves are Hydra's (a sweep, a group then its keys)."""
+    key, _, value = override.lstrip("+").partition("=")
+    earlier = set_by.get(key)
+    if earlier is not None and (flag or earlier[2]) and earlier[1] != value:
+        raise UsageError(f"{key} is set twice, by {earlier[0]} and by {written}; keep one")
+    set_by[key] = (written, value, flag or bool(earlier and earlier[2]))
+
+
 def translate(argv: list[str]) -> list[str]:
     """Translate classic flags in ``argv`` (without the program name) into Hydra overrides.
 
@@ -129,6 +142,7 @@ def translate(argv: list[str]) -> list[str]:
     to Hydra unchanged, in order.
     """
     out: list[str] = []
+    set_by: dict[str, tuple[str, str, bool]] = {}  # key -> (as written, value, whether a classic flag set it)
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -150,13 +164,21 @@ def translate(argv: list[str]) -> list[str]:
                 if eq:
                     raise UsageError(f"{name} takes no value")
                 value = ""
-            out.extend(convert(value))
+            try:
+                translated = convert(value)
+            except UsageError as err:
+                raise UsageError(f"{name} {err}") from None
+            written = f"{name} {value}".strip()
+            if translated:
+                _check_once(translated[0], written, set_by, flag=True)
+            out.extend(translated)
         elif arg.startswith("--") and name not in HYDRA_FLAGS:
             raise UsageError(f"unknown flag {name}; classic flags are: {', '.join(CLASSIC_FLAGS)}; any config key "
                              f"can be set as a Hydra override such as stage2.temperature=3")
         else:
             if "=" in arg and not arg.startswith("-"):
                 _check_key(arg)
+                _check_once(arg, arg, set_by, flag=False)
             # The default config already selects a preset (experiment: demo), so Hydra's "append"
             # (+experiment=NAME) cannot add one; what the writer means is to use this one instead.
             out.append(arg[1:] if arg.startswith("+experiment=") else arg)
@@ -220,21 +242,25 @@ def sweep_jobs(overrides: list[str]) -> list[tuple[list[str], list[str]]] | None
 
 
 def check_sweep(overrides: list[str]) -> None:
-    """Validate every job of a multirun sweep before the first one starts: a value out of range in
-    the last job would otherwise stop the sweep after the jobs before it had trained. Errors that
-    Hydra finds while composing are left to Hydra, which reports them as it launches."""
+    """Compose and validate every job of a multirun sweep before the first one starts (and before
+    Hydra writes the sweep's ``multirun.yaml``): a bad value in the last job would otherwise stop
+    the sweep after the jobs before it had trained."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from qwen_distillation.app import hydra_error_message
     from qwen_distillation.errors import DistillationError
 
     for number, (job, swept) in enumerate(sweep_jobs(overrides) or []):
         try:
             compose_run_config(job)
-        except (HydraException, OmegaConfBaseException):
-            return
+        except (HydraException, OmegaConfBaseException) as err:
+            message = hydra_error_message(err, job[::-1])  # of a key set twice, Hydra keeps the last
         except DistillationError as err:
-            raise UsageError(f"sweep job {number} ({' '.join(swept)}): {err}; no job was started") from None
+            message = str(err)
+        else:
+            continue
+        raise UsageError(f"sweep job {number} ({' '.join(swept)}): {message}; no job was started")
 
 
 def compose_run_config(overrides: list[str]):

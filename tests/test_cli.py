@@ -70,10 +70,20 @@ def test_paths_with_special_characters_are_quoted():
     (["--start_stage"], "needs a value"),
     (["--use_lora=yes"], "takes no value"),
     (["--learning_rate", "1e-4"], "unknown flag --learning_rate"),
+    (["--general_dataset", ",,"], re.escape("--general_dataset ',,' names no file or dataset")),
+    (["--seed", "1", "--seed", "2"], "seed is set twice, by --seed 1 and by --seed 2; keep one"),
+    (["--fp16", "--bf16"], "train.precision is set twice, by --fp16 and by --bf16"),
+    (["--start_stage", "2", "start_stage=3"], "start_stage is set twice, by --start_stage 2 and by start_stage=3"),
+    (["start_stage=3", "--start_stage", "2"], "start_stage is set twice, by start_stage=3 and by --start_stage 2"),
 ])
 def test_usage_errors(argv, message):
     with pytest.raises(UsageError, match=message):
         translate(argv)
+
+
+def test_the_same_value_twice_and_overrides_among_themselves_pass():
+    assert translate(["--seed", "1", "seed=1", "stage1.lr=1", "stage1.lr=2", "--use_lora", "--use_qlora"])[:4] == [
+        "seed=1", "seed=1", "stage1.lr=1", "stage1.lr=2"]
 
 
 def test_multirun_flag_passes_through():

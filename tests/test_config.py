@@ -81,6 +81,7 @@ def test_presets_do_what_their_names_say():
     ("lora.dropout=1.5", "lora.dropout"),
     ("lora.alpha=-4", "lora.alpha"),
     ("lora.enabled=true lora.target_modules=[]", "lora.target_modules"),
+    ("distributed=fsdp2 distributed.engine=deepspeed distributed.deepspeed_config=ds.json", "distributed.engine"),
 ])
 def test_bad_values_name_the_override(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

@@ -219,6 +219,9 @@ def test_a_sweep_checks_every_job_before_the_first_starts(tmp_path, capsys):
     assert code == 2, output
     assert "sweep job 1 (stage1.lr=-1): stage1.lr=-1.0: the learning rate must be" in output, output
     assert not out.exists()
+    code, output = _cli(argv[:-1] + ["stage1.lr=1e-3,abc"], capsys)  # found by Hydra: no multirun.yaml left
+    assert code == 2 and "sweep job 1 (stage1.lr=abc): stage1.lr=abc: Value 'abc'" in output, output
+    assert not out.exists()
 
 
 def test_a_sweep_run_again_skips_its_finished_jobs(tmp_path, capsys):
@@ -261,7 +264,9 @@ def test_a_config_error_hydra_finds_exits_2_with_one_line(override, expected, tm
 
 def test_a_sweep_value_of_the_wrong_type_exits_2(tmp_path, capsys):
     code, output = _cli([f"output_dir={tmp_path / 'out'}", "-m", "seed=abc,2"], capsys)
-    assert code == 2 and "error: seed=abc,2: Value 'abc' of type 'str' could not be converted to Integer" in output
+    assert code == 2 and ("error: sweep job 0 (seed=abc): seed=abc: Value 'abc' of type 'str' could not be "
+                          "converted to Integer") in output, output
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_bug_inside_a_run_keeps_its_traceback(monkeypatch, tmp_path, capsys):

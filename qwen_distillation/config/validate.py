@@ -277,6 +277,10 @@ def _validate_distributed(cfg: DistillationConfig) -> None:
     require_one_of("distributed.backend", d.backend, BACKENDS)
     require(d.timeout_minutes > 0, "distributed.timeout_minutes", d.timeout_minutes, "must be > 0",
             "distributed.timeout_minutes=30")
+    chosen = {"fsdp2": "fsdp2", "zero2": "deepspeed", "zero3": "deepspeed", "zero3_offload": "deepspeed"}.get(d.name)
+    require(chosen in (None, d.engine), "distributed.engine", d.engine,
+            f"contradicts distributed={d.name}, which runs {chosen} (--deepspeed sets the engine to deepspeed); "
+            f"keep one of the two", f"distributed={d.name} without --deepspeed")
     if d.engine == "none":
         return
     if d.engine == "fsdp2":
