@@ -57,7 +57,7 @@ def _write(path, text: str):
                                   "missing_teacher_dir", "qlora_on_cpu", "unknown_best_metric",
                                   "checkpoint_inside_cleared_dir", "checkpoint_inside_finished_run",
                                   "feature_layer_out_of_range", "relation_heads", "weight_decay", "lora_targets",
-                                  "decoder_without_layers"])
+                                  "decoder_without_layers", "random_init_type", "random_init_size", "missing_gguf"])
 def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path, capsys):
     before = _snapshot(finished_run)
     base = tiny_overrides(finished_run, steps=1) + ["end_stage=1", "overwrite_output_dir=true"]
@@ -114,6 +114,15 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
         AutoTokenizer.from_pretrained(finished_run / "stage1" / "final").save_pretrained(gpt2)
         argv = base + ["--start_stage", "1", "--checkpoint_path", str(gpt2)]
         expected = ["model.student: GPT2LMHeadModel: its decoder GPT2Model has no `layers` list"]
+    elif case == "random_init_type":  # was transformers' ValueError listing every model type
+        argv, expected = base + ["model.student.random_init.model_type=foo"], [
+            "model.student.random_init.model_type=foo: not a model type transformers knows"]
+    elif case == "random_init_size":  # was torch's "negative dimension" traceback
+        argv, expected = base + ["model.student.random_init.hidden_size=-4"], [
+            "model.student.random_init=", "cannot build a qwen2 model from these sizes"]
+    elif case == "missing_gguf":  # was "does not appear to have a file named ... huggingface.co//tmp/..."
+        argv = base + ["--student_model", str(tmp_path / "nope.gguf")]
+        expected = [f"model.student.path={tmp_path / 'nope.gguf'}: no such file or directory"]
     elif case == "unknown_best_metric":  # known only once the evaluation sets are built: still before clearing
         argv, expected = base + ["stage1.best_metric=eval/foo_nll"], ["stage1.best_metric=eval/foo_nll", "not among"]
     else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,26 @@ def test_a_damaged_lora_adapter_or_its_base_names_the_file(tmp_path):
     with pytest.raises(CheckpointError, match=f"{adapter_dir / 'adapter_model.safetensors'}: truncated or not a "
                                               f"safetensors file .*; export or copy {adapter_dir} again"):
         load_student_checkpoint(str(adapter_dir), dtype=torch.float32)
+
+
+def test_a_lora_run_moved_after_training_names_its_base_and_where_it_went(tmp_path):
+    """The adapter records its base model's absolute path: after the run's folder moved, the error
+    names that path and the student_base now beside the stage (it was the hub's 'Repo id ...')."""
+    from peft import LoraConfig, get_peft_model
+
+    run = tmp_path / "run"
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "qwen2", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1))
+    base.save_pretrained(run / "student_base")
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.peft_config["default"].base_model_name_or_path = str(run / "student_base")
+    model.save_pretrained(run / "stage1" / "final")
+    shutil.move(run, tmp_path / "moved")
+    adapter = tmp_path / "moved" / "stage1" / "final"
+    with pytest.raises(CheckpointError, match=re.escape(f"the LoRA adapter's base model {run / 'student_base'} ") +
+                       ".* does not exist; " + re.escape(f"set it to {tmp_path / 'moved' / 'student_base'}")):
+        load_student_checkpoint(str(adapter), dtype=torch.float32)
 
 
 def test_a_damaged_local_teacher_names_the_file_and_the_option(saved_stage, tmp_path):

