@@ -296,6 +296,16 @@ def test_a_resume_over_a_damaged_final_model_names_it_and_the_way_on(stopped_aft
             f"(start_stage=2 checkpoint_path={out / 'stage1' / 'best'})") in message
 
 
+def test_a_resume_over_a_final_model_whose_weights_are_gone_names_the_way_on(stopped_after_stage_1, tmp_path):
+    out, overrides = _resume_copy(stopped_after_stage_1, tmp_path)
+    (out / "stage1" / "final" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError) as err:
+        run(compose_config(overrides))
+    message = str(err.value)
+    assert f"{out / 'stage1' / 'final'}: holds no weights file (*.safetensors or *.bin); stage 1 of this run is " \
+           f"complete but its final model is damaged or missing" in message, message
+
+
 def test_a_resume_over_a_damaged_final_that_shares_best_s_weights_offers_only_the_start_over(
         stopped_after_stage_1, tmp_path):
     from qwen_distillation.training.checkpoint import link_export

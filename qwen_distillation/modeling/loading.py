@@ -4,6 +4,7 @@ tiny models from a config, and students slimmed down from the teacher."""
 from __future__ import annotations
 
 import copy
+import glob
 import logging
 import os
 import re
@@ -235,6 +236,11 @@ def check_student_checkpoint(path: str, *, key: str | None = "checkpoint_path", 
     if not any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
         raise CheckpointError(f"{where}: holds no config.json or adapter_config.json; {_not_a_stage_hint(path)}")
     check_model_dir(path, fix or _damaged_fix(path, key))
+    weights = ("*.safetensors", "*.bin") if os.path.exists(os.path.join(path, "config.json")) else (
+        "adapter_model.*",)
+    if not any(glob.glob(os.path.join(glob.escape(path), pattern)) for pattern in weights):
+        raise CheckpointError(f"{where}: holds no weights file ({' or '.join(weights)}); "
+                              f"{fix or _damaged_fix(path, key)}")
 
 
 def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None, key: str | None = "checkpoint_path",
