@@ -444,3 +444,15 @@ def test_unlabelable_chat_template_names_the_record():
     with pytest.raises(DataError, match=r"^x\.jsonl line 3: the tokenizer's chat template does not reproduce "
                                         r"assistant turn 2 verbatim"):
         build_examples(records, "auto", _byte_level_tokenizer(template), 512, "x.jsonl")
+
+
+@pytest.mark.parametrize("fmt,record", [
+    ("alpaca", {"instruction": "q", "input": "", "output": {"a": 1}}),
+    ("alpaca", {"instruction": {"text": "q"}, "output": "a"}),
+    ("medical_o1", {"Question": "q", "Complex_CoT": {"steps": []}, "Response": "r"}),
+])
+def test_a_text_field_holding_a_json_object_is_refused_naming_the_line(fmt, record):
+    """str() of a JSON object would train on Python's dict syntax ("{'a': 1}")."""
+    with pytest.raises(DataError, match=r"x\.jsonl line 3: a text field holds a JSON object, \{"):
+        to_messages(record, fmt, "x.jsonl", 3)
+    assert to_messages({"instruction": "q", "output": 42}, "alpaca", "x.jsonl", 3)[-1]["content"] == "42"

@@ -73,7 +73,14 @@ def _is_blank(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value) or str(value).strip() == ""
 
 
+class _NotText(ValueError):
+    """A text field holds a JSON object: ``str()`` of it would train on Python's dict syntax."""
+
+
 def _text(value: Any) -> str:
+    if isinstance(value, dict):
+        preview = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise _NotText(f"a text field holds a JSON object, {preview}; write its text instead")
     if isinstance(value, (list, tuple)):
         return "\n".join(str(item) for item in value if not _is_blank(item))
     return "" if _is_blank(value) else str(value)
@@ -318,4 +325,8 @@ def to_messages(record: dict, fmt: str, source: str, index: int) -> Messages:
         raise DataError(
             f"{source}: unknown data format {fmt!r}; valid formats: {['auto', *FORMATS]}"
         )
-    return converter(record, location(source, index))
+    where = location(source, index)
+    try:
+        return converter(record, where)
+    except _NotText as err:
+        raise DataError(f"{where}: {err} (fix or delete the record)") from None
