@@ -271,3 +271,23 @@ def test_a_structure_only_student_has_the_pruned_students_shapes():
                               structure_only=True, agree=False).student
     assert {k: v.shape for k, v in meta.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
     assert all(p.device.type == "meta" for p in meta.parameters())
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.student.prune.width.hidden_size=100000", "model.student.prune.width.hidden_size=100000: must be an "
+                                                     "integer from 1 to the model's hidden_size"),
+    ("model.student.prune.width.num_key_value_heads=4", "model.student.prune.width.num_key_value_heads=4: must be an "
+                                                        "integer from 1 to the model's num_key_value_heads"),
+])
+def test_width_targets_beyond_the_teacher_fail_before_it_loads(override, message, tmp_path, capsys, monkeypatch):
+    """The teacher's config gives its sizes: a target beyond them fails before its weights load and the
+    calibration runs (minutes for a large teacher)."""
+    import qwen_distillation.modeling.pair as pair
+    from qwen_distillation.prune import main
+
+    monkeypatch.setattr(pair, "load_causal_lm", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "s"), *PRUNE_RUN, override])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

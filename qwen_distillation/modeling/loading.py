@@ -78,6 +78,25 @@ def empty_model(config, dtype: torch.dtype, *, trust_remote_code: bool = False) 
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
+def config_without_weights(spec):
+    """The model config of ``spec`` where it can be read without weights or the network (a
+    ``random_init``, or a local directory's config.json), else None."""
+    if spec.random_init:
+        kwargs = dict(spec.random_init)
+        model_type = kwargs.pop("model_type", None)
+        try:
+            return AutoConfig.for_model(model_type, **kwargs) if model_type else None
+        except ValueError:
+            return None  # load_causal_lm names the problem
+    path = resolve_path(spec.path) if spec.path and not spec.gguf_file else None
+    if path and not path.endswith(".gguf") and os.path.isfile(os.path.join(path, "config.json")):
+        try:
+            return AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        except (OSError, ValueError):
+            return None
+    return None
+
+
 def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = None,
                    meta: bool = False) -> PreTrainedModel:
     """Load one model as described by a :class:`~qwen_distillation.config.schema.ModelSpec`.

@@ -13,10 +13,11 @@ import torch
 from qwen_distillation.config.validate import pruned_from_teacher
 from qwen_distillation.errors import ConfigError, DistillationError
 from qwen_distillation.modeling.fp8 import check_fp8_device, convert_to_fp8
-from qwen_distillation.modeling.loading import (check_student_checkpoint, existing_model_path, load_causal_lm,
-                                                load_student_checkpoint, shares_weights)
+from qwen_distillation.modeling.loading import (check_student_checkpoint, config_without_weights,
+                                                existing_model_path, load_causal_lm, load_student_checkpoint,
+                                                shares_weights)
 from qwen_distillation.modeling.parts import weight_shape
-from qwen_distillation.modeling.prune import Pruned, calibration_batches, prune_from_teacher
+from qwen_distillation.modeling.prune import Pruned, calibration_batches, check_targets_early, prune_from_teacher
 from qwen_distillation.modeling.tokenizer import load_tokenizer
 from qwen_distillation.modeling.vocab import shared_vocab_size
 
@@ -167,8 +168,10 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
         check_fp8_device(device)
     if not resume_after_stage and cfg.checkpoint_path:  # before the teacher loads (minutes for a large one)
         check_student_checkpoint(cfg.checkpoint_path)
-    teacher_tok = tokenizer_for(model_cfg.teacher, "teacher")
     slimmed = pruned_from_teacher(model_cfg.student)
+    if slimmed:  # width targets beyond the teacher's sizes, before its weights load
+        check_targets_early(model_cfg.student, config_without_weights(model_cfg.teacher))
+    teacher_tok = tokenizer_for(model_cfg.teacher, "teacher")
     student_tok = teacher_tok if slimmed else tokenizer_for(model_cfg.student, "student")
     if not load_teacher and not slimmed and not model_cfg.teacher.random_init:
         teacher = load_causal_lm(model_cfg.teacher, dtype=teacher_dtype, role="teacher", meta=True)

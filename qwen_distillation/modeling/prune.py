@@ -26,7 +26,7 @@ from qwen_distillation.data.sources import DataSource, build_domain_data, checke
 from qwen_distillation.errors import ConfigError
 from qwen_distillation.modeling.depth import choose_layers, decoder_layers
 from qwen_distillation.modeling.loading import slim_down
-from qwen_distillation.modeling.width import WidthScores, prune_width, width_importance
+from qwen_distillation.modeling.width import WidthScores, check_width_targets, prune_width, width_importance
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,14 @@ class Pruned:
 def width_targets(prune_cfg) -> dict[str, int]:
     """The width dimensions ``prune_cfg.width`` sets (``null`` ones left out)."""
     return {k: getattr(prune_cfg.width, k) for k in WIDTH_DIMENSIONS if getattr(prune_cfg.width, k) is not None}
+
+
+def check_targets_early(student_spec, teacher_config) -> None:
+    """The width targets of ``student_spec.prune`` against the teacher's config (None: not read
+    cheaply, e.g. a GGUF or hub teacher; the targets are checked again as the student is pruned)."""
+    targets = width_targets(student_spec.prune)
+    if targets and teacher_config is not None:
+        check_width_targets(teacher_config, targets)
 
 
 def needs_calibration(student_spec) -> bool:

@@ -267,6 +267,15 @@ def _target(value, size: int, name: str) -> int | None:
     return value
 
 
+def check_width_targets(config, targets: dict[str, int]) -> None:
+    """Each width target within the model's size, from its config alone: a run checks them before
+    the teacher's weights load (minutes for a large one) and its calibration runs."""
+    sizes = {"intermediate_size": config.intermediate_size, "hidden_size": config.hidden_size,
+             "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    for name, value in targets.items():
+        _target(value, sizes[name], name)
+
+
 def _check_scores(layout: _Layout, scores: WidthScores) -> None:
     num_layers = len(layout.layers)
     expected = {"mlp": (num_layers, layout.intermediate_size), "heads": (num_layers, layout.num_heads),
