@@ -372,8 +372,8 @@ class Distiller:
     def _stage_steps(self, key: str, stage: StageConfig) -> int:
         """``max_steps`` if set, else the steps of ``epochs`` passes over the stage's pool: its
         examples over the examples of a step, or, with ``tokens_per_step``, its input tokens over
-        the budget (a step fills its budget up to the last example that fits, so an epoch of such
-        steps serves a little less than the whole pool). A step larger than the whole pool is
+        the budget, rounded up (a step fills its budget up to the last example that fits, so such
+        steps serve ``epochs`` passes give or take one step). A step larger than the whole pool is
         logged: each of its steps serves some examples more than once."""
         pool = [example for domain in stage_domains(stage.medical_ratio.start, stage.medical_ratio.end)
                 for example in getattr(self.data, domain)]
