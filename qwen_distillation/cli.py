@@ -229,15 +229,13 @@ def sweep_jobs(overrides: list[str]) -> list[tuple[list[str], list[str]]] | None
     choices, swept = [], []
     for override in parsed:
         swept.append(override.is_sweep_override())
-        key = override.get_key_element()
-        if override.is_sweep_override():
-            if not override.is_discrete_sweep():
-                return None
+        if not override.is_sweep_override():
+            choices.append([override.input_line])  # as written
+        elif override.is_discrete_sweep():
+            key = override.get_key_element()
             choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
-        elif override.is_delete():
-            choices.append([override.input_line])
         else:
-            choices.append([f"{key}={override.get_value_element_as_str()}"])
+            return None
     return [(list(job), [o for o, sweep in zip(job, swept) if sweep]) for job in itertools.product(*choices)]
 
 
