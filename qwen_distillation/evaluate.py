@@ -99,14 +99,12 @@ def check_device(value: str, flag: str = "--device") -> torch.device:
 
 
 def encode_eval_set(name: str, path: str, tokenizer, max_length: int) -> list[dict]:
-    """The examples of ``--nll NAME=FILE``; an error about the length limit names ``--max_length``
-    (this command's option), not the training config's ``data.max_length``."""
+    """The examples of ``--nll NAME=FILE``; an error names the set, and the length limit by this
+    command's option ``--max_length``."""
     try:
-        return encode_source(DataSource(path=path), tokenizer, max_length)
+        return encode_source(DataSource(path=path), tokenizer, max_length, max_length_key="--max_length")
     except DataError as err:
-        if "data.max_length" not in str(err):
-            raise
-        raise DataError(f"--nll {name}: " + str(err).replace("data.max_length", "--max_length")) from None
+        raise DataError(f"--nll {name}: {err}") from None
 
 
 def load_any_tokenizer(name: str, path: str, key: str | None = None, fix: str | None = None):

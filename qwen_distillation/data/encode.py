@@ -168,7 +168,8 @@ def split_last_turn(example: dict) -> tuple[list[int], list[int]]:
 
 
 def build_examples(
-    records: list[tuple[int, dict]], fmt: str, tokenizer, max_length: int, source: str
+    records: list[tuple[int, dict]], fmt: str, tokenizer, max_length: int, source: str,
+    max_length_key: str = "data.max_length",
 ) -> list[dict]:
     """Convert and encode the records of one source.
 
@@ -176,6 +177,7 @@ def build_examples(
         records: `(number, record)` pairs from `loading.load_records`.
         fmt: a format name, or "auto" to detect it once from the first record.
         source: the file or dataset name, used in messages and stored in each example.
+        max_length_key: the option that set `max_length`, named when no example fits in it.
 
     Returns:
         Examples `{"input_ids", "labels", "source": str, "index": int}`; records with no
@@ -198,7 +200,7 @@ def build_examples(
         raise DataError(
             f"{source}: no usable examples after filtering ({len(records)} records read, "
             f"{len(records)} had no response tokens left within max_length={max_length}); "
-            "raise data.max_length or check the response field"
+            f"raise {max_length_key} or check the response field"
         )
     return examples
 

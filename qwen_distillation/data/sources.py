@@ -79,10 +79,11 @@ class DomainData:
     eval_sets: dict[str, list[dict]] = field(default_factory=dict)
 
 
-def encode_source(source: DataSource, tokenizer, max_length: int) -> list[dict]:
+def encode_source(source: DataSource, tokenizer, max_length: int,
+                  max_length_key: str = "data.max_length") -> list[dict]:
     path = locate(source.path)
     records = load_records(path, split=source.split, subset=source.subset, max_records=source.max_records)
-    return build_examples(records, source.format, tokenizer, max_length, source.path)
+    return build_examples(records, source.format, tokenizer, max_length, source.path, max_length_key)
 
 
 def _eval_name(source: DataSource, taken: set[str]) -> str:
