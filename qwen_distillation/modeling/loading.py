@@ -78,16 +78,26 @@ def empty_model(config, dtype: torch.dtype, *, trust_remote_code: bool = False) 
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
-def config_without_weights(spec):
+def _random_init_config(spec, role: str):
+    """The config ``model.ROLE.random_init`` describes; a ConfigError naming it when it has no
+    ``model_type`` or one transformers does not know."""
+    kwargs = dict(spec.random_init)
+    model_type = kwargs.pop("model_type", None)
+    where = f"model.{role}.random_init"
+    if model_type is None:
+        raise ConfigError(f"{where} needs a model_type (e.g. {where}.model_type=qwen2)")
+    try:
+        return AutoConfig.for_model(model_type, **kwargs)
+    except ValueError:
+        raise ConfigError(f"{where}.model_type={model_type}: not a model type transformers knows; use e.g. "
+                          f"{where}.model_type=qwen2 (or llama, mistral, qwen3)") from None
+
+
+def config_without_weights(spec, role: str):
     """The model config of ``spec`` where it can be read without weights or the network (a
     ``random_init``, or a local directory's config.json), else None."""
     if spec.random_init:
-        kwargs = dict(spec.random_init)
-        model_type = kwargs.pop("model_type", None)
-        try:
-            return AutoConfig.for_model(model_type, **kwargs) if model_type else None
-        except ValueError:
-            return None  # load_causal_lm names the problem
+        return _random_init_config(spec, role)
     path = resolve_path(spec.path) if spec.path and not spec.gguf_file else None
     if path and not path.endswith(".gguf") and os.path.isfile(os.path.join(path, "config.json")):
         try:
@@ -114,25 +124,15 @@ def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = Non
     if spec.attn_implementation == VARLEN:  # ours: known to transformers once registered
         register_varlen()
     if spec.random_init:
-        kwargs = dict(spec.random_init)
-        model_type = kwargs.pop("model_type", None)
-        if model_type is None:
-            raise ConfigError(f"model.{role}.random_init needs a model_type (e.g. "
-                              f"model.{role}.random_init.model_type=qwen2)")
-        where = f"model.{role}.random_init"
-        try:
-            config = AutoConfig.for_model(model_type, **kwargs)
-        except ValueError:
-            raise ConfigError(f"{where}.model_type={model_type}: not a model type transformers knows; use e.g. "
-                              f"{where}.model_type=qwen2 (or llama, mistral, qwen3)") from None
+        config = _random_init_config(spec, role)
         if spec.attn_implementation:
             config._attn_implementation = spec.attn_implementation
         try:
             return empty_model(config, dtype) if meta else AutoModelForCausalLM.from_config(config, dtype=dtype)
         except (ValueError, RuntimeError, TypeError) as err:
-            raise ConfigError(f"{where}={dict(spec.random_init)}: cannot build a {model_type} model from these "
-                              f"sizes: {str(err).splitlines()[0]}; check each size is a positive integer that "
-                              f"the others divide (e.g. hidden_size by num_attention_heads)") from None
+            raise ConfigError(f"model.{role}.random_init={dict(spec.random_init)}: cannot build a {config.model_type} "
+                              f"model from these sizes: {str(err).splitlines()[0]}; check each size is a positive "
+                              f"integer that the others divide (e.g. hidden_size by num_attention_heads)") from None
     if not spec.path:
         raise ConfigError(f"model.{role}.path is not set: pass --{role}_model PATH_OR_HUB_ID")
     path, gguf_file = existing_model_path(spec.path, spec.gguf_file, key)

@@ -170,7 +170,7 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
         check_student_checkpoint(cfg.checkpoint_path)
     slimmed = pruned_from_teacher(model_cfg.student)
     if slimmed:  # width targets beyond the teacher's sizes, before its weights load
-        check_targets_early(model_cfg.student, config_without_weights(model_cfg.teacher))
+        check_targets_early(model_cfg.student, config_without_weights(model_cfg.teacher, "teacher"))
     teacher_tok = tokenizer_for(model_cfg.teacher, "teacher")
     student_tok = teacher_tok if slimmed else tokenizer_for(model_cfg.student, "student")
     if not load_teacher and not slimmed and not model_cfg.teacher.random_init:
