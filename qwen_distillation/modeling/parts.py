@@ -61,6 +61,12 @@ def base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def head_dim(config) -> int:
+    """The attention head size of a model config: ``head_dim`` where the config sets it (Qwen3,
+    width-pruned students), else ``hidden_size // num_attention_heads``."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The decoder stack (returns final hidden states) and the lm_head of a causal LM,
     also through a peft wrapper."""

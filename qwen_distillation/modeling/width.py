@@ -37,7 +37,7 @@ from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from qwen_distillation.errors import ConfigError, DataError, DistillationError, first_line, require
-from qwen_distillation.modeling.parts import model_inputs
+from qwen_distillation.modeling.parts import head_dim, model_inputs
 
 WIDTH_OPTION = "model.student.prune.width"
 
@@ -134,16 +134,16 @@ def _layout(model: nn.Module) -> _Layout:
     config = model.config
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    head_size = head_dim(config)
     attn = decoder.layers[0].self_attn
-    if (attn.q_proj.out_features != num_heads * head_dim or attn.k_proj.out_features != num_kv_heads * head_dim
+    if (attn.q_proj.out_features != num_heads * head_size or attn.k_proj.out_features != num_kv_heads * head_size
             or num_heads % num_kv_heads):
         raise refuse(f"its attention shapes (q_proj {attn.q_proj.out_features}, k_proj "
                      f"{attn.k_proj.out_features}) do not match num_attention_heads={num_heads}, "
-                     f"num_key_value_heads={num_kv_heads}, head_dim={head_dim}")
+                     f"num_key_value_heads={num_kv_heads}, head_dim={head_size}")
     return _Layout(decoder=decoder, embed=decoder.embed_tokens, layers=list(decoder.layers), norm=decoder.norm,
                    lm_head=lm_head, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-                   num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+                   num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size)
 
 
 # ---------------------------------------------------------------- importance

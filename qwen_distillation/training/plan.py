@@ -14,7 +14,7 @@ from qwen_distillation.kernels.fused_linear_kd import KDOptions
 from qwen_distillation.losses.feature import proportional_layer_map, validate_layer_map
 from qwen_distillation.losses.fused import kd_options
 from qwen_distillation.modeling.capture import find_decoder
-from qwen_distillation.modeling.parts import base_model, decoder_and_head, supports_hidden_path
+from qwen_distillation.modeling.parts import base_model, decoder_and_head, head_dim, supports_hidden_path
 
 TEACHER_TERMS = ("kd", "feature", "attention", "contrastive")
 
@@ -75,8 +75,7 @@ def _attention_width(model) -> int:
     """num_attention_heads x head_dim: the width of a layer's concatenated queries (and of its keys
     and values, repeated to the query heads), which the attention term splits into relation heads."""
     config = base_model(model).config
-    heads = config.num_attention_heads
-    return heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return config.num_attention_heads * head_dim(config)
 
 
 def check_relation_heads(relation_heads: int, key: str, student, teacher) -> None:
