@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(cache_teacher(cfg, Path(args.out), k=args.k, dtype=args.dtype, batch_size=args.batch_size,
                                        examples_per_shard=args.examples_per_shard, overwrite=args.overwrite)))
 
-    config_command(_parser(), argv, body)
+    config_command(_parser(), argv, body,
+                   one_device="the cache command runs the whole teacher on each process: under torchrun every rank "
+                              "loads it unsharded and writes its own share of the examples")
 
 if __name__ == "__main__":
     main()

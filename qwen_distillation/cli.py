@@ -261,22 +261,32 @@ def check_sweep(overrides: list[str]) -> None:
         raise UsageError(f"sweep job {number} ({' '.join(swept)}): {message}; no job was started")
 
 
-def compose_run_config(overrides: list[str]):
-    """The validated run config of Hydra ``overrides`` (classic flags already translated)."""
+def compose_run_config(overrides: list[str], *, one_device: str | None = None):
+    """The validated run config of Hydra ``overrides`` (classic flags already translated).
+
+    ``one_device`` (a command that runs without a training engine): why; a ``distributed`` option
+    or ``--deepspeed`` is then refused with that reason, before the training-only checks of
+    ``validate_config`` could refuse it for an option the command never uses."""
     from hydra import compose, initialize_config_dir
 
     from qwen_distillation.app import CONF_DIR
-    from qwen_distillation.config.validate import validate_config
+    from qwen_distillation.config.validate import engine_label, validate_config
+    from qwen_distillation.errors import ConfigError
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return validate_config(compose(config_name="config", overrides=overrides))
+        cfg = compose(config_name="config", overrides=overrides)
+    if one_device and (cfg.distributed.engine != "none" or cfg.distributed.deepspeed_config):
+        raise ConfigError(f"{engine_label(cfg.distributed)}: {one_device}; leave the training engine unset "
+                         f"(distributed=none, no --deepspeed)")
+    return validate_config(cfg)
 
 
-def config_command(parser, argv: list[str] | None, body) -> None:
+def config_command(parser, argv: list[str] | None, body, *, one_device: str | None = None) -> None:
     """The entry point of a command that takes a run's config besides its own flags: ``parser``
     reads its flags, the rest are classic flags and Hydra overrides, and ``body(args, cfg)`` runs.
     A user error (bad flag, override or config, or a DistillationError) ends with one ``error:``
-    line and exit status 2, as ``run_distillation.py`` does."""
+    line and exit status 2, as ``run_distillation.py`` does. ``one_device``: see
+    ``compose_run_config``."""
     from qwen_distillation.errors import ConfigError, DistillationError
 
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -288,7 +298,7 @@ def config_command(parser, argv: list[str] | None, body) -> None:
         from qwen_distillation.app import hydra_error_message
 
         try:
-            cfg = compose_run_config(overrides)
+            cfg = compose_run_config(overrides, one_device=one_device)
         except (HydraException, OmegaConfBaseException) as err:
             raise ConfigError(hydra_error_message(err, overrides)) from err
         body(args, cfg)

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         out = prune_and_save(cfg, Path(args.out), overwrite=args.overwrite, dtype=args.dtype)
         print(f"pruned student: {out} (pruning.json: what was kept and why)")
 
-    config_command(_parser(), argv, body)
+    config_command(_parser(), argv, body,
+                   one_device="the prune command scores and slims the whole teacher in one process")
 
 if __name__ == "__main__":
     main()

@@ -247,3 +247,22 @@ def test_ranks_write_their_own_shards_and_together_equal_one_process(tmp_path, s
     # Other micro-batches (other padding) move the teacher's fp32 sums by rounding only.
     assert all(torch.equal(a[key][0], b[key][0]) for key in a)
     assert all(torch.allclose(x, y, atol=1e-5) for key in a for x, y in zip(a[key][1:], b[key][1:]))
+
+
+@pytest.mark.parametrize("command", ["cache_teacher", "prune"])
+@pytest.mark.parametrize("engine", [["distributed=zero3"], ["distributed=fsdp2"], ["--deepspeed", "ds.json"]])
+def test_the_one_device_commands_refuse_a_training_engine_saying_why(command, engine, tmp_path, capsys):
+    """Neither command uses `distributed`: under torchrun each cache rank holds the whole teacher. The
+    refusal names the option, not a training-only check (stage 2's GradNorm under ZeRO-3) it would
+    otherwise trip over, and nothing is written."""
+    import importlib
+
+    main = importlib.import_module(f"qwen_distillation.{command}").main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "out"), *engine])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    label = "distributed=" + engine[0].split("=")[1] if engine[0] != "--deepspeed" else "--deepspeed ds.json"
+    assert f"error: {label}: the {command.split('_')[0]} command" in err and "distributed=none" in err, err
+    assert "gradnorm" not in err.lower()
+    assert not (tmp_path / "out").exists()
