@@ -115,6 +115,22 @@ def test_cmexam_multi_letter_answer_and_literal_backslash_n(tokenizer):
     ]
 
 
+@pytest.mark.parametrize("options, answer, unknown", [
+    ("A 甲\\nB 乙\\nC 丙\\nD 丁", "E", "E"),  # the real files' shape: one string, literal backslash-n
+    (["A. 甲", "B. 乙"], "AC", "C"),
+    ({"A": "甲", "B": "乙", "C": "丙"}, "B, D", "D"),
+])
+def test_a_cmexam_answer_naming_a_missing_option_is_refused_at_its_line(options, answer, unknown):
+    """eval.mcq refuses such a record; training refused it too late or not at all (it trained on
+    "答案：E" for options A-D)."""
+    record = {"Question": "选出正确项", "Options": options, "Answer": answer}
+    with pytest.raises(DataError, match=rf"c\.jsonl line 7: cmexam field 'Answer' is '{answer}'.*no option {unknown}"):
+        to_messages(record, "cmexam", "c.jsonl", 7)
+    # options without letters, or an answer in words, are not checked
+    assert to_messages({**record, "Options": ["甲", "乙"]}, "cmexam", "c.jsonl", 7)[1]["content"] == f"答案：{answer}"
+    assert to_messages({**record, "Answer": "甲和乙"}, "cmexam", "c.jsonl", 7)[1]["content"] == "答案：甲和乙"
+
+
 @pytest.mark.parametrize("cop, letter, text", [(1, "A", "w"), (2, "B", "x"), ("3", "C", "y"), (4, "D", "z")])
 def test_medmcqa_cop_is_one_based(cop, letter, text):
     record = {"question": "Q?", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": cop, "exp": None}

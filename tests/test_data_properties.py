@@ -173,6 +173,31 @@ def conversation(draw, role_key: str, content_key: str) -> list[dict]:
     return out
 
 
+# An answer in words, never one that reads as option letters ("E", "A, C"): those must name an option.
+worded_answers = nonblank_text.filter(lambda answer: not re.fullmatch(r"[A-Z][A-Z\s,，、;；]*", answer.strip()))
+
+
+@st.composite
+def cmexam_records(draw) -> dict:
+    """A valid cmexam record: options in any shape the converter reads (one string, a list, a dict),
+    lettered or not, and an answer that is a subset of the options' letters or in words."""
+    letters = draw(st.lists(st.sampled_from("ABCDE"), min_size=1, max_size=5, unique=True))
+    texts_ = [draw(nonblank_text) for _ in letters]
+    separator = draw(st.sampled_from([" ", ". ", "、", "："]))
+    lines = [f"{letter}{separator}{text}" for letter, text in zip(letters, texts_)]
+    chosen = draw(st.lists(st.sampled_from(letters), min_size=1, unique=True))
+    if draw(st.booleans()):  # lettered options; the answer names some of them or is in words
+        options = draw(st.sampled_from(["\\n".join(lines), "\n".join(lines), lines, dict(zip(letters, texts_))]))
+        answer = draw(st.sampled_from(["".join(chosen), ", ".join(chosen)]) | worded_answers)
+    else:  # options without letters (a text may still read as one by chance): an answer in words
+        options = draw(st.sampled_from(["\\n".join(texts_), texts_]))
+        answer = draw(worded_answers)
+    record = {"Question": draw(nonblank_text), "Options": options, "Answer": answer}
+    if draw(st.booleans()):
+        record["Explanation"] = draw(plain_text | st.none())
+    return record
+
+
 def _valid(fmt: str) -> st.SearchStrategy[dict]:
     """Records of format `fmt` that must convert (no lone surrogates: they are not text)."""
     text, required = plain_text, nonblank_text
@@ -187,9 +212,7 @@ def _valid(fmt: str) -> st.SearchStrategy[dict]:
     if fmt == "medical_o1":
         return st.fixed_dictionaries({"Question": required, "Complex_CoT": required, "Response": required})
     if fmt == "cmexam":
-        options = text | st.lists(text, max_size=5) | st.dictionaries(st.sampled_from("ABCDE"), text)
-        return st.fixed_dictionaries({"Question": required, "Options": options, "Answer": required},
-                                     optional={"Explanation": text | st.none()})
+        return cmexam_records()
     if fmt == "medmcqa":
         cop = st.integers(1, 4) | st.integers(1, 4).map(str)
         return st.fixed_dictionaries({"question": required, "opa": text, "opb": text, "opc": text, "opd": text,

@@ -24,6 +24,7 @@ Question/Complex_CoT/Response).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 from qwen_distillation.errors import DataError
@@ -193,11 +194,30 @@ def _option_lines(options: Any) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+_LETTERED_OPTION = re.compile(r"([A-Z])(?:[ \t.．、:：)）]|$)")  # "E 尿比重固定", "B. text", "C、text"
+_LETTER_ANSWER = re.compile(r"[A-Z][A-Z\s,，、;；]*")  # "E", "ACD", "A, C"
+
+
+def _check_answer_letters(options: list[str], answer: str, where: str) -> None:
+    """An ``Answer`` written as option letters must name options the record has: a letter beyond
+    them (answer "E" of options A-D) would train the student on an answer it was never offered.
+    Options without letters, or an answer in words, are not checked."""
+    lettered = [_LETTERED_OPTION.match(option) for option in options]
+    if not options or not all(lettered) or not _LETTER_ANSWER.fullmatch(answer.strip()):
+        return
+    letters = [match.group(1) for match in lettered]
+    unknown = sorted(set(re.findall("[A-Z]", answer)) - set(letters))
+    if unknown:
+        raise DataError(f"{where}: cmexam field 'Answer' is {answer!r}, but the record's options are "
+                        f"{', '.join(letters)}: no option {', '.join(unknown)}; fix the answer or the options")
+
+
 def _cmexam(record: dict, where: str) -> Messages:
     _require(record, ("Question", "Options", "Answer"), "cmexam", where)
     question = _nonempty(record, "Question", "cmexam", where)
     options = _option_lines(record["Options"])
     answer = _nonempty(record, "Answer", "cmexam", where)
+    _check_answer_letters(options, answer, where)
     explanation = _text(record.get("Explanation")).strip()
     answer_line = f"答案：{answer}"
     response = f"{explanation}\n\n{answer_line}" if explanation else answer_line
