@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from qwen_distillation.errors import ConfigError
+from qwen_distillation.paths import refuse_file_in_the_way
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,8 +62,7 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
     for flag, value in (("--batch_size", batch_size), ("--examples_per_shard", examples_per_shard)):
         if value < 1:
             raise ConfigError(f"{flag} {value}: must be >= 1 (e.g. `{flag} 8`)")
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ConfigError(f"--out {out}: is a file; give a directory for the cache")
+    refuse_file_in_the_way(out, f"--out {out}", "give a directory for the cache")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device, precision = select_device(cfg.train)
     if device.type == "cuda" and world_size > 1:

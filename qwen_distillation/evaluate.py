@@ -39,7 +39,7 @@ from qwen_distillation.evaluation.mcq import load_mcq_sets, normalise_mcq_source
 from qwen_distillation.modeling.loading import (check_student_checkpoint, load_causal_lm, load_student_checkpoint,
                                                 require_existing, split_gguf)
 from qwen_distillation.modeling.tokenizer import load_tokenizer
-from qwen_distillation.paths import resolve_path
+from qwen_distillation.paths import refuse_file_in_the_way, resolve_path
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -197,9 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             _check_text_metrics(args)
         if not args.nll and not args.mcq:
             raise ConfigError("nothing to evaluate on: give at least one --nll NAME=FILE or --mcq NAME=FILE set")
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise ConfigError(f"--out {args.out}: is a file; give a directory (it receives results.json and "
-                              f"results.md)")
+        refuse_file_in_the_way(args.out, f"--out {args.out}", "give a directory (it receives results.json and "
+                               "results.md)")
         device = check_device(args.device)
         for name, path in models.items():  # before any model loads: a mistyped path, a folder with no model
             check_model_path(name, path)

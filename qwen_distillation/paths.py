@@ -37,6 +37,16 @@ def resolve_path(path: str) -> str:
     return str(resolved)
 
 
+def refuse_file_in_the_way(path: str | Path, key: str, fix: str) -> None:
+    """Refuse a directory to be written at ``path`` when it, or a folder above it, is a file (the
+    write would fail half-way with NotADirectoryError). ``key`` names the option as the user wrote
+    it (``output_dir=out/run``, ``--out out/cache``); ``fix`` says what to give instead."""
+    path = Path(path)
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"{key}: {'it' if blocking == path else blocking} is a file, not a directory; {fix}")
+
+
 def locate(path: str) -> str:
     """A data file's path: ``package:`` paths resolve inside installed packages; a relative
     path that does not exist from the working directory is tried against the project root."""

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from qwen_distillation.errors import ConfigError
+from qwen_distillation.paths import refuse_file_in_the_way
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,8 +53,7 @@ def prune_and_save(cfg, out: Path, *, overwrite: bool = False, dtype: str = "aut
                           "model.student.prune.width.* (e.g. model.student.keep_layers=15 "
                           "model.student.prune.method=block_influence)")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: is a file; give a directory for the pruned student")
+    refuse_file_in_the_way(out, f"--out {out}", "give a directory for the pruned student")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out {out}: exists and is not empty; choose another directory or pass --overwrite")
     if cfg.checkpoint_path:

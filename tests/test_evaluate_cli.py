@@ -98,7 +98,9 @@ def test_bad_arguments_are_refused_before_any_model_loads(tiny_run, tmp_path, ca
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, (flags, err)
     code = main(["--model", f"a={final}", "--nll", f"m={nll}", "--out", str(a_file)])
-    assert code == 2 and f"--out {a_file}: is a file" in capsys.readouterr().err
+    assert code == 2 and f"--out {a_file}: it is a file" in capsys.readouterr().err
+    code = main(["--model", f"a={final}", "--nll", f"m={nll}", "--out", str(a_file / "sub")])  # was NotADirectoryError
+    assert code == 2 and f"--out {a_file / 'sub'}: {a_file} is a file" in capsys.readouterr().err
     assert a_file.read_text() == "kept" and not (tmp_path / "out").exists()
 
 

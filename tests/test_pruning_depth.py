@@ -216,7 +216,7 @@ def test_prune_command_refuses_a_config_with_nothing_to_prune(tmp_path, capsys):
     (tmp_path / "f").write_text("kept")
     with pytest.raises(SystemExit) as exit_info:
         main(["--out", str(tmp_path / "f"), *PRUNE_RUN, "model.student.keep_layers=2"])
-    assert exit_info.value.code == 2 and f"--out {tmp_path / 'f'}: is a file" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"--out {tmp_path / 'f'}: it is a file" in capsys.readouterr().err
     assert (tmp_path / "f").read_text() == "kept"
 
 

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from qwen_distillation.errors import CheckpointError, ConfigError
 from qwen_distillation.evaluation.report import REPORT_NAMES
+from qwen_distillation.paths import refuse_file_in_the_way
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.metrics import METRICS_FILE, TENSORBOARD_DIR
 
@@ -69,10 +70,8 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
             ``overwrite`` (``overwrite_output_dir=true``).
         CheckpointError: its ``run_state.json`` is damaged; unless ``overwrite``.
     """
-    blocking = next((p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise ConfigError(f"output_dir={output_dir}: {'it' if blocking == output_dir else blocking} is a file, not a "
-                          f"directory; choose a directory for the run's outputs (e.g. output_dir=outputs/run)")
+    refuse_file_in_the_way(output_dir, f"output_dir={output_dir}",
+                           "choose a directory for the run's outputs (e.g. output_dir=outputs/run)")
     try:
         state = ckpt.read_run_state(output_dir)
     except CheckpointError:
