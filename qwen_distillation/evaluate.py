@@ -36,6 +36,7 @@ from qwen_distillation.data.sources import DataSource, encode_source
 from qwen_distillation.errors import ConfigError, DataError, DistillationError
 from qwen_distillation.evaluation.evaluator import Evaluator, heldout_batches
 from qwen_distillation.evaluation.mcq import load_mcq_sets, normalise_mcq_sources
+from qwen_distillation.modeling.device import parse_device
 from qwen_distillation.modeling.loading import (check_student_checkpoint, load_causal_lm, load_student_checkpoint,
                                                 require_existing, split_gguf)
 from qwen_distillation.modeling.tokenizer import load_tokenizer
@@ -77,25 +78,8 @@ def check_model_path(name: str, path: str, key: str | None = None) -> None:
 
 
 def check_device(value: str, flag: str = "--device") -> torch.device:
-    """The device of ``flag`` (cpu, cuda, cuda:N or, where available, mps), refused with a
-    ConfigError naming ``flag`` before any model loads when torch does not know it or it is not
-    there (as ``select_device`` of the training run refuses ``train.device=cuda`` without a GPU)."""
-    try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{flag} {value}: not a device torch knows; use cpu or cuda (cuda:N for one GPU)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{flag} {value}: no CUDA GPU is visible; use {flag} cpu (or leave it out)")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"{flag} {value}: only {count} CUDA GPU(s) visible (cuda:0 to cuda:{count - 1})")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ConfigError(f"{flag} {value}: MPS is not available here; use {flag} cpu (or leave it out)")
-    elif device.type != "cpu":
-        raise ConfigError(f"{flag} {value}: this command runs on cpu or cuda (cuda:N for one GPU)")
-    return device
+    """The device of ``flag``, checked before any model loads (``modeling.device.parse_device``)."""
+    return parse_device(value, f"{flag} {value}", f"{flag} cpu (or leave it out)")
 
 
 def encode_eval_set(name: str, path: str, tokenizer, max_length: int) -> list[dict]:

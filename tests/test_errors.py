@@ -373,3 +373,23 @@ def test_use_wandb_with_a_bad_key_exits_2_on_the_command_line(fake_wandb, tmp_pa
     assert errors and "wandb cannot log in: WANDB_API_KEY invalid" in errors[0], result.stderr
     assert all(fix in errors[0] for fix in WANDB_FIXES) and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_train_device_is_refused_naming_the_setting_before_any_model_loads(monkeypatch):
+    """train.device and the commands' --device share one check (modeling.device.parse_device): a
+    GPU index beyond the visible ones used to reach `.to(device)` as a CUDA traceback."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from qwen_distillation.errors import ConfigError
+    from qwen_distillation.training.distiller import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^train\.device=cuda: no CUDA GPU is visible; use train\.device=auto"):
+        select_device(SimpleNamespace(device="cuda", precision="auto"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"^train\.device=cuda:2: only 2 CUDA GPU\(s\) visible \(cuda:0 to cuda:1\)"):
+        select_device(SimpleNamespace(device="cuda:2", precision="auto"))
+    assert select_device(SimpleNamespace(device="cpu", precision="auto")) == (torch.device("cpu"), "fp32")

@@ -109,7 +109,7 @@ def test_bad_arguments_are_refused_before_any_model_loads(tiny_run, tmp_path, ca
     (["--max_examples", "-1"], "--max_examples -1: must be >= 1"),  # [:-1]: all but one example
     (["--max_length", "0"], "--max_length 0: must be >= 16 tokens"),
     (["--device", "tpu"], "--device tpu: not a device torch knows; use cpu or cuda"),
-    (["--device", "meta"], "--device meta: this command runs on cpu or cuda"),
+    (["--device", "meta"], "--device meta: not a device this project runs on; use cpu or cuda"),
 ])
 def test_sizes_and_devices_out_of_range_are_refused_before_loading(tmp_path, capsys, flags, message):
     code = main(["--model", "a=does/not/exist", "--nll", "m=x.jsonl", *flags, "--out", str(tmp_path / "out")])

@@ -48,6 +48,7 @@ from qwen_distillation.evaluation.report import summary_text
 from qwen_distillation.evaluation.samples import REFERENCE, sample_columns, samples_markdown
 from qwen_distillation.evaluation.sharding import Shard, map_shared
 from qwen_distillation.modeling.capture import find_decoder
+from qwen_distillation.modeling.device import parse_device
 from qwen_distillation.modeling.pair import ModelPair, build_pair
 from qwen_distillation.modeling.parts import (check_packed_attention, head_weights, response_positions,
                                               whole_parameters)
@@ -89,9 +90,7 @@ def select_device(train) -> tuple[torch.device, str]:
     if train.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(train.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+        device = parse_device(train.device, f"train.device={train.device}", "train.device=auto or cpu")
     precision = train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
