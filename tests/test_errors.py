@@ -57,7 +57,8 @@ def _write(path, text: str):
                                   "missing_teacher_dir", "qlora_on_cpu", "unknown_best_metric",
                                   "checkpoint_inside_cleared_dir", "checkpoint_inside_finished_run",
                                   "feature_layer_out_of_range", "relation_heads", "weight_decay", "lora_targets",
-                                  "decoder_without_layers", "random_init_type", "random_init_size", "missing_gguf"])
+                                  "decoder_without_layers", "random_init_type", "random_init_size", "missing_gguf",
+                                  "student_inside_cleared_dir", "data_inside_cleared_dir"])
 def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path, capsys):
     before = _snapshot(finished_run)
     base = tiny_overrides(finished_run, steps=1) + ["end_stage=1", "overwrite_output_dir=true"]
@@ -123,6 +124,13 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
     elif case == "missing_gguf":  # was "does not appear to have a file named ... huggingface.co//tmp/..."
         argv = base + ["--student_model", str(tmp_path / "nope.gguf")]
         expected = [f"model.student.path={tmp_path / 'nope.gguf'}: no such file or directory"]
+    elif case == "student_inside_cleared_dir":  # the model the run starts from was deleted and replaced
+        argv = base + ["--student_model", str(finished_run / "stage1" / "final")]
+        expected = [f"model.student.path={finished_run / 'stage1' / 'final'} lies inside {finished_run / 'stage1'}, "
+                    "which overwrite_output_dir=true would remove"]
+    elif case == "data_inside_cleared_dir":
+        argv = base + ["--general_dataset", str(finished_run / "metrics.jsonl")]
+        expected = [f"data.general[0]={finished_run / 'metrics.jsonl'} lies inside", "copy it out of output_dir"]
     elif case == "unknown_best_metric":  # known only once the evaluation sets are built: still before clearing
         argv, expected = base + ["stage1.best_metric=eval/foo_nll"], ["stage1.best_metric=eval/foo_nll", "not among"]
     else:
@@ -393,3 +401,19 @@ def test_train_device_is_refused_naming_the_setting_before_any_model_loads(monke
     with pytest.raises(ConfigError, match=r"^train\.device=cuda:2: only 2 CUDA GPU\(s\) visible \(cuda:0 to cuda:1\)"):
         select_device(SimpleNamespace(device="cuda:2", precision="auto"))
     assert select_device(SimpleNamespace(device="cpu", precision="auto")) == (torch.device("cpu"), "fp32")
+
+
+def test_overwriting_clears_only_a_runs_own_entries(tmp_path):
+    """`stage*` used to match any name: a user's stages_plan.txt or stage1_general.jsonl went too."""
+    from qwen_distillation.training.outputs import prepare_output_dir
+
+    out = tmp_path / "out"
+    for name in ("stage1/best/model.safetensors", ".stage2.tmp/x", "report/plot.png", "metrics.jsonl"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("run")
+    for name in ("stages_plan.txt", "stage1_general.jsonl", "notes/stage1.md", "README.md"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("mine")
+    prepare_output_dir(out, None, run_id="x", run_config={}, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.yaml", "notes", "run_state.json",
+                                                     "stage1_general.jsonl", "stages_plan.txt"]

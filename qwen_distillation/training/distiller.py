@@ -192,6 +192,25 @@ class Distiller:
                 except ConfigError as err:
                     raise ConfigError(f"{key}.teacher.cache={err}") from None
 
+    def _input_paths(self) -> list[tuple[str, str]]:
+        """``(config key, path)`` of every file or folder the run reads besides ``checkpoint_path``:
+        an ``overwrite_output_dir=true`` run refuses to start when one lies in what it would clear."""
+        cfg = self.config
+        paths = [(f"model.{role}.{name}", value) for role in ("student", "teacher") for name in ("path", "tokenizer")
+                 if (value := getattr(getattr(cfg.model, role), name))]
+        paths += [(f"data.{key}[{i}]", source.path) for key, sources in self.sources.items()
+                  for i, source in enumerate(sources)]
+        paths += [(f"eval.mcq[{i}]", source.path) for i, source in enumerate(self.mcq_sources)]
+        paths += [("eval.prompts", locate(cfg.eval.prompts))] if cfg.eval.samples else []
+        paths += [(f"{STAGE_KEYS[i]}.teacher.cache", getattr(cfg, STAGE_KEYS[i]).teacher.cache) for i in self.stages
+                  if getattr(cfg, STAGE_KEYS[i]).teacher.source == "cache"]
+        student = cfg.model.student
+        if pruned_from_teacher(student) and needs_calibration(student) and student.prune.calibration.sources:
+            calibration = calibration_source_set(student.prune.calibration, cfg.data)[0]["general"]
+            paths += [(f"model.student.prune.calibration.sources[{i}]", source.path)
+                      for i, source in enumerate(calibration)]
+        return [(key, path) for key, path in paths if not str(path).startswith("package:")]
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return torch.autocast(self.device.type, enabled=False)
@@ -747,7 +766,7 @@ class Distiller:
             self.device = torch.device("cuda", self.topo.local_rank)
         state = check_output_dir(self.output_dir, run_id=self.run_id, resume=cfg.resume,
                                  overwrite=cfg.overwrite_output_dir, run_config=self.run_config,
-                                 checkpoint_path=cfg.checkpoint_path)
+                                 checkpoint_path=cfg.checkpoint_path, inputs=self._input_paths())
         if self.topo.is_main:
             check_wandb_login(cfg.logging.wandb)  # before models load and anything is written
         if cfg.train.num_threads > 0:

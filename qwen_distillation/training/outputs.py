@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,15 @@ RUN_IDENTITY = ("model", "data", "stage1", "stage2", "stage3", "eval", "lora", "
                 "checkpoint_path")
 # What a run writes at the top of its output_dir besides stageN/ and .stageN* (cleared on overwrite).
 RUN_FILES = (METRICS_FILE, TENSORBOARD_DIR, "config.yaml", "summary.json", ckpt.RUN_STATE, *REPORT_NAMES)
+STAGE_ENTRY = re.compile(r"^\.?stage\d+(\..*)?$")  # stage1/, .stage2.tmp: never stages_plan.txt
+
+
+def entries_to_clear(output_dir: Path) -> list[Path]:
+    """What ``overwrite_output_dir=true`` removes from ``output_dir``: a run's stage folders and
+    files (RUN_FILES), nothing else."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(child for child in output_dir.iterdir() if STAGE_ENTRY.match(child.name) or child.name in RUN_FILES)
 
 
 def run_hash(run_config: dict) -> str:
@@ -56,13 +66,15 @@ def changed_keys(output_dir: Path, run_config: dict, limit: int = 6) -> str:
     return f" (changed: {', '.join(changed[:limit])}{more})"
 
 
-def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: bool,
+def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: bool, inputs=(),
                      run_config: dict | None = None, checkpoint_path: str | None = None) -> dict | None:
     """Decide between a new run and a resume, reading only: never overwrite a finished run
     silently. Returns the run state to resume, or None for a new run. ``run_config`` (the run's
     resolved config) lets the error for an unfinished run of another configuration name the keys
     that differ. ``checkpoint_path`` (the saved stage a new run starts from) may not lie inside an
-    output directory that the run would clear or that holds a finished run.
+    output directory that the run would clear or that holds a finished run, and no other input the
+    run reads (``inputs``: ``(config key, local path)`` pairs: the models, data, caches) inside an
+    entry that ``overwrite`` would remove.
 
     Raises:
         ConfigError: the directory holds a finished run, an unfinished run of another
@@ -84,6 +96,14 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
                           + ("overwrite_output_dir=true would clear" if overwrite else "holds a finished run")
                           + f"; start the new stages in another output_dir (e.g. output_dir={output_dir}_from_"
                           f"{Path(checkpoint_path).parent.name})")
+    cleared = [entry.resolve() for entry in entries_to_clear(output_dir)] if overwrite else []
+    for key, path in inputs:
+        resolved = Path(path).resolve()
+        entry = next((e for e in cleared if e == resolved or e in resolved.parents), None)
+        if entry is not None:
+            raise ConfigError(f"{key}={path} lies inside {entry}, which overwrite_output_dir=true would remove; "
+                              f"copy it out of output_dir={output_dir} first, or write the run to another "
+                              f"output_dir")
     if state is not None:
         if overwrite:
             return None
@@ -106,10 +126,9 @@ def prepare_output_dir(output_dir: Path, state: dict | None, *, run_id: str, run
                        overwrite: bool) -> dict:
     """Create the output directory (clearing a previous run's files when overwriting), write
     its ``config.yaml`` and run state; returns the run state (a fresh one for a new run)."""
-    if state is None and output_dir.exists() and overwrite:
-        for child in output_dir.iterdir():
-            if child.name.startswith(("stage", ".stage")) or child.name in RUN_FILES:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if state is None and overwrite:
+        for child in entries_to_clear(output_dir):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
     if state is None:
         state = {"run_hash": run_id, "finished": False, "completed_stages": [], "initial_eval": None}
