@@ -79,7 +79,7 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
                       dtype=dtype)
     if k > vocab_size:
         raise ConfigError(f"--k {k}: larger than the vocabulary ({vocab_size} tokens)")
-    writer = CacheWriter(out, spec.identity, rank=rank, overwrite=overwrite)
+    CacheWriter.check(out, spec.identity, overwrite=overwrite)  # before the teacher loads (minutes)
     examples = data.general + data.medical
     seed_everything(cfg.seed)  # a random-init teacher gets the weights a run with this seed gives it
     if cfg.model.teacher.fp8:
@@ -90,6 +90,8 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
     if weight_shape(teacher.get_output_embeddings().weight)[0] < vocab_size:
         raise ConfigError(f"model.teacher: its lm_head has fewer columns than its tokenizer has tokens "
                           f"({vocab_size}); the model and tokenizer do not belong together")
+    # Only now, with the teacher loaded, may --overwrite delete the old cache's shards.
+    writer = CacheWriter(out, spec.identity, rank=rank, overwrite=overwrite)
     autocast = (lambda: torch.autocast(device.type, dtype=teacher_dtype)) if teacher_dtype != torch.float32 else (
         lambda: torch.autocast(device.type, enabled=False))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -155,6 +155,7 @@ def test_a_run_from_the_cache_never_reads_the_teachers_weights(tmp_path, small_t
 def test_cache_arguments_are_refused_before_the_teacher_loads(kwargs, message, tmp_path, small_tokenizer,
                                                               monkeypatch):
     import qwen_distillation.modeling.loading as loading
+    import qwen_distillation.modeling.pair  # noqa: F401 - imported first, it binds the real loader, not the patch
     from qwen_distillation.cache_teacher import cache_teacher
 
     monkeypatch.setattr(loading, "load_causal_lm", lambda *a, **k: pytest.fail("the teacher was loaded"))
@@ -179,6 +180,28 @@ def test_a_cache_of_other_inputs_is_refused_naming_what_differs(tmp_path, small_
                                       "data.general=[../shared/data/general/alpaca_en_demo.jsonl]")))
     with pytest.raises(ConfigError, match="other inputs.*k or dtype|overwrite"):
         cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "cache", k=8)
+
+
+def test_overwrite_keeps_the_old_cache_until_the_teacher_has_loaded(tmp_path, small_tokenizer, monkeypatch):
+    """--overwrite deleted the old shards and wrote the new manifest before the teacher loaded: a
+    damaged teacher (or Ctrl-C during a 72B load) left an empty cache of the new identity."""
+    import qwen_distillation.modeling.loading as loading
+    from qwen_distillation.cache_teacher import cache_teacher
+    from qwen_distillation.data.teacher_cache import read_manifest
+
+    cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "cache", k=4)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
+
+    def damaged(*args, **kwargs):
+        raise ConfigError("model.teacher.path: truncated")
+
+    monkeypatch.setattr(loading, "load_causal_lm", damaged)
+    with pytest.raises(ConfigError, match="truncated"):
+        cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "cache", k=8, overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == before
+    monkeypatch.undo()
+    cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "cache", k=8, overwrite=True)
+    assert read_manifest(tmp_path / "cache")["k"] == 8
 
 
 def test_a_cache_missing_examples_is_refused_before_an_old_run_is_cleared(tmp_path, small_tokenizer):
@@ -266,3 +289,13 @@ def test_the_one_device_commands_refuse_a_training_engine_saying_why(command, en
     assert f"error: {label}: the {command.split('_')[0]} command" in err and "distributed=none" in err, err
     assert "gradnorm" not in err.lower()
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_given_as_the_cache_is_named_as_such(tmp_path):
+    """It read '<file>/manifest.json: unreadable ([Errno 20] Not a directory); write the cache again'."""
+    from qwen_distillation.data.teacher_cache import read_manifest
+
+    data = tmp_path / "general.jsonl"
+    data.write_text("{}\n")
+    with pytest.raises(ConfigError, match=rf"^{data}: a file, not a teacher-cache directory"):
+        read_manifest(data)

@@ -91,6 +91,9 @@ def identity_differences(cached: dict, wanted: dict) -> list[str]:
 
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
+    if Path(directory).is_file():
+        raise ConfigError(f"{directory}: a file, not a teacher-cache directory; give the --out directory of "
+                          f"`python -m qwen_distillation.cache_teacher`")
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -127,21 +130,30 @@ class CacheWriter:
     which first removes the old shards) when the writer is made; :attr:`done` holds the keys the
     existing shards of every rank already cover, so a resumed writer skips them."""
 
+    @staticmethod
+    def check(directory: Path, identity: dict, *, overwrite: bool = False) -> bool:
+        """Read-only: whether ``directory`` holds a cache of other inputs (which the writer will
+        replace); refused unless ``overwrite``. The cache command calls this before the teacher
+        loads, and makes the writer (which deletes the old shards) only once the teacher has loaded."""
+        if not (Path(directory) / MANIFEST).exists():
+            return False
+        cached = read_manifest(Path(directory))
+        if cached != identity and not overwrite:
+            diff = identity_differences(cached, identity) or ["k or dtype: cache "
+                                                              f"{cached.get('k')}/{cached.get('dtype')}"]
+            raise ConfigError(f"--out {directory}: holds a teacher cache of other inputs ({'; '.join(diff)});"
+                              f" choose another directory or pass --overwrite")
+        return cached != identity
+
     def __init__(self, directory: Path, identity: dict, *, rank: int = 0, overwrite: bool = False):
         self.directory = Path(directory)
         self.identity, self.rank = identity, rank
+        other_inputs = self.check(self.directory, identity, overwrite=overwrite)
         self.directory.mkdir(parents=True, exist_ok=True)
         manifest = self.directory / MANIFEST
-        if manifest.exists():
-            cached = read_manifest(self.directory)
-            if cached != identity and not overwrite:
-                diff = identity_differences(cached, identity) or ["k or dtype: cache "
-                                                                  f"{cached.get('k')}/{cached.get('dtype')}"]
-                raise ConfigError(f"--out {self.directory}: holds a teacher cache of other inputs ({'; '.join(diff)});"
-                                  f" choose another directory or pass --overwrite")
-            if cached != identity and rank == 0:
-                for shard in self.directory.glob("shard-*.safetensors"):
-                    shard.unlink()
+        if other_inputs and rank == 0:
+            for shard in self.directory.glob("shard-*.safetensors"):
+                shard.unlink()
         if rank == 0:
             _write_atomic(manifest, json.dumps(identity, indent=2).encode())
         self.done: set[str] = set()
