@@ -58,7 +58,8 @@ def _write(path, text: str):
                                   "checkpoint_inside_cleared_dir", "checkpoint_inside_finished_run",
                                   "feature_layer_out_of_range", "relation_heads", "weight_decay", "lora_targets",
                                   "decoder_without_layers", "random_init_type", "random_init_size", "missing_gguf",
-                                  "student_inside_cleared_dir", "data_inside_cleared_dir"])
+                                  "student_inside_cleared_dir", "data_inside_cleared_dir", "later_stage_without_data",
+                                  "lora_adapter_as_student"])
 def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path, capsys):
     before = _snapshot(finished_run)
     base = tiny_overrides(finished_run, steps=1) + ["end_stage=1", "overwrite_output_dir=true"]
@@ -131,6 +132,20 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
     elif case == "data_inside_cleared_dir":
         argv = base + ["--general_dataset", str(finished_run / "metrics.jsonl")]
         expected = [f"data.general[0]={finished_run / 'metrics.jsonl'} lies inside", "copy it out of output_dir"]
+    elif case == "later_stage_without_data":  # was refused when stage 2 opened, after stage 1 had trained
+        argv = base + ["end_stage=2", "data.medical=[]", "stage2.best_metric=eval/general_nll"]
+        expected = ["stage2 serves medical data (medical_ratio above 0) but data.medical is empty"]
+    elif case == "lora_adapter_as_student":  # was "optimizer got an empty parameter list" after the first evaluation
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        adapter = tmp_path / "adapter"
+        model = AutoModelForCausalLM.from_pretrained(finished_run / "stage1" / "final")
+        get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+        AutoTokenizer.from_pretrained(finished_run / "stage1" / "final").save_pretrained(adapter)
+        argv = base + ["--student_model", str(adapter)]
+        expected = [f"model.student.path={adapter}: no parameter of the student is trainable (it is a LoRA adapter",
+                    f"checkpoint_path={adapter}"]
     elif case == "unknown_best_metric":  # known only once the evaluation sets are built: still before clearing
         argv, expected = base + ["stage1.best_metric=eval/foo_nll"], ["stage1.best_metric=eval/foo_nll", "not among"]
     else:
@@ -417,3 +432,12 @@ def test_overwriting_clears_only_a_runs_own_entries(tmp_path):
     prepare_output_dir(out, None, run_id="x", run_config={}, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.yaml", "notes", "run_state.json",
                                                      "stage1_general.jsonl", "stages_plan.txt"]
+
+
+def test_hard_sampling_with_an_end_beside_its_constant_start_runs(tmp_path, capsys):
+    """`stage3.medical_ratio.end=0.5` under stage 3's constant schedule was a ValueError traceback
+    ('too many values to unpack') once stages 1 and 2 had trained; a constant schedule ignores end."""
+    code, output = _cli(tiny_overrides(tmp_path / "run", steps=1) + ["start_stage=3", "stage3.medical_ratio.end=0.5"],
+                        capsys)
+    assert code == 0 and "Traceback" not in output, output
+    assert json.loads((tmp_path / "run" / "run_state.json").read_text())["completed_stages"] == [3]

@@ -109,3 +109,17 @@ def test_resume_with_different_data_is_refused():
     with pytest.raises(CheckpointError, match="its sampler state lacks carry, general, medical; it is not the state "
                                               "of uniform sampling"):
         _sampler().load_state_dict({"step": 3, "seed": 0, "scores": [], "size": 90})
+
+
+def test_a_constant_schedule_needs_only_its_start_domain():
+    """`end` is ignored by a constant schedule (medical_ratio_at); the domains a stage needs, its size
+    and its data checks ignored it too late: constant 0 -> 1 demanded medical data it never served
+    and sized the stage on both pools."""
+    from qwen_distillation.data.manager import stage_domains
+
+    assert stage_domains("constant", 0.0, 1.0) == ("general",)
+    assert stage_domains("constant", 1.0, 0.5) == ("medical",)
+    assert stage_domains("linear", 0.0, 1.0) == ("general", "medical")
+    sampler = StageSampler(_pools(6)[0], [], examples_per_step=2, total_steps=3, schedule="constant", start=0.0,
+                           end=1.0, plateaus=5, seed=0, stage="stage1")
+    assert [ex["domain"] for _ in range(3) for ex in sampler.next_step().examples] == ["general"] * 6

@@ -43,11 +43,23 @@ def medical_ratio_at(step: int, total_steps: int, schedule: str, start: float, e
     raise ValueError(f"unknown medical ratio schedule {schedule!r}")
 
 
-def stage_domains(start: float, end: float) -> tuple[str, ...]:
+def stage_domains(schedule: str, start: float, end: float) -> tuple[str, ...]:
     """The domains a stage serves when its medical ratio goes from ``start`` to ``end``:
-    general data while the ratio is below 1, medical data while it is above 0."""
+    general data while the ratio is below 1, medical data while it is above 0. A ``constant``
+    schedule stays at ``start`` (its ``end`` is ignored, as :func:`medical_ratio_at` ignores it)."""
+    end = start if schedule == "constant" else end
     return tuple(domain for domain, serves in (("general", min(start, end) < 1), ("medical", max(start, end) > 0))
                  if serves)
+
+
+def check_stage_pools(stage: str, domains: tuple[str, ...], general: list, medical: list) -> None:
+    """Refuse a stage that serves a domain (``stage_domains``) whose training data is empty."""
+    if "general" in domains and not general:
+        raise DataError(f"{stage} serves general data (medical_ratio below 1) but data.general is empty; "
+                        f"pass --general_dataset or set {stage}.medical_ratio.start/end=1")
+    if "medical" in domains and not medical:
+        raise DataError(f"{stage} serves medical data (medical_ratio above 0) but data.medical is empty; "
+                        f"pass --medical_dataset or set {stage}.medical_ratio.start/end=0")
 
 
 def sampler_state_error(stage: str, what: str) -> CheckpointError:
@@ -141,13 +153,7 @@ class StageSampler:
         self.examples_per_step, self.total_steps, self.tokens_per_step = examples_per_step, total_steps, tokens_per_step
         self.schedule, self.start, self.end, self.plateaus = schedule, start, end, plateaus
         self.seed, self.stage = seed, stage
-        domains = stage_domains(start, end)
-        if "general" in domains and not general:
-            raise DataError(f"{stage} serves general data (medical_ratio below 1) but data.general is empty; "
-                            f"pass --general_dataset or set {stage}.medical_ratio.start/end=1")
-        if "medical" in domains and not medical:
-            raise DataError(f"{stage} serves medical data (medical_ratio above 0) but data.medical is empty; "
-                            f"pass --medical_dataset or set {stage}.medical_ratio.start/end=0")
+        check_stage_pools(stage, stage_domains(schedule, start, end), general, medical)
         self.general = _Pool("general", general, seed)
         self.medical = _Pool("medical", medical, seed)
         self.carry = 0.0

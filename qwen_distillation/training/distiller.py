@@ -34,8 +34,8 @@ from omegaconf import OmegaConf
 from qwen_distillation.config.schema import DistillationConfig, StageConfig
 from qwen_distillation.config.validate import engine_label, pruned_from_teacher
 from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indices
-from qwen_distillation.data.manager import (StageSampler, collate, length_grouped_batches, micro_batches, to_device,
-                                            stage_domains)
+from qwen_distillation.data.manager import (StageSampler, check_stage_pools, collate, length_grouped_batches,
+                                            micro_batches, stage_domains, to_device)
 from qwen_distillation.data.loading import check_local_path
 from qwen_distillation.data.sources import DomainData, build_domain_data, data_sources
 from qwen_distillation.data.teacher_cache import read_manifest
@@ -211,6 +211,19 @@ class Distiller:
                       for i, source in enumerate(calibration)]
         return [(key, path) for key, path in paths if not str(path).startswith("package:")]
 
+    def _check_trainable(self) -> None:
+        """A student none of whose parameters trains (transformers loads a LoRA adapter given as
+        ``model.student.path`` frozen onto its base) is refused before the run writes anything; the
+        optimizer used to stop it with "got an empty parameter list" after the first evaluation."""
+        if any(p.requires_grad for p in self.pair.student.parameters()):
+            return
+        path = self.config.model.student.path
+        adapter = bool(path) and (Path(path) / "adapter_config.json").is_file()
+        raise ConfigError(f"model.student.path={path}: no parameter of the student is trainable"
+                          + (" (it is a LoRA adapter, which loads frozen onto its base); continue it with "
+                             f"checkpoint_path={path}, or give its merged model ({Path(path) / 'merged'} when "
+                             f"the stage exported one)" if adapter else "; give a model whose weights load trainable"))
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return torch.autocast(self.device.type, enabled=False)
@@ -296,7 +309,8 @@ class Distiller:
         examples = self.data.general + self.data.medical
         for example_id, example in enumerate(examples):
             example["example_id"] = example_id
-        domains = stage_domains(stage.medical_ratio.start, stage.medical_ratio.end)
+        ratio = stage.medical_ratio
+        domains = stage_domains(ratio.schedule, ratio.start, ratio.end)
         spec = cache_spec(teacher_spec=self.config.model.teacher, seed=self.config.seed, tokenizer=self.pair.tokenizer,
                           vocab_size=self.pair.vocab_size, sources=[s for d in domains for s in self.sources[d]],
                           max_length=self.config.data.max_length, k=None, dtype=None)  # a stage reads any k, dtype
@@ -393,7 +407,8 @@ class Distiller:
         the budget, rounded up (a step fills its budget up to the last example that fits, so such
         steps serve ``epochs`` passes give or take one step). A step larger than the whole pool is
         logged: each of its steps serves some examples more than once."""
-        pool = [example for domain in stage_domains(stage.medical_ratio.start, stage.medical_ratio.end)
+        ratio = stage.medical_ratio
+        pool = [example for domain in stage_domains(ratio.schedule, ratio.start, ratio.end)
                 for example in getattr(self.data, domain)]
         if stage.tokens_per_step is not None:
             step, size = stage.tokens_per_step, sum(len(example["input_ids"]) for example in pool)
@@ -418,7 +433,7 @@ class Distiller:
         seed = self.config.seed + index
         ratio = stage.medical_ratio
         if stage.sampling.mode == "hard":
-            (domain,) = stage_domains(ratio.start, ratio.end)  # validated: constant 0 or 1
+            (domain,) = stage_domains(ratio.schedule, ratio.start, ratio.end)  # validated: constant 0 or 1
             return HardExampleSampler(getattr(self.data, domain), examples_per_step=per_step, seed=seed,
                                       domain=domain, stage=key, uniform_floor=stage.sampling.uniform_floor,
                                       temperature=stage.sampling.temperature,
@@ -777,11 +792,17 @@ class Distiller:
         resume_from = max(state["completed_stages"], default=0) if state else 0
         with self._timed("build_s"):
             self._build(resume_from)
-        # Before an old run is cleared (overwrite_output_dir=true): a best_metric no evaluation gives,
-        # a layer map or relation-head count the models do not fit, a teacher cache that misses examples.
+        # Before an old run is cleared (overwrite_output_dir=true) and before an earlier stage trains: a
+        # best_metric no evaluation gives, a layer map or relation-head count the models do not fit, a
+        # teacher cache that misses examples, a stage's domain without data, a student with nothing to train.
         to_run = [i for i in self.stages if i not in (state or {}).get("completed_stages", [])]
         self._check_best_metrics(self.evaluator.metric_names(), to_run)
         self._build_plans(to_run)
+        for index in to_run:
+            ratio = getattr(cfg, STAGE_KEYS[index]).medical_ratio
+            check_stage_pools(STAGE_KEYS[index], stage_domains(ratio.schedule, ratio.start, ratio.end),
+                              self.data.general, self.data.medical)
+        self._check_trainable()
         dist.barrier(self.topo)  # every rank has read the old outputs before rank 0 rewrites them
         if self.topo.is_main:
             state = prepare_output_dir(self.output_dir, state, run_id=self.run_id, run_config=self.run_config,
