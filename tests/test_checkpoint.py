@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -221,12 +223,119 @@ def test_a_failed_background_save_is_raised_at_the_next_wait_and_keeps_the_older
 
     monkeypatch.setattr(checkpoint, "_write_state", disk_full)
     saves.save(tmp_path, keep=1, engine=_Recorder(4), sampler=_Recorder(), step=4, extra={})
-    with pytest.raises(CheckpointError, match=r"checkpoint-4: the background save failed \(OSError.*No space left"
-                                              r".*earlier checkpoints are kept.*train.async_checkpoint=false"):
+    with pytest.raises(CheckpointError, match=r"could not write \S*checkpoint-4 \(.* MB free on .*\): \[Errno 28\] "
+                                              r"No space left on device; free space"):
         saves.wait()
     saves.wait()  # reported once
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     assert load_training_state(tmp_path / "checkpoint-2", engine=_Recorder(), sampler=_Recorder())["step"] == 2
+
+
+def test_a_failed_background_save_of_another_kind_is_raised_as_such_at_the_next_wait(tmp_path, monkeypatch):
+    from qwen_distillation.training import checkpoint
+    from qwen_distillation.training.checkpoint import StageSaves
+
+    def broken(directory, state):
+        raise RuntimeError("not a write error")
+
+    monkeypatch.setattr(checkpoint, "_write_state", broken)
+    saves = StageSaves(background=True)
+    saves.save(tmp_path, keep=1, engine=_Recorder(4), sampler=_Recorder(), step=4, extra={})
+    with pytest.raises(CheckpointError, match=r"checkpoint-4: the background save failed \(RuntimeError: not a write"
+                                              r".*earlier checkpoints are kept.*train.async_checkpoint=false"):
+        saves.wait()
+    assert list(tmp_path.iterdir()) == []
+
+
+DISK_FULL = {"OSError": OSError(28, "No space left on device"),
+             "RuntimeError": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 38990912 vs "
+                                          "38990864")}
+
+
+def _disk_full(error):
+    """A ``torch.save`` that writes part of the file, then fails as on a full disk with ``error``."""
+    def save(obj, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"part of a file")
+        raise error
+    return save
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["in_step", "background"])
+@pytest.mark.parametrize("kind", list(DISK_FULL))
+def test_a_full_disk_while_saving_a_checkpoint_names_it_the_space_left_and_the_fix(tmp_path, monkeypatch, kind,
+                                                                                   background):
+    """A torch.save that fails for want of space (an OSError, or torch's zip writer's RuntimeError) is
+    a CheckpointError naming the checkpoint, the space left and the options that save less, in step
+    and in the background (train.async_checkpoint); the half-written directory is removed and the
+    stage's older checkpoint is kept."""
+    import torch
+
+    from qwen_distillation.training.checkpoint import StageSaves
+
+    stage = tmp_path / "stage1"
+    _save(stage, 2)
+    monkeypatch.setattr(torch, "save", _disk_full(DISK_FULL[kind]))
+    saves = StageSaves(background=background)
+    with pytest.raises(CheckpointError) as err:
+        saves.save(stage, keep=1, engine=_Recorder(4), sampler=_Recorder(), step=4, extra={})
+        saves.wait()
+    message = str(err.value)
+    assert message.startswith(f"could not write {stage / 'checkpoint-4'} (") and f"MB free on {stage}): " in message
+    assert message.endswith(f"): {DISK_FULL[kind] if kind == 'RuntimeError' else '[Errno 28] No space left on device'}"
+                            f"; free space, or keep fewer checkpoints (train.keep_checkpoints=1) / save less often "
+                            f"(stage1.save_every=0: by train.save_every_minutes only)"), message
+    assert isinstance(err.value.__cause__, OSError)
+    monkeypatch.undo()
+    assert sorted(p.name for p in stage.iterdir()) == ["checkpoint-2"]
+    assert load_training_state(stage / "checkpoint-2", engine=_Recorder(), sampler=_Recorder())["step"] == 2
+
+
+def test_an_error_that_is_not_a_write_error_is_raised_as_it_is(tmp_path):
+    """Only what the writes raise is taken for a full disk: an engine's own error stays itself."""
+    class Broken(_Recorder):
+        def save_state(self, directory):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    _save(tmp_path, 2)
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        save_stage_checkpoint(tmp_path, keep=1, engine=Broken(), sampler=_Recorder(), step=4, extra={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+
+
+def test_a_full_disk_while_exporting_or_saving_the_heads_names_the_path_and_the_space_left(tmp_path, monkeypatch):
+    """A model export (safetensors, through save_pretrained) and heads.pt (torch.save) on a full disk:
+    a CheckpointError naming the path; no partial file or directory, the previous one kept."""
+    import torch
+    from safetensors import SafetensorError
+
+    from qwen_distillation.training.checkpoint import export_model, save_state_dict
+
+    class Model:
+        def save_pretrained(self, directory, **kwargs):
+            (Path(directory) / "model.safetensors").write_bytes(b"part of a file")
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+
+    best = tmp_path / "stage1" / "best"
+    with atomic_dir(best) as tmp:
+        (tmp / "model.safetensors").write_text("good")
+    with pytest.raises(CheckpointError, match=rf"^could not write {re.escape(str(best))} \(.* MB free on "
+                                              rf"{re.escape(str(best.parent))}\): Error while serializing: "
+                                              r"IoError.*StorageFull.*; free space, or choose another output "
+                                              r"directory$"):
+        export_model(Model(), tokenizer=None, target=best)
+    assert (best / "model.safetensors").read_text() == "good"
+    heads = tmp_path / "stage1" / "heads.pt"
+    save_state_dict(heads, {"w": torch.ones(1)})
+    monkeypatch.setattr(torch, "save", _disk_full(DISK_FULL["RuntimeError"]))
+    with pytest.raises(CheckpointError, match=rf"^could not write {re.escape(str(heads))} \(.* MB free on "
+                                              rf"{re.escape(str(heads.parent))}\): \[enforce fail at "
+                                              r"inline_container.cc:672\] . unexpected pos"):
+        save_state_dict(heads, {"w": torch.zeros(1)})
+    monkeypatch.undo()
+    assert torch.load(heads)["w"].item() == 1.0
+    assert sorted(p.name for p in best.parent.iterdir()) == ["best", "heads.pt"]
 
 
 def test_background_saves_are_for_one_process():

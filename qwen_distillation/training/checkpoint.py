@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from qwen_distillation.errors import CheckpointError, first_line
 from qwen_distillation.training.distributed import SINGLE, Topology, all_reduce_sum, barrier
@@ -38,6 +39,10 @@ RUN_STATE = "run_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 # stageN/checkpoint-STEP, or what a swap killed between its two renames left of one.
 _CHECKPOINT_NAME = re.compile(rf"^\.?{CHECKPOINT_PREFIX}(\d+)(\.old)?$")
+# What a write that fails (a full disk, a read-only or broken file system) raises: OSError, or safetensors' own
+# error (save_pretrained). torch.save's RuntimeError is raised as an OSError by _torch_save.
+_WRITE_ERRORS = (OSError, SafetensorError)
+_WRITE_FIX = "free space, or choose another output directory"
 
 
 def checkpoint_dir(stage_dir: Path, step: int) -> Path:
@@ -57,14 +62,40 @@ def recover(target: Path) -> Path:
     return target
 
 
+def _write_failure(target: Path, err: BaseException, fix: str = _WRITE_FIX) -> CheckpointError:
+    """The error for a failed write of ``target``: its path, the space left on the nearest existing
+    directory above it (when it can be read), the original message and ``fix``."""
+    target = Path(target)
+    free = ""
+    directory = next((parent for parent in target.parents if parent.is_dir()), None)
+    if directory is not None:
+        with contextlib.suppress(OSError):
+            free = f" ({shutil.disk_usage(directory).free / 1e6:.1f} MB free on {directory})"
+    return CheckpointError(f"could not write {target}{free}: {first_line(err)}; {fix}")
+
+
+def _torch_save(obj, path: Path) -> None:
+    """``torch.save``, a failed write raised as the OSError it is: torch's zip writer reports one (a
+    full disk) as a RuntimeError, ``[enforce fail at inline_container.cc:...] . unexpected pos ...``."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as err:
+        raise OSError(first_line(err)) from err
+
+
 @contextlib.contextmanager
-def atomic_dir(target: Path, topology: Topology = SINGLE):
+def atomic_dir(target: Path, topology: Topology = SINGLE, *, fix: str = _WRITE_FIX):
     """Yield a temporary directory; on success it replaces ``target`` in one rename.
 
     On an exception the temporary directory is removed and ``target`` is untouched. In a launch
     of several ranks every rank enters (and writes its own files into the same temporary
     directory, on a file system they share); rank 0 swaps it in once all of them have written,
     so a rank killed mid-save leaves ``target`` as it was.
+
+    Raises:
+        CheckpointError: a write into the temporary directory failed (an OSError or a safetensors
+            error: a full disk), naming ``target``, the space left and ``fix``; any other error is
+            raised as it is.
     """
     target = Path(target)
     tmp = target.parent / f".{target.name}.tmp"
@@ -76,9 +107,11 @@ def atomic_dir(target: Path, topology: Topology = SINGLE):
     barrier(topology)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         if topology.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, _WRITE_ERRORS):
+            raise _write_failure(target, err, fix) from err
         raise
     barrier(topology)
     if topology.is_main:
@@ -182,10 +215,10 @@ def save_training_state(target: Path, *, engine, sampler, step: int, extra: dict
     """Everything needed to continue a stage exactly: the engine's state (weights, optimizer,
     schedule, balancer), RNG states, the data sampler's cursor and the step counters. In a launch
     of several ranks each writes its engine state and RNG states, and rank 0 the rest."""
-    with atomic_dir(target, topology) as tmp:
+    with atomic_dir(target, topology, fix=_checkpoint_fix(target)) as tmp:
         engine_state = engine.save_state(tmp)
         if topology.world_size > 1:
-            torch.save(rng_state(), tmp / _rng_file(topology.rank))
+            _torch_save(rng_state(), tmp / _rng_file(topology.rank))
         if topology.is_main:
             _write_state(tmp, _state(engine_state, sampler, step, extra, topology.world_size))
 
@@ -196,8 +229,14 @@ def _state(engine_state: dict, sampler, step: int, extra: dict, world_size: int)
             "extra": extra, "world_size": world_size}
 
 
+def _checkpoint_fix(target: Path) -> str:
+    """How to make room for a stage's training checkpoints (``target``: ``stageN/checkpoint-STEP``)."""
+    return (f"free space, or keep fewer checkpoints (train.keep_checkpoints=1) / save less often "
+            f"({target.parent.name}.save_every=0: by train.save_every_minutes only)")
+
+
 def _write_state(directory: Path, state: dict) -> None:
-    torch.save(state, directory / "state.pt")
+    _torch_save(state, directory / "state.pt")
     (directory / "meta.json").write_text(json.dumps({"step": state["step"], "world_size": state["world_size"]},
                                                     indent=2))
 
@@ -337,7 +376,7 @@ class StageSaves:
 
     def _write(self, stage_dir: Path, target: Path, state: dict, keep: int) -> None:
         try:
-            with atomic_dir(target) as tmp:
+            with atomic_dir(target, fix=_checkpoint_fix(target)) as tmp:
                 _write_state(tmp, state)
             _prune(stage_dir, keep)
         except BaseException as err:  # noqa: BLE001 - handed to the step loop by wait()
@@ -355,6 +394,8 @@ class StageSaves:
             self._thread = None
         if self._failure is not None:
             (target, err), self._failure = self._failure, None
+            if isinstance(err, CheckpointError):  # a failed write: the same error as a save in step
+                raise err
             raise CheckpointError(f"{target}: the background save failed ({type(err).__name__}: {err}); the "
                                   f"stage's earlier checkpoints are kept. Free space or fix the output directory "
                                   f"and resume, or set train.async_checkpoint=false") from err
@@ -431,11 +472,19 @@ def save_heads(path: Path, heads: torch.nn.Module) -> None:
 
 
 def save_state_dict(path: Path, state: dict) -> None:
-    """``torch.save(state)`` under a temporary name, renamed over ``path``."""
+    """``torch.save(state)`` under a temporary name, renamed over ``path``.
+
+    Raises:
+        CheckpointError: the write failed (a full disk), naming ``path``; no temporary file is left.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        _torch_save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _write_failure(path, err) from err
 
 
 def load_heads(path: Path, heads: torch.nn.Module) -> None:
