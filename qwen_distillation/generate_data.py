@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     except DistillationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    files = RunFiles.of(args.output)
-    print(f"done ({backend}): {describe(summary)}\nwrote {files.output}, {files.rejected}, {files.manifest}")
+    written = ", ".join(map(str, RunFiles.of(args.output).existing()))  # no .rejected when none was rejected
+    print(f"done ({backend}): {describe(summary)}\nwrote {written}")
     return 0
 
 

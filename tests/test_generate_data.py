@@ -363,3 +363,22 @@ def test_a_device_that_is_not_there_is_refused_before_loading(tmp_path, capsys, 
                                "--output", str(tmp_path / "g.jsonl")])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("reject", [False, True], ids=["all_kept", "one_rejected"])
+def test_the_last_line_names_only_the_files_written(tmp_path, capsys, monkeypatch, tokenizer, reject):
+    """`wrote ...` lists OUTPUT.rejected only when a sample was rejected (no such file otherwise)."""
+    def answer(row, k, prompt):
+        return ("" if reject and row == 1 else f"Answer to row {row}."), True  # "": rejected, empty_response
+
+    monkeypatch.setattr(generate_data, "check_model_path", lambda *args, **kwargs: None)
+    monkeypatch.setattr(generate_data, "load_any_tokenizer", lambda *args, **kwargs: tokenizer)
+    monkeypatch.setattr(generate_data, "load_model", lambda *args, **kwargs: torch.nn.Identity())
+    monkeypatch.setattr(generate_data, "transformers_generate", lambda model, tok: fake_teacher(tok, answer))
+    out = tmp_path / "g.jsonl"
+    assert generate_data.main(["--teacher", "fake/teacher", "--data", DEMO_MEDICAL, "--max_prompts", "2",
+                               "--output", str(out), "--backend", "transformers", "--device", "cpu"]) == 0
+    files = RunFiles.of(out)
+    written = [files.output, files.rejected, files.manifest] if reject else [files.output, files.manifest]
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {', '.join(map(str, written))}"
+    assert sorted(tmp_path.iterdir()) == sorted(written)

@@ -100,6 +100,7 @@ def leftovers(output_dir: Path) -> list[str]:
 def full_run(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("run")
     write_run(output_dir, three_stage_rows(), summary_for(output_dir, [1, 2, 3]))
+    (output_dir / "tensorboard").mkdir()  # logging.tensorboard=true
     assert write_report(output_dir) == output_dir / "report.md"
     return output_dir
 
@@ -225,3 +226,31 @@ def test_agreement_mcq_rows_and_samples_section(tmp_path):
     samples = text.split("## Quality samples")[1].split("## Stages")[0]
     assert "### After stage 1" in samples and "[`stage1/samples.md`](stage1/samples.md)" in samples
     assert "| en | medical | What is a fever? | A high \\| temperature. | line one<br>line two |" in samples
+
+
+def test_the_printout_and_the_report_name_only_the_logs_the_run_wrote(tmp_path):
+    """logging.jsonl=false writes no metrics.jsonl, logging.tensorboard=false no tensorboard/: the end-of-run
+    printout and report.md name neither then, and name each when it is there."""
+    from qwen_distillation.evaluation.report import render_markdown, summary_text
+
+    summary = summary_for(tmp_path, [1])
+    metrics, tensorboard = tmp_path / "metrics.jsonl", tmp_path / "tensorboard"
+
+    def outputs():
+        """The printout's lines that name a path, and report.md's Raw data section ("" when it has none)."""
+        text, markdown = summary_text(summary), render_markdown(tmp_path, summary, [], [])
+        return ([line for line in text.splitlines() if str(tmp_path) in line],
+                markdown.split("## Raw data")[1] if "## Raw data" in markdown else "")
+
+    assert outputs() == ([f"Models:  {tmp_path / 'stage1' / 'final'}", f"Summary: {tmp_path / 'summary.json'}"], "")
+    tensorboard.mkdir()  # logging.jsonl=false
+    printed, raw = outputs()
+    assert printed[1] == f"TensorBoard: {tensorboard}" and "metrics.jsonl" not in raw
+    assert raw.strip() == f"- TensorBoard: `tensorboard --logdir {tensorboard}`"
+    tensorboard.rmdir()
+    metrics.write_text("")  # logging.tensorboard=false
+    printed, raw = outputs()
+    assert printed[1] == f"Metrics: {metrics}" and "tensorboard" not in raw.lower()
+    assert raw.strip() == f"- Every logged row (one JSON object per step or evaluation): `{metrics}`"
+    tensorboard.mkdir()
+    assert outputs()[0][1] == f"Metrics: {metrics} (TensorBoard: {tensorboard})"

@@ -485,15 +485,22 @@ def render_markdown(output_dir: Path, summary: dict, rows: list[dict], images: l
             out += [f"![{title}]({REPORT_DIR}/{image})", "", f"*{title}: {caption}*", ""]
     out += samples_section(output_dir)
     out += ["## Stages", "", *stage_table(train, names), "",
-            "First and last loss are the weighted total of the first and last step with a finite loss.", "",
-            "## Raw data", "",
-            f"- Every logged row (one JSON object per step or evaluation): "
-            f"`{summary.get('metrics', output_dir / 'metrics.jsonl')}`",
-            f"- TensorBoard: `tensorboard --logdir {summary.get('tensorboard', output_dir / 'tensorboard')}`"]
-    if (output_dir / "summary.json").exists():
-        out.append(f"- Summary: `{output_dir / 'summary.json'}`")
+            "First and last loss are the weighted total of the first and last step with a finite loss.", ""]
+    # Only the outputs the run wrote: logging.jsonl=false, logging.tensorboard=false write none.
+    metrics = _written(summary.get("metrics", output_dir / "metrics.jsonl"))
+    tensorboard = _written(summary.get("tensorboard", output_dir / "tensorboard"))
+    raw = [f"- Every logged row (one JSON object per step or evaluation): `{metrics}`"] if metrics else []
+    raw += [f"- TensorBoard: `tensorboard --logdir {tensorboard}`"] if tensorboard else []
+    raw += [f"- Summary: `{output_dir / 'summary.json'}`"] if (output_dir / "summary.json").exists() else []
+    if raw:
+        out += ["## Raw data", "", *raw]
     out.append("")
     return "\n".join(out)
+
+
+def _written(path) -> str | None:
+    """``path`` (of an output a run may write) when it exists, else None."""
+    return str(path) if path and Path(path).exists() else None
 
 
 # -------------------------------------------------------------------- write
@@ -566,9 +573,14 @@ def write_report(output_dir: str | Path, summary: dict | None = None) -> Path:
 def summary_text(summary: dict) -> str:
     """The printout at the end of a run: the before/after table and where everything is."""
     lines = ["", f"Before and after training ({TABLE_NOTE}):", *results_table(summary)]
-    lines += ["", f"Models:  {', '.join(summary['final_models'].values())}",
-              f"Metrics: {summary['metrics']} (TensorBoard: {summary['tensorboard']})",
-              f"Summary: {Path(summary['output_dir']) / 'summary.json'}"]
+    lines += ["", f"Models:  {', '.join(summary['final_models'].values())}"]
+    # Only the logs the run wrote: logging.jsonl=false, logging.tensorboard=false write none.
+    metrics, tensorboard = _written(summary.get("metrics")), _written(summary.get("tensorboard"))
+    if metrics:
+        lines.append(f"Metrics: {metrics}" + (f" (TensorBoard: {tensorboard})" if tensorboard else ""))
+    elif tensorboard:
+        lines.append(f"TensorBoard: {tensorboard}")
+    lines.append(f"Summary: {Path(summary['output_dir']) / 'summary.json'}")
     if summary.get("samples"):
         lines.append(f"Samples: {', '.join(summary['samples'].values())}")
     if summary.get("report"):
