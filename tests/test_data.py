@@ -469,6 +469,54 @@ def test_unlabelable_chat_template_names_the_record():
 ])
 def test_a_text_field_holding_a_json_object_is_refused_naming_the_line(fmt, record):
     """str() of a JSON object would train on Python's dict syntax ("{'a': 1}")."""
-    with pytest.raises(DataError, match=r"x\.jsonl line 3: a text field holds a JSON object, \{"):
+    with pytest.raises(DataError, match=r"x\.jsonl line 3: field '\w+' holds a JSON object, \{"):
         to_messages(record, fmt, "x.jsonl", 3)
     assert to_messages({"instruction": "q", "output": 42}, "alpaca", "x.jsonl", 3)[-1]["content"] == "42"
+
+
+@pytest.mark.parametrize("record,problem", [
+    ({"instruction": "i", "output": ["a", {"b": 1}]}, r"item 2 of field 'output' holds a JSON object, \{'b': 1\}"),
+    ({"instruction": "i", "output": True}, r"field 'output' holds a boolean, true"),
+    ({"instruction": "i", "output": ["a", False]}, r"item 2 of field 'output' holds a boolean, false"),
+    ({"instruction": "i", "output": ["a", ["b"]]}, r"item 2 of field 'output' holds a list, \['b'\]"),
+    ({"question": "q", "answer": "a", "context": [{"text": "c"}]}, r"item 1 of field 'context' holds a JSON object"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "u"}]},
+                   {"role": "assistant", "content": "a"}]}, r"item 1 of sharegpt turn 1 holds a JSON object"),
+    ({"Question": "q", "Options": ["A x", {"B": "y"}], "Answer": "A"},
+     r"item 2 of field 'Options' holds a JSON object"),
+])
+def test_a_boolean_or_a_non_text_list_item_is_refused_naming_the_field_and_line(record, problem):
+    """str() of them trained on Python's syntax: "a\\n{'b': 1}", "True", "a\\n['b']"."""
+    with pytest.raises(DataError, match=rf"^x\.jsonl line 3: {problem}.*; write its text instead \(fix or delete"):
+        to_messages(record, "auto", "x.jsonl", 3)
+
+
+def test_numbers_and_blanks_in_a_list_stay_text():
+    record = {"instruction": "i", "output": ["a", 1, 2.5, None, " "]}
+    assert to_messages(record, "alpaca", "x.jsonl", 3)[-1] == {"role": "assistant", "content": "a\n1\n2.5"}
+
+
+def test_a_csv_row_with_more_cells_than_the_header_is_refused_at_its_line(tmp_path):
+    # csv.DictReader put the extra cells under the key None: the run trained on 'Apple' alone.
+    path = tmp_path / "commas.csv"
+    path.write_text('instruction,output\nList primary colours,"Red, yellow and blue"\n'
+                    "List three fruits,Apple, banana and cherry\n")
+    message = (rf"^{re.escape(str(path))} line 3: 3 values for the 2 columns of the header "
+               r"\['instruction', 'output'\]; quote fields that contain commas$")
+    with pytest.raises(DataError, match=message):
+        load_records(str(path))
+    # Its line after a quoted field over two lines is the row's last line, as for every CSV record.
+    path.write_text('instruction,output\n"Two\nlines",ok\nList,Apple, banana\n')
+    with pytest.raises(DataError, match=r" line 4: 3 values for the 2 columns"):
+        load_records(str(path))
+
+
+def test_a_csv_row_with_fewer_cells_than_the_header_reads_them_as_empty(tmp_path):
+    path = tmp_path / "short.csv"
+    path.write_text("instruction,input,output\nSay hi\nSay bye,,Bye\n")
+    records = load_records(str(path))
+    assert records == [(2, {"instruction": "Say hi", "input": None, "output": None}),
+                       (3, {"instruction": "Say bye", "input": "", "output": "Bye"})]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))} line 2: field 'output' of this alpaca record is "
+                                        r"empty; fill it or delete the record$"):
+        to_messages(records[0][1], "auto", str(path), 2)

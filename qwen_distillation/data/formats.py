@@ -75,16 +75,36 @@ def _is_blank(value: Any) -> bool:
 
 
 class _NotText(ValueError):
-    """A text field holds a JSON object: ``str()`` of it would train on Python's dict syntax."""
+    """A text field holds a value whose ``str()`` is Python syntax, not its text: a JSON object
+    ("{'a': 1}"), a boolean ("True"), or, as a list item, a list ("['a']")."""
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, dict):
-        preview = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        raise _NotText(f"a text field holds a JSON object, {preview}; write its text instead")
+def _refuse_non_text(value: Any, what: str, item: int | None = None) -> None:
+    """Raise _NotText naming ``what`` (e.g. "field 'output'") and the 1-based list ``item``, if any.
+    Numbers are text enough (real answers are numeric): only the values above are refused."""
+    if isinstance(value, bool):
+        kind, shown = "a boolean", str(value).lower()  # as JSON writes it
+    elif isinstance(value, dict) or (item is not None and isinstance(value, (list, tuple))):
+        kind = "a JSON object" if isinstance(value, dict) else "a list"
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    else:
+        return
+    named = what if item is None else f"item {item} of {what}"
+    raise _NotText(f"{named} holds {kind}, {shown}; write its text instead")
+
+
+def _text(value: Any, what: str) -> str:
+    """``value`` as text (a list: its items, one per line); ``what`` names it in errors."""
+    _refuse_non_text(value, what)
     if isinstance(value, (list, tuple)):
-        return "\n".join(str(item) for item in value if not _is_blank(item))
+        for item, part in enumerate(value, start=1):
+            _refuse_non_text(part, what, item)
+        return "\n".join(str(part) for part in value if not _is_blank(part))
     return "" if _is_blank(value) else str(value)
+
+
+def _field(record: dict, field: str) -> str:
+    return _text(record.get(field), f"field '{field}'")
 
 
 def _require(record: dict, fields: tuple[str, ...], fmt: str, where: str) -> None:
@@ -97,7 +117,7 @@ def _require(record: dict, fields: tuple[str, ...], fmt: str, where: str) -> Non
 
 
 def _nonempty(record: dict, field: str, fmt: str, where: str) -> str:
-    text = _text(record.get(field)).strip()
+    text = _field(record, field).strip()
     if not text:
         raise DataError(
             f"{where}: field '{field}' of this {fmt} record is empty; fill it or delete the record"
@@ -111,12 +131,12 @@ def _first_alias(record: dict, aliases: tuple[str, ...]) -> str | None:
 
 def _alpaca(record: dict, where: str) -> Messages:
     _require(record, ("instruction", "output"), "alpaca", where)
-    parts = [_text(record.get(field)).strip() for field in ("instruction", "input")]
+    parts = [_field(record, field).strip() for field in ("instruction", "input")]
     prompt = "\n\n".join(part for part in parts if part)
     if not prompt:
         raise DataError(f"{where}: alpaca fields 'instruction' and 'input' are both empty; fill one")
     messages: Messages = []
-    system = _text(record.get("system")).strip()
+    system = _field(record, "system").strip()
     if system:
         messages.append({"role": "system", "content": system})
     history = record.get("history") or []
@@ -127,8 +147,8 @@ def _alpaca(record: dict, where: str) -> Messages:
             raise DataError(
                 f"{where}: alpaca history entry {turn} must be a [query, response] pair, got {pair!r}"
             )
-        messages.append({"role": "user", "content": _text(pair[0])})
-        messages.append({"role": "assistant", "content": _text(pair[1])})
+        messages.append({"role": "user", "content": _text(pair[0], f"history entry {turn}")})
+        messages.append({"role": "assistant", "content": _text(pair[1], f"history entry {turn}")})
     messages.append({"role": "user", "content": prompt})
     messages.append({"role": "assistant", "content": _nonempty(record, "output", "alpaca", where)})
     return messages
@@ -156,7 +176,7 @@ def _sharegpt(record: dict, where: str) -> Messages:
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: sharegpt field '{field}' must be a non-empty list of turns")
     messages: Messages = []
-    system = _text(record.get("system")).strip()
+    system = _field(record, "system").strip()
     if system:
         messages.append({"role": "system", "content": system})
     for number, turn in enumerate(turns, start=1):
@@ -170,7 +190,7 @@ def _sharegpt(record: dict, where: str) -> Messages:
                 f"{where}: sharegpt turn {number} has role {role_name!r} (keys {sorted(turn)}); "
                 f"accepted roles: {sorted(SHAREGPT_ROLES)} under 'from'/'role'"
             )
-        messages.append({"role": role, "content": _text(content)})
+        messages.append({"role": role, "content": _text(content, f"sharegpt turn {number}")})
     # A trailing user turn has no response to learn from.
     while messages and messages[-1]["role"] != "assistant":
         messages.pop()
@@ -189,8 +209,10 @@ def _option_lines(options: Any) -> list[str]:
     if isinstance(options, dict):
         return [f"{key}. {value}" for key, value in options.items()]
     if isinstance(options, (list, tuple)):
+        for item, option in enumerate(options, start=1):
+            _refuse_non_text(option, "field 'Options'", item)
         return [str(option).strip() for option in options if not _is_blank(option)]
-    text = _text(options).replace("\\n", "\n")
+    text = _text(options, "field 'Options'").replace("\\n", "\n")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -218,7 +240,7 @@ def _cmexam(record: dict, where: str) -> Messages:
     options = _option_lines(record["Options"])
     answer = _nonempty(record, "Answer", "cmexam", where)
     _check_answer_letters(options, answer, where)
-    explanation = _text(record.get("Explanation")).strip()
+    explanation = _field(record, "Explanation").strip()
     answer_line = f"答案：{answer}"
     response = f"{explanation}\n\n{answer_line}" if explanation else answer_line
     return [
@@ -242,7 +264,7 @@ def _medmcqa(record: dict, where: str) -> Messages:
     fields = ("question", "opa", "opb", "opc", "opd", "cop")
     _require(record, fields, "medmcqa", where)
     question = _nonempty(record, "question", "medmcqa", where)
-    options = [_text(record[field]).strip() for field in fields[1:5]]
+    options = [_field(record, field).strip() for field in fields[1:5]]
     try:
         cop = int(str(record["cop"]).strip())
     except ValueError:
@@ -252,19 +274,19 @@ def _medmcqa(record: dict, where: str) -> Messages:
             f"{where}: medmcqa field 'cop' is {record['cop']!r}; it must be 1, 2, 3 or 4 "
             "(1-based: 1=opa .. 4=opd, as in the original MedMCQA JSON; add 1 to 0-based copies)"
         )
-    return _lettered_choice(question, options, cop - 1, _text(record.get("exp")).strip())
+    return _lettered_choice(question, options, cop - 1, _field(record, "exp").strip())
 
 
 def _mmlu(record: dict, where: str) -> Messages:
     _require(record, ("question", "A", "B", "C", "D", "answer"), "mmlu", where)
     question = _nonempty(record, "question", "mmlu", where)
     letters = [letter for letter in "ABCDE" if letter in record]
-    answer = _text(record["answer"]).strip().upper()
+    answer = _field(record, "answer").strip().upper()
     if answer not in letters:
         raise DataError(
             f"{where}: mmlu field 'answer' is {record['answer']!r}; it must be one of {letters}"
         )
-    options = [_text(record[letter]).strip() for letter in letters]
+    options = [_field(record, letter).strip() for letter in letters]
     return _lettered_choice(question, options, letters.index(answer), "")
 
 
@@ -280,7 +302,7 @@ def _question_answer(record: dict, where: str) -> Messages:
         )
     prompt = _nonempty(record, prompt_field, "question_answer", where)
     context_field = _first_alias(record, CONTEXT_ALIASES)
-    context = _text(record.get(context_field)).strip() if context_field else ""
+    context = _field(record, context_field).strip() if context_field else ""
     if context:
         prompt = f"{context}\n\n{prompt}"
     return [

@@ -153,9 +153,17 @@ def _read_json(file: Path, text: str) -> Numbered:
 
 
 def _read_csv(file: Path) -> Numbered:
+    # A row with fewer cells than the header gets None for the missing ones (blank to the formats);
+    # one with more would keep the extra cells under the key None, out of every field: refused.
     reader = csv.DictReader(io.StringIO(_read_text(file), newline=""))
     try:
         for row in reader:
+            if None in row:
+                raise DataError(
+                    f"{file} line {reader.line_num}: {len(reader.fieldnames) + len(row[None])} values for the "
+                    f"{len(reader.fieldnames)} columns of the header {reader.fieldnames}; quote fields that "
+                    "contain commas"
+                )
             yield reader.line_num, dict(row)
     except csv.Error as err:  # e.g. a field over csv.field_size_limit() (128 KiB)
         # The line being parsed: the DictReader's own line_num still names the previous row's.
