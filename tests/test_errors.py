@@ -158,8 +158,8 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
     assert _snapshot(finished_run) == before
 
 
-@pytest.mark.parametrize("case", ["data", "eval", "mcq", "calibration", "prompts", "cache", "checkpoint",
-                                  "checkpoint_without_model"])
+@pytest.mark.parametrize("case", ["data", "eval", "mcq", "calibration", "prompts", "prompts_dir", "cache",
+                                  "checkpoint", "checkpoint_without_model"])
 def test_a_mistyped_path_fails_before_any_model_loads(case, monkeypatch, tmp_path, capsys):
     """The teacher of a real run takes minutes to load: a path that does not exist fails first,
     naming the config entry."""
@@ -181,6 +181,8 @@ def test_a_mistyped_path_fails_before_any_model_loads(case, monkeypatch, tmp_pat
                                 f"model.student.prune.calibration.sources=[{missing}]"],
                         "model.student.prune.calibration.sources[0]="),
         "prompts": (base + ["eval.samples=true", f"eval.prompts={missing}"], "eval.prompts="),
+        "prompts_dir": (base + ["eval.samples=true", f"eval.prompts={tmp_path / 'old'}"],
+                        f"eval.prompts={tmp_path / 'old'}: a directory, not a file"),
         "cache": (base + ["stage1.teacher.source=cache", f"stage1.teacher.cache={tmp_path / 'nocache'}"],
                   "stage1.teacher.cache="),
         "checkpoint": (base + ["--start_stage", "1", "--checkpoint_path", str(tmp_path / "nowhere")],
@@ -192,7 +194,7 @@ def test_a_mistyped_path_fails_before_any_model_loads(case, monkeypatch, tmp_pat
     assert code == 2, output
     assert expected in output, output
     assert any(f in output for f in ("file not found", "no such directory", "no teacher cache here",
-                                     "holds no config.json")), output
+                                     "holds no config.json", "a directory, not a file")), output
     assert "Traceback" not in output and "a model was loaded" not in output
     assert not (tmp_path / "run").exists()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -206,6 +207,16 @@ def test_a_bad_reference_is_a_data_error_naming_the_file_and_record(tmp_path, re
     path.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": "Say hi.", "reference": reference}))
     with pytest.raises(DataError, match=rf"{path} record 2: 'reference' must be a non-empty string"):
         load_prompts(str(path))
+
+
+def test_a_directory_for_eval_prompts_is_refused_naming_the_key(tmp_path):
+    # It was read as a directory of data files: "record 1: a prompt record needs ... 'prompt'".
+    (tmp_path / "general.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "Say hi."}) + "\n")
+    message = rf"^eval\.prompts={re.escape(str(tmp_path))}: a directory, not a file \(looked at .*\); expected one"
+    with pytest.raises(DataError, match=message):
+        load_prompts(str(tmp_path))
+    assert load_prompts(str(tmp_path / "prompts.jsonl")) == [{"lang": "", "domain": "", "prompt": "Say hi."}]
 
 
 def test_sample_scores_are_per_model_and_tabulated():

@@ -4,6 +4,8 @@ their BLEU-4 / ROUGE-1/2/L against the prompts' optional reference answers."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 from torch import nn
 
@@ -18,11 +20,22 @@ REFERENCE = "reference"  # optional field of a prompt record, and column of a sa
 SCORES = "scores"  # sample row field: model name -> {bleu4, rouge1, rouge2, rougeL}
 
 
+def check_prompts_file(path: str) -> None:
+    """Refuse a directory as ``eval.prompts``: read as a directory of data files, its records would
+    be refused one by one for lacking ``prompt``. A run checks this before any model loads."""
+    local = Path(os.path.expanduser(path))
+    if local.is_dir():
+        raise DataError(f"eval.prompts={path}: a directory, not a file (looked at {local.resolve()}); "
+                        "expected one JSONL file of prompts, one {\"prompt\": ...} object per line, e.g. "
+                        "eval.prompts=package:qwen_distillation/data/demo/prompts.jsonl")
+
+
 def load_prompts(path: str, max_prompts: int | None = None) -> list[dict]:
     """The first ``max_prompts`` (all when None) records of a prompts file such as
     ``data/demo/prompts.jsonl``: each needs a non-empty string ``prompt``; ``lang``, ``domain``
     and ``reference`` (a reference answer, for BLEU/ROUGE; null counts as absent) are optional.
-    ``path`` is a local file (resolve ``package:`` paths first)."""
+    ``path`` is a local file (resolve ``package:`` paths first); see :func:`check_prompts_file`."""
+    check_prompts_file(path)
     prompts = []
     for number, record in load_records(path, max_records=max_prompts):
         text = record.get("prompt")

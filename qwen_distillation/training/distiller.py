@@ -45,7 +45,7 @@ from qwen_distillation.evaluation.evaluator import Evaluator, build_evaluator
 from qwen_distillation.evaluation.mcq import normalise_mcq_sources
 from qwen_distillation.evaluation.nll import per_example_nll
 from qwen_distillation.evaluation.report import summary_text
-from qwen_distillation.evaluation.samples import REFERENCE, sample_columns, samples_markdown
+from qwen_distillation.evaluation.samples import REFERENCE, check_prompts_file, sample_columns, samples_markdown
 from qwen_distillation.evaluation.sharding import Shard, map_shared
 from qwen_distillation.modeling.capture import find_decoder
 from qwen_distillation.modeling.device import parse_device
@@ -184,6 +184,7 @@ class Distiller:
             calibration_source_set(student.prune.calibration, cfg.data)
         if cfg.eval.samples:
             check_local_path(locate(cfg.eval.prompts), "eval.prompts")
+            check_prompts_file(locate(cfg.eval.prompts))
         for key in (STAGE_KEYS[i] for i in self.stages):
             teacher = getattr(cfg, key).teacher
             if teacher.source == "cache":
