@@ -196,6 +196,32 @@ def test_epochs_count_the_pool_tokens_over_the_budget(tmp_path):
     assert distiller._stage_steps("stage1", cfg.stage1) == 7
 
 
+def test_examples_longer_than_the_budget_count_one_step_each_and_are_logged(tmp_path, caplog):
+    """Counted in tokens, a budget below the examples' lengths made epochs=0.1 serve 0.9 passes
+    (each step holds at least one whole example); each such example now counts as one step."""
+    from qwen_distillation.training.distiller import Distiller
+
+    cfg = validate_config(compose_config(tiny_overrides(tmp_path / "out") + [
+        "stage1.max_steps=null", "stage1.epochs=1", "stage1.tokens_per_step=10"]))
+    distiller = Distiller(cfg)
+
+    class Data:
+        pass
+
+    distiller.data = Data()
+    distiller.data.general = [{"input_ids": [1] * n} for n in (4, 6, 12, 30)]  # 4 + 6 fill one budget of 10
+    distiller.data.medical = []
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.distiller"):
+        assert distiller._stage_steps("stage1", cfg.stage1) == 3
+    assert "stage1.tokens_per_step=10 is below the length of 2 of the stage's 4 examples (the longest: " \
+           "30 tokens)" in caplog.text
+    caplog.clear()
+    cfg.stage1.tokens_per_step = 30  # every example fits: counted in tokens as before, ceil(52 / 30)
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.distiller"):
+        assert distiller._stage_steps("stage1", cfg.stage1) == 2
+    assert "is below the length" not in caplog.text
+
+
 @pytest.mark.parametrize("budget", [None, "tokens"])
 def test_a_step_larger_than_the_whole_pool_is_logged(budget, tmp_path, caplog):
     """A step that holds more than the stage's whole pool serves examples more than once in every

@@ -406,15 +406,23 @@ class Distiller:
         """``max_steps`` if set, else the steps of ``epochs`` passes over the stage's pool: its
         examples over the examples of a step, or, with ``tokens_per_step``, its input tokens over
         the budget, rounded up (a step fills its budget up to the last example that fits, so such
-        steps serve ``epochs`` passes give or take one step). A step larger than the whole pool is
+        steps serve ``epochs`` passes give or take one step; an example longer than the budget takes
+        a step of its own and counts as one, and is logged). A step larger than the whole pool is
         logged: each of its steps serves some examples more than once."""
         ratio = stage.medical_ratio
         pool = [example for domain in stage_domains(ratio.schedule, ratio.start, ratio.end)
                 for example in getattr(self.data, domain)]
+        steps_per_pass = None
         if stage.tokens_per_step is not None:
             step, size = stage.tokens_per_step, sum(len(example["input_ids"]) for example in pool)
             what = (f"{key}.tokens_per_step={step} is more than the {size:,} input tokens of the stage's "
                     f"{len(pool):,} examples", f"lower {key}.tokens_per_step")
+            longer = [len(example["input_ids"]) for example in pool if len(example["input_ids"]) > step]
+            if longer:  # each fills a step alone: counted in tokens, epochs=0.1 served 0.9 passes
+                log.warning("%s.tokens_per_step=%d is below the length of %d of the stage's %d examples "
+                            "(the longest: %d tokens): each of them takes a step of its own, over the budget; "
+                            "raise it to at least %d", key, step, len(longer), len(pool), max(longer), max(longer))
+                steps_per_pass = (size - sum(longer)) / step + len(longer)
         else:
             step, size = self._examples_per_step(stage), len(pool)
             what = (f"{key}: a step of {step} examples (batch_size x grad_accum x ranks) is more than the "
@@ -423,7 +431,7 @@ class Distiller:
             log.warning("%s: every step serves some examples more than once (%s, or add data)", *what)
         if stage.max_steps:
             return stage.max_steps
-        return max(1, math.ceil(stage.epochs * size / step))
+        return max(1, math.ceil(stage.epochs * (size / step if steps_per_pass is None else steps_per_pass)))
 
     def _examples_per_step(self, stage: StageConfig) -> int:
         """Examples of one optimizer step, all ranks together: micro-batch x accumulation x ranks."""
