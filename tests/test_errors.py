@@ -443,3 +443,17 @@ def test_hard_sampling_with_an_end_beside_its_constant_start_runs(tmp_path, caps
                         capsys)
     assert code == 0 and "Traceback" not in output, output
     assert json.loads((tmp_path / "run" / "run_state.json").read_text())["completed_stages"] == [3]
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    """A read-only output_dir was an OSError traceback from mkdir or config.yaml, after the models had
+    loaded; the nearest existing folder is checked while the directory is only read."""
+    import qwen_distillation.training.outputs as outputs
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: path != locked)
+    for out in (locked, locked / "run" / "a"):
+        with pytest.raises(outputs.ConfigError, match=rf"^output_dir={out}: cannot write in {locked} "):
+            outputs.check_output_dir(out, run_id="x", resume=True, overwrite=False)
+    assert outputs.check_output_dir(tmp_path / "free", run_id="x", resume=True, overwrite=False) is None

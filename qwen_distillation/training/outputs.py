@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -84,6 +85,10 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
     """
     refuse_file_in_the_way(output_dir, f"output_dir={output_dir}",
                            "choose a directory for the run's outputs (e.g. output_dir=outputs/run)")
+    existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):  # a read-only mount, another user's folder
+        raise ConfigError(f"output_dir={output_dir}: cannot write in {existing} (read-only or not yours); choose "
+                          f"a directory you can write to")
     try:
         state = ckpt.read_run_state(output_dir)
     except CheckpointError:
