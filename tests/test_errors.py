@@ -457,3 +457,15 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_loads(t
         with pytest.raises(outputs.ConfigError, match=rf"^output_dir={out}: cannot write in {locked} "):
             outputs.check_output_dir(out, run_id="x", resume=True, overwrite=False)
     assert outputs.check_output_dir(tmp_path / "free", run_id="x", resume=True, overwrite=False) is None
+
+
+def test_an_output_dir_inside_a_data_directory_is_refused(tmp_path, capsys):
+    """On a resume the run's own run_state.json was read as a data record ("holds a single JSON object
+    spread over several lines"), an error that did not say why a run file was data."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "general.jsonl").write_bytes((REPO / "qwen_distillation/data/demo/general.jsonl").read_bytes())
+    code, output = _cli(tiny_overrides(data / "run", steps=1) + ["end_stage=1", f"data.general=[{data}]"], capsys)
+    assert code == 2 and f"output_dir={data / 'run'} lies inside data.general[0]={data}, a directory read as " \
+        "data" in output, output
+    assert sorted(p.name for p in data.iterdir()) == ["general.jsonl"]

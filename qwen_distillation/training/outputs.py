@@ -27,6 +27,7 @@ RUN_IDENTITY = ("model", "data", "stage1", "stage2", "stage3", "eval", "lora", "
                 "checkpoint_path")
 # What a run writes at the top of its output_dir besides stageN/ and .stageN* (cleared on overwrite).
 RUN_FILES = (METRICS_FILE, TENSORBOARD_DIR, "config.yaml", "summary.json", ckpt.RUN_STATE, *REPORT_NAMES)
+DATA_KEYS = ("data.", "eval.mcq", "model.student.prune.calibration")  # inputs read file by file when a directory
 STAGE_ENTRY = re.compile(r"^\.?stage\d+(\..*)?$")  # stage1/, .stage2.tmp: never stages_plan.txt
 
 
@@ -104,6 +105,11 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
     cleared = [entry.resolve() for entry in entries_to_clear(output_dir)] if overwrite else []
     for key, path in inputs:
         resolved = Path(path).resolve()
+        if key.startswith(DATA_KEYS) and resolved.is_dir() and (resolved == output_dir.resolve()
+                                                                  or resolved in output_dir.resolve().parents):
+            raise ConfigError(f"output_dir={output_dir} lies inside {key}={path}, a directory read as data: a "
+                              f"resumed or later run would read this run's own files as records; write the run "
+                              f"outside it (e.g. output_dir=outputs/run)")
         entry = next((e for e in cleared if e == resolved or e in resolved.parents), None)
         if entry is not None:
             raise ConfigError(f"{key}={path} lies inside {entry}, which overwrite_output_dir=true would remove; "
