@@ -469,3 +469,22 @@ def test_an_output_dir_inside_a_data_directory_is_refused(tmp_path, capsys):
     assert code == 2 and f"output_dir={data / 'run'} lies inside data.general[0]={data}, a directory read as " \
         "data" in output, output
     assert sorted(p.name for p in data.iterdir()) == ["general.jsonl"]
+
+
+def test_resuming_after_a_data_file_changed_is_refused_naming_it(tmp_path, capsys):
+    """Only the pool's size was checked: the same records in another order resumed silently, with
+    another held-out split (examples trained on before now scored as held out)."""
+    general = tmp_path / "general.jsonl"
+    lines = (REPO / "qwen_distillation/data/demo/general.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    general.write_text("".join(lines), encoding="utf-8")
+    argv = tiny_overrides(tmp_path / "run", steps=1) + ["end_stage=1", f"data.general=[{general}]"]
+    assert _cli(argv, capsys)[0] == 0
+    state_file = tmp_path / "run" / "run_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["data_sha256"][f"data.general[0]={general}"] == hashlib.sha256(general.read_bytes()).hexdigest()
+    state_file.write_text(json.dumps({**state, "finished": False}))  # as if killed before the end
+    general.write_text("".join(reversed(lines)), encoding="utf-8")
+    code, output = _cli(argv, capsys)
+    assert code == 2 and f"data.general[0]={general}: changed since this run started" in output, output
+    general.write_text("".join(lines), encoding="utf-8")
+    assert _cli(argv, capsys)[0] == 0  # the original data resumes

@@ -36,6 +36,7 @@ from qwen_distillation.config.validate import engine_label, pruned_from_teacher
 from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indices
 from qwen_distillation.data.manager import (StageSampler, check_stage_pools, collate, length_grouped_batches,
                                             micro_batches, stage_domains, to_device)
+from qwen_distillation.data.generated import file_digest
 from qwen_distillation.data.loading import check_local_path
 from qwen_distillation.data.sources import DomainData, build_domain_data, data_sources
 from qwen_distillation.data.teacher_cache import read_manifest
@@ -64,7 +65,7 @@ from qwen_distillation.training.metrics import (METRICS_FILE, TENSORBOARD_DIR, M
                                                  check_wandb_login, scrub_secrets)
 from qwen_distillation.training.module import DistillationModule, build_heads, per_step_mean
 from qwen_distillation.training.optim import build_optimizer, build_scheduler
-from qwen_distillation.training.outputs import check_output_dir, prepare_output_dir, run_hash
+from qwen_distillation.training.outputs import check_output_dir, check_same_data, prepare_output_dir, run_hash
 from qwen_distillation.training.plan import LossPlan, build_plan, loss_weights, shared_parameter, stage_kd_options
 from qwen_distillation.training.teacher import TeacherRunner
 
@@ -224,6 +225,15 @@ class Distiller:
                           + (" (it is a LoRA adapter, which loads frozen onto its base); continue it with "
                              f"checkpoint_path={path}, or give its merged model ({Path(path) / 'merged'} when "
                              f"the stage exported one)" if adapter else "; give a model whose weights load trainable"))
+
+    def _data_sha256(self) -> dict[str, str]:
+        """``{"data.general[0]=PATH": sha256}`` of the local data and MCQ files the run reads: a resumed
+        run checks them (a changed file changes the held-out split under the same record count)."""
+        entries = [(f"data.{key}[{i}]", source.path) for key, sources in self.sources.items()
+                   for i, source in enumerate(sources)]
+        entries += [(f"eval.mcq[{i}]", source.path) for i, source in enumerate(self.mcq_sources)]
+        digests = {f"{key}={path}": file_digest(locate(path)) for key, path in entries}
+        return {entry: digest for entry, digest in digests.items() if digest is not None}
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -791,6 +801,9 @@ class Distiller:
         state = check_output_dir(self.output_dir, run_id=self.run_id, resume=cfg.resume,
                                  overwrite=cfg.overwrite_output_dir, run_config=self.run_config,
                                  checkpoint_path=cfg.checkpoint_path, inputs=self._input_paths())
+        self.data_sha256 = self._data_sha256()
+        if state is not None:
+            check_same_data(state, self.data_sha256)
         if self.topo.is_main:
             check_wandb_login(cfg.logging.wandb)  # before models load and anything is written
         if cfg.train.num_threads > 0:
@@ -815,6 +828,7 @@ class Distiller:
         dist.barrier(self.topo)  # every rank has read the old outputs before rank 0 rewrites them
         if self.topo.is_main:
             state = prepare_output_dir(self.output_dir, state, run_id=self.run_id, run_config=self.run_config,
+                                       data_sha256=self.data_sha256,
                                        overwrite=cfg.overwrite_output_dir)
         state = dist.broadcast_object(self.topo, state)
         if self.topo.is_main and self.pair.pruned is not None:

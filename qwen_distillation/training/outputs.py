@@ -133,16 +133,36 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
     return state
 
 
+def check_same_data(state: dict, data_sha256: dict[str, str]) -> None:
+    """Refuse to resume a run whose data files changed since it started (``data_sha256``: the
+    run's ``{"data.general[0]=PATH": sha256}``; a run state without them, from before they were
+    recorded, is not checked)."""
+    recorded = state.get("data_sha256")
+    if recorded is None:
+        return
+    changed = [entry for entry in sorted(set(recorded) | set(data_sha256))
+               if recorded.get(entry) != data_sha256.get(entry)]
+    if changed:
+        entry = changed[0]
+        raise ConfigError(f"{entry}: changed since this run started (sha256 {str(recorded.get(entry))[:12]} -> "
+                          f"{str(data_sha256.get(entry))[:12]}; {len(changed)} data entr"
+                          f"{'y' if len(changed) == 1 else 'ies'} differ): its held-out split and the steps' "
+                          f"examples would not be the run's; resume with the original data, or start over in "
+                          f"another output_dir (or with overwrite_output_dir=true)")
+
+
 def prepare_output_dir(output_dir: Path, state: dict | None, *, run_id: str, run_config: dict,
-                       overwrite: bool) -> dict:
+                       overwrite: bool, data_sha256: dict[str, str] | None = None) -> dict:
     """Create the output directory (clearing a previous run's files when overwriting), write
-    its ``config.yaml`` and run state; returns the run state (a fresh one for a new run)."""
+    its ``config.yaml`` and run state; returns the run state (a fresh one for a new run, recording
+    ``data_sha256`` for :func:`check_same_data`)."""
     if state is None and overwrite:
         for child in entries_to_clear(output_dir):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
     if state is None:
-        state = {"run_hash": run_id, "finished": False, "completed_stages": [], "initial_eval": None}
+        state = {"run_hash": run_id, "finished": False, "completed_stages": [], "initial_eval": None,
+                 "data_sha256": data_sha256 or {}}
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config))
     ckpt.write_json_atomic(output_dir / ckpt.RUN_STATE, state)
     return state
