@@ -488,3 +488,18 @@ def test_resuming_after_a_data_file_changed_is_refused_naming_it(tmp_path, capsy
     assert code == 2 and f"data.general[0]={general}: changed since this run started" in output, output
     general.write_text("".join(lines), encoding="utf-8")
     assert _cli(argv, capsys)[0] == 0  # the original data resumes
+
+
+@pytest.mark.parametrize("entry, key", [("data.eval", "data.eval[0]"), ("eval.mcq", "eval.mcq[0]")])
+def test_an_evaluation_set_that_is_also_trained_on_is_refused(entry, key, tmp_path, capsys):
+    """Its scores were reported as held out: eval/general__nll of the training file itself, or an MCQ
+    accuracy on the items the student trained on. A link to the file is the same file."""
+    mcq = tmp_path / "mcq.jsonl"
+    mcq.write_text(json.dumps({"question": "q?", "A": "a", "B": "b", "C": "c", "D": "d", "answer": "A"}) + "\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(mcq)
+    argv = tiny_overrides(tmp_path / "run", steps=1) + ["end_stage=1", f"data.general=[{mcq}]", f"{entry}=[{link}]"]
+    code, output = _cli(argv, capsys)
+    assert code == 2 and f"{key}={link}: also the training source data.general[0]; its scores would be " \
+        "reported as held out" in output, output
+    assert not (tmp_path / "run").exists()

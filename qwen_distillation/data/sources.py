@@ -4,6 +4,7 @@ tokenized general, medical and held-out evaluation sets built from them."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -11,7 +12,7 @@ from typing import Any, Iterable
 from qwen_distillation.data.encode import build_examples, split_heldout
 from qwen_distillation.data.formats import FORMATS
 from qwen_distillation.data.loading import check_local_path, load_records
-from qwen_distillation.errors import require, require_one_of
+from qwen_distillation.errors import ConfigError, require, require_one_of
 from qwen_distillation.paths import locate
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,29 @@ def checked_sources(key: str, entries: Iterable[Any]) -> list[DataSource]:
 def data_sources(data_cfg) -> dict[str, list[DataSource]]:
     """``general``, ``medical`` and ``eval`` sources of a DataConfig, each entry checked."""
     return {key: checked_sources(f"data.{key}", getattr(data_cfg, key)) for key in (*DOMAINS, "eval")}
+
+
+def _same_data(path: str, split: str, subset: str | None) -> tuple:
+    """What makes two sources the same data: a local file or folder by its real path (a link or
+    another spelling of it included), a hub dataset by its name, split and subset."""
+    local = Path(os.path.expanduser(locate(path)))
+    return (os.path.realpath(local),) if local.exists() else (path, split, subset)
+
+
+def refuse_trained_eval_sets(sources: dict[str, list[DataSource]], more: Iterable[tuple[str, Any]] = ()) -> None:
+    """Refuse an evaluation set that is also a training source of the run: its scores would be
+    reported as held out. ``sources``: :func:`data_sources`'s (its ``eval`` entries are checked);
+    ``more``: other evaluation sets as ``(key, source)``, e.g. ``eval.mcq[0]`` (with ``path``,
+    ``split``, ``subset``). The held-out split of a training source is the run's own evaluation
+    (``eval/general_nll``, ``eval/medical_nll``); give another file here."""
+    trained = {_same_data(s.path, s.split, s.subset): f"data.{key}[{i}]"
+               for key in DOMAINS for i, s in enumerate(sources[key])}
+    for key, source in [*((f"data.eval[{i}]", s) for i, s in enumerate(sources["eval"])), *more]:
+        entry = trained.get(_same_data(source.path, source.split, source.subset))
+        if entry:
+            raise ConfigError(f"{key}={source.path}: also the training source {entry}; its scores would be "
+                              f"reported as held out. Evaluate on another file (each training source's own "
+                              f"held-out split is scored as eval/general_nll and eval/medical_nll)")
 
 
 @dataclass

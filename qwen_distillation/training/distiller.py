@@ -38,7 +38,7 @@ from qwen_distillation.data.manager import (StageSampler, check_stage_pools, col
                                             micro_batches, stage_domains, to_device)
 from qwen_distillation.data.generated import file_digest
 from qwen_distillation.data.loading import check_local_path
-from qwen_distillation.data.sources import DomainData, build_domain_data, data_sources
+from qwen_distillation.data.sources import DomainData, build_domain_data, data_sources, refuse_trained_eval_sets
 from qwen_distillation.data.teacher_cache import read_manifest
 from qwen_distillation.errors import CheckpointError, ConfigError, DistillationError
 from qwen_distillation.evaluation.direction import best_direction, improves
@@ -151,6 +151,7 @@ class Distiller:
         # paths that do not exist fail here, before any model loads and anything is written.
         self.sources = data_sources(config.data)
         self.mcq_sources = normalise_mcq_sources("eval.mcq", config.eval.mcq)
+        refuse_trained_eval_sets(self.sources, ((f"eval.mcq[{i}]", s) for i, s in enumerate(self.mcq_sources)))
         self.device, self.precision = select_device(config.train)
         self.topo = dist.SINGLE  # the launch, once run() has started its process group
         self.mesh = None  # the ranks FSDP2 shards the models over (distributed=fsdp2), once built
