@@ -180,3 +180,23 @@ def test_real_demo_teacher_loads_from_gguf_and_slims_to_15_layers():
     ids = pair.tokenizer(prompt, return_tensors="pt").input_ids
     answer = pair.teacher.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
     assert "Paris" in pair.tokenizer.decode(answer)  # a real pretrained, instruction-tuned model
+
+
+def test_lora_options_that_contradict_an_adapter_checkpoint_are_refused(tmp_path):
+    """A LoRA adapter as checkpoint_path was continued as saved whatever lora.* said: lora.enabled=false
+    (a full fine-tune) and lora.r=8 against the adapter's 4 were ignored without a word."""
+    import json
+
+    from qwen_distillation.config.schema import LoraConfig
+    from qwen_distillation.errors import ConfigError
+    from qwen_distillation.modeling.pair import check_adapter_matches_lora
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 32, "target_modules": ["v_proj", "q_proj"]}))
+    same = LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj"])
+    check_adapter_matches_lora(str(tmp_path), same)
+    with pytest.raises(ConfigError, match=rf"^checkpoint_path={tmp_path}: a LoRA adapter \(r=4\).*lora\.enabled=true"):
+        check_adapter_matches_lora(str(tmp_path), LoraConfig(enabled=False))
+    with pytest.raises(ConfigError, match=r"lora\.r=8 \(the adapter's: 4\); the adapter is continued as saved"):
+        check_adapter_matches_lora(str(tmp_path), LoraConfig(enabled=True, r=8, target_modules=["q_proj", "v_proj"]))
+    check_adapter_matches_lora(str(tmp_path / "missing"), LoraConfig(enabled=False))  # not an adapter: no check

@@ -200,10 +200,10 @@ def test_lora_adapters_train_and_continue_across_stages(tmp_path):
     # The adapter export loads as a causal LM (peft resolves the saved base) and so does the merge.
     assert AutoModelForCausalLM.from_pretrained(stage2)
     assert AutoModelForCausalLM.from_pretrained(stage1 / "merged")
-    # A new run continuing from the stage-1 adapter keeps training it.
+    # A new run continuing from the stage-1 adapter keeps training it (its lora.* must be the adapter's).
     cont = tmp_path / "continued"
-    _run(tiny_overrides(cont, steps=2) + ["start_stage=2", "end_stage=2", "lora.enabled=true",
-                                          f"checkpoint_path={stage1}"])
+    _run(tiny_overrides(cont, steps=2) + ["start_stage=2", "end_stage=2", "lora.enabled=true", "lora.r=4",
+                                          "lora.target_modules=[v_proj,q_proj]", f"checkpoint_path={stage1}"])
     a3 = _weights(cont / "stage2" / "final")
     assert set(a3) == set(a1) and any(not torch.equal(a1[n], a3[n]) for n in a1)
 

@@ -126,6 +126,36 @@ def _load_partitioned(spec, *, dtype: torch.dtype, zero3: dict):
 PLACEMENTS = ("device", "cpu", "meta")
 
 
+def check_adapter_matches_lora(path: str, lora) -> None:
+    """A LoRA adapter given as ``checkpoint_path`` is continued as saved: refuse ``lora.*`` that say
+    otherwise (``lora.enabled=false``, another ``r``, ``alpha`` or ``target_modules``), which it
+    silently ignored."""
+    import json
+
+    adapter_file = Path(path) / "adapter_config.json"
+    if not adapter_file.is_file():
+        return
+    try:
+        saved = json.loads(adapter_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the loader names a damaged adapter
+    merged = (f"train all weights from its merged model instead (checkpoint_path={Path(path) / 'merged'}, "
+              f"exported with lora.merge_on_export=true)")
+    if not lora.enabled:
+        raise ConfigError(f"checkpoint_path={path}: a LoRA adapter (r={saved.get('r')}), which a run continues as "
+                          f"an adapter: pass lora.enabled=true (--use_lora), or {merged}")
+    wanted = {"r": lora.r, "lora_alpha": lora.alpha, "target_modules": sorted(lora.target_modules)}
+    found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+             "target_modules": sorted(saved.get("target_modules") or [])}
+    if isinstance(saved.get("target_modules"), str):  # a regular expression: not compared
+        del wanted["target_modules"]
+    names = {"r": "lora.r", "lora_alpha": "lora.alpha", "target_modules": "lora.target_modules"}
+    differ = [f"{names[k]}={wanted[k]} (the adapter's: {found[k]})" for k in wanted if wanted[k] != found[k]]
+    if differ:
+        raise ConfigError(f"checkpoint_path={path}: {', '.join(differ)}; the adapter is continued as saved: set "
+                          f"the adapter's values, or {merged}")
+
+
 def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_dir: Path,
                resume_after_stage: int = 0, teacher_zero3: dict | None = None,
                placement: str = "device", load_teacher: bool = True) -> ModelPair:
@@ -168,6 +198,7 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
         check_fp8_device(device)
     if not resume_after_stage and cfg.checkpoint_path:  # before the teacher loads (minutes for a large one)
         check_student_checkpoint(cfg.checkpoint_path)
+        check_adapter_matches_lora(cfg.checkpoint_path, cfg.lora)
     slimmed = pruned_from_teacher(model_cfg.student)
     if slimmed:  # width targets beyond the teacher's sizes, before its weights load
         check_targets_early(model_cfg.student, config_without_weights(model_cfg.teacher, "teacher"))
