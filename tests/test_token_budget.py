@@ -213,6 +213,7 @@ def test_examples_longer_than_the_budget_count_one_step_each_and_are_logged(tmp_
     distiller.data.medical = []
     with caplog.at_level("WARNING", logger="qwen_distillation.training.distiller"):
         assert distiller._stage_steps("stage1", cfg.stage1) == 3
+    assert "stage1.grad_accum=2 is not used with stage1.tokens_per_step" in caplog.text  # tiny_overrides: 2
     assert "stage1.tokens_per_step=10 is below the length of 2 of the stage's 4 examples (the longest: " \
            "30 tokens)" in caplog.text
     caplog.clear()

@@ -428,6 +428,9 @@ class Distiller:
             step, size = stage.tokens_per_step, sum(len(example["input_ids"]) for example in pool)
             what = (f"{key}.tokens_per_step={step} is more than the {size:,} input tokens of the stage's "
                     f"{len(pool):,} examples", f"lower {key}.tokens_per_step")
+            if stage.grad_accum != 1:
+                log.warning("%s.grad_accum=%d is not used with %s.tokens_per_step: a step holds as many micro-batches "
+                            "of %s.batch_size examples as its budget takes", key, stage.grad_accum, key, key)
             longer = [len(example["input_ids"]) for example in pool if len(example["input_ids"]) > step]
             if longer:  # each fills a step alone: counted in tokens, epochs=0.1 served 0.9 passes
                 log.warning("%s.tokens_per_step=%d is below the length of %d of the stage's %d examples "
