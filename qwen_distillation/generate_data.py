@@ -17,7 +17,8 @@ medical_o1, sharegpt, cmexam, medmcqa, mmlu, question_answer; detected from the 
 ``--source_format``); records need no answer. ``--format medical_o1`` writes Question /
 Complex_CoT / Response (the default with ``--reasoning``; samples without a reasoning block are
 dropped), ``--format alpaca`` instruction / input / output. Each row carries ``_provenance``
-(teacher, sampling, source file and row, sample index), which the loaders ignore.
+(teacher, sampling, source file and row, sample index), which no format reads; the held-out split
+keeps the samples of one prompt together by it.
 
 Multiple-choice sources with a gold answer (cmexam, medmcqa, mmlu) keep only the samples whose
 chosen letter(s) equal the gold ones (rejection sampling); the keep rate is printed and written

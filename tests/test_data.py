@@ -12,7 +12,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from qwen_distillation.data.encode import IGNORE_INDEX, build_examples, encode_messages, split_heldout
+from qwen_distillation.data.encode import (IGNORE_INDEX, build_examples, encode_messages, split_heldout,
+                                          split_last_turn)
 from qwen_distillation.data.formats import FORMATS, detect_format, to_messages
 from qwen_distillation.data.loading import load_records
 from qwen_distillation.errors import DataError
@@ -317,6 +318,58 @@ def test_split_bounds():
     assert len(split_heldout(_examples("a", 2), 0.9, 100, seed=0)[1]) == 1
     assert split_heldout(_examples("a", 1), 0.5, 100, seed=0) == (_examples("a", 1), [])
     assert split_heldout(_examples("a", 5), 0.0, 100, seed=0) == (_examples("a", 5), [])
+
+
+def _generated_rows(prompts: int, seed: int = 0) -> list[dict]:
+    """Rows as `generate_data` writes them: 2 or 3 kept samples per prompt (rejection sampling
+    drops some), each with its `_provenance`; in shuffled order, as a resumed run may leave them."""
+    rng = random.Random(seed)
+    rows = [{"instruction": f"Prompt {row}?", "input": "", "output": f"Answer {row}.{sample}",
+             "_provenance": {"teacher": "t", "source": "prompts.jsonl", "sampling": {}, "reasoning": False,
+                             "source_row": row, "sample": sample, "finished": True}}
+            for row in range(1, prompts + 1) for sample in range(rng.choice((2, 3)))]
+    rng.shuffle(rows)
+    return rows
+
+
+def test_split_never_puts_the_samples_of_one_prompt_on_both_sides(tmp_path):
+    path = tmp_path / "teacher.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in _generated_rows(40)))
+    examples = build_examples(load_records(str(path)), "auto", _byte_level_tokenizer(), 512, str(path))
+    prompt = lambda e: tuple(split_last_turn(e)[0])  # noqa: E731  (the prompt's token ids)
+    assert len(set(map(prompt, examples))) == 40
+    for fraction, cap, seed in [(0.1, 100, 0), (0.25, 100, 1), (0.5, 100, 2), (0.3, 7, 3), (0.01, 100, 4)]:
+        train, heldout = split_heldout(examples, fraction, cap, seed)
+        assert heldout and len(train) + len(heldout) == len(examples)
+        assert not set(map(prompt, train)) & set(map(prompt, heldout)), (fraction, cap, seed)
+        target = min(max(1, int(len(examples) * fraction)), cap)  # in examples, as without groups
+        assert target - 3 < len(heldout) <= target or len(set(map(prompt, heldout))) == 1
+        shuffled = examples[:]
+        random.Random(seed).shuffle(shuffled)
+        key = lambda e: (e["source"], e["index"])  # noqa: E731
+        assert sorted(map(key, split_heldout(shuffled, fraction, cap, seed)[1])) == sorted(map(key, heldout))
+    assert {e["group"] for e in examples} == {f"prompts.jsonl\0{row}" for row in range(1, 41)}
+
+
+def test_a_prompt_group_larger_than_the_held_out_target_is_held_out_whole():
+    examples = [{"input_ids": [row, k], "labels": [row, k], "source": "g", "index": 3 * row + k,
+                 "group": f"p\0{row}"} for row in range(4) for k in range(3)]
+    train, heldout = split_heldout(examples, 0.05, 100, seed=0)  # target: 1 example, a group has 3
+    assert len(heldout) == 3 and len({e["group"] for e in heldout}) == 1 and len(train) == 9
+    one_prompt = [e for e in examples if e["group"] == "p\0" + "0"]
+    assert split_heldout(one_prompt, 0.5, 100, seed=0) == (one_prompt, [])  # one prompt cannot be split
+
+
+def test_split_of_records_without_provenance_is_unchanged():
+    # Held-out indices pinned with the split as it was before prompt groups: runs resume by them.
+    records = [(n, {"instruction": f"question {n % 7}", "output": f"answer {n}"}) for n in range(1, 31)]
+    examples = build_examples(records, "auto", _byte_level_tokenizer(), 512, "ordinary.jsonl")
+    assert not any("group" in e for e in examples)
+    assert [e["index"] for e in split_heldout(examples, 0.2, 100, seed=5)[1]] == [2, 3, 14, 18, 19, 30]
+    assert [e["index"] for e in split_heldout(examples, 0.5, 4, seed=0)[1]] == [7, 21, 24, 28]
+    assert [e["index"] for e in split_heldout(_examples("a.jsonl", 40), 0.1, 100, seed=7)[1]] == [23, 25, 38, 40]
+    bare = [{"input_ids": [i, i % 3], "labels": [i, i % 3]} for i in range(30)]  # no source/index
+    assert [e["input_ids"][0] for e in split_heldout(bare, 0.2, 100, seed=1)[1]] == [3, 14, 16, 24, 26, 27]
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 import qwen_distillation.generate_data as generate_data
 from conftest import REPO, SHARED_DATA, compose_config, tiny_overrides
 from qwen_distillation.data.formats import detect_format
+from qwen_distillation.data.encode import split_last_turn
 from qwen_distillation.data.generated import (PROVENANCE, RunFiles, Sampling, append_rows, read_journal,
                                               split_reasoning)
 from qwen_distillation.data.sources import build_domain_data, data_sources
@@ -212,6 +213,23 @@ def test_the_generated_file_loads_as_a_training_source(tokenizer, tmp_path, fmt,
     response = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
     assert tokenizer.decode(response) == expected
     assert prompts[0].messages[-1]["content"] in tokenizer.decode(example["input_ids"])
+
+
+def test_the_held_out_split_keeps_every_sample_of_a_prompt_on_one_side(tokenizer, tmp_path):
+    prompts, _ = read_prompts(DEMO_MEDICAL, max_prompts=20)
+    teacher = fake_teacher(tokenizer, lambda row, k, prompt: (f"Answer {k} to row {row}.", True))
+    out = tmp_path / "teacher.jsonl"
+    run(teacher, tokenizer, prompts, out, num_samples=2)
+    config = compose_config(tiny_overrides(tmp_path) + [f"data.medical=[{out}]"])
+    for seed in range(3):
+        data = build_domain_data(data_sources(config.data), tokenizer, max_length=256, eval_fraction=0.25,
+                                 max_eval_examples=100, seed=seed)
+        heldout = data.eval_sets["medical"]
+        assert len(data.medical) + len(heldout) == 40 and len(heldout) == 10  # 5 whole prompts of 2 samples
+        prompt = lambda e: tuple(split_last_turn(e)[0])  # noqa: E731
+        assert not {prompt(e) for e in heldout} & {prompt(e) for e in data.medical}, seed
+    rows = read_journal(out)  # line n of the file is example index n
+    assert all(e["group"] == f"src\0{rows[e['index'] - 1][PROVENANCE]['source_row']}" for e in data.medical)
 
 
 def test_bad_inputs_name_the_file_and_the_fix(tmp_path, capsys):

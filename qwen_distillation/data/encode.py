@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 
 from qwen_distillation.data.formats import detect_format, location, to_messages
+from qwen_distillation.data.generated import PROVENANCE
 from qwen_distillation.errors import DataError
 
 IGNORE_INDEX = -100
@@ -181,7 +182,10 @@ def build_examples(
 
     Returns:
         Examples `{"input_ids", "labels", "source": str, "index": int}`; records with no
-        response token left within `max_length` are dropped.
+        response token left within `max_length` are dropped. A record written by
+        `generate_data` (one with a `_provenance` holding `source_row`) also gets `"group"`
+        (:func:`prompt_group`), which keeps the samples of one prompt on one side of
+        :func:`split_heldout`; other records get no `"group"`.
     """
     if not records:
         raise DataError(f"{source}: no records to encode")
@@ -195,7 +199,11 @@ def build_examples(
         except DataError as err:  # the chat template could not be labelled: say for which record
             raise DataError(f"{location(source, index)}: {err}") from None
         if encoded is not None:
-            examples.append({**encoded, "source": source, "index": index})
+            example = {**encoded, "source": source, "index": index}
+            group = prompt_group(record)
+            if group is not None:
+                example["group"] = group
+            examples.append(example)
     if not examples:
         raise DataError(
             f"{source}: no usable examples after filtering ({len(records)} records read, "
@@ -205,8 +213,24 @@ def build_examples(
     return examples
 
 
+def prompt_group(record: dict) -> str | None:
+    """The prompt a generated record answers, or None for any other record.
+
+    `generate_data` writes `num_samples` rows per prompt, each with `_provenance` naming the
+    prompt's file (`source`) and record number (`source_row`); those rows share the group
+    `"{source}\0{source_row}"`, the identity a record of that file has in the split. Records
+    without a `_provenance` mapping holding `source_row` (all ordinary data) have no group.
+    """
+    provenance = record.get(PROVENANCE) if isinstance(record, dict) else None
+    if not isinstance(provenance, dict) or provenance.get("source_row") is None:
+        return None
+    return f"{provenance.get('source', '')}\0{provenance['source_row']}"
+
+
 def _split_key(example: dict, seed: int) -> str:
-    if "source" in example and "index" in example:
+    if "group" in example:
+        identity = str(example["group"])
+    elif "source" in example and "index" in example:
         identity = f"{example['source']}\0{example['index']}"
     else:
         identity = ",".join(map(str, example["input_ids"]))
@@ -216,12 +240,23 @@ def _split_key(example: dict, seed: int) -> str:
 def split_heldout(
     examples: list, eval_fraction: float, max_eval: int, seed: int
 ) -> tuple[list, list]:
-    """Deterministic train/held-out split.
+    """Deterministic train/held-out split that never splits a prompt group.
 
-    Each example's rank is a hash of (seed, source, index), or of its input_ids when it has no
-    source/index, so the chosen set depends neither on the list order nor on the order in which
-    other sources were added. The held-out size is `int(len * eval_fraction)`, at least 1 when
-    `eval_fraction > 0` and there are at least 2 examples, at most `max_eval`, never all of them.
+    The split is over units: an example with a `"group"` (the samples `generate_data` wrote for
+    one prompt, see :func:`prompt_group`) belongs to the unit of all examples of that group, any
+    other example is a unit of its own. Each unit's rank is a hash of (seed, group), or of
+    (seed, source, index), or of its input_ids when it has no source/index, so the chosen set
+    depends neither on the list order nor on the order in which other sources were added.
+
+    The held-out size is counted in examples: the target is `int(len * eval_fraction)`, at least
+    1 when `eval_fraction > 0` and there are at least 2 units, at most `max_eval`, never all of
+    them. Units are taken whole in rank order while the held-out examples stay within the
+    target, stopping at the first unit that would overshoot it (so a grouped split may hold out
+    fewer than the target, by less than one group). When even the first-ranked unit is larger
+    than the target, that unit alone is held out (one prompt with all its samples, which may
+    exceed `max_eval`; callers that cap an evaluation set truncate it, and the dropped samples
+    are not trained on either). Without groups every unit is one example and this is exactly the
+    ungrouped split: the first `target` examples by rank.
 
     Returns:
         `(train, heldout)`, each in the input order.
@@ -229,10 +264,20 @@ def split_heldout(
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     count = len(examples)
-    if eval_fraction == 0.0 or max_eval <= 0 or count < 2:
+    units: dict[tuple, list[int]] = {}  # in the order of first appearance
+    for i, example in enumerate(examples):
+        units.setdefault(("group", str(example["group"])) if "group" in example else ("example", i), []).append(i)
+    if eval_fraction == 0.0 or max_eval <= 0 or len(units) < 2:
         return list(examples), []
     n_eval = min(max(1, int(count * eval_fraction)), max_eval, count - 1)
-    ranked = sorted(range(count), key=lambda i: _split_key(examples[i], seed))
-    heldout = set(ranked[:n_eval])
+    # sorted() is stable: units with equal keys keep their order, as the examples did before groups.
+    ranked = sorted(units.values(), key=lambda members: _split_key(examples[members[0]], seed))
+    heldout: set[int] = set()
+    for members in ranked:
+        if len(heldout) + len(members) > n_eval:
+            break
+        heldout.update(members)
+    if not heldout:  # the first-ranked unit alone is larger than the target: hold out that one prompt
+        heldout.update(ranked[0])
     train = [ex for i, ex in enumerate(examples) if i not in heldout]
     return train, [ex for i, ex in enumerate(examples) if i in heldout]

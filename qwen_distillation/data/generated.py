@@ -7,7 +7,8 @@ A run writes three files next to each other (``OUT`` is the ``--output`` path, a
 - ``OUT``: the kept samples, one row each, in the ``medical_o1`` format (``Question``,
   ``Complex_CoT``, ``Response``) or the ``alpaca`` one (``instruction``, ``input``, ``output``,
   optional ``system`` and ``history``). Each row also holds ``_provenance`` (:data:`PROVENANCE`),
-  which the data loaders never read, so the file feeds any stage like any other dataset.
+  which no format reads (only the held-out split, to keep a prompt's samples on one side), so the
+  file feeds any stage like any other dataset.
 - ``OUT.rejected``: every sample that was not kept, with its text and the reason
   (:data:`REJECT_REASONS`). Its suffix is none the loaders read, so pointing ``data.medical`` at
   the directory never trains on wrong answers.
