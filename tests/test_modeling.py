@@ -200,3 +200,39 @@ def test_lora_options_that_contradict_an_adapter_checkpoint_are_refused(tmp_path
     with pytest.raises(ConfigError, match=r"lora\.r=8 \(the adapter's: 4\); the adapter is continued as saved"):
         check_adapter_matches_lora(str(tmp_path), LoraConfig(enabled=True, r=8, target_modules=["q_proj", "v_proj"]))
     check_adapter_matches_lora(str(tmp_path / "missing"), LoraConfig(enabled=False))  # not an adapter: no check
+
+
+@pytest.mark.parametrize("sizes,expected", [
+    ({"num_attention_heads": 3}, "hidden_size 32 is not a multiple of num_attention_heads 3"),
+    ({"num_attention_heads": 4, "num_key_value_heads": 3},
+     "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ({"hidden_size": 42}, "the head size (hidden_size // num_attention_heads = 42 // 2) is 21, odd"),
+    ({"head_dim": 9}, "cannot build a qwen2 model"),  # transformers 5's config checks this itself
+    ({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 3}, "cannot build a llama model"),
+], ids=["heads", "kv_heads", "odd", "odd_head_dim", "llama"])
+def test_random_init_sizes_that_fail_the_first_forward_pass_are_refused(sizes, expected):
+    """Such sizes built a model whose first forward pass failed (an odd head size in the rotary
+    embedding: 'The size of tensor a (21) must match the size of tensor b (22)')."""
+    from qwen_distillation.config.schema import ModelSpec
+    from qwen_distillation.modeling.loading import config_without_weights, load_causal_lm
+
+    spec = ModelSpec(random_init={"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, **sizes})
+    for load in (lambda: config_without_weights(spec, "teacher"),
+                 lambda: load_causal_lm(spec, dtype=torch.float32, role="teacher", meta=True)):
+        with pytest.raises(ConfigError) as err:
+            load()
+        message = str(err.value)
+        assert message.startswith("model.teacher.random_init={'model_type': ") and expected in message, message
+        assert "cannot build a " in message and "e.g. hidden_size by num_attention_heads" in message, message
+
+
+def test_random_init_with_its_own_head_dim_need_not_divide_hidden_size():
+    from qwen_distillation.config.schema import ModelSpec
+    from qwen_distillation.modeling.loading import load_causal_lm
+
+    spec = ModelSpec(random_init={"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                                  "num_hidden_layers": 1, "num_attention_heads": 3, "num_key_value_heads": 1,
+                                  "head_dim": 16})
+    model = load_causal_lm(spec, dtype=torch.float32, role="teacher")
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)

@@ -14,12 +14,18 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from qwen_distillation.errors import CheckpointError, ConfigError
+from qwen_distillation.errors import CheckpointError, ConfigError, first_line
 from qwen_distillation.modeling.depth import evenly_spaced_layers
 from qwen_distillation.modeling.files import check_model_dir, read_json
+from qwen_distillation.modeling.parts import head_dim
 from qwen_distillation.modeling.varlen import VARLEN
 from qwen_distillation.modeling.varlen import register as register_varlen
 from qwen_distillation.paths import resolve_path
+
+try:  # a config class of transformers 5 that checks its own sizes (llama) raises it
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # an older huggingface_hub: none does
+    StrictDataclassError = ()
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +84,44 @@ def empty_model(config, dtype: torch.dtype, *, trust_remote_code: bool = False) 
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
+def _sizes_error(spec, role: str, model_type: str, why: str) -> ConfigError:
+    return ConfigError(f"model.{role}.random_init={dict(spec.random_init)}: cannot build a {model_type} model from "
+                       f"these sizes: {why}; check each size is a positive integer that the others divide (e.g. "
+                       f"hidden_size by num_attention_heads) and the head size is even")
+
+
 def _random_init_config(spec, role: str):
     """The config ``model.ROLE.random_init`` describes; a ConfigError naming it when it has no
-    ``model_type`` or one transformers does not know."""
+    ``model_type`` or one transformers does not know, or attention sizes that build a model whose
+    first forward pass fails (heads that do not divide, an odd head size for the rotary embeddings)."""
     kwargs = dict(spec.random_init)
     model_type = kwargs.pop("model_type", None)
     where = f"model.{role}.random_init"
     if model_type is None:
         raise ConfigError(f"{where} needs a model_type (e.g. {where}.model_type=qwen2)")
     try:
-        return AutoConfig.for_model(model_type, **kwargs)
+        config = AutoConfig.for_model(model_type, **kwargs)
     except ValueError:
         raise ConfigError(f"{where}.model_type={model_type}: not a model type transformers knows; use e.g. "
                           f"{where}.model_type=qwen2 (or llama, mistral, qwen3)") from None
+    except StrictDataclassError as err:
+        raise _sizes_error(spec, role, model_type, first_line(err.__cause__ or err).rstrip(".")) from None
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    kv_heads = heads if kv_heads is None else kv_heads
+    if not all(isinstance(n, int) and n > 0 for n in (hidden, heads, kv_heads)):
+        return config  # no such fields, or a size that builds no model: the build reports it
+    explicit = getattr(config, "head_dim", None)
+    if not explicit and hidden % heads:
+        why = f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+    elif heads % kv_heads:
+        why = f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+    elif head_dim(config) % 2 and (hasattr(config, "rope_parameters") or hasattr(config, "rope_theta")):
+        size = "head_dim" if "head_dim" in kwargs else f"hidden_size // num_attention_heads = {hidden} // {heads}"
+        why = f"the head size ({size}) is {head_dim(config)}, odd; rotary position embeddings need an even one"
+    else:
+        return config
+    raise _sizes_error(spec, role, config.model_type, why)
 
 
 def config_without_weights(spec, role: str):
@@ -130,9 +161,7 @@ def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = Non
         try:
             return empty_model(config, dtype) if meta else AutoModelForCausalLM.from_config(config, dtype=dtype)
         except (ValueError, RuntimeError, TypeError) as err:
-            raise ConfigError(f"model.{role}.random_init={dict(spec.random_init)}: cannot build a {config.model_type} "
-                              f"model from these sizes: {str(err).splitlines()[0]}; check each size is a positive "
-                              f"integer that the others divide (e.g. hidden_size by num_attention_heads)") from None
+            raise _sizes_error(spec, role, config.model_type, str(err).splitlines()[0]) from None
     if not spec.path:
         raise ConfigError(f"model.{role}.path is not set: pass --{role}_model PATH_OR_HUB_ID")
     path, gguf_file = existing_model_path(spec.path, spec.gguf_file, key)
