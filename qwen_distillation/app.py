@@ -84,12 +84,47 @@ def _override_key(override: str) -> str:
 
 def _culprit(text: str, overrides: list[str]) -> str | None:
     """The override the error ``text`` is about: the one quoted whole, else the one whose key
-    (or config group) it names; None when the error lies in a config file, not an override."""
+    (or config group) it names, the last of a key set twice (Hydra applies it); None when the
+    error lies in a config file, not an override."""
+    overrides = overrides[::-1]
     for override in overrides:
         if override in text:
             return override
     named = [o for o in overrides if "=" in o and re.search(rf"(?<![\w.]){re.escape(_override_key(o))}(?![\w.])", text)]
     return max(named, key=lambda o: len(_override_key(o)), default=None)
+
+
+# Hydra refuses a config group set to null (`model=null`) with a ValueError, not a HydraException.
+_NULL_GROUP = "Config group override must be a string or a list"
+
+
+def is_config_error(err: BaseException) -> bool:
+    """Whether ``err``, raised while Hydra composed the config, is a config error of the user's:
+    Hydra's and OmegaConf's errors, and Hydra's ValueError for a config group set to null."""
+    return isinstance(err, (HydraException, OmegaConfBaseException)) or (
+        isinstance(err, ValueError) and str(err).startswith(_NULL_GROUP))
+
+
+def _null_group_message(overrides: list[str]) -> str | None:
+    """What to write instead of the (last) override that sets a config group to null, with the
+    group's options from conf/; None when no override does."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in reversed(overrides):
+        try:
+            parsed = parser.parse_override(override)
+        except HydraException:
+            continue
+        group = parsed.key_or_group
+        options = sorted(path.stem for path in Path(CONF_DIR, group).glob("*.yaml"))
+        if parsed.is_delete() or parsed.value() is not None or not (options or "/" in group):
+            continue
+        fix = (f"use {group}=none" if "none" in options else f"choose one, e.g. {group}={options[0]}" if options
+               else "choose one of its options (`python run_distillation.py --hydra-help` lists them)")
+        return f"{override}: a config group takes an option name; {fix}" + (
+            f" (options: {', '.join(options)})" if options else "")
+    return None
 
 
 def _one_line(text: str) -> str:
@@ -107,6 +142,10 @@ def _one_line(text: str) -> str:
 def hydra_error_message(err: Exception, overrides: list[str]) -> str:
     """One line for a config error Hydra raised while composing: the override at fault,
     Hydra's own text (with its list of options) and how to fix it."""
+    if not isinstance(err, (HydraException, OmegaConfBaseException)):  # a config group set to null
+        message = _null_group_message(overrides)
+        if message is not None:
+            return message
     cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
     text = _one_line(str(err))
     if cause is not None or isinstance(err, OmegaConfBaseException):
@@ -116,7 +155,7 @@ def hydra_error_message(err: Exception, overrides: list[str]) -> str:
     key = getattr(cause or err, "full_key", None)
     override = getattr(err, "override", None) if isinstance(err, OverrideParseException) else None
     override = override or _culprit(text, overrides) or next(
-        (o for o in overrides if key and _override_key(o) == key), None)
+        (o for o in reversed(overrides) if key and _override_key(o) == key), None)
     if isinstance(err, OverrideParseException):
         fix = "write KEY=VALUE, e.g. stage2.temperature=3, and quote a value with special characters: key='a b'"
     elif isinstance(err, MissingConfigException) and err.options:
@@ -148,8 +187,8 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_entry()
-    except (HydraException, OmegaConfBaseException) as err:
-        if full_error == "1" or _raised_in_task(err):
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        if full_error == "1" or _raised_in_task(err) or not is_config_error(err):
             raise
         print(f"error: {hydra_error_message(err, sys.argv[1:])}", file=sys.stderr)
         sys.exit(2)

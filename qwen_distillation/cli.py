@@ -246,16 +246,18 @@ def check_sweep(overrides: list[str]) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from qwen_distillation.app import hydra_error_message
+    from qwen_distillation.app import hydra_error_message, is_config_error
     from qwen_distillation.errors import DistillationError
 
     for number, (job, swept) in enumerate(sweep_jobs(overrides) or []):
         try:
             compose_run_config(job)
-        except (HydraException, OmegaConfBaseException) as err:
-            message = hydra_error_message(err, job[::-1])  # of a key set twice, Hydra keeps the last
         except DistillationError as err:
             message = str(err)
+        except (HydraException, OmegaConfBaseException, ValueError) as err:
+            if not is_config_error(err):
+                raise
+            message = hydra_error_message(err, job)
         else:
             continue
         raise UsageError(f"sweep job {number} ({' '.join(swept)}): {message}; no job was started")
@@ -295,11 +297,13 @@ def config_command(parser, argv: list[str] | None, body, *, one_device: str | No
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
-        from qwen_distillation.app import hydra_error_message
+        from qwen_distillation.app import hydra_error_message, is_config_error
 
         try:
             cfg = compose_run_config(overrides, one_device=one_device)
-        except (HydraException, OmegaConfBaseException) as err:
+        except (HydraException, OmegaConfBaseException, ValueError) as err:
+            if isinstance(err, DistillationError) or not is_config_error(err):
+                raise
             raise ConfigError(hydra_error_message(err, overrides)) from err
         body(args, cfg)
     except (UsageError, DistillationError) as err:

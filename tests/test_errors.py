@@ -503,3 +503,70 @@ def test_an_evaluation_set_that_is_also_trained_on_is_refused(entry, key, tmp_pa
     assert code == 2 and f"{key}={link}: also the training source data.general[0]; its scores would be " \
         "reported as held out" in output, output
     assert not (tmp_path / "run").exists()
+
+
+def test_random_init_heads_that_do_not_divide_are_refused_before_output_dir(tmp_path, capsys):
+    """`model.teacher.random_init.num_attention_heads=3` (64 // 3 = 21, an odd head size) built a teacher
+    whose first forward pass failed in the rotary embedding, a RuntimeError traceback after the output
+    directory was written."""
+    out = tmp_path / "run"
+    argv = tiny_overrides(out, steps=1) + ["end_stage=1", "model.teacher.random_init.num_attention_heads=3"]
+    code, output = _cli(argv, capsys)
+    assert code == 2, output
+    assert "error: model.teacher.random_init={" in output, output
+    assert "cannot build a qwen2 model from these sizes: hidden_size 64 is not a multiple of num_attention_heads 3" \
+        in output, output
+    assert "Traceback" not in output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command,argv,expected", [
+    ("run", ["experiment=null"], "error: experiment=null: a config group takes an option name; use experiment=none "
+                                 "(options: arms, demo, none, smoke)"),
+    ("run", ["model=NULL"], "error: model=NULL: a config group takes an option name; choose one, e.g. "
+                            "model=demo_smollm2 (options: demo_smollm2, "),
+    ("sweep", ["-m", "experiment=null,demo"], "error: sweep job 0 (experiment=null): experiment=null: a config group "
+                                              "takes an option name; use experiment=none"),
+    ("prune", ["data=null"], "error: data=null: a config group takes an option name; choose one, e.g. data=demo "
+                             "(options: demo, shared_kit)"),
+], ids=["experiment", "model", "sweep", "prune"])
+def test_a_config_group_set_to_null_exits_2_naming_its_options(command, argv, expected, tmp_path, capsys):
+    """`experiment=null` (also `model=null`, `data=null`, `eval=null`) was Hydra's ValueError traceback
+    'Config group override must be a string or a list. Got NoneType' with exit status 1."""
+    out = tmp_path / "out"
+    if command == "prune":
+        from qwen_distillation.prune import main as prune
+
+        with pytest.raises(SystemExit) as exit_:
+            prune(["--out", str(out)] + argv)
+        captured = capsys.readouterr()
+        code, output = exit_.value.code, captured.out + captured.err
+    else:
+        code, output = _cli([f"output_dir={out}"] + argv, capsys)
+    assert code == 2, output
+    assert output.strip().splitlines() == [output.strip()] and output.startswith(expected), output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["run", "sweep", "prune"])
+@pytest.mark.parametrize("argv,expected", [
+    (["model=tiny_qwen2", "model="], "model=: In 'config': Could not find 'model/'"),
+    (["output_dir=OUT", "output_dir=null"], "output_dir=null: field 'output_dir' is not Optional"),
+], ids=["group", "value"])
+def test_a_config_error_names_the_last_override_of_its_key(command, argv, expected, tmp_path, capsys):
+    """Hydra applies the last of a key set twice; the error quoted the first (`model=tiny_qwen2: ...
+    Could not find 'model/'`, `output_dir=/tmp/a: field 'output_dir' is not Optional`)."""
+    out = tmp_path / "out"
+    argv = [a.replace("OUT", str(out)) for a in argv] + (["-m"] if command == "sweep" else [])
+    expected = ("error: sweep job 0 (): " if command == "sweep" else "error: ") + expected
+    if command == "prune":
+        from qwen_distillation.prune import main as prune
+
+        with pytest.raises(SystemExit) as exit_:
+            prune(["--out", str(tmp_path / "pruned")] + argv)
+        captured = capsys.readouterr()
+        code, output = exit_.value.code, captured.out + captured.err
+    else:
+        code, output = _cli(argv, capsys)
+    assert code == 2 and output.startswith(expected), output
+    assert not out.exists() and not (tmp_path / "pruned").exists()
