@@ -100,6 +100,12 @@ def select_device(train) -> tuple[torch.device, str]:
     return device, precision
 
 
+def _domains(stage: StageConfig) -> tuple[str, ...]:
+    """The domains ``stage`` serves, by its medical-ratio schedule (``stage_domains``)."""
+    ratio = stage.medical_ratio
+    return stage_domains(ratio.schedule, ratio.start, ratio.end)
+
+
 class NonFiniteLossError(DistillationError):
     """A stage diverged: too many skipped (non-finite) steps, or a non-finite evaluation."""
 
@@ -201,9 +207,7 @@ class Distiller:
         cfg = self.config
         paths = [(f"model.{role}.{name}", value) for role in ("student", "teacher") for name in ("path", "tokenizer")
                  if (value := getattr(getattr(cfg.model, role), name))]
-        paths += [(f"data.{key}[{i}]", source.path) for key, sources in self.sources.items()
-                  for i, source in enumerate(sources)]
-        paths += [(f"eval.mcq[{i}]", source.path) for i, source in enumerate(self.mcq_sources)]
+        paths += self._data_entries()
         paths += [("eval.prompts", locate(cfg.eval.prompts))] if cfg.eval.samples else []
         paths += [(f"{STAGE_KEYS[i]}.teacher.cache", getattr(cfg, STAGE_KEYS[i]).teacher.cache) for i in self.stages
                   if getattr(cfg, STAGE_KEYS[i]).teacher.source == "cache"]
@@ -213,6 +217,12 @@ class Distiller:
             paths += [(f"model.student.prune.calibration.sources[{i}]", source.path)
                       for i, source in enumerate(calibration)]
         return [(key, path) for key, path in paths if not str(path).startswith("package:")]
+
+    def _data_entries(self) -> list[tuple[str, str]]:
+        """``(config key, path)`` of the run's data and MCQ sources: ``data.general[0]``, ``eval.mcq[1]``."""
+        entries = [(f"data.{key}[{i}]", source.path) for key, sources in self.sources.items()
+                   for i, source in enumerate(sources)]
+        return entries + [(f"eval.mcq[{i}]", source.path) for i, source in enumerate(self.mcq_sources)]
 
     def _check_trainable(self) -> None:
         """A student none of whose parameters trains (transformers loads a LoRA adapter given as
@@ -230,10 +240,7 @@ class Distiller:
     def _data_sha256(self) -> dict[str, str]:
         """``{"data.general[0]=PATH": sha256}`` of the local data and MCQ files the run reads: a resumed
         run checks them (a changed file changes the held-out split under the same record count)."""
-        entries = [(f"data.{key}[{i}]", source.path) for key, sources in self.sources.items()
-                   for i, source in enumerate(sources)]
-        entries += [(f"eval.mcq[{i}]", source.path) for i, source in enumerate(self.mcq_sources)]
-        digests = {f"{key}={path}": file_digest(locate(path)) for key, path in entries}
+        digests = {f"{key}={path}": file_digest(locate(path)) for key, path in self._data_entries()}
         return {entry: digest for entry, digest in digests.items() if digest is not None}
 
     def _autocast(self):
@@ -321,8 +328,7 @@ class Distiller:
         examples = self.data.general + self.data.medical
         for example_id, example in enumerate(examples):
             example["example_id"] = example_id
-        ratio = stage.medical_ratio
-        domains = stage_domains(ratio.schedule, ratio.start, ratio.end)
+        domains = _domains(stage)
         spec = cache_spec(teacher_spec=self.config.model.teacher, seed=self.config.seed, tokenizer=self.pair.tokenizer,
                           vocab_size=self.pair.vocab_size, sources=[s for d in domains for s in self.sources[d]],
                           max_length=self.config.data.max_length, k=None, dtype=None)  # a stage reads any k, dtype
@@ -420,9 +426,7 @@ class Distiller:
         steps serve ``epochs`` passes give or take one step; an example longer than the budget takes
         a step of its own and counts as one, and is logged). A step larger than the whole pool is
         logged: each of its steps serves some examples more than once."""
-        ratio = stage.medical_ratio
-        pool = [example for domain in stage_domains(ratio.schedule, ratio.start, ratio.end)
-                for example in getattr(self.data, domain)]
+        pool = [example for domain in _domains(stage) for example in getattr(self.data, domain)]
         steps_per_pass = None
         if stage.tokens_per_step is not None:
             step, size = stage.tokens_per_step, sum(len(example["input_ids"]) for example in pool)
@@ -456,7 +460,7 @@ class Distiller:
         seed = self.config.seed + index
         ratio = stage.medical_ratio
         if stage.sampling.mode == "hard":
-            (domain,) = stage_domains(ratio.schedule, ratio.start, ratio.end)  # validated: constant 0 or 1
+            (domain,) = _domains(stage)  # validated: constant 0 or 1
             return HardExampleSampler(getattr(self.data, domain), examples_per_step=per_step, seed=seed,
                                       domain=domain, stage=key, uniform_floor=stage.sampling.uniform_floor,
                                       temperature=stage.sampling.temperature,
@@ -825,9 +829,8 @@ class Distiller:
         self._check_best_metrics(self.evaluator.metric_names(), to_run)
         self._build_plans(to_run)
         for index in to_run:
-            ratio = getattr(cfg, STAGE_KEYS[index]).medical_ratio
-            check_stage_pools(STAGE_KEYS[index], stage_domains(ratio.schedule, ratio.start, ratio.end),
-                              self.data.general, self.data.medical)
+            check_stage_pools(STAGE_KEYS[index], _domains(getattr(cfg, STAGE_KEYS[index])), self.data.general,
+                              self.data.medical)
         self._check_trainable()
         dist.barrier(self.topo)  # every rank has read the old outputs before rank 0 rewrites them
         if self.topo.is_main:
