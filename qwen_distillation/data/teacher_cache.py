@@ -20,7 +20,6 @@ leaves only whole shards; a new writer skips the examples they hold.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zlib
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from qwen_distillation.data.generated import file_digest
 from qwen_distillation.errors import CheckpointError, ConfigError
 
 MANIFEST = "manifest.json"
@@ -36,17 +36,9 @@ FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def source_hashes(paths: dict[str, str]) -> dict[str, str]:
     """``{source name: sha256 of its file}`` for the sources that are local files (hub datasets: None)."""
-    return {name: file_sha256(path) if os.path.isfile(path) else None for name, path in paths.items()}
+    return {name: file_digest(path) if os.path.isfile(path) else None for name, path in paths.items()}
 
 
 def example_key(example: dict, hashes: dict[str, str | None]) -> str:
