@@ -47,7 +47,7 @@ from qwen_distillation.evaluate import check_device, check_model_path, load_any_
 from qwen_distillation.evaluation.generation import BACKENDS, choose_backend, transformers_generate, vllm_generate
 from qwen_distillation.evaluation.teacher_data import (CHOICE_INSTRUCTION, REASONING_INSTRUCTION, THINK_PREFILL,
                                                        check_run, generate_dataset, read_prompts)
-from qwen_distillation.paths import locate, resolve_path
+from qwen_distillation.paths import file_identity, locate, resolve_path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -101,14 +101,6 @@ def run_identity(args: argparse.Namespace, sampling: Sampling, fmt: str) -> dict
     }
 
 
-def _same_file(a: str, b: str) -> bool:
-    """Whether paths ``a`` and ``b`` name one file (through symlinks, hard links, ``..``)."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return os.path.realpath(a) == os.path.realpath(b)
-
-
 def check_output_is_not_input(data: str, output: str) -> None:
     """``--output`` (or the rejected-samples and manifest files written next to it) must not be
     the file of ``--data``: the run would replace, append to or delete its own input."""
@@ -116,10 +108,10 @@ def check_output_is_not_input(data: str, output: str) -> None:
     if not os.path.exists(source):  # a hub dataset id: nothing local to overwrite
         return
     files = RunFiles.of(output)
-    if _same_file(str(files.output), source):
+    if file_identity(files.output) == file_identity(source):
         raise ConfigError(f"--output {output}: is the input file given by --data; choose another --output")
     for written in (files.rejected, files.manifest):
-        if _same_file(str(written), source):
+        if file_identity(written) == file_identity(source):
             raise ConfigError(f"--output {output}: the run writes {written}, the input file given by --data; "
                               f"choose another --output")
 

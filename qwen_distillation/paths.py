@@ -47,6 +47,17 @@ def refuse_file_in_the_way(path: str | Path, key: str, fix: str) -> None:
         raise ConfigError(f"{key}: {'it' if blocking == path else blocking} is a file, not a directory; {fix}")
 
 
+def file_identity(path: str | Path) -> tuple:
+    """What makes two paths one file: the device and inode of an existing one (through symlinks,
+    hard links, ``..``, ``~``), else its resolved spelling. Usable as a dict key."""
+    local = Path(os.path.expanduser(path))
+    try:
+        stat = local.stat()
+    except OSError:  # does not exist (yet), or cannot be read
+        return ("path", os.path.realpath(local))
+    return ("inode", stat.st_dev, stat.st_ino)
+
+
 def locate(path: str) -> str:
     """A data file's path: ``package:`` paths resolve inside installed packages; a relative
     path that does not exist from the working directory is tried against the project root."""

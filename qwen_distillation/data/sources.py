@@ -13,7 +13,7 @@ from qwen_distillation.data.encode import build_examples, split_heldout
 from qwen_distillation.data.formats import FORMATS
 from qwen_distillation.data.loading import check_local_path, load_records
 from qwen_distillation.errors import ConfigError, require, require_one_of
-from qwen_distillation.paths import locate
+from qwen_distillation.paths import file_identity, locate
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,10 @@ def data_sources(data_cfg) -> dict[str, list[DataSource]]:
 
 
 def _same_data(path: str, split: str, subset: str | None) -> tuple:
-    """What makes two sources the same data: a local file or folder by its real path (a link or
-    another spelling of it included), a hub dataset by its name, split and subset."""
-    local = Path(os.path.expanduser(locate(path)))
-    return (os.path.realpath(local),) if local.exists() else (path, split, subset)
+    """What makes two sources the same data: a local file or folder by its ``file_identity`` (a link
+    or another spelling of it included), a hub dataset by its name, split and subset."""
+    local = locate(path)
+    return file_identity(local) if os.path.exists(os.path.expanduser(local)) else (path, split, subset)
 
 
 def refuse_trained_eval_sets(sources: dict[str, list[DataSource]], more: Iterable[tuple[str, Any]] = ()) -> None:
