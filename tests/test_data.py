@@ -4,6 +4,7 @@ Uses the real Qwen2.5 tokenizer (built offline) and one real record per shared d
 """
 
 import json
+import pickle
 import random
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from qwen_distillation.data.encode import (IGNORE_INDEX, build_examples, encode_
 from qwen_distillation.data.formats import FORMATS, detect_format, to_messages
 from qwen_distillation.data.loading import load_records
 from qwen_distillation.errors import DataError
+from qwen_distillation.evaluation.mcq import mcq_items
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -415,6 +417,31 @@ def test_csv_and_parquet_loading(tmp_path, tokenizer):
     assert [e["index"] for e in examples] == [1, 2]
 
     assert len(load_records(str(tmp_path))) == 4  # the directory: csv then parquet
+
+
+def test_a_directory_sources_records_are_named_by_their_own_file_and_line(tmp_path, tokenizer):
+    """A directory's records keep their running numbers (what the held-out split hashes, so the
+    split of a directory source is what it was), and every error about one names its file and line."""
+    folder = tmp_path / "data"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.jsonl").write_text(json.dumps({"instruction": "q1", "output": "a1"}) + "\n\n"
+                                    + json.dumps({"instruction": "q2", "output": "a2"}) + "\n")
+    (folder / "sub" / "b.csv").write_text("instruction,output\nq3,a3\nq4,\n")
+    records = load_records(str(folder))
+    assert [number for number, _ in records] == [1, 2, 3, 4]
+    assert [number.where for number, _ in records] == [f"{folder / 'a.jsonl'} line 1", f"{folder / 'a.jsonl'} line 3",
+                                                       f"{folder / 'sub' / 'b.csv'} line 2",
+                                                       f"{folder / 'sub' / 'b.csv'} line 3"]
+    assert pickle.loads(pickle.dumps(records[2][0])) == 3 and json.dumps(records[2][0]) == "3"
+    with pytest.raises(DataError, match=rf"^{re.escape(str(folder / 'sub' / 'b.csv'))} line 3: .*output"):
+        build_examples(records, "alpaca", tokenizer, 256, str(folder))
+    examples = build_examples(records[:3], "alpaca", tokenizer, 256, str(folder))
+    assert [e["index"] for e in examples] == [1, 2, 3] and all(type(e["index"]) is int for e in examples)
+    mcq = folder.parent / "mcq"
+    mcq.mkdir()
+    (mcq / "m.jsonl").write_text(json.dumps({"question": "q", "A": "a", "B": "b", "C": "c", "D": "d", "answer": "F"}))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(mcq / 'm.jsonl'))} line 1: "):
+        mcq_items(load_records(str(mcq)), "mmlu", str(mcq))
 
 
 def test_missing_empty_and_unreachable(tmp_path, monkeypatch):

@@ -86,7 +86,7 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
     elif case == "bad_mcq_record":  # eval.mcq is loaded with the data, before the old run is cleared
         bad = _write(tmp_path / "mcq.jsonl", '{"question": "q", "A": "a", "B": "b", "C": "c", "D": "d", '
                                              '"answer": "F"}\n')
-        argv, expected = base + [f"eval.mcq=['{bad}']"], [f"{bad} record 1", "'answer'", "['A', 'B', 'C', 'D']"]
+        argv, expected = base + [f"eval.mcq=['{bad}']"], [f"{bad} line 1", "'answer'", "['A', 'B', 'C', 'D']"]
     elif case == "missing_teacher_dir":  # not reported as the hub's "Repo id must be in the form ..."
         argv = base + ["--teacher_model", str(tmp_path / "no_such_teacher")]
         expected = [f"model.teacher.path={tmp_path / 'no_such_teacher'}: no such file or directory"]

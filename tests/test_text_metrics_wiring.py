@@ -205,7 +205,7 @@ def test_prompts_without_a_reference_still_work(tmp_path, tokenizer, model):
 def test_a_bad_reference_is_a_data_error_naming_the_file_and_record(tmp_path, reference):
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": "Say hi.", "reference": reference}))
-    with pytest.raises(DataError, match=rf"{path} record 2: 'reference' must be a non-empty string"):
+    with pytest.raises(DataError, match=rf"{path} line 2: 'reference' must be a non-empty string"):
         load_prompts(str(path))
 
 

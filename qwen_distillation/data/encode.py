@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import hashlib
 
-from qwen_distillation.data.formats import detect_format, location, to_messages
+from qwen_distillation.data.formats import detect_format, to_messages
 from qwen_distillation.data.generated import PROVENANCE
+from qwen_distillation.data.loading import location
 from qwen_distillation.errors import DataError
 
 IGNORE_INDEX = -100
@@ -199,7 +200,7 @@ def build_examples(
         except DataError as err:  # the chat template could not be labelled: say for which record
             raise DataError(f"{location(source, index)}: {err}") from None
         if encoded is not None:
-            example = {**encoded, "source": source, "index": index}
+            example = {**encoded, "source": source, "index": int(index)}
             group = prompt_group(record)
             if group is not None:
                 example["group"] = group

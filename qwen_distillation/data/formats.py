@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
+from qwen_distillation.data.loading import location
 from qwen_distillation.errors import DataError
 
 Messages = list[dict[str, str]]
@@ -55,14 +56,6 @@ FORMAT_FIELDS: dict[str, str] = {
     "alpaca": "instruction, output",
     "question_answer": f"one of {'/'.join(PROMPT_ALIASES)} and one of {'/'.join(RESPONSE_ALIASES)}",
 }
-
-
-def location(source: str, index: int) -> str:
-    """`data.jsonl line 12` for JSON Lines and CSV (index is the line number), `x.parquet row 3`,
-    else `source record 12` (see `loading.load_records` for what the number means)."""
-    if source.endswith((".jsonl", ".csv")):
-        return f"{source} line {index}"
-    return f"{source} {'row' if source.endswith('.parquet') else 'record'} {index}"
 
 
 def _fields(record: dict) -> list[str]:

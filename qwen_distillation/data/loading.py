@@ -8,7 +8,8 @@ point the user at:
 - `.csv`: line number in the file (the header is line 1, so the first row is line 2);
 - `.parquet` and hub datasets: 1-based row number;
 - a directory: its supported files in sorted path order, numbered 1, 2, ... across all files
-  (malformed-JSON errors still name the exact file and line).
+  (the number the held-out split hashes); each number is a :class:`RecordNumber` that also knows
+  its file and line, so that every error about the record names them (:func:`location`).
 
 Whatever a file holds, reading it gives records or a `DataError` naming the file and, where the
 fault is at a line or record, its number (tests/test_data_properties.py checks this on arbitrary
@@ -36,6 +37,35 @@ _FILE_LIKE_SUFFIXES = SUPPORTED_SUFFIXES + (
 )
 
 Numbered = Iterator[tuple[int, dict]]
+
+
+class RecordNumber(int):
+    """A record's number in a directory source (its position across the directory's files, the
+    identity :func:`qwen_distillation.data.encode.split_heldout` hashes) that also carries
+    ``where``, the record's own file and line (``dir/b.jsonl line 3``), for error messages.
+    Arithmetic, ``str()`` and JSON see the plain number; a pickle or copy keeps only the number."""
+
+    where: str
+
+    def __new__(cls, number: int, where: str) -> "RecordNumber":
+        value = super().__new__(cls, number)
+        value.where = where
+        return value
+
+    def __reduce__(self):
+        return int, (int(self),)
+
+
+def location(source: str, index: int) -> str:
+    """`data.jsonl line 12` for JSON Lines and CSV (index is the line number), `x.parquet row 3`,
+    else `source record 12` (see :func:`load_records` for what the number means); a record of a
+    directory source (a :class:`RecordNumber`) is named by its own file and line."""
+    where = getattr(index, "where", None)
+    if where is not None:
+        return where
+    if source.endswith((".jsonl", ".csv")):
+        return f"{source} line {index}"
+    return f"{source} {'row' if source.endswith('.parquet') else 'record'} {index}"
 
 
 def _object(value: object, file: Path, unit: str, number: int) -> dict:
@@ -286,8 +316,10 @@ def load_records(
             raise DataError(
                 f"{path}: directory holds no data files; expected {list(SUPPORTED_SUFFIXES)}"
             )
-        rows = (record for file in files for _, record in _read_file(file))
-        records = _take(enumerate(rows, start=1), max_records)
+        rows = ((file, number, record) for file in files for number, record in _read_file(file))
+        numbered = ((RecordNumber(position, location(str(file), number)), record)
+                    for position, (file, number, record) in enumerate(rows, start=1))
+        records = _take(numbered, max_records)
     elif local.is_file():
         records = _take(_read_file(local), max_records)
     elif _looks_local(path):

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from qwen_distillation.data.loading import check_local_path, load_records
+from qwen_distillation.data.loading import check_local_path, load_records, location
 from qwen_distillation.errors import DataError, require, require_one_of
 from qwen_distillation.evaluation.prompting import model_device, render_prompt
 from qwen_distillation.evaluation.sharding import Shard, map_shared
@@ -191,7 +191,7 @@ def mcq_items(records: Iterable[dict | tuple[int, dict]], fmt: str, source: str 
     items = []
     for position, entry in enumerate(records, start=1):
         number, record = entry if isinstance(entry, tuple) else (position, entry)
-        where = f"{source} record {number}"
+        where = location(source, number) if isinstance(entry, tuple) else f"{source} record {number}"
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         name = fmt

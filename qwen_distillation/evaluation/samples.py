@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from qwen_distillation.data.loading import load_records
+from qwen_distillation.data.loading import load_records, location
 from qwen_distillation.errors import DataError
 from qwen_distillation.evaluation.answers import TEXT_METRICS, greedy_answers, text_scores
 from qwen_distillation.evaluation.prompting import render_prompt
@@ -40,13 +40,13 @@ def load_prompts(path: str, max_prompts: int | None = None) -> list[dict]:
     for number, record in load_records(path, max_records=max_prompts):
         text = record.get("prompt")
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{path} record {number}: a prompt record needs a non-empty string field 'prompt'; "
+            raise DataError(f"{location(path, number)}: a prompt record needs a non-empty string field 'prompt'; "
                             f"fields found: {sorted(record)}")
         prompt = {field: str(record.get(field, "")) for field in PROMPT_FIELDS}
         reference = record.get(REFERENCE)
         if reference is not None:
             if not isinstance(reference, str) or not reference.strip():
-                raise DataError(f"{path} record {number}: 'reference' must be a non-empty string (a reference "
+                raise DataError(f"{location(path, number)}: 'reference' must be a non-empty string (a reference "
                                 f"answer to the prompt) or be left out; found {reference!r}")
             prompt[REFERENCE] = reference
         prompts.append(prompt)

@@ -32,11 +32,11 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from qwen_distillation.data.formats import FORMATS, PROMPT_ALIASES, detect_format, location, to_messages
+from qwen_distillation.data.formats import FORMATS, PROMPT_ALIASES, detect_format, to_messages
 from qwen_distillation.data.generated import (PROVENANCE, RunFiles, Sampling, append_rows, content_key,
                                               dataset_row, identity_differences, read_journal, sample_key,
                                               single_turn, split_reasoning, summarise, write_json_atomic)
-from qwen_distillation.data.loading import load_records
+from qwen_distillation.data.loading import load_records, location
 from qwen_distillation.errors import ConfigError, DataError
 from qwen_distillation.evaluation.generation import Completion, Generate
 from qwen_distillation.evaluation.mcq import MCQ_FORMATS, answer_letters
