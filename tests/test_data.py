@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from qwen_distillation.data.encode import (IGNORE_INDEX, build_examples, encode_messages, split_heldout,
                                           split_last_turn)
 from qwen_distillation.data.formats import FORMATS, detect_format, to_messages
+from qwen_distillation.data.generated import file_digest
 from qwen_distillation.data.loading import load_records
 from qwen_distillation.errors import DataError
 from qwen_distillation.evaluation.mcq import mcq_items
@@ -442,6 +443,22 @@ def test_a_directory_sources_records_are_named_by_their_own_file_and_line(tmp_pa
     (mcq / "m.jsonl").write_text(json.dumps({"question": "q", "A": "a", "B": "b", "C": "c", "D": "d", "answer": "F"}))
     with pytest.raises(DataError, match=rf"^{re.escape(str(mcq / 'm.jsonl'))} line 1: "):
         mcq_items(load_records(str(mcq)), "mmlu", str(mcq))
+
+
+def test_a_directory_sources_digest_covers_the_files_it_reads_and_only_those(tmp_path):
+    """A run's resume check and a teacher cache hash a directory source by the files a run reads
+    from it: a README or a hidden file beside the data changes nothing, a data file does."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    before = file_digest(str(folder))
+    (folder / "README.md").write_text("notes")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x.jsonl").write_text("{}")
+    assert file_digest(str(folder)) == before
+    (folder / "b.csv").write_text("instruction,output\nq,a\n")
+    assert file_digest(str(folder)) != before
 
 
 def test_missing_empty_and_unreachable(tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from qwen_distillation.data.loading import data_files
 from qwen_distillation.errors import ConfigError, DataError
 
 PROVENANCE = "_provenance"  # the row field holding where a sample came from; no format reads it
@@ -212,13 +213,13 @@ def write_json_atomic(path: Path, value: dict) -> None:
 
 
 def file_digest(path: str) -> str | None:
-    """sha256 of a local file, or of the names and bytes of a directory's files (sorted); None
-    for a hub dataset."""
+    """sha256 of a local file, or of the names and bytes of the data files of a directory
+    (:func:`~qwen_distillation.data.loading.data_files`: the ones a run reads); None for a hub dataset."""
     local = Path(os.path.expanduser(path))
     if not local.exists():
         return None
     digest = hashlib.sha256()
-    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    files = [local] if local.is_file() else data_files(local)
     for file in files:
         if local.is_dir():
             digest.update(str(file.relative_to(local)).encode() + b"\0")

@@ -285,6 +285,18 @@ def _load_hub(path: str, subset: str | None, split: str, max_records: int | None
     return [(number, dict(row)) for number, row in enumerate(dataset, start=1)]
 
 
+def data_files(directory: Path) -> list[Path]:
+    """The files a directory source is read from: every supported file below it, in sorted path
+    order, hidden files and directories skipped (what :func:`load_records` reads, and what a run's
+    resume check and a teacher cache hash, so that a README or ``.DS_Store`` beside the data is no
+    change to it)."""
+    return sorted(
+        file for file in directory.rglob("*")
+        if file.is_file() and file.suffix.lower() in SUPPORTED_SUFFIXES
+        and not any(part.startswith(".") for part in file.relative_to(directory).parts)
+    )
+
+
 def load_records(
     path: str,
     *,
@@ -307,11 +319,7 @@ def load_records(
         raise DataError(f"{path}: max_records must be >= 1 or unset, got {max_records}")
     local = Path(os.path.expanduser(path))
     if local.is_dir():
-        files = sorted(
-            file for file in local.rglob("*")
-            if file.is_file() and file.suffix.lower() in SUPPORTED_SUFFIXES
-            and not any(part.startswith(".") for part in file.relative_to(local).parts)
-        )
+        files = data_files(local)
         if not files:
             raise DataError(
                 f"{path}: directory holds no data files; expected {list(SUPPORTED_SUFFIXES)}"
