@@ -461,6 +461,26 @@ def test_a_directory_sources_digest_covers_the_files_it_reads_and_only_those(tmp
     assert file_digest(str(folder)) != before
 
 
+def _mixed_format_folder(root: Path) -> Path:
+    folder = root / "mixed"
+    folder.mkdir()
+    (folder / "a_qa.jsonl").write_text(json.dumps({"Question": "What is 1+1?", "Answer": "2"}) + "\n")
+    (folder / "b_cmexam.jsonl").write_text(json.dumps(
+        {"Question": "下列哪项正确？", "Options": "A 甲\nB 乙\nC 丙\nD 丁", "Answer": "B", "Explanation": "因为乙。"},
+        ensure_ascii=False) + "\n")
+    return folder
+
+
+def test_a_directory_of_several_formats_reads_each_file_in_its_own(tmp_path, tokenizer):
+    """format=auto detects each file's format in a directory source: a CMExam file after a
+    question/answer file keeps its options and explanation (it used to be read as question/answer)."""
+    folder = _mixed_format_folder(tmp_path)
+    examples = build_examples(load_records(str(folder)), "auto", tokenizer, 512, str(folder))
+    cmexam = tokenizer.decode(examples[1]["input_ids"])
+    assert "C 丙" in cmexam and "因为乙" in cmexam
+    assert "What is 1+1?" in tokenizer.decode(examples[0]["input_ids"])
+
+
 def test_missing_empty_and_unreachable(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="file not found"):
         load_records(str(tmp_path / "nope.jsonl"))

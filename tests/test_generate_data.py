@@ -400,3 +400,13 @@ def test_the_last_line_names_only_the_files_written(tmp_path, capsys, monkeypatc
     written = [files.output, files.rejected, files.manifest] if reject else [files.output, files.manifest]
     assert capsys.readouterr().out.splitlines()[-1] == f"wrote {', '.join(map(str, written))}"
     assert sorted(tmp_path.iterdir()) == sorted(written)
+
+
+def test_a_prompt_directory_of_several_formats_is_refused_naming_both_files(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a_qa.jsonl").write_text(json.dumps({"Question": "What is 1+1?", "Answer": "2"}) + "\n")
+    (folder / "b_mmlu.jsonl").write_text(json.dumps({"question": "q", "A": "a", "B": "b", "C": "c", "D": "d",
+                                                     "answer": "A"}) + "\n")
+    with pytest.raises(DataError, match=r"a_qa\.jsonl holds question_answer records and .*b_mmlu\.jsonl holds mmlu"):
+        read_prompts(str(folder))

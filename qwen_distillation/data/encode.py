@@ -177,7 +177,8 @@ def build_examples(
 
     Args:
         records: `(number, record)` pairs from `loading.load_records`.
-        fmt: a format name, or "auto" to detect it once from the first record.
+        fmt: a format name, or "auto" to detect it from the first record (of each file, for a
+            directory source).
         source: the file or dataset name, used in messages and stored in each example.
         max_length_key: the option that set `max_length`, named when no example fits in it.
 
@@ -190,11 +191,15 @@ def build_examples(
     """
     if not records:
         raise DataError(f"{source}: no records to encode")
-    if fmt == "auto":
-        fmt = detect_format(records[0][1], source, records[0][0])
+    # "auto": detected from the first record of the source, or of each file of a directory source
+    # (whose records carry their file: a directory may hold files of several formats).
+    detected: dict[str | None, str] = {}
     examples = []
     for index, record in records:
-        messages = to_messages(record, fmt, source, index)
+        file = getattr(index, "file", None)
+        if fmt == "auto" and file not in detected:
+            detected[file] = detect_format(record, source, index)
+        messages = to_messages(record, detected.get(file, fmt), source, index)
         try:
             encoded = encode_messages(messages, tokenizer, max_length)
         except DataError as err:  # the chat template could not be labelled: say for which record

@@ -41,15 +41,17 @@ Numbered = Iterator[tuple[int, dict]]
 
 class RecordNumber(int):
     """A record's number in a directory source (its position across the directory's files, the
-    identity :func:`qwen_distillation.data.encode.split_heldout` hashes) that also carries
-    ``where``, the record's own file and line (``dir/b.jsonl line 3``), for error messages.
-    Arithmetic, ``str()`` and JSON see the plain number; a pickle or copy keeps only the number."""
+    identity :func:`qwen_distillation.data.encode.split_heldout` hashes) that also carries its own
+    ``file`` and ``where`` (``dir/b.jsonl line 3``), for error messages and for detecting each
+    file's format. Arithmetic, ``str()`` and JSON see the plain number; a pickle or copy keeps only
+    the number."""
 
+    file: str
     where: str
 
-    def __new__(cls, number: int, where: str) -> "RecordNumber":
+    def __new__(cls, number: int, file: str, where: str) -> "RecordNumber":
         value = super().__new__(cls, number)
-        value.where = where
+        value.file, value.where = file, where
         return value
 
     def __reduce__(self):
@@ -325,7 +327,7 @@ def load_records(
                 f"{path}: directory holds no data files; expected {list(SUPPORTED_SUFFIXES)}"
             )
         rows = ((file, number, record) for file in files for number, record in _read_file(file))
-        numbered = ((RecordNumber(position, location(str(file), number)), record)
+        numbered = ((RecordNumber(position, str(file), location(str(file), number)), record)
                     for position, (file, number, record) in enumerate(rows, start=1))
         records = _take(numbered, max_records)
     elif local.is_file():

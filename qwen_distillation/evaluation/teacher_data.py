@@ -111,6 +111,22 @@ def _source_format(record: dict, source: str, number: int) -> str:
         raise
 
 
+def _refuse_mixed_formats(records: list, fmt: str, path: str) -> None:
+    """A directory whose files detect as different formats (the first record of each file) is
+    refused: one run writes one format's rows, and reading a file as another format drops fields."""
+    first_file = getattr(records[0][0], "file", None)
+    seen = {first_file}
+    for number, record in records:
+        file = getattr(number, "file", None)
+        if file in seen:
+            continue
+        seen.add(file)
+        other = _source_format(record, path, number)
+        if other != fmt:
+            raise DataError(f"--data {path}: {first_file} holds {fmt} records and {file} holds {other} records; "
+                            "generate from one format at a time (a --data per file, or a directory per format)")
+
+
 def read_prompts(path: str, *, fmt: str = "auto", split: str = "train", subset: str | None = None,
                  max_prompts: int | None = None) -> tuple[list[GenerationPrompt], str]:
     """The prompts of a dataset and its format (detected from the first record when ``auto``).
@@ -123,6 +139,7 @@ def read_prompts(path: str, *, fmt: str = "auto", split: str = "train", subset: 
     records = load_records(locate(path), split=split, subset=subset, max_records=max_prompts)
     if fmt == "auto":
         fmt = _source_format(records[0][1], path, records[0][0])
+        _refuse_mixed_formats(records, fmt, path)
     prompts = []
     for number, record in records:
         if fmt in GRADED_FORMATS:
