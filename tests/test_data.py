@@ -4,6 +4,7 @@ Uses the real Qwen2.5 tokenizer (built offline) and one real record per shared d
 """
 
 import json
+import logging
 import pickle
 import random
 import re
@@ -479,6 +480,16 @@ def test_a_directory_of_several_formats_reads_each_file_in_its_own(tmp_path, tok
     cmexam = tokenizer.decode(examples[1]["input_ids"])
     assert "C 丙" in cmexam and "因为乙" in cmexam
     assert "What is 1+1?" in tokenizer.decode(examples[0]["input_ids"])
+
+
+def test_records_dropped_for_length_are_counted_in_a_warning(tokenizer, caplog):
+    """A source most of whose records do not fit max_length used to report only what was kept."""
+    records = [(1, {"instruction": "word " * 200, "output": "a"}), (2, {"instruction": "q", "output": "a"})]
+    with caplog.at_level(logging.WARNING):
+        examples = build_examples(records, "alpaca", tokenizer, 64, "long.jsonl", "stage1.max_length")
+    assert len(examples) == 1
+    assert "long.jsonl: 1 of 2 records dropped: no response token left within max_length=64 (raise " \
+        "stage1.max_length" in caplog.text
 
 
 def test_missing_empty_and_unreachable(tmp_path, monkeypatch):

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, compose_config, tiny_overrides
 from qwen_distillation.cli import main
+from qwen_distillation.data.sources import data_sources, refuse_trained_eval_sets
 
 
 def _snapshot(directory) -> dict[str, str]:
@@ -491,18 +493,33 @@ def test_resuming_after_a_data_file_changed_is_refused_naming_it(tmp_path, capsy
 
 
 @pytest.mark.parametrize("entry, key", [("data.eval", "data.eval[0]"), ("eval.mcq", "eval.mcq[0]")])
-def test_an_evaluation_set_that_is_also_trained_on_is_refused(entry, key, tmp_path, capsys):
+@pytest.mark.parametrize("same", ["link", "copy"])
+def test_an_evaluation_set_that_is_also_trained_on_is_refused(entry, key, same, tmp_path, capsys):
     """Its scores were reported as held out: eval/general__nll of the training file itself, or an MCQ
-    accuracy on the items the student trained on. A link to the file is the same file."""
+    accuracy on the items the student trained on. A link to the file, or a copy of it, is the same data."""
     mcq = tmp_path / "mcq.jsonl"
     mcq.write_text(json.dumps({"question": "q?", "A": "a", "B": "b", "C": "c", "D": "d", "answer": "A"}) + "\n")
-    link = tmp_path / "link.jsonl"
-    link.symlink_to(mcq)
-    argv = tiny_overrides(tmp_path / "run", steps=1) + ["end_stage=1", f"data.general=[{mcq}]", f"{entry}=[{link}]"]
+    other = tmp_path / f"{same}.jsonl"
+    other.symlink_to(mcq) if same == "link" else other.write_bytes(mcq.read_bytes())
+    argv = tiny_overrides(tmp_path / "run", steps=1) + ["end_stage=1", f"data.general=[{mcq}]", f"{entry}=[{other}]"]
     code, output = _cli(argv, capsys)
-    assert code == 2 and f"{key}={link}: also the training source data.general[0]; its scores would be " \
-        "reported as held out" in output, output
+    assert code == 2 and f"{key}={other}: also the training source data.general[0] (the same file, a link or a " \
+        "copy); its scores would be reported as held out" in output, output
     assert not (tmp_path / "run").exists()
+
+
+def test_training_sources_that_are_the_same_data_are_named_in_a_warning(tmp_path, caplog):
+    """The same records under two paths (general and medical here): each one's held-out split is
+    trained on through the other; the run says so."""
+    general = tmp_path / "general.jsonl"
+    general.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(general.read_bytes())
+    sources = data_sources(compose_config(tiny_overrides(tmp_path / "run", steps=1)
+                                          + [f"data.general=[{general}]", f"data.medical=[{copy}]"]).data)
+    with caplog.at_level(logging.WARNING):
+        refuse_trained_eval_sets(sources)
+    assert f"data.medical[0]={copy} is the same data as data.general[0]" in caplog.text
 
 
 def test_random_init_heads_that_do_not_divide_are_refused_before_output_dir(tmp_path, capsys):

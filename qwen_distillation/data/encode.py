@@ -16,11 +16,14 @@ turn as `"System: {content}\n\n"`).
 from __future__ import annotations
 
 import hashlib
+import logging
 
 from qwen_distillation.data.formats import detect_format, to_messages
 from qwen_distillation.data.generated import PROVENANCE
 from qwen_distillation.data.loading import location
 from qwen_distillation.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -216,6 +219,9 @@ def build_examples(
             f"{len(records)} had no response tokens left within max_length={max_length}); "
             f"raise {max_length_key} or check the response field"
         )
+    if len(examples) < len(records):
+        log.warning("%s: %d of %d records dropped: no response token left within max_length=%d (raise %s to "
+                    "keep them)", source, len(records) - len(examples), len(records), max_length, max_length_key)
     return examples
 
 
