@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
@@ -98,11 +99,27 @@ def _culprit(text: str, overrides: list[str]) -> str | None:
 _NULL_GROUP = "Config group override must be a string or a list"
 
 
+# What composing a config may raise for a fault of the user's (see is_config_error).
+COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError, yaml.YAMLError)
+
+
 def is_config_error(err: BaseException) -> bool:
     """Whether ``err``, raised while Hydra composed the config, is a config error of the user's:
-    Hydra's and OmegaConf's errors, and Hydra's ValueError for a config group set to null."""
-    return isinstance(err, (HydraException, OmegaConfBaseException)) or (
+    Hydra's and OmegaConf's errors, a config file that is not valid YAML, and Hydra's ValueError
+    for a config group set to null."""
+    return isinstance(err, (HydraException, OmegaConfBaseException, yaml.YAMLError)) or (
         isinstance(err, ValueError) and str(err).startswith(_NULL_GROUP))
+
+
+def _yaml_message(err: yaml.YAMLError) -> str:
+    """``FILE line L: not valid YAML (problem)`` for a config file (a user's preset) that does not parse."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{mark.name} line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "a config file"
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and start is not None:
+        context += f" at line {start.line + 1}, column {start.column + 1},"
+    problem = " ".join(part for part in (context, getattr(err, "problem", None)) if part)
+    return f"{where}: not valid YAML ({problem or _one_line(str(err))}); fix the file"
 
 
 def _null_group_message(overrides: list[str]) -> str | None:
@@ -142,6 +159,8 @@ def _one_line(text: str) -> str:
 def hydra_error_message(err: Exception, overrides: list[str]) -> str:
     """One line for a config error Hydra raised while composing: the override at fault,
     Hydra's own text (with its list of options) and how to fix it."""
+    if isinstance(err, yaml.YAMLError):
+        return _yaml_message(err)
     if not isinstance(err, (HydraException, OmegaConfBaseException)):  # a config group set to null
         message = _null_group_message(overrides)
         if message is not None:
@@ -187,7 +206,7 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_entry()
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
+    except COMPOSE_ERRORS as err:
         if full_error == "1" or _raised_in_task(err) or not is_config_error(err):
             raise
         print(f"error: {hydra_error_message(err, sys.argv[1:])}", file=sys.stderr)

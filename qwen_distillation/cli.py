@@ -243,10 +243,7 @@ def check_sweep(overrides: list[str]) -> None:
     """Compose and validate every job of a multirun sweep before the first one starts (and before
     Hydra writes the sweep's ``multirun.yaml``): a bad value in the last job would otherwise stop
     the sweep after the jobs before it had trained."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from qwen_distillation.app import hydra_error_message, is_config_error
+    from qwen_distillation.app import COMPOSE_ERRORS, hydra_error_message, is_config_error
     from qwen_distillation.errors import DistillationError
 
     for number, (job, swept) in enumerate(sweep_jobs(overrides) or []):
@@ -254,7 +251,7 @@ def check_sweep(overrides: list[str]) -> None:
             compose_run_config(job)
         except DistillationError as err:
             message = str(err)
-        except (HydraException, OmegaConfBaseException, ValueError) as err:
+        except COMPOSE_ERRORS as err:
             if not is_config_error(err):
                 raise
             message = hydra_error_message(err, job)
@@ -294,14 +291,11 @@ def config_command(parser, argv: list[str] | None, body, *, one_device: str | No
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         overrides = translate(rest)
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
-
-        from qwen_distillation.app import hydra_error_message, is_config_error
+        from qwen_distillation.app import COMPOSE_ERRORS, hydra_error_message, is_config_error
 
         try:
             cfg = compose_run_config(overrides, one_device=one_device)
-        except (HydraException, OmegaConfBaseException, ValueError) as err:
+        except COMPOSE_ERRORS as err:
             if isinstance(err, DistillationError) or not is_config_error(err):
                 raise
             raise ConfigError(hydra_error_message(err, overrides)) from err

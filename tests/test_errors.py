@@ -587,3 +587,15 @@ def test_a_config_error_names_the_last_override_of_its_key(command, argv, expect
         code, output = _cli(argv, capsys)
     assert code == 2 and output.startswith(expected), output
     assert not out.exists() and not (tmp_path / "pruned").exists()
+
+
+def test_a_user_preset_that_is_not_valid_yaml_is_one_error_line(tmp_path, capsys):
+    """A preset in the user's own --config-dir with a YAML syntax error ended in yaml's ParserError traceback."""
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    preset = tmp_path / "conf" / "experiment" / "bad.yaml"
+    preset.write_text("# @package _global_\nstage1: {lr: 1e-3\n")
+    code, output = _cli(["--config-dir", str(tmp_path / "conf"), "experiment=bad"]
+                        + tiny_overrides(tmp_path / "run", steps=1), capsys)
+    assert code == 2 and f"error: {preset} line 3, column 1: not valid YAML (while parsing a flow mapping at line 2, " \
+        "column 9, expected ',' or '}'" in output, output
+    assert not (tmp_path / "run").exists()

@@ -381,6 +381,20 @@ def unknown_override_key(key: str) -> str | None:
     return None
 
 
+def _refuse_non_finite(node, key: str = "") -> None:
+    """No number of the config is inf or nan: a temperature or loss weight of inf passed the range
+    checks and the run stopped later as "diverged", with advice about the learning rate."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            _refuse_non_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, (list, tuple)):
+        for index, value in enumerate(node):
+            _refuse_non_finite(value, f"{key}[{index}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{key}={node}: must be a finite number; give it a finite value "
+                          f"(`python run_distillation.py --cfg job` prints every key with its default)")
+
+
 def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
     """Check keys and ranges and return the config as a typed :class:`DistillationConfig`.
 
@@ -400,6 +414,7 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
             key = err.full_key or "the config"
             raise ConfigError(f"{key}: {str(err).splitlines()[0]}; set {key} (`python run_distillation.py --cfg job` "
                               f"prints every key with its value)") from err
+    _refuse_non_finite(dataclasses.asdict(cfg))
     for key, value in (("start_stage", cfg.start_stage), ("end_stage", cfg.end_stage)):
         require(1 <= value <= 3, key, value, "stages are numbered 1..3", f"{key}=2")
     require(cfg.start_stage <= cfg.end_stage, "start_stage", cfg.start_stage,
