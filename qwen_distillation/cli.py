@@ -8,6 +8,8 @@ same run, and multirun sweeps (``-m stage2.loss.weights.kd=0.3,0.7``) work with 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 from qwen_distillation.config.validate import renamed_key, unknown_override_key
@@ -209,7 +211,23 @@ def main(argv: list[str] | None = None) -> None:
     from qwen_distillation import app
 
     sys.argv = [sys.argv[0] if sys.argv else "run_distillation.py"] + overrides
-    app.main()
+    with _interrupt_as_one_line("the checkpoints written so far are kept; rerun the same command to continue "
+                                "from the last one"):
+        app.main()
+
+
+@contextlib.contextmanager
+def _interrupt_as_one_line(what_now: str):
+    """Ctrl-C ends with one line saying what is on disk and exit status 130, not a KeyboardInterrupt
+    traceback; ``HYDRA_FULL_ERROR=1`` (the switch for full tracebacks) keeps the traceback, which
+    shows where a run that seemed to hang was."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"\ninterrupted: {what_now}", file=sys.stderr)
+        sys.exit(130)
 
 
 def sweep_jobs(overrides: list[str]) -> list[tuple[list[str], list[str]]] | None:
@@ -299,7 +317,9 @@ def config_command(parser, argv: list[str] | None, body, *, one_device: str | No
             if isinstance(err, DistillationError) or not is_config_error(err):
                 raise
             raise ConfigError(hydra_error_message(err, overrides)) from err
-        body(args, cfg)
+        with _interrupt_as_one_line("rerun the same command (cache_teacher continues from the shards it had "
+                                    "written)"):
+            body(args, cfg)
     except (UsageError, DistillationError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -599,3 +599,20 @@ def test_a_user_preset_that_is_not_valid_yaml_is_one_error_line(tmp_path, capsys
     assert code == 2 and f"error: {preset} line 3, column 1: not valid YAML (while parsing a flow mapping at line 2, " \
         "column 9, expected ',' or '}'" in output, output
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_status_130(monkeypatch, tmp_path, capsys):
+    """A KeyboardInterrupt printed a full traceback; HYDRA_FULL_ERROR=1 keeps it (where a hung run was)."""
+    from qwen_distillation import app
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app, "main", interrupted)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    code, output = _cli(tiny_overrides(tmp_path / "run", steps=1), capsys)
+    assert code == 130 and "interrupted: the checkpoints written so far are kept; rerun the same command" in output
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.setattr(sys, "argv", ["run_distillation.py"])  # main() rewrites it
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_overrides(tmp_path / "run", steps=1))
