@@ -233,7 +233,8 @@ def _interrupt_as_one_line(what_now: str):
 def sweep_jobs(overrides: list[str]) -> list[tuple[list[str], list[str]]] | None:
     """Each job of a multirun sweep, in Hydra's BasicSweeper order (the cartesian product of the
     comma-separated choices): its overrides and, of them, the swept ones. None when Hydra's parser
-    refuses an override, or a sweep is not a plain list of choices (Hydra reports those itself)."""
+    refuses an override, or a sweep is not a plain list of choices (Hydra reports those itself).
+    A swept key that a later override sets again is a UsageError (Hydra keeps the last: fewer jobs)."""
     import itertools
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -244,6 +245,12 @@ def sweep_jobs(overrides: list[str]) -> list[tuple[list[str], list[str]]] | None
             [o for o in overrides if not o.lstrip("+~").startswith("hydra")])
     except HydraException:
         return None
+    keys = [override.get_key_element() for override in parsed]
+    for index, (override, key) in enumerate(zip(parsed, keys)):
+        later = [o.input_line for o, k in zip(parsed[index + 1:], keys[index + 1:]) if k == key]
+        if override.is_sweep_override() and later:
+            raise UsageError(f"{override.input_line} sweeps {key}, which {', '.join(later)} sets again after it "
+                             f"(Hydra would keep the last and run fewer jobs); keep one")
     choices, swept = [], []
     for override in parsed:
         swept.append(override.is_sweep_override())

@@ -258,6 +258,10 @@ def test_a_sweep_checks_every_job_before_the_first_starts(tmp_path, capsys):
     code, output = _cli(argv[:-1] + ["stage1.lr=1e-3,abc"], capsys)  # found by Hydra: no multirun.yaml left
     assert code == 2 and "sweep job 1 (stage1.lr=abc): stage1.lr=abc: Value 'abc'" in output, output
     assert not out.exists()
+    # Set again after the sweep (Hydra keeps the last: one job at 5e-3, silently); before it, the sweep wins.
+    code, output = _cli(argv[:-1] + ["stage1.lr=1e-3,2e-3", "stage1.lr=5e-3"], capsys)
+    assert code == 2 and "stage1.lr=1e-3,2e-3 sweeps stage1.lr, which stage1.lr=5e-3 sets again after it" in output
+    assert not out.exists()
 
 
 def test_a_sweep_run_again_skips_its_finished_jobs(tmp_path, capsys):
