@@ -462,6 +462,19 @@ def test_a_directory_sources_digest_covers_the_files_it_reads_and_only_those(tmp
     assert file_digest(str(folder)) != before
 
 
+def test_a_directory_sources_skipped_files_are_named(tmp_path, caplog):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    (folder / "b.tsv").write_text("q\ta\n")
+    (folder / "c.jsonl.gz").write_bytes(b"\0")
+    (folder / ".hidden.txt").write_text("x")
+    with caplog.at_level(logging.WARNING):
+        assert len(load_records(str(folder))) == 1
+    assert f"{folder}: 2 file(s) skipped, not one of ['.jsonl', '.json', '.csv', '.parquet']: b.tsv, c.jsonl.gz" \
+        in caplog.text
+
+
 def _mixed_format_folder(root: Path) -> Path:
     folder = root / "mixed"
     folder.mkdir()

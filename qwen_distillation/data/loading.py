@@ -22,6 +22,7 @@ import codecs
 import csv
 import io
 import json
+import logging
 import os
 from decimal import Decimal
 from pathlib import Path
@@ -37,6 +38,8 @@ _FILE_LIKE_SUFFIXES = SUPPORTED_SUFFIXES + (
 )
 
 Numbered = Iterator[tuple[int, dict]]
+
+log = logging.getLogger(__name__)
 
 
 class RecordNumber(int):
@@ -322,6 +325,12 @@ def load_records(
     local = Path(os.path.expanduser(path))
     if local.is_dir():
         files = data_files(local)
+        read = set(files)
+        skipped = sorted(str(file.relative_to(local)) for file in local.rglob("*") if file.is_file()
+                         and file not in read and not any(p.startswith(".") for p in file.relative_to(local).parts))
+        if skipped:  # a .tsv or .jsonl.gz among the data would otherwise vanish without a word
+            log.warning("%s: %d file(s) skipped, not one of %s: %s", path, len(skipped), list(SUPPORTED_SUFFIXES),
+                        ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
         if not files:
             raise DataError(
                 f"{path}: directory holds no data files; expected {list(SUPPORTED_SUFFIXES)}"
