@@ -10,7 +10,7 @@ from omegaconf.errors import ConfigKeyError
 
 from conftest import compose_config
 from qwen_distillation.app import CONF_DIR
-from qwen_distillation.config.validate import validate_config
+from qwen_distillation.config.validate import unknown_override_key, validate_config
 from qwen_distillation.data.sources import normalise_sources
 from qwen_distillation.errors import ConfigError
 
@@ -106,6 +106,13 @@ def test_fsdp2_refuses_what_it_cannot_do(override, named):
 def test_start_after_end_is_rejected():
     with pytest.raises(ConfigError, match="start_stage"):
         validate_config(compose_config(["start_stage=3", "end_stage=2"]))
+
+
+def test_a_stage_key_given_elsewhere_is_suggested_by_its_ending():
+    """`train.max_grad_norm` is a stage's key: the stages' keys that end as it does are suggested."""
+    assert unknown_override_key("train.max_grad_norm") == ("train.max_grad_norm (did you mean stage1.max_grad_norm or "
+                                                           "stage2.max_grad_norm or stage3.max_grad_norm?)")
+    assert unknown_override_key("train.loss.weights.kd").startswith("train.loss (did you mean stage1.loss.weights.kd")
 
 
 @pytest.mark.parametrize("override", ["stage2.loss.weight.kl=0.5", "stage2.temperture=3", "train.foo=1"])

@@ -339,14 +339,28 @@ def renamed_key(key: str) -> str | None:
     return None
 
 
-def _unknown(name: str, key: str, fields: set[str], path: str) -> str:
+def _schema_keys(schema: type, path: str = "") -> list[str]:
+    """Every dotted key the dataclass ``schema`` declares, into the fields typed by a dataclass."""
+    keys = []
+    for field in dataclasses.fields(schema):
+        hint = typing.get_type_hints(schema)[field.name]
+        keys += _schema_keys(hint, f"{path}{field.name}.") if dataclasses.is_dataclass(hint) else [path + field.name]
+    return keys
+
+
+def _unknown(name: str, key: str, fields: set[str], path: str, rest: str = "") -> str:
     """``name`` (the full dotted key) with its new name if it was renamed, else the closest
-    declared key of its node, when one is close."""
+    declared key of its node, when one is close, else the declared keys that end as it does
+    (``train.max_grad_norm``: it is a stage's key, ``stage1.max_grad_norm``, ...)."""
     new = renamed_key(name)
     if new is not None:
         return f"{name} (renamed to {new})"
     close = difflib.get_close_matches(key, fields, n=1)
-    return name + (f" (did you mean {path}{close[0]}?)" if close else "")
+    if close:
+        return f"{name} (did you mean {path}{close[0]}?)"
+    tail = f".{key}" + (f".{rest}" if rest else "")
+    elsewhere = [declared for declared in _schema_keys(DistillationConfig) if declared.endswith(tail)]
+    return name + (f" (did you mean {' or '.join(elsewhere[:3])}?)" if elsewhere else "")
 
 
 def _unknown_keys(node: DictConfig, schema: type, path: str = "") -> list[str]:
@@ -376,7 +390,8 @@ def unknown_override_key(key: str) -> str | None:
             return None
         fields = {field.name for field in dataclasses.fields(schema)}
         if part not in fields:
-            return _unknown(f"{path}{part}", part, fields, path)
+            rest = key[len(path) + len(part) + 1:]
+            return _unknown(f"{path}{part}", part, fields, path, rest)
         schema, path = typing.get_type_hints(schema)[part], f"{path}{part}."
     return None
 
