@@ -620,3 +620,17 @@ def test_ctrl_c_is_one_line_and_exit_status_130(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(sys, "argv", ["run_distillation.py"])  # main() rewrites it
     with pytest.raises(KeyboardInterrupt):
         main(tiny_overrides(tmp_path / "run", steps=1))
+
+
+def test_a_finished_partial_run_names_how_to_train_its_later_stages(finished_run, capsys):
+    """Rerun with end_stage=3 over an end_stage=1 run: overwriting would discard stage 1, so the error
+    names the way to go on from it."""
+    code, output = _cli(tiny_overrides(finished_run, steps=1) + ["end_stage=3"], capsys)
+    assert code == 2 and "holds a finished run (stages [1]); to train the stages after it, start a new run from " \
+        f"it: --start_stage 2 --checkpoint_path {finished_run / 'stage1' / 'final'} output_dir=NEW_DIR" in output
+
+
+def test_an_empty_domain_is_named_before_the_metric_it_leaves_missing(tmp_path, capsys):
+    """data.general=[] used to be reported as 'stage1.best_metric=eval/general_nll is not among the metrics'."""
+    code, output = _cli(tiny_overrides(tmp_path / "run", steps=1) + ["end_stage=1", "data.general=[]"], capsys)
+    assert code == 2 and "stage1 serves general data (medical_ratio below 1) but data.general is empty" in output

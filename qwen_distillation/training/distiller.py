@@ -826,11 +826,11 @@ class Distiller:
         # best_metric no evaluation gives, a layer map or relation-head count the models do not fit, a
         # teacher cache that misses examples, a stage's domain without data, a student with nothing to train.
         to_run = [i for i in self.stages if i not in (state or {}).get("completed_stages", [])]
-        self._check_best_metrics(self.evaluator.metric_names(), to_run)
-        self._build_plans(to_run)
-        for index in to_run:
+        for index in to_run:  # first: a domain without data is also why its held-out metric is missing
             check_stage_pools(STAGE_KEYS[index], _domains(getattr(cfg, STAGE_KEYS[index])), self.data.general,
                               self.data.medical)
+        self._check_best_metrics(self.evaluator.metric_names(), to_run)
+        self._build_plans(to_run)
         self._check_trainable()
         dist.barrier(self.topo)  # every rank has read the old outputs before rank 0 rewrites them
         if self.topo.is_main:

@@ -119,9 +119,13 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
         if overwrite:
             return None
         if state.get("finished"):
-            raise ConfigError(f"output_dir={output_dir} holds a finished run (stages "
-                              f"{state.get('completed_stages')}); choose another output_dir or pass "
-                              f"overwrite_output_dir=true to replace it")
+            done = state.get("completed_stages") or []
+            last = max(done, default=0)
+            later = (f"; to train the stages after it, start a new run from it: --start_stage {last + 1} "
+                     f"--checkpoint_path {output_dir / f'stage{last}' / 'final'} output_dir=NEW_DIR"
+                     if 0 < last < 3 else "")
+            raise ConfigError(f"output_dir={output_dir} holds a finished run (stages {done}){later}; choose another "
+                              f"output_dir or pass overwrite_output_dir=true to replace it")
         if state.get("run_hash") != run_id or not resume:
             changed = changed_keys(output_dir, run_config) if run_config and state.get("run_hash") != run_id else ""
             raise ConfigError(f"output_dir={output_dir} holds an unfinished run with a different configuration "
