@@ -265,15 +265,17 @@ def sweep_jobs(overrides: list[str]) -> list[tuple[list[str], list[str]]] | None
 
 
 def check_sweep(overrides: list[str]) -> None:
-    """Compose and validate every job of a multirun sweep before the first one starts (and before
-    Hydra writes the sweep's ``multirun.yaml``): a bad value in the last job would otherwise stop
-    the sweep after the jobs before it had trained."""
+    """Compose and validate every job of a multirun sweep, its data entries and local data paths
+    included, before the first one starts (and before Hydra writes the sweep's ``multirun.yaml``):
+    a bad value in the last job would otherwise stop the sweep after the jobs before it had trained."""
     from qwen_distillation.app import COMPOSE_ERRORS, hydra_error_message, is_config_error
     from qwen_distillation.errors import DistillationError
 
+    from qwen_distillation.data.sources import data_sources
+
     for number, (job, swept) in enumerate(sweep_jobs(overrides) or []):
         try:
-            compose_run_config(job)
+            data_sources(compose_run_config(job).data)  # a mistyped data path too, before any job trains
         except DistillationError as err:
             message = str(err)
         except COMPOSE_ERRORS as err:

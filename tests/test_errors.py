@@ -262,6 +262,12 @@ def test_a_sweep_checks_every_job_before_the_first_starts(tmp_path, capsys):
     code, output = _cli(argv[:-1] + ["stage1.lr=1e-3,2e-3", "stage1.lr=5e-3"], capsys)
     assert code == 2 and "stage1.lr=1e-3,2e-3 sweeps stage1.lr, which stage1.lr=5e-3 sets again after it" in output
     assert not out.exists()
+    missing = tmp_path / "missing.jsonl"  # a data path of the second job: found before the first trains
+    code, output = _cli(argv[:-1] + [f"data.general=[package:qwen_distillation/data/demo/general.jsonl],[{missing}]"],
+                        capsys)
+    assert code == 2 and f"sweep job 1 (data.general=[{missing}]): data.general[0]={missing}: file not found" \
+        in output, output
+    assert not out.exists()
 
 
 def test_a_sweep_run_again_skips_its_finished_jobs(tmp_path, capsys):
