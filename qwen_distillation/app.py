@@ -177,6 +177,11 @@ def hydra_error_message(err: Exception, overrides: list[str]) -> str:
         (o for o in reversed(overrides) if key and _override_key(o) == key), None)
     if isinstance(err, OverrideParseException):
         fix = "write KEY=VALUE, e.g. stage2.temperature=3, and quote a value with special characters: key='a b'"
+    elif re.search(r"In 'experiment/[^']*': ValidationError.*Cannot convert 'DictConfig'", text):
+        # A preset without its package line is read as the value of the `experiment` key.
+        text = text.split(": ValidationError")[0] + ": this preset lacks its package line"
+        fix = ("a preset sets keys of the whole config: make `# @package _global_` its first line, as "
+               "conf/experiment/demo.yaml does")
     elif isinstance(err, MissingConfigException) and err.options:
         group = (err.missing_cfg_file or "").rpartition("/")[0] or "the group"
         fix = f"choose one of the options, e.g. {group}={err.options[0]}"

@@ -640,3 +640,13 @@ def test_an_empty_domain_is_named_before_the_metric_it_leaves_missing(tmp_path, 
     """data.general=[] used to be reported as 'stage1.best_metric=eval/general_nll is not among the metrics'."""
     code, output = _cli(tiny_overrides(tmp_path / "run", steps=1) + ["end_stage=1", "data.general=[]"], capsys)
     assert code == 2 and "stage1 serves general data (medical_ratio below 1) but data.general is empty" in output
+
+
+def test_a_user_preset_without_its_package_line_says_so(tmp_path, capsys):
+    """It was read as the value of `experiment`: "Cannot convert 'DictConfig' to string ... full_key: experiment"."""
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text("stage1:\n  temperature: 7\n")
+    code, output = _cli(["--config-dir", str(tmp_path / "conf"), "experiment=mine"]
+                        + tiny_overrides(tmp_path / "run", steps=1), capsys)
+    assert code == 2 and "this preset lacks its package line (a preset sets keys of the whole config: make " \
+        "`# @package _global_` its first line" in output, output
