@@ -107,6 +107,12 @@ HYDRA_FLAGS = ("--multirun", "--help", "--hydra-help", "--cfg", "--resolve", "--
                "--experimental-rerun")
 
 
+# Hydra's flags that take a value (with their short forms); --info's value is optional (INFO_TOPICS).
+HYDRA_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun")
+INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
 class UsageError(ValueError):
     pass
 
@@ -141,15 +147,24 @@ def translate(argv: list[str]) -> list[str]:
     """Translate classic flags in ``argv`` (without the program name) into Hydra overrides.
 
     ``--flag value`` and ``--flag=value`` are both accepted. Anything else is passed through
-    to Hydra unchanged, in order.
+    to Hydra unchanged, in order, but for ``-m`` and Hydra's own flags (``--cfg job``,
+    ``--config-dir DIR``, ``--resolve``, ...), which go first wherever they stood: Hydra's parser
+    reads them only before the overrides.
     """
     out: list[str] = []
+    hydra_flags: list[str] = []  # Hydra's parser takes its flags only before the overrides
     set_by: dict[str, tuple[str, str, bool]] = {}  # key -> (as written, value, whether a classic flag set it)
     i = 0
     while i < len(argv):
         arg = argv[i]
         name, eq, inline = arg.partition("=")
         name = FLAG_ALIASES.get(name, name)
+        if name in HYDRA_VALUE_FLAGS or (name in HYDRA_FLAGS and name != "--multirun"):
+            takes = not eq and i + 1 < len(argv) and (
+                name in HYDRA_VALUE_FLAGS or (name == "--info" and argv[i + 1] in INFO_TOPICS))
+            hydra_flags += argv[i:i + 2] if takes else [arg]
+            i += 2 if takes else 1
+            continue
         if name in CLASSIC_FLAGS:
             takes_value, convert, _ = CLASSIC_FLAGS[name]
             if takes_value:
@@ -185,9 +200,9 @@ def translate(argv: list[str]) -> list[str]:
             # (+experiment=NAME) cannot add one; what the writer means is to use this one instead.
             out.append(arg[1:] if arg.startswith("+experiment=") else arg)
         i += 1
-    # Hydra's parser takes its flags only before the overrides; -m may stand anywhere here.
+    # Hydra's parser takes its flags only before the overrides; -m and the others may stand anywhere here.
     multirun = [a for a in out if a in ("-m", "--multirun")]
-    return multirun[:1] + [a for a in out if a not in ("-m", "--multirun")]
+    return multirun[:1] + hydra_flags + [a for a in out if a not in ("-m", "--multirun")]
 
 
 def main(argv: list[str] | None = None) -> None:

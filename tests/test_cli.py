@@ -91,6 +91,16 @@ def test_multirun_flag_passes_through():
         "-m", "stage2.loss.weights.kd=0.3,0.7", "seed=1"]
 
 
+def test_hydras_flags_go_first_wherever_they_stand():
+    """Hydra reads its flags only before the overrides: `model=x --cfg job end_stage=1` was refused as
+    "unrecognized arguments: end_stage=1", naming the override instead of the flag's place."""
+    assert translate(["model=tiny_qwen2", "--cfg", "job", "end_stage=1", "--config-dir", "my_conf", "-m",
+                      "--info", "defaults", "--resolve"]) == [
+        "-m", "--cfg", "job", "--config-dir", "my_conf", "--info", "defaults", "--resolve", "model=tiny_qwen2",
+        "end_stage=1"]
+    assert translate(["seed=1", "--info", "seed=2", "-cn=config"]) == ["--info", "-cn=config", "seed=1", "seed=2"]
+
+
 def test_a_preset_is_chosen_with_or_without_the_plus():
     """The default config selects experiment=demo; `+experiment=smoke`, as older commands
     wrote it, picks smoke instead (Hydra itself cannot append a group already selected)."""
