@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from qwen_distillation.config.schema import register_configs
-from qwen_distillation.config.validate import validate_config
+from qwen_distillation.config.validate import unknown_override_key, validate_config
 from qwen_distillation.errors import DistillationError
 
 register_configs()
@@ -177,6 +177,10 @@ def hydra_error_message(err: Exception, overrides: list[str]) -> str:
         (o for o in reversed(overrides) if key and _override_key(o) == key), None)
     if isinstance(err, OverrideParseException):
         fix = "write KEY=VALUE, e.g. stage2.temperature=3, and quote a value with special characters: key='a b'"
+    elif (unknown := re.search(r"Key '[^']*' not in '\w+'; full_key: ([\w.]+)", text)) and \
+            (named := unknown_override_key(unknown.group(1))):  # in a preset file: name the key, suggest one
+        text = text.split(" raised while composing config")[0].rsplit(":", 1)[0] + f": no such config key: {named}"
+        fix = KEYS_HINT
     elif re.search(r"In 'experiment/[^']*': ValidationError.*Cannot convert 'DictConfig'", text):
         # A preset without its package line is read as the value of the `experiment` key.
         text = text.split(": ValidationError")[0] + ": this preset lacks its package line"

@@ -650,3 +650,12 @@ def test_a_user_preset_without_its_package_line_says_so(tmp_path, capsys):
                         + tiny_overrides(tmp_path / "run", steps=1), capsys)
     assert code == 2 and "this preset lacks its package line (a preset sets keys of the whole config: make " \
         "`# @package _global_` its first line" in output, output
+
+
+def test_a_typo_in_a_user_preset_gets_the_closest_key(tmp_path, capsys):
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text("# @package _global_\nstage1:\n  temperture: 7\n")
+    code, output = _cli(["--config-dir", str(tmp_path / "conf"), "experiment=mine"]
+                        + tiny_overrides(tmp_path / "run", steps=1), capsys)
+    assert code == 2 and "experiment=mine: In 'experiment/mine': no such config key: stage1.temperture (did you mean " \
+        "stage1.temperature?)" in output, output
