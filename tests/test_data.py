@@ -505,6 +505,22 @@ def test_records_dropped_for_length_are_counted_in_a_warning(tokenizer, caplog):
         "stage1.max_length" in caplog.text
 
 
+def test_a_bom_inside_a_file_and_cr_line_endings_are_named(tmp_path):
+    """Both gave a bare 'Expecting value' / 'Extra data' that an editor shows no cause for."""
+    record = json.dumps({"instruction": "q", "output": "a"})
+    joined = tmp_path / "joined.jsonl"
+    joined.write_text(record + "\n\ufeff" + record + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"joined\.jsonl line 2: not valid JSON .*starts with a byte-order mark"):
+        load_records(str(joined))
+    old_mac = tmp_path / "old_mac.jsonl"
+    old_mac.write_bytes((record + "\r" + record + "\r").encode())
+    with pytest.raises(DataError, match=r"old_mac\.jsonl line 1: .*end in a carriage return alone"):
+        load_records(str(old_mac))
+    windows = tmp_path / "windows.jsonl"
+    windows.write_bytes((record + "\r\n" + record + "\r\n").encode())
+    assert len(load_records(str(windows))) == 2
+
+
 def test_missing_empty_and_unreachable(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="file not found"):
         load_records(str(tmp_path / "nope.jsonl"))

@@ -129,6 +129,16 @@ def _read_text(file: Path) -> str:
         ) from None
 
 
+def _invisible_cause(line: str) -> str:
+    """The fix for a line that does not parse, naming what an editor does not show: a byte-order mark
+    inside the file (files joined with ``cat``), or lines ending in a carriage return alone (old Mac)."""
+    if line.lstrip(" \t").startswith("\ufeff"):
+        return "; the line starts with a byte-order mark (U+FEFF), as where files with one were joined: delete it"
+    if "\r" in line.rstrip("\r"):
+        return "; the file's lines end in a carriage return alone (CR): convert its line endings to LF"
+    return "; fix or delete that line"
+
+
 def _read_json_lines(file: Path, text: str) -> Numbered:
     # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 etc., which JSON
     # allows unescaped inside strings (PubMedQA has them).
@@ -138,9 +148,7 @@ def _read_json_lines(file: Path, text: str) -> Numbered:
         try:
             value = _DECODER.decode(line)
         except json.JSONDecodeError as err:
-            raise DataError(
-                f"{file} line {number}: not valid JSON ({err}); fix or delete that line"
-            ) from None
+            raise DataError(f"{file} line {number}: not valid JSON ({err}){_invisible_cause(line)}") from None
         except RecursionError:
             raise DataError(
                 f"{file} line {number}: JSON nested too deeply to read (about 1000 levels of [ or {{); "
