@@ -332,7 +332,13 @@ def config_command(parser, argv: list[str] | None, body, *, one_device: str | No
 
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
-        overrides = translate(rest)
+        try:
+            overrides = translate(rest)
+        except UsageError as err:
+            if not str(err).startswith("unknown flag"):
+                raise
+            own = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+            raise UsageError(f"{err}; {parser.prog}'s own flags are: {', '.join(own)}") from None
         from qwen_distillation.app import COMPOSE_ERRORS, hydra_error_message, is_config_error
 
         try:

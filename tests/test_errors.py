@@ -659,3 +659,13 @@ def test_a_typo_in_a_user_preset_gets_the_closest_key(tmp_path, capsys):
                         + tiny_overrides(tmp_path / "run", steps=1), capsys)
     assert code == 2 and "experiment=mine: In 'experiment/mine': no such config key: stage1.temperture (did you mean " \
         "stage1.temperature?)" in output, output
+
+
+def test_a_misspelt_flag_of_a_command_lists_that_commands_own_flags(tmp_path, capsys):
+    from qwen_distillation import cache_teacher
+
+    with pytest.raises(SystemExit) as exit_:
+        cache_teacher.main(["--out", str(tmp_path / "cache"), "--kk", "4", "model=tiny_qwen2"])
+    output = capsys.readouterr().err
+    assert exit_.value.code == 2 and "unknown flag --kk; classic flags are:" in output
+    assert "python -m qwen_distillation.cache_teacher's own flags are: --help, --out, --k, --dtype" in output, output
