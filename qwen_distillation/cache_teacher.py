@@ -13,7 +13,8 @@ log-probabilities and the log of the rest of its mass (docs/teacher_offline.md).
 continues where it stopped (shards are written whole);
 ``torchrun --nproc_per_node N -m qwen_distillation.cache_teacher ...`` splits the examples over the
 ranks, each writing its own shards. A directory holding a cache of other inputs is refused unless
-``--overwrite``. Prints one JSON line: examples, response tokens, seconds, tokens/s, bytes on disk.
+``--overwrite``; one holding other files and no cache, or lying inside a data directory, always.
+Prints one JSON line: examples, response tokens, seconds, tokens/s, bytes on disk.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qwen_distillation.cache_teacher",
                                      description=__doc__.split("\n\n")[0],
                                      epilog="Other arguments: classic flags and Hydra overrides, as for "
-                                            "run_distillation.py.")
+                                            "run_distillation.py.", allow_abbrev=False)
     parser.add_argument("--out", required=True, help="the cache directory")
     parser.add_argument("--k", type=int, default=32, help="top-k token ids kept per response token")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
@@ -49,12 +50,13 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
                   examples_per_shard: int = 256, overwrite: bool = False) -> dict:
     """Write (or complete) the teacher cache of ``cfg``'s training data in ``out``; returns the stats."""
     from qwen_distillation.data.sources import build_domain_data, data_sources
-    from qwen_distillation.data.teacher_cache import CacheWriter
+    from qwen_distillation.data.teacher_cache import MANIFEST, CacheWriter
     from qwen_distillation.modeling.fp8 import check_fp8_device, convert_to_fp8
     from qwen_distillation.modeling.loading import load_causal_lm
     from qwen_distillation.modeling.pair import tokenizer_for
     from qwen_distillation.modeling.parts import weight_shape
-    from qwen_distillation.training.distiller import seed_everything, select_device
+    from qwen_distillation.training.distiller import data_entries, seed_everything, select_device
+    from qwen_distillation.training.outputs import refuse_output_among_inputs
     from qwen_distillation.training.teacher_cache import cache_spec, write_cache
 
     if k < 1:
@@ -70,6 +72,15 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
     teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     tokenizer = tokenizer_for(cfg.model.teacher, "teacher")
     sources = data_sources(cfg.data)
+    refuse_output_among_inputs(out, f"--out {out}", data_entries(sources), holding=True,
+                               why="a run over that data would read the cache's files as records",
+                               fix="write the cache elsewhere (e.g. --out out/teacher_cache)")
+    # Another rank may be writing the manifest (under a temporary name): that alone is this cache's.
+    foreign = sorted(e.name for e in Path(out).iterdir() if e.name != f".{MANIFEST}.tmp") if Path(out).is_dir() else []
+    if foreign and not (Path(out) / MANIFEST).exists():
+        raise ConfigError(f"--out {out}: is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+                          f" and holds no teacher cache (no {MANIFEST}); choose an empty or new directory for the "
+                          f"cache")
     data = build_domain_data(sources, tokenizer, max_length=cfg.data.max_length,
                              eval_fraction=cfg.data.eval_fraction, max_eval_examples=cfg.data.max_eval_examples,
                              seed=cfg.data.split_seed)

@@ -157,7 +157,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qwen_distillation.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--model", action="append", required=True, help="NAME=PATH (repeatable)")
     parser.add_argument("--teacher", default=None, help="NAME of the --model that is the teacher")
     parser.add_argument("--nll", action="append", default=[], help="NAME=FILE held-out set (repeatable)")

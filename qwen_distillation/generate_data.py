@@ -41,18 +41,20 @@ from dataclasses import asdict
 
 import torch
 
-from qwen_distillation.data.generated import OUTPUT_FORMATS, RunFiles, Sampling, file_digest
+from qwen_distillation.data.generated import (OUTPUT_FORMATS, TEACHER_FINGERPRINT, RunFiles, Sampling, file_digest,
+                                              model_fingerprint)
 from qwen_distillation.errors import ConfigError, DistillationError
 from qwen_distillation.evaluate import check_device, check_model_path, load_any_tokenizer, load_model
 from qwen_distillation.evaluation.generation import BACKENDS, choose_backend, transformers_generate, vllm_generate
 from qwen_distillation.evaluation.teacher_data import (CHOICE_INSTRUCTION, REASONING_INSTRUCTION, THINK_PREFILL,
                                                        check_run, generate_dataset, read_prompts)
 from qwen_distillation.paths import file_identity, locate, resolve_path
+from qwen_distillation.training.outputs import refuse_output_among_inputs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m qwen_distillation.generate_data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--teacher", required=True, help="hub id, model directory, saved stage or .gguf file")
     parser.add_argument("--data", required=True, help="the dataset whose prompts the teacher answers")
     parser.add_argument("--source_format", default="auto", help="format of --data (default: detected)")
@@ -86,6 +88,7 @@ def run_identity(args: argparse.Namespace, sampling: Sampling, fmt: str) -> dict
     """What the generated data depends on: a run over an existing output must match it."""
     return {
         "teacher": args.teacher,
+        TEACHER_FINGERPRINT: model_fingerprint(resolve_path(args.teacher)),  # another model at the same path
         "source": args.data,
         "source_sha256": file_digest(locate(args.data)),
         "source_format": args.source_format,
@@ -103,10 +106,14 @@ def run_identity(args: argparse.Namespace, sampling: Sampling, fmt: str) -> dict
 
 def check_output_is_not_input(data: str, output: str) -> None:
     """``--output`` (or the rejected-samples and manifest files written next to it) must not be
-    the file of ``--data``: the run would replace, append to or delete its own input."""
+    the file of ``--data``, nor lie inside its directory: the run would replace, append to or delete
+    its own input, or read its own rows back as prompts."""
     source = locate(data)
     if not os.path.exists(source):  # a hub dataset id: nothing local to overwrite
         return
+    refuse_output_among_inputs(output, f"--output {output}", [("--data", data)],
+                               why="a rerun would read the teacher's answers back as prompts",
+                               fix="write it outside that directory (e.g. --output out/teacher_data.jsonl)")
     files = RunFiles.of(output)
     if file_identity(files.output) == file_identity(source):
         raise ConfigError(f"--output {output}: is the input file given by --data; choose another --output")

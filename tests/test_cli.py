@@ -144,3 +144,21 @@ def test_known_keys_groups_and_hydras_own_pass_through():
     argv = ["model=tiny_qwen2", "experiment=smoke", "~experiment", "hydra.job.chdir=false",
             "hydra/job_logging=disabled", "model.teacher.random_init.vocab_size=64", "data.general=[a.jsonl]"]
     assert translate(argv) == argv
+
+
+@pytest.mark.parametrize("command,argv", [
+    ("prune", ["--out", "o", "--ov", "model.student.keep_layers=2", "--teacher_model", "./no_teacher"]),
+    ("cache_teacher", ["--out", "o", "--ov", "--teacher_model", "./no_teacher"]),
+    ("generate_data", ["--teacher", "./no_teacher", "--data", "./d.jsonl", "--output", "o", "--ov"]),
+    ("evaluate", ["--model", "a=b", "--out", "o", "--dev", "cpu"]),
+])
+def test_the_commands_take_no_abbreviated_flags(command, argv, tmp_path, capsys, monkeypatch):
+    """`prune --out o --ov` was taken as --overwrite (argparse's prefix matching): a typo replaced an output."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)  # a missing teacher: without the check each stops soon, writing nothing here
+    main = importlib.import_module(f"qwen_distillation.{command}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and ("unknown flag --" in err or "unrecognized arguments: --" in err), err

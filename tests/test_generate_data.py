@@ -364,6 +364,20 @@ def test_the_output_may_not_be_the_input_file(tmp_path, capsys):
     assert data.read_text() == before
 
 
+def test_the_output_may_not_lie_inside_a_data_directory(tmp_path, capsys):
+    """--output inside the --data directory: a rerun failed with "generated with other settings
+    (source_sha256...)", and with --overwrite read the teacher's earlier answers as prompts."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in.jsonl").write_text((REPO / "qwen_distillation" / "data" / "demo" / "medical.jsonl").read_text())
+    for output in (data / "out.jsonl", data / "sub" / "out.jsonl"):
+        code = generate_data.main(["--teacher", "does/not/exist", "--data", str(data), "--output", str(output),
+                                   "--overwrite"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--output {output} lies inside --data={data}, a directory read as data" in err, err
+    assert sorted(p.name for p in data.iterdir()) == ["in.jsonl"]
+
+
 @pytest.mark.parametrize("teacher", ["/no/such/teacher", "./no_such_teacher", "~/no_such_teacher_dir"])
 def test_a_missing_local_teacher_is_refused_before_loading(tmp_path, capsys, teacher):
     code = generate_data.main(["--teacher", teacher, "--data", DEMO_MEDICAL, "--output", str(tmp_path / "g.jsonl")])
@@ -400,6 +414,77 @@ def test_the_last_line_names_only_the_files_written(tmp_path, capsys, monkeypatc
     written = [files.output, files.rejected, files.manifest] if reject else [files.output, files.manifest]
     assert capsys.readouterr().out.splitlines()[-1] == f"wrote {', '.join(map(str, written))}"
     assert sorted(tmp_path.iterdir()) == sorted(written)
+
+
+def _fake_model_dir(directory, weights: bytes):
+    directory.mkdir(exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (directory / "model.safetensors").write_bytes(weights)
+    return directory
+
+
+def test_a_resumed_output_refuses_other_weights_at_the_teachers_path(tmp_path, capsys, monkeypatch, tokenizer):
+    """--teacher names a directory whose model was replaced (same path, same sizes, other weights): the
+    output was resumed with the new teacher's samples appended to the old one's."""
+    monkeypatch.setattr(generate_data, "check_model_path", lambda *args, **kwargs: None)
+    monkeypatch.setattr(generate_data, "load_any_tokenizer", lambda *args, **kwargs: tokenizer)
+    monkeypatch.setattr(generate_data, "load_model", lambda *args, **kwargs: torch.nn.Identity())
+    monkeypatch.setattr(generate_data, "transformers_generate",
+                        lambda model, tok: fake_teacher(tok, lambda row, k, prompt: (f"Answer {row}.", True)))
+    teacher, out = _fake_model_dir(tmp_path / "teacher", b"\1" * 4096), tmp_path / "g.jsonl"
+    command = ["--teacher", str(teacher), "--data", DEMO_MEDICAL, "--max_prompts", "2", "--output", str(out),
+               "--device", "cpu", "--backend", "transformers"]
+    assert generate_data.main(command) == 0
+    manifest = json.loads(RunFiles.of(out).manifest.read_text())
+    assert manifest["identity"]["teacher_fingerprint"]
+    before = out.read_text()
+    _fake_model_dir(teacher, b"\2" * 4096)
+    assert generate_data.main(command) == 2
+    err = capsys.readouterr().err
+    assert f"teacher weights: {teacher} now holds other weights" in err and "original teacher" in err, err
+    assert out.read_text() == before
+    # The original weights back: the same teacher, resumed. An output written before fingerprints were
+    # recorded is not refused for lacking one.
+    _fake_model_dir(teacher, b"\1" * 4096)
+    assert generate_data.main(command) == 0
+    del manifest["identity"]["teacher_fingerprint"]
+    RunFiles.of(out).manifest.write_text(json.dumps(manifest))
+    assert generate_data.main(command) == 0
+    assert out.read_text() == before
+
+
+def test_the_model_fingerprint_samples_the_weights_and_ignores_the_path(tmp_path, monkeypatch):
+    """What model_fingerprint reads: config and weight files, whole when small, else evenly spaced
+    windows (a change no window reads goes unseen); not the path, nor other files; None for a hub id."""
+    import shutil
+
+    import qwen_distillation.data.generated as generated
+
+    model = _fake_model_dir(tmp_path / "a", bytes(range(256)) * 64)
+    (model / "tokenizer.json").write_text("{}")
+    first = generated.model_fingerprint(str(model))
+    shutil.copytree(model, tmp_path / "b")
+    assert generated.model_fingerprint(str(tmp_path / "b")) == first  # the same model at another path
+    (tmp_path / "b" / "tokenizer.json").write_text('{"x": 1}')
+    assert generated.model_fingerprint(str(tmp_path / "b")) == first  # the tokenizer is not the weights
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert generated.model_fingerprint(str(tmp_path / "b")) != first
+    assert generated.model_fingerprint("Qwen/Qwen2.5-7B-Instruct") is None
+    (model / "model.safetensors").unlink()
+    assert generated.model_fingerprint(str(model)) is None  # no weights: nothing to tell apart
+
+    # A large file (a .gguf, by path or as gguf_file): 4 windows of 16 bytes over 1000 bytes.
+    monkeypatch.setattr(generated, "FINGERPRINT_WINDOWS", 4)
+    monkeypatch.setattr(generated, "FINGERPRINT_WINDOW", 16)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(bytes(1000))
+    sampled = generated.model_fingerprint(str(gguf))
+    assert generated.model_fingerprint(str(tmp_path), "m.gguf") == sampled
+    for offset, seen in ((0, True), (500, False), (328, True), (990, True)):  # windows at 0, 328, 656, 984
+        data = bytearray(1000)
+        data[offset] = 1
+        gguf.write_bytes(bytes(data))
+        assert (generated.model_fingerprint(str(gguf)) != sampled) == seen, offset
 
 
 def test_a_prompt_directory_of_several_formats_is_refused_naming_both_files(tmp_path):

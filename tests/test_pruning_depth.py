@@ -14,7 +14,7 @@ from qwen_distillation.errors import ConfigError
 from qwen_distillation.modeling.depth import (block_influence, choose_layers, keep_highest, perplexity_scores,
                                               response_nll)
 from qwen_distillation.modeling.loading import slim_down
-from tests.conftest import compose_config
+from tests.conftest import REPO, compose_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -195,6 +195,7 @@ def test_prune_command_saves_a_loadable_student_with_its_record(tmp_path, capsys
     assert record["method"] == "block_influence" and record["teacher_layers"] == 4
     assert record["kept_layers"] == keep_highest(record["layer_scores"], 2)
     assert record["calibration"]["examples"] == 6
+    assert {"config.json", "model.safetensors"} <= set(record["files"])  # what a later --overwrite may replace
     student = AutoModelForCausalLM.from_pretrained(out)
     assert student.config.num_hidden_layers == 2
     assert record["parameters"]["student"] == sum(p.numel() for p in student.parameters())
@@ -218,6 +219,43 @@ def test_prune_command_refuses_a_config_with_nothing_to_prune(tmp_path, capsys):
         main(["--out", str(tmp_path / "f"), *PRUNE_RUN, "model.student.keep_layers=2"])
     assert exit_info.value.code == 2 and f"--out {tmp_path / 'f'}: it is a file" in capsys.readouterr().err
     assert (tmp_path / "f").read_text() == "kept"
+
+
+def test_prune_overwrite_never_removes_its_inputs_or_files_it_did_not_write(tmp_path, capsys, monkeypatch):
+    """`prune --overwrite` replaced the whole --out: the teacher it read from inside it (--teacher_model)
+    and every other file there were deleted; an --out inside a data directory was written there."""
+    import qwen_distillation.modeling.pair as pair
+    from qwen_distillation.prune import foreign_entries, main
+
+    monkeypatch.setattr(pair, "load_causal_lm", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    parent, data, earlier = tmp_path / "parent", tmp_path / "data", tmp_path / "earlier"
+    for directory in (parent / "teacher", data, earlier):
+        directory.mkdir(parents=True)
+    (parent / "teacher" / "config.json").write_text("{}")
+    (parent / "notes.txt").write_text("important")
+    (data / "general.jsonl").write_bytes((REPO / "qwen_distillation/data/demo/general.jsonl").read_bytes())
+    for name in ("config.json", "model.safetensors", "notes.txt"):  # an earlier output, and a file of the user's
+        (earlier / name).write_text("x")
+    (earlier / "pruning.json").write_text(json.dumps({"files": ["config.json", "model.safetensors"]}))
+    teacher = ["--teacher_model", str(parent / "teacher")]
+    cases = [(parent, teacher, f"--out {parent}: holds model.teacher.path={parent / 'teacher'}, an input"),
+             (parent / "teacher", teacher, f"--out {parent / 'teacher'}: is model.teacher.path="),
+             (parent, [], f"--out {parent}: holds notes.txt, teacher, which the prune command did not write"),
+             (earlier, [], f"--out {earlier}: holds notes.txt, which the prune command did not write"),
+             (data / "student", [f"data.general=[{data}]"],
+              f"--out {data / 'student'} lies inside data.general[0]={data}, a directory read as data")]
+    before = sorted(p for p in tmp_path.rglob("*"))
+    for out, extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--out", str(out), "--overwrite", *PRUNE_RUN, "model.student.keep_layers=2", *extra])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err, err
+    assert sorted(p for p in tmp_path.rglob("*")) == before and (parent / "notes.txt").read_text() == "important"
+    (earlier / "notes.txt").unlink()
+    assert foreign_entries(earlier) == []
+    (earlier / "pruning.json").write_text("{}")  # written before pruning.json listed the files: known names pass
+    (earlier / "stage1").mkdir()
+    assert foreign_entries(earlier) == ["stage1"]
 
 
 @pytest.mark.parametrize("override", ["model.student.prune.calibration.sources=[{missing}]",

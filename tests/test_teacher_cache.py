@@ -118,16 +118,11 @@ def test_training_from_a_full_vocabulary_cache_equals_the_online_teacher(tmp_pat
 def test_a_run_from_the_cache_never_reads_the_teachers_weights(tmp_path, small_tokenizer):
     """Every stage reads the cache: the teacher's weights file can be gone. Its config still gives the
     vocabulary; evaluation runs without agreement, teacher metrics or teacher samples."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
     from qwen_distillation.app import run
     from qwen_distillation.cache_teacher import cache_teacher
 
     teacher_dir = tmp_path / "teacher"
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                 tie_word_embeddings=False)).save_pretrained(teacher_dir)
+    _save_teacher(teacher_dir, seed=0)
     teacher = [f"model.teacher.path={teacher_dir}", "model.teacher.random_init=null", "stage1.max_steps=1",
                "eval.agreement=true", "eval.samples=true", "eval.samples_max_prompts=1", "eval.max_new_tokens=4"]
     cache_teacher(_config(tmp_path / "x", small_tokenizer, *teacher), tmp_path / "cache", k=8)
@@ -147,6 +142,54 @@ def test_a_run_from_the_cache_never_reads_the_teachers_weights(tmp_path, small_t
     # The same run with the online teacher needs the weights that are gone.
     with pytest.raises(Exception, match="(?i)safetensors|weights|no file"):
         run(compose_config(_overrides(tmp_path / "online", small_tokenizer, *teacher)))
+
+
+def _save_teacher(directory, seed):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 tie_word_embeddings=False)).save_pretrained(directory)
+
+
+def test_a_cache_of_other_weights_at_the_teachers_path_is_refused(tmp_path, small_tokenizer):
+    """The teacher is a previous run's stageN/final, re-run with overwrite_output_dir=true: the same path
+    and shapes, other weights. The cache named the teacher by its path only, so the stage trained against
+    the old teacher's distribution, and the cache command resumed a cache of the old one."""
+    import shutil
+
+    from qwen_distillation.app import run
+    from qwen_distillation.cache_teacher import cache_teacher
+    from qwen_distillation.data.teacher_cache import read_manifest
+
+    teacher_dir = tmp_path / "teacher"
+    _save_teacher(teacher_dir, seed=0)
+    shutil.copytree(teacher_dir, tmp_path / "original")
+    teacher = [f"model.teacher.path={teacher_dir}", "model.teacher.random_init=null", "stage1.max_steps=1"]
+    cache_teacher(_config(tmp_path / "x", small_tokenizer, *teacher), tmp_path / "cache", k=4)
+    assert read_manifest(tmp_path / "cache")["teacher_fingerprint"]
+    _save_teacher(teacher_dir, seed=1)  # another model over the same directory
+    cached = ["stage1.teacher.source=cache", f"stage1.teacher.cache={tmp_path / 'cache'}"]
+    with pytest.raises(ConfigError, match=rf"stage1\.teacher\.cache=.*teacher weights: {teacher_dir} now holds "
+                                          r"other weights.*made from other teacher weights.*cache_teacher --overwrite"):
+        run(compose_config(_overrides(tmp_path / "run", small_tokenizer, *teacher, *cached)))
+    assert not (tmp_path / "run" / "stage1").exists()
+    with pytest.raises(ConfigError, match=r"--out .*other inputs \(teacher weights: .*--overwrite"):
+        cache_teacher(_config(tmp_path / "x", small_tokenizer, *teacher), tmp_path / "cache", k=4)
+    # The original weights back at the path: the same teacher, the cache is resumed (nothing left to write).
+    shutil.rmtree(teacher_dir)
+    shutil.copytree(tmp_path / "original", teacher_dir)
+    assert cache_teacher(_config(tmp_path / "x", small_tokenizer, *teacher), tmp_path / "cache", k=4)[
+        "examples_written"] == 0
+    # A cache written before fingerprints were recorded is not refused for lacking one (and now records it).
+    manifest = tmp_path / "cache" / "manifest.json"
+    identity = json.loads(manifest.read_text())
+    fingerprint = identity.pop("teacher_fingerprint")
+    manifest.write_text(json.dumps(identity))
+    assert cache_teacher(_config(tmp_path / "x", small_tokenizer, *teacher), tmp_path / "cache", k=4)[
+        "examples_written"] == 0
+    assert read_manifest(tmp_path / "cache")["teacher_fingerprint"] == fingerprint
 
 
 @pytest.mark.parametrize("kwargs,message", [({"batch_size": 0}, "--batch_size 0: must be >= 1"),
@@ -289,6 +332,34 @@ def test_the_one_device_commands_refuse_a_training_engine_saying_why(command, en
     assert f"error: {label}: the {command.split('_')[0]} command" in err and "distributed=none" in err, err
     assert "gradnorm" not in err.lower()
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_holds_no_cache_or_lies_in_the_data_is_refused_before_the_teacher_loads(tmp_path, small_tokenizer,
+                                                                                            monkeypatch):
+    """The shards were written among a model directory's files, and into a directory read as data (a
+    run over it then read them as records)."""
+    import re
+
+    import qwen_distillation.modeling.loading as loading
+    import qwen_distillation.modeling.pair  # noqa: F401 - imported first, it binds the real loader, not the patch
+    from qwen_distillation.cache_teacher import cache_teacher
+
+    monkeypatch.setattr(loading, "load_causal_lm", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=rf"^--out {re.escape(str(model))}: is not empty \(config\.json\) and holds "
+                                          rf"no teacher cache .*choose an empty or new directory"):
+        cache_teacher(_config(tmp_path / "x", small_tokenizer), model, k=4, overwrite=True)
+    assert [p.name for p in model.iterdir()] == ["config.json"]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "general.jsonl").write_bytes((REPO / "qwen_distillation" / "data" / "demo" / "general.jsonl").read_bytes())
+    out = data / "cache"
+    with pytest.raises(ConfigError, match=rf"^--out {re.escape(str(out))} lies inside data\.general\[0\]="
+                                          rf"{re.escape(str(data))}, a directory read as data"):
+        cache_teacher(_config(tmp_path / "x", small_tokenizer, f"data.general=[{data}]"), out, k=4)
+    assert [p.name for p in data.iterdir()] == ["general.jsonl"]
 
 
 def test_a_file_given_as_the_cache_is_named_as_such(tmp_path):

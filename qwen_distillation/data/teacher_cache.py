@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_distillation.data.generated import file_digest
+from qwen_distillation.data.generated import TEACHER_FINGERPRINT, file_digest, teacher_weights_difference
 from qwen_distillation.errors import CheckpointError, ConfigError
 
 MANIFEST = "manifest.json"
@@ -53,21 +53,40 @@ def ids_checksum(input_ids) -> int:
 
 
 def cache_identity(*, teacher: str, tokenizer: str, vocab_size: int, data: list[dict], max_length: int,
-                   k: int | None, dtype: str | None) -> dict:
+                   k: int | None, dtype: str | None, teacher_fingerprint: str | None = None) -> dict:
     """What a cache depends on; training refuses a cache whose identity differs from the stage's.
 
-    ``data``: one entry per source, ``{"path", "sha256", "format", "split", "subset", "max_records"}``."""
-    return {"format_version": FORMAT_VERSION, "teacher": teacher, "tokenizer": tokenizer, "vocab_size": vocab_size,
-            "data": data, "max_length": max_length, "k": k, "dtype": dtype}
+    ``data``: one entry per source, ``{"path", "sha256", "format", "split", "subset", "max_records"}``.
+    ``teacher_fingerprint``: :func:`~qwen_distillation.data.generated.model_fingerprint` of a local
+    teacher's weights (None: a hub id or a random-init teacher, which ``teacher`` names fully)."""
+    return {"format_version": FORMAT_VERSION, "teacher": teacher, TEACHER_FINGERPRINT: teacher_fingerprint,
+            "tokenizer": tokenizer, "vocab_size": vocab_size, "data": data, "max_length": max_length, "k": k,
+            "dtype": dtype}
+
+
+def same_identity(cached: dict, wanted: dict) -> bool:
+    """Whether a cache's manifest is of ``wanted``'s inputs; a manifest written before the teacher's
+    fingerprint was recorded (no such key) is not told apart by it, nor is a run whose teacher
+    directory holds no weights to fingerprint."""
+    def comparable(identity):
+        return {key: value for key, value in identity.items() if key != TEACHER_FINGERPRINT}
+
+    return comparable(cached) == comparable(wanted) and teacher_weights_difference(cached, wanted) is None
 
 
 def identity_differences(cached: dict, wanted: dict) -> list[str]:
     """What differs between two identities, as ``field: cache X, run Y`` strings. Data sources are
-    compared by content hash (and options), so the same file under another path matches."""
+    compared by content hash (and options), so the same file under another path matches; the
+    teacher's weights by their sampled fingerprint, when both identities record one."""
     out = []
     for key in ("format_version", "teacher", "tokenizer", "vocab_size", "max_length"):
         if cached.get(key) != wanted.get(key):
             out.append(f"{key}: cache {cached.get(key)!r}, run {wanted.get(key)!r}")
+    weights = teacher_weights_difference(cached, wanted)
+    if weights:
+        out.append(f"{weights}: the cache was made from other teacher weights; rebuild it with `python -m "
+                   f"qwen_distillation.cache_teacher --overwrite` and this teacher, or point the run at the "
+                   f"original teacher")
 
     def sources(identity):
         return {(d["sha256"] or d["path"], d.get("format"), d.get("split"), d.get("subset"), d.get("max_records")): d
@@ -130,12 +149,13 @@ class CacheWriter:
         if not (Path(directory) / MANIFEST).exists():
             return False
         cached = read_manifest(Path(directory))
-        if cached != identity and not overwrite:
+        other = not same_identity(cached, identity)
+        if other and not overwrite:
             diff = identity_differences(cached, identity) or ["k or dtype: cache "
                                                               f"{cached.get('k')}/{cached.get('dtype')}"]
             raise ConfigError(f"--out {directory}: holds a teacher cache of other inputs ({'; '.join(diff)});"
                               f" choose another directory or pass --overwrite")
-        return cached != identity
+        return other
 
     def __init__(self, directory: Path, identity: dict, *, rank: int = 0, overwrite: bool = False):
         self.directory = Path(directory)

@@ -100,6 +100,25 @@ def select_device(train) -> tuple[torch.device, str]:
     return device, precision
 
 
+def data_entries(sources: dict) -> list[tuple[str, str]]:
+    """``(config key, path)`` of data sources (``data_sources``'s): ``data.general[0]``, ``data.eval[1]``."""
+    return [(f"data.{key}[{i}]", source.path) for key, domain in sources.items() for i, source in enumerate(domain)]
+
+
+def model_inputs(cfg) -> list[tuple[str, str]]:
+    """``(config key, path)`` of the models ``cfg`` loads and, for a student pruned from the teacher,
+    the calibration sources given apart from the data: ``model.teacher.path``,
+    ``model.student.prune.calibration.sources[0]``."""
+    paths = [(f"model.{role}.{name}", value) for role in ("student", "teacher") for name in ("path", "tokenizer")
+             if (value := getattr(getattr(cfg.model, role), name))]
+    student = cfg.model.student
+    if pruned_from_teacher(student) and needs_calibration(student) and student.prune.calibration.sources:
+        calibration = calibration_source_set(student.prune.calibration, cfg.data)[0]["general"]
+        paths += [(f"model.student.prune.calibration.sources[{i}]", source.path)
+                  for i, source in enumerate(calibration)]
+    return paths
+
+
 def _domains(stage: StageConfig) -> tuple[str, ...]:
     """The domains ``stage`` serves, by its medical-ratio schedule (``stage_domains``)."""
     ratio = stage.medical_ratio
@@ -205,24 +224,16 @@ class Distiller:
         """``(config key, path)`` of every file or folder the run reads besides ``checkpoint_path``:
         an ``overwrite_output_dir=true`` run refuses to start when one lies in what it would clear."""
         cfg = self.config
-        paths = [(f"model.{role}.{name}", value) for role in ("student", "teacher") for name in ("path", "tokenizer")
-                 if (value := getattr(getattr(cfg.model, role), name))]
-        paths += self._data_entries()
+        paths = model_inputs(cfg) + self._data_entries()
         paths += [("eval.prompts", locate(cfg.eval.prompts))] if cfg.eval.samples else []
         paths += [(f"{STAGE_KEYS[i]}.teacher.cache", getattr(cfg, STAGE_KEYS[i]).teacher.cache) for i in self.stages
                   if getattr(cfg, STAGE_KEYS[i]).teacher.source == "cache"]
-        student = cfg.model.student
-        if pruned_from_teacher(student) and needs_calibration(student) and student.prune.calibration.sources:
-            calibration = calibration_source_set(student.prune.calibration, cfg.data)[0]["general"]
-            paths += [(f"model.student.prune.calibration.sources[{i}]", source.path)
-                      for i, source in enumerate(calibration)]
         return [(key, path) for key, path in paths if not str(path).startswith("package:")]
 
     def _data_entries(self) -> list[tuple[str, str]]:
         """``(config key, path)`` of the run's data and MCQ sources: ``data.general[0]``, ``eval.mcq[1]``."""
-        entries = [(f"data.{key}[{i}]", source.path) for key, sources in self.sources.items()
-                   for i, source in enumerate(sources)]
-        return entries + [(f"eval.mcq[{i}]", source.path) for i, source in enumerate(self.mcq_sources)]
+        return data_entries(self.sources) + [(f"eval.mcq[{i}]", source.path)
+                                             for i, source in enumerate(self.mcq_sources)]
 
     def _check_trainable(self) -> None:
         """A student none of whose parameters trains (transformers loads a LoRA adapter given as

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from qwen_distillation.errors import CheckpointError, ConfigError
 from qwen_distillation.evaluation.report import REPORT_NAMES
-from qwen_distillation.paths import refuse_file_in_the_way
+from qwen_distillation.paths import PACKAGE_PREFIX, locate, refuse_file_in_the_way
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.metrics import METRICS_FILE, TENSORBOARD_DIR
 
@@ -37,6 +37,25 @@ def entries_to_clear(output_dir: Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
     return sorted(child for child in output_dir.iterdir() if STAGE_ENTRY.match(child.name) or child.name in RUN_FILES)
+
+
+def refuse_output_among_inputs(output: str | Path, key: str, inputs, *, why: str, fix: str,
+                               holding: bool = False) -> None:
+    """Refuse an output (``key``: the option as the user wrote it, ``output_dir=out/run``, ``--out out/x``)
+    that lies inside a directory read as data: an input (``(config key, path)`` pairs) whose key starts
+    with DATA_KEYS or is ``--data``; ``why`` says what would read the output back, ``fix`` what to do.
+    With ``holding`` also an output that is, or holds, any existing input: writing it would replace that."""
+    output = Path(os.path.expanduser(output)).resolve()
+    for input_key, path in inputs:
+        if str(path).startswith(PACKAGE_PREFIX):  # a file shipped inside an installed package
+            continue
+        resolved = Path(os.path.expanduser(locate(str(path)))).resolve()
+        if input_key.startswith((*DATA_KEYS, "--data")) and resolved.is_dir() and (resolved == output
+                                                                                     or resolved in output.parents):
+            raise ConfigError(f"{key} lies inside {input_key}={path}, a directory read as data: {why}; {fix}")
+        if holding and resolved.exists() and (resolved == output or output in resolved.parents):
+            raise ConfigError(f"{key}: {'is' if resolved == output else 'holds'} {input_key}={path}, an input of "
+                              f"this command, which writing the output would replace; {fix}")
 
 
 def run_hash(run_config: dict) -> str:
@@ -103,13 +122,11 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
                           + f"; start the new stages in another output_dir (e.g. output_dir={output_dir}_from_"
                           f"{Path(checkpoint_path).parent.name})")
     cleared = [entry.resolve() for entry in entries_to_clear(output_dir)] if overwrite else []
+    refuse_output_among_inputs(output_dir, f"output_dir={output_dir}", inputs,
+                               why="a resumed or later run would read this run's own files as records",
+                               fix="write the run outside it (e.g. output_dir=outputs/run)")
     for key, path in inputs:
         resolved = Path(path).resolve()
-        if key.startswith(DATA_KEYS) and resolved.is_dir() and (resolved == output_dir.resolve()
-                                                                  or resolved in output_dir.resolve().parents):
-            raise ConfigError(f"output_dir={output_dir} lies inside {key}={path}, a directory read as data: a "
-                              f"resumed or later run would read this run's own files as records; write the run "
-                              f"outside it (e.g. output_dir=outputs/run)")
         entry = next((e for e in cleared if e == resolved or e in resolved.parents), None)
         if entry is not None:
             raise ConfigError(f"{key}={path} lies inside {entry}, which overwrite_output_dir=true would remove; "

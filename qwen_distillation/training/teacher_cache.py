@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from qwen_distillation.data.generated import model_fingerprint
 from qwen_distillation.data.manager import collate
 from qwen_distillation.data.sources import DataSource
 from qwen_distillation.data.teacher_cache import (CachedExample, CacheReader, CacheWriter, cache_identity,
@@ -25,7 +26,7 @@ from qwen_distillation.data.teacher_cache import (CachedExample, CacheReader, Ca
 from qwen_distillation.errors import ConfigError
 from qwen_distillation.losses.topk import teacher_topk
 from qwen_distillation.modeling.parts import decoder_and_head, model_inputs, position_mask
-from qwen_distillation.paths import locate
+from qwen_distillation.paths import locate, resolve_path
 from qwen_distillation.training.teacher import Launched
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,15 @@ def teacher_description(spec, seed: int) -> str:
     else:
         name = ":".join(str(v) for v in (spec.path, spec.gguf_file, spec.revision) if v)
     return name + ((":fp8-fast-accum" if spec.fp8_fast_accum else ":fp8") if spec.fp8 else "")
+
+
+def teacher_fingerprint(spec) -> str | None:
+    """The sampled :func:`~qwen_distillation.data.generated.model_fingerprint` of a local teacher's
+    weights, which :func:`teacher_description` (its path) does not tell apart from another model saved
+    at the same path; None for a random-init teacher or a hub id."""
+    if spec.random_init or not spec.path:
+        return None
+    return model_fingerprint(resolve_path(spec.path), spec.gguf_file)
 
 
 def tokenizer_description(tokenizer) -> str:
@@ -79,7 +89,8 @@ def cache_spec(*, teacher_spec, seed: int, tokenizer, vocab_size: int, sources: 
     for, which reads a cache of any k and dtype) and the data files' hashes."""
     hashes = source_hashes(source_paths(sources))
     identity = cache_identity(teacher=teacher_description(teacher_spec, seed), tokenizer=tokenizer_description(
-        tokenizer), vocab_size=vocab_size, data=data_identity(sources, hashes), max_length=max_length, k=k, dtype=dtype)
+        tokenizer), vocab_size=vocab_size, data=data_identity(sources, hashes), max_length=max_length, k=k, dtype=dtype,
+        teacher_fingerprint=teacher_fingerprint(teacher_spec))
     return CacheSpec(identity, hashes)
 
 
