@@ -599,16 +599,33 @@ def test_a_config_error_names_the_last_override_of_its_key(command, argv, expect
     assert not out.exists() and not (tmp_path / "pruned").exists()
 
 
+def _run_user_preset(tmp_path, capsys, text: str) -> tuple[int, str]:
+    """A tiny run with ``experiment=mine`` from the user's own ``--config-dir``, the preset holding ``text``."""
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text(text)
+    return _cli(["--config-dir", str(tmp_path / "conf"), "experiment=mine"] + tiny_overrides(tmp_path / "run", steps=1),
+                capsys)
+
+
 def test_a_user_preset_that_is_not_valid_yaml_is_one_error_line(tmp_path, capsys):
     """A preset in the user's own --config-dir with a YAML syntax error ended in yaml's ParserError traceback."""
-    (tmp_path / "conf" / "experiment").mkdir(parents=True)
-    preset = tmp_path / "conf" / "experiment" / "bad.yaml"
-    preset.write_text("# @package _global_\nstage1: {lr: 1e-3\n")
-    code, output = _cli(["--config-dir", str(tmp_path / "conf"), "experiment=bad"]
-                        + tiny_overrides(tmp_path / "run", steps=1), capsys)
-    assert code == 2 and f"error: {preset} line 3, column 1: not valid YAML (while parsing a flow mapping at line 2, " \
-        "column 9, expected ',' or '}'" in output, output
+    code, output = _run_user_preset(tmp_path, capsys, "# @package _global_\nstage1: {lr: 1e-3\n")
+    assert code == 2 and f"error: {tmp_path / 'conf' / 'experiment' / 'mine.yaml'} line 3, column 1: not valid YAML " \
+        "(while parsing a flow mapping at line 2, column 9, expected ',' or '}'" in output, output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_user_preset_without_its_package_line_says_so(tmp_path, capsys):
+    """It was read as the value of `experiment`: "Cannot convert 'DictConfig' to string ... full_key: experiment"."""
+    code, output = _run_user_preset(tmp_path, capsys, "stage1:\n  temperature: 7\n")
+    assert code == 2 and "this preset lacks its package line (a preset sets keys of the whole config: make " \
+        "`# @package _global_` its first line" in output, output
+
+
+def test_a_typo_in_a_user_preset_gets_the_closest_key(tmp_path, capsys):
+    code, output = _run_user_preset(tmp_path, capsys, "# @package _global_\nstage1:\n  temperture: 7\n")
+    assert code == 2 and "experiment=mine: In 'experiment/mine': no such config key: stage1.temperture (did you mean " \
+        "stage1.temperature?)" in output, output
 
 
 def test_ctrl_c_is_one_line_and_exit_status_130(monkeypatch, tmp_path, capsys):
@@ -640,25 +657,6 @@ def test_an_empty_domain_is_named_before_the_metric_it_leaves_missing(tmp_path, 
     """data.general=[] used to be reported as 'stage1.best_metric=eval/general_nll is not among the metrics'."""
     code, output = _cli(tiny_overrides(tmp_path / "run", steps=1) + ["end_stage=1", "data.general=[]"], capsys)
     assert code == 2 and "stage1 serves general data (medical_ratio below 1) but data.general is empty" in output
-
-
-def test_a_user_preset_without_its_package_line_says_so(tmp_path, capsys):
-    """It was read as the value of `experiment`: "Cannot convert 'DictConfig' to string ... full_key: experiment"."""
-    (tmp_path / "conf" / "experiment").mkdir(parents=True)
-    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text("stage1:\n  temperature: 7\n")
-    code, output = _cli(["--config-dir", str(tmp_path / "conf"), "experiment=mine"]
-                        + tiny_overrides(tmp_path / "run", steps=1), capsys)
-    assert code == 2 and "this preset lacks its package line (a preset sets keys of the whole config: make " \
-        "`# @package _global_` its first line" in output, output
-
-
-def test_a_typo_in_a_user_preset_gets_the_closest_key(tmp_path, capsys):
-    (tmp_path / "conf" / "experiment").mkdir(parents=True)
-    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text("# @package _global_\nstage1:\n  temperture: 7\n")
-    code, output = _cli(["--config-dir", str(tmp_path / "conf"), "experiment=mine"]
-                        + tiny_overrides(tmp_path / "run", steps=1), capsys)
-    assert code == 2 and "experiment=mine: In 'experiment/mine': no such config key: stage1.temperture (did you mean " \
-        "stage1.temperature?)" in output, output
 
 
 def test_a_misspelt_flag_of_a_command_lists_that_commands_own_flags(tmp_path, capsys):
