@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from qwen_distillation.errors import ConfigError
-from qwen_distillation.paths import refuse_file_in_the_way
+from qwen_distillation.paths import refuse_file_in_the_way, some_names
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +78,7 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
     # Another rank may be writing the manifest (under a temporary name): that alone is this cache's.
     foreign = sorted(e.name for e in Path(out).iterdir() if e.name != f".{MANIFEST}.tmp") if Path(out).is_dir() else []
     if foreign and not (Path(out) / MANIFEST).exists():
-        raise ConfigError(f"--out {out}: is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+        raise ConfigError(f"--out {out}: is not empty ({some_names(foreign)})"
                           f" and holds no teacher cache (no {MANIFEST}); choose an empty or new directory for the "
                           f"cache")
     data = build_domain_data(sources, tokenizer, max_length=cfg.data.max_length,

@@ -47,6 +47,13 @@ def refuse_file_in_the_way(path: str | Path, key: str, fix: str) -> None:
         raise ConfigError(f"{key}: {'it' if blocking == path else blocking} is a file, not a directory; {fix}")
 
 
+def some_names(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``names`` for an error message, and how many more there are:
+    ``"a, b, c and 2 more"``."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def file_identity(path: str | Path) -> tuple:
     """What makes two paths one file: the device and inode of an existing one (through symlinks,
     hard links, ``..``, ``~``), else its resolved spelling. Usable as a dict key."""

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from qwen_distillation.errors import ConfigError
-from qwen_distillation.paths import refuse_file_in_the_way
+from qwen_distillation.paths import refuse_file_in_the_way, some_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRUNING_FILES = ("pruning.json", "pruning_scores.safetensors")
@@ -96,8 +96,7 @@ def prune_and_save(cfg, out: Path, *, overwrite: bool = False, dtype: str = "aut
                                fix="write the pruned student elsewhere (e.g. --out out/student)")
     foreign = foreign_entries(out) if out.is_dir() else []
     if foreign:  # --overwrite replaces the whole directory: only a previous prune output may be replaced
-        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        raise ConfigError(f"--out {out}: holds {', '.join(foreign[:3])}{more}, which the prune command did not "
+        raise ConfigError(f"--out {out}: holds {some_names(foreign)}, which the prune command did not "
                           f"write (--overwrite replaces only an earlier prune output); choose a new or empty "
                           f"directory, or move {'it' if len(foreign) == 1 else 'them'} out first")
     if out.exists() and any(out.iterdir()) and not overwrite:

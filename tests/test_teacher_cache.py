@@ -347,11 +347,14 @@ def test_an_out_that_holds_no_cache_or_lies_in_the_data_is_refused_before_the_te
     monkeypatch.setattr(loading, "load_causal_lm", lambda *a, **k: pytest.fail("the teacher was loaded"))
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match=rf"^--out {re.escape(str(model))}: is not empty \(config\.json\) and holds "
+    names = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    for name in names:
+        (model / name).write_text("{}")
+    with pytest.raises(ConfigError, match=rf"^--out {re.escape(str(model))}: is not empty \(config\.json, "
+                                          rf"generation_config\.json, model\.safetensors and 1 more\) and holds "
                                           rf"no teacher cache .*choose an empty or new directory"):
         cache_teacher(_config(tmp_path / "x", small_tokenizer), model, k=4, overwrite=True)
-    assert [p.name for p in model.iterdir()] == ["config.json"]
+    assert sorted(p.name for p in model.iterdir()) == names
     data = tmp_path / "data"
     data.mkdir()
     (data / "general.jsonl").write_bytes((REPO / "qwen_distillation" / "data" / "demo" / "general.jsonl").read_bytes())
