@@ -502,6 +502,34 @@ def test_resuming_after_a_data_file_changed_is_refused_naming_it(tmp_path, capsy
     assert _cli(argv, capsys)[0] == 0  # the original data resumes
 
 
+def test_a_run_hashes_each_local_data_file_once(tmp_path, monkeypatch):
+    """The check that no evaluation set is a copy of a training source and the resume check both
+    need each data file's digest; each file used to be read and hashed twice at start-up."""
+    import qwen_distillation.data.generated as generated
+    import qwen_distillation.data.sources as sources
+    import qwen_distillation.training.distiller as distiller
+    from qwen_distillation.config.validate import validate_config
+
+    hashed = []
+
+    def counted(path):
+        hashed.append(os.path.realpath(path))
+        return generated.file_digest(path)
+
+    for module in (sources, distiller):
+        monkeypatch.setattr(module, "file_digest", counted)
+    general, medical = tmp_path / "general.jsonl", tmp_path / "medical.jsonl"
+    for file in (general, medical):
+        file.write_bytes((REPO / f"qwen_distillation/data/demo/{file.name}").read_bytes())
+    cfg = validate_config(compose_config(tiny_overrides(tmp_path / "run", steps=1) + [
+        f"data.general=[{general}]", f"data.medical=[{medical}]"]))
+    run = distiller.Distiller(cfg)
+    assert {path: hashed.count(path) for path in hashed} == {str(general): 1, str(medical): 1}
+    assert run._data_sha256() == {f"data.general[0]={general}": hashlib.sha256(general.read_bytes()).hexdigest(),
+                                  f"data.medical[0]={medical}": hashlib.sha256(medical.read_bytes()).hexdigest()}
+    assert len(hashed) == 2
+
+
 @pytest.mark.parametrize("entry, key", [("data.eval", "data.eval[0]"), ("eval.mcq", "eval.mcq[0]")])
 @pytest.mark.parametrize("same", ["link", "copy"])
 def test_an_evaluation_set_that_is_also_trained_on_is_refused(entry, key, same, tmp_path, capsys):

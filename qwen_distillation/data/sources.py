@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from qwen_distillation.data.encode import build_examples, split_heldout
 from qwen_distillation.data.formats import FORMATS
@@ -71,28 +71,31 @@ def data_sources(data_cfg) -> dict[str, list[DataSource]]:
     return {key: checked_sources(f"data.{key}", getattr(data_cfg, key)) for key in (*DOMAINS, "eval")}
 
 
-def _same_data(path: str, split: str, subset: str | None) -> list[tuple]:
+def _same_data(path: str, split: str, subset: str | None,
+               digest: Callable[[str], str | None] = file_digest) -> list[tuple]:
     """What makes two sources the same data: a local file or folder by its ``file_identity`` (a link
-    or another spelling of it included) or by its content (``file_digest``: a copy), a hub dataset
-    by its name, split and subset. Two sources are the same data when they share a key."""
+    or another spelling of it included) or by its content (``digest`` of its located path: a copy), a
+    hub dataset by its name, split and subset. Two sources are the same data when they share a key."""
     local = locate(path)
     if not os.path.exists(os.path.expanduser(local)):
         return [(path, split, subset)]
-    return [file_identity(local), ("sha256", file_digest(local))]
+    return [file_identity(local), ("sha256", digest(local))]
 
 
-def refuse_trained_eval_sets(sources: dict[str, list[DataSource]], more: Iterable[tuple[str, Any]] = ()) -> None:
+def refuse_trained_eval_sets(sources: dict[str, list[DataSource]], more: Iterable[tuple[str, Any]] = (),
+                             digest: Callable[[str], str | None] = file_digest) -> None:
     """Refuse an evaluation set that is also a training source of the run (the same file, a link
     to it or a copy of it): its scores would be reported as held out. ``sources``:
     :func:`data_sources`'s (its ``eval`` entries are checked); ``more``: other evaluation sets as
     ``(key, source)``, e.g. ``eval.mcq[0]`` (with ``path``, ``split``, ``subset``). The held-out
     split of a training source is the run's own evaluation (``eval/general_nll``,
     ``eval/medical_nll``); give another file here. Training sources that are the same data as one
-    another are logged: each one's held-out records are trained on through the other."""
+    another are logged: each one's held-out records are trained on through the other. ``digest``:
+    :func:`file_digest`, or a memo of it shared with the caller's other reads of the same files."""
     trained: dict[tuple, str] = {}
     for key in DOMAINS:
         for i, s in enumerate(sources[key]):
-            entry, keys = f"data.{key}[{i}]", _same_data(s.path, s.split, s.subset)
+            entry, keys = f"data.{key}[{i}]", _same_data(s.path, s.split, s.subset, digest)
             earlier = next((trained[same] for same in keys if same in trained), None)
             if earlier:
                 log.warning("%s=%s is the same data as %s (the same file, a link or a copy): each one's held-out "
@@ -100,7 +103,7 @@ def refuse_trained_eval_sets(sources: dict[str, list[DataSource]], more: Iterabl
                             entry, s.path, earlier)
             trained.update({same: trained.get(same, entry) for same in keys})
     for key, source in [*((f"data.eval[{i}]", s) for i, s in enumerate(sources["eval"])), *more]:
-        entry = next((trained[same] for same in _same_data(source.path, source.split, source.subset)
+        entry = next((trained[same] for same in _same_data(source.path, source.split, source.subset, digest)
                       if same in trained), None)
         if entry:
             raise ConfigError(f"{key}={source.path}: also the training source {entry} (the same file, a link or "

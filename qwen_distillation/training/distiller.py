@@ -176,7 +176,10 @@ class Distiller:
         # paths that do not exist fail here, before any model loads and anything is written.
         self.sources = data_sources(config.data)
         self.mcq_sources = normalise_mcq_sources("eval.mcq", config.eval.mcq)
-        refuse_trained_eval_sets(self.sources, ((f"eval.mcq[{i}]", s) for i, s in enumerate(self.mcq_sources)))
+        # One digest per data file per run: the check below and the resume check (_data_sha256) share it.
+        self._file_digest = functools.lru_cache(maxsize=None)(file_digest)
+        refuse_trained_eval_sets(self.sources, ((f"eval.mcq[{i}]", s) for i, s in enumerate(self.mcq_sources)),
+                                 digest=self._file_digest)
         self.device, self.precision = select_device(config.train)
         self.topo = dist.SINGLE  # the launch, once run() has started its process group
         self.mesh = None  # the ranks FSDP2 shards the models over (distributed=fsdp2), once built
@@ -251,7 +254,7 @@ class Distiller:
     def _data_sha256(self) -> dict[str, str]:
         """``{"data.general[0]=PATH": sha256}`` of the local data and MCQ files the run reads: a resumed
         run checks them (a changed file changes the held-out split under the same record count)."""
-        digests = {f"{key}={path}": file_digest(locate(path)) for key, path in self._data_entries()}
+        digests = {f"{key}={path}": self._file_digest(locate(path)) for key, path in self._data_entries()}
         return {entry: digest for entry, digest in digests.items() if digest is not None}
 
     def _autocast(self):
