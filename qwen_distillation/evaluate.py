@@ -19,13 +19,16 @@ for every other model); with ``--text_metrics``, every model answers the first
 level, 0-100) and ``eval/llamafactory/NAME_*`` (LLaMA-Factory's conventions); ``--mcq
 NAME=FILE`` sets give ``eval/mcq/NAME_accuracy`` (format detected from the fields: cmexam,
 medmcqa, mmlu or pubmedqa). The same names as a run's ``metrics.jsonl`` and report. Writes
-``results.json`` and ``results.md``.
+``results.json`` and ``results.md`` into the directory ``--out``, each under a temporary name and renamed
+into place; an ``--out`` that holds earlier results is refused (before any model loads) unless
+``--overwrite``, which replaces those two files only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -136,6 +139,36 @@ def to_markdown(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+RESULT_FILES = ("results.json", "results.md")
+
+
+def check_out(out: str, overwrite: bool) -> None:
+    """Refuse an ``--out`` that is (or lies under) a file, or that holds earlier results unless
+    ``overwrite``: they would be replaced without a word once the evaluation ends."""
+    refuse_file_in_the_way(out, f"--out {out}", "give a directory (it receives results.json and results.md)")
+    earlier = [name for name in RESULT_FILES if os.path.lexists(Path(out) / name)]
+    if earlier and not overwrite:
+        raise ConfigError(f"--out {out}: holds earlier results ({', '.join(earlier)}); choose another directory or "
+                          f"pass --overwrite to replace them")
+
+
+def write_results(out: Path, results: dict[str, dict[str, float]]) -> None:
+    """Write ``results.json`` and ``results.md`` into ``out``: each under a temporary name beside it,
+    then renamed into place (``os.replace``), so an interrupted write leaves the earlier files (or
+    none), never half of one."""
+    out.mkdir(parents=True, exist_ok=True)
+    texts = {"results.json": json.dumps(results, indent=2), "results.md": to_markdown(results)}
+    temporary = {name: out / f".{name}.tmp" for name in texts}
+    try:
+        for name, text in texts.items():
+            temporary[name].write_text(text, encoding="utf-8")
+        for name, tmp in temporary.items():
+            os.replace(tmp, out / name)
+    finally:
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
+
+
 def _check_text_metrics(args: argparse.Namespace) -> None:
     if not args.nll:
         raise ConfigError("--text_metrics scores answers to the examples of the --nll sets: add one, e.g. "
@@ -170,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=64, help="length limit of each greedy answer")
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="directory for results.json and results.md")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier evaluation "
+                                                                 "in --out")
     args = parser.parse_args(argv)
     try:
         models = _pairs(args.model, "--model")
@@ -181,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             _check_text_metrics(args)
         if not args.nll and not args.mcq:
             raise ConfigError("nothing to evaluate on: give at least one --nll NAME=FILE or --mcq NAME=FILE set")
-        refuse_file_in_the_way(args.out, f"--out {args.out}", "give a directory (it receives results.json and "
-                               "results.md)")
+        check_out(args.out, args.overwrite)
         device = check_device(args.device)
         for name, path in models.items():  # before any model loads: a mistyped path, a folder with no model
             check_model_path(name, path)
@@ -194,10 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     except DistillationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(to_markdown(results))
+    write_results(Path(args.out), results)
     print(to_markdown(results))
     return 0
 

@@ -1,0 +1,204 @@
+"""Command lines that used to give a wrong result without a word: ``evaluate --out`` over earlier
+results, a sweep into the output_dir of a single run, and a classic flag whose key ``~key`` deletes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+
+import pytest
+
+import qwen_distillation.evaluate as evaluate_module
+from conftest import tiny_overrides
+from qwen_distillation.cli import UsageError, check_sweep, main, translate
+
+NLL = "m=package:qwen_distillation/data/demo/medical.jsonl"
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    saved = sys.argv
+    sys.argv = ["run_distillation.py"]
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _snapshot(directory) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    saved = sys.argv
+    sys.argv = ["run_distillation.py"]
+    try:
+        main(tiny_overrides(out, steps=1) + ["end_stage=1"])
+    finally:
+        sys.argv = saved
+    assert json.loads((out / "run_state.json").read_text())["finished"]
+    return out
+
+
+# ------------------------------------------------------------------------------ evaluate --out
+@pytest.fixture
+def fake_evaluation(monkeypatch):
+    """evaluate's main with the evaluation itself stubbed: the --out rules alone, in milliseconds."""
+    calls = []
+
+    def fake_evaluate(models, **kwargs):
+        calls.append(models)
+        return {name: {"eval/m_nll": 1.5} for name in models}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", fake_evaluate)
+    monkeypatch.setattr(evaluate_module, "check_model_path", lambda *args, **kwargs: None)
+    return calls
+
+
+def _evaluate(out, *flags) -> int:
+    return evaluate_module.main(["--model", "a=some/model", "--nll", NLL, "--device", "cpu", "--out", str(out), *flags])
+
+
+def test_evaluate_refuses_an_out_holding_earlier_results_unless_overwrite(fake_evaluation, tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "results.json").write_text("old json")
+    (out / "results.md").write_text("old table")
+    (out / "notes.txt").write_text("mine")
+    assert _evaluate(out) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: --out {out}: holds earlier results (results.json, results.md); choose another "
+                           f"directory or pass --overwrite to replace them"), err
+    assert not fake_evaluation, "refused before any model loads"
+    assert (out / "results.json").read_text() == "old json" and (out / "results.md").read_text() == "old table"
+    (out / "results.json").unlink()  # one of the two is enough to refuse
+    assert _evaluate(out) == 2 and "holds earlier results (results.md)" in capsys.readouterr().err
+    assert _evaluate(out, "--overwrite") == 0
+    assert json.loads((out / "results.json").read_text()) == {"a": {"eval/m_nll": 1.5}}
+    assert (out / "results.md").read_text().startswith("| model |")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "results.json", "results.md"]
+    assert _evaluate(tmp_path / "empty") == 0 and _evaluate(tmp_path / "empty", "--overwrite") == 0
+
+
+class _Interrupted(io.TextIOBase):
+    """A file that receives half of what is written to it, then is interrupted (Ctrl-C, a kill)."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, text):
+        self.file.write(text[:len(text) // 2])
+        self.file.flush()
+        raise KeyboardInterrupt
+
+    def close(self):
+        self.file.close()
+
+
+def test_evaluate_writes_its_results_atomically(fake_evaluation, tmp_path, monkeypatch):
+    """Interrupted while writing the second file: no half-written results file, no temporary left, and
+    the earlier results (with --overwrite) intact."""
+    real_open = io.open
+
+    def interrupt_the_second_write(monkeypatch):
+        opened = []
+
+        def fake_open(file, mode="r", *args, **kwargs):
+            handle = real_open(file, mode, *args, **kwargs)
+            if "w" in mode:
+                opened.append(file)
+                if len(opened) == 2:
+                    return _Interrupted(handle)
+            return handle
+
+        monkeypatch.setattr(io, "open", fake_open)
+
+    out = tmp_path / "eval"
+    with monkeypatch.context() as patch:
+        interrupt_the_second_write(patch)
+        with pytest.raises(KeyboardInterrupt):
+            _evaluate(out)
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+    out.mkdir(exist_ok=True)
+    (out / "results.json").write_text("old json")
+    (out / "results.md").write_text("old table")
+    with monkeypatch.context() as patch:
+        interrupt_the_second_write(patch)
+        with pytest.raises(KeyboardInterrupt):
+            _evaluate(out, "--overwrite")
+    assert (out / "results.json").read_text() == "old json" and (out / "results.md").read_text() == "old table"
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]
+
+
+# ------------------------------------------------------------------------------ sweeps
+def test_a_sweep_into_the_output_dir_of_a_single_run_is_refused(finished_run, capsys):
+    before = _snapshot(finished_run)
+    code, output = _cli(tiny_overrides(finished_run, steps=1) + ["end_stage=1", "-m", "seed=1,2"], capsys)
+    assert code == 2, output
+    lines = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert lines == [f"error: output_dir={finished_run} holds a finished single run, not a sweep: the sweep would "
+                     f"write its job0/, job1/, ... folders among that run's files; choose a new output_dir for the "
+                     f"sweep (e.g. output_dir={finished_run}_sweep); no job was started"], output
+    assert _snapshot(finished_run) == before  # no job*/, no multirun.yaml
+    # overwrite_output_dir=true reruns a sweep's jobs; it never clears the single run around them.
+    code, output = _cli(tiny_overrides(finished_run, steps=1) + ["overwrite_output_dir=true", "-m", "seed=1,2"],
+                        capsys)
+    assert code == 2 and "holds a finished single run, not a sweep" in output, output
+    assert _snapshot(finished_run) == before
+
+
+def test_a_sweep_over_an_earlier_sweep_or_elsewhere_is_not_refused(finished_run, tmp_path):
+    """Only a run_state.json at the top of the sweep's directory is refused: an earlier sweep's jobN/
+    folders are the jobs' own to skip, resume or refuse; hydra.sweep.dir moves the sweep elsewhere."""
+    sweep = tmp_path / "sweep"
+    (sweep / "job0").mkdir(parents=True)
+    (sweep / "job0" / "run_state.json").write_text(json.dumps({"finished": True, "completed_stages": [1]}))
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    check_sweep(tiny_overrides(sweep, steps=1) + ["seed=1,2"])
+    check_sweep(tiny_overrides(finished_run, steps=1) + ["seed=1,2", f"hydra.sweep.dir={tmp_path / 'elsewhere'}"])
+    with pytest.raises(UsageError, match=r"hydra\.sweep\.dir=.* holds a finished single run, not a sweep"):
+        check_sweep(tiny_overrides(sweep, steps=1) + ["seed=1,2", f"hydra.sweep.dir={finished_run}"])
+    (sweep / "run_state.json").write_text(json.dumps({"finished": False, "completed_stages": []}))
+    with pytest.raises(UsageError, match=f"output_dir={sweep} holds an unfinished single run, not a sweep"):
+        check_sweep(tiny_overrides(sweep, steps=1) + ["seed=1,2"])
+
+
+# ------------------------------------------------------------------------------ a flag and ~key
+@pytest.mark.parametrize("argv,message", [
+    (["--seed", "1", "~seed"], "seed is set by --seed 1 and deleted by ~seed; keep one"),
+    (["~seed", "--seed", "1"], "seed is set by --seed 1 and deleted by ~seed; keep one"),
+    (["--seed=1", "~seed=1"], "seed is set by --seed 1 and deleted by ~seed=1; keep one"),
+    (["--fp16", "~train.precision"], "train.precision is set by --fp16 and deleted by ~train.precision; keep one"),
+    (["--teacher_model", "t", "~model.teacher"],
+     "model.teacher.path is set by --teacher_model t and deleted by ~model.teacher; keep one"),
+])
+def test_a_classic_flag_and_a_deletion_of_its_key_are_refused(argv, message):
+    with pytest.raises(UsageError) as err:
+        translate(argv)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("argv,overrides", [
+    (["seed=3", "~seed"], ["seed=3", "~seed"]),  # overrides among themselves: Hydra's
+    (["~seed", "seed=3"], ["~seed", "seed=3"]),
+    (["--seed", "1", "~stage1.lr"], ["seed=1", "~stage1.lr"]),  # another key
+    (["~seeds", "--seed", "1"], ["~seeds", "seed=1"]),  # not a section above seed
+])
+def test_deletions_that_meet_no_classic_flag_stay_hydras(argv, overrides):
+    assert translate(argv) == overrides
+
+
+def test_seed_flag_then_its_deletion_exits_2_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, output = _cli(tiny_overrides(out, steps=1) + ["end_stage=1", "--seed", "1", "~seed"], capsys)
+    assert code == 2 and output.strip() == "error: seed is set by --seed 1 and deleted by ~seed; keep one", output
+    assert not out.exists()
