@@ -132,12 +132,31 @@ def _check_key(override: str) -> None:
                          f"prints every valid key")
 
 
-def _check_once(override: str, written: str, set_by: dict[str, tuple[str, str, bool]], *, flag: bool) -> None:
+_DELETED = None  # the value set_by records for a ``~key`` override
+
+
+def _check_once(override: str, written: str, set_by: dict[str, tuple[str, str | None, bool]], *,
+                flag: bool) -> None:
     """Refuse a key that a classic flag sets and the command line sets again to another value
     (``--seed 1 --seed 2``, ``--fp16 --bf16``, ``--start_stage 2 start_stage=3``): Hydra would keep one
-    of them without a word. Overrides among themselves are Hydra's (a sweep, a group then its keys)."""
-    key, _, value = override.lstrip("+").partition("=")
+    of them without a word. Likewise a key a classic flag sets that a ``~key`` override deletes (or a
+    section above it), in either order: ``--seed 1 ~seed`` ran with the default seed, ``~seed --seed 1``
+    failed in Hydra. Overrides among themselves are Hydra's (a sweep, a group then its keys)."""
+    deleted = override.startswith("~")
+    key, _, value = override.lstrip("+~").partition("=")
+    for other, (by, was, flagged) in set_by.items():
+        if deleted == (was is _DELETED) or not (flag or flagged):
+            continue
+        set_key, gone = (other, key) if deleted else (key, other)
+        if set_key == gone or set_key.startswith(gone + "."):
+            setter, deleter = (by, written) if deleted else (written, by)
+            raise UsageError(f"{set_key} is set by {setter} and deleted by {deleter}; keep one")
+    if deleted:
+        set_by[key] = (written, _DELETED, False)
+        return
     earlier = set_by.get(key)
+    if earlier is not None and earlier[1] is _DELETED:
+        earlier = None  # deleted by an override, then set again: Hydra's (a flag was refused above)
     if earlier is not None and (flag or earlier[2]) and earlier[1] != value:
         raise UsageError(f"{key} is set twice, by {earlier[0]} and by {written}; keep one")
     set_by[key] = (written, value, flag or bool(earlier and earlier[2]))
@@ -195,6 +214,7 @@ def translate(argv: list[str]) -> list[str]:
         else:
             if "=" in arg and not arg.startswith("-"):
                 _check_key(arg)
+            if ("=" in arg or arg.startswith("~")) and not arg.startswith("-"):  # ~key: a deletion
                 _check_once(arg, arg, set_by, flag=False)
             # The default config already selects a preset (experiment: demo), so Hydra's "append"
             # (+experiment=NAME) cannot add one; what the writer means is to use this one instead.
@@ -288,9 +308,11 @@ def check_sweep(overrides: list[str]) -> None:
 
     from qwen_distillation.data.sources import data_sources
 
+    sweep_dirs: list[str] = []
     for number, (job, swept) in enumerate(sweep_jobs(overrides) or []):
         try:
-            data_sources(compose_run_config(job).data)  # a mistyped data path too, before any job trains
+            cfg = compose_run_config(job)
+            data_sources(cfg.data)  # a mistyped data path too, before any job trains
         except DistillationError as err:
             message = str(err)
         except COMPOSE_ERRORS as err:
@@ -298,8 +320,45 @@ def check_sweep(overrides: list[str]) -> None:
                 raise
             message = hydra_error_message(err, job)
         else:
+            sweep_dirs.append(str(cfg.output_dir))
             continue
         raise UsageError(f"sweep job {number} ({' '.join(swept)}): {message}; no job was started")
+    for output_dir in dict.fromkeys(sweep_dirs):
+        refuse_sweep_over_a_run(output_dir, overrides)
+
+
+def refuse_sweep_over_a_run(output_dir: str, overrides: list[str]) -> None:
+    """Refuse a sweep whose directory (``hydra.sweep.dir``: ``${output_dir}`` unless an override sets it)
+    holds a single run, finished or not (its ``run_state.json`` at the top): the sweep's ``jobN/`` folders
+    would land among that run's files. A directory of an earlier sweep (``jobN/`` folders, no run state of
+    its own) is left to the sweep's jobs, which skip, resume or refuse each ``jobN`` as a run does."""
+    import json
+    from pathlib import Path
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from qwen_distillation.training.checkpoint import RUN_STATE
+
+    sweep_dir = "${output_dir}"
+    for override in overrides:  # Hydra applies the last one
+        try:
+            parsed = OverridesParser.create().parse_override(override)
+        except HydraException:
+            continue
+        if parsed.get_key_element().lstrip("+~") == "hydra.sweep.dir" and isinstance(parsed.value(), str):
+            sweep_dir = parsed.value()
+    directory = Path(sweep_dir.replace("${output_dir}", output_dir))
+    if "${" in str(directory) or not (directory / RUN_STATE).is_file():
+        return  # an interpolation of another key: not known here
+    try:
+        finished = json.loads((directory / RUN_STATE).read_text(encoding="utf-8")).get("finished") is True
+    except (OSError, ValueError, AttributeError):
+        finished = False
+    key = "output_dir" if sweep_dir == "${output_dir}" else "hydra.sweep.dir"
+    raise UsageError(f"{key}={directory} holds {'a finished' if finished else 'an unfinished'} single run, not a "
+                     f"sweep: the sweep would write its job0/, job1/, ... folders among that run's files; choose a "
+                     f"new {key} for the sweep (e.g. {key}={directory}_sweep); no job was started")
 
 
 def compose_run_config(overrides: list[str], *, one_device: str | None = None):
