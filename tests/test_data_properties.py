@@ -130,14 +130,15 @@ SNIPPETS = [
     "<|endoftext|>", "A", "1", "答案", "é", "e\u0301", "{{ x }}", "{% if %}", "\U0001f600",
 ]
 
-plain_text = st.text(max_size=30) | st.sampled_from(SNIPPETS)
+any_text = st.text(max_size=30) | st.sampled_from(SNIPPETS)
+plain_text = any_text.map(lambda text: text.replace("\x00", ""))  # valid text: a NUL is refused as not text
 # Not blank: a core of characters that are neither separators (Z) nor control characters (C).
 nonblank_text = st.builds(lambda before, core, after: before + core + after, plain_text,
                           st.text(st.characters(exclude_categories=("Z", "C")), min_size=1, max_size=10), plain_text)
 texts = st.one_of(
-    plain_text,
-    plain_text,
-    st.lists(plain_text, max_size=6).map("".join),
+    any_text,
+    any_text,
+    st.lists(any_text, max_size=6).map("".join),
     st.integers(500, 3000).map(lambda n: "word " * n),  # long, but bounded
     st.characters(categories=["Cs"]).map(lambda c: f"a{c}b"),  # a lone surrogate: JSON can escape one ("\ud800")
 )
@@ -161,12 +162,14 @@ arbitrary_records = st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_s
 
 @st.composite
 def conversation(draw, role_key: str, content_key: str) -> list[dict]:
-    """A valid sharegpt turn list: optional system, user/assistant pairs, maybe a trailing user turn."""
+    """A valid sharegpt turn list: optional system, user/assistant pairs (no assistant turn blank: one in the
+    middle is refused), maybe a trailing user turn."""
     user = draw(st.sampled_from(["human", "user"] if role_key == "from" else ["user"]))
     assistant = draw(st.sampled_from(["gpt", "assistant", "chatgpt", "model"] if role_key == "from" else ["assistant"]))
     out = [{role_key: "system", content_key: draw(plain_text)}] if draw(st.booleans()) else []
     for _ in range(draw(st.integers(1, 3))):
-        out += [{role_key: user, content_key: draw(plain_text)}, {role_key: assistant, content_key: draw(plain_text)}]
+        out += [{role_key: user, content_key: draw(plain_text)},
+                {role_key: assistant, content_key: draw(nonblank_text)}]
     out[-1][content_key] = draw(nonblank_text)
     if draw(st.booleans()):
         out.append({role_key: user, content_key: draw(plain_text)})

@@ -69,12 +69,17 @@ def _is_blank(value: Any) -> bool:
 
 class _NotText(ValueError):
     """A text field holds a value whose ``str()`` is Python syntax, not its text: a JSON object
-    ("{'a': 1}"), a boolean ("True"), or, as a list item, a list ("['a']")."""
+    ("{'a': 1}"), a boolean ("True"), or, as a list item, a list ("['a']"); or text with a NUL
+    character, which no model input holds (a raw one in CSV or Parquet, the escape \u0000 in JSON)."""
 
 
 def _refuse_non_text(value: Any, what: str, item: int | None = None) -> None:
     """Raise _NotText naming ``what`` (e.g. "field 'output'") and the 1-based list ``item``, if any.
     Numbers are text enough (real answers are numeric): only the values above are refused."""
+    named = what if item is None else f"item {item} of {what}"
+    if isinstance(value, str) and "\x00" in value:
+        raise _NotText(f"{named} holds a NUL character (U+0000, the JSON escape \\u0000) at position "
+                       f"{value.index(chr(0)) + 1}, which is not text; delete it")
     if isinstance(value, bool):
         kind, shown = "a boolean", str(value).lower()  # as JSON writes it
     elif isinstance(value, dict) or (item is not None and isinstance(value, (list, tuple))):
@@ -82,7 +87,6 @@ def _refuse_non_text(value: Any, what: str, item: int | None = None) -> None:
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
     else:
         return
-    named = what if item is None else f"item {item} of {what}"
     raise _NotText(f"{named} holds {kind}, {shown}; write its text instead")
 
 
@@ -172,6 +176,7 @@ def _sharegpt(record: dict, where: str) -> Messages:
     system = _field(record, "system").strip()
     if system:
         messages.append({"role": "system", "content": system})
+    answers, blank_answers = [], []  # the turn numbers of the assistant turns, and of the blank ones
     for number, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict):
             raise DataError(f"{where}: sharegpt turn {number} must be an object, got {turn!r}")
@@ -184,6 +189,10 @@ def _sharegpt(record: dict, where: str) -> Messages:
                 f"accepted roles: {sorted(SHAREGPT_ROLES)} under 'from'/'role'"
             )
         messages.append({"role": role, "content": _text(content, f"sharegpt turn {number}")})
+        if role == "assistant":
+            answers.append(number)
+            if not messages[-1]["content"].strip():
+                blank_answers.append(number)
     # A trailing user turn has no response to learn from.
     while messages and messages[-1]["role"] != "assistant":
         messages.pop()
@@ -195,11 +204,21 @@ def _sharegpt(record: dict, where: str) -> Messages:
         )
     if first_turn["role"] != "user":
         raise DataError(f"{where}: sharegpt conversation must start with a user turn, not assistant")
+    # The last one is non-empty (checked above); a blank one before it would train an empty answer.
+    if blank_answers and blank_answers[0] < answers[-1]:
+        raise DataError(
+            f"{where}: sharegpt turn {blank_answers[0]} is an empty assistant turn in the middle of the "
+            "conversation (it would train the model to answer with nothing); write its answer, or delete "
+            "it and the user turn it answers"
+        )
     return messages
 
 
 def _option_lines(options: Any) -> list[str]:
     if isinstance(options, dict):
+        for key, value in options.items():  # as str(): only a NUL in them is refused here
+            for part in (key, value):
+                _refuse_non_text(str(part), f"option {key!r} of field 'Options'")
         return [f"{key}. {value}" for key, value in options.items()]
     if isinstance(options, (list, tuple)):
         for item, option in enumerate(options, start=1):

@@ -13,7 +13,9 @@ point the user at:
 
 Whatever a file holds, reading it gives records or a `DataError` naming the file and, where the
 fault is at a line or record, its number (tests/test_data_properties.py checks this on arbitrary
-input). JSON integers longer than Python's 4300-digit limit are read as `Decimal`.
+input). JSON integers longer than Python's 4300-digit limit are read as `Decimal`. What Python's json
+reads but JSON is not, an object that repeats a key and a bare NaN/Infinity, is refused at its line or
+record (`_NotJson`).
 """
 
 from __future__ import annotations
@@ -91,7 +93,67 @@ def _integer(digits: str) -> int | Decimal:
         return Decimal(digits)
 
 
-_DECODER = json.JSONDecoder(parse_int=_integer)
+class _NotJson(Exception):
+    """What Python's json reads but JSON is not: an object that repeats a key (json keeps the last
+    value without a word) or a bare NaN/Infinity. Raised by `_DECODER`'s hooks, which do not know
+    where they are; the readers catch it and name the line or record. ``str()`` says what and the fix."""
+
+
+def _shown(key: str) -> str:
+    return repr(key) if len(repr(key)) <= 60 else repr(key)[:57] + "..."
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        seen: set[str] = set()
+        key = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise _NotJson(f"an object repeats the key {_shown(key)} (only its last value would be read); "
+                       "give each key once: rename or delete the repeat")
+    return record
+
+
+def _refuse_constant(name: str) -> float:
+    raise _NotJson(f"{name} is not a JSON value (Python's json.dumps writes it for a float NaN or infinity); "
+                   "write null, or the number as a string")
+
+
+_DECODER = json.JSONDecoder(parse_int=_integer, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+# The same reading with what _DECODER refuses replaced by _REFUSED: it finds the record of a JSON
+# list that holds the fault, and tells a single object spread over several lines by its syntax alone.
+_REFUSED = object()
+
+
+def _marked_keys(pairs: list[tuple[str, object]]) -> dict | object:
+    record = dict(pairs)
+    return record if len(record) == len(pairs) else _REFUSED
+
+
+_MARKING_DECODER = json.JSONDecoder(parse_int=_integer, parse_constant=lambda name: _REFUSED,
+                                    object_pairs_hook=_marked_keys)
+
+
+def _holds_refused(value: object) -> bool:
+    """Whether a value read by _MARKING_DECODER holds a _REFUSED mark."""
+    pending = [value]
+    while pending:  # a loop, not recursion, as in _require_text
+        item = pending.pop()
+        if item is _REFUSED:
+            return True
+        if isinstance(item, dict):
+            pending += item.values()
+        elif isinstance(item, list):
+            pending += item
+    return False
+
+
+def _decode_list(text: str) -> tuple[object, _NotJson | None]:
+    """A JSON list file's value, and what _DECODER refused in it (None if nothing): then the value
+    is read again with that fault marked (see _MARKING_DECODER), so that it can be named at its record."""
+    try:
+        return _DECODER.decode(text), None
+    except _NotJson as err:
+        return _MARKING_DECODER.decode(text), err
 
 
 def _require_text(value: object, where: str) -> None:
@@ -149,6 +211,8 @@ def _read_json_lines(file: Path, text: str) -> Numbered:
             value = _DECODER.decode(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{file} line {number}: not valid JSON ({err}){_invisible_cause(line)}") from None
+        except _NotJson as err:
+            raise DataError(f"{file} line {number}: {err}") from None
         except RecursionError:
             raise DataError(
                 f"{file} line {number}: JSON nested too deeply to read (about 1000 levels of [ or {{); "
@@ -164,7 +228,7 @@ def _read_json(file: Path, text: str) -> Numbered:
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
-            value = _DECODER.decode(text)
+            value, fault = _decode_list(text)
         except json.JSONDecodeError as err:
             raise DataError(
                 f"{file} line {err.lineno}: not valid JSON ({err.msg}, column {err.colno}); "
@@ -176,6 +240,8 @@ def _read_json(file: Path, text: str) -> Numbered:
             ) from None
         escapes = "\\u" in text
         for number, item in enumerate(value, start=1):
+            if fault is not None and _holds_refused(item):
+                raise DataError(f"{file} record {number}: {fault}")
             record = _object(item, file, "record", number)
             if escapes:
                 _require_text(record, f"{file} record {number}")
@@ -184,7 +250,7 @@ def _read_json(file: Path, text: str) -> Numbered:
     lines = [line for line in text.split("\n") if line.strip()]
     if len(lines) > 1 and stripped.startswith("{"):
         try:
-            _DECODER.decode(text)
+            _MARKING_DECODER.decode(text)
         except (json.JSONDecodeError, RecursionError):
             pass  # several objects, one per line: JSON Lines (read line by line, errors at their line)
         else:
