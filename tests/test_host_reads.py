@@ -109,4 +109,6 @@ def test_a_training_step_reads_the_device_once_per_micro_batch_and_twice_per_ste
                                                             "stage2.eval_every=0"]))
     assert len(reads) == 4
     for step in reads:
+        # A check the loss makes on the CPU only (losses.logit._all_rows_valid_on_cpu) is not a device read.
+        assert step.pop("_all_rows_valid_on_cpu", 0) > 0
         assert step == Counter({"response_positions": 2, "nonfinite_terms": 2, "step": 1, "host_floats": 1})

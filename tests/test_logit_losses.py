@@ -509,3 +509,26 @@ def test_chunked_all_masked_and_errors():
     with pytest.raises(ValueError, match="token counts"):
         chunked_kd_loss(student_hidden, student_weight, teacher_hidden[:-1], teacher_weight, labels,
                         vocab_size=11, **kw)
+
+
+def test_the_cpu_shortcut_for_all_valid_rows_changes_no_value_or_gradient_and_reads_no_device():
+    """On the CPU, rows that are all valid skip the zeroing pass; the divergence and its gradient are
+    bit-equal to the zeroed path's. On any other device the check reads nothing (a meta tensor would
+    raise if it were read)."""
+    from qwen_distillation.losses import logit
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 50, requires_grad=True), torch.randn(6, 50)
+    labels = torch.arange(6)
+    results = []
+    for shortcut in (True, False):
+        original = logit._all_rows_valid_on_cpu
+        logit._all_rows_valid_on_cpu = original if shortcut else (lambda valid: False)
+        try:
+            value = logit.forward_kl(student, teacher, labels, temperature=2.0)
+        finally:
+            logit._all_rows_valid_on_cpu = original
+        results.append((value, *torch.autograd.grad(value, student)))
+    assert logit._all_rows_valid_on_cpu(labels != -100)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert not logit._all_rows_valid_on_cpu(torch.ones(3, dtype=torch.bool, device="meta"))

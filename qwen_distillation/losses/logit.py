@@ -71,7 +71,18 @@ def _upcast_valid_rows(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     Masked rows may hold anything (padding, NaN from a fully masked attention row); without
     this, a NaN there stays out of the value but its backward gives 0 * NaN = NaN gradients.
     """
-    return torch.where(valid.unsqueeze(-1), logits.to(_compute_dtype(logits)), 0.0)
+    upcast = logits.to(_compute_dtype(logits))
+    if _all_rows_valid_on_cpu(valid):
+        return upcast  # the same values, without a pass over (..., V)
+    return torch.where(valid.unsqueeze(-1), upcast, 0.0)
+
+
+def _all_rows_valid_on_cpu(valid: torch.Tensor) -> bool:
+    """Whether ``valid`` is on the CPU and all True. Only there is the answer read: on a GPU the read
+    would wait for the device's queue, and the zeroing pass costs less than that wait. On the CPU the
+    fused-linear loss's rows are its labelled positions, so the check saves a pass and its backward
+    (about a fifth of a tiny run's training time)."""
+    return valid.device.type == "cpu" and bool(valid.all())
 
 
 def _log_probs(
