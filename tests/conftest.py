@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,42 @@ def kill_in_stages(monkeypatch, run_once, stages=(2, 3), at_step: int = 3, after
             after_each(stage)
     monkeypatch.setattr(MetricsLogger, "log", original_log)
     run_once()
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """``run_distillation.py ARGV`` in this process: (exit status, what it printed)."""
+    from qwen_distillation.cli import main
+
+    saved = sys.argv
+    sys.argv = ["run_distillation.py"]
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def snapshot(directory) -> dict[str, str]:
+    """sha256 of every file under ``directory``, by relative path: to show a command left it untouched."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished tiny one-stage run (one per test module that asks for it)."""
+    from qwen_distillation.cli import main
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    saved = sys.argv
+    sys.argv = ["run_distillation.py"]
+    try:
+        main(tiny_overrides(out, steps=1) + ["end_stage=1"])
+    finally:
+        sys.argv = saved
+    assert json.loads((out / "run_state.json").read_text())["finished"]
+    return out

@@ -3,50 +3,18 @@ results, a sweep into the output_dir of a single run, and a classic flag whose k
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import sys
 
 import pytest
 
 import qwen_distillation.evaluate as evaluate_module
+from conftest import run_cli as _cli
+from conftest import snapshot as _snapshot
 from conftest import tiny_overrides
-from qwen_distillation.cli import UsageError, check_sweep, main, translate
+from qwen_distillation.cli import UsageError, check_sweep, translate
 
 NLL = "m=package:qwen_distillation/data/demo/medical.jsonl"
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    saved = sys.argv
-    sys.argv = ["run_distillation.py"]
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = saved
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
-def _snapshot(directory) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("finished") / "run"
-    saved = sys.argv
-    sys.argv = ["run_distillation.py"]
-    try:
-        main(tiny_overrides(out, steps=1) + ["end_stage=1"])
-    finally:
-        sys.argv = saved
-    assert json.loads((out / "run_state.json").read_text())["finished"]
-    return out
 
 
 # ------------------------------------------------------------------------------ evaluate --out

@@ -13,40 +13,10 @@ import sys
 import pytest
 
 from conftest import REPO, compose_config, tiny_overrides
+from conftest import run_cli as _cli
+from conftest import snapshot as _snapshot
 from qwen_distillation.cli import main
 from qwen_distillation.data.sources import data_sources, refuse_trained_eval_sets
-
-
-def _snapshot(directory) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    saved = sys.argv
-    sys.argv = ["run_distillation.py"]
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = saved
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("finished") / "run"
-    saved = sys.argv
-    sys.argv = ["run_distillation.py"]
-    try:
-        main(tiny_overrides(out, steps=1) + ["end_stage=1"])
-    finally:
-        sys.argv = saved
-    assert json.loads((out / "run_state.json").read_text())["finished"]
-    return out
 
 
 def _write(path, text: str):
