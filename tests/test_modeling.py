@@ -236,3 +236,34 @@ def test_random_init_with_its_own_head_dim_need_not_divide_hidden_size():
                                   "head_dim": 16})
     model = load_causal_lm(spec, dtype=torch.float32, role="teacher")
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
+
+
+def test_lora_targets_that_peft_would_reject_or_merge_wrongly_are_refused(tmp_path):
+    """Three holes found by a probe: ``[all-linear]``, which the "no module named" error suggests, failed
+    in peft (it takes the shorthand only as a string) after student_base was written; a block (``mlp``)
+    passed the name check and failed in peft with a dump of the module; and ``lm_head`` of a student that
+    ties it to its input embeddings exported a merged/ model that was not the one trained."""
+    import json
+
+    from qwen_distillation.config.schema import LoraConfig
+    from qwen_distillation.modeling.pair import apply_lora, check_adapter_matches_lora, check_lora_targets
+
+    student = _tiny(vocab=64)
+    student.config.tie_word_embeddings = True
+    student.tie_weights()
+    assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
+    with pytest.raises(ConfigError, match=r"^lora\.target_modules=\['mlp', 'q_proj'\]: LoRA wraps single layers "
+                                          r"\(linear, embedding\), not whole blocks \(mlp is a Qwen2MLP\); its "
+                                          r"linear layers are \[.*'q_proj'"):
+        check_lora_targets(student, ["mlp", "q_proj"])
+    with pytest.raises(ConfigError, match=r"with lora\.merge_on_export=true: the student ties its output layer to "
+                                          r"its input embeddings, so merging the adapter of \['lm_head'\]"):
+        check_lora_targets(student, ["lm_head", "q_proj"], merge=True)
+    check_lora_targets(student, ["lm_head", "q_proj"])  # the adapter alone is exact
+    check_lora_targets(student, ["all-linear"], merge=True)
+    adapted = apply_lora(student, LoraConfig(enabled=True, target_modules=["all-linear"]), torch.device("cpu"), None)
+    wrapped = {name.rsplit(".", 1)[-1] for name, module in adapted.named_modules() if hasattr(module, "lora_A")}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    adapted.save_pretrained(tmp_path)  # peft saves the layers it found; continuing with [all-linear] is the same
+    assert sorted(json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]) == sorted(wrapped)
+    check_adapter_matches_lora(str(tmp_path), LoraConfig(enabled=True, target_modules=["all-linear"]))

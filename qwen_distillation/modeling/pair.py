@@ -74,18 +74,50 @@ def qlora_quantization(device: torch.device):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def check_lora_targets(student, targets) -> None:
-    """Each of ``lora.target_modules`` names a module of the student, as peft matches it (the whole
-    name or its last parts; ``all-linear`` is peft's shorthand for every linear layer)."""
+# The layers peft's LoRA wraps (transformers' GPT-2 style Conv1D too); a target matching any other is refused.
+LORA_LAYER_TYPES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def _lora_layer(module) -> bool:
+    return isinstance(module, LORA_LAYER_TYPES) or type(module).__name__ == "Conv1D"
+
+
+def lora_targets(targets) -> list[str] | str:
+    """``lora.target_modules`` as peft takes it: ``[all-linear]`` is its shorthand, a string."""
+    return "all-linear" if list(targets) == ["all-linear"] else list(targets)
+
+
+def check_lora_targets(student, targets, *, merge: bool = False) -> None:
+    """Each of ``lora.target_modules`` names a layer of the student that LoRA can wrap, as peft matches
+    it (the whole name or its last parts; ``all-linear`` is peft's shorthand for every linear layer but
+    the output one). With ``merge`` (``lora.merge_on_export``), no target is a tied embedding: merging
+    its adapter would change the tied twin too, and ``merged/`` would not be the model trained."""
     if list(targets) == ["all-linear"]:
         return
-    names = [name for name, _ in student.named_modules() if name]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    modules = [(name, module) for name, module in student.named_modules() if name]
+    matched = {t: [(n, m) for n, m in modules if n == t or n.endswith("." + t)] for t in targets}
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, torch.nn.Linear)})
+    example = f"its linear layers are {linear} (e.g. lora.target_modules=[{','.join(linear[:2])}], or " \
+              f"lora.target_modules=[all-linear])"
+    missing = [t for t, found in matched.items() if not found]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(f"lora.target_modules={list(targets)}: the student has no module named {missing}; "
-                          f"its linear layers are {linear} (e.g. lora.target_modules=[{','.join(linear[:2])}], "
-                          f"or lora.target_modules=[all-linear])")
+                          f"{example}")
+    unwrappable = {t: type(next(m for _, m in found if not _lora_layer(m))).__name__
+                   for t, found in matched.items() if not all(_lora_layer(m) for _, m in found)}
+    if unwrappable:
+        kinds = ", ".join(f"{t} is a {kind}" for t, kind in unwrappable.items())
+        raise ConfigError(f"lora.target_modules={list(targets)}: LoRA wraps single layers (linear, embedding), "
+                          f"not whole blocks ({kinds}); {example}")
+    output, inputs = student.get_output_embeddings(), student.get_input_embeddings()
+    tied = output is not None and inputs is not None and output.weight is inputs.weight
+    if merge and tied:
+        hit = [t for t, found in matched.items() if any(m is output or m is inputs for _, m in found)]
+        if hit:
+            raise ConfigError(f"lora.target_modules={list(targets)} with lora.merge_on_export=true: the student "
+                              f"ties its output layer to its input embeddings, so merging the adapter of {hit} "
+                              f"would change both and merged/ would not be the model trained; drop {hit} from "
+                              f"lora.target_modules, or set lora.merge_on_export=false (the adapter alone is exact)")
 
 
 def apply_lora(student, lora_cfg, device: torch.device, base_model_dir: str):
@@ -104,7 +136,7 @@ def apply_lora(student, lora_cfg, device: torch.device, base_model_dir: str):
                                                        dtype=torch.bfloat16, device_map={"": device})
         student = prepare_model_for_kbit_training(student, use_gradient_checkpointing=False)
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
+                        target_modules=lora_targets(lora_cfg.target_modules), task_type="CAUSAL_LM")
     try:
         return get_peft_model(student, config)
     except ValueError as err:
@@ -147,8 +179,8 @@ def check_adapter_matches_lora(path: str, lora) -> None:
     wanted = {"r": lora.r, "lora_alpha": lora.alpha, "target_modules": sorted(lora.target_modules)}
     found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
              "target_modules": sorted(saved.get("target_modules") or [])}
-    if isinstance(saved.get("target_modules"), str):  # a regular expression: not compared
-        del wanted["target_modules"]
+    if isinstance(saved.get("target_modules"), str) or lora_targets(lora.target_modules) == "all-linear":
+        del wanted["target_modules"]  # a regular expression, or peft's shorthand saved as the layers it found
     names = {"r": "lora.r", "lora_alpha": "lora.alpha", "target_modules": "lora.target_modules"}
     differ = [f"{names[k]}={wanted[k]} (the adapter's: {found[k]})" for k in wanted if wanted[k] != found[k]]
     if differ:
@@ -252,7 +284,7 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
                                    weight_shape(student.get_output_embeddings().weight)[0],
                                    _describe(model_cfg.teacher), _describe(model_cfg.student))
     if cfg.lora.enabled and not hasattr(student, "peft_config"):
-        check_lora_targets(student, cfg.lora.target_modules)  # before student_base is written
+        check_lora_targets(student, cfg.lora.target_modules, merge=cfg.lora.merge_on_export)  # before student_base
         ranked = torch.distributed.is_available() and torch.distributed.is_initialized()
         if base_model_dir is None or not os.path.exists(os.path.join(base_model_dir, "config.json")):
             base_model_dir = str((output_dir / "student_base").resolve())
