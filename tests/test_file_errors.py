@@ -173,6 +173,24 @@ def test_a_damaged_tokenizer_file_names_the_file(saved_stage, tmp_path, capsys, 
     assert code == 2 and capsys.readouterr().err.startswith(f"error: {bad}: unreadable JSON")
 
 
+def test_a_model_folder_without_its_vocabulary_is_refused_naming_it(saved_stage, tmp_path, capsys):
+    """transformers builds a tokenizer of a token or two from a folder whose tokenizer.json is gone: evaluate
+    reported an NLL of 0 (every text became no token), and as a teacher it was called another family."""
+    shutil.copytree(saved_stage, tmp_path / "run" / "stage1")
+    final = tmp_path / "run" / "stage1" / "final"
+    (final / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError) as err:
+        tokenizer_for(ModelSpec(path=str(final)), "teacher")
+    assert re.match(rf"{re.escape(str(final))}: the tokenizer loaded from it has [0-9] token\(s\): no vocabulary "
+                    rf"file \(tokenizer\.json, vocab\.json and merges\.txt, tokenizer\.model\) is there; ",
+                    str(err.value))
+    assert str(err.value).endswith("or take it from an intact copy with model.teacher.tokenizer=PATH")
+    code = evaluate_main(["--model", f"stage1={final}", "--nll", "m=package:qwen_distillation/data/demo/medical.jsonl",
+                          "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    assert code == 2 and capsys.readouterr().err.startswith(f"error: {final}: the tokenizer loaded from it has ")
+    assert not (tmp_path / "eval").exists()
+
+
 # ------------------------------------------------------------------------------ heads
 @pytest.mark.parametrize("how", ["truncated", "garbage", "other heads"])
 def test_damaged_or_mismatched_heads_name_the_file_and_the_fix(tmp_path, how):

