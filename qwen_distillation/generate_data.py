@@ -104,6 +104,19 @@ def run_identity(args: argparse.Namespace, sampling: Sampling, fmt: str) -> dict
     }
 
 
+def check_output_is_a_file_path(output: str) -> None:
+    """``--output`` and the files written beside it (rejected samples, manifest) must not be directories:
+    ``--overwrite`` failed on one with a traceback, after the teacher had loaded."""
+    files = RunFiles.of(output)
+    if os.path.isdir(files.output):
+        raise ConfigError(f"--output {output}: is a directory, and --output names the JSON Lines file to write; give "
+                          f"a file path (e.g. --output {os.path.join(output, 'teacher_data.jsonl')})")
+    for written in (files.rejected, files.manifest):
+        if os.path.isdir(written):
+            raise ConfigError(f"--output {output}: the run writes {written} beside it, and that is a directory; "
+                              f"move it away or choose another --output")
+
+
 def check_output_is_not_input(data: str, output: str) -> None:
     """``--output`` (or the rejected-samples and manifest files written next to it) must not be
     the file of ``--data``, nor lie inside its directory: the run would replace, append to or delete
@@ -147,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--answer_tokens {args.answer_tokens}: must be >= 0 (0: never force an answer)")
         # The transformers backend's device (vLLM places the model itself).
         device = check_device(args.device) if args.backend != "vllm" else None
+        check_output_is_a_file_path(args.output)
         check_output_is_not_input(args.data, args.output)
         fmt = args.format or ("medical_o1" if args.reasoning else "alpaca")
         prompts, source_format = read_prompts(args.data, fmt=args.source_format, split=args.split,

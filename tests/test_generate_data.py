@@ -364,6 +364,26 @@ def test_the_output_may_not_be_the_input_file(tmp_path, capsys):
     assert data.read_text() == before
 
 
+@pytest.mark.parametrize("which", ["", ".manifest"])
+def test_an_output_that_is_a_directory_is_refused_before_the_teacher_loads(tmp_path, capsys, which):
+    """An existing directory named like the output (or the manifest beside it): the refusal said to pass
+    --overwrite, which then failed with IsADirectoryError after the teacher had loaded."""
+    data = tmp_path / "in.jsonl"
+    data.write_text((REPO / "qwen_distillation" / "data" / "demo" / "medical.jsonl").read_text())
+    output = tmp_path / "x.jsonl"
+    (tmp_path / f"x.jsonl{which}").mkdir()
+    for extra in ([], ["--overwrite"]):
+        code = generate_data.main(["--teacher", "does/not/exist", "--data", str(data), "--output", str(output),
+                                   *extra])
+        err = capsys.readouterr().err
+        expected = (f"is a directory, and --output names the JSON Lines file to write; give a file path (e.g. "
+                    f"--output {output / 'teacher_data.jsonl'})" if not which else
+                    f"the run writes {output}{which} beside it, and that is a directory; move it away or choose "
+                    f"another --output")
+        assert code == 2 and err.strip() == f"error: --output {output}: {expected}", err
+    assert (tmp_path / f"x.jsonl{which}").is_dir()
+
+
 def test_the_output_may_not_lie_inside_a_data_directory(tmp_path, capsys):
     """--output inside the --data directory: a rerun failed with "generated with other settings
     (source_sha256...)", and with --overwrite read the teacher's earlier answers as prompts."""
