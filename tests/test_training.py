@@ -62,8 +62,11 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
 
 def test_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
     _poison(monkeypatch, set(range(1, 100)))
-    with pytest.raises(NonFiniteLossError, match=r"stage1 diverged at step 2/5: 2 non-finite losses.*stage1\.lr"):
+    with pytest.raises(NonFiniteLossError,
+                       match=r"stage1 diverged at step 2/5: 2 non-finite losses.*stage1\.lr") as err:
         run(compose_config(tiny_overrides(tmp_path / "run", steps=5) + ["end_stage=1", "train.max_bad_steps=2"]))
+    # An fp32 run is not told to use fp32; the loss weights are named (a weight of 1e30 diverged as well).
+    assert "check the data and stage1.loss.weights" in str(err.value) and "precision" not in str(err.value)
 
 
 def test_logs_go_to_jsonl_tensorboard_and_offline_wandb_without_secrets(tmp_path, monkeypatch):

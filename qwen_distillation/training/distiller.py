@@ -578,10 +578,13 @@ class Distiller:
         keep = (f"; stage {previous[-1]}'s exports are kept: continue from them with --start_stage {run.index} "
                 f"--checkpoint_path {self.output_dir / f'stage{previous[-1]}' / 'final'} and a new output_dir"
                 if previous else "")
+        # Only a half-precision run can be helped by fp32.
+        precision = (f", or use train.precision=fp32 (now {self.precision})" if self.precision in ("bf16", "fp16")
+                     else "")
         return NonFiniteLossError(
             f"{run.key} diverged at step {run.step}/{run.total_steps}: {what}. Nothing new was exported as "
             f"{run.key}/final (or as {run.key}/best after the divergence). Lower {run.key}.lr (now "
-            f"{run.stage.lr:g}), check the data, or use train.precision=fp32{keep}")
+            f"{run.stage.lr:g}), check the data and {run.key}.loss.weights{precision}{keep}")
 
     def _check_divergence(self, run: StageRun, outcome: StepOutcome, is_last: bool) -> None:
         """Fail the stage after ``train.max_bad_steps`` skipped steps in a row, or when more than
