@@ -665,3 +665,14 @@ def test_a_misspelt_flag_of_a_command_lists_that_commands_own_flags(tmp_path, ca
     output = capsys.readouterr().err
     assert exit_.value.code == 2 and "unknown flag --kk; classic flags are:" in output
     assert "python -m qwen_distillation.cache_teacher's own flags are: --help, --out, --k, --dtype" in output, output
+
+
+def test_no_held_out_set_names_the_ways_to_get_one(tmp_path, capsys):
+    """data.eval_fraction=0 was met by "choose one of them" from an empty list of metrics, with advice
+    (agreement, BLEU/ROUGE) that needs a held-out set too."""
+    out = tmp_path / "run"
+    code, output = _cli(tiny_overrides(out, steps=1) + ["end_stage=1", "data.eval_fraction=0"], capsys)
+    assert code == 2 and "error: stage1.best_metric=eval/general_nll: this run has no evaluation metric, since no " \
+        "held-out set is scored (data.eval_fraction=0.0, no data.eval, no eval.mcq); set data.eval_fraction above 0, " \
+        "give data.eval=[FILE], or give eval.mcq and stage1.best_metric=eval/mcq/NAME_accuracy" in output, output
+    assert not out.exists()

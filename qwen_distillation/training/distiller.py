@@ -796,6 +796,12 @@ class Distiller:
         for index in indices:
             key = STAGE_KEYS[index]
             metric = getattr(self.config, key).best_metric
+            if metric not in metrics and not metrics:
+                # Without a held-out set (data.eval_fraction=0, no data.eval) only MCQ sets give metrics.
+                raise ConfigError(f"{key}.best_metric={metric}: this run has no evaluation metric, since no held-out "
+                                  f"set is scored (data.eval_fraction={self.config.data.eval_fraction}, no data.eval, "
+                                  f"no eval.mcq); set data.eval_fraction above 0, give data.eval=[FILE], or give "
+                                  f"eval.mcq and {key}.best_metric=eval/mcq/NAME_accuracy")
             if metric not in metrics:
                 raise ConfigError(f"{key}.best_metric={metric} is not among the evaluation metrics {sorted(metrics)}; "
                                   "choose one of them (agreement, MCQ and BLEU/ROUGE metrics need "
