@@ -676,3 +676,27 @@ def test_no_held_out_set_names_the_ways_to_get_one(tmp_path, capsys):
         "held-out set is scored (data.eval_fraction=0.0, no data.eval, no eval.mcq); set data.eval_fraction above 0, " \
         "give data.eval=[FILE], or give eval.mcq and stage1.best_metric=eval/mcq/NAME_accuracy" in output, output
     assert not out.exists()
+
+
+def test_an_unfinished_run_says_how_to_resume_it_or_keep_its_finished_stages(tmp_path):
+    """resume=false over an unfinished run of the same config said "rerun the same command to resume it",
+    which failed again; another config was offered only overwrite_output_dir=true, which throws away the
+    stages it had finished."""
+    from qwen_distillation.errors import ConfigError
+    from qwen_distillation.training import outputs
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_state.json").write_text(json.dumps({"run_hash": "abc", "finished": False, "completed_stages": [1]}))
+    with pytest.raises(ConfigError) as err:
+        outputs.check_output_dir(out, run_id="abc", resume=False, overwrite=False)
+    assert str(err.value) == (f"output_dir={out} holds an unfinished run of this configuration and resume=false does "
+                              f"not resume it; drop resume=false to resume it, choose another output_dir, or pass "
+                              f"overwrite_output_dir=true to start over")
+    with pytest.raises(ConfigError) as err:
+        outputs.check_output_dir(out, run_id="other", resume=True, overwrite=False)
+    assert str(err.value) == (f"output_dir={out} holds an unfinished run with a different configuration; rerun its "
+                              f"own command to resume it, start a new run from its finished stage 1 (--start_stage 2 "
+                              f"--checkpoint_path {out / 'stage1' / 'final'} output_dir=NEW_DIR), choose another "
+                              f"output_dir, or pass overwrite_output_dir=true to start over")
+    assert outputs.check_output_dir(out, run_id="abc", resume=True, overwrite=False)["completed_stages"] == [1]

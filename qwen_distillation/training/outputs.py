@@ -99,7 +99,7 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
 
     Raises:
         ConfigError: the directory holds a finished run, an unfinished run of another
-            configuration (or ``resume=false``), or files that are not a run; unless
+            configuration (or of this one with ``resume=false``), or files that are not a run; unless
             ``overwrite`` (``overwrite_output_dir=true``).
         CheckpointError: its ``run_state.json`` is damaged; unless ``overwrite``.
     """
@@ -143,11 +143,19 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
                      if 0 < last < 3 else "")
             raise ConfigError(f"output_dir={output_dir} holds a finished run (stages {done}){later}; choose another "
                               f"output_dir or pass overwrite_output_dir=true to replace it")
-        if state.get("run_hash") != run_id or not resume:
-            changed = changed_keys(output_dir, run_config) if run_config and state.get("run_hash") != run_id else ""
-            raise ConfigError(f"output_dir={output_dir} holds an unfinished run with a different configuration "
-                              f"(or resume=false){changed}; rerun the same command to resume it, choose another "
-                              f"output_dir, or pass overwrite_output_dir=true to start over")
+        if state.get("run_hash") == run_id and not resume:
+            raise ConfigError(f"output_dir={output_dir} holds an unfinished run of this configuration and resume=false "
+                              f"does not resume it; drop resume=false to resume it, choose another output_dir, or "
+                              f"pass overwrite_output_dir=true to start over")
+        if state.get("run_hash") != run_id:
+            changed = changed_keys(output_dir, run_config) if run_config else ""
+            done = state.get("completed_stages") or []
+            kept = (f", start a new run from its finished stage {max(done)} (--start_stage {max(done) + 1} "
+                    f"--checkpoint_path {output_dir / f'stage{max(done)}' / 'final'} output_dir=NEW_DIR)"
+                    if 0 < max(done, default=0) < 3 else "")
+            raise ConfigError(f"output_dir={output_dir} holds an unfinished run with a different configuration"
+                              f"{changed}; rerun its own command to resume it{kept}, choose another output_dir, "
+                              f"or pass overwrite_output_dir=true to start over")
     elif output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ConfigError(f"output_dir={output_dir} exists, is not empty and holds no qwen_distillation run; "
                           f"choose a new directory or pass overwrite_output_dir=true to write into it")
