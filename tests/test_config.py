@@ -81,6 +81,7 @@ def test_presets_do_what_their_names_say():
     ("stage2.loss.weights.feature=inf", "stage2.loss.weights.feature=inf: must be a finite number"),
     ("stage3.sampling.temperature=nan", "stage3.sampling.temperature=nan: must be a finite number"),
     ("stage3.weight_decay=-1", "stage3.weight_decay"),
+    ("stage2.temperature=1000", "stage2.temperature=1000.0: must be at most 100"),
     ("lora.dropout=1.5", "lora.dropout"),
     ("lora.alpha=-4", "lora.alpha"),
     ("lora.enabled=true lora.target_modules=[]", "lora.target_modules"),

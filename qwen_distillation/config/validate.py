@@ -28,6 +28,7 @@ BACKENDS = ("auto", "nccl", "gloo")
 TEACHER_SOURCES = ("online", "cache")
 CACHE_TAILS = ("bucket", "renormalize")  # qwen_distillation.losses.topk.TAILS
 CACHE_KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
+MAX_TEMPERATURE = 100.0  # a KD temperature above this: the KD term is fp32 round-off times T**2
 PRUNE_METHODS = ("even", "block_influence", "perplexity")  # qwen_distillation.modeling.depth.METHODS
 PRUNE_SEARCHES = ("single", "greedy")
 
@@ -35,6 +36,9 @@ PRUNE_SEARCHES = ("single", "greedy")
 def _validate_stage(key: str, stage: StageConfig) -> None:
     require(stage.temperature > 0, f"{key}.temperature", stage.temperature, "the temperature must be > 0",
             f"{key}.temperature=2")
+    require(stage.temperature <= MAX_TEMPERATURE, f"{key}.temperature", stage.temperature,
+            f"must be at most {MAX_TEMPERATURE:g}: far above it both softened distributions are uniform to fp32's "
+            f"precision, and the T**2 factor makes the KD term their round-off (even negative)", f"{key}.temperature=4")
     weights = dataclasses.asdict(stage.loss.weights)
     for name, weight in weights.items():
         require(weight >= 0, f"{key}.loss.weights.{name}", weight, "loss weights must be >= 0",
