@@ -398,3 +398,37 @@ def test_link_export_copies_where_the_file_system_has_no_hard_links(tmp_path, mo
     link_export(best, tmp_path / "final")
     assert (tmp_path / "final" / "model.safetensors").read_bytes() == b"weights"
     assert not os.path.samefile(tmp_path / "final" / "model.safetensors", best / "model.safetensors")
+
+
+def test_an_adapter_whose_base_now_holds_other_weights_is_refused(tmp_path, tokenizer):
+    """A rerun with overwrite_output_dir=true writes a new student_base where an earlier run's adapters
+    (copied elsewhere) still point: peft applied them to the new weights without a word."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qwen_distillation.config.schema import LoraConfig
+    from qwen_distillation.modeling.loading import ADAPTER_BASE, load_student_checkpoint
+    from qwen_distillation.modeling.pair import apply_lora
+    from qwen_distillation.training.checkpoint import export_model
+
+    def tiny(seed: int):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            "qwen2", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1))
+
+    base = tmp_path / "student_base"
+    tiny(0).save_pretrained(base)
+    adapter = tmp_path / "adapter"
+    peft_model = apply_lora(AutoModelForCausalLM.from_pretrained(base), LoraConfig(enabled=True, r=2),
+                            torch.device("cpu"), str(base))
+    export_model(peft_model, tokenizer, adapter, base_model_dir=str(base))
+    assert (adapter / ADAPTER_BASE).is_file()
+    load_student_checkpoint(str(adapter), dtype=torch.float32)  # its own base: loads
+    tiny(1).save_pretrained(base)  # another run's student_base at the same path
+    with pytest.raises(CheckpointError, match=rf"^checkpoint_path={re.escape(str(adapter))}: the LoRA adapter's base "
+                                              rf"model {re.escape(str(base))} now holds other weights than the ones it "
+                                              rf"was trained on \(sampled fingerprint"):
+        load_student_checkpoint(str(adapter), dtype=torch.float32)
+    (adapter / ADAPTER_BASE).unlink()  # an adapter exported before the record existed is not checked
+    load_student_checkpoint(str(adapter), dtype=torch.float32)

@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from qwen_distillation.data.generated import model_fingerprint
 from qwen_distillation.errors import CheckpointError, ConfigError, first_line
 from qwen_distillation.modeling.depth import evenly_spaced_layers
 from qwen_distillation.modeling.files import check_model_dir, read_json
@@ -291,6 +292,31 @@ def check_student_checkpoint(path: str, *, key: str | None = "checkpoint_path", 
                               f"{fix or _damaged_fix(path, key)}")
 
 
+ADAPTER_BASE = "adapter_base.json"  # beside a LoRA adapter: its base's path and sampled weight fingerprint
+
+
+def adapter_base_record(base_model_dir: str) -> dict | None:
+    """What an adapter export records of its base (:data:`ADAPTER_BASE`); None for a hub id or a
+    directory without weights."""
+    fingerprint = model_fingerprint(base_model_dir)
+    return {"base_model_name_or_path": base_model_dir, "fingerprint": fingerprint} if fingerprint else None
+
+
+def check_adapter_base(path: str, base: str, where: str, fix: str) -> None:
+    """Refuse a LoRA adapter whose local base now holds other weights than the ones it was trained on
+    (another run wrote its ``student_base`` there, e.g. with ``overwrite_output_dir=true``): peft would
+    apply it to them without a word. Adapters exported before the record existed are not checked."""
+    record = os.path.join(path, ADAPTER_BASE)
+    if not os.path.exists(record):
+        return
+    before, now = read_json(record, fix).get("fingerprint"), model_fingerprint(base)
+    if before and now and before != now:
+        raise CheckpointError(f"{where}: the LoRA adapter's base model {base} now holds other weights than the ones "
+                              f"it was trained on (sampled fingerprint {before[:12]} -> {now[:12]}, recorded in "
+                              f"{record}; another run wrote there, e.g. with overwrite_output_dir=true); put its own "
+                              f"base back there, or use a merged export of that run (lora.merge_on_export=true)")
+
+
 def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None, key: str | None = "checkpoint_path",
                             fix: str | None = None, meta: bool = False) -> PreTrainedModel:
     """Load a student saved by a previous stage (full model or LoRA adapter directory).
@@ -322,6 +348,7 @@ def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None,
         if base and os.path.isdir(base):
             check_model_dir(base, f"{base} is the base model of the LoRA adapter in {path} (adapter_config.json "
                                   f"base_model_name_or_path): copy or export it again")
+            check_adapter_base(path, base, where, fix)
         kwargs = {"quantization_config": quantization, "dtype": torch.bfloat16} if quantization else {"dtype": dtype}
         try:
             if meta:

@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 
 from qwen_distillation.errors import CheckpointError, first_line
+from qwen_distillation.modeling.loading import ADAPTER_BASE, adapter_base_record
 from qwen_distillation.training.distributed import SINGLE, Topology, all_reduce_sum, barrier
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,8 @@ def export_model(model, tokenizer, target: Path, *, base_model_dir: str | None =
     """Write a model that ``AutoModelForCausalLM.from_pretrained(target)`` loads.
 
     A plain model is saved as safetensors with its tokenizer. A peft model is saved as its
-    adapter (``base_model_dir`` recorded as the base) and, with ``merge``, the merged
+    adapter (``base_model_dir`` recorded as the base, with its weights' sampled fingerprint in
+    ``adapter_base.json``) and, with ``merge``, the merged
     full model under ``target/merged``. ``state_dict``: the weights to write instead of the
     model's own (a model partitioned over ranks, consolidated).
     """
@@ -153,6 +155,9 @@ def export_model(model, tokenizer, target: Path, *, base_model_dir: str | None =
             for peft_config in model.peft_config.values():
                 peft_config.base_model_name_or_path = base_model_dir
             model.save_pretrained(tmp, safe_serialization=True, **extra)
+            base = adapter_base_record(base_model_dir) if base_model_dir else None
+            if base is not None:  # a later load refuses the adapter if other weights replace its base
+                (tmp / ADAPTER_BASE).write_text(json.dumps(base, indent=2) + "\n")
             if merge:
                 import copy
 
