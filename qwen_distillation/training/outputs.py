@@ -135,12 +135,13 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
     if state is not None:
         if overwrite:
             return None
+        done = state.get("completed_stages") or []
+        last = max(done, default=0)
+        # The flags of a new run that starts from the last finished stage's export (none after stage 3).
+        continued = (f"--start_stage {last + 1} --checkpoint_path {output_dir / f'stage{last}' / 'final'} "
+                     f"output_dir=NEW_DIR" if 0 < last < 3 else "")
         if state.get("finished"):
-            done = state.get("completed_stages") or []
-            last = max(done, default=0)
-            later = (f"; to train the stages after it, start a new run from it: --start_stage {last + 1} "
-                     f"--checkpoint_path {output_dir / f'stage{last}' / 'final'} output_dir=NEW_DIR"
-                     if 0 < last < 3 else "")
+            later = f"; to train the stages after it, start a new run from it: {continued}" if continued else ""
             raise ConfigError(f"output_dir={output_dir} holds a finished run (stages {done}){later}; choose another "
                               f"output_dir or pass overwrite_output_dir=true to replace it")
         if state.get("run_hash") == run_id and not resume:
@@ -149,10 +150,7 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
                               f"pass overwrite_output_dir=true to start over")
         if state.get("run_hash") != run_id:
             changed = changed_keys(output_dir, run_config) if run_config else ""
-            done = state.get("completed_stages") or []
-            kept = (f", start a new run from its finished stage {max(done)} (--start_stage {max(done) + 1} "
-                    f"--checkpoint_path {output_dir / f'stage{max(done)}' / 'final'} output_dir=NEW_DIR)"
-                    if 0 < max(done, default=0) < 3 else "")
+            kept = f", start a new run from its finished stage {last} ({continued})" if continued else ""
             raise ConfigError(f"output_dir={output_dir} holds an unfinished run with a different configuration"
                               f"{changed}; rerun its own command to resume it{kept}, choose another output_dir, "
                               f"or pass overwrite_output_dir=true to start over")
