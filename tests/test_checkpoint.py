@@ -432,3 +432,32 @@ def test_an_adapter_whose_base_now_holds_other_weights_is_refused(tmp_path, toke
         load_student_checkpoint(str(adapter), dtype=torch.float32)
     (adapter / ADAPTER_BASE).unlink()  # an adapter exported before the record existed is not checked
     load_student_checkpoint(str(adapter), dtype=torch.float32)
+
+
+def test_the_adapter_base_fingerprint_is_read_once_while_the_base_files_are_unchanged(tmp_path, monkeypatch):
+    """Every export of a LoRA run records its student_base's fingerprint: the base's weights are sampled
+    once, and again only when a file the fingerprint reads changes (a rerun that rewrites the base)."""
+    import json
+
+    import qwen_distillation.data.generated as generated
+    from qwen_distillation.modeling.loading import adapter_base_record
+
+    base = tmp_path / "student_base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    weights = base / "model.safetensors"
+    weights.write_bytes(b"\1" * 4096)
+    reads = []
+    sample_file = generated._sample_file
+    monkeypatch.setattr(generated, "_sample_file", lambda digest, file: (reads.append(file.name),
+                                                                         sample_file(digest, file)))
+    first = adapter_base_record(str(base))
+    assert adapter_base_record(str(base)) == first  # the second export reads no weights
+    assert reads == ["config.json", "model.safetensors"]
+    stat = weights.stat()
+    weights.write_bytes(b"\2" * 4096)  # another run's base: same path, same size
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    second = adapter_base_record(str(base))
+    assert reads == ["config.json", "model.safetensors"] * 2
+    assert second["fingerprint"] != first["fingerprint"]
+    assert second["fingerprint"] == generated.model_fingerprint(str(base))

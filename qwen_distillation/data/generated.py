@@ -251,6 +251,18 @@ def _sample_file(digest, file: Path) -> None:
             digest.update(handle.read(FINGERPRINT_WINDOW))
 
 
+def fingerprint_files(path: str, gguf_file: str | None = None) -> tuple[Path, list[Path]]:
+    """The local path :func:`model_fingerprint` reads and its files, in the order it reads them (none:
+    a hub id, or a directory without weight files)."""
+    local = Path(os.path.expanduser(os.path.join(path, gguf_file) if gguf_file else path))
+    if local.is_file():
+        return local, [local]
+    if not local.is_dir():
+        return local, []
+    weights = sorted(p for p in local.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    return local, ([local / n for n in MODEL_CONFIG_FILES if (local / n).is_file()] + weights if weights else [])
+
+
 def model_fingerprint(path: str, gguf_file: str | None = None) -> str | None:
     """A sampled sha256 fingerprint of a local model's weights, so that another model saved at the same
     path (a stage re-run with ``overwrite_output_dir=true``) is told from the one that was there.
@@ -264,15 +276,8 @@ def model_fingerprint(path: str, gguf_file: str | None = None) -> str | None:
 
     None when there is nothing local to fingerprint: a hub id, or a directory without weight files
     (a run that reads a teacher cache needs only the teacher's config)."""
-    local = Path(os.path.expanduser(os.path.join(path, gguf_file) if gguf_file else path))
-    if local.is_file():
-        files = [local]
-    elif local.is_dir():
-        files = sorted(p for p in local.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
-        if not files:
-            return None
-        files = [local / n for n in MODEL_CONFIG_FILES if (local / n).is_file()] + files
-    else:
+    local, files = fingerprint_files(path, gguf_file)
+    if not files:
         return None
     digest = hashlib.sha256()
     for file in files:

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from qwen_distillation.data.generated import model_fingerprint
+from qwen_distillation.data.generated import fingerprint_files, model_fingerprint
 from qwen_distillation.errors import CheckpointError, ConfigError, first_line
 from qwen_distillation.modeling.depth import evenly_spaced_layers
 from qwen_distillation.modeling.files import check_model_dir, read_json
@@ -295,10 +295,23 @@ def check_student_checkpoint(path: str, *, key: str | None = "checkpoint_path", 
 ADAPTER_BASE = "adapter_base.json"  # beside a LoRA adapter: its base's path and sampled weight fingerprint
 
 
+_BASE_FINGERPRINTS: dict[str, tuple[tuple, str | None]] = {}  # resolved base dir -> (its files' stats, fingerprint)
+
+
 def adapter_base_record(base_model_dir: str) -> dict | None:
     """What an adapter export records of its base (:data:`ADAPTER_BASE`); None for a hub id or a
-    directory without weights."""
-    fingerprint = model_fingerprint(base_model_dir)
+    directory without weights. The fingerprint is memoised per resolved directory while the name, size and
+    mtime_ns of each file it reads stay the same, so a run's exports sample an unchanged ``student_base``
+    once and a base rewritten in place again."""
+    local, files = fingerprint_files(base_model_dir)
+    if not files:
+        return None
+    stats = tuple((file.name, (stat := file.stat()).st_size, stat.st_mtime_ns) for file in files)
+    key = str(local.resolve())
+    cached = _BASE_FINGERPRINTS.get(key)
+    if cached is None or cached[0] != stats:
+        cached = _BASE_FINGERPRINTS[key] = stats, model_fingerprint(base_model_dir)
+    fingerprint = cached[1]
     return {"base_model_name_or_path": base_model_dir, "fingerprint": fingerprint} if fingerprint else None
 
 
