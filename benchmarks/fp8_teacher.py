@@ -60,7 +60,8 @@ from qwen_distillation.data.encode import IGNORE_INDEX  # noqa: E402
 from qwen_distillation.data.manager import collate  # noqa: E402
 from qwen_distillation.data.sources import DataSource, encode_source  # noqa: E402
 from qwen_distillation.errors import DataError  # noqa: E402
-from qwen_distillation.modeling.fp8 import FP8Head, FP8Linear, FP8SwiGLU, convert_to_fp8  # noqa: E402
+from qwen_distillation.modeling.fp8 import (FP8Head, FP8Linear, FP8QuantizingRMSNorm, FP8SwiGLU,  # noqa: E402
+                                            convert_to_fp8, rms_norm)
 from qwen_distillation.modeling.loading import load_causal_lm, split_gguf  # noqa: E402
 from qwen_distillation.modeling.tokenizer import load_tokenizer  # noqa: E402
 from qwen_distillation.paths import resolve_path  # noqa: E402
@@ -292,6 +293,18 @@ def timing(shape: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
             print(layered, out[layered]["ms_median"], flush=True)
             for mlp in mlps:
                 del mlp.forward
+        if quantizer == "triton" and "fast" not in name and conversion.fused_norms:
+            # The same teacher with each layer norm writing its output (convert_to_fp8(fuse_norm=False)):
+            # transformers' RMSNorm arithmetic in torch, then quantised by the readers' own kernel.
+            norms = [m for m in model.modules() if isinstance(m, FP8QuantizingRMSNorm)]
+            for norm in norms:
+                norm.forward = (lambda m: lambda x: rms_norm(x, m.weight, m.variance_epsilon))(norm)
+            written = f"{name}, norms written"
+            out[written] = time_forward(model.model, input_ids, **kw)
+            out[written]["speedup_vs_bf16"] = out["bf16"]["ms_median"] / out[written]["ms_median"]
+            print(written, out[written]["ms_median"], flush=True)
+            for norm in norms:
+                del norm.forward
     FP8Linear.quantizer = "triton"
     with torch.no_grad():
         approx = model.model(input_ids=input_ids, use_cache=False).last_hidden_state.float()

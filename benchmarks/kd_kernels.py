@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen_distillation.losses.fused import fused_linear_kd  # noqa: E402
 from qwen_distillation.losses.logit import forward_kl  # noqa: E402
-from qwen_distillation.modeling.fp8 import FP8Head, fused_mlps  # noqa: E402
+from qwen_distillation.modeling.fp8 import FP8Head, fused_mlps, fused_norms  # noqa: E402
+from qwen_distillation.modeling.speed import liger_final_norm  # noqa: E402
 from qwen_distillation.training.teacher import launch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -241,7 +242,8 @@ def bench_step(args) -> dict:
         # the FLOPs (and so the MFU) are counted as for the bf16 teacher.
         from qwen_distillation.modeling.fp8 import convert_to_fp8
 
-        convert_to_fp8(teacher, fast_accum=args.fp8_fast_accum, fuse_mlp=not args.fp8_layered_mlp)
+        convert_to_fp8(teacher, fast_accum=args.fp8_fast_accum, fuse_mlp=not args.fp8_layered_mlp,
+                       fuse_norm=not args.fp8_written_norms)
     student = build_model(student_size, device).train()
     b, s = args.batch, args.seq
     g = torch.Generator(device=device).manual_seed(0)
@@ -474,9 +476,13 @@ def bench_step(args) -> dict:
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
 
         for model in (student, teacher):
-            # An FP8 teacher's MLPs keep their fused SwiGLU quantiser, as train.liger_kernels leaves them.
-            apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=not fused_mlps(model), cross_entropy=False,
-                                        fused_linear_cross_entropy=False, model=model)
+            # An FP8 teacher's MLPs keep their fused SwiGLU quantiser and its layer norms their FP8 codes
+            # handed to q/k/v and the MLP, as train.liger_kernels leaves them (its final norm gets Liger's).
+            handed = fused_norms(model) > 0
+            apply_liger_kernel_to_qwen2(rope=True, rms_norm=not handed, swiglu=not fused_mlps(model),
+                                        cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+            if handed:
+                liger_final_norm(model)
         if not args.best_only:
             arm(f"liger KD + liger model patches ({args.liger_chunk})", liger_step(args.liger_chunk))
             for chunk in args.chunks:
@@ -517,7 +523,8 @@ def bench_step(args) -> dict:
             flops = 6 * p_s * b * s + 3 * attn(student) if name.startswith("student") else step_flops
             out["mfu"] = flops / (out["ms"] / 1e3) / (args.peak_tflops * 1e12)
     fp8 = {"fp8_head": args.fp8_head, "fp8_fast_accum": args.fp8_fast_accum,
-           "fp8_fused_mlp": not args.fp8_layered_mlp} if args.fp8_teacher else {}
+           "fp8_fused_mlp": not args.fp8_layered_mlp, "fp8_fused_norm": not args.fp8_written_norms} \
+        if args.fp8_teacher else {}
     return {"pair": args.pair, "batch": b, "seq": s, "dtype": "bf16", "temperature": T, "fp8_teacher": args.fp8_teacher,
             **fp8, "student_matmul_params": p_s, "teacher_matmul_params": p_t, "step_flops": step_flops,
             "arms": results}
@@ -665,6 +672,9 @@ def main(argv=None):
     step.add_argument("--fp8-layered-mlp", action="store_true",
                       help="with --fp8-teacher: each MLP as its three converted layers, not the fused SwiGLU "
                            "quantiser (convert_to_fp8(fuse_mlp=False): the FP8 teacher before 2026-12-03's fusion)")
+    step.add_argument("--fp8-written-norms", action="store_true",
+                      help="with --fp8-teacher: each layer norm writes its output and the FP8 layers quantise it "
+                           "(convert_to_fp8(fuse_norm=False): the FP8 teacher before 2026-12-06's norm quantiser)")
     for p in (loss, step):
         p.add_argument("--temperature", type=float, default=2.0)
         p.add_argument("--warmup", type=int, default=3)

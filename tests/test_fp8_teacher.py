@@ -92,6 +92,76 @@ def test_fp8_weight_replaces_the_original_and_keeps_its_dtype():
         assert torch.equal(fresh(x), fp8(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_norms_hand_their_quantised_output_to_the_fp8_layers(dtype, monkeypatch):
+    """Each decoder layer's two norms become FP8QuantizingRMSNorm: the logits are those of the
+    converted teacher whose norms write their output (bit for bit on the CPU, where both run the
+    same reference arithmetic), with one quantisation per norm (the norm's) and one for o_proj per
+    layer, the state dict unchanged, and no codes held after the forward; with a SwiGLU forward
+    bound over the MLP (Liger's patch) gate and up read the handed codes and give the same logits."""
+    from qwen_distillation.modeling import fp8 as fp8_module
+
+    handed, written = _qwen2().to(dtype), _qwen2().to(dtype)
+    report = convert_to_fp8(handed)
+    assert report.fused_norms == [f"layers.{i}.{n}" for i in range(2)
+                                  for n in ("input_layernorm", "post_attention_layernorm")]
+    assert convert_to_fp8(written, fuse_norm=False).fused_norms == []
+    assert handed.state_dict().keys() == written.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(handed.state_dict().values(), written.state_dict().values()))
+    layer = handed.model.layers[0]
+    assert type(layer.input_layernorm).__name__ == "FP8QuantizingRMSNorm"
+    assert layer.self_attn.q_proj.handoff is layer.self_attn.v_proj.handoff is layer.input_layernorm.handoff
+    assert layer.mlp.handoff is layer.mlp.gate_proj.handoff is layer.post_attention_layernorm.handoff
+    assert layer.self_attn.o_proj.handoff is None and layer.mlp.down_proj.handoff is None
+    assert type(handed.model.norm).__name__ == "Qwen2RMSNorm"  # the final norm feeds the lm_head: unchanged
+    calls = []
+    for name in ("_quantize_activations", "_quantize_norm"):
+        real = getattr(fp8_module, name)
+        monkeypatch.setattr(fp8_module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        expected = written(input_ids=ids).logits
+        calls.clear()
+        assert torch.equal(handed(input_ids=ids).logits, expected)
+        assert sorted(calls) == sorted(["_quantize_activations"] * 2 + ["_quantize_norm"] * 4)
+        assert all(m.handoff._codes is None and m.handoff._standin is None for m in handed.modules()
+                   if isinstance(m, fp8_module.FP8QuantizingRMSNorm))
+        for layer in handed.model.layers:  # what Liger's _patch_swiglu_module binds (LigerSwiGLUMLP.forward)
+            layer.mlp.forward = (lambda mlp: lambda x: mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x))
+                                                                     * mlp.up_proj(x)))(layer.mlp)
+        assert torch.equal(handed(input_ids=ids).logits, expected)
+    with torch.inference_mode():
+        assert torch.equal(handed(input_ids=ids).logits, expected)
+
+
+def test_the_handed_norms_generate_what_the_written_ones_do():
+    """Generation with a KV cache (the teacher's answers, agreement) through the handed norms."""
+    handed, written = _qwen2(), _qwen2()
+    convert_to_fp8(handed)
+    convert_to_fp8(written, fuse_norm=False)
+    ids = torch.randint(0, 256, (2, 5))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(handed.generate(ids, **kw), written.generate(ids, **kw))
+
+
+def test_only_llama_arithmetic_norms_of_known_layers_hand_their_output(monkeypatch):
+    """A norm with another arithmetic (Liger's Gemma offset), a layer class not known to read its
+    norms' output only through the projections, or a norm whose readers are not all FP8 keeps
+    writing its output."""
+    model = _qwen2()
+    model.model.layers[0].input_layernorm.offset = 1.0
+    assert convert_to_fp8(model).fused_norms == ["layers.0.post_attention_layernorm",
+                                                  "layers.1.input_layernorm", "layers.1.post_attention_layernorm"]
+    model = _qwen2()
+    monkeypatch.setattr(__import__("qwen_distillation.modeling.fp8", fromlist=["x"]), "HANDOFF_LAYERS", ())
+    assert convert_to_fp8(model).fused_norms == []
+    monkeypatch.undo()
+    model = _qwen2()
+    model.model.layers[1].self_attn.k_proj = nn.Linear(64, 30)  # not a multiple of 16: stays in full precision
+    assert "layers.1.input_layernorm" not in convert_to_fp8(model).fused_norms
+
+
 def test_fp8_linear_is_inference_only():
     fp8 = FP8Linear.from_linear(_linear())
     with pytest.raises(RuntimeError, match="inference-only"):
@@ -147,7 +217,7 @@ def test_siblings_quantise_their_shared_input_once_and_keep_nothing(monkeypatch)
     from qwen_distillation.modeling import fp8 as fp8_module
 
     model = _qwen2()
-    convert_to_fp8(model, fuse_mlp=False)  # gate/up as two layers (the fused MLP: the tests below)
+    convert_to_fp8(model, fuse_mlp=False, fuse_norm=False)  # gate/up as two layers, each norm writing its output
     separate = copy.deepcopy(model)
     for module in separate.modules():
         if isinstance(module, FP8Linear):
@@ -180,8 +250,8 @@ def test_the_fused_swiglu_mlp_equals_its_three_converted_layers(dtype, monkeypat
     from qwen_distillation.modeling import fp8 as fp8_module
 
     fused, layered = _qwen2().to(dtype), _qwen2().to(dtype)
-    assert convert_to_fp8(fused).fused == ["layers.0.mlp", "layers.1.mlp"]
-    assert convert_to_fp8(layered, fuse_mlp=False).fused == []
+    assert convert_to_fp8(fused, fuse_norm=False).fused == ["layers.0.mlp", "layers.1.mlp"]
+    assert convert_to_fp8(layered, fuse_mlp=False, fuse_norm=False).fused == []
     assert fused.state_dict().keys() == layered.state_dict().keys()
     calls = []
     for name in ("_quantize_activations", "_quantize_swiglu"):
@@ -209,23 +279,28 @@ def test_only_silu_mlps_of_known_classes_are_fused():
     assert report.fused == ["layers.0.mlp"] and type(model.model.layers[1].mlp).__name__ == "Qwen2MLP"
 
 
-def test_liger_speedups_leave_the_fused_mlps_alone(monkeypatch):
-    """train.liger_kernels patches the FP8 teacher's norms and RoPE, not its fused MLPs."""
+def test_liger_speedups_leave_the_fused_mlps_and_norms_alone(monkeypatch):
+    """train.liger_kernels patches the FP8 teacher's final norm and RoPE, not its fused MLPs and the
+    norms that hand their output to FP8 layers."""
     import sys
     import types
 
     from qwen_distillation.modeling import speed
 
-    seen = []
+    seen, final = [], []
     liger = types.ModuleType("liger_kernel.transformers")
-    liger._apply_liger_kernel_to_instance = lambda model, **kw: seen.append(kw["swiglu"])
+    liger._apply_liger_kernel_to_instance = lambda model, **kw: seen.append((kw["swiglu"], kw["rms_norm"]))
+    patches = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    patches._patch_rms_norm_module = final.append
     monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", liger)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", patches)
     teacher, student = _qwen2(), _qwen2()
     convert_to_fp8(teacher)
     assert speed.apply_speedups([student, teacher], device=torch.device("cuda"), liger_kernels=True) == [
         "liger_kernels"]
-    assert seen == [True, False]
+    assert seen == [(True, True), (False, False)]  # the teacher's layer norms hand their output on
+    assert final == [teacher.model.norm]  # ... and its final norm alone gets Liger's
 
 
 needs_interpreter = pytest.mark.skipif(
@@ -237,21 +312,23 @@ needs_interpreter = pytest.mark.skipif(
 @pytest.mark.parametrize("rows,cols,block", [(5, 40, None), (3, 300, 128), (9, 1536, None)])
 @needs_interpreter
 def test_the_triton_kernels_compute_their_references_in_the_interpreter(rows, cols, block):
-    """The quantiser and the SwiGLU quantiser kernels' code on the CPU (Triton's interpreter): one
+    """The quantiser, SwiGLU quantiser and RMSNorm quantiser kernels' code on the CPU (Triton's interpreter): one
     block and two passes, partial blocks, several rows a program, gate and up as strided halves of one
     GEMM output. The interpreter's casts are not the GPU's (it rounds to bf16 towards zero, and its
     E4M3 cast drops the carry of a value that rounds up to the next power of two: 64 for 127.0, about
     2% of random codes), so here the inputs are fp32, the scales must match and the codes nearly all;
     the GPU tests below compare bit for bit."""
-    from qwen_distillation.kernels.fp8_quant import (silu_mul_quantize, triton_quantize_rowwise,
-                                                     triton_silu_mul_quantize)
+    from qwen_distillation.kernels.fp8_quant import (rms_norm_quantize, silu_mul_quantize, triton_quantize_rowwise,
+                                                     triton_rms_norm_quantize, triton_silu_mul_quantize)
 
     torch.manual_seed(cols)
     both = torch.randn(rows, 2 * cols) * torch.logspace(-1, 1, rows).unsqueeze(1)  # few E4M3 subnormals
     gate, up = both[:, :cols], both[:, cols:]
+    weight = torch.randn(cols)
     for (codes, scale), (reference_codes, reference_scale) in (
             (triton_quantize_rowwise(gate), quantize_rowwise(gate)),
-            (triton_silu_mul_quantize(gate, up, block=block), silu_mul_quantize(gate, up))):
+            (triton_silu_mul_quantize(gate, up, block=block), silu_mul_quantize(gate, up)),
+            (triton_rms_norm_quantize(gate, weight, 1e-6, block=block), rms_norm_quantize(gate, weight, 1e-6))):
         assert codes.dtype == FP8_DTYPE and scale.shape == (rows, 1)
         torch.testing.assert_close(scale, reference_scale, rtol=1e-6, atol=0)  # exp: numpy's against torch's
         same = codes.view(torch.uint8) == reference_codes.view(torch.uint8)
@@ -543,6 +620,53 @@ def test_on_the_gpu_the_swiglu_quantiser_equals_its_reference(rows, cols, dtype)
     assert same.float().mean() >= (0.999 if rounded else 0.99), same.float().mean()
     deq, reference = codes.float() * scale, reference_codes.float() * reference_scale
     assert ((deq - reference).abs() <= 0.13 * reference.abs() + 2**-9 * reference_scale).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("cols", [16, 1040, 3584, 9000])  # one block; 9000: three passes in blocks
+@pytest.mark.parametrize("rows", [1, 37, 1024])
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_on_the_gpu_the_norm_quantiser_equals_its_reference(rows, cols, dtype):
+    """The RMSNorm quantiser against transformers' RMSNorm arithmetic rounded by torch, then
+    quantised. The kernel's sum of squares adds in another order than torch's mean, so a row's
+    rsqrt may differ in its last fp32 bit: in bf16 and fp16 the rounding of the normalised row to
+    the dtype absorbs that but now and then (a code one step over, a scale one step of the dtype);
+    in fp32 nothing rounds it away."""
+    from qwen_distillation.kernels.fp8_quant import rms_norm_quantize, triton_rms_norm_quantize
+
+    torch.manual_seed(rows * cols)
+    x = (torch.randn(rows, cols, device="cuda") * torch.logspace(-2, 2, rows, device="cuda").unsqueeze(1)).to(dtype)
+    weight = (1.0 + 0.5 * torch.randn(cols, device="cuda")).to(dtype)
+    codes, scale = triton_rms_norm_quantize(x, weight, 1e-6)
+    reference_codes, reference_scale = rms_norm_quantize(x, weight, 1e-6)
+    assert codes.dtype == FP8_DTYPE and scale.shape == (rows, 1)
+    rounded = dtype != torch.float32
+    step = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 2**-20}[dtype]
+    torch.testing.assert_close(scale, reference_scale, rtol=step, atol=0)
+    if rounded and rows > 1:
+        assert (scale == reference_scale).float().mean() >= 0.95
+    same = codes.view(torch.uint8) == reference_codes.view(torch.uint8)
+    assert same.float().mean() >= (0.999 if rounded else 0.99), same.float().mean()
+    deq, reference = codes.float() * scale, reference_codes.float() * reference_scale
+    assert ((deq - reference).abs() <= 0.13 * reference.abs() + 2**-9 * reference_scale).all()
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_on_the_gpu_the_handed_norms_teacher_equals_the_written_one():
+    """The norms that hand FP8 codes to q/k/v and the MLP (one Triton kernel each) against the
+    converted teacher whose norms write their output: the same arithmetic up to the rare rsqrt
+    rounding (test above), so the logits agree to bf16 noise, far below FP8's own error."""
+    model = _qwen2(hidden=128, intermediate=256).cuda().to(torch.bfloat16)
+    handed, written = copy.deepcopy(model), copy.deepcopy(model)
+    assert len(convert_to_fp8(handed).fused_norms) == 4 and convert_to_fp8(written, fuse_norm=False).fused_norms == []
+    ids = torch.randint(0, 256, (4, 64), device="cuda")
+    with torch.no_grad():
+        exact = model(input_ids=ids).logits.float()
+        a, b = handed(input_ids=ids).logits.float(), written(input_ids=ids).logits.float()
+    between, fp8_error = ((a - b).norm() / b.norm()).item(), ((b - exact).norm() / exact.norm()).item()
+    assert torch.isfinite(a).all() and between < 0.1 * fp8_error, (between, fp8_error)
 
 
 @pytest.mark.gpu

@@ -14,6 +14,11 @@ for an 8192 x 3584 bf16 input, about ten times what its bytes need, and 30 ms of
 rounded as torch and Liger round it, quantised the same way for the down projection; its kernel,
 :func:`triton_silu_mul_quantize`, computes it from the two GEMM outputs in one kernel, so the
 activation itself is never written to memory.
+
+:func:`rms_norm_quantize` is a decoder layer's RMSNorm (transformers' and Liger's "llama"
+arithmetic: fp32 statistics, the normalised row rounded to the input's dtype, times the weight,
+rounded) quantised the same way for the FP8 layers that read it (q/k/v, gate/up); its kernel,
+:func:`triton_rms_norm_quantize`, forms the normalised row in registers, so it is never stored.
 """
 
 from __future__ import annotations
@@ -87,6 +92,38 @@ def silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tenso
         (codes, scale): (M, K) ``float8_e4m3fn`` and (M, 1) fp32, the input of the down projection.
     """
     return quantize_rowwise(silu_mul(gate, up))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' Qwen2/Llama/Mistral ``RMSNorm`` computes it (and Liger's kernel in its
+    "llama" casting mode): ``weight * (x * rsqrt(mean(x**2) + eps))``, the statistics and the
+    product with ``rsqrt`` in fp32, that product rounded to x's dtype, then multiplied by the weight.
+
+    Args:
+        x (torch.Tensor): shape (..., K).
+        weight (torch.Tensor): shape (K,).
+        eps (float): the norm's epsilon.
+
+    Returns:
+        torch.Tensor: shape (..., K), in the dtype of ``weight * x`` (x's for a weight of x's dtype).
+    """
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rowwise` of :func:`rms_norm`, plain torch: the reference.
+
+    Args:
+        x (torch.Tensor): shape (M, K), a decoder layer's residual stream of M tokens.
+        weight (torch.Tensor): shape (K,), the norm's weight, x's dtype.
+        eps (float): the norm's epsilon.
+
+    Returns:
+        (codes, scale): (M, K) ``float8_e4m3fn`` and (M, 1) fp32, the input of the FP8 layers that
+        read the norm's output.
+    """
+    return quantize_rowwise(rms_norm(x, weight, eps))
 
 
 if triton is not None:
@@ -229,4 +266,99 @@ def triton_silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor, *, rows: int 
     _quantize_rows[(triton.cdiv(m, config["ROWS"]),)](
         gate, up, codes, scale, m, k, gate.stride(0), up.stride(0), codes.stride(0), FP8_MAX=FP8_MAX,
         INV_FP8_MAX=INV_FP8_MAX, MIN_AMAX=MIN_AMAX, SWIGLU=True, **config)
+    return codes, scale
+
+
+if triton is not None:
+
+    @triton.jit
+    def _normed(x, x_dtype: tl.constexpr, rstd, w):
+        """``(x * rstd)`` rounded to ``x_dtype``, times the weight ``w``, rounded (see :func:`rms_norm`),
+        returned in fp32; ``x`` is the fp32 block, ``rstd`` its rows' ``rsqrt(mean(x**2) + eps)``."""
+        y = (x * rstd[:, None]).to(x_dtype, fp_downcast_rounding="rtne").to(tl.float32)
+        return (y * w.to(tl.float32)[None, :]).to(x_dtype, fp_downcast_rounding="rtne").to(tl.float32)
+
+    @triton.jit
+    def _norm_quantize_rows(x_ptr, w_ptr, codes_ptr, scale_ptr, M, K, stride_x, stride_c, eps,
+                            FP8_MAX: tl.constexpr, INV_FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
+                            BLOCK: tl.constexpr, ROWS: tl.constexpr, ONE_BLOCK: tl.constexpr):
+        """``ROWS`` rows per program of ``rms_norm(x, w, eps)`` quantised per row as
+        :func:`_quantize_rows` quantises, the normalised rows formed as they are read. ``ONE_BLOCK``
+        (K <= BLOCK): each row read once and kept in registers; otherwise in blocks, three times (the
+        sum of squares, the absolute maximum, the codes; the later reads from L2)."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < M
+        x_rows = x_ptr + rows[:, None] * stride_x
+        c_rows = codes_ptr + rows[:, None] * stride_c
+        x_dtype = x_ptr.dtype.element_ty
+        if ONE_BLOCK:
+            cols = tl.arange(0, BLOCK)
+            ok = row_ok[:, None] & (cols[None, :] < K)
+            x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / K + eps)
+            y = _normed(x, x_dtype, rstd, tl.load(w_ptr + cols, mask=cols < K, other=0.0))
+            scale = tl.maximum(tl.max(tl.abs(y), axis=1), MIN_AMAX) * INV_FP8_MAX
+            tl.store(scale_ptr + rows, scale, mask=row_ok)
+            q = y * tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)[:, None]
+            q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+            tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
+        else:
+            squares = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+            for start in range(0, K, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < K), other=0.0)
+                squares += x.to(tl.float32) * x.to(tl.float32)
+            rstd = tl.math.rsqrt(tl.sum(squares, axis=1) / K + eps)
+            amax = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+            for start in range(0, K, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < K), other=0.0)
+                w = tl.load(w_ptr + cols, mask=cols < K, other=0.0)
+                amax = tl.maximum(amax, tl.abs(_normed(x.to(tl.float32), x_dtype, rstd, w)))
+            scale = tl.maximum(tl.max(amax, axis=1), MIN_AMAX) * INV_FP8_MAX
+            tl.store(scale_ptr + rows, scale, mask=row_ok)
+            inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)
+            for start in range(0, K, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                ok = row_ok[:, None] & (cols[None, :] < K)
+                x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0)
+                w = tl.load(w_ptr + cols, mask=cols < K, other=0.0)
+                q = _normed(x.to(tl.float32), x_dtype, rstd, w) * inv[:, None]
+                q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+                tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
+
+
+def triton_rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, *, rows: int | None = None,
+                             block: int | None = None,
+                             num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rms_norm_quantize` as one Triton kernel (CUDA tensors): the normalised rows are formed
+    in registers and never stored. Codes and scales equal the reference's wherever the kernel's sum
+    of squares (another order of additions) and torch's give the same ``rsqrt`` in the last bit (the
+    GPU tests count the rest).
+
+    Args:
+        x (torch.Tensor): shape (M, K) on a CUDA device, bf16 / fp16 / fp32, last dim contiguous.
+        weight (torch.Tensor): shape (K,), x's dtype.
+        eps (float): the norm's epsilon.
+        rows, block, num_warps: launch overrides for benchmarks (defaults as :func:`launch_quantize_rows`).
+
+    Returns:
+        (codes, scale): (M, K) ``float8_e4m3fn`` and (M, 1) fp32.
+    """
+    if not _runs_here(x):
+        raise RuntimeError("triton_rms_norm_quantize needs Triton and a CUDA tensor; use rms_norm_quantize")
+    if x.dim() != 2 or weight.shape != (x.shape[1],) or weight.dtype != x.dtype:
+        raise ValueError(f"triton_rms_norm_quantize takes x (M, K) and a weight (K,) of x's dtype, got "
+                         f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight.contiguous()
+    m, k = x.shape
+    codes = torch.empty((m, k), device=x.device, dtype=FP8_DTYPE)
+    scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return codes, scale
+    config = _launch_config(k, rows, block, num_warps)
+    _norm_quantize_rows[(triton.cdiv(m, config["ROWS"]),)](
+        x, weight, codes, scale, m, k, x.stride(0), codes.stride(0), float(eps), FP8_MAX=FP8_MAX,
+        INV_FP8_MAX=INV_FP8_MAX, MIN_AMAX=MIN_AMAX, **config)
     return codes, scale

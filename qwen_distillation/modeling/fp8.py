@@ -8,10 +8,13 @@ fp32 accumulator by ``scale_x[m] * scale_w[n]``. On a GPU the input is quantised
 (:mod:`qwen_distillation.kernels.fp8_quant`, bit-equal to the reference), once for the siblings
 that read the same input (q/k/v, gate/up: :class:`SharedInput`), and a bias is added in the GEMM.
 A SwiGLU MLP becomes :class:`FP8SwiGLU`: the same arithmetic, its activation quantised as it is
-formed (one Triton kernel). The embeddings, the final norm and the ``lm_head`` stay in the
-teacher's dtype: the fused KD kernel reads the ``lm_head`` weight directly, and the teacher's
-logits come from it, unless ``model.teacher.fp8_head`` gives the loss an FP8 copy of it
-(:class:`FP8Head`, a further approximation). ``model.teacher.fp8_fast_accum`` runs every FP8 GEMM
+formed (one Triton kernel). A decoder layer's two RMSNorms become :class:`FP8QuantizingRMSNorm`: the
+norm and the quantisation of its output for the layers that read it are one kernel, the normalised
+activation is never stored, and the layers get its codes through a :class:`Handoff`. The embeddings,
+the final norm and the ``lm_head`` stay in the teacher's dtype: the fused KD kernel reads the
+``lm_head`` weight directly, and the teacher's logits come from it, unless
+``model.teacher.fp8_head`` gives the loss an FP8 copy of it (:class:`FP8Head`, a further
+approximation). ``model.teacher.fp8_fast_accum`` runs every FP8 GEMM
 with ``use_fast_accum``. The teacher's next-token distribution is therefore not the bf16
 teacher's: KL(p_bf16 || p_fp8) and top-1 agreement, for each option, are measured by
 ``benchmarks/fp8_teacher.py``.
@@ -35,8 +38,9 @@ from torch import nn
 
 from qwen_distillation.errors import ConfigError
 from qwen_distillation.kernels.fp8_quant import (FP8_DTYPE, FP8_MAX, MIN_AMAX, quantize_rowwise,  # noqa: F401
-                                                 silu_mul_quantize, triton_available,
-                                                 triton_quantize_rowwise, triton_silu_mul_quantize)
+                                                 rms_norm, rms_norm_quantize, silu_mul_quantize, triton_available,
+                                                 triton_quantize_rowwise, triton_rms_norm_quantize,
+                                                 triton_silu_mul_quantize)
 from qwen_distillation.modeling.parts import base_model
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,13 @@ SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: with a SiLU ``act_fn``
 # they become :class:`FP8SwiGLU` (the same arithmetic, the activation quantised as it is formed).
 SWIGLU_MLPS = ("Qwen2MLP", "Qwen3MLP", "LlamaMLP", "MistralMLP", "LigerSwiGLUMLP")
+# Decoder layers whose forward reads ``input_layernorm``'s output only through the attention's q/k/v
+# projections, and ``post_attention_layernorm``'s only through the MLP (transformers 5): their norms
+# may hand the FP8 codes of their output to those layers instead of the output itself.
+HANDOFF_LAYERS = ("Qwen2DecoderLayer", "Qwen3DecoderLayer", "LlamaDecoderLayer", "MistralDecoderLayer")
+# RMSNorm classes with transformers' "llama" arithmetic (see kernels.fp8_quant.rms_norm); Liger's
+# patch keeps it (casting mode "llama", offset 0) and is checked by its attributes.
+RMS_NORMS = ("Qwen2RMSNorm", "Qwen3RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "LigerRMSNorm")
 
 _compiled = {}
 
@@ -89,6 +100,44 @@ def _quantize_swiglu(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor
     if FP8Linear.quantizer == "triton" and triton_available():
         return triton_silu_mul_quantize(gate, up)
     return _compiled_or_eager("the SwiGLU quantiser", silu_mul_quantize, gate, up)
+
+
+def _quantize_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rms_norm_quantize` of a decoder layer's residual stream, chosen as
+    :func:`_quantize_activations` chooses (the Triton kernel: the normalised rows never stored)."""
+    if not x.is_cuda or FP8Linear.quantizer == "eager" or torch.compiler.is_compiling():
+        return rms_norm_quantize(x, weight, eps)
+    if FP8Linear.quantizer == "triton" and triton_available():
+        return triton_rms_norm_quantize(x, weight, eps)
+    return _compiled_or_eager("the RMSNorm quantiser", rms_norm_quantize, x, weight, eps)
+
+
+class Handoff:
+    """The FP8 codes of a norm's output, handed by :class:`FP8QuantizingRMSNorm` to the ``readers``
+    FP8 layers that read that output. The norm returns a stand-in of the output's shape (one NaN
+    element, expanded: nothing is stored) and :meth:`give` s it with the codes; a reader called with
+    that very stand-in :meth:`take` s the codes, and once every reader has, the entry is dropped.
+    A reader called with any other tensor gets ``None`` and quantises its input itself; anything else
+    that read the stand-in's values would read NaN, not a silently wrong number."""
+
+    def __init__(self, readers: int):
+        self.readers = readers
+        self._standin: torch.Tensor | None = None
+        self._codes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._reads = 0
+
+    def give(self, standin: torch.Tensor, codes: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._standin, self._codes, self._reads = standin, codes, 0
+
+    def take(self, x: torch.Tensor, reads: int = 1) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The codes if ``x`` is the current stand-in, counted as ``reads`` readers, else ``None``."""
+        if x is not self._standin or self._codes is None:
+            return None
+        codes = self._codes
+        self._reads += reads
+        if self._reads >= self.readers:
+            self._standin, self._codes = None, None
+        return codes
 
 
 class SharedInput:
@@ -176,6 +225,7 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.shared: SharedInput | None = None
+        self.handoff: Handoff | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fast_accum: bool = False) -> "FP8Linear":
@@ -194,6 +244,9 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _refuse_grad(x, type(self).__name__)
+        handed = self.handoff.take(x) if self.handoff is not None else None
+        if handed is not None:  # the codes of the norm that formed x (x itself is a stand-in)
+            return self.matmul(*handed, x.dtype).reshape(*x.shape[:-1], self.out_features)
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
@@ -248,14 +301,19 @@ class FP8SwiGLU(nn.Module):
     def __init__(self, gate_proj: FP8Linear, up_proj: FP8Linear, down_proj: FP8Linear):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.handoff: Handoff | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _refuse_grad(x, type(self).__name__)
-        rows = x.reshape(-1, self.gate_proj.in_features)
-        if rows.shape[0] == 0:
-            return x.new_zeros(*x.shape[:-1], self.down_proj.out_features)
-        rows = rows.contiguous()
-        codes, scale = _quantize_activations(rows)
+        # The codes of the norm that formed x (x itself is a stand-in), read for gate and up.
+        handed = self.handoff.take(x, reads=2) if self.handoff is not None else None
+        if handed is not None:
+            codes, scale = handed
+        else:
+            rows = x.reshape(-1, self.gate_proj.in_features)
+            if rows.shape[0] == 0:
+                return x.new_zeros(*x.shape[:-1], self.down_proj.out_features)
+            codes, scale = _quantize_activations(rows.contiguous())
         gate = self.gate_proj.matmul(codes, scale, x.dtype)
         up = self.up_proj.matmul(codes, scale, x.dtype)
         codes, scale = _quantize_swiglu(gate, up)
@@ -275,6 +333,84 @@ def _swiglu_mlp(module: nn.Module) -> bool:
 def fused_mlps(model: nn.Module) -> int:
     """How many :class:`FP8SwiGLU` MLPs ``model`` holds (``modeling.speed`` leaves them unpatched)."""
     return sum(isinstance(module, FP8SwiGLU) for module in model.modules())
+
+
+class FP8QuantizingRMSNorm(nn.Module):
+    """A decoder layer's RMSNorm whose output only FP8 layers read (q/k/v after ``input_layernorm``,
+    the MLP after ``post_attention_layernorm``): it computes :func:`rms_norm_quantize` of its input
+    (on a GPU one Triton kernel, :func:`~qwen_distillation.kernels.fp8_quant.triton_rms_norm_quantize`,
+    that never stores the normalised activation), gives the codes to its readers through ``handoff``
+    and returns a stand-in of the output's shape and dtype (see :class:`Handoff`). The readers'
+    arithmetic is the unfused layers' (the norm rounded to x's dtype, then quantised per token) up to
+    the kernel's order of additions in the sum of squares (the GPU tests count the codes it moves).
+    Under ``torch.compile`` or with no rows it returns the norm's output itself (:func:`rms_norm`).
+    ``weight`` is the norm's own parameter: the state dict's keys and values do not change.
+
+    ``forward(x)``: x (..., hidden) -> (..., hidden) in the dtype of ``rms_norm(x, weight, eps)``.
+    """
+
+    def __init__(self, weight: nn.Parameter, eps: float, handoff: Handoff):
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = eps
+        self.handoff = handoff
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _refuse_grad(x, type(self).__name__)
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] == 0 or torch.compiler.is_compiling() or self.weight.dtype != x.dtype:
+            return rms_norm(x, self.weight, self.variance_epsilon)
+        standin = x.new_full((1,) * x.dim(), float("nan")).expand(x.shape)
+        self.handoff.give(standin, _quantize_norm(rows.contiguous(), self.weight, self.variance_epsilon))
+        return standin
+
+    def extra_repr(self) -> str:
+        return (f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, its output handed to "
+                f"{self.handoff.readers} FP8 reads as codes")
+
+
+def _llama_rms_norm(module: nn.Module | None) -> float | None:
+    """The epsilon of ``module`` if it is one of :data:`RMS_NORMS` with transformers' "llama"
+    arithmetic (for Liger's patch: casting mode "llama", offset 0) and a 1-D weight, else ``None``."""
+    if module is None or module._get_name() not in RMS_NORMS and type(module).__name__ not in RMS_NORMS:
+        return None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    if getattr(module, "offset", 0.0) != 0.0 or getattr(module, "casting_mode", "llama") != "llama":
+        return None
+    eps = getattr(module, "variance_epsilon", None)
+    return getattr(module, "eps", None) if eps is None else eps
+
+
+def _fuse_norms(layer: nn.Module) -> list[str]:
+    """Make ``layer``'s two norms :class:`FP8QuantizingRMSNorm` where every reader of their output is
+    FP8 (q/k/v; :class:`FP8SwiGLU` or gate/up); return the names of those made."""
+    if type(layer).__name__ not in HANDOFF_LAYERS:
+        return []
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    # The MLP's codes are read twice (gate, up), by an FP8SwiGLU at once or, with a forward bound over
+    # it (Liger's SwiGLU patch), by its two layers.
+    readers = {"input_layernorm": [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")],
+               "post_attention_layernorm": [getattr(mlp, name, None) for name in ("gate_proj", "up_proj")]}
+    fused = []
+    for name, members in readers.items():
+        eps = _llama_rms_norm(getattr(layer, name, None))
+        if eps is None or not all(isinstance(m, FP8Linear) for m in members):
+            continue
+        if name == "post_attention_layernorm" and type(mlp).__name__ not in (*SWIGLU_MLPS, "FP8SwiGLU"):
+            continue  # an MLP whose forward might read its input otherwise
+        handoff = Handoff(len(members))
+        for member in members + ([mlp] if isinstance(mlp, FP8SwiGLU) else []):
+            member.handoff = handoff
+        setattr(layer, name, FP8QuantizingRMSNorm(getattr(layer, name).weight, eps, handoff))
+        fused.append(name)
+    return fused
+
+
+def fused_norms(model: nn.Module) -> int:
+    """How many :class:`FP8QuantizingRMSNorm` ``model`` holds (``modeling.speed`` leaves them unpatched)."""
+    return sum(isinstance(module, FP8QuantizingRMSNorm) for module in model.modules())
 
 
 def head_balance(weight: torch.Tensor) -> torch.Tensor:
@@ -394,6 +530,7 @@ class FP8Conversion:
     converted: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     fused: list[str] = field(default_factory=list)
+    fused_norms: list[str] = field(default_factory=list)
     bytes_before: int = 0
     bytes_after: int = 0
 
@@ -410,11 +547,14 @@ def _share_inputs(module: nn.Module) -> None:
                 member.shared = shared
 
 
-def convert_to_fp8(model: nn.Module, fast_accum: bool = False, fuse_mlp: bool = True) -> FP8Conversion:
+def convert_to_fp8(model: nn.Module, fast_accum: bool = False, fuse_mlp: bool = True,
+                   fuse_norm: bool = True) -> FP8Conversion:
     """Replace, in place, every ``nn.Linear`` inside the decoder layers of ``model`` by an
-    :class:`FP8Linear` (quantised on the layer's own device), and each SwiGLU MLP whose three
+    :class:`FP8Linear` (quantised on the layer's own device), each SwiGLU MLP whose three
     projections converted by an :class:`FP8SwiGLU` of them (``fuse_mlp``; the same arithmetic, one
-    kernel less per layer on a GPU). Embeddings, the final norm and the ``lm_head`` are outside the
+    kernel less per layer on a GPU), and each norm of :data:`HANDOFF_LAYERS` whose output only FP8
+    layers read by an :class:`FP8QuantizingRMSNorm` (``fuse_norm``; the same arithmetic, the
+    normalised activation never stored). Embeddings, the final norm and the ``lm_head`` are outside the
     decoder layers and stay as they are. Layers whose shapes ``torch._scaled_mm`` does not take are
     kept, and a log line names them."""
     decoder = base_model(model).get_decoder()
@@ -443,12 +583,15 @@ def convert_to_fp8(model: nn.Module, fast_accum: bool = False, fuse_mlp: bool = 
                 if _swiglu_mlp(child):
                     setattr(module, child_name, FP8SwiGLU(child.gate_proj, child.up_proj, child.down_proj))
                     report.fused.append(f"layers.{index}.{name + '.' if name else ''}{child_name}")
+        if fuse_norm:
+            report.fused_norms += [f"layers.{index}.{name}" for name in _fuse_norms(layer)]
     if not report.converted:
         raise ConfigError(f"{KEY}=true: no decoder linear layer of the teacher has in/out features that are "
                           f"multiples of {ALIGNMENT}, so nothing would run in FP8; set {KEY}=false")
     log.info("%s: %d decoder linear layers in FP8 (E4M3, per-row scales; an approximation), weights %.1f -> "
-             "%.1f MiB; embeddings and lm_head unchanged; %d SwiGLU MLPs fused", KEY, len(report.converted),
-             report.bytes_before / 2**20, report.bytes_after / 2**20, len(report.fused))
+             "%.1f MiB; embeddings and lm_head unchanged; %d SwiGLU MLPs and %d norms fused with their quantisers", KEY,
+             len(report.converted), report.bytes_before / 2**20, report.bytes_after / 2**20, len(report.fused),
+             len(report.fused_norms))
     if report.kept:
         log.info("%s: %d linear layers stay in %s: in/out features not multiples of %d (torch._scaled_mm): %s",
                  KEY, len(report.kept), next(model.parameters()).dtype, ALIGNMENT, ", ".join(report.kept))

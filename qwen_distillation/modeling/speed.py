@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from qwen_distillation.errors import ConfigError
-from qwen_distillation.modeling.fp8 import fused_mlps
+from qwen_distillation.modeling.fp8 import fused_mlps, fused_norms
 from qwen_distillation.modeling.parts import base_model
 from qwen_distillation.modeling.varlen import VARLEN, require_varlen
 
@@ -85,6 +85,17 @@ def _fold_liger_rope(model: nn.Module) -> None:
         module.apply_rotary_pos_emb = rope_over_rows(liger_rotary_pos_emb)
 
 
+def liger_final_norm(model: nn.Module) -> None:
+    """Liger's RMSNorm on ``model``'s final norm alone (as its instance patch does for every norm)."""
+    try:
+        from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module
+    except ImportError:  # a Liger without it: the final norm stays transformers'
+        return
+    norm = getattr(base_model(model).get_decoder(), "norm", None)
+    if norm is not None:
+        _patch_rms_norm_module(norm)
+
+
 def apply_speedups(models: list[nn.Module], *, device: torch.device, compile: bool = False,
                    liger_kernels: bool = False) -> list[str]:
     """Apply the levers the config asks for to each model in place; return what was applied."""
@@ -103,10 +114,15 @@ def apply_speedups(models: list[nn.Module], *, device: torch.device, compile: bo
         except ImportError as err:
             raise ConfigError("train.liger_kernels=true needs Liger-Kernel: pip install liger-kernel") from err
         for model in models:
-            # An FP8 teacher's MLPs compute SwiGLU inside their own quantiser (modeling.fp8.FP8SwiGLU).
-            _apply_liger_kernel_to_instance(model=base_model(model), rope=True, rms_norm=True,
+            # An FP8 teacher's MLPs compute SwiGLU inside their own quantiser (modeling.fp8.FP8SwiGLU), and its
+            # layers' norms quantise their output for the FP8 layers (FP8QuantizingRMSNorm): Liger's patch
+            # would bind its own forward over them; the final norm alone gets Liger's then.
+            fused = fused_norms(model) > 0
+            _apply_liger_kernel_to_instance(model=base_model(model), rope=True, rms_norm=not fused,
                                             swiglu=not fused_mlps(model), cross_entropy=False,
                                             fused_linear_cross_entropy=False)
+            if fused:
+                liger_final_norm(base_model(model))
             _fold_liger_rope(base_model(model))
         applied.append("liger_kernels")
     if compile:
