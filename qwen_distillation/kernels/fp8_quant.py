@@ -145,6 +145,20 @@ if triton is not None:
         return x.to(tl.float32)
 
     @triton.jit
+    def _row_inverse_scale(amax, scale_ptr, rows, row_ok, INV_FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr):
+        """Store each row's scale ``max(amax, MIN_AMAX) * (1 / 448)``; return its inverse (one IEEE
+        division per row, as torch's ``reciprocal``)."""
+        scale = tl.maximum(amax, MIN_AMAX) * INV_FP8_MAX
+        tl.store(scale_ptr + rows, scale, mask=row_ok)
+        return tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale)
+
+    @triton.jit
+    def _store_codes(c_rows, cols, ok, values, inv, FP8_MAX: tl.constexpr):
+        """The E4M3 codes ``clamp(values * inv, +-448)`` of a block of rows, stored."""
+        q = tl.minimum(tl.maximum(values * inv[:, None], -FP8_MAX), FP8_MAX)
+        tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
+
+    @triton.jit
     def _quantize_rows(x_ptr, u_ptr, codes_ptr, scale_ptr, M, K, stride_x, stride_u, stride_c,
                        FP8_MAX: tl.constexpr, INV_FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
                        BLOCK: tl.constexpr, ROWS: tl.constexpr, ONE_BLOCK: tl.constexpr, SWIGLU: tl.constexpr):
@@ -162,26 +176,19 @@ if triton is not None:
             cols = tl.arange(0, BLOCK)
             ok = row_ok[:, None] & (cols[None, :] < K)
             x = _row_values(x_rows, u_rows, cols, ok, SWIGLU)
-            scale = tl.maximum(tl.max(tl.abs(x), axis=1), MIN_AMAX) * INV_FP8_MAX
-            tl.store(scale_ptr + rows, scale, mask=row_ok)
-            q = x * tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)[:, None]
-            q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-            tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
+            inv = _row_inverse_scale(tl.max(tl.abs(x), axis=1), scale_ptr, rows, row_ok, INV_FP8_MAX, MIN_AMAX)
+            _store_codes(c_rows, cols, ok, x, inv, FP8_MAX)
         else:
             amax = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
             for start in range(0, K, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 ok = row_ok[:, None] & (cols[None, :] < K)
                 amax = tl.maximum(amax, tl.abs(_row_values(x_rows, u_rows, cols, ok, SWIGLU)))
-            scale = tl.maximum(tl.max(amax, axis=1), MIN_AMAX) * INV_FP8_MAX
-            tl.store(scale_ptr + rows, scale, mask=row_ok)
-            inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)
+            inv = _row_inverse_scale(tl.max(amax, axis=1), scale_ptr, rows, row_ok, INV_FP8_MAX, MIN_AMAX)
             for start in range(0, K, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 ok = row_ok[:, None] & (cols[None, :] < K)
-                x = _row_values(x_rows, u_rows, cols, ok, SWIGLU)
-                q = tl.minimum(tl.maximum(x * inv[:, None], -FP8_MAX), FP8_MAX)
-                tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
+                _store_codes(c_rows, cols, ok, _row_values(x_rows, u_rows, cols, ok, SWIGLU), inv, FP8_MAX)
 
 
 def triton_quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,11 +304,8 @@ if triton is not None:
             x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / K + eps)
             y = _normed(x, x_dtype, rstd, tl.load(w_ptr + cols, mask=cols < K, other=0.0))
-            scale = tl.maximum(tl.max(tl.abs(y), axis=1), MIN_AMAX) * INV_FP8_MAX
-            tl.store(scale_ptr + rows, scale, mask=row_ok)
-            q = y * tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)[:, None]
-            q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-            tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
+            inv = _row_inverse_scale(tl.max(tl.abs(y), axis=1), scale_ptr, rows, row_ok, INV_FP8_MAX, MIN_AMAX)
+            _store_codes(c_rows, cols, ok, y, inv, FP8_MAX)
         else:
             squares = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
             for start in range(0, K, BLOCK):
@@ -315,17 +319,13 @@ if triton is not None:
                 x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < K), other=0.0)
                 w = tl.load(w_ptr + cols, mask=cols < K, other=0.0)
                 amax = tl.maximum(amax, tl.abs(_normed(x.to(tl.float32), x_dtype, rstd, w)))
-            scale = tl.maximum(tl.max(amax, axis=1), MIN_AMAX) * INV_FP8_MAX
-            tl.store(scale_ptr + rows, scale, mask=row_ok)
-            inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)
+            inv = _row_inverse_scale(tl.max(amax, axis=1), scale_ptr, rows, row_ok, INV_FP8_MAX, MIN_AMAX)
             for start in range(0, K, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 ok = row_ok[:, None] & (cols[None, :] < K)
                 x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0)
                 w = tl.load(w_ptr + cols, mask=cols < K, other=0.0)
-                q = _normed(x.to(tl.float32), x_dtype, rstd, w) * inv[:, None]
-                q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-                tl.store(c_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
+                _store_codes(c_rows, cols, ok, _normed(x.to(tl.float32), x_dtype, rstd, w), inv, FP8_MAX)
 
 
 def triton_rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, *, rows: int | None = None,
