@@ -89,6 +89,86 @@ def test_an_unreadable_json_names_the_file_and_line(tmp_path):
         deepspeed_config(cfg.distributed, stage=cfg.stage2, stage_key="stage2", world_size=2, precision="fp32")
 
 
+@pytest.mark.parametrize("user,names", [
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_sizee": 5}},
+     ["DeepSpeed refuses it", "zero_optimization.reduce_bucket_sizee=5", "correct or remove"]),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memoryy": True}}},
+     ["zero_optimization.offload_param.pin_memoryy=true"]),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}}, ['zero_optimization.reduce_bucket_size="big"']),
+])
+def test_an_entry_deepspeed_refuses_is_named_before_the_run_starts(tmp_path, user, names):
+    """A misspelt or ill-typed entry of the JSON's sections used to reach deepspeed.initialize, a
+    pydantic traceback after the output directory had been prepared (an old run cleared)."""
+    pytest.importorskip("deepspeed")
+    with pytest.raises(ConfigError) as err:
+        _ds(tmp_path, user)
+    assert all(name in str(err.value) for name in names) and "ds.json (--deepspeed)" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("user,names", [
+    ({"zero_optimization": "2"}, ['zero_optimization must be a JSON object', 'not "2"']),
+    ({"zero_optimization": [2]}, ["zero_optimization must be a JSON object", "not [2]"]),
+    ({"torch_autocast": "yes", "zero_optimization": {"stage": 2}}, ["torch_autocast must be a JSON object"]),
+    ({"optimizer": {"params": "x"}, "zero_optimization": {"stage": 2}}, ["optimizer.params must be a JSON object"]),
+    ({"bf16": True, "zero_optimization": {"stage": 2}}, ["bf16 must be a JSON object", '"bf16": {"enabled": true}']),
+])
+def test_a_section_that_is_not_a_json_object_is_named(tmp_path, user, names):
+    """These raised a bare ValueError / AttributeError (``dict("2")``, ``"x".get``), or were ignored."""
+    with pytest.raises(ConfigError) as err:
+        _ds(tmp_path, user)
+    assert all(name in str(err.value) for name in names), str(err.value)
+
+
+@pytest.mark.parametrize("user,names", [
+    ({"train_micro_batch_size_per_gpu": "8", "zero_optimization": {"stage": 2}},
+     ['train_micro_batch_size_per_gpu="8" is a string', "without quotes", "stage2.batch_size=8"]),
+    ({"gradient_clipping": "1.0", "zero_optimization": {"stage": 2}}, ['gradient_clipping="1.0" is a string']),
+    ({"zero_optimization": {"stage": "2"}}, ['zero_optimization.stage is "2"; set it to the number 1, 2 or 3']),
+    ({"zero_optimization": {"stage": True}}, ["zero_optimization.stage is true"]),
+    ({"zero_optimization": {}}, ["zero_optimization.stage is missing"]),
+])
+def test_a_quoted_number_is_named_as_a_string(tmp_path, user, names):
+    """A quoted number used to give a message that contradicted itself: `train_micro_batch_size_per_gpu=8
+    differs from stage2.batch_size=8`, `zero_optimization.stage is 2; set it to 1, 2 or 3`."""
+    with pytest.raises(ConfigError) as err:
+        _ds(tmp_path, user, "stage2.batch_size=8", "stage2.grad_accum=1")
+    assert all(name in str(err.value) for name in names), str(err.value)
+
+
+def test_a_directory_given_as_the_json_says_to_pass_a_file(tmp_path):
+    cfg = _config("distributed.engine=deepspeed", f"distributed.deepspeed_config={tmp_path}")
+    with pytest.raises(ConfigError, match=r"cannot read it \(.*\); pass the path of a DeepSpeed JSON file"):
+        deepspeed_config(cfg.distributed, stage=cfg.stage2, stage_key="stage2", world_size=2, precision="fp32")
+
+
+@pytest.mark.parametrize("user,expected", [
+    ({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 2},
+     "train_micro_batch_size_per_gpu=2 differs from stage2.batch_size=4"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_sizee": 5}}, "zero_optimization.reduce_bucket_sizee=5"),
+])
+def test_a_json_a_stage_refuses_stops_the_run_before_an_old_run_is_cleared(finished_run, tmp_path, user, expected):
+    """One CPU process, --deepspeed, overwrite_output_dir=true over a finished run: a conflict with
+    stage 2's batch size used to stop the run only after the old run was cleared and stage 1 had
+    trained; an entry DeepSpeed refuses, with a traceback after the old run was cleared."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, snapshot, tiny_overrides
+
+    pytest.importorskip("deepspeed")
+    before = snapshot(finished_run)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    result = subprocess.run([sys.executable, str(REPO / "run_distillation.py"), *tiny_overrides(finished_run, steps=1),
+                             "end_stage=2", "stage2.batch_size=4", "stage2.grad_accum=1", "overwrite_output_dir=true",
+                             "--deepspeed", str(path)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and errors and expected in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and snapshot(finished_run) == before
+
+
 @pytest.mark.parametrize("overrides,names", [
     (["distributed=zero2", "stage2.loss.balancing.method=gradnorm"],
      ["stage2.loss.balancing.method=gradnorm", "distributed=zero2"]),

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qwen_distillation.errors import CheckpointError, ConfigError
+from qwen_distillation.errors import CheckpointError, ConfigError, first_line
 from qwen_distillation.modeling.parts import whole_parameters
 from qwen_distillation.training.distributed import Topology, all_reduce_sum
 from qwen_distillation.training.engine import ConsolidatedExports, StepOutcome, weighted_loss
@@ -51,7 +51,7 @@ def read_deepspeed_json(path: str) -> dict:
         raise ConfigError(f"{key}: no such file; pass the path of a DeepSpeed JSON, or choose distributed=zero2 "
                           f"(or zero3, zero3_offload) instead") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{key}: cannot read it ({err})") from err
+        raise ConfigError(f"{key}: cannot read it ({err}); pass the path of a DeepSpeed JSON file") from err
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -62,8 +62,50 @@ def read_deepspeed_json(path: str) -> dict:
 
 
 def _conflict(source: str, field: str, theirs, ours, key: str) -> ConfigError:
+    if isinstance(theirs, str) and field != "torch_autocast":  # "2": DeepSpeed does not read a quoted number
+        return ConfigError(f"{source}: {field}={json.dumps(theirs)} is a string; write the number without quotes "
+                           f"(the stage config has {key}={ours}), or \"auto\"")
     return ConfigError(f"{source}: {field}={theirs} differs from {key}={ours}; the stage config sets it: remove "
                        f"{field} from the JSON (or write \"auto\"), or set {key}={theirs}")
+
+
+def _entry_path(config: dict, loc: tuple) -> str:
+    """The dotted path in ``config`` of the entry pydantic reports at ``loc`` (relative to the section
+    it validated, e.g. ``zero_optimization``); ``loc`` itself when no entry ends with it."""
+    loc = tuple(str(part) for part in loc)
+
+    def walk(node, prefix):
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            path = (*prefix, str(key))
+            found = path if path[-len(loc):] == loc else walk(value, path)
+            if found:
+                return found
+        return None
+
+    return ".".join(walk(config, ()) or loc)
+
+
+def check_with_deepspeed(config: dict, source: str) -> None:
+    """DeepSpeed's own reading of ``config`` (a misspelt or ill-typed entry of its sections), so a
+    mistake in the user's JSON stops the run before any model loads or output is written, naming
+    the entry. ``train_batch_size`` is left to DeepSpeed to derive (it knows the launch's size)."""
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+    except ImportError:  # the engine says so when it starts
+        return
+    try:
+        DeepSpeedConfig({key: value for key, value in config.items() if key != "train_batch_size"})
+    except Exception as err:  # noqa: BLE001 - pydantic's ValidationError, assertions, DeepSpeedConfigError
+        errors = err.errors() if callable(getattr(err, "errors", None)) else None
+        if errors:
+            what = "; ".join(f"{_entry_path(config, e['loc'])}"
+                             + (f"={json.dumps(e['input'], default=str)}" if e.get("type") != "missing" else "")
+                             + f": {e['msg']}" for e in errors)
+        else:
+            what = first_line(err)
+        raise ConfigError(f"{source}: DeepSpeed refuses it ({what}); correct or remove that entry in the JSON "
+                          f"(https://www.deepspeed.ai/docs/config-json/ lists DeepSpeed's settings)") from err
 
 
 def deepspeed_config(distributed, *, stage, stage_key: str, world_size: int, precision: str) -> dict:
@@ -76,6 +118,14 @@ def deepspeed_config(distributed, *, stage, stage_key: str, world_size: int, pre
     """
     user = read_deepspeed_json(distributed.deepspeed_config) if distributed.deepspeed_config else {}
     source = f"distributed.deepspeed_config={distributed.deepspeed_config} (--deepspeed)"
+    for block in ("zero_optimization", "torch_autocast", "optimizer", "scheduler", "fp16", "bf16"):
+        value = user.get(block)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{source}: {block} must be a JSON object ({{...}}), not {json.dumps(value)} (e.g. "
+                              f"\"zero_optimization\": {{\"stage\": 2}}, \"bf16\": {{\"enabled\": true}})")
+    params = (user.get("optimizer") or {}).get("params")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{source}: optimizer.params must be a JSON object ({{...}}), not {json.dumps(params)}")
     config = json.loads(json.dumps(user))  # a copy
     fills = {"train_micro_batch_size_per_gpu": (stage.batch_size, f"{stage_key}.batch_size"),
              "gradient_accumulation_steps": (stage.grad_accum, f"{stage_key}.grad_accum"),
@@ -118,13 +168,14 @@ def deepspeed_config(distributed, *, stage, stage_key: str, world_size: int, pre
     zero = dict(config.get("zero_optimization") or {})
     stage_from_json = zero.get("stage")
     if distributed.zero_stage is not None:
-        if stage_from_json not in (None, distributed.zero_stage):
-            raise ConfigError(f"{source}: zero_optimization.stage={stage_from_json} differs from "
+        if stage_from_json not in (None, distributed.zero_stage) or isinstance(stage_from_json, (str, bool)):
+            raise ConfigError(f"{source}: zero_optimization.stage={json.dumps(stage_from_json)} differs from "
                               f"distributed.zero_stage={distributed.zero_stage} (distributed={distributed.name}); "
                               f"drop one of them")
         zero["stage"] = distributed.zero_stage
-    elif stage_from_json not in (1, 2, 3):
-        raise ConfigError(f"{source}: zero_optimization.stage is {stage_from_json}; set it to 1, 2 or 3 in the "
+    elif type(stage_from_json) is not int or stage_from_json not in (1, 2, 3):
+        shown = json.dumps(stage_from_json) if "stage" in zero else "missing"
+        raise ConfigError(f"{source}: zero_optimization.stage is {shown}; set it to the number 1, 2 or 3 in the "
                           f"JSON, or choose distributed=zero2 / zero3")
     if distributed.offload:
         if zero["stage"] != 3:
@@ -138,6 +189,7 @@ def deepspeed_config(distributed, *, stage, stage_key: str, world_size: int, pre
     config["zero_force_ds_cpu_optimizer"] = False
     config.setdefault("steps_per_print", 2**62)
     config.setdefault("wall_clock_breakdown", False)
+    check_with_deepspeed(config, source)
     return config
 
 

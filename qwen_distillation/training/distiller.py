@@ -829,6 +829,11 @@ class Distiller:
         self.saves = ckpt.StageSaves(background=cfg.train.async_checkpoint, topology=self.topo)
         if self.topo.active and self.device.type == "cuda":
             self.device = torch.device("cuda", self.topo.local_rank)
+        # Every stage's DeepSpeed config (the user's JSON against stageN.*), before models load and an old run is
+        # cleared: a conflict with a later stage used to stop the run only after the earlier stages had trained.
+        if cfg.distributed.engine == "deepspeed":
+            for index in self.stages:
+                self._deepspeed_config(index)
         state = check_output_dir(self.output_dir, run_id=self.run_id, resume=cfg.resume,
                                  overwrite=cfg.overwrite_output_dir, run_config=self.run_config,
                                  checkpoint_path=cfg.checkpoint_path, inputs=self._input_paths())
