@@ -104,6 +104,38 @@ def test_fsdp2_refuses_what_it_cannot_do(override, named):
         validate_config(compose_config(["distributed=fsdp2", "lora.enabled=true", override]))
 
 
+@pytest.mark.parametrize("override,named", [
+    # A negative alpha pushed the slower-training terms down; it used to train without a word.
+    ("stage2.loss.balancing.method=gradnorm stage2.loss.balancing.gradnorm_alpha=-1",
+     "stage2.loss.balancing.gradnorm_alpha=-1.0: GradNorm's asymmetry must be >= 0"),
+    # Ignored under max_steps (the demo preset sets stage1.max_steps), so it used to pass.
+    ("stage1.epochs=-1", "stage1.epochs=-1.0: a number of passes"),
+    # One domain: every sequence a positive of every other, the term pulled them all together.
+    ("stage3.loss.weights.contrastive=0.1 stage3.loss.contrastive.domain_aware=true",
+     "stage3.loss.contrastive.domain_aware=true: stage3 serves medical data only"),
+    ("stage2.medical_ratio.schedule=constant stage2.medical_ratio.start=1 stage2.loss.weights.contrastive=0.05",
+     "stage2.loss.contrastive.domain_aware=true: stage2 serves medical data only"),
+    # A micro-batch of one has no negatives: the term was exactly 0 at every step.
+    ("stage1.loss.weights.contrastive=0.5 stage1.batch_size=1",
+     "stage1.batch_size=1: stage1.loss.weights.contrastive=0.5 takes its negatives"),
+])
+def test_stage_values_that_trained_silently_wrong_are_refused(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.").replace("(", r"\(")):
+        validate_config(compose_config(override.split()))
+
+
+@pytest.mark.parametrize("override", [
+    "stage2.loss.balancing.gradnorm_alpha=0",
+    "stage1.epochs=0",  # with the demo preset's stage1.max_steps
+    "stage2.loss.weights.contrastive=0.05",  # stage 2 mixes both domains (linear 0.3 -> 0.7), domain-aware
+    "stage3.loss.weights.contrastive=0.1 stage3.loss.contrastive.domain_aware=false",
+    "stage1.loss.weights.contrastive=0.5 stage1.batch_size=1 train.packing=true train.pack_step=true",
+    "stage1.loss.weights.contrastive=0.5 stage1.batch_size=1 train.packing=true stage1.tokens_per_step=4096",
+])
+def test_the_limits_of_those_refusals_still_validate(override):
+    validate_config(compose_config(override.split()))
+
+
 def test_start_after_end_is_rejected():
     with pytest.raises(ConfigError, match="start_stage"):
         validate_config(compose_config(["start_stage=3", "end_stage=2"]))

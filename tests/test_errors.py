@@ -651,6 +651,25 @@ def test_a_finished_partial_run_names_how_to_train_its_later_stages(finished_run
         f"it: --start_stage 2 --checkpoint_path {finished_run / 'stage1' / 'final'} output_dir=NEW_DIR" in output
 
 
+@pytest.mark.parametrize("override,expected", [
+    ("stage1.loss.balancing.method=gradnorm stage1.loss.balancing.gradnorm_alpha=-1",
+     "stage1.loss.balancing.gradnorm_alpha=-1.0: GradNorm's asymmetry must be >= 0"),
+    ("stage1.loss.weights.contrastive=0.5 stage1.loss.contrastive.domain_aware=true",
+     "stage1.loss.contrastive.domain_aware=true: stage1 serves general data only"),
+    ("stage1.loss.weights.contrastive=0.5 stage1.batch_size=1", "stage1.batch_size=1: "),
+    ("stage1.epochs=-1", "stage1.epochs=-1.0: "),
+])
+def test_a_stage_value_that_would_train_wrong_keeps_a_finished_run(override, expected, finished_run, capsys):
+    """Each used to train (overwrite_output_dir=true clearing the finished run first): a negative GradNorm
+    alpha, a domain-aware contrastive term in a one-domain stage, a contrastive term with no negatives,
+    negative epochs under max_steps."""
+    before = _snapshot(finished_run)
+    code, output = _cli(tiny_overrides(finished_run, steps=1) + ["end_stage=1", "overwrite_output_dir=true",
+                                                                  *override.split()], capsys)
+    assert code == 2 and f"error: {expected}" in output, output
+    assert _snapshot(finished_run) == before
+
+
 def test_an_empty_domain_is_named_before_the_metric_it_leaves_missing(tmp_path, capsys):
     """data.general=[] used to be reported as 'stage1.best_metric=eval/general_nll is not among the metrics'."""
     code, output = _cli(tiny_overrides(tmp_path / "run", steps=1) + ["end_stage=1", "data.general=[]"], capsys)

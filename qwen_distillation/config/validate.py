@@ -50,6 +50,9 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
     require_one_of(f"{key}.loss.balancing.method", loss.balancing.method, BALANCING)
     require(loss.balancing.gradnorm_lr > 0, f"{key}.loss.balancing.gradnorm_lr", loss.balancing.gradnorm_lr,
             "must be > 0", f"{key}.loss.balancing.gradnorm_lr=0.025")
+    require(loss.balancing.gradnorm_alpha >= 0, f"{key}.loss.balancing.gradnorm_alpha", loss.balancing.gradnorm_alpha,
+            "GradNorm's asymmetry must be >= 0 (0: equal gradient norms; higher pushes slower-training terms up "
+            "harder; below 0 would push them down)", f"{key}.loss.balancing.gradnorm_alpha=1.5")
     require_one_of(f"{key}.loss.feature.loss", loss.feature.loss, FEATURE_LOSSES)
     require_one_of(f"{key}.loss.attention.mode", loss.attention.mode, ATTENTION_MODES)
     for part in ("feature", "attention"):
@@ -70,6 +73,14 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
             "must be > 0", f"{key}.loss.contrastive.temperature=0.1")
     require(loss.contrastive.projection_dim >= 1, f"{key}.loss.contrastive.projection_dim",
             loss.contrastive.projection_dim, "must be >= 1", f"{key}.loss.contrastive.projection_dim=256")
+    if loss.weights.contrastive > 0 and loss.contrastive.domain_aware:
+        ratio = stage.medical_ratio  # a constant schedule stays at start (data.manager.stage_domains)
+        shares = (ratio.start, ratio.start if ratio.schedule == "constant" else ratio.end)
+        require(min(shares) < 1 and max(shares) > 0, f"{key}.loss.contrastive.domain_aware", "true",
+                f"{key} serves {'medical' if min(shares) >= 1 else 'general'} data only (medical_ratio "
+                f"{ratio.schedule} {ratio.start:g}), so every sequence would be a positive of every other and the "
+                f"contrastive term would pull all representations together; domain-aware positives need a stage "
+                f"that mixes both domains", f"{key}.loss.contrastive.domain_aware=false")
     sampling = stage.sampling
     require_one_of(f"{key}.sampling.mode", sampling.mode, SAMPLING_MODES)
     require(0 < sampling.uniform_floor <= 1, f"{key}.sampling.uniform_floor", sampling.uniform_floor,
@@ -101,6 +112,9 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
             "must be a finite number >= 0 (0: none)", f"{key}.weight_decay=0.01")
     require(stage.batch_size >= 1, f"{key}.batch_size", stage.batch_size, "must be >= 1", f"{key}.batch_size=8")
     require(stage.grad_accum >= 1, f"{key}.grad_accum", stage.grad_accum, "must be >= 1", f"{key}.grad_accum=1")
+    require(stage.epochs >= 0, f"{key}.epochs", stage.epochs,
+            "a number of passes over the stage's data must be >= 0 (max_steps, when set, decides the length)",
+            f"{key}.epochs=1")
     require(stage.epochs > 0 or (stage.max_steps or 0) > 0, f"{key}.epochs", stage.epochs,
             "set epochs > 0 or max_steps > 0", f"{key}.epochs=1")
     if stage.max_steps is not None:
@@ -129,6 +143,18 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
         require(ratio.schedule == "constant" and ratio.start in (0.0, 1.0), f"{key}.sampling.mode", sampling.mode,
                 "hard-example sampling draws from one domain: it needs medical_ratio constant 0 or 1",
                 f"{key}.sampling.mode=uniform")
+
+
+def _validate_contrastive_batch(key: str, stage: StageConfig, train) -> None:
+    """The contrastive term's negatives are the other sequences of a micro-batch: a micro-batch of one
+    example (batch_size 1, unless train.pack_step or a token budget packs several into it) makes the
+    term exactly 0, so its weight would train nothing."""
+    several = train.packing and (train.pack_step or stage.tokens_per_step is not None)
+    require(stage.loss.weights.contrastive == 0 or stage.batch_size >= 2 or several, f"{key}.batch_size",
+            stage.batch_size, f"{key}.loss.weights.contrastive={stage.loss.weights.contrastive:g} takes its "
+            f"negatives from the other sequences of a micro-batch, and a micro-batch of one has none: the term "
+            f"would be exactly 0; use a batch_size of at least 2 or {key}.loss.weights.contrastive=0",
+            f"{key}.batch_size=4")
 
 
 def _validate_stage_teacher(key: str, stage: StageConfig) -> None:
@@ -440,6 +466,7 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
             f"start_stage must not exceed end_stage={cfg.end_stage}", f"end_stage={max(cfg.start_stage, 1)}")
     for key in STAGES:
         _validate_stage(key, getattr(cfg, key))
+        _validate_contrastive_batch(key, getattr(cfg, key), cfg.train)
     data = cfg.data
     require(data.max_length >= 16, "data.max_length", data.max_length, "must be >= 16 tokens", "data.max_length=512")
     require(0 <= data.eval_fraction <= 0.5, "data.eval_fraction", data.eval_fraction, "must be in [0, 0.5]",
