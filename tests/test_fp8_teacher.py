@@ -114,10 +114,7 @@ def test_the_norms_hand_their_quantised_output_to_the_fp8_layers(dtype, monkeypa
     assert layer.mlp.handoff is layer.mlp.gate_proj.handoff is layer.post_attention_layernorm.handoff
     assert layer.self_attn.o_proj.handoff is None and layer.mlp.down_proj.handoff is None
     assert type(handed.model.norm).__name__ == "Qwen2RMSNorm"  # the final norm feeds the lm_head: unchanged
-    calls = []
-    for name in ("_quantize_activations", "_quantize_norm"):
-        real = getattr(fp8_module, name)
-        monkeypatch.setattr(fp8_module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    calls = _count_calls(monkeypatch, "_quantize_activations", "_quantize_norm")
     ids = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         expected = written(input_ids=ids).logits
@@ -126,9 +123,7 @@ def test_the_norms_hand_their_quantised_output_to_the_fp8_layers(dtype, monkeypa
         assert sorted(calls) == sorted(["_quantize_activations"] * 2 + ["_quantize_norm"] * 4)
         assert all(m.handoff._codes is None and m.handoff._standin is None for m in handed.modules()
                    if isinstance(m, fp8_module.FP8QuantizingRMSNorm))
-        for layer in handed.model.layers:  # what Liger's _patch_swiglu_module binds (LigerSwiGLUMLP.forward)
-            layer.mlp.forward = (lambda mlp: lambda x: mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x))
-                                                                     * mlp.up_proj(x)))(layer.mlp)
+        _bind_swiglu_forward(handed)
         assert torch.equal(handed(input_ids=ids).logits, expected)
     with torch.inference_mode():
         assert torch.equal(handed(input_ids=ids).logits, expected)
@@ -175,6 +170,25 @@ def _qwen2(hidden=64, intermediate=128, init=0.02):
     return Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate,
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                         initializer_range=init, tie_word_embeddings=False)).eval()
+
+
+def _count_calls(monkeypatch, *names: str) -> list[str]:
+    """The names of the calls made to these functions of modeling.fp8 (which still run), in order."""
+    from qwen_distillation.modeling import fp8 as fp8_module
+
+    calls = []
+    for name in names:
+        real = getattr(fp8_module, name)
+        monkeypatch.setattr(fp8_module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    return calls
+
+
+def _bind_swiglu_forward(model) -> None:
+    """Bind over each MLP what Liger's _patch_swiglu_module binds (LigerSwiGLUMLP.forward): its three
+    layers called one by one."""
+    for layer in model.model.layers:
+        layer.mlp.forward = (lambda mlp: lambda x: mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x))
+                                                                 * mlp.up_proj(x)))(layer.mlp)
 
 
 def test_conversion_picks_every_decoder_projection_of_qwen2_and_nothing_else():
@@ -247,25 +261,18 @@ def test_the_fused_swiglu_mlp_equals_its_three_converted_layers(dtype, monkeypat
     quantisation of x for gate and up, silu(gate) * up in the model's dtype, quantised for down), with
     three activation quantisations and one SwiGLU quantisation per layer; a forward bound over it
     afterwards (Liger's SwiGLU patch) still gives the same logits, unfused."""
-    from qwen_distillation.modeling import fp8 as fp8_module
-
     fused, layered = _qwen2().to(dtype), _qwen2().to(dtype)
     assert convert_to_fp8(fused, fuse_norm=False).fused == ["layers.0.mlp", "layers.1.mlp"]
     assert convert_to_fp8(layered, fuse_mlp=False, fuse_norm=False).fused == []
     assert fused.state_dict().keys() == layered.state_dict().keys()
-    calls = []
-    for name in ("_quantize_activations", "_quantize_swiglu"):
-        real = getattr(fp8_module, name)
-        monkeypatch.setattr(fp8_module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    calls = _count_calls(monkeypatch, "_quantize_activations", "_quantize_swiglu")
     ids = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         expected = layered(input_ids=ids).logits
         calls.clear()
         assert torch.equal(fused(input_ids=ids).logits, expected)
         assert sorted(calls) == sorted(["_quantize_activations"] * 2 * 3 + ["_quantize_swiglu"] * 2)
-        for layer in fused.model.layers:  # what Liger's _patch_swiglu_module binds (LigerSwiGLUMLP.forward)
-            layer.mlp.forward = (lambda mlp: lambda x: mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x))
-                                                                     * mlp.up_proj(x)))(layer.mlp)
+        _bind_swiglu_forward(fused)
         assert torch.equal(fused(input_ids=ids).logits, expected)
     with pytest.raises(RuntimeError, match="inference-only"):
         fused.model.layers[0].mlp.__class__.forward(fused.model.layers[0].mlp,
@@ -652,38 +659,26 @@ def test_on_the_gpu_the_norm_quantiser_equals_its_reference(rows, cols, dtype):
     assert ((deq - reference).abs() <= 0.13 * reference.abs() + 2**-9 * reference_scale).all()
 
 
+@pytest.mark.parametrize("unfused,report", [("fuse_mlp", "fused"), ("fuse_norm", "fused_norms")],
+                         ids=["swiglu_mlp", "norms"])
 @pytest.mark.gpu
 @needs_fp8_gpu
-def test_on_the_gpu_the_handed_norms_teacher_equals_the_written_one():
-    """The norms that hand FP8 codes to q/k/v and the MLP (one Triton kernel each) against the
-    converted teacher whose norms write their output: the same arithmetic up to the rare rsqrt
-    rounding (test above), so the logits agree to bf16 noise, far below FP8's own error."""
+def test_on_the_gpu_the_fused_teacher_equals_the_unfused_one(unfused, report):
+    """The fused SwiGLU MLPs against the three converted layers of each MLP, and the norms that hand
+    FP8 codes to q/k/v and the MLP against norms that write their output: the same arithmetic up to
+    the rare silu or rsqrt rounding (tests above), so the logits agree to bf16 noise; on this
+    well-conditioned model (init 0.02) that is far below FP8's error."""
     model = _qwen2(hidden=128, intermediate=256).cuda().to(torch.bfloat16)
-    handed, written = copy.deepcopy(model), copy.deepcopy(model)
-    assert len(convert_to_fp8(handed).fused_norms) == 4 and convert_to_fp8(written, fuse_norm=False).fused_norms == []
+    fused, unfused_model = copy.deepcopy(model), copy.deepcopy(model)
+    per_layer = 2 if report == "fused_norms" else 1  # two norms, one MLP a layer
+    assert len(getattr(convert_to_fp8(fused), report)) == per_layer * len(model.model.layers)
+    assert getattr(convert_to_fp8(unfused_model, **{unfused: False}), report) == []
     ids = torch.randint(0, 256, (4, 64), device="cuda")
     with torch.no_grad():
         exact = model(input_ids=ids).logits.float()
-        a, b = handed(input_ids=ids).logits.float(), written(input_ids=ids).logits.float()
+        a, b = fused(input_ids=ids).logits.float(), unfused_model(input_ids=ids).logits.float()
     between, fp8_error = ((a - b).norm() / b.norm()).item(), ((b - exact).norm() / exact.norm()).item()
     assert torch.isfinite(a).all() and between < 0.1 * fp8_error, (between, fp8_error)
-
-
-@pytest.mark.gpu
-@needs_fp8_gpu
-def test_on_the_gpu_the_fused_mlp_teacher_equals_the_layered_one():
-    """The fused SwiGLU MLPs against the three converted layers of each MLP, both under Liger's
-    patches or not: the same arithmetic up to the rare silu rounding (test above), so the logits
-    agree to bf16 noise; on this well-conditioned model (init 0.02) that is far below FP8's error."""
-    model = _qwen2(hidden=128, intermediate=256).cuda().to(torch.bfloat16)
-    fused, layered = copy.deepcopy(model), copy.deepcopy(model)
-    assert len(convert_to_fp8(fused).fused) == 2 and convert_to_fp8(layered, fuse_mlp=False).fused == []
-    ids = torch.randint(0, 256, (4, 64), device="cuda")
-    with torch.no_grad():
-        exact = model(input_ids=ids).logits.float()
-        a, b = fused(input_ids=ids).logits.float(), layered(input_ids=ids).logits.float()
-    between, fp8_error = ((a - b).norm() / b.norm()).item(), ((b - exact).norm() / exact.norm()).item()
-    assert between < 0.1 * fp8_error, (between, fp8_error)
 
 
 @pytest.mark.parametrize("quantizer", ["triton", "compiled", "eager"])
