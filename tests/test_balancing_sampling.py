@@ -368,3 +368,15 @@ def test_score_indices():
     assert all(0 <= i < 100 for i in subset)
     assert subset == score_indices(100, 10, step=50, seed=1)
     assert subset != score_indices(100, 10, step=100, seed=1)
+
+
+def test_a_balancer_over_one_active_term_is_named_as_doing_nothing(tmp_path, capsys):
+    """PCGrad (or GradNorm) over a single active loss term balances nothing and still pays for its
+    per-term gradients: the stage says so and names the override that turns it off."""
+    from conftest import run_cli, tiny_overrides
+
+    code, output = run_cli([*tiny_overrides(tmp_path / "run", steps=1), "end_stage=1",
+                            "stage1.loss.balancing.method=pcgrad", "stage1.loss.weights.ce=0"], capsys)
+    assert code == 0, output
+    assert ("stage1.loss.balancing.method=pcgrad with one active loss term (kd) balances nothing" in output
+            and "set stage1.loss.balancing.method=none" in output), output[-3000:]

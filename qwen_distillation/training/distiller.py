@@ -512,6 +512,10 @@ class Distiller:
             engine = FSDP2Engine(self.module, optimizer=optimizer, scheduler=scheduler, weights=weights,
                                  topology=self.topo, max_grad_norm=stage.max_grad_norm, gathered=[self.pair.teacher])
         else:
+            if balancing.method != "none" and len(weights) < 2:
+                log.warning("%s.loss.balancing.method=%s with one active loss term (%s) balances nothing and costs "
+                            "its per-term gradients every step; set %s.loss.balancing.method=none", key,
+                            balancing.method, ", ".join(weights) or "none", key)
             balancer = Balancer(balancing.method, list(weights), weights, alpha=balancing.gradnorm_alpha,
                                 lr=balancing.gradnorm_lr, seed=self.config.seed + index)
             engine = SingleDeviceEngine(self.module, optimizer=optimizer, scheduler=scheduler, balancer=balancer,
