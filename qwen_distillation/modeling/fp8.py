@@ -79,37 +79,34 @@ def _compiled_or_eager(name: str, fn, *args):
         return fn(*args)
 
 
-def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_rowwise` of a layer input. On a CUDA device, by ``FP8Linear.quantizer``:
-    ``"triton"`` (default; one kernel, bit-equal, :mod:`qwen_distillation.kernels.fp8_quant`),
+def _quantize(name: str, reference, kernel, x: torch.Tensor, *rest) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference(x, *rest)`` or the same codes from its Triton ``kernel``. On a CUDA device, by
+    ``FP8Linear.quantizer``: ``"triton"`` (default; one kernel, :mod:`qwen_distillation.kernels.fp8_quant`),
     ``"compiled"`` (Inductor's compile of the reference) or ``"eager"`` (the reference, which reads
-    the activations several times); the CPU always runs the reference, and so does a forward under
+    its input several times); the CPU always runs the reference, and so does a forward under
     ``torch.compile`` (``train.compile``: Inductor gets the plain arithmetic to fuse as it sees fit)."""
     if not x.is_cuda or FP8Linear.quantizer == "eager" or torch.compiler.is_compiling():
-        return quantize_rowwise(x)
+        return reference(x, *rest)
     if FP8Linear.quantizer == "triton" and triton_available():
-        return triton_quantize_rowwise(x)
-    return _compiled_or_eager("the activation quantiser", quantize_rowwise, x)
+        return kernel(x, *rest)
+    return _compiled_or_eager(name, reference, x, *rest)
+
+
+def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rowwise` of a layer input (:func:`_quantize` chooses how; the kernel is bit-equal)."""
+    return _quantize("the activation quantiser", quantize_rowwise, triton_quantize_rowwise, x)
 
 
 def _quantize_swiglu(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`silu_mul_quantize` of an MLP's gate and up outputs, chosen as :func:`_quantize_activations`
-    chooses: the Triton kernel (the activation never stored), Inductor's compile, or the reference."""
-    if not gate.is_cuda or FP8Linear.quantizer == "eager" or torch.compiler.is_compiling():
-        return silu_mul_quantize(gate, up)
-    if FP8Linear.quantizer == "triton" and triton_available():
-        return triton_silu_mul_quantize(gate, up)
-    return _compiled_or_eager("the SwiGLU quantiser", silu_mul_quantize, gate, up)
+    """:func:`silu_mul_quantize` of an MLP's gate and up outputs (:func:`_quantize` chooses how; the
+    kernel never stores the activation)."""
+    return _quantize("the SwiGLU quantiser", silu_mul_quantize, triton_silu_mul_quantize, gate, up)
 
 
 def _quantize_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`rms_norm_quantize` of a decoder layer's residual stream, chosen as
-    :func:`_quantize_activations` chooses (the Triton kernel: the normalised rows never stored)."""
-    if not x.is_cuda or FP8Linear.quantizer == "eager" or torch.compiler.is_compiling():
-        return rms_norm_quantize(x, weight, eps)
-    if FP8Linear.quantizer == "triton" and triton_available():
-        return triton_rms_norm_quantize(x, weight, eps)
-    return _compiled_or_eager("the RMSNorm quantiser", rms_norm_quantize, x, weight, eps)
+    """:func:`rms_norm_quantize` of a decoder layer's residual stream (:func:`_quantize` chooses how;
+    the kernel never stores the normalised rows)."""
+    return _quantize("the RMSNorm quantiser", rms_norm_quantize, triton_rms_norm_quantize, x, weight, eps)
 
 
 class Handoff:
