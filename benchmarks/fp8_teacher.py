@@ -360,35 +360,64 @@ def gemm_shapes(shape: dict, args, device: torch.device) -> dict:
             row[key.replace("_ms", "_tflops")] = row["gflop"] / row[key]  # GFLOP / ms = TFLOP/s
         out[name] = row
         print(name, json.dumps({k_: round(v, 3) if isinstance(v, float) else v for k_, v in row.items()}), flush=True)
-    # Launch shapes of the Triton quantiser, kernel time only (CUDA graph replay: no launch cost).
-    from triton.testing import do_bench_cudagraph
-
-    from qwen_distillation.kernels.fp8_quant import FP8_DTYPE, launch_quantize_rows
-
-    variants = {"default": {}, "one row per program": {"rows": 1},
-                "4 warps": {"num_warps": 4}, "8 warps": {"num_warps": 8}, "16 warps": {"num_warps": 16},
-                "two-pass 1024": {"block": 1024}, "two-pass 2048": {"block": 2048}}
-    out["quantiser_variants_us"] = {}
-    for k in sorted({h, inter}):
-        x = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=g)
-        codes = torch.empty(m, k, device=device, dtype=FP8_DTYPE)
-        scale = torch.empty(m, 1, device=device, dtype=torch.float32)
-        row = {}
-        for name, kw in variants.items():
-            try:
-                row[name] = 1e3 * do_bench_cudagraph(lambda: launch_quantize_rows(x, codes, scale, **kw))
-            except Exception as err:  # a probe: record why, keep the rest
-                row[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-        row["bytes_floor_us"] = 3 * m * k / 4.8e12 * 1e6  # read 2 B + write 1 B per element at 4.8 TB/s
-        out["quantiser_variants_us"][f"{m} x {k}"] = row
-        print("quantiser", k, json.dumps({a: round(b, 1) if isinstance(b, float) else b for a, b in row.items()}),
-              flush=True)
+    out["quantiser_variants_us"] = quantiser_variants(shape, args, device)
     per_layer = [n for n in shapes if "fused" not in n]
     for key in ("bf16_ms", "fp8_rowwise_ms", "fp8_tensorwise_ms", "quantise_ms", "quantise_triton_ms",
                 "quantise_compiled_ms", "fp8_rowwise_fast_accum_ms"):
         if all(isinstance(out[n].get(key), float) for n in per_layer):
             out[f"all {shape['num_hidden_layers']} layers, {key}"] = shape["num_hidden_layers"] * sum(
                 out[n][key] for n in per_layer)
+    return out
+
+
+def quantiser_variants(shape: dict, args, device: torch.device) -> dict:
+    """Launch shapes of the FP8 teacher's three Triton row kernels on the 7B's widths (M = batch x seq
+    tokens, bf16 inputs), kernel time only (CUDA graph replay: no launch cost), in microseconds, and
+    the bandwidth each reaches counting every byte once (the quantiser reads 2 B and writes 1 B an
+    element; the SwiGLU quantiser reads gate and up, 4 B, and writes 1 B; the norm quantiser as the
+    quantiser): the activation quantiser (o_proj's input, hidden wide), the SwiGLU quantiser (gate and
+    up, at several MLP widths: a row in one block, read once, or in blocks and read twice) and the
+    RMSNorm quantiser (hidden wide). ``default`` is the launch the teacher uses."""
+    from triton.testing import do_bench_cudagraph
+
+    from qwen_distillation.kernels.fp8_quant import (FP8_DTYPE, launch_quantize_rows, triton_rms_norm_quantize,
+                                                     triton_silu_mul_quantize)
+
+    h, inter, m = shape["hidden_size"], shape["intermediate_size"], args.batch * args.seq
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*size):
+        return torch.randn(*size, device=device, dtype=torch.bfloat16, generator=g)
+
+    x, weight = randn(m, h), randn(h)
+    codes = torch.empty(m, h, device=device, dtype=FP8_DTYPE)
+    scale = torch.empty(m, 1, device=device, dtype=torch.float32)
+    launches = [{"rows": r, "num_warps": w} for r in (1, 2, 4) for w in (4, 8, 16)]
+    kernels = {f"quantiser {m} x {h}": (lambda **kw: launch_quantize_rows(x, codes, scale, **kw), launches, 3, h),
+               f"norm quantiser {m} x {h}": (lambda **kw: triton_rms_norm_quantize(x, weight, 1e-6, **kw), launches,
+                                             3, h)}
+    # The SwiGLU quantiser at the MLP widths of Qwen2.5 0.5B, 1.5B, 7B and 72B; a block at least as wide
+    # as the row (a power of two) holds it whole: one pass, the row in registers.
+    for k in sorted({4864, 8960, inter, 29568}):
+        gate, up = randn(m, k), randn(m, k)
+        variants = [{"block": b, "rows": r, "num_warps": w} for b in (4096, 8192, 16384, 32768) for r in (1, 2)
+                    for w in (8, 16, 32)]
+        kernels[f"swiglu quantiser {m} x {k}"] = (
+            lambda gate=gate, up=up, **kw: triton_silu_mul_quantize(gate, up, **kw), variants, 5, k)
+    out = {}
+    for name, (launch, variants, bytes_per_element, k) in kernels.items():
+        size = bytes_per_element * m * k
+        row = {}
+        for kw in [{}] + variants:
+            label = ", ".join(f"{k}={v}" for k, v in kw.items()) or "default"
+            try:
+                us = 1e3 * do_bench_cudagraph(lambda: launch(**kw))
+                row[label] = {"us": us, "gb_per_s": size / us / 1e3}
+            except Exception as err:  # a probe: record why, keep the rest
+                row[label] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        best = min((v["us"], k) for k, v in row.items() if isinstance(v, dict))
+        out[name] = {"bytes": size, "best": best[1], "variants": row}
+        print(name, json.dumps({"default": row["default"], "best": best[1], "best_us": best[0]}), flush=True)
     return out
 
 
@@ -441,6 +470,9 @@ def main(argv=None) -> dict:
                              "timing, and its KL against the bf16 and the plain FP8 teacher (CUDA)")
     parser.add_argument("--gemms", action="store_true",
                         help="also time each 7B decoder linear shape: bf16 against the FP8 variants (CUDA)")
+    parser.add_argument("--quantisers", action="store_true",
+                        help="also time launch shapes of the FP8 teacher's Triton row kernels on the 7B's widths "
+                             "(CUDA): kernel time and bandwidth")
     parser.add_argument("--profile", action="store_true",
                         help="also profile the Liger-patched 7B teacher's forward, bf16 and FP8, by kernel class "
                              "(CUDA, needs liger-kernel)")
@@ -478,6 +510,8 @@ def main(argv=None) -> dict:
         result["timing"] = timing(TINY if args.smoke else QWEN["7b"], args, device, dtype)
     if args.gemms and device.type == "cuda":
         result["gemms"] = gemm_shapes(QWEN["7b"], args, device)
+    if args.quantisers and device.type == "cuda":
+        result["quantisers"] = quantiser_variants(QWEN["7b"], args, device)
     if args.profile and device.type == "cuda":
         result["profile"] = profile_forward(QWEN["7b"], args, device, dtype)
     result["wall_s"] = time.perf_counter() - started

@@ -342,6 +342,24 @@ def test_the_triton_kernels_compute_their_references_in_the_interpreter(rows, co
         assert same.float().mean() > 0.95 and same.any(dim=1).all()
 
 
+@pytest.mark.skipif(not __import__("qwen_distillation.kernels.fp8_quant", fromlist=["x"]).triton_available(),
+                    reason="needs Triton")
+def test_the_row_kernels_read_rows_up_to_32768_columns_once():
+    """The launch the FP8 teacher's row kernels get by width (``benchmarks/fp8_teacher.py --quantisers``
+    on an H100: one block up to 32,768 columns, 8 warps up to 16,384 and 32 above; wider rows in
+    blocks of 4,096, two rows a program)."""
+    from qwen_distillation.kernels.fp8_quant import ONE_BLOCK_MAX, _launch_config
+
+    one = dict(ROWS=1, ONE_BLOCK=True)
+    assert _launch_config(3584, None, None, None) == dict(BLOCK=4096, num_warps=8, **one)
+    assert _launch_config(8960, None, None, None) == dict(BLOCK=16384, num_warps=8, **one)
+    assert _launch_config(18944, None, None, None) == dict(BLOCK=32768, num_warps=32, **one)
+    assert _launch_config(ONE_BLOCK_MAX, None, None, None) == dict(BLOCK=32768, num_warps=32, **one)
+    assert _launch_config(ONE_BLOCK_MAX + 1, None, None, None) == dict(BLOCK=4096, ROWS=2, ONE_BLOCK=False,
+                                                                       num_warps=16)
+    assert _launch_config(300, None, 128, None)["ONE_BLOCK"] is False  # a benchmark's override
+
+
 def test_the_converted_teacher_runs_under_inference_mode_with_the_same_logits():
     model = _qwen2()
     convert_to_fp8(model)
@@ -575,7 +593,7 @@ needs_fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.g
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("cols", [16, 1040, 3584, 9000])  # one block, several, a partial last block
+@pytest.mark.parametrize("cols", [16, 1040, 3584, 9000, 40000])  # one block; 40000: two passes in blocks
 @pytest.mark.parametrize("rows", [1, 37, 1024])
 @pytest.mark.gpu
 @needs_fp8_gpu
@@ -598,7 +616,7 @@ def test_on_the_gpu_the_triton_quantiser_equals_the_reference_bit_for_bit(rows, 
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("cols", [16, 1040, 8960, 18944])  # one block; two passes (1.5B's and 7B's MLP widths)
+@pytest.mark.parametrize("cols", [16, 1040, 8960, 18944, 40000])  # one block (1.5B's, 7B's MLPs); two passes
 @pytest.mark.parametrize("rows", [1, 37, 1024])
 @pytest.mark.gpu
 @needs_fp8_gpu
@@ -630,7 +648,7 @@ def test_on_the_gpu_the_swiglu_quantiser_equals_its_reference(rows, cols, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("cols", [16, 1040, 3584, 9000])  # one block; 9000: three passes in blocks
+@pytest.mark.parametrize("cols", [16, 1040, 3584, 9000, 40000])  # one block; 40000: three passes in blocks
 @pytest.mark.parametrize("rows", [1, 37, 1024])
 @pytest.mark.gpu
 @needs_fp8_gpu

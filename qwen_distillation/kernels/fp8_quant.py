@@ -43,6 +43,9 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 INV_FP8_MAX = 1.0 / FP8_MAX
 # An all-zero row gets this amax instead of 0 (its codes are then all 0, its scale tiny and finite).
 MIN_AMAX = 1e-12
+# The row kernels hold a row up to this many columns (a power of two) in registers and read it once;
+# wider rows go in blocks of 4,096, read two or three times (see launch_quantize_rows).
+ONE_BLOCK_MAX = 32768
 
 
 def triton_available() -> bool:
@@ -218,23 +221,25 @@ def triton_quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def _launch_config(k: int, rows: int | None, block: int | None, num_warps: int | None) -> dict:
     """Grid-independent launch parameters of the row kernels (see :func:`launch_quantize_rows`)."""
     width = triton.next_power_of_2(max(k, 16))
-    one_block = width <= 8192 if block is None else width <= block
+    one_block = width <= ONE_BLOCK_MAX if block is None else width <= block
     block = block or (width if one_block else 4096)
     if rows is None:
         rows = max(1, min(8, 4096 // block)) if one_block else 2
     if num_warps is None:
-        num_warps = 8 if one_block else 16
+        num_warps = (32 if block > 16384 else 8) if one_block else 16
     return dict(BLOCK=block, ROWS=rows, ONE_BLOCK=one_block,
                 num_warps=num_warps if rows * block >= 2048 else min(num_warps, 4))
 
 
 def launch_quantize_rows(x, codes, scale, *, rows: int | None = None, block: int | None = None,
                          num_warps: int | None = None) -> None:
-    """Launch :func:`_quantize_rows`. The defaults are :func:`triton_quantize_rowwise`'s, chosen by
-    ``benchmarks/fp8_teacher.py --gemms`` on the H200 (2026-12-03, kernel time, 8192 rows of bf16):
-    3,584 columns in one block, one row per program, 8 warps, 22.6 us (the bytes need 18.4 us; the
-    per-element division took 44.7); 18,944 columns two-pass in blocks of 4,096, two rows per
-    program, 16 warps, 125.5 us (bytes: 97 us; one row, 8 warps: 152.9)."""
+    """Launch :func:`_quantize_rows`. The defaults are :func:`triton_quantize_rowwise`'s and
+    :func:`triton_silu_mul_quantize`'s. ``benchmarks/fp8_teacher.py --gemms`` on the H200 (2026-12-03,
+    kernel time, 8192 rows of bf16): 3,584 columns in one block, one row per program, 8 warps, 22.6 us
+    (the bytes need 18.4 us; the per-element division took 44.7). ``--quantisers`` on an H100
+    (2026-12-06): a row up to :data:`ONE_BLOCK_MAX` wide is one block, read once (8 warps up to 16,384
+    columns, 32 above); the SwiGLU quantiser at 8,960 / 18,944 / 29,568 columns took 134 / 330 / 411 us
+    so, against 204 / 381 / 721 us two-pass in blocks of 4,096 (two rows a program, 16 warps)."""
     m, k = x.shape
     config = _launch_config(k, rows, block, num_warps)
     _quantize_rows[(triton.cdiv(m, config["ROWS"]),)](
