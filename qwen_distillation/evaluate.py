@@ -78,6 +78,9 @@ def check_model_path(name: str, path: str, key: str | None = None) -> None:
     require_existing(resolved, key)
     if Path(resolved).is_dir():
         check_student_checkpoint(resolved, key=key)
+    elif Path(resolved).is_file() and not resolved.endswith(".gguf"):  # was "cannot load a tokenizer ... JSON"
+        raise ConfigError(f"{key}={path}: a file that is not a .gguf model; give the directory that holds the model "
+                          f"(config.json and its weights, e.g. OUTPUT_DIR/stage1/final), a .gguf file or a hub id")
 
 
 def check_device(value: str, flag: str = "--device") -> torch.device:
@@ -117,12 +120,13 @@ def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str,
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = load_any_tokenizer(*((teacher, models[teacher]) if teacher else next(iter(models.items()))))
     mcq_sources = normalise_mcq_sources("--mcq", [f"{name}={path}" for name, path in mcq_sets.items()])
+    mcq_items = load_mcq_sets(mcq_sources, max_examples)  # a bad record fails before any model loads
     eval_sets = {name: encode_eval_set(name, path, tokenizer, max_length)[:max_examples]
                  for name, path in nll_sets.items()}
     teacher_model = load_model(teacher, models[teacher], dtype).to(device).eval() if teacher else None
     evaluator = Evaluator(teacher=teacher_model, tokenizer=tokenizer, vocab_size=len(tokenizer),
                           heldout=heldout_batches(eval_sets, tokenizer.pad_token_id, device),
-                          agreement=teacher_model is not None, mcq_sets=load_mcq_sets(mcq_sources, max_examples),
+                          agreement=teacher_model is not None, mcq_sets=mcq_items,
                           text_sets={name: examples[:text_metrics_max_examples] for name, examples in eval_sets.items()
                                      if text_metrics_max_examples > 0}, max_new_tokens=max_new_tokens,
                           autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16,

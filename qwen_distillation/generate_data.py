@@ -108,6 +108,11 @@ def check_output_is_a_file_path(output: str) -> None:
     """``--output`` and the files written beside it (rejected samples, manifest) must not be directories:
     ``--overwrite`` failed on one with a traceback, after the teacher had loaded."""
     files = RunFiles.of(output)
+    # A folder above it that is a file: FileExistsError from mkdir, after the teacher had loaded.
+    blocking = next((p for p in files.output.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--output {output}: {blocking} is a file, not a directory; choose an --output in a "
+                          f"directory")
     if os.path.isdir(files.output):
         raise ConfigError(f"--output {output}: is a directory, and --output names the JSON Lines file to write; give "
                           f"a file path (e.g. --output {os.path.join(output, 'teacher_data.jsonl')})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,23 @@ def test_data_sources_accept_strings_and_mappings_and_reject_unknown_keys():
         normalise_sources("data.general", [{"path": "a.jsonl", "fmt": "alpaca"}])
     with pytest.raises(ConfigError, match=r"data\.medical\[0\]\.format"):
         normalise_sources("data.medical", [{"path": "a.jsonl", "format": "parquet"}])
+
+
+@pytest.mark.parametrize("entry,key", [
+    ({"path": "a.jsonl", "max_records": "abc"}, "max_records=abc"),  # was a TypeError
+    ({"path": "a.jsonl", "max_records": True}, "max_records=True"),  # kept 1 record without a word
+    ({"path": "a.jsonl", "max_records": 1.5}, "max_records=1.5"),  # kept 2
+    ({"path": 5}, "path=5"),  # an AttributeError
+    ({"path": ["a.jsonl", "b.jsonl"]}, "path=['a.jsonl', 'b.jsonl']"),
+    ({"path": "org/name", "split": ["train"]}, "split=['train']"),
+])
+def test_data_and_mcq_source_values_of_the_wrong_type_are_refused_naming_the_key(entry, key):
+    from qwen_distillation.evaluation.mcq import normalise_mcq_sources
+
+    with pytest.raises(ConfigError, match=re.escape(f"data.general[0].{key}: must be ")):
+        normalise_sources("data.general", [entry])
+    if "max_records" not in entry:
+        with pytest.raises(ConfigError, match=re.escape(f"eval.mcq[0].{key}: must be one string")):
+            normalise_mcq_sources("eval.mcq", [entry])
+    with pytest.raises(ConfigError, match=re.escape("eval.mcq[0].name=5: must be one string")):
+        normalise_mcq_sources("eval.mcq", [{"path": "a.jsonl", "name": 5}])  # was a TypeError

@@ -55,6 +55,7 @@ FILE_LEVEL = (
     "holds a single JSON object spread over several lines",
     "not a readable parquet file",
     "unsupported file type",
+    "a Parquet file (it starts with the bytes PAR1) under a",
 )
 # A JSON list nested past Python's recursion limit: json does not say where.
 JSON_DOCUMENT_LEVEL = ("JSON nested too deeply",)

@@ -120,3 +120,30 @@ def test_a_conversations_last_turns_read_as_before(tmp_path):
     assert converted(path) == [turns[:4]]
     path.write_text(json.dumps({"messages": turns[:3] + [{"role": "assistant", "content": " "}]}) + "\n")
     assert "sharegpt conversation has no non-empty assistant turn at its end" in refused(path)
+
+
+def test_a_sharegpt_turn_without_its_text_key_is_refused_not_read_as_empty(tmp_path):
+    """A turn whose text is under another key ('text') was read as an empty user turn without a word."""
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "text": "What is 1+1?"},
+                                             {"role": "assistant", "content": "2"}]}) + "\n")
+    assert refused(path) == (f"{path} line 1: sharegpt turn 1 has no 'value' or 'content' (keys ['role', 'text']); "
+                             "write the turn's text under 'value' (with 'from') or 'content' (with 'role')")
+
+
+def test_a_blank_mmlu_option_e_is_no_option(tmp_path):
+    """A blank E column (a table with one for some rows) was offered as "E. " and could be the answer."""
+    path = tmp_path / "mmlu.jsonl"
+    row = {"question": "q", "A": "a", "B": "b", "C": "c", "D": "d", "E": "", "answer": "B"}
+    path.write_text(json.dumps(row) + "\n")
+    assert converted(path)[0][0]["content"] == "q\nA. a\nB. b\nC. c\nD. d"
+    path.write_text(json.dumps({**row, "answer": "E"}) + "\n")
+    assert "mmlu field 'answer' is 'E'; it must be one of ['A', 'B', 'C', 'D']" in refused(path)
+
+
+def test_a_parquet_file_under_a_jsonl_name_is_named_as_parquet(tmp_path):
+    pandas = pytest.importorskip("pandas")
+    path = tmp_path / "data.jsonl"
+    pandas.DataFrame([{"question": "q", "answer": "a"}]).to_parquet(path)  # was: "not UTF-8 text; re-encode it"
+    assert refused(path) == f"{path}: a Parquet file (it starts with the bytes PAR1) under a .jsonl name; rename it " \
+                            "to .parquet"

@@ -118,6 +118,44 @@ def test_sizes_and_devices_out_of_range_are_refused_before_loading(tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
+def test_a_file_that_is_no_model_and_an_adapter_without_its_base_are_refused_before_loading(tmp_path, capsys):
+    """A weights or text file was reported as "cannot load a tokenizer ... not a valid JSON file"; an adapter
+    whose base_model_name_or_path is null was looked up on the hub as "None" (minutes of retries offline)."""
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(2)}, weights)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({"w": torch.zeros(2)}, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": None}))
+    cases = [(weights, f"--model a={weights}: a file that is not a .gguf model; give the directory that holds the "
+                       f"model"),
+             (adapter, f"--model a={adapter}: a LoRA adapter whose {adapter / 'adapter_config.json'} names no base "
+                       f"model (base_model_name_or_path is empty); set it to ")]
+    for path, message in cases:
+        code = main(["--model", f"a={path}", "--nll", "m=x.jsonl", "--out", str(tmp_path / "out"), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"error: {message}") and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_mcq_record_is_refused_before_the_teacher_loads(tokenizer, tmp_path, capsys, monkeypatch):
+    """The MCQ files were read after the teacher had loaded (minutes for a large one)."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the MCQ sets were read")
+
+    monkeypatch.setattr(evaluate_module, "check_model_path", lambda *args, **kwargs: None)
+    monkeypatch.setattr(evaluate_module, "load_any_tokenizer", lambda *args, **kwargs: tokenizer)
+    monkeypatch.setattr(evaluate_module, "load_model", no_model)
+    mcq = tmp_path / "mcq.jsonl"
+    mcq.write_text(json.dumps({"question": "q", "A": "a", "B": "b", "C": "c", "D": "d", "answer": "F"}) + "\n")
+    code = main(["--model", "t=some/teacher", "--teacher", "t", "--mcq", f"x={mcq}", "--out", str(tmp_path / "out"),
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {mcq} line 1: mmlu field 'answer' names letter(s) ['F']"), err
+
+
 def test_cuda_without_a_gpu_is_refused_before_loading(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code = main(["--model", "a=does/not/exist", "--nll", "m=x.jsonl", "--device", "cuda", "--out", str(tmp_path)])

@@ -188,6 +188,9 @@ def test_mcq_loaders_on_real_records():
     ("mmlu", {"question": "q", "A": "a", "B": "b", "C": "c", "answer": "A"}, r"record 2.*field 'D'"),
     ("pubmedqa", {"QUESTION": "q", "CONTEXTS": ["c"], "final_decision": "perhaps"},
      r"record 2.*'final_decision'"),
+    # Was read as the option text "{'text': 'b'}".
+    ("medmcqa", {"question": "q", "opa": "a", "opb": {"text": "b"}, "opc": "c", "opd": "d", "cop": 1},
+     r"record 2: field 'opb' of this medmcqa record holds dict \{'text': 'b'\}; write its text instead"),
 ])
 def test_mcq_loader_errors_name_record_and_field(fmt, record, pattern):
     good = {"cmexam": {"Question": "q", "Options": "A 甲\nB 乙", "Answer": "B"},
@@ -197,6 +200,14 @@ def test_mcq_loader_errors_name_record_and_field(fmt, record, pattern):
     assert len(mcq_items([good], fmt)) == 1
     with pytest.raises(DataError, match=pattern):
         mcq_items([good, record], fmt)
+
+
+def test_cmexam_options_as_a_letter_to_text_object_read_as_in_training():
+    """Training reads cmexam ``Options`` given as ``{letter: text}``; the MCQ set refused it as one bad line."""
+    item = mcq_items([{"Question": "问", "Options": {"A": "甲", "B": "乙"}, "Answer": "B"}], "auto")[0]
+    assert item.options == {"A": "甲", "B": "乙"} and item.answers == {"B"}
+    with pytest.raises(DataError, match=r"cmexam field 'Answer' names letter\(s\) \['C'\]"):
+        mcq_items([{"Question": "问", "Options": {"A": "甲", "B": "乙"}, "Answer": "C"}], "cmexam")
 
 
 def test_predict_set_rule():

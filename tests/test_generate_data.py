@@ -384,6 +384,18 @@ def test_an_output_that_is_a_directory_is_refused_before_the_teacher_loads(tmp_p
     assert (tmp_path / f"x.jsonl{which}").is_dir()
 
 
+def test_an_output_below_a_file_is_refused_before_the_teacher_loads(tmp_path, capsys):
+    """--output in a "directory" that is a file: a FileExistsError traceback once the teacher had loaded."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("kept")
+    for output in (a_file / "g.jsonl", a_file / "sub" / "g.jsonl"):
+        code = generate_data.main(["--teacher", "does/not/exist", "--data", DEMO_MEDICAL, "--output", str(output)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.strip() == (f"error: --output {output}: {a_file} is a file, not a directory; choose "
+                                             f"an --output in a directory"), err
+    assert a_file.read_text() == "kept"
+
+
 def test_the_output_may_not_lie_inside_a_data_directory(tmp_path, capsys):
     """--output inside the --data directory: a rerun failed with "generated with other settings
     (source_sha256...)", and with --overwrite read the teacher's earlier answers as prompts."""

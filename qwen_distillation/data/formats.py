@@ -181,6 +181,11 @@ def _sharegpt(record: dict, where: str) -> Messages:
         if not isinstance(turn, dict):
             raise DataError(f"{where}: sharegpt turn {number} must be an object, got {turn!r}")
         role_name = turn.get("from", turn.get("role"))
+        if "value" not in turn and "content" not in turn:  # e.g. under "text": it was read as an empty turn
+            raise DataError(
+                f"{where}: sharegpt turn {number} has no 'value' or 'content' (keys {sorted(map(str, turn))}); "
+                "write the turn's text under 'value' (with 'from') or 'content' (with 'role')"
+            )
         content = turn.get("value", turn.get("content"))
         role = SHAREGPT_ROLES.get(str(role_name).lower())
         if role is None:
@@ -292,7 +297,9 @@ def _medmcqa(record: dict, where: str) -> Messages:
 def _mmlu(record: dict, where: str) -> Messages:
     _require(record, ("question", "A", "B", "C", "D", "answer"), "mmlu", where)
     question = _nonempty(record, "question", "mmlu", where)
-    letters = [letter for letter in "ABCDE" if letter in record]
+    # A blank E (an empty column of a table) is no option, as for the multiple-choice evaluation; it
+    # was offered as "E. " and could be the answer.
+    letters = [letter for letter in "ABCDE" if letter in record and (letter != "E" or not _is_blank(record["E"]))]
     answer = _field(record, "answer").strip().upper()
     if answer not in letters:
         raise DataError(

@@ -184,6 +184,9 @@ def _read_text(file: Path) -> str:
     try:
         return data[bom:].decode("utf-8")
     except UnicodeDecodeError as err:
+        if data.startswith(b"PAR1"):  # "re-encode it as UTF-8" would not help
+            raise DataError(f"{file}: a Parquet file (it starts with the bytes PAR1) under a {file.suffix} name; "
+                            "rename it to .parquet") from None
         line = data.count(b"\n", 0, bom + err.start) + 1
         raise DataError(
             f"{file} line {line}: not UTF-8 text ({err.reason} at byte {bom + err.start}); "

@@ -49,10 +49,13 @@ def normalise_sources(key: str, sources: Iterable[Any]) -> list[DataSource]:
         require(bool(entry.get("path")), where, entry, "a data source needs a non-empty `path`",
                 f"{key}=[my_data.jsonl]")
         source = DataSource(**{k: v for k, v in entry.items() if v is not None or k in ("subset", "max_records")})
+        for name, example in (("path", "my_data.jsonl"), ("split", "train")):  # a list failed with an AttributeError
+            require(isinstance(getattr(source, name), str), f"{where}.{name}", getattr(source, name),
+                    "must be one string (quote a name that reads as a number)", f"{where}.{name}={example}")
         require_one_of(f"{where}.format", source.format, ("auto", *FORMATS))
-        if source.max_records is not None:
-            require(source.max_records >= 1, f"{where}.max_records", source.max_records, "must be >= 1",
-                    f"{where}.max_records=1000")
+        if source.max_records is not None:  # `true` kept 1 record, 1.5 kept 2, and text failed with a TypeError
+            require(type(source.max_records) is int and source.max_records >= 1, f"{where}.max_records",
+                    source.max_records, "must be a whole number >= 1", f"{where}.max_records=1000")
         out.append(source)
     return out
 

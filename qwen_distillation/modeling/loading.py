@@ -290,6 +290,13 @@ def check_student_checkpoint(path: str, *, key: str | None = "checkpoint_path", 
     if not any(glob.glob(os.path.join(glob.escape(path), pattern)) for pattern in weights):
         raise CheckpointError(f"{where}: holds no weights file ({' or '.join(weights)}); "
                               f"{fix or _damaged_fix(path, key)}")
+    adapter_config = os.path.join(path, "adapter_config.json")
+    record = read_json(adapter_config, fix or _damaged_fix(path, key)) if weights == ("adapter_model.*",) else None
+    if isinstance(record, dict) and not record.get("base_model_name_or_path"):
+        # peft looked for a hub model named "None" (minutes of retries offline), then blamed the network
+        raise CheckpointError(f"{where}: a LoRA adapter whose {adapter_config} names no base model "
+                              f"(base_model_name_or_path is empty); set it to the directory or hub id of the model "
+                              f"the adapter was trained on (a run's OUTPUT_DIR/student_base), or pass a merged export")
 
 
 ADAPTER_BASE = "adapter_base.json"  # beside a LoRA adapter: its base's path and sampled weight fingerprint
