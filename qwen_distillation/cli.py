@@ -21,7 +21,7 @@ def _value(key: str):
 
 def _quote(value: str) -> str:
     """Quote a value for Hydra's override grammar when it holds special characters."""
-    if any(c in value for c in " ,=[]{}()'\"\\:$*?") or value.lower() in ("null", "true", "false"):
+    if any(c in value for c in " ,=[]{}()'\"\\:$*?~") or value.lower() in ("null", "true", "false"):
         escaped = value.replace("\\", "\\\\").replace("'", "\\'")
         return f"'{escaped}'"
     return value

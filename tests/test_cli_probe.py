@@ -170,3 +170,27 @@ def test_seed_flag_then_its_deletion_exits_2_before_anything_runs(tmp_path, caps
     code, output = _cli(tiny_overrides(out, steps=1) + ["end_stage=1", "--seed", "1", "~seed"], capsys)
     assert code == 2 and output.strip() == "error: seed is set by --seed 1 and deleted by ~seed; keep one", output
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ paths of a run to start from
+@pytest.mark.parametrize("argv", [
+    ["--output_dir=~/run", "--checkpoint_path=~/out/stage1/best"],  # the shell leaves `--flag=~/x` alone
+    ["output_dir='~/run'", "checkpoint_path='~/out/stage1/best'"],
+])
+def test_a_home_relative_output_dir_and_checkpoint_path_are_the_home_directory(argv, tmp_path, monkeypatch):
+    """Hydra's lexer refused `--output_dir=~/run`; quoted, the run wrote a folder named `~` into the working
+    directory and found no checkpoint under `~/...`."""
+    from qwen_distillation.cli import compose_run_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = compose_run_config(translate(argv))
+    assert (cfg.output_dir, cfg.checkpoint_path) == (str(tmp_path / "run"), str(tmp_path / "out" / "stage1" / "best"))
+
+
+def test_an_empty_checkpoint_path_is_refused_not_taken_for_none(tmp_path, capsys):
+    """`checkpoint_path=$CKPT` with CKPT unset trained stage 2 from the initial student, with a log line."""
+    out = tmp_path / "run"
+    code, output = _cli(tiny_overrides(out, steps=1) + ["start_stage=2", "end_stage=2", "checkpoint_path="], capsys)
+    assert code == 2 and output.strip().startswith("error: checkpoint_path is empty, which would start from the "
+                                                   "initial student; give the saved stage to start from"), output
+    assert not out.exists()

@@ -83,6 +83,51 @@ def test_a_damaged_checkpoint_names_the_file_and_another_checkpoint(saved_stage,
         in message
 
 
+def _edit_config(final: Path, **changes) -> None:
+    config = json.loads((final / "config.json").read_text())
+    (final / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize("changes,problem", [
+    # another model's config.json beside the weights: transformers raised a bare RuntimeError
+    ({"hidden_size": 48}, "model.embed_tokens.weight has shape (151936, 32) in the weights, (151936, 48) by "
+                          "config.json; model.layers.0.input_layernorm.weight has shape (32,) in the weights"),
+    # one layer more than the weights hold: transformers drew it at random with a warning only
+    ({"num_hidden_layers": 3, "layer_types": ["full_attention"] * 3},
+     "model.layers.2.input_layernorm.weight missing; model.layers.2.mlp.down_proj.weight missing, and 10 more"),
+], ids=["other-shapes", "a-layer-more"])
+def test_a_checkpoint_whose_config_does_not_fit_its_weights_names_the_tensors(saved_stage, tmp_path, changes,
+                                                                              problem):
+    stage = tmp_path / "run" / "stage1"
+    shutil.copytree(saved_stage, stage)
+    _edit_config(stage / "final", **changes)
+    for load in (lambda: load_student_checkpoint(str(stage / "final"), dtype=torch.float32),
+                 lambda: load_causal_lm(ModelSpec(path=str(stage / "final")), dtype=torch.float32, role="student")):
+        with pytest.raises(CheckpointError) as err:
+            load()
+        assert f"its weights do not fit the model its config.json describes ({problem}" in str(err.value)
+    assert str(err.value).startswith(f"model.student.path={stage / 'final'}: ")
+
+
+def test_a_checkpoint_whose_config_contradicts_itself_is_a_checkpoint_error(saved_stage, tmp_path):
+    """transformers' own check of the config's sizes raised a StrictDataclassError traceback."""
+    stage = tmp_path / "run" / "stage1"
+    shutil.copytree(saved_stage, stage)
+    _edit_config(stage / "final", num_hidden_layers=3)  # layer_types still lists 2
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint_path={stage / 'final'}: cannot load the student: "
+                                                        "`num_hidden_layers` (3) must be equal to the number of "
+                                                        "`layer_types` (2)")):
+        load_student_checkpoint(str(stage / "final"), dtype=torch.float32)
+
+
+def test_a_weights_file_given_as_checkpoint_names_its_folder(saved_stage):
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"checkpoint_path={saved_stage / 'best' / 'model.safetensors'}: is a file, not the directory of a saved "
+            f"stage (its config.json and weights); pass the folder that holds it, e.g. "
+            f"checkpoint_path={saved_stage / 'best'}")):
+        load_student_checkpoint(str(saved_stage / "best" / "model.safetensors"), dtype=torch.float32)
+
+
 def test_a_damaged_lora_adapter_or_its_base_names_the_file(tmp_path):
     from peft import LoraConfig, get_peft_model
 
@@ -189,6 +234,21 @@ def test_a_model_folder_without_its_vocabulary_is_refused_naming_it(saved_stage,
                           "--out", str(tmp_path / "eval"), "--device", "cpu"])
     assert code == 2 and capsys.readouterr().err.startswith(f"error: {final}: the tokenizer loaded from it has ")
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_checkpoint_with_fewer_logit_columns_than_the_tokenizer_is_named(tmp_path):
+    """The error named no model: "the student has 5000 logit columns", while model.student described
+    one of 151,936 and the student came from checkpoint_path."""
+    small = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "qwen2", vocab_size=5000, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1))
+    small.save_pretrained(tmp_path / "small")
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=re.escape(f"the student (checkpoint_path={tmp_path / 'small'}) has 5000 "
+                                                    f"logit columns but its tokenizer has 151665 tokens")):
+        run(compose_config(tiny_overrides(out, steps=1) + ["start_stage=2", "end_stage=2",
+                                                           f"checkpoint_path={tmp_path / 'small'}"]))
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------ heads

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 
 from omegaconf import DictConfig, OmegaConf
@@ -508,5 +509,12 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
     require(bool(cfg.lora.target_modules) or not cfg.lora.enabled, "lora.target_modules", cfg.lora.target_modules,
             "LoRA needs at least one module to adapt", "lora.target_modules=[q_proj,v_proj]")
     require(bool(cfg.output_dir), "output_dir", cfg.output_dir, "must be a directory path", "output_dir=outputs/run")
+    if cfg.checkpoint_path is not None and not cfg.checkpoint_path.strip():  # `checkpoint_path=$UNSET_VARIABLE`
+        raise ConfigError("checkpoint_path is empty, which would start from the initial student; give the saved "
+                          "stage to start from (e.g. checkpoint_path=OUTPUT_DIR/stage1/best), or leave it out")
+    # `~` is the home directory, as in the shell (which leaves `output_dir='~/x'` or `--output_dir=~/x` alone):
+    # a run wrote a folder named `~` into the working directory, and could not find a checkpoint under it.
+    cfg.output_dir = os.path.expanduser(cfg.output_dir)
+    cfg.checkpoint_path = cfg.checkpoint_path and os.path.expanduser(cfg.checkpoint_path)
     _validate_distributed(cfg)
     return cfg

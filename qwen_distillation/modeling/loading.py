@@ -139,6 +139,24 @@ def config_without_weights(spec, role: str):
     return None
 
 
+def check_weights_fit(info: dict, where: str, fix: str) -> None:
+    """Refuse a model loaded with ``output_loading_info=True, ignore_mismatched_sizes=True`` whose weights
+    files lack tensors of the model its config.json describes, or hold them in another shape (a config.json
+    of another model copied beside them): transformers initialises those at random with a warning only.
+
+    Raises:
+        CheckpointError: naming ``where`` (the option and path), the first tensors at fault and ``fix``.
+    """
+    wrong = [f"{name} missing" for name in sorted(info["missing_keys"])]
+    wrong += [f"{name} has shape {tuple(saved)} in the weights, {tuple(wanted)} by config.json"
+              for name, saved, wanted in sorted(info["mismatched_keys"], key=lambda entry: entry[0])]
+    if wrong:
+        more = f", and {len(wrong) - 2} more" if len(wrong) > 2 else ""
+        raise CheckpointError(f"{where}: its weights do not fit the model its config.json describes "
+                              f"({'; '.join(wrong[:2])}{more}): config.json and the weights files were not saved "
+                              f"together; {fix}")
+
+
 def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = None,
                    meta: bool = False) -> PreTrainedModel:
     """Load one model as described by a :class:`~qwen_distillation.config.schema.ModelSpec`.
@@ -167,10 +185,14 @@ def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = Non
         raise ConfigError(f"model.{role}.path is not set: pass --{role}_model PATH_OR_HUB_ID")
     path, gguf_file = existing_model_path(spec.path, spec.gguf_file, key)
     kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    fix = f"download, copy or export {path} again, or point {key} to an intact copy"
+    # A local directory's weights are checked against its config.json (check_weights_fit), not left to transformers.
+    checked = {}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     elif os.path.isdir(path):
-        check_model_dir(path, f"download, copy or export {path} again, or point {key} to an intact copy")
+        check_model_dir(path, fix)
+        checked = dict(output_loading_info=True, ignore_mismatched_sizes=True)
     try:
         if meta:
             config = AutoConfig.from_pretrained(path, **kwargs)
@@ -179,9 +201,14 @@ def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = Non
             return empty_model(config, dtype, trust_remote_code=spec.trust_remote_code)
         if spec.attn_implementation:
             kwargs["attn_implementation"] = spec.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except (OSError, ValueError, SafetensorError) as err:
-        raise ConfigError(f"{key}={spec.path}: cannot load a causal LM from it: {err}") from err
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs, **checked)
+    except (OSError, ValueError, SafetensorError, StrictDataclassError) as err:
+        # A config.json whose sizes contradict each other: transformers' check, with the reason in its cause.
+        reason = first_line(err.__cause__ or err) if isinstance(err, StrictDataclassError) else err
+        raise ConfigError(f"{key}={spec.path}: cannot load a causal LM from it: {reason}") from err
+    if checked:
+        model, info = model
+        check_weights_fit(info, f"{key}={spec.path}", fix)
     if gguf_file:
         model = _plain_copy(model, dtype)
     return model
@@ -279,6 +306,11 @@ def check_student_checkpoint(path: str, *, key: str | None = "checkpoint_path", 
     """The checks of :func:`load_student_checkpoint` that read only small files (the directory,
     its JSON files and safetensors headers): a run makes them before any model loads."""
     where = f"{key}={path}" if key else path
+    if os.path.isfile(path):  # a saved stage's model.safetensors or config.json, say
+        folder = os.path.dirname(os.path.abspath(path))
+        hint = f"pass the folder that holds it, e.g. {key}={folder}" if key else "pass the folder that holds it"
+        raise CheckpointError(f"{where}: is a file, not the directory of a saved stage (its config.json and weights); "
+                              f"{fix or hint}")
     if not os.path.isdir(path):
         raise CheckpointError(f"{where}: no such directory; "
                               f"{fix or f'pass the directory of a saved stage, e.g. {key}=OUTPUT_DIR/stage1/best'}")
@@ -379,9 +411,15 @@ def load_student_checkpoint(path: str, *, dtype: torch.dtype, quantization=None,
     try:
         if meta:
             return empty_model(AutoConfig.from_pretrained(path), dtype)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, SafetensorError) as err:
-        raise CheckpointError(f"{where}: cannot load the student: {err}") from err
+        # Mismatched shapes are reported below with the tensors, not raised by transformers as a bare RuntimeError.
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
+    except (OSError, ValueError, SafetensorError, StrictDataclassError) as err:
+        # A config.json whose sizes contradict each other: transformers' check, with the reason in its cause.
+        reason = first_line(err.__cause__ or err) if isinstance(err, StrictDataclassError) else err
+        raise CheckpointError(f"{where}: cannot load the student: {reason}") from err
+    check_weights_fit(info, where, fix)
+    return model
 
 
 def _empty_adapter_model(path: str, base: str, dtype: torch.dtype):

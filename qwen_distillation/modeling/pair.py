@@ -280,9 +280,12 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     if cfg.start_stage > 1 and not cfg.checkpoint_path and not resume_after_stage:
         log.warning("start_stage=%d without checkpoint_path: stage %d starts from the initial student",
                     cfg.start_stage, cfg.start_stage)
+    # The student's weights come from where it was loaded: this run's last completed stage, or checkpoint_path.
+    student_name = (str(output_dir / f"stage{resume_after_stage}" / "final") if resume_after_stage else
+                    f"checkpoint_path={cfg.checkpoint_path}" if cfg.checkpoint_path else _describe(model_cfg.student))
     vocab_size = shared_vocab_size(teacher_tok, student_tok, weight_shape(teacher.get_output_embeddings().weight)[0],
                                    weight_shape(student.get_output_embeddings().weight)[0],
-                                   _describe(model_cfg.teacher), _describe(model_cfg.student))
+                                   _describe(model_cfg.teacher), student_name)
     if cfg.lora.enabled and not hasattr(student, "peft_config"):
         check_lora_targets(student, cfg.lora.target_modules, merge=cfg.lora.merge_on_export)  # before student_base
         ranked = torch.distributed.is_available() and torch.distributed.is_initialized()

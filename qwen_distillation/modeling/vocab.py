@@ -28,8 +28,8 @@ def shared_vocab_size(teacher_tokenizer, student_tokenizer, teacher_columns: int
             f"{only_student}); logit distillation needs one shared vocabulary: pick a student of the "
             f"teacher's family (e.g. Qwen2.5-7B -> Qwen2.5-1.5B)")
     size = len(student_tokenizer)
-    for who, columns in (("teacher", teacher_columns), ("student", student_columns)):
+    for who, name, columns in (("teacher", teacher_name, teacher_columns), ("student", student_name, student_columns)):
         if columns < size:
-            raise ConfigError(f"the {who} has {columns} logit columns but its tokenizer has {size} tokens; "
+            raise ConfigError(f"the {who} ({name}) has {columns} logit columns but its tokenizer has {size} tokens; "
                               f"the model and tokenizer do not belong together")
     return size
