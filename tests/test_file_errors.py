@@ -120,6 +120,20 @@ def test_a_checkpoint_whose_config_contradicts_itself_is_a_checkpoint_error(save
         load_student_checkpoint(str(stage / "final"), dtype=torch.float32)
 
 
+def test_a_model_folder_whose_config_contradicts_itself_fails_its_tokenizer_with_a_checkpoint_error(saved_stage,
+                                                                                                   tmp_path):
+    """`--student_model DIR` read the folder's tokenizer first, and AutoTokenizer's read of config.json raised
+    transformers' StrictDataclassError as a traceback."""
+    from qwen_distillation.modeling.tokenizer import load_tokenizer
+
+    shutil.copytree(saved_stage / "final", tmp_path / "model")
+    _edit_config(tmp_path / "model", num_hidden_layers=3)  # layer_types still lists 2
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'model'}: its config.json contradicts itself "
+                                                        "(`num_hidden_layers` (3) must be equal to the number of "
+                                                        "`layer_types` (2)); download, copy or export")):
+        load_tokenizer(str(tmp_path / "model"))
+
+
 def test_a_weights_file_given_as_checkpoint_names_its_folder(saved_stage):
     with pytest.raises(CheckpointError, match=re.escape(
             f"checkpoint_path={saved_stage / 'best' / 'model.safetensors'}: is a file, not the directory of a saved "

@@ -16,6 +16,11 @@ from safetensors import SafetensorError, safe_open
 
 from qwen_distillation.errors import CheckpointError
 
+try:  # a config class of transformers 5 that checks its own sizes (llama, qwen2) raises it
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # an older huggingface_hub: none does
+    StrictDataclassError = ()
+
 MODEL_JSON = ("config.json", "generation_config.json", "adapter_config.json", "model.safetensors.index.json",
               "adapter_model.safetensors.index.json")
 TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")

@@ -17,16 +17,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from qwen_distillation.data.generated import fingerprint_files, model_fingerprint
 from qwen_distillation.errors import CheckpointError, ConfigError, first_line
 from qwen_distillation.modeling.depth import evenly_spaced_layers
-from qwen_distillation.modeling.files import check_model_dir, read_json
+from qwen_distillation.modeling.files import StrictDataclassError, check_model_dir, read_json
 from qwen_distillation.modeling.parts import head_dim
 from qwen_distillation.modeling.varlen import VARLEN
 from qwen_distillation.modeling.varlen import register as register_varlen
 from qwen_distillation.paths import resolve_path
-
-try:  # a config class of transformers 5 that checks its own sizes (llama) raises it
-    from huggingface_hub.errors import StrictDataclassError
-except ImportError:  # an older huggingface_hub: none does
-    StrictDataclassError = ()
 
 log = logging.getLogger(__name__)
 

