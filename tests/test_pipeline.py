@@ -240,6 +240,56 @@ def test_tensorboard_holds_each_step_once_after_a_resume(tmp_path, monkeypatch):
     assert resumed == reference
 
 
+def test_tensorboard_holds_each_step_once_after_a_resume_of_stage_one_without_a_checkpoint(tmp_path):
+    """A run killed in its first stage before the stage's first save restarts it from step 1 at global
+    step 0; TensorBoard used to be purged only after a global step above 0, so it showed the killed
+    run's steps twice."""
+    def logger() -> MetricsLogger:
+        from qwen_distillation.config.schema import WandbConfig
+
+        return MetricsLogger(tmp_path, jsonl=True, tensorboard=True, wandb_cfg=WandbConfig(), run_config={})
+
+    def steps(metrics: MetricsLogger, *global_steps: int) -> None:
+        for step in global_steps:
+            metrics.log({"stage": 1, "step": step, "global_step": step, "loss": 1.0 / step})
+
+    killed = logger()
+    killed.truncate(1, 0, 0)
+    steps(killed, 1, 2)
+    killed.close()  # the kill: no checkpoint was saved
+    resumed = logger()
+    resumed.truncate(1, 0, 0)
+    steps(resumed, 1, 2, 3)
+    resumed.close()
+    assert _tensorboard_points(tmp_path)["loss"] == [1, 2, 3]
+    assert [row["step"] for row in train_rows(tmp_path)] == [1, 2, 3]
+
+
+def test_a_run_killed_while_writing_its_report_writes_it_when_run_again(tmp_path, monkeypatch):
+    """Killed after its last stage, while its report was written: the run was already marked finished,
+    so the same command was refused ("holds a finished run") and the run kept no report (or, killed a
+    moment earlier, no summary.json). It is marked finished once both are written: the same command
+    resumes it and writes them."""
+    from qwen_distillation.evaluation import report
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, steps=1) + ["end_stage=1", "data.max_eval_examples=2", "data.max_length=64",
+                                                "stage1.grad_accum=1"]
+
+    def killed(*args, **kwargs):
+        raise _Killed()
+
+    monkeypatch.setattr(report, "write_report", killed)
+    with pytest.raises(_Killed):
+        _run(overrides)
+    assert not json.loads((out / "run_state.json").read_text())["finished"]
+    monkeypatch.undo()
+    summary = _run(overrides)
+    assert summary["report"] == str(out / "report.md") and (out / "report" / "losses.png").exists()
+    assert json.loads((out / "summary.json").read_text())["report"] == str(out / "report.md")
+    assert json.loads((out / "run_state.json").read_text())["finished"]
+    assert [row["step"] for row in train_rows(out)] == [1]
+
 
 def test_time_based_saves_follow_the_clock(tmp_path, monkeypatch):
     """stage1.save_every=0 with train.save_every_minutes: a checkpoint after every step whose clock

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -170,6 +171,38 @@ def test_without_summary_or_metrics(tmp_path):
     assert "| `eval/general_nll` | 2.1393 | 12.2616 | 8.0009 |" in text and "![" not in text
 
 
+def _drawn_steps(line) -> set[float]:
+    """The x of the points a plotted line shows: those joined to a finite neighbour by the line, and
+    those with a marker."""
+    xs, ys = line.get_xdata(), line.get_ydata()
+    finite = [math.isfinite(y) for y in ys]
+    shown = {xs[i] for i in range(len(ys)) if finite[i] and line.get_linestyle() not in ("None", "")
+             and ((i and finite[i - 1]) or (i + 1 < len(ys) and finite[i + 1]))}
+    if line.get_marker() not in (None, "None", ""):
+        every = line.get_markevery()
+        shown |= {xs[i] for i in (range(len(ys)) if every is None else every) if finite[i]}
+    return shown
+
+
+def test_a_point_with_no_neighbour_on_a_long_line_is_drawn(tmp_path, monkeypatch):
+    """Lines of more than 60 points are drawn without markers, so a point with no finite neighbour
+    (a one-step stage after a long one, a step between two skipped ones) was not drawn at all; nor
+    was a lone point of the medical_ratio target line, of any length (a one-step run)."""
+    lines = {}
+    finish = report._finish
+
+    def recording(fig, ax, path, frame, **kwargs):
+        lines.update({line.get_label(): line for line in ax.get_lines()})
+        finish(fig, ax, path, frame, **kwargs)
+
+    monkeypatch.setattr(report, "_finish", recording)
+    rows = [train_row(1, s, s, skipped=s in (39, 41)) for s in range(1, 81)] + [train_row(2, 1, 81)]
+    write_report(write_run(tmp_path, rows, summary=None))
+    for label in ("loss/kd", "lr", "medical_ratio_target (schedule)"):
+        assert {40.0, 81.0} <= _drawn_steps(lines[label]), label
+    assert _drawn_steps(lines["loss/kd"]) == {float(s) for s in range(1, 82) if s not in (39, 41)}
+
+
 def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
     write_run(tmp_path, three_stage_rows(), summary_for(tmp_path, [1, 2, 3]))
     monkeypatch.setattr(report, "plot_medical_ratio", _fail)  # third plot: two PNGs already drawn
@@ -200,6 +233,23 @@ def test_failed_rewrite_keeps_previous_report(tmp_path, monkeypatch):
 
 def _fail(*args, **kwargs):
     raise RuntimeError("disk full")
+
+
+def test_rows_whose_text_holds_unicode_line_separators_are_read_whole(tmp_path):
+    """samples.jsonl and metrics.jsonl are written with ensure_ascii=False, which keeps U+2028 and U+0085
+    of a generated answer (or a stage name) as they are; the reader split lines at them, so such a
+    row was dropped from the report as "not a JSON object" (and refused by a resume)."""
+    rows = [{"prompt": "p1", "teacher": "a\u2028b", "student": "c\x85d"}, {"prompt": "p2", "teacher": "e",
+                                                                         "student": "f\u2029g"}]
+    (tmp_path / "stage1").mkdir()
+    (tmp_path / "stage1" / "samples.jsonl").write_text(
+        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    assert report.read_samples(tmp_path) == {1: rows}
+    metrics = [{**train_row(1, 1, 1), "stage_name": "kd\u2028one"}, train_row(1, 2, 2)]
+    write_run(tmp_path, [], summary=None)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in metrics),
+                                            encoding="utf-8")
+    assert report.read_metrics(tmp_path / "metrics.jsonl") == metrics
 
 
 def test_agreement_mcq_rows_and_samples_section(tmp_path):

@@ -44,9 +44,11 @@ class MetricsLine(NamedTuple):
 
 def metrics_lines(path: Path) -> Iterator[MetricsLine]:
     """The non-blank lines of an existing ``metrics.jsonl``, parsed. Bytes that are not UTF-8
-    spoil their own line, not the whole file. The report skips bad lines, a resume refuses them."""
+    spoil their own line, not the whole file. The report skips bad lines, a resume refuses them.
+    Lines end at "\\n" only: JSON written with ``ensure_ascii=False`` keeps U+2028 or U+0085 of a
+    string (a generated answer) as is, which ``str.splitlines`` would take for line ends."""
     text = Path(path).read_bytes().decode("utf-8", errors="replace")
-    lines = text.splitlines()
+    lines = text.split("\n")
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -153,6 +155,17 @@ def _has_finite(values) -> bool:
     return any(math.isfinite(v) for v in values)
 
 
+def _markevery(values: list[float], limit: int = 60) -> list[int] | None:
+    """The points of a line that get a marker: every point of a line of up to ``limit``; of a longer
+    one, those the line alone does not draw: finite values with no finite neighbour (a one-step
+    stage, a step between skipped ones)."""
+    if len(values) <= limit:
+        return None
+    finite = [math.isfinite(v) for v in values]
+    return [i for i, ok in enumerate(finite)
+            if ok and not (i and finite[i - 1]) and not (i + 1 < len(finite) and finite[i + 1])]
+
+
 # ----------------------------------------------------------------- plotting
 class Frame(NamedTuple):
     """What every plot shares: stage starts and names, and one x range for all plots."""
@@ -227,7 +240,7 @@ def plot_losses(train: list[dict], path: Path, frame: Frame) -> bool:
     for key, xs, ys in lines:
         total = key == "loss"
         ax.plot(xs, ys, color="black" if total else _term_color(key), linewidth=2.2 if total else 1.3,
-                marker="." if len(xs) <= 60 else None, label="total (weighted)" if total else key,
+                marker=".", markevery=_markevery(ys), label="total (weighted)" if total else key,
                 zorder=1.9 if total else 2)  # a term equal to the total stays visible on it
     positive = [v for _, _, ys in lines for v in ys if math.isfinite(v) and v > 0]
     if positive and max(positive) / min(positive) > 100:
@@ -249,7 +262,7 @@ def plot_lines(train: list[dict], keys: list[str], path: Path, frame: Frame, tit
         return False
     fig, ax = _axes(title, ylabel)
     for key, xs, ys in lines:
-        ax.plot(xs, ys, linewidth=1.5, marker="." if len(xs) <= 60 else None, color=_term_color(key), label=key)
+        ax.plot(xs, ys, linewidth=1.5, marker=".", markevery=_markevery(ys), color=_term_color(key), label=key)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
     _finish(fig, ax, path, frame)
     return True
@@ -262,7 +275,8 @@ def plot_medical_ratio(train: list[dict], path: Path, frame: Frame) -> bool:
         return False
     fig, ax = _axes("Medical share of each step's examples", "medical_ratio (fraction of examples)")
     if _has_finite(target):
-        ax.plot(tx, target, linewidth=2.5, alpha=0.6, color="tab:orange", label="medical_ratio_target (schedule)")
+        ax.plot(tx, target, linewidth=2.5, alpha=0.6, color="tab:orange", marker="o", markevery=_markevery(target, 0),
+                label="medical_ratio_target (schedule)")
     if _has_finite(served):
         ax.plot(xs, served, drawstyle="steps-mid", marker="o", markersize=3.5, linewidth=1.2, color="tab:blue",
                 label="medical_ratio (served)")

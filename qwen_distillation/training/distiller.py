@@ -892,8 +892,6 @@ class Distiller:
         finally:
             self._wait_for_saves()
             self.logger.close()
-        state["finished"] = True
-        self._write_state(state)
         summary = self._summary(state)
         if not self.topo.is_main:
             dist.shutdown(self.topo)
@@ -908,6 +906,10 @@ class Distiller:
             log.warning("could not write the run report: %s", err)
         summary["timings"] = self._timing_summary(time.perf_counter() - started)
         ckpt.write_json_atomic(self.output_dir / "summary.json", summary)
+        # Finished only once its summary and report are written: a run killed before then is resumed by the
+        # same command, which writes them (a finished run is never run again).
+        state["finished"] = True
+        self._write_state(state)
         print(summary_text(summary))
         dist.shutdown(self.topo)
         return summary

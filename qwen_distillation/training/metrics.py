@@ -112,9 +112,10 @@ class MetricsLogger:
     def truncate(self, stage: int, after_step: int, global_step: int = 0) -> None:
         """Drop rows of ``stage`` logged after ``after_step`` and rows of later stages: what a
         killed run wrote past its last checkpoint, which the resumed run writes again. On
-        TensorBoard the same: events after ``global_step`` (the global step of ``after_step``)
-        are purged when TensorBoard reads the directory (``SummaryWriter(purge_step=...)``)."""
-        if self._tb is not None and global_step > 0:
+        TensorBoard the same: events after ``global_step`` (the global step of ``after_step``;
+        0 for a first stage restarted from its start) are purged when TensorBoard reads the
+        directory (``SummaryWriter(purge_step=...)``)."""
+        if self._tb is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb.close()
