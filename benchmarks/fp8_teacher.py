@@ -32,7 +32,9 @@ fused SwiGLU quantiser (``FP8SwiGLU``). CUDA events, ``--iters`` timed after ``-
 min reported; peak memory of each forward and the decoder weights' bytes.
 
 (c) ``--gemms``: each 7B decoder linear shape in bf16 and FP8 (row-wise, tensor-wise, fast
-accumulation) and the quantisers, plus the Triton quantiser's launch shapes; ``--profile``: the
+accumulation) and the quantisers, plus the Triton row kernels' launch shapes (``--quantisers`` runs
+those alone: the activation, SwiGLU and RMSNorm quantisers, the SwiGLU one at the MLP widths of
+Qwen2.5 0.5B to 72B, kernel time and bandwidth); ``--profile``: the
 Liger-patched teacher's forward by kernel class, bf16 and FP8; ``--fast-accum``: the FP8 GEMMs
 with ``use_fast_accum`` (``model.teacher.fp8_fast_accum``; timing, and its KL against the bf16 and
 the plain FP8 teacher); ``--fp8-head``: the logits from an FP8 copy of the ``lm_head``
