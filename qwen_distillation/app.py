@@ -8,6 +8,7 @@ type, an unknown option of a config group), which Hydra alone would print with e
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -22,10 +23,11 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from qwen_distillation.config.schema import register_configs
-from qwen_distillation.config.validate import unknown_override_key, validate_config
+from qwen_distillation.config.validate import ignored_settings, unknown_override_key, validate_config
 from qwen_distillation.errors import DistillationError
 
 register_configs()
+log = logging.getLogger(__name__)
 
 # An absolute path: Hydra resolves a relative one against the package, not the repository.
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -35,6 +37,8 @@ KEYS_HINT = "`python run_distillation.py --cfg job` prints every key with its va
 def run(cfg: DictConfig) -> dict:
     """Validate ``cfg`` and run the stages it asks for; returns the run summary."""
     config = validate_config(cfg)
+    for line in ignored_settings(config):
+        log.warning(line)
     # One progress bar per stage is ours; the per-file bars of saves and loads are noise.
     from transformers.utils import logging as hf_logging
 
@@ -166,15 +170,17 @@ def hydra_error_message(err: Exception, overrides: list[str]) -> str:
         if message is not None:
             return message
     cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
-    text = _one_line(str(err))
+    text = whole = _one_line(str(err))
     if cause is not None or isinstance(err, OmegaConfBaseException):
         detail = str(cause if cause is not None else err).splitlines()[0]  # without OmegaConf's full_key lines
         # 'Error merging override X' says no more than the override named in front of the detail.
         text = detail if cause is None or text.startswith("Error merging override") else f"{text}: {detail}"
     key = getattr(cause or err, "full_key", None)
     override = getattr(err, "override", None) if isinstance(err, OverrideParseException) else None
-    override = override or _culprit(text, overrides) or next(
+    override = override or _culprit(text, overrides) or _culprit(whole, overrides) or next(
         (o for o in reversed(overrides) if key and _override_key(o) == key), None)
+    if override and str(key).isdigit():  # an item of a list inside the override (`layer_map=[0,1]`): key 0
+        key = f"{_override_key(override)}[{key}]"
     if isinstance(err, OverrideParseException):
         fix = "write KEY=VALUE, e.g. stage2.temperature=3, and quote a value with special characters: key='a b'"
     elif (unknown := re.search(r"Key '[^']*' not in '\w+'; full_key: ([\w.]+)", text)) and \

@@ -194,3 +194,11 @@ def test_an_empty_checkpoint_path_is_refused_not_taken_for_none(tmp_path, capsys
     assert code == 2 and output.strip().startswith("error: checkpoint_path is empty, which would start from the "
                                                    "initial student; give the saved stage to start from"), output
     assert not out.exists()
+
+
+def test_a_run_warns_of_the_lora_options_it_ignores(tmp_path, capsys):
+    """`lora.r=8` without `lora.enabled=true` trained all of the student's weights without a word."""
+    out = tmp_path / "run"
+    code, output = _cli(tiny_overrides(out, steps=1) + ["end_stage=1", "lora.r=8",
+                                                        f"checkpoint_path={tmp_path / 'missing'}"], capsys)
+    assert code == 2 and "lora.r=8: ignored, LoRA is off (lora.enabled=false)" in output, output

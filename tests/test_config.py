@@ -137,6 +137,23 @@ def test_the_limits_of_those_refusals_still_validate(override):
     validate_config(compose_config(override.split()))
 
 
+def test_settings_a_run_ignores_are_named_for_a_warning_not_refused():
+    """LoRA options with LoRA off, and a layer map of a term whose weight is 0, were ignored without a word
+    (the run trained all weights; the stage trained without the term). An ablation sweep keeps them while it
+    turns the feature off, so they are warned about, not refused."""
+    from qwen_distillation.config.validate import ignored_settings
+
+    overrides = ["lora.r=8", "lora.merge_on_export=true", "stage1.loss.feature.layer_map=[[0,1]]",
+                 "stage3.loss.attention.layer_map=[[1,3]]", "end_stage=2"]
+    assert ignored_settings(validate_config(compose_config(overrides))) == [
+        "lora.r=8, lora.merge_on_export=True: ignored, LoRA is off (lora.enabled=false), so the run trains all of "
+        "the student's weights; turn it on with lora.enabled=true (--use_lora)",
+        "stage1.loss.feature.layer_map: ignored, the feature term is off (stage1.loss.weights.feature=0); give it a "
+        "weight (e.g. stage1.loss.weights.feature=0.1) to train it"]  # stage 3 does not run
+    on = ["lora.enabled=true", "lora.r=8", "stage1.loss.weights.feature=0.1", "stage1.loss.feature.layer_map=[[0,1]]"]
+    assert ignored_settings(validate_config(compose_config(on))) == []
+
+
 def test_start_after_end_is_rejected():
     with pytest.raises(ConfigError, match="start_stage"):
         validate_config(compose_config(["start_stage=3", "end_stage=2"]))

@@ -256,6 +256,9 @@ def test_a_sweep_run_again_skips_its_finished_jobs(tmp_path, capsys):
     ("stage1.lr=abc", ["stage1.lr=abc: Value 'abc' of type 'str' could not be converted to Float",
                        "give stage1.lr a value of its type"]),
     ("seed=[1,2]", ["seed=[1,2]:", "could not be converted to Integer", "give seed a value of its type"]),
+    # A flat list for a list of pairs: the line named neither the override nor the key ("full_key: 0").
+    ("stage2.loss.feature.layer_map=[0,1]", ["stage2.loss.feature.layer_map=[0,1]: Invalid value assigned",
+                                             "give stage2.loss.feature.layer_map[0] a value of its type"]),
     ("model=nope", ["model=nope:", "Could not find 'model/nope'", "Available options in 'model': demo_smollm2, ",
                     "tiny_qwen2", "e.g. model=demo_smollm2"]),
     ("stage1.lr", ["Error parsing override 'stage1.lr'", "write KEY=VALUE"]),

@@ -227,6 +227,29 @@ def test_random_init_sizes_that_fail_the_first_forward_pass_are_refused(sizes, e
         assert "cannot build a " in message and "e.g. hidden_size by num_attention_heads" in message, message
 
 
+@pytest.mark.parametrize("implementation,expected", [
+    ("foo", 'Specified `attn_implementation="foo"` is not supported'),
+    pytest.param("flash_attention_2", "FlashAttention2 has been toggled on", marks=pytest.mark.skipif(
+        torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is not None, reason="flash runs here")),
+])
+def test_an_attention_implementation_transformers_refuses_is_named(implementation, expected, tmp_path):
+    """flash_attention_2 without flash-attn (a CPU machine) was an ImportError traceback; an unknown
+    implementation was blamed on the random_init sizes, or on model.ROLE.path."""
+    from qwen_distillation.config.schema import ModelSpec
+    from qwen_distillation.modeling.loading import load_causal_lm
+
+    sizes = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    load_causal_lm(ModelSpec(random_init=sizes), dtype=torch.float32, role="student").save_pretrained(tmp_path)
+    for spec in (ModelSpec(random_init=sizes, attn_implementation=implementation),
+                 ModelSpec(path=str(tmp_path), attn_implementation=implementation)):
+        with pytest.raises(ConfigError) as err:
+            load_causal_lm(spec, dtype=torch.float32, role="student")
+        message = str(err.value)
+        assert message.startswith(f"model.student.attn_implementation={implementation}: ") and expected in message
+        assert "use sdpa, eager or null" in message, message
+
+
 def test_random_init_with_its_own_head_dim_need_not_divide_hidden_size():
     from qwen_distillation.config.schema import ModelSpec
     from qwen_distillation.modeling.loading import load_causal_lm

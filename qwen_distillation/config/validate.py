@@ -11,7 +11,7 @@ import typing
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qwen_distillation.config.schema import RENAMED_KEYS, DistillationConfig, EvalConfig, StageConfig
+from qwen_distillation.config.schema import RENAMED_KEYS, DistillationConfig, EvalConfig, LoraConfig, StageConfig
 from qwen_distillation.errors import ConfigError, require, require_one_of
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
@@ -439,6 +439,29 @@ def _refuse_non_finite(node, key: str = "") -> None:
     elif isinstance(node, float) and not math.isfinite(node):
         raise ConfigError(f"{key}={node}: must be a finite number; give it a finite value "
                           f"(`python run_distillation.py --cfg job` prints every key with its default)")
+
+
+def ignored_settings(cfg: DistillationConfig) -> list[str]:
+    """The values a run of the validated ``cfg`` ignores, one line each for a warning: LoRA options
+    while LoRA is off (the run trains all of the student's weights), and the layer map of a feature
+    or attention term whose weight is 0 in a stage that runs. Not errors: an ablation (a sweep over
+    ``lora.enabled`` or over a term's weight) keeps them while it turns their feature off."""
+    lines = []
+    changed = [f"lora.{name}={getattr(cfg.lora, name)}" for name, default in dataclasses.asdict(LoraConfig()).items()
+               if getattr(cfg.lora, name) != default]
+    if changed and not cfg.lora.enabled:
+        lines.append(f"{', '.join(changed)}: ignored, LoRA is off (lora.enabled=false), so the run trains all of "
+                     f"the student's weights; turn it on with lora.enabled=true (--use_lora)")
+    for index in range(cfg.start_stage, cfg.end_stage + 1):
+        key = f"stage{index}"
+        stage = getattr(cfg, key)
+        for part in ("feature", "attention"):
+            weight = getattr(stage.loss.weights, part)
+            if stage.enabled and getattr(stage.loss, part).layer_map is not None and weight == 0:
+                lines.append(f"{key}.loss.{part}.layer_map: ignored, the {part} term is off "
+                             f"({key}.loss.weights.{part}=0); give it a weight (e.g. {key}.loss.weights.{part}=0.1) "
+                             f"to train it")
+    return lines
 
 
 def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:

@@ -86,6 +86,15 @@ def _sizes_error(spec, role: str, model_type: str, why: str) -> ConfigError:
                        f"hidden_size by num_attention_heads) and the head size is even")
 
 
+def _attention_error(spec, role: str, err: Exception) -> ConfigError | None:
+    """``err`` as a ConfigError naming ``model.ROLE.attn_implementation`` when it is transformers refusing
+    that implementation (unknown, or flash attention not installed), else None."""
+    if not spec.attn_implementation or not (isinstance(err, ImportError) or "attn_implementation" in str(err)):
+        return None
+    return ConfigError(f"model.{role}.attn_implementation={spec.attn_implementation}: transformers cannot use it "
+                       f"here: {first_line(err)}; use sdpa, eager or null (the model's default)")
+
+
 def _random_init_config(spec, role: str):
     """The config ``model.ROLE.random_init`` describes; a ConfigError naming it when it has no
     ``model_type`` or one transformers does not know, or attention sizes that build a model whose
@@ -174,8 +183,11 @@ def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = Non
             config._attn_implementation = spec.attn_implementation
         try:
             return empty_model(config, dtype) if meta else AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except ImportError as err:  # flash attention asked for but not installed
+            raise _attention_error(spec, role, err) or err
         except (ValueError, RuntimeError, TypeError) as err:
-            raise _sizes_error(spec, role, config.model_type, str(err).splitlines()[0]) from None
+            raise _attention_error(spec, role, err) or _sizes_error(spec, role, config.model_type,
+                                                                    str(err).splitlines()[0]) from None
     if not spec.path:
         raise ConfigError(f"model.{role}.path is not set: pass --{role}_model PATH_OR_HUB_ID")
     path, gguf_file = existing_model_path(spec.path, spec.gguf_file, key)
@@ -197,7 +209,11 @@ def load_causal_lm(spec, *, dtype: torch.dtype, role: str, key: str | None = Non
         if spec.attn_implementation:
             kwargs["attn_implementation"] = spec.attn_implementation
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs, **checked)
+    except ImportError as err:  # flash attention asked for but not installed
+        raise _attention_error(spec, role, err) or err
     except (OSError, ValueError, SafetensorError, StrictDataclassError) as err:
+        if (attention := _attention_error(spec, role, err)) is not None:
+            raise attention from err
         # A config.json whose sizes contradict each other: transformers' check, with the reason in its cause.
         reason = first_line(err.__cause__ or err) if isinstance(err, StrictDataclassError) else err
         raise ConfigError(f"{key}={spec.path}: cannot load a causal LM from it: {reason}") from err
