@@ -385,6 +385,10 @@ def quantiser_variants(shape: dict, args, device: torch.device) -> dict:
     from qwen_distillation.kernels.fp8_quant import (FP8_DTYPE, launch_quantize_rows, triton_rms_norm_quantize,
                                                      triton_silu_mul_quantize)
 
+    def triton_quantize_rowwise(x, **kw):
+        launch_quantize_rows(x, torch.empty(x.shape, device=x.device, dtype=FP8_DTYPE),
+                             torch.empty(x.shape[0], 1, device=x.device, dtype=torch.float32), **kw)
+
     h, inter, m = shape["hidden_size"], shape["intermediate_size"], args.batch * args.seq
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -398,19 +402,27 @@ def quantiser_variants(shape: dict, args, device: torch.device) -> dict:
     kernels = {f"quantiser {m} x {h}": (lambda **kw: launch_quantize_rows(x, codes, scale, **kw), launches, 3, h),
                f"norm quantiser {m} x {h}": (lambda **kw: triton_rms_norm_quantize(x, weight, 1e-6, **kw), launches,
                                              3, h)}
+    # The 1.5B's hidden width (1,536 = 1,024 + a tail of 512 by default; "tail=0": one block of 2,048).
+    x_small, weight_small = randn(m, 1536), randn(1536)
+    small_launches = [{}, {"tail": 0}] + [{"tail": t, "rows": r} for t in (None, 0) for r in (1, 4)]
+    kernels[f"quantiser {m} x 1536"] = (lambda **kw: triton_quantize_rowwise(x_small, **kw), small_launches, 3, 1536)
+    kernels[f"norm quantiser {m} x 1536"] = (
+        lambda **kw: triton_rms_norm_quantize(x_small, weight_small, 1e-6, **kw), small_launches, 3, 1536)
     # The SwiGLU quantiser at the MLP widths of Qwen2.5 0.5B, 1.5B, 7B and 72B; a block at least as wide
-    # as the row (a power of two) holds it whole: one pass, the row in registers.
+    # as the row (a power of two) holds it whole: one pass, the row in registers; "tail=0" is one
+    # power-of-two block where the default holds the row as a block and a smaller tail block.
     for k in sorted({4864, 8960, inter, 29568}):
         gate, up = randn(m, k), randn(m, k)
         variants = [{"block": b, "rows": r, "num_warps": w} for b in (4096, 8192, 16384, 32768) for r in (1, 2)
                     for w in (8, 16, 32)]
+        variants += [{"num_warps": w} for w in (8, 16, 32)] + [{"tail": 0, "num_warps": w} for w in (8, 16, 32)]
         kernels[f"swiglu quantiser {m} x {k}"] = (
             lambda gate=gate, up=up, **kw: triton_silu_mul_quantize(gate, up, **kw), variants, 5, k)
     out = {}
     for name, (launch, variants, bytes_per_element, k) in kernels.items():
         size = bytes_per_element * m * k
         row = {}
-        for kw in [{}] + variants:
+        for kw in [{}] + [v for v in variants if v]:
             label = ", ".join(f"{k}={v}" for k, v in kw.items()) or "default"
             try:
                 us = 1e3 * do_bench_cudagraph(lambda: launch(**kw))

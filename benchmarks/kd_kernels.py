@@ -244,6 +244,12 @@ def bench_step(args) -> dict:
 
         convert_to_fp8(teacher, fast_accum=args.fp8_fast_accum, fuse_mlp=not args.fp8_layered_mlp,
                        fuse_norm=not args.fp8_written_norms)
+        if args.fp8_no_tail:
+            from qwen_distillation.kernels import fp8_quant
+
+            launch_config = fp8_quant._launch_config
+            fp8_quant._launch_config = lambda k, rows, block, num_warps, tail=None: launch_config(
+                k, rows, block, num_warps, 0 if tail is None and block is None else tail)
     student = build_model(student_size, device).train()
     b, s = args.batch, args.seq
     g = torch.Generator(device=device).manual_seed(0)
@@ -523,7 +529,8 @@ def bench_step(args) -> dict:
             flops = 6 * p_s * b * s + 3 * attn(student) if name.startswith("student") else step_flops
             out["mfu"] = flops / (out["ms"] / 1e3) / (args.peak_tflops * 1e12)
     fp8 = {"fp8_head": args.fp8_head, "fp8_fast_accum": args.fp8_fast_accum,
-           "fp8_fused_mlp": not args.fp8_layered_mlp, "fp8_fused_norm": not args.fp8_written_norms} \
+           "fp8_fused_mlp": not args.fp8_layered_mlp, "fp8_fused_norm": not args.fp8_written_norms,
+           "fp8_row_tail": not args.fp8_no_tail} \
         if args.fp8_teacher else {}
     return {"pair": args.pair, "batch": b, "seq": s, "dtype": "bf16", "temperature": T, "fp8_teacher": args.fp8_teacher,
             **fp8, "student_matmul_params": p_s, "teacher_matmul_params": p_t, "step_flops": step_flops,
@@ -675,6 +682,9 @@ def main(argv=None):
     step.add_argument("--fp8-written-norms", action="store_true",
                       help="with --fp8-teacher: each layer norm writes its output and the FP8 layers quantise it "
                            "(convert_to_fp8(fuse_norm=False): the FP8 teacher before 2026-12-06's norm quantiser)")
+    step.add_argument("--fp8-no-tail", action="store_true",
+                      help="with --fp8-teacher: the row kernels hold a row in one power-of-two block, not a block and "
+                           "a tail block (the FP8 teacher before the tail, 2026-12-06)")
     for p in (loss, step):
         p.add_argument("--temperature", type=float, default=2.0)
         p.add_argument("--warmup", type=int, default=3)

@@ -316,15 +316,17 @@ needs_interpreter = pytest.mark.skipif(
     reason="runs the Triton kernels in Triton's interpreter (CPU machines)")
 
 
-@pytest.mark.parametrize("rows,cols,block", [(5, 40, None), (3, 300, 128), (9, 1536, None)])
+@pytest.mark.parametrize("rows,cols,block,tail", [(5, 40, None, None), (3, 300, 128, None), (9, 1536, None, None),
+                                                  (3, 300, 256, 64), (2, 9000, None, None)])
 @needs_interpreter
-def test_the_triton_kernels_compute_their_references_in_the_interpreter(rows, cols, block):
-    """The quantiser, SwiGLU quantiser and RMSNorm quantiser kernels' code on the CPU (Triton's interpreter): one
-    block and two passes, partial blocks, several rows a program, gate and up as strided halves of one
-    GEMM output. The interpreter's casts are not the GPU's (it rounds to bf16 towards zero, and its
-    E4M3 cast drops the carry of a value that rounds up to the next power of two: 64 for 127.0, about
-    2% of random codes), so here the inputs are fp32, the scales must match and the codes nearly all;
-    the GPU tests below compare bit for bit."""
+def test_the_triton_kernels_compute_their_references_in_the_interpreter(rows, cols, block, tail):
+    """The quantiser, SwiGLU quantiser and RMSNorm quantiser kernels' code on the CPU (Triton's interpreter):
+    one block (40, 1536 columns), a block and a tail block (300 as 256 + 64; 9,000 as 8,192 + 1,024, the
+    default there), two passes, partial blocks, several rows a program, gate and up as strided halves of
+    one GEMM output. The interpreter's casts are not the GPU's (it rounds to bf16 towards zero, and its
+    E4M3 cast drops the carry of a value that rounds up to the next power of two: 64 for 127.0, about 2%
+    of random codes), so here the inputs are fp32, the scales must match and the codes nearly all; the
+    GPU tests below compare bit for bit."""
     from qwen_distillation.kernels.fp8_quant import (rms_norm_quantize, silu_mul_quantize, triton_quantize_rowwise,
                                                      triton_rms_norm_quantize, triton_silu_mul_quantize)
 
@@ -334,8 +336,9 @@ def test_the_triton_kernels_compute_their_references_in_the_interpreter(rows, co
     weight = torch.randn(cols)
     for (codes, scale), (reference_codes, reference_scale) in (
             (triton_quantize_rowwise(gate), quantize_rowwise(gate)),
-            (triton_silu_mul_quantize(gate, up, block=block), silu_mul_quantize(gate, up)),
-            (triton_rms_norm_quantize(gate, weight, 1e-6, block=block), rms_norm_quantize(gate, weight, 1e-6))):
+            (triton_silu_mul_quantize(gate, up, block=block, tail=tail), silu_mul_quantize(gate, up)),
+            (triton_rms_norm_quantize(gate, weight, 1e-6, block=block, tail=tail),
+             rms_norm_quantize(gate, weight, 1e-6))):
         assert codes.dtype == FP8_DTYPE and scale.shape == (rows, 1)
         torch.testing.assert_close(scale, reference_scale, rtol=1e-6, atol=0)  # exp: numpy's against torch's
         same = codes.view(torch.uint8) == reference_codes.view(torch.uint8)
@@ -346,18 +349,24 @@ def test_the_triton_kernels_compute_their_references_in_the_interpreter(rows, co
                     reason="needs Triton")
 def test_the_row_kernels_read_rows_up_to_32768_columns_once():
     """The launch the FP8 teacher's row kernels get by width (``benchmarks/fp8_teacher.py --quantisers``
-    on an H100: one block up to 32,768 columns, 8 warps up to 16,384 and 32 above; wider rows in
-    blocks of 4,096, two rows a program)."""
+    on an H100): a row up to 32,768 columns read once, in one power-of-two block (8 warps up to 16,384
+    lanes, 32 above) or, wider than 8,192 columns, a block and a smaller tail block where that leaves
+    fewer lanes idle (16 warps over 16,384 lanes); wider rows in blocks of 4,096, two rows a program."""
     from qwen_distillation.kernels.fp8_quant import ONE_BLOCK_MAX, _launch_config
 
     one = dict(ROWS=1, ONE_BLOCK=True)
-    assert _launch_config(3584, None, None, None) == dict(BLOCK=4096, num_warps=8, **one)
-    assert _launch_config(8960, None, None, None) == dict(BLOCK=16384, num_warps=8, **one)
-    assert _launch_config(18944, None, None, None) == dict(BLOCK=32768, num_warps=32, **one)
-    assert _launch_config(ONE_BLOCK_MAX, None, None, None) == dict(BLOCK=32768, num_warps=32, **one)
-    assert _launch_config(ONE_BLOCK_MAX + 1, None, None, None) == dict(BLOCK=4096, ROWS=2, ONE_BLOCK=False,
+    assert _launch_config(3584, None, None, None) == dict(BLOCK=4096, TAIL=0, num_warps=8, **one)
+    assert _launch_config(4864, None, None, None) == dict(BLOCK=8192, TAIL=0, num_warps=8, **one)
+    assert _launch_config(8960, None, None, None) == dict(BLOCK=8192, TAIL=1024, num_warps=8, **one)
+    assert _launch_config(18944, None, None, None) == dict(BLOCK=16384, TAIL=4096, num_warps=16, **one)
+    assert _launch_config(29568, None, None, None) == dict(BLOCK=32768, TAIL=0, num_warps=32, **one)
+    assert _launch_config(ONE_BLOCK_MAX, None, None, None) == dict(BLOCK=32768, TAIL=0, num_warps=32, **one)
+    assert _launch_config(ONE_BLOCK_MAX + 1, None, None, None) == dict(BLOCK=4096, TAIL=0, ROWS=2, ONE_BLOCK=False,
                                                                        num_warps=16)
-    assert _launch_config(300, None, 128, None)["ONE_BLOCK"] is False  # a benchmark's override
+    # A benchmark's overrides: one power-of-two block, blocks read twice, a given tail.
+    assert _launch_config(18944, None, None, None, 0) == dict(BLOCK=32768, TAIL=0, num_warps=32, **one)
+    assert _launch_config(300, None, 128, None)["ONE_BLOCK"] is False
+    assert _launch_config(300, None, 256, None, 64) == dict(BLOCK=256, TAIL=64, ROWS=8, ONE_BLOCK=True, num_warps=8)
 
 
 def test_the_converted_teacher_runs_under_inference_mode_with_the_same_logits():

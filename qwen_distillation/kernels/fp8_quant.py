@@ -4,8 +4,9 @@ Used by the FP8 teacher (``model.teacher.fp8``) for every decoder linear layer's
 forward. :func:`quantize_rowwise` is the definition; :func:`triton_quantize_rowwise` computes the
 same codes and scales bit for bit (the same fp32 multiplications; the one division per row IEEE
 round-to-nearest, ``tl.math.div_rn``, like torch's ``reciprocal``; the E4M3 cast rounds to nearest
-even like torch's; the GPU tests compare them), reading each row once (up to 8,192 columns, kept
-in registers) or twice (wider rows, the second read from L2). Why a kernel: on the H200 (2026-12-03,
+even like torch's; the GPU tests compare them), reading each row once (up to :data:`ONE_BLOCK_MAX`
+columns, kept in registers: one power-of-two block, or a block and a tail block) or twice (wider
+rows, the second read from L2). Why a kernel: on the H200 (2026-12-03,
 ``benchmarks/fp8_teacher.py --gemms --profile``) Inductor's compile of the reference took 0.17 ms
 for an 8192 x 3584 bf16 input, about ten times what its bytes need, and 30 ms of a 142 ms FP8
 7B teacher forward.
@@ -46,6 +47,10 @@ MIN_AMAX = 1e-12
 # The row kernels hold a row up to this many columns (a power of two) in registers and read it once;
 # wider rows go in blocks of 4,096, read two or three times (see launch_quantize_rows).
 ONE_BLOCK_MAX = 32768
+# A row wider than this is held as a power-of-two block and a smaller power-of-two tail block, where
+# that leaves fewer lanes idle than one block (``benchmarks/fp8_teacher.py --quantisers``, H100: it
+# paid from 8,960 columns up, not at 4,864 or 1,536).
+TAIL_FROM = 8192
 
 
 def triton_available() -> bool:
@@ -164,12 +169,15 @@ if triton is not None:
     @triton.jit
     def _quantize_rows(x_ptr, u_ptr, codes_ptr, scale_ptr, M, K, stride_x, stride_u, stride_c,
                        FP8_MAX: tl.constexpr, INV_FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
-                       BLOCK: tl.constexpr, ROWS: tl.constexpr, ONE_BLOCK: tl.constexpr, SWIGLU: tl.constexpr):
+                       BLOCK: tl.constexpr, TAIL: tl.constexpr, ROWS: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                       SWIGLU: tl.constexpr):
         """``ROWS`` rows per program of ``x`` (or, with ``SWIGLU``, of ``silu(x) * u``, formed from
         the gate rows ``x`` and up rows ``u`` as they are read): each row's absolute maximum, then
         the codes ``clamp(value * (1 / scale), +-448)`` cast to E4M3 (one division per row), fp32
-        arithmetic throughout. ``ONE_BLOCK`` (K <= BLOCK): the rows are read once and kept in
-        registers; otherwise in blocks, twice (the second read from L2; the activation recomputed)."""
+        arithmetic throughout. ``ONE_BLOCK`` (K <= BLOCK + TAIL): the rows are read once and kept in
+        registers, in a block of ``BLOCK`` columns and, if ``TAIL`` > 0, one of ``TAIL`` beside it (two
+        powers of two closer to K than one); otherwise in blocks of ``BLOCK``, twice (the second read
+        from L2; the activation recomputed)."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < M
         x_rows = x_ptr + rows[:, None] * stride_x
@@ -179,8 +187,16 @@ if triton is not None:
             cols = tl.arange(0, BLOCK)
             ok = row_ok[:, None] & (cols[None, :] < K)
             x = _row_values(x_rows, u_rows, cols, ok, SWIGLU)
-            inv = _row_inverse_scale(tl.max(tl.abs(x), axis=1), scale_ptr, rows, row_ok, INV_FP8_MAX, MIN_AMAX)
+            amax = tl.max(tl.abs(x), axis=1)
+            if TAIL > 0:  # the columns past BLOCK, in a second block held beside the first
+                tail_cols = BLOCK + tl.arange(0, TAIL)
+                tail_ok = row_ok[:, None] & (tail_cols[None, :] < K)
+                tail = _row_values(x_rows, u_rows, tail_cols, tail_ok, SWIGLU)
+                amax = tl.maximum(amax, tl.max(tl.abs(tail), axis=1))
+            inv = _row_inverse_scale(amax, scale_ptr, rows, row_ok, INV_FP8_MAX, MIN_AMAX)
             _store_codes(c_rows, cols, ok, x, inv, FP8_MAX)
+            if TAIL > 0:
+                _store_codes(c_rows, tail_cols, tail_ok, tail, inv, FP8_MAX)
         else:
             amax = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
             for start in range(0, K, BLOCK):
@@ -218,38 +234,54 @@ def triton_quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return codes, scale
 
 
-def _launch_config(k: int, rows: int | None, block: int | None, num_warps: int | None) -> dict:
-    """Grid-independent launch parameters of the row kernels (see :func:`launch_quantize_rows`)."""
+def _launch_config(k: int, rows: int | None, block: int | None, num_warps: int | None,
+                   tail: int | None = None) -> dict:
+    """Grid-independent launch parameters of the row kernels (see :func:`launch_quantize_rows`).
+
+    A row up to :data:`ONE_BLOCK_MAX` wide is held in registers, in one power-of-two block or, for a
+    row wider than :data:`TAIL_FROM`, in the largest power-of-two block within it and a tail block of
+    the next power of two at or above the columns past it (18,944 columns: 16,384 + 4,096, instead of
+    one block of 32,768 with 42 % of its lanes idle), unless the two are the same size. ``block``
+    (and ``tail``, default 0 then) override it for benchmarks; ``tail=0`` alone keeps one block."""
     width = triton.next_power_of_2(max(k, 16))
-    one_block = width <= ONE_BLOCK_MAX if block is None else width <= block
-    block = block or (width if one_block else 4096)
+    if block is None:
+        one_block = width <= ONE_BLOCK_MAX
+        block = width if one_block else 4096
+        if one_block and tail is None and k != width and width // 2 >= TAIL_FROM:
+            tail = triton.next_power_of_2(k - width // 2)
+            block, tail = (width // 2, tail) if tail < width // 2 else (width, 0)
+    tail = tail or 0
+    one_block = k <= block + tail
     if rows is None:
-        rows = max(1, min(8, 4096 // block)) if one_block else 2
+        rows = max(1, min(8, 4096 // width)) if one_block else 2
     if num_warps is None:
-        num_warps = (32 if block > 16384 else 8) if one_block else 16
-    return dict(BLOCK=block, ROWS=rows, ONE_BLOCK=one_block,
-                num_warps=num_warps if rows * block >= 2048 else min(num_warps, 4))
+        lanes = block + tail
+        num_warps = (16 if tail and lanes > 16384 else 32 if lanes > 16384 else 8) if one_block else 16
+    return dict(BLOCK=block, TAIL=tail if one_block else 0, ROWS=rows, ONE_BLOCK=one_block,
+                num_warps=num_warps if rows * (block + tail) >= 2048 else min(num_warps, 4))
 
 
 def launch_quantize_rows(x, codes, scale, *, rows: int | None = None, block: int | None = None,
-                         num_warps: int | None = None) -> None:
+                         num_warps: int | None = None, tail: int | None = None) -> None:
     """Launch :func:`_quantize_rows`. The defaults are :func:`triton_quantize_rowwise`'s and
     :func:`triton_silu_mul_quantize`'s. ``benchmarks/fp8_teacher.py --gemms`` on the H200 (2026-12-03,
     kernel time, 8192 rows of bf16): 3,584 columns in one block, one row per program, 8 warps, 22.6 us
     (the bytes need 18.4 us; the per-element division took 44.7). ``--quantisers`` on an H100
     (2026-12-06): a row up to :data:`ONE_BLOCK_MAX` wide is one block, read once (8 warps up to 16,384
     columns, 32 above); the SwiGLU quantiser at 8,960 / 18,944 / 29,568 columns took 134 / 330 / 411 us
-    so, against 204 / 381 / 721 us two-pass in blocks of 4,096 (two rows a program, 16 warps)."""
+    so, against 204 / 381 / 721 us two-pass in blocks of 4,096 (two rows a program, 16 warps). Later
+    that day a row wider than :data:`TAIL_FROM` took a block and a tail block: 126 / 298 us at 8,960 /
+    18,944 columns, against 134 / 332 us in one block of 16,384 / 32,768 (``--quantisers``, H100)."""
     m, k = x.shape
-    config = _launch_config(k, rows, block, num_warps)
+    config = _launch_config(k, rows, block, num_warps, tail)
     _quantize_rows[(triton.cdiv(m, config["ROWS"]),)](
         x, x, codes, scale, m, k, x.stride(0), x.stride(0), codes.stride(0), FP8_MAX=FP8_MAX,
         INV_FP8_MAX=INV_FP8_MAX, MIN_AMAX=MIN_AMAX, SWIGLU=False, **config)
 
 
 def triton_silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor, *, rows: int | None = None,
-                             block: int | None = None,
-                             num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             block: int | None = None, num_warps: int | None = None,
+                             tail: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`silu_mul_quantize` as one Triton kernel (CUDA tensors): the activation is formed in
     registers and never stored. Codes and scales equal the reference's wherever the kernel's fp32
     ``exp`` and torch's round ``silu`` to the same bf16 value (the GPU tests count the rest).
@@ -257,7 +289,7 @@ def triton_silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor, *, rows: int 
     Args:
         gate, up (torch.Tensor): shape (M, K) each on a CUDA device, one dtype, last dim contiguous
             (rows may be strided, e.g. halves of one ``(M, 2K)`` GEMM output).
-        rows, block, num_warps: launch overrides for benchmarks (defaults as :func:`launch_quantize_rows`).
+        rows, block, num_warps, tail: launch overrides for benchmarks (defaults as :func:`launch_quantize_rows`).
 
     Returns:
         (codes, scale): (M, K) ``float8_e4m3fn`` and (M, 1) fp32.
@@ -274,7 +306,7 @@ def triton_silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor, *, rows: int 
     scale = torch.empty((m, 1), device=gate.device, dtype=torch.float32)
     if m == 0:
         return codes, scale
-    config = _launch_config(k, rows, block, num_warps)
+    config = _launch_config(k, rows, block, num_warps, tail)
     _quantize_rows[(triton.cdiv(m, config["ROWS"]),)](
         gate, up, codes, scale, m, k, gate.stride(0), up.stride(0), codes.stride(0), FP8_MAX=FP8_MAX,
         INV_FP8_MAX=INV_FP8_MAX, MIN_AMAX=MIN_AMAX, SWIGLU=True, **config)
@@ -293,11 +325,12 @@ if triton is not None:
     @triton.jit
     def _norm_quantize_rows(x_ptr, w_ptr, codes_ptr, scale_ptr, M, K, stride_x, stride_c, eps,
                             FP8_MAX: tl.constexpr, INV_FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
-                            BLOCK: tl.constexpr, ROWS: tl.constexpr, ONE_BLOCK: tl.constexpr):
+                            BLOCK: tl.constexpr, TAIL: tl.constexpr, ROWS: tl.constexpr, ONE_BLOCK: tl.constexpr):
         """``ROWS`` rows per program of ``rms_norm(x, w, eps)`` quantised per row as
         :func:`_quantize_rows` quantises, the normalised rows formed as they are read. ``ONE_BLOCK``
-        (K <= BLOCK): each row read once and kept in registers; otherwise in blocks, three times (the
-        sum of squares, the absolute maximum, the codes; the later reads from L2)."""
+        (K <= BLOCK + TAIL): each row read once and kept in registers (in one or two blocks, as there);
+        otherwise in blocks, three times (the sum of squares, the absolute maximum, the codes; the later
+        reads from L2)."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < M
         x_rows = x_ptr + rows[:, None] * stride_x
@@ -307,10 +340,22 @@ if triton is not None:
             cols = tl.arange(0, BLOCK)
             ok = row_ok[:, None] & (cols[None, :] < K)
             x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / K + eps)
+            squares = tl.sum(x * x, axis=1)
+            if TAIL > 0:  # the columns past BLOCK, in a second block held beside the first
+                tail_cols = BLOCK + tl.arange(0, TAIL)
+                tail_ok = row_ok[:, None] & (tail_cols[None, :] < K)
+                tail = tl.load(x_rows + tail_cols[None, :], mask=tail_ok, other=0.0).to(tl.float32)
+                squares += tl.sum(tail * tail, axis=1)
+            rstd = tl.math.rsqrt(squares / K + eps)
             y = _normed(x, x_dtype, rstd, tl.load(w_ptr + cols, mask=cols < K, other=0.0))
-            inv = _row_inverse_scale(tl.max(tl.abs(y), axis=1), scale_ptr, rows, row_ok, INV_FP8_MAX, MIN_AMAX)
+            amax = tl.max(tl.abs(y), axis=1)
+            if TAIL > 0:
+                tail = _normed(tail, x_dtype, rstd, tl.load(w_ptr + tail_cols, mask=tail_cols < K, other=0.0))
+                amax = tl.maximum(amax, tl.max(tl.abs(tail), axis=1))
+            inv = _row_inverse_scale(amax, scale_ptr, rows, row_ok, INV_FP8_MAX, MIN_AMAX)
             _store_codes(c_rows, cols, ok, y, inv, FP8_MAX)
+            if TAIL > 0:
+                _store_codes(c_rows, tail_cols, tail_ok, tail, inv, FP8_MAX)
         else:
             squares = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
             for start in range(0, K, BLOCK):
@@ -334,8 +379,8 @@ if triton is not None:
 
 
 def triton_rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, *, rows: int | None = None,
-                             block: int | None = None,
-                             num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             block: int | None = None, num_warps: int | None = None,
+                             tail: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rms_norm_quantize` as one Triton kernel (CUDA tensors): the normalised rows are formed
     in registers and never stored. Codes and scales equal the reference's wherever the kernel's sum
     of squares (another order of additions) and torch's give the same ``rsqrt`` in the last bit (the
@@ -345,7 +390,7 @@ def triton_rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, 
         x (torch.Tensor): shape (M, K) on a CUDA device, bf16 / fp16 / fp32, last dim contiguous.
         weight (torch.Tensor): shape (K,), x's dtype.
         eps (float): the norm's epsilon.
-        rows, block, num_warps: launch overrides for benchmarks (defaults as :func:`launch_quantize_rows`).
+        rows, block, num_warps, tail: launch overrides for benchmarks (defaults as :func:`launch_quantize_rows`).
 
     Returns:
         (codes, scale): (M, K) ``float8_e4m3fn`` and (M, 1) fp32.
@@ -362,7 +407,7 @@ def triton_rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, 
     scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
     if m == 0:
         return codes, scale
-    config = _launch_config(k, rows, block, num_warps)
+    config = _launch_config(k, rows, block, num_warps, tail)
     _norm_quantize_rows[(triton.cdiv(m, config["ROWS"]),)](
         x, weight, codes, scale, m, k, x.stride(0), codes.stride(0), float(eps), FP8_MAX=FP8_MAX,
         INV_FP8_MAX=INV_FP8_MAX, MIN_AMAX=MIN_AMAX, **config)
