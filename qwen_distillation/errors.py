@@ -33,6 +33,16 @@ def require(ok: bool, key: str, value, why: str, example: str) -> None:
         raise ConfigError(f"{key}={value}: {why} (override it, e.g. `{example}`)")
 
 
+def require_strings(where: str, entry: dict, examples: dict[str, str]) -> None:
+    """Each key of ``examples`` that the mapping ``entry`` (the override ``where``, e.g.
+    ``data.general[0]``) sets to a value other than None must hold one string: else a
+    :class:`ConfigError` naming ``where.key``, suggesting ``examples[key]``."""
+    for key, example in examples.items():
+        value = entry.get(key)
+        require(value is None or isinstance(value, str), f"{where}.{key}", value,
+                "must be one string (quote a name that reads as a number)", example)
+
+
 def require_one_of(key: str, value, allowed) -> None:
     """``value`` must be one of ``allowed``; the error lists them and suggests the first."""
     allowed = tuple(allowed)

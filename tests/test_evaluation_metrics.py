@@ -188,9 +188,11 @@ def test_mcq_loaders_on_real_records():
     ("mmlu", {"question": "q", "A": "a", "B": "b", "C": "c", "answer": "A"}, r"record 2.*field 'D'"),
     ("pubmedqa", {"QUESTION": "q", "CONTEXTS": ["c"], "final_decision": "perhaps"},
      r"record 2.*'final_decision'"),
-    # Was read as the option text "{'text': 'b'}".
+    # Was read as the option text "{'text': 'b'}"; refused as training refuses it (data.formats).
     ("medmcqa", {"question": "q", "opa": "a", "opb": {"text": "b"}, "opc": "c", "opd": "d", "cop": 1},
-     r"record 2: field 'opb' of this medmcqa record holds dict \{'text': 'b'\}; write its text instead"),
+     r"record 2: field 'opb' of this medmcqa record holds a JSON object, \{'text': 'b'\}; write its text instead"),
+    ("mmlu", {"question": ["q", True], "A": "a", "B": "b", "C": "c", "D": "d", "answer": "a"},
+     r"record 2: item 2 of field 'question' of this mmlu record holds a boolean, true; write its text instead"),
 ])
 def test_mcq_loader_errors_name_record_and_field(fmt, record, pattern):
     good = {"cmexam": {"Question": "q", "Options": "A 甲\nB 乙", "Answer": "B"},
@@ -208,6 +210,9 @@ def test_cmexam_options_as_a_letter_to_text_object_read_as_in_training():
     assert item.options == {"A": "甲", "B": "乙"} and item.answers == {"B"}
     with pytest.raises(DataError, match=r"cmexam field 'Answer' names letter\(s\) \['C'\]"):
         mcq_items([{"Question": "问", "Options": {"A": "甲", "B": "乙"}, "Answer": "C"}], "cmexam")
+    # Read by training's reader, whose refusal of a NUL comes back as a DataError naming the record.
+    with pytest.raises(DataError, match=r"^records record 1: option 'B' of field 'Options' holds a NUL character"):
+        mcq_items([{"Question": "问", "Options": {"A": "甲", "B": "乙\x00"}, "Answer": "B"}], "cmexam")
 
 
 def test_predict_set_rule():

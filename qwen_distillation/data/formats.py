@@ -67,19 +67,32 @@ def _is_blank(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value) or str(value).strip() == ""
 
 
-class _NotText(ValueError):
+class NotText(ValueError):
     """A text field holds a value whose ``str()`` is Python syntax, not its text: a JSON object
     ("{'a': 1}"), a boolean ("True"), or, as a list item, a list ("['a']"); or text with a NUL
-    character, which no model input holds (a raw one in CSV or Parquet, the escape \u0000 in JSON)."""
+    character, which no model input holds (a raw one in CSV or Parquet, the escape \u0000 in JSON).
+    Its message names the value but not the record: the caller adds that."""
+
+
+def _named(what: str, item: int | None) -> str:
+    return what if item is None else f"item {item} of {what}"
 
 
 def _refuse_non_text(value: Any, what: str, item: int | None = None) -> None:
-    """Raise _NotText naming ``what`` (e.g. "field 'output'") and the 1-based list ``item``, if any.
-    Numbers are text enough (real answers are numeric): only the values above are refused."""
-    named = what if item is None else f"item {item} of {what}"
+    """Raise NotText naming ``what`` (e.g. "field 'output'") and the 1-based list ``item``, if any:
+    for a NUL character, or for the types :func:`refuse_non_text_type` refuses."""
     if isinstance(value, str) and "\x00" in value:
-        raise _NotText(f"{named} holds a NUL character (U+0000, the JSON escape \\u0000) at position "
-                       f"{value.index(chr(0)) + 1}, which is not text; delete it")
+        raise NotText(f"{_named(what, item)} holds a NUL character (U+0000, the JSON escape \\u0000) at position "
+                      f"{value.index(chr(0)) + 1}, which is not text; delete it")
+    refuse_non_text_type(value, what, item)
+
+
+def refuse_non_text_type(value: Any, what: str, item: int | None = None) -> None:
+    """Raise NotText naming ``what`` (e.g. "field 'output'") and the 1-based list ``item``, if any,
+    when ``value`` is a boolean or a JSON object, or (as a list ``item``) a list. Numbers are text
+    enough (real answers are numeric), and a whole field may be a list: check its items one by one.
+    Shared by training's formats and the multiple-choice evaluation reader."""
+    named = _named(what, item)
     if isinstance(value, bool):
         kind, shown = "a boolean", str(value).lower()  # as JSON writes it
     elif isinstance(value, dict) or (item is not None and isinstance(value, (list, tuple))):
@@ -87,7 +100,7 @@ def _refuse_non_text(value: Any, what: str, item: int | None = None) -> None:
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
     else:
         return
-    raise _NotText(f"{named} holds {kind}, {shown}; write its text instead")
+    raise NotText(f"{named} holds {kind}, {shown}; write its text instead")
 
 
 def _text(value: Any, what: str) -> str:
@@ -219,7 +232,11 @@ def _sharegpt(record: dict, where: str) -> Messages:
     return messages
 
 
-def _option_lines(options: Any) -> list[str]:
+def option_lines(options: Any) -> list[str]:
+    """A cmexam ``Options`` value as its option lines: a ``{letter: text}`` object as ``"X. text"``
+    lines, a list as its non-blank items, a string split at backslash-n or newlines. Raises
+    NotText for a value that is not text (the caller names the record); also read by the
+    multiple-choice evaluation for ``{letter: text}`` options."""
     if isinstance(options, dict):
         for key, value in options.items():  # as str(): only a NUL in them is refused here
             for part in (key, value):
@@ -254,7 +271,7 @@ def _check_answer_letters(options: list[str], answer: str, where: str) -> None:
 def _cmexam(record: dict, where: str) -> Messages:
     _require(record, ("Question", "Options", "Answer"), "cmexam", where)
     question = _nonempty(record, "Question", "cmexam", where)
-    options = _option_lines(record["Options"])
+    options = option_lines(record["Options"])
     answer = _nonempty(record, "Answer", "cmexam", where)
     _check_answer_letters(options, answer, where)
     explanation = _field(record, "Explanation").strip()
@@ -389,5 +406,5 @@ def to_messages(record: dict, fmt: str, source: str, index: int) -> Messages:
     where = location(source, index)
     try:
         return converter(record, where)
-    except _NotText as err:
+    except NotText as err:
         raise DataError(f"{where}: {err} (fix or delete the record)") from None

@@ -13,7 +13,7 @@ from qwen_distillation.data.encode import build_examples, split_heldout
 from qwen_distillation.data.formats import FORMATS
 from qwen_distillation.data.generated import file_digest
 from qwen_distillation.data.loading import check_local_path, load_records
-from qwen_distillation.errors import ConfigError, require, require_one_of
+from qwen_distillation.errors import ConfigError, require, require_one_of, require_strings
 from qwen_distillation.paths import file_identity, locate
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,8 @@ def normalise_sources(key: str, sources: Iterable[Any]) -> list[DataSource]:
         require(bool(entry.get("path")), where, entry, "a data source needs a non-empty `path`",
                 f"{key}=[my_data.jsonl]")
         source = DataSource(**{k: v for k, v in entry.items() if v is not None or k in ("subset", "max_records")})
-        for name, example in (("path", "my_data.jsonl"), ("split", "train")):  # a list failed with an AttributeError
-            require(isinstance(getattr(source, name), str), f"{where}.{name}", getattr(source, name),
-                    "must be one string (quote a name that reads as a number)", f"{where}.{name}={example}")
+        # A list failed with an AttributeError (a None split is the default "train"; a None path was refused above).
+        require_strings(where, entry, {"path": f"{where}.path=my_data.jsonl", "split": f"{where}.split=train"})
         require_one_of(f"{where}.format", source.format, ("auto", *FORMATS))
         if source.max_records is not None:  # `true` kept 1 record, 1.5 kept 2, and text failed with a TypeError
             require(type(source.max_records) is int and source.max_records >= 1, f"{where}.max_records",

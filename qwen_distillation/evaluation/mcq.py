@@ -26,8 +26,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from qwen_distillation.data.formats import NotText, option_lines, refuse_non_text_type
 from qwen_distillation.data.loading import check_local_path, load_records, location
-from qwen_distillation.errors import DataError, require, require_one_of
+from qwen_distillation.errors import DataError, require, require_one_of, require_strings
 from qwen_distillation.evaluation.prompting import model_device, render_prompt
 from qwen_distillation.evaluation.sharding import Shard, map_shared
 from qwen_distillation.evaluation.text_metrics import has_han, strip_think
@@ -72,11 +73,14 @@ def _field(record: dict, name: str, fmt: str, where: str) -> str:
     if name not in record:
         raise DataError(f"{where}: {fmt} record has no field '{name}'; fields found: {sorted(record)}")
     value = record[name]
-    parts = value if isinstance(value, (list, tuple)) else [value]
-    odd = next((part for part in parts if isinstance(part, (dict, list, tuple, bool))), None)
-    if odd is not None:  # its str() is Python syntax, read as the text ("{'a': 1}", "True")
-        raise DataError(f"{where}: field '{name}' of this {fmt} record holds {type(odd).__name__} {odd!r}; write "
-                        "its text instead")
+    what = f"field '{name}' of this {fmt} record"
+    try:  # its str() is Python syntax, read as the text ("{'a': 1}", "True"): refused as training refuses it
+        refuse_non_text_type(value, what)
+        if isinstance(value, (list, tuple)):
+            for item, part in enumerate(value, start=1):
+                refuse_non_text_type(part, what, item)
+    except NotText as err:
+        raise DataError(f"{where}: {err}") from None
     if isinstance(value, (list, tuple)):
         value = "\n".join(str(part).strip() for part in value if not _blank(part))
     if _blank(value):
@@ -116,7 +120,10 @@ def _cmexam_options(text: str, where: str) -> dict[str, str]:
 def _cmexam(record: dict, where: str) -> MCQItem:
     stem = _field(record, "Question", "cmexam", where)
     if isinstance(record.get("Options"), dict):  # {letter: text}, as training reads it (was refused as one line)
-        record = {**record, "Options": [f"{letter} {text}" for letter, text in record["Options"].items()]}
+        try:
+            record = {**record, "Options": option_lines(record["Options"])}
+        except NotText as err:  # a NUL character in a letter or a text
+            raise DataError(f"{where}: {err}") from None
     options = _cmexam_options(_field(record, "Options", "cmexam", where), where)
     answer = _field(record, "Answer", "cmexam", where).upper()
     letters = [char for char in answer if char not in " ,，、;；"]
@@ -276,9 +283,8 @@ def normalise_mcq_sources(key: str, entries: Iterable[Any]) -> list[MCQSource]:
         require(not unknown, where, entry, f"unknown key(s) {unknown}; valid keys are {', '.join(MCQ_SOURCE_KEYS)}",
                 f"{key}=[{{name: medqa, path: my_mcq.jsonl, format: cmexam}}]")
         require(bool(entry.get("path")), where, entry, "an MCQ set needs a non-empty `path`", example)
-        for name in ("path", "name", "split"):  # a list or a number here failed with an AttributeError
-            require(entry.get(name) is None or isinstance(entry[name], str), f"{where}.{name}", entry.get(name),
-                    "must be one string (quote a name that reads as a number)", example)
+        # A list or a number here failed with an AttributeError.
+        require_strings(where, entry, dict.fromkeys(("path", "name", "split"), example))
         fields = {k: v for k, v in entry.items() if v is not None or k == "subset"}
         fields.setdefault("name", Path(str(entry["path"]).split(":")[-1]).stem)
         source = MCQSource(**fields)
