@@ -331,7 +331,9 @@ def refuse_sweep_over_a_run(output_dir: str, overrides: list[str]) -> None:
     """Refuse a sweep whose directory (``hydra.sweep.dir``: ``${output_dir}`` unless an override sets it)
     holds a single run, finished or not (its ``run_state.json`` at the top): the sweep's ``jobN/`` folders
     would land among that run's files. A directory of an earlier sweep (``jobN/`` folders, no run state of
-    its own) is left to the sweep's jobs, which skip, resume or refuse each ``jobN`` as a run does."""
+    its own) is left to the sweep's jobs, which skip, resume or refuse each ``jobN`` as a run does.
+    A ``hydra.sweep.dir`` override starting with ``~`` is refused: Hydra creates that folder itself, as
+    a folder named ``~`` (``output_dir``'s ``~`` is expanded by ``${expanduser:...}`` in conf/config.yaml)."""
     import json
     from pathlib import Path
 
@@ -340,14 +342,20 @@ def refuse_sweep_over_a_run(output_dir: str, overrides: list[str]) -> None:
 
     from qwen_distillation.training.checkpoint import RUN_STATE
 
-    sweep_dir = "${output_dir}"
+    sweep_dir, written = "${output_dir}", None  # conf/config.yaml: ${expanduser:${output_dir}}
     for override in overrides:  # Hydra applies the last one
         try:
             parsed = OverridesParser.create().parse_override(override)
         except HydraException:
             continue
         if parsed.get_key_element().lstrip("+~") == "hydra.sweep.dir" and isinstance(parsed.value(), str):
-            sweep_dir = parsed.value()
+            sweep_dir, written = parsed.value(), override
+    if written is not None and sweep_dir.startswith("~"):
+        # Hydra makes this folder itself, before any of our code sees the path.
+        raise UsageError(f"{written}: Hydra would create a folder named `{sweep_dir.split('/')[0]}` in the working "
+                         f"directory, not use the home directory; write the path out "
+                         f"(hydra.sweep.dir={os.path.expanduser(sweep_dir)}) or leave hydra.sweep.dir out (the sweep "
+                         f"then goes to output_dir, where `~` is the home directory); no job was started")
     directory = Path(sweep_dir.replace("${output_dir}", output_dir))
     if "${" in str(directory) or not (directory / RUN_STATE).is_file():
         return  # an interpolation of another key: not known here

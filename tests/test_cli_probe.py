@@ -140,6 +140,44 @@ def test_a_sweep_over_an_earlier_sweep_or_elsewhere_is_not_refused(finished_run,
         check_sweep(tiny_overrides(sweep, steps=1) + ["seed=1,2"])
 
 
+def test_a_sweep_into_a_home_relative_output_dir_goes_to_the_home_directory(tmp_path, monkeypatch, capsys):
+    """A single run reads `output_dir='~/x'` as the home directory, but Hydra made the sweep's folder itself from
+    `hydra.sweep.dir: ${output_dir}`: a folder named `~` in the working directory, with every job under it.
+    The jobs are stubbed (only where Hydra puts them matters here)."""
+    import qwen_distillation.training.distiller as distiller_module
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    jobs = []
+
+    class Recording:
+        def __init__(self, config):
+            jobs.append(config.output_dir)
+
+        def finished_summary(self):
+            return None
+
+        def run(self):
+            return {}
+
+    monkeypatch.setattr(distiller_module, "Distiller", Recording)
+    code, output = _cli(tiny_overrides("'~/sweep'", steps=1) + ["end_stage=1", "-m", "seed=1,2"], capsys)
+    assert code == 0, output
+    assert jobs == [str(home / "sweep" / "job0"), str(home / "sweep" / "job1")]
+    assert (home / "sweep" / "multirun.yaml").is_file()
+    assert list(cwd.iterdir()) == []  # no folder named `~`
+    # hydra.sweep.dir is Hydra's own: a `~` there is refused before Hydra makes the folder.
+    code, output = _cli(tiny_overrides("'~/sweep'", steps=1) + ["-m", "seed=1,2", "hydra.sweep.dir='~/other'"], capsys)
+    assert code == 2 and output.strip() == (
+        f"error: hydra.sweep.dir='~/other': Hydra would create a folder named `~` in the working directory, not use "
+        f"the home directory; write the path out (hydra.sweep.dir={home / 'other'}) or leave hydra.sweep.dir out (the "
+        f"sweep then goes to output_dir, where `~` is the home directory); no job was started"), output
+    assert list(cwd.iterdir()) == [] and len(jobs) == 2
+
+
 # ------------------------------------------------------------------------------ a flag and ~key
 @pytest.mark.parametrize("argv,message", [
     (["--seed", "1", "~seed"], "seed is set by --seed 1 and deleted by ~seed; keep one"),

@@ -332,6 +332,16 @@ def test_a_damaged_metrics_line_names_the_file_and_line(tmp_path):
     assert "delete or repair that line, or start over with overwrite_output_dir=true" in str(err.value)
 
 
+def test_a_metrics_row_whose_stage_is_not_an_integer_names_the_file_line_and_field_on_resume(tmp_path):
+    """`"stage": null` in a row made the resume's truncation fail with a TypeError traceback (None > 1)."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(_rows(1) + '{"stage": null, "step": 2, "global_step": 2, "loss": 1.0}\n' + _rows(3))
+    with pytest.raises(CheckpointError) as err:
+        _logger(tmp_path).truncate(1, 3)
+    assert str(err.value) == (f'{path} line 2: not a metrics row (field "stage" is null, not an integer stage '
+                              f"number); delete or repair that line, or start over with overwrite_output_dir=true")
+
+
 def test_a_metrics_row_cut_short_by_the_kill_is_dropped_on_resume(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     path.write_text(_rows(1, 2) + '{"stage": 1, "step": 3, "lo')

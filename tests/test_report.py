@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -169,6 +171,43 @@ def test_without_summary_or_metrics(tmp_path):
     (only_summary / "summary.json").write_text(json.dumps(summary_for(only_summary, [1])))
     text = write_report(only_summary).read_text()
     assert "| `eval/general_nll` | 2.1393 | 12.2616 | 8.0009 |" in text and "![" not in text
+
+
+def test_a_run_moved_without_its_metrics_reads_none_from_where_it_was_written(tmp_path, caplog):
+    """A run directory copied elsewhere without metrics.jsonl: the report read the metrics file its summary.json
+    names, at the run's old place, which by then may hold another run's rows, and named that file as the run's."""
+    old, moved = tmp_path / "old", tmp_path / "moved"
+    write_run(old, three_stage_rows()[:4], summary_for(old, [1]))
+    shutil.copytree(old, moved)
+    (moved / "metrics.jsonl").unlink()
+    other = [{**train_row(1, s, s), "stage_name": "another_run", "loss": 99.0} for s in (1, 2)]
+    write_run(old, other, summary=None)  # another run now at the old place
+    with caplog.at_level(logging.WARNING):
+        text = write_report(moved).read_text()
+    expected = moved / "metrics.jsonl"
+    assert "another_run" not in text and "99.0000" not in text and "![" not in text
+    assert str(old / "metrics.jsonl") not in text.split("## Raw data")[-1]  # not named as this run's metrics
+    assert f"- Metrics: missing: there is no {expected}, so no plots and no per-stage table" in text
+    assert f"`{moved}` (written at `{old}`, moved or copied since)" in text
+    assert f"- Model after stage 1: `{moved / 'stage1' / 'final'}`" in text
+    assert f"there is no {expected}" in caplog.text and f"{old / 'metrics.jsonl'}, are not read" in caplog.text
+    assert "| `eval/general_nll` | 2.1393 | 12.2616 | 8.0009 |" in text  # the summary's table stays
+    assert sorted(p.name for p in moved.iterdir()) == ["report", "report.md", "summary.json"]
+    assert list((moved / "report").iterdir()) == [] and leftovers(moved) == []
+
+
+@pytest.mark.parametrize("stage", [None, "two", 1.5, True, [1]])
+def test_a_metrics_row_whose_stage_is_not_an_integer_is_skipped_with_a_warning(tmp_path, caplog, stage):
+    """`"stage": null` (or a string, a list...) in one row of metrics.jsonl stopped the report with a TypeError or
+    ValueError traceback from int(); it is skipped, as a line that is not JSON is, naming the file, line and field."""
+    rows = three_stage_rows()[:4]
+    rows[1] = {**rows[1], "stage": stage}
+    with caplog.at_level(logging.WARNING):
+        text = write_report(write_run(tmp_path, rows, summary=None)).read_text()
+    assert (f'{tmp_path / "metrics.jsonl"} line 2: field "stage" is {json.dumps(stage)}, not an integer stage number; '
+            f"skipped in the report (repair or delete that line)") in caplog.text
+    assert "| 1 | general_kd | 2 | 1–3 | 100.0 | 0 | 1.9000 | 1.7000 |" in text  # steps 1 and 3
+    assert (tmp_path / "report" / "losses.png").exists() and leftovers(tmp_path) == []
 
 
 def _drawn_steps(line) -> set[float]:

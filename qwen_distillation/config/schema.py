@@ -8,11 +8,12 @@ name the override that would fix the value.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -455,8 +456,19 @@ class DistillationConfig:
 RENAMED_KEYS = {"loss.weights.kl": "loss.weights.kd", "medical_ratio.num_steps": "medical_ratio.plateaus"}
 
 
+def expand_home(path):
+    """``~`` and ``~user`` at the start of a path string as the home directory, as the shell and
+    ``validate_config`` read them; any other value as is."""
+    return os.path.expanduser(path) if isinstance(path, str) else path
+
+
 def register_configs() -> None:
-    """Register the schema that ``conf/config.yaml`` names first in its defaults list."""
+    """Register the schema that ``conf/config.yaml`` names first in its defaults list, and the
+    ``${expanduser:...}`` resolver its ``hydra.sweep.dir`` uses."""
     # One schema for the whole tree: every group's YAML is merged into its typed node,
     # so an unknown key in any group file or override is rejected.
     ConfigStore.instance().store(name="distillation_schema", node=DistillationConfig)
+    # Hydra creates the sweep's directory itself, before any job (and validate_config) runs: with
+    # `output_dir='~/x'` a plain `${output_dir}` made a folder named `~` in the working directory.
+    if not OmegaConf.has_resolver("expanduser"):
+        OmegaConf.register_new_resolver("expanduser", expand_home)

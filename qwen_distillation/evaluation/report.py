@@ -22,6 +22,7 @@ from typing import Iterator, NamedTuple
 log = logging.getLogger(__name__)
 
 REPORT_MD = "report.md"
+METRICS_FILE = "metrics.jsonl"  # a run's metrics, beside its summary (training.metrics writes it)
 REPORT_DIR = "report"
 # Names a report owns in an output directory (for clearing on overwrite_output_dir).
 REPORT_NAMES = (REPORT_MD, REPORT_DIR, ".report.tmp", ".report.old")
@@ -32,14 +33,25 @@ DPI = 110
 # ------------------------------------------------------------------ reading
 class MetricsLine(NamedTuple):
     """One non-blank line of a ``metrics.jsonl``: its 1-based ``number`` and ``text``; ``row``, or
-    None with ``problem`` saying why when the line is not a JSON object; ``cut``: it is the last
-    line and has no newline (a row whose write was killed)."""
+    None with ``problem`` saying why when the line is not a JSON object or ``field`` names a field of
+    it that cannot be read (a ``stage`` that is not an integer); ``cut``: it is the last line and has
+    no newline (a row whose write was killed)."""
 
     number: int
     text: str
     row: dict | None
     problem: str
     cut: bool
+    field: str = ""
+
+
+def bad_stage(row: dict) -> str:
+    """Why ``row["stage"]`` is no stage number (rows are grouped and compared by it), "" when it is
+    one or the row has none (a quality sample)."""
+    stage = row.get("stage")
+    if "stage" in row and (isinstance(stage, bool) or not isinstance(stage, int)):
+        return f'field "stage" is {json.dumps(stage)}, not an integer stage number'
+    return ""
 
 
 def metrics_lines(path: Path) -> Iterator[MetricsLine]:
@@ -52,28 +64,34 @@ def metrics_lines(path: Path) -> Iterator[MetricsLine]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        field = ""
         try:
             row = json.loads(line)
             problem = "" if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+            if not problem and (problem := bad_stage(row)):
+                field = "stage"
         except ValueError as err:
             row, problem = None, str(err)
         yield MetricsLine(number, line, row if not problem else None, problem,
-                          number == len(lines) and not text.endswith("\n"))
+                          number == len(lines) and not text.endswith("\n"), field)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
     """Rows of a ``metrics.jsonl``; a line that is not a JSON object (a write killed mid-line, a
-    damaged file) is skipped with a warning naming the file and line: a finished run must not
-    fail on its report."""
+    damaged file), or whose ``stage`` is not an integer, is skipped with a warning naming the file,
+    the line (and the field): a finished run must not fail on its report."""
     path = Path(path)
     if not path.exists():
         return []
     rows = []
     for line in metrics_lines(path):
-        if line.row is None:
-            log.warning("%s line %d is not a JSON object; skipped in the report", path, line.number)
-        else:
+        if line.row is not None:
             rows.append(line.row)
+        elif line.field:
+            log.warning("%s line %d: %s; skipped in the report (repair or delete that line)", path, line.number,
+                        line.problem)
+        else:
+            log.warning("%s line %d is not a JSON object; skipped in the report", path, line.number)
     return rows
 
 
@@ -485,11 +503,15 @@ def render_markdown(output_dir: Path, summary: dict, rows: list[dict], images: l
     stages, verb = (summary["stages"], "completed") if summary.get("stages") else (sorted(names), "logged")
     stage_text = ", ".join(f"{s} ({names[_stage_key(s)]})" if _stage_key(s) in names else str(s) for s in stages)
     models = summary.get("final_models") or {}
+    moved = f" (written at `{summary['output_dir']}`, moved or copied since)" if _moved(output_dir, summary) else ""
     out = [f"# Distillation run report: `{output_dir.name}`", "",
-           f"- Output directory: `{summary.get('output_dir', output_dir)}`",
+           f"- Output directory: `{output_dir}`{moved}",
            f"- Device: {summary.get('device', 'unknown')}; precision: {summary.get('precision', 'unknown')}",
            f"- Stages {verb}: {stage_text or 'none'}"]
-    out += [f"- Model after stage {s}: `{models[s]}`" for s in sorted(models, key=_stage_key)]
+    out += [f"- Model after stage {s}: `{_here(models[s], output_dir, summary)}`"
+            for s in sorted(models, key=_stage_key)]
+    if not (output_dir / METRICS_FILE).exists():
+        out.append(f"- Metrics: {missing_metrics_note(output_dir, summary)}")
     out += ["", "## Before and after training", "", f"{TABLE_NOTE[0].upper()}{TABLE_NOTE[1:]}.", "",
             *results_table(summary), ""]
     if images:
@@ -500,9 +522,10 @@ def render_markdown(output_dir: Path, summary: dict, rows: list[dict], images: l
     out += samples_section(output_dir)
     out += ["## Stages", "", *stage_table(train, names), "",
             "First and last loss are the weighted total of the first and last step with a finite loss.", ""]
-    # Only the outputs the run wrote: logging.jsonl=false, logging.tensorboard=false write none.
-    metrics = _written(summary.get("metrics", output_dir / "metrics.jsonl"))
-    tensorboard = _written(summary.get("tensorboard", output_dir / "tensorboard"))
+    # Only the outputs the run wrote: logging.jsonl=false, logging.tensorboard=false write none. Those beside
+    # the run, not where its summary says it was written (a run moved or copied since).
+    metrics = _written(output_dir / METRICS_FILE)
+    tensorboard = _written(output_dir / "tensorboard")
     raw = [f"- Every logged row (one JSON object per step or evaluation): `{metrics}`"] if metrics else []
     raw += [f"- TensorBoard: `tensorboard --logdir {tensorboard}`"] if tensorboard else []
     raw += [f"- Summary: `{output_dir / 'summary.json'}`"] if (output_dir / "summary.json").exists() else []
@@ -515,6 +538,42 @@ def render_markdown(output_dir: Path, summary: dict, rows: list[dict], images: l
 def _written(path) -> str | None:
     """``path`` (of an output a run may write) when it exists, else None."""
     return str(path) if path and Path(path).exists() else None
+
+
+def _elsewhere(recorded, path: Path) -> bool:
+    """Whether ``recorded`` (a path a summary names) is known to be another place than ``path``: a relative
+    one is relative to the working directory of the run, which is not known here."""
+    return bool(recorded) and Path(recorded).is_absolute() and os.path.abspath(recorded) != os.path.abspath(path)
+
+
+def _moved(output_dir: Path, summary: dict) -> bool:
+    """Whether the summary was written for a run at another place than ``output_dir``."""
+    return _elsewhere(summary.get("output_dir"), output_dir)
+
+
+def _here(path: str, output_dir: Path, summary: dict) -> str:
+    """``path`` (a summary's path of an output of the run) in ``output_dir`` when the run was moved there."""
+    if not _moved(output_dir, summary):
+        return str(path)
+    try:
+        return str(output_dir / Path(path).relative_to(summary["output_dir"]))
+    except ValueError:  # not inside the run
+        return str(path)
+
+
+def missing_metrics_note(output_dir: Path, summary: dict) -> str:
+    """What the report says when ``output_dir`` has no ``metrics.jsonl``: the path it expected, what is
+    missing for it, how to get it back, and, for a run moved since, that the path its summary names is
+    not read."""
+    expected = output_dir / METRICS_FILE
+    note = (f"missing: there is no {expected}, so no plots and no per-stage table (logging.jsonl=false writes "
+            f"none; for a run directory moved or copied without it, copy its {METRICS_FILE} to {expected} and write "
+            f"the report again)")
+    recorded = summary.get("metrics")
+    if _elsewhere(recorded, expected):
+        note += (f"; the metrics its summary.json names, {recorded}, are not read: they are of the run's old place, "
+                 f"which may hold another run's now")
+    return note
 
 
 # -------------------------------------------------------------------- write
@@ -544,14 +603,20 @@ def _draw(train, evals, summary, rows, image_dir: Path) -> list[str]:
 def write_report(output_dir: str | Path, summary: dict | None = None) -> Path:
     """Write ``output_dir/report.md`` and its plots in ``output_dir/report/``; return the
     report's path. ``summary`` defaults to ``output_dir/summary.json`` (an empty one if absent,
-    e.g. for a run still in progress: the table then shows only what it has)."""
+    e.g. for a run still in progress: the table then shows only what it has). The metrics are
+    ``output_dir/metrics.jsonl`` alone: without it the report says so, naming that path, and has no
+    plots; the paths the summary names are those of where the run was written, which a moved run left."""
     output_dir = Path(output_dir)
+    standalone = summary is None
     if summary is None:
         path = output_dir / "summary.json"
         summary = json.loads(path.read_text()) if path.exists() else {}
-    metrics_path = output_dir / "metrics.jsonl"
-    if not metrics_path.exists() and summary.get("metrics"):
-        metrics_path = Path(summary["metrics"])  # summary passed in, run moved or renamed
+    # Only the metrics beside the run: a summary's "metrics" names where the run was written, which,
+    # for a run directory moved or copied since, may be gone or hold another run's metrics.
+    # Said in report.md; in the log too, unless the run itself writes its report (logging.jsonl=false).
+    metrics_path = output_dir / METRICS_FILE
+    if not metrics_path.exists() and (standalone or _moved(output_dir, summary)):
+        log.warning("%s: %s", output_dir, missing_metrics_note(output_dir, summary))
     rows = read_metrics(metrics_path)
     train, evals = train_rows(rows), eval_rows(rows)
     if not summary.get("student_after_stage"):

@@ -10,11 +10,10 @@ import re
 from pathlib import Path
 
 from qwen_distillation.errors import CheckpointError, ConfigError, first_line
-from qwen_distillation.evaluation.report import metrics_lines
+from qwen_distillation.evaluation.report import METRICS_FILE, metrics_lines
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 # Whole key names or their last part after "_": hf_token, wandb_api_key, password; not "tokenizer".
