@@ -4,7 +4,8 @@
     python run_distillation.py stage1.teacher.source=cache stage1.teacher.cache=out/teacher_cache
 
 The same config as a run (``conf/``, Hydra overrides, the classic flags such as ``--teacher_model``
-and ``--general_dataset``): the teacher, the tokenizer, ``data.*`` (the training examples of
+and ``--general_dataset``): the teacher, the tokenizer the run encodes its data with (the student's;
+the teacher's for a student pruned from it), ``data.*`` (the training examples of
 ``data.general`` and ``data.medical``, held-out ones excluded, as the run splits them) and
 ``train.device`` / ``train.precision``; with ``model.teacher.fp8=true`` the FP8 teacher writes the
 cache and the cache's identity names it, so only a run with the FP8 teacher reads it. For every
@@ -13,7 +14,9 @@ log-probabilities and the log of the rest of its mass (docs/teacher_offline.md).
 continues where it stopped (shards are written whole);
 ``torchrun --nproc_per_node N -m qwen_distillation.cache_teacher ...`` splits the examples over the
 ranks, each writing its own shards. A directory holding a cache of other inputs is refused unless
-``--overwrite``; one holding other files and no cache, or lying inside a data directory, always.
+``--overwrite`` (so is one whose ``manifest.json`` cannot be read, when it holds nothing but a cache's
+files); one holding other files and no cache, another tool's ``manifest.json``, or lying inside a data
+directory, always. No training examples (empty ``data.general`` and ``data.medical``) is refused.
 Prints one JSON line: examples, response tokens, seconds, tokens/s, bytes on disk.
 """
 
@@ -21,14 +24,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import time
 from pathlib import Path
 
 import torch
 
-from qwen_distillation.errors import ConfigError
+from qwen_distillation.errors import CheckpointError, ConfigError
 from qwen_distillation.paths import refuse_file_in_the_way, some_names
+
+log = logging.getLogger(__name__)
+# The files of a cache directory: its manifest, the ranks' shards, and what a killed writer left half-written.
+CACHE_FILE = re.compile(r"manifest\.json|shard-R\d+-\d+\.safetensors|\..+\.tmp")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +55,57 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_tokenizer(model_cfg):
+    """The tokenizer a run of ``model_cfg`` encodes its data with, whose ids the online teacher reads: the
+    student's (the teacher's, for a student pruned from it). The cache is of those ids, or the run refuses
+    it (another chat template: other ids and another tokenizer hash). Its vocabulary must be the teacher's."""
+    from qwen_distillation.config.validate import pruned_from_teacher
+    from qwen_distillation.modeling.pair import tokenizer_for
+    from qwen_distillation.modeling.vocab import shared_vocab_size
+
+    def source(spec):
+        return (spec.tokenizer,) if spec.tokenizer else (spec.path, spec.gguf_file, spec.revision)
+
+    teacher_spec, student_spec = model_cfg.teacher, model_cfg.student
+    teacher = tokenizer_for(teacher_spec, "teacher")
+    if pruned_from_teacher(student_spec) or source(student_spec) == source(teacher_spec):
+        return teacher
+    student = tokenizer_for(student_spec, "student")
+    shared_vocab_size(teacher, student, len(student), len(student), teacher_spec.path or "model.teacher",
+                      student_spec.path or "model.student")  # the run refuses other vocabularies alike
+    return student
+
+
+def existing_cache(out: Path, overwrite: bool) -> list[Path]:
+    """Check what ``out`` holds under its ``manifest.json``, before anything loads. Returns the files of
+    a cache whose manifest cannot be read, which ``--overwrite`` replaces once the teacher has loaded
+    ([] when there is no manifest or it reads). Refused: a manifest that is not a teacher cache's
+    (another tool's ``manifest.json``), even with ``--overwrite``; an unreadable one without it, or
+    beside files a cache does not hold."""
+    from qwen_distillation.data.teacher_cache import MANIFEST, read_manifest
+    from qwen_distillation.training.teacher_cache import not_a_cache_manifest
+
+    if not (out / MANIFEST).exists():
+        return []
+    try:
+        identity = read_manifest(out)
+    except CheckpointError as err:
+        if not overwrite:
+            raise
+        entries = sorted(out.iterdir())
+        others = [e.name for e in entries if not (e.is_file() and CACHE_FILE.fullmatch(e.name))]
+        if others:
+            raise ConfigError(f"--out {out}: its {MANIFEST} cannot be read and it holds {some_names(others)}, "
+                              f"which a teacher cache does not; choose an empty or new directory for the "
+                              f"cache") from err
+        return entries
+    why = not_a_cache_manifest(identity)
+    if why:
+        raise ConfigError(f"--out {out}: its {MANIFEST} is not a teacher cache's ({why}); --overwrite "
+                          f"replaces only a teacher cache: choose an empty or new directory for the cache")
+    return []
+
+
 def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size: int = 8,
                   examples_per_shard: int = 256, overwrite: bool = False) -> dict:
     """Write (or complete) the teacher cache of ``cfg``'s training data in ``out``; returns the stats."""
@@ -53,7 +113,6 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
     from qwen_distillation.data.teacher_cache import MANIFEST, CacheWriter
     from qwen_distillation.modeling.fp8 import check_fp8_device, convert_to_fp8
     from qwen_distillation.modeling.loading import load_causal_lm
-    from qwen_distillation.modeling.pair import tokenizer_for
     from qwen_distillation.modeling.parts import weight_shape
     from qwen_distillation.training.distiller import data_entries, seed_everything, select_device
     from qwen_distillation.training.outputs import refuse_output_among_inputs
@@ -70,7 +129,7 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    tokenizer = tokenizer_for(cfg.model.teacher, "teacher")
+    tokenizer = run_tokenizer(cfg.model)
     sources = data_sources(cfg.data)
     refuse_output_among_inputs(out, f"--out {out}", data_entries(sources), holding=True,
                                why="a run over that data would read the cache's files as records",
@@ -81,17 +140,23 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
         raise ConfigError(f"--out {out}: is not empty ({some_names(foreign)})"
                           f" and holds no teacher cache (no {MANIFEST}); choose an empty or new directory for the "
                           f"cache")
+    damaged = existing_cache(Path(out), overwrite)
     data = build_domain_data(sources, tokenizer, max_length=cfg.data.max_length,
                              eval_fraction=cfg.data.eval_fraction, max_eval_examples=cfg.data.max_eval_examples,
                              seed=cfg.data.split_seed)
+    examples = data.general + data.medical
+    if not examples:  # else an empty cache, written and reported as a success
+        raise ConfigError("data.general, data.medical: no training examples to cache (both are empty); the cache "
+                          "holds the teacher's top-k over a run's training data: give some, e.g. "
+                          "data.general=[my_data.jsonl]")
     vocab_size = len(tokenizer)
     spec = cache_spec(teacher_spec=cfg.model.teacher, seed=cfg.seed, tokenizer=tokenizer, vocab_size=vocab_size,
                       sources=sources["general"] + sources["medical"], max_length=cfg.data.max_length, k=k,
                       dtype=dtype)
     if k > vocab_size:
         raise ConfigError(f"--k {k}: larger than the vocabulary ({vocab_size} tokens)")
-    CacheWriter.check(out, spec.identity, overwrite=overwrite)  # before the teacher loads (minutes)
-    examples = data.general + data.medical
+    if not damaged:
+        CacheWriter.check(out, spec.identity, overwrite=overwrite)  # before the teacher loads (minutes)
     seed_everything(cfg.seed)  # a random-init teacher gets the weights a run with this seed gives it
     if cfg.model.teacher.fp8:
         check_fp8_device(device)
@@ -102,6 +167,11 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
         raise ConfigError(f"model.teacher: its lm_head has fewer columns than its tokenizer has tokens "
                           f"({vocab_size}); the model and tokenizer do not belong together")
     # Only now, with the teacher loaded, may --overwrite delete the old cache's shards.
+    if damaged and rank == 0:  # a cache whose manifest cannot be read: replaced whole, as --overwrite says
+        log.warning("--out %s: its %s cannot be read; --overwrite replaces the cache there (%d file(s))", out,
+                    MANIFEST, len(damaged))
+        for path in damaged:
+            path.unlink(missing_ok=True)
     writer = CacheWriter(out, spec.identity, rank=rank, overwrite=overwrite)
     autocast = (lambda: torch.autocast(device.type, dtype=teacher_dtype)) if teacher_dtype != torch.float32 else (
         lambda: torch.autocast(device.type, enabled=False))

@@ -49,9 +49,30 @@ def width_targets(prune_cfg) -> dict[str, int]:
     return {k: getattr(prune_cfg.width, k) for k in WIDTH_DIMENSIONS if getattr(prune_cfg.width, k) is not None}
 
 
+def ignored_prune_options(student_spec) -> list[str]:
+    """The ``model.student.prune`` options the chosen pruning ignores, one warning line each: a
+    ``perplexity_search`` without ``method=perplexity``, and calibration ``sources`` (never opened) when
+    nothing is calibrated (``method=even`` and no width target). Warnings, not errors: a sweep over
+    ``model.student.prune.method`` keeps them while one of its methods does not read them."""
+    prune, lines = student_spec.prune, []
+    if prune.method != "perplexity" and prune.perplexity_search != "single":
+        lines.append(f"model.student.prune.perplexity_search={prune.perplexity_search}: ignored, it applies to "
+                     f"model.student.prune.method=perplexity only and the method is {prune.method}; set "
+                     f"model.student.prune.method=perplexity to search that way")
+    if prune.calibration.sources and not needs_calibration(student_spec):
+        lines.append("model.student.prune.calibration.sources: ignored (not even opened), nothing is calibrated "
+                     "(model.student.prune.method=even keeps evenly spaced layers and no model.student.prune.width.* "
+                     "target is set); choose the layers by measured importance with "
+                     "model.student.prune.method=block_influence (or perplexity) to use them")
+    return lines
+
+
 def check_targets_early(student_spec, teacher_config) -> None:
     """The width targets of ``student_spec.prune`` against the teacher's config (None: not read
-    cheaply, e.g. a GGUF or hub teacher; the targets are checked again as the student is pruned)."""
+    cheaply, e.g. a GGUF or hub teacher; the targets are checked again as the student is pruned),
+    and a warning for each pruning option set that the pruning ignores (:func:`ignored_prune_options`)."""
+    for line in ignored_prune_options(student_spec):
+        log.warning("%s", line)
     targets = width_targets(student_spec.prune)
     if targets and teacher_config is not None:
         check_width_targets(teacher_config, targets)

@@ -67,6 +67,22 @@ def source_paths(sources: list[DataSource]) -> dict[str, str]:
     return {s.path: locate(s.path) for s in sources}
 
 
+# What every manifest the cache writer wrote holds (cache_identity): a manifest.json without them is
+# another tool's file, not a teacher cache's.
+MANIFEST_KEYS = ("format_version", "teacher", "tokenizer", "vocab_size", "data", "max_length")
+
+
+def not_a_cache_manifest(identity) -> str | None:
+    """Why a directory's ``manifest.json``, as read, is not a teacher cache's (a JSON list, another
+    tool's manifest), or None when it is one."""
+    if not isinstance(identity, dict):
+        return f"it holds a JSON {type(identity).__name__}, not a teacher cache's identity"
+    missing = [key for key in MANIFEST_KEYS if key not in identity]
+    if missing:
+        return f"it has no {', '.join(missing)}: it was not written by the cache command"
+    return None
+
+
 def data_identity(sources: list[DataSource], hashes: dict[str, str | None]) -> list[dict]:
     return [{"path": s.path, "sha256": hashes.get(s.path), "format": s.format, "split": s.split, "subset": s.subset,
              "max_records": s.max_records} for s in sources]
@@ -169,6 +185,10 @@ class CachedTeacher:
     """
 
     def __init__(self, reader: CacheReader, examples: list[dict], spec: CacheSpec, *, tail: str, where: str):
+        why = not_a_cache_manifest(reader.identity)
+        if why:
+            raise ConfigError(f"{where}={reader.directory}: its manifest.json is not a teacher cache's ({why}); "
+                              f"give the --out directory of `python -m qwen_distillation.cache_teacher`")
         differences = identity_differences(reader.identity, spec.identity)
         if differences:
             raise ConfigError(f"{where}={reader.directory}: the cache does not match this stage: "

@@ -1,0 +1,39 @@
+"""The prune command given options its pruning ignores: each named in a warning before the teacher loads."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from tests.test_pruning_depth import PRUNE_RUN
+
+
+class _TeacherLoaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.student.prune.method=block_influence", "model.student.prune.perplexity_search=greedy"],
+     "model.student.prune.perplexity_search=greedy: ignored, it applies to model.student.prune.method=perplexity "
+     "only and the method is block_influence"),
+    (["model.student.prune.calibration.sources=[{missing}]"],
+     "model.student.prune.calibration.sources: ignored (not even opened), nothing is calibrated"),
+], ids=["perplexity_search_without_perplexity", "calibration_sources_with_even"])
+def test_prune_options_the_method_ignores_are_warned_of_before_the_teacher_loads(overrides, message, tmp_path,
+                                                                                 caplog, monkeypatch):
+    """Both were ignored without a word: the layers chosen by Block Influence under
+    perplexity_search=greedy, and a calibration file that does not even exist under method=even.
+    Warnings, not errors: a sweep over the method keeps them for the methods that read them."""
+    import qwen_distillation.modeling.pair as pair
+    from qwen_distillation.prune import main
+
+    def load(*args, **kwargs):
+        raise _TeacherLoaded
+
+    monkeypatch.setattr(pair, "load_causal_lm", load)
+    overrides = [o.format(missing=tmp_path / "missing.jsonl") for o in overrides]
+    with caplog.at_level(logging.WARNING), pytest.raises((_TeacherLoaded, SystemExit)):
+        main(["--out", str(tmp_path / "s"), *PRUNE_RUN, "model.student.keep_layers=2", *overrides])
+    assert message in caplog.text
+    assert sum(message in record.getMessage() for record in caplog.records) == 1
