@@ -264,6 +264,21 @@ def test_every_probability_keeps_the_floor():
     assert sampler.filled_scores()[0] == 0.0
 
 
+@pytest.mark.parametrize("temperature", [1e-310, 1e-320])
+def test_a_temperature_so_small_that_the_scores_overflow_draws_the_top_scores(temperature):
+    """`stage3.sampling.temperature=1e-310` passed validation (> 0), then score / temperature overflowed
+    to inf, the softmax was nan, and the first step stopped with torch.multinomial's traceback ("probability
+    tensor contains either `inf`, `nan` or element < 0"). The limit of the softmax is kept: all the hard mass
+    on the top scores, the floor on every example."""
+    sampler = _sampler(uniform_floor=0.2, temperature=temperature)
+    sampler.update_scores(list(range(20)), [11.5 if i in (3, 7) else 10.0 + i / 100 for i in range(20)])
+    probs = sampler.probabilities()
+    assert bool(torch.isfinite(probs).all()) and float(probs.sum()) == pytest.approx(1.0)
+    assert float(probs[3]) == float(probs[7]) == pytest.approx(0.2 / 20 + 0.8 / 2)
+    assert float(probs.min()) == pytest.approx(0.2 / 20)
+    assert len(sampler.next_step().examples) == 4
+
+
 def test_equal_scores_give_uniform_probabilities():
     sampler = _sampler()
     torch.testing.assert_close(sampler.probabilities(), torch.full((20,), 1 / 20, dtype=torch.float64))

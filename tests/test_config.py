@@ -154,6 +154,44 @@ def test_settings_a_run_ignores_are_named_for_a_warning_not_refused():
     assert ignored_settings(validate_config(compose_config(on))) == []
 
 
+def test_medical_ratio_keys_the_schedule_does_not_read_are_named_for_a_warning():
+    """Stage 2 with `medical_ratio.schedule=constant` (or a step schedule of one plateau) served 30% medical
+    data at every step though `medical_ratio.end=0.7` said it should rise to 70%, and `plateaus` under a
+    schedule other than step was dropped; nothing said so. A sweep over the schedule keeps the keys: warned."""
+    from qwen_distillation.config.validate import ignored_settings
+
+    def warnings(*overrides):
+        return ignored_settings(validate_config(compose_config(list(overrides))))
+
+    assert warnings("stage2.medical_ratio.schedule=constant") == [
+        "stage2.medical_ratio.end=0.7: ignored, the constant schedule serves the medical share "
+        "stage2.medical_ratio.start=0.3 at every step of the stage; to move it to the end value use "
+        "stage2.medical_ratio.schedule=linear (or step with stage2.medical_ratio.plateaus=2 or more)"]
+    assert warnings("stage2.medical_ratio.schedule=step", "stage2.medical_ratio.plateaus=1")[0].startswith(
+        "stage2.medical_ratio.end=0.7: ignored, a step schedule of one plateau serves the medical share "
+        "stage2.medical_ratio.start=0.3")
+    assert warnings("stage2.medical_ratio.plateaus=3") == [
+        "stage2.medical_ratio.plateaus=3: ignored, only the step schedule has plateaus "
+        "(stage2.medical_ratio.schedule=linear); use stage2.medical_ratio.schedule=step"]
+    assert warnings("stage1.medical_ratio.end=0.7")[0].startswith("stage1.medical_ratio.end=0.7: ignored")
+    # What the schedules read, the shipped stages (constant 0 -> 0, 1 -> 1) and a stage that does not run: no word.
+    assert warnings("stage2.medical_ratio.schedule=step", "stage2.medical_ratio.plateaus=2") == []
+    assert warnings("stage2.medical_ratio.start=0.7", "stage2.medical_ratio.end=0.3") == []
+    assert warnings("stage3.medical_ratio.end=0.5", "end_stage=2") == []
+    assert warnings() == [] and warnings("experiment=smoke") == []
+
+
+def test_a_teacher_cache_of_a_stage_that_runs_the_teacher_online_is_named_for_a_warning():
+    """`stage1.teacher.cache=DIR` without `stage1.teacher.source=cache` ran the teacher online without a word."""
+    from qwen_distillation.config.validate import ignored_settings
+
+    assert ignored_settings(validate_config(compose_config(["stage1.teacher.cache=out/cache"]))) == [
+        "stage1.teacher.cache=out/cache: ignored, the stage runs the teacher online (stage1.teacher.source=online); "
+        "read the cache with stage1.teacher.source=cache"]
+    assert ignored_settings(validate_config(compose_config(["stage1.teacher.cache=out/cache", "end_stage=2",
+                                                            "start_stage=2"]))) == []
+
+
 def test_start_after_end_is_rejected():
     with pytest.raises(ConfigError, match="start_stage"):
         validate_config(compose_config(["start_stage=3", "end_stage=2"]))

@@ -679,6 +679,30 @@ def test_an_empty_domain_is_named_before_the_metric_it_leaves_missing(tmp_path, 
     assert code == 2 and "stage1 serves general data (medical_ratio below 1) but data.general is empty" in output
 
 
+@pytest.mark.parametrize("overrides, named", [
+    (["end_stage=2", "data.medical=[]"], "stage2 serves medical data (medical_ratio above 0) but data.medical is "
+                                         "empty"),
+    (["start_stage=3", "data.medical=[]"], "stage3 serves medical data (medical_ratio above 0) but data.medical"),
+    (["end_stage=1", "stage1.medical_ratio.start=0.2", "data.medical=[]"], "stage1 serves medical data"),
+    (["data.general=[]"], "stage1 serves general data (medical_ratio below 1) but data.general is empty"),
+])
+def test_a_stage_whose_domain_has_no_data_source_is_refused_before_any_model_loads(tmp_path, overrides, named):
+    """data.medical=[] with stage 2's medical share (or stage 3's hard-example sampling) is known from the
+    config, but it was refused only after both models had loaded and the data was tokenized (minutes for a
+    large teacher). The Distiller's construction, which loads nothing, now refuses it."""
+    from qwen_distillation.config.validate import validate_config
+    from qwen_distillation.errors import DataError
+    from qwen_distillation.training.distiller import Distiller
+
+    cfg = validate_config(compose_config(tiny_overrides(tmp_path / "run", steps=1) + overrides))
+    with pytest.raises(DataError) as err:
+        Distiller(cfg)
+    assert named in str(err.value)
+    cfg = validate_config(compose_config(tiny_overrides(tmp_path / "run", steps=1) + ["end_stage=1",
+                                                                                     "data.medical=[]"]))
+    Distiller(cfg)  # stage 1 serves general data only: it needs no medical source
+
+
 def test_a_misspelt_flag_of_a_command_lists_that_commands_own_flags(tmp_path, capsys):
     from qwen_distillation import cache_teacher
 

@@ -307,3 +307,35 @@ def test_a_killed_run_with_a_token_budget_resumes_with_the_same_steps(tmp_path, 
     ours, theirs = (load_file(tmp_path / name / "stage3" / "final" / "model.safetensors")
                     for name in ("reference", "resumed"))
     assert all(ours[name].equal(theirs[name]) for name in ours)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["stage2.tokens_per_step=100"], "stage2.tokens_per_step=100: "),
+    (["stage2.batch_size=1", "train.packing=true", "train.pack_step=true"], "stage2.batch_size=1: "),
+    (["stage2.batch_size=1", "train.packing=true", "stage2.tokens_per_step=4096"], "stage2.batch_size=1: "),
+])
+def test_a_contrastive_term_whose_micro_batches_hold_one_example_each_is_refused(tmp_path, overrides, named):
+    """Validation lets a contrastive stage pass with batch_size 1 when packing by tokens puts several examples
+    into a micro-batch, and a token budget cuts a step by tokens; with examples too long for two to share a
+    step's budget or a packed micro-batch (batch_size x data.max_length = 96 tokens here), every micro-batch
+    held one example and loss/contrastive was exactly 0 at every step, without a word."""
+    from qwen_distillation.training.distiller import Distiller
+
+    cfg = validate_config(compose_config(tiny_overrides(tmp_path / "out") + overrides))  # stage2 contrastive 0.05
+    distiller = Distiller(cfg)
+
+    class Data:
+        pass
+
+    distiller.data = Data()
+    distiller.data.general = [{"input_ids": [1] * n} for n in (60, 80, 96)]
+    distiller.data.medical = [{"input_ids": [1] * n} for n in (55, 90)]
+    with pytest.raises(ConfigError) as err:
+        distiller._check_contrastive_pairs(2)
+    assert named in str(err.value) and "the stage's two shortest have 115 tokens together" in str(err.value)
+    assert "exactly 0 at every step" in str(err.value) and "stage2.loss.weights.contrastive=0" in str(err.value)
+    distiller.data.general.append({"input_ids": [1] * 40})  # 40 + 55 tokens fit together: the term can train
+    distiller._check_contrastive_pairs(2)
+    cfg.stage2.loss.weights.contrastive = 0.0  # no term, nothing to refuse
+    distiller.data.general.pop()
+    distiller._check_contrastive_pairs(2)

@@ -11,7 +11,8 @@ import typing
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qwen_distillation.config.schema import RENAMED_KEYS, DistillationConfig, EvalConfig, LoraConfig, StageConfig
+from qwen_distillation.config.schema import (RENAMED_KEYS, DistillationConfig, EvalConfig, LoraConfig,
+                                             MedicalRatioConfig, StageConfig)
 from qwen_distillation.errors import ConfigError, require, require_one_of
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
@@ -443,9 +444,11 @@ def _refuse_non_finite(node, key: str = "") -> None:
 
 def ignored_settings(cfg: DistillationConfig) -> list[str]:
     """The values a run of the validated ``cfg`` ignores, one line each for a warning: LoRA options
-    while LoRA is off (the run trains all of the student's weights), and the layer map of a feature
-    or attention term whose weight is 0 in a stage that runs. Not errors: an ablation (a sweep over
-    ``lora.enabled`` or over a term's weight) keeps them while it turns their feature off."""
+    while LoRA is off (the run trains all of the student's weights), the layer map of a feature
+    or attention term whose weight is 0 in a stage that runs, and the medical-ratio keys its schedule
+    does not read (:func:`_ignored_ratio_settings`), and a teacher cache of a stage that runs the teacher
+    online. Not errors: an ablation (a sweep over
+    ``lora.enabled``, over a term's weight or over the schedule) keeps them while it turns their feature off."""
     lines = []
     changed = [f"lora.{name}={getattr(cfg.lora, name)}" for name, default in dataclasses.asdict(LoraConfig()).items()
                if getattr(cfg.lora, name) != default]
@@ -461,6 +464,30 @@ def ignored_settings(cfg: DistillationConfig) -> list[str]:
                 lines.append(f"{key}.loss.{part}.layer_map: ignored, the {part} term is off "
                              f"({key}.loss.weights.{part}=0); give it a weight (e.g. {key}.loss.weights.{part}=0.1) "
                              f"to train it")
+        if stage.enabled:
+            lines += _ignored_ratio_settings(key, stage.medical_ratio)
+        if stage.enabled and stage.teacher.cache and stage.teacher.source != "cache":
+            lines.append(f"{key}.teacher.cache={stage.teacher.cache}: ignored, the stage runs the teacher online "
+                         f"({key}.teacher.source={stage.teacher.source}); read the cache with "
+                         f"{key}.teacher.source=cache")
+    return lines
+
+
+def _ignored_ratio_settings(key: str, ratio) -> list[str]:
+    """The medical-ratio keys of stage ``key`` that its schedule does not read: ``end`` under a schedule
+    that never leaves ``start`` (``constant``, or ``step`` with one plateau), ``plateaus`` under a schedule
+    other than ``step``. The stage served ``start`` from its first step to its last, without a word."""
+    lines = []
+    flat = ("the constant schedule" if ratio.schedule == "constant" else
+            "a step schedule of one plateau" if ratio.schedule == "step" and ratio.plateaus == 1 else None)
+    if flat is not None and ratio.end != ratio.start:
+        lines.append(f"{key}.medical_ratio.end={ratio.end:g}: ignored, {flat} serves the medical share "
+                     f"{key}.medical_ratio.start={ratio.start:g} at every step of the stage; to move it to the end "
+                     f"value use {key}.medical_ratio.schedule=linear (or step with {key}.medical_ratio.plateaus=2 "
+                     f"or more)")
+    if ratio.schedule != "step" and ratio.plateaus != MedicalRatioConfig().plateaus:
+        lines.append(f"{key}.medical_ratio.plateaus={ratio.plateaus}: ignored, only the step schedule has plateaus "
+                     f"({key}.medical_ratio.schedule={ratio.schedule}); use {key}.medical_ratio.schedule=step")
     return lines
 
 

@@ -129,6 +129,11 @@ def encode_messages(messages: list[dict], tokenizer, max_length: int) -> dict | 
         labelled token. The last assistant turn always ends in `tokenizer.eos_token_id`: it is
         appended (and labelled) when the template does not close the turn with it.
     """
+    return _encode(messages, tokenizer, max_length)[0]
+
+
+def _encode(messages: list[dict], tokenizer, max_length: int) -> tuple[dict | None, int]:
+    """:func:`encode_messages`'s result, and how many labelled (response) tokens ``max_length`` cut off."""
     eos = tokenizer.eos_token
     if getattr(tokenizer, "chat_template", None):
         text, spans = _render_with_template(messages, tokenizer)
@@ -147,10 +152,11 @@ def encode_messages(messages: list[dict], tokenizer, max_length: int) -> dict | 
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
 
+    cut = sum(label != IGNORE_INDEX for label in labels[max_length:])
     input_ids, labels = input_ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
-        return None
-    return {"input_ids": input_ids, "labels": labels}
+        return None, cut
+    return {"input_ids": input_ids, "labels": labels}, cut
 
 
 def split_last_turn(example: dict) -> tuple[list[int], list[int]]:
@@ -198,16 +204,20 @@ def build_examples(
     # (whose records carry their file: a directory may hold files of several formats).
     detected: dict[str | None, str] = {}
     examples = []
+    cut_examples, cut_tokens, response_tokens = 0, 0, 0  # of the kept examples whose responses max_length cut
     for index, record in records:
         file = getattr(index, "file", None)
         if fmt == "auto" and file not in detected:
             detected[file] = detect_format(record, source, index)
         messages = to_messages(record, detected.get(file, fmt), source, index)
         try:
-            encoded = encode_messages(messages, tokenizer, max_length)
+            encoded, cut = _encode(messages, tokenizer, max_length)
         except DataError as err:  # the chat template could not be labelled: say for which record
             raise DataError(f"{location(source, index)}: {err}") from None
         if encoded is not None:
+            if cut:
+                cut_examples, cut_tokens = cut_examples + 1, cut_tokens + cut
+                response_tokens += cut + sum(label != IGNORE_INDEX for label in encoded["labels"])
             example = {**encoded, "source": source, "index": int(index)}
             group = prompt_group(record)
             if group is not None:
@@ -222,6 +232,10 @@ def build_examples(
     if len(examples) < len(records):
         log.warning("%s: %d of %d records dropped: no response token left within max_length=%d (raise %s to "
                     "keep them)", source, len(records) - len(examples), len(records), max_length, max_length_key)
+    if cut_examples:  # kept, but their answers end early: no end-of-turn token to learn from them
+        log.warning("%s: %d of %d examples cut at max_length=%d: their responses lose %d of their %d tokens, the "
+                    "end-of-turn token included (raise %s to keep them whole)", source, cut_examples,
+                    len(examples), max_length, cut_tokens, response_tokens, max_length_key)
     return examples
 
 

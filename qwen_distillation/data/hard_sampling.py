@@ -103,7 +103,13 @@ class HardExampleSampler:
     def probabilities(self, filled: torch.Tensor | None = None) -> torch.Tensor:
         """Probability (N,) float64 of each example under the current scores."""
         filled = self.filled_scores() if filled is None else filled
-        hard = torch.softmax(filled / self.temperature, dim=0)
+        scaled = filled / self.temperature
+        if not bool(torch.isfinite(scaled).all()):
+            # A temperature so small that score / temperature overflows (stageN.sampling.temperature=1e-310):
+            # the softmax of infinities is nan, and the draw failed with a traceback. Shifted by the top score
+            # first, the same softmax (the greediest one: all its mass on the top scores) stays finite.
+            scaled = (filled - filled.max()) / self.temperature
+        hard = torch.softmax(scaled, dim=0)
         return self.uniform_floor / len(self.examples) + (1 - self.uniform_floor) * hard
 
     def needs_scores(self) -> bool:

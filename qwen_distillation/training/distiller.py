@@ -194,6 +194,11 @@ class Distiller:
             raise ConfigError(f"no stage to run: {', '.join(f'{STAGE_KEYS[i]}.enabled=false' for i in span)} "
                               f"(start_stage={config.start_stage}, end_stage={config.end_stage}); enable one, "
                               f"e.g. {STAGE_KEYS[config.start_stage]}.enabled=true")
+        # A stage's domain given no data source at all (data.medical=[] with stage 2's medical share) is
+        # known from the config: refused here, not after the models and the data have loaded (minutes).
+        for i in self.stages:
+            check_stage_pools(STAGE_KEYS[i], _domains(getattr(config, STAGE_KEYS[i])), self.sources["general"],
+                              self.sources["medical"])
         self.kd_options = {}
         for i in self.stages:
             try:
@@ -464,6 +469,40 @@ class Distiller:
         if stage.max_steps:
             return stage.max_steps
         return max(1, math.ceil(stage.epochs * (size / step if steps_per_pass is None else steps_per_pass)))
+
+    def _check_contrastive_pairs(self, index: int) -> None:
+        """A contrastive term takes its negatives from the other sequences of a micro-batch. Validation
+        lets ``batch_size`` 1 pass when packing by tokens (``train.pack_step``, ``tokens_per_step``) puts
+        several examples into a micro-batch, and a token budget cuts steps by tokens; but when not even the
+        stage's two shortest examples fit together (in a step's budget, or in the ``batch_size x
+        data.max_length`` tokens of a packed micro-batch), every micro-batch holds one example and the
+        term is exactly 0 at every step: refused, naming the option that keeps them apart."""
+        key, stage = STAGE_KEYS[index], getattr(self.config, STAGE_KEYS[index])
+        weight = stage.loss.weights.contrastive
+        if weight <= 0:
+            return
+        shortest = sorted(len(example["input_ids"]) for domain in _domains(stage)
+                          for example in getattr(self.data, domain))[:2]
+        if len(shortest) < 2:
+            return
+        pair, train, max_length = sum(shortest), self.config.train, self.config.data.max_length
+        limits = []
+        if stage.tokens_per_step is not None:
+            limits.append((stage.tokens_per_step, f"{key}.tokens_per_step={stage.tokens_per_step}",
+                           "a step's token budget", f"{key}.tokens_per_step={pair}"))
+        if train.packing and (train.pack_step or stage.tokens_per_step is not None):
+            capacity = stage.batch_size * max_length
+            limits.append((capacity, f"{key}.batch_size={stage.batch_size}",
+                           f"a packed micro-batch's {capacity} tokens ({key}.batch_size x data.max_length)",
+                           f"{key}.batch_size={-(-pair // max_length)}"))
+        for limit, override, what, fix in limits:
+            if pair > limit:
+                raise ConfigError(
+                    f"{override}: {key}.loss.weights.contrastive={weight:g} takes its negatives from the other "
+                    f"sequences of a micro-batch, but {what} cannot hold two examples of this data (the "
+                    f"stage's two shortest have {pair} tokens together): every micro-batch would hold one "
+                    f"example and the term would be exactly 0 at every step; use {fix} or "
+                    f"{key}.loss.weights.contrastive=0")
 
     def _examples_per_step(self, stage: StageConfig) -> int:
         """Examples of one optimizer step, all ranks together: micro-batch x accumulation x ranks."""
@@ -861,6 +900,7 @@ class Distiller:
         for index in to_run:  # first: a domain without data is also why its held-out metric is missing
             check_stage_pools(STAGE_KEYS[index], _domains(getattr(cfg, STAGE_KEYS[index])), self.data.general,
                               self.data.medical)
+            self._check_contrastive_pairs(index)
         self._check_best_metrics(self.evaluator.metric_names(), to_run)
         self._build_plans(to_run)
         self._check_trainable()
