@@ -37,3 +37,19 @@ def test_prune_options_the_method_ignores_are_warned_of_before_the_teacher_loads
         main(["--out", str(tmp_path / "s"), *PRUNE_RUN, "model.student.keep_layers=2", *overrides])
     assert message in caplog.text
     assert sum(message in record.getMessage() for record in caplog.records) == 1
+
+
+@pytest.mark.parametrize("length, key", [(["model.student.prune.calibration.max_length=16"],
+                                          "model.student.prune.calibration.max_length"),
+                                         (["data.max_length=16"], "data.max_length")])
+def test_calibration_examples_that_do_not_fit_name_the_length_that_cut_them(length, key, tokenizer):
+    """The error told to raise data.max_length also where calibration.max_length had set the length."""
+    from qwen_distillation.config.validate import validate_config
+    from qwen_distillation.errors import DataError
+    from qwen_distillation.modeling.prune import calibration_examples
+    from tests.conftest import compose_config
+
+    cfg = validate_config(compose_config([*PRUNE_RUN, "model.student.keep_layers=2",
+                                          "model.student.prune.method=block_influence", *length]))
+    with pytest.raises(DataError, match=rf"raise {key.replace('.', chr(92) + '.')} or check the response field"):
+        calibration_examples(cfg.model.student.prune.calibration, cfg.data, tokenizer, cfg.seed)

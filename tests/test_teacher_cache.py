@@ -221,7 +221,8 @@ def test_a_cache_of_other_inputs_is_refused_naming_what_differs(tmp_path, small_
     with pytest.raises(ConfigError, match=r"data: the cache holds no entries for .*alpaca_en_demo"):
         run(compose_config(_overrides(tmp_path / "b", small_tokenizer, *cached,
                                       "data.general=[../shared/data/general/alpaca_en_demo.jsonl]")))
-    with pytest.raises(ConfigError, match="other inputs.*k or dtype|overwrite"):
+    with pytest.raises(ConfigError, match=r"other inputs \(k/dtype: cache 4/float32, run 8/float32\); choose another "
+                                          r"directory or pass --overwrite"):
         cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "cache", k=8)
 
 

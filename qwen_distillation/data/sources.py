@@ -139,8 +139,9 @@ def _eval_name(source: DataSource, taken: set[str]) -> str:
 
 
 def build_domain_data(sources: dict[str, list[DataSource]], tokenizer, *, max_length: int, eval_fraction: float,
-                      max_eval_examples: int, seed: int) -> DomainData:
-    """Load, encode and split every source of ``sources`` (from :func:`data_sources`).
+                      max_eval_examples: int, seed: int, max_length_key: str = "data.max_length") -> DomainData:
+    """Load, encode and split every source of ``sources`` (from :func:`data_sources`); ``max_length_key``
+    is the option that set ``max_length``, named where examples do not fit in it.
 
     Each training source gives ``eval_fraction`` of its examples (deterministically, by
     ``seed``) to the held-out set of its domain, capped at ``max_eval_examples`` per domain
@@ -150,7 +151,8 @@ def build_domain_data(sources: dict[str, list[DataSource]], tokenizer, *, max_le
     for domain_id, domain in enumerate(DOMAINS):
         heldout = []
         for source in sources[domain]:
-            examples = [{**e, "domain": domain_id} for e in encode_source(source, tokenizer, max_length)]
+            encoded = encode_source(source, tokenizer, max_length, max_length_key)
+            examples = [{**e, "domain": domain_id} for e in encoded]
             train, held = split_heldout(examples, eval_fraction, max_eval_examples, seed)
             getattr(out, domain).extend(train)
             heldout.extend(held)
@@ -159,5 +161,5 @@ def build_domain_data(sources: dict[str, list[DataSource]], tokenizer, *, max_le
             out.eval_sets[domain] = heldout[:max_eval_examples]
     for source in sources["eval"]:
         name = _eval_name(source, set(out.eval_sets))
-        out.eval_sets[name] = encode_source(source, tokenizer, max_length)[:max_eval_examples]
+        out.eval_sets[name] = encode_source(source, tokenizer, max_length, max_length_key)[:max_eval_examples]
     return out

@@ -151,8 +151,9 @@ class CacheWriter:
         cached = read_manifest(Path(directory))
         other = not same_identity(cached, identity)
         if other and not overwrite:
-            diff = identity_differences(cached, identity) or ["k or dtype: cache "
-                                                              f"{cached.get('k')}/{cached.get('dtype')}"]
+            diff = identity_differences(cached, identity) or [
+                f"k/dtype: cache {cached.get('k')}/{cached.get('dtype')}, "
+                f"run {identity.get('k')}/{identity.get('dtype')}"]
             raise ConfigError(f"--out {directory}: holds a teacher cache of other inputs ({'; '.join(diff)});"
                               f" choose another directory or pass --overwrite")
         return other
