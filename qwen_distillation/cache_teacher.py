@@ -76,17 +76,18 @@ def run_tokenizer(model_cfg):
     return student
 
 
-def existing_cache(out: Path, overwrite: bool) -> list[Path]:
+def existing_cache(out: Path, overwrite: bool) -> tuple[list[Path], dict | None]:
     """Check what ``out`` holds under its ``manifest.json``, before anything loads. Returns the files of
     a cache whose manifest cannot be read, which ``--overwrite`` replaces once the teacher has loaded
-    ([] when there is no manifest or it reads). Refused: a manifest that is not a teacher cache's
-    (another tool's ``manifest.json``), even with ``--overwrite``; an unreadable one without it, or
-    beside files a cache does not hold."""
+    ([] when there is no manifest or it reads), and the identity the manifest holds (None when there is
+    none or it cannot be read). Refused: a manifest that is not a teacher cache's (another tool's
+    ``manifest.json``), even with ``--overwrite``; an unreadable one without it, or beside files a cache
+    does not hold."""
     from qwen_distillation.data.teacher_cache import MANIFEST, read_manifest
     from qwen_distillation.training.teacher_cache import not_a_cache_manifest
 
     if not (out / MANIFEST).exists():
-        return []
+        return [], None
     try:
         identity = read_manifest(out)
     except CheckpointError as err:
@@ -98,12 +99,12 @@ def existing_cache(out: Path, overwrite: bool) -> list[Path]:
             raise ConfigError(f"--out {out}: its {MANIFEST} cannot be read and it holds {some_names(others)}, "
                               f"which a teacher cache does not; choose an empty or new directory for the "
                               f"cache") from err
-        return entries
+        return entries, None
     why = not_a_cache_manifest(identity)
     if why:
         raise ConfigError(f"--out {out}: its {MANIFEST} is not a teacher cache's ({why}); --overwrite "
                           f"replaces only a teacher cache: choose an empty or new directory for the cache")
-    return []
+    return [], identity
 
 
 def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size: int = 8,
@@ -140,7 +141,7 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
         raise ConfigError(f"--out {out}: is not empty ({some_names(foreign)})"
                           f" and holds no teacher cache (no {MANIFEST}); choose an empty or new directory for the "
                           f"cache")
-    damaged = existing_cache(Path(out), overwrite)
+    damaged, cached = existing_cache(Path(out), overwrite)
     data = build_domain_data(sources, tokenizer, max_length=cfg.data.max_length,
                              eval_fraction=cfg.data.eval_fraction, max_eval_examples=cfg.data.max_eval_examples,
                              seed=cfg.data.split_seed)
@@ -155,8 +156,8 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
                       dtype=dtype)
     if k > vocab_size:
         raise ConfigError(f"--k {k}: larger than the vocabulary ({vocab_size} tokens)")
-    if not damaged:
-        CacheWriter.check(out, spec.identity, overwrite=overwrite)  # before the teacher loads (minutes)
+    if cached is not None:  # before the teacher loads (minutes)
+        CacheWriter.check(out, spec.identity, overwrite=overwrite, cached=cached)
     seed_everything(cfg.seed)  # a random-init teacher gets the weights a run with this seed gives it
     if cfg.model.teacher.fp8:
         check_fp8_device(device)

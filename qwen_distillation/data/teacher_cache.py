@@ -142,13 +142,15 @@ class CacheWriter:
     existing shards of every rank already cover, so a resumed writer skips them."""
 
     @staticmethod
-    def check(directory: Path, identity: dict, *, overwrite: bool = False) -> bool:
+    def check(directory: Path, identity: dict, *, overwrite: bool = False, cached: dict | None = None) -> bool:
         """Read-only: whether ``directory`` holds a cache of other inputs (which the writer will
-        replace); refused unless ``overwrite``. The cache command calls this before the teacher
-        loads, and makes the writer (which deletes the old shards) only once the teacher has loaded."""
-        if not (Path(directory) / MANIFEST).exists():
-            return False
-        cached = read_manifest(Path(directory))
+        replace); refused unless ``overwrite``. ``cached`` is its manifest's identity when the caller
+        has read it already. The cache command calls this before the teacher loads, and makes the
+        writer (which deletes the old shards) only once the teacher has loaded."""
+        if cached is None:
+            if not (Path(directory) / MANIFEST).exists():
+                return False
+            cached = read_manifest(Path(directory))
         other = not same_identity(cached, identity)
         if other and not overwrite:
             diff = identity_differences(cached, identity) or [
