@@ -895,11 +895,10 @@ class Distiller:
             self._build(resume_from)
         # Before an old run is cleared (overwrite_output_dir=true) and before an earlier stage trains: a
         # best_metric no evaluation gives, a layer map or relation-head count the models do not fit, a
-        # teacher cache that misses examples, a stage's domain without data, a student with nothing to train.
+        # teacher cache that misses examples, a student with nothing to train. (A stage's domain without data
+        # was refused in __init__: a configured source always yields training examples, or build_examples refuses it.)
         to_run = [i for i in self.stages if i not in (state or {}).get("completed_stages", [])]
-        for index in to_run:  # first: a domain without data is also why its held-out metric is missing
-            check_stage_pools(STAGE_KEYS[index], _domains(getattr(cfg, STAGE_KEYS[index])), self.data.general,
-                              self.data.medical)
+        for index in to_run:
             self._check_contrastive_pairs(index)
         self._check_best_metrics(self.evaluator.metric_names(), to_run)
         self._build_plans(to_run)
