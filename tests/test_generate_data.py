@@ -232,6 +232,23 @@ def test_the_held_out_split_keeps_every_sample_of_a_prompt_on_one_side(tokenizer
     assert all(e["group"] == f"src\0{rows[e['index'] - 1][PROVENANCE]['source_row']}" for e in data.medical)
 
 
+def test_held_out_examples_past_the_domain_cap_are_counted_in_a_warning(tokenizer, tmp_path, caplog):
+    # The demo's two medical sources hold out 6 and 2 examples (eval_fraction 0.1); a cap of 5 makes that 5 and
+    # 2 (each source's split is capped too), of which the domain's set keeps 5.
+    config = compose_config(tiny_overrides(tmp_path))
+    with caplog.at_level("WARNING", logger="qwen_distillation.data.sources"):
+        data = build_domain_data(data_sources(config.data), tokenizer, max_length=256, eval_fraction=0.1,
+                                 max_eval_examples=5, seed=0)
+    assert len(data.eval_sets["medical"]) == 5 and len(data.medical) == 64 + 24 - 7
+    assert "data.medical: its sources hold out 7 examples, over data.max_eval_examples=5; the 2 past it" in caplog.text
+    assert "data.general" not in caplog.text  # 6 held out of 64, under the cap
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qwen_distillation.data.sources"):
+        build_domain_data(data_sources(config.data), tokenizer, max_length=256, eval_fraction=0.1,
+                          max_eval_examples=8, seed=0)
+    assert "hold out" not in caplog.text
+
+
 def test_bad_inputs_name_the_file_and_the_fix(tmp_path, capsys):
     def error(*flags):
         assert generate_data.main(["--teacher", "does/not/exist", *flags]) == 2

@@ -157,6 +157,11 @@ def build_domain_data(sources: dict[str, list[DataSource]], tokenizer, *, max_le
             getattr(out, domain).extend(train)
             heldout.extend(held)
             log.info("data.%s: %s -> %d train, %d held out", domain, source.path, len(train), len(held))
+        if len(heldout) > max_eval_examples:  # kept as documented (docs/data.md): the split stays per source
+            log.warning("data.%s: its sources hold out %d examples, over data.max_eval_examples=%d; the %d past it "
+                        "are neither evaluated nor trained on. Raise data.max_eval_examples to evaluate them, or "
+                        "lower data.eval_fraction to train on them", domain, len(heldout), max_eval_examples,
+                        len(heldout) - max_eval_examples)
         if heldout:
             out.eval_sets[domain] = heldout[:max_eval_examples]
     for source in sources["eval"]:
