@@ -385,7 +385,7 @@ def quantiser_variants(shape: dict, args, device: torch.device) -> dict:
     from qwen_distillation.kernels.fp8_quant import (FP8_DTYPE, launch_quantize_rows, triton_rms_norm_quantize,
                                                      triton_silu_mul_quantize)
 
-    def triton_quantize_rowwise(x, **kw):
+    def triton_quantize_rowwise(x, **kw):  # allocates only while the CUDA graph is captured, not in its replays
         launch_quantize_rows(x, torch.empty(x.shape, device=x.device, dtype=FP8_DTYPE),
                              torch.empty(x.shape[0], 1, device=x.device, dtype=torch.float32), **kw)
 
