@@ -116,6 +116,9 @@ def test_fsdp2_refuses_what_it_cannot_do(override, named):
      "stage3.loss.contrastive.domain_aware=true: stage3 serves medical data only"),
     ("stage2.medical_ratio.schedule=constant stage2.medical_ratio.start=1 stage2.loss.weights.contrastive=0.05",
      "stage2.loss.contrastive.domain_aware=true: stage2 serves medical data only"),
+    # A step schedule of one plateau stays at its start, as the constant one does.
+    ("stage2.medical_ratio.schedule=step stage2.medical_ratio.plateaus=1 stage2.medical_ratio.start=0 "
+     "stage2.loss.weights.contrastive=0.05", "stage2.loss.contrastive.domain_aware=true: stage2 serves general data"),
     # A micro-batch of one has no negatives: the term was exactly 0 at every step.
     ("stage1.loss.weights.contrastive=0.5 stage1.batch_size=1",
      "stage1.batch_size=1: stage1.loss.weights.contrastive=0.5 takes its negatives"),

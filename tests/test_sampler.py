@@ -96,6 +96,18 @@ def test_missing_domain_is_a_clear_error():
                      plateaus=5, seed=0, stage="stage2")
 
 
+def test_a_step_schedule_of_one_plateau_needs_only_its_start_domain():
+    """A step schedule of one plateau serves ``start`` throughout (medical_ratio_at); a stage at 0 -> 1 was
+    refused for want of medical data it never draws."""
+    general, _ = _pools()
+    sampler = StageSampler(general, [], examples_per_step=4, total_steps=3, schedule="step", start=0.0, end=1.0,
+                           plateaus=1, seed=0, stage="stage2")
+    assert all(e in general for _ in range(3) for e in sampler.next_step().examples)
+    with pytest.raises(DataError, match=r"stage2 serves medical data"):
+        StageSampler(general, [], examples_per_step=4, total_steps=3, schedule="step", start=0.0, end=1.0,
+                     plateaus=2, seed=0, stage="stage2")
+
+
 def test_resume_with_different_data_is_refused():
     sampler = _sampler()
     state = sampler.state_dict()

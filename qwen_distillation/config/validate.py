@@ -76,8 +76,8 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
     require(loss.contrastive.projection_dim >= 1, f"{key}.loss.contrastive.projection_dim",
             loss.contrastive.projection_dim, "must be >= 1", f"{key}.loss.contrastive.projection_dim=256")
     if loss.weights.contrastive > 0 and loss.contrastive.domain_aware:
-        ratio = stage.medical_ratio  # a constant schedule stays at start (data.manager.stage_domains)
-        shares = (ratio.start, ratio.start if ratio.schedule == "constant" else ratio.end)
+        ratio = stage.medical_ratio  # a flat schedule stays at start (data.manager.stage_domains)
+        shares = (ratio.start, ratio.start if _flat_schedule(ratio) else ratio.end)
         require(min(shares) < 1 and max(shares) > 0, f"{key}.loss.contrastive.domain_aware", "true",
                 f"{key} serves {'medical' if min(shares) >= 1 else 'general'} data only (medical_ratio "
                 f"{ratio.schedule} {ratio.start:g}), so every sequence would be a positive of every other and the "
@@ -473,14 +473,19 @@ def ignored_settings(cfg: DistillationConfig) -> list[str]:
     return lines
 
 
+def _flat_schedule(ratio) -> bool:
+    """Whether a medical-ratio schedule never leaves its ``start``: ``constant``, or ``step`` with one
+    plateau (as ``data.manager.medical_ratio_at`` and ``stage_domains`` read it)."""
+    return ratio.schedule == "constant" or (ratio.schedule == "step" and ratio.plateaus == 1)
+
+
 def _ignored_ratio_settings(key: str, ratio) -> list[str]:
     """The medical-ratio keys of stage ``key`` that its schedule does not read: ``end`` under a schedule
     that never leaves ``start`` (``constant``, or ``step`` with one plateau), ``plateaus`` under a schedule
     other than ``step``. The stage served ``start`` from its first step to its last, without a word."""
     lines = []
-    flat = ("the constant schedule" if ratio.schedule == "constant" else
-            "a step schedule of one plateau" if ratio.schedule == "step" and ratio.plateaus == 1 else None)
-    if flat is not None and ratio.end != ratio.start:
+    flat = ("the constant schedule" if ratio.schedule == "constant" else "a step schedule of one plateau")
+    if _flat_schedule(ratio) and ratio.end != ratio.start:
         lines.append(f"{key}.medical_ratio.end={ratio.end:g}: ignored, {flat} serves the medical share "
                      f"{key}.medical_ratio.start={ratio.start:g} at every step of the stage; to move it to the end "
                      f"value use {key}.medical_ratio.schedule=linear (or step with {key}.medical_ratio.plateaus=2 "

@@ -43,11 +43,12 @@ def medical_ratio_at(step: int, total_steps: int, schedule: str, start: float, e
     raise ValueError(f"unknown medical ratio schedule {schedule!r}")
 
 
-def stage_domains(schedule: str, start: float, end: float) -> tuple[str, ...]:
+def stage_domains(schedule: str, start: float, end: float, plateaus: int = 5) -> tuple[str, ...]:
     """The domains a stage serves when its medical ratio goes from ``start`` to ``end``:
     general data while the ratio is below 1, medical data while it is above 0. A ``constant``
-    schedule stays at ``start`` (its ``end`` is ignored, as :func:`medical_ratio_at` ignores it)."""
-    end = start if schedule == "constant" else end
+    schedule, or a ``step`` one of one plateau, stays at ``start`` (its ``end`` is ignored, as
+    :func:`medical_ratio_at` ignores it)."""
+    end = start if schedule == "constant" or (schedule == "step" and plateaus == 1) else end
     return tuple(domain for domain, serves in (("general", min(start, end) < 1), ("medical", max(start, end) > 0))
                  if serves)
 
@@ -153,7 +154,7 @@ class StageSampler:
         self.examples_per_step, self.total_steps, self.tokens_per_step = examples_per_step, total_steps, tokens_per_step
         self.schedule, self.start, self.end, self.plateaus = schedule, start, end, plateaus
         self.seed, self.stage = seed, stage
-        check_stage_pools(stage, stage_domains(schedule, start, end), general, medical)
+        check_stage_pools(stage, stage_domains(schedule, start, end, plateaus), general, medical)
         self.general = _Pool("general", general, seed)
         self.medical = _Pool("medical", medical, seed)
         self.carry = 0.0

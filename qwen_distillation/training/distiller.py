@@ -122,7 +122,7 @@ def model_inputs(cfg) -> list[tuple[str, str]]:
 def _domains(stage: StageConfig) -> tuple[str, ...]:
     """The domains ``stage`` serves, by its medical-ratio schedule (``stage_domains``)."""
     ratio = stage.medical_ratio
-    return stage_domains(ratio.schedule, ratio.start, ratio.end)
+    return stage_domains(ratio.schedule, ratio.start, ratio.end, ratio.plateaus)
 
 
 class NonFiniteLossError(DistillationError):
