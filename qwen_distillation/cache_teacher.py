@@ -13,10 +13,12 @@ response token the cache holds the teacher's ``--k`` most probable token ids, th
 log-probabilities and the log of the rest of its mass (docs/teacher_offline.md). A killed run
 continues where it stopped (shards are written whole);
 ``torchrun --nproc_per_node N -m qwen_distillation.cache_teacher ...`` splits the examples over the
-ranks, each writing its own shards. A directory holding a cache of other inputs is refused unless
-``--overwrite`` (so is one whose ``manifest.json`` cannot be read, when it holds nothing but a cache's
-files); one holding other files and no cache, another tool's ``manifest.json``, or lying inside a data
-directory, always. No training examples (empty ``data.general`` and ``data.medical``) is refused.
+ranks, each writing (and, when the cache is replaced, deleting) only its own shards; each shard
+records the identity it was written under, so the ranks need no process group. A directory holding
+a cache of other inputs is refused unless ``--overwrite`` (so is one whose ``manifest.json`` cannot
+be read, when it holds nothing but a cache's files); one holding other files and no cache, another
+tool's ``manifest.json``, or lying inside a data directory, always. No training examples (empty
+``data.general`` and ``data.medical``) is refused.
 Prints one JSON line: examples, response tokens, seconds, tokens/s, bytes on disk.
 """
 
@@ -167,13 +169,13 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
     if weight_shape(teacher.get_output_embeddings().weight)[0] < vocab_size:
         raise ConfigError(f"model.teacher: its lm_head has fewer columns than its tokenizer has tokens "
                           f"({vocab_size}); the model and tokenizer do not belong together")
-    # Only now, with the teacher loaded, may --overwrite delete the old cache's shards.
-    if damaged and rank == 0:  # a cache whose manifest cannot be read: replaced whole, as --overwrite says
+    # Only now, with the teacher loaded, may --overwrite delete the old cache's shards. The writer of each
+    # rank deletes only its own (rank 0 also those of ranks past world_size): the ranks share no process
+    # group, and another rank may be reading the directory or writing its shards meanwhile.
+    if damaged and rank == 0:  # a cache whose manifest cannot be read: replaced, as --overwrite says
         log.warning("--out %s: its %s cannot be read; --overwrite replaces the cache there (%d file(s))", out,
                     MANIFEST, len(damaged))
-        for path in damaged:
-            path.unlink(missing_ok=True)
-    writer = CacheWriter(out, spec.identity, rank=rank, overwrite=overwrite)
+    writer = CacheWriter(out, spec.identity, rank=rank, world_size=world_size, overwrite=overwrite)
     autocast = (lambda: torch.autocast(device.type, dtype=teacher_dtype)) if teacher_dtype != torch.float32 else (
         lambda: torch.autocast(device.type, enabled=False))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -84,9 +84,13 @@ def test_overwrite_replaces_a_cache_whose_manifest_cannot_be_read(tmp_path, smal
         cache_teacher(cfg, out, k=4, overwrite=True)
     assert snapshot(out) == before
     (out / "notes.txt").unlink()
-    stats = cache_teacher(cfg, out, k=4, overwrite=True)
+    stats = cache_teacher(cfg, out, k=8, overwrite=True)
     assert stats["examples_written"] == stats["examples_total"] > 0
-    assert read_manifest(out)["k"] == 4
+    assert read_manifest(out)["k"] == 8
+    # Shards record the identity they were written under: those of the run's own are kept.
+    (out / "manifest.json").write_text('{"format_version": 1')
+    assert cache_teacher(cfg, out, k=8, overwrite=True)["examples_written"] == 0
+    assert read_manifest(out)["k"] == 8
 
 
 def test_the_cache_holds_the_ids_a_run_with_its_own_student_tokenizer_reads(tmp_path, small_tokenizer):  # noqa: F811

@@ -316,6 +316,170 @@ def test_ranks_write_their_own_shards_and_together_equal_one_process(tmp_path, s
     assert all(torch.allclose(x, y, atol=1e-5) for key in a for x, y in zip(a[key][1:], b[key][1:]))
 
 
+def _as_rank(monkeypatch, rank, world_size=2):
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_overwrite_under_torchrun_replaces_the_cache_whatever_the_ranks_order(order, tmp_path, small_tokenizer,
+                                                                             monkeypatch):
+    """Rank 0 deleted every old shard and wrote the new manifest; the other ranks only read. A rank 1
+    that ran before rank 0 took the examples of the old k=4 shards for done and skipped them, and rank 0
+    then deleted those shards with any rank 1 had written: an incomplete cache. Rank 1 after rank 0
+    meets the new manifest: it must not take its old shards for the new cache's."""
+    from qwen_distillation.cache_teacher import cache_teacher
+
+    cfg = _config(tmp_path / "run", small_tokenizer)
+    cache_teacher(cfg, tmp_path / "one", k=8)
+    for rank in (0, 1):
+        _as_rank(monkeypatch, rank)
+        cache_teacher(cfg, tmp_path / "two", k=4)
+    for rank in order:
+        _as_rank(monkeypatch, rank)
+        stats = cache_teacher(cfg, tmp_path / "two", k=8, overwrite=True)
+        assert 0 < stats["examples_written"] < stats["examples_total"]
+    a, b = _entries(tmp_path / "one"), _entries(tmp_path / "two")
+    assert a.keys() == b.keys() and all(b[key][0].shape[1] == 8 for key in b)
+    assert all(torch.equal(a[key][0], b[key][0]) for key in a)
+    assert sum(len(shard_index(s)) for s in shard_files(tmp_path / "two")) == len(b)  # the old shards are gone
+
+
+def test_overwrite_of_an_unreadable_manifest_under_torchrun_whatever_the_ranks_order(tmp_path, small_tokenizer,
+                                                                                     monkeypatch):
+    """Rank 1 before rank 0 stopped at the unreadable manifest that rank 0 was to replace (or, once
+    rank 0 had deleted it, counted the old shards rank 0 was deleting); rank 0 deleted every file it
+    had listed, shards of other ranks among them."""
+    from qwen_distillation.cache_teacher import cache_teacher
+    from qwen_distillation.data.teacher_cache import read_manifest
+
+    cfg = _config(tmp_path / "run", small_tokenizer)
+    cache_teacher(cfg, tmp_path / "one", k=8)
+    for rank in (0, 1):
+        _as_rank(monkeypatch, rank)
+        cache_teacher(cfg, tmp_path / "two", k=4)
+    (tmp_path / "two" / "manifest.json").write_text('{"format_version": 1')  # damaged
+    for rank in (1, 0):
+        _as_rank(monkeypatch, rank)
+        cache_teacher(cfg, tmp_path / "two", k=8, overwrite=True)
+    assert read_manifest(tmp_path / "two")["k"] == 8
+    a, b = _entries(tmp_path / "one"), _entries(tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.equal(a[key][0], b[key][0]) for key in a)
+    assert sum(len(shard_index(s)) for s in shard_files(tmp_path / "two")) == len(b)
+
+
+# CacheWriter alone, two ranks in one process: six examples, example i of rank i % 2, whose rows
+# (two per example) hold the identity's k in every cell, so a row tells which cache wrote it.
+KEYS = [f"source:{i}" for i in range(6)]
+
+
+def _identity(k):
+    from qwen_distillation.data.teacher_cache import cache_identity
+
+    return cache_identity(teacher="t", tokenizer="tok", vocab_size=16, data=[], max_length=8, k=k, dtype="float32")
+
+
+def _writer(directory, k, rank, world_size=2):
+    return CacheWriter(directory, _identity(k), rank=rank, world_size=world_size, overwrite=True)
+
+
+def _write(writer, world_size=2):
+    """The writer's share of KEYS that it has not done, one shard per example; returns those keys."""
+    from qwen_distillation.data.teacher_cache import CachedExample
+
+    k = writer.identity["k"]
+    todo = [key for i, key in enumerate(KEYS) if i % world_size == writer.rank and key not in writer.done]
+    for key in todo:
+        writer.write([CachedExample(key, 0, torch.full((2, k), k), torch.full((2, k), -float(k)), torch.zeros(2))])
+    return todo
+
+
+def _cache(directory, k, world_size=2):
+    """A whole cache of identity k, written by world_size ranks one after the other."""
+    for rank in range(world_size):
+        _write(_writer(directory, k, rank, world_size), world_size)
+
+
+def _assert_whole(directory, k):
+    reader = CacheReader(directory)
+    assert reader.identity == _identity(k) and sorted(reader.where) == sorted(KEYS)
+    assert all(torch.equal(reader.lookup(key, 0, 2)[0], torch.full((2, k), k)) for key in KEYS)
+
+
+@pytest.mark.parametrize("steps", [
+    "make 0, make 1, write 0, write 1",  # rank 1's writer meets rank 0's new manifest beside its old shards
+    "make 1, write 1, make 0, write 0",  # rank 1 writes before rank 0 replaces the cache
+    "make 1, make 0, write 0, write 1",  # rank 1's writer meets the old manifest and shards
+])
+def test_ranks_replacing_a_cache_in_any_order_leave_the_whole_new_cache(steps, tmp_path):
+    """--overwrite of a k=4 cache by a k=8 run of two ranks that share no process group ("make R":
+    rank R's writer is made; "write R": it writes its examples not done)."""
+    _cache(tmp_path, 4)
+    writers, written = {}, []
+    for step in steps.split(", "):
+        action, rank = step.split()
+        if action == "make":
+            writers[rank] = _writer(tmp_path, 8, int(rank))
+        else:
+            written += _write(writers[rank])
+    assert sorted(written) == KEYS  # nothing of the old cache was taken for done
+    _assert_whole(tmp_path, 8)
+    assert len(shard_files(tmp_path)) == len(KEYS)  # every old shard deleted, by the rank that wrote it
+
+
+def test_a_rank_that_dies_while_the_cache_is_replaced_leaves_no_old_rows_to_read(tmp_path):
+    """Rank 1 stopped before its writer was made: its old shards stay (no other rank deletes a live
+    rank's files), and a reader skips them, so training finds its examples missing rather than old;
+    the cache command run again completes the cache. Old shards of a rank past the new world size are
+    rank 0's to delete."""
+    from qwen_distillation.data.teacher_cache import identity_digest, shard_header
+
+    _cache(tmp_path, 4, world_size=3)
+    _write(_writer(tmp_path, 8, 0))
+    assert not list(tmp_path.glob("shard-R00002-*"))
+    reader = CacheReader(tmp_path)
+    assert sorted(reader.where) == KEYS[0::2] and [p.name[:12] for p in reader.stale] == ["shard-R00001"] * 2
+    with pytest.raises(ConfigError, match="no entry for example source:1"):
+        reader.lookup("source:1", 0, 2)
+    _write(_writer(tmp_path, 8, 1))
+    _assert_whole(tmp_path, 8)
+    assert {shard_header(s)[1] for s in shard_files(tmp_path)} == {identity_digest(_identity(8))}
+
+
+def _written_before_digests(directory):
+    """The cache as written before shards recorded their identity: no digest in the shards, no
+    shard_digests in the manifest."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    for shard in shard_files(directory):
+        with safe_open(str(shard), framework="pt") as handle:
+            examples = handle.metadata()["examples"]
+        save_file(load_file(str(shard)), str(shard), metadata={"examples": examples})
+    manifest = directory / "manifest.json"
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "shard_digests"}))
+
+
+def test_a_cache_written_before_shard_digests_is_read_resumed_and_replaced(tmp_path):
+    """Its shards (no digest) are its manifest's: read, and resumed. Replaced under --overwrite, they
+    are of the old cache, also for a rank that meets the new manifest."""
+    resumed = tmp_path / "resumed"
+    _write(_writer(resumed, 8, 0))
+    _written_before_digests(resumed)
+    assert sorted(CacheReader(resumed).where) == KEYS[0::2]
+    assert _write(_writer(resumed, 8, 0)) == [] and _write(_writer(resumed, 8, 1)) == KEYS[1::2]
+    _assert_whole(resumed, 8)
+    replaced = tmp_path / "replaced"
+    _cache(replaced, 4)
+    _written_before_digests(replaced)
+    rank0 = _writer(replaced, 8, 0)
+    assert list(CacheReader(replaced).where) == []  # rank 1's old shards are not the new manifest's
+    rank1 = _writer(replaced, 8, 1)  # meets the new manifest, of its own identity, beside its old shards
+    assert rank1.done.isdisjoint(KEYS[1::2])
+    assert sorted(_write(rank0) + _write(rank1)) == KEYS
+    _assert_whole(replaced, 8)
+
+
 @pytest.mark.parametrize("command", ["cache_teacher", "prune"])
 @pytest.mark.parametrize("engine", [["distributed=zero3"], ["distributed=fsdp2"], ["--deepspeed", "ds.json"]])
 def test_the_one_device_commands_refuse_a_training_engine_saying_why(command, engine, tmp_path, capsys):

@@ -16,12 +16,23 @@ file's content hash and the record index), its number of response tokens and a c
 input ids, so a reader finds an example's rows and can tell when the data or the tokenizer
 changed. A shard is written under a temporary name and renamed into place, so a killed writer
 leaves only whole shards; a new writer skips the examples they hold.
+
+Each shard's metadata also records :func:`identity_digest` of the identity it was written under, and
+that alone says which cache it belongs to: ranks run with no process group, so while ``--overwrite``
+replaces a cache, one rank may meet the old manifest and another the new one beside shards of both
+caches. A writer counts as done only the shards of its own identity's digest and deletes only stale
+shards it owns (:class:`CacheWriter`); a reader serves only the shards of its manifest's identity. A
+manifest written since shards record the digest says so (:data:`SHARD_DIGESTS`); under an older one
+(an older cache), a shard without a digest is the manifest's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +42,16 @@ import torch
 from qwen_distillation.data.generated import TEACHER_FINGERPRINT, file_digest, teacher_weights_difference
 from qwen_distillation.errors import CheckpointError, ConfigError
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The manifest key (beside the identity) saying that every shard of the cache records its identity's
+# digest: a shard without one is then of an earlier cache.
+SHARD_DIGESTS = "shard_digests"
+# The shard metadata key holding identity_digest of the identity the shard was written under.
+SHARD_IDENTITY = "identity"
+SHARD_NAME = re.compile(r"\.?shard-R(\d+)-(\d+)\.safetensors(\.tmp)?")
 
 
 def source_hashes(paths: dict[str, str]) -> dict[str, str]:
@@ -69,9 +87,22 @@ def same_identity(cached: dict, wanted: dict) -> bool:
     fingerprint was recorded (no such key) is not told apart by it, nor is a run whose teacher
     directory holds no weights to fingerprint."""
     def comparable(identity):
-        return {key: value for key, value in identity.items() if key != TEACHER_FINGERPRINT}
+        return {key: value for key, value in identity.items() if key not in (TEACHER_FINGERPRINT, SHARD_DIGESTS)}
 
     return comparable(cached) == comparable(wanted) and teacher_weights_difference(cached, wanted) is None
+
+
+def identity_digest(identity: dict) -> str:
+    """sha256 of an identity's canonical JSON: what a shard records of the identity it was written under."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def manifest_identity(manifest) -> tuple[dict, bool]:
+    """A manifest as read: the cache's identity, and whether its shards record their identity's digest
+    (:data:`SHARD_DIGESTS`; False for a manifest written before they did, or one that is not a dict)."""
+    if not isinstance(manifest, dict):
+        return manifest, False
+    return {key: value for key, value in manifest.items() if key != SHARD_DIGESTS}, bool(manifest.get(SHARD_DIGESTS))
 
 
 def identity_differences(cached: dict, wanted: dict) -> list[str]:
@@ -135,18 +166,23 @@ class CachedExample:
 
 
 class CacheWriter:
-    """Writes rank ``rank``'s shards into ``directory`` (see the module docstring).
+    """Writes rank ``rank``'s shards (of ``world_size`` ranks) into ``directory`` (see the module docstring).
 
-    The manifest is written (or checked: a different identity is refused unless ``overwrite``,
-    which first removes the old shards) when the writer is made; :attr:`done` holds the keys the
-    existing shards of every rank already cover, so a resumed writer skips them."""
+    The manifest is checked when the writer is made: a different identity (or an unreadable manifest)
+    is refused unless ``overwrite``, which replaces the cache; rank 0 then writes the manifest.
+    :attr:`done` holds the keys that shards of this identity (by their digest) already cover, of any
+    rank, so a resumed writer skips them. A stale shard (of another digest; without one, unless the
+    manifest is of this identity and older than shard digests) is never counted, and is deleted by
+    the writer of the rank that wrote it; rank 0 deletes those of ranks ``>= world_size`` too. No rank
+    deletes a shard of another rank below ``world_size``, which may be writing its shards meanwhile:
+    the ranks share no process group, so each rank's files are its own."""
 
     @staticmethod
     def check(directory: Path, identity: dict, *, overwrite: bool = False, cached: dict | None = None) -> bool:
         """Read-only: whether ``directory`` holds a cache of other inputs (which the writer will
         replace); refused unless ``overwrite``. ``cached`` is its manifest's identity when the caller
         has read it already. The cache command calls this before the teacher loads, and makes the
-        writer (which deletes the old shards) only once the teacher has loaded."""
+        writer (which deletes the old cache's shards) only once the teacher has loaded."""
         if cached is None:
             if not (Path(directory) / MANIFEST).exists():
                 return False
@@ -160,23 +196,57 @@ class CacheWriter:
                               f" choose another directory or pass --overwrite")
         return other
 
-    def __init__(self, directory: Path, identity: dict, *, rank: int = 0, overwrite: bool = False):
+    def __init__(self, directory: Path, identity: dict, *, rank: int = 0, world_size: int = 1,
+                 overwrite: bool = False):
         self.directory = Path(directory)
         self.identity, self.rank = identity, rank
-        other_inputs = self.check(self.directory, identity, overwrite=overwrite)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.digest = identity_digest(identity)
         manifest = self.directory / MANIFEST
-        if other_inputs and rank == 0:
-            for shard in self.directory.glob("shard-*.safetensors"):
-                shard.unlink()
-        if rank == 0:
-            _write_atomic(manifest, json.dumps(identity, indent=2).encode())
+        cached = None
+        if manifest.exists():
+            try:
+                cached = read_manifest(self.directory)
+            except CheckpointError:
+                # Unreadable: replaced as a cache of other inputs (the cache command has checked that the
+                # directory holds nothing but a cache's files); rank 0 may have replaced it already.
+                if not overwrite:
+                    raise
+        other_inputs = cached is not None and self.check(self.directory, identity, overwrite=overwrite, cached=cached)
+        # A shard without a digest is the manifest's only under a manifest of this identity written
+        # before shards recorded their digest (an older cache, resumed).
+        undigested_current = cached is not None and not other_inputs and not manifest_identity(cached)[1]
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+        def owned(name: str) -> bool:
+            match = SHARD_NAME.fullmatch(name)
+            return match is not None and (int(match[1]) == rank or (rank == 0 and int(match[1]) >= world_size))
+
         self.done: set[str] = set()
         self._next = 0
+        stale = []
         for shard in shard_files(self.directory):
-            self.done.update(shard_index(shard))
-            if shard.name.startswith(f"shard-R{rank:05d}-"):
-                self._next = max(self._next, int(shard.stem.rsplit("-", 1)[1]) + 1)
+            match = SHARD_NAME.fullmatch(shard.name)
+            if match and int(match[1]) == rank:  # numbered past every shard of this rank, stale or not
+                self._next = max(self._next, int(match[2]) + 1)
+            try:
+                index, digest = shard_header(shard)
+            except CheckpointError:
+                if shard.exists() and not overwrite:
+                    raise
+                # Deleted meanwhile by the rank that owns it (a stale shard), or damaged: replaced with
+                # --overwrite, by the rank that owns it.
+                stale += [shard] if owned(shard.name) else []
+                continue
+            if (digest == self.digest) if digest is not None else undigested_current:
+                self.done.update(index)
+            elif owned(shard.name):
+                stale.append(shard)
+        # This rank's stale shards, and what a killed writer of this rank left half-written.
+        for path in stale + [p for p in self.directory.glob(".shard-R*.tmp") if owned(p.name)]:
+            path.unlink(missing_ok=True)
+        if rank == 0:
+            written = identity if undigested_current else {**identity, SHARD_DIGESTS: True}
+            _write_atomic(manifest, json.dumps(written, indent=2).encode())
 
     def write(self, examples: list[CachedExample]) -> Path:
         """One shard of ``examples``, written atomically; returns its path."""
@@ -188,7 +258,8 @@ class CacheWriter:
                    "tail_logmass": torch.cat([e.tail_logmass for e in examples]).float().contiguous()}
         index = [[e.key, int(e.ids.shape[0]), e.checksum] for e in examples]
         path = self.directory / f"shard-R{self.rank:05d}-{self._next:06d}.safetensors"
-        _write_atomic(path, save({k: v.cpu() for k, v in tensors.items()}, metadata={"examples": json.dumps(index)}))
+        metadata = {"examples": json.dumps(index), SHARD_IDENTITY: self.digest}
+        _write_atomic(path, save({k: v.cpu() for k, v in tensors.items()}, metadata=metadata))
         self._next += 1
         self.done.update(e.key for e in examples)
         return path
@@ -198,13 +269,15 @@ def shard_files(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob("shard-R*-*.safetensors"))
 
 
-def shard_index(path: Path) -> dict[str, tuple[int, int, int]]:
-    """``{key: (first row, rows, checksum)}`` of a shard, from its metadata alone."""
+def shard_header(path: Path) -> tuple[dict[str, tuple[int, int, int]], str | None]:
+    """A shard's index, ``{key: (first row, rows, checksum)}``, and the digest of the identity it was
+    written under (None: a shard written before shards recorded it), from its metadata alone."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            entries = json.loads(handle.metadata()["examples"])
+            metadata = handle.metadata()
+            entries = json.loads(metadata["examples"])
     except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
         raise CheckpointError(f"{path}: damaged teacher-cache shard ({err}); delete it and run the cache "
                               f"command again, which rewrites the missing examples") from err
@@ -212,20 +285,41 @@ def shard_index(path: Path) -> dict[str, tuple[int, int, int]]:
     for key, rows, checksum in entries:
         out[key] = (row, rows, checksum)
         row += rows
-    return out
+    return out, metadata.get(SHARD_IDENTITY)
+
+
+def shard_index(path: Path) -> dict[str, tuple[int, int, int]]:
+    """``{key: (first row, rows, checksum)}`` of a shard, from its metadata alone."""
+    return shard_header(path)[0]
 
 
 class CacheReader:
     """Looks up cached examples; every shard's tensors are loaded on first use and kept (a cache
-    of a few GB sits in host memory; the rows are sliced from it per micro-batch)."""
+    of a few GB sits in host memory; the rows are sliced from it per micro-batch).
+
+    Only the shards of the manifest's identity are read (by their digest; a shard without one only
+    under a manifest older than shard digests): a rank that died while ``--overwrite`` replaced the
+    cache leaves its old shards, which are skipped (:attr:`stale`), so their examples are missing,
+    not served from the old cache."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
-        self.identity = read_manifest(self.directory)
+        self.identity, digested = manifest_identity(read_manifest(self.directory))
+        digest = identity_digest(self.identity) if isinstance(self.identity, dict) else None
         self.where: dict[str, tuple[Path, int, int, int]] = {}
+        self.stale: list[Path] = []
         for shard in shard_files(self.directory):
-            for key, (row, rows, checksum) in shard_index(shard).items():
+            index, shard_digest = shard_header(shard)
+            if (shard_digest != digest) if shard_digest is not None else digested:
+                self.stale.append(shard)
+                continue
+            for key, (row, rows, checksum) in index.items():
                 self.where[key] = (shard, row, rows, checksum)
+        if self.stale:
+            names = ", ".join(p.name for p in self.stale[:3]) + (", ..." if len(self.stale) > 3 else "")
+            log.warning("teacher cache %s: %d shard(s) of an earlier cache skipped (%s), left by a rank that stopped "
+                        "while the cache was replaced; run the cache command again: it deletes them and writes the "
+                        "examples they miss", self.directory, len(self.stale), names)
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
 
     def _tensors(self, shard: Path) -> dict[str, torch.Tensor]:
