@@ -205,8 +205,10 @@ def translate(argv: list[str]) -> list[str]:
             except UsageError as err:
                 raise UsageError(f"{name} {err}") from None
             written = f"{name} {value}".strip()
-            if translated:
-                _check_once(translated[0], written, set_by, flag=True)
+            # What the flag sets (--deepspeed: the engine and the JSON; --use_qlora: LoRA and 4-bit), not the
+            # keys it resets to null (--teacher_model clears the tokenizer an override may then set).
+            for override in translated[:1] + [o for o in translated[1:] if not o.endswith("=null")]:
+                _check_once(override, written, set_by, flag=True)
             out.extend(translated)
         elif arg.startswith("--") and name not in HYDRA_FLAGS:
             raise UsageError(f"unknown flag {name}; classic flags are: {', '.join(CLASSIC_FLAGS)}; any config key "

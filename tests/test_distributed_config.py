@@ -5,6 +5,7 @@ launch checks, and the launchers' command-line flags."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,8 @@ from qwen_distillation.config.validate import validate_config
 from qwen_distillation.errors import ConfigError
 from qwen_distillation.training import distributed as dist
 from qwen_distillation.training.deepspeed_engine import deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(*overrides: str):
@@ -239,3 +242,116 @@ def test_the_teacher_zero3_config_is_read_once(tmp_path, monkeypatch):
     assert len(reads) == 1
     assert not Distiller(_config("distributed=zero2"))._sharded()
     assert Distiller(_config("distributed=fsdp2"))._teacher_zero3() is None
+
+
+@pytest.mark.parametrize("user,batch,names,not_said", [
+    # `true` equals 1 in Python: with stage2.batch_size=1 it passed; else the fix was `set stage2.batch_size=True`.
+    ({"train_micro_batch_size_per_gpu": True}, 1, ["train_micro_batch_size_per_gpu=true is not a number"], []),
+    ({"gradient_accumulation_steps": None}, 8,
+     ["gradient_accumulation_steps=null is not a number", "stage2.grad_accum=1"], ["set stage2.grad_accum=None"]),
+    ({"train_batch_size": 7}, 8, ["train_batch_size=7 differs", "choose stage2.batch_size and stage2.grad_accum whose "
+                                  "product x 2 ranks is 7"], ["set stage2.batch_size x"]),
+    ({"bf16": {"enabled": True}}, 8, ["bf16.enabled=True differs from train.precision=fp32",
+                                      "set train.precision=bf16"], ["set train.precision=True"]),
+    ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, 8, ["set train.precision=bf16"],
+     ["set train.precision={", '(or write "auto")']),
+])
+def test_a_conflict_in_the_json_says_what_to_change(tmp_path, user, batch, names, not_said):
+    """The fix of a conflict named an override that cannot be written (`set train.precision=True`,
+    `set stage2.batch_size x stage2.grad_accum x 2 ranks=7`, `set train.precision={"enabled": ...}`)."""
+    with pytest.raises(ConfigError) as err:
+        _ds(tmp_path, {"zero_optimization": {"stage": 2}, **user}, f"stage2.batch_size={batch}", "stage2.grad_accum=1",
+            "stage2.loss.weights.contrastive=0", precision="fp32")
+    message = str(err.value)
+    assert all(name in message for name in names) and not any(bad in message for bad in not_said), message
+
+
+def test_the_optimizer_blocks_weight_decay_must_agree_with_the_stage(tmp_path):
+    """optimizer.params.weight_decay was dropped with the block without a word (the stage's AdamW ran
+    with stage2.weight_decay), as lr is not."""
+    user = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"weight_decay": 0.3}}}
+    with pytest.raises(ConfigError, match=r"optimizer.params.weight_decay=0.3 differs from stage2.weight_decay=0.0.*"
+                                          r"set stage2.weight_decay=0.3"):
+        _ds(tmp_path, user)
+    assert _ds(tmp_path, user, "stage2.weight_decay=0.3")["zero_optimization"] == {"stage": 2}
+
+
+def test_json_entries_the_run_does_not_use_are_warned_of(tmp_path, caplog):
+    """A misspelt top-level key (DeepSpeed passes over it) and the optimizer and scheduler entries that
+    would have changed the run were dropped with at most an info line; each is now a warning naming it.
+    An all-"auto" Hugging Face block is not warned of."""
+    pytest.importorskip("deepspeed")
+    user = {"zero_optimization": {"stage": 2}, "gradient_accumulation_step": 4, "zero_optimisation": {"stage": 3},
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": [0.8, 0.9], "eps": "auto"}},
+            "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 100, "warmup_max_lr": "auto"}}}
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.deepspeed_engine"):
+        _ds(tmp_path, user)
+        _ds(tmp_path, user)  # once a run, however many stages ask
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3, warnings
+    unread, optimizer, scheduler = warnings
+    assert "gradient_accumulation_step (did you mean gradient_accumulation_steps?)" in unread
+    assert "zero_optimisation (did you mean zero_optimization?)" in unread and "not a DeepSpeed setting" in unread
+    assert "optimizer.params.betas=[0.8, 0.9]: ignored, the stage runs torch AdamW" in optimizer
+    assert "eps" not in optimizer.split(":")[1] and "ds.json (--deepspeed)" in optimizer
+    assert 'scheduler.type="WarmupLR", scheduler.params.warmup_num_steps=100: ignored' in scheduler
+    assert "stageN.lr_scheduler" in scheduler and "warmup_max_lr" not in scheduler
+    caplog.clear()
+    auto = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+            "scheduler": {"type": "auto", "params": {"warmup_num_steps": "auto"}}}
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.deepspeed_engine"):
+        (tmp_path / "auto").mkdir()
+        _ds(tmp_path / "auto", auto)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_engine_options_without_an_engine_are_warned_of():
+    """`distributed=none distributed.offload=true` (a sweep over distributed=none,zero3 that sets it for both)
+    ran on one device without a word; it is a warning, not an error, so the sweep runs."""
+    from qwen_distillation.config.validate import ignored_settings
+
+    cfg = _config("distributed=none", "distributed.offload=true", "distributed.zero_stage=3")
+    lines = [line for line in ignored_settings(cfg) if "distributed." in line]
+    assert len(lines) == 1 and lines[0].startswith("distributed.zero_stage=3, distributed.offload=True: ignored"), lines
+    assert "distributed=zero2" in lines[0]
+    assert not [line for line in ignored_settings(_config("distributed=zero3", "distributed.offload=true"))
+                if "distributed." in line]
+
+
+@pytest.mark.parametrize("overrides,label", [
+    (["distributed=zero2", "distributed.zero_stage=3"], "under distributed=zero2 distributed.zero_stage=3,"),
+    (["distributed.engine=deepspeed", "distributed.zero_stage=3"],
+     "under distributed=none distributed.engine=deepspeed distributed.zero_stage=3,"),
+    (["distributed.engine=fsdp2"], "under distributed=none distributed.engine=fsdp2,"),
+])
+def test_a_message_names_the_engine_as_the_overrides_set_it(overrides, label):
+    """The FP8 teacher under `distributed=zero2 distributed.zero_stage=3` was refused as 'not supported under
+    distributed=zero2 ...; use distributed=zero2', and under `distributed.engine=fsdp2` as under distributed=none."""
+    with pytest.raises(ConfigError) as err:
+        _config(*overrides, "model.teacher.fp8=true")
+    assert label in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (ROOT / "conf" / "distributed").glob("*.yaml")))
+def test_each_engine_option_as_written_is_named_by_its_name_alone(option):
+    """engine_label holds what each conf/distributed option sets: an option it does not know, or one whose
+    values moved, would be named with its own values as overrides."""
+    from qwen_distillation.config.validate import engine_label
+
+    assert engine_label(compose_config([f"distributed={option}"]).distributed) == f"distributed={option}"
+
+
+@pytest.mark.parametrize("argv,key", [
+    (["--deepspeed", "a.json", "--deepspeed=b.json"], "distributed.deepspeed_config"),
+    (["--deepspeed", "a.json", "distributed.deepspeed_config=b.json"], "distributed.deepspeed_config"),
+    (["--use_qlora", "lora.quantize_4bit=false"], "lora.quantize_4bit"),
+])
+def test_a_flag_and_another_setting_of_the_same_key_are_refused(argv, key):
+    """Only the first override a classic flag sets was checked: the second --deepspeed JSON, or
+    lora.quantize_4bit=false after --use_qlora (plain LoRA), won without a word."""
+    from qwen_distillation.cli import UsageError
+
+    with pytest.raises(UsageError, match=f"{key} is set twice"):
+        translate(argv)
+    assert translate(["--teacher_model", "x", "model.teacher.tokenizer=y"])[-1] == "model.teacher.tokenizer=y"
+    assert translate(["--deepspeed", "a.json", "--deepspeed", "a.json"])

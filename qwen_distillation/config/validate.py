@@ -11,8 +11,8 @@ import typing
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qwen_distillation.config.schema import (RENAMED_KEYS, DistillationConfig, EvalConfig, LoraConfig,
-                                             MedicalRatioConfig, StageConfig)
+from qwen_distillation.config.schema import (RENAMED_KEYS, DistillationConfig, DistributedConfig, EvalConfig,
+                                             LoraConfig, MedicalRatioConfig, StageConfig)
 from qwen_distillation.errors import ConfigError, require, require_one_of
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
@@ -299,7 +299,16 @@ def engine_label(distributed) -> str:
     """How the user chose the engine, for messages: ``distributed=zero3`` or ``--deepspeed FILE``."""
     if distributed.deepspeed_config:
         return f"--deepspeed {distributed.deepspeed_config}"
-    return f"distributed={distributed.name}"
+    # What each option of the group sets (conf/distributed/*.yaml); the keys overridden after it are named too,
+    # so `distributed=zero2 distributed.zero_stage=3` is not called zero2 (nor `distributed.engine=fsdp2` none).
+    option = {"none": ("none", None, False), "zero2": ("deepspeed", 2, False), "zero3": ("deepspeed", 3, False),
+              "zero3_offload": ("deepspeed", 3, True), "fsdp2": ("fsdp2", None, False)}.get(distributed.name)
+    ours = (distributed.engine, distributed.zero_stage, distributed.offload)
+    if option is None or option == ours:
+        return f"distributed={distributed.name}"
+    changed = [f"distributed.{key}={str(value).lower() if isinstance(value, bool) else value}"
+               for key, value, default in zip(("engine", "zero_stage", "offload"), ours, option) if value != default]
+    return " ".join([f"distributed={distributed.name}", *changed])
 
 
 def _validate_distributed(cfg: DistillationConfig) -> None:
@@ -446,9 +455,10 @@ def ignored_settings(cfg: DistillationConfig) -> list[str]:
     """The values a run of the validated ``cfg`` ignores, one line each for a warning: LoRA options
     while LoRA is off (the run trains all of the student's weights), the layer map of a feature
     or attention term whose weight is 0 in a stage that runs, and the medical-ratio keys its schedule
-    does not read (:func:`_ignored_ratio_settings`), and a teacher cache of a stage that runs the teacher
-    online. Not errors: an ablation (a sweep over
-    ``lora.enabled``, over a term's weight or over the schedule) keeps them while it turns their feature off."""
+    does not read (:func:`_ignored_ratio_settings`), a teacher cache of a stage that runs the teacher
+    online, and the engine options of the ``distributed`` group (offload, ZeRO stage, DeepSpeed JSON, backend,
+    timeout) under ``distributed=none``. Not errors: an ablation (a sweep over ``lora.enabled``, over a term's
+    weight, over the schedule or over ``distributed=none,zero3``) keeps them while it turns their feature off."""
     lines = []
     changed = [f"lora.{name}={getattr(cfg.lora, name)}" for name, default in dataclasses.asdict(LoraConfig()).items()
                if getattr(cfg.lora, name) != default]
@@ -470,6 +480,14 @@ def ignored_settings(cfg: DistillationConfig) -> list[str]:
             lines.append(f"{key}.teacher.cache={stage.teacher.cache}: ignored, the stage runs the teacher online "
                          f"({key}.teacher.source={stage.teacher.source}); read the cache with "
                          f"{key}.teacher.source=cache")
+    if cfg.distributed.engine == "none":
+        engine_options = [f"distributed.{name}={getattr(cfg.distributed, name)}"
+                          for name, default in dataclasses.asdict(DistributedConfig()).items()
+                          if name not in ("name", "engine") and getattr(cfg.distributed, name) != default]
+        if engine_options:
+            lines.append(f"{', '.join(engine_options)}: ignored, the run has no training engine (distributed=none: "
+                         f"one process, one device); choose one with distributed=zero2, zero3, zero3_offload or "
+                         f"fsdp2, or --deepspeed ds_config.json")
     return lines
 
 

@@ -21,6 +21,7 @@ that read an lm_head weight outside its module (the fused loss, held-out NLL) ru
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
 import math
@@ -40,6 +41,39 @@ DS_DIR = "deepspeed"  # the DeepSpeed checkpoint inside stageN/checkpoint-STEP
 # Values of a user's DeepSpeed JSON that the stage config fills; "auto" (the Hugging Face
 # convention) always defers to the stage config.
 AUTO = "auto"
+_WARNED: set[str] = set()  # warnings about the user's JSON already logged (deepspeed_config runs once per stage)
+
+
+def _warn_once(line: str) -> None:
+    if line not in _WARNED:
+        _WARNED.add(line)
+        log.warning(line)
+
+
+def unused_blocks(user: dict, source: str) -> list[str]:
+    """Warnings for the ``optimizer`` and ``scheduler`` blocks of the user's JSON, which are not used
+    (the stage's torch AdamW and schedule are): each names the entries that would have changed the run.
+    ``optimizer.params.lr`` and ``weight_decay`` are compared with the stage config instead."""
+    def entries(block: str, kept_types: tuple, checked: tuple) -> list[str]:
+        section = user.get(block)
+        if not isinstance(section, dict):
+            return []
+        found = [f"{block}.type={json.dumps(section['type'])}"] if section.get("type", AUTO) not in kept_types else []
+        params = section.get("params") if isinstance(section.get("params"), dict) else {}
+        return found + [f"{block}.params.{name}={json.dumps(value)}" for name, value in params.items()
+                        if name not in checked and value != AUTO]
+
+    lines = []
+    ignored = entries("optimizer", ("Adam", "AdamW", AUTO), ("lr", "weight_decay"))
+    if ignored:
+        lines.append(f"{source}: {', '.join(ignored)}: ignored, the stage runs torch AdamW (betas=(0.9, 0.999), "
+                     f"eps=1e-08) with stageN.lr and stageN.weight_decay; remove them from the JSON or write \"auto\"")
+    ignored = entries("scheduler", (AUTO,), ())
+    if ignored:
+        lines.append(f"{source}: {', '.join(ignored)}: ignored, the stage's schedule is set by stageN.lr_scheduler, "
+                     f"stageN.warmup_ratio and stageN.min_lr_ratio; set those, and remove the scheduler block from "
+                     f"the JSON")
+    return lines
 
 
 def read_deepspeed_json(path: str) -> dict:
@@ -61,12 +95,19 @@ def read_deepspeed_json(path: str) -> dict:
     return data
 
 
-def _conflict(source: str, field: str, theirs, ours, key: str) -> ConfigError:
-    if isinstance(theirs, str) and field != "torch_autocast":  # "2": DeepSpeed does not read a quoted number
+def _conflict(source: str, field: str, theirs, ours, key: str, *, fix: str | None = None) -> ConfigError:
+    """The error for a JSON entry ``field`` whose value ``theirs`` differs from the stage config's ``key=ours``.
+    ``fix``: the change of the run's config that would agree with the JSON, for an entry that is not a plain
+    number of the stage config (default: ``set key=theirs``, and a value that is no number is named as such)."""
+    if fix is None and isinstance(theirs, str):  # "2": DeepSpeed does not read a quoted number
         return ConfigError(f"{source}: {field}={json.dumps(theirs)} is a string; write the number without quotes "
                            f"(the stage config has {key}={ours}), or \"auto\"")
+    if fix is None and (isinstance(theirs, bool) or not isinstance(theirs, (int, float))):
+        return ConfigError(f"{source}: {field}={json.dumps(theirs)} is not a number; write a number (the stage "
+                           f"config has {key}={ours}) or \"auto\", or remove {field} from the JSON")
+    auto = "" if field == "torch_autocast" else " (or write \"auto\")"
     return ConfigError(f"{source}: {field}={theirs} differs from {key}={ours}; the stage config sets it: remove "
-                       f"{field} from the JSON (or write \"auto\"), or set {key}={theirs}")
+                       f"{field} from the JSON{auto}, or {fix or f'set {key}={theirs}'}")
 
 
 def _entry_path(config: dict, loc: tuple) -> str:
@@ -86,16 +127,40 @@ def _entry_path(config: dict, loc: tuple) -> str:
     return ".".join(walk(config, ()) or loc)
 
 
-def check_with_deepspeed(config: dict, source: str) -> None:
+class _ReadKeys(dict):
+    """A config whose top-level keys record when they are looked up (``read``), to tell the keys
+    DeepSpeed reads from the ones it passes over without a word (a misspelt ``zero_optimisation``)."""
+
+    def __init__(self, data: dict):
+        super().__init__(data)
+        self.read: set = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def check_with_deepspeed(config: dict, source: str) -> list[str]:
     """DeepSpeed's own reading of ``config`` (a misspelt or ill-typed entry of its sections), so a
     mistake in the user's JSON stops the run before any model loads or output is written, naming
-    the entry. ``train_batch_size`` is left to DeepSpeed to derive (it knows the launch's size)."""
+    the entry. ``train_batch_size`` is left to DeepSpeed to derive (it knows the launch's size).
+    Returns the top-level keys DeepSpeed never looked up, each with the closest one it did (none
+    when DeepSpeed is not installed, or reads the config in a way this cannot follow)."""
     try:
         from deepspeed.runtime.config import DeepSpeedConfig
     except ImportError:  # the engine says so when it starts
-        return
+        return []
+    tracked = _ReadKeys({key: value for key, value in config.items() if key != "train_batch_size"})
     try:
-        DeepSpeedConfig({key: value for key, value in config.items() if key != "train_batch_size"})
+        DeepSpeedConfig(tracked)
     except Exception as err:  # noqa: BLE001 - pydantic's ValidationError, assertions, DeepSpeedConfigError
         errors = err.errors() if callable(getattr(err, "errors", None)) else None
         if errors:
@@ -106,6 +171,14 @@ def check_with_deepspeed(config: dict, source: str) -> None:
             what = first_line(err)
         raise ConfigError(f"{source}: DeepSpeed refuses it ({what}); correct or remove that entry in the JSON "
                           f"(https://www.deepspeed.ai/docs/config-json/ lists DeepSpeed's settings)") from err
+    known = {key for key in tracked.read if isinstance(key, str)}
+    if "train_micro_batch_size_per_gpu" not in known:  # read some other way: nothing to tell
+        return []
+    unread = []
+    for key in (key for key in tracked if key not in known):
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        unread.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    return unread
 
 
 def deepspeed_config(distributed, *, stage, stage_key: str, world_size: int, precision: str) -> dict:
@@ -131,31 +204,38 @@ def deepspeed_config(distributed, *, stage, stage_key: str, world_size: int, pre
              "gradient_accumulation_steps": (stage.grad_accum, f"{stage_key}.grad_accum"),
              "gradient_clipping": (stage.max_grad_norm, f"{stage_key}.max_grad_norm")}
     for field, (ours, key) in fills.items():
-        if field in user and user[field] != AUTO and user[field] != ours:
+        if field in user and user[field] != AUTO and (isinstance(user[field], bool) or user[field] != ours):
             raise _conflict(source, field, user[field], ours, key)
         config[field] = ours
     total = stage.batch_size * stage.grad_accum * world_size
-    if "train_batch_size" in user and user["train_batch_size"] not in (AUTO, total):
-        raise _conflict(source, "train_batch_size", user["train_batch_size"], total,
-                        f"{stage_key}.batch_size x {stage_key}.grad_accum x {world_size} ranks")
+    theirs = user.get("train_batch_size", AUTO)
+    if theirs != AUTO and (isinstance(theirs, bool) or theirs != total):
+        raise _conflict(source, "train_batch_size", theirs, total,
+                        f"{stage_key}.batch_size x {stage_key}.grad_accum x {world_size} ranks",
+                        fix=None if isinstance(theirs, (str, bool)) or not isinstance(theirs, (int, float)) else
+                        f"choose {stage_key}.batch_size and {stage_key}.grad_accum whose product x {world_size} ranks "
+                        f"is {theirs}")
     config["train_batch_size"] = total
+    optimizer = user.get("optimizer") or {}
+    for name, ours in (("lr", stage.lr), ("weight_decay", stage.weight_decay)):
+        theirs = (optimizer.get("params") or {}).get(name, AUTO)
+        if theirs != AUTO and (isinstance(theirs, bool) or theirs != ours):
+            raise _conflict(source, f"optimizer.params.{name}", theirs, ours, f"{stage_key}.{name}")
     for block in ("optimizer", "scheduler"):
-        if block in user:
-            lr = user[block].get("params", {}).get("lr", AUTO) if isinstance(user[block], dict) else AUTO
-            if block == "optimizer" and lr != AUTO and lr != stage.lr:
-                raise _conflict(source, "optimizer.params.lr", lr, stage.lr, f"{stage_key}.lr")
-            log.info("%s: its %s block is not used: the stage config's AdamW and %s schedule are", source, block,
-                     stage.lr_scheduler)
-            config.pop(block)
+        config.pop(block, None)  # the stage's AdamW and schedule are used (see unused_settings)
     for name in ("fp16", "bf16"):
         enabled = user.get(name, {}).get("enabled", False) if isinstance(user.get(name), dict) else False
         if enabled not in (False, AUTO) and precision != name:
-            raise _conflict(source, f"{name}.enabled", enabled, precision, "train.precision")
+            fix = ("set train.precision=bf16 (--bf16)" if name == "bf16" else
+                   "use bf16 (train.precision=bf16, --bf16): fp16 is not supported under DeepSpeed here")
+            raise _conflict(source, f"{name}.enabled", enabled, precision, "train.precision", fix=fix)
         config.pop(name, None)  # mixed precision is torch.autocast over fp32 master weights, as on one device
     autocast = dict(user.get("torch_autocast") or {})
     wanted = {"bf16": "bfloat16"}.get(precision)
     if autocast.get("enabled") and autocast.get("dtype", "bfloat16") != wanted:
-        raise _conflict(source, "torch_autocast", json.dumps(autocast), precision, "train.precision")
+        fix = ("set train.precision=bf16 (--bf16)" if autocast.get("dtype", "bfloat16") == "bfloat16" else
+               "let train.precision choose it (bf16 or fp32; torch.autocast runs only for bf16)")
+        raise _conflict(source, "torch_autocast", json.dumps(autocast), precision, "train.precision", fix=fix)
     if wanted:
         # DeepSpeed's forward turns an outer autocast off unless its own section asks for it. No
         # module is named lower-precision-safe (by default Linear is), so gradients are reduced in
@@ -189,7 +269,12 @@ def deepspeed_config(distributed, *, stage, stage_key: str, world_size: int, pre
     config["zero_force_ds_cpu_optimizer"] = False
     config.setdefault("steps_per_print", 2**62)
     config.setdefault("wall_clock_breakdown", False)
-    check_with_deepspeed(config, source)
+    unread = check_with_deepspeed(config, source)
+    if unread:
+        _warn_once(f"{source}: {', '.join(unread)}: not a DeepSpeed setting, DeepSpeed ignores it; correct or remove "
+                   f"it (https://www.deepspeed.ai/docs/config-json/ lists DeepSpeed's settings)")
+    for line in unused_blocks(user, source):
+        _warn_once(line)
     return config
 
 
