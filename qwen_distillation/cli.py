@@ -172,6 +172,9 @@ def translate(argv: list[str]) -> list[str]:
     """
     out: list[str] = []
     hydra_flags: list[str] = []  # Hydra's parser takes its flags only before the overrides
+    # The keys a flag clears (--teacher_model: the teacher's tokenizer and random_init, which belong to the
+    # config's model) go before every override, so one that sets such a key wins wherever it stands.
+    resets: list[str] = []
     set_by: dict[str, tuple[str, str, bool]] = {}  # key -> (as written, value, whether a classic flag set it)
     i = 0
     while i < len(argv):
@@ -207,9 +210,11 @@ def translate(argv: list[str]) -> list[str]:
             written = f"{name} {value}".strip()
             # What the flag sets (--deepspeed: the engine and the JSON; --use_qlora: LoRA and 4-bit), not the
             # keys it resets to null (--teacher_model clears the tokenizer an override may then set).
-            for override in translated[:1] + [o for o in translated[1:] if not o.endswith("=null")]:
+            sets = translated[:1] + [o for o in translated[1:] if not o.endswith("=null")]
+            for override in sets:
                 _check_once(override, written, set_by, flag=True)
-            out.extend(translated)
+            out.extend(sets)
+            resets += [o for o in translated if o not in sets]
         elif arg.startswith("--") and name not in HYDRA_FLAGS:
             raise UsageError(f"unknown flag {name}; classic flags are: {', '.join(CLASSIC_FLAGS)}; any config key "
                              f"can be set as a Hydra override such as stage2.temperature=3")
@@ -224,7 +229,7 @@ def translate(argv: list[str]) -> list[str]:
         i += 1
     # Hydra's parser takes its flags only before the overrides; -m and the others may stand anywhere here.
     multirun = [a for a in out if a in ("-m", "--multirun")]
-    return multirun[:1] + hydra_flags + [a for a in out if a not in ("-m", "--multirun")]
+    return multirun[:1] + hydra_flags + resets + [a for a in out if a not in ("-m", "--multirun")]
 
 
 def main(argv: list[str] | None = None) -> None:

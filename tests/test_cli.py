@@ -34,6 +34,15 @@ def test_value_flags_map_onto_the_config(tmp_path):
     assert config.checkpoint_path == str(tmp_path / "out/stage1/best")
 
 
+@pytest.mark.parametrize("order", ["override first", "flag first"])
+def test_a_key_a_flag_clears_keeps_the_value_an_override_gives_it_wherever_it_stands(order):
+    """--teacher_model clears the teacher's tokenizer; `model.teacher.tokenizer=Y --teacher_model X` lost Y."""
+    argv = ["model.teacher.tokenizer=./tok", "--teacher_model", "./teacher"]
+    config = _config(argv if order == "override first" else argv[1:] + argv[:1])
+    assert (config.model.teacher.path, config.model.teacher.tokenizer) == ("./teacher", "./tok")
+    assert config.model.teacher.random_init is None and config.model.teacher.gguf_file is None
+
+
 @pytest.mark.parametrize("flag,check", [
     ("--fp16", lambda c: c.train.precision == "fp16"),
     ("--bf16", lambda c: c.train.precision == "bf16"),
