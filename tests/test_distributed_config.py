@@ -129,6 +129,8 @@ def test_a_section_that_is_not_a_json_object_is_named(tmp_path, user, names):
     ({"zero_optimization": {"stage": "2"}}, ['zero_optimization.stage is "2"; set it to the number 1, 2 or 3']),
     ({"zero_optimization": {"stage": True}}, ["zero_optimization.stage is true"]),
     ({"zero_optimization": {}}, ["zero_optimization.stage is missing"]),
+    ({"zero_optimisation": {"stage": 2}},
+     ["zero_optimization.stage is missing (the JSON has zero_optimisation: did you mean zero_optimization?)"]),
 ])
 def test_a_quoted_number_is_named_as_a_string(tmp_path, user, names):
     """A quoted number used to give a message that contradicted itself: `train_micro_batch_size_per_gpu=8

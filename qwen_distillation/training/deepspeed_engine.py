@@ -255,8 +255,11 @@ def deepspeed_config(distributed, *, stage, stage_key: str, world_size: int, pre
         zero["stage"] = distributed.zero_stage
     elif type(stage_from_json) is not int or stage_from_json not in (1, 2, 3):
         shown = json.dumps(stage_from_json) if "stage" in zero else "missing"
-        raise ConfigError(f"{source}: zero_optimization.stage is {shown}; set it to the number 1, 2 or 3 in the "
-                          f"JSON, or choose distributed=zero2 / zero3")
+        misspelt = [] if "zero_optimization" in user else [
+            key for key in user if difflib.get_close_matches(key, ["zero_optimization"], n=1)]
+        hint = f" (the JSON has {misspelt[0]}: did you mean zero_optimization?)" if misspelt else ""
+        raise ConfigError(f"{source}: zero_optimization.stage is {shown}{hint}; set it to the number 1, 2 or 3 in "
+                          f"the JSON, or choose distributed=zero2 / zero3")
     if distributed.offload:
         if zero["stage"] != 3:
             raise ConfigError(f"distributed.offload=true needs ZeRO stage 3 (this run: {zero['stage']}); choose "
