@@ -204,6 +204,27 @@ def test_gradnorm_state_dict_round_trip_resumes_identically():
     assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
 
 
+def test_gradnorm_keeps_its_weights_through_a_micro_batch_whose_gradient_overflows():
+    """A finite loss whose gradient at the shared layer is inf (an fp16 step that overflows, which the engine
+    skips and the loss scaler backs off from) turned GradNorm's weights NaN, and with them every later step:
+    the stage diverged, with advice about its learning rate. The weights are kept; the next step trains."""
+    model, x = _mlp(), _inputs()
+    weights = {"kd": 1.0, "ce": 1.0, "feature": 0.5}
+    balancer = Balancer("gradnorm", list(weights), weights)
+    _gradnorm_run(balancer, model, x, 2, factors=(1.0, 1.0, 10.0))
+    before = balancer.current_weights()
+    _zero(model)
+    losses = _losses(model, x, (1.0, 1.0, 10.0))
+    # sqrt at 0 on the shared layer (the last parameter): the loss stays finite, its gradient is inf
+    losses["feature"] = losses["feature"] + (model[2].bias - model[2].bias.detach()).sqrt().sum()
+    logs = balancer.backward(losses, list(model.parameters()))
+    assert math.isinf(logs["grad_norm/feature"])
+    assert balancer.current_weights() == before
+    logs, grads = _gradnorm_run(balancer, model, x, 1, factors=(1.0, 1.0, 10.0))
+    assert all(math.isfinite(value) for value in logs[0].values()), logs
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 def test_pcgrad_state_dict_round_trip_resumes_identically():
     model, x = _mlp(), _inputs()
     balancer = Balancer("pcgrad", list(WEIGHTS), WEIGHTS, seed=5)

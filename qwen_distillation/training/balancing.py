@@ -23,7 +23,8 @@ sums passes ``scale = 1 / tokens_in_step`` instead). Two consequences of working
   projection is invariant to ``scale`` but not to how the step is split);
 * gradnorm updates its weights once per call, i.e. once per micro-batch. Its loss ratios
   ``L_i / L_i(0)`` share the micro-batch's token count as a common factor, which cancels in
-  ``r_i``, so unequal micro-batches do not bias the weights.
+  ``r_i``, so unequal micro-batches do not bias the weights. A call whose gradient norm at the
+  shared layer is not finite (an overflow, in a step the engine skips) leaves the weights as they are.
 
 Extra cost per call, with K active terms:
 
@@ -130,12 +131,15 @@ def _backward_gradnorm(balancer: "Balancer", losses, params, shared, scale) -> d
     relative = (ratios / ratios.mean().clamp_min(EPS)).to(weights.dtype)
     target = (grad_norms.mean() * relative ** balancer.alpha).detach()
     gradnorm_loss = (grad_norms - target).abs().sum()
-    balancer.optimizer.zero_grad(set_to_none=True)
-    balancer.log_weights.grad, = torch.autograd.grad(gradnorm_loss, balancer.log_weights)
-    balancer.optimizer.step()
-    with torch.no_grad():
-        # Rescale so sum(w) == the configured total: log w -= log(sum(w) / total).
-        balancer.log_weights.sub_(torch.log(balancer.log_weights.exp().sum() / balancer.total_weight))
+    # An overflowing gradient (an fp16 step the loss scaler backs off from) makes a norm inf: its update would
+    # turn the weights NaN for every later step. They are kept; the engine skips the step on its gradient norm.
+    if bool(torch.isfinite(norms).all()):
+        balancer.optimizer.zero_grad(set_to_none=True)
+        balancer.log_weights.grad, = torch.autograd.grad(gradnorm_loss, balancer.log_weights)
+        balancer.optimizer.step()
+        with torch.no_grad():
+            # Rescale so sum(w) == the configured total: log w -= log(sum(w) / total).
+            balancer.log_weights.sub_(torch.log(balancer.log_weights.exp().sum() / balancer.total_weight))
     _weighted_sum_backward(losses, {name: float(used[k]) for k, name in enumerate(names)}, params, scale)
     logs = {f"weight/{name}": float(used[k]) for k, name in enumerate(names)}
     logs.update({f"grad_norm/{name}": float(grad_norms[k].detach()) for k, name in enumerate(names)})
