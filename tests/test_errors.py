@@ -31,7 +31,7 @@ def _write(path, text: str):
                                   "feature_layer_out_of_range", "relation_heads", "weight_decay", "lora_targets",
                                   "decoder_without_layers", "random_init_type", "random_init_size", "missing_gguf",
                                   "student_inside_cleared_dir", "data_inside_cleared_dir", "later_stage_without_data",
-                                  "lora_adapter_as_student"])
+                                  "lora_adapter_as_student", "agreement_top_k_over_vocab"])
 def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path, capsys):
     before = _snapshot(finished_run)
     base = tiny_overrides(finished_run, steps=1) + ["end_stage=1", "overwrite_output_dir=true"]
@@ -120,6 +120,10 @@ def test_bad_input_fails_clearly_and_keeps_outputs(case, finished_run, tmp_path,
                     f"checkpoint_path={adapter}"]
     elif case == "unknown_best_metric":  # known only once the evaluation sets are built: still before clearing
         argv, expected = base + ["stage1.best_metric=eval/foo_nll"], ["stage1.best_metric=eval/foo_nll", "not among"]
+    elif case == "agreement_top_k_over_vocab":  # was torch's ValueError at the first evaluation, the run cleared
+        argv = base + ["eval.agreement=true", "eval.agreement_top_k=1000000"]
+        expected = ["eval.agreement_top_k=1000000: topk_overlap compares the top k of the 151665 tokens",
+                    "eval.agreement_top_k=5"]
     else:
         argv, expected = base + ["--use_qlora", "train.device=cpu"], ["--use_qlora", "CUDA GPU", "--use_lora"]
     code, output = _cli(argv, capsys)

@@ -19,6 +19,7 @@ import torch
 
 from qwen_distillation.config.schema import EvalConfig
 from qwen_distillation.data.manager import length_grouped_batches
+from qwen_distillation.errors import require
 from qwen_distillation.evaluation.agreement import response_states, teacher_agreement
 from qwen_distillation.evaluation.answers import (LLAMAFACTORY, TEXT_METRICS, heldout_references,
                                                   heldout_text_metrics)
@@ -185,6 +186,10 @@ def build_evaluator(cfg: EvalConfig, *, mcq_sources: list[MCQSource], teacher: t
         log.info("eval.agreement: no agreement with the teacher during this run (its teacher is not loaded: every "
                  "stage reads the teacher's cache); python -m qwen_distillation.evaluate --teacher gives it for the "
                  "saved stages")
+    # Known once the tokenizer is: refused here, before a run clears an old output_dir, not at the first evaluation.
+    require(not agreement or cfg.agreement_top_k <= vocab_size, "eval.agreement_top_k", cfg.agreement_top_k,
+            f"topk_overlap compares the top k of the {vocab_size} tokens both models share, so k must be at most "
+            f"{vocab_size}", "eval.agreement_top_k=5")
     mcq_sets = load_mcq_sets(mcq_sources, cfg.mcq_max_items)
     prompts = load_prompts(locate(cfg.prompts), cfg.samples_max_prompts) if cfg.samples else []
     # The first examples of each set, in the order of the held-out split (not the batches').
