@@ -195,6 +195,36 @@ def test_a_teacher_cache_of_a_stage_that_runs_the_teacher_online_is_named_for_a_
                                                             "start_stage=2"]))) == []
 
 
+def test_loss_balancing_and_sampling_options_another_option_turns_off_are_named_for_a_warning():
+    """`stage1.loss.jsd_beta=0.9` under forward KL, a temperature with the KD term off, GradNorm's learning rate
+    under another balancing method and `stage3.sampling.max_scored=16` under uniform sampling (as the arms of
+    experiments/three_stage_vs_finetune.py set it) trained without them, without a word. Warned, not refused."""
+    from qwen_distillation.config.validate import ignored_settings
+
+    def warnings(*overrides):
+        return ignored_settings(validate_config(compose_config(list(overrides))))
+
+    assert warnings("stage1.loss.jsd_beta=0.9", "stage1.loss.kd=skew_forward_kl", "stage1.loss.skew_alpha=0.2") == [
+        "stage1.loss.jsd_beta=0.9: ignored, only jsd reads it (stage1.loss.kd=skew_forward_kl); use stage1.loss.kd=jsd"]
+    assert warnings("stage1.loss.skew_alpha=0.2") == [
+        "stage1.loss.skew_alpha=0.2: ignored, only skew_forward_kl and skew_reverse_kl read it "
+        "(stage1.loss.kd=forward_kl); use stage1.loss.kd=skew_forward_kl"]
+    assert warnings("stage1.loss.weights.kd=0", "stage1.loss.kd=jsd") == [
+        "stage1.temperature=4, stage1.loss.kd=jsd: ignored, the KD term is off (stage1.loss.weights.kd=0); give it "
+        "a weight (e.g. stage1.loss.weights.kd=0.5) to train it"]
+    assert warnings("stage2.loss.balancing.method=pcgrad", "stage2.loss.balancing.gradnorm_lr=0.1") == [
+        "stage2.loss.balancing.gradnorm_lr=0.1: ignored, only GradNorm reads it (stage2.loss.balancing.method=pcgrad); "
+        "use stage2.loss.balancing.method=gradnorm"]
+    assert warnings("stage3.sampling.mode=uniform", "stage3.sampling.max_scored=16",
+                    "stage3.sampling.temperature=2") == [
+        "stage3.sampling.temperature=2, stage3.sampling.max_scored=16: ignored, only hard-example sampling reads them "
+        "(stage3.sampling.mode=uniform); use stage3.sampling.mode=hard"]
+    # What the options read, the defaults, and a stage that does not run: no word.
+    assert warnings("stage1.loss.kd=jsd", "stage1.loss.jsd_beta=0.9", "stage3.sampling.max_scored=16",
+                    "stage2.loss.balancing.gradnorm_lr=0.1", "experiment=none") == []
+    assert warnings("stage3.loss.weights.kd=0", "stage3.loss.jsd_beta=0.9", "end_stage=2") == []
+
+
 def test_start_after_end_is_rejected():
     with pytest.raises(ConfigError, match="start_stage"):
         validate_config(compose_config(["start_stage=3", "end_stage=2"]))

@@ -455,7 +455,8 @@ def ignored_settings(cfg: DistillationConfig) -> list[str]:
     """The values a run of the validated ``cfg`` ignores, one line each for a warning: LoRA options
     while LoRA is off (the run trains all of the student's weights), the layer map of a feature
     or attention term whose weight is 0 in a stage that runs, and the medical-ratio keys its schedule
-    does not read (:func:`_ignored_ratio_settings`), a teacher cache of a stage that runs the teacher
+    does not read (:func:`_ignored_ratio_settings`), the loss, balancing and sampling options its other
+    options turn off (:func:`_ignored_loss_settings`), a teacher cache of a stage that runs the teacher
     online, and the engine options of the ``distributed`` group (offload, ZeRO stage, DeepSpeed JSON, backend,
     timeout) under ``distributed=none``. Not errors: an ablation (a sweep over ``lora.enabled``, over a term's
     weight, over the schedule or over ``distributed=none,zero3``) keeps them while it turns their feature off."""
@@ -475,7 +476,7 @@ def ignored_settings(cfg: DistillationConfig) -> list[str]:
                              f"({key}.loss.weights.{part}=0); give it a weight (e.g. {key}.loss.weights.{part}=0.1) "
                              f"to train it")
         if stage.enabled:
-            lines += _ignored_ratio_settings(key, stage.medical_ratio)
+            lines += _ignored_ratio_settings(key, stage.medical_ratio) + _ignored_loss_settings(key, stage)
         if stage.enabled and stage.teacher.cache and stage.teacher.source != "cache":
             lines.append(f"{key}.teacher.cache={stage.teacher.cache}: ignored, the stage runs the teacher online "
                          f"({key}.teacher.source={stage.teacher.source}); read the cache with "
@@ -511,6 +512,48 @@ def _ignored_ratio_settings(key: str, ratio) -> list[str]:
     if ratio.schedule != "step" and ratio.plateaus != MedicalRatioConfig().plateaus:
         lines.append(f"{key}.medical_ratio.plateaus={ratio.plateaus}: ignored, only the step schedule has plateaus "
                      f"({key}.medical_ratio.schedule={ratio.schedule}); use {key}.medical_ratio.schedule=step")
+    return lines
+
+
+def _changed_settings(prefix: str, node, names: list[str]) -> list[str]:
+    """``PREFIXname=value`` of each field ``names`` of the config dataclass ``node`` set apart from its schema
+    default (a value a stage option or the user chose)."""
+    defaults = {field.name: field.default for field in dataclasses.fields(node)}
+    shown = {None: "null"}
+    return [f"{prefix}{name}={shown.get(value, f'{value:g}' if isinstance(value, float) else value)}"
+            for name in names if (value := getattr(node, name)) != defaults[name]]
+
+
+def _ignored_loss_settings(key: str, stage: StageConfig) -> list[str]:
+    """The loss, balancing and sampling keys of stage ``key``, set apart from their defaults, that its other
+    options turn off: the KD term's temperature and divergence options with its weight 0, ``jsd_beta`` and
+    ``skew_alpha`` under a divergence that does not read them, GradNorm's options under another balancing
+    method, and the hard-example options under uniform sampling. The stage trained without them, without a word."""
+    loss, lines = stage.loss, []
+    if loss.weights.kd == 0:
+        off = (_changed_settings(f"{key}.", stage, ["temperature"])
+               + _changed_settings(f"{key}.loss.", loss, ["kd", "jsd_beta", "skew_alpha"]))
+        if off:
+            lines.append(f"{', '.join(off)}: ignored, the KD term is off ({key}.loss.weights.kd=0); give it a weight "
+                         f"(e.g. {key}.loss.weights.kd=0.5) to train it")
+    else:
+        readers = {"jsd_beta": ("jsd",), "skew_alpha": ("skew_forward_kl", "skew_reverse_kl")}
+        for name, kinds in readers.items():
+            if loss.kd not in kinds:
+                lines += [f"{setting}: ignored, only {' and '.join(kinds)} read{'s' * (len(kinds) == 1)} it "
+                          f"({key}.loss.kd={loss.kd}); use {key}.loss.kd={kinds[0]}"
+                          for setting in _changed_settings(f"{key}.loss.", loss, [name])]
+    balancing = _changed_settings(f"{key}.loss.balancing.", loss.balancing, ["gradnorm_alpha", "gradnorm_lr"])
+    if balancing and loss.balancing.method != "gradnorm":
+        lines.append(f"{', '.join(balancing)}: ignored, only GradNorm reads {'them' if balancing[1:] else 'it'} "
+                     f"({key}.loss.balancing.method={loss.balancing.method}); use "
+                     f"{key}.loss.balancing.method=gradnorm")
+    sampling = _changed_settings(f"{key}.sampling.", stage.sampling,
+                                 ["uniform_floor", "temperature", "rescore_every", "max_scored"])
+    if sampling and stage.sampling.mode != "hard":
+        lines.append(f"{', '.join(sampling)}: ignored, only hard-example sampling reads "
+                     f"{'them' if sampling[1:] else 'it'} ({key}.sampling.mode={stage.sampling.mode}); use "
+                     f"{key}.sampling.mode=hard")
     return lines
 
 
