@@ -210,6 +210,21 @@ def test_cache_arguments_are_refused_before_the_teacher_loads(kwargs, message, t
     assert out.read_text() == "kept" if out.is_file() else not out.exists()
 
 
+def test_an_agreement_best_metric_without_a_loaded_teacher_says_why(tmp_path, small_tokenizer):
+    """With every stage reading the cache no teacher is loaded, so no agreement is computed; an agreement
+    best_metric was refused with 'need eval.agreement=true', which the run already set."""
+    from qwen_distillation.app import run
+    from qwen_distillation.cache_teacher import cache_teacher
+
+    cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "cache", k=4)
+    with pytest.raises(ConfigError, match=r"stage1\.best_metric=eval/medical_top1_agreement: this run computes no "
+                                          r"agreement with the teacher, since every stage reads the teacher's cache"):
+        run(compose_config(_overrides(tmp_path / "run", small_tokenizer, "stage1.teacher.source=cache",
+                                      f"stage1.teacher.cache={tmp_path / 'cache'}", "eval.agreement=true",
+                                      "stage1.best_metric=eval/medical_top1_agreement")))
+    assert not (tmp_path / "run" / "stage1").exists()
+
+
 def test_a_cache_of_other_inputs_is_refused_naming_what_differs(tmp_path, small_tokenizer):
     from qwen_distillation.app import run
     from qwen_distillation.cache_teacher import cache_teacher

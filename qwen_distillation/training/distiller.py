@@ -42,7 +42,7 @@ from qwen_distillation.data.sources import DomainData, build_domain_data, data_s
 from qwen_distillation.data.teacher_cache import read_manifest
 from qwen_distillation.errors import CheckpointError, ConfigError, DistillationError
 from qwen_distillation.evaluation.direction import best_direction, improves
-from qwen_distillation.evaluation.evaluator import Evaluator, build_evaluator
+from qwen_distillation.evaluation.evaluator import AGREEMENT_METRICS, Evaluator, build_evaluator
 from qwen_distillation.evaluation.mcq import normalise_mcq_sources
 from qwen_distillation.evaluation.nll import per_example_nll
 from qwen_distillation.evaluation.report import summary_text
@@ -845,6 +845,13 @@ class Distiller:
                                   f"set is scored (data.eval_fraction={self.config.data.eval_fraction}, no data.eval, "
                                   f"no eval.mcq); set data.eval_fraction above 0, give data.eval=[FILE], or give "
                                   f"eval.mcq and {key}.best_metric=eval/mcq/NAME_accuracy")
+            if (metric not in metrics and metric.endswith(AGREEMENT_METRICS) and self.config.eval.agreement
+                    and not self.evaluator.agreement):
+                # eval.agreement=true, but no teacher is loaded to agree with (build_evaluator logs why).
+                raise ConfigError(f"{key}.best_metric={metric}: this run computes no agreement with the teacher, "
+                                  f"since every stage reads the teacher's cache and the teacher is not loaded; "
+                                  f"choose one of {sorted(metrics)}, or run a stage with the teacher online "
+                                  f"(stageN.teacher.source=online)")
             if metric not in metrics:
                 raise ConfigError(f"{key}.best_metric={metric} is not among the evaluation metrics {sorted(metrics)}; "
                                   "choose one of them (agreement, MCQ and BLEU/ROUGE metrics need "
