@@ -225,6 +225,19 @@ def test_gradnorm_keeps_its_weights_through_a_micro_batch_whose_gradient_overflo
     assert all(bool(torch.isfinite(g).all()) for g in grads)
 
 
+def test_gradnorm_weights_stay_finite_under_a_large_learning_rate():
+    """gradnorm_lr=1000 moved a log weight past exp's range: the rescaling divided inf by inf and the weights
+    turned NaN, every later step was skipped and the stage ended as diverged."""
+    model, x = _mlp(), _inputs()
+    weights = {"kd": 1.0, "ce": 1.0, "feature": 0.5}
+    balancer = Balancer("gradnorm", list(weights), weights, lr=1000.0)
+    logs, grads = _gradnorm_run(balancer, model, x, 4, factors=(1.0, 1.0, 10.0))
+    trained = balancer.current_weights()
+    assert all(math.isfinite(w) and w >= 0 for w in trained.values()), trained
+    assert sum(trained.values()) == pytest.approx(2.5)
+    assert all(math.isfinite(value) for row in logs for value in row.values()), logs
+
+
 def test_pcgrad_state_dict_round_trip_resumes_identically():
     model, x = _mlp(), _inputs()
     balancer = Balancer("pcgrad", list(WEIGHTS), WEIGHTS, seed=5)

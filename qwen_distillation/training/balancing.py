@@ -138,8 +138,9 @@ def _backward_gradnorm(balancer: "Balancer", losses, params, shared, scale) -> d
         balancer.log_weights.grad, = torch.autograd.grad(gradnorm_loss, balancer.log_weights)
         balancer.optimizer.step()
         with torch.no_grad():
-            # Rescale so sum(w) == the configured total: log w -= log(sum(w) / total).
-            balancer.log_weights.sub_(torch.log(balancer.log_weights.exp().sum() / balancer.total_weight))
+            # Rescale so sum(w) == the configured total: log w -= log(sum(w) / total), as a log-sum-exp, which
+            # stays finite where a large gradnorm_lr drives a log weight past exp's range (fp64: about 709).
+            balancer.log_weights.sub_(torch.logsumexp(balancer.log_weights, 0) - math.log(balancer.total_weight))
     _weighted_sum_backward(losses, {name: float(used[k]) for k, name in enumerate(names)}, params, scale)
     logs = {f"weight/{name}": float(used[k]) for k, name in enumerate(names)}
     logs.update({f"grad_norm/{name}": float(grad_norms[k].detach()) for k, name in enumerate(names)})
