@@ -120,6 +120,28 @@ def test_proportional_layer_map_rejects_bad_counts():
         proportional_layer_map(0, 8)
 
 
+def test_num_pairs_above_the_students_depth_pairs_every_layer_and_says_so(caplog):
+    """A num_pairs a sweep shares between students of several depths was clamped to the student's without a word."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwen_distillation.training.plan import layer_pairs
+
+    def model(layers):
+        return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, hidden_size=16, intermediate_size=32,
+                                            num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+
+    student, teacher = model(2), model(4)
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.plan"):
+        pairs = layer_pairs(OmegaConf.create({"layer_map": None, "num_pairs": 6}), "stage2.loss.feature", student,
+                            teacher)
+    assert pairs == proportional_layer_map(2, 4, 2)
+    assert "stage2.loss.feature.num_pairs=6: the student has 2 layers, so the term pairs all 2 of them" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.plan"):
+        layer_pairs(OmegaConf.create({"layer_map": None, "num_pairs": 2}), "stage2.loss.feature", student, teacher)
+    assert not caplog.text
+
+
 def test_validate_layer_map_accepts_yaml_lists():
     node = OmegaConf.create({"layer_map": [[0, 1], [1, 3]]}).layer_map
     assert validate_layer_map(node, 2, 4, KEY) == [(0, 1), (1, 3)]

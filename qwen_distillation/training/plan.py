@@ -4,6 +4,7 @@ kernel resolved, layer maps), the weights the balancer applies and GradNorm's sh
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -15,6 +16,8 @@ from qwen_distillation.losses.feature import proportional_layer_map, validate_la
 from qwen_distillation.losses.fused import kd_options
 from qwen_distillation.modeling.capture import find_decoder
 from qwen_distillation.modeling.parts import base_model, decoder_and_head, head_dim, supports_hidden_path
+
+log = logging.getLogger(__name__)
 
 TEACHER_TERMS = ("kd", "feature", "attention", "contrastive")
 
@@ -94,6 +97,9 @@ def layer_pairs(sub_cfg, key: str, student, teacher) -> list[tuple[int, int]]:
     num_s, num_t = _layers(student), _layers(teacher)
     if sub_cfg.layer_map is not None:
         return validate_layer_map([list(p) for p in sub_cfg.layer_map], num_s, num_t, f"{key}.layer_map")
+    if sub_cfg.num_pairs and sub_cfg.num_pairs > num_s:  # a setting shared by students of several depths
+        log.warning("%s.num_pairs=%d: the student has %d layers, so the term pairs all %d of them", key,
+                    sub_cfg.num_pairs, num_s, num_s)
     pairs = min(sub_cfg.num_pairs, num_s) if sub_cfg.num_pairs else None
     return proportional_layer_map(num_s, num_t, pairs)
 
