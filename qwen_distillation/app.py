@@ -34,11 +34,18 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 KEYS_HINT = "`python run_distillation.py --cfg job` prints every key with its value"
 
 
+def warn_ignored_settings(config) -> None:
+    """Log :func:`ignored_settings` of the validated ``config``: from rank 0 alone under a launcher (``RANK``),
+    since every rank holds the same config (other warnings and logs stay per rank: they may differ)."""
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        for line in ignored_settings(config):
+            log.warning(line)
+
+
 def run(cfg: DictConfig) -> dict:
     """Validate ``cfg`` and run the stages it asks for; returns the run summary."""
     config = validate_config(cfg)
-    for line in ignored_settings(config):
-        log.warning(line)
+    warn_ignored_settings(config)
     # One progress bar per stage is ours; the per-file bars of saves and loads are noise.
     from transformers.utils import logging as hf_logging
 

@@ -357,3 +357,17 @@ def test_a_flag_and_another_setting_of_the_same_key_are_refused(argv, key):
         translate(argv)
     assert translate(["--teacher_model", "x", "model.teacher.tokenizer=y"])[-1] == "model.teacher.tokenizer=y"
     assert translate(["--deepspeed", "a.json", "--deepspeed", "a.json"])
+
+
+@pytest.mark.parametrize("rank,shown", [(None, True), ("0", True), ("1", False)])
+def test_a_launch_warns_of_an_ignored_setting_once_not_once_a_rank(monkeypatch, caplog, rank, shown):
+    """Every rank holds the same config, and each logged the same warnings: N copies under N processes."""
+    from qwen_distillation.app import warn_ignored_settings
+
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    with caplog.at_level("WARNING", logger="qwen_distillation.app"):
+        warn_ignored_settings(_config("lora.r=4"))
+    assert ("lora.r=4: ignored, LoRA is off" in caplog.text) is shown
