@@ -37,7 +37,9 @@ KEYS_HINT = "`python run_distillation.py --cfg job` prints every key with its va
 def warn_ignored_settings(config) -> None:
     """Log :func:`ignored_settings` of the validated ``config``: from rank 0 alone under a launcher (``RANK``),
     since every rank holds the same config (other warnings and logs stay per rank: they may differ)."""
-    if int(os.environ.get("RANK", "0") or 0) == 0:
+    from qwen_distillation.training.distributed import env_topology
+
+    if env_topology().is_main:
         for line in ignored_settings(config):
             log.warning(line)
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -118,6 +117,7 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
     from qwen_distillation.modeling.loading import load_causal_lm
     from qwen_distillation.modeling.parts import weight_shape
     from qwen_distillation.training.distiller import data_entries, seed_everything, select_device
+    from qwen_distillation.training.distributed import env_topology
     from qwen_distillation.training.outputs import refuse_output_among_inputs
     from qwen_distillation.training.teacher_cache import cache_spec, write_cache
 
@@ -127,10 +127,11 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
         if value < 1:
             raise ConfigError(f"{flag} {value}: must be >= 1 (e.g. `{flag} 8`)")
     refuse_file_in_the_way(out, f"--out {out}", "give a directory for the cache")
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    topo = env_topology()
+    rank, world_size = topo.rank, topo.world_size
     device, precision = select_device(cfg.train)
     if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", topo.local_rank)
     teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     tokenizer = run_tokenizer(cfg.model)
     sources = data_sources(cfg.data)
