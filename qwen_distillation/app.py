@@ -35,17 +35,17 @@ KEYS_HINT = "`python run_distillation.py --cfg job` prints every key with its va
 
 
 def warn_ignored_settings(config) -> None:
-    """Log :func:`ignored_settings` of the validated ``config``: from rank 0 alone under a launcher (``RANK``),
-    since every rank holds the same config (other warnings and logs stay per rank: they may differ)."""
-    from qwen_distillation.training.distributed import env_topology
-
-    if env_topology().is_main:
-        for line in ignored_settings(config):
-            log.warning(line)
+    """Log :func:`ignored_settings` of the validated ``config`` (under a launcher from rank 0 alone:
+    :func:`~qwen_distillation.training.distributed.log_from_main_rank`)."""
+    for line in ignored_settings(config):
+        log.warning(line)
 
 
 def run(cfg: DictConfig) -> dict:
     """Validate ``cfg`` and run the stages it asks for; returns the run summary."""
+    from qwen_distillation.training.distributed import log_from_main_rank
+
+    log_from_main_rank()  # every rank of a launch loads the same config and data: one copy of their lines
     config = validate_config(cfg)
     warn_ignored_settings(config)
     # One progress bar per stage is ours; the per-file bars of saves and loads are noise.

@@ -53,6 +53,37 @@ class Topology:
 
 SINGLE = Topology()
 
+# ``extra=`` of a log call whose line tells what this rank itself did (which weights it held, its place in
+# the launch): such a line is logged by every rank of a launch, the rest by rank 0 alone.
+ALL_RANKS = {"all_ranks": True}
+PACKAGE = __name__.split(".")[0]
+
+
+class MainRankLogs(logging.Filter):
+    """On a rank other than 0, pass the package's errors and its lines marked :data:`ALL_RANKS`, and drop its
+    other info and warnings: every rank loads the same config and data, so each gave the same lines, N
+    copies under N processes. Other libraries' records pass as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR or not record.name.startswith(PACKAGE):
+            return True
+        return bool(getattr(record, "all_ranks", False))
+
+
+def log_from_main_rank(topo: Topology | None = None) -> MainRankLogs | None:
+    """On a rank other than 0 of a launch, give every handler of the root logger (Hydra's) a
+    :class:`MainRankLogs` filter, once; returns the filter installed (None on rank 0 or a launch of one)."""
+    topo = topo or env_topology()
+    if topo.is_main:
+        return None
+    handlers = logging.getLogger().handlers
+    installed = next((f for h in handlers for f in h.filters if isinstance(f, MainRankLogs)), None)
+    installed = installed or MainRankLogs()
+    for handler in handlers:
+        if installed not in handler.filters:
+            handler.addFilter(installed)
+    return installed
+
 
 def env_topology() -> Topology:
     """The launch as the launcher's environment describes it (a launch of one without one)."""
@@ -109,7 +140,7 @@ def setup(distributed, device_type: str) -> Topology:
         else:
             dist.init_process_group(backend=backend, timeout=timeout)
     log.info("rank %d of %d (local rank %d), %s", topo.rank, topo.world_size, topo.local_rank,
-             engine_label(distributed))
+             engine_label(distributed), extra=ALL_RANKS)
     return topo
 
 

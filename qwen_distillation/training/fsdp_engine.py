@@ -39,7 +39,7 @@ from torch import nn
 
 from qwen_distillation.errors import CheckpointError
 from qwen_distillation.modeling.parts import decoder_and_head
-from qwen_distillation.training.distributed import Topology, all_reduce_sum
+from qwen_distillation.training.distributed import ALL_RANKS, Topology, all_reduce_sum
 from qwen_distillation.training.engine import ConsolidatedExports, StepOutcome, weighted_loss
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def shard_model(model: nn.Module, mesh, *, device: torch.device, root: nn.Module
         dist.broadcast(buffer, src=0)
     root._get_fsdp_state()._lazy_init()
     log.info("rank %d: %s sharded from rank 0's weights (%d of its %d parameters were in this rank's memory "
-             "before)", dist.get_rank(), name, held, total)
+             "before)", dist.get_rank(), name, held, total, extra=ALL_RANKS)
     return root
 
 
