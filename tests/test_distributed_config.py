@@ -286,9 +286,11 @@ def test_json_entries_the_run_does_not_use_are_warned_of(tmp_path, caplog):
     user = {"zero_optimization": {"stage": 2}, "gradient_accumulation_step": 4, "zero_optimisation": {"stage": 3},
             "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": [0.8, 0.9], "eps": "auto"}},
             "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 100, "warmup_max_lr": "auto"}}}
+    (tmp_path / "ds.json").write_text(json.dumps(user))
+    cfg = _config("distributed.engine=deepspeed", f"distributed.deepspeed_config={tmp_path / 'ds.json'}")
     with caplog.at_level("WARNING", logger="qwen_distillation.training.deepspeed_engine"):
-        _ds(tmp_path, user)
-        _ds(tmp_path, user)  # once a run, however many stages ask
+        for _ in range(2):  # once a run, however many stages ask
+            deepspeed_config(cfg.distributed, stage=cfg.stage2, stage_key="stage2", world_size=2, precision="bf16")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 3, warnings
     unread, optimizer, scheduler = warnings
@@ -305,6 +307,21 @@ def test_json_entries_the_run_does_not_use_are_warned_of(tmp_path, caplog):
         (tmp_path / "auto").mkdir()
         _ds(tmp_path / "auto", auto)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_json_warnings_are_logged_once_a_run_not_once_a_process(tmp_path, caplog):
+    """The jobs of a Hydra multirun run in one process, each with a config of its own: a job after the first,
+    with the same DeepSpeed JSON, logged none of its warnings (they were remembered for the process)."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}))
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.deepspeed_engine"):
+        for _job in range(2):
+            cfg = _config("distributed.engine=deepspeed", f"distributed.deepspeed_config={path}")
+            for _stage in range(2):  # each stage of a job asks: once a job
+                deepspeed_config(cfg.distributed, stage=cfg.stage2, stage_key="stage2", world_size=2,
+                                 precision="bf16")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all('scheduler.type="WarmupLR": ignored' in w for w in warnings), warnings
 
 
 def test_engine_options_without_an_engine_are_warned_of():
@@ -360,14 +377,33 @@ def test_a_flag_and_another_setting_of_the_same_key_are_refused(argv, key):
 
 
 @pytest.mark.parametrize("rank,shown", [(None, True), ("0", True), ("1", False)])
-def test_a_launch_warns_of_an_ignored_setting_once_not_once_a_rank(monkeypatch, caplog, rank, shown):
-    """Every rank holds the same config, and each logged the same warnings: N copies under N processes."""
+def test_a_launch_logs_the_package_lines_once_not_once_a_rank(monkeypatch, caplog, rank, shown):
+    """Every rank holds the same config and data, and each logged the same warnings and info lines: N
+    copies under N processes. Under a launcher a rank other than 0 keeps only the lines that tell what
+    it did itself (``extra=ALL_RANKS``), the package's errors, and other libraries' lines."""
+    import logging
+
     from qwen_distillation.app import warn_ignored_settings
+    from qwen_distillation.training.distributed import ALL_RANKS, log_from_main_rank
 
     if rank is None:
         monkeypatch.delenv("RANK", raising=False)
     else:
         monkeypatch.setenv("RANK", rank)
-    with caplog.at_level("WARNING", logger="qwen_distillation.app"):
-        warn_ignored_settings(_config("lora.r=4"))
+    with caplog.at_level("INFO"):
+        installed = log_from_main_rank()
+        try:
+            assert log_from_main_rank() is installed  # once, however often a process runs a job
+            assert sum(len(h.filters) for h in logging.getLogger().handlers) <= len(logging.getLogger().handlers)
+            warn_ignored_settings(_config("lora.r=4"))
+            logging.getLogger("qwen_distillation.data.sources").info("data.medical: 10 train, 2 held out")
+            logging.getLogger("qwen_distillation.training.fsdp_engine").info("rank 1: held 0", extra=ALL_RANKS)
+            logging.getLogger("qwen_distillation.training.distiller").error("stage1: a rank's own failure")
+            logging.getLogger("another_library").warning("another library's line")
+        finally:
+            for handler in logging.getLogger().handlers:
+                if installed is not None:
+                    handler.removeFilter(installed)
     assert ("lora.r=4: ignored, LoRA is off" in caplog.text) is shown
+    assert ("10 train, 2 held out" in caplog.text) is shown
+    assert all(line in caplog.text for line in ("rank 1: held 0", "a rank's own failure", "another library's line"))
