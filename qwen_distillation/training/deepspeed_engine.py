@@ -25,6 +25,7 @@ import difflib
 import json
 import logging
 import math
+import weakref
 from pathlib import Path
 
 import torch
@@ -41,12 +42,24 @@ DS_DIR = "deepspeed"  # the DeepSpeed checkpoint inside stageN/checkpoint-STEP
 # Values of a user's DeepSpeed JSON that the stage config fills; "auto" (the Hugging Face
 # convention) always defers to the stage config.
 AUTO = "auto"
-_WARNED: set[str] = set()  # warnings about the user's JSON already logged (deepspeed_config runs once per stage)
+# Warnings about the user's JSON already logged, per run: keyed by the id of the run's ``distributed`` config, which
+# deepspeed_config reads for every stage (several times a run), so each is logged once a run. A later job of a Hydra
+# multirun, in the same process, has a config of its own and is warned again; an entry goes with its config.
+_WARNED: dict[int, set[str]] = {}
 
 
-def _warn_once(line: str) -> None:
-    if line not in _WARNED:
-        _WARNED.add(line)
+def _warn_once(run, line: str) -> None:
+    """Log ``line`` unless it was logged for the run whose ``distributed`` config is ``run``."""
+    key = id(run)
+    if key not in _WARNED:
+        try:
+            weakref.finalize(run, _WARNED.pop, key, None).atexit = False
+        except TypeError:  # no weak reference to it: its id may be reused, so nothing is remembered
+            log.warning(line)
+            return
+        _WARNED[key] = set()
+    if line not in _WARNED[key]:
+        _WARNED[key].add(line)
         log.warning(line)
 
 
@@ -274,10 +287,10 @@ def deepspeed_config(distributed, *, stage, stage_key: str, world_size: int, pre
     config.setdefault("wall_clock_breakdown", False)
     unread = check_with_deepspeed(config, source)
     if unread:
-        _warn_once(f"{source}: {', '.join(unread)}: not a DeepSpeed setting, DeepSpeed ignores it; correct or remove "
-                   f"it (https://www.deepspeed.ai/docs/config-json/ lists DeepSpeed's settings)")
+        _warn_once(distributed, f"{source}: {', '.join(unread)}: not a DeepSpeed setting, DeepSpeed ignores it; "
+                   f"correct or remove it (https://www.deepspeed.ai/docs/config-json/ lists DeepSpeed's settings)")
     for line in unused_blocks(user, source):
-        _warn_once(line)
+        _warn_once(distributed, line)
     return config
 
 
