@@ -15,10 +15,10 @@ from conftest import compose_config, read_metrics, tiny_overrides, train_rows
 from qwen_distillation.app import run
 from qwen_distillation.config.schema import WandbConfig
 from qwen_distillation.config.validate import validate_config
-from qwen_distillation.errors import ConfigError
+from qwen_distillation.errors import ConfigError, DataError
 from qwen_distillation.evaluation.direction import best_direction, higher_is_better, improves
 from qwen_distillation.evaluation.evaluator import Evaluator
-from qwen_distillation.evaluation.mcq import MCQSource, normalise_mcq_sources
+from qwen_distillation.evaluation.mcq import MCQSource, load_mcq_sets, normalise_mcq_sources
 from qwen_distillation.evaluation.report import summary_text
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.distiller import Distiller
@@ -62,6 +62,23 @@ def test_mcq_entries_accept_path_name_and_mapping():
         MCQSource(name="medical_mcq", path=MCQ),
         MCQSource(name="cm", path="../shared/data/medical_eval/cmexam_val_eval_zh_1000.jsonl"),
         MCQSource(name="medmcqa", path="openlifescienceai/medmcqa", format="medmcqa", split="validation")]
+
+
+@pytest.mark.parametrize("text,named", [
+    ("", r"mine\.jsonl: no records found"),
+    (json.dumps({"question": "q", "A": "a", "B": "b", "C": "c", "D": "d", "answer": "F"}) + "\n",
+     r"mine\.jsonl line 1: mmlu field 'answer' names letter\(s\) \['F'\]"),
+])
+def test_an_empty_or_bad_mcq_file_names_its_eval_mcq_entry(tmp_path, text, named):
+    """An empty MCQ file was named by its path alone: which entry of eval.mcq to fix was left to guess."""
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text(text)
+    sources = normalise_mcq_sources("eval.mcq", [MCQ, {"name": "mine", "path": str(bad)}])
+    with pytest.raises(DataError, match=r"^eval\.mcq\[1\]: .*" + named + r".*point eval\.mcq\[1\] at another one, "
+                                        r"or remove that entry"):
+        load_mcq_sets(sources, 4)
+    with pytest.raises(DataError, match=r"eval\.mcq\[1\]=.*missing\.jsonl: file not found"):
+        normalise_mcq_sources("eval.mcq", [MCQ, str(tmp_path / "missing.jsonl")])
 
 
 def test_demo_preset_turns_evaluation_on_and_the_default_leaves_it_off():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -257,13 +257,15 @@ MCQ_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 @dataclass(frozen=True)
 class MCQSource:
-    """One ``eval.mcq`` entry after normalisation; ``name`` names its metric."""
+    """One ``eval.mcq`` entry after normalisation; ``name`` names its metric, ``where`` the entry
+    in errors (``eval.mcq[1]``; not compared)."""
 
     name: str
     path: str
     format: str = "auto"
     split: str = "train"
     subset: str | None = None
+    where: str = field(default="", compare=False)
 
 
 def normalise_mcq_sources(key: str, entries: Iterable[Any]) -> list[MCQSource]:
@@ -287,7 +289,7 @@ def normalise_mcq_sources(key: str, entries: Iterable[Any]) -> list[MCQSource]:
         require_strings(where, entry, dict.fromkeys(("path", "name", "split"), example))
         fields = {k: v for k, v in entry.items() if v is not None or k == "subset"}
         fields.setdefault("name", Path(str(entry["path"]).split(":")[-1]).stem)
-        source = MCQSource(**fields)
+        source = MCQSource(**fields, where=where)
         require(bool(MCQ_NAME.match(source.name)), f"{where}.name", source.name,
                 "a set name may hold only letters, digits, '_', '.' and '-' (it names eval/mcq/<name>_accuracy)",
                 f"{where}.name=medqa")
@@ -301,10 +303,23 @@ def normalise_mcq_sources(key: str, entries: Iterable[Any]) -> list[MCQSource]:
 
 
 def load_mcq_sets(sources: list[MCQSource], max_items: int | None) -> dict[str, list[MCQItem]]:
-    """Set name -> items (the first ``max_items`` records of each source; all when None)."""
-    return {source.name: mcq_items(load_records(locate(source.path), split=source.split, subset=source.subset,
-                                                max_records=max_items), source.format, source=source.path)
-            for source in sources}
+    """Set name -> items (the first ``max_items`` records of each source; all when None).
+
+    Raises:
+        DataError: a file that is empty, unreadable or holds a malformed record, naming the
+            entry (``eval.mcq[1]: FILE line 3: ...``) as well as the file.
+    """
+    sets = {}
+    for source in sources:
+        try:
+            sets[source.name] = mcq_items(load_records(locate(source.path), split=source.split, subset=source.subset,
+                                                       max_records=max_items), source.format, source=source.path)
+        except DataError as err:
+            if not source.where:
+                raise
+            raise DataError(f"{source.where}: {err} (fix the file, point {source.where} at another one, or remove "
+                            f"that entry)") from None
+    return sets
 
 
 def predict(scores: dict[str, float], k: int = 1) -> frozenset[str]:
