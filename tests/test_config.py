@@ -195,6 +195,24 @@ def test_a_teacher_cache_of_a_stage_that_runs_the_teacher_online_is_named_for_a_
                                                             "start_stage=2"]))) == []
 
 
+def test_an_eval_every_past_the_stage_length_is_named_for_a_warning():
+    """`stage2.eval_every=500` with `stage2.max_steps=200` evaluated only at the stage's end, without a word. A
+    sweep over max_steps keeps it: warned, not refused."""
+    from qwen_distillation.config.validate import ignored_settings
+
+    def warnings(*overrides):
+        return ignored_settings(validate_config(compose_config(["end_stage=2", *overrides])))
+
+    assert warnings("stage2.max_steps=200", "stage2.eval_every=500") == [
+        "stage2.eval_every=500: ignored, the stage runs 200 steps (stage2.max_steps=200), so it is evaluated only at "
+        "its end; to evaluate during it, lower it (e.g. stage2.eval_every=50), or set 0 for the end only"]
+    # Within the stage, every step of it, off (0), a length the data decides, or a stage that does not run: no word.
+    assert warnings("stage2.max_steps=200", "stage2.eval_every=200") == []
+    assert warnings("stage2.max_steps=200", "stage2.eval_every=0") == []
+    assert warnings("stage2.max_steps=null", "stage2.eval_every=500") == []
+    assert warnings("stage3.max_steps=200", "stage3.eval_every=500") == []
+
+
 def test_loss_balancing_and_sampling_options_another_option_turns_off_are_named_for_a_warning():
     """`stage1.loss.jsd_beta=0.9` under forward KL, a temperature with the KD term off, GradNorm's learning rate
     under another balancing method and `stage3.sampling.max_scored=16` under uniform sampling (as the arms of

@@ -457,7 +457,8 @@ def ignored_settings(cfg: DistillationConfig) -> list[str]:
     or attention term whose weight is 0 in a stage that runs, and the medical-ratio keys its schedule
     does not read (:func:`_ignored_ratio_settings`), the loss, balancing and sampling options its other
     options turn off (:func:`_ignored_loss_settings`), a teacher cache of a stage that runs the teacher
-    online, and the engine options of the ``distributed`` group (offload, ZeRO stage, DeepSpeed JSON, backend,
+    online, an ``eval_every`` past the stage's ``max_steps`` (it evaluates at its end alone), and the
+    engine options of the ``distributed`` group (offload, ZeRO stage, DeepSpeed JSON, backend,
     timeout) under ``distributed=none``. Not errors: an ablation (a sweep over ``lora.enabled``, over a term's
     weight, over the schedule or over ``distributed=none,zero3``) keeps them while it turns their feature off."""
     lines = []
@@ -477,6 +478,11 @@ def ignored_settings(cfg: DistillationConfig) -> list[str]:
                              f"to train it")
         if stage.enabled:
             lines += _ignored_ratio_settings(key, stage.medical_ratio) + _ignored_loss_settings(key, stage)
+        if stage.enabled and stage.max_steps and stage.eval_every > stage.max_steps:
+            lines.append(f"{key}.eval_every={stage.eval_every}: ignored, the stage runs {stage.max_steps} steps "
+                         f"({key}.max_steps={stage.max_steps}), so it is evaluated only at its end; to evaluate during "
+                         f"it, lower it (e.g. {key}.eval_every={max(1, stage.max_steps // 4)}), or set 0 for the end "
+                         f"only")
         if stage.enabled and stage.teacher.cache and stage.teacher.source != "cache":
             lines.append(f"{key}.teacher.cache={stage.teacher.cache}: ignored, the stage runs the teacher online "
                          f"({key}.teacher.source={stage.teacher.source}); read the cache with "
