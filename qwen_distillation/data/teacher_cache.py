@@ -217,8 +217,7 @@ class CacheWriter:
         undigested_current = cached is not None and not other_inputs and not manifest_identity(cached)[1]
         self.directory.mkdir(parents=True, exist_ok=True)
 
-        def owned(name: str) -> bool:
-            match = SHARD_NAME.fullmatch(name)
+        def owned(match: re.Match | None) -> bool:  # a file's SHARD_NAME match: written by this rank, or left to it
             return match is not None and (int(match[1]) == rank or (rank == 0 and int(match[1]) >= world_size))
 
         self.done: set[str] = set()
@@ -235,14 +234,14 @@ class CacheWriter:
                     raise
                 # Deleted meanwhile by the rank that owns it (a stale shard), or damaged: replaced with
                 # --overwrite, by the rank that owns it.
-                stale += [shard] if owned(shard.name) else []
+                stale += [shard] if owned(match) else []
                 continue
             if (digest == self.digest) if digest is not None else undigested_current:
                 self.done.update(index)
-            elif owned(shard.name):
+            elif owned(match):
                 stale.append(shard)
         # This rank's stale shards, and what a killed writer of this rank left half-written.
-        for path in stale + [p for p in self.directory.glob(".shard-R*.tmp") if owned(p.name)]:
+        for path in stale + [p for p in self.directory.glob(".shard-R*.tmp") if owned(SHARD_NAME.fullmatch(p.name))]:
             path.unlink(missing_ok=True)
         if rank == 0:
             written = identity if undigested_current else {**identity, SHARD_DIGESTS: True}
