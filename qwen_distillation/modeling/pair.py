@@ -120,6 +120,19 @@ def check_lora_targets(student, targets, *, merge: bool = False) -> None:
                               f"lora.target_modules, or set lora.merge_on_export=false (the adapter alone is exact)")
 
 
+def adapter_base_dir(student, base_model_dir: str | None) -> str | None:
+    """The base model the run's adapter exports record: ``base_model_dir`` (the run's ``student_base``, or a
+    full-model ``checkpoint_path``), unless it holds no model while the student was loaded as an adapter
+    (an adapter continued from ``checkpoint_path``; a resumed run whose adapter was trained on a full-model
+    ``checkpoint_path``, so that no ``student_base`` exists): then the base that adapter names, so that
+    the exports load with ``from_pretrained``."""
+    peft_config = getattr(student, "peft_config", None)
+    if not peft_config or not base_model_dir or (Path(base_model_dir) / "config.json").is_file():
+        return base_model_dir
+    named = next(iter(peft_config.values())).base_model_name_or_path
+    return named or base_model_dir
+
+
 def apply_lora(student, lora_cfg, device: torch.device, base_model_dir: str):
     """Wrap the student with trainable LoRA adapters (peft) on ``lora.target_modules``.
 
@@ -314,5 +327,6 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
         student = student.to(device)  # a 4-bit model is placed at load time and cannot move
     if cfg.train.gradient_checkpointing:
         student.gradient_checkpointing_enable()
+    base_model_dir = adapter_base_dir(student, base_model_dir)
     pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id
     return ModelPair(teacher, student, student_tok, vocab_size, pad, base_model_dir, kept, pruned)

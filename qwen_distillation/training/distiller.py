@@ -36,7 +36,7 @@ from qwen_distillation.config.validate import engine_label, pruned_from_teacher
 from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indices
 from qwen_distillation.data.manager import (StageSampler, check_stage_pools, collate, length_grouped_batches,
                                             micro_batches, stage_domains, to_device)
-from qwen_distillation.data.generated import file_digest
+from qwen_distillation.data.generated import file_digest, model_fingerprint
 from qwen_distillation.data.loading import check_local_path
 from qwen_distillation.data.sources import DomainData, build_domain_data, data_sources, refuse_trained_eval_sets
 from qwen_distillation.data.teacher_cache import read_manifest
@@ -65,7 +65,8 @@ from qwen_distillation.training.metrics import (METRICS_FILE, TENSORBOARD_DIR, M
                                                  check_wandb_login, scrub_secrets)
 from qwen_distillation.training.module import DistillationModule, build_heads, per_step_mean
 from qwen_distillation.training.optim import build_optimizer, build_scheduler
-from qwen_distillation.training.outputs import check_output_dir, check_same_data, prepare_output_dir, run_hash
+from qwen_distillation.training.outputs import (check_output_dir, check_same_checkpoint, check_same_data,
+                                                prepare_output_dir, run_hash)
 from qwen_distillation.training.plan import LossPlan, build_plan, loss_weights, shared_parameter, stage_kd_options
 from qwen_distillation.training.teacher import TeacherRunner
 
@@ -888,8 +889,12 @@ class Distiller:
                                  overwrite=cfg.overwrite_output_dir, run_config=self.run_config,
                                  checkpoint_path=cfg.checkpoint_path, inputs=self._input_paths())
         self.data_sha256 = self._data_sha256()
+        # The model the student starts from, when it is loaded from checkpoint_path (no stage complete yet).
+        loads_checkpoint = cfg.checkpoint_path and not (state or {}).get("completed_stages")
+        checkpoint_fingerprint = model_fingerprint(cfg.checkpoint_path) if loads_checkpoint else None
         if state is not None:
             check_same_data(state, self.data_sha256)
+            check_same_checkpoint(state, cfg.checkpoint_path, checkpoint_fingerprint)
         if self.topo.is_main:
             check_wandb_login(cfg.logging.wandb)  # before models load and anything is written
         if cfg.train.num_threads > 0:
@@ -913,7 +918,7 @@ class Distiller:
         dist.barrier(self.topo)  # every rank has read the old outputs before rank 0 rewrites them
         if self.topo.is_main:
             state = prepare_output_dir(self.output_dir, state, run_id=self.run_id, run_config=self.run_config,
-                                       data_sha256=self.data_sha256,
+                                       data_sha256=self.data_sha256, checkpoint_fingerprint=checkpoint_fingerprint,
                                        overwrite=cfg.overwrite_output_dir)
         state = dist.broadcast_object(self.topo, state)
         if self.topo.is_main and self.pair.pruned is not None:

@@ -178,11 +178,30 @@ def check_same_data(state: dict, data_sha256: dict[str, str]) -> None:
                           f"another output_dir (or with overwrite_output_dir=true)")
 
 
+def check_same_checkpoint(state: dict, checkpoint_path: str | None, fingerprint: str | None) -> None:
+    """Refuse to resume a run none of whose stages is complete (so that its student is loaded from
+    ``checkpoint_path`` again, and its mid-stage checkpoints were trained from that model) when the model
+    at ``checkpoint_path`` now holds other weights (``fingerprint``: its sampled fingerprint now; a run
+    state without one, or a path with nothing to fingerprint, is not checked). The saved checkpoints
+    then failed to load with a shape error and the advice to delete them, or a LoRA adapter went on
+    over other base weights."""
+    recorded = state.get("checkpoint_fingerprint")
+    if state.get("completed_stages") or not checkpoint_path or not recorded or not fingerprint:
+        return
+    if recorded != fingerprint:
+        raise ConfigError(f"checkpoint_path={checkpoint_path}: holds other weights than when this run started "
+                          f"(sampled fingerprint {recorded[:12]} -> {fingerprint[:12]}), and the run's saved "
+                          f"checkpoints continue the model that was there; put that model back to resume, or start "
+                          f"from the new one in another output_dir (or with overwrite_output_dir=true)")
+
+
 def prepare_output_dir(output_dir: Path, state: dict | None, *, run_id: str, run_config: dict,
-                       overwrite: bool, data_sha256: dict[str, str] | None = None) -> dict:
+                       overwrite: bool, data_sha256: dict[str, str] | None = None,
+                       checkpoint_fingerprint: str | None = None) -> dict:
     """Create the output directory (clearing a previous run's files when overwriting), write
     its ``config.yaml`` and run state; returns the run state (a fresh one for a new run, recording
-    ``data_sha256`` for :func:`check_same_data`)."""
+    ``data_sha256`` for :func:`check_same_data` and ``checkpoint_fingerprint`` for
+    :func:`check_same_checkpoint`)."""
     if state is None and overwrite:
         for child in entries_to_clear(output_dir):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -190,6 +209,8 @@ def prepare_output_dir(output_dir: Path, state: dict | None, *, run_id: str, run
     if state is None:
         state = {"run_hash": run_id, "finished": False, "completed_stages": [], "initial_eval": None,
                  "data_sha256": data_sha256 or {}}
+        if checkpoint_fingerprint:
+            state["checkpoint_fingerprint"] = checkpoint_fingerprint
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config))
     ckpt.write_json_atomic(output_dir / ckpt.RUN_STATE, state)
     return state

@@ -1,0 +1,95 @@
+"""Resuming a run and starting from a saved stage with inputs that changed or point elsewhere:
+a LoRA adapter continued from ``checkpoint_path`` (or trained on a full-model ``checkpoint_path``
+and resumed) exports adapters that load, and a run resumed after the model at its
+``checkpoint_path`` was replaced is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from conftest import Killed, kill_in_stages, run_cli, snapshot, tiny_overrides
+from qwen_distillation.training.metrics import MetricsLogger
+
+LORA = ["lora.enabled=true", "lora.r=4", "lora.target_modules=[q_proj,v_proj]"]
+
+
+def _base_of(adapter) -> str:
+    return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def test_an_adapter_continued_from_checkpoint_path_exports_adapters_that_load(tmp_path, capsys):
+    """README: "A later run can continue training the adapter with --use_lora --checkpoint_path
+    out/stage1/final". Its exports named that adapter's folder as their base model, which holds no
+    config.json: they did not load."""
+    first, continued = tmp_path / "first", tmp_path / "continued"
+    code, output = run_cli(tiny_overrides(first, steps=1) + ["end_stage=1", *LORA], capsys)
+    assert code == 0, output
+    adapter = first / "stage1" / "final"
+    code, output = run_cli(tiny_overrides(continued, steps=1) + ["end_stage=1", *LORA,
+                                                                f"checkpoint_path={adapter}"], capsys)
+    assert code == 0, output
+    for export in ("best", "final"):
+        assert _base_of(continued / "stage1" / export) == _base_of(adapter) == str((first / "student_base").resolve())
+    assert AutoModelForCausalLM.from_pretrained(continued / "stage1" / "final")
+
+
+def test_a_resumed_lora_run_over_a_full_model_checkpoint_exports_adapters_that_load(finished_run, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """A LoRA run whose base is a full-model checkpoint_path, killed after its stage 1 and resumed: the
+    later stages' adapters named OUTPUT_DIR/student_base (which such a run never writes) as their base."""
+    out, base = tmp_path / "run", finished_run / "stage1" / "final"
+    argv = tiny_overrides(out, steps=1) + ["end_stage=2", *LORA, f"checkpoint_path={base}"]
+
+    def run_once():
+        code, output = run_cli(argv, capsys)
+        assert code == 0, output
+
+    kill_in_stages(monkeypatch, run_once, stages=(2,), at_step=1)
+    assert not (out / "student_base").exists()
+    for stage in (1, 2):
+        assert _base_of(out / f"stage{stage}" / "final") == str(base.resolve())
+    assert AutoModelForCausalLM.from_pretrained(out / "stage2" / "final")
+
+
+def test_resume_refuses_a_checkpoint_path_that_now_holds_other_weights(finished_run, tmp_path, monkeypatch,
+                                                                         capsys):
+    """Killed mid-stage with checkpoints saved, then the model at checkpoint_path replaced (a stage re-run
+    with overwrite_output_dir=true): the resume failed on each checkpoint (a shape error for a model of
+    another shape) and advised deleting them all, or continued a LoRA adapter over the other weights.
+    Now it is refused up front, naming checkpoint_path, and the run's files are left as they were; with
+    the original model put back it resumes."""
+    start, out = tmp_path / "start", tmp_path / "run"
+    shutil.copytree(finished_run / "stage1" / "final", start)
+    argv = tiny_overrides(out, steps=2) + ["end_stage=1", "stage1.save_every=1", f"checkpoint_path={start}"]
+    original_log = MetricsLogger.log
+
+    def dying_log(self, row, **kwargs):
+        original_log(self, row, **kwargs)
+        if row.get("stage") == 1 and row.get("step") == 2 and "loss" in row:
+            raise Killed()
+
+    monkeypatch.setattr(MetricsLogger, "log", dying_log)
+    with pytest.raises(Killed):
+        run_cli(argv, capsys)
+    monkeypatch.setattr(MetricsLogger, "log", original_log)
+    assert (out / "stage1" / "checkpoint-1").is_dir()
+
+    weights = start / "model.safetensors"
+    kept = weights.read_bytes()
+    save_file({name: tensor * 2 for name, tensor in load_file(weights).items()}, weights)
+    before = snapshot(out)
+    code, output = run_cli(argv, capsys)
+    assert code == 2
+    assert f"error: checkpoint_path={start}: holds other weights than when this run started" in output
+    assert "put that model back to resume" in output and "Traceback" not in output
+    assert snapshot(out) == before
+
+    weights.write_bytes(kept)
+    code, output = run_cli(argv, capsys)
+    assert code == 0, output
+    assert json.loads((out / "run_state.json").read_text())["finished"]
