@@ -339,3 +339,29 @@ def test_a_contrastive_term_whose_micro_batches_hold_one_example_each_is_refused
     cfg.stage2.loss.weights.contrastive = 0.0  # no term, nothing to refuse
     distiller.data.general.pop()
     distiller._check_contrastive_pairs(2)
+
+
+def test_an_eval_every_past_a_stage_sized_by_epochs_is_warned_of(tmp_path, caplog):
+    """Without max_steps the stage's length is known once its data is: an eval_every past it evaluated
+    the stage only at its end, without a word."""
+    from qwen_distillation.training.distiller import Distiller
+
+    cfg = validate_config(compose_config(tiny_overrides(tmp_path / "out") + [
+        "stage1.max_steps=null", "stage1.epochs=1", "stage1.batch_size=2", "stage1.grad_accum=1",
+        "stage1.eval_every=5"]))
+    distiller = Distiller(cfg)
+
+    class Data:
+        pass
+
+    distiller.data = Data()
+    distiller.data.general, distiller.data.medical = [{"input_ids": [1] * 4}] * 8, []
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.distiller"):
+        assert distiller._stage_steps("stage1", cfg.stage1) == 4
+    assert ("stage1.eval_every=5: ignored, the stage runs 4 steps (stage1.epochs=1.0 over its data), so it is "
+            "evaluated only at its end; to evaluate during it, lower it (e.g. stage1.eval_every=1)") in caplog.text
+    caplog.clear()
+    cfg.stage1.eval_every = 4
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.distiller"):
+        distiller._stage_steps("stage1", cfg.stage1)
+    assert "eval_every" not in caplog.text

@@ -468,8 +468,13 @@ class Distiller:
         if step > size:
             log.warning("%s: every step serves some examples more than once (%s, or add data)", *what)
         if stage.max_steps:
-            return stage.max_steps
-        return max(1, math.ceil(stage.epochs * (size / step if steps_per_pass is None else steps_per_pass)))
+            return stage.max_steps  # an eval_every past it is warned of with the config (ignored_settings)
+        steps = max(1, math.ceil(stage.epochs * (size / step if steps_per_pass is None else steps_per_pass)))
+        if stage.eval_every > steps:
+            log.warning("%s.eval_every=%d: ignored, the stage runs %d steps (%s.epochs=%s over its data), so it is "
+                        "evaluated only at its end; to evaluate during it, lower it (e.g. %s.eval_every=%d), or set 0 "
+                        "for the end only", key, stage.eval_every, steps, key, stage.epochs, key, max(1, steps // 4))
+        return steps
 
     def _check_contrastive_pairs(self, index: int) -> None:
         """A contrastive term takes its negatives from the other sequences of a micro-batch. Validation
