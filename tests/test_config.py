@@ -301,3 +301,22 @@ def test_data_and_mcq_source_values_of_the_wrong_type_are_refused_naming_the_key
             normalise_mcq_sources("eval.mcq", [entry])
     with pytest.raises(ConfigError, match=re.escape("eval.mcq[0].name=5: must be one string")):
         normalise_mcq_sources("eval.mcq", [{"path": "a.jsonl", "name": 5}])  # was a TypeError
+
+
+RECIPES = {"general_kd": "stage1", "domain_kd": "stage2", "medical_ft": "stage3"}
+
+
+@pytest.mark.parametrize("slot", ["stage1", "stage2", "stage3"])
+def test_every_stage_slot_takes_every_stage_recipe(slot):
+    """`stage2=medical_ft` (say) swaps stage 3's recipe into stage 2 from the command line: each slot's
+    group offers the three recipes, each the very values of its own slot's file, and the other slots
+    keep theirs."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.to_container(compose_config(["experiment=none"]))
+    assert sorted(p.stem for p in (Path(CONF_DIR) / slot).glob("*.yaml")) == sorted(RECIPES)
+    for recipe, home in RECIPES.items():
+        swapped = OmegaConf.to_container(compose_config(["experiment=none", f"{slot}={recipe}"]))
+        assert swapped[slot] == base[home] and swapped[slot]["name"] == recipe
+        assert all(swapped[other] == base[other] for other in RECIPES.values() if other != slot)
+        validate_config(compose_config([f"{slot}={recipe}"]))
