@@ -146,6 +146,50 @@ def bench_loss(args) -> dict:
                     torch.addmm(grad_w, logits.T, hs[start:start + chunk], out_dtype=torch.float32, out=grad_w)
         return fn
 
+    def overlapped(chunk, carveout, rows=True):
+        # A probe of the loss's floor target: its own kernels, the row kernel of chunk i on a side stream beside
+        # chunk i+1's two projections and chunk i-1's two gradient matmuls (one more pair of [c, V] buffers alive),
+        # with cuBLAS held to all SMs but ``carveout`` (torch._C._set_sm_carveout_experimental) so that the row
+        # kernel has SMs of its own while the GEMMs run; rows=False times those GEMMs alone on the fewer SMs.
+        # Every buffer is allocated and freed on the current stream after it has waited for the side stream.
+        from qwen_distillation.kernels.fused_linear_kd import kd_rows
+
+        grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=device)
+        grad_h = torch.empty_like(hs)
+        ce, kd = (torch.empty(n, dtype=torch.float32, device=device) for _ in range(2))
+        side = torch.cuda.Stream(device)
+        bounds = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+        def launch(index):
+            start, end = bounds[index]
+            logits = hs[start:end] @ ws.T
+            t_logits = ht[start:end] @ wt.T
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                if rows:
+                    kd_rows(logits, t_logits, labels[start:end], kind="forward_kl", temperature=T, ce_scale=w,
+                            kd_scale=w, write_grad=True, out=(ce[start:end], kd[start:end]))
+                done = side.record_event()
+            return logits, t_logits, done
+
+        def fn():
+            before = torch._C._get_sm_carveout_experimental()
+            torch._C._set_sm_carveout_experimental(carveout or None)
+            try:
+                with torch.no_grad():
+                    ahead = launch(0)
+                    for index, (start, end) in enumerate(bounds):
+                        logits, t_logits, done = ahead
+                        ahead = launch(index + 1) if index + 1 < len(bounds) else None
+                        torch.cuda.current_stream().wait_event(done)
+                        del t_logits
+                        torch.mm(logits, ws, out=grad_h[start:end])
+                        torch.addmm(grad_w, logits.T, hs[start:end], out_dtype=torch.float32, out=grad_w)
+                        del logits
+            finally:
+                torch._C._set_sm_carveout_experimental(before)
+        return fn
+
     def rows_only(chunk, **launch):
         from qwen_distillation.kernels.fused_linear_kd import kd_rows
 
@@ -188,6 +232,12 @@ def bench_loss(args) -> dict:
     for chunk in args.chunks:
         run_arm(f"floor: the 4 GEMMs alone ({chunk})", gemms_only(chunk), results, **kw)
         run_arm(f"the row kernel alone, all tokens ({chunk})", rows_only(chunk), results, **kw)
+    for chunk in args.chunks if args.carveouts else ():
+        for carveout in args.carveouts:
+            run_arm(f"probe: row kernel overlapped, cuBLAS on all SMs but {carveout} ({chunk})",
+                    overlapped(chunk, carveout), results, **kw)
+            run_arm(f"probe: the 4 GEMMs alone, cuBLAS on all SMs but {carveout} ({chunk})",
+                    overlapped(chunk, carveout, rows=False), results, **kw)
     for block, warps in args.row_configs:
         run_arm(f"the row kernel alone, block {block}, {warps} warps",
                 rows_only(args.chunks[0], block=block, num_warps=warps), results, **kw)
@@ -643,6 +693,9 @@ def main(argv=None):
     loss.add_argument("--liger-chunks", type=int, nargs="+", default=[1024])
     loss.add_argument("--row-configs", type=lambda x: tuple(map(int, x.split("x"))), nargs="*", default=[],
                       help="row-kernel launch configs to time, BLOCKxWARPS, e.g. 8192x16")
+    loss.add_argument("--carveouts", type=int, nargs="*", default=[],
+                      help="probe: the row kernel overlapped with the GEMMs on a side stream, cuBLAS kept off this "
+                           "many SMs (0: all SMs), and the GEMMs alone on as many")
     step = sub.add_parser("step")
     step.add_argument("--pair", choices=sorted(PAIRS), default="1.5b-0.5b")
     step.add_argument("--batch", type=int, default=4)
