@@ -451,6 +451,16 @@ def _refuse_non_finite(node, key: str = "") -> None:
                           f"(`python run_distillation.py --cfg job` prints every key with its default)")
 
 
+def eval_every_past_end(key: str, eval_every: int, steps: int, length: str) -> list[str]:
+    """The warning for a ``stageN.eval_every`` past the stage's ``steps`` (``length`` says what gives that
+    count: ``max_steps`` here, its ``epochs`` over its data once loaded): the stage is evaluated at its end alone."""
+    if eval_every <= steps:
+        return []
+    return [f"{key}.eval_every={eval_every}: ignored, the stage runs {steps} steps ({length}), so it is evaluated "
+            f"only at its end; to evaluate during it, lower it (e.g. {key}.eval_every={max(1, steps // 4)}), or set 0 "
+            f"for the end only"]
+
+
 def ignored_settings(cfg: DistillationConfig) -> list[str]:
     """The values a run of the validated ``cfg`` ignores, one line each for a warning: LoRA options
     while LoRA is off (the run trains all of the student's weights), the layer map of a feature
@@ -478,11 +488,8 @@ def ignored_settings(cfg: DistillationConfig) -> list[str]:
                              f"to train it")
         if stage.enabled:
             lines += _ignored_ratio_settings(key, stage.medical_ratio) + _ignored_loss_settings(key, stage)
-        if stage.enabled and stage.max_steps and stage.eval_every > stage.max_steps:
-            lines.append(f"{key}.eval_every={stage.eval_every}: ignored, the stage runs {stage.max_steps} steps "
-                         f"({key}.max_steps={stage.max_steps}), so it is evaluated only at its end; to evaluate during "
-                         f"it, lower it (e.g. {key}.eval_every={max(1, stage.max_steps // 4)}), or set 0 for the end "
-                         f"only")
+        if stage.enabled and stage.max_steps:
+            lines += eval_every_past_end(key, stage.eval_every, stage.max_steps, f"{key}.max_steps={stage.max_steps}")
         if stage.enabled and stage.teacher.cache and stage.teacher.source != "cache":
             lines.append(f"{key}.teacher.cache={stage.teacher.cache}: ignored, the stage runs the teacher online "
                          f"({key}.teacher.source={stage.teacher.source}); read the cache with "

@@ -32,7 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from qwen_distillation.config.schema import DistillationConfig, StageConfig
-from qwen_distillation.config.validate import engine_label, pruned_from_teacher
+from qwen_distillation.config.validate import engine_label, eval_every_past_end, pruned_from_teacher
 from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indices
 from qwen_distillation.data.manager import (StageSampler, check_stage_pools, collate, length_grouped_batches,
                                             micro_batches, stage_domains, to_device)
@@ -470,10 +470,8 @@ class Distiller:
         if stage.max_steps:
             return stage.max_steps  # an eval_every past it is warned of with the config (ignored_settings)
         steps = max(1, math.ceil(stage.epochs * (size / step if steps_per_pass is None else steps_per_pass)))
-        if stage.eval_every > steps:
-            log.warning("%s.eval_every=%d: ignored, the stage runs %d steps (%s.epochs=%s over its data), so it is "
-                        "evaluated only at its end; to evaluate during it, lower it (e.g. %s.eval_every=%d), or set 0 "
-                        "for the end only", key, stage.eval_every, steps, key, stage.epochs, key, max(1, steps // 4))
+        for line in eval_every_past_end(key, stage.eval_every, steps, f"{key}.epochs={stage.epochs} over its data"):
+            log.warning(line)
         return steps
 
     def _check_contrastive_pairs(self, index: int) -> None:
