@@ -51,12 +51,8 @@ _WARNED: dict[int, set[str]] = {}
 def _warn_once(run, line: str) -> None:
     """Log ``line`` unless it was logged for the run whose ``distributed`` config is ``run``."""
     key = id(run)
-    if key not in _WARNED:
-        try:
-            weakref.finalize(run, _WARNED.pop, key, None).atexit = False
-        except TypeError:  # no weak reference to it: its id may be reused, so nothing is remembered
-            log.warning(line)
-            return
+    if key not in _WARNED:  # forgotten with the config, whose id a later one may take
+        weakref.finalize(run, _WARNED.pop, key, None).atexit = False
         _WARNED[key] = set()
     if line not in _WARNED[key]:
         _WARNED[key].add(line)
