@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import Killed, kill_in_stages, run_cli, snapshot, tiny_overrides
-from qwen_distillation.training.metrics import MetricsLogger
+from conftest import kill_in_stages, run_cli, snapshot, tiny_overrides
 
 LORA = ["lora.enabled=true", "lora.r=4", "lora.target_modules=[q_proj,v_proj]"]
 
@@ -66,30 +64,21 @@ def test_resume_refuses_a_checkpoint_path_that_now_holds_other_weights(finished_
     start, out = tmp_path / "start", tmp_path / "run"
     shutil.copytree(finished_run / "stage1" / "final", start)
     argv = tiny_overrides(out, steps=2) + ["end_stage=1", "stage1.save_every=1", f"checkpoint_path={start}"]
-    original_log = MetricsLogger.log
 
-    def dying_log(self, row, **kwargs):
-        original_log(self, row, **kwargs)
-        if row.get("stage") == 1 and row.get("step") == 2 and "loss" in row:
-            raise Killed()
+    def replaced_then_put_back(stage):
+        assert (out / "stage1" / "checkpoint-1").is_dir()
+        weights = start / "model.safetensors"
+        kept = weights.read_bytes()
+        save_file({name: tensor * 2 for name, tensor in load_file(weights).items()}, weights)
+        before = snapshot(out)
+        code, output = run_cli(argv, capsys)
+        assert code == 2
+        assert f"error: checkpoint_path={start}: holds other weights than when this run started" in output
+        assert "put that model back to resume" in output and "Traceback" not in output
+        assert snapshot(out) == before
+        weights.write_bytes(kept)
 
-    monkeypatch.setattr(MetricsLogger, "log", dying_log)
-    with pytest.raises(Killed):
-        run_cli(argv, capsys)
-    monkeypatch.setattr(MetricsLogger, "log", original_log)
-    assert (out / "stage1" / "checkpoint-1").is_dir()
-
-    weights = start / "model.safetensors"
-    kept = weights.read_bytes()
-    save_file({name: tensor * 2 for name, tensor in load_file(weights).items()}, weights)
-    before = snapshot(out)
-    code, output = run_cli(argv, capsys)
-    assert code == 2
-    assert f"error: checkpoint_path={start}: holds other weights than when this run started" in output
-    assert "put that model back to resume" in output and "Traceback" not in output
-    assert snapshot(out) == before
-
-    weights.write_bytes(kept)
-    code, output = run_cli(argv, capsys)
-    assert code == 0, output
+    # Killed after step 2 of stage 1 is logged; after the kill the weights are replaced, then put back.
+    kill_in_stages(monkeypatch, lambda: run_cli(argv, capsys), stages=(1,), at_step=2,
+                   after_each=replaced_then_put_back)
     assert json.loads((out / "run_state.json").read_text())["finished"]
