@@ -20,11 +20,11 @@ and returns its result unchanged. The shared config, and so the attention-mask c
 the decoder, never changes; other layers and other models are not affected.
 
 Supported models: a decoder (``model``, its ``get_base_model()`` for peft, then ``get_decoder()``)
-with a ``layers`` list whose layers have a ``self_attn`` attention module that dispatches through
-``ALL_ATTENTION_FUNCTIONS`` as above: Qwen2/Qwen2.5, Qwen3 and Llama are tested (eager, SDPA;
-flex attention checked by hand), and Mistral and the other models generated from Llama in
-transformers 5 follow the same pattern. The eager path uses the ``eager_attention_forward`` of
-the module's own modeling file.
+with a ``layers`` list whose layers have an attention module (``self_attn``, or GPT-NeoX's
+``attention``; see :data:`ATTENTION_NAMES`) that dispatches through ``ALL_ATTENTION_FUNCTIONS`` as
+above: Qwen2/Qwen2.5, Qwen3 and Llama are tested (eager, SDPA; flex attention checked by hand), and
+Mistral and the other models generated from Llama in transformers 5 follow the same pattern. The
+eager path uses the ``eager_attention_forward`` of the module's own modeling file.
 
 Limits: do not call backward inside the block with gradient checkpointing on (the recomputation
 runs the hooks again and overwrites the entries with recomputed, equal tensors); reentrant
@@ -107,6 +107,31 @@ def _check_layers(kind: str, layers: Iterable[int], num_layers: int, model_name:
     return sorted(set(layers))
 
 
+ATTENTION_NAMES = ("self_attn", "attention")  # the Llama family's name, then GPT-NeoX's
+
+
+def attention_module(decoder: nn.Module, index: int) -> nn.Module:
+    """The attention module of decoder layer ``index``: the first of :data:`ATTENTION_NAMES` the
+    layer holds that carries a config. Raises ConfigError for a layer with none."""
+    layer = decoder.layers[index]
+    for name in ATTENTION_NAMES:
+        attention = getattr(layer, name, None)
+        if isinstance(attention, nn.Module) and hasattr(attention, "config"):
+            return attention
+    raise ConfigError(
+        f"decoder layer {index} ({type(layer).__name__}) has no attention module with a config "
+        f"(looked for {', '.join(ATTENTION_NAMES)}); query/key/value capture supports the Qwen2/Llama family "
+        "and GPT-NeoX"
+    )
+
+
+def check_qkv_capture(model: nn.Module, layers: Iterable[int]) -> None:
+    """Raise ConfigError, before anything runs, if the q/k/v of ``layers`` cannot be captured."""
+    decoder = find_decoder(model)
+    for index in _check_layers("qkv_layers", layers, len(decoder.layers), type(base_model(model)).__name__):
+        _eager_attention_of(attention_module(decoder, index))
+
+
 def _eager_attention_of(attention: nn.Module) -> tuple[Callable, AttentionInterface]:
     """The eager fallback and the attention registry that ``attention``'s modeling file uses."""
     modeling_file = sys.modules[type(attention).__module__]
@@ -184,12 +209,7 @@ class Capture:
         if self.qkv_layers:
             AttentionInterface.register(CAPTURE_ATTN_IMPLEMENTATION, _capture_attention)
         for index in self.qkv_layers:
-            attention = getattr(self.decoder.layers[index], "self_attn", None)
-            if attention is None or not hasattr(attention, "config"):
-                raise ConfigError(
-                    f"decoder layer {index} ({type(self.decoder.layers[index]).__name__}) has no `self_attn` "
-                    "module with a config; query/key/value capture supports the Qwen2/Llama family"
-                )
+            attention = attention_module(self.decoder, index)
             if isinstance(attention.config, _CaptureConfigView):
                 raise RuntimeError(f"the q/k/v of layer {index} are already captured by another active Capture")
             eager_fn, interface = _eager_attention_of(attention)

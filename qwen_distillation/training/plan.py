@@ -14,7 +14,7 @@ from qwen_distillation.errors import ConfigError
 from qwen_distillation.kernels.fused_linear_kd import KDOptions
 from qwen_distillation.losses.feature import proportional_layer_map, validate_layer_map
 from qwen_distillation.losses.fused import kd_options
-from qwen_distillation.modeling.capture import find_decoder
+from qwen_distillation.modeling.capture import check_qkv_capture, find_decoder
 from qwen_distillation.modeling.parts import base_model, decoder_and_head, head_dim, supports_hidden_path
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,12 @@ def build_plan(stage, key: str, student, teacher, vocab_size: int, kd: KDOptions
     attention = layer_pairs(loss.attention, f"{key}.loss.attention", student, teacher) if "attention" in weights else []
     if attention:
         check_relation_heads(loss.attention.relation_heads, f"{key}.loss.attention.relation_heads", student, teacher)
+        for side, (role, model) in enumerate((("student", student), ("teacher", teacher))):
+            try:
+                check_qkv_capture(model, [pair[side] for pair in attention])
+            except ConfigError as err:
+                raise ConfigError(f"{key}.loss.weights.attention > 0 needs the {role}'s queries and keys: {err}. "
+                                  f"Set {key}.loss.weights.attention=0 for this pair") from None
     return LossPlan(weights=weights, vocab_size=vocab_size, kd=kd, separate_logit_terms=loss.balancing.method != "none",
                     hidden_path=hidden_path, feature_pairs=tuple(feature), feature_loss=loss.feature.loss,
                     feature_normalize=loss.feature.normalize, attention_pairs=tuple(attention),
@@ -147,12 +153,24 @@ def loss_weights(plan: LossPlan) -> dict[str, float]:
 
 def shared_parameter(student, plan: LossPlan) -> list[torch.Tensor]:
     """The layer every active term's gradient passes through (GradNorm measures gradient
-    norms there): the input norm of the lowest matched student layer, else the final norm."""
+    norms there): the input norm of the lowest matched student layer, else the final norm.
+
+    Decoders named otherwise give the nearest equivalent: a layer without ``input_layernorm``
+    (OLMo-2 normalises after each block) its first trainable parameter; a decoder without ``norm``
+    (GPT-NeoX's ``final_layer_norm``) its last module with trainable parameters, which in
+    transformers' decoders is the final norm."""
     layers = [s for s, _ in plan.feature_pairs + plan.attention_pairs]
     decoder = decoder_and_head(student)[0]
+
+    def trainable(module):
+        return [p for p in module.parameters() if p.requires_grad]
+
     if layers:
-        module = decoder.layers[min(layers)].input_layernorm
+        layer = decoder.layers[min(layers)]
+        norm = getattr(layer, "input_layernorm", None)
+        chosen = trainable(norm) if norm is not None else trainable(layer)[:1]
     else:
-        module = decoder.norm
-    return [p for p in module.parameters() if p.requires_grad] or [
-        p for p in student.parameters() if p.requires_grad][-1:]
+        norm = getattr(decoder, "norm", None)
+        last = [m for m in decoder.children() if trainable(m)][-1:]
+        chosen = trainable(norm) if norm is not None else trainable(last[0]) if last else []
+    return chosen or trainable(student)[-1:]
