@@ -385,6 +385,33 @@ def test_loaded_models_whose_attention_would_mix_examples_are_refused():
         check_packed_attention({"student": model})
 
 
+def test_a_probe_on_the_model_refuses_families_whose_packed_rows_leak():
+    """Packing keeps examples apart only where the model takes its positions and mask from the position
+    ids. OPT takes its learned positions' offsets from the attention mask and builds its mask without
+    them; GPT-NeoX and OLMo-2 (and the Llama family) keep them apart. The probe runs each model itself."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Olmo2Config, Olmo2ForCausalLM, OPTConfig, OPTForCausalLM
+
+    from qwen_distillation.modeling.parts import LEAK_TOLERANCE, check_packed_attention, packed_row_leak
+
+    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=128)
+    torch.manual_seed(0)
+    kept = {"student": _model("qwen2", "sdpa"), "teacher": GPTNeoXForCausalLM(GPTNeoXConfig(**shape))}
+    kept["student"].train()
+    check_packed_attention(kept)
+    check_packed_attention({"teacher": Olmo2ForCausalLM(Olmo2Config(**shape))})
+    assert kept["student"].training  # the probe runs in eval mode and gives the mode back
+    packed, mixed = packed_row_leak(kept["student"])
+    assert packed < 1e-5 < 1e-2 < mixed  # fp32 rounding, against what one sequence moves
+    opt = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32))
+    packed, mixed = packed_row_leak(opt)
+    assert packed > LEAK_TOLERANCE * mixed > 0
+    with pytest.raises(ConfigError, match=r"train\.packing=true: the teacher \(OPTForCausalLM\) lets a packed row's "
+                                          r"examples see each other.*set train\.packing=false"):
+        check_packed_attention({"student": kept["student"], "teacher": opt})
+
+
 @pytest.mark.slow
 def test_a_run_with_packing_logs_the_losses_of_the_run_without_and_less_padding(tmp_path):
     """Stage 2 (all five terms, GradNorm) and stage 3 (hard-example sampling), tiny pair: every

@@ -54,6 +54,57 @@ def check_packed_attention(models: dict[str, nn.Module | None], layout: str = "r
         if implementation not in allowed:
             raise ConfigError(f"{setting}: the {side} runs attention {implementation!r}, which {why}; set "
                               f"model.{side}.attn_implementation to one of {', '.join(allowed)}, or {other}")
+        leak = packed_row_leak(model, layout)
+        if leak is not None and leak[0] > LEAK_TOLERANCE * leak[1]:
+            raise ConfigError(
+                f"{setting}: the {side} ({type(base_model(model)).__name__}) lets a packed row's examples see each "
+                f"other: an example's logits behind another in a packed row differ from its logits alone by "
+                f"{leak[0]:.3g}, against {leak[1]:.3g} with the two as one sequence (a model that takes positions or "
+                "masks from the attention mask, as OPT and BLOOM do, or carries a recurrent state from token to "
+                f"token, as Mamba hybrids do); set {other if layout != 'rows' else 'train.packing=false'}")
+
+
+# A packed example may differ from itself alone by rounding only; mixing moves it by about as much as
+# running the two examples as one sequence (tests/test_packing.py measures both on several families).
+LEAK_TOLERANCE = 0.05
+
+
+@torch.no_grad()
+def packed_row_leak(model: nn.Module, layout: str = "rows") -> tuple[float, float] | None:
+    """How much the model lets a packed row's examples see each other, probed on the model itself:
+    two short examples (6 and 5 tokens) packed as training packs them (``collate_packed``), the
+    second's logits against its logits alone (the first difference), and against those of the two
+    run as one sequence (the second: what mixing them moves). Largest absolute differences; None
+    where the weights are not here to run (on the meta device, or partitioned by DeepSpeed ZeRO-3).
+    Runs in eval mode (no dropout), restoring the model's mode."""
+    from qwen_distillation.data.manager import collate, collate_packed
+
+    params = list(model.parameters())
+    if not params or any(p.is_meta or hasattr(p, "ds_id") for p in params):
+        return None
+    device = params[0].device
+    vocab = base_model(model).config.get_text_config().vocab_size
+    ids = torch.randint(1, min(vocab, 1000), (11,), generator=torch.Generator().manual_seed(0)).tolist()
+    # The longer first: packing places examples longest first (data.manager.pack_rows).
+    first, second = ({"input_ids": ids[:6], "labels": ids[:6]}, {"input_ids": ids[6:], "labels": ids[6:]})
+    one_sequence = {"input_ids": ids, "labels": ids}
+    row = collate_packed([first, second], 0, len(ids), layout)
+    if row["input_ids"][0].tolist() != ids:
+        raise RuntimeError(f"packing placed the probe's examples otherwise: {row['input_ids'].tolist()}")
+
+    def logits(batch):
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
+        return model(**inputs).logits[0, -len(second["input_ids"]):].float()
+
+    was_training = model.training
+    model.eval()
+    try:
+        alone = logits(collate([second], 0))
+        packed = logits(row)
+        mixed = logits(collate([one_sequence], 0))
+    finally:
+        model.train(was_training)
+    return float((packed - alone).abs().max()), float((mixed - alone).abs().max())
 
 
 def base_model(model: nn.Module) -> nn.Module:
