@@ -1,0 +1,64 @@
+"""Which model families keep a packed row's examples apart: the probe that ``train.packing`` runs on
+each model (``modeling.parts.packed_row_leak``), on tiny random models of many transformers families,
+in fp32 and bf16, with SDPA and eager attention, on the CPU.
+
+    python benchmarks/packing_families.py --out benchmarks/results/packing_families_cpu.json
+
+For each: the largest logit difference of a packed example against itself alone (``packed``), the
+same for the two examples run as one sequence (``mixed``), their ratio, and whether the run's check
+(ratio above ``LEAK_TOLERANCE``) refuses it. A family that a transformers version does not build is
+listed with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qwen_distillation.modeling.parts import LEAK_TOLERANCE, packed_row_leak  # noqa: E402
+
+FAMILIES = ["Qwen2", "Qwen3", "Qwen2Moe", "Qwen3Moe", "Llama", "Mistral", "Mixtral", "Gemma2", "Phi", "GPTNeoX",
+            "Olmo2", "Olmo3", "Falcon", "Cohere", "Starcoder2", "Granite", "StableLm", "Exaone4", "Ernie4_5",
+            "SeedOss", "Apertus", "Lfm2", "OPT", "Bloom", "GptOss", "Jamba", "MiniMax", "FalconH1"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    args = parser.parse_args()
+    rows = []
+    for family in FAMILIES:
+        for attn in ("sdpa", "eager"):
+            for dtype in (torch.float32, torch.bfloat16):
+                row = {"family": family, "attn": attn, "dtype": str(dtype).removeprefix("torch.")}
+                try:
+                    torch.manual_seed(0)
+                    config = getattr(transformers, f"{family}Config")(
+                        vocab_size=97, hidden_size=32, intermediate_size=64, ffn_dim=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        word_embed_proj_dim=32, attn_implementation=attn)
+                    model = getattr(transformers, f"{family}ForCausalLM")(config).to(dtype)
+                    packed, mixed = packed_row_leak(model)
+                    ratio = packed / mixed if mixed > 0 else 0.0
+                    row.update(packed=packed, mixed=mixed, ratio=ratio, refused=packed > LEAK_TOLERANCE * mixed)
+                except Exception as err:  # a family this transformers builds otherwise, or not with this attention
+                    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                rows.append(row)
+                shown = (f"packed {row['packed']:.3g}  mixed {row['mixed']:.3g}  ratio {row['ratio']:.3g}  "
+                         f"{'REFUSED' if row['refused'] else 'kept apart'}") if "error" not in row else row["error"]
+                print(f"{family:11s} {attn:5s} {row['dtype']:8s} {shown}", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
+                                        "tolerance": LEAK_TOLERANCE, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
