@@ -61,11 +61,11 @@ def check_packed_attention(models: dict[str, nn.Module | None], layout: str = "r
                 f"other: an example's logits behind another in a packed row differ from its logits alone by "
                 f"{leak[0]:.3g}, against {leak[1]:.3g} with the two as one sequence (a model that takes positions or "
                 "masks from the attention mask, as OPT and BLOOM do, or carries a recurrent state from token to "
-                f"token, as Mamba hybrids do); set {other if layout != 'rows' else 'train.packing=false'}")
+                "token, as Mamba hybrids do); set train.packing=false")
 
 
 # A packed example may differ from itself alone by rounding only; mixing moves it by about as much as
-# running the two examples as one sequence (tests/test_packing.py measures both on several families).
+# running the two examples as one sequence (benchmarks/packing_families.py measures both on 28 families).
 LEAK_TOLERANCE = 0.05
 
 
