@@ -398,7 +398,10 @@ def test_a_probe_on_the_model_refuses_families_whose_packed_rows_leak():
     torch.manual_seed(0)
     kept = {"student": _model("qwen2", "sdpa"), "teacher": GPTNeoXForCausalLM(GPTNeoXConfig(**shape))}
     kept["student"].train()
-    check_packed_attention(kept)
+    under_autocast = []  # the probe runs in the run's precision (flash and varlen attention need half)
+    kept["student"].register_forward_pre_hook(lambda *_: under_autocast.append(torch.is_autocast_enabled("cpu")))
+    check_packed_attention(kept, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert under_autocast == [True, True, True]
     check_packed_attention({"teacher": Olmo2ForCausalLM(Olmo2Config(**shape))})
     assert kept["student"].training  # the probe runs in eval mode and gives the mode back
     packed, mixed = packed_row_leak(kept["student"])

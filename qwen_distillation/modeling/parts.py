@@ -4,7 +4,7 @@ stack and lm_head, and to the positions whose hidden state predicts a labelled t
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -33,11 +33,14 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
-def check_packed_attention(models: dict[str, nn.Module | None], layout: str = "rows") -> None:
+def check_packed_attention(models: dict[str, nn.Module | None], layout: str = "rows",
+                           autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
     """``train.packing`` needs each model's attention to keep a packed row's examples apart
     (``config.validate.PACKED_ATTENTION``), and ``train.pack_layout=padding_free`` one that reads
     their bounds (``PADDING_FREE_ATTENTION``); checked on the loaded models, whose implementation
-    transformers may have chosen itself. ``models``: side name (teacher, student) -> model."""
+    transformers may have chosen itself, and then by running each (:func:`packed_row_leak`, under
+    ``autocast``, the run's precision: flash and varlen attention take only half precision).
+    ``models``: side name (teacher, student) -> model."""
     from qwen_distillation.config.validate import PACKED_ATTENTION, PADDING_FREE_ATTENTION
     from qwen_distillation.errors import ConfigError
 
@@ -54,7 +57,8 @@ def check_packed_attention(models: dict[str, nn.Module | None], layout: str = "r
         if implementation not in allowed:
             raise ConfigError(f"{setting}: the {side} runs attention {implementation!r}, which {why}; set "
                               f"model.{side}.attn_implementation to one of {', '.join(allowed)}, or {other}")
-        leak = packed_row_leak(model, layout)
+        with autocast():
+            leak = packed_row_leak(model, layout)
         if leak is not None and leak[0] > LEAK_TOLERANCE * leak[1]:
             raise ConfigError(
                 f"{setting}: the {side} ({type(base_model(model)).__name__}) lets a packed row's examples see each "

@@ -297,7 +297,7 @@ class Distiller:
                                           placement=placement, load_teacher=load_teacher)
         if cfg.train.packing:  # on the models as loaded, before any engine wraps them
             check_packed_attention({"teacher": self.pair.teacher, "student": self.pair.student},
-                                   cfg.train.pack_layout)
+                                   cfg.train.pack_layout, self._autocast)
         if self._teacher_zero3_config is not None and self.pair.teacher is not None:
             from qwen_distillation.training.deepspeed_engine import shard_teacher
 
