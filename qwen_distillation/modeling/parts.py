@@ -88,7 +88,7 @@ def packed_row_leak(model: nn.Module, layout: str = "rows") -> tuple[float, floa
     run as one sequence (the second: what mixing them moves). Largest absolute differences; None
     where the weights are not here to run (on the meta device, or partitioned by DeepSpeed ZeRO-3).
     Runs in eval mode (no dropout), restoring the model's mode."""
-    from qwen_distillation.data.manager import collate, collate_packed
+    from qwen_distillation.data.manager import collate, collate_packed, to_device
 
     params = list(model.parameters())
     if not params or any(p.is_meta or hasattr(p, "ds_id") for p in params):
@@ -104,8 +104,8 @@ def packed_row_leak(model: nn.Module, layout: str = "rows") -> tuple[float, floa
         raise RuntimeError(f"packing placed the probe's examples otherwise: {row['input_ids'].tolist()}")
 
     def logits(batch):
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
-        return model(**inputs).logits[0, -len(second["input_ids"]):].float()
+        # As a training step hands a batch to the model: moved as the loop moves it, then its forward arguments.
+        return model(**model_inputs(to_device(batch, device))).logits[0, -len(second["input_ids"]):].float()
 
     was_training = model.training
     model.eval()
