@@ -427,6 +427,50 @@ def test_a_model_the_packing_probe_cannot_run_is_let_through_with_a_warning(capl
         in caplog.text
 
 
+def test_a_model_that_runs_an_example_alone_but_not_a_packed_row_is_refused_by_name():
+    """Training would raise at its first packed step; the probe refuses at set-up, naming the option
+    and keeping the model's own message."""
+    from qwen_distillation.modeling.parts import check_packed_attention
+
+    model = _model("qwen2", "sdpa")
+
+    def no_packed_rows(module, args, kwargs):
+        if "position_ids" in kwargs:
+            raise ValueError("this kernel cannot keep packed sequences apart")
+
+    model.register_forward_pre_hook(no_packed_rows, with_kwargs=True)
+    with pytest.raises(ConfigError, match=r"train\.packing=true: the student \(Qwen2ForCausalLM\) runs an example "
+                                          r"alone but not in a packed row \(ValueError: this kernel cannot keep packed "
+                                          r"sequences apart\); set train\.packing=false"):
+        check_packed_attention({"student": model})
+
+
+def test_a_linear_attention_hybrid_is_refused_or_kept_apart_never_mixed():
+    """Qwen3.5 interleaves gated linear-attention layers with attention layers. Without the kernels
+    that read a packed row's bounds, transformers refuses the packed row, and so does the set-up;
+    where it runs the row, the probe must find the examples apart."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Qwen3_5TextConfig"):
+        pytest.skip("this transformers has no Qwen3.5")
+    from qwen_distillation.modeling.parts import LEAK_TOLERANCE, PackedForwardError, check_packed_attention, \
+        packed_row_leak
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3_5TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8, max_position_embeddings=128)
+    model = transformers.Qwen3_5ForCausalLM(config)
+    assert "linear_attention" in config.layer_types
+    try:
+        packed, mixed = packed_row_leak(model)
+    except PackedForwardError:
+        with pytest.raises(ConfigError, match=r"runs an example alone but not in a packed row.*train\.packing=false"):
+            check_packed_attention({"teacher": model})
+    else:
+        assert packed <= LEAK_TOLERANCE * mixed
+
+
 @pytest.mark.slow
 def test_a_run_with_packing_logs_the_losses_of_the_run_without_and_less_padding(tmp_path):
     """Stage 2 (all five terms, GradNorm) and stage 3 (hard-example sampling), tiny pair: every

@@ -61,6 +61,11 @@ def check_packed_attention(models: dict[str, nn.Module | None], layout: str = "r
         try:
             with autocast():
                 leak = packed_row_leak(model, layout)
+        except PackedForwardError as err:  # runs an example alone, not packed: every packed step would raise so
+            raise ConfigError(
+                f"{setting}: the {side} ({type(base_model(model)).__name__}) runs an example alone but not in a packed "
+                f"row ({type(err.__cause__).__name__}: {err.__cause__}); set train.packing=false, or give the model "
+                "what it names to read packed rows") from err.__cause__
         except Exception as err:  # noqa: BLE001 - an attention backend the probe cannot drive; training would tell
             logging.getLogger(__name__).warning("%s: could not probe whether the %s keeps a packed row's examples "
                                                 "apart (%s: %s); its packed rows are not checked", setting, side,
@@ -75,6 +80,12 @@ def check_packed_attention(models: dict[str, nn.Module | None], layout: str = "r
                 "token, as Mamba hybrids do); set train.packing=false")
 
 
+class PackedForwardError(RuntimeError):
+    """The probe's packed row raised in the model's forward, after the same example alone ran (the
+    model's error is the ``__cause__``): e.g. transformers' linear-attention layers (Qwen3.5,
+    Qwen3-Next) refuse packed rows without the flash-linear-attention kernels that keep them apart."""
+
+
 # A packed example may differ from itself alone by rounding only; mixing moves it by about as much as
 # running the two examples as one sequence (benchmarks/packing_families.py measures both on 28 families).
 LEAK_TOLERANCE = 0.05
@@ -87,7 +98,8 @@ def packed_row_leak(model: nn.Module, layout: str = "rows") -> tuple[float, floa
     second's logits against its logits alone (the first difference), and against those of the two
     run as one sequence (the second: what mixing them moves). Largest absolute differences; None
     where the weights are not here to run (on the meta device, or partitioned by DeepSpeed ZeRO-3).
-    Runs in eval mode (no dropout), restoring the model's mode."""
+    Runs in eval mode (no dropout), restoring the model's mode. Raises :class:`PackedForwardError`
+    where the example alone runs and the packed row raises."""
     from qwen_distillation.data.manager import collate, collate_packed, to_device
 
     params = list(model.parameters())
@@ -111,7 +123,10 @@ def packed_row_leak(model: nn.Module, layout: str = "rows") -> tuple[float, floa
     model.eval()
     try:
         alone = logits(collate([second], 0))
-        packed = logits(row)
+        try:
+            packed = logits(row)
+        except Exception as err:  # noqa: BLE001 - any error of the model's own forward
+            raise PackedForwardError(f"the packed row raised: {err}") from err
         mixed = logits(collate([one_sequence], 0))
     finally:
         model.train(was_training)
