@@ -290,3 +290,31 @@ def test_lora_targets_that_peft_would_reject_or_merge_wrongly_are_refused(tmp_pa
     adapted.save_pretrained(tmp_path)  # peft saves the layers it found; continuing with [all-linear] is the same
     assert sorted(json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]) == sorted(wrapped)
     check_adapter_matches_lora(str(tmp_path), LoraConfig(enabled=True, target_modules=["all-linear"]))
+
+
+def test_lora_on_a_student_with_mixture_of_experts_layers_names_the_setting_to_change():
+    """A probe over model families: a Qwen3-MoE student keeps its experts as bare parameters, which
+    peft's ``all-linear`` adapts too and then refuses under the default dropout; the error named only
+    lora.target_modules. The "no module named" list no longer suggests the output layer, which
+    ``all-linear`` leaves out."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from qwen_distillation.config.schema import LoraConfig
+    from qwen_distillation.modeling.pair import apply_lora, check_lora_targets
+
+    def student():
+        torch.manual_seed(0)
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+            num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+
+    with pytest.raises(ConfigError, match=r"no module named \['gate_proj', 'up_proj', 'down_proj'\]; its linear "
+                                          r"layers are \['k_proj', 'o_proj', 'q_proj', 'v_proj'\]"):
+        check_lora_targets(student(), LoraConfig().target_modules)
+    with pytest.raises(ConfigError, match=r"^lora\.dropout=0\.05 with lora\.target_modules=\['all-linear'\]: peft "
+                                          r"adapts some of the student's weights as bare parameters.*"
+                                          r"Set lora\.dropout=0"):
+        apply_lora(student(), LoraConfig(enabled=True, target_modules=["all-linear"]), torch.device("cpu"), None)
+    adapted = apply_lora(student(), LoraConfig(enabled=True, dropout=0.0, target_modules=["all-linear"]),
+                         torch.device("cpu"), None)
+    assert adapted.get_nb_trainable_parameters()[0] > 0

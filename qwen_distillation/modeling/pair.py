@@ -96,7 +96,8 @@ def check_lora_targets(student, targets, *, merge: bool = False) -> None:
         return
     modules = [(name, module) for name, module in student.named_modules() if name]
     matched = {t: [(n, m) for n, m in modules if n == t or n.endswith("." + t)] for t in targets}
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, torch.nn.Linear)})
+    output = student.get_output_embeddings()  # all-linear leaves it out too
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, torch.nn.Linear) and m is not output})
     example = f"its linear layers are {linear} (e.g. lora.target_modules=[{','.join(linear[:2])}], or " \
               f"lora.target_modules=[all-linear])"
     missing = [t for t, found in matched.items() if not found]
@@ -153,6 +154,11 @@ def apply_lora(student, lora_cfg, device: torch.device, base_model_dir: str):
     try:
         return get_peft_model(student, config)
     except ValueError as err:
+        if "lora_dropout" in str(err) and lora_cfg.dropout:  # peft's adapters on bare parameters take no dropout
+            raise ConfigError(f"lora.dropout={lora_cfg.dropout} with lora.target_modules="
+                              f"{list(lora_cfg.target_modules)}: peft adapts some of the student's weights as bare "
+                              f"parameters (the experts of its MoE layers), and {err} Set lora.dropout=0, or name "
+                              f"only linear layers in lora.target_modules") from err
         raise ConfigError(f"lora.target_modules={list(lora_cfg.target_modules)}: {err}") from err
 
 
