@@ -57,12 +57,15 @@ def test_a_layer_without_an_attention_module_is_refused_naming_the_setting(tmp_p
     teacher = _tiny(Qwen2Config, Qwen2ForCausalLM)
     check_qkv_capture(student, [0, 2])  # the Llama layout passes
     student.model.layers[2].self_attn = nn.Identity()
-    with pytest.raises(ConfigError, match=r"decoder layer 2 \(Qwen2DecoderLayer\) has no attention module"):
+    with pytest.raises(ConfigError, match=r"decoder layer 2 \(Qwen2DecoderLayer\) has no attention module.*its "
+                                          r"layers with one \(a hybrid.*\): \[0, 1\]"):
         check_qkv_capture(student, [2])
     stage = validate_config(compose_config(tiny_overrides(tmp_path) + [
         "stage2.loss.weights.attention=0.1", "stage2.loss.attention.layer_map=[[2,2]]"])).stage2
     with pytest.raises(ConfigError, match=r"stage2\.loss\.weights\.attention > 0 needs the student's queries and keys.*"
-                                          r"decoder layer 2.*Set stage2\.loss\.weights\.attention=0"):
+                                          r"decoder layer 2.*Pair layers that have one \(stage2\.loss\.attention\."
+                                          r"layer_map=\[\[student, teacher\]\]\), or set stage2\.loss\.weights\."
+                                          r"attention=0"):
         build_plan(stage, "stage2", student, teacher, SHAPE["vocab_size"], _plan().kd)
 
 
@@ -84,3 +87,32 @@ def test_a_gpt_neox_pair_trains_stage_2_with_every_term_and_gradnorm(tmp_path, c
     assert rows[-1]["loss/attention"] > 0
     config = json.loads((out / "stage2" / "final" / "config.json").read_text())
     assert config["model_type"] == "gpt_neox"
+
+
+def test_a_qwen3_5_hybrid_captures_its_attention_layers_and_names_them_for_the_others():
+    """Qwen3.5 interleaves gated linear-attention layers (no ``self_attn``) with attention layers,
+    every fourth one last: the default pairing (the last layers) captures, a linear-attention layer
+    is refused with the indices that would capture."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Qwen3_5TextConfig"):
+        pytest.skip("this transformers has no Qwen3.5")
+    torch.manual_seed(0)
+    model = transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8))
+    check_qkv_capture(model, [3, 7])
+    from test_attention_capture import _captured_qkv, attention_probs_reference, eager_copy, padded_batch
+
+    input_ids, attention_mask = padded_batch()  # the captured queries and keys give the eager attention maps
+    with torch.no_grad():
+        maps = eager_copy(model).model(input_ids=input_ids, attention_mask=attention_mask,
+                                       output_attentions=True).attentions  # one per attention layer
+    captured, valid = _captured_qkv(model.eval(), input_ids, attention_mask, [3, 7]), attention_mask.bool()
+    assert len(maps) == 2
+    for layer, want in zip((3, 7), maps):
+        probs = attention_probs_reference(*captured[layer][:2], valid)
+        torch.testing.assert_close(probs.transpose(1, 2)[valid], want.transpose(1, 2)[valid], rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"decoder layer 5 \(Qwen3_5DecoderLayer\) has no attention module.*"
+                                          r"its layers with one \(a hybrid.*\): \[3, 7\]"):
+        check_qkv_capture(model, [5])

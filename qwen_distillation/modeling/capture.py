@@ -113,16 +113,24 @@ ATTENTION_NAMES = ("self_attn", "attention")  # the Llama family's name, then GP
 def attention_module(decoder: nn.Module, index: int) -> nn.Module:
     """The attention module of decoder layer ``index``: the first of :data:`ATTENTION_NAMES` the
     layer holds that carries a config. Raises ConfigError for a layer with none."""
-    layer = decoder.layers[index]
+    attention = _attention_of(decoder.layers[index])
+    if attention is not None:
+        return attention
+    with_one = [i for i, layer in enumerate(decoder.layers) if _attention_of(layer) is not None]
+    hybrid = f"; its layers with one (a hybrid, e.g. Qwen3.5's linear-attention layers): {with_one}" if with_one else ""
+    raise ConfigError(
+        f"decoder layer {index} ({type(decoder.layers[index]).__name__}) has no attention module with a config "
+        f"(looked for {', '.join(ATTENTION_NAMES)}){hybrid}; query/key/value capture supports the Qwen2/Llama "
+        "family and GPT-NeoX"
+    )
+
+
+def _attention_of(layer: nn.Module) -> nn.Module | None:
     for name in ATTENTION_NAMES:
         attention = getattr(layer, name, None)
         if isinstance(attention, nn.Module) and hasattr(attention, "config"):
             return attention
-    raise ConfigError(
-        f"decoder layer {index} ({type(layer).__name__}) has no attention module with a config "
-        f"(looked for {', '.join(ATTENTION_NAMES)}); query/key/value capture supports the Qwen2/Llama family "
-        "and GPT-NeoX"
-    )
+    return None
 
 
 def check_qkv_capture(model: nn.Module, layers: Iterable[int]) -> None:

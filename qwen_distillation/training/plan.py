@@ -130,7 +130,8 @@ def build_plan(stage, key: str, student, teacher, vocab_size: int, kd: KDOptions
                 check_qkv_capture(model, [pair[side] for pair in attention])
             except ConfigError as err:
                 raise ConfigError(f"{key}.loss.weights.attention > 0 needs the {role}'s queries and keys: {err}. "
-                                  f"Set {key}.loss.weights.attention=0 for this pair") from None
+                                  f"Pair layers that have one ({key}.loss.attention.layer_map=[[student, teacher]]), "
+                                  f"or set {key}.loss.weights.attention=0 for this pair") from None
     return LossPlan(weights=weights, vocab_size=vocab_size, kd=kd, separate_logit_terms=loss.balancing.method != "none",
                     hidden_path=hidden_path, feature_pairs=tuple(feature), feature_loss=loss.feature.loss,
                     feature_normalize=loss.feature.normalize, attention_pairs=tuple(attention),
