@@ -6,6 +6,8 @@ the teacher by block influence, and a stage that reads a top-k teacher cache.
 
     python benchmarks/model_families.py --out benchmarks/results/model_families_cpu.json
     python benchmarks/model_families.py --families gpt_neox olmo2 --variants base packing
+    python benchmarks/model_families.py --families qwen3_5_text qwen3_next \
+        --out benchmarks/results/model_families_hybrids_cpu.json
 
 Each row: the family, the variant, the exit status, the seconds and the last error line (a refusal
 names what the family lacks). Runs write under a temporary folder that is removed afterwards.
@@ -23,7 +25,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ["qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3_text", "phi3", "gpt_neox", "olmo2", "granite",
-            "stablelm", "qwen2_moe"]
+            "stablelm", "qwen2_moe", "qwen3_5_text", "qwen3_next"]
+# Linear-attention hybrids: every fourth layer has attention, the last of four among them, so the
+# students get 4 layers for the attention term's default pair (the last layers) to have queries and keys.
+HYBRIDS = ("qwen3_5_text", "qwen3_next")
 VARIANTS = ["base", "packing", "lora", "fp8_teacher", "slimmed", "cache"]
 BASE = ["model=tiny_qwen2", "data=demo", "data.max_length=96", "data.max_eval_examples=4", "logging.progress_bar=false",
         "logging.tensorboard=false", "eval.mcq=[]", "eval.samples=false",
@@ -34,6 +39,8 @@ BASE = ["model=tiny_qwen2", "data=demo", "data.max_length=96", "data.max_eval_ex
 
 def family_overrides(family: str, roles=("teacher", "student")) -> list[str]:
     out = [f"model.{role}.random_init.model_type={family}" for role in roles]
+    if family in HYBRIDS and "student" in roles:
+        out += ["model.student.random_init.num_hidden_layers=4"]
     if family == "gpt_neox":  # no grouped-query attention
         out += [f"~model.{role}.random_init.num_key_value_heads" for role in roles]
     return out
@@ -46,7 +53,9 @@ def commands(family: str, variant: str, work: Path) -> list[list[str]]:
     if variant == "packing":
         return [run + family_overrides(family) + ["train.packing=true"]]
     if variant == "lora":
-        return [run + family_overrides(family) + ["lora.enabled=true", "lora.target_modules=[all-linear]"]]
+        # peft adapts Qwen3-Next's experts as bare parameters, which take no dropout (the run says so otherwise)
+        dropout = ["lora.dropout=0"] if family == "qwen3_next" else []
+        return [run + family_overrides(family) + ["lora.enabled=true", "lora.target_modules=[all-linear]", *dropout]]
     if variant == "fp8_teacher":
         return [run + family_overrides(family) + ["model.teacher.fp8=true"]]
     if variant == "slimmed":

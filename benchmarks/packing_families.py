@@ -6,7 +6,8 @@ in fp32 and bf16, with SDPA and eager attention, on the CPU.
 
 For each: the largest logit difference of a packed example against itself alone (``packed``), the
 same for the two examples run as one sequence (``mixed``), their ratio, and whether the run's check
-(ratio above ``LEAK_TOLERANCE``) refuses it. A family that a transformers version does not build is
+(ratio above ``LEAK_TOLERANCE``) refuses it; a family that runs an example alone but raises on the
+packed row (``packed_error``) is refused too. A family that a transformers version does not build is
 listed with its error.
 """
 
@@ -22,11 +23,18 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qwen_distillation.modeling.parts import LEAK_TOLERANCE, packed_row_leak  # noqa: E402
+from qwen_distillation.modeling.parts import LEAK_TOLERANCE, PackedForwardError, packed_row_leak  # noqa: E402
 
 FAMILIES = ["Qwen2", "Qwen3", "Qwen2Moe", "Qwen3Moe", "Llama", "Mistral", "Mixtral", "Gemma2", "Phi", "GPTNeoX",
             "Olmo2", "Olmo3", "Falcon", "Cohere", "Starcoder2", "Granite", "StableLm", "Exaone4", "Ernie4_5",
-            "SeedOss", "Apertus", "Lfm2", "OPT", "Bloom", "GptOss", "Jamba", "MiniMax", "FalconH1"]
+            "SeedOss", "Apertus", "Lfm2", "OPT", "Bloom", "GptOss", "Jamba", "MiniMax", "FalconH1", "Qwen3_5Text",
+            "Qwen3Next"]
+CLASSES = {"Qwen3_5Text": "Qwen3_5"}  # the family whose config is Qwen3_5TextConfig is Qwen3_5ForCausalLM
+_LINEAR = dict(head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+               linear_value_head_dim=8)  # the linear-attention hybrids at the size of the others
+EXTRA = {"Qwen3_5Text": _LINEAR, "Qwen3Next": dict(_LINEAR, moe_intermediate_size=32,
+                                                   shared_expert_intermediate_size=32, num_experts=4,
+                                                   num_experts_per_tok=2)}
 
 
 def main() -> None:
@@ -43,16 +51,20 @@ def main() -> None:
                     config = getattr(transformers, f"{family}Config")(
                         vocab_size=97, hidden_size=32, intermediate_size=64, ffn_dim=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                        word_embed_proj_dim=32, attn_implementation=attn)
-                    model = getattr(transformers, f"{family}ForCausalLM")(config).to(dtype)
+                        word_embed_proj_dim=32, attn_implementation=attn, **EXTRA.get(family, {}))
+                    model = getattr(transformers, f"{CLASSES.get(family, family)}ForCausalLM")(config).to(dtype)
                     packed, mixed = packed_row_leak(model)
                     ratio = packed / mixed if mixed > 0 else 0.0
                     row.update(packed=packed, mixed=mixed, ratio=ratio, refused=packed > LEAK_TOLERANCE * mixed)
+                except PackedForwardError as err:  # alone it runs, packed it raises: the run refuses it by name
+                    row.update(refused=True, packed_error=f"{type(err.__cause__).__name__}: "
+                                                          f"{str(err.__cause__).splitlines()[0][:160]}")
                 except Exception as err:  # a family this transformers builds otherwise, or not with this attention
                     row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
                 rows.append(row)
-                shown = (f"packed {row['packed']:.3g}  mixed {row['mixed']:.3g}  ratio {row['ratio']:.3g}  "
-                         f"{'REFUSED' if row['refused'] else 'kept apart'}") if "error" not in row else row["error"]
+                shown = row.get("error") or (f"refused: {row['packed_error']}" if "packed_error" in row else
+                                             f"packed {row['packed']:.3g}  mixed {row['mixed']:.3g}  ratio "
+                                             f"{row['ratio']:.3g}  {'REFUSED' if row['refused'] else 'kept apart'}")
                 print(f"{family:11s} {attn:5s} {row['dtype']:8s} {shown}", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
