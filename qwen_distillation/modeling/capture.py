@@ -117,7 +117,7 @@ def attention_module(decoder: nn.Module, index: int) -> nn.Module:
     if attention is not None:
         return attention
     with_one = [i for i, layer in enumerate(decoder.layers) if _attention_of(layer) is not None]
-    hybrid = f"; its layers with one (a hybrid, e.g. Qwen3.5's linear-attention layers): {with_one}" if with_one else ""
+    hybrid = f"; the layers that have one: {with_one} (a hybrid such as Qwen3.5 interleaves them)" if with_one else ""
     raise ConfigError(
         f"decoder layer {index} ({type(decoder.layers[index]).__name__}) has no attention module with a config "
         f"(looked for {', '.join(ATTENTION_NAMES)}){hybrid}; query/key/value capture supports the Qwen2/Llama "

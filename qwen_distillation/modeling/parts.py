@@ -87,7 +87,7 @@ class PackedForwardError(RuntimeError):
 
 
 # A packed example may differ from itself alone by rounding only; mixing moves it by about as much as
-# running the two examples as one sequence (benchmarks/packing_families.py measures both on 28 families).
+# running the two examples as one sequence (benchmarks/packing_families.py measures both on many families).
 LEAK_TOLERANCE = 0.05
 
 
