@@ -28,11 +28,22 @@ from qwen_distillation.modeling.parts import LEAK_TOLERANCE, PackedForwardError,
 FAMILIES = ["Qwen2", "Qwen3", "Qwen2Moe", "Qwen3Moe", "Llama", "Mistral", "Mixtral", "Gemma2", "Phi", "GPTNeoX",
             "Olmo2", "Olmo3", "Falcon", "Cohere", "Starcoder2", "Granite", "StableLm", "Exaone4", "Ernie4_5",
             "SeedOss", "Apertus", "Lfm2", "OPT", "Bloom", "GptOss", "Jamba", "MiniMax", "FalconH1", "Qwen3_5Text",
-            "Qwen3Next"]
+            "Qwen3Next", "OlmoHybrid", "Bamba", "GraniteMoeHybrid", "NemotronH", "Zamba2", "FalconMamba", "Mamba2"]
 CLASSES = {"Qwen3_5Text": "Qwen3_5"}  # the family whose config is Qwen3_5TextConfig is Qwen3_5ForCausalLM
 _LINEAR = dict(head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
                linear_value_head_dim=8)  # the linear-attention hybrids at the size of the others
-EXTRA = {"Qwen3_5Text": _LINEAR, "Qwen3Next": dict(_LINEAR, moe_intermediate_size=32,
+_MAMBA = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, mamba_expand=2)
+EXTRA = {"OlmoHybrid": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1),
+         "Bamba": dict(_MAMBA, attn_layer_indices=[1]),
+         "GraniteMoeHybrid": dict(_MAMBA, layer_types=["mamba", "attention"], num_local_experts=4,
+                                  num_experts_per_tok=2),
+         "NemotronH": dict(mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=1, expand=2,
+                           layers_block_type=["mamba", "attention"]),
+         "Zamba2": dict(mamba_headdim=16, mamba_d_state=16, n_mamba_heads=4, num_mem_blocks=1,
+                        layers_block_type=["mamba", "hybrid"]),
+         "FalconMamba": dict(state_size=16, expand=2),
+         "Mamba2": dict(num_heads=4, head_dim=16, state_size=16, n_groups=1, expand=2),
+         "Qwen3_5Text": _LINEAR, "Qwen3Next": dict(_LINEAR, moe_intermediate_size=32,
                                                    shared_expert_intermediate_size=32, num_experts=4,
                                                    num_experts_per_tok=2)}
 
