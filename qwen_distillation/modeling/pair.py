@@ -110,7 +110,7 @@ def check_lora_targets(student, targets, *, merge: bool = False) -> None:
         kinds = ", ".join(f"{t} is a {kind}" for t, kind in unwrappable.items())
         raise ConfigError(f"lora.target_modules={list(targets)}: LoRA wraps single layers (linear, embedding), "
                           f"not whole blocks ({kinds}); {example}")
-    output, inputs = student.get_output_embeddings(), student.get_input_embeddings()
+    inputs = student.get_input_embeddings()
     tied = output is not None and inputs is not None and output.weight is inputs.weight
     if merge and tied:
         hit = [t for t, found in matched.items() if any(m is output or m is inputs for _, m in found)]
