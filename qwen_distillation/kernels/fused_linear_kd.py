@@ -92,11 +92,15 @@ if triton is not None:
         s_ptr, s_stride, t_ptr, t_stride, labels_ptr, ce_ptr, kd_ptr,
         V: tl.constexpr, inv_t, temperature, ce_scale, kd_scale, beta, log_beta, log_1m_beta, ignore_index,
         KIND: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr, T_IS_ONE: tl.constexpr,
-        WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+        CE_POW: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """One row of ``[c, V]`` student logits ``s_ptr`` (overwritten with the gradient when
         WRITE_GRAD) and teacher logits ``t_ptr``; writes the row's CE and T**2-scaled
-        divergence (unweighted, unscaled) to ``ce_ptr`` / ``kd_ptr``."""
+        divergence (unweighted, unscaled) to ``ce_ptr`` / ``kd_ptr``.
+
+        CE_POW = k > 1 when T is the integer k: the CE's terms are then powers of the divergence's,
+        ``exp(s - k * m) = exp(s / T - m) ** k`` with the student's running max ``m`` of ``s / T``,
+        so the CE costs multiplies instead of a second ``exp`` per logit in each pass."""
         row = tl.program_id(0).to(tl.int64)
         s_row = s_ptr + row * s_stride
         t_row = t_ptr + row * t_stride
@@ -132,7 +136,14 @@ if triton is not None:
                 scale_s = tl.exp(m_s - new_m_s)
                 d_s = d_s * scale_s + tl.sum(e_s, axis=0)
                 if HAS_CE:
-                    if not T_IS_ONE:
+                    if CE_POW > 1:
+                        e_c = e_s
+                        scale_c = scale_s
+                        for _ in tl.static_range(CE_POW - 1):
+                            e_c = e_c * e_s
+                            scale_c = scale_c * scale_s
+                        d_c = d_c * scale_c + tl.sum(e_c, axis=0)
+                    elif not T_IS_ONE:
                         new_m_c = tl.maximum(m_c, tl.max(s, axis=0))
                         d_c = d_c * tl.exp(m_c - new_m_c) + tl.sum(tl.exp(s - new_m_c), axis=0)
                         m_c = new_m_c
@@ -154,6 +165,8 @@ if triton is not None:
             lse_s = m_s + tl.log(d_s)
             if T_IS_ONE:
                 lse_c = lse_s
+            elif CE_POW > 1:
+                lse_c = CE_POW * m_s + tl.log(d_c)
             else:
                 lse_c = m_c + tl.log(d_c)
             lse_t = m_t + tl.log(d_t)
@@ -191,12 +204,22 @@ if triton is not None:
 
             # ---- last pass: d loss / d s, written over the student logits
             if WRITE_GRAD:
+                inv_d_s = 1.0 / d_s
+                inv_d_c = 1.0 / d_c
                 for start in range(0, V, BLOCK):
                     cols = start + offs
                     mask = cols < V
                     s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
                     grad = tl.zeros([BLOCK], tl.float32)
-                    if HAS_CE:
+                    if CE_POW > 1:
+                        # e = exp(s / T - m_s) <= 1: q = e / d_s, and the CE's softmax is e**k / d_c
+                        e = tl.exp(s * inv_t - m_s)
+                        soft = e
+                        for _ in tl.static_range(CE_POW - 1):
+                            soft = soft * e
+                        soft = soft * inv_d_c
+                        grad += ce_scale * tl.where(cols == label, soft - 1.0, soft)
+                    elif HAS_CE:
                         soft = tl.exp(s - lse_c)
                         grad += ce_scale * tl.where(cols == label, soft - 1.0, soft)
                     if HAS_KD:
@@ -207,7 +230,10 @@ if triton is not None:
                         else:
                             log_q = s * inv_t - lse_s
                             log_p = t * inv_t - lse_t
-                        q = tl.exp(log_q)
+                        if CE_POW > 1:
+                            q = e * inv_d_s
+                        else:
+                            q = tl.exp(log_q)
                         if KIND == 0:
                             grad += (kd_scale * temperature) * (q - tl.exp(log_p))
                         elif KIND == 1:
@@ -269,8 +295,10 @@ def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
     args = (student_logits, student_logits.stride(0), teacher, teacher.stride(0), labels, ce, kd,
             vocab, 1.0 / temperature, float(temperature), float(ce_scale), float(kd_scale), float(beta),
             math.log(beta_c), math.log1p(-beta_c), int(ignore_index))
+    # An integer T of 2-8 lets the CE's exponentials be powers of the divergence's (see _kd_rows).
+    ce_pow = int(temperature) if has_ce and float(temperature) in (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0) else 0
     meta = dict(KIND=code, HAS_CE=bool(has_ce), HAS_KD=has_kd, T_IS_ONE=float(temperature) == 1.0,
-                WRITE_GRAD=bool(write_grad), BLOCK=block)
+                CE_POW=ce_pow, WRITE_GRAD=bool(write_grad), BLOCK=block)
     if interpret:
         _kd_rows_jit[(rows,)](*args, **meta)
     else:
