@@ -146,6 +146,30 @@ def bench_loss(args) -> dict:
                     torch.addmm(grad_w, logits.T, hs[start:start + chunk], out_dtype=torch.float32, out=grad_w)
         return fn
 
+    def gemms_and_bytes(chunk, passes):
+        # The floor of any loss that writes the logits: the same 4 GEMMs, and between them the bytes
+        # a row kernel must move, moved by PyTorch's own elementwise kernels instead of a loss.
+        # passes=1: one pass (read the student's and the teacher's logits, write the gradient: 3
+        # [c, V] tensors); passes=2: the statistics read both again first (5 tensors, as the row
+        # kernel does). Nothing is computed that a loss needs; only the memory traffic is there.
+        grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=device)
+        grad_h = torch.empty_like(hs)
+        stats = torch.empty(chunk, dtype=dtype, device=device)
+
+        def fn():
+            with torch.no_grad():
+                for start in range(0, n, chunk):
+                    logits = hs[start:start + chunk] @ ws.T
+                    t_logits = ht[start:start + chunk] @ wt.T
+                    if passes == 2:
+                        torch.amax(logits, dim=1, out=stats[:len(logits)])
+                        torch.amax(t_logits, dim=1, out=stats[:len(logits)])
+                    torch.add(logits, t_logits, out=logits)
+                    del t_logits
+                    torch.mm(logits, ws, out=grad_h[start:start + chunk])
+                    torch.addmm(grad_w, logits.T, hs[start:start + chunk], out_dtype=torch.float32, out=grad_w)
+        return fn
+
     def overlapped(chunk, carveout, rows=True):
         # A probe of the loss's floor target: its own kernels, the row kernel of chunk i on a side stream beside
         # chunk i+1's two projections and chunk i-1's two gradient matmuls (one more pair of [c, V] buffers alive),
@@ -232,6 +256,10 @@ def bench_loss(args) -> dict:
     for chunk in args.chunks:
         run_arm(f"floor: the 4 GEMMs alone ({chunk})", gemms_only(chunk), results, **kw)
         run_arm(f"the row kernel alone, all tokens ({chunk})", rows_only(chunk), results, **kw)
+        if args.bytes_bound:
+            for passes in (1, 2):
+                run_arm(f"bound: the 4 GEMMs and a {passes}-pass row's bytes at PyTorch's copy speed ({chunk})",
+                        gemms_and_bytes(chunk, passes), results, **kw)
     for chunk in args.chunks if args.carveouts else ():
         for carveout in args.carveouts:
             run_arm(f"probe: row kernel overlapped, cuBLAS on all SMs but {carveout} ({chunk})",
@@ -693,6 +721,9 @@ def main(argv=None):
     loss.add_argument("--liger-chunks", type=int, nargs="+", default=[1024])
     loss.add_argument("--row-configs", type=lambda x: tuple(map(int, x.split("x"))), nargs="*", default=[],
                       help="row-kernel launch configs to time, BLOCKxWARPS, e.g. 8192x16")
+    loss.add_argument("--bytes-bound", action="store_true",
+                      help="also time the 4 GEMMs with a one- and a two-pass row's memory traffic between them "
+                           "(PyTorch's elementwise kernels): the floor of any loss that writes the logits")
     loss.add_argument("--carveouts", type=int, nargs="*", default=[],
                       help="probe: the row kernel overlapped with the GEMMs on a side stream, cuBLAS kept off this "
                            "many SMs (0: all SMs), and the GEMMs alone on as many")
