@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -71,13 +71,12 @@ def check_packed_attention(models: dict[str, nn.Module | None], layout: str = "r
                                                 "apart (%s: %s); its packed rows are not checked", setting, side,
                                                 type(err).__name__, err)
             continue
-        if leak is not None and leak[0] > LEAK_TOLERANCE * leak[1]:
+        if leak is not None and leak.leaks():
             raise ConfigError(
                 f"{setting}: the {side} ({type(base_model(model)).__name__}) lets a packed row's examples see each "
-                f"other: an example's logits behind another in a packed row differ from its logits alone by "
-                f"{leak[0]:.3g}, against {leak[1]:.3g} with the two as one sequence (a model that takes positions or "
-                "masks from the attention mask, as OPT and BLOOM do, or carries a recurrent state from token to "
-                "token, as Mamba hybrids do); set train.packing=false")
+                f"other: {leak.describe()} (a model that takes positions or masks from the attention mask, as OPT "
+                "and BLOOM do, or carries a recurrent state from token to token, as Mamba hybrids do); set "
+                "train.packing=false")
 
 
 class PackedForwardError(RuntimeError):
@@ -89,17 +88,56 @@ class PackedForwardError(RuntimeError):
 # A packed example may differ from itself alone by rounding only; mixing moves it by about as much as
 # running the two examples as one sequence (benchmarks/packing_families.py measures both on many families).
 LEAK_TOLERANCE = 0.05
+# Swapping the first example of a packed row for another of the same length moves the second's logits
+# only by rounding where the two are kept apart, and by about as much as the same swap moves them in a
+# batch of two separate rows: the two layouts hand every layer the same tokens in the same order, so the
+# same shapes run the same kernels (a mixture of experts groups the same tokens), and what a mask hides
+# adds exact zeros. For a dense model on one device both moves are 0. A leak moves the packed row under
+# every swap: the least move over SWAP_TRIES swaps above SWAP_NOISE times the largest separate-rows move
+# and above SWAP_TOLERANCE of what mixing moves, however small beside the rounding between other shapes
+# that LEAK_TOLERANCE must allow (a random Falcon-H1 leaks 1-1.5 % of it; benchmarks/packing_families.py).
+SWAP_TOLERANCE = 2e-3
+SWAP_NOISE = 4.0
+SWAP_TRIES = 3
+
+
+class PackedLeak(NamedTuple):
+    """What :func:`packed_row_leak` measured: largest absolute differences of an example's logits.
+
+    packed: the second example in the packed row against alone. mixed: the two run as one sequence
+    against alone. swapped: the least, over ``SWAP_TRIES`` swaps of a packed row's first example for
+    another of the same length, of how far the second example's logits move. control: the largest move
+    under the same swaps in a batch of two separate rows (rounding and the forward's own nondeterminism;
+    0 for a dense model on one device)."""
+
+    packed: float
+    mixed: float
+    swapped: float
+    control: float
+
+    def leaks(self) -> bool:
+        return (self.packed > LEAK_TOLERANCE * self.mixed
+                or self.swapped > max(SWAP_TOLERANCE * self.mixed, SWAP_NOISE * self.control))
+
+    def describe(self) -> str:
+        if self.packed > LEAK_TOLERANCE * self.mixed:
+            return (f"an example's logits behind another in a packed row differ from its logits alone by "
+                    f"{self.packed:.3g}, against {self.mixed:.3g} with the two as one sequence")
+        return (f"an example's logits in a packed row move by at least {self.swapped:.3g} whenever the example "
+                f"before it is swapped for another of the same length (by at most {self.control:.3g} when the two "
+                f"are separate rows), against {self.mixed:.3g} with the two as one sequence")
 
 
 @torch.no_grad()
-def packed_row_leak(model: nn.Module, layout: str = "rows") -> tuple[float, float] | None:
-    """How much the model lets a packed row's examples see each other, probed on the model itself:
-    two short examples (6 and 5 tokens) packed as training packs them (``collate_packed``), the
-    second's logits against its logits alone (the first difference), and against those of the two
-    run as one sequence (the second: what mixing them moves). Largest absolute differences; None
-    where the weights are not here to run (on the meta device, or partitioned by DeepSpeed ZeRO-3).
-    Runs in eval mode (no dropout), restoring the model's mode. Raises :class:`PackedForwardError`
-    where the example alone runs and the packed row raises."""
+def packed_row_leak(model: nn.Module, layout: str = "rows") -> PackedLeak | None:
+    """How much the model lets a packed row's examples see each other, probed on the model itself
+    (:class:`PackedLeak`): two short examples (6 and 5 tokens) packed as training packs them
+    (``collate_packed``), the second's logits against its logits alone and against those of the two run
+    as one sequence (what mixing them moves); then two of 6 tokens, the second's logits as the first is
+    swapped for others, in a packed row and in a batch of two separate rows. None where the weights are
+    not here to run (on the meta device, or partitioned by DeepSpeed ZeRO-3). Runs in eval mode (no
+    dropout), restoring the model's mode. Raises :class:`PackedForwardError` where the example alone runs
+    and the packed row raises."""
     from qwen_distillation.data.manager import collate, collate_packed, to_device
 
     params = list(model.parameters())
@@ -107,30 +145,47 @@ def packed_row_leak(model: nn.Module, layout: str = "rows") -> tuple[float, floa
         return None
     device = params[0].device
     vocab = base_model(model).config.get_text_config().vocab_size
-    ids = torch.randint(1, min(vocab, 1000), (11,), generator=torch.Generator().manual_seed(0)).tolist()
-    # The longer first: packing places examples longest first (data.manager.pack_rows).
-    first, second = ({"input_ids": ids[:6], "labels": ids[:6]}, {"input_ids": ids[6:], "labels": ids[6:]})
-    one_sequence = {"input_ids": ids, "labels": ids}
-    row = collate_packed([first, second], 0, len(ids), layout)
-    if row["input_ids"][0].tolist() != ids:
-        raise RuntimeError(f"packing placed the probe's examples otherwise: {row['input_ids'].tolist()}")
+    ids = torch.randint(1, min(vocab, 1000), (17 + 6 * SWAP_TRIES,),
+                        generator=torch.Generator().manual_seed(0)).tolist()
 
-    def logits(batch):
+    def example(start, end):
+        return {"input_ids": ids[start:end], "labels": ids[start:end]}
+
+    # The longer first: packing places examples longest first (data.manager.pack_rows).
+    first, second, behind = example(0, 6), example(6, 11), example(11, 17)
+    firsts = [first] + [example(17 + 6 * k, 23 + 6 * k) for k in range(SWAP_TRIES)]
+
+    def packed_row(pair):
+        joined = pair[0]["input_ids"] + pair[1]["input_ids"]
+        row = collate_packed(pair, 0, len(joined), layout)
+        if row["input_ids"][0].tolist() != joined:
+            raise RuntimeError(f"packing placed the probe's examples otherwise: {row['input_ids'].tolist()}")
+        return row
+
+    def logits(batch, length):
         # As a training step hands a batch to the model: moved as the loop moves it, then its forward arguments.
-        return model(**model_inputs(to_device(batch, device))).logits[0, -len(second["input_ids"]):].float()
+        # The last row's last ``length`` positions: the example behind (packed), or the second row.
+        return model(**model_inputs(to_device(batch, device))).logits[-1, -length:].float()
+
+    def largest(a, b):
+        return float((a - b).abs().max())
 
     was_training = model.training
     model.eval()
     try:
-        alone = logits(collate([second], 0))
+        alone = logits(collate([second], 0), 5)
         try:
-            packed = logits(row)
+            packed = logits(packed_row([first, second]), 5)
         except Exception as err:  # noqa: BLE001 - any error of the model's own forward
             raise PackedForwardError(f"the packed row raised: {err}") from err
-        mixed = logits(collate([one_sequence], 0))
+        mixed = logits(collate([example(0, 11)], 0), 5)
+        in_row = [logits(packed_row([one, behind]), 6) for one in firsts]
+        apart = [logits(collate([one, behind], 0), 6) for one in firsts]
     finally:
         model.train(was_training)
-    return float((packed - alone).abs().max()), float((mixed - alone).abs().max())
+    return PackedLeak(largest(packed, alone), largest(mixed, alone),
+                      min(largest(other, in_row[0]) for other in in_row[1:]),
+                      max(largest(other, apart[0]) for other in apart[1:]))
 
 
 def base_model(model: nn.Module) -> nn.Module:
