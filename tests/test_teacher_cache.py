@@ -241,6 +241,26 @@ def test_a_cache_of_other_inputs_is_refused_naming_what_differs(tmp_path, small_
         cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "cache", k=8)
 
 
+def test_a_cache_of_the_same_file_read_otherwise_names_the_option_not_the_file_twice():
+    """A run reading the cached file with another max_records was refused with 'no entries for F ... it was
+    written for F'; the message now names the option that differs."""
+    from qwen_distillation.data.teacher_cache import cache_identity, identity_differences
+
+    def identity(**options):
+        source = dict({"path": "data/g.jsonl", "sha256": "ab12", "format": "auto", "split": None, "subset": None,
+                       "max_records": None}, **options)
+        return cache_identity(teacher="t", tokenizer="tok", vocab_size=16, data=[source], max_length=8, k=4,
+                              dtype="float32")
+
+    assert identity_differences(identity(max_records=20), identity()) == [
+        "data: data/g.jsonl read otherwise (max_records: cache 20, run None)"]
+    assert identity_differences(identity(split="train", format="jsonl"), identity(path="moved/g.jsonl")) == [
+        "data: moved/g.jsonl read otherwise (format: cache 'jsonl', run 'auto'; split: cache 'train', run None)"]
+    assert identity_differences(identity(), identity(path="moved/g.jsonl")) == []  # the same content elsewhere
+    (other,) = identity_differences(identity(), identity(sha256="cd34"))
+    assert other.startswith("data: the cache holds no entries for data/g.jsonl (or a different version of it)")
+
+
 def test_overwrite_keeps_the_old_cache_until_the_teacher_has_loaded(tmp_path, small_tokenizer, monkeypatch):
     """--overwrite deleted the old shards and wrote the new manifest before the teacher loaded: a
     damaged teacher (or Ctrl-C during a 72B load) left an empty cache of the new identity."""

@@ -119,12 +119,24 @@ def identity_differences(cached: dict, wanted: dict) -> list[str]:
                    f"qwen_distillation.cache_teacher --overwrite` and this teacher, or point the run at the "
                    f"original teacher")
 
+    options = ("format", "split", "subset", "max_records")
+
     def sources(identity):
-        return {(d["sha256"] or d["path"], d.get("format"), d.get("split"), d.get("subset"), d.get("max_records")): d
-                for d in identity.get("data", [])}
+        return {(d["sha256"] or d["path"], *(d.get(name) for name in options)): d for d in identity.get("data", [])}
 
     have = sources(cached)
-    missing = [d["path"] for key, d in sources(wanted).items() if key not in have]
+    missing = []
+    for key, source in sources(wanted).items():
+        if key in have:
+            continue
+        # The same file read with other options: name the options, not the file twice.
+        same_file = [d for other, d in have.items() if other[0] == key[0]]
+        if same_file:
+            out.append(f"data: {source['path']} read otherwise (" + "; ".join(
+                f"{name}: cache {same_file[0].get(name)!r}, run {source.get(name)!r}"
+                for name in options if same_file[0].get(name) != source.get(name)) + ")")
+        else:
+            missing.append(source["path"])
     if missing:
         out.append(f"data: the cache holds no entries for {', '.join(missing)} (or a different version of it); "
                    f"it was written for {', '.join(d['path'] for d in cached.get('data', [])) or 'no data'}")
