@@ -5,6 +5,7 @@ tokenizer trained on the demo set, so that a top-k covering the whole vocabulary
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -259,6 +260,37 @@ def test_a_cache_of_the_same_file_read_otherwise_names_the_option_not_the_file_t
     assert identity_differences(identity(), identity(path="moved/g.jsonl")) == []  # the same content elsewhere
     (other,) = identity_differences(identity(), identity(sha256="cd34"))
     assert other.startswith("data: the cache holds no entries for data/g.jsonl (or a different version of it)")
+
+
+def test_a_stage_resumed_after_its_cache_was_replaced_is_refused(tmp_path, small_tokenizer, monkeypatch, capsys):
+    """Killed mid-stage, the cache rebuilt at the same path with another k and dtype, then the same command:
+    the stage resumed, its first steps trained against the old cache and the rest against the new one,
+    without a word. Now it is refused up front, naming the cache, the run's files left as they were; with
+    the original cache put back it resumes to the end."""
+    from qwen_distillation.cache_teacher import cache_teacher
+    from tests.conftest import kill_in_stages, run_cli, snapshot
+
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    cache_teacher(_config(tmp_path / "x", small_tokenizer), cache, k=4)
+    argv = _overrides(out, small_tokenizer, "stage1.teacher.source=cache", f"stage1.teacher.cache={cache}",
+                      "stage1.save_every=1")
+
+    def replaced_then_put_back(stage):
+        assert (out / "stage1" / "checkpoint-1").is_dir()
+        shutil.move(cache, tmp_path / "kept")
+        cache_teacher(_config(tmp_path / "x", small_tokenizer), cache, k=2, dtype="bfloat16")
+        before = snapshot(out)
+        code, output = run_cli(argv, capsys)
+        assert code == 2 and "Traceback" not in output
+        assert (f"error: stage1.teacher.cache={cache}: holds another cache than the one stage1 started from (k/dtype "
+                f"4/float32 -> 2/bfloat16") in output
+        assert snapshot(out) == before
+        shutil.rmtree(cache)
+        shutil.move(tmp_path / "kept", cache)
+
+    kill_in_stages(monkeypatch, lambda: run_cli(argv, capsys), stages=(1,), at_step=2,
+                   after_each=replaced_then_put_back)
+    assert json.loads((out / "run_state.json").read_text())["finished"]
 
 
 def test_overwrite_keeps_the_old_cache_until_the_teacher_has_loaded(tmp_path, small_tokenizer, monkeypatch):

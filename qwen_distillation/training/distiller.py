@@ -65,8 +65,9 @@ from qwen_distillation.training.metrics import (METRICS_FILE, TENSORBOARD_DIR, M
                                                  check_wandb_login, scrub_secrets)
 from qwen_distillation.training.module import DistillationModule, build_heads, per_step_mean
 from qwen_distillation.training.optim import build_optimizer, build_scheduler
-from qwen_distillation.training.outputs import (check_output_dir, check_same_checkpoint, check_same_data,
-                                                prepare_output_dir, run_hash)
+from qwen_distillation.training.outputs import (cache_record, check_output_dir, check_same_caches,
+                                                check_same_checkpoint, check_same_data, prepare_output_dir,
+                                                run_hash)
 from qwen_distillation.training.plan import LossPlan, build_plan, loss_weights, shared_parameter, stage_kd_options
 from qwen_distillation.training.teacher import TeacherRunner
 
@@ -918,11 +919,16 @@ class Distiller:
         self._check_best_metrics(self.evaluator.metric_names(), to_run)
         self._build_plans(to_run)
         self._check_trainable()
+        caches = {STAGE_KEYS[i]: cache_record(teacher.reader.identity) for i, teacher in self.cached_teachers.items()}
+        if state is not None:  # a stage resumed from its checkpoints goes on against the cache it started with
+            check_same_caches(state, caches, [STAGE_KEYS[i] for i in self.cached_teachers
+                                              if ckpt.stage_checkpoints(self.output_dir / f"stage{i}")],
+                              {key: getattr(cfg, key).teacher.cache for key in caches})
         dist.barrier(self.topo)  # every rank has read the old outputs before rank 0 rewrites them
         if self.topo.is_main:
             state = prepare_output_dir(self.output_dir, state, run_id=self.run_id, run_config=self.run_config,
                                        data_sha256=self.data_sha256, checkpoint_fingerprint=checkpoint_fingerprint,
-                                       overwrite=cfg.overwrite_output_dir)
+                                       teacher_caches=caches, overwrite=cfg.overwrite_output_dir)
         state = dist.broadcast_object(self.topo, state)
         if self.topo.is_main and self.pair.pruned is not None:
             save_pruning(self.output_dir, self.pair.pruned)

@@ -12,10 +12,12 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from qwen_distillation.data.teacher_cache import identity_digest
 from qwen_distillation.errors import CheckpointError, ConfigError
 from qwen_distillation.evaluation.report import REPORT_NAMES
 from qwen_distillation.paths import PACKAGE_PREFIX, locate, refuse_file_in_the_way
@@ -195,13 +197,37 @@ def check_same_checkpoint(state: dict, checkpoint_path: str | None, fingerprint:
                           f"from the new one in another output_dir (or with overwrite_output_dir=true)")
 
 
+def check_same_caches(state: dict, caches: dict[str, dict], started: Iterable[str], where: dict[str, str]) -> None:
+    """Refuse to resume a stage that reads a teacher cache (``caches``: stage key -> :func:`cache_record` of
+    the cache there now) from its mid-stage checkpoints (``started``) when the cache at its path is another
+    than the one the stage started with (``where``: stage key -> the cache path): the steps before the
+    checkpoint were trained against the old one, the rest would be against the new one, without a word. A
+    stage not started yet takes the cache as it is; a run state without records is not checked."""
+    recorded = state.get("teacher_caches") or {}
+    for key in started:
+        old, new = recorded.get(key), caches.get(key)
+        if old and new and old["digest"] != new["digest"]:
+            raise ConfigError(
+                f"{key}.teacher.cache={where[key]}: holds another cache than the one {key} started from (k/dtype "
+                f"{old['k']}/{old['dtype']} -> {new['k']}/{new['dtype']}, identity {old['digest'][:12]} -> "
+                f"{new['digest'][:12]}), and its saved checkpoints were trained against the old one; put that "
+                f"cache back to resume, or start over in another output_dir (or with overwrite_output_dir=true)")
+
+
+def cache_record(identity: dict) -> dict:
+    """What a run state records of a teacher cache's identity for :func:`check_same_caches`."""
+    return {"digest": identity_digest(identity), "k": identity.get("k"), "dtype": identity.get("dtype")}
+
+
 def prepare_output_dir(output_dir: Path, state: dict | None, *, run_id: str, run_config: dict,
                        overwrite: bool, data_sha256: dict[str, str] | None = None,
-                       checkpoint_fingerprint: str | None = None) -> dict:
+                       checkpoint_fingerprint: str | None = None,
+                       teacher_caches: dict[str, dict] | None = None) -> dict:
     """Create the output directory (clearing a previous run's files when overwriting), write
     its ``config.yaml`` and run state; returns the run state (a fresh one for a new run, recording
     ``data_sha256`` for :func:`check_same_data` and ``checkpoint_fingerprint`` for
-    :func:`check_same_checkpoint`)."""
+    :func:`check_same_checkpoint`; the ``teacher_caches`` of the stages to run, for
+    :func:`check_same_caches`, on a new run and a resume alike)."""
     if state is None and overwrite:
         for child in entries_to_clear(output_dir):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -211,6 +237,8 @@ def prepare_output_dir(output_dir: Path, state: dict | None, *, run_id: str, run
                  "data_sha256": data_sha256 or {}}
         if checkpoint_fingerprint:
             state["checkpoint_fingerprint"] = checkpoint_fingerprint
+    if teacher_caches:
+        state["teacher_caches"] = {**(state.get("teacher_caches") or {}), **teacher_caches}
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config))
     ckpt.write_json_atomic(output_dir / ckpt.RUN_STATE, state)
     return state
