@@ -147,6 +147,8 @@ def describe(summary: dict) -> str:
     line = (f"prompts {summary['prompts_done']}/{summary['prompts']}: kept {summary['kept']} of "
             f"{summary['samples']} samples (keep rate {'n/a' if rate is None else f'{rate:.1%}'})")
     reasons = ", ".join(f"{reason} {count}" for reason, count in summary["rejected"].items() if count)
+    if summary.get("other_prompts"):
+        line += f"; the output also holds {summary['other_prompts']} other prompt(s)' samples, counted here"
     if "correct_rate" in summary:
         line += f"; answer matched the gold in {summary['answered_correctly']} ({summary['correct_rate']:.1%})"
     return line + (f"; rejected: {reasons}" if reasons else "")

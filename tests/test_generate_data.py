@@ -181,6 +181,24 @@ def test_a_resumed_run_skips_what_is_written_and_drops_duplicate_rows(tokenizer,
     assert run(again, tokenizer, prompts, tmp_path / "part.jsonl", num_samples=2) == full and again.calls == []
 
 
+def test_a_rerun_asking_for_fewer_prompts_counts_them_and_names_what_else_the_output_holds(tokenizer, tmp_path,
+                                                                                            caplog):
+    """Run over 5 prompts, then again with --max_prompts 2: it reported 'prompts 5/2' and kept the other rows
+    without a word. It now counts the prompts asked for and warns that the others' rows stay in the file."""
+    teacher = fake_teacher(tokenizer, lambda row, k, prompt: (f"Answer {row}.{k}", True))
+    run(teacher, tokenizer, read_prompts(DEMO_MEDICAL, max_prompts=5)[0], tmp_path / "g.jsonl", num_samples=2)
+    fewer, _ = read_prompts(DEMO_MEDICAL, max_prompts=2)
+    with caplog.at_level("WARNING"):
+        summary = run(teacher, tokenizer, fewer, tmp_path / "g.jsonl", num_samples=2)
+    assert (summary["prompts"], summary["prompts_done"], summary["other_prompts"], summary["kept"]) == (2, 2, 3, 10)
+    assert "also holds the answers to 3 prompt(s) not asked for this time" in caplog.text
+    assert "pass --overwrite to generate only these 2 prompt(s)" in caplog.text
+    from qwen_distillation.generate_data import describe
+    assert describe(summary).startswith("prompts 2/2: kept 10 of 10 samples")
+    assert "the output also holds 3 other prompt(s)' samples, counted here" in describe(summary)
+    assert "other_prompts" not in run(teacher, tokenizer, fewer, tmp_path / "g.jsonl", num_samples=2, overwrite=True)
+
+
 def test_other_settings_over_an_existing_output_are_refused_unless_overwrite(tokenizer, tmp_path):
     prompts, _ = read_prompts(DEMO_MEDICAL, max_prompts=2)
     teacher = fake_teacher(tokenizer, lambda row, k, prompt: ("An answer.", True))

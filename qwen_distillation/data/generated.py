@@ -313,11 +313,15 @@ def sampling_identity(sampling: Sampling) -> dict:
     return asdict(sampling)
 
 
-def summarise(kept: list[dict], rejected: list[dict], num_prompts: int, num_samples: int) -> dict:
-    """Counts of a run from its two journals.
+def summarise(kept: list[dict], rejected: list[dict], num_prompts: int, num_samples: int,
+              asked: set[int] | None = None) -> dict:
+    """Counts of a run from its two journals; ``asked``: the source rows of the prompts asked for (None:
+    every row the journals hold).
 
     Returns:
-        ``prompts`` (asked for), ``prompts_done`` (every sample kept or rejected),
+        ``prompts`` (asked for), ``prompts_done`` (those with every sample kept or rejected),
+        ``other_prompts`` (only where the journals hold rows of prompts not asked for: an earlier run
+        over the same output with a larger ``--max_prompts``; their samples are counted below),
         ``samples`` (generated so far), ``kept``, ``keep_rate`` (kept / samples; NaN before any
         sample is written, as null in JSON), ``rejected`` (reason -> count, every reason listed),
         and for multiple-choice sources ``answered_correctly`` (samples whose answer matched the
@@ -332,12 +336,15 @@ def summarise(kept: list[dict], rejected: list[dict], num_prompts: int, num_samp
     samples = len(kept) + len(rejected)
     summary = {
         "prompts": num_prompts,
-        "prompts_done": sum(count >= num_samples for count in per_prompt.values()),
+        "prompts_done": sum(count >= num_samples for row, count in per_prompt.items() if asked is None or row in asked),
         "samples": samples,
         "kept": len(kept),
         "keep_rate": len(kept) / samples if samples else None,
         "rejected": reasons,
     }
+    other = len(per_prompt.keys() - asked) if asked is not None else 0
+    if other:
+        summary["other_prompts"] = other
     graded = [row for row in (*kept, *rejected) if "gold" in row[PROVENANCE]]
     if graded:
         correct = sum(row[PROVENANCE]["predicted"] == row[PROVENANCE]["gold"] for row in graded)

@@ -291,8 +291,17 @@ def generate_dataset(generate: Generate, tokenizer, prompts: list[GenerationProm
     seen = {content_key(row) for row in kept}
     manifest = {"identity": identity, "files": {"output": str(files.output), "rejected": str(files.rejected)}}
 
+    asked = {p.row for p in prompts}
+
     def summary() -> dict:
-        return summarise(kept, rejected, len(prompts), sampling.num_samples)
+        return summarise(kept, rejected, len(prompts), sampling.num_samples, asked)
+
+    other = {sample_key(row)[0] for row in (*kept, *rejected)} - asked
+    if other:
+        log.warning("--output %s: also holds the answers to %d prompt(s) not asked for this time (source rows from "
+                    "%d; an earlier run over it with a larger --max_prompts): they stay in it, and training on it "
+                    "reads them; pass --overwrite to generate only these %d prompt(s)", files.output, len(other),
+                    min(other), len(prompts))
 
     write_json_atomic(files.manifest, {**manifest, "summary": summary()})
     for start in range(0, len(prompts), batch_size):
