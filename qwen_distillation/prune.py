@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from qwen_distillation.errors import ConfigError
+from qwen_distillation.modeling.prune import PRUNING_FILES
 from qwen_distillation.paths import refuse_file_in_the_way, some_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PRUNING_FILES = ("pruning.json", "pruning_scores.safetensors")
 # A saved model's and tokenizer's files: what an --out written before pruning.json listed its files holds.
 SAVED_MODEL_FILE = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens"
                               r"|vocab)\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|(merges|vocab)\.txt"

@@ -3,6 +3,7 @@ slim-down config and the ``python -m qwen_distillation.prune`` command, on tiny 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -184,6 +185,29 @@ def test_calibration_draws_training_examples_of_both_domains_by_seed(tokenizer):
     assert not heldout & {tuple(e["input_ids"]) for e in first}
 
 
+def test_a_small_pool_lends_its_share_to_the_other_and_a_short_set_is_warned_of(tokenizer, caplog):
+    """The demo's pools hold 58 general and 80 medical training examples: the default 256 gave 138 without a
+    word, and a pool smaller than its half left the set short even where the other had examples to spare."""
+    from qwen_distillation.data.sources import build_domain_data, data_sources
+    from qwen_distillation.modeling.prune import calibration_examples
+
+    cfg = _validated(PRUNE_RUN + ["model.student.keep_layers=2"])
+    data = build_domain_data(data_sources(cfg.data), tokenizer, max_length=96, eval_fraction=cfg.data.eval_fraction,
+                             max_eval_examples=cfg.data.max_eval_examples, seed=cfg.data.split_seed)
+    general, medical = len(data.general), len(data.medical)
+    calibration = cfg.model.student.prune.calibration
+    wanted = 2 * general + 2  # the general half is short by 2, which the medical pool can give
+    assert medical >= general + 2
+    chosen = calibration_examples(dataclasses.replace(calibration, num_examples=wanted), cfg.data, tokenizer, seed=1)
+    assert sorted(e["domain"] for e in chosen) == [0] * general + [1] * (general + 2)
+    with caplog.at_level("WARNING"):
+        every = calibration_examples(dataclasses.replace(calibration, num_examples=10_000), cfg.data, tokenizer,
+                                     seed=1)
+    assert len(every) == general + medical
+    assert (f"num_examples=10000: the calibration set holds {general + medical} examples, all there are "
+            f"({general} general and {medical} medical training examples)") in caplog.text
+
+
 def test_prune_command_saves_a_loadable_student_with_its_record(tmp_path, capsys):
     from qwen_distillation.prune import main
 
@@ -293,6 +317,15 @@ def test_a_run_prunes_its_student_from_the_teacher_and_saves_the_record(tmp_path
     final = AutoModelForCausalLM.from_pretrained(out / "stage1" / "final")
     assert (final.config.num_hidden_layers, final.config.intermediate_size) == (3, 80)
     assert final.config.hidden_size == 64  # the teacher's
+    # Run over with a depth-only pruning, then with no pruning: each leaves only its own record (the width
+    # scores, then the record itself, stayed, and the summary pointed at a pruning the run never did).
+    depth_only = [o for o in overrides if "width" not in o] + ["overwrite_output_dir=true"]
+    run(compose_config(depth_only))
+    assert "width" not in json.loads((out / "pruning.json").read_text())
+    assert not (out / "pruning_scores.safetensors").exists()
+    summary = run(compose_config(tiny_overrides(out, steps=1) + ["start_stage=1", "end_stage=1",
+                                                                 "overwrite_output_dir=true"]))
+    assert summary["pruning"] is None and not (out / "pruning.json").exists()
 
 
 def test_a_structure_only_student_has_the_pruned_students_shapes():

@@ -97,7 +97,8 @@ def calibration_source_set(calibration, data_cfg) -> tuple[dict[str, list[DataSo
 
 def calibration_examples(calibration, data_cfg, tokenizer, seed: int) -> list[dict]:
     """``calibration.num_examples`` encoded examples drawn by ``calibration.seed`` (else ``seed``),
-    from :func:`calibration_source_set`, half from each of its general and medical pools."""
+    from :func:`calibration_source_set`, half from each of its general and medical pools; what a pool
+    lacks of its half is drawn from the other, and a set smaller than asked for is warned of."""
     max_length = calibration.max_length or data_cfg.max_length
     sources, eval_fraction = calibration_source_set(calibration, data_cfg)
     key = "model.student.prune.calibration.max_length" if calibration.max_length else "data.max_length"
@@ -109,11 +110,19 @@ def calibration_examples(calibration, data_cfg, tokenizer, seed: int) -> list[di
         raise ConfigError("model.student.prune.calibration: no examples to calibrate on; set data.general / "
                           "data.medical or model.student.prune.calibration.sources=[my_data.jsonl]")
     rng = random.Random(calibration.seed if calibration.seed is not None else seed)
-    share = [calibration.num_examples // len(pools) + (i < calibration.num_examples % len(pools))
-             for i in range(len(pools))]
+    wanted = calibration.num_examples
+    share = [min(wanted // len(pools) + (i < wanted % len(pools)), len(pool)) for i, pool in enumerate(pools)]
+    for i, pool in enumerate(pools):  # a small pool's shortfall from the others, in order
+        share[i] += min(len(pool) - share[i], wanted - sum(share))
     chosen = []
     for pool, n in zip(pools, share):
-        chosen.extend(pool[i] for i in sorted(rng.sample(range(len(pool)), min(n, len(pool)))))
+        chosen.extend(pool[i] for i in sorted(rng.sample(range(len(pool)), n)))
+    if len(chosen) < wanted:
+        log.warning("model.student.prune.calibration.num_examples=%d: the calibration set holds %d examples, all "
+                    "there are (%s training examples); the scores rank on these, or add data with "
+                    "model.student.prune.calibration.sources", wanted, len(chosen),
+                    " and ".join(f"{len(pool)} {name}" for name, pool in (("general", data.general),
+                                                                          ("medical", data.medical)) if pool))
     return chosen
 
 
@@ -190,12 +199,18 @@ def _count(model: torch.nn.Module) -> int:
 
 
 
+PRUNING_FILES = ("pruning.json", "pruning_scores.safetensors")  # what save_pruning writes
+
+
 def save_pruning(directory: Path, pruned: Pruned) -> None:
     """Write ``pruning.json`` (the record) and, with width pruning, ``pruning_scores.safetensors``
-    (each channel's importance) into ``directory``, each under a temporary name first."""
+    (each channel's importance) into ``directory``, each under a temporary name first; without width
+    pruning an earlier scores file there is removed, so that none describes another pruning."""
     directory = Path(directory)
     files = {"pruning.json": json.dumps(pruned.record, indent=2).encode()}
-    if pruned.width_scores is not None:
+    if pruned.width_scores is None:
+        (directory / "pruning_scores.safetensors").unlink(missing_ok=True)
+    else:
         from safetensors.torch import save
 
         scores = pruned.width_scores

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from qwen_distillation.data.teacher_cache import identity_digest
 from qwen_distillation.errors import CheckpointError, ConfigError
 from qwen_distillation.evaluation.report import REPORT_NAMES
+from qwen_distillation.modeling.prune import PRUNING_FILES
 from qwen_distillation.paths import PACKAGE_PREFIX, locate, refuse_file_in_the_way
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.metrics import METRICS_FILE, TENSORBOARD_DIR
@@ -28,7 +29,8 @@ from qwen_distillation.training.metrics import METRICS_FILE, TENSORBOARD_DIR
 RUN_IDENTITY = ("model", "data", "stage1", "stage2", "stage3", "eval", "lora", "seed", "start_stage", "end_stage",
                 "checkpoint_path")
 # What a run writes at the top of its output_dir besides stageN/ and .stageN* (cleared on overwrite).
-RUN_FILES = (METRICS_FILE, TENSORBOARD_DIR, "config.yaml", "summary.json", ckpt.RUN_STATE, *REPORT_NAMES)
+RUN_FILES = (METRICS_FILE, TENSORBOARD_DIR, "config.yaml", "summary.json", ckpt.RUN_STATE, *REPORT_NAMES,
+             *PRUNING_FILES)
 DATA_KEYS = ("data.", "eval.mcq", "model.student.prune.calibration")  # inputs read file by file when a directory
 STAGE_ENTRY = re.compile(r"^\.?stage\d+(\..*)?$")  # stage1/, .stage2.tmp: never stages_plan.txt
 
