@@ -6,7 +6,7 @@ with the evaluator and metric names of evaluation during training.
         --model stage1=out/stage1/final --model stage3=out/stage3/final \\
         --teacher teacher --nll medical=../shared/data/medical_sft/huatuogpt_o1_demo_en.jsonl \\
         --mcq medmcqa=../shared/data/medical_eval/medmcqa_dev_eval_500.jsonl \\
-        --text_metrics --text_metrics_max_examples 16 --max_examples 64 --out eval_out
+        --text_metrics --text_metrics_max_examples 16 --max_examples 64 --mcq_max_items 200 --out eval_out
 
 Each ``--model NAME=PATH`` is a saved stage directory, a hub id, a local model directory or a
 ``.gguf`` file (``package:`` paths resolve inside installed packages). ``--nll NAME=FILE``
@@ -18,7 +18,9 @@ for every other model); with ``--text_metrics``, every model answers the first
 ``eval/NAME_bleu4``, ``eval/NAME_rouge1``, ``eval/NAME_rouge2``, ``eval/NAME_rougeL`` (word
 level, 0-100) and ``eval/llamafactory/NAME_*`` (LLaMA-Factory's conventions); ``--mcq
 NAME=FILE`` sets give ``eval/mcq/NAME_accuracy`` (format detected from the fields: cmexam,
-medmcqa, mmlu or pubmedqa). The same names as a run's ``metrics.jsonl`` and report. Writes
+medmcqa, mmlu or pubmedqa) over the first ``--mcq_max_items`` items of each (default 200, as a run's
+``eval.mcq_max_items``; 0: every item), and ``eval/mcq/NAME_items``, how many were scored.
+``--max_examples`` caps the ``--nll`` sets only. The same names as a run's ``metrics.jsonl`` and report. Writes
 ``results.json`` and ``results.md`` into the directory ``--out``, each under a temporary name and renamed
 into place; an ``--out`` that holds earlier results is refused (before any model loads) unless
 ``--overwrite``, which replaces those two files only.
@@ -114,13 +116,17 @@ def load_any_tokenizer(name: str, path: str, key: str | None = None, fix: str | 
 
 def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str, str], mcq_sets: dict[str, str],
              max_examples: int, max_length: int, device: torch.device, text_metrics_max_examples: int = 0,
-             max_new_tokens: int = 64) -> dict[str, dict[str, float]]:
+             max_new_tokens: int = 64, mcq_max_items: int | None = 200) -> dict[str, dict[str, float]]:
     """Metrics per model name, from one :class:`Evaluator` (see the module docstring);
-    ``text_metrics_max_examples`` > 0 adds BLEU/ROUGE on that many examples of each NLL set."""
+    ``text_metrics_max_examples`` > 0 adds BLEU/ROUGE on that many examples of each NLL set;
+    ``mcq_max_items``: items scored per MCQ set (None: all), recorded as ``eval/mcq/NAME_items``."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = load_any_tokenizer(*((teacher, models[teacher]) if teacher else next(iter(models.items()))))
-    mcq_sources = normalise_mcq_sources("--mcq", [f"{name}={path}" for name, path in mcq_sets.items()])
-    mcq_items = load_mcq_sets(mcq_sources, max_examples)  # a bad record fails before any model loads
+    # Mappings, so that a name the set names refuse is named as such (a NAME=FILE string with such a name
+    # was read as one path, and refused as a file not found).
+    mcq_sources = normalise_mcq_sources("--mcq", [{"name": name, "path": path} for name, path in mcq_sets.items()])
+    mcq_items = load_mcq_sets(mcq_sources, mcq_max_items)  # a bad record fails before any model loads
+    counts = {f"eval/mcq/{name}_items": len(items) for name, items in mcq_items.items()}
     eval_sets = {name: encode_eval_set(name, path, tokenizer, max_length)[:max_examples]
                  for name, path in nll_sets.items()}
     teacher_model = load_model(teacher, models[teacher], dtype).to(device).eval() if teacher else None
@@ -131,15 +137,16 @@ def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str,
                                      if text_metrics_max_examples > 0}, max_new_tokens=max_new_tokens,
                           autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16,
                                                           enabled=device.type == "cuda"))
-    return {name: evaluator.metrics(teacher_model if name == teacher else load_model(name, path, dtype).to(device))
-            for name, path in models.items()}
+    return {name: {**evaluator.metrics(teacher_model if name == teacher else load_model(name, path, dtype).to(device)),
+                   **counts} for name, path in models.items()}
 
 
 def to_markdown(results: dict[str, dict[str, float]]) -> str:
     metrics = sorted({k for row in results.values() for k in row})
     lines = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, row in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[m]:.4f}" if m in row else "" for m in metrics) + " |")
+        lines.append(f"| {name} | " + " | ".join("" if m not in row else str(row[m]) if isinstance(row[m], int)
+                                                 else f"{row[m]:.4f}" for m in metrics) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -188,6 +195,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.max_examples < 1:
         raise ConfigError(f"--max_examples {args.max_examples}: must be >= 1 (leave it out for the default, 64; "
                           f"e.g. `--max_examples 64`)")
+    if args.mcq_max_items < 0:
+        raise ConfigError(f"--mcq_max_items {args.mcq_max_items}: must be >= 1, or 0 for every item (leave it out "
+                          f"for the default, 200, as a run's eval.mcq_max_items)")
     if args.max_length < 16:
         raise ConfigError(f"--max_length {args.max_length}: must be >= 16 tokens (e.g. `--max_length 512`)")
 
@@ -199,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default=None, help="NAME of the --model that is the teacher")
     parser.add_argument("--nll", action="append", default=[], help="NAME=FILE held-out set (repeatable)")
     parser.add_argument("--mcq", action="append", default=[], help="NAME=FILE multiple-choice set (repeatable)")
-    parser.add_argument("--max_examples", type=int, default=64)
+    parser.add_argument("--max_examples", type=int, default=64, help="examples scored per --nll set (the first "
+                                                                      "ones)")
+    parser.add_argument("--mcq_max_items", type=int, default=200,
+                        help="items scored per --mcq set (the first ones; 0: every item); default 200, as a run's "
+                             "eval.mcq_max_items")
     parser.add_argument("--text_metrics", action="store_true",
                         help="BLEU-4 and ROUGE-1/2/L of each model's greedy answers on the --nll sets")
     parser.add_argument("--text_metrics_max_examples", type=int, default=16,
@@ -228,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                            mcq_sets=_pairs(args.mcq, "--mcq"), max_examples=args.max_examples,
                            max_length=args.max_length, device=device,
                            text_metrics_max_examples=args.text_metrics_max_examples if args.text_metrics else 0,
-                           max_new_tokens=args.max_new_tokens)
+                           max_new_tokens=args.max_new_tokens, mcq_max_items=args.mcq_max_items or None)
     except DistillationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

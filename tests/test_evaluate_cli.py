@@ -29,20 +29,22 @@ def test_compares_checkpoints_and_writes_tables(tiny_run, tmp_path, capsys):
                  "--nll", "medical=package:qwen_distillation/data/demo/medical.jsonl",
                  "--mcq", f"medmcqa={SHARED_DATA / 'medical_eval' / 'medmcqa_dev_eval_500.jsonl'}",
                  "--mcq", f"cmexam={SHARED_DATA / 'medical_eval' / 'cmexam_val_eval_zh_1000.jsonl'}",
-                 "--max_examples", "4", "--max_length", "96", "--out", str(out), "--device", "cpu"])
+                 "--max_examples", "4", "--mcq_max_items", "6", "--max_length", "96", "--out", str(out),
+                 "--device", "cpu"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"stage1", "stage2"}
-    # The metric names of evaluation during training (metrics.jsonl, the report).
+    # The metric names of evaluation during training (metrics.jsonl, the report), and the items each MCQ
+    # set scored: --max_examples capped the MCQ sets too, without a word.
+    mcq = {"eval/mcq/medmcqa_accuracy", "eval/mcq/cmexam_accuracy", "eval/mcq/medmcqa_items", "eval/mcq/cmexam_items"}
     assert set(results["stage2"]) == {"eval/medical_nll", "eval/medical_ppl", "eval/medical_top1_agreement",
-                                      "eval/medical_topk_overlap", "eval/medical_kl_to_teacher",
-                                      "eval/mcq/medmcqa_accuracy", "eval/mcq/cmexam_accuracy"}
-    assert set(results["stage1"]) == {"eval/medical_nll", "eval/medical_ppl", "eval/mcq/medmcqa_accuracy",
-                                      "eval/mcq/cmexam_accuracy"}  # the teacher: no agreement with itself
-    assert 0.0 <= results["stage2"]["eval/mcq/medmcqa_accuracy"] <= 1.0
+                                      "eval/medical_topk_overlap", "eval/medical_kl_to_teacher", *mcq}
+    assert set(results["stage1"]) == {"eval/medical_nll", "eval/medical_ppl", *mcq}  # no agreement with itself
+    assert results["stage2"]["eval/mcq/medmcqa_items"] == results["stage1"]["eval/mcq/cmexam_items"] == 6
+    assert results["stage2"]["eval/mcq/medmcqa_accuracy"] in {k / 6 for k in range(7)}
     assert results["stage2"]["eval/medical_kl_to_teacher"] > 0  # stage 2 moved away from stage 1
     table = (out / "results.md").read_text()
-    assert table.startswith("| model |") and "| stage2 |" in table
+    assert table.startswith("| model |") and "| stage2 |" in table and "| 6 |" in table
 
 
 def test_unknown_teacher_name_is_a_clear_error(tiny_run, tmp_path, capsys):
@@ -90,6 +92,8 @@ def test_bad_arguments_are_refused_before_any_model_loads(tiny_run, tmp_path, ca
         (["--model", f"a={final}", "--nll", f"m={nll}", "--mcq", f"m={nll}", "--mcq", f"m={nll}"],
          "--mcq m="),
         (["--model", f"a={final}"], "nothing to evaluate on"),
+        (["--model", f"a={final}", "--mcq", f"med/qa={nll}"],  # was 'file not found' for the whole NAME=FILE
+         "--mcq[0].name=med/qa: a set name may hold only letters, digits"),
         (["--model", f"a={tmp_path / 'nope'}", "--nll", f"m={nll}"], f"--model a={tmp_path / 'nope'}: no such file"),
         (["--model", f"a={tiny_run / 'stage1'}", "--nll", f"m={nll}"], "stage folder: pass one of its exports"),
     ]
@@ -108,6 +112,7 @@ def test_bad_arguments_are_refused_before_any_model_loads(tiny_run, tmp_path, ca
     (["--max_examples", "0"], "--max_examples 0: must be >= 1"),  # [:0]: a perfect NLL of 0 on nothing
     (["--max_examples", "-1"], "--max_examples -1: must be >= 1"),  # [:-1]: all but one example
     (["--max_length", "0"], "--max_length 0: must be >= 16 tokens"),
+    (["--mcq_max_items", "-1"], "--mcq_max_items -1: must be >= 1, or 0 for every item"),
     (["--device", "tpu"], "--device tpu: not a device torch knows; use cpu or cuda"),
     (["--device", "meta"], "--device meta: not a device this project runs on; use cpu or cuda"),
 ])
