@@ -95,7 +95,7 @@ LEAK_TOLERANCE = 0.05
 # adds exact zeros. For a dense model on one device both moves are 0. A leak moves the packed row under
 # every swap: the least move over SWAP_TRIES swaps above SWAP_NOISE times the largest separate-rows move
 # and above SWAP_TOLERANCE of what mixing moves, however small beside the rounding between other shapes
-# that LEAK_TOLERANCE must allow (a random Falcon-H1 leaks 1-1.5 % of it; benchmarks/packing_families.py).
+# that LEAK_TOLERANCE must allow (a random Falcon-H1 moves by 1.1-1.2 % of it; benchmarks/packing_families.py).
 SWAP_TOLERANCE = 2e-3
 SWAP_NOISE = 4.0
 SWAP_TRIES = 3
