@@ -280,6 +280,7 @@ def test_a_stage_resumed_after_its_cache_was_replaced_is_refused(tmp_path, small
         shutil.move(cache, tmp_path / "kept")
         cache_teacher(_config(tmp_path / "x", small_tokenizer), cache, k=2, dtype="bfloat16")
         before = snapshot(out)
+        capsys.readouterr()  # only what the resumed command prints (not the cache command's log above)
         code, output = run_cli(argv, capsys)
         assert code == 2 and "Traceback" not in output
         assert (f"error: stage1.teacher.cache={cache}: holds another cache than the one stage1 started from (k/dtype "
