@@ -131,27 +131,13 @@ def bench_loss(args) -> dict:
             loss.backward()
         return fn
 
-    def gemms_only(chunk):
-        # The floor: the same four matmuls per chunk (two projections, two gradient matmuls),
-        # no loss kernel.
-        grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=device)
-        grad_h = torch.empty_like(hs)
-
-        def fn():
-            with torch.no_grad():
-                for start in range(0, n, chunk):
-                    logits = hs[start:start + chunk] @ ws.T
-                    ht[start:start + chunk] @ wt.T
-                    torch.mm(logits, ws, out=grad_h[start:start + chunk])
-                    torch.addmm(grad_w, logits.T, hs[start:start + chunk], out_dtype=torch.float32, out=grad_w)
-        return fn
-
-    def gemms_and_bytes(chunk, passes):
-        # The floor of any loss that writes the logits: the same 4 GEMMs, and between them the bytes
-        # a row kernel must move, moved by PyTorch's own elementwise kernels instead of a loss.
-        # passes=1: one pass (read the student's and the teacher's logits, write the gradient: 3
-        # [c, V] tensors); passes=2: the statistics read both again first (5 tensors, as the row
-        # kernel does). Nothing is computed that a loss needs; only the memory traffic is there.
+    def gemms(chunk, passes=0):
+        # passes=0, the floor: the same four matmuls per chunk (two projections, two gradient matmuls), no
+        # loss kernel. passes=1/2, the floor of any loss that writes the logits: between the matmuls the bytes
+        # a row kernel must move, moved by PyTorch's own elementwise kernels instead of a loss: one pass reads
+        # the student's and the teacher's logits and writes the gradient (3 [c, V] tensors); two passes first
+        # read both again for the statistics (5 tensors, as the row kernel does). Nothing a loss needs is
+        # computed; only the memory traffic is there.
         grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=device)
         grad_h = torch.empty_like(hs)
         stats = torch.empty(chunk, dtype=dtype, device=device)
@@ -164,7 +150,8 @@ def bench_loss(args) -> dict:
                     if passes == 2:
                         torch.amax(logits, dim=1, out=stats[:len(logits)])
                         torch.amax(t_logits, dim=1, out=stats[:len(logits)])
-                    torch.add(logits, t_logits, out=logits)
+                    if passes:
+                        torch.add(logits, t_logits, out=logits)
                     del t_logits
                     torch.mm(logits, ws, out=grad_h[start:start + chunk])
                     torch.addmm(grad_w, logits.T, hs[start:start + chunk], out_dtype=torch.float32, out=grad_w)
@@ -254,12 +241,12 @@ def bench_loss(args) -> dict:
     for chunk in args.chunks:
         run_arm(f"triton (this project, {chunk})", ours("triton", chunk), results, **kw)
     for chunk in args.chunks:
-        run_arm(f"floor: the 4 GEMMs alone ({chunk})", gemms_only(chunk), results, **kw)
+        run_arm(f"floor: the 4 GEMMs alone ({chunk})", gemms(chunk), results, **kw)
         run_arm(f"the row kernel alone, all tokens ({chunk})", rows_only(chunk), results, **kw)
         if args.bytes_bound:
             for passes in (1, 2):
                 run_arm(f"bound: the 4 GEMMs and a {passes}-pass row's bytes at PyTorch's copy speed ({chunk})",
-                        gemms_and_bytes(chunk, passes), results, **kw)
+                        gemms(chunk, passes), results, **kw)
     for chunk in args.chunks if args.carveouts else ():
         for carveout in args.carveouts:
             run_arm(f"probe: row kernel overlapped, cuBLAS on all SMs but {carveout} ({chunk})",
