@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from qwen_distillation.config.schema import register_configs
-from qwen_distillation.config.validate import ignored_settings, unknown_override_key, validate_config
+from qwen_distillation.config.validate import (faint_settings, ignored_settings, unknown_override_key,
+                                              validate_config)
 from qwen_distillation.errors import DistillationError
 
 register_configs()
@@ -35,9 +36,9 @@ KEYS_HINT = "`python run_distillation.py --cfg job` prints every key with its va
 
 
 def warn_ignored_settings(config) -> None:
-    """Log :func:`ignored_settings` of the validated ``config`` (under a launcher from rank 0 alone:
-    :func:`~qwen_distillation.training.distributed.log_from_main_rank`)."""
-    for line in ignored_settings(config):
+    """Log :func:`ignored_settings` and :func:`faint_settings` of the validated ``config`` (under a launcher
+    from rank 0 alone: :func:`~qwen_distillation.training.distributed.log_from_main_rank`)."""
+    for line in ignored_settings(config) + faint_settings(config):
         log.warning(line)
 
 

@@ -320,3 +320,40 @@ def test_every_stage_slot_takes_every_stage_recipe(slot):
         assert swapped[slot] == base[home] and swapped[slot]["name"] == recipe
         assert all(swapped[other] == base[other] for other in RECIPES.values() if other != slot)
         validate_config(compose_config([f"{slot}={recipe}"]))
+
+
+def test_a_kd_temperature_that_all_but_turns_the_term_off_is_named_for_a_warning():
+    """`stage1.temperature=0.05` passed the range check (> 0) and trained a KD term whose pull on the logits was
+    20x smaller than at T = 1, next to an unscaled CE, without a word. Warned (a sharpening T is a choice); the
+    factor it names is the measured ratio of the term's gradients."""
+    import torch
+
+    from qwen_distillation.config.validate import FAINT_TEMPERATURE, faint_settings
+    from qwen_distillation.losses.logit import forward_kl
+
+    def warnings(*overrides):
+        return faint_settings(validate_config(compose_config(list(overrides))))
+
+    assert warnings("stage1.temperature=0.05") == [
+        "stage1.temperature=0.05: the KD term is T**2 times its divergence, so its gradient on the student's logits "
+        "is 20x smaller than at T=1 while the CE's is not; for softened KD use stage1.temperature=1 or more (e.g. "
+        "stage1.temperature=2), or give the term more weight (stage1.loss.weights.kd)"]
+    # The defaults (4, 2, 1), a T at the threshold, the term off, and a stage that does not run: no word.
+    assert warnings() == []
+    assert warnings(f"stage2.temperature={FAINT_TEMPERATURE}", "end_stage=2") == []
+    assert warnings("stage1.temperature=0.05", "stage1.loss.weights.kd=0") == []
+    assert warnings("stage3.temperature=0.1", "end_stage=2") == []
+
+    # Logits far apart (each distribution near one-hot at small T): the gradient's size over a token is
+    # T * |q_T - p_T|, which is 2 * T once both are one-hot, so T = 0.05 pulls 20x less than T = 1.
+    student = torch.tensor([[[8.0, 0.0, -8.0]]])
+    teacher = torch.tensor([[[-8.0, 0.0, 8.0]]])
+    labels = torch.tensor([[0]])
+
+    def pull(temperature):
+        logits = student.clone().requires_grad_(True)
+        forward_kl(logits, teacher, labels, temperature=temperature).backward()
+        return logits.grad.abs().sum().item()
+
+    assert pull(0.05) == pytest.approx(0.1, rel=1e-3)
+    assert pull(1.0) / pull(0.05) == pytest.approx(20, rel=1e-3)

@@ -31,6 +31,7 @@ TEACHER_SOURCES = ("online", "cache")
 CACHE_TAILS = ("bucket", "renormalize")  # qwen_distillation.losses.topk.TAILS
 CACHE_KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 MAX_TEMPERATURE = 100.0  # a KD temperature above this: the KD term is fp32 round-off times T**2
+FAINT_TEMPERATURE = 0.5  # a KD temperature below this: the term's pull on the logits is under half of T = 1's
 PRUNE_METHODS = ("even", "block_influence", "perplexity")  # qwen_distillation.modeling.depth.METHODS
 PRUNE_SEARCHES = ("single", "greedy")
 
@@ -502,6 +503,26 @@ def ignored_settings(cfg: DistillationConfig) -> list[str]:
             lines.append(f"{', '.join(engine_options)}: ignored, the run has no training engine (distributed=none: "
                          f"one process, one device); choose one with distributed=zero2, zero3, zero3_offload or "
                          f"fsdp2, or --deepspeed ds_config.json")
+    return lines
+
+
+def faint_settings(cfg: DistillationConfig) -> list[str]:
+    """The values a run of the validated ``cfg`` reads but that all but turn a term off, one line each for a
+    warning: a KD temperature below :data:`FAINT_TEMPERATURE` in a stage that runs with the KD term on. The
+    term is ``T**2`` times its divergence between the softened distributions (Hinton's scaling, which keeps
+    its gradient the same size as T grows above 1); below 1 the same factor shrinks it: the gradient on the
+    student's logits is ``T * (q_T - p_T)`` for forward KL, at most ``2 * T`` in sum over a token's vocabulary,
+    so the CE outweighs the term ``1 / T`` times more than at T = 1. Not an error: a sharpening temperature
+    is a choice, and the run trains as asked."""
+    lines = []
+    for index in range(cfg.start_stage, cfg.end_stage + 1):
+        key = f"stage{index}"
+        stage = getattr(cfg, key)
+        if stage.enabled and stage.loss.weights.kd > 0 and stage.temperature < FAINT_TEMPERATURE:
+            lines.append(f"{key}.temperature={stage.temperature:g}: the KD term is T**2 times its divergence, so "
+                         f"its gradient on the student's logits is {1 / stage.temperature:.3g}x smaller than at "
+                         f"T=1 while the CE's is not; for softened KD use {key}.temperature=1 or more (e.g. "
+                         f"{key}.temperature=2), or give the term more weight ({key}.loss.weights.kd)")
     return lines
 
 
