@@ -19,9 +19,14 @@ def _value(key: str):
     return lambda v: [f"{key}={_quote(v)}"]
 
 
+# What Hydra's grammar reads unquoted as the same string (or number); a value with any other character (a
+# space, `,=[]{}()'":$*?~#&!;<>^|`, a letter outside ASCII such as a Chinese file name) is quoted.
+UNQUOTED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./+@")
+
+
 def _quote(value: str) -> str:
-    """Quote a value for Hydra's override grammar when it holds special characters."""
-    if any(c in value for c in " ,=[]{}()'\"\\:$*?~") or value.lower() in ("null", "true", "false"):
+    """Quote a value for Hydra's override grammar unless every character of it reads the same unquoted."""
+    if not set(value) <= UNQUOTED or value.lower() in ("null", "true", "false"):
         escaped = value.replace("\\", "\\\\").replace("'", "\\'")
         return f"'{escaped}'"
     return value

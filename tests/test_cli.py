@@ -75,6 +75,18 @@ def test_paths_with_special_characters_are_quoted():
     assert config.output_dir == "runs/a=b,c d"
 
 
+@pytest.mark.parametrize("path", ["data/医疗数据.jsonl", "data/données.jsonl", "data/a#1.jsonl", "data/a&b.jsonl",
+                                  "data/a!.jsonl", "data/a;b.jsonl", "data/a<b>.jsonl", "data/a^b.jsonl",
+                                  "data/a`b`.jsonl", "data/a|b.jsonl", "data/a%b.jsonl"])
+def test_paths_with_characters_outside_hydras_unquoted_grammar_are_quoted(path):
+    """A Chinese file name (or `é # & ! ; < ^` and a backtick) through a classic flag failed with Hydra's
+    `LexerNoViableAltException` on an override the user never typed; every value-taking flag quotes it."""
+    config = _config(["--general_dataset", f"{path},b.jsonl", "--output_dir", f"runs/{path}",
+                      "--teacher_model", path, "--checkpoint_path", path])
+    assert [s.path for s in normalise_sources("g", config.data.general)] == [path, "b.jsonl"]
+    assert (config.output_dir, config.model.teacher.path, config.checkpoint_path) == (f"runs/{path}", path, path)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--start_stage"], "needs a value"),
     (["--use_lora=yes"], "takes no value"),
