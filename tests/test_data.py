@@ -561,6 +561,26 @@ def test_missing_empty_and_unreachable(tmp_path, monkeypatch):
         load_records("some-org/some-dataset")
 
 
+@pytest.mark.parametrize("entry,named", [
+    ({"split": "test"}, "split: test"), ({"subset": "zh"}, "subset: zh"),
+    ({"split": "validation", "subset": "zh"}, "split: validation, subset: zh")])
+@pytest.mark.parametrize("folder", [False, True])
+def test_a_split_or_subset_on_a_local_file_or_folder_is_refused(tmp_path, entry, named, folder):
+    """`{path: data/, split: test}` (written as the datasets library's `data_dir` reads it) trained on all of
+    data/, test files included: a local file or folder is read whole, and the keys were ignored without a word."""
+    from qwen_distillation.data.sources import checked_sources
+    from qwen_distillation.errors import ConfigError
+
+    (tmp_path / "train.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    path = str(tmp_path if folder else tmp_path / "train.jsonl")
+    with pytest.raises(ConfigError, match=re.escape(f"data.general[1]={{path: {path}, {named}}}: `split` and "
+                                                    "`subset` choose a part of a Hugging Face hub dataset")):
+        checked_sources("data.general", [path, {"path": path, **entry}])
+    assert checked_sources("data.general", [{"path": path, "split": "train"}])[0].split == "train"
+    hub = checked_sources("data.general", [{"path": "some-org/some-dataset", **entry}])[0]  # a hub id keeps them
+    assert (hub.split, hub.subset) == (entry.get("split", "train"), entry.get("subset"))
+
+
 # --- regressions found by the property tests (tests/test_data_properties.py) ---------------
 
 

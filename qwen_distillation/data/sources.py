@@ -65,6 +65,13 @@ def checked_sources(key: str, entries: Iterable[Any]) -> list[DataSource]:
     sources = normalise_sources(key, entries)
     for i, source in enumerate(sources):
         check_local_path(locate(source.path), f"{key}[{i}]")
+        hub_only = [f"{name}: {value}" for name, value in (("split", source.split), ("subset", source.subset))
+                    if value != DataSource.__dataclass_fields__[name].default]
+        # A local file or folder is read whole: `{path: data/, split: test}` trained on all of data/.
+        require(not hub_only or not os.path.exists(os.path.expanduser(locate(source.path))), f"{key}[{i}]",
+                f"{{path: {source.path}, {', '.join(hub_only)}}}", "`split` and `subset` choose a part of a Hugging "
+                "Face hub dataset; a local file or folder is read whole, so they would be ignored. Give the file "
+                "(or folder) of that part as the path", f"{key}[{i}]=data/test.jsonl")
     return sources
 
 
