@@ -186,6 +186,34 @@ def test_question_answer_aliases():
     assert to_messages({"title": "t", "ask": "咳嗽", "answer": "多喝水"}, "auto", "t", 1)[1]["content"] == "多喝水"
 
 
+
+def test_question_answer_reads_system_history_and_input_and_refuses_options():
+    """Found by a probe: `question_answer` (the format detected from prompt/response aliases) dropped a
+    `system` turn, a Qwen-style `history` (the answer lost its context), an `input` (a translation
+    trained without its text), and a multiple-choice record's options (the reply "A" to a bare question),
+    all without a word."""
+    record = {"system": "你是一名儿科医生。", "query": "And his age?", "response": "He is 30.",
+              "history": [["Who is Bob?", "Bob is my friend."]], "input": "Bob, 30"}
+    assert to_messages(record, "auto", "q.jsonl", 4) == [
+        {"role": "system", "content": "你是一名儿科医生。"},
+        {"role": "user", "content": "Who is Bob?"}, {"role": "assistant", "content": "Bob is my friend."},
+        {"role": "user", "content": "And his age?\n\nBob, 30"}, {"role": "assistant", "content": "He is 30."}]
+    with pytest.raises(DataError, match=re.escape("q.jsonl line 2: question_answer record has option field(s) "
+                                                  "['A', 'B', 'C'], which this format does not read")):
+        to_messages({"question": "Which organ pumps blood?", "A": "heart", "B": "liver", "C": "lung",
+                     "answer": "A"}, "auto", "q.jsonl", 2)
+
+
+@pytest.mark.parametrize("fmt,record", [
+    ("alpaca", {"instruction": "q", "output": "a", "history": [["earlier q", ""]]}),
+    ("question_answer", {"prompt": "q", "response": "a", "history": [["  ", "an answer to nothing"]]})])
+def test_a_history_turn_with_an_empty_side_is_refused_at_its_line(fmt, record):
+    """An alpaca history pair with an empty response trained an empty assistant turn (sharegpt refuses it)."""
+    side = "response" if fmt == "alpaca" else "query"
+    with pytest.raises(DataError, match=re.escape(f"h.jsonl line 3: {fmt} history entry 1 has an empty {side}")):
+        to_messages(record, "auto", "h.jsonl", 3)
+
+
 # --- detection and errors --------------------------------------------------------------------
 
 REAL_FILES = [
@@ -579,6 +607,54 @@ def test_a_split_or_subset_on_a_local_file_or_folder_is_refused(tmp_path, entry,
     assert checked_sources("data.general", [{"path": path, "split": "train"}])[0].split == "train"
     hub = checked_sources("data.general", [{"path": "some-org/some-dataset", **entry}])[0]  # a hub id keeps them
     assert (hub.split, hub.subset) == (entry.get("split", "train"), entry.get("subset"))
+
+
+def test_a_held_out_example_that_is_also_trained_on_is_left_out_and_counted(tmp_path, tokenizer, caplog,
+                                                                           monkeypatch):
+    """Three records repeated four times: the held-out split held copies of training records, and an
+    evaluation file inside a training folder (or a CRLF copy of a training file) was scored as held out;
+    eval/general_nll was a training score, without a word. Such examples are left out of the scores and
+    counted; an evaluation file that is all training records is refused."""
+    from qwen_distillation.data.sources import DataSource, build_domain_data
+    from qwen_distillation.errors import ConfigError
+
+    def line(i):
+        return json.dumps({"instruction": f"question {i}", "output": f"answer {i}"})
+
+    monkeypatch.chdir(tmp_path)  # relative paths: the split hashes the path as written
+    tmp_path = Path(".")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "dup.jsonl").write_text("\n".join(line(i % 3) for i in range(12)) + "\n")
+    (tmp_path / "train" / "own.jsonl").write_text("\n".join(line(i) for i in range(10, 30)) + "\n")
+    (tmp_path / "copy.jsonl").write_text("".join(line(i) + "\r\n" for i in [3, 10, 11, 12, 40, 41]))
+
+    def build(general, evals=()):
+        sources = {"general": [DataSource(str(p)) for p in general], "medical": [],
+                   "eval": [DataSource(str(p)) for p in evals]}
+        return build_domain_data(sources, tokenizer, max_length=64, eval_fraction=0.25, max_eval_examples=64, seed=3)
+
+    def trained(data):
+        return {tuple(e["input_ids"]) for e in data.general}
+
+    with caplog.at_level(logging.WARNING, logger="qwen_distillation.data.sources"):
+        data = build([tmp_path / "train" / "dup.jsonl"])
+    assert not {tuple(e["input_ids"]) for e in data.eval_sets.get("general", [])} & trained(data)
+    assert "data.general's held-out split: 3 of 3 examples are also training examples" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qwen_distillation.data.sources"):
+        data = build([tmp_path / "train"], [tmp_path / "train" / "own.jsonl", tmp_path / "copy.jsonl"])
+    for name in ("general", "own", "copy"):
+        assert data.eval_sets[name] and not {tuple(e["input_ids"]) for e in data.eval_sets[name]} & trained(data)
+    # The folder's split holds out 8 of its 32 records: 3 copies of dup.jsonl's three records (trained through
+    # their other copies) and 5 of own.jsonl's, which its scores keep; copy.jsonl keeps 3, 40 and 41, never trained.
+    assert "data.general's held-out split: 3 of 8 examples are also training examples" in caplog.text
+    assert f"data.eval[0]={tmp_path / 'train' / 'own.jsonl'}: 15 of 20 examples are also training" in caplog.text
+    assert f"data.eval[1]={tmp_path / 'copy.jsonl'}: 3 of 6 examples are also training examples" in caplog.text
+    assert (len(data.eval_sets["general"]), len(data.eval_sets["own"]), len(data.eval_sets["copy"])) == (5, 5, 3)
+    (tmp_path / "all_trained.jsonl").write_text(line(0) + "\n" + line(1) + "\n")
+    with pytest.raises(ConfigError, match=re.escape(f"data.eval[0]={tmp_path / 'all_trained.jsonl'}: every example "
+                                                    "is also a training example")):
+        build([tmp_path / "train" / "dup.jsonl"], [tmp_path / "all_trained.jsonl"])
 
 
 # --- regressions found by the property tests (tests/test_data_properties.py) ---------------

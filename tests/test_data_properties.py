@@ -205,11 +205,9 @@ def cmexam_records(draw) -> dict:
 def _valid(fmt: str) -> st.SearchStrategy[dict]:
     """Records of format `fmt` that must convert (no lone surrogates: they are not text)."""
     text, required = plain_text, nonblank_text
+    before = {"system": text, "history": st.lists(st.tuples(required, required).map(list), max_size=2)}
     if fmt == "alpaca":
-        return st.fixed_dictionaries(
-            {"instruction": required, "output": required},
-            optional={"input": text, "system": text, "history": st.lists(st.tuples(text, text).map(list), max_size=2)},
-        )
+        return st.fixed_dictionaries({"instruction": required, "output": required}, optional={"input": text, **before})
     if fmt == "sharegpt":
         return st.one_of(conversation("from", "value").map(lambda c: {"conversations": c}),
                          conversation("role", "content").map(lambda c: {"messages": c}))
@@ -226,8 +224,9 @@ def _valid(fmt: str) -> st.SearchStrategy[dict]:
                                       "answer": st.sampled_from("ABCDabcd")}, optional={"E": text})
     assert fmt == "question_answer"
     return st.tuples(st.sampled_from(PROMPT_ALIASES[:3]), st.sampled_from(RESPONSE_ALIASES), required, required,
-                     st.sampled_from(CONTEXT_ALIASES), text | st.lists(text, max_size=3)).map(
-        lambda t: {t[0]: t[2], t[1]: t[3], t[4]: t[5]})
+                     st.sampled_from(CONTEXT_ALIASES), text | st.lists(text, max_size=3),
+                     st.fixed_dictionaries({}, optional={"input": text, **before})).map(
+        lambda t: {t[0]: t[2], t[1]: t[3], t[4]: t[5], **t[6]})
 
 
 VALID = {fmt: _valid(fmt) for fmt in FORMATS}

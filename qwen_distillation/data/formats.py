@@ -15,7 +15,9 @@ non-empty. The supported formats and the fields each one reads:
 - `mmlu`: question, A..D (E optional), answer letter.
 - `question_answer`: one prompt field (question/Question/QUESTION/ask/query/prompt) and one
   response field (answer/Answer/LONG_ANSWER/response/Response/completion); an optional context
-  field (context/contexts/CONTEXTS) goes before the question.
+  field (context/contexts/CONTEXTS) goes before the question, an optional input after it; system
+  and history as in alpaca. A record with option fields (A..E, options, choices) is refused: they
+  would be dropped.
 
 `detect_format` tries them in the order of `FORMAT_FIELDS`, most specific first, because real
 files carry several schemas at once (HuatuoGPT-o1's demo has question/answer *and*
@@ -35,6 +37,8 @@ Messages = list[dict[str, str]]
 PROMPT_ALIASES = ("question", "Question", "QUESTION", "ask", "query", "prompt")
 RESPONSE_ALIASES = ("answer", "Answer", "LONG_ANSWER", "response", "Response", "completion")
 CONTEXT_ALIASES = ("context", "contexts", "CONTEXTS")
+# Fields of a multiple-choice record: a question_answer record with them lost its options.
+OPTION_FIELDS = ("A", "B", "C", "D", "E", "options", "Options", "choices", "opa")
 
 SHAREGPT_ROLES = {
     "human": "user",
@@ -145,22 +149,33 @@ def _alpaca(record: dict, where: str) -> Messages:
     prompt = "\n\n".join(part for part in parts if part)
     if not prompt:
         raise DataError(f"{where}: alpaca fields 'instruction' and 'input' are both empty; fill one")
+    return [*_system_and_history(record, "alpaca", where), {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _nonempty(record, "output", "alpaca", where)}]
+
+
+def _system_and_history(record: dict, fmt: str, where: str) -> Messages:
+    """The turns before a record's own prompt: its optional ``system`` field, then its ``history``, a list
+    of ``[query, response]`` pairs (as in LLaMA-Factory's alpaca and Qwen's query/response/history).
+    A turn with an empty side is refused (it trained an empty assistant turn, or a reply to nothing)."""
     messages: Messages = []
     system = _field(record, "system").strip()
     if system:
         messages.append({"role": "system", "content": system})
     history = record.get("history") or []
     if not isinstance(history, list):
-        raise DataError(f"{where}: alpaca field 'history' must be a list of [query, response] pairs")
+        raise DataError(f"{where}: {fmt} field 'history' must be a list of [query, response] pairs")
     for turn, pair in enumerate(history, start=1):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise DataError(
-                f"{where}: alpaca history entry {turn} must be a [query, response] pair, got {pair!r}"
+                f"{where}: {fmt} history entry {turn} must be a [query, response] pair, got {pair!r}"
             )
-        messages.append({"role": "user", "content": _text(pair[0], f"history entry {turn}")})
-        messages.append({"role": "assistant", "content": _text(pair[1], f"history entry {turn}")})
-    messages.append({"role": "user", "content": prompt})
-    messages.append({"role": "assistant", "content": _nonempty(record, "output", "alpaca", where)})
+        query, response = (_text(part, f"history entry {turn}") for part in pair)
+        for side, text in (("query", query), ("response", response)):
+            if not text.strip():
+                raise DataError(f"{where}: {fmt} history entry {turn} has an empty {side}; fill it or delete "
+                                f"the entry")
+        messages.append({"role": "user", "content": query})
+        messages.append({"role": "assistant", "content": response})
     return messages
 
 
@@ -336,12 +351,23 @@ def _question_answer(record: dict, where: str) -> Messages:
             f"{where}: question_answer record is missing {' and '.join(wanted)}; "
             f"fields found: {_fields(record)}"
         )
+    options = [field for field in OPTION_FIELDS if field in record]
+    if options:  # `{"question", "A", "B", "C", "answer": "A"}` trained the reply "A" to a question without its options
+        raise DataError(
+            f"{where}: question_answer record has option field(s) {options}, which this format does not read "
+            f"(it would train the answer without its options); write the options into the question, or use "
+            f"format=mmlu (question, A, B, C, D, answer) or format=cmexam (Question, Options, Answer)"
+        )
     prompt = _nonempty(record, prompt_field, "question_answer", where)
     context_field = _first_alias(record, CONTEXT_ALIASES)
     context = _field(record, context_field).strip() if context_field else ""
     if context:
         prompt = f"{context}\n\n{prompt}"
+    extra = _field(record, "input").strip()  # {"question": "Translate to French", "input": "good morning"}
+    if extra:
+        prompt = f"{prompt}\n\n{extra}"
     return [
+        *_system_and_history(record, "question_answer", where),
         {"role": "user", "content": prompt},
         {"role": "assistant", "content": _nonempty(record, response_field, "question_answer", where)},
     ]

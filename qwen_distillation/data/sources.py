@@ -153,8 +153,12 @@ def build_domain_data(sources: dict[str, list[DataSource]], tokenizer, *, max_le
     Each training source gives ``eval_fraction`` of its examples (deterministically, by
     ``seed``) to the held-out set of its domain, capped at ``max_eval_examples`` per domain
     overall; each ``eval`` source becomes a held-out set of its own, named after its file.
+    A held-out example whose tokens are also a training example's (a record repeated in a file or
+    across files, an evaluation file that copies training records) is left out of its set, with a
+    warning that counts them (:func:`_without_trained`): its score would be a training score.
     """
     out = DomainData()
+    held_by_domain = {}
     for domain_id, domain in enumerate(DOMAINS):
         heldout = []
         for source in sources[domain]:
@@ -164,6 +168,10 @@ def build_domain_data(sources: dict[str, list[DataSource]], tokenizer, *, max_le
             getattr(out, domain).extend(train)
             heldout.extend(held)
             log.info("data.%s: %s -> %d train, %d held out", domain, source.path, len(train), len(held))
+        held_by_domain[domain] = heldout
+    trained = {tuple(e["input_ids"]) for domain in DOMAINS for e in getattr(out, domain)}
+    for domain, heldout in held_by_domain.items():
+        heldout = _without_trained(f"data.{domain}'s held-out split", heldout, trained)
         if len(heldout) > max_eval_examples:  # kept as documented (docs/data.md): the split stays per source
             log.warning("data.%s: its sources hold out %d examples, over data.max_eval_examples=%d; the %d past it "
                         "are neither evaluated nor trained on. Raise data.max_eval_examples to evaluate them, or "
@@ -171,7 +179,27 @@ def build_domain_data(sources: dict[str, list[DataSource]], tokenizer, *, max_le
                         len(heldout) - max_eval_examples)
         if heldout:
             out.eval_sets[domain] = heldout[:max_eval_examples]
-    for source in sources["eval"]:
+    for i, source in enumerate(sources["eval"]):
         name = _eval_name(source, set(out.eval_sets))
-        out.eval_sets[name] = encode_source(source, tokenizer, max_length, max_length_key)[:max_eval_examples]
+        examples = _without_trained(f"data.eval[{i}]={source.path}", encode_source(
+            source, tokenizer, max_length, max_length_key), trained)
+        if not examples:
+            raise ConfigError(f"data.eval[{i}]={source.path}: every example is also a training example (the same "
+                              f"tokens); its scores would be reported as held out. Evaluate on other records (each "
+                              f"training source's own held-out split is scored as eval/general_nll and "
+                              f"eval/medical_nll)")
+        out.eval_sets[name] = examples[:max_eval_examples]
     return out
+
+
+def _without_trained(what: str, examples: list[dict], trained: set[tuple]) -> list[dict]:
+    """``examples`` without those whose ``input_ids`` are a training example's, with a warning naming ``what``
+    and counting them: the same record in a training source and held out (a duplicate line, a file listed
+    twice under other names, an evaluation file that copies training records) was scored as held out."""
+    kept = [e for e in examples if tuple(e["input_ids"]) not in trained]
+    if len(kept) < len(examples):
+        log.warning("%s: %d of %d examples are also training examples (the same tokens: a repeated record, or "
+                    "records copied between files); they are left out of its scores, which would be training "
+                    "scores. Remove the repeats from the data to hold them out", what, len(examples) - len(kept),
+                    len(examples))
+    return kept
