@@ -651,6 +651,12 @@ def test_a_held_out_example_that_is_also_trained_on_is_left_out_and_counted(tmp_
     assert f"data.eval[0]={tmp_path / 'train' / 'own.jsonl'}: 15 of 20 examples are also training" in caplog.text
     assert f"data.eval[1]={tmp_path / 'copy.jsonl'}: 3 of 6 examples are also training examples" in caplog.text
     assert (len(data.eval_sets["general"]), len(data.eval_sets["own"]), len(data.eval_sets["copy"])) == (5, 5, 3)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qwen_distillation.data.sources"):  # a cap cuts an eval file
+        (tmp_path / "new.jsonl").write_text("\n".join(line(i) for i in range(50, 56)) + "\n")
+        sources = {"general": [DataSource("train/own.jsonl")], "medical": [], "eval": [DataSource("new.jsonl")]}
+        build_domain_data(sources, tokenizer, max_length=64, eval_fraction=0.25, max_eval_examples=4, seed=3)
+    assert "data.eval[0]=new.jsonl: 6 examples, scored on the first 4 (data.max_eval_examples=4)" in caplog.text
     (tmp_path / "all_trained.jsonl").write_text(line(0) + "\n" + line(1) + "\n")
     with pytest.raises(ConfigError, match=re.escape(f"data.eval[0]={tmp_path / 'all_trained.jsonl'}: every example "
                                                     "is also a training example")):

@@ -81,6 +81,17 @@ def test_an_empty_or_bad_mcq_file_names_its_eval_mcq_entry(tmp_path, text, named
         normalise_mcq_sources("eval.mcq", [MCQ, str(tmp_path / "missing.jsonl")])
 
 
+def test_an_mcq_set_the_cap_cuts_is_logged_and_one_it_does_not_is_not(caplog):
+    """A set of 8 items scored on the first 3 under eval.mcq_max_items=3 said nothing of the cut."""
+    sources = normalise_mcq_sources("eval.mcq", [MCQ])  # the demo set: 8 items
+    with caplog.at_level("INFO", logger="qwen_distillation.evaluation.mcq"):
+        assert len(load_mcq_sets(sources, 3)["medical_mcq"]) == 3
+        assert "eval.mcq[0]: scored on the first 3 items" in caplog.text
+        caplog.clear()
+        assert len(load_mcq_sets(sources, 8)["medical_mcq"]) == len(load_mcq_sets(sources, None)["medical_mcq"]) == 8
+    assert "scored on the first" not in caplog.text
+
+
 def test_demo_preset_turns_evaluation_on_and_the_default_leaves_it_off():
     demo = validate_config(compose_config([])).eval
     assert demo.agreement and demo.samples and demo.mcq == [MCQ] and demo.text_metrics

@@ -188,6 +188,10 @@ def build_domain_data(sources: dict[str, list[DataSource]], tokenizer, *, max_le
                               f"tokens); its scores would be reported as held out. Evaluate on other records (each "
                               f"training source's own held-out split is scored as eval/general_nll and "
                               f"eval/medical_nll)")
+        if len(examples) > max_eval_examples:  # scored on the first ones: say so, as for the held-out splits
+            log.warning("data.eval[%d]=%s: %d examples, scored on the first %d (data.max_eval_examples=%d); raise "
+                        "data.max_eval_examples to score them all", i, source.path, len(examples), max_eval_examples,
+                        max_eval_examples)
         out.eval_sets[name] = examples[:max_eval_examples]
     return out
 

@@ -191,6 +191,9 @@ def build_evaluator(cfg: EvalConfig, *, mcq_sources: list[MCQSource], teacher: t
             f"topk_overlap compares the top k of the {vocab_size} tokens both models share, so k must be at most "
             f"{vocab_size}", "eval.agreement_top_k=5")
     mcq_sets = load_mcq_sets(mcq_sources, cfg.mcq_max_items)
+    log.info("evaluation sets: %s", ", ".join([f"{name} {len(examples)} examples" for name, examples in
+                                               eval_sets.items()] + [f"{name} {len(items)} MCQ items" for name, items
+                                                                     in mcq_sets.items()]) or "none")
     prompts = load_prompts(locate(cfg.prompts), cfg.samples_max_prompts) if cfg.samples else []
     # The first examples of each set, in the order of the held-out split (not the batches').
     text_sets = ({name: examples[:cfg.text_metrics_max_examples] for name, examples in eval_sets.items()}

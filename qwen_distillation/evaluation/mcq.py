@@ -16,6 +16,7 @@ set exactly. Ties go to the earlier letter.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterable
@@ -34,6 +35,8 @@ from qwen_distillation.evaluation.sharding import Shard, map_shared
 from qwen_distillation.evaluation.text_metrics import has_han, strip_think
 from qwen_distillation.modeling.parts import decoder_and_head, supports_hidden_path
 from qwen_distillation.paths import locate
+
+log = logging.getLogger(__name__)
 
 INSTRUCTION_EN = "Answer with the letter."
 INSTRUCTION_ZH = "请直接回答选项字母。"
@@ -312,8 +315,13 @@ def load_mcq_sets(sources: list[MCQSource], max_items: int | None) -> dict[str, 
     sets = {}
     for source in sources:
         try:
-            sets[source.name] = mcq_items(load_records(locate(source.path), split=source.split, subset=source.subset,
-                                                       max_records=max_items), source.format, source=source.path)
+            # One record past the cap tells whether the cap cut the set (its items are counted in the log).
+            records = load_records(locate(source.path), split=source.split, subset=source.subset,
+                                   max_records=None if max_items is None else max_items + 1)
+            if max_items is not None and len(records) > max_items:
+                log.info("%s: scored on the first %d items (the cap of eval.mcq_max_items / --mcq_max_items; 0 "
+                         "scores them all)", source.where or source.path, max_items)
+            sets[source.name] = mcq_items(records[:max_items], source.format, source=source.path)
         except DataError as err:
             if not source.where:
                 raise
