@@ -663,6 +663,24 @@ def test_a_held_out_example_that_is_also_trained_on_is_left_out_and_counted(tmp_
         build([tmp_path / "train" / "dup.jsonl"], [tmp_path / "all_trained.jsonl"])
 
 
+def test_compressed_files_patterns_and_plain_text_get_a_fix_that_works(tmp_path):
+    """A .jsonl.gz said only "unsupported file type", `data/*.jsonl` said "file not found", and a plain-text
+    record was told to "set format=...", which no format could satisfy."""
+    import gzip
+
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(b'{"instruction": "q", "output": "a"}\n'))
+    with pytest.raises(DataError, match=re.escape("unsupported file type '.gz'; use one of ['.jsonl', '.json', "
+                                                  "'.csv', '.parquet'] (a compressed file is not read: decompress")):
+        load_records(str(tmp_path / "a.jsonl.gz"))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/*.jsonl: file not found; a pattern (`*`, `?`, "
+                                                  f"`[...]`) is not expanded: give the folder that holds the files "
+                                                  f"instead (every data file below it is read, e.g. {tmp_path})")):
+        load_records(f"{tmp_path}/*.jsonl")
+    with pytest.raises(DataError, match=re.escape("t.jsonl line 1: a record of plain text (fields ['id', 'text']) "
+                                                  "is not training data here")):
+        to_messages({"id": 1, "text": "Some pretraining text."}, "auto", "t.jsonl", 1)
+
+
 # --- regressions found by the property tests (tests/test_data_properties.py) ---------------
 
 

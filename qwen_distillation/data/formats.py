@@ -404,6 +404,12 @@ def detect_format(record: dict, source: str, index: int | None = None) -> str:
             return name
     expected = ", ".join(f"{name} ({fields})" for name, fields in FORMAT_FIELDS.items())
     where = source if index is None else location(source, index)
+    if set(record) <= {"text", "content", "id", "meta", "url", "source"} and ("text" in record or "content" in record):
+        raise DataError(  # pretraining text: no format reads it, so "set format=..." could not help
+            f"{where}: a record of plain text (fields {_fields(record)}) is not training data here: every format "
+            f"reads a prompt and a response (the student learns the response, scored against the teacher). "
+            f"Write each record as a prompt and a response, e.g. {{\"prompt\": ..., \"response\": ...}}"
+        )
     raise DataError(
         f"{where}: cannot tell the format from the fields found {_fields(record)}; "
         f"expected one of: {expected}; set format=... for this source"

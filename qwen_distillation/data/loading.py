@@ -315,8 +315,10 @@ def _read_file(file: Path) -> Numbered:
         text = _read_text(file)
         yield from (_read_json_lines(file, text) if suffix == ".jsonl" else _read_json(file, text))
     else:
+        packed = " (a compressed file is not read: decompress it first, e.g. `gunzip -k FILE`)" if suffix in (
+            ".gz", ".bz2", ".xz", ".zst", ".zip") else ""
         raise DataError(
-            f"{file}: unsupported file type '{suffix}'; use one of {list(SUPPORTED_SUFFIXES)}"
+            f"{file}: unsupported file type '{suffix}'; use one of {list(SUPPORTED_SUFFIXES)}{packed}"
         )
 
 
@@ -338,6 +340,9 @@ def check_local_path(path: str, where: str | None = None) -> None:
     if local.exists() or not _looks_local(path):
         return
     named = f"{where}={path}" if where else path
+    if any(c in path for c in "*?["):  # `data/*.jsonl`: a shell pattern is not expanded here
+        raise DataError(f"{named}: file not found; a pattern (`*`, `?`, `[...]`) is not expanded: give the folder "
+                        f"that holds the files instead (every data file below it is read, e.g. {Path(path).parent})")
     raise DataError(f"{named}: file not found (looked at {local.resolve()}); check the data path "
                     "(relative paths are resolved from the working directory)")
 
