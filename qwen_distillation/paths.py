@@ -65,6 +65,21 @@ def file_identity(path: str | Path) -> tuple:
     return ("inode", stat.st_dev, stat.st_ino)
 
 
+def source_identity(path: str) -> str:
+    """How the held-out split names the data source ``path``: a local file or folder by its path
+    relative to the project root, written out lexically (a link is not followed: ``../shared`` stays
+    ``../shared``), so that every spelling of it from any working directory (``data/x.jsonl``,
+    ``./data/x.jsonl``, ``/abs/project/data/x.jsonl``, ``../project/data/x.jsonl``) holds out the
+    same records; a ``package:`` path, a hub dataset and a path that does not exist by the name as
+    written. A relative path from the project root, as the configs write them, is its own identity."""
+    if path.startswith(PACKAGE_PREFIX):
+        return path
+    local = os.path.expanduser(locate(path))
+    if not os.path.exists(local):
+        return path
+    return os.path.relpath(os.path.abspath(local), PROJECT_ROOT)
+
+
 def locate(path: str) -> str:
     """A data file's path: ``package:`` paths resolve inside installed packages; a relative
     path that does not exist from the working directory is tried against the project root."""

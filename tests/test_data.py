@@ -5,6 +5,7 @@ Uses the real Qwen2.5 tokenizer (built offline) and one real record per shared d
 
 import json
 import logging
+import os
 import pickle
 import random
 import re
@@ -679,6 +680,37 @@ def test_compressed_files_patterns_and_plain_text_get_a_fix_that_works(tmp_path)
     with pytest.raises(DataError, match=re.escape("t.jsonl line 1: a record of plain text (fields ['id', 'text']) "
                                                   "is not training data here")):
         to_messages({"id": 1, "text": "Some pretraining text."}, "auto", "t.jsonl", 1)
+
+
+def test_every_spelling_of_a_source_from_any_directory_holds_out_the_same_records(tmp_path, monkeypatch, tokenizer):
+    """The split hashed the path as written: `/tmp/ud/x.jsonl`, `/tmp/ud/./x.jsonl` and `../ud/x.jsonl` held out
+    three different sets, so a stage started in another directory, or with another spelling, scored records an
+    earlier stage trained on (and a teacher cache built under one spelling had no entry under another)."""
+    from qwen_distillation.data.sources import DataSource, encode_source
+    from qwen_distillation.paths import PROJECT_ROOT, source_identity
+
+    data = tmp_path / "ud"
+    data.mkdir()
+    (data / "x.jsonl").write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n"
+                                          for i in range(40)))
+    (tmp_path / "elsewhere").mkdir()
+
+    def held(path):
+        examples = encode_source(DataSource(path), tokenizer, 64)
+        return sorted(e["index"] for e in split_heldout(examples, 0.2, 100, seed=5)[1])
+
+    expected = held(str(data / "x.jsonl"))
+    monkeypatch.chdir(data)
+    assert held("x.jsonl") == held("./x.jsonl") == held(str(data / "." / "x.jsonl")) == expected
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert held("../ud/x.jsonl") == held("../ud/../ud/x.jsonl") == expected
+    assert source_identity("../ud/x.jsonl") == os.path.relpath(data / "x.jsonl", PROJECT_ROOT)
+    # What the configs write (relative to the project root) and what is not a local path keep their names.
+    assert source_identity("package:qwen_distillation/data/demo/general.jsonl") == \
+        "package:qwen_distillation/data/demo/general.jsonl"
+    assert source_identity("some-org/some-dataset") == "some-org/some-dataset"
+    monkeypatch.chdir(PROJECT_ROOT)
+    assert source_identity("qwen_distillation/data/demo/general.jsonl") == "qwen_distillation/data/demo/general.jsonl"
 
 
 # --- regressions found by the property tests (tests/test_data_properties.py) ---------------

@@ -22,6 +22,7 @@ from qwen_distillation.data.formats import detect_format, to_messages
 from qwen_distillation.data.generated import PROVENANCE
 from qwen_distillation.data.loading import location
 from qwen_distillation.errors import DataError
+from qwen_distillation.paths import source_identity
 
 log = logging.getLogger(__name__)
 
@@ -253,11 +254,11 @@ def prompt_group(record: dict) -> str | None:
     return f"{provenance.get('source', '')}\0{provenance['source_row']}"
 
 
-def _split_key(example: dict, seed: int) -> str:
+def _split_key(example: dict, seed: int, sources: dict[str, str]) -> str:
     if "group" in example:
         identity = str(example["group"])
     elif "source" in example and "index" in example:
-        identity = f"{example['source']}\0{example['index']}"
+        identity = f"{sources[example['source']]}\0{example['index']}"
     else:
         identity = ",".join(map(str, example["input_ids"]))
     return hashlib.sha256(f"{seed}\0{identity}".encode()).hexdigest()
@@ -271,7 +272,8 @@ def split_heldout(
     The split is over units: an example with a `"group"` (the samples `generate_data` wrote for
     one prompt, see :func:`prompt_group`) belongs to the unit of all examples of that group, any
     other example is a unit of its own. Each unit's rank is a hash of (seed, group), or of
-    (seed, source, index), or of its input_ids when it has no source/index, so the chosen set
+    (seed, source, index) (the source by :func:`~qwen_distillation.paths.source_identity`, not
+    its spelling), or of its input_ids when it has no source/index, so the chosen set
     depends neither on the list order nor on the order in which other sources were added.
 
     The held-out size is counted in examples: the target is `int(len * eval_fraction)`, at least
@@ -297,7 +299,9 @@ def split_heldout(
         return list(examples), []
     n_eval = min(max(1, int(count * eval_fraction)), max_eval, count - 1)
     # sorted() is stable: units with equal keys keep their order, as the examples did before groups.
-    ranked = sorted(units.values(), key=lambda members: _split_key(examples[members[0]], seed))
+    # Each source by its identity, not its spelling: `../x/a.jsonl` and `/abs/x/a.jsonl` hold out the same records.
+    sources = {e["source"]: source_identity(e["source"]) for e in examples if "source" in e}
+    ranked = sorted(units.values(), key=lambda members: _split_key(examples[members[0]], seed, sources))
     heldout: set[int] = set()
     for members in ranked:
         if len(heldout) + len(members) > n_eval:

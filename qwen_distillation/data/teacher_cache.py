@@ -355,8 +355,10 @@ class CacheReader:
         Raises ConfigError when the cache does not hold it or holds another version of it."""
         if key not in self.where:
             raise ConfigError(f"teacher cache {self.directory}: no entry for example {key} (source hash:record); "
-                              f"the cache was written for other data or is incomplete: run the cache command "
-                              f"again on this stage's data (it adds the missing examples)")
+                              f"the cache was written for other data, or for the same file in another folder (the "
+                              f"held-out split names a file by its path relative to the project, so a moved file "
+                              f"holds out other records), or is incomplete: run the cache command again on this "
+                              f"stage's data (it adds the missing examples)")
         shard, row, rows, cached_checksum = self.where[key]
         if cached_checksum != checksum or rows != responses:
             raise ConfigError(f"teacher cache {self.directory}: example {key} was cached with other tokens "
