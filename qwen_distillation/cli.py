@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 
 from qwen_distillation.config.validate import renamed_key, unknown_override_key
@@ -72,6 +73,10 @@ CLASSIC_FLAGS = {
                     "a DeepSpeed JSON of your own (ZeRO stage, buckets, offload); the stage config fills the rest"),
     "--local_rank": (True, lambda v: [], "set by the deepspeed launcher; the LOCAL_RANK variable is used"),
 }
+# A Hydra override as a word on the command line (`key=...`, `+key=...`, `~key`): never a flag's value.
+OVERRIDE = re.compile(r"^([+~]{0,2}[A-Za-z_][\w.]*=|~[A-Za-z_][\w.]*$)")
+# The classic flags of one number, with the config key a sweep writes instead.
+SINGLE_VALUE_FLAGS = {"--start_stage": "start_stage", "--end_stage": "end_stage", "--seed": "seed"}
 # The deepspeed launcher's spelling of --local_rank in recent versions.
 FLAG_ALIASES = {"--local-rank": "--local_rank"}
 
@@ -197,13 +202,20 @@ def translate(argv: list[str]) -> list[str]:
             if takes_value:
                 if eq:
                     value = inline
-                elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                elif i + 1 < len(argv) and not argv[i + 1].startswith("--") and not OVERRIDE.match(argv[i + 1]):
                     value = argv[i + 1]
                     i += 1
+                elif i + 1 < len(argv) and OVERRIDE.match(argv[i + 1]):
+                    # `--output_dir $UNSET stage1.lr=1e-3` wrote into ./stage1.lr=1e-3/ and dropped the override.
+                    raise UsageError(f"{name} needs a value: the word after it, {argv[i + 1]}, is a config override "
+                                     f"(write `{name}=VALUE` for a value that holds '=' after a key-like start)")
                 else:
                     raise UsageError(f"{name} needs a value, e.g. `{name} {name[2:].upper()}`")
                 if value == "":
                     raise UsageError(f"{name} got an empty value")
+                if "," in value and name in SINGLE_VALUE_FLAGS:  # `-m --seed 1,2`: a sweep a flag cannot hold
+                    raise UsageError(f"{name} takes one value, not {value!r}; to sweep it, write the config key "
+                                     f"with -m: {SINGLE_VALUE_FLAGS[name]}={value}")
             else:
                 if eq:
                     raise UsageError(f"{name} takes no value")
@@ -258,8 +270,12 @@ def main(argv: list[str] | None = None) -> None:
     from qwen_distillation import app
 
     sys.argv = [sys.argv[0] if sys.argv else "run_distillation.py"] + overrides
-    with _interrupt_as_one_line("the checkpoints written so far are kept; rerun the same command to continue "
-                                "from the last one"):
+    overwrite = any(o.partition("=")[0].lstrip("+") == "overwrite_output_dir" and o.partition("=")[2].lower() in
+                    ("true", "yes", "1", "on") for o in overrides)
+    with _interrupt_as_one_line(
+            "the checkpoints written so far are kept; rerun the same command without overwrite_output_dir=true to "
+            "continue from the last one (with it, the run starts over and removes them)" if overwrite else
+            "the checkpoints written so far are kept; rerun the same command to continue from the last one"):
         app.main()
 
 

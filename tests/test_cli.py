@@ -73,6 +73,7 @@ def test_flags_mix_with_hydra_overrides_and_equals_form():
 def test_paths_with_special_characters_are_quoted():
     config = _config(["--output_dir", "runs/a=b,c d"])
     assert config.output_dir == "runs/a=b,c d"
+    assert _config(["--output_dir=stage1.lr=1e-3"]).output_dir == "stage1.lr=1e-3"  # the = form takes any value
 
 
 @pytest.mark.parametrize("path", ["data/医疗数据.jsonl", "data/données.jsonl", "data/a#1.jsonl", "data/a&b.jsonl",
@@ -96,6 +97,15 @@ def test_paths_with_characters_outside_hydras_unquoted_grammar_are_quoted(path):
     (["--fp16", "--bf16"], "train.precision is set twice, by --fp16 and by --bf16"),
     (["--start_stage", "2", "start_stage=3"], "start_stage is set twice, by --start_stage 2 and by start_stage=3"),
     (["start_stage=3", "--start_stage", "2"], "start_stage is set twice, by start_stage=3 and by --start_stage 2"),
+    # An empty shell variable (`--output_dir $UNSET stage1.lr=1e-3`) made the override the flag's value: the run
+    # wrote into ./stage1.lr=1e-3/ at the default learning rate.
+    (["--output_dir", "stage1.lr=1e-3"], re.escape("--output_dir needs a value: the word after it, stage1.lr=1e-3, "
+                                                   "is a config override")),
+    (["--seed", "+experiment=smoke"], "--seed needs a value: the word after it, \\+experiment=smoke"),
+    (["--checkpoint_path", "~stage1.max_steps"], "--checkpoint_path needs a value"),
+    (["-m", "--seed", "1,2"], re.escape("--seed takes one value, not '1,2'; to sweep it, write the config key with "
+                                        "-m: seed=1,2")),
+    (["--end_stage=1,2"], re.escape("--end_stage takes one value, not '1,2'")),
 ])
 def test_usage_errors(argv, message):
     with pytest.raises(UsageError, match=message):
@@ -183,3 +193,23 @@ def test_the_commands_take_no_abbreviated_flags(command, argv, tmp_path, capsys,
         main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and ("unknown flag --" in err or "unrecognized arguments: --" in err), err
+
+
+@pytest.mark.parametrize("argv,rerun", [
+    ([], "rerun the same command to continue from the last one"),
+    (["overwrite_output_dir=true"], "rerun the same command without overwrite_output_dir=true to continue from the "
+                                    "last one (with it, the run starts over and removes them)")])
+def test_an_interrupted_run_says_how_to_continue_it(argv, rerun, monkeypatch, capsys):
+    """With overwrite_output_dir=true, "rerun the same command to continue" started the run over and
+    removed the checkpoints it had just said were kept."""
+    from qwen_distillation import app, cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app, "main", interrupted)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == f"\ninterrupted: the checkpoints written so far are kept; {rerun}\n"

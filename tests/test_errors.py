@@ -750,3 +750,22 @@ def test_an_unfinished_run_says_how_to_resume_it_or_keep_its_finished_stages(tmp
                               f"--checkpoint_path {out / 'stage1' / 'final'} output_dir=NEW_DIR), choose another "
                               f"output_dir, or pass overwrite_output_dir=true to start over")
     assert outputs.check_output_dir(out, run_id="abc", resume=True, overwrite=False)["completed_stages"] == [1]
+
+
+def test_overwrite_over_an_unfinished_run_of_the_same_config_says_it_starts_over(tmp_path, caplog):
+    """A killed run with overwrite_output_dir=true, rerun as its interrupt line said, started over and removed
+    its checkpoints without a word."""
+    from qwen_distillation.training import outputs
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_state.json").write_text(json.dumps({"run_hash": "abc", "finished": False, "completed_stages": []}))
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.outputs"):
+        assert outputs.check_output_dir(out, run_id="abc", resume=True, overwrite=True) is None
+    assert caplog.messages == [f"output_dir={out} holds an unfinished run of this configuration; overwrite_output_dir="
+                               f"true starts over and removes it and its checkpoints. To resume it instead, rerun "
+                               f"without overwrite_output_dir=true"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.outputs"):  # another config: a new run anyway
+        outputs.check_output_dir(out, run_id="other", resume=True, overwrite=True)
+    assert caplog.messages == []

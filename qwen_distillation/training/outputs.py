@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,8 @@ from qwen_distillation.modeling.prune import PRUNING_FILES
 from qwen_distillation.paths import PACKAGE_PREFIX, locate, refuse_file_in_the_way
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.metrics import METRICS_FILE, TENSORBOARD_DIR
+
+log = logging.getLogger(__name__)
 
 # Sections whose change makes an existing output_dir a different run.
 RUN_IDENTITY = ("model", "data", "stage1", "stage2", "stage3", "eval", "lora", "seed", "start_stage", "end_stage",
@@ -138,6 +141,10 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
                               f"output_dir")
     if state is not None:
         if overwrite:
+            if not state.get("finished") and state.get("run_hash") == run_id:  # a rerun of an interrupted command
+                log.warning("output_dir=%s holds an unfinished run of this configuration; overwrite_output_dir=true "
+                            "starts over and removes it and its checkpoints. To resume it instead, rerun without "
+                            "overwrite_output_dir=true", output_dir)
             return None
         done = state.get("completed_stages") or []
         last = max(done, default=0)
