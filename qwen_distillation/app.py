@@ -61,14 +61,17 @@ def run(cfg: DictConfig) -> dict:
     if sweep_job:  # each sweep job writes into its own output_dir/jobN
         config.output_dir = hydra_cfg.runtime.output_dir
     from qwen_distillation.training.distiller import Distiller
+    from qwen_distillation.training.outputs import hold_output_dir
 
-    distiller = Distiller(config)
-    done = distiller.finished_summary() if sweep_job else None
-    if done is not None:  # a sweep run again after a failed or interrupted job
-        print(f"{config.output_dir}: this sweep job's run is finished; skipped (overwrite_output_dir=true "
-              f"runs it again)")
-        return done
-    return distiller.run()
+    # One process writes an output_dir at a time (under a launcher, rank 0 for all of them).
+    with hold_output_dir(Path(config.output_dir), hold=int(os.environ.get("RANK", "0")) == 0):
+        distiller = Distiller(config)
+        done = distiller.finished_summary() if sweep_job else None
+        if done is not None:  # a sweep run again after a failed or interrupted job
+            print(f"{config.output_dir}: this sweep job's run is finished; skipped (overwrite_output_dir=true "
+                  f"runs it again)")
+            return done
+        return distiller.run()
 
 
 def _task(cfg: DictConfig) -> None:

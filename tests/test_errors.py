@@ -769,3 +769,43 @@ def test_overwrite_over_an_unfinished_run_of_the_same_config_says_it_starts_over
     with caplog.at_level("WARNING", logger="qwen_distillation.training.outputs"):  # another config: a new run anyway
         outputs.check_output_dir(out, run_id="other", resume=True, overwrite=True)
     assert caplog.messages == []
+
+
+def test_a_second_process_on_an_output_dir_in_use_is_refused_before_it_reads_it(tmp_path, capsys):
+    """The same command run while the first was alive (to "resume" it, or a requeue) trained alongside it into
+    one output_dir: every metrics row twice, a report of 12 steps where 6 ran. It is refused, touching nothing."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with open(out / ".run.lock", "a+") as held:  # what the running process holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on node7\n")
+        held.flush()
+        before = _snapshot(out)
+        code, output = _cli(tiny_overrides(out), capsys)
+        assert code == 2 and (f"error: output_dir={out}: another run is writing to it (pid 4242 on node7); let it "
+                              f"end or stop it before resuming this run, or choose another output_dir") in output
+        assert _snapshot(out) == before and (out / ".run.lock").read_text() == "pid 4242 on node7\n"
+
+
+def test_the_output_dir_hold_is_released_and_a_folder_it_made_for_nothing_is_removed(tmp_path):
+    from qwen_distillation.errors import ConfigError
+    from qwen_distillation.training.outputs import LOCK_FILE, hold_output_dir
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ConfigError):
+        with hold_output_dir(fresh):
+            assert (fresh / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on ")
+            raise ConfigError("refused before writing")
+    assert not fresh.exists()
+    with hold_output_dir(fresh):
+        (fresh / "summary.json").write_text("{}")
+    with hold_output_dir(fresh):  # released: the next run takes it
+        with pytest.raises(ConfigError, match="another run is writing to it"):
+            with hold_output_dir(fresh):
+                pass
+    assert sorted(p.name for p in fresh.iterdir()) == [LOCK_FILE, "summary.json"]
+    with hold_output_dir(tmp_path / "ranks", hold=False):  # a rank other than 0 takes no hold
+        assert not (tmp_path / "ranks").exists()

@@ -7,14 +7,21 @@ only then created or cleared (:func:`prepare_output_dir`): bad input never costs
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 from collections.abc import Iterable
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: no lock there
+    fcntl = None
 
 from omegaconf import OmegaConf
 
@@ -36,6 +43,48 @@ RUN_FILES = (METRICS_FILE, TENSORBOARD_DIR, "config.yaml", "summary.json", ckpt.
              *PRUNING_FILES)
 DATA_KEYS = ("data.", "eval.mcq", "model.student.prune.calibration")  # inputs read file by file when a directory
 STAGE_ENTRY = re.compile(r"^\.?stage\d+(\..*)?$")  # stage1/, .stage2.tmp: never stages_plan.txt
+
+
+LOCK_FILE = ".run.lock"  # held by the process that writes output_dir (hold_output_dir); never cleared
+
+
+@contextlib.contextmanager
+def hold_output_dir(output_dir: Path, hold: bool = True):
+    """Hold ``output_dir`` for one run (``hold``: the main rank; the other ranks of a launch write through it):
+    an exclusive ``flock`` on its ``LOCK_FILE`` for as long as the run goes on, released when it ends, also by a
+    crash or a kill (the system releases it). A second process given the same ``output_dir`` meanwhile (the
+    command rerun "to resume" while the first is still alive, a scheduler's requeue) is refused before it
+    reads anything: the two wrote every metrics row twice and a report of steps that never ran. The lock file
+    stays (a lock file removed while held can be locked twice); a directory this call created and nothing
+    else wrote to is removed again."""
+    if not hold or fcntl is None:
+        yield
+        return
+    created = not output_dir.exists()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(output_dir / LOCK_FILE, "a+")
+    except OSError:  # a read-only place, a file in the way: check_output_dir names it, with its fix
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"output_dir={output_dir}: another run is writing to it ({holder}); let it end or stop it "
+                          f"before resuming this run, or choose another output_dir") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        if created and [entry.name for entry in output_dir.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(output_dir, ignore_errors=True)  # refused before it wrote: leave no empty folder
+        handle.close()  # releases the lock
 
 
 def entries_to_clear(output_dir: Path) -> list[Path]:
@@ -165,7 +214,7 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
             raise ConfigError(f"output_dir={output_dir} holds an unfinished run with a different configuration"
                               f"{changed}; rerun its own command to resume it{kept}, choose another output_dir, "
                               f"or pass overwrite_output_dir=true to start over")
-    elif output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+    elif output_dir.exists() and any(e.name != LOCK_FILE for e in output_dir.iterdir()) and not overwrite:
         raise ConfigError(f"output_dir={output_dir} exists, is not empty and holds no qwen_distillation run; "
                           f"choose a new directory or pass overwrite_output_dir=true to write into it")
     return state
