@@ -357,3 +357,34 @@ def test_a_kd_temperature_that_all_but_turns_the_term_off_is_named_for_a_warning
 
     assert pull(0.05) == pytest.approx(0.1, rel=1e-3)
     assert pull(1.0) / pull(0.05) == pytest.approx(20, rel=1e-3)
+
+
+def test_term_options_agreement_k_and_a_save_interval_past_the_stage_are_named_for_a_warning():
+    """Found by a probe: `stage1.loss.feature.loss=cosine` with the feature term off, `eval.agreement_top_k=10`
+    with agreement off, and `stage1.save_every=100` on a 2-step stage (no checkpoint: a stop starts the stage
+    over) went without a word, unlike the layer map and the other options the run ignores."""
+    from qwen_distillation.config.validate import ignored_settings
+
+    def warnings(*overrides):
+        return ignored_settings(validate_config(compose_config(["end_stage=1", *overrides])))
+
+    assert warnings("stage1.loss.feature.loss=cosine", "stage1.loss.contrastive.projection_dim=64") == [
+        "stage1.loss.feature.loss=cosine: ignored, the feature term is off (stage1.loss.weights.feature=0); give it a "
+        "weight (e.g. stage1.loss.weights.feature=0.1) to train it",
+        "stage1.loss.contrastive.projection_dim=64: ignored, the contrastive term is off "
+        "(stage1.loss.weights.contrastive=0); give it a weight (e.g. stage1.loss.weights.contrastive=0.1) to train it"]
+    assert warnings("stage1.loss.attention.layer_map=[[0,1]]", "stage1.loss.attention.mode=attention") == [
+        "stage1.loss.attention.layer_map, stage1.loss.attention.mode=attention: ignored, the attention term is off "
+        "(stage1.loss.weights.attention=0); give it a weight (e.g. stage1.loss.weights.attention=0.1) to train it"]
+    assert warnings("eval.agreement=false", "eval.agreement_top_k=10") == [
+        "eval.agreement_top_k=10: ignored, the agreement with the teacher is off (eval.agreement=false); turn it on "
+        "with eval.agreement=true"]
+    assert warnings("stage1.max_steps=8", "stage1.save_every=100") == [
+        "stage1.save_every=100: past the stage's 8 steps (stage1.max_steps=8), so it writes no checkpoint by steps "
+        "(only by time, train.save_every_minutes) and a stop mid-stage starts it over; lower it (e.g. "
+        "stage1.save_every=2), or leave it null to save every quarter of the stage"]
+    # The term on, agreement on, a save interval within the stage, and every stage preset as it is: no word.
+    assert warnings("stage1.loss.weights.feature=0.1", "stage1.loss.feature.loss=cosine", "eval.agreement=true",
+                    "eval.agreement_top_k=10", "stage1.max_steps=8", "stage1.save_every=8") == []
+    assert ignored_settings(validate_config(compose_config([]))) == []
+    assert ignored_settings(validate_config(compose_config(["experiment=none"]))) == []

@@ -481,20 +481,32 @@ def ignored_settings(cfg: DistillationConfig) -> list[str]:
     for index in range(cfg.start_stage, cfg.end_stage + 1):
         key = f"stage{index}"
         stage = getattr(cfg, key)
-        for part in ("feature", "attention"):
-            weight = getattr(stage.loss.weights, part)
-            if stage.enabled and getattr(stage.loss, part).layer_map is not None and weight == 0:
-                lines.append(f"{key}.loss.{part}.layer_map: ignored, the {part} term is off "
-                             f"({key}.loss.weights.{part}=0); give it a weight (e.g. {key}.loss.weights.{part}=0.1) "
-                             f"to train it")
+        for part in ("feature", "attention", "contrastive"):
+            sub = getattr(stage.loss, part)
+            # Its layer map, and its other options set apart from their defaults (`feature.loss=cosine`).
+            off = ([f"{key}.loss.{part}.layer_map"] if getattr(sub, "layer_map", None) is not None else []) + \
+                _changed_settings(f"{key}.loss.{part}.", sub, [f.name for f in dataclasses.fields(sub)
+                                                               if f.name != "layer_map"])
+            if stage.enabled and off and getattr(stage.loss.weights, part) == 0:
+                lines.append(f"{', '.join(off)}: ignored, the {part} term is off ({key}.loss.weights.{part}=0); give "
+                             f"it a weight (e.g. {key}.loss.weights.{part}=0.1) to train it")
         if stage.enabled:
             lines += _ignored_ratio_settings(key, stage.medical_ratio) + _ignored_loss_settings(key, stage)
         if stage.enabled and stage.max_steps:
             lines += eval_every_past_end(key, stage.eval_every, stage.max_steps, f"{key}.max_steps={stage.max_steps}")
+            if stage.save_every and stage.save_every > stage.max_steps:  # no checkpoint by steps: nothing to resume
+                lines.append(f"{key}.save_every={stage.save_every}: past the stage's {stage.max_steps} steps "
+                             f"({key}.max_steps={stage.max_steps}), so it writes no checkpoint by steps (only by time, "
+                             f"train.save_every_minutes) and a stop mid-stage starts it over; lower it (e.g. "
+                             f"{key}.save_every={max(1, stage.max_steps // 4)}), or leave it null to save every "
+                             f"quarter of the stage")
         if stage.enabled and stage.teacher.cache and stage.teacher.source != "cache":
             lines.append(f"{key}.teacher.cache={stage.teacher.cache}: ignored, the stage runs the teacher online "
                          f"({key}.teacher.source={stage.teacher.source}); read the cache with "
                          f"{key}.teacher.source=cache")
+    if not cfg.eval.agreement and cfg.eval.agreement_top_k != EvalConfig().agreement_top_k:
+        lines.append(f"eval.agreement_top_k={cfg.eval.agreement_top_k}: ignored, the agreement with the teacher is "
+                     f"off (eval.agreement=false); turn it on with eval.agreement=true")
     if cfg.distributed.engine == "none":
         engine_options = [f"distributed.{name}={getattr(cfg.distributed, name)}"
                           for name, default in dataclasses.asdict(DistributedConfig()).items()
