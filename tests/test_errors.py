@@ -809,3 +809,32 @@ def test_the_output_dir_hold_is_released_and_a_folder_it_made_for_nothing_is_rem
     assert sorted(p.name for p in fresh.iterdir()) == [LOCK_FILE, "summary.json"]
     with hold_output_dir(tmp_path / "ranks", hold=False):  # a rank other than 0 takes no hold
         assert not (tmp_path / "ranks").exists()
+
+
+def test_a_resume_with_a_train_setting_that_changes_the_numbers_is_warned_and_recorded(tmp_path, caplog):
+    """A run stopped at step 4 in fp32 and resumed with train.precision=bf16 (outside the run identity, so that
+    num_threads may change) ran steps 5-10 in bf16 without a word, and its records then said bf16 throughout."""
+    from omegaconf import OmegaConf
+
+    from qwen_distillation.training import outputs
+
+    out = tmp_path / "run"
+    out.mkdir()
+    old = {"seed": 1, "train": {"precision": "fp32", "num_threads": 2, "packing": False}}
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    state = {"run_hash": "abc", "finished": False, "completed_stages": [1]}
+    new = {"seed": 1, "train": {"precision": "bf16", "num_threads": 4, "packing": True}}
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.outputs"):
+        state = outputs.prepare_output_dir(out, state, run_id="abc", run_config=new, overwrite=False)
+    changed = ["train.precision: 'fp32' -> 'bf16'", "train.packing: False -> True"]
+    assert state["resumed_with_changes"] == [{"completed_stages": [1], "changed": changed}]
+    assert json.loads((out / "run_state.json").read_text())["resumed_with_changes"] == state["resumed_with_changes"]
+    assert caplog.messages == [f"output_dir={out}: resumed with {', '.join(changed)}; the steps after the checkpoint "
+                               f"it resumes from run with the new value, those before ran with the old (recorded as "
+                               f"resumed_with_changes in run_state.json and summary.json); to keep one setting, "
+                               f"rerun with the old value"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.outputs"):  # resumed again as it now is
+        state = outputs.prepare_output_dir(out, state, run_id="abc", run_config={**new, "train": {
+            **new["train"], "num_threads": 1}}, overwrite=False)
+    assert caplog.messages == [] and len(state["resumed_with_changes"]) == 1

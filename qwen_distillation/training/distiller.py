@@ -1009,6 +1009,7 @@ class Distiller:
                 "teacher_stream": self.teacher_stream,
                 "cuda_alloc_conf": self.cuda_alloc_conf,
                 "teacher_fp8": self.config.model.teacher.fp8,
+                "resumed_with_changes": state.get("resumed_with_changes", []),
                 "pruning": str(self.output_dir / "pruning.json") if (self.output_dir / "pruning.json").exists()
                 else None,
                 "samples": {s: str(self.output_dir / f"stage{s}" / "samples.md") for s in state["completed_stages"]

@@ -143,6 +143,24 @@ def changed_keys(output_dir: Path, run_config: dict, limit: int = 6) -> str:
     return f" (changed: {', '.join(changed[:limit])}{more})"
 
 
+# train.* keys outside the run identity (a resume may change them) whose change changes the numbers of the
+# steps after it; the others (threads, save timing, the side stream, the allocator) do not.
+NUMERIC_TRAIN_KEYS = ("device", "precision", "compile", "liger_kernels", "packing", "pack_step", "pack_layout")
+
+
+def changed_train_settings(output_dir: Path, run_config: dict) -> list[str]:
+    """``train.KEY: old -> new`` for each of NUMERIC_TRAIN_KEYS where ``run_config`` differs from the
+    ``config.yaml`` of the run in ``output_dir`` (none when that file is missing or unreadable)."""
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(output_dir / "config.yaml"), resolve=False)
+    except Exception:  # noqa: BLE001 - a record of what changed, not a check
+        return []
+    before = (old.get("train") or {}) if isinstance(old, dict) else {}
+    after = run_config.get("train") or {}
+    return [f"train.{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in NUMERIC_TRAIN_KEYS
+            if key in before and before.get(key) != after.get(key)]
+
+
 def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: bool, inputs=(),
                      run_config: dict | None = None, checkpoint_path: str | None = None) -> dict | None:
     """Decide between a new run and a resume, reading only: never overwrite a finished run
@@ -295,6 +313,16 @@ def prepare_output_dir(output_dir: Path, state: dict | None, *, run_id: str, run
                  "data_sha256": data_sha256 or {}}
         if checkpoint_fingerprint:
             state["checkpoint_fingerprint"] = checkpoint_fingerprint
+    else:  # a resume: a train.* setting that changes the numbers may differ from the run's (not its identity)
+        changed = changed_train_settings(output_dir, run_config)
+        if changed:
+            log.warning("output_dir=%s: resumed with %s; the steps after the checkpoint it resumes from run with the "
+                        "new value, those before ran with the old (recorded as resumed_with_changes in run_state.json "
+                        "and summary.json); to keep one setting, rerun with the old value", output_dir,
+                        ", ".join(changed))
+            state["resumed_with_changes"] = [*state.get("resumed_with_changes", []),
+                                             {"completed_stages": list(state.get("completed_stages") or []),
+                                              "changed": changed}]
     if teacher_caches:
         state["teacher_caches"] = {**(state.get("teacher_caches") or {}), **teacher_caches}
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config))
