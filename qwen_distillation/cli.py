@@ -261,6 +261,12 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    printing = [a for a in overrides if a.partition("=")[0] in ("--cfg", "-c", "--info", "--shell-completion")]
+    if overrides[:1] in (["-m"], ["--multirun"]) and printing:  # Hydra's own ValueError was a traceback
+        print(f"error: {overrides[0]} and {printing[0]} cannot go together: {printing[0]} prints the one config "
+              f"the overrides compose; drop {overrides[0]} (each job of a sweep writes its own config to "
+              f"output_dir/jobN/config.yaml)", file=sys.stderr)
+        sys.exit(2)
     if overrides[:1] in (["-m"], ["--multirun"]) and not any(a in HYDRA_FLAGS for a in overrides[1:]):
         try:
             check_sweep(overrides[1:])
@@ -277,6 +283,23 @@ def main(argv: list[str] | None = None) -> None:
             "continue from the last one (with it, the run starts over and removes them)" if overwrite else
             "the checkpoints written so far are kept; rerun the same command to continue from the last one"):
         app.main()
+    if any(a.partition("=")[0] in ("--cfg", "-c") for a in overrides):  # a dry run: say what a run would refuse
+        _refusal_of_printed_config([a for a in overrides if not a.startswith("-") and ("=" in a or a[:1] == "~")])
+
+
+def _refusal_of_printed_config(overrides: list[str]) -> None:
+    """After ``--cfg job`` printed the composed config, the error a run of the same overrides stops with, if
+    any (exit status 2): `--cfg job end_stage=5` printed `end_stage: 5` as if a run would take it."""
+    from qwen_distillation.app import COMPOSE_ERRORS
+    from qwen_distillation.errors import DistillationError
+
+    try:
+        compose_run_config(overrides)
+    except DistillationError as err:
+        print(f"error: {err} (the config above is what these overrides compose; a run refuses it)", file=sys.stderr)
+        sys.exit(2)
+    except COMPOSE_ERRORS:  # Hydra refused the overrides while printing: already reported
+        pass
 
 
 @contextlib.contextmanager

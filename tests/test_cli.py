@@ -213,3 +213,18 @@ def test_an_interrupted_run_says_how_to_continue_it(argv, rerun, monkeypatch, ca
         cli.main(argv)
     assert stop.value.code == 130
     assert capsys.readouterr().err == f"\ninterrupted: the checkpoints written so far are kept; {rerun}\n"
+
+
+def test_cfg_job_says_what_a_run_would_refuse_and_refuses_a_sweep(capsys):
+    """`--cfg job end_stage=5` printed `end_stage: 5` and exited 0, as a dry run passing a config every run
+    refuses; `-m --cfg job` ended in Hydra's ValueError traceback."""
+    from conftest import run_cli
+
+    code, output = run_cli(["--cfg", "job", "end_stage=5"], capsys)
+    assert code == 2 and "end_stage: 5" in output
+    assert ("error: end_stage=5: stages are numbered 1..3 (override it, e.g. `end_stage=2`) (the config above is "
+            "what these overrides compose; a run refuses it)") in output
+    code, output = run_cli(["--cfg", "job", "stage1.temperature=3"], capsys)
+    assert code == 0 and "temperature: 3" in output and "error" not in output
+    code, output = run_cli(["-m", "--cfg", "job", "stage1.temperature=2,4"], capsys)
+    assert code == 2 and output.startswith("error: -m and --cfg cannot go together") and "Traceback" not in output
