@@ -208,7 +208,7 @@ def translate(argv: list[str]) -> list[str]:
                 elif i + 1 < len(argv) and OVERRIDE.match(argv[i + 1]):
                     # `--output_dir $UNSET stage1.lr=1e-3` wrote into ./stage1.lr=1e-3/ and dropped the override.
                     raise UsageError(f"{name} needs a value: the word after it, {argv[i + 1]}, is a config override "
-                                     f"(write `{name}=VALUE` for a value that holds '=' after a key-like start)")
+                                     f"(a value written like an override goes as `{name}=VALUE`)")
                 else:
                     raise UsageError(f"{name} needs a value, e.g. `{name} {name[2:].upper()}`")
                 if value == "":

@@ -319,8 +319,8 @@ def load_mcq_sets(sources: list[MCQSource], max_items: int | None) -> dict[str, 
             records = load_records(locate(source.path), split=source.split, subset=source.subset,
                                    max_records=None if max_items is None else max_items + 1)
             if max_items is not None and len(records) > max_items:
-                log.info("%s: scored on the first %d items (the cap of eval.mcq_max_items / --mcq_max_items; 0 "
-                         "scores them all)", source.where or source.path, max_items)
+                log.info("%s: scored on the first %d items (the cap: eval.mcq_max_items in a run, null for all; "
+                         "--mcq_max_items of evaluate, 0 for all)", source.where or source.path, max_items)
             sets[source.name] = mcq_items(records[:max_items], source.format, source=source.path)
         except DataError as err:
             if not source.where:

@@ -126,14 +126,23 @@ def _flat(tree, prefix: str = "") -> dict[str, object]:
     return {key: value for name, child in tree.items() for key, value in _flat(child, f"{prefix}{name}.").items()}
 
 
+def _saved_config(output_dir: Path) -> dict:
+    """The ``config.yaml`` of the run in ``output_dir`` as a dict; empty when it is missing or unreadable
+    (what reads it only names changes in a message or a record)."""
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(output_dir / "config.yaml"), resolve=False)
+    except Exception:  # noqa: BLE001 - a hint in a message, a record: never a check
+        return {}
+    return old if isinstance(old, dict) else {}
+
+
 def changed_keys(output_dir: Path, run_config: dict, limit: int = 6) -> str:
     """`` (key: old -> new, ...)``: the run-identity keys where ``run_config`` differs from the
     ``config.yaml`` of the run in ``output_dir``; empty when that file is missing or unreadable."""
-    try:
-        old = OmegaConf.to_container(OmegaConf.load(output_dir / "config.yaml"), resolve=False)
-    except Exception:  # noqa: BLE001 - only a hint in an error message
+    old = _saved_config(output_dir)
+    if not old:
         return ""
-    before = _flat({k: old.get(k) for k in RUN_IDENTITY}) if isinstance(old, dict) else {}
+    before = _flat({k: old.get(k) for k in RUN_IDENTITY})
     after = _flat({k: run_config.get(k) for k in RUN_IDENTITY})
     changed = [f"{key.rstrip('.')}: {before.get(key)!r} -> {after.get(key)!r}"
                for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
@@ -151,11 +160,7 @@ NUMERIC_TRAIN_KEYS = ("device", "precision", "compile", "liger_kernels", "packin
 def changed_train_settings(output_dir: Path, run_config: dict) -> list[str]:
     """``train.KEY: old -> new`` for each of NUMERIC_TRAIN_KEYS where ``run_config`` differs from the
     ``config.yaml`` of the run in ``output_dir`` (none when that file is missing or unreadable)."""
-    try:
-        old = OmegaConf.to_container(OmegaConf.load(output_dir / "config.yaml"), resolve=False)
-    except Exception:  # noqa: BLE001 - a record of what changed, not a check
-        return []
-    before = (old.get("train") or {}) if isinstance(old, dict) else {}
+    before = _saved_config(output_dir).get("train") or {}
     after = run_config.get("train") or {}
     return [f"train.{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in NUMERIC_TRAIN_KEYS
             if key in before and before.get(key) != after.get(key)]
