@@ -654,8 +654,9 @@ def test_a_finished_partial_run_names_how_to_train_its_later_stages(finished_run
     """Rerun with end_stage=3 over an end_stage=1 run: overwriting would discard stage 1, so the error
     names the way to go on from it."""
     code, output = _cli(tiny_overrides(finished_run, steps=1) + ["end_stage=3"], capsys)
-    assert code == 2 and "holds a finished run (stages [1]); to train the stages after it, start a new run from " \
-        f"it: --start_stage 2 --checkpoint_path {finished_run / 'stage1' / 'final'} output_dir=NEW_DIR" in output
+    assert code == 2 and "holds a finished run (stages [1]) of another configuration (changed: end_stage: 1 -> 3); " \
+        "to train the stages after it, start a new run from it: --start_stage 2 --checkpoint_path " \
+        f"{finished_run / 'stage1' / 'final'} output_dir=NEW_DIR" in output
 
 
 @pytest.mark.parametrize("override,expected", [

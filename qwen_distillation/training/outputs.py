@@ -225,8 +225,11 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
                      f"output_dir=NEW_DIR" if 0 < last < 3 else "")
         if state.get("finished"):
             later = f"; to train the stages after it, start a new run from it: {continued}" if continued else ""
-            raise ConfigError(f"output_dir={output_dir} holds a finished run (stages {done}){later}; choose another "
-                              f"output_dir or pass overwrite_output_dir=true to replace it")
+            # A sweep rerun with another value of a key it does not sweep is refused here: say what differs.
+            other = (f" of another configuration{changed_keys(output_dir, run_config) if run_config else ''}"
+                     if state.get("run_hash") != run_id else "")
+            raise ConfigError(f"output_dir={output_dir} holds a finished run (stages {done}){other}{later}; choose "
+                              f"another output_dir or pass overwrite_output_dir=true to replace it")
         if state.get("run_hash") == run_id and not resume:
             raise ConfigError(f"output_dir={output_dir} holds an unfinished run of this configuration and resume=false "
                               f"does not resume it; drop resume=false to resume it, choose another output_dir, or "
