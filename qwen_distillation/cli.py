@@ -306,14 +306,33 @@ def _refusal_of_printed_config(overrides: list[str]) -> None:
 def _interrupt_as_one_line(what_now: str):
     """Ctrl-C ends with one line saying what is on disk and exit status 130, not a KeyboardInterrupt
     traceback; ``HYDRA_FULL_ERROR=1`` (the switch for full tracebacks) keeps the traceback, which
-    shows where a run that seemed to hang was."""
+    shows where a run that seemed to hang was. SIGTERM (a scheduler's stop, ``kill``) ends the same
+    way with status 143: it killed the process at once, without the line, and without waiting for a
+    checkpoint being written in the background or closing the metrics."""
+    import signal
+    import threading
+
+    def terminated(signum, frame):
+        raise Terminated
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals go to the main thread only
+    previous = signal.signal(signal.SIGTERM, terminated) if main_thread else None
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"\ninterrupted: {what_now}", file=sys.stderr)
-        sys.exit(130)
+        stopped = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"\n{stopped}: {what_now}", file=sys.stderr)
+        sys.exit(143 if isinstance(err, Terminated) else 130)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, as Ctrl-C is: the run's cleanup (background saves, the
+    metrics' files) runs on the way out."""
 
 
 def sweep_jobs(overrides: list[str]) -> list[tuple[list[str], list[str]]] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -228,3 +229,31 @@ def test_cfg_job_says_what_a_run_would_refuse_and_refuses_a_sweep(capsys):
     assert code == 0 and "temperature: 3" in output and "error" not in output
     code, output = run_cli(["-m", "--cfg", "job", "stage1.temperature=2,4"], capsys)
     assert code == 2 and output.startswith("error: -m and --cfg cannot go together") and "Traceback" not in output
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does_with_its_own_status(monkeypatch, capsys):
+    """SIGTERM (a scheduler's stop) killed the process at once: no line saying what is kept, and no wait for a
+    checkpoint being written in the background. It now unwinds as Ctrl-C does, with exit status 143."""
+    import signal
+    import time
+
+    from qwen_distillation import app, cli
+
+    cleaned = []
+
+    def running():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            cleaned.append(True)  # what the run's own finally blocks do on the way out
+
+    monkeypatch.setattr(app, "main", running)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        cli.main([])
+    assert stop.value.code == 143 and cleaned == [True]
+    assert capsys.readouterr().err == ("\nterminated (SIGTERM): the checkpoints written so far are kept; rerun the "
+                                       "same command to continue from the last one\n")
+    assert signal.getsignal(signal.SIGTERM) == before  # restored for whatever runs next in the process
