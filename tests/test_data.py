@@ -616,13 +616,13 @@ def test_a_held_out_example_that_is_also_trained_on_is_left_out_and_counted(tmp_
     evaluation file inside a training folder (or a CRLF copy of a training file) was scored as held out;
     eval/general_nll was a training score, without a word. Such examples are left out of the scores and
     counted; an evaluation file that is all training records is refused."""
-    from qwen_distillation.data.sources import DataSource, build_domain_data
+    from qwen_distillation.data.sources import DataSource, build_domain_data, encode_source
     from qwen_distillation.errors import ConfigError
 
     def line(i):
         return json.dumps({"instruction": f"question {i}", "output": f"answer {i}"})
 
-    monkeypatch.chdir(tmp_path)  # relative paths: the split hashes the path as written
+    monkeypatch.chdir(tmp_path)  # relative paths, as a config writes them
     tmp_path = Path(".")
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "dup.jsonl").write_text("\n".join(line(i % 3) for i in range(12)) + "\n")
@@ -646,12 +646,25 @@ def test_a_held_out_example_that_is_also_trained_on_is_left_out_and_counted(tmp_
         data = build([tmp_path / "train"], [tmp_path / "train" / "own.jsonl", tmp_path / "copy.jsonl"])
     for name in ("general", "own", "copy"):
         assert data.eval_sets[name] and not {tuple(e["input_ids"]) for e in data.eval_sets[name]} & trained(data)
-    # The folder's split holds out 8 of its 32 records: 3 copies of dup.jsonl's three records (trained through
-    # their other copies) and 5 of own.jsonl's, which its scores keep; copy.jsonl keeps 3, 40 and 41, never trained.
-    assert "data.general's held-out split: 3 of 8 examples are also training examples" in caplog.text
-    assert f"data.eval[0]={tmp_path / 'train' / 'own.jsonl'}: 15 of 20 examples are also training" in caplog.text
-    assert f"data.eval[1]={tmp_path / 'copy.jsonl'}: 3 of 6 examples are also training examples" in caplog.text
-    assert (len(data.eval_sets["general"]), len(data.eval_sets["own"]), len(data.eval_sets["copy"])) == (5, 5, 3)
+    # Which records the folder's split holds out depends on where the folder lies (the split names it by its path
+    # from the project root): the expected sets come from that split, whatever it is.
+    train, held = split_heldout(encode_source(DataSource("train"), tokenizer, 64), 0.25, 64, 3)
+    kept = {tuple(e["input_ids"]) for e in train}
+
+    def unseen(examples):
+        return [tuple(e["input_ids"]) for e in examples if tuple(e["input_ids"]) not in kept]
+
+    own, copy = (encode_source(DataSource(path), tokenizer, 64) for path in ("train/own.jsonl", "copy.jsonl"))
+    for name, examples in (("general", held), ("own", own), ("copy", copy)):
+        assert [tuple(e["input_ids"]) for e in data.eval_sets[name]] == unseen(examples)
+    assert (f"data.general's held-out split: {len(held) - len(unseen(held))} of 8 examples are also training "
+            f"examples") in caplog.text
+    assert (f"data.eval[0]={tmp_path / 'train' / 'own.jsonl'}: {20 - len(unseen(own))} of 20 examples are also "
+            f"training") in caplog.text
+    assert (f"data.eval[1]={tmp_path / 'copy.jsonl'}: {6 - len(unseen(copy))} of 6 examples are also training "
+            f"examples") in caplog.text
+    # copy.jsonl's records 3, 40 and 41 are in no training file, so its scores keep them whatever the split.
+    assert {tuple(copy[i]["input_ids"]) for i in (0, 4, 5)} <= set(unseen(copy))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="qwen_distillation.data.sources"):  # a cap cuts an eval file
         (tmp_path / "new.jsonl").write_text("\n".join(line(i) for i in range(50, 56)) + "\n")
