@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -16,6 +17,12 @@ from qwen_distillation.data.sources import normalise_sources
 from qwen_distillation.errors import ConfigError
 
 GROUPS = ["model", "data", "stage1", "stage2", "stage3", "eval", "train", "logging", "distributed"]
+
+
+def _warned(check, *overrides) -> list[str]:
+    """The warning lines ``check`` (``ignored_settings``, ``faint_settings``) gives for the validated config
+    of ``overrides``."""
+    return check(validate_config(compose_config(list(overrides))))
 
 
 def _options(group: str) -> list[str]:
@@ -163,8 +170,7 @@ def test_medical_ratio_keys_the_schedule_does_not_read_are_named_for_a_warning()
     schedule other than step was dropped; nothing said so. A sweep over the schedule keeps the keys: warned."""
     from qwen_distillation.config.validate import ignored_settings
 
-    def warnings(*overrides):
-        return ignored_settings(validate_config(compose_config(list(overrides))))
+    warnings = functools.partial(_warned, ignored_settings)
 
     assert warnings("stage2.medical_ratio.schedule=constant") == [
         "stage2.medical_ratio.end=0.7: ignored, the constant schedule serves the medical share "
@@ -200,8 +206,7 @@ def test_an_eval_every_past_the_stage_length_is_named_for_a_warning():
     sweep over max_steps keeps it: warned, not refused."""
     from qwen_distillation.config.validate import ignored_settings
 
-    def warnings(*overrides):
-        return ignored_settings(validate_config(compose_config(["end_stage=2", *overrides])))
+    warnings = functools.partial(_warned, ignored_settings, "end_stage=2")
 
     assert warnings("stage2.max_steps=200", "stage2.eval_every=500") == [
         "stage2.eval_every=500: ignored, the stage runs 200 steps (stage2.max_steps=200), so it is evaluated only at "
@@ -219,8 +224,7 @@ def test_loss_balancing_and_sampling_options_another_option_turns_off_are_named_
     experiments/three_stage_vs_finetune.py set it) trained without them, without a word. Warned, not refused."""
     from qwen_distillation.config.validate import ignored_settings
 
-    def warnings(*overrides):
-        return ignored_settings(validate_config(compose_config(list(overrides))))
+    warnings = functools.partial(_warned, ignored_settings)
 
     assert warnings("stage1.loss.jsd_beta=0.9", "stage1.loss.kd=skew_forward_kl", "stage1.loss.skew_alpha=0.2") == [
         "stage1.loss.jsd_beta=0.9: ignored, only jsd reads it (stage1.loss.kd=skew_forward_kl); use stage1.loss.kd=jsd"]
@@ -331,8 +335,7 @@ def test_a_kd_temperature_that_all_but_turns_the_term_off_is_named_for_a_warning
     from qwen_distillation.config.validate import FAINT_TEMPERATURE, faint_settings
     from qwen_distillation.losses.logit import forward_kl
 
-    def warnings(*overrides):
-        return faint_settings(validate_config(compose_config(list(overrides))))
+    warnings = functools.partial(_warned, faint_settings)
 
     assert warnings("stage1.temperature=0.05") == [
         "stage1.temperature=0.05: the KD term is T**2 times its divergence, so its gradient on the student's logits "
@@ -365,8 +368,7 @@ def test_term_options_agreement_k_and_a_save_interval_past_the_stage_are_named_f
     over) went without a word, unlike the layer map and the other options the run ignores."""
     from qwen_distillation.config.validate import ignored_settings
 
-    def warnings(*overrides):
-        return ignored_settings(validate_config(compose_config(["end_stage=1", *overrides])))
+    warnings = functools.partial(_warned, ignored_settings, "end_stage=1")
 
     assert warnings("stage1.loss.feature.loss=cosine", "stage1.loss.contrastive.projection_dim=64") == [
         "stage1.loss.feature.loss=cosine: ignored, the feature term is off (stage1.loss.weights.feature=0); give it a "
