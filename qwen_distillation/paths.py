@@ -74,10 +74,15 @@ def source_identity(path: str) -> str:
     written. A relative path from the project root, as the configs write them, is its own identity."""
     if path.startswith(PACKAGE_PREFIX):
         return path
+    local = existing_local(path)
+    return path if local is None else os.path.relpath(os.path.abspath(local), PROJECT_ROOT)
+
+
+def existing_local(path: str) -> str | None:
+    """The local file or folder a data source ``path`` names (:func:`locate`d, ``~`` expanded) when it
+    exists; None for a hub dataset id or a path that does not exist."""
     local = os.path.expanduser(locate(path))
-    if not os.path.exists(local):
-        return path
-    return os.path.relpath(os.path.abspath(local), PROJECT_ROOT)
+    return local if os.path.exists(local) else None
 
 
 def locate(path: str) -> str:

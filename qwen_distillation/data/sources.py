@@ -4,7 +4,6 @@ tokenized general, medical and held-out evaluation sets built from them."""
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -14,12 +13,14 @@ from qwen_distillation.data.formats import FORMATS
 from qwen_distillation.data.generated import file_digest
 from qwen_distillation.data.loading import check_local_path, load_records
 from qwen_distillation.errors import ConfigError, require, require_one_of, require_strings
-from qwen_distillation.paths import file_identity, locate
+from qwen_distillation.paths import existing_local, file_identity, locate
 
 log = logging.getLogger(__name__)
 
 DOMAINS = ("general", "medical")  # an example's "domain" field is the index here
 SOURCE_KEYS = ("path", "format", "split", "subset", "max_records")
+# Where an evaluation set that is training data is refused: what a run scores as held out of its own.
+OWN_SPLITS = "(each training source's own held-out split is scored as eval/general_nll and eval/medical_nll)"
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def checked_sources(key: str, entries: Iterable[Any]) -> list[DataSource]:
         hub_only = [f"{name}: {value}" for name, value in (("split", source.split), ("subset", source.subset))
                     if value != DataSource.__dataclass_fields__[name].default]
         # A local file or folder is read whole: `{path: data/, split: test}` trained on all of data/.
-        require(not hub_only or not os.path.exists(os.path.expanduser(locate(source.path))), f"{key}[{i}]",
+        require(not hub_only or existing_local(source.path) is None, f"{key}[{i}]",
                 f"{{path: {source.path}, {', '.join(hub_only)}}}", "`split` and `subset` choose a part of a Hugging "
                 "Face hub dataset; a local file or folder is read whole, so they would be ignored. Give the file "
                 "(or folder) of that part as the path", f"{key}[{i}]=data/test.jsonl")
@@ -85,8 +86,8 @@ def _same_data(path: str, split: str, subset: str | None,
     """What makes two sources the same data: a local file or folder by its ``file_identity`` (a link
     or another spelling of it included) or by its content (``digest`` of its located path: a copy), a
     hub dataset by its name, split and subset. Two sources are the same data when they share a key."""
-    local = locate(path)
-    if not os.path.exists(os.path.expanduser(local)):
+    local = existing_local(path)
+    if local is None:
         return [(path, split, subset)]
     return [file_identity(local), ("sha256", digest(local))]
 
@@ -116,9 +117,8 @@ def refuse_trained_eval_sets(sources: dict[str, list[DataSource]], more: Iterabl
                       if same in trained), None)
         if entry:
             raise ConfigError(f"{key}={source.path}: also the training source {entry} (the same file, a link or "
-                              f"a copy); its scores would be reported as held out. Evaluate on another file (each "
-                              f"training source's own held-out split is scored as eval/general_nll and "
-                              f"eval/medical_nll)")
+                              f"a copy); its scores would be reported as held out. Evaluate on another file "
+                              f"{OWN_SPLITS}")
 
 
 @dataclass
@@ -185,9 +185,8 @@ def build_domain_data(sources: dict[str, list[DataSource]], tokenizer, *, max_le
             source, tokenizer, max_length, max_length_key), trained)
         if not examples:
             raise ConfigError(f"data.eval[{i}]={source.path}: every example is also a training example (the same "
-                              f"tokens); its scores would be reported as held out. Evaluate on other records (each "
-                              f"training source's own held-out split is scored as eval/general_nll and "
-                              f"eval/medical_nll)")
+                              f"tokens); its scores would be reported as held out. Evaluate on other records "
+                              f"{OWN_SPLITS}")
         if len(examples) > max_eval_examples:  # scored on the first ones: say so, as for the held-out splits
             log.warning("data.eval[%d]=%s: %d examples, scored on the first %d (data.max_eval_examples=%d); raise "
                         "data.max_eval_examples to score them all", i, source.path, len(examples), max_eval_examples,
