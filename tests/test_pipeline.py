@@ -5,6 +5,7 @@ exported models load, accumulation is invariant, a killed run resumes exactly,
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -175,12 +176,16 @@ def test_finished_run_is_not_overwritten(tmp_path):
     assert (out / "stage1" / "final" / "model.safetensors").read_bytes() != before
 
 
-def test_start_stage_2_from_a_checkpoint(tmp_path):
+def test_start_stage_2_from_a_checkpoint(tmp_path, caplog):
     first, second = tmp_path / "first", tmp_path / "second"
     summary1 = _run(tiny_overrides(first, steps=2) + ["end_stage=1"])
     checkpoint = first / "stage1" / "final"
-    summary2 = _run(tiny_overrides(second, steps=2) + ["start_stage=2", "end_stage=2",
-                                                       f"checkpoint_path={checkpoint}"])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qwen_distillation"):
+        summary2 = _run(tiny_overrides(second, steps=2) + ["start_stage=2", "end_stage=2",
+                                                           f"checkpoint_path={checkpoint}"])
+    # Stage 2's feature projections are new: the log says so (they are not read from first/stage1/heads.pt).
+    assert f"heads start from random weights: checkpoint_path gives the student only ({checkpoint}" in caplog.text
     # The second run's student starts where the first one's stage 1 ended.
     assert summary2["student_before"] == pytest.approx(summary1["student_after_stage"]["1"])
     assert summary2["stages"] == [2]

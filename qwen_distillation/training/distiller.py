@@ -429,6 +429,9 @@ class Distiller:
                             pair.student, pair.teacher).to(self.device)
         if resume_from:
             ckpt.load_heads(self.output_dir / f"stage{resume_from}" / "heads.pt", heads)
+        elif cfg.checkpoint_path and self.topo.is_main and any(True for _ in heads.parameters()):
+            log.info("the feature/contrastive heads start from random weights: checkpoint_path gives the student "
+                     "only (%s; the heads.pt a finished stage saved beside it is not read)", cfg.checkpoint_path)
         self.module = DistillationModule(pair.student, heads)
         if self.mesh is not None:  # sharded once for the whole run; each stage's optimizer takes the shards
             from qwen_distillation.training.fsdp_engine import shard_model
