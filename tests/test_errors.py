@@ -425,6 +425,19 @@ def test_overwriting_clears_only_a_runs_own_entries(tmp_path):
                                                      "stage1_general.jsonl", "stages_plan.txt"]
 
 
+@pytest.mark.parametrize("wrote_student_base", [False, True])
+def test_overwriting_clears_an_old_student_base_unless_this_run_wrote_it(tmp_path, wrote_student_base):
+    """A run without LoRA over a LoRA run left the old run's student_base/ (a whole model) behind; a new LoRA
+    run writes its own there while it builds, before the old run is cleared, and keeps it."""
+    from qwen_distillation.training.outputs import prepare_output_dir
+
+    out = tmp_path / "out"
+    (out / "student_base").mkdir(parents=True)
+    (out / "student_base" / "config.json").write_text("{}")
+    prepare_output_dir(out, None, run_id="x", run_config={}, overwrite=True, wrote_student_base=wrote_student_base)
+    assert (out / "student_base" / "config.json").exists() == wrote_student_base
+
+
 def test_hard_sampling_with_an_end_beside_its_constant_start_runs(tmp_path, capsys):
     """`stage3.medical_ratio.end=0.5` under stage 3's constant schedule was a ValueError traceback
     ('too many values to unpack') once stages 1 and 2 had trained; a constant schedule ignores end."""

@@ -213,6 +213,17 @@ def test_lora_adapters_train_and_continue_across_stages(tmp_path):
     assert set(a3) == set(a1) and any(not torch.equal(a1[n], a3[n]) for n in a1)
 
 
+def test_a_lora_run_overwriting_a_lora_run_keeps_the_base_it_wrote(tmp_path):
+    """Overwriting clears an old run's student_base/, but not the one this LoRA run wrote while it built
+    its student: its adapters name that base, and the export must load."""
+    out = tmp_path / "lora"
+    lora = ["end_stage=1", "lora.enabled=true", "lora.r=4", "lora.target_modules=[q_proj,v_proj]"]
+    _run(tiny_overrides(out, steps=1) + lora)
+    _run(tiny_overrides(out, steps=1) + lora + ["overwrite_output_dir=true", "seed=3"])
+    assert (out / "student_base" / "config.json").exists()
+    assert AutoModelForCausalLM.from_pretrained(out / "stage1" / "final")
+
+
 def _tensorboard_points(run_dir) -> dict[str, list[int]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

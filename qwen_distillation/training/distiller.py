@@ -67,7 +67,7 @@ from qwen_distillation.training.module import DistillationModule, build_heads, p
 from qwen_distillation.training.optim import build_optimizer, build_scheduler
 from qwen_distillation.training.outputs import (cache_record, check_output_dir, check_same_caches,
                                                 check_same_checkpoint, check_same_data, prepare_output_dir,
-                                                run_hash)
+                                                run_hash, STUDENT_BASE)
 from qwen_distillation.training.plan import LossPlan, build_plan, loss_weights, shared_parameter, stage_kd_options
 from qwen_distillation.training.teacher import TeacherRunner
 
@@ -405,6 +405,12 @@ class Distiller:
 
             return unsharded([getattr(self, "module", None), self.pair.teacher])
         return whole_parameters(head_weights(self.pair.student, self.pair.teacher))
+
+    def _own_student_base(self) -> bool:
+        """Whether the LoRA student's adapters are based on ``output_dir/student_base`` (which this run
+        wrote, or a resumed one kept): overwriting an old run then keeps it."""
+        base = self.pair.base_model_dir
+        return bool(base) and Path(base).resolve() == (self.output_dir / STUDENT_BASE).resolve()
 
     def _build_plans(self, to_run: list[int]) -> None:
         """Each stage's LossPlan (its layer maps and relation heads checked against the two models,
@@ -931,7 +937,8 @@ class Distiller:
         if self.topo.is_main:
             state = prepare_output_dir(self.output_dir, state, run_id=self.run_id, run_config=self.run_config,
                                        data_sha256=self.data_sha256, checkpoint_fingerprint=checkpoint_fingerprint,
-                                       teacher_caches=caches, overwrite=cfg.overwrite_output_dir)
+                                       teacher_caches=caches, overwrite=cfg.overwrite_output_dir,
+                                       wrote_student_base=self._own_student_base())
         state = dist.broadcast_object(self.topo, state)
         if self.topo.is_main and self.pair.pruned is not None:
             save_pruning(self.output_dir, self.pair.pruned)

@@ -87,12 +87,18 @@ def hold_output_dir(output_dir: Path, hold: bool = True):
         handle.close()  # releases the lock
 
 
-def entries_to_clear(output_dir: Path) -> list[Path]:
+STUDENT_BASE = "student_base"  # the base model a LoRA run's adapters name (modeling.pair)
+
+
+def entries_to_clear(output_dir: Path, *, student_base: bool = True) -> list[Path]:
     """What ``overwrite_output_dir=true`` removes from ``output_dir``: a run's stage folders and
-    files (RUN_FILES), nothing else."""
+    files (RUN_FILES), and with ``student_base`` the base an earlier LoRA run saved there; nothing else.
+    (A new LoRA run writes its own ``student_base`` while it builds its models, before the old run is
+    cleared: that one stays.)"""
     if not output_dir.is_dir():
         return []
-    return sorted(child for child in output_dir.iterdir() if STAGE_ENTRY.match(child.name) or child.name in RUN_FILES)
+    return sorted(child for child in output_dir.iterdir() if STAGE_ENTRY.match(child.name) or child.name in RUN_FILES
+                  or (student_base and child.name == STUDENT_BASE))
 
 
 def refuse_output_among_inputs(output: str | Path, key: str, inputs, *, why: str, fix: str,
@@ -306,14 +312,15 @@ def cache_record(identity: dict) -> dict:
 def prepare_output_dir(output_dir: Path, state: dict | None, *, run_id: str, run_config: dict,
                        overwrite: bool, data_sha256: dict[str, str] | None = None,
                        checkpoint_fingerprint: str | None = None,
-                       teacher_caches: dict[str, dict] | None = None) -> dict:
-    """Create the output directory (clearing a previous run's files when overwriting), write
+                       teacher_caches: dict[str, dict] | None = None, wrote_student_base: bool = False) -> dict:
+    """Create the output directory (clearing a previous run's files when overwriting, and its
+    ``student_base`` unless this run ``wrote_student_base`` as it built its LoRA student), write
     its ``config.yaml`` and run state; returns the run state (a fresh one for a new run, recording
     ``data_sha256`` for :func:`check_same_data` and ``checkpoint_fingerprint`` for
     :func:`check_same_checkpoint`; the ``teacher_caches`` of the stages to run, for
     :func:`check_same_caches`, on a new run and a resume alike)."""
     if state is None and overwrite:
-        for child in entries_to_clear(output_dir):
+        for child in entries_to_clear(output_dir, student_base=not wrote_student_base):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
     if state is None:
