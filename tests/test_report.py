@@ -343,3 +343,28 @@ def test_the_printout_and_the_report_name_only_the_logs_the_run_wrote(tmp_path):
     assert raw.strip() == f"- Every logged row (one JSON object per step or evaluation): `{metrics}`"
     tensorboard.mkdir()
     assert outputs()[0][1] == f"Metrics: {metrics} (TensorBoard: {tensorboard})"
+
+
+def test_stage_labels_of_short_stages_are_shortened_so_that_none_overlap(tmp_path, monkeypatch):
+    """A stage of a few steps in a long run: the labels `stage 2: domain_kd` and `stage 3: medical_ft` were
+    drawn over each other; a label that would reach the next one is shortened (`stage 2`, then `2`)."""
+    drawn = []
+    finish = report._finish
+
+    def recording(fig, ax, path, frame, **kwargs):
+        finish(fig, ax, path, frame, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        labels = [t for t in ax.texts if t.get_position()[1] > 1.0]
+        drawn.append([(t.get_text(), t.get_window_extent(renderer)) for t in labels])
+
+    monkeypatch.setattr(report, "_finish", recording)
+    rows = ([train_row(1, s, s) for s in range(1, 201)] + [train_row(2, 1, 201), train_row(2, 2, 202)]
+            + [train_row(3, s, 202 + s) for s in range(1, 4)] + [train_row(3, 4, 300)])
+    write_report(write_run(tmp_path, rows, summary=None))
+    assert drawn
+    for labels in drawn:
+        texts = [text for text, _ in labels]
+        assert texts[0] == "stage 1: general_kd" and texts[-1] == "stage 3: medical_ft", texts
+        assert texts[1] in ("stage 2", "2"), texts  # its full name would run into stage 3's label
+        boxes = [box for _, box in labels]
+        assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), texts

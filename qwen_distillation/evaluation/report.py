@@ -231,14 +231,38 @@ def _axes(title: str, ylabel: str, right: float = 0.75):
     return fig, ax
 
 
+def _stage_labels(fig, ax, frame: Frame) -> None:
+    """A dashed line at each stage's start and its label above the axes, right of the line: ``stage N: name``,
+    shortened to ``stage N`` and then ``N`` where it would reach the next stage's line (a stage of a few steps
+    in a long run), and ``N`` left of its line where even that does not fit; no two labels overlap unless
+    the lines themselves are closer than a digit's width on both sides."""
+    transform = ax.get_xaxis_transform()  # x in data, y in axes fraction
+    renderer = fig.canvas.get_renderer()
+    lines = [transform.transform((x, 1.0))[0] for _, x in frame.boundaries]  # pixels (a log y axis has no y=0)
+    pad, previous_end = 3.0, -math.inf
+    for i, (stage, x) in enumerate(frame.boundaries):
+        ax.axvline(x, color="0.35", linestyle="--", linewidth=1)
+        name = frame.names.get(stage)
+        limit = lines[i + 1] - pad if i + 1 < len(lines) else fig.bbox.x1
+        text = ax.text(x, 1.005, "", transform=transform, va="bottom", fontsize=8, color="0.2")
+        candidates = [(label, "left") for label in ((f"stage {stage}: {name}" if name else None), f"stage {stage}")
+                      if label] + [(str(stage), "left"), (str(stage), "right")]
+        for label, side in candidates:
+            text.set_text(label)
+            text.set_horizontalalignment(side)
+            box = text.get_window_extent(renderer)
+            if box.x0 >= previous_end + pad and (side == "right" or box.x1 <= limit):
+                break
+        else:  # no room anywhere: the number right of its line
+            text.set_horizontalalignment("left")
+            box = text.get_window_extent(renderer)
+        previous_end = box.x1
+
+
 def _finish(fig, ax, path: Path, frame: Frame, legend_axes=None, legend_x: float = 1.01) -> None:
     if frame.xlim:
         ax.set_xlim(*frame.xlim)
-    transform = ax.get_xaxis_transform()  # x in data, y in axes fraction
-    for stage, x in frame.boundaries:
-        ax.axvline(x, color="0.35", linestyle="--", linewidth=1)
-        label = f"stage {stage}" + (f": {frame.names[stage]}" if frame.names.get(stage) else "")
-        ax.text(x, 1.005, label, transform=transform, ha="left", va="bottom", fontsize=8, color="0.2")
+    _stage_labels(fig, ax, frame)
     handles, labels = [], []
     for a in legend_axes or [ax]:
         h, lab = a.get_legend_handles_labels()
