@@ -379,6 +379,7 @@ def check_sweep(overrides: list[str]) -> None:
     from qwen_distillation.data.sources import data_sources
 
     sweep_dirs: list[str] = []
+    jobs = []
     for number, (job, swept) in enumerate(sweep_jobs(overrides) or []):
         try:
             cfg = compose_run_config(job)
@@ -391,19 +392,30 @@ def check_sweep(overrides: list[str]) -> None:
             message = hydra_error_message(err, job)
         else:
             sweep_dirs.append(str(cfg.output_dir))
+            jobs.append((swept, cfg))
             continue
         raise UsageError(f"sweep job {number} ({' '.join(swept)}): {message}; no job was started")
-    for output_dir in dict.fromkeys(sweep_dirs):
-        refuse_sweep_over_a_run(output_dir, overrides)
+    directories = [refuse_sweep_over_a_run(output_dir, overrides) for output_dir in dict.fromkeys(sweep_dirs)]
+    if len(directories) != 1 or directories[0] is None or any(
+            o.lstrip("+~").startswith("hydra.sweep.subdir=") for o in overrides):
+        return  # where each job writes is not known here: each job checks its own folder
+    from qwen_distillation.training.outputs import refuse_sweep_job_over_another_run
+
+    for number, (swept, cfg) in enumerate(jobs):  # as conf/config.yaml names them: hydra.sweep.subdir=job${...}
+        try:
+            refuse_sweep_job_over_another_run(directories[0] / f"job{number}", cfg)
+        except DistillationError as err:
+            raise UsageError(f"sweep job {number} ({' '.join(swept)}): {err}; no job was started") from None
 
 
-def refuse_sweep_over_a_run(output_dir: str, overrides: list[str]) -> None:
+def refuse_sweep_over_a_run(output_dir: str, overrides: list[str]):
     """Refuse a sweep whose directory (``hydra.sweep.dir``: ``${output_dir}`` unless an override sets it)
     holds a single run, finished or not (its ``run_state.json`` at the top): the sweep's ``jobN/`` folders
     would land among that run's files. A directory of an earlier sweep (``jobN/`` folders, no run state of
     its own) is left to the sweep's jobs, which skip, resume or refuse each ``jobN`` as a run does.
     A ``hydra.sweep.dir`` override starting with ``~`` is refused: Hydra creates that folder itself, as
-    a folder named ``~`` (``output_dir``'s ``~`` is expanded by ``${expanduser:...}`` in conf/config.yaml)."""
+    a folder named ``~`` (``output_dir``'s ``~`` is expanded by ``${expanduser:...}`` in conf/config.yaml).
+    Returns the sweep's directory, None where an interpolation of another key names it."""
     import json
     from pathlib import Path
 
@@ -427,8 +439,10 @@ def refuse_sweep_over_a_run(output_dir: str, overrides: list[str]) -> None:
                          f"(hydra.sweep.dir={os.path.expanduser(sweep_dir)}) or leave hydra.sweep.dir out (the sweep "
                          f"then goes to output_dir, where `~` is the home directory); no job was started")
     directory = Path(sweep_dir.replace("${output_dir}", output_dir))
-    if "${" in str(directory) or not (directory / RUN_STATE).is_file():
-        return  # an interpolation of another key: not known here
+    if "${" in str(directory):
+        return None  # an interpolation of another key: not known here
+    if not (directory / RUN_STATE).is_file():
+        return directory
     try:
         finished = json.loads((directory / RUN_STATE).read_text(encoding="utf-8")).get("finished") is True
     except (OSError, ValueError, AttributeError):

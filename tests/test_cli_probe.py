@@ -126,10 +126,11 @@ def test_a_sweep_into_the_output_dir_of_a_single_run_is_refused(finished_run, ca
 
 def test_a_sweep_over_an_earlier_sweep_or_elsewhere_is_not_refused(finished_run, tmp_path):
     """Only a run_state.json at the top of the sweep's directory is refused: an earlier sweep's jobN/
-    folders are the jobs' own to skip, resume or refuse; hydra.sweep.dir moves the sweep elsewhere."""
+    folders are the jobs' own to skip, resume or refuse (a job's run of another config: tests/test_errors.py);
+    hydra.sweep.dir moves the sweep elsewhere."""
     sweep = tmp_path / "sweep"
-    (sweep / "job0").mkdir(parents=True)
-    (sweep / "job0" / "run_state.json").write_text(json.dumps({"finished": True, "completed_stages": [1]}))
+    (sweep / "job7").mkdir(parents=True)  # an earlier sweep of more points
+    (sweep / "job7" / "run_state.json").write_text(json.dumps({"finished": True, "completed_stages": [1]}))
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     check_sweep(tiny_overrides(sweep, steps=1) + ["seed=1,2"])
     check_sweep(tiny_overrides(finished_run, steps=1) + ["seed=1,2", f"hydra.sweep.dir={tmp_path / 'elsewhere'}"])

@@ -254,6 +254,12 @@ def test_a_sweep_run_again_skips_its_finished_jobs(tmp_path, capsys):
     assert f"{out / 'job0'}: this sweep job's run is finished; skipped" in output
     assert (out / "job0" / "summary.json").stat().st_mtime_ns == finished
     assert json.loads((out / "job1" / "run_state.json").read_text())["finished"]
+    # Again with a key it does not sweep changed: refused before any job starts or Hydra rewrites multirun.yaml.
+    record = (out / "multirun.yaml").read_bytes()
+    code, output = _cli(argv[:-1] + ["seed=7", "-m", "stage1.loss.weights.kd=0.3,0.7"], capsys)
+    assert code == 2 and f"sweep job 0 (stage1.loss.weights.kd=0.3): output_dir={out / 'job0'} holds a finished run " \
+        "(stages [1]) of another configuration (changed: seed: 42 -> 7)" in output and "no job was started" in output
+    assert (out / "multirun.yaml").read_bytes() == record
 
 
 @pytest.mark.parametrize("override,expected", [

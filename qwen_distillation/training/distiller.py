@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from qwen_distillation.config.schema import DistillationConfig, StageConfig
 from qwen_distillation.config.validate import engine_label, eval_every_past_end, pruned_from_teacher
@@ -62,12 +61,12 @@ from qwen_distillation.training.balancing import Balancer
 from qwen_distillation.training import distributed as dist
 from qwen_distillation.training.engine import SingleDeviceEngine, StepOutcome
 from qwen_distillation.training.metrics import (METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, NullLogger,
-                                                 check_wandb_login, scrub_secrets)
+                                                 check_wandb_login)
 from qwen_distillation.training.module import DistillationModule, build_heads, per_step_mean
 from qwen_distillation.training.optim import build_optimizer, build_scheduler
 from qwen_distillation.training.outputs import (cache_record, check_output_dir, check_same_caches,
                                                 check_same_checkpoint, check_same_data, prepare_output_dir,
-                                                run_hash, STUDENT_BASE)
+                                                recorded_config, run_hash, STUDENT_BASE)
 from qwen_distillation.training.plan import LossPlan, build_plan, loss_weights, shared_parameter, stage_kd_options
 from qwen_distillation.training.teacher import TeacherRunner
 
@@ -171,7 +170,7 @@ class Distiller:
     def __init__(self, config: DistillationConfig):
         self.config = config
         self.output_dir = Path(config.output_dir)
-        self.run_config = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
+        self.run_config = recorded_config(config)
         self.run_id = run_hash(self.run_config)
         self.cuda_alloc_conf: str | None = None  # the allocator settings in force, set by run() on a GPU
         # Entries the config schema cannot type, choices that depend on this machine and input

@@ -31,7 +31,7 @@ from qwen_distillation.evaluation.report import REPORT_NAMES
 from qwen_distillation.modeling.prune import PRUNING_FILES
 from qwen_distillation.paths import PACKAGE_PREFIX, locate, refuse_file_in_the_way
 from qwen_distillation.training import checkpoint as ckpt
-from qwen_distillation.training.metrics import METRICS_FILE, TENSORBOARD_DIR
+from qwen_distillation.training.metrics import METRICS_FILE, TENSORBOARD_DIR, scrub_secrets
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,31 @@ def refuse_output_among_inputs(output: str | Path, key: str, inputs, *, why: str
         if holding and resolved.exists() and (resolved == output or output in resolved.parents):
             raise ConfigError(f"{key}: {'is' if resolved == output else 'holds'} {input_key}={path}, an input of "
                               f"this command, which writing the output would replace; {fix}")
+
+
+def recorded_config(config) -> dict:
+    """The run's resolved config as ``config.yaml`` records it (credentials scrubbed): what
+    :func:`run_hash` and the change listings read."""
+    return scrub_secrets(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
+
+
+def refuse_sweep_job_over_another_run(job_dir: Path, config) -> None:
+    """What a sweep job's own :func:`check_output_dir` would refuse in its ``job_dir`` (a finished or
+    unfinished run of another configuration, a damaged run state), checked for every job before the first
+    starts and before Hydra rewrites the sweep's ``multirun.yaml``; a finished run of this very config is
+    left alone (the job skips it), and so is everything with ``overwrite_output_dir`` (the job checks it)."""
+    if config.overwrite_output_dir or not job_dir.is_dir():
+        return
+    run_config = recorded_config(config)
+    run_id = run_hash(run_config)
+    try:
+        state = ckpt.read_run_state(job_dir)
+    except CheckpointError:
+        state = None  # check_output_dir names it
+    if state and state.get("finished") and state.get("run_hash") == run_id:
+        return
+    check_output_dir(job_dir, run_id=run_id, resume=config.resume, overwrite=False, run_config=run_config,
+                     checkpoint_path=config.checkpoint_path)
 
 
 def run_hash(run_config: dict) -> str:
