@@ -5,6 +5,7 @@ tokenizer trained on the demo set, so that a top-k covering the whole vocabulary
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -327,7 +328,9 @@ def test_a_cache_missing_examples_is_refused_before_an_old_run_is_cleared(tmp_pa
     before = sorted(str(p.relative_to(old)) for p in old.rglob("*"))
     cache_teacher(_config(tmp_path / "x", small_tokenizer), tmp_path / "cache", k=4, examples_per_shard=16)
     shard_files(tmp_path / "cache")[0].unlink()  # an interrupted cache: one of its shards never written
-    with pytest.raises(ConfigError, match=r"no entry for example"):
+    # Named by its file and line, not only by its key (a content hash's first 16 digits and a record number).
+    with pytest.raises(ConfigError, match=r"^package:qwen_distillation/data/demo/\w+\.jsonl line \d+: teacher cache "
+                                          r".*: no entry for example"):
         run(compose_config(_overrides(old, small_tokenizer, "overwrite_output_dir=true",
                                       "stage1.teacher.source=cache", f"stage1.teacher.cache={tmp_path / 'cache'}")))
     assert sorted(str(p.relative_to(old)) for p in old.rglob("*")) == before
@@ -358,10 +361,16 @@ def test_the_fp8_teacher_writes_a_cache_that_a_run_of_the_original_teacher_refus
     (["stage1.teacher.source=disk"], "stage1.teacher.source=disk"),
     (["stage1.teacher.source=cache", "stage1.teacher.cache=c", "stage1.loss.weights.feature=0.1"],
      "stage1.loss.weights.feature=0.1: needs the teacher's hidden states"),
+    # Stage 2's three hidden-state terms at once, not one error (and one rerun) each.
+    (["stage2.teacher.source=cache", "stage2.teacher.cache=c", "end_stage=2"],
+     "stage2.loss.weights.feature=0.1, stage2.loss.weights.attention=0.1, stage2.loss.weights.contrastive=0.05: need "
+     "the teacher's hidden states, which a top-k logit cache does not hold: set them to 0 or use the online teacher "
+     "(override them, e.g. `stage2.loss.weights.feature=0 stage2.loss.weights.attention=0 "
+     "stage2.loss.weights.contrastive=0`)"),
     (["stage1.teacher.source=cache", "stage1.teacher.cache=c", "stage1.loss.kd=tv"], "stage1.loss.kd=tv"),
 ])
 def test_cache_options_are_checked_naming_them(tmp_path, small_tokenizer, extra, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         _config(tmp_path / "run", small_tokenizer, *extra)
 
 
@@ -606,3 +615,87 @@ def test_a_file_given_as_the_cache_is_named_as_such(tmp_path):
     data.write_text("{}\n")
     with pytest.raises(ConfigError, match=rf"^{data}: a file, not a teacher-cache directory"):
         read_manifest(data)
+
+
+def test_examples_of_folders_and_hub_datasets_get_keys_of_their_own(tmp_path):
+    """A folder or hub source had no content hash, and its examples were keyed by the first 16 characters of
+    its name: /x/dataset_general and /x/dataset_medical (or two subsets of one hub dataset) shared keys, and a
+    run met the other source's entry as 'cached with other tokens'; editing a folder's file left the cache
+    stale, with an identity that --overwrite saw as unchanged."""
+    from qwen_distillation.data.teacher_cache import example_key, source_hashes
+
+    general, medical = tmp_path / "dataset_general", tmp_path / "dataset_medical"
+    for folder, text in ((general, "a"), (medical, "b")):
+        folder.mkdir()
+        (folder / "part.jsonl").write_text(json.dumps({"instruction": text, "output": text}) + "\n")
+    hashes = source_hashes({str(general): str(general), str(medical): str(medical), "acme/med": "acme/med"})
+    assert hashes[str(general)] and hashes[str(medical)] and hashes["acme/med"] is None
+    keys = {example_key({"source": str(folder), "index": 1}, hashes) for folder in (general, medical)}
+    keys |= {example_key({"source": "acme/med", "index": 1, "part": part}, hashes) for part in ("en/train", "zh/train")}
+    keys |= {example_key({"source": f"acme/medical-{name}", "index": 1}, hashes) for name in ("reasoning", "dialogue")}
+    assert len(keys) == 6, keys
+    (general / "part.jsonl").write_text(json.dumps({"instruction": "a", "output": "edited"}) + "\n")
+    assert source_hashes({str(general): str(general)})[str(general)] != hashes[str(general)]
+
+
+def test_a_hub_source_read_with_a_subset_or_split_tags_its_examples(monkeypatch, tokenizer):
+    """The part (subset/split) keeps two subsets of one hub dataset apart in a teacher cache's keys; a local
+    file (keyed by its content hash) carries none."""
+    from qwen_distillation.data import sources
+    from qwen_distillation.data.sources import DataSource, encode_source
+
+    records = [(i, {"instruction": f"question {i}", "output": f"answer {i}"}) for i in range(3)]
+    monkeypatch.setattr(sources, "load_records", lambda *args, **kwargs: records)
+    tagged = encode_source(DataSource(path="acme/med", subset="en", split="train"), tokenizer, 64)
+    assert [e["part"] for e in tagged] == ["en/train"] * 3
+    assert [e["part"] for e in encode_source(DataSource(path="acme/med"), tokenizer, 64)] == ["/train"] * 3
+    local = REPO / "qwen_distillation" / "data" / "demo" / "general.jsonl"
+    assert "part" not in encode_source(DataSource(path=str(local)), tokenizer, 64)[0]
+
+
+def test_the_cache_of_a_softcapped_teacher_holds_its_own_distribution():
+    """The writer took `hidden @ lm_head.weight.T` for every teacher: a Gemma-2 teacher's final logit softcap
+    was left out, and its cached top-1 log-probabilities were 0.0 where the model's own were -0.4 to -0.8."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from qwen_distillation.training.teacher_cache import teacher_entries
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)
+    teacher = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(100.0)  # logits far beyond the softcap
+    input_ids = torch.randint(3, 64, (2, 10))
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    entries = teacher_entries(teacher, batch, vocab_size=64, k=4)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(teacher(input_ids=input_ids).logits.float(), -1)
+    for b, (ids, cached, _) in enumerate(entries):
+        expected = logprobs[b, 3:9].gather(-1, ids)
+        torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_teachers_path_spelled_otherwise_is_the_same_teacher_when_its_weights_are():
+    """`model.teacher.path=/m/t/` against a cache of `/m/t` was refused as another teacher (write a new cache:
+    hours for a large one), as was `--teacher ../t` resuming generated data; the sampled fingerprints decide."""
+    from qwen_distillation.data import generated
+    from qwen_distillation.data.teacher_cache import cache_identity, identity_differences
+
+    def identity(teacher, fingerprint="f1"):
+        return cache_identity(teacher=teacher, tokenizer="tok", vocab_size=16, data=[], max_length=8, k=4,
+                              dtype="float32", teacher_fingerprint=fingerprint)
+
+    assert identity_differences(identity("/m/t"), identity("/m/t/")) == []
+    assert identity_differences(identity("/m/t"), identity("../t")) == []
+    assert identity_differences(identity("/m/t", None), identity("/m/t/", None)) == [
+        "teacher: cache '/m/t', run '/m/t/'"]  # no fingerprints: the path alone
+    assert identity_differences(identity("/m/t"), identity("/m/t:fp8")) == ["teacher: cache '/m/t', run '/m/t:fp8'"]
+    (weights,) = identity_differences(identity("/m/t"), identity("/m/t/", "f2"))[1:]
+    assert weights.startswith("teacher weights: /m/t/ now holds other weights")
+    recorded = {"teacher": "/m/t", generated.TEACHER_FINGERPRINT: "f1", "format": "alpaca"}
+    assert generated.identity_differences(recorded, {**recorded, "teacher": "/m/t/"}) == []
+    assert generated.identity_differences(recorded, {**recorded, "teacher": "/m/t/", "format": "medical_o1"}) == [
+        "format: 'alpaca' -> 'medical_o1'"]

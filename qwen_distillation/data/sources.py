@@ -133,9 +133,16 @@ class DomainData:
 
 def encode_source(source: DataSource, tokenizer, max_length: int,
                   max_length_key: str = "data.max_length") -> list[dict]:
+    """The examples of one source; those of a hub dataset carry its ``subset`` and ``split`` as ``part``
+    (``subset/split``), which names them apart from another subset's or split's in a teacher cache (a local
+    file or folder is named there by its content hash)."""
     path = locate(source.path)
     records = load_records(path, split=source.split, subset=source.subset, max_records=source.max_records)
-    return build_examples(records, source.format, tokenizer, max_length, source.path, max_length_key)
+    examples = build_examples(records, source.format, tokenizer, max_length, source.path, max_length_key)
+    if existing_local(source.path) is None:
+        part = f"{source.subset or ''}/{source.split or ''}"
+        examples = [{**example, "part": part} for example in examples]
+    return examples
 
 
 def _eval_name(source: DataSource, taken: set[str]) -> str:

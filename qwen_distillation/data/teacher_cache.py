@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from qwen_distillation.data.generated import TEACHER_FINGERPRINT, file_digest, teacher_weights_difference
+from qwen_distillation.data.generated import (TEACHER_FINGERPRINT, file_digest, same_teacher,
+                                              teacher_weights_difference)
 from qwen_distillation.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -55,15 +56,21 @@ SHARD_NAME = re.compile(r"\.?shard-R(\d+)-(\d+)\.safetensors(\.tmp)?")
 
 
 def source_hashes(paths: dict[str, str]) -> dict[str, str]:
-    """``{source name: sha256 of its file}`` for the sources that are local files (hub datasets: None)."""
-    return {name: file_digest(path) if os.path.isfile(path) else None for name, path in paths.items()}
+    """``{source name: sha256}`` of the sources that are local files or folders (:func:`file_digest`: a
+    folder's data files, names and bytes); None for a hub dataset."""
+    return {name: file_digest(path) for name, path in paths.items()}
 
 
 def example_key(example: dict, hashes: dict[str, str | None]) -> str:
-    """An example's name in the cache: its source file's content hash (else the source name) and
-    its record index, so renaming or moving the file keeps the cache valid and editing it does not."""
-    source = example["source"]
-    return f"{(hashes.get(source) or source)[:16]}:{example['index']}"
+    """An example's name in the cache: its source's content hash and its record index, so renaming or
+    moving the file or folder keeps the cache valid and editing it does not. A hub dataset (no hash) is
+    named whole, with the subset and split its examples carry as ``part``: two subsets of one dataset, or
+    two datasets whose names share a beginning, are told apart."""
+    source, digest = example["source"], hashes.get(example["source"])
+    if digest:
+        return f"{digest[:16]}:{example['index']}"
+    part = example.get("part")
+    return f"{source}{f'[{part}]' if part else ''}:{example['index']}"
 
 
 def ids_checksum(input_ids) -> int:
@@ -108,9 +115,12 @@ def manifest_identity(manifest) -> tuple[dict, bool]:
 def identity_differences(cached: dict, wanted: dict) -> list[str]:
     """What differs between two identities, as ``field: cache X, run Y`` strings. Data sources are
     compared by content hash (and options), so the same file under another path matches; the
-    teacher's weights by their sampled fingerprint, when both identities record one."""
+    teacher's weights by their sampled fingerprint, when both identities record one, and then its path
+    not by its spelling (:func:`~qwen_distillation.data.generated.same_teacher`)."""
     out = []
     for key in ("format_version", "teacher", "tokenizer", "vocab_size", "max_length"):
+        if key == "teacher" and same_teacher(cached, wanted):
+            continue
         if cached.get(key) != wanted.get(key):
             out.append(f"{key}: cache {cached.get(key)!r}, run {wanted.get(key)!r}")
     weights = teacher_weights_difference(cached, wanted)

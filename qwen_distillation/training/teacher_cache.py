@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from qwen_distillation.data.generated import model_fingerprint
+from qwen_distillation.data.loading import location
 from qwen_distillation.data.manager import collate
 from qwen_distillation.data.sources import DataSource
 from qwen_distillation.data.teacher_cache import (CachedExample, CacheReader, CacheWriter, cache_identity,
                                                   example_key, identity_differences, ids_checksum, source_hashes)
 from qwen_distillation.errors import ConfigError
 from qwen_distillation.losses.topk import teacher_topk
-from qwen_distillation.modeling.parts import decoder_and_head, model_inputs, position_mask
+from qwen_distillation.modeling.parts import decoder_and_head, model_inputs, position_mask, supports_hidden_path
 from qwen_distillation.paths import locate, resolve_path
 from qwen_distillation.training.teacher import Launched
 
@@ -114,13 +115,24 @@ def cache_spec(*, teacher_spec, seed: int, tokenizer, vocab_size: int, sources: 
 def teacher_entries(teacher: nn.Module, batch: dict[str, torch.Tensor], *, vocab_size: int, k: int,
                     chunk_size: int = 1024) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per example of the collated ``batch``: the teacher's (ids (n, k), logprobs (n, k), tail (n,))
-    at its n response positions, from its final hidden states ``chunk_size`` tokens at a time."""
-    decoder, head = decoder_and_head(teacher)
-    hidden = decoder(**model_inputs(batch)).last_hidden_state
+    at its n response positions, from its final hidden states ``chunk_size`` tokens at a time; from the
+    model's own logits where they are more than ``hidden @ lm_head.weight.T`` (a final softcap, a logit
+    scale, a head bias: :func:`~qwen_distillation.modeling.parts.supports_hidden_path`), as the online
+    teacher's are."""
     mask = position_mask(batch["labels"])
-    rows = hidden[mask]
-    weight = head.weight[:vocab_size]
-    parts = [teacher_topk((rows[s:s + chunk_size] @ weight.T).float(), k) for s in range(0, rows.shape[0], chunk_size)]
+    if supports_hidden_path(teacher):
+        decoder, head = decoder_and_head(teacher)
+        rows = decoder(**model_inputs(batch)).last_hidden_state[mask]
+        weight = head.weight[:vocab_size]
+
+        def logits(rows):
+            return rows @ weight.T
+    else:
+        rows = teacher(**model_inputs(batch)).logits[mask]
+
+        def logits(rows):
+            return rows[:, :vocab_size]
+    parts = [teacher_topk(logits(rows[s:s + chunk_size]).float(), k) for s in range(0, rows.shape[0], chunk_size)]
     ids = torch.cat([p.ids for p in parts]) if parts else torch.zeros(0, k, dtype=torch.long)
     logprobs = torch.cat([p.logprobs for p in parts]) if parts else torch.zeros(0, k)
     tail = torch.cat([p.tail_logmass for p in parts]) if parts else torch.zeros(0)
@@ -196,12 +208,18 @@ class CachedTeacher:
                               f"qwen_distillation.cache_teacher --out DIR` and the run's config")
         self.reader, self.tail = reader, tail
         self.keys = [(spec.key(e), ids_checksum(e["input_ids"]), responses(e)) for e in examples]
+        self.examples = examples
 
     def check_examples(self, example_ids: Iterable[int]) -> None:
         """Every example of ``example_ids`` is in the cache, with the run's tokens: a stage checks its
-        examples before it starts (and before an old run is cleared), not at the first one missing."""
+        examples before it starts (and before an old run is cleared), not at the first one missing. The
+        error names the example's source and record, which its key (a content hash) does not."""
         for example_id in example_ids:
-            self.reader.locate(*self.keys[example_id])
+            try:
+                self.reader.locate(*self.keys[example_id])
+            except ConfigError as err:
+                example = self.examples[example_id]
+                raise ConfigError(f"{location(example['source'], example['index'])}: {err}") from None
 
     def __call__(self, batch: dict[str, torch.Tensor], plan) -> Launched[CachedTopK] | None:
         if not plan.needs_teacher:
