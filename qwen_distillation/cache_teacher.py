@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                                      description=__doc__.split("\n\n")[0],
                                      epilog="Other arguments: classic flags and Hydra overrides, as for "
                                             "run_distillation.py.", allow_abbrev=False)
-    parser.add_argument("--out", required=True, help="the cache directory")
+    parser.add_argument("--out", required=True, type=os.path.expanduser, help="the cache directory")
     parser.add_argument("--k", type=int, default=32, help="top-k token ids kept per response token")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="dtype of the stored log-probabilities (ids are int32, the tail log-mass fp32)")

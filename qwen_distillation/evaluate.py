@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=64, help="length limit of each greedy answer")
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", required=True, help="directory for results.json and results.md")
+    parser.add_argument("--out", required=True, type=os.path.expanduser,
+                        help="directory for results.json and results.md")
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier evaluation "
                                                                  "in --out")
     args = parser.parse_args(argv)

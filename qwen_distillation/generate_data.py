@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="train", help="split of a hub dataset")
     parser.add_argument("--subset", default=None, help="subset (config name) of a hub dataset")
     parser.add_argument("--max_prompts", type=int, default=None, help="answer only the first N records")
-    parser.add_argument("--output", required=True, help="the generated dataset, a .jsonl file")
+    parser.add_argument("--output", required=True, type=os.path.expanduser, help="the generated dataset, a .jsonl file")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default=None,
                         help="row format (default: medical_o1 with --reasoning, else alpaca)")
     parser.add_argument("--reasoning", action="store_true",

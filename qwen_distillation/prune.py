@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qwen_distillation.prune", description=__doc__.split("\n\n")[0],
                                      epilog="Other arguments: classic flags and Hydra overrides, as for "
                                             "run_distillation.py.", allow_abbrev=False)
-    parser.add_argument("--out", required=True, help="directory for the pruned student")
+    parser.add_argument("--out", required=True, type=os.path.expanduser, help="directory for the pruned student")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="dtype of the saved weights")
     return parser

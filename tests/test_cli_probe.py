@@ -226,6 +226,21 @@ def test_a_home_relative_output_dir_and_checkpoint_path_are_the_home_directory(a
     assert (cfg.output_dir, cfg.checkpoint_path) == (str(tmp_path / "run"), str(tmp_path / "out" / "stage1" / "best"))
 
 
+def test_home_relative_outputs_of_the_tools_and_a_teacher_cache_are_the_home_directory(tmp_path, monkeypatch):
+    """`--out=~/cache` (left alone by the shell) wrote a folder named `~` into the working directory, and
+    `stage1.teacher.cache='~/cache'` found no cache there: each is the home directory, as output_dir is."""
+    from qwen_distillation import cache_teacher, generate_data, prune
+    from qwen_distillation.cli import compose_run_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_teacher._parser().parse_known_args(["--out=~/cache"])[0].out == str(tmp_path / "cache")
+    assert prune._parser().parse_known_args(["--out=~/pruned"])[0].out == str(tmp_path / "pruned")
+    args = generate_data.parse_args(["--teacher", "t", "--data", "d.jsonl", "--output=~/gen/x.jsonl"])
+    assert args.output == str(tmp_path / "gen" / "x.jsonl")
+    cfg = compose_run_config(["stage1.teacher.source=cache", "stage1.teacher.cache='~/cache'"])
+    assert cfg.stage1.teacher.cache == str(tmp_path / "cache")
+
+
 def test_an_empty_checkpoint_path_is_refused_not_taken_for_none(tmp_path, capsys):
     """`checkpoint_path=$CKPT` with CKPT unset trained stage 2 from the initial student, with a log line."""
     out = tmp_path / "run"

@@ -160,6 +160,10 @@ def _validate_contrastive_batch(key: str, stage: StageConfig, train) -> None:
             f"{key}.batch_size=4")
 
 
+def _weight(stage: StageConfig, key: str):
+    return getattr(stage.loss.weights, key.rsplit(".", 1)[1])
+
+
 def _validate_stage_teacher(key: str, stage: StageConfig) -> None:
     teacher = stage.teacher
     require_one_of(f"{key}.teacher.source", teacher.source, TEACHER_SOURCES)
@@ -168,11 +172,15 @@ def _validate_stage_teacher(key: str, stage: StageConfig) -> None:
         return
     require(bool(teacher.cache), f"{key}.teacher.cache", teacher.cache, "source=cache reads a teacher cache "
             "directory", f"{key}.teacher.cache=out/teacher_cache")
-    for name in ("feature", "attention", "contrastive"):
-        weight = getattr(stage.loss.weights, name)
-        require(weight == 0, f"{key}.loss.weights.{name}", weight, "needs the teacher's hidden states, which a "
-                "top-k logit cache does not hold: set it to 0 or use the online teacher",
-                f"{key}.loss.weights.{name}=0")
+    # Every such term at once: stage 2's defaults weigh three of them, which came back one error at a time.
+    hidden = [f"{key}.loss.weights.{name}" for name in ("feature", "attention", "contrastive")
+              if getattr(stage.loss.weights, name) != 0]
+    if hidden:
+        raise ConfigError(f"{', '.join(f'{k}={_weight(stage, k)}' for k in hidden)}: "
+                          f"{'needs' if len(hidden) == 1 else 'need'} the teacher's hidden states, which a top-k "
+                          f"logit cache does not hold: set {'it' if len(hidden) == 1 else 'them'} to 0 or use the "
+                          f"online teacher (override {'it' if len(hidden) == 1 else 'them'}, e.g. "
+                          f"`{' '.join(f'{k}=0' for k in hidden)}`)")
     require(stage.loss.kd in CACHE_KD_KINDS, f"{key}.loss.kd", stage.loss.kd, f"the top-k cache has sparse versions "
             f"of {', '.join(CACHE_KD_KINDS)} only", f"{key}.loss.kd=forward_kl")
 
@@ -678,5 +686,8 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
     # a run wrote a folder named `~` into the working directory, and could not find a checkpoint under it.
     cfg.output_dir = os.path.expanduser(cfg.output_dir)
     cfg.checkpoint_path = cfg.checkpoint_path and os.path.expanduser(cfg.checkpoint_path)
+    for key in STAGES:  # a teacher cache the cache command wrote to `--out ~/cache` is read from there
+        teacher = getattr(cfg, key).teacher
+        teacher.cache = teacher.cache and os.path.expanduser(teacher.cache)
     _validate_distributed(cfg)
     return cfg
