@@ -107,7 +107,12 @@ def test_best_direction_follows_the_metric_name_unless_set():
     for metric in ("eval/mcq/medical_mcq_accuracy", "eval/medical_top1_agreement", "eval/general_topk_overlap"):
         assert higher_is_better(metric) and best_direction(metric) == "max"
         assert best_direction(metric, "min") == "min"
-    for metric in ("eval/medical_nll", "eval/general_ppl", "eval/medical_kl_to_teacher"):
+    for metric in ("eval/mcq/consent_agreement_accuracy", "eval/rouge_set_bleu4", "eval/x_nll_top1_agreement"):
+        assert best_direction(metric) == "max"
+    # A held-out set named after a word of the rule (a data.eval file consent_agreement.jsonl) was maximised:
+    # stageN/best kept the checkpoint of the highest NLL.
+    for metric in ("eval/medical_nll", "eval/general_ppl", "eval/medical_kl_to_teacher", "eval/consent_agreement_nll",
+                   "eval/overlap_cases_ppl", "eval/rouge_kl_to_teacher", "eval/mcq_accuracy_nll"):
         assert not higher_is_better(metric) and best_direction(metric, "auto") == "min"
         assert best_direction(metric, "max") == "max"
     with pytest.raises(ValueError, match="auto, min or max"):

@@ -1,11 +1,12 @@
 """Which way is better for a logged evaluation metric, and whether a value improves on the best.
 
 One rule for the whole project (``stageN.best_mode: auto``, the run report's and the final
-printout's "better" column): a metric whose name contains ``accuracy``, ``agreement``,
-``overlap``, ``bleu`` or ``rouge`` (``eval/mcq/<set>_accuracy``, ``eval/<set>_top1_agreement``,
-``eval/<set>_topk_overlap``, ``eval/<set>_bleu4``, ``eval/<set>_rougeL``, ...) is better when
-higher; every other metric (``eval/<set>_nll``, ``eval/<set>_ppl``, ``eval/<set>_kl_to_teacher``)
-is better when lower.
+printout's "better" column): a metric whose last word (after its last ``_``) contains
+``accuracy``, ``agreement``, ``overlap``, ``bleu`` or ``rouge`` (``eval/mcq/<set>_accuracy``,
+``eval/<set>_top1_agreement``, ``eval/<set>_topk_overlap``, ``eval/<set>_bleu4``,
+``eval/<set>_rougeL``, ...) is better when higher; every other metric (``eval/<set>_nll``,
+``eval/<set>_ppl``, ``eval/<set>_kl_to_teacher``) is better when lower. Only the last word counts:
+the set's name (a ``data.eval`` file's stem, ``consent_agreement``) may hold any of these words.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ HIGHER_IS_BETTER = ("accuracy", "agreement", "overlap", "bleu", "rouge")
 
 def higher_is_better(metric: str) -> bool:
     """Whether larger values of ``metric`` are better (the naming rule above)."""
-    return any(word in metric for word in HIGHER_IS_BETTER)
+    last = metric.rsplit("/", 1)[-1].rsplit("_", 1)[-1]
+    return any(word in last for word in HIGHER_IS_BETTER)
 
 
 def best_direction(metric: str, mode: str = "auto") -> str:
