@@ -193,6 +193,16 @@ def test_start_stage_2_from_a_checkpoint(tmp_path, caplog):
     assert AutoModelForCausalLM.from_pretrained(second / "stage2" / "final")
 
 
+def test_the_summary_names_no_log_the_run_did_not_write(tmp_path):
+    """summary.json named output_dir/metrics.jsonl and output_dir/tensorboard with logging.jsonl=false and
+    logging.tensorboard=false, though neither existed."""
+    out = tmp_path / "run"
+    summary = _run(tiny_overrides(out, steps=1) + ["end_stage=1", "logging.jsonl=false"])
+    assert not (out / "metrics.jsonl").exists() and not (out / "tensorboard").exists()
+    assert summary["metrics"] is None and summary["tensorboard"] is None
+    assert json.loads((out / "summary.json").read_text())["metrics"] is None
+
+
 def test_lora_adapters_train_and_continue_across_stages(tmp_path):
     out = tmp_path / "lora"
     _run(tiny_overrides(out, steps=2) + ["end_stage=2", "lora.enabled=true", "lora.r=4",

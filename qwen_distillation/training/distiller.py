@@ -1009,8 +1009,9 @@ class Distiller:
                 "device": str(self.device), "precision": self.precision,
                 "distributed": {"engine": self.config.distributed.name, "world_size": self.topo.world_size},
                 "final_models": {s: str(self.output_dir / f"stage{s}" / "final") for s in state["completed_stages"]},
-                "metrics": str(self.output_dir / METRICS_FILE),
-                "tensorboard": str(self.output_dir / TENSORBOARD_DIR),
+                # None where the run wrote none (logging.jsonl=false, logging.tensorboard=false)
+                **{key: str(self.output_dir / name) if (self.output_dir / name).exists() else None
+                   for key, name in (("metrics", METRICS_FILE), ("tensorboard", TENSORBOARD_DIR))},
                 "teacher": state["initial_eval"]["teacher"], "student_before": state["initial_eval"]["student"],
                 "student_after_stage": state.get("stage_eval", {}),
                 "loss_kernels": {str(i): plan.kd.kernel for i, plan in self.plans.items()},
