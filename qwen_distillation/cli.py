@@ -395,7 +395,14 @@ def check_sweep(overrides: list[str]) -> None:
             jobs.append((swept, cfg))
             continue
         raise UsageError(f"sweep job {number} ({' '.join(swept)}): {message}; no job was started")
-    directories = [refuse_sweep_over_a_run(output_dir, overrides) for output_dir in dict.fromkeys(sweep_dirs)]
+    distinct = list(dict.fromkeys(sweep_dirs))
+    if len(distinct) > 1:  # output_dir swept (or set from a swept key)
+        raise UsageError(f"the sweep's jobs have {len(distinct)} output_dirs ({', '.join(distinct)}): a sweep has "
+                         f"one, and writes its jobs into output_dir/job0, job1, ... (Hydra writes its "
+                         f"multirun.yaml into the output_dir the command has without the sweep, outputs/run by "
+                         f"default); give one output_dir and sweep other keys, or run one command per output_dir; no "
+                         f"job was started")
+    directories = [refuse_sweep_over_a_run(output_dir, overrides) for output_dir in distinct]
     if len(directories) != 1 or directories[0] is None or any(
             o.lstrip("+~").startswith("hydra.sweep.subdir=") for o in overrides):
         return  # where each job writes is not known here: each job checks its own folder

@@ -141,6 +141,17 @@ def test_a_sweep_over_an_earlier_sweep_or_elsewhere_is_not_refused(finished_run,
         check_sweep(tiny_overrides(sweep, steps=1) + ["seed=1,2"])
 
 
+def test_a_sweep_of_output_dir_is_refused_before_any_job_starts(tmp_path, capsys, monkeypatch):
+    """`-m output_dir=A,B` ran job0 in A/job0 and job1 in B/job1, and Hydra wrote multirun.yaml into the
+    default outputs/run, which then refused a plain run as a folder holding no run."""
+    monkeypatch.chdir(tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    code, output = _cli(tiny_overrides(a, steps=1) + ["end_stage=1", "-m", f"output_dir={a},{b}"], capsys)
+    assert code == 2 and f"error: the sweep's jobs have 2 output_dirs ({a}, {b}): a sweep has one" in output, output
+    assert "no job was started" in output
+    assert not a.exists() and not b.exists() and not (tmp_path / "outputs").exists()
+
+
 def test_a_sweep_into_a_home_relative_output_dir_goes_to_the_home_directory(tmp_path, monkeypatch, capsys):
     """A single run reads `output_dir='~/x'` as the home directory, but Hydra made the sweep's folder itself from
     `hydra.sweep.dir: ${output_dir}`: a folder named `~` in the working directory, with every job under it.
