@@ -78,7 +78,16 @@ def _task(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except DistillationError as err:
-        print(f"error: {err}", file=sys.stderr)
+        try:
+            hydra_cfg = HydraConfig.get()
+        except ValueError:
+            hydra_cfg = None
+        if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:  # which job, and that the sweep stops
+            print(f"error: sweep job {hydra_cfg.job.num} ({hydra_cfg.runtime.output_dir}): {err}; the sweep stops "
+                  f"here, and no later job runs (rerun the sweep once fixed: its finished jobs are skipped)",
+                  file=sys.stderr)
+        else:
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

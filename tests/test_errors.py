@@ -244,6 +244,19 @@ def test_a_sweep_checks_every_job_before_the_first_starts(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_sweep_job_refused_as_it_runs_is_named_and_stops_the_sweep(tmp_path, capsys):
+    """A mistake found only once a job has built its models (a best_metric the evaluation does not give)
+    printed the bare error: not which job, nor that the jobs after it would not run."""
+    out = tmp_path / "sweep"
+    argv = tiny_overrides(out, steps=1) + ["end_stage=1", "-m",
+                                           "stage1.best_metric=eval/general_top1_agreement,eval/general_nll"]
+    code, output = _cli(argv, capsys)
+    assert code == 2 and f"error: sweep job 0 ({out / 'job0'}): stage1.best_metric=eval/general_top1_agreement is " \
+        "not among the evaluation metrics" in output, output
+    assert "the sweep stops here, and no later job runs (rerun the sweep once fixed" in output
+    assert not (out / "job1").exists()
+
+
 def test_a_sweep_run_again_skips_its_finished_jobs(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = tiny_overrides(out, steps=1) + ["end_stage=1", "-m", "stage1.loss.weights.kd=0.3,0.7"]
