@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ from qwen_distillation.config.schema import ModelSpec
 from qwen_distillation.data.sources import DataSource, encode_source
 from qwen_distillation.errors import ConfigError, DataError, DistillationError
 from qwen_distillation.evaluation.evaluator import Evaluator, heldout_batches
-from qwen_distillation.evaluation.mcq import load_mcq_sets, normalise_mcq_sources
+from qwen_distillation.evaluation.mcq import MCQ_NAME, load_mcq_sets, normalise_mcq_sources
 from qwen_distillation.modeling.device import parse_device
 from qwen_distillation.modeling.loading import (check_student_checkpoint, load_causal_lm, load_student_checkpoint,
                                                 require_existing, split_gguf)
@@ -54,6 +55,9 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
         name, eq, path = value.partition("=")
         if not eq or not name or not path:
             raise DistillationError(f"{flag} {value}: expected NAME=PATH")
+        if flag == "--nll" and not MCQ_NAME.match(name):  # as an --mcq set's name (normalise_mcq_sources)
+            raise DistillationError(f"{flag} {value}: a set name may hold only letters, digits, '_', '.' and '-' (it "
+                                    f"names eval/<name>_nll); e.g. {flag} medical={path}")
         if name in out:
             raise DistillationError(f"{flag} {value}: the name {name} is given twice ({flag} {name}={out[name]} "
                                     f"too); give each {flag} a name of its own")
@@ -164,11 +168,14 @@ def check_out(out: str, overwrite: bool) -> None:
 
 
 def write_results(out: Path, results: dict[str, dict[str, float]]) -> None:
-    """Write ``results.json`` and ``results.md`` into ``out``: each under a temporary name beside it,
-    then renamed into place (``os.replace``), so an interrupted write leaves the earlier files (or
-    none), never half of one."""
+    """Write ``results.json`` (a non-finite value as the string ``"nan"``) and ``results.md`` into ``out``:
+    each under a temporary name beside it, then renamed into place (``os.replace``), so an interrupted
+    write leaves the earlier files (or none), never half of one."""
     out.mkdir(parents=True, exist_ok=True)
-    texts = {"results.json": json.dumps(results, indent=2), "results.md": to_markdown(results)}
+    # A non-finite value as a string ("nan", as metrics.jsonl writes it): bare NaN is not JSON.
+    plain = {name: {key: str(v) if isinstance(v, float) and not math.isfinite(v) else v for key, v in row.items()}
+             for name, row in results.items()}
+    texts = {"results.json": json.dumps(plain, indent=2, allow_nan=False), "results.md": to_markdown(results)}
     temporary = {name: out / f".{name}.tmp" for name in texts}
     try:
         for name, text in texts.items():

@@ -94,6 +94,8 @@ def test_bad_arguments_are_refused_before_any_model_loads(tiny_run, tmp_path, ca
         (["--model", f"a={final}"], "nothing to evaluate on"),
         (["--model", f"a={final}", "--mcq", f"med/qa={nll}"],  # was 'file not found' for the whole NAME=FILE
          "--mcq[0].name=med/qa: a set name may hold only letters, digits"),
+        # Accepted, and reported as `eval/gen eral_nll`.
+        (["--model", f"a={final}", "--nll", f"gen eral={nll}"], f"--nll gen eral={nll}: a set name may hold only"),
         (["--model", f"a={tmp_path / 'nope'}", "--nll", f"m={nll}"], f"--model a={tmp_path / 'nope'}: no such file"),
         (["--model", f"a={tiny_run / 'stage1'}", "--nll", f"m={nll}"], "stage folder: pass one of its exports"),
     ]

@@ -225,6 +225,28 @@ def test_predict_set_rule():
     assert result == {"accuracy": 0.5, "n": 4, "multi_answer_n": 2, "multi_answer_accuracy": 0.5}
 
 
+def test_a_model_scoring_nan_gets_no_accuracy_and_the_results_file_stays_json(tmp_path):
+    """A model with a NaN weight scored 0.0 (or chance: the order of NaN scores picks the letters), and the
+    evaluate command wrote a bare NaN into results.json, which strict JSON readers refuse."""
+    import json
+    import math
+
+    from qwen_distillation.evaluate import write_results
+
+    items = [MCQItem("q", dict.fromkeys("ABCD", ""), frozenset(answers)) for answers in ("A", "B", "CD")]
+    nan = dict.fromkeys("ABCD", float("nan"))
+    result = accuracy_from_scores(items, [nan, {"A": -1.0, "B": -0.1, "C": -2.0, "D": -3.0}, nan])
+    assert math.isnan(result["accuracy"]) and math.isnan(result["multi_answer_accuracy"]) and result["n"] == 3
+    write_results(tmp_path, {"bad": {"eval/mcq/m_accuracy": result["accuracy"], "eval/medical_nll": 2.5}})
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    assert json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse) == {
+        "bad": {"eval/mcq/m_accuracy": "nan", "eval/medical_nll": 2.5}}
+    assert "| bad |" in (tmp_path / "results.md").read_text()
+
+
 def _manual_letter_logprob(model, tokenizer, item, letter, vocab_size):
     """Full forward of prompt + letter tokens; sum of the letter tokens' log-probs."""
     prompt = tokenizer(render_prompt(tokenizer, item.user_text), add_special_tokens=False)["input_ids"]

@@ -405,15 +405,18 @@ def option_scores(model: nn.Module, tokenizer, items: list[MCQItem], *, vocab_si
 
 def accuracy_from_scores(items: list[MCQItem], scores: list[dict[str, float]]) -> dict[str, float]:
     """``accuracy``, ``n``, ``multi_answer_n``, ``multi_answer_accuracy`` of the predictions
-    ``predict(scores, len(item.answers))``; an accuracy over no items is NaN."""
+    ``predict(scores, len(item.answers))``; an accuracy over no items is NaN, and so is one over items
+    any of whose scores is not finite (a model that outputs NaN), which no prediction stands for: the
+    order of NaN scores would pick letters by chance."""
     correct = [predict(s, len(item.answers)) == item.answers for item, s in zip(items, scores, strict=True)]
-    multi = [ok for item, ok in zip(items, correct) if len(item.answers) > 1]
-    return {
-        "accuracy": sum(correct) / len(correct) if correct else float("nan"),
-        "n": len(correct),
-        "multi_answer_n": len(multi),
-        "multi_answer_accuracy": sum(multi) / len(multi) if multi else float("nan"),
-    }
+    finite = [all(math.isfinite(v) for v in s.values()) for s in scores]
+    multi = [(ok, fine) for item, ok, fine in zip(items, correct, finite) if len(item.answers) > 1]
+
+    def share(pairs) -> float:
+        return sum(ok for ok, _ in pairs) / len(pairs) if pairs and all(fine for _, fine in pairs) else float("nan")
+
+    return {"accuracy": share(list(zip(correct, finite))), "n": len(correct), "multi_answer_n": len(multi),
+            "multi_answer_accuracy": share(multi)}
 
 
 @torch.no_grad()
