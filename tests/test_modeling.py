@@ -98,7 +98,12 @@ def test_evenly_spaced_layers():
 
 def test_slim_down_copies_the_kept_layers():
     teacher = _tiny(64, layers=6)
+    # A released instruct model's generation config (Qwen2.5's): a student pruned from it dropped it for a
+    # default one, whose exports stopped at one eos token and sampled otherwise.
+    teacher.generation_config.update(eos_token_id=[151645, 151643], do_sample=True, temperature=0.7, top_p=0.8,
+                                     top_k=20, repetition_penalty=1.05)
     student, kept = slim_down(teacher, 3, torch.float32)
+    assert student.generation_config.to_dict() == teacher.generation_config.to_dict()
     assert kept == [0, 2, 5] and student.config.num_hidden_layers == 3
     t, s = teacher.state_dict(), student.state_dict()
     for new, old in enumerate(kept):

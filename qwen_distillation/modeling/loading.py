@@ -231,8 +231,8 @@ def slim_down(teacher: PreTrainedModel, keep_layers: int, dtype: torch.dtype,
     (indices, e.g. chosen by :func:`qwen_distillation.modeling.depth.choose_layers`), else evenly
     spaced ones. Returns (the student, the kept indices in order).
 
-    Embeddings, final norm and lm_head are copied; decoder layer ``kept[j]`` of the teacher
-    becomes layer ``j`` of the student. Works for decoder-only models whose layers live in a
+    Embeddings, final norm, lm_head and the generation config are copied; decoder layer ``kept[j]``
+    of the teacher becomes layer ``j`` of the student. Works for decoder-only models whose layers live in a
     ``layers.<i>.`` module list (Llama, Qwen2, Mistral, Gemma, ...).
     """
     num_layers = teacher.config.num_hidden_layers
@@ -267,6 +267,9 @@ def slim_down(teacher: PreTrainedModel, keep_layers: int, dtype: torch.dtype,
         raise ConfigError(f"model.student.keep_layers: cannot slim down {type(teacher).__name__}: "
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     student.tie_weights()
+    # How the teacher generates (its eos list, a released model's sampling defaults): from_config gave the
+    # student a default one, and its exports stopped at one eos token and sampled otherwise.
+    student.generation_config = copy.deepcopy(teacher.generation_config)
     return student, kept
 
 
