@@ -182,10 +182,16 @@ def test_start_stage_2_from_a_checkpoint(tmp_path, caplog):
     checkpoint = first / "stage1" / "final"
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="qwen_distillation"):
+        # With the pruning options of a run that built its student from the teacher (the command of the first
+        # run with the flags added): the checkpoint gives the student, and the log says they are not applied.
         summary2 = _run(tiny_overrides(second, steps=2) + ["start_stage=2", "end_stage=2",
-                                                           f"checkpoint_path={checkpoint}"])
+                                                           f"checkpoint_path={checkpoint}",
+                                                           "model.student.random_init=null",
+                                                           "model.student.keep_layers=3"])
     # Stage 2's feature projections are new: the log says so (they are not read from first/stage1/heads.pt).
     assert f"heads start from random weights: checkpoint_path gives the student only ({checkpoint}" in caplog.text
+    assert f"the student is checkpoint_path={checkpoint}, with the shape it was saved with: keep_layers not " \
+        "applied" in caplog.text
     # The second run's student starts where the first one's stage 1 ended.
     assert summary2["student_before"] == pytest.approx(summary1["student_after_stage"]["1"])
     assert summary2["stages"] == [2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -165,6 +166,18 @@ def test_bad_pruning_options_are_refused_naming_them(overrides, message):
 def test_pruning_a_student_that_is_loaded_from_elsewhere_is_refused():
     with pytest.raises(ConfigError, match="model.student.random_init"):
         _validated(["model=tiny_qwen2", "model.student.keep_layers=2"])
+    # The fix named the keys that were set (it said `model.student.keep_layers=null` for a width target alone).
+    with pytest.raises(ConfigError, match=re.escape(
+            "model.student.path=some/model: is set, but model.student.prune.width.hidden_size builds the student "
+            "from the teacher (override it, e.g. `model.student.prune.width.hidden_size=null to use "
+            "model.student.path, or model.student.path=null to prune the teacher`)")):
+        _validated(["model=tiny_qwen2", "model.student.random_init=null", "model.student.path=some/model",
+                    "model.student.prune.width.hidden_size=32"])
+    # A method without keep_layers: keep_layers=15 led to the error above when the student is loaded.
+    with pytest.raises(ConfigError, match=re.escape("`model.student.prune.method=even (the student is "
+                                                    "model.student.path, not pruned from the teacher)`")):
+        _validated(["model=tiny_qwen2", "model.student.random_init=null", "model.student.path=some/model",
+                    "model.student.prune.method=block_influence"])
 
 
 def test_calibration_draws_training_examples_of_both_domains_by_seed(tokenizer):

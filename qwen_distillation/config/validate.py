@@ -252,6 +252,13 @@ def pruned_from_teacher(student) -> bool:
         v is not None for v in (width.intermediate_size, width.num_key_value_heads, width.hidden_size))
 
 
+def pruning_keys(student) -> list[str]:
+    """The keys set that build the student from the teacher (:func:`pruned_from_teacher`)."""
+    width = [f"model.student.prune.width.{name}" for name in ("intermediate_size", "num_key_value_heads", "hidden_size")
+             if getattr(student.prune.width, name) is not None]
+    return (["model.student.keep_layers"] if student.keep_layers is not None else []) + width
+
+
 def _validate_prune(cfg: DistillationConfig) -> None:
     student, prune = cfg.model.student, cfg.model.student.prune
     if student.keep_layers is not None:
@@ -259,9 +266,11 @@ def _validate_prune(cfg: DistillationConfig) -> None:
                 "model.student.keep_layers=15")
     require_one_of("model.student.prune.method", prune.method, PRUNE_METHODS)
     require_one_of("model.student.prune.perplexity_search", prune.perplexity_search, PRUNE_SEARCHES)
+    loaded = next((k for k in ("path", "random_init") if getattr(student, k)), None)  # not built from the teacher
     require(prune.method == "even" or student.keep_layers is not None, "model.student.prune.method", prune.method,
             "chooses which of the teacher's layers model.student.keep_layers keeps, and keep_layers is not set",
-            "model.student.keep_layers=15")
+            "model.student.keep_layers=15" if loaded is None else
+            f"model.student.prune.method=even (the student is model.student.{loaded}, not pruned from the teacher)")
     for name in ("intermediate_size", "num_key_value_heads", "hidden_size"):
         value = getattr(prune.width, name)
         require(value is None or value >= 1, f"model.student.prune.width.{name}", value, "must be >= 1 (null: keep "
@@ -273,11 +282,12 @@ def _validate_prune(cfg: DistillationConfig) -> None:
     require(calibration.max_length is None or calibration.max_length >= 16, "model.student.prune.calibration."
             "max_length", calibration.max_length, "must be >= 16 tokens (null: data.max_length)",
             "model.student.prune.calibration.max_length=256")
-    if pruned_from_teacher(student):
-        other = next((k for k in ("path", "random_init") if getattr(student, k)), None)
-        require(other is None, f"model.student.{other}", getattr(student, other or "path"),
-                "is set, but model.student.keep_layers / model.student.prune.width build the student from the "
-                "teacher", "--student_model PATH (which clears them) or model.student.keep_layers=null")
+    if pruned_from_teacher(student) and loaded is not None:
+        pruning = pruning_keys(student)
+        require(False, f"model.student.{loaded}", getattr(student, loaded),
+                f"is set, but {', '.join(pruning)} build{'s' if len(pruning) == 1 else ''} the student from the "
+                f"teacher", f"{' '.join(f'{key}=null' for key in pruning)} to use model.student.{loaded}, or "
+                f"model.student.{loaded}=null to prune the teacher")
     teacher_prune = OmegaConf.to_container(OmegaConf.structured(cfg.model.teacher.prune))
     default_prune = OmegaConf.to_container(OmegaConf.structured(type(prune)()))
     require(teacher_prune == default_prune, "model.teacher.prune", teacher_prune, "applies to the student only",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_distillation.config.validate import pruned_from_teacher
+from qwen_distillation.config.validate import pruned_from_teacher, pruning_keys
 from qwen_distillation.errors import ConfigError, DistillationError
 from qwen_distillation.modeling.fp8 import check_fp8_device, convert_to_fp8
 from qwen_distillation.modeling.loading import (check_student_checkpoint, config_without_weights,
@@ -179,7 +179,7 @@ PLACEMENTS = ("device", "cpu", "meta")
 
 def check_adapter_matches_lora(path: str, lora) -> None:
     """A LoRA adapter given as ``checkpoint_path`` is continued as saved: refuse ``lora.*`` that say
-    otherwise (``lora.enabled=false``, another ``r``, ``alpha`` or ``target_modules``), which it
+    otherwise (``lora.enabled=false``, another ``r``, ``alpha``, ``dropout`` or ``target_modules``), which it
     silently ignored."""
     import json
 
@@ -195,12 +195,16 @@ def check_adapter_matches_lora(path: str, lora) -> None:
     if not lora.enabled:
         raise ConfigError(f"checkpoint_path={path}: a LoRA adapter (r={saved.get('r')}), which a run continues as "
                           f"an adapter: pass lora.enabled=true (--use_lora), or {merged}")
-    wanted = {"r": lora.r, "lora_alpha": lora.alpha, "target_modules": sorted(lora.target_modules)}
-    found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+    wanted = {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+              "target_modules": sorted(lora.target_modules)}
+    found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"), "lora_dropout": saved.get("lora_dropout"),
              "target_modules": sorted(saved.get("target_modules") or [])}
     if isinstance(saved.get("target_modules"), str) or lora_targets(lora.target_modules) == "all-linear":
         del wanted["target_modules"]  # a regular expression, or peft's shorthand saved as the layers it found
-    names = {"r": "lora.r", "lora_alpha": "lora.alpha", "target_modules": "lora.target_modules"}
+    if saved.get("lora_dropout") is None:
+        del wanted["lora_dropout"]  # not recorded: nothing to compare
+    names = {"r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+             "target_modules": "lora.target_modules"}
     differ = [f"{names[k]}={wanted[k]} (the adapter's: {found[k]})" for k in wanted if wanted[k] != found[k]]
     if differ:
         raise ConfigError(f"checkpoint_path={path}: {', '.join(differ)}; the adapter is continued as saved: set "
@@ -279,6 +283,10 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
                                           key=None, fix=fix, meta=meta)
         base_model_dir = str(output_dir / "student_base") if cfg.lora.enabled else None
     elif cfg.checkpoint_path:
+        if pruned_from_teacher(model_cfg.student):  # the demo config's keep_layers too: a line, not a warning
+            log.info("the student is checkpoint_path=%s, with the shape it was saved with: %s not applied (the "
+                     "teacher is not pruned again; leave checkpoint_path out to prune it)", cfg.checkpoint_path,
+                     ", ".join(f"{key.removeprefix('model.student.')}" for key in pruning_keys(model_cfg.student)))
         student = load_student_checkpoint(cfg.checkpoint_path, dtype=torch.float32, quantization=quantization,
                                           meta=meta)
         base_model_dir = os.path.abspath(cfg.checkpoint_path)
