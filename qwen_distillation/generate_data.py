@@ -42,7 +42,7 @@ from dataclasses import asdict
 import torch
 
 from qwen_distillation.data.generated import (OUTPUT_FORMATS, TEACHER_FINGERPRINT, RunFiles, Sampling, file_digest,
-                                              model_fingerprint)
+                                              model_fingerprint, tokenizer_description)
 from qwen_distillation.errors import ConfigError, DistillationError
 from qwen_distillation.evaluate import check_device, check_model_path, load_any_tokenizer, load_model
 from qwen_distillation.evaluation.generation import BACKENDS, choose_backend, transformers_generate, vllm_generate
@@ -84,11 +84,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_identity(args: argparse.Namespace, sampling: Sampling, fmt: str) -> dict:
-    """What the generated data depends on: a run over an existing output must match it."""
+def run_identity(args: argparse.Namespace, sampling: Sampling, fmt: str, tokenizer) -> dict:
+    """What the generated data depends on: a run over an existing output must match it. ``tokenizer``: the
+    teacher's, whose vocabulary and chat template (the prompts' wording) the identity records."""
     return {
         "teacher": args.teacher,
         TEACHER_FINGERPRINT: model_fingerprint(resolve_path(args.teacher)),  # another model at the same path
+        # Its chat template renders every prompt: edited, a resumed run mixed two templates' prompts.
+        "teacher_tokenizer": tokenizer_description(tokenizer),
         "source": args.data,
         "source_sha256": file_digest(locate(args.data)),
         "source_format": args.source_format,
@@ -172,15 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         fmt = args.format or ("medical_o1" if args.reasoning else "alpaca")
         prompts, source_format = read_prompts(args.data, fmt=args.source_format, split=args.split,
                                               subset=args.subset, max_prompts=args.max_prompts)
-        identity = run_identity(args, sampling, fmt)
-        check_run(prompts, output=args.output, fmt=fmt, batch_size=args.batch_size, identity=identity,
-                  overwrite=args.overwrite)  # before the teacher loads
-        print(f"{len(prompts)} prompts from {args.data} ({source_format}"
-              f"{', graded against the gold answers' if prompts[0].gold is not None else ''})")
+        check_run(prompts, output=args.output, fmt=fmt, batch_size=args.batch_size, identity=None,
+                  overwrite=args.overwrite)  # what the prompts and --output refuse, before the teacher's path
         backend = choose_backend(args.backend, resolve_path(args.teacher))
         check_model_path("teacher", args.teacher, key="--teacher")  # before it loads: a mistyped path, no model
         fix = f"give a --teacher whose directory holds its tokenizer files (or export {args.teacher} again)"
         tokenizer = load_any_tokenizer("teacher", args.teacher, key="--teacher", fix=fix)
+        identity = run_identity(args, sampling, fmt, tokenizer)  # its chat template too: read before the model loads
+        check_run(prompts, output=args.output, fmt=fmt, batch_size=args.batch_size, identity=identity,
+                  overwrite=args.overwrite)
+        print(f"{len(prompts)} prompts from {args.data} ({source_format}"
+              f"{', graded against the gold answers' if prompts[0].gold is not None else ''})")
         if backend == "vllm":
             generate = vllm_generate(resolve_path(args.teacher), seed=args.seed)
         else:

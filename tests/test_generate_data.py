@@ -303,7 +303,8 @@ def tiny_teacher(tmp_path_factory, tokenizer):
     return path
 
 
-def test_a_killed_sampling_run_resumes_to_the_uninterrupted_result(tiny_teacher, tokenizer, tmp_path, monkeypatch):
+def test_a_killed_sampling_run_resumes_to_the_uninterrupted_result(tiny_teacher, tokenizer, tmp_path, monkeypatch,
+                                                                     capsys):
     # The saved tokenizer is the fixture's: reading its 151k-token BPE back takes seconds.
     monkeypatch.setattr(generate_data, "load_any_tokenizer", lambda *args, **kwargs: tokenizer)
 
@@ -343,6 +344,10 @@ def test_a_killed_sampling_run_resumes_to_the_uninterrupted_result(tiny_teacher,
     assert summary["samples"] == summary["kept"] == 8 and summary["prompts_done"] == 4
     # The same output with another temperature is refused before the teacher loads.
     assert generate_data.main(command(tmp_path / "part.jsonl", "--temperature", "0.5")) == 2
+    # So is the teacher with another chat template (a system prompt edited): a resumed run mixed prompts of both.
+    monkeypatch.setattr(tokenizer, "chat_template", tokenizer.chat_template.replace("You are", "You were"))
+    assert generate_data.main(command(tmp_path / "part.jsonl", "--max_prompts", "6")) == 2
+    assert "other settings (teacher_tokenizer: " in capsys.readouterr().err
 
 
 def test_the_vllm_backend_passes_token_prompts_and_per_row_seeds(monkeypatch):

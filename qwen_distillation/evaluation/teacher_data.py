@@ -222,12 +222,13 @@ def judge(prompt: GenerationPrompt, completion: Completion, *, fmt: str, reasoni
     return dataset_row(fmt, list(prompt.messages), reasoning_text, response, provenance), reason
 
 
-def check_run(prompts: list[GenerationPrompt], *, output: str, fmt: str, batch_size: int, identity: dict,
+def check_run(prompts: list[GenerationPrompt], *, output: str, fmt: str, batch_size: int, identity: dict | None,
               overwrite: bool) -> RunFiles:
     """Refuse, before the teacher loads, what :func:`generate_dataset` would refuse: a bad
     ``--batch_size``, a multi-turn prompt for ``medical_o1``, or an existing output without a
     manifest or with one of another identity (teacher, source, sampling, ...; unless
-    ``overwrite``). Returns the run's files."""
+    ``overwrite``; ``identity`` None: not compared yet, as before the teacher's tokenizer has loaded).
+    Returns the run's files."""
     if batch_size < 1:
         raise ConfigError(f"--batch_size {batch_size}: must be >= 1 (e.g. `--batch_size 8`)")
     if fmt == "medical_o1":
@@ -241,6 +242,8 @@ def check_run(prompts: list[GenerationPrompt], *, output: str, fmt: str, batch_s
     if not files.manifest.exists():
         raise ConfigError(f"--output {files.output}: exists without its manifest {files.manifest}, so what wrote "
                           "it is unknown; pass --overwrite to replace it, or choose another --output")
+    if identity is None:
+        return files
     differences = identity_differences(read_manifest(files.manifest).get("identity", {}), identity)
     if differences:
         raise ConfigError(f"--output {files.output}: was generated with other settings ({'; '.join(differences)}); "

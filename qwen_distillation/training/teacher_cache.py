@@ -9,7 +9,6 @@ order, so a micro-batch's cached rows line up with the student's hidden states t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from qwen_distillation.data.generated import model_fingerprint
+from qwen_distillation.data.generated import model_fingerprint, tokenizer_description
 from qwen_distillation.data.loading import location
 from qwen_distillation.data.manager import collate
 from qwen_distillation.data.sources import DataSource
@@ -53,14 +52,6 @@ def teacher_fingerprint(spec) -> str | None:
     if spec.random_init or not spec.path:
         return None
     return model_fingerprint(resolve_path(spec.path), spec.gguf_file)
-
-
-def tokenizer_description(tokenizer) -> str:
-    """The tokenizer's size and a hash of its vocabulary and chat template (not its path: the
-    student's copy of the teacher's tokenizer is the same tokenizer)."""
-    digest = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
-    return f"{len(tokenizer)} tokens, sha256 {digest.hexdigest()[:16]}"
 
 
 def source_paths(sources: list[DataSource]) -> dict[str, str]:
