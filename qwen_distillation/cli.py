@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [sys.argv[0] if sys.argv else "run_distillation.py"] + overrides
     overwrite = any(o.partition("=")[0].lstrip("+") == "overwrite_output_dir" and o.partition("=")[2].lower() in
                     ("true", "yes", "1", "on") for o in overrides)
-    with _interrupt_as_one_line(
+    with interrupt_as_one_line(
             "the checkpoints written so far are kept; rerun the same command without overwrite_output_dir=true to "
             "continue from the last one (with it, the run starts over and removes them)" if overwrite else
             "the checkpoints written so far are kept; rerun the same command to continue from the last one"):
@@ -303,7 +303,7 @@ def _refusal_of_printed_config(overrides: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _interrupt_as_one_line(what_now: str):
+def interrupt_as_one_line(what_now: str):
     """Ctrl-C ends with one line saying what is on disk and exit status 130, not a KeyboardInterrupt
     traceback; ``HYDRA_FULL_ERROR=1`` (the switch for full tracebacks) keeps the traceback, which
     shows where a run that seemed to hang was. SIGTERM (a scheduler's stop, ``kill``) ends the same
@@ -505,7 +505,7 @@ def config_command(parser, argv: list[str] | None, body, *, one_device: str | No
             if isinstance(err, DistillationError) or not is_config_error(err):
                 raise
             raise ConfigError(hydra_error_message(err, overrides)) from err
-        with _interrupt_as_one_line("rerun the same command (cache_teacher continues from the shards it had "
+        with interrupt_as_one_line("rerun the same command (cache_teacher continues from the shards it had "
                                     "written)"):
             body(args, cfg)
     except (UsageError, DistillationError) as err:

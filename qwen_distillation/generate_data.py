@@ -158,8 +158,17 @@ def describe(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qwen_distillation.cli import interrupt_as_one_line
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Ctrl-C or SIGTERM: one line and exit status 130 / 143, as a run and the cache command end, not a traceback.
+    with interrupt_as_one_line(f"the rows written so far are kept in {args.output}; rerun the same command to "
+                                f"continue (it skips them)"):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             num_samples=args.num_samples, seed=args.seed)

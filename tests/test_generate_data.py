@@ -333,8 +333,12 @@ def test_a_killed_sampling_run_resumes_to_the_uninterrupted_result(tiny_teacher,
         return counted
 
     monkeypatch.setattr(generate_data, "transformers_generate", dies_on_the_third_call)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as stopped:  # Ctrl-C: one line, not a traceback
         generate_data.main(command(tmp_path / "part.jsonl"))
+    assert stopped.value.code == 130
+    assert f"interrupted: the rows written so far are kept in {tmp_path / 'part.jsonl'}; rerun the same command" \
+        in capsys.readouterr().err
     assert len(read_journal(tmp_path / "part.jsonl")) == 4
     monkeypatch.setattr(generate_data, "transformers_generate", real)
     assert generate_data.main(command(tmp_path / "part.jsonl")) == 0
