@@ -368,3 +368,22 @@ def test_stage_labels_of_short_stages_are_shortened_so_that_none_overlap(tmp_pat
         assert texts[1] in ("stage 2", "2"), texts  # its full name would run into stage 3's label
         boxes = [box for _, box in labels]
         assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), texts
+
+
+def test_a_run_in_progress_names_its_unfinished_stage_and_reads_the_run_state(tmp_path):
+    """write_report on a run stopped during stage 2 (no summary.json yet) called stage 2's step-2
+    evaluation "after stage 2" and left the teacher and student-before columns empty, though the run state
+    held both."""
+    rows = three_stage_rows()[:7]  # stage 1, then stage 2 up to its step-2 evaluation
+    write_run(tmp_path, rows, summary=None)
+    initial = {"teacher": {"eval/general_nll": 2.139342}, "student": {"eval/general_nll": 12.261623}}
+    (tmp_path / "run_state.json").write_text(json.dumps({"completed_stages": [1], "initial_eval": initial,
+                                                        "stage_eval": {"1": AFTER["1"]}}))
+    text = write_report(tmp_path).read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| metric |"))
+    assert header == "| metric | teacher | student before | after stage 1 | stage 2 at step 2, unfinished |"
+    row = next(line for line in text.splitlines() if line.startswith("| `eval/general_nll` |"))
+    assert row == "| `eval/general_nll` | 2.1393 | 12.2616 | 8.0009 | 7.6000 |"
+    (tmp_path / "run_state.json").unlink()  # metrics alone (a moved run): each stage's last evaluation
+    header = next(line for line in write_report(tmp_path).read_text().splitlines() if line.startswith("| metric |"))
+    assert header == "| metric | teacher | student before | after stage 1 | after stage 2 |"

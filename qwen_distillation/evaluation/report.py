@@ -423,7 +423,9 @@ def results_table(summary: dict) -> list[str]:
     better: ``TABLE_NOTE``); columns = teacher, student before, after each stage."""
     after = summary.get("student_after_stage") or {}
     columns = [("teacher", summary.get("teacher") or {}), ("student before", summary.get("student_before") or {})]
-    columns += [(f"after stage {s}", after[s] or {}) for s in sorted(after, key=_stage_key)]
+    unfinished = summary.get("unfinished_stages") or {}
+    columns += [(f"stage {s} at step {unfinished[s]}, unfinished" if s in unfinished else f"after stage {s}",
+                 after[s] or {}) for s in sorted(after, key=_stage_key)]
     names = sorted({k for _, metrics in columns for k in metrics if _in_table(k)}, key=_table_order)
     if not names:
         return ["No held-out evaluation was recorded."]
@@ -624,6 +626,36 @@ def _draw(train, evals, summary, rows, image_dir: Path) -> list[str]:
     return [name for name, plot in plots.items() if plot(image_dir / name)]
 
 
+RUN_STATE = "run_state.json"  # training.checkpoint.RUN_STATE: what a run has done so far
+
+
+def _summary_in_progress(output_dir: Path, summary: dict, evals: list[dict]) -> dict:
+    """The table's columns of a run with no summary yet (in progress, interrupted, stopped by an error):
+    the teacher and the student before training from the run state's initial evaluation, each completed
+    stage's evaluation from it as "after stage N", and for a stage not completed its last logged
+    evaluation, labelled with its step as unfinished (it was called "after stage N"; without a run state,
+    a moved run's metrics alone, the last evaluation of each stage stands for "after stage N")."""
+    try:
+        state = json.loads((output_dir / RUN_STATE).read_text(encoding="utf-8"))
+        state = state if isinstance(state, dict) else {}
+    except (OSError, ValueError):
+        state = {}
+    completed = {str(s) for s in state.get("completed_stages") or []}
+    recorded = {str(k): v for k, v in (state.get("stage_eval") or {}).items()}
+    after, unfinished = dict(recorded), {}
+    for row in evals:
+        stage = str(row.get("stage"))
+        if stage in recorded:
+            continue  # its evaluation at the stage's end
+        after[stage] = {k: v for k, v in row.items() if k.startswith("eval/")}
+        if "completed_stages" in state and stage not in completed:  # without a run state: not known
+            unfinished[stage] = row.get("step")
+    initial = state.get("initial_eval") or {}
+    return {**summary, "student_after_stage": after, "unfinished_stages": unfinished,
+            "teacher": summary.get("teacher") or initial.get("teacher"),
+            "student_before": summary.get("student_before") or initial.get("student")}
+
+
 def write_report(output_dir: str | Path, summary: dict | None = None) -> Path:
     """Write ``output_dir/report.md`` and its plots in ``output_dir/report/``; return the
     report's path. ``summary`` defaults to ``output_dir/summary.json`` (an empty one if absent,
@@ -644,11 +676,7 @@ def write_report(output_dir: str | Path, summary: dict | None = None) -> Path:
     rows = read_metrics(metrics_path)
     train, evals = train_rows(rows), eval_rows(rows)
     if not summary.get("student_after_stage"):
-        # No summary: the last evaluation of each stage stands for "after stage N".
-        last = {}
-        for row in evals:
-            last[str(row.get("stage"))] = {k: v for k, v in row.items() if k.startswith("eval/")}
-        summary = {**summary, "student_after_stage": last}
+        summary = _summary_in_progress(output_dir, summary, evals)
 
     target, image_dir = output_dir / REPORT_MD, output_dir / REPORT_DIR
     staging, old = output_dir / ".report.tmp", output_dir / ".report.old"
