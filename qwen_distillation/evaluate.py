@@ -29,6 +29,7 @@ into place; an ``--out`` that holds earlier results is refused (before any model
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -129,6 +130,8 @@ def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str,
     # Mappings, so that a name the set names refuse is named as such (a NAME=FILE string with such a name
     # was read as one path, and refused as a file not found).
     mcq_sources = normalise_mcq_sources("--mcq", [{"name": name, "path": path} for name, path in mcq_sets.items()])
+    # A bad file is named by the option as typed (`--mcq m=FILE`), not by the list index `--mcq[0]`.
+    mcq_sources = [dataclasses.replace(s, where=f"--mcq {s.name}={s.path}") for s in mcq_sources]
     mcq_items = load_mcq_sets(mcq_sources, mcq_max_items)  # a bad record fails before any model loads
     counts = {f"eval/mcq/{name}_items": len(items) for name, items in mcq_items.items()}
     eval_sets = {name: encode_eval_set(name, path, tokenizer, max_length)[:max_examples]

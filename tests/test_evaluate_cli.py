@@ -160,8 +160,10 @@ def test_a_bad_mcq_record_is_refused_before_the_teacher_loads(tokenizer, tmp_pat
     code = main(["--model", "t=some/teacher", "--teacher", "t", "--mcq", f"x={mcq}", "--out", str(tmp_path / "out"),
                  "--device", "cpu"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith(f"error: --mcq[0]: {mcq} line 1: mmlu field 'answer' names letter(s) "
+    # Named by the option as typed: the fix once said to point `--mcq[0]`, no flag one can type, at another file.
+    assert code == 2 and err.startswith(f"error: --mcq x={mcq}: {mcq} line 1: mmlu field 'answer' names letter(s) "
                                         f"['F']"), err
+    assert f"point --mcq x={mcq} at another one" in err
 
 
 def test_cuda_without_a_gpu_is_refused_before_loading(tmp_path, capsys, monkeypatch):
