@@ -199,7 +199,7 @@ def test_start_stage_2_from_a_checkpoint(tmp_path, caplog):
     assert AutoModelForCausalLM.from_pretrained(second / "stage2" / "final")
 
 
-def test_the_summary_names_no_log_the_run_did_not_write(tmp_path):
+def test_the_summary_names_no_log_the_run_did_not_write_and_the_export_stops_at_eos(tmp_path):
     """summary.json named output_dir/metrics.jsonl and output_dir/tensorboard with logging.jsonl=false and
     logging.tensorboard=false, though neither existed."""
     out = tmp_path / "run"
@@ -207,6 +207,11 @@ def test_the_summary_names_no_log_the_run_did_not_write(tmp_path):
     assert not (out / "metrics.jsonl").exists() and not (out / "tensorboard").exists()
     assert summary["metrics"] is None and summary["tensorboard"] is None
     assert json.loads((out / "summary.json").read_text())["metrics"] is None
+    # The random-init student's export stops where the run's answers stop: at the tokenizer's eos (it had none).
+    from transformers import AutoTokenizer, GenerationConfig
+
+    eos = AutoTokenizer.from_pretrained(out / "stage1" / "final").eos_token_id
+    assert eos is not None and GenerationConfig.from_pretrained(out / "stage1" / "final").eos_token_id == eos
 
 
 def test_lora_adapters_train_and_continue_across_stages(tmp_path):

@@ -313,6 +313,14 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     vocab_size = shared_vocab_size(teacher_tok, student_tok, weight_shape(teacher.get_output_embeddings().weight)[0],
                                    weight_shape(student.get_output_embeddings().weight)[0],
                                    _describe(model_cfg.teacher), student_name)
+    generation = getattr(student, "generation_config", None)
+    if generation is not None and generation.eos_token_id is None and student_tok.eos_token_id is not None:
+        # A student built from a config (random_init) has no eos: generate() on its exports never stopped, where
+        # the run's own answers (evaluation.answers.sampling_config) stop at the tokenizer's.
+        generation.eos_token_id = student_tok.eos_token_id
+        if generation.pad_token_id is None:
+            generation.pad_token_id = (student_tok.pad_token_id if student_tok.pad_token_id is not None
+                                       else student_tok.eos_token_id)
     if cfg.lora.enabled and not hasattr(student, "peft_config"):
         check_lora_targets(student, cfg.lora.target_modules, merge=cfg.lora.merge_on_export)  # before student_base
         ranked = torch.distributed.is_available() and torch.distributed.is_initialized()
