@@ -506,7 +506,7 @@ def config_command(parser, argv: list[str] | None, body, *, one_device: str | No
                 raise
             raise ConfigError(hydra_error_message(err, overrides)) from err
         with interrupt_as_one_line("rerun the same command (cache_teacher continues from the shards it had "
-                                    "written)"):
+                                   "written)"):
             body(args, cfg)
     except (UsageError, DistillationError) as err:
         print(f"error: {err}", file=sys.stderr)
