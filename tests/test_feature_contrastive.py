@@ -531,3 +531,23 @@ def test_contrastive_optimisation_converges(with_domains):
         optimizer.step()
         losses.append(value.item())
     assert losses[-1] <= 0.5 * losses[0], losses
+
+
+def test_the_contrastive_term_is_averaged_over_the_micro_batches_that_hold_a_pair():
+    """A token budget (stageN.tokens_per_step) of 5 examples at batch_size 4 ran micro-batches of 4 and 1; the
+    one-example micro-batch has no negatives and a contrastive term of exactly 0, and dividing by both
+    micro-batches halved the term and its gradient. Packed rows count their examples, not their rows."""
+    from qwen_distillation.training.module import pair_batches, per_step_mean
+
+    def batch(examples, rows=None):
+        return {"input_ids": torch.zeros(rows or examples, 8, dtype=torch.long),
+                "domain": torch.zeros(examples, dtype=torch.long)}
+
+    assert pair_batches([batch(4), batch(1)]) == 1
+    assert pair_batches([batch(3, rows=1), batch(1)]) == 1  # a packed row of three examples holds pairs
+    assert pair_batches([batch(1), batch(1)]) == 0
+    z = torch.nn.functional.normalize(torch.randn(1, 4), dim=-1)
+    assert float(info_nce(z, z.clone())) == 0.0  # a single example: no negatives
+    means = per_step_mean({"contrastive": torch.tensor(1.6), "kd": torch.tensor(30.0)}, tokens=10,
+                          micro_batches=pair_batches([batch(4), batch(1)]))
+    assert float(means["contrastive"]) == pytest.approx(1.6) and float(means["kd"]) == pytest.approx(3.0)

@@ -62,7 +62,7 @@ from qwen_distillation.training import distributed as dist
 from qwen_distillation.training.engine import SingleDeviceEngine, StepOutcome
 from qwen_distillation.training.metrics import (METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, NullLogger,
                                                  check_wandb_login)
-from qwen_distillation.training.module import DistillationModule, build_heads, per_step_mean
+from qwen_distillation.training.module import DistillationModule, build_heads, pair_batches, per_step_mean
 from qwen_distillation.training.optim import build_optimizer, build_scheduler
 from qwen_distillation.training.outputs import (cache_record, check_output_dir, check_same_caches,
                                                 check_same_checkpoint, check_same_data, prepare_output_dir,
@@ -675,6 +675,7 @@ class Distiller:
         for batch in batches:
             batch["response_positions"] = response_positions(batch["labels"])
         tokens = sum(int(batch["response_positions"].numel()) for batch in batches)
+        pairs = pair_batches(batches)  # the contrastive term's divisor
         # The share of the micro-batches' positions that hold padding (what train.packing removes).
         positions = sum(b["input_ids"].numel() for b in batches)
         padding = 1 - sum(len(e["input_ids"]) for e in served.examples) / positions
@@ -685,7 +686,7 @@ class Distiller:
             with run.engine.gathered():
                 with self._autocast():
                     terms, info = run.engine.forward(batch, self.teacher(batch, run.plan))
-                logs = run.engine.backward(per_step_mean(terms, tokens, len(batches)))
+                logs = run.engine.backward(per_step_mean(terms, tokens, pairs))
             if logs is None:
                 break
             balance_log = logs
@@ -710,7 +711,7 @@ class Distiller:
         if not outcome.skipped:  # a skipped step has no loss value: it is logged with skipped=true only
             # A name with its own group (module.STUDENT_TAIL) is a per-token measure, not a loss term.
             per_token = {name if "/" in name else f"loss/{name}": value
-                         for name, value in per_step_mean(sums, tokens, len(batches)).items()}
+                         for name, value in per_step_mean(sums, tokens, pairs).items()}
             total = sum(run.plan.weights.get(name[5:], 0.0) * value for name, value in per_token.items()
                         if name.startswith("loss/"))
             row.update({"loss": total, "loss/ce": float("nan"), "loss/kd": float("nan"), **per_token})

@@ -243,6 +243,16 @@ def loss_terms(plan: LossPlan, batch: dict[str, torch.Tensor], student: Captured
 
 def per_step_mean(values: dict, tokens: int, micro_batches: int) -> dict:
     """Token-level sums divided by the step's valid tokens, the per-sequence ``contrastive``
-    term by the step's micro-batches: the step's per-token mean of every term."""
-    return {name: value / (micro_batches if name == "contrastive" else max(tokens, 1))
+    term by ``micro_batches``, the step's micro-batches that hold a pair (:func:`pair_batches`): the
+    step's per-token mean of every term."""
+    return {name: value / (max(micro_batches, 1) if name == "contrastive" else max(tokens, 1))
             for name, value in values.items()}
+
+
+def pair_batches(batches: list[dict]) -> int:
+    """How many of a step's micro-batches hold two examples or more, the ones whose contrastive term has
+    negatives: one of a single example (the remainder of a token budget, ``stageN.tokens_per_step``, or of
+    ``train.pack_step``) adds exactly 0, and counting it halved the term and its gradient. Counted on the
+    host from ``domain`` (one entry per example, packed or not)."""
+    return sum(1 for batch in batches
+               if (batch["domain"].numel() if "domain" in batch else batch["input_ids"].shape[0]) > 1)
