@@ -385,6 +385,11 @@ def test_term_options_agreement_k_and_a_save_interval_past_the_stage_are_named_f
         "stage1.save_every=100: past the stage's 8 steps (stage1.max_steps=8), so it writes no checkpoint by steps "
         "(only by time, train.save_every_minutes) and a stop mid-stage starts it over; lower it (e.g. "
         "stage1.save_every=2), or leave it null to save every quarter of the stage"]
+    # A floor a constant schedule never reaches: accepted without a word.
+    assert warnings("stage1.lr_scheduler=constant", "stage1.min_lr_ratio=0.5") == [
+        "stage1.min_lr_ratio=0.5: ignored, the learning rate stays at stage1.lr after its warmup "
+        "(stage1.lr_scheduler=constant); a decay to it needs stage1.lr_scheduler=cosine or linear"]
+    assert warnings("stage1.lr_scheduler=cosine", "stage1.min_lr_ratio=0.5") == []
     # The term on, agreement on, a save interval within the stage, and every stage preset as it is: no word.
     assert warnings("stage1.loss.weights.feature=0.1", "stage1.loss.feature.loss=cosine", "eval.agreement=true",
                     "eval.agreement_top_k=10", "stage1.max_steps=8", "stage1.save_every=8") == []

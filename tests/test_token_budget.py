@@ -365,3 +365,9 @@ def test_an_eval_every_past_a_stage_sized_by_epochs_is_warned_of(tmp_path, caplo
     with caplog.at_level("WARNING", logger="qwen_distillation.training.distiller"):
         distiller._stage_steps("stage1", cfg.stage1)
     assert "eval_every" not in caplog.text
+    # A save_every past the same end: no checkpoint by steps, and it was warned of only beside max_steps.
+    cfg.stage1.save_every = 5
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.distiller"):
+        distiller._stage_steps("stage1", cfg.stage1)
+    assert ("stage1.save_every=5: past the stage's 4 steps (stage1.epochs=1.0 over its data), so it writes no "
+            "checkpoint by steps") in caplog.text

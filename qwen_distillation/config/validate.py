@@ -480,6 +480,16 @@ def eval_every_past_end(key: str, eval_every: int, steps: int, length: str) -> l
             f"for the end only"]
 
 
+def save_every_past_end(key: str, save_every: int | None, steps: int, length: str) -> list[str]:
+    """The warning for a ``stageN.save_every`` past the stage's ``steps`` (``length`` as for
+    :func:`eval_every_past_end`): no checkpoint by steps, so a stop mid-stage starts it over."""
+    if not save_every or save_every <= steps:
+        return []
+    return [f"{key}.save_every={save_every}: past the stage's {steps} steps ({length}), so it writes no checkpoint "
+            f"by steps (only by time, train.save_every_minutes) and a stop mid-stage starts it over; lower it (e.g. "
+            f"{key}.save_every={max(1, steps // 4)}), or leave it null to save every quarter of the stage"]
+
+
 def ignored_settings(cfg: DistillationConfig) -> list[str]:
     """The values a run of the validated ``cfg`` ignores, one line each for a warning: LoRA options
     while LoRA is off (the run trains all of the student's weights), the layer map of a feature
@@ -512,12 +522,11 @@ def ignored_settings(cfg: DistillationConfig) -> list[str]:
             lines += _ignored_ratio_settings(key, stage.medical_ratio) + _ignored_loss_settings(key, stage)
         if stage.enabled and stage.max_steps:
             lines += eval_every_past_end(key, stage.eval_every, stage.max_steps, f"{key}.max_steps={stage.max_steps}")
-            if stage.save_every and stage.save_every > stage.max_steps:  # no checkpoint by steps: nothing to resume
-                lines.append(f"{key}.save_every={stage.save_every}: past the stage's {stage.max_steps} steps "
-                             f"({key}.max_steps={stage.max_steps}), so it writes no checkpoint by steps (only by time, "
-                             f"train.save_every_minutes) and a stop mid-stage starts it over; lower it (e.g. "
-                             f"{key}.save_every={max(1, stage.max_steps // 4)}), or leave it null to save every "
-                             f"quarter of the stage")
+            lines += save_every_past_end(key, stage.save_every, stage.max_steps, f"{key}.max_steps={stage.max_steps}")
+        if stage.enabled and stage.lr_scheduler == "constant" and stage.min_lr_ratio != StageConfig.min_lr_ratio:
+            lines.append(f"{key}.min_lr_ratio={stage.min_lr_ratio}: ignored, the learning rate stays at {key}.lr after "
+                         f"its warmup ({key}.lr_scheduler=constant); a decay to it needs {key}.lr_scheduler=cosine or "
+                         f"linear")
         if stage.enabled and stage.teacher.cache and stage.teacher.source != "cache":
             lines.append(f"{key}.teacher.cache={stage.teacher.cache}: ignored, the stage runs the teacher online "
                          f"({key}.teacher.source={stage.teacher.source}); read the cache with "

@@ -22,8 +22,9 @@ sums passes ``scale = 1 / tokens_in_step`` instead). Two consequences of working
 * pcgrad projects the micro-batch gradients, not the accumulated step gradient (the
   projection is invariant to ``scale`` but not to how the step is split);
 * gradnorm updates its weights once per call, i.e. once per micro-batch. Its loss ratios
-  ``L_i / L_i(0)`` share the micro-batch's token count as a common factor, which cancels in
-  ``r_i``, so unequal micro-batches do not bias the weights. A call whose gradient norm at the
+  ``L_i / L_i(0)`` of the token-level terms share the micro-batch's token count as a common factor,
+  which cancels in ``r_i``, so unequal micro-batches do not bias their weights (the per-sequence
+  contrastive term does not share it: docs/losses/balancing.md). A call whose gradient norm at the
   shared layer is not finite (an overflow, in a step the engine skips) leaves the weights as they are.
 
 Extra cost per call, with K active terms:

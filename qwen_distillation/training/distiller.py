@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from qwen_distillation.config.schema import DistillationConfig, StageConfig
-from qwen_distillation.config.validate import engine_label, eval_every_past_end, pruned_from_teacher
+from qwen_distillation.config.validate import (engine_label, eval_every_past_end, pruned_from_teacher,
+                                               save_every_past_end)
 from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indices
 from qwen_distillation.data.manager import (StageSampler, check_stage_pools, collate, length_grouped_batches,
                                             micro_batches, stage_domains, to_device)
@@ -479,7 +480,9 @@ class Distiller:
         if stage.max_steps:
             return stage.max_steps  # an eval_every past it is warned of with the config (ignored_settings)
         steps = max(1, math.ceil(stage.epochs * (size / step if steps_per_pass is None else steps_per_pass)))
-        for line in eval_every_past_end(key, stage.eval_every, steps, f"{key}.epochs={stage.epochs} over its data"):
+        length = f"{key}.epochs={stage.epochs} over its data"
+        for line in (eval_every_past_end(key, stage.eval_every, steps, length)
+                     + save_every_past_end(key, stage.save_every, steps, length)):
             log.warning(line)
         return steps
 
