@@ -42,6 +42,14 @@ def warn_ignored_settings(config) -> None:
         log.warning(line)
 
 
+def _hydra_config():
+    """Hydra's runtime config, or None when called outside Hydra (tests, notebooks)."""
+    try:
+        return HydraConfig.get()
+    except ValueError:
+        return None
+
+
 def run(cfg: DictConfig) -> dict:
     """Validate ``cfg`` and run the stages it asks for; returns the run summary."""
     from qwen_distillation.training.distributed import log_from_main_rank
@@ -53,10 +61,7 @@ def run(cfg: DictConfig) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    try:
-        hydra_cfg = HydraConfig.get()
-    except ValueError:  # called outside Hydra (tests, notebooks)
-        hydra_cfg = None
+    hydra_cfg = _hydra_config()
     sweep_job = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
     if sweep_job:  # each sweep job writes into its own output_dir/jobN
         config.output_dir = hydra_cfg.runtime.output_dir
@@ -78,10 +83,7 @@ def _task(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except DistillationError as err:
-        try:
-            hydra_cfg = HydraConfig.get()
-        except ValueError:
-            hydra_cfg = None
+        hydra_cfg = _hydra_config()
         if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:  # which job, and that the sweep stops
             print(f"error: sweep job {hydra_cfg.job.num} ({hydra_cfg.runtime.output_dir}): {err}; the sweep stops "
                   f"here, and no later job runs (rerun the sweep once fixed: its finished jobs are skipped)",

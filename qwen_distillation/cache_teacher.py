@@ -117,6 +117,7 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
     from qwen_distillation.modeling.fp8 import check_fp8_device, convert_to_fp8
     from qwen_distillation.modeling.loading import load_causal_lm
     from qwen_distillation.modeling.parts import weight_shape
+    from qwen_distillation.modeling.tokenizer import pad_token_id
     from qwen_distillation.training.distiller import data_entries, seed_everything, select_device
     from qwen_distillation.training.distributed import env_topology
     from qwen_distillation.training.outputs import refuse_output_among_inputs
@@ -180,7 +181,7 @@ def cache_teacher(cfg, out: Path, *, k: int, dtype: str = "float32", batch_size:
     writer = CacheWriter(out, spec.identity, rank=rank, world_size=world_size, overwrite=overwrite)
     autocast = (lambda: torch.autocast(device.type, dtype=teacher_dtype)) if teacher_dtype != torch.float32 else (
         lambda: torch.autocast(device.type, enabled=False))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()

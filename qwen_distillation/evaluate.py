@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -43,6 +42,7 @@ from qwen_distillation.data.sources import DataSource, encode_source
 from qwen_distillation.errors import ConfigError, DataError, DistillationError
 from qwen_distillation.evaluation.evaluator import Evaluator, heldout_batches
 from qwen_distillation.evaluation.mcq import MCQ_NAME, load_mcq_sets, normalise_mcq_sources
+from qwen_distillation.evaluation.report import json_safe
 from qwen_distillation.modeling.device import parse_device
 from qwen_distillation.modeling.loading import (check_student_checkpoint, load_causal_lm, load_student_checkpoint,
                                                 require_existing, split_gguf)
@@ -175,9 +175,7 @@ def write_results(out: Path, results: dict[str, dict[str, float]]) -> None:
     each under a temporary name beside it, then renamed into place (``os.replace``), so an interrupted
     write leaves the earlier files (or none), never half of one."""
     out.mkdir(parents=True, exist_ok=True)
-    # A non-finite value as a string ("nan", as metrics.jsonl writes it): bare NaN is not JSON.
-    plain = {name: {key: str(v) if isinstance(v, float) and not math.isfinite(v) else v for key, v in row.items()}
-             for name, row in results.items()}
+    plain = {name: {key: json_safe(v) for key, v in row.items()} for name, row in results.items()}
     texts = {"results.json": json.dumps(plain, indent=2, allow_nan=False), "results.md": to_markdown(results)}
     temporary = {name: out / f".{name}.tmp" for name in texts}
     try:

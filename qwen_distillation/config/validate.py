@@ -160,10 +160,6 @@ def _validate_contrastive_batch(key: str, stage: StageConfig, train) -> None:
             f"{key}.batch_size=4")
 
 
-def _weight(stage: StageConfig, key: str):
-    return getattr(stage.loss.weights, key.rsplit(".", 1)[1])
-
-
 def _validate_stage_teacher(key: str, stage: StageConfig) -> None:
     teacher = stage.teacher
     require_one_of(f"{key}.teacher.source", teacher.source, TEACHER_SOURCES)
@@ -173,10 +169,11 @@ def _validate_stage_teacher(key: str, stage: StageConfig) -> None:
     require(bool(teacher.cache), f"{key}.teacher.cache", teacher.cache, "source=cache reads a teacher cache "
             "directory", f"{key}.teacher.cache=out/teacher_cache")
     # Every such term at once: stage 2's defaults weigh three of them, which came back one error at a time.
-    hidden = [f"{key}.loss.weights.{name}" for name in ("feature", "attention", "contrastive")
-              if getattr(stage.loss.weights, name) != 0]
+    weights = {f"{key}.loss.weights.{name}": getattr(stage.loss.weights, name)
+               for name in ("feature", "attention", "contrastive")}
+    hidden = [k for k, weight in weights.items() if weight != 0]
     if hidden:
-        raise ConfigError(f"{', '.join(f'{k}={_weight(stage, k)}' for k in hidden)}: "
+        raise ConfigError(f"{', '.join(f'{k}={weights[k]}' for k in hidden)}: "
                           f"{'needs' if len(hidden) == 1 else 'need'} the teacher's hidden states, which a top-k "
                           f"logit cache does not hold: set {'it' if len(hidden) == 1 else 'them'} to 0 or use the "
                           f"online teacher (override {'it' if len(hidden) == 1 else 'them'}, e.g. "

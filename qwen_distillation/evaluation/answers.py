@@ -19,6 +19,7 @@ from qwen_distillation.data.encode import split_last_turn
 from qwen_distillation.evaluation.prompting import model_device
 from qwen_distillation.evaluation.sharding import Shard, map_shared
 from qwen_distillation.evaluation.text_metrics import corpus_scores
+from qwen_distillation.modeling.tokenizer import pad_token_id
 
 # corpus_scores' key -> the name of the logged metric (``eval/<set>_<name>``)
 SCORE_NAMES = {"bleu-4": "bleu4", "rouge-1": "rouge1", "rouge-2": "rouge2", "rouge-l": "rougeL"}
@@ -45,7 +46,7 @@ def sampling_config(model: nn.Module, tokenizer, max_new_tokens: int, *, tempera
     else:
         config.do_sample, config.temperature, config.top_p, config.top_k = False, 1.0, 1.0, 50
     if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        config.pad_token_id = pad_token_id(tokenizer)
     if config.eos_token_id is None:
         config.eos_token_id = tokenizer.eos_token_id
     return config

@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 
 REPORT_MD = "report.md"
 METRICS_FILE = "metrics.jsonl"  # a run's metrics, beside its summary (training.metrics writes it)
+
+
+def json_safe(value):
+    """``value``, or a non-finite float as a string ("nan", "inf"): bare NaN is not JSON, and the rows of
+    metrics.jsonl and evaluate's results.json write it so."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 REPORT_DIR = "report"
 # Names a report owns in an output directory (for clearing on overwrite_output_dir).
 REPORT_NAMES = (REPORT_MD, REPORT_DIR, ".report.tmp", ".report.old")

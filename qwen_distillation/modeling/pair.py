@@ -18,7 +18,7 @@ from qwen_distillation.modeling.loading import (check_student_checkpoint, config
                                                 shares_weights)
 from qwen_distillation.modeling.parts import weight_shape
 from qwen_distillation.modeling.prune import Pruned, calibration_batches, check_targets_early, prune_from_teacher
-from qwen_distillation.modeling.tokenizer import load_tokenizer
+from qwen_distillation.modeling.tokenizer import load_tokenizer, pad_token_id
 from qwen_distillation.modeling.vocab import shared_vocab_size
 
 log = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     elif slimmed:
         # A rank that receives rank 0's weights (FSDP2) builds the student's structure only: the layers
         # and channels kept change no shape, so evenly spaced layers and any channels will do.
-        pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
+        pad = pad_token_id(teacher_tok)
         where = device if placement == "device" else torch.device("cpu")
         batches = None if meta else calibration_batches(model_cfg.student, cfg.data, teacher_tok, seed=cfg.seed,
                                                         pad_token_id=pad, device=where)
@@ -319,8 +319,7 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
         # the run's own answers (evaluation.answers.sampling_config) stop at the tokenizer's.
         generation.eos_token_id = student_tok.eos_token_id
         if generation.pad_token_id is None:
-            generation.pad_token_id = (student_tok.pad_token_id if student_tok.pad_token_id is not None
-                                       else student_tok.eos_token_id)
+            generation.pad_token_id = pad_token_id(student_tok)
     if cfg.lora.enabled and not hasattr(student, "peft_config"):
         check_lora_targets(student, cfg.lora.target_modules, merge=cfg.lora.merge_on_export)  # before student_base
         ranked = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -350,5 +349,5 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     if cfg.train.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     base_model_dir = adapter_base_dir(student, base_model_dir)
-    pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id
+    pad = pad_token_id(student_tok)
     return ModelPair(teacher, student, student_tok, vocab_size, pad, base_model_dir, kept, pruned)

