@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from qwen_distillation.errors import ConfigError, DistillationError
-from qwen_distillation.modeling.width import WidthScores, prune_width, width_importance
+from qwen_distillation.modeling.width import WidthScores, check_width_targets, prune_width, width_importance
 
 # Tiny tensors: one intra-op thread avoids contention (conftest.single_thread).
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -396,6 +396,9 @@ def test_bad_targets_name_the_option(targets, option):
     scores = scores_of(model)
     with pytest.raises(ConfigError, match=f"model.student.prune.width.{option}"):
         prune_width(model, scores, **targets)
+    # The same error from the teacher's config alone, as a run checks before the teacher loads and calibrates.
+    with pytest.raises(ConfigError, match=f"model.student.prune.width.{option}"):
+        check_width_targets(model.config, targets)
 
 
 def test_other_architectures_and_foreign_scores_are_refused():

@@ -274,6 +274,12 @@ def check_width_targets(config, targets: dict[str, int]) -> None:
              "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
     for name, value in targets.items():
         _target(value, sizes[name], name)
+    num_heads = config.num_attention_heads
+    if num_heads % sizes["num_key_value_heads"] == 0:  # else _layout refuses the model, naming its shapes
+        # The combination too (a Llama hidden_size not a multiple of its heads), not only after calibration.
+        _pruned_config(config, head_dim(config), num_heads // sizes["num_key_value_heads"],
+                       targets.get("intermediate_size"), targets.get("num_key_value_heads"),
+                       targets.get("hidden_size"))
 
 
 def _check_scores(layout: _Layout, scores: WidthScores) -> None:
@@ -298,17 +304,19 @@ def _invalid(config) -> str | None:
     return None
 
 
-def _pruned_config(model: PreTrainedModel, layout: _Layout, intermediate_size, num_kv_heads, hidden_size):
-    config = copy.deepcopy(model.config)
+def _pruned_config(model_config, head_size: int, group_size: int, intermediate_size, num_kv_heads, hidden_size):
+    """The config of ``model_config``'s model pruned to these targets (None: kept); ConfigError naming the
+    targets when the config class refuses it."""
+    config = copy.deepcopy(model_config)
     if hasattr(config, "quantization_config"):  # a GGUF teacher is dequantized: the copy is plain
         del config.quantization_config
     # Explicit, or Qwen2 and the rotary embedding would recompute it as hidden_size // num_attention_heads.
-    config.head_dim = layout.head_dim
+    config.head_dim = head_size
     if intermediate_size is not None:
         config.intermediate_size = intermediate_size
     if num_kv_heads is not None:
         config.num_key_value_heads = num_kv_heads
-        config.num_attention_heads = num_kv_heads * layout.group_size
+        config.num_attention_heads = num_kv_heads * group_size
     if hidden_size is not None:
         config.hidden_size = hidden_size
     reason = _invalid(config)
@@ -412,7 +420,8 @@ def prune_width(model: PreTrainedModel, scores: WidthScores, *, intermediate_siz
     num_key_value_heads = _target(num_key_value_heads, layout.num_kv_heads, "num_key_value_heads")
     hidden_size = _target(hidden_size, layout.hidden_size, "hidden_size")
     _check_scores(layout, scores)
-    config = _pruned_config(model, layout, intermediate_size, num_key_value_heads, hidden_size)
+    config = _pruned_config(model.config, layout.head_dim, layout.group_size, intermediate_size,
+                            num_key_value_heads, hidden_size)
 
     num_layers = len(layout.layers)
     mlp_keep = None if intermediate_size is None else [
