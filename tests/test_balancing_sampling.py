@@ -429,3 +429,42 @@ def test_a_balancer_over_one_active_term_is_named_as_doing_nothing(tmp_path, cap
     assert code == 0, output
     assert ("stage1.loss.balancing.method=pcgrad with one active loss term (kd) balances nothing" in output
             and "set stage1.loss.balancing.method=none" in output), output[-3000:]
+
+
+def test_gradnorm_trains_the_weights_of_the_terms_a_call_gives():
+    """A micro-batch without a contrastive pair (the one-example remainder of a token budget) gives its
+    contrastive term as exactly 0: as GradNorm's first loss it was the initial loss that every later ratio
+    divided (by 1e-12), and later it pulled the term's target to 0. The distiller leaves the term out of
+    such a call; the weight of a term left out stays put (but for the renormalisation), and its initial loss
+    is its first loss given."""
+    model, x = _mlp(), _inputs()
+    weights = {"kd": 1.0, "ce": 1.0, "feature": 0.5}
+    balancer = Balancer("gradnorm", list(weights), weights, lr=0.05)
+    _zero(model)
+    losses = _losses(model, x, (1.0, 1.0, 10.0))
+    logs = balancer.backward({"kd": losses["kd"], "ce": losses["ce"]}, list(model.parameters()))
+    assert "grad_norm/feature" not in logs and "grad_norm/kd" in logs
+    assert balancer.initial_losses[2] is None
+    trained = balancer.current_weights()
+    assert sum(trained.values()) == pytest.approx(2.5)
+    # Adam moved the given log weights by about its lr (0.05); the left-out one moved only with the rescaling.
+    assert all(abs(math.log(trained[name] / weights[name])) > 0.04 for name in ("kd", "ce")), trained
+    assert abs(math.log(trained["feature"] / 0.5)) < 0.005, trained
+    # Its gradient is the given terms' alone, at the weights used.
+    _zero(model)
+    (logs["weight/kd"] * _losses(model, x, (1.0, 1.0, 10.0))["kd"]
+     + logs["weight/ce"] * _losses(model, x, (1.0, 1.0, 10.0))["ce"]).backward()
+    expected = _grads(model)
+    _zero(model)
+    Balancer("gradnorm", list(weights), weights, lr=0.05).backward(
+        {k: v for k, v in _losses(model, x, (1.0, 1.0, 10.0)).items() if k != "feature"}, list(model.parameters()))
+    for g, e in zip(_grads(model), expected):
+        torch.testing.assert_close(g, e)
+    # The next calls give every term: feature's initial loss is its first, and no weight runs off.
+    later, _ = _gradnorm_run(balancer, model, x, 4, factors=(1.0, 1.0, 10.0))
+    assert balancer.initial_losses[2] == pytest.approx(float(losses["feature"].detach()))
+    final = balancer.current_weights()
+    assert all(0.05 < w < 2.0 for w in final.values()), final
+    assert all(math.isfinite(value) for row in later for value in row.values())
+    with pytest.raises(ValueError, match="got none of them"):
+        balancer.backward({}, list(model.parameters()))

@@ -24,7 +24,8 @@ sums passes ``scale = 1 / tokens_in_step`` instead). Two consequences of working
 * gradnorm updates its weights once per call, i.e. once per micro-batch. Its loss ratios
   ``L_i / L_i(0)`` of the token-level terms share the micro-batch's token count as a common factor,
   which cancels in ``r_i``, so unequal micro-batches do not bias their weights (the per-sequence
-  contrastive term does not share it: docs/losses/balancing.md). A call whose gradient norm at the
+  contrastive term does not share it: docs/losses/balancing.md). A term left out of a call keeps its weight
+  (the distiller leaves out the contrastive term of a micro-batch without a pair). A call whose gradient norm at the
   shared layer is not finite (an overflow, in a step the engine skips) leaves the weights as they are.
 
 Extra cost per call, with K active terms:
@@ -116,35 +117,45 @@ def _backward_pcgrad(balancer: "Balancer", losses, params, shared, scale) -> dic
 
 def _backward_gradnorm(balancer: "Balancer", losses, params, shared, scale) -> dict[str, float]:
     names = balancer.names
-    if set(losses) != set(names):
-        raise ValueError(f"gradnorm balances the fixed terms {names} but got {sorted(losses)}")
+    # The terms of this call; the weights of the others (a contrastive term of a micro-batch without a pair,
+    # which would read as a loss of 0, or as an initial loss of 0 that every later ratio divides) stay put.
+    present = [k for k, name in enumerate(names) if name in losses]
+    if not present:
+        raise ValueError(f"gradnorm balances the terms {names} but got none of them")
     shared = shared if shared is not None else [params[-1]]
-    values = torch.tensor([float(losses[name].detach()) for name in names], dtype=torch.float64)
+    values = torch.tensor([float(losses[names[k]].detach()) for k in present], dtype=torch.float64)
     if balancer.initial_losses is None:
-        balancer.initial_losses = values.tolist()
+        balancer.initial_losses = [None] * len(names)
+    for value, k in zip(values.tolist(), present):  # L_i(0): each term's first loss
+        if balancer.initial_losses[k] is None:
+            balancer.initial_losses[k] = value
     weights = balancer.log_weights.exp()
     used = weights.detach().clone()
     norms = torch.stack([
-        torch.sqrt(sum((g.float() ** 2).sum() for g in _grads(scale * losses[name], shared, retain_graph=True)))
-        for name in names]).detach().to(device=weights.device, dtype=weights.dtype)  # the weights live on the CPU
-    grad_norms = weights * norms  # G_i = ||grad(w_i * L_i, shared)||, differentiable in w_i only
-    ratios = values / torch.tensor(balancer.initial_losses, dtype=torch.float64).clamp_min(EPS)
+        torch.sqrt(sum((g.float() ** 2).sum() for g in _grads(scale * losses[names[k]], shared, retain_graph=True)))
+        for k in present]).detach().to(device=weights.device, dtype=weights.dtype)  # the weights live on the CPU
+    grad_norms = weights[present] * norms  # G_i = ||grad(w_i * L_i, shared)||, differentiable in w_i only
+    initial = torch.tensor([balancer.initial_losses[k] for k in present], dtype=torch.float64)
+    ratios = values / initial.clamp_min(EPS)
     relative = (ratios / ratios.mean().clamp_min(EPS)).to(weights.dtype)
     target = (grad_norms.mean() * relative ** balancer.alpha).detach()
     gradnorm_loss = (grad_norms - target).abs().sum()
     # An overflowing gradient (an fp16 step the loss scaler backs off from) makes a norm inf: its update would
     # turn the weights NaN for every later step. They are kept; the engine skips the step on its gradient norm.
     if bool(torch.isfinite(norms).all()):
+        before = balancer.log_weights.detach().clone()
         balancer.optimizer.zero_grad(set_to_none=True)
         balancer.log_weights.grad, = torch.autograd.grad(gradnorm_loss, balancer.log_weights)
         balancer.optimizer.step()
         with torch.no_grad():
+            absent = [k for k in range(len(names)) if k not in present]
+            balancer.log_weights[absent] = before[absent]  # Adam's momentum would move them without a gradient
             # Rescale so sum(w) == the configured total: log w -= log(sum(w) / total), as a log-sum-exp, which
             # stays finite where a large gradnorm_lr drives a log weight past exp's range (fp64: about 709).
             balancer.log_weights.sub_(torch.logsumexp(balancer.log_weights, 0) - math.log(balancer.total_weight))
-    _weighted_sum_backward(losses, {name: float(used[k]) for k, name in enumerate(names)}, params, scale)
+    _weighted_sum_backward(losses, {names[k]: float(used[k]) for k in present}, params, scale)
     logs = {f"weight/{name}": float(used[k]) for k, name in enumerate(names)}
-    logs.update({f"grad_norm/{name}": float(grad_norms[k].detach()) for k, name in enumerate(names)})
+    logs.update({f"grad_norm/{names[k]}": float(grad_norms[j].detach()) for j, k in enumerate(present)})
     logs["gradnorm/loss"] = float(gradnorm_loss.detach())
     return logs
 
@@ -161,8 +172,8 @@ class Balancer:
 
     Args:
         method: ``none``, ``pcgrad`` or ``gradnorm``.
-        names: every term that can be active, e.g. ``["kd", "ce", "feature"]``; gradnorm
-            expects all of them at every call, the others accept any subset.
+        names: every term that can be active, e.g. ``["kd", "ce", "feature"]``; a call may give
+            any subset (gradnorm then trains the weights of those given only).
         weights: configured weight per name (``>= 0``; ``> 0`` for gradnorm, where they are
             the initial values and their sum the total kept by renormalisation).
         alpha: gradnorm's asymmetry (restoring force towards equal training rates).

@@ -63,7 +63,8 @@ from qwen_distillation.training import distributed as dist
 from qwen_distillation.training.engine import SingleDeviceEngine, StepOutcome
 from qwen_distillation.training.metrics import (METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, NullLogger,
                                                  check_wandb_login)
-from qwen_distillation.training.module import DistillationModule, build_heads, pair_batches, per_step_mean
+from qwen_distillation.training.module import (DistillationModule, build_heads, holds_pair, pair_batches,
+                                               per_step_mean)
 from qwen_distillation.training.optim import build_optimizer, build_scheduler
 from qwen_distillation.training.outputs import (cache_record, check_output_dir, check_same_caches,
                                                 check_same_checkpoint, check_same_data, finished_run,
@@ -689,7 +690,11 @@ class Distiller:
             with run.engine.gathered():
                 with self._autocast():
                     terms, info = run.engine.forward(batch, self.teacher(batch, run.plan))
-                logs = run.engine.backward(per_step_mean(terms, tokens, pairs))
+                means = per_step_mean(terms, tokens, pairs)
+                if run.stage.loss.balancing.method == "gradnorm" and not holds_pair(batch):
+                    # Its exactly-0 term would read to GradNorm as a loss of 0 (as the first, its initial loss).
+                    means.pop("contrastive", None)
+                logs = run.engine.backward(means)
             if logs is None:
                 break
             balance_log = logs

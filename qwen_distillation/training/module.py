@@ -254,5 +254,9 @@ def pair_batches(batches: list[dict]) -> int:
     negatives: one of a single example (the remainder of a token budget, ``stageN.tokens_per_step``, or of
     ``train.pack_step``) adds exactly 0, and counting it halved the term and its gradient. Counted on the
     host from ``domain`` (one entry per example, packed or not)."""
-    return sum(1 for batch in batches
-               if (batch["domain"].numel() if "domain" in batch else batch["input_ids"].shape[0]) > 1)
+    return sum(1 for batch in batches if holds_pair(batch))
+
+
+def holds_pair(batch: dict) -> bool:
+    """Whether a micro-batch holds two examples or more (its contrastive term has negatives)."""
+    return (batch["domain"].numel() if "domain" in batch else batch["input_ids"].shape[0]) > 1
