@@ -20,6 +20,8 @@ level, 0-100) and ``eval/llamafactory/NAME_*`` (LLaMA-Factory's conventions); ``
 NAME=FILE`` sets give ``eval/mcq/NAME_accuracy`` (format detected from the fields: cmexam,
 medmcqa, mmlu or pubmedqa) over the first ``--mcq_max_items`` items of each (default 200, as a run's
 ``eval.mcq_max_items``; 0: every item), and ``eval/mcq/NAME_items``, how many were scored.
+``--run OUTPUT_DIR`` adds the held-out sets of that run (its split, ``data.max_length`` and
+``data.max_eval_examples``; ``eval/general_nll``, ``eval/medical_nll``, ...), as the run scored them.
 ``--max_examples`` caps the ``--nll`` sets only. The same names as a run's ``metrics.jsonl`` and report. Writes
 ``results.json`` and ``results.md`` into the directory ``--out``, each under a temporary name and renamed
 into place; an ``--out`` that holds earlier results is refused (before any model loads) unless
@@ -47,7 +49,7 @@ from qwen_distillation.modeling.device import parse_device
 from qwen_distillation.modeling.loading import (check_student_checkpoint, load_causal_lm, load_student_checkpoint,
                                                 require_existing, split_gguf)
 from qwen_distillation.modeling.tokenizer import load_tokenizer
-from qwen_distillation.paths import refuse_file_in_the_way, resolve_path
+from qwen_distillation.paths import locate, refuse_file_in_the_way, resolve_path
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -119,12 +121,63 @@ def load_any_tokenizer(name: str, path: str, key: str | None = None, fix: str | 
         raise DistillationError(f"{key or f'--model {name}'}={path}: cannot load a tokenizer from it: {err}") from err
 
 
+def run_data(run: str):
+    """The data config of the run in ``run`` (its output_dir, ``--run``), checked as the run checks it: its
+    ``config.yaml`` (as the run recorded it) and the data files it read, unchanged since (run_state.json's
+    sha256 of each), or its held-out split would not be the run's."""
+    from omegaconf import OmegaConf
+
+    from qwen_distillation.config.schema import DistillationConfig
+    from qwen_distillation.config.validate import validate_config
+    from qwen_distillation.data.generated import file_digest
+    from qwen_distillation.data.sources import data_sources
+    from qwen_distillation.training import checkpoint as ckpt
+    from qwen_distillation.training.distiller import data_entries
+
+    folder = Path(run).expanduser()
+    fix = "give a run's output_dir (it holds config.yaml and run_state.json)"
+    if not (folder / "config.yaml").is_file():
+        raise ConfigError(f"--run {run}: no config.yaml there; {fix}")
+    try:
+        config = validate_config(OmegaConf.merge(OmegaConf.structured(DistillationConfig),
+                                                 OmegaConf.load(folder / "config.yaml")))
+    except Exception as err:  # noqa: BLE001 - a config this version does not read: named, not a traceback
+        raise ConfigError(f"--run {run}: its config.yaml cannot be read as a run config ({err}); {fix}") from None
+    try:
+        sources = data_sources(config.data)
+    except DistillationError as err:  # a relative path read from another directory than the run's, a moved file
+        raise type(err)(f"--run {run}: {err} (relative paths are read from this directory, as the run read them "
+                        f"from its own)") from None
+    recorded = (ckpt.read_run_state(folder) or {}).get("data_sha256") or {}
+    for key, path in data_entries(sources):
+        entry = f"{key}={path}"
+        now = file_digest(locate(path))
+        if entry in recorded and now != recorded[entry]:
+            raise ConfigError(f"--run {run}: {entry} changed since the run read it (sha256 {recorded[entry][:12]} -> "
+                              f"{str(now)[:12]}): its held-out split would not be the run's; score the files with "
+                              f"--nll NAME=FILE instead")
+    return config.data, sources
+
+
+def run_heldout_sets(run: str, tokenizer) -> dict[str, list[dict]]:
+    """The held-out sets of the run in ``run`` (``--run``), as it scored them: its data sources, split
+    (``data.split_seed``, ``eval_fraction``, ``max_eval_examples``) and ``data.max_length``, named as its
+    metrics name them (``general``, ``medical``, each ``data.eval`` file), encoded with ``tokenizer``."""
+    from qwen_distillation.data.sources import build_domain_data
+
+    data, sources = run_data(run)
+    return build_domain_data(sources, tokenizer, max_length=data.max_length, eval_fraction=data.eval_fraction,
+                             max_eval_examples=data.max_eval_examples, seed=data.split_seed).eval_sets
+
+
 def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str, str], mcq_sets: dict[str, str],
              max_examples: int, max_length: int, device: torch.device, text_metrics_max_examples: int = 0,
-             max_new_tokens: int = 64, mcq_max_items: int | None = 200) -> dict[str, dict[str, float]]:
+             max_new_tokens: int = 64, mcq_max_items: int | None = 200,
+             run: str | None = None) -> dict[str, dict[str, float]]:
     """Metrics per model name, from one :class:`Evaluator` (see the module docstring);
     ``text_metrics_max_examples`` > 0 adds BLEU/ROUGE on that many examples of each NLL set;
-    ``mcq_max_items``: items scored per MCQ set (None: all), recorded as ``eval/mcq/NAME_items``."""
+    ``mcq_max_items``: items scored per MCQ set (None: all), recorded as ``eval/mcq/NAME_items``;
+    ``run``: a run's output_dir, whose held-out sets (:func:`run_heldout_sets`) are scored too."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = load_any_tokenizer(*((teacher, models[teacher]) if teacher else next(iter(models.items()))))
     # Mappings, so that a name the set names refuse is named as such (a NAME=FILE string with such a name
@@ -136,6 +189,11 @@ def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str,
     counts = {f"eval/mcq/{name}_items": len(items) for name, items in mcq_items.items()}
     eval_sets = {name: encode_eval_set(name, path, tokenizer, max_length)[:max_examples]
                  for name, path in nll_sets.items()}
+    for name, examples in (run_heldout_sets(run, tokenizer) if run else {}).items():
+        if name in eval_sets:
+            raise ConfigError(f"--nll {name}={nll_sets[name]}: --run {run} has a held-out set of this name; give the "
+                              f"--nll set another name")
+        eval_sets[name] = examples
     teacher_model = load_model(teacher, models[teacher], dtype).to(device).eval() if teacher else None
     evaluator = Evaluator(teacher=teacher_model, tokenizer=tokenizer, vocab_size=len(tokenizer),
                           heldout=heldout_batches(eval_sets, tokenizer.pad_token_id, device),
@@ -189,8 +247,8 @@ def write_results(out: Path, results: dict[str, dict[str, float]]) -> None:
 
 
 def _check_text_metrics(args: argparse.Namespace) -> None:
-    if not args.nll:
-        raise ConfigError("--text_metrics scores answers to the examples of the --nll sets: add one, e.g. "
+    if not args.nll and not args.run:
+        raise ConfigError("--text_metrics scores answers to the examples of the --nll (or --run) sets: add one, e.g. "
                           "`--nll medical=package:qwen_distillation/data/demo/medical.jsonl`")
     for flag in ("text_metrics_max_examples", "max_new_tokens"):
         if getattr(args, flag) < 1:
@@ -217,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default=None, help="NAME of the --model that is the teacher")
     parser.add_argument("--nll", action="append", default=[], help="NAME=FILE held-out set (repeatable)")
     parser.add_argument("--mcq", action="append", default=[], help="NAME=FILE multiple-choice set (repeatable)")
+    parser.add_argument("--run", default=None, type=os.path.expanduser,
+                        help="a run's output_dir: score its own held-out sets too (general, medical, each data.eval "
+                             "file; its split, data.max_length and data.max_eval_examples), named as in its metrics")
     parser.add_argument("--max_examples", type=int, default=64, help="examples scored per --nll set (the first "
                                                                       "ones)")
     parser.add_argument("--mcq_max_items", type=int, default=200,
@@ -241,8 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         _check_numbers(args)
         if args.text_metrics:
             _check_text_metrics(args)
-        if not args.nll and not args.mcq:
-            raise ConfigError("nothing to evaluate on: give at least one --nll NAME=FILE or --mcq NAME=FILE set")
+        if not args.nll and not args.mcq and not args.run:
+            raise ConfigError("nothing to evaluate on: give at least one --nll NAME=FILE or --mcq NAME=FILE set, or a "
+                              "run's output_dir with --run")
+        if args.run:
+            run_data(args.run)  # before any model loads: no run there, a data file changed since
         check_out(args.out, args.overwrite)
         device = check_device(args.device)
         for name, path in models.items():  # before any model loads: a mistyped path, a folder with no model
@@ -251,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                            mcq_sets=_pairs(args.mcq, "--mcq"), max_examples=args.max_examples,
                            max_length=args.max_length, device=device,
                            text_metrics_max_examples=args.text_metrics_max_examples if args.text_metrics else 0,
-                           max_new_tokens=args.max_new_tokens, mcq_max_items=args.mcq_max_items or None)
+                           max_new_tokens=args.max_new_tokens, mcq_max_items=args.mcq_max_items or None,
+                           run=args.run)
     except DistillationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -180,3 +180,34 @@ def test_a_too_short_max_length_names_this_commands_option(tiny_run, tokenizer, 
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "--nll m: " in err and "raise --max_length" in err and "data.max_length" not in err, err
+
+
+def test_a_runs_own_held_out_sets_score_as_the_run_scored_them(tiny_run, tmp_path, capsys):
+    """--run OUTPUT_DIR scores the run's held-out sets (its data, split, data.max_length and
+    data.max_eval_examples) under the names of its metrics: the last stage's export scores exactly what the
+    run logged at its last step. Before, the split could not be rebuilt outside a run."""
+    out = tmp_path / "eval"
+    code = main(["--model", f"stage2={tiny_run / 'stage2' / 'final'}", "--run", str(tiny_run), "--out", str(out),
+                 "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())["stage2"]
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in rows if row.get("stage") == 2 and "eval/general_nll" in row][-1]
+    assert {"eval/general_nll", "eval/medical_nll"} <= set(results)
+    for key in ("eval/general_nll", "eval/medical_nll"):
+        assert results[key] == pytest.approx(logged[key], rel=1e-6, abs=1e-6), key
+
+    # Refused before any model loads: a folder that holds no run, a data file changed since the run read it.
+    code = main(["--model", f"a={tmp_path / 'nope'}", "--run", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert code == 2 and f"--run {tmp_path}: no config.yaml there" in capsys.readouterr().err
+    moved = tmp_path / "copied_run"
+    moved.mkdir()
+    (moved / "config.yaml").write_text((tiny_run / "config.yaml").read_text())
+    state = json.loads((tiny_run / "run_state.json").read_text())
+    entry = sorted(state["data_sha256"])[0]
+    state["data_sha256"][entry] = "0" * 64
+    (moved / "run_state.json").write_text(json.dumps(state))
+    code = main(["--model", f"a={tmp_path / 'nope'}", "--run", str(moved), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--run {moved}: {entry} changed since the run read it" in err, err
+    assert not (tmp_path / "o").exists()
