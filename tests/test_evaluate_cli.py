@@ -71,7 +71,7 @@ def test_text_metrics_score_every_model_on_the_nll_sets(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--text_metrics"], "--text_metrics scores answers to the examples of the --nll sets"),
+    (["--text_metrics"], "--text_metrics scores answers to the examples of the --nll (or --run) sets"),
     (["--text_metrics", "--nll", "m=x.jsonl", "--text_metrics_max_examples", "0"],
      "--text_metrics_max_examples 0: must be >= 1"),
     (["--text_metrics", "--nll", "m=x.jsonl", "--max_new_tokens", "0"], "--max_new_tokens 0: must be >= 1"),
