@@ -555,6 +555,25 @@ def test_examples_whose_responses_max_length_cuts_are_counted_in_a_warning(token
     assert "cut at max_length" not in caplog.text
 
 
+def test_a_json_list_under_a_jsonl_name_is_named_with_the_rename(tmp_path):
+    """A .json list renamed .jsonl was "line 1: not valid JSON (Expecting value ...); fix or delete that line"
+    (deleting the '[' fixes nothing), and a list on one line "expected a JSON object, got list"."""
+    records = [{"instruction": "q", "output": "a"}, {"instruction": "q2", "output": "b"}]
+    for name, text in (("pretty.jsonl", json.dumps(records, indent=2)), ("one_line.jsonl", json.dumps(records))):
+        path = tmp_path / name
+        path.write_text(text + "\n", encoding="utf-8")
+        with pytest.raises(DataError, match=rf"{name} line 1: .*holds a JSON list of records \(it starts with '\['\), "
+                                            rf"not JSON Lines .*rename it to {path.stem}\.json"):
+            load_records(str(path))
+        renamed = path.rename(path.with_suffix(".json"))
+        assert [record for _, record in load_records(str(renamed))] == records
+    later = tmp_path / "later.jsonl"  # a list on a later line is one bad record, as before
+    later.write_text(json.dumps(records[0]) + "\n" + json.dumps(records) + "\n")
+    with pytest.raises(DataError, match=r"later\.jsonl line 2: expected a JSON object \(one record\), got list; each "
+                                        r"record must be"):
+        load_records(str(later))
+
+
 def test_a_bom_inside_a_file_and_cr_line_endings_are_named(tmp_path):
     """Both gave a bare 'Expecting value' / 'Extra data' that an editor shows no cause for."""
     record = json.dumps({"instruction": "q", "output": "a"})

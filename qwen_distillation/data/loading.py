@@ -204,16 +204,30 @@ def _invisible_cause(line: str) -> str:
     return "; fix or delete that line"
 
 
+def _list_in_json_lines(file: Path, first_line: str) -> str | None:
+    """The fix for a ``.jsonl`` file whose first record line opens a JSON list, or None: such a file
+    holds a JSON list of records (a ``.json`` file renamed, or a list written on one line), and neither
+    "fix or delete that line" nor "expected a JSON object" says so."""
+    if file.suffix.lower() != ".jsonl" or not first_line.lstrip().startswith("["):
+        return None
+    return (f"; {file.name} holds a JSON list of records (it starts with '['), not JSON Lines (one object per "
+            f"line): rename it to {file.stem}.json, which is read as a list, or write one record per line")
+
+
 def _read_json_lines(file: Path, text: str) -> Numbered:
     # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 etc., which JSON
     # allows unescaped inside strings (PubMedQA has them).
+    first = True
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
+        listed = _list_in_json_lines(file, line) if first else None
+        first = False
         try:
             value = _DECODER.decode(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{file} line {number}: not valid JSON ({err}){_invisible_cause(line)}") from None
+            raise DataError(f"{file} line {number}: not valid JSON ({err})"
+                            f"{listed or _invisible_cause(line)}") from None
         except _NotJson as err:
             raise DataError(f"{file} line {number}: {err}") from None
         except RecursionError:
@@ -223,6 +237,8 @@ def _read_json_lines(file: Path, text: str) -> Numbered:
             ) from None
         if "\\u" in line:
             _require_text(value, f"{file} line {number}")
+        if listed and isinstance(value, list):
+            raise DataError(f"{file} line {number}: expected a JSON object (one record), got list{listed}")
         yield number, _object(value, file, "line", number)
 
 
