@@ -82,3 +82,35 @@ def test_resume_refuses_a_checkpoint_path_that_now_holds_other_weights(finished_
     kill_in_stages(monkeypatch, lambda: run_cli(argv, capsys), stages=(1,), at_step=2,
                    after_each=replaced_then_put_back)
     assert json.loads((out / "run_state.json").read_text())["finished"]
+
+
+def test_resume_refuses_a_held_out_split_that_moved_with_the_project(tmp_path, monkeypatch, capsys):
+    """A data file outside the project is named in the held-out split by its path from the project
+    root, so a resume from a clone of the project in another folder (a job that copies the code, a
+    container that mounts it elsewhere) held out other records of the same file: the pools kept their
+    sizes, the checkpoint's sampler state fit them, and the resumed steps trained on the records the
+    run had held out. Now it is refused, naming both folders; from the original folder it resumes."""
+    from qwen_distillation import paths
+    from qwen_distillation.paths import locate
+
+    data = tmp_path / "data" / "general.jsonl"
+    data.parent.mkdir()
+    shutil.copyfile(locate("package:qwen_distillation/data/demo/general.jsonl"), data)
+    out = tmp_path / "run"
+    argv = tiny_overrides(out, steps=2) + ["end_stage=1", "stage1.save_every=1", f"data.general=[{data}]"]
+    original = paths.PROJECT_ROOT
+
+    def resumed_from_another_clone(stage):
+        assert (out / "stage1" / "checkpoint-1").is_dir()
+        monkeypatch.setattr(paths, "PROJECT_ROOT", tmp_path / "elsewhere" / "project")
+        before = snapshot(out)
+        code, output = run_cli(argv, capsys)
+        assert code == 2, output
+        assert "differ from those this run started with" in output and "Traceback" not in output
+        assert f"which was {original} and is now {tmp_path / 'elsewhere' / 'project'}" in output
+        assert snapshot(out) == before
+        monkeypatch.setattr(paths, "PROJECT_ROOT", original)
+
+    kill_in_stages(monkeypatch, lambda: run_cli(argv, capsys), stages=(1,), at_step=2,
+                   after_each=resumed_from_another_clone)
+    assert json.loads((out / "run_state.json").read_text())["finished"]

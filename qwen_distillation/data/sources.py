@@ -3,7 +3,9 @@ tokenized general, medical and held-out evaluation sets built from them."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -129,6 +131,22 @@ class DomainData:
     general: list[dict] = field(default_factory=list)
     medical: list[dict] = field(default_factory=list)
     eval_sets: dict[str, list[dict]] = field(default_factory=dict)
+
+
+def examples_digest(data: DomainData) -> str:
+    """sha256 of the tokens of every training pool and evaluation set of ``data``, in order: which
+    records a run trains on and which it holds out. A resumed run compares it with its start's
+    (:func:`qwen_distillation.training.outputs.check_same_split`): the held-out split names a local
+    file by its path from the project root (:func:`~qwen_distillation.paths.source_identity`), so a
+    file outside it is split otherwise from a clone of the project in another folder, with the same
+    bytes and the same example counts."""
+    digest = hashlib.sha256()
+    for name, examples in (("general", data.general), ("medical", data.medical), *sorted(data.eval_sets.items())):
+        digest.update(f"\0{name}\0{len(examples)}\0".encode())
+        for example in examples:
+            digest.update(len(example["input_ids"]).to_bytes(8, "little"))
+            digest.update(array("q", example["input_ids"]).tobytes())
+    return digest.hexdigest()
 
 
 def encode_source(source: DataSource, tokenizer, max_length: int,

@@ -38,7 +38,8 @@ from qwen_distillation.data.manager import (StageSampler, check_stage_pools, col
                                             micro_batches, stage_domains, to_device)
 from qwen_distillation.data.generated import file_digest, model_fingerprint
 from qwen_distillation.data.loading import check_local_path
-from qwen_distillation.data.sources import DomainData, build_domain_data, data_sources, refuse_trained_eval_sets
+from qwen_distillation.data.sources import (DomainData, build_domain_data, data_sources, examples_digest,
+                                            refuse_trained_eval_sets)
 from qwen_distillation.data.teacher_cache import read_manifest
 from qwen_distillation.errors import CheckpointError, ConfigError, DistillationError
 from qwen_distillation.evaluation.direction import best_direction, improves
@@ -67,8 +68,9 @@ from qwen_distillation.training.module import (DistillationModule, build_heads, 
                                                per_step_mean)
 from qwen_distillation.training.optim import build_optimizer, build_scheduler
 from qwen_distillation.training.outputs import (cache_record, check_output_dir, check_same_caches,
-                                                check_same_checkpoint, check_same_data, finished_run,
-                                                prepare_output_dir, recorded_config, run_hash, STUDENT_BASE)
+                                                check_same_checkpoint, check_same_data, check_same_split,
+                                                finished_run, prepare_output_dir, recorded_config, run_hash,
+                                                STUDENT_BASE)
 from qwen_distillation.training.plan import LossPlan, build_plan, loss_weights, shared_parameter, stage_kd_options
 from qwen_distillation.training.teacher import TeacherRunner
 
@@ -921,6 +923,9 @@ class Distiller:
         resume_from = max(state["completed_stages"], default=0) if state else 0
         with self._timed("build_s"):
             self._build(resume_from)
+        split_sha256 = examples_digest(self.data)
+        if state is not None:  # before an old run is cleared and anything is written
+            check_same_split(state, split_sha256)
         # Before an old run is cleared (overwrite_output_dir=true) and before an earlier stage trains: a
         # best_metric no evaluation gives, a layer map or relation-head count the models do not fit, a
         # teacher cache that misses examples, a student with nothing to train. (A stage's domain without data
@@ -939,7 +944,8 @@ class Distiller:
         dist.barrier(self.topo)  # every rank has read the old outputs before rank 0 rewrites them
         if self.topo.is_main:
             state = prepare_output_dir(self.output_dir, state, run_id=self.run_id, run_config=self.run_config,
-                                       data_sha256=self.data_sha256, checkpoint_fingerprint=checkpoint_fingerprint,
+                                       data_sha256=self.data_sha256, split_sha256=split_sha256,
+                                       checkpoint_fingerprint=checkpoint_fingerprint,
                                        teacher_caches=caches, overwrite=cfg.overwrite_output_dir,
                                        wrote_student_base=self._own_student_base())
         state = dist.broadcast_object(self.topo, state)

@@ -29,6 +29,7 @@ from qwen_distillation.data.teacher_cache import identity_digest
 from qwen_distillation.errors import CheckpointError, ConfigError
 from qwen_distillation.evaluation.report import REPORT_NAMES
 from qwen_distillation.modeling.prune import PRUNING_FILES
+from qwen_distillation import paths
 from qwen_distillation.paths import PACKAGE_PREFIX, locate, refuse_file_in_the_way
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.metrics import METRICS_FILE, TENSORBOARD_DIR, scrub_secrets
@@ -301,6 +302,25 @@ def check_same_data(state: dict, data_sha256: dict[str, str]) -> None:
                           f"another output_dir (or with overwrite_output_dir=true)")
 
 
+def check_same_split(state: dict, split_sha256: str) -> None:
+    """Refuse to resume a run whose training and held-out examples, built from the same data files, differ
+    from those it started with (``split_sha256``: :func:`qwen_distillation.data.sources.examples_digest`;
+    a run state without it, from before it was recorded, is not checked): the held-out split names a data
+    file outside the project root by its path from the project root, so a clone of the project in another
+    folder holds out other records of it, in pools of the same sizes that a checkpoint's sampler state
+    fits; the resumed steps would train on held-out records and score trained ones."""
+    recorded = state.get("split_sha256")
+    if recorded is None or recorded == split_sha256:
+        return
+    started = state.get("project_root")
+    raise ConfigError(f"the data's training and held-out examples differ from those this run started with (sha256 "
+                      f"{recorded[:12]} -> {split_sha256[:12]}), though its data files are the same: the held-out "
+                      f"split names a data file outside the project by its path from the project folder"
+                      + (f", which was {started} and is now {paths.PROJECT_ROOT}" if started else "")
+                      + " (or the tokenizer changed); resume from the project folder the run started in, or start "
+                      "over in another output_dir (or with overwrite_output_dir=true)")
+
+
 def check_same_checkpoint(state: dict, checkpoint_path: str | None, fingerprint: str | None) -> None:
     """Refuse to resume a run none of whose stages is complete (so that its student is loaded from
     ``checkpoint_path`` again, and its mid-stage checkpoints were trained from that model) when the model
@@ -342,12 +362,13 @@ def cache_record(identity: dict) -> dict:
 
 def prepare_output_dir(output_dir: Path, state: dict | None, *, run_id: str, run_config: dict,
                        overwrite: bool, data_sha256: dict[str, str] | None = None,
-                       checkpoint_fingerprint: str | None = None,
+                       split_sha256: str | None = None, checkpoint_fingerprint: str | None = None,
                        teacher_caches: dict[str, dict] | None = None, wrote_student_base: bool = False) -> dict:
     """Create the output directory (clearing a previous run's files when overwriting, and its
     ``student_base`` unless this run ``wrote_student_base`` as it built its LoRA student), write
     its ``config.yaml`` and run state; returns the run state (a fresh one for a new run, recording
-    ``data_sha256`` for :func:`check_same_data` and ``checkpoint_fingerprint`` for
+    ``data_sha256`` for :func:`check_same_data`, ``split_sha256`` (and the project root) for
+    :func:`check_same_split` and ``checkpoint_fingerprint`` for
     :func:`check_same_checkpoint`; the ``teacher_caches`` of the stages to run, for
     :func:`check_same_caches`, on a new run and a resume alike)."""
     if state is None and overwrite:
@@ -369,6 +390,8 @@ def prepare_output_dir(output_dir: Path, state: dict | None, *, run_id: str, run
             state["resumed_with_changes"] = [*state.get("resumed_with_changes", []),
                                              {"completed_stages": list(state.get("completed_stages") or []),
                                               "changed": changed}]
+    if split_sha256 and "split_sha256" not in state:  # a new run, or a resume of one from before it was recorded
+        state.update(split_sha256=split_sha256, project_root=str(paths.PROJECT_ROOT))
     if teacher_caches:
         state["teacher_caches"] = {**(state.get("teacher_caches") or {}), **teacher_caches}
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config))
