@@ -156,18 +156,23 @@ def run_data(run: str):
             raise ConfigError(f"--run {run}: {entry} changed since the run read it (sha256 {recorded[entry][:12]} -> "
                               f"{str(now)[:12]}): its held-out split would not be the run's; score the files with "
                               f"--nll NAME=FILE instead")
-    return config.data, sources
+    return config.data, sources, (ckpt.read_run_state(folder) or {}).get("split_sha256")
 
 
 def run_heldout_sets(run: str, tokenizer) -> dict[str, list[dict]]:
     """The held-out sets of the run in ``run`` (``--run``), as it scored them: its data sources, split
     (``data.split_seed``, ``eval_fraction``, ``max_eval_examples``) and ``data.max_length``, named as its
     metrics name them (``general``, ``medical``, each ``data.eval`` file), encoded with ``tokenizer``."""
-    from qwen_distillation.data.sources import build_domain_data
+    from qwen_distillation.data.sources import build_domain_data, examples_digest
 
-    data, sources = run_data(run)
-    return build_domain_data(sources, tokenizer, max_length=data.max_length, eval_fraction=data.eval_fraction,
-                             max_eval_examples=data.max_eval_examples, seed=data.split_seed).eval_sets
+    data, sources, recorded = run_data(run)
+    built = build_domain_data(sources, tokenizer, max_length=data.max_length, eval_fraction=data.eval_fraction,
+                              max_eval_examples=data.max_eval_examples, seed=data.split_seed)
+    if recorded and examples_digest(built) != recorded:
+        print(f"warning: --run {run}: the held-out sets built here are not the run's (another tokenizer than its "
+              f"student's, or a data file outside the project read from another project folder); their scores "
+              f"are not comparable with its metrics.jsonl", file=sys.stderr)
+    return built.eval_sets
 
 
 def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str, str], mcq_sets: dict[str, str],

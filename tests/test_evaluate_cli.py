@@ -189,7 +189,8 @@ def test_a_runs_own_held_out_sets_score_as_the_run_scored_them(tiny_run, tmp_pat
     out = tmp_path / "eval"
     code = main(["--model", f"stage2={tiny_run / 'stage2' / 'final'}", "--run", str(tiny_run), "--out", str(out),
                  "--device", "cpu"])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0 and "warning" not in err, err  # the split is the run's (run_state.json's split_sha256)
     results = json.loads((out / "results.json").read_text())["stage2"]
     rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     logged = [row for row in rows if row.get("stage") == 2 and "eval/general_nll" in row][-1]
@@ -211,3 +212,11 @@ def test_a_runs_own_held_out_sets_score_as_the_run_scored_them(tiny_run, tmp_pat
     err = capsys.readouterr().err
     assert code == 2 and f"--run {moved}: {entry} changed since the run read it" in err, err
     assert not (tmp_path / "o").exists()
+    # Sets that are not the run's (here: another recorded split) are scored with a warning.
+    state = json.loads((tiny_run / "run_state.json").read_text())
+    state["split_sha256"] = "0" * 64
+    (moved / "run_state.json").write_text(json.dumps(state))
+    code = main(["--model", f"stage2={tiny_run / 'stage2' / 'final'}", "--run", str(moved), "--out",
+                 str(tmp_path / "o"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 0 and f"warning: --run {moved}: the held-out sets built here are not the run's" in err, err
