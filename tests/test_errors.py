@@ -175,6 +175,29 @@ def test_a_mistyped_path_fails_before_any_model_loads(case, monkeypatch, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("case", ["missing_field", "not_an_object", "empty_response"])
+def test_a_malformed_record_fails_before_any_model_loads(case, monkeypatch, tmp_path, capsys):
+    """A record the data formats cannot read was reported only once the data was encoded, after the
+    teacher (minutes for a large one) and the student had loaded; it is named by file and line first."""
+    import qwen_distillation.modeling.pair as pair
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the malformed record was reported")
+
+    monkeypatch.setattr(pair, "load_causal_lm", no_model)
+    good = json.dumps({"instruction": "What is aspirin?", "output": "A painkiller."})
+    bad = {"missing_field": json.dumps({"instruction": "What is aspirin?"}),
+           "not_an_object": json.dumps(["What is aspirin?", "A painkiller."]),
+           "empty_response": json.dumps({"instruction": "What is aspirin?", "output": ""})}[case]
+    data = _write(tmp_path / "medical.jsonl", "\n".join([good, good, bad, good]) + "\n")
+    code, output = _cli(tiny_overrides(tmp_path / "run", steps=1) + ["end_stage=1", "--medical_dataset", str(data)],
+                        capsys)
+    assert code == 2, output
+    assert f"{data} line 3" in output, output
+    assert "Traceback" not in output and "a model was loaded" not in output
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("case", ["file", "under_a_file"])
 def test_an_output_dir_that_is_a_file_is_refused_and_kept(case, tmp_path, capsys):
     blocker = _write(tmp_path / "notes.txt", "kept")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 
 from qwen_distillation.data.formats import detect_format, to_messages
 from qwen_distillation.data.generated import PROVENANCE
@@ -179,6 +180,21 @@ def split_last_turn(example: dict) -> tuple[list[int], list[int]]:
     return list(example["input_ids"][:start]), list(example["input_ids"][start:end])
 
 
+def record_messages(records: list[tuple[int, dict]], fmt: str, source: str) -> Iterator[tuple[int, dict, list]]:
+    """``(number, record, messages)`` of each record of one source, converted to chat messages by ``fmt``
+    ("auto": detected from the first record of the source, or of each file of a directory source, whose
+    records carry their file: a directory may hold files of several formats); DataError naming the file,
+    line and field of the first record that does not convert, or a source without records."""
+    if not records:
+        raise DataError(f"{source}: no records to encode")
+    detected: dict[str | None, str] = {}
+    for index, record in records:
+        file = getattr(index, "file", None)
+        if fmt == "auto" and file not in detected:
+            detected[file] = detect_format(record, source, index)
+        yield index, record, to_messages(record, detected.get(file, fmt), source, index)
+
+
 def build_examples(
     records: list[tuple[int, dict]], fmt: str, tokenizer, max_length: int, source: str,
     max_length_key: str = "data.max_length",
@@ -199,18 +215,9 @@ def build_examples(
         (:func:`prompt_group`), which keeps the samples of one prompt on one side of
         :func:`split_heldout`; other records get no `"group"`.
     """
-    if not records:
-        raise DataError(f"{source}: no records to encode")
-    # "auto": detected from the first record of the source, or of each file of a directory source
-    # (whose records carry their file: a directory may hold files of several formats).
-    detected: dict[str | None, str] = {}
     examples = []
     cut_examples, cut_tokens, response_tokens = 0, 0, 0  # of the kept examples whose responses max_length cut
-    for index, record in records:
-        file = getattr(index, "file", None)
-        if fmt == "auto" and file not in detected:
-            detected[file] = detect_format(record, source, index)
-        messages = to_messages(record, detected.get(file, fmt), source, index)
+    for index, record, messages in record_messages(records, fmt, source):
         try:
             encoded, cut = _encode(messages, tokenizer, max_length)
         except DataError as err:  # the chat template could not be labelled: say for which record

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from qwen_distillation.data.encode import build_examples, split_heldout
+from qwen_distillation.data.encode import build_examples, record_messages, split_heldout
 from qwen_distillation.data.formats import FORMATS
 from qwen_distillation.data.generated import file_digest
 from qwen_distillation.data.loading import check_local_path, load_records
@@ -147,6 +147,21 @@ def examples_digest(data: DomainData) -> str:
             digest.update(len(example["input_ids"]).to_bytes(8, "little"))
             digest.update(array("q", example["input_ids"]).tobytes())
     return digest.hexdigest()
+
+
+def check_records(sources: dict[str, list[DataSource]]) -> None:
+    """Read every record of the local sources of ``sources`` and convert it to chat messages as
+    :func:`build_domain_data` will, without a tokenizer: a malformed record (a field missing or empty, a
+    line that is not an object, a file without records) is named by its file and line before any model
+    loads (minutes for a large teacher), not after. Hub datasets are read when the data is built."""
+    for domain in sources.values():
+        for source in domain:
+            if existing_local(source.path) is None:
+                continue
+            records = load_records(locate(source.path), split=source.split, subset=source.subset,
+                                   max_records=source.max_records)
+            for _ in record_messages(records, source.format, source.path):
+                pass
 
 
 def encode_source(source: DataSource, tokenizer, max_length: int,

@@ -38,8 +38,8 @@ from qwen_distillation.data.manager import (StageSampler, check_stage_pools, col
                                             micro_batches, stage_domains, to_device)
 from qwen_distillation.data.generated import file_digest, model_fingerprint
 from qwen_distillation.data.loading import check_local_path
-from qwen_distillation.data.sources import (DomainData, build_domain_data, data_sources, examples_digest,
-                                            refuse_trained_eval_sets)
+from qwen_distillation.data.sources import (DomainData, build_domain_data, check_records, data_sources,
+                                            examples_digest, refuse_trained_eval_sets)
 from qwen_distillation.data.teacher_cache import read_manifest
 from qwen_distillation.errors import CheckpointError, ConfigError, DistillationError
 from qwen_distillation.evaluation.direction import best_direction, improves
@@ -185,6 +185,7 @@ class Distiller:
         self._file_digest = functools.lru_cache(maxsize=None)(file_digest)
         refuse_trained_eval_sets(self.sources, ((f"eval.mcq[{i}]", s) for i, s in enumerate(self.mcq_sources)),
                                  digest=self._file_digest)
+        check_records(self.sources)  # a malformed record before the models load, not after
         self.device, self.precision = select_device(config.train)
         self.topo = dist.SINGLE  # the launch, once run() has started its process group
         self.mesh = None  # the ranks FSDP2 shards the models over (distributed=fsdp2), once built
