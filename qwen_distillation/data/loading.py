@@ -406,6 +406,7 @@ def load_records(
     split: str = "train",
     subset: str | None = None,
     max_records: int | None = None,
+    warn: bool = True,
 ) -> list[tuple[int, dict]]:
     """Read records as `(number, record)` pairs; see the module docstring for what `number` is.
 
@@ -413,6 +414,7 @@ def load_records(
         path: a `.jsonl`/`.json`/`.csv`/`.parquet` file, a directory of them, or a hub dataset id.
         split, subset: passed to `datasets.load_dataset` for hub datasets; ignored for files.
         max_records: keep only the first N records (None keeps all).
+        warn: log the files a directory holds that are not read (off for a check that reads it again).
 
     Raises:
         DataError: missing file, malformed JSON (names file and line), unsupported file type,
@@ -426,7 +428,7 @@ def load_records(
         read = set(files)
         skipped = sorted(str(file.relative_to(local)) for file in local.rglob("*") if file.is_file()
                          and file not in read and not any(p.startswith(".") for p in file.relative_to(local).parts))
-        if skipped:  # a .tsv or .jsonl.gz among the data would otherwise vanish without a word
+        if skipped and warn:  # a .tsv or .jsonl.gz among the data would otherwise vanish without a word
             log.warning("%s: %d file(s) skipped, not one of %s: %s", path, len(skipped), list(SUPPORTED_SUFFIXES),
                         ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
         if not files:

@@ -159,7 +159,7 @@ def check_records(sources: dict[str, list[DataSource]]) -> None:
             if existing_local(source.path) is None:
                 continue
             records = load_records(locate(source.path), split=source.split, subset=source.subset,
-                                   max_records=source.max_records)
+                                   max_records=source.max_records, warn=False)
             for _ in record_messages(records, source.format, source.path):
                 pass
 
