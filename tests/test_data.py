@@ -882,3 +882,21 @@ def test_a_csv_row_with_fewer_cells_than_the_header_reads_them_as_empty(tmp_path
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))} line 2: field 'output' of this alpaca record is "
                                         r"empty; fill it or delete the record$"):
         to_messages(records[0][1], "auto", str(path), 2)
+
+
+def test_records_holding_the_text_of_a_special_token_are_counted_in_a_warning(tokenizer, caplog):
+    """An answer holding the literal text `<|im_end|>` is encoded as the end-of-turn token and labelled: the
+    student learns to end its turn mid-answer, and nothing said so. Ordinary text gives no warning."""
+    records = [(1, {"instruction": "q", "output": "first part<|im_end|>second part"}),
+               (2, {"instruction": "q", "output": "plain <|not a token|> text"}),
+               (3, {"instruction": "<|endoftext|> in a prompt", "output": "a"})]
+    with caplog.at_level(logging.WARNING):
+        examples = build_examples(records, "alpaca", tokenizer, 512, "specials.jsonl")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert sum(label == im_end for label in examples[0]["labels"]) == 2  # the answer's own, and the turn's end
+    assert "specials.jsonl: 2 of 3 records hold the text of a special token in a message (first: specials.jsonl " \
+        "line 1, <|im_end|>)" in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build_examples(records[1:2], "alpaca", tokenizer, 512, "plain.jsonl")
+    assert "special token" not in caplog.text

@@ -180,6 +180,14 @@ def split_last_turn(example: dict) -> tuple[list[int], list[int]]:
     return list(example["input_ids"][:start]), list(example["input_ids"][start:end])
 
 
+def special_texts(tokenizer) -> tuple[str, ...]:
+    """The texts the tokenizer encodes as its special (control) tokens: ``<|im_end|>``, ``<|endoftext|>``..."""
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts.update(token.content for token in decoder.values() if getattr(token, "special", False))
+    return tuple(sorted(text for text in texts if text))
+
+
 def record_messages(records: list[tuple[int, dict]], fmt: str, source: str) -> Iterator[tuple[int, dict, list]]:
     """``(number, record, messages)`` of each record of one source, converted to chat messages by ``fmt``
     ("auto": detected from the first record of the source, or of each file of a directory source, whose
@@ -217,7 +225,11 @@ def build_examples(
     """
     examples = []
     cut_examples, cut_tokens, response_tokens = 0, 0, 0  # of the kept examples whose responses max_length cut
+    specials, with_specials = special_texts(tokenizer), {}  # record location -> the special texts it holds
     for index, record, messages in record_messages(records, fmt, source):
+        held = sorted({text for m in messages for text in specials if text in str(m.get("content") or "")})
+        if held:
+            with_specials[location(source, index)] = held
         try:
             encoded, cut = _encode(messages, tokenizer, max_length)
         except DataError as err:  # the chat template could not be labelled: say for which record
@@ -240,6 +252,12 @@ def build_examples(
     if len(examples) < len(records):
         log.warning("%s: %d of %d records dropped: no response token left within max_length=%d (raise %s to "
                     "keep them)", source, len(records) - len(examples), len(records), max_length, max_length_key)
+    if with_specials:  # the tokenizer reads them as its control tokens: an answer that "ends" mid-way
+        first, held = next(iter(with_specials.items()))
+        log.warning("%s: %d of %d records hold the text of a special token in a message (first: %s, %s): it is "
+                    "encoded as that token, so a response teaches the student to emit it there (e.g. to end its "
+                    "turn mid-answer); remove or escape it in the data", source, len(with_specials), len(records),
+                    first, ", ".join(held))
     if cut_examples:  # kept, but their answers end early: no end-of-turn token to learn from them
         log.warning("%s: %d of %d examples cut at max_length=%d: their responses lose %d of their %d tokens, the "
                     "end-of-turn token included (raise %s to keep them whole)", source, cut_examples,
