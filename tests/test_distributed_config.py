@@ -208,6 +208,19 @@ def test_more_processes_than_gpus_stop_at_start_up(monkeypatch):
         dist.setup(_config("distributed=zero3").distributed, "cuda")
 
 
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_the_nccl_backend_without_a_gpu_is_named_at_start_up(engine):
+    """distributed.backend=nccl on the CPU: a ConfigError naming the option and the backends that work there,
+    not torch's `RuntimeError: Distributed package doesn't have NCCL built in` from init_process_group."""
+    import torch.distributed
+
+    with pytest.raises(ConfigError, match=rf"^distributed.backend=nccl \(distributed={engine}\): NCCL runs on CUDA "
+                                          r"GPUs only, and this run's device is cpu; use distributed.backend=auto "
+                                          r"\(gloo on the CPU\) or distributed.backend=gloo$"):
+        dist.setup(_config(f"distributed={engine}", "distributed.backend=nccl").distributed, "cpu")
+    assert not torch.distributed.is_initialized()
+
+
 def test_a_launch_of_one_needs_no_collectives():
     topo = dist.SINGLE
     assert dist.all_reduce_sum(topo, [1.5, 2.0]) == [1.5, 2.0]

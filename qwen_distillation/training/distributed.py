@@ -105,7 +105,8 @@ def setup(distributed, device_type: str) -> Topology:
 
     Raises:
         ConfigError: several processes with ``distributed=none``; more processes on this machine
-            than visible GPUs; each naming the option or launcher flag to change.
+            than visible GPUs; ``distributed.backend=nccl`` without a GPU; each naming the option or
+            launcher flag to change.
     """
     topo = env_topology()
     if distributed.engine == "none":
@@ -122,14 +123,18 @@ def setup(distributed, device_type: str) -> Topology:
                               f"(--nproc_per_node {gpus} / --num_gpus {gpus} / --num_processes {gpus})")
         torch.cuda.set_device(topo.local_rank)
     if not dist.is_initialized():
+        backend = distributed.backend
+        if backend == "auto":
+            backend = "nccl" if device_type == "cuda" else "gloo"
+        if backend == "nccl" and device_type != "cuda":
+            raise ConfigError(f"distributed.backend=nccl ({engine_label(distributed)}): NCCL runs on CUDA GPUs only, "
+                              f"and this run's device is {device_type}; use distributed.backend=auto (gloo on the "
+                              f"CPU) or distributed.backend=gloo")
         if topo.world_size == 1:  # an engine without a launcher: a launch of one
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
                 os.environ.setdefault(key, value)
-        backend = distributed.backend
-        if backend == "auto":
-            backend = "nccl" if device_type == "cuda" else "gloo"
         timeout = datetime.timedelta(minutes=distributed.timeout_minutes)
         if distributed.engine == "deepspeed":
             import deepspeed
