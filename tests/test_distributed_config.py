@@ -235,6 +235,24 @@ def test_launcher_flags():
         "distributed.engine=deepspeed", "distributed.deepspeed_config='my ds.json'", "distributed=zero3"]
 
 
+@pytest.mark.parametrize("overrides,user", [
+    (["distributed=zero3_offload"], None),
+    ([], {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}, "stage3_max_live_parameters": 5}}),
+])
+def test_offload_moves_the_student_not_the_teacher(tmp_path, overrides, user):
+    """docs/distributed.md: under zero3_offload "the teacher is partitioned on the GPUs as under zero3 and not
+    offloaded" (and the memory table counts it there); the teacher's inference engine was given the student's
+    offload_param, so its partitions lived in CPU memory and crossed to the GPU for every layer it ran."""
+    from qwen_distillation.training.deepspeed_engine import teacher_config
+
+    student = _ds(tmp_path, user, *overrides)
+    assert student["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    teacher = teacher_config(student)["zero_optimization"]
+    assert teacher["stage"] == 3 and "offload_param" not in teacher and "offload_optimizer" not in teacher
+    if user is not None:  # the JSON's ZeRO-3 tuning still reaches the teacher
+        assert teacher["stage3_max_live_parameters"] == 5
+
+
 def test_the_teacher_zero3_config_is_read_once(tmp_path, monkeypatch):
     """The teacher's DeepSpeed config comes from one reading of the user's JSON however often it is
     asked for (the set-up and every _sharded() ask), and each caller gets its own copy."""

@@ -292,11 +292,14 @@ def deepspeed_config(distributed, *, stage, stage_key: str, world_size: int, pre
 
 def teacher_config(config: dict) -> dict:
     """The DeepSpeed config of the frozen teacher under ZeRO-3: an inference-only engine whose
-    weights are partitioned over the ranks (bf16 when the run's precision is)."""
+    weights are partitioned over the ranks (bf16 when the run's precision is). The student's
+    ``stage3_*`` settings apply to it, not its ``offload_param``: the teacher's partitions stay on
+    the GPUs under ``zero3_offload`` too (docs/distributed.md), rather than crossing from CPU memory
+    for every layer of every forward."""
     return {"train_micro_batch_size_per_gpu": config["train_micro_batch_size_per_gpu"],
             "gradient_accumulation_steps": config["gradient_accumulation_steps"],
             "zero_optimization": {"stage": 3, **{k: v for k, v in config["zero_optimization"].items()
-                                                 if k.startswith("stage3_") or k == "offload_param"}},
+                                                 if k.startswith("stage3_")}},
             "steps_per_print": 2**62, "wall_clock_breakdown": False}
 
 
