@@ -5,6 +5,7 @@ launch checks, and the launchers' command-line flags."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,27 @@ def test_offload_moves_the_student_not_the_teacher(tmp_path, overrides, user):
     assert teacher["stage"] == 3 and "offload_param" not in teacher and "offload_optimizer" not in teacher
     if user is not None:  # the JSON's ZeRO-3 tuning still reaches the teacher
         assert teacher["stage3_max_live_parameters"] == 5
+
+
+@pytest.mark.parametrize("engine,written,option", [
+    ("FSDP2Engine", "deepspeed-zero3", "resume it with distributed=zero3 (or zero3_offload) (and the same launch)"),
+    ("DeepSpeedEngine", "fsdp2", "resume it with distributed=fsdp2 (and the same launch)"),
+    ("DeepSpeedEngine", "single-device", "resume it with distributed=none (and the same launch)"),
+    ("SingleDeviceEngine", "deepspeed-zero2", "resume it with distributed=zero2 (and the same launch)"),
+])
+def test_a_checkpoint_of_another_engine_names_the_option_that_resumes_it(tmp_path, engine, written, option):
+    """The refusal said "resume it with the same distributed option" without naming it, while the failed
+    resume had already rewritten config.yaml with the new engine: nothing on disk said which one it was."""
+    import types
+
+    from qwen_distillation.errors import CheckpointError
+    from qwen_distillation.training import deepspeed_engine, engine as single, fsdp_engine
+
+    cls = getattr({"FSDP2Engine": fsdp_engine, "DeepSpeedEngine": deepspeed_engine}.get(engine, single), engine)
+    this = types.SimpleNamespace(kind="deepspeed-zero3" if engine == "DeepSpeedEngine" else cls.kind)
+    with pytest.raises(CheckpointError, match=rf"another engine \({written}, this run: {this.kind}\); "
+                                              + re.escape(option) + ", or delete it"):
+        cls.load_state(this, tmp_path, {"kind": written})
 
 
 def test_the_teacher_zero3_config_is_read_once(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ from torch import nn
 from qwen_distillation.errors import CheckpointError, ConfigError, first_line
 from qwen_distillation.modeling.parts import whole_parameters
 from qwen_distillation.training.distributed import Topology, all_reduce_sum
-from qwen_distillation.training.engine import ConsolidatedExports, StepOutcome, weighted_loss
+from qwen_distillation.training.engine import ConsolidatedExports, StepOutcome, other_engine, weighted_loss
 
 log = logging.getLogger(__name__)
 
@@ -408,9 +408,7 @@ class DeepSpeedEngine(ConsolidatedExports):
 
     def load_state(self, directory: Path, state: dict) -> None:
         if state.get("kind", "single-device") != self.kind:
-            raise CheckpointError(f"it was written by a run on another engine ({state.get('kind', 'single-device')}, "
-                                  f"this run: {self.kind}); resume it with the same distributed option, or delete "
-                                  f"it to restart the stage")
+            raise other_engine(state.get("kind", "single-device"), self.kind)
         path, _ = self.ds.load_checkpoint(str(directory / DS_DIR), tag="state", load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
         if path is None:

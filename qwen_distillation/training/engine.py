@@ -35,6 +35,20 @@ from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.balancing import Balancer
 
 
+# The option that runs each engine (the ``kind`` a checkpoint records), for the error that names it.
+ENGINE_OPTIONS = {"single-device": "distributed=none", "fsdp2": "distributed=fsdp2",
+                  "deepspeed-zero1": "--deepspeed with a JSON of ZeRO stage 1", "deepspeed-zero2": "distributed=zero2",
+                  "deepspeed-zero3": "distributed=zero3 (or zero3_offload)"}
+
+
+def other_engine(kind: str, this_kind: str) -> CheckpointError:
+    """The error for a training checkpoint written by another engine (``kind``) than this run's: it
+    names the option that resumes it (the run's config.yaml already holds this run's options)."""
+    option = ENGINE_OPTIONS.get(kind, "the distributed option it was written with")
+    return CheckpointError(f"it was written by a run on another engine ({kind}, this run: {this_kind}); resume it "
+                           f"with {option} (and the same launch), or delete it to restart the stage")
+
+
 @dataclass
 class StepOutcome:
     """What one optimizer step did.
@@ -226,8 +240,7 @@ class SingleDeviceEngine:
     def load_state(self, directory: Path, state: dict) -> None:
         kind = state.get("kind", self.kind)
         if kind != self.kind:
-            raise CheckpointError(f"it was written by a run on another engine ({kind}, this run: {self.kind}); "
-                                  f"resume it with the same distributed option, or delete it to restart the stage")
+            raise other_engine(kind, self.kind)
         self.load_state_dict(state)
 
     def save_pretrained(self, target: Path, tokenizer, *, base_model_dir: str | None = None,

@@ -40,7 +40,7 @@ from torch import nn
 from qwen_distillation.errors import CheckpointError
 from qwen_distillation.modeling.parts import decoder_and_head
 from qwen_distillation.training.distributed import ALL_RANKS, Topology, all_reduce_sum
-from qwen_distillation.training.engine import ConsolidatedExports, StepOutcome, weighted_loss
+from qwen_distillation.training.engine import ConsolidatedExports, StepOutcome, other_engine, weighted_loss
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +209,7 @@ class FSDP2Engine(ConsolidatedExports):
 
         kind = state.get("kind", "single-device")
         if kind != self.kind:
-            raise CheckpointError(f"it was written by a run on another engine ({kind}, this run: {self.kind}); "
-                                  f"resume it with the same distributed option, or delete it to restart the stage")
+            raise other_engine(kind, self.kind)
         if not (directory / FSDP_DIR).is_dir():
             raise CheckpointError(f"{directory / FSDP_DIR}: missing, no FSDP2 state can be loaded")
         model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
