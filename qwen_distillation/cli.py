@@ -308,7 +308,8 @@ def interrupt_as_one_line(what_now: str):
     traceback; ``HYDRA_FULL_ERROR=1`` (the switch for full tracebacks) keeps the traceback, which
     shows where a run that seemed to hang was. SIGTERM (a scheduler's stop, ``kill``) ends the same
     way with status 143: it killed the process at once, without the line, and without waiting for a
-    checkpoint being written in the background or closing the metrics."""
+    checkpoint being written in the background or closing the metrics. Under a launcher the line
+    comes from rank 0 alone (every rank gets the signal)."""
     import signal
     import threading
 
@@ -323,7 +324,8 @@ def interrupt_as_one_line(what_now: str):
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         stopped = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-        print(f"\n{stopped}: {what_now}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # a launch stops every rank: one line, from rank 0
+            print(f"\n{stopped}: {what_now}", file=sys.stderr)
         sys.exit(143 if isinstance(err, Terminated) else 130)
     finally:
         if main_thread:

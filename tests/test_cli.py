@@ -257,3 +257,8 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_with_its_own_status(monkeypatch, caps
     assert capsys.readouterr().err == ("\nterminated (SIGTERM): the checkpoints written so far are kept; rerun the "
                                        "same command to continue from the last one\n")
     assert signal.getsignal(signal.SIGTERM) == before  # restored for whatever runs next in the process
+    # Under a launcher every rank is stopped: rank 0 alone says so (the line came once per rank).
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as stop:
+        cli.main([])
+    assert stop.value.code == 143 and capsys.readouterr().err == ""
