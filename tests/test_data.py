@@ -251,7 +251,24 @@ def test_undetectable_record_lists_fields_and_formats():
     assert message.startswith("belle.jsonl: cannot tell the format from the fields found [")
     assert "'std_answer'" in message and "alpaca (instruction, output)" in message
     assert "medical_o1 (Question, Complex_CoT, Response)" in message
-    assert message.endswith("set format=... for this source")
+    # "set format=..." could not help: no format reads std_answer. The fix names the field to rename.
+    assert message.endswith("it has a prompt field (question) but no response field: rename the field that holds "
+                            "the answer to one of answer/Answer/LONG_ANSWER/response/Response/completion")
+
+
+@pytest.mark.parametrize("record, source, fix", [
+    ({"instruction\toutput": "q\ta"}, "tabs.csv", "its one field name holds tabs: a tab-separated file read as "
+                                                 "comma-separated; write it with commas (or as JSON Lines)"),
+    ({"What is aspirin?": "A painkiller."}, "noheader.csv", "a CSV file's first row names the fields: if this file "
+                                                           "has no header row, add one (e.g. instruction,output)"),
+    ({"reply": "A painkiller.", "answer": "x"}, "r.jsonl", "it has a response field (answer) but no prompt field"),
+    ({"x": 1}, "x.jsonl", "rename its fields to those of one of them, or set format=... for this source"),
+])
+def test_an_undetectable_record_gets_the_fix_its_fields_suggest(record, source, fix):
+    """A CSV without a header row, a tab-separated .csv and a record with only one of a prompt and a response
+    were all told to "set format=...", which no format could satisfy."""
+    with pytest.raises(DataError, match=re.escape(fix)):
+        detect_format(record, source)
 
 
 def test_missing_field_names_line_and_fields_found():

@@ -412,8 +412,31 @@ def detect_format(record: dict, source: str, index: int | None = None) -> str:
         )
     raise DataError(
         f"{where}: cannot tell the format from the fields found {_fields(record)}; "
-        f"expected one of: {expected}; set format=... for this source"
+        f"expected one of: {expected}; {_undetected_fix(record, source)}"
     )
+
+
+def _undetected_fix(record: dict, source: str) -> str:
+    """What to do about a record no format reads: the likely cause where the fields show it."""
+    fields = [str(key) for key in record]
+    if len(fields) == 1 and "\t" in fields[0]:
+        return ("its one field name holds tabs: a tab-separated file read as comma-separated; write it with commas "
+                "(or as JSON Lines)")
+    if source.lower().split(":")[-1].endswith(".csv"):
+        hint = ("a CSV file's first row names the fields: if this file has no header row, add one (e.g. "
+                "instruction,output)")
+    else:
+        hint = ""
+    prompt, response = _first_alias(record, PROMPT_ALIASES), _first_alias(record, RESPONSE_ALIASES)
+    if prompt and not response:
+        rename = (f"it has a prompt field ({prompt}) but no response field: rename the field that holds the answer "
+                  f"to one of {'/'.join(RESPONSE_ALIASES)}")
+    elif response and not prompt:
+        rename = (f"it has a response field ({response}) but no prompt field: rename the field that holds the "
+                  f"question to one of {'/'.join(PROMPT_ALIASES)}")
+    else:
+        rename = "rename its fields to those of one of them, or set format=... for this source"
+    return f"{hint}; {rename}" if hint else rename
 
 
 def to_messages(record: dict, fmt: str, source: str, index: int) -> Messages:
