@@ -328,6 +328,31 @@ def test_a_run_killed_while_writing_its_report_writes_it_when_run_again(tmp_path
     assert [row["step"] for row in train_rows(out)] == [1]
 
 
+def test_a_run_killed_before_it_removed_a_completed_stages_checkpoints_removes_them_when_run_again(tmp_path,
+                                                                                                    monkeypatch):
+    """Killed after stage 1 was recorded complete, before its mid-stage checkpoints were deleted: the same
+    command went on with stage 2 and finished with stage1/checkpoint-* (full training states) left for good.
+    A resume removes the checkpoints of the stages it finds complete."""
+    from qwen_distillation.training import distiller
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, steps=2) + ["end_stage=2", "stage1.save_every=1", "stage2.max_steps=1",
+                                                "data.max_eval_examples=2", "data.max_length=64",
+                                                "stage1.grad_accum=1", "stage2.grad_accum=1"]
+
+    def killed(stage_dir):
+        raise _Killed()
+
+    monkeypatch.setattr(distiller.ckpt, "remove_stage_checkpoints", killed)
+    with pytest.raises(_Killed):
+        _run(overrides)
+    assert json.loads((out / "run_state.json").read_text())["completed_stages"] == [1]
+    assert sorted(p.name for p in (out / "stage1").glob("checkpoint-*")) == ["checkpoint-1"]
+    monkeypatch.undo()
+    assert _run(overrides)["stages"] == [1, 2]
+    assert not list((out / "stage1").glob("*checkpoint-*")) and not list((out / "stage2").glob("*checkpoint-*"))
+
+
 def test_time_based_saves_follow_the_clock(tmp_path, monkeypatch):
     """stage1.save_every=0 with train.save_every_minutes: a checkpoint after every step whose clock
     reading (taken at the step's reduction) is past the interval, none after the last step (the

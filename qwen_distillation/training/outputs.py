@@ -381,6 +381,10 @@ def prepare_output_dir(output_dir: Path, state: dict | None, *, run_id: str, run
         if checkpoint_fingerprint:
             state["checkpoint_fingerprint"] = checkpoint_fingerprint
     else:  # a resume: a train.* setting that changes the numbers may differ from the run's (not its identity)
+        for index in state.get("completed_stages") or []:
+            # A run killed after it recorded a stage complete, before it removed that stage's mid-stage
+            # checkpoints, left them (full training states) for good: nothing reads them again.
+            ckpt.remove_stage_checkpoints(output_dir / f"stage{index}")
         changed = changed_train_settings(output_dir, run_config)
         if changed:
             log.warning("output_dir=%s: resumed with %s; the steps after the checkpoint it resumes from run with the "
