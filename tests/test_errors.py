@@ -467,6 +467,22 @@ def test_overwriting_clears_only_a_runs_own_entries(tmp_path):
                                                      "stage1_general.jsonl", "stages_plan.txt"]
 
 
+def test_a_lora_run_stopped_before_its_first_record_runs_when_its_command_is_run_again(tmp_path, capsys):
+    """A LoRA run writes student_base/ as it builds its student, before its run state: one stopped after that
+    (a best_metric no evaluation gives, found once the models and data had loaded; a Ctrl-C, whose line says to
+    rerun the same command) left an output_dir that the corrected (or same) command refused as "not empty and
+    holds no qwen_distillation run", asking for overwrite_output_dir=true."""
+    out = tmp_path / "run"
+    argv = tiny_overrides(out, steps=1) + ["end_stage=1", "lora.enabled=true", "data.max_eval_examples=2",
+                                           "data.max_length=64", "stage1.grad_accum=1"]
+    code, output = _cli(argv + ["stage1.best_metric=eval/foo_nll"], capsys)
+    assert code == 2 and "stage1.best_metric=eval/foo_nll" in output, output
+    assert (out / "student_base").is_dir() and not (out / "run_state.json").exists()
+    code, output = _cli(argv, capsys)
+    assert code == 0, output
+    assert json.loads((out / "run_state.json").read_text())["finished"]
+
+
 @pytest.mark.parametrize("wrote_student_base", [False, True])
 def test_overwriting_clears_an_old_student_base_unless_this_run_wrote_it(tmp_path, wrote_student_base):
     """A run without LoRA over a LoRA run left the old run's student_base/ (a whole model) behind; a new LoRA

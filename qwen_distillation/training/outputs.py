@@ -278,7 +278,10 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
             raise ConfigError(f"output_dir={output_dir} holds an unfinished run with a different configuration"
                               f"{changed}; rerun its own command to resume it{kept}, choose another output_dir, "
                               f"or pass overwrite_output_dir=true to start over")
-    elif output_dir.exists() and any(e.name != LOCK_FILE for e in output_dir.iterdir()) and not overwrite:
+    # student_base/ alone is what a LoRA run that stopped before its first record left (an error found once its
+    # models had loaded, a Ctrl-C while its data were read): the same command, rerun, writes it again.
+    elif output_dir.exists() and any(e.name not in (LOCK_FILE, STUDENT_BASE) for e in output_dir.iterdir()) and \
+            not overwrite:
         raise ConfigError(f"output_dir={output_dir} exists, is not empty and holds no qwen_distillation run; "
                           f"choose a new directory or pass overwrite_output_dir=true to write into it")
     return state
