@@ -142,6 +142,17 @@ def test_a_weights_file_given_as_checkpoint_names_its_folder(saved_stage):
         load_student_checkpoint(str(saved_stage / "best" / "model.safetensors"), dtype=torch.float32)
 
 
+def test_a_stage_folders_file_given_as_checkpoint_names_an_export(saved_stage):
+    """`--checkpoint_path out/stage1/heads.pt` was told to pass `out/stage1`, which is refused in turn (a stage
+    folder holds no model): the hint names the stage's export."""
+    (saved_stage / "heads.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"checkpoint_path={saved_stage / 'heads.pt'}: is a file, not the directory of a saved stage (its "
+            f"config.json and weights); its folder {saved_stage} holds no saved model either: it is a stage folder: "
+            f"pass one of its exports, e.g. {saved_stage / 'best'}")):
+        load_student_checkpoint(str(saved_stage / "heads.pt"), dtype=torch.float32)
+
+
 def test_a_damaged_lora_adapter_or_its_base_names_the_file(tmp_path):
     from peft import LoraConfig, get_peft_model
 

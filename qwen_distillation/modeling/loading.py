@@ -323,6 +323,9 @@ def check_student_checkpoint(path: str, *, key: str | None = "checkpoint_path", 
     if os.path.isfile(path):  # a saved stage's model.safetensors or config.json, say
         folder = os.path.dirname(os.path.abspath(path))
         hint = f"pass the folder that holds it, e.g. {key}={folder}" if key else "pass the folder that holds it"
+        if not any(os.path.exists(os.path.join(folder, f)) for f in ("config.json", "adapter_config.json")):
+            # stageN/heads.pt: its folder is a stage folder, which holds no model either
+            hint = f"its folder {folder} holds no saved model either: {_not_a_stage_hint(folder)}"
         raise CheckpointError(f"{where}: is a file, not the directory of a saved stage (its config.json and weights); "
                               f"{fix or hint}")
     if not os.path.isdir(path):
