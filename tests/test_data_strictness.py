@@ -131,6 +131,22 @@ def test_a_sharegpt_turn_without_its_text_key_is_refused_not_read_as_empty(tmp_p
                              "write the turn's text under 'value' (with 'from') or 'content' (with 'role')")
 
 
+def test_a_sharegpt_system_field_and_system_turn_are_not_both_trained(tmp_path):
+    """A record with a top-level 'system' and a system turn in its messages trained a conversation with two
+    system prompts without a word; the same prompt twice is kept once, two different ones are refused."""
+    path = tmp_path / "chat.jsonl"
+    turns = [{"role": "system", "content": "You are a doctor."}, {"role": "user", "content": "Fever?"},
+             {"role": "assistant", "content": "Rest."}]
+    path.write_text(json.dumps({"system": "You are a doctor.", "messages": turns}) + "\n")
+    assert converted(path) == [turns]
+    path.write_text(json.dumps({"system": "You are a nurse.", "messages": turns}) + "\n")
+    assert refused(path) == (f"{path} line 1: sharegpt record has a 'system' field and a system turn in 'messages': "
+                             "the conversation would hold two system prompts; keep one (delete the field or the "
+                             "turn)")
+    path.write_text(json.dumps({"messages": turns}) + "\n")  # either one alone is as before
+    assert converted(path) == [turns]
+
+
 def test_a_blank_mmlu_option_e_is_no_option(tmp_path):
     """A blank E column (a table with one for some rows) was offered as "E. " and could be the answer."""
     path = tmp_path / "mmlu.jsonl"

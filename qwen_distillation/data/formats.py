@@ -226,6 +226,14 @@ def _sharegpt(record: dict, where: str) -> Messages:
             answers.append(number)
             if not messages[-1]["content"].strip():
                 blank_answers.append(number)
+    turn_systems = [m for m in messages[1 if system else 0:] if m["role"] == "system"]
+    if system and turn_systems:
+        if any(m["content"].strip() != system for m in turn_systems):
+            raise DataError(
+                f"{where}: sharegpt record has a 'system' field and a system turn in '{field}': the conversation "
+                "would hold two system prompts; keep one (delete the field or the turn)"
+            )
+        messages = [messages[0], *(m for m in messages[1:] if m["role"] != "system")]  # the same prompt twice
     # A trailing user turn has no response to learn from.
     while messages and messages[-1]["role"] != "assistant":
         messages.pop()
