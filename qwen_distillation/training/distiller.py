@@ -185,7 +185,6 @@ class Distiller:
         self._file_digest = functools.lru_cache(maxsize=None)(file_digest)
         refuse_trained_eval_sets(self.sources, ((f"eval.mcq[{i}]", s) for i, s in enumerate(self.mcq_sources)),
                                  digest=self._file_digest)
-        check_records(self.sources)  # a malformed record before the models load, not after
         self.device, self.precision = select_device(config.train)
         self.topo = dist.SINGLE  # the launch, once run() has started its process group
         self.mesh = None  # the ranks FSDP2 shards the models over (distributed=fsdp2), once built
@@ -914,6 +913,7 @@ class Distiller:
         if state is not None:
             check_same_data(state, self.data_sha256)
             check_same_checkpoint(state, cfg.checkpoint_path, checkpoint_fingerprint)
+        check_records(self.sources)  # a malformed record before the models load, not after
         if self.topo.is_main:
             check_wandb_login(cfg.logging.wandb)  # before models load and anything is written
         if cfg.train.num_threads > 0:
