@@ -355,6 +355,24 @@ def test_teacher_agreement_perturbed_pair_matches_full_logits(tokenizer, batches
         teacher_agreement(student, teacher, batches, vocab, teacher_states=states[:1])
 
 
+def test_a_model_with_nan_outputs_gets_no_agreement(tokenizer, batches):
+    """A student with a NaN weight got top-1 agreement and top-k overlap 0.0 (argmax and topk of NaN
+    logits pick token ids by chance) beside a NaN NLL and KL; the evaluate command showed them as
+    measured values, where a NaN MCQ accuracy is reported for the same model."""
+    vocab = len(tokenizer)
+    teacher = tiny_qwen2(TEACHER_COLUMNS, seed=5, tie=False)
+    broken = tiny_qwen2(STUDENT_COLUMNS, seed=0, tie=False)
+    with torch.no_grad():
+        broken.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    result = teacher_agreement(broken, teacher, batches, vocab, topk=5, chunk_size=4)
+    assert result["tokens"] > 0
+    for name in ("nll", "top1_agreement", "topk_overlap", "kl_to_teacher"):
+        assert math.isnan(result[name]), name
+    # A finite pair still gets numbers, and the teacher's kept states give the same.
+    healthy = teacher_agreement(teacher, teacher, batches, vocab, topk=5)
+    assert healthy["top1_agreement"] == 1.0 and healthy["topk_overlap"] == 1.0
+
+
 def test_trainer_evaluator_agreement_keeps_nll_and_skips_the_teacher(tokenizer, student, batches):
     from qwen_distillation.evaluation.evaluator import Evaluator
 

@@ -66,7 +66,9 @@ def teacher_agreement(student: nn.Module, teacher: nn.Module, batches: list[dict
         ``topk_overlap``: mean |top-k student ∩ top-k teacher| / k;
         ``kl_to_teacher``: mean forward KL(p_teacher || q_student) = sum_v p_t (log p_t - log q_s)
         per token, in nats (the teacher is the reference distribution);
-        ``tokens``: number of positions N. With N = 0 the four means are NaN.
+        ``tokens``: number of positions N. With N = 0 the four means are NaN, and so are
+        ``top1_agreement`` and ``topk_overlap`` when a model's distribution is not finite at a
+        position (a NaN weight): the argmax and top k of NaN logits pick token ids by chance.
     """
     if not 1 <= topk <= vocab_size:
         raise ValueError(f"topk must be between 1 and vocab_size ({vocab_size}), got {topk}")
@@ -77,8 +79,9 @@ def teacher_agreement(student: nn.Module, teacher: nn.Module, batches: list[dict
     if teacher_states is not None and len(teacher_states) != len(batches):
         raise ValueError(f"teacher_states holds {len(teacher_states)} entries for {len(batches)} batches")
 
-    def batch_sums(index: int) -> tuple[dict[str, float], int]:
+    def batch_sums(index: int) -> tuple[dict[str, float], int, bool]:
         sums = dict.fromkeys(AGREEMENT_KEYS, 0.0)
+        broken = False  # a position whose distribution is NaN (a -inf logit is a valid zero probability)
         batch = batches[index]
         labels = batch["labels"]
         mask = position_mask(labels)
@@ -94,6 +97,7 @@ def teacher_agreement(student: nn.Module, teacher: nn.Module, batches: list[dict
             t_logits = _chunk_logits(teacher, t_states[start:end], vocab_size, device)
             s_logprobs = torch.log_softmax(s_logits, dim=-1)
             t_logprobs = torch.log_softmax(t_logits, dim=-1)
+            broken = broken or bool(s_logprobs.isnan().any() or t_logprobs.isnan().any())
             sums["nll"] += float(-s_logprobs.gather(1, targets[start:end, None]).sum())
             sums["top1_agreement"] += float((s_logits.argmax(-1) == t_logits.argmax(-1)).sum())
             s_top, t_top = s_logits.topk(topk, dim=-1).indices, t_logits.topk(topk, dim=-1).indices
@@ -103,16 +107,19 @@ def teacher_agreement(student: nn.Module, teacher: nn.Module, batches: list[dict
             t_probs = t_logprobs.exp()
             kl = torch.where(t_probs > 0, t_probs * (t_logprobs - s_logprobs), 0.0)
             sums["kl_to_teacher"] += float(kl.sum())
-        return sums, int(targets.shape[0])
+        return sums, int(targets.shape[0]), broken
 
     sums = dict.fromkeys(AGREEMENT_KEYS, 0.0)
-    tokens = 0
-    for batch_sum, batch_tokens in map_shared(batch_sums, list(range(len(batches))), shard):
+    tokens, broken = 0, False
+    for batch_sum, batch_tokens, batch_broken in map_shared(batch_sums, list(range(len(batches))), shard):
         for name, value in batch_sum.items():
             sums[name] += value
         tokens += batch_tokens
+        broken = broken or batch_broken
     student.train(modes[0])
     teacher.train(modes[1])
     result = {name: (value / tokens if tokens else float("nan")) for name, value in sums.items()}
+    if broken:  # the nll and KL sums are NaN already; the match counts would be chance
+        result["top1_agreement"] = result["topk_overlap"] = float("nan")
     result["tokens"] = tokens
     return result
