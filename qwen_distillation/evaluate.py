@@ -11,8 +11,9 @@ with the evaluator and metric names of evaluation during training.
 Each ``--model NAME=PATH`` is a saved stage directory, a hub id, a local model directory or a
 ``.gguf`` file (``package:`` paths resolve inside installed packages). ``--nll NAME=FILE``
 sets give ``eval/NAME_nll`` and ``eval/NAME_ppl`` (and, with ``--teacher``, the agreement
-metrics ``eval/NAME_top1_agreement``, ``eval/NAME_topk_overlap``, ``eval/NAME_kl_to_teacher``
-for every other model); with ``--text_metrics``, every model answers the first
+metrics ``eval/NAME_top1_agreement``, ``eval/NAME_topk_overlap`` (k: ``--agreement_top_k``,
+by default the ``--run``'s ``eval.agreement_top_k``, else 5), ``eval/NAME_kl_to_teacher`` for
+every other model); with ``--text_metrics``, every model answers the first
 ``--text_metrics_max_examples`` examples of each ``--nll`` set greedily (chat template, at most
 ``--max_new_tokens`` tokens) and its answers are scored against the examples' responses:
 ``eval/NAME_bleu4``, ``eval/NAME_rouge1``, ``eval/NAME_rouge2``, ``eval/NAME_rougeL`` (word
@@ -121,28 +122,36 @@ def load_any_tokenizer(name: str, path: str, key: str | None = None, fix: str | 
         raise DistillationError(f"{key or f'--model {name}'}={path}: cannot load a tokenizer from it: {err}") from err
 
 
-def run_data(run: str):
-    """The data config of the run in ``run`` (its output_dir, ``--run``), checked as the run checks it: its
-    ``config.yaml`` (as the run recorded it) and the data files it read, unchanged since (run_state.json's
-    sha256 of each), or its held-out split would not be the run's."""
+def run_config(run: str):
+    """The config of the run in ``run`` (its output_dir, ``--run``), from its ``config.yaml`` as the run
+    recorded it."""
     from omegaconf import OmegaConf
 
     from qwen_distillation.config.schema import DistillationConfig
     from qwen_distillation.config.validate import validate_config
-    from qwen_distillation.data.generated import file_digest
-    from qwen_distillation.data.sources import data_sources
-    from qwen_distillation.training import checkpoint as ckpt
-    from qwen_distillation.training.distiller import data_entries
 
     folder = Path(run).expanduser()
     fix = "give a run's output_dir (it holds config.yaml and run_state.json)"
     if not (folder / "config.yaml").is_file():
         raise ConfigError(f"--run {run}: no config.yaml there; {fix}")
     try:
-        config = validate_config(OmegaConf.merge(OmegaConf.structured(DistillationConfig),
-                                                 OmegaConf.load(folder / "config.yaml")))
+        return validate_config(OmegaConf.merge(OmegaConf.structured(DistillationConfig),
+                                               OmegaConf.load(folder / "config.yaml")))
     except Exception as err:  # noqa: BLE001 - a config this version does not read: named, not a traceback
         raise ConfigError(f"--run {run}: its config.yaml cannot be read as a run config ({err}); {fix}") from None
+
+
+def run_data(run: str):
+    """The data config of the run in ``run`` (its output_dir, ``--run``), checked as the run checks it: its
+    ``config.yaml`` (:func:`run_config`) and the data files it read, unchanged since (run_state.json's
+    sha256 of each), or its held-out split would not be the run's."""
+    from qwen_distillation.data.generated import file_digest
+    from qwen_distillation.data.sources import data_sources
+    from qwen_distillation.training import checkpoint as ckpt
+    from qwen_distillation.training.distiller import data_entries
+
+    folder = Path(run).expanduser()
+    config = run_config(run)
     try:
         sources = data_sources(config.data)
     except DistillationError as err:  # a relative path read from another directory than the run's, a moved file
@@ -178,13 +187,17 @@ def run_heldout_sets(run: str, tokenizer) -> dict[str, list[dict]]:
 def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str, str], mcq_sets: dict[str, str],
              max_examples: int, max_length: int, device: torch.device, text_metrics_max_examples: int = 0,
              max_new_tokens: int = 64, mcq_max_items: int | None = 200,
-             run: str | None = None) -> dict[str, dict[str, float]]:
+             run: str | None = None, agreement_top_k: int = 5) -> dict[str, dict[str, float]]:
     """Metrics per model name, from one :class:`Evaluator` (see the module docstring);
     ``text_metrics_max_examples`` > 0 adds BLEU/ROUGE on that many examples of each NLL set;
     ``mcq_max_items``: items scored per MCQ set (None: all), recorded as ``eval/mcq/NAME_items``;
-    ``run``: a run's output_dir, whose held-out sets (:func:`run_heldout_sets`) are scored too."""
+    ``run``: a run's output_dir, whose held-out sets (:func:`run_heldout_sets`) are scored too;
+    ``agreement_top_k``: k of ``eval/<set>_topk_overlap`` (a run's ``eval.agreement_top_k``)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = load_any_tokenizer(*((teacher, models[teacher]) if teacher else next(iter(models.items()))))
+    if teacher and agreement_top_k > len(tokenizer):  # teacher_agreement's ValueError, named as this command's option
+        raise ConfigError(f"--agreement_top_k {agreement_top_k}: topk_overlap compares the top k of the "
+                          f"{len(tokenizer)} tokens of the tokenizer, so k must be at most {len(tokenizer)}")
     # Mappings, so that a name the set names refuse is named as such (a NAME=FILE string with such a name
     # was read as one path, and refused as a file not found).
     mcq_sources = normalise_mcq_sources("--mcq", [{"name": name, "path": path} for name, path in mcq_sets.items()])
@@ -202,7 +215,7 @@ def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str,
     teacher_model = load_model(teacher, models[teacher], dtype).to(device).eval() if teacher else None
     evaluator = Evaluator(teacher=teacher_model, tokenizer=tokenizer, vocab_size=len(tokenizer),
                           heldout=heldout_batches(eval_sets, tokenizer.pad_token_id, device),
-                          agreement=teacher_model is not None, mcq_sets=mcq_items,
+                          agreement=teacher_model is not None, agreement_top_k=agreement_top_k, mcq_sets=mcq_items,
                           text_sets={name: examples[:text_metrics_max_examples] for name, examples in eval_sets.items()
                                      if text_metrics_max_examples > 0}, max_new_tokens=max_new_tokens,
                           autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16,
@@ -269,6 +282,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.mcq_max_items < 0:
         raise ConfigError(f"--mcq_max_items {args.mcq_max_items}: must be >= 1, or 0 for every item (leave it out "
                           f"for the default, 200, as a run's eval.mcq_max_items)")
+    if args.agreement_top_k is not None and args.agreement_top_k < 1:
+        raise ConfigError(f"--agreement_top_k {args.agreement_top_k}: must be >= 1 (e.g. `--agreement_top_k 5`)")
     if args.max_length < 16:
         raise ConfigError(f"--max_length {args.max_length}: must be >= 16 tokens (e.g. `--max_length 512`)")
 
@@ -293,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text_metrics_max_examples", type=int, default=16,
                         help="examples answered per --nll set with --text_metrics (the first ones)")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="length limit of each greedy answer")
+    parser.add_argument("--agreement_top_k", type=int, default=None,
+                        help="k of eval/<set>_topk_overlap (with --teacher); default: the --run's "
+                             "eval.agreement_top_k, else 5 (a run's default)")
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, type=os.path.expanduser,
@@ -312,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                               "run's output_dir with --run")
         if args.run:
             run_data(args.run)  # before any model loads: no run there, a data file changed since
+        top_k = (args.agreement_top_k if args.agreement_top_k is not None
+                 else run_config(args.run).eval.agreement_top_k if args.run else 5)
         check_out(args.out, args.overwrite)
         device = check_device(args.device)
         for name, path in models.items():  # before any model loads: a mistyped path, a folder with no model
@@ -321,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                            max_length=args.max_length, device=device,
                            text_metrics_max_examples=args.text_metrics_max_examples if args.text_metrics else 0,
                            max_new_tokens=args.max_new_tokens, mcq_max_items=args.mcq_max_items or None,
-                           run=args.run)
+                           run=args.run, agreement_top_k=top_k)
     except DistillationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -115,6 +115,7 @@ def test_bad_arguments_are_refused_before_any_model_loads(tiny_run, tmp_path, ca
     (["--max_examples", "-1"], "--max_examples -1: must be >= 1"),  # [:-1]: all but one example
     (["--max_length", "0"], "--max_length 0: must be >= 16 tokens"),
     (["--mcq_max_items", "-1"], "--mcq_max_items -1: must be >= 1, or 0 for every item"),
+    (["--agreement_top_k", "0"], "--agreement_top_k 0: must be >= 1"),
     (["--device", "tpu"], "--device tpu: not a device torch knows; use cpu or cuda"),
     (["--device", "meta"], "--device meta: not a device this project runs on; use cpu or cuda"),
 ])
@@ -220,3 +221,25 @@ def test_a_runs_own_held_out_sets_score_as_the_run_scored_them(tiny_run, tmp_pat
                  str(tmp_path / "o"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 0 and f"warning: --run {moved}: the held-out sets built here are not the run's" in err, err
+
+
+def test_a_runs_topk_overlap_is_scored_with_its_own_k(tiny_run, tmp_path, capsys):
+    """A run with eval.agreement_top_k=50 logs eval/<set>_topk_overlap over the top 50 tokens; the evaluate
+    command always used k=5 (no option set it, --run did not read it), so the same key held another number."""
+    teacher = tiny_run / "stage1" / "final"
+    out = tmp_path / "run"
+    run(compose_config(tiny_overrides(out, steps=1, evaluation=True) + [
+        "end_stage=1", "eval.mcq=[]", "eval.samples=false", "eval.agreement_top_k=50",
+        "model.teacher.random_init=null", f"model.teacher.path={teacher}"]))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    flags = ["--model", f"teacher={teacher}", "--teacher", "teacher", "--model", f"s={out / 'stage1' / 'final'}",
+             "--run", str(out), "--device", "cpu"]
+    assert main([*flags, "--out", str(tmp_path / "e1")]) == 0
+    results = json.loads((tmp_path / "e1" / "results.json").read_text())["s"]
+    for key in ("eval/general_topk_overlap", "eval/medical_topk_overlap", "eval/medical_top1_agreement"):
+        assert results[key] == pytest.approx(logged[key], rel=1e-6, abs=1e-9), key
+    # --agreement_top_k overrides it: k=5 is another number here.
+    assert main([*flags, "--agreement_top_k", "5", "--out", str(tmp_path / "e2")]) == 0
+    five = json.loads((tmp_path / "e2" / "results.json").read_text())["s"]
+    assert five["eval/general_topk_overlap"] != pytest.approx(logged["eval/general_topk_overlap"], rel=1e-6)
+    capsys.readouterr()
