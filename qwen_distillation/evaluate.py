@@ -22,7 +22,9 @@ NAME=FILE`` sets give ``eval/mcq/NAME_accuracy`` (format detected from the field
 medmcqa, mmlu or pubmedqa) over the first ``--mcq_max_items`` items of each (default 200, as a run's
 ``eval.mcq_max_items``; 0: every item), and ``eval/mcq/NAME_items``, how many were scored.
 ``--run OUTPUT_DIR`` adds the held-out sets of that run (its split, ``data.max_length`` and
-``data.max_eval_examples``; ``eval/general_nll``, ``eval/medical_nll``, ...), as the run scored them.
+``data.max_eval_examples``; ``eval/general_nll``, ``eval/medical_nll``, ...), as the run scored them,
+and the evaluation settings the flags leave out are that run's (``eval.mcq_max_items``,
+``eval.text_metrics_max_examples``, ``eval.max_new_tokens``, ``eval.agreement_top_k``).
 ``--max_examples`` caps the ``--nll`` sets only. The same names as a run's ``metrics.jsonl`` and report. Writes
 ``results.json`` and ``results.md`` into the directory ``--out``, each under a temporary name and renamed
 into place; an ``--out`` that holds earlier results is refused (before any model loads) unless
@@ -40,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_distillation.config.schema import ModelSpec
+from qwen_distillation.config.schema import EvalConfig, ModelSpec
 from qwen_distillation.data.sources import DataSource, encode_source
 from qwen_distillation.errors import ConfigError, DataError, DistillationError
 from qwen_distillation.evaluation.evaluator import Evaluator, heldout_batches
@@ -185,11 +187,11 @@ def run_heldout_sets(run: str, tokenizer) -> dict[str, list[dict]]:
 
 
 def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str, str], mcq_sets: dict[str, str],
-             max_examples: int, max_length: int, device: torch.device, text_metrics_max_examples: int = 0,
+             max_examples: int, max_length: int, device: torch.device, text_metrics_max_examples: int | None = 0,
              max_new_tokens: int = 64, mcq_max_items: int | None = 200,
              run: str | None = None, agreement_top_k: int = 5) -> dict[str, dict[str, float]]:
     """Metrics per model name, from one :class:`Evaluator` (see the module docstring);
-    ``text_metrics_max_examples`` > 0 adds BLEU/ROUGE on that many examples of each NLL set;
+    ``text_metrics_max_examples`` > 0 adds BLEU/ROUGE on that many examples of each NLL set (None: on all);
     ``mcq_max_items``: items scored per MCQ set (None: all), recorded as ``eval/mcq/NAME_items``;
     ``run``: a run's output_dir, whose held-out sets (:func:`run_heldout_sets`) are scored too;
     ``agreement_top_k``: k of ``eval/<set>_topk_overlap`` (a run's ``eval.agreement_top_k``)."""
@@ -217,7 +219,7 @@ def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str,
                           heldout=heldout_batches(eval_sets, tokenizer.pad_token_id, device),
                           agreement=teacher_model is not None, agreement_top_k=agreement_top_k, mcq_sets=mcq_items,
                           text_sets={name: examples[:text_metrics_max_examples] for name, examples in eval_sets.items()
-                                     if text_metrics_max_examples > 0}, max_new_tokens=max_new_tokens,
+                                     if text_metrics_max_examples != 0}, max_new_tokens=max_new_tokens,
                           autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16,
                                                           enabled=device.type == "cuda"))
     return {name: {**evaluator.metrics(teacher_model if name == teacher else load_model(name, path, dtype).to(device)),
@@ -269,8 +271,13 @@ def _check_text_metrics(args: argparse.Namespace) -> None:
         raise ConfigError("--text_metrics scores answers to the examples of the --nll (or --run) sets: add one, e.g. "
                           "`--nll medical=package:qwen_distillation/data/demo/medical.jsonl`")
     for flag in ("text_metrics_max_examples", "max_new_tokens"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} {getattr(args, flag)}: must be >= 1 (e.g. `--{flag} 16`)")
+
+
+def _given(value, default):
+    """A flag's value, or ``default`` where it was left out (None)."""
+    return default if value is None else value
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -279,7 +286,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.max_examples < 1:
         raise ConfigError(f"--max_examples {args.max_examples}: must be >= 1 (leave it out for the default, 64; "
                           f"e.g. `--max_examples 64`)")
-    if args.mcq_max_items < 0:
+    if args.mcq_max_items is not None and args.mcq_max_items < 0:
         raise ConfigError(f"--mcq_max_items {args.mcq_max_items}: must be >= 1, or 0 for every item (leave it out "
                           f"for the default, 200, as a run's eval.mcq_max_items)")
     if args.agreement_top_k is not None and args.agreement_top_k < 1:
@@ -300,14 +307,16 @@ def main(argv: list[str] | None = None) -> int:
                              "file; its split, data.max_length and data.max_eval_examples), named as in its metrics")
     parser.add_argument("--max_examples", type=int, default=64, help="examples scored per --nll set (the first "
                                                                       "ones)")
-    parser.add_argument("--mcq_max_items", type=int, default=200,
-                        help="items scored per --mcq set (the first ones; 0: every item); default 200, as a run's "
-                             "eval.mcq_max_items")
+    parser.add_argument("--mcq_max_items", type=int, default=None,
+                        help="items scored per --mcq set (the first ones; 0: every item); default: the --run's "
+                             "eval.mcq_max_items, else 200 (a run's default)")
     parser.add_argument("--text_metrics", action="store_true",
                         help="BLEU-4 and ROUGE-1/2/L of each model's greedy answers on the --nll sets")
-    parser.add_argument("--text_metrics_max_examples", type=int, default=16,
-                        help="examples answered per --nll set with --text_metrics (the first ones)")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="length limit of each greedy answer")
+    parser.add_argument("--text_metrics_max_examples", type=int, default=None,
+                        help="examples answered per set with --text_metrics (the first ones); default: the --run's "
+                             "eval.text_metrics_max_examples, else 16")
+    parser.add_argument("--max_new_tokens", type=int, default=None,
+                        help="length limit of each greedy answer; default: the --run's eval.max_new_tokens, else 64")
     parser.add_argument("--agreement_top_k", type=int, default=None,
                         help="k of eval/<set>_topk_overlap (with --teacher); default: the --run's "
                              "eval.agreement_top_k, else 5 (a run's default)")
@@ -330,8 +339,11 @@ def main(argv: list[str] | None = None) -> int:
                               "run's output_dir with --run")
         if args.run:
             run_data(args.run)  # before any model loads: no run there, a data file changed since
-        top_k = (args.agreement_top_k if args.agreement_top_k is not None
-                 else run_config(args.run).eval.agreement_top_k if args.run else 5)
+        # What the flags leave out: the run's own evaluation settings (its metrics' numbers), else a run's defaults.
+        settings = run_config(args.run).eval if args.run else EvalConfig()
+        mcq_max_items = settings.mcq_max_items if args.mcq_max_items is None else args.mcq_max_items or None
+        answered = (settings.text_metrics_max_examples if args.text_metrics_max_examples is None
+                    else args.text_metrics_max_examples)
         check_out(args.out, args.overwrite)
         device = check_device(args.device)
         for name, path in models.items():  # before any model loads: a mistyped path, a folder with no model
@@ -339,9 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate(models, teacher=args.teacher, nll_sets=_pairs(args.nll, "--nll"),
                            mcq_sets=_pairs(args.mcq, "--mcq"), max_examples=args.max_examples,
                            max_length=args.max_length, device=device,
-                           text_metrics_max_examples=args.text_metrics_max_examples if args.text_metrics else 0,
-                           max_new_tokens=args.max_new_tokens, mcq_max_items=args.mcq_max_items or None,
-                           run=args.run, agreement_top_k=top_k)
+                           text_metrics_max_examples=answered if args.text_metrics else 0,
+                           max_new_tokens=_given(args.max_new_tokens, settings.max_new_tokens),
+                           mcq_max_items=mcq_max_items, run=args.run,
+                           agreement_top_k=_given(args.agreement_top_k, settings.agreement_top_k))
     except DistillationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -243,3 +243,19 @@ def test_a_runs_topk_overlap_is_scored_with_its_own_k(tiny_run, tmp_path, capsys
     five = json.loads((tmp_path / "e2" / "results.json").read_text())["s"]
     assert five["eval/general_topk_overlap"] != pytest.approx(logged["eval/general_topk_overlap"], rel=1e-6)
     capsys.readouterr()
+
+
+def test_the_settings_the_flags_leave_out_are_the_runs(tiny_run, tmp_path, monkeypatch):
+    """With --run, BLEU/ROUGE were scored on 16 answers of 64 tokens and MCQ sets on 200 items whatever the
+    run had scored (the demo preset: 4 answers of 32 tokens): the same metric names, other numbers. The
+    flags left out now take the run's eval settings; a flag given wins; without --run, a run's defaults."""
+    seen = []
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda models, **kwargs: seen.append(kwargs) or {})
+    final = str(tiny_run / "stage2" / "final")
+    assert main(["--model", f"s={final}", "--run", str(tiny_run), "--text_metrics", "--out", str(tmp_path / "a")]) == 0
+    assert main(["--model", f"s={final}", "--run", str(tiny_run), "--text_metrics", "--max_new_tokens", "8",
+                 "--mcq_max_items", "0", "--out", str(tmp_path / "b")]) == 0
+    nll = "m=package:qwen_distillation/data/demo/medical.jsonl"
+    assert main(["--model", f"s={final}", "--nll", nll, "--text_metrics", "--out", str(tmp_path / "c")]) == 0
+    keys = ("text_metrics_max_examples", "max_new_tokens", "mcq_max_items", "agreement_top_k")
+    assert [tuple(k[key] for key in keys) for k in seen] == [(4, 32, 200, 5), (4, 8, None, 5), (16, 64, 200, 5)]
