@@ -51,6 +51,7 @@ from qwen_distillation.evaluation.report import json_safe
 from qwen_distillation.modeling.device import parse_device
 from qwen_distillation.modeling.loading import (check_student_checkpoint, load_causal_lm, load_student_checkpoint,
                                                 require_existing, split_gguf)
+from qwen_distillation.modeling.parts import head_weights, weight_shape
 from qwen_distillation.modeling.tokenizer import load_tokenizer
 from qwen_distillation.paths import locate, refuse_file_in_the_way, resolve_path
 
@@ -122,6 +123,33 @@ def load_any_tokenizer(name: str, path: str, key: str | None = None, fix: str | 
         raise
     except (OSError, ValueError) as err:
         raise DistillationError(f"{key or f'--model {name}'}={path}: cannot load a tokenizer from it: {err}") from err
+
+
+def check_same_vocabulary(reference: tuple[str, str], reference_tokenizer, other: tuple[str, str], tokenizer) -> None:
+    """Every set is encoded with one tokenizer (the teacher's, else the first model's), so every model must
+    share its vocabulary: another one's NLL, agreement and MCQ scores would read token ids it does not have.
+
+    Raises:
+        ConfigError: naming both --model options and a few tokens that differ.
+    """
+    ours, theirs = reference_tokenizer.get_vocab(), tokenizer.get_vocab()
+    if ours == theirs:
+        return
+    only_ours = sorted(set(ours.items()) - set(theirs.items()), key=lambda kv: kv[1])[:3]
+    only_theirs = sorted(set(theirs.items()) - set(ours.items()), key=lambda kv: kv[1])[:3]
+    raise ConfigError(f"--model {other[0]}={other[1]}: its tokenizer ({len(theirs)} tokens) is not that of --model "
+                      f"{reference[0]}={reference[1]} ({len(ours)} tokens; e.g. {only_ours} vs {only_theirs}), "
+                      f"which encodes every set: its scores would read another vocabulary's token ids; compare "
+                      f"models of one tokenizer (run the command once per tokenizer)")
+
+
+def check_logit_columns(model, name: str, path: str, reference: tuple[str, str], size: int) -> None:
+    """A model with fewer logit columns than the tokenizer encoding the sets has tokens (ids) it cannot score."""
+    columns = weight_shape(head_weights(model)[0])[0]
+    if columns < size:
+        raise ConfigError(f"--model {name}={path}: the model has {columns} logit columns but the tokenizer that "
+                          f"encodes the sets (of --model {reference[0]}={reference[1]}) has {size} tokens; the model "
+                          f"and that tokenizer do not belong together")
 
 
 def run_config(run: str):
@@ -196,7 +224,11 @@ def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str,
     ``run``: a run's output_dir, whose held-out sets (:func:`run_heldout_sets`) are scored too;
     ``agreement_top_k``: k of ``eval/<set>_topk_overlap`` (a run's ``eval.agreement_top_k``)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = load_any_tokenizer(*((teacher, models[teacher]) if teacher else next(iter(models.items()))))
+    reference = (teacher, models[teacher]) if teacher else next(iter(models.items()))
+    tokenizer = load_any_tokenizer(*reference)
+    for name, path in models.items():  # before any model loads
+        if name != reference[0]:
+            check_same_vocabulary(reference, tokenizer, (name, path), load_any_tokenizer(name, path))
     if teacher and agreement_top_k > len(tokenizer):  # teacher_agreement's ValueError, named as this command's option
         raise ConfigError(f"--agreement_top_k {agreement_top_k}: topk_overlap compares the top k of the "
                           f"{len(tokenizer)} tokens of the tokenizer, so k must be at most {len(tokenizer)}")
@@ -214,7 +246,12 @@ def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str,
             raise ConfigError(f"--nll {name}={nll_sets[name]}: --run {run} has a held-out set of this name; give the "
                               f"--nll set another name")
         eval_sets[name] = examples
-    teacher_model = load_model(teacher, models[teacher], dtype).to(device).eval() if teacher else None
+    def checked(name: str, path: str):
+        model = load_model(name, path, dtype)
+        check_logit_columns(model, name, path, reference, len(tokenizer))
+        return model.to(device)
+
+    teacher_model = checked(teacher, models[teacher]).eval() if teacher else None
     evaluator = Evaluator(teacher=teacher_model, tokenizer=tokenizer, vocab_size=len(tokenizer),
                           heldout=heldout_batches(eval_sets, tokenizer.pad_token_id, device),
                           agreement=teacher_model is not None, agreement_top_k=agreement_top_k, mcq_sets=mcq_items,
@@ -222,7 +259,7 @@ def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str,
                                      if text_metrics_max_examples != 0}, max_new_tokens=max_new_tokens,
                           autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16,
                                                           enabled=device.type == "cuda"))
-    return {name: {**evaluator.metrics(teacher_model if name == teacher else load_model(name, path, dtype).to(device)),
+    return {name: {**evaluator.metrics(teacher_model if name == teacher else checked(name, path)),
                    **counts} for name, path in models.items()}
 
 

@@ -259,3 +259,47 @@ def test_the_settings_the_flags_leave_out_are_the_runs(tiny_run, tmp_path, monke
     assert main(["--model", f"s={final}", "--nll", nll, "--text_metrics", "--out", str(tmp_path / "c")]) == 0
     keys = ("text_metrics_max_examples", "max_new_tokens", "mcq_max_items", "agreement_top_k")
     assert [tuple(k[key] for key in keys) for k in seen] == [(4, 32, 200, 5), (4, 8, None, 5), (16, 64, 200, 5)]
+
+
+def test_a_model_of_another_tokenizer_is_refused_before_any_model_loads(tiny_run, tokenizer, tmp_path, capsys,
+                                                                        monkeypatch):
+    """Every set is encoded with the teacher's tokenizer: a model of another one was scored on token ids of a
+    vocabulary it does not have (NLL, agreement and MCQ numbers, silently meaningless)."""
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["<medterm>"])
+    monkeypatch.setattr(evaluate_module, "load_any_tokenizer",
+                        lambda name, *args, **kwargs: other if name == "b" else tokenizer)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the tokenizers were compared")
+
+    monkeypatch.setattr(evaluate_module, "load_model", no_model)
+    final = tiny_run / "stage1" / "final"
+    code = main(["--model", f"a={final}", "--model", f"b={final}", "--teacher", "a", "--nll",
+                 "m=package:qwen_distillation/data/demo/medical.jsonl", "--max_length", "96", "--device", "cpu",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: --model b={final}: its tokenizer (151666 tokens) is not that of "
+                                        f"--model a={final} (151665 tokens; e.g. [] vs [('<medterm>', 151665)])"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_fewer_logit_columns_than_the_tokenizer_is_a_clear_error(tiny_run, tokenizer, tmp_path, capsys,
+                                                                               monkeypatch):
+    """It crashed in the embedding lookup (IndexError: index out of range in self)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = tmp_path / "small"
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(small)
+    monkeypatch.setattr(evaluate_module, "load_any_tokenizer", lambda *args, **kwargs: tokenizer)
+    final = tiny_run / "stage1" / "final"
+    code = main(["--model", f"t={final}", "--model", f"s={small}", "--teacher", "t", "--nll",
+                 "m=package:qwen_distillation/data/demo/medical.jsonl", "--max_examples", "2", "--max_length", "96",
+                 "--device", "cpu", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: --model s={small}: the model has 1000 logit columns but the "
+                                        f"tokenizer that encodes the sets (of --model t={final}) has 151665 "
+                                        f"tokens"), err
