@@ -66,6 +66,8 @@ def arm_overrides(arm: str, steps: int, out: Path, device: str, mcq_items: int, 
     if arm == "single_stage_kd":
         return common + ["start_stage=3", "end_stage=3", f"stage3.max_steps={steps}", "stage3.temperature=2",
                          "stage3.loss.weights.kd=0.5", "stage3.loss.weights.ce=0.5", "stage3.sampling.mode=uniform"]
+    if arm != "three_stage":
+        raise ValueError(f"unknown arm {arm!r}: one of {', '.join(ARMS)}")
     third = steps // 3
     return common + [f"stage1.max_steps={third}", f"stage2.max_steps={third}", f"stage3.max_steps={steps - 2 * third}"]
 
@@ -115,9 +117,17 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[],
                         help="a further Hydra override for every arm (repeatable), e.g. model.teacher.fp8=true")
     args = parser.parse_args()
+    # Checked before any arm runs: an unknown name ran the three-stage pipeline under that name, and fewer than
+    # 3 steps stopped the three-stage arm (stage1.max_steps=0) after the other arms had run.
+    chosen = args.arms.split(",")
+    if unknown := [arm for arm in chosen if arm not in ARMS]:
+        parser.error(f"--arms {args.arms}: unknown arm(s) {unknown}; choose from {','.join(ARMS)}")
+    if "three_stage" in chosen and args.steps < 3:
+        parser.error(f"--steps {args.steps}: the three_stage arm gives a third of the steps to each of its stages, "
+                     f"so it needs --steps 3 or more")
     out = Path(args.out)
     rows = []
-    for arm in args.arms.split(","):
+    for arm in chosen:
         run(compose_arm(arm_overrides(arm, args.steps, out, args.device, args.mcq_items, args.teacher_path,
                                       args.reduced) + args.override))
         rows.append(arm_row(arm, out / arm))

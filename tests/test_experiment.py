@@ -31,3 +31,21 @@ def test_each_arm_reports_its_runs_final_evaluation(tmp_path):
     table = arms.markdown(rows, {"steps": 3, "device": "cpu", "mcq_items": 2}).splitlines()
     assert table[2] == "| " + " | ".join(["arm", "optimizer_steps", "train_tokens", *arms.METRICS]) + " |"
     assert [line.split(" | ")[0] for line in table[4:7]] == [f"| {arm}" for arm in arms.ARMS]
+
+
+def test_an_unknown_arm_or_too_few_steps_are_refused_before_any_arm_runs(tmp_path, monkeypatch, capsys):
+    """A misspelt arm (`--arms finetune_ce,single_stage`) ran the three-stage pipeline under that name, and
+    `--steps 2` stopped the three-stage arm (stage1.max_steps: 0) only after the other arms had run."""
+    import pytest
+
+    monkeypatch.setattr(arms, "run", lambda cfg: (_ for _ in ()).throw(AssertionError("an arm ran")))
+    with pytest.raises(ValueError, match="unknown arm 'single_stage'"):
+        arms.arm_overrides("single_stage", 3, tmp_path, "cpu", mcq_items=2)
+    for argv, message in ((["--arms", "finetune_ce,single_stage"], "--arms finetune_ce,single_stage: unknown arm(s) "
+                                                                    "['single_stage']"),
+                          (["--steps", "2"], "--steps 2: the three_stage arm gives a third of the steps")):
+        monkeypatch.setattr("sys.argv", ["three_stage_vs_finetune.py", "--out", str(tmp_path / "out"), *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            arms.main()
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
