@@ -485,3 +485,21 @@ def test_a_directory_without_a_saved_model_is_named_for_what_it_holds(tmp_path):
         with pytest.raises(CheckpointError, match="holds no config.json or adapter_config.json") as err:
             check_student_checkpoint(str(path))
         assert hint in str(err.value) and f"checkpoint_path={path}" in str(err.value)
+
+
+def test_a_model_folder_saved_without_its_tokenizer_is_refused_naming_it(tmp_path, capsys):
+    """A Llama model saved with save_pretrained alone (no tokenizer files): transformers tried the tokenizer class its
+    config.json names and the run stopped with "You need to have sentencepiece or tiktoken installed"."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(folder)
+    with pytest.raises(CheckpointError) as err:
+        tokenizer_for(ModelSpec(path=str(folder)), "teacher")
+    assert str(err.value).startswith(f"{folder}: holds no tokenizer (no tokenizer.json, tokenizer_config.json, ")
+    assert str(err.value).endswith("or take it from an intact copy with model.teacher.tokenizer=PATH")
+    capsys.readouterr()  # save_pretrained's progress bar
+    code = evaluate_main(["--model", f"m={folder}", "--nll", "m=package:qwen_distillation/data/demo/medical.jsonl",
+                          "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    assert code == 2 and capsys.readouterr().err.startswith(f"error: {folder}: holds no tokenizer"), code

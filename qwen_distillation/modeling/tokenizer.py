@@ -248,6 +248,15 @@ MIN_VOCABULARY = 100  # fewer tokens than this and none of VOCABULARY_FILES: a f
 VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
 
 
+def _holds_no_tokenizer(path: str) -> bool:
+    """A local folder with no file a tokenizer is read from (a model saved without ``tokenizer.save_pretrained``):
+    no tokenizer_config.json, no vocabulary file, nothing named like one (``*.model``, ``*.tiktoken``, ``*vocab*``,
+    ``*merges*``, ``*tokenizer*``)."""
+    names = [name.lower() for name in os.listdir(path)]
+    return not any(name.endswith((".model", ".tiktoken")) or any(part in name for part in ("vocab", "merges", "token"))
+                   for name in names)
+
+
 def load_tokenizer(
     path: str,
     *,
@@ -266,6 +275,13 @@ def load_tokenizer(
         return build_qwen_tokenizer()
     if os.path.isdir(path) and gguf_file is None:
         check_tokenizer_dir(path, fix or f"download, copy or export the tokenizer in {path} again")
+        if _holds_no_tokenizer(path):
+            # transformers then tried the class config.json names and failed on what it lacks ("install
+            # sentencepiece or tiktoken" for a Llama, Gemma or Mistral folder).
+            raise CheckpointError(f"{path}: holds no tokenizer (no tokenizer.json, tokenizer_config.json, vocab.json "
+                                  f"and merges.txt or tokenizer.model): a model saved without its tokenizer (save it "
+                                  f"beside the model with tokenizer.save_pretrained({path})); "
+                                  f"{fix or f'download, copy or export the tokenizer in {path} again'}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             path, gguf_file=gguf_file, trust_remote_code=trust_remote_code, revision=revision
