@@ -32,6 +32,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from qwen_distillation.app import CONF_DIR, run  # noqa: E402
+from qwen_distillation.errors import DistillationError  # noqa: E402
 
 ARMS = ("finetune_ce", "single_stage_kd", "three_stage")
 # What each arm reports: its run's own evaluation of the final student (conf/experiment/arms.yaml).
@@ -128,8 +129,11 @@ def main() -> None:
     out = Path(args.out)
     rows = []
     for arm in chosen:
-        run(compose_arm(arm_overrides(arm, args.steps, out, args.device, args.mcq_items, args.teacher_path,
-                                      args.reduced) + args.override))
+        try:
+            run(compose_arm(arm_overrides(arm, args.steps, out, args.device, args.mcq_items, args.teacher_path,
+                                          args.reduced) + args.override))
+        except DistillationError as err:  # as run_distillation.py reports it (an --out of another --steps: a traceback)
+            sys.exit(f"error: arm {arm}: {err}")
         rows.append(arm_row(arm, out / arm))
         (out / "results.json").write_text(json.dumps(rows, indent=2))
     meta = {"steps": args.steps, "device": args.device, "mcq_items": args.mcq_items, "reduced": args.reduced}

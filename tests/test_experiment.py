@@ -49,3 +49,21 @@ def test_an_unknown_arm_or_too_few_steps_are_refused_before_any_arm_runs(tmp_pat
             arms.main()
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_arm_refused_by_its_run_is_an_error_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Rerunning into an --out of another --steps: the run refuses the finished arm (ConfigError), which the
+    script let through as a traceback."""
+    import pytest
+
+    from qwen_distillation.errors import ConfigError
+
+    def refused(cfg):
+        raise ConfigError("output_dir=X holds a finished run (stages [3]) of another configuration")
+
+    monkeypatch.setattr(arms, "run", refused)
+    monkeypatch.setattr("sys.argv", ["three_stage_vs_finetune.py", "--out", str(tmp_path / "out"), "--steps", "3"])
+    with pytest.raises(SystemExit) as exit_info:
+        arms.main()
+    assert exit_info.value.code == "error: arm finetune_ce: output_dir=X holds a finished run (stages [3]) of " \
+                                   "another configuration"
