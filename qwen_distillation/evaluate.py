@@ -246,6 +246,7 @@ def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str,
             raise ConfigError(f"--nll {name}={nll_sets[name]}: --run {run} has a held-out set of this name; give the "
                               f"--nll set another name")
         eval_sets[name] = examples
+
     def checked(name: str, path: str):
         model = load_model(name, path, dtype)
         check_logit_columns(model, name, path, reference, len(tokenizer))
