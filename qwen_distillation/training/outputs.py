@@ -29,7 +29,7 @@ from qwen_distillation.data.teacher_cache import identity_digest
 from qwen_distillation.errors import CheckpointError, ConfigError
 from qwen_distillation.evaluation.report import REPORT_NAMES
 from qwen_distillation.modeling.prune import PRUNING_FILES
-from qwen_distillation import paths
+import qwen_distillation.paths as project_paths
 from qwen_distillation.paths import PACKAGE_PREFIX, locate, refuse_file_in_the_way
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.metrics import METRICS_FILE, TENSORBOARD_DIR, scrub_secrets
@@ -319,7 +319,7 @@ def check_same_split(state: dict, split_sha256: str) -> None:
     raise ConfigError(f"the data's training and held-out examples differ from those this run started with (sha256 "
                       f"{recorded[:12]} -> {split_sha256[:12]}), though its data files are the same: the held-out "
                       f"split names a data file outside the project by its path from the project folder"
-                      + (f", which was {started} and is now {paths.PROJECT_ROOT}" if started else "")
+                      + (f", which was {started} and is now {project_paths.PROJECT_ROOT}" if started else "")
                       + " (or the tokenizer changed); resume from the project folder the run started in, or start "
                       "over in another output_dir (or with overwrite_output_dir=true)")
 
@@ -398,7 +398,7 @@ def prepare_output_dir(output_dir: Path, state: dict | None, *, run_id: str, run
                                              {"completed_stages": list(state.get("completed_stages") or []),
                                               "changed": changed}]
     if split_sha256 and "split_sha256" not in state:  # a new run, or a resume of one from before it was recorded
-        state.update(split_sha256=split_sha256, project_root=str(paths.PROJECT_ROOT))
+        state.update(split_sha256=split_sha256, project_root=str(project_paths.PROJECT_ROOT))
     if teacher_caches:
         state["teacher_caches"] = {**(state.get("teacher_caches") or {}), **teacher_caches}
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config))
