@@ -187,7 +187,8 @@ def run_data(run: str):
     except DistillationError as err:  # a relative path read from another directory than the run's, a moved file
         raise type(err)(f"--run {run}: {err} (relative paths are read from this directory, as the run read them "
                         f"from its own)") from None
-    recorded = (ckpt.read_run_state(folder) or {}).get("data_sha256") or {}
+    state = ckpt.read_run_state(folder) or {}
+    recorded = state.get("data_sha256") or {}
     for key, path in data_entries(sources):
         entry = f"{key}={path}"
         now = file_digest(locate(path))
@@ -195,7 +196,7 @@ def run_data(run: str):
             raise ConfigError(f"--run {run}: {entry} changed since the run read it (sha256 {recorded[entry][:12]} -> "
                               f"{str(now)[:12]}): its held-out split would not be the run's; score the files with "
                               f"--nll NAME=FILE instead")
-    return config.data, sources, (ckpt.read_run_state(folder) or {}).get("split_sha256")
+    return config.data, sources, state.get("split_sha256")
 
 
 def run_heldout_sets(run: str, tokenizer) -> dict[str, list[dict]]:
