@@ -171,10 +171,21 @@ def run_config(run: str):
         raise ConfigError(f"--run {run}: its config.yaml cannot be read as a run config ({err}); {fix}") from None
 
 
-def run_data(run: str):
-    """The data config of the run in ``run`` (its output_dir, ``--run``), checked as the run checks it: its
-    ``config.yaml`` (:func:`run_config`) and the data files it read, unchanged since (run_state.json's
-    sha256 of each), or its held-out split would not be the run's."""
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """A run's output_dir (``--run``) as this command reads it, once: its config (``config.yaml``), its
+    data sources and the ``split_sha256`` its run state records (None for a run from before it was)."""
+
+    path: str
+    config: object
+    sources: list
+    split_sha256: str | None
+
+
+def read_run(run: str) -> RunRecord:
+    """The run in ``run`` (its output_dir, ``--run``), checked as the run checks it: its ``config.yaml``
+    (:func:`run_config`) and the data files it read, unchanged since (run_state.json's sha256 of each), or
+    its held-out split would not be the run's."""
     from qwen_distillation.data.generated import file_digest
     from qwen_distillation.data.sources import data_sources
     from qwen_distillation.training import checkpoint as ckpt
@@ -196,21 +207,21 @@ def run_data(run: str):
             raise ConfigError(f"--run {run}: {entry} changed since the run read it (sha256 {recorded[entry][:12]} -> "
                               f"{str(now)[:12]}): its held-out split would not be the run's; score the files with "
                               f"--nll NAME=FILE instead")
-    return config.data, sources, state.get("split_sha256")
+    return RunRecord(run, config, sources, state.get("split_sha256"))
 
 
-def run_heldout_sets(run: str, tokenizer) -> dict[str, list[dict]]:
-    """The held-out sets of the run in ``run`` (``--run``), as it scored them: its data sources, split
+def run_heldout_sets(run: RunRecord, tokenizer) -> dict[str, list[dict]]:
+    """The held-out sets of ``run`` (:func:`read_run`), as it scored them: its data sources, split
     (``data.split_seed``, ``eval_fraction``, ``max_eval_examples``) and ``data.max_length``, named as its
     metrics name them (``general``, ``medical``, each ``data.eval`` file), encoded with ``tokenizer``."""
     from qwen_distillation.data.sources import build_domain_data, examples_digest
 
-    data, sources, recorded = run_data(run)
-    built = build_domain_data(sources, tokenizer, max_length=data.max_length, eval_fraction=data.eval_fraction,
+    data = run.config.data
+    built = build_domain_data(run.sources, tokenizer, max_length=data.max_length, eval_fraction=data.eval_fraction,
                               max_eval_examples=data.max_eval_examples, seed=data.split_seed)
-    if recorded and examples_digest(built) != recorded:
-        print(f"warning: --run {run}: the held-out sets built here are not the run's (another tokenizer than its "
-              f"student's, or a data file outside the project read from another project folder); their scores "
+    if run.split_sha256 and examples_digest(built) != run.split_sha256:
+        print(f"warning: --run {run.path}: the held-out sets built here are not the run's (another tokenizer than "
+              f"its student's, or a data file outside the project read from another project folder); their scores "
               f"are not comparable with its metrics.jsonl", file=sys.stderr)
     return built.eval_sets
 
@@ -218,11 +229,12 @@ def run_heldout_sets(run: str, tokenizer) -> dict[str, list[dict]]:
 def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str, str], mcq_sets: dict[str, str],
              max_examples: int, max_length: int, device: torch.device, text_metrics_max_examples: int | None = 0,
              max_new_tokens: int = 64, mcq_max_items: int | None = 200,
-             run: str | None = None, agreement_top_k: int = 5) -> dict[str, dict[str, float]]:
+             run: RunRecord | None = None, agreement_top_k: int = 5) -> dict[str, dict[str, float]]:
     """Metrics per model name, from one :class:`Evaluator` (see the module docstring);
     ``text_metrics_max_examples`` > 0 adds BLEU/ROUGE on that many examples of each NLL set (None: on all);
     ``mcq_max_items``: items scored per MCQ set (None: all), recorded as ``eval/mcq/NAME_items``;
-    ``run``: a run's output_dir, whose held-out sets (:func:`run_heldout_sets`) are scored too;
+    ``run``: a run's output_dir as :func:`read_run` reads it, whose held-out sets (:func:`run_heldout_sets`) are
+    scored too;
     ``agreement_top_k``: k of ``eval/<set>_topk_overlap`` (a run's ``eval.agreement_top_k``)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     reference = (teacher, models[teacher]) if teacher else next(iter(models.items()))
@@ -244,8 +256,8 @@ def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str,
                  for name, path in nll_sets.items()}
     for name, examples in (run_heldout_sets(run, tokenizer) if run else {}).items():
         if name in eval_sets:
-            raise ConfigError(f"--nll {name}={nll_sets[name]}: --run {run} has a held-out set of this name; give the "
-                              f"--nll set another name")
+            raise ConfigError(f"--nll {name}={nll_sets[name]}: --run {run.path} has a held-out set of this name; give "
+                              f"the --nll set another name")
         eval_sets[name] = examples
 
     def checked(name: str, path: str):
@@ -376,10 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.nll and not args.mcq and not args.run:
             raise ConfigError("nothing to evaluate on: give at least one --nll NAME=FILE or --mcq NAME=FILE set, or a "
                               "run's output_dir with --run")
-        if args.run:
-            run_data(args.run)  # before any model loads: no run there, a data file changed since
+        # Before any model loads: no run there, a data file changed since.
+        run = read_run(args.run) if args.run else None
         # What the flags leave out: the run's own evaluation settings (its metrics' numbers), else a run's defaults.
-        settings = run_config(args.run).eval if args.run else EvalConfig()
+        settings = run.config.eval if run else EvalConfig()
         mcq_max_items = settings.mcq_max_items if args.mcq_max_items is None else args.mcq_max_items or None
         answered = (settings.text_metrics_max_examples if args.text_metrics_max_examples is None
                     else args.text_metrics_max_examples)
@@ -392,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                            max_length=args.max_length, device=device,
                            text_metrics_max_examples=answered if args.text_metrics else 0,
                            max_new_tokens=_given(args.max_new_tokens, settings.max_new_tokens),
-                           mcq_max_items=mcq_max_items, run=args.run,
+                           mcq_max_items=mcq_max_items, run=run,
                            agreement_top_k=_given(args.agreement_top_k, settings.agreement_top_k))
     except DistillationError as err:
         print(f"error: {err}", file=sys.stderr)

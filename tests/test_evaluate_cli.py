@@ -261,6 +261,23 @@ def test_the_settings_the_flags_leave_out_are_the_runs(tiny_run, tmp_path, monke
     assert [tuple(k[key] for key in keys) for k in seen] == [(4, 32, 200, 5), (4, 8, None, 5), (16, 64, 200, 5)]
 
 
+def test_a_run_is_read_once(tiny_run, tmp_path, monkeypatch):
+    """evaluate --run parsed the run's config.yaml three times and hashed its data files twice (the early check,
+    the settings, the held-out sets); it reads both once and scores the same sets."""
+    from qwen_distillation.data import generated
+
+    parsed, hashed = [], []
+    read_config, digest = evaluate_module.run_config, generated.file_digest
+    monkeypatch.setattr(evaluate_module, "run_config", lambda run: parsed.append(run) or read_config(run))
+    monkeypatch.setattr(generated, "file_digest", lambda path: hashed.append(path) or digest(path))
+    out = tmp_path / "eval"
+    assert main(["--model", f"s={tiny_run / 'stage2' / 'final'}", "--run", str(tiny_run), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert parsed == [str(tiny_run)]
+    assert len(hashed) == len(set(hashed)) == 3  # the demo's three data files, once each
+    assert {"eval/general_nll", "eval/medical_nll"} <= set(json.loads((out / "results.json").read_text())["s"])
+
+
 def test_a_model_of_another_tokenizer_is_refused_before_any_model_loads(tiny_run, tokenizer, tmp_path, capsys,
                                                                         monkeypatch):
     """Every set is encoded with the teacher's tokenizer: a model of another one was scored on token ids of a
