@@ -330,3 +330,34 @@ def test_lora_on_a_student_with_mixture_of_experts_layers_names_the_setting_to_c
     adapted = apply_lora(student(), LoraConfig(enabled=True, dropout=0.0, target_modules=["all-linear"]),
                          torch.device("cpu"), None)
     assert adapted.get_nb_trainable_parameters()[0] > 0
+
+
+@pytest.mark.parametrize("student,expected", [
+    (["model.student.random_init.model_type=llama"], 151645),  # LlamaConfig's eos 2 is "#" in Qwen's tokenizer
+    ([], 151645),  # Qwen2Config has no eos: generate() never stopped
+    (["model.student.random_init.model_type=llama", "+model.student.random_init.eos_token_id=151643"],
+     [151643, 151645]),
+    ("loaded", [151643, 151645]),  # a released base model's eos kept, the turn's end added
+], ids=["llama-config", "qwen2-config", "eos-given", "loaded"])
+def test_the_student_stops_at_the_tokenizers_eos(tmp_path, student, expected):
+    """Every assistant turn the student trains on ends with the tokenizer's eos (<|im_end|>). A random-init
+    Llama student with Qwen's tokenizer kept LlamaConfig's eos 2: its answers during the run and its exports'
+    generate() stopped at the first "#". Its export now says the tokenizer's eos."""
+    from conftest import compose_config, tiny_overrides
+    from qwen_distillation.config.validate import validate_config
+    from qwen_distillation.modeling.pair import build_pair
+
+    overrides = tiny_overrides(tmp_path / "run")
+    if student == "loaded":
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            "qwen2", vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, eos_token_id=151643))
+        model.save_pretrained(tmp_path / "base")
+        student = [f"model.student.path={tmp_path / 'base'}", "model.student.random_init=null"]
+    pair = build_pair(validate_config(compose_config(overrides + student)), device=torch.device("cpu"),
+                      teacher_dtype=torch.float32, output_dir=tmp_path / "run")
+    assert pair.tokenizer.eos_token_id == 151645
+    assert pair.student.generation_config.eos_token_id == expected
+    pair.student.save_pretrained(tmp_path / "export")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "export").generation_config.eos_token_id == expected
+    assert pair.teacher.generation_config.eos_token_id == 151645

@@ -59,6 +59,34 @@ def _describe(spec) -> str:
     return spec.path or (f"random {spec.random_init.get('model_type')}" if spec.random_init else "teacher copy")
 
 
+def _eos_ids(eos) -> list[int]:
+    return [i for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None]
+
+
+def stop_at_tokenizer_eos(model, tokenizer, *, built_from, name: str) -> None:
+    """Make ``model``'s generation stop at ``tokenizer``'s eos, the token every training example's
+    assistant turn ends with (``data.encode``). A model built from a config (``built_from``: its
+    ``ModelSpec`` with ``random_init``) takes the tokenizer's eos as its eos (and its pad, if it has none):
+    a config's default means nothing for this tokenizer (LlamaConfig's eos 2 is ``#`` in Qwen's, so its
+    answers and its exports' stopped at the first ``#``; Qwen2Config has none, so they never stopped).
+    A loaded model, or a ``random_init`` that sets ``eos_token_id`` itself, whose eos ids lack the
+    tokenizer's gets it added beside its own."""
+    generation, eos = getattr(model, "generation_config", None), tokenizer.eos_token_id
+    if generation is None or eos is None:
+        return
+    own = _eos_ids(generation.eos_token_id)
+    if eos in own:
+        return
+    if not own or (built_from is not None and built_from.random_init and "eos_token_id" not in built_from.random_init):
+        generation.eos_token_id = model.config.eos_token_id = eos
+        if generation.pad_token_id is None:
+            generation.pad_token_id = pad_token_id(tokenizer)
+        return
+    generation.eos_token_id = [*own, eos]
+    log.info("%s: generation stops at its eos %s and now also at its tokenizer's %r (%d), which ends every "
+             "assistant turn it is trained on", name, own, tokenizer.eos_token, eos)
+
+
 def qlora_quantization(device: torch.device):
     """4-bit NF4 quantization of the student's base weights (QLoRA); CUDA + bitsandbytes only."""
     if device.type != "cuda":
@@ -313,13 +341,10 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     vocab_size = shared_vocab_size(teacher_tok, student_tok, weight_shape(teacher.get_output_embeddings().weight)[0],
                                    weight_shape(student.get_output_embeddings().weight)[0],
                                    _describe(model_cfg.teacher), student_name)
-    generation = getattr(student, "generation_config", None)
-    if generation is not None and generation.eos_token_id is None and student_tok.eos_token_id is not None:
-        # A student built from a config (random_init) has no eos: generate() on its exports never stopped, where
-        # the run's own answers (evaluation.answers.sampling_config) stop at the tokenizer's.
-        generation.eos_token_id = student_tok.eos_token_id
-        if generation.pad_token_id is None:
-            generation.pad_token_id = pad_token_id(student_tok)
+    # The student built here from a config: its own, or the teacher's it is slimmed from.
+    built = None if resume_after_stage or cfg.checkpoint_path else model_cfg.teacher if slimmed else model_cfg.student
+    stop_at_tokenizer_eos(student, student_tok, built_from=built, name=student_name)
+    stop_at_tokenizer_eos(teacher, teacher_tok, built_from=model_cfg.teacher, name=_describe(model_cfg.teacher))
     if cfg.lora.enabled and not hasattr(student, "peft_config"):
         check_lora_targets(student, cfg.lora.target_modules, merge=cfg.lora.merge_on_export)  # before student_base
         ranked = torch.distributed.is_available() and torch.distributed.is_initialized()
