@@ -22,6 +22,7 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+from transformers import GraniteConfig, GraniteForCausalLM, StableLmConfig, StableLmForCausalLM
 
 from qwen_distillation.errors import ConfigError, DistillationError
 from qwen_distillation.modeling.width import WidthScores, check_width_targets, prune_width, width_importance
@@ -35,6 +36,10 @@ FAMILIES = {
     "llama": (LlamaForCausalLM, LlamaConfig, dict(attention_bias=True, mlp_bias=True)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, {}),
     "qwen2-tied": (Qwen2ForCausalLM, Qwen2Config, dict(tie_word_embeddings=True)),
+    # The same module layout under other names (docs/pruning.md): LayerNorm with biases, Granite's multipliers.
+    "stablelm": (StableLmForCausalLM, StableLmConfig, {}),
+    "granite": (GraniteForCausalLM, GraniteConfig, dict(embedding_multiplier=2.0, residual_multiplier=0.5,
+                                                        logits_scaling=4.0)),
 }
 
 
@@ -273,6 +278,43 @@ def test_pruned_model_round_trips_through_save_pretrained(family, tmp_path):
     layer_params += (32 + 16 + 16 + 48 + 40 * 2 + 48) if family == "llama" else (32 + 16 + 16)
     expected = VOCAB * 48 * (1 if tied else 2) + LAYERS * layer_params + 48
     assert sum(p.numel() for p in loaded.parameters()) == expected
+
+
+@pytest.mark.parametrize("family", ["stablelm", "granite"])
+def test_other_families_of_the_layout_prune_and_round_trip(family, tmp_path):
+    """docs/pruning.md names the families width pruning takes by their layout: StableLM (LayerNorm, whose
+    biases are sliced with the weights) and Granite (scalar multipliers, untouched) prune exactly at full
+    size and load back from save_pretrained with every parameter, at smaller sizes."""
+    model = tiny(family)
+    scores, data = scores_of(model), batch(3, [9, 4])
+    full = prune_width(model, scores, intermediate_size=INTERMEDIATE, num_key_value_heads=KV_HEADS,
+                       hidden_size=HIDDEN)
+    assert torch.equal(logits(full, data), logits(model, data))
+    hidden = 32 if family == "stablelm" else 48  # StableLM: num_attention_heads x head_dim (below)
+    pruned = prune_width(model, scores, intermediate_size=40, num_key_value_heads=1, hidden_size=hidden)
+    pruned.save_pretrained(tmp_path)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(loaded) is type(model)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert torch.equal(logits(loaded.eval(), data), logits(pruned, data))
+    assert (loaded.config.hidden_size, loaded.config.intermediate_size, loaded.config.num_key_value_heads) == (
+        hidden, 40, 1)
+
+
+def test_a_family_that_sizes_heads_by_the_ratio_names_the_hidden_size_that_fits():
+    """StableLM sizes its heads as hidden_size // num_attention_heads whatever config.head_dim says, so halving
+    the KV groups while keeping 48 of 64 channels built heads of 24 for weights sliced into heads of 16: a
+    RuntimeError (size mismatch) as they loaded, after the calibration. Now a ConfigError from the config
+    alone (before the teacher's weights load) and from prune_width, naming the hidden_size that fits."""
+    model = tiny("stablelm")
+    targets = {"intermediate_size": 40, "num_key_value_heads": 1, "hidden_size": 48}
+    expected = (r"hidden_size=48: StableLmForCausalLM sizes its attention heads as hidden_size // num_attention_heads "
+                r"\(48 // 2\), not the teacher's head_dim 16 .*set model.student.prune.width.hidden_size=32")
+    with pytest.raises(ConfigError, match=expected):
+        check_width_targets(model.config, targets)
+    with pytest.raises(ConfigError, match=expected):
+        prune_width(model, scores_of(model), **targets)
+    check_width_targets(model.config, {**targets, "hidden_size": 32})
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

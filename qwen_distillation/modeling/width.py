@@ -110,7 +110,7 @@ def _layout(model: nn.Module) -> _Layout:
 
     def refuse(what: str) -> ConfigError:
         return ConfigError(f"{WIDTH_OPTION}: cannot width-prune {name}: {what}; width pruning supports "
-                           f"Llama and Qwen2 causal LMs (model.embed_tokens, model.layers.N.self_attn.q_proj/"
+                           f"causal LMs of the Llama/Qwen2 layout (model.embed_tokens, model.layers.N.self_attn.q_proj/"
                            f"k_proj/v_proj/o_proj, model.layers.N.mlp.gate_proj/up_proj/down_proj, "
                            f"input_layernorm, post_attention_layernorm, model.norm, lm_head)")
 
@@ -277,9 +277,17 @@ def check_width_targets(config, targets: dict[str, int]) -> None:
     num_heads = config.num_attention_heads
     if num_heads % sizes["num_key_value_heads"] == 0:  # else _layout refuses the model, naming its shapes
         # The combination too (a Llama hidden_size not a multiple of its heads), not only after calibration.
-        _pruned_config(config, head_dim(config), num_heads // sizes["num_key_value_heads"],
-                       targets.get("intermediate_size"), targets.get("num_key_value_heads"),
-                       targets.get("hidden_size"))
+        head_size = head_dim(config)
+        pruned = _pruned_config(config, head_size, num_heads // sizes["num_key_value_heads"],
+                                targets.get("intermediate_size"), targets.get("num_key_value_heads"),
+                                targets.get("hidden_size"))
+        if pruned.hidden_size != pruned.num_attention_heads * head_size:  # a family may size heads by the ratio
+            from transformers import AutoModelForCausalLM
+
+            with no_init_weights(), torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(pruned)
+            _check_heads_fit(model, pruned, head_size, _target_keys(
+                targets.get("intermediate_size"), targets.get("num_key_value_heads"), targets.get("hidden_size")))
 
 
 def _check_scores(layout: _Layout, scores: WidthScores) -> None:
@@ -304,6 +312,28 @@ def _invalid(config) -> str | None:
     return None
 
 
+def _target_keys(intermediate_size, num_kv_heads, hidden_size) -> list[str]:
+    """The width options given (not None), as a user writes them."""
+    return [f"{WIDTH_OPTION}.{name}={value}" for name, value in (
+        ("intermediate_size", intermediate_size), ("num_key_value_heads", num_kv_heads),
+        ("hidden_size", hidden_size)) if value is not None]
+
+
+def _check_heads_fit(model: nn.Module, config, head_size: int, keys: list[str]) -> None:
+    """``model`` (built from the pruned ``config``) holds heads of ``head_size``, the size the pruning keeps.
+    A family whose attention sizes its heads as ``hidden_size // num_attention_heads`` whatever
+    ``config.head_dim`` says (StableLM) builds others when the targets change that ratio: ConfigError naming
+    the targets and the hidden_size that fits, not a size mismatch as the weights load."""
+    built = model.get_decoder().layers[0].self_attn.q_proj.out_features
+    if built == config.num_attention_heads * head_size:
+        return
+    fits = config.num_attention_heads * head_size
+    raise ConfigError(f"{', '.join(keys)}: {type(model).__name__} sizes its attention heads as hidden_size // "
+                      f"num_attention_heads ({config.hidden_size} // {config.num_attention_heads}), not the teacher's "
+                      f"head_dim {head_size} that pruning keeps; with these targets set {WIDTH_OPTION}.hidden_size="
+                      f"{fits} (num_attention_heads x head_dim), or keep hidden_size and the heads at the teacher's")
+
+
 def _pruned_config(model_config, head_size: int, group_size: int, intermediate_size, num_kv_heads, hidden_size):
     """The config of ``model_config``'s model pruned to these targets (None: kept); ConfigError naming the
     targets when the config class refuses it."""
@@ -322,9 +352,7 @@ def _pruned_config(model_config, head_size: int, group_size: int, intermediate_s
     reason = _invalid(config)
     if reason is None:
         return config
-    keys = [f"{WIDTH_OPTION}.{name}={value}" for name, value in (
-        ("intermediate_size", intermediate_size), ("num_key_value_heads", num_kv_heads),
-        ("hidden_size", hidden_size)) if value is not None]
+    keys = _target_keys(intermediate_size, num_kv_heads, hidden_size)
     fix = "choose other targets"
     if hidden_size is not None:  # suggest the nearest smaller hidden_size the config class accepts
         probe = copy.deepcopy(config)
@@ -442,6 +470,8 @@ def prune_width(model: PreTrainedModel, scores: WidthScores, *, intermediate_siz
     # No random initialisation: every parameter is overwritten from the pruned state right after.
     with no_init_weights(), torch.device(weight.device):
         pruned = type(model)._from_config(config, dtype=weight.dtype)
+    _check_heads_fit(pruned, config, layout.head_dim,
+                     _target_keys(intermediate_size, num_key_value_heads, hidden_size))
     missing, unexpected = pruned.load_state_dict(pruned_state, strict=False)
     if getattr(config, "tie_word_embeddings", False):  # the head is the embedding; tie_weights below
         missing = [key for key in missing if not key.endswith("lm_head.weight")]
