@@ -730,6 +730,18 @@ def test_a_finished_partial_run_names_how_to_train_its_later_stages(finished_run
         f"{finished_run / 'stage1' / 'final'} output_dir=NEW_DIR" in output
 
 
+@pytest.mark.parametrize("changed", [["stage1.lr=5e-4"], ["seed=7"], ["stage2.lr=5e-4", "stage1.lr=5e-4"]])
+def test_a_finished_partial_run_changed_in_a_trained_stage_does_not_suggest_going_on_from_it(finished_run, changed,
+                                                                                             capsys):
+    """Rerun with end_stage=3 and a changed stage-1 key (or seed) over an end_stage=1 run: the error suggested
+    going on from stage 1's export, which was trained without the change; the new value would have no effect."""
+    code, output = _cli(tiny_overrides(finished_run, steps=1) + ["end_stage=3", *changed], capsys)
+    assert code == 2 and "holds a finished run (stages [1]) of another configuration" in output, output
+    assert "--start_stage" not in output and "choose another output_dir or pass overwrite_output_dir=true" in output
+    code, output = _cli(tiny_overrides(finished_run, steps=1) + ["end_stage=3", "stage2.lr=5e-4"], capsys)
+    assert code == 2 and "start a new run from it: --start_stage 2" in output, output
+
+
 @pytest.mark.parametrize("override,expected", [
     ("stage1.loss.balancing.method=gradnorm stage1.loss.balancing.gradnorm_alpha=-1",
      "stage1.loss.balancing.gradnorm_alpha=-1.0: GradNorm's asymmetry must be >= 0"),

@@ -174,16 +174,22 @@ def _saved_config(output_dir: Path) -> dict:
     return old if isinstance(old, dict) else {}
 
 
+def _changed_identity(output_dir: Path, run_config: dict) -> dict[str, tuple]:
+    """Each run-identity key (flattened, e.g. ``stage1.lr``) where ``run_config`` differs from the
+    ``config.yaml`` of the run in ``output_dir``: (old, new); empty when that file is missing or unreadable."""
+    old = _saved_config(output_dir)
+    if not old:
+        return {}
+    before = _flat({k: old.get(k) for k in RUN_IDENTITY})
+    after = _flat({k: run_config.get(k) for k in RUN_IDENTITY})
+    return {key.rstrip("."): (before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)}
+
+
 def changed_keys(output_dir: Path, run_config: dict, limit: int = 6) -> str:
     """`` (key: old -> new, ...)``: the run-identity keys where ``run_config`` differs from the
     ``config.yaml`` of the run in ``output_dir``; empty when that file is missing or unreadable."""
-    old = _saved_config(output_dir)
-    if not old:
-        return ""
-    before = _flat({k: old.get(k) for k in RUN_IDENTITY})
-    after = _flat({k: run_config.get(k) for k in RUN_IDENTITY})
-    changed = [f"{key.rstrip('.')}: {before.get(key)!r} -> {after.get(key)!r}"
-               for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    changed = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in _changed_identity(output_dir, run_config).items()]
     if not changed:
         return ""
     more = f", and {len(changed) - limit} more" if len(changed) > limit else ""
@@ -262,7 +268,11 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
         continued = (f"--start_stage {last + 1} --checkpoint_path {output_dir / f'stage{last}' / 'final'} "
                      f"output_dir=NEW_DIR" if 0 < last < 3 else "")
         if state.get("finished"):
-            later = f"; to train the stages after it, start a new run from it: {continued}" if continued else ""
+            # Continuing from its export applies only changes to the stages after it (and the evaluation).
+            trained = [key for key in (_changed_identity(output_dir, run_config) if run_config else {})
+                       if not key.startswith(tuple(f"stage{i}." for i in range(last + 1, 4)) + ("eval.", "end_stage"))]
+            later = (f"; to train the stages after it, start a new run from it: {continued}" if continued and
+                     not trained else "")
             # A sweep rerun with another value of a key it does not sweep is refused here: say what differs.
             other = (f" of another configuration{changed_keys(output_dir, run_config) if run_config else ''}"
                      if state.get("run_hash") != run_id else "")
