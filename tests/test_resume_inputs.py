@@ -114,3 +114,31 @@ def test_resume_refuses_a_held_out_split_that_moved_with_the_project(tmp_path, m
     kill_in_stages(monkeypatch, lambda: run_cli(argv, capsys), stages=(1,), at_step=2,
                    after_each=resumed_from_another_clone)
     assert json.loads((out / "run_state.json").read_text())["finished"]
+
+
+def test_resume_refuses_checkpoints_of_another_engine_or_launch_before_writing(tmp_path, monkeypatch, capsys):
+    """A stage killed with checkpoints written by another engine (or a launch of other size) and resumed:
+    each checkpoint was refused only as the stage opened, after the teacher loaded and after config.yaml had
+    been rewritten with this launch's options (nothing on disk then said which engine wrote them). Now the
+    resume is refused up front, from the checkpoints' meta.json, and the run's files are left as they were."""
+    out = tmp_path / "run"
+    argv = tiny_overrides(out, steps=2) + ["end_stage=1", "stage1.save_every=1"]
+
+    def another_launch(stage):
+        checkpoint = out / "stage1" / "checkpoint-1"
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        assert meta == {"step": 1, "world_size": 1, "kind": "single-device"}
+        for changed, expected in (({"kind": "deepspeed-zero2"}, "another engine (deepspeed-zero2, this run: "
+                                   "single-device); resume it with distributed=zero2 (and the same launch)"),
+                                  ({"world_size": 2}, "written by a launch of 2 process(es), this one has 1")):
+            (checkpoint / "meta.json").write_text(json.dumps({**meta, **changed}))
+            before = snapshot(out)
+            code, output = run_cli(argv, capsys)
+            assert code == 2, output
+            assert f"{checkpoint / 'state.pt'}: " in output and expected in output, output
+            assert "Traceback" not in output and "loading" not in output.lower()
+            assert snapshot(out) == before
+        (checkpoint / "meta.json").write_text(json.dumps(meta))
+
+    kill_in_stages(monkeypatch, lambda: run_cli(argv, capsys), stages=(1,), at_step=2, after_each=another_launch)
+    assert json.loads((out / "run_state.json").read_text())["finished"]

@@ -242,8 +242,26 @@ def _checkpoint_fix(target: Path) -> str:
 
 def _write_state(directory: Path, state: dict) -> None:
     _torch_save(state, directory / "state.pt")
-    (directory / "meta.json").write_text(json.dumps({"step": state["step"], "world_size": state["world_size"]},
-                                                    indent=2))
+    meta = {"step": state["step"], "world_size": state["world_size"], "kind": state["engine"].get("kind")}
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def checkpoint_meta(target: Path) -> dict:
+    """A training checkpoint's ``meta.json`` (its step, launch size and engine kind), read without
+    loading its state; empty when it is missing or unreadable (the load then finds out what is wrong)."""
+    try:
+        meta = json.loads((Path(target) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def other_launch(target: Path, saved_world: int, world_size: int) -> str:
+    """Why the checkpoint ``target``, written by a launch of ``saved_world`` processes, cannot resume in
+    one of ``world_size``, and the fix."""
+    return (f"{Path(target) / 'state.pt'}: written by a launch of {saved_world} process(es), this one has "
+            f"{world_size}; resume with the same launch, or delete {target} to restart the stage from an older "
+            f"checkpoint or its beginning")
 
 
 def load_training_state(target: Path, *, engine, sampler, topology: Topology = SINGLE) -> dict:
@@ -269,9 +287,7 @@ def load_training_state(target: Path, *, engine, sampler, topology: Topology = S
                               f"checkpoint of the stage (or its beginning)") from err
     saved_world = state.get("world_size", 1)
     if saved_world != topology.world_size:
-        raise CheckpointError(f"{path}: written by a launch of {saved_world} process(es), this one has "
-                              f"{topology.world_size}; resume with the same launch, or delete {target} to restart "
-                              f"the stage from an older checkpoint or its beginning")
+        raise CheckpointError(other_launch(target, saved_world, topology.world_size))
     try:
         engine.load_state(target, state["engine"])
         sampler.load_state_dict(state["sampler"])

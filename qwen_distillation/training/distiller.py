@@ -61,7 +61,7 @@ from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.allocator import set_cuda_allocator
 from qwen_distillation.training.balancing import Balancer
 from qwen_distillation.training import distributed as dist
-from qwen_distillation.training.engine import SingleDeviceEngine, StepOutcome
+from qwen_distillation.training.engine import SingleDeviceEngine, StepOutcome, other_engine
 from qwen_distillation.training.metrics import (METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, NullLogger,
                                                  check_wandb_login)
 from qwen_distillation.training.module import (DistillationModule, build_heads, holds_pair, pair_batches,
@@ -913,6 +913,7 @@ class Distiller:
         if state is not None:
             check_same_data(state, self.data_sha256)
             check_same_checkpoint(state, cfg.checkpoint_path, checkpoint_fingerprint)
+            self._check_launch(state)
         check_records(self.sources)  # a malformed record before the models load, not after
         if self.topo.is_main:
             check_wandb_login(cfg.logging.wandb)  # before models load and anything is written
@@ -993,6 +994,32 @@ class Distiller:
         print(summary_text(summary))
         dist.shutdown(self.topo)
         return summary
+
+    def _engine_kind(self, index: int) -> str:
+        """The ``kind`` the engine of stage ``index`` records in its checkpoints (``Engine.kind``)."""
+        engine = self.config.distributed.engine
+        if engine == "deepspeed":
+            return f"deepspeed-zero{self._deepspeed_config(index)['zero_optimization']['stage']}"
+        return "fsdp2" if engine == "fsdp2" else "single-device"
+
+    def _check_launch(self, state: dict) -> None:
+        """A resume whose stage in progress has only training checkpoints of another engine or launch size
+        (as their meta.json records them) is refused here, before the models load and the run's config.yaml
+        is rewritten with this launch's options; loading them would refuse each in turn, too late for both."""
+        for index in self.stages:
+            if index in (state.get("completed_stages") or []):
+                continue
+            found = ckpt.stage_checkpoints(self.output_dir / f"stage{index}")
+            reasons = []
+            for target in found:
+                meta, kind = ckpt.checkpoint_meta(target), self._engine_kind(index)
+                if meta.get("kind") not in (None, kind):
+                    reasons.append(f"{target / 'state.pt'}: {other_engine(meta['kind'], kind)}")
+                elif meta.get("world_size", self.topo.world_size) != self.topo.world_size:
+                    reasons.append(ckpt.other_launch(target, meta["world_size"], self.topo.world_size))
+            if found and len(reasons) == len(found):
+                raise CheckpointError(reasons[0] if len(reasons) == 1 else
+                                      f"no checkpoint of {found[0].parent} can be restored:\n  " + "\n  ".join(reasons))
 
     def _wait_for_saves(self) -> None:
         """On the way out of the stages (an error included): let a background save finish writing, and
