@@ -699,3 +699,30 @@ def test_a_teachers_path_spelled_otherwise_is_the_same_teacher_when_its_weights_
     assert generated.identity_differences(recorded, {**recorded, "teacher": "/m/t/"}) == []
     assert generated.identity_differences(recorded, {**recorded, "teacher": "/m/t/", "format": "medical_o1"}) == [
         "format: 'alpaca' -> 'medical_o1'"]
+
+
+def test_a_resume_after_the_cached_stage_finished_needs_its_cache_no_more(tmp_path, small_tokenizer, monkeypatch,
+                                                                         capsys):
+    """Stage 1 read a cache and finished, stage 2 (online) was killed, the cache was then deleted (disk, or
+    rebuilt elsewhere): the same command refused to resume ('stage1.teacher.cache=...: no teacher cache
+    here'), though only stage 2 trains again, and the only fix offered was to run the teacher over the whole
+    data again. A stage the run state records complete is not trained again, so its cache is not asked for."""
+    from qwen_distillation.cache_teacher import cache_teacher
+    from tests.conftest import kill_in_stages, run_cli
+
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    cache_teacher(_config(tmp_path / "x", small_tokenizer), cache, k=4)
+    argv = [a if a != "end_stage=1" else "end_stage=2" for a in _overrides(out, small_tokenizer)] + [
+        "stage1.teacher.source=cache", f"stage1.teacher.cache={cache}", "stage2.save_every=1", "stage2.eval_every=0"]
+
+    def cache_deleted(stage):
+        assert json.loads((out / "run_state.json").read_text())["completed_stages"] == [1]
+        shutil.rmtree(cache)
+
+    kill_in_stages(monkeypatch, lambda: run_cli(argv, capsys), stages=(2,), at_step=1, after_each=cache_deleted)
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["finished"] and state["completed_stages"] == [1, 2]
+    # A new run (another output_dir) still needs the cache, named, before anything loads.
+    code, output = run_cli([a if not a.startswith("output_dir=") else f"output_dir={tmp_path / 'new'}" for a in argv],
+                           capsys)
+    assert code == 2 and f"error: stage1.teacher.cache={cache}: no teacher cache here" in output

@@ -225,13 +225,30 @@ class Distiller:
         if cfg.eval.samples:
             check_local_path(locate(cfg.eval.prompts), "eval.prompts")
             check_prompts_file(locate(cfg.eval.prompts))
-        for key in (STAGE_KEYS[i] for i in self.stages):
+        completed = self._completed_stages()
+        for key in (STAGE_KEYS[i] for i in self.stages if i not in completed):
             teacher = getattr(cfg, key).teacher
             if teacher.source == "cache":
                 try:
                     read_manifest(Path(teacher.cache))
                 except ConfigError as err:
                     raise ConfigError(f"{key}.teacher.cache={err}") from None
+
+    def _completed_stages(self) -> set[int]:
+        """The stages this command's resume will not train again: those the run state in ``output_dir``
+        records complete, for a resume of this very run (``resume=true``, no ``overwrite_output_dir``, the
+        same run hash). Their inputs read by those stages alone (a teacher cache) need not be there any
+        more. Empty otherwise, and for a damaged run state (:func:`check_output_dir` names it later)."""
+        cfg = self.config
+        if not cfg.resume or cfg.overwrite_output_dir:
+            return set()
+        try:
+            state = ckpt.read_run_state(self.output_dir)
+        except CheckpointError:
+            return set()
+        if not state or state.get("run_hash") != self.run_id:
+            return set()
+        return set(state.get("completed_stages") or [])
 
     def _input_paths(self) -> list[tuple[str, str]]:
         """``(config key, path)`` of every file or folder the run reads besides ``checkpoint_path``:
