@@ -482,6 +482,19 @@ def compose_run_config(overrides: list[str], *, one_device: str | None = None):
     return validate_config(cfg)
 
 
+def refuse_hydra_flags(overrides: list[str], prog: str) -> None:
+    """A command that composes one run config (the cache command, pruning) runs once: Hydra's own flags
+    (``-m``/``--multirun``, ``--cfg``, ...) reached Hydra's override parser as overrides and failed with
+    'LexerNoViableAltException: -m', though Hydra's own hint for ``key=1,2`` is to add ``--multirun``."""
+    flag = next((a.partition("=")[0] for a in overrides
+                 if a == "-m" or a.partition("=")[0] in HYDRA_FLAGS + HYDRA_VALUE_FLAGS), None)
+    if flag is None:
+        return
+    what = "runs once, not a sweep" if flag in ("-m", "--multirun") else "takes no Hydra flags"
+    raise UsageError(f"{flag}: {prog} {what}; give it KEY=VALUE overrides (one value each) and run it once per "
+                     f"setting (`python run_distillation.py {flag} ...` is where Hydra's flags go)")
+
+
 def config_command(parser, argv: list[str] | None, body, *, one_device: str | None = None) -> None:
     """The entry point of a command that takes a run's config besides its own flags: ``parser``
     reads its flags, the rest are classic flags and Hydra overrides, and ``body(args, cfg)`` runs.
@@ -499,6 +512,7 @@ def config_command(parser, argv: list[str] | None, body, *, one_device: str | No
                 raise
             own = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
             raise UsageError(f"{err}; {parser.prog}'s own flags are: {', '.join(own)}") from None
+        refuse_hydra_flags(overrides, parser.prog)
         from qwen_distillation.app import COMPOSE_ERRORS, hydra_error_message, is_config_error
 
         try:

@@ -801,6 +801,20 @@ def test_a_misspelt_flag_of_a_command_lists_that_commands_own_flags(tmp_path, ca
     assert "python -m qwen_distillation.cache_teacher's own flags are: --help, --out, --k, --dtype" in output, output
 
 
+@pytest.mark.parametrize("flags", [["-m", "seed=1,2"], ["seed=1,2", "--multirun"], ["--cfg", "job"]])
+def test_hydra_flags_given_to_the_cache_command_are_refused_naming_them(tmp_path, capsys, flags):
+    """`seed=1,2` is met by Hydra's hint 'add --multirun'; given to the cache command, -m then failed with
+    'LexerNoViableAltException: -m' (the command composes one config and runs once)."""
+    from qwen_distillation import cache_teacher
+
+    with pytest.raises(SystemExit) as exit_:
+        cache_teacher.main(["--out", str(tmp_path / "cache"), "--k", "4", "model=tiny_qwen2", *flags])
+    output = capsys.readouterr().err
+    flag = next(f for f in flags if f.startswith("-"))
+    assert exit_.value.code == 2 and f"error: {flag}: python -m qwen_distillation.cache_teacher " in output, output
+    assert "Lexer" not in output and "Traceback" not in output and not (tmp_path / "cache").exists()
+
+
 def test_no_held_out_set_names_the_ways_to_get_one(tmp_path, capsys):
     """data.eval_fraction=0 was met by "choose one of them" from an empty list of metrics, with advice
     (agreement, BLEU/ROUGE) that needs a held-out set too."""
