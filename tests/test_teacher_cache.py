@@ -263,6 +263,30 @@ def test_a_cache_of_the_same_file_read_otherwise_names_the_option_not_the_file_t
     assert other.startswith("data: the cache holds no entries for data/g.jsonl (or a different version of it)")
 
 
+def test_a_tokenizer_of_the_same_size_says_what_else_differs(tokenizer):
+    """A tokenizer saved with an edited chat template was refused as 'tokenizer: cache '151665 tokens, sha256
+    3858...', run '151665 tokens, sha256 de1e...'', two equal sizes and two hashes: nothing said what differed."""
+    import copy
+
+    from qwen_distillation.data.generated import tokenizer_description
+    from qwen_distillation.data.teacher_cache import cache_identity, identity_differences
+
+    edited = copy.deepcopy(tokenizer)
+    edited.chat_template = tokenizer.chat_template + " "
+
+    def identity(tok, size=16):
+        return cache_identity(teacher="t", tokenizer=tok, vocab_size=size, data=[], max_length=8, k=4,
+                              dtype="float32")
+
+    (difference,) = identity_differences(identity(tokenizer_description(tokenizer)),
+                                         identity(tokenizer_description(edited)))
+    assert difference.startswith("tokenizer: cache '151665 tokens, sha256 ") and difference.endswith(
+        "(the same number of tokens: the ids of the vocabulary or the chat template differ, e.g. a tokenizer saved "
+        "with an edited chat_template)")
+    (difference,) = identity_differences(identity("151665 tokens, sha256 ab"), identity("151666 tokens, sha256 cd"))
+    assert difference == "tokenizer: cache '151665 tokens, sha256 ab', run '151666 tokens, sha256 cd'"
+
+
 def test_a_stage_resumed_after_its_cache_was_replaced_is_refused(tmp_path, small_tokenizer, monkeypatch, capsys):
     """Killed mid-stage, the cache rebuilt at the same path with another k and dtype, then the same command:
     the stage resumed, its first steps trained against the old cache and the rest against the new one,

@@ -112,6 +112,16 @@ def manifest_identity(manifest) -> tuple[dict, bool]:
     return {key: value for key, value in manifest.items() if key != SHARD_DIGESTS}, bool(manifest.get(SHARD_DIGESTS))
 
 
+def _same_size_hint(key: str, cached, wanted) -> str:
+    """For two tokenizer descriptions (``N tokens, sha256 H``) of one size: what else their hash covers."""
+    if key != "tokenizer" or not isinstance(cached, str) or not isinstance(wanted, str):
+        return ""
+    if cached.partition(",")[0] != wanted.partition(",")[0]:
+        return ""
+    return (" (the same number of tokens: the ids of the vocabulary or the chat template differ, e.g. a tokenizer "
+            "saved with an edited chat_template)")
+
+
 def identity_differences(cached: dict, wanted: dict) -> list[str]:
     """What differs between two identities, as ``field: cache X, run Y`` strings. Data sources are
     compared by content hash (and options), so the same file under another path matches; the
@@ -122,7 +132,8 @@ def identity_differences(cached: dict, wanted: dict) -> list[str]:
         if key == "teacher" and same_teacher(cached, wanted):
             continue
         if cached.get(key) != wanted.get(key):
-            out.append(f"{key}: cache {cached.get(key)!r}, run {wanted.get(key)!r}")
+            out.append(f"{key}: cache {cached.get(key)!r}, run {wanted.get(key)!r}" + _same_size_hint(
+                key, cached.get(key), wanted.get(key)))
     weights = teacher_weights_difference(cached, wanted)
     if weights:
         out.append(f"{weights}: the cache was made from other teacher weights; rebuild it with `python -m "
