@@ -121,6 +121,28 @@ HYDRA_FLAGS = ("--multirun", "--help", "--hydra-help", "--cfg", "--resolve", "--
 HYDRA_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                      "--config-dir", "-cd", "--experimental-rerun")
 INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+
+
+def config_dir_override(args: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's ``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``) among ``args`` as the override that gives
+    the compose API the same search path (DIR after conf/, before the schema, as Hydra's flag adds it), and the
+    other args. The sweep's checks, ``--cfg job``'s refusal and the prune and cache_teacher commands compose
+    with it: without it they ignored the user's own presets (a sweep trained its first jobs before a bad one)."""
+    searchpath, rest, i = [], [], 0
+    while i < len(args):
+        name, eq, inline = args[i].partition("=")
+        if name in CONFIG_DIR_FLAGS and (eq or i + 1 < len(args)):
+            directory = inline if eq else args[i + 1]
+            if not os.path.isdir(directory):
+                raise UsageError(f"{name} {directory}: no such directory (give the folder that holds your own "
+                                 f"config groups, e.g. {name} my_conf with my_conf/experiment/NAME.yaml)")
+            searchpath = [f"hydra.searchpath=[{_quote('file://' + os.path.abspath(directory))}]"]
+            i += 1 if eq else 2
+            continue
+        rest.append(args[i])
+        i += 1
+    return searchpath, rest
 
 
 class UsageError(ValueError):
@@ -267,9 +289,10 @@ def main(argv: list[str] | None = None) -> None:
               f"the overrides compose; drop {overrides[0]} (each job of a sweep writes its own config to "
               f"output_dir/jobN/config.yaml)", file=sys.stderr)
         sys.exit(2)
-    if overrides[:1] in (["-m"], ["--multirun"]) and not any(a in HYDRA_FLAGS for a in overrides[1:]):
+    if overrides[:1] in (["-m"], ["--multirun"]):
         try:
-            check_sweep(overrides[1:])
+            if not any(a.partition("=")[0] in HYDRA_FLAGS for a in config_dir_override(overrides[1:])[1]):
+                check_sweep(overrides[1:])
         except UsageError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
@@ -284,7 +307,12 @@ def main(argv: list[str] | None = None) -> None:
             "the checkpoints written so far are kept; rerun the same command to continue from the last one"):
         app.main()
     if any(a.partition("=")[0] in ("--cfg", "-c") for a in overrides):  # a dry run: say what a run would refuse
-        _refusal_of_printed_config([a for a in overrides if not a.startswith("-") and ("=" in a or a[:1] == "~")])
+        try:
+            searchpath, rest = config_dir_override(overrides)
+        except UsageError:
+            return  # Hydra reported the missing folder
+        _refusal_of_printed_config(searchpath + [a for a in rest
+                                                 if not a.startswith("-") and ("=" in a or a[:1] == "~")])
 
 
 def _refusal_of_printed_config(overrides: list[str]) -> None:
@@ -380,11 +408,12 @@ def check_sweep(overrides: list[str]) -> None:
 
     from qwen_distillation.data.sources import data_sources
 
+    searchpath, overrides = config_dir_override(overrides)  # --config-dir DIR: the user's own presets
     sweep_dirs: list[str] = []
     jobs = []
     for number, (job, swept) in enumerate(sweep_jobs(overrides) or []):
         try:
-            cfg = compose_run_config(job)
+            cfg = compose_run_config(searchpath + job)
             data_sources(cfg.data)  # a mistyped data path too, before any job trains
         except DistillationError as err:
             message = str(err)
@@ -474,8 +503,9 @@ def compose_run_config(overrides: list[str], *, one_device: str | None = None):
     from qwen_distillation.config.validate import engine_label, validate_config
     from qwen_distillation.errors import ConfigError
 
+    searchpath, overrides = config_dir_override(overrides)  # a --config-dir DIR among them (prune, cache_teacher)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+        cfg = compose(config_name="config", overrides=searchpath + overrides)
     if one_device and (cfg.distributed.engine != "none" or cfg.distributed.deepspeed_config):
         raise ConfigError(f"{engine_label(cfg.distributed)}: {one_device}; leave the training engine unset "
                          f"(distributed=none, no --deepspeed)")

@@ -267,3 +267,37 @@ def test_a_run_warns_of_the_lora_options_it_ignores(tmp_path, capsys):
     code, output = _cli(tiny_overrides(out, steps=1) + ["end_stage=1", "lora.r=8",
                                                         f"checkpoint_path={tmp_path / 'missing'}"], capsys)
     assert code == 2 and "lora.r=8: ignored, LoRA is off (lora.enabled=false)" in output, output
+
+
+# ------------------------------------------------------------------------------ --config-dir
+def _user_conf(tmp_path):
+    """The user's own config folder: a good preset and one that sets a stage number a run refuses."""
+    conf = tmp_path / "my_conf"
+    (conf / "experiment").mkdir(parents=True)
+    (conf / "experiment" / "mine.yaml").write_text("# @package _global_\nexperiment: mine\nstage1: {lr: 7.0e-4}\n")
+    (conf / "experiment" / "bad.yaml").write_text("# @package _global_\nend_stage: 5\n")
+    return conf
+
+
+@pytest.mark.parametrize("flag", ["--config-dir {}", "--config-dir={}", "-cd {}"])
+def test_a_sweep_with_a_config_dir_is_checked_before_any_job_starts(tmp_path, capsys, flag):
+    """With --config-dir the sweep's checks were skipped (`-m --config-dir C experiment=mine end_stage=1,5`
+    trained job0, then stopped at job1) or composed without the user's folder (`--config-dir=C`)."""
+    conf, out = _user_conf(tmp_path), tmp_path / "sweep"
+    code, output = _cli(flag.format(conf).split() + ["-m", "experiment=mine"] + tiny_overrides(out, steps=1) +
+                        ["end_stage=1,5"], capsys)
+    assert code == 2 and "error: sweep job 1 (end_stage=5): end_stage=5: stages are numbered 1..3" in output, output
+    assert not out.exists()
+
+
+def test_cfg_job_and_the_tools_compose_with_the_users_config_dir(tmp_path, capsys):
+    """`--cfg job` printed a preset of --config-dir that a run refuses with exit status 0, and the prune and
+    cache_teacher commands stopped on Hydra's `LexerNoViableAltException: --config-dir`."""
+    from qwen_distillation.cli import compose_run_config
+
+    conf = _user_conf(tmp_path)
+    code, output = _cli(["--config-dir", str(conf), "experiment=bad", "--cfg", "job"], capsys)
+    assert code == 2 and "error: end_stage=5: stages are numbered 1..3" in output, output
+    assert compose_run_config(translate(["--config-dir", str(conf), "experiment=mine"])).stage1.lr == 7.0e-4
+    with pytest.raises(UsageError, match="--config-dir .*missing: no such directory"):
+        compose_run_config(["--config-dir", str(tmp_path / "missing"), "experiment=mine"])
