@@ -17,7 +17,8 @@ from qwen_distillation.modeling.loading import (check_student_checkpoint, config
                                                 existing_model_path, load_causal_lm, load_student_checkpoint,
                                                 shares_weights)
 from qwen_distillation.modeling.parts import weight_shape
-from qwen_distillation.modeling.prune import Pruned, calibration_batches, check_targets_early, prune_from_teacher
+from qwen_distillation.modeling.prune import (Pruned, calibration_batches, check_targets_early, ignored_prune_options,
+                                              prune_from_teacher)
 from qwen_distillation.modeling.tokenizer import load_tokenizer, pad_token_id
 from qwen_distillation.modeling.vocab import shared_vocab_size
 
@@ -285,6 +286,9 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     slimmed = pruned_from_teacher(model_cfg.student)
     if slimmed:  # width targets beyond the teacher's sizes, before its weights load
         check_targets_early(model_cfg.student, config_without_weights(model_cfg.teacher, "teacher"))
+    elif not cfg.checkpoint_path and not resume_after_stage:  # the pruning options of a student loaded as it is
+        for line in ignored_prune_options(model_cfg.student):
+            log.warning("%s", line)
     teacher_tok = tokenizer_for(model_cfg.teacher, "teacher")
     student_tok = teacher_tok if slimmed else tokenizer_for(model_cfg.student, "student")
     if not load_teacher and not slimmed and not model_cfg.teacher.random_init:

@@ -54,7 +54,22 @@ def ignored_prune_options(student_spec) -> list[str]:
     ``perplexity_search`` without ``method=perplexity``, and calibration ``sources`` (never opened) when
     nothing is calibrated (``method=even`` and no width target). Warnings, not errors: a sweep over
     ``model.student.prune.method`` keeps them while one of its methods does not read them."""
+    from qwen_distillation.config.schema import CalibrationConfig
+    from qwen_distillation.config.validate import pruned_from_teacher
+
     prune, lines = student_spec.prune, []
+    calibration = [f"model.student.prune.calibration.{name}={getattr(prune.calibration, name)}"
+                   for name in ("num_examples", "max_length", "batch_size", "seed")
+                   if getattr(prune.calibration, name) != getattr(CalibrationConfig, name)]
+    if not pruned_from_teacher(student_spec):  # a student loaded as it is (--student_model, random_init)
+        changed = ([f"model.student.prune.perplexity_search={prune.perplexity_search}"]
+                   if prune.perplexity_search != "single" else []) + \
+            (["model.student.prune.calibration.sources"] if prune.calibration.sources else []) + calibration
+        if changed:
+            lines.append(f"{', '.join(changed)}: ignored, the student is loaded as it is (model.student.path or "
+                         f"random_init), not pruned from the teacher; prune it with model.student.keep_layers=N "
+                         f"and/or model.student.prune.width.* (model.student.path=null random_init=null)")
+        return lines
     if prune.method != "perplexity" and prune.perplexity_search != "single":
         lines.append(f"model.student.prune.perplexity_search={prune.perplexity_search}: ignored, it applies to "
                      f"model.student.prune.method=perplexity only and the method is {prune.method}; set "
@@ -64,6 +79,11 @@ def ignored_prune_options(student_spec) -> list[str]:
                      "(model.student.prune.method=even keeps evenly spaced layers and no model.student.prune.width.* "
                      "target is set); choose the layers by measured importance with "
                      "model.student.prune.method=block_influence (or perplexity) to use them")
+    if calibration and not needs_calibration(student_spec):
+        lines.append(f"{', '.join(calibration)}: ignored, nothing is calibrated (model.student.prune.method=even "
+                     f"keeps evenly spaced layers and no model.student.prune.width.* target is set); choose the "
+                     f"layers by measured importance with model.student.prune.method=block_influence (or "
+                     f"perplexity) to use {'it' if len(calibration) == 1 else 'them'}")
     return lines
 
 
