@@ -365,14 +365,30 @@ class Terminated(KeyboardInterrupt):
     metrics' files) runs on the way out."""
 
 
-def sweep_jobs(overrides: list[str]) -> list[tuple[list[str], list[str]]] | None:
+def group_options(group: str, searchpath: list[str]) -> list[str]:
+    """The options of the config group ``group`` (conf/ and a ``--config-dir``'s, as ``searchpath`` gives it),
+    as Hydra's sweeper lists them for a ``GROUP=glob(...)`` sweep."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from qwen_distillation.app import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return GlobalHydra.instance().config_loader().get_group_options(group, config_name="config",
+                                                                        overrides=searchpath)
+
+
+def sweep_jobs(overrides: list[str], searchpath: list[str] | None = None) -> list[tuple[list[str], list[str]]] | None:
     """Each job of a multirun sweep, in Hydra's BasicSweeper order (the cartesian product of the
-    comma-separated choices): its overrides and, of them, the swept ones. None when Hydra's parser
+    comma-separated choices, ranges and group globs such as ``stage2=glob(*)``, which crashed here with
+    Hydra's `ConfigLoader is not set`): its overrides and, of them, the swept ones. None when Hydra's parser
     refuses an override, or a sweep is not a plain list of choices (Hydra reports those itself).
-    A swept key that a later override sets again is a UsageError (Hydra keeps the last: fewer jobs)."""
+    A swept key that a later override sets again is a UsageError (Hydra keeps the last: fewer jobs).
+    ``searchpath``: a ``--config-dir``'s override (:func:`config_dir_override`), whose groups a glob lists."""
     import itertools
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
     from hydra.errors import HydraException
 
     try:
@@ -393,7 +409,9 @@ def sweep_jobs(overrides: list[str]) -> list[tuple[list[str], list[str]]] | None
             choices.append([override.input_line])  # as written
         elif override.is_discrete_sweep():
             key = override.get_key_element()
-            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+            values = (override.value().filter(group_options(override.key_or_group, searchpath or []))
+                      if isinstance(override.value(), Glob) else override.sweep_string_iterator())
+            choices.append([f"{key}={value}" for value in values])
         else:
             return None
     return [(list(job), [o for o, sweep in zip(job, swept) if sweep]) for job in itertools.product(*choices)]
@@ -411,7 +429,7 @@ def check_sweep(overrides: list[str]) -> None:
     searchpath, overrides = config_dir_override(overrides)  # --config-dir DIR: the user's own presets
     sweep_dirs: list[str] = []
     jobs = []
-    for number, (job, swept) in enumerate(sweep_jobs(overrides) or []):
+    for number, (job, swept) in enumerate(sweep_jobs(overrides, searchpath) or []):
         try:
             cfg = compose_run_config(searchpath + job)
             data_sources(cfg.data)  # a mistyped data path too, before any job trains

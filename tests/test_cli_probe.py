@@ -301,3 +301,20 @@ def test_cfg_job_and_the_tools_compose_with_the_users_config_dir(tmp_path, capsy
     assert compose_run_config(translate(["--config-dir", str(conf), "experiment=mine"])).stage1.lr == 7.0e-4
     with pytest.raises(UsageError, match="--config-dir .*missing: no such directory"):
         compose_run_config(["--config-dir", str(tmp_path / "missing"), "experiment=mine"])
+
+
+def test_a_sweep_over_a_config_groups_glob_is_checked_before_any_job_starts(tmp_path, capsys):
+    """`-m stage1=glob(*)` (Hydra's sweep over a group's options) ended in a `HydraException: ConfigLoader is not
+    set` traceback before any job started; its jobs are now listed as Hydra's sweeper lists them, the user's
+    --config-dir's options included, and checked like any sweep's."""
+    from qwen_distillation.cli import config_dir_override, sweep_jobs
+
+    out = tmp_path / "sweep"
+    code, output = _cli(["-m", "stage1=glob(*,exclude=general_kd)", "end_stage=1,5"] + tiny_overrides(out, steps=1),
+                        capsys)
+    assert code == 2 and "error: sweep job 1 (stage1=domain_kd end_stage=5): end_stage=5: stages are numbered " \
+        "1..3" in output, output
+    assert not out.exists()
+    searchpath, rest = config_dir_override(["--config-dir", str(_user_conf(tmp_path)), "experiment=glob(*)"])
+    assert [swept for _, swept in sweep_jobs(rest, searchpath)] == [
+        [f"experiment={name}"] for name in ("arms", "bad", "demo", "mine", "none", "smoke")]
