@@ -149,6 +149,16 @@ def hand_scores(model, batches: list[dict]) -> WidthScores:
                        hidden=sums["norms"].sqrt().sum(0))
 
 
+def test_pruning_md_states_the_aggregation_the_scores_use():
+    """docs/pruning.md said "L2 over the sequence, mean over the batch", the reverse of what width_importance
+    computes (hand_scores above: the mean over each sequence's tokens, then L2 over the sequences)."""
+    from pathlib import Path
+
+    text = " ".join((Path(__file__).resolve().parents[1] / "docs" / "pruning.md").read_text().split())
+    assert "mean over each sequence's tokens, then L2 over the sequences" in text
+    assert "L2 over the sequence, mean over the batch" not in text
+
+
 def assert_scores_close(actual: WidthScores, expected: WidthScores, rtol=1e-5):
     for name in ("mlp", "heads", "kv_groups", "hidden"):
         torch.testing.assert_close(getattr(actual, name), getattr(expected, name), rtol=rtol, atol=1e-6,
