@@ -375,3 +375,24 @@ def test_width_targets_beyond_the_teacher_fail_before_it_loads(override, message
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_run_over_its_own_student_folder_keeps_the_prune_record(tmp_path):
+    """`--student_model P output_dir=P overwrite_output_dir=true` over a prune output deleted P's pruning.json
+    and pruning_scores.safetensors (a run's overwrite clears those names) though no run had written them. An
+    output_dir further down an input folder still clears only the run's own files."""
+    from qwen_distillation.errors import ConfigError
+    from qwen_distillation.training.outputs import check_output_dir
+
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    for name in ("config.json", "model.safetensors", "pruning.json", "pruning_scores.safetensors"):
+        (pruned / name).write_text("{}")
+    with pytest.raises(ConfigError, match=f"model.student.path={pruned} holds pruning.json, which "
+                                          f"overwrite_output_dir=true would remove from output_dir={pruned}"):
+        check_output_dir(pruned, run_id="r", resume=True, overwrite=True, inputs=[("model.student.path", str(pruned))])
+    assert sorted(p.name for p in pruned.iterdir())[-2:] == ["pruning.json", "pruning_scores.safetensors"]
+    below = pruned / "run"
+    below.mkdir()
+    (below / "pruning.json").write_text("{}")
+    check_output_dir(below, run_id="r", resume=True, overwrite=True, inputs=[("model.student.path", str(pruned))])

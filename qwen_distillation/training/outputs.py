@@ -255,6 +255,14 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
             raise ConfigError(f"{key}={path} lies inside {entry}, which overwrite_output_dir=true would remove; "
                               f"copy it out of output_dir={output_dir} first, or write the run to another "
                               f"output_dir")
+        # The other way round: an input folder that is output_dir itself, such as `--student_model P output_dir=P`
+        # over a prune output, whose pruning.json and scores the overwrite deleted. (An output_dir further down
+        # an input folder clears the run's own files only.)
+        held = next((e for e in cleared if e.parent == resolved), None)
+        if held is not None:
+            raise ConfigError(f"{key}={path} holds {held.relative_to(resolved)}, which overwrite_output_dir=true "
+                              f"would remove from output_dir={output_dir}; write the run to another output_dir "
+                              f"(e.g. output_dir={output_dir.with_name(output_dir.name + '_run')})")
     if state is not None:
         if overwrite:
             if not state.get("finished") and state.get("run_hash") == run_id:  # a rerun of an interrupted command
