@@ -533,14 +533,15 @@ def compose_run_config(overrides: list[str], *, one_device: str | None = None):
 def refuse_hydra_flags(overrides: list[str], prog: str) -> None:
     """A command that composes one run config (the cache command, pruning) runs once: Hydra's own flags
     (``-m``/``--multirun``, ``--cfg``, ...) reached Hydra's override parser as overrides and failed with
-    'LexerNoViableAltException: -m', though Hydra's own hint for ``key=1,2`` is to add ``--multirun``."""
-    flag = next((a.partition("=")[0] for a in overrides
+    'LexerNoViableAltException: -m', though Hydra's own hint for ``key=1,2`` is to add ``--multirun``.
+    ``--config-dir DIR`` (the user's own presets) is taken (:func:`config_dir_override`)."""
+    flag = next((a.partition("=")[0] for a in config_dir_override(overrides)[1]
                  if a == "-m" or a.partition("=")[0] in HYDRA_FLAGS + HYDRA_VALUE_FLAGS), None)
     if flag is None:
         return
-    what = "runs once, not a sweep" if flag in ("-m", "--multirun") else "takes no Hydra flags"
-    raise UsageError(f"{flag}: {prog} {what}; give it KEY=VALUE overrides (one value each) and run it once per "
-                     f"setting (`python run_distillation.py {flag} ...` is where Hydra's flags go)")
+    raise UsageError(f"{flag}: {prog} takes classic flags, Hydra overrides and --config-dir, not Hydra's other "
+                     f"flags: it runs one configuration (run it once per value to sweep; `python run_distillation.py "
+                     f"--cfg job OVERRIDES` prints the config)")
 
 
 def config_command(parser, argv: list[str] | None, body, *, one_device: str | None = None) -> None:

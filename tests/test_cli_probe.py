@@ -318,3 +318,18 @@ def test_a_sweep_over_a_config_groups_glob_is_checked_before_any_job_starts(tmp_
     searchpath, rest = config_dir_override(["--config-dir", str(_user_conf(tmp_path)), "experiment=glob(*)"])
     assert [swept for _, swept in sweep_jobs(rest, searchpath)] == [
         [f"experiment={name}"] for name in ("arms", "bad", "demo", "mine", "none", "smoke")]
+
+
+@pytest.mark.parametrize("flags", [["-m", "model.student.keep_layers=1,2"], ["--cfg", "job"]])
+def test_the_tools_name_a_hydra_flag_they_do_not_take(flags, tmp_path, capsys):
+    """`python -m qwen_distillation.prune --out X -m ...` (or `--cfg job`) ended in Hydra's
+    `LexerNoViableAltException: -m`, which named neither the flag's problem nor a fix; --config-dir is taken."""
+    from qwen_distillation import prune
+
+    with pytest.raises(SystemExit) as exit_:
+        prune.main(["--out", str(tmp_path / "pruned"), "--config-dir", str(tmp_path), "model=tiny_qwen2", *flags])
+    output = capsys.readouterr().err
+    assert exit_.value.code == 2 and output.startswith(
+        f"error: {flags[0]}: python -m qwen_distillation.prune takes classic flags, Hydra overrides and --config-dir, "
+        f"not Hydra's other flags"), output
+    assert not (tmp_path / "pruned").exists()
