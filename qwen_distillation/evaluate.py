@@ -277,12 +277,22 @@ def evaluate(models: dict[str, str], *, teacher: str | None, nll_sets: dict[str,
                    **counts} for name, path in models.items()}
 
 
+def _cell(value) -> str:
+    """A table cell: an integer as it is, a float to 4 decimals; a rounding of a value at zero from below (the
+    KL of a model against itself, -1e-9) reads 0.0000, not -0.0000."""
+    if value is None:
+        return ""
+    if isinstance(value, int):
+        return str(value)
+    text = f"{value:.4f}"
+    return text[1:] if text == "-0.0000" else text
+
+
 def to_markdown(results: dict[str, dict[str, float]]) -> str:
     metrics = sorted({k for row in results.values() for k in row})
     lines = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, row in results.items():
-        lines.append(f"| {name} | " + " | ".join("" if m not in row else str(row[m]) if isinstance(row[m], int)
-                                                 else f"{row[m]:.4f}" for m in metrics) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(row.get(m)) for m in metrics) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -319,3 +319,10 @@ def test_a_model_with_fewer_logit_columns_than_the_tokenizer_is_a_clear_error(ti
     err = capsys.readouterr().err
     assert code == 2 and (f"error: --model s={small}: the model has 1000 logit columns but the tokenizer that "
                           f"encodes the sets (of --model t={final}) has 151665 tokens") in err, err
+
+
+def test_the_table_reads_zero_for_a_value_rounded_at_zero_from_below():
+    """The KL of a model against itself came out as -1e-9 and was printed as -0.0000."""
+    table = evaluate_module.to_markdown({"a": {"eval/kl": -1e-9, "eval/nll": 1.23456, "eval/mcq/x_items": 3},
+                                         "b": {"eval/kl": -0.5, "eval/nll": float("nan")}})
+    assert table.splitlines()[2:] == ["| a | 0.0000 | 3 | 1.2346 |", "| b | -0.5000 |  | nan |"]
