@@ -312,6 +312,9 @@ def test_a_sweep_run_again_skips_its_finished_jobs(tmp_path, capsys):
     ("stage1.lr=1,2", ["Ambiguous value for argument 'stage1.lr=1,2'", "add --multirun"]),
     ("hydra.job.nope=1", ["Could not override 'hydra.job.nope'", "Key 'nope' not in 'JobConf'"]),
     ("~model", ["model: ", "missing mandatory value: model"]),
+    # The fix named was "set stage2.name", one key of a preset the override had removed whole.
+    ("~stage2", ["stage2.name: ", "missing mandatory value: name", "or choose a stage2 preset (stage2=NAME, one of "
+                 "domain_kd, general_kd, medical_ft; an override ~stage2 removes it)"]),
     ("stage1.lr=${nope}", ["stage1.lr: Interpolation key 'nope' not found"]),
 ])
 def test_a_config_error_hydra_finds_exits_2_with_one_line(override, expected, tmp_path):

@@ -627,6 +627,18 @@ def _ignored_loss_settings(key: str, stage: StageConfig) -> list[str]:
     return lines
 
 
+def _group_hint(key: str) -> str:
+    """For a value missing under a config group (``stage2.name`` after ``~stage2`` removed the group's preset):
+    the presets that fill it."""
+    group = key.partition(".")[0]
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf", group)
+    if "." not in key or not os.path.isdir(folder):
+        return ""
+    names = sorted(name[:-5] for name in os.listdir(folder) if name.endswith(".yaml"))
+    return (f", or choose a {group} preset ({group}=NAME, one of {', '.join(names)}; an override ~{group} removes "
+            f"it)")
+
+
 def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
     """Check keys and ranges and return the config as a typed :class:`DistillationConfig`.
 
@@ -644,8 +656,8 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
             cfg = OmegaConf.to_object(cfg)
         except OmegaConfBaseException as err:  # a missing value (`~model`), an interpolation to nowhere
             key = err.full_key or "the config"
-            raise ConfigError(f"{key}: {str(err).splitlines()[0]}; set {key} (`python run_distillation.py --cfg job` "
-                              f"prints every key with its value)") from err
+            raise ConfigError(f"{key}: {str(err).splitlines()[0]}; set {key}{_group_hint(key)} (`python "
+                              f"run_distillation.py --cfg job` prints every key with its value)") from err
     _refuse_non_finite(dataclasses.asdict(cfg))
     for key, value in (("start_stage", cfg.start_stage), ("end_stage", cfg.end_stage)):
         require(1 <= value <= 3, key, value, "stages are numbered 1..3", f"{key}=2")
