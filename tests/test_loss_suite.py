@@ -109,7 +109,20 @@ def test_teacher_is_not_run_when_no_term_needs_it(monkeypatch):
     teacher.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("teacher ran"))
     teacher.model.forward = teacher.forward
     terms, info = micro_batch_terms(student, teacher, batch, loss_plan({"ce": 1.0}, 64))
-    assert set(terms) == {"logit"} and info["kd"] == 0.0
+    assert set(terms) == {"logit"} and "kd" not in info
+
+
+@pytest.mark.parametrize("chunk_size", [4, 0], ids=["hidden-state path", "full-logits path"])
+def test_kd_weight_zero_logs_no_divergence(chunk_size):
+    # loss/kd of a stage with weights.kd=0 was logged as 0.0, a perfect match that was never computed;
+    # left out of the micro-batch's values, the row keeps its NaN ("not computed"), like a step without CE.
+    teacher, student = _tiny_pair()
+    ids = torch.randint(0, 64, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    plan = loss_plan({"kd": 0.0, "ce": 0.5, "feature": 1.0}, 64, feature_pairs=((0, 1),), chunk_size=chunk_size)
+    heads = Heads(feature=FeatureProjector([(0, 1)], student.config.hidden_size, teacher.config.hidden_size))
+    terms, info = micro_batch_terms(student, teacher, batch, plan, heads)
+    assert set(terms) == {"logit", "feature"} and "kd" not in info and info["ce"] > 0
 
 
 @pytest.mark.parametrize("chunk_size", [4, 0], ids=["hidden-state path", "full-logits path"])

@@ -139,7 +139,7 @@ def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForw
             return {}, {}
         ce = chunked_cross_entropy(s_valid, s_head[: plan.vocab_size], targets, plan.kd.chunk_size)
         terms = {"ce": ce} if plan.separate_logit_terms else {"logit": w_ce * ce}
-        return terms, {"ce": ce.detach(), "kd": 0.0}
+        return terms, {"ce": ce.detach()}  # no "kd": a divergence not computed is logged NaN, not 0
     # Full-logits path: models whose logits are not a plain projection of the hidden states.
     s_logits = gather_positions(student.logits, positions)[:, : plan.vocab_size]
     ce = cross_entropy(s_logits, targets, reduction="sum")
@@ -152,7 +152,13 @@ def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForw
         terms = {name: value for name, value in (("ce", ce), ("kd", kd)) if plan.active(name)}
     else:
         terms = {"logit": w_ce * ce + w_kd * kd} if w_ce > 0 or w_kd > 0 else {}
-    return terms, {"ce": ce.detach(), "kd": kd.detach()}
+    return terms, _logit_parts(ce, kd if teacher is not None and w_kd > 0 else None)
+
+
+def _logit_parts(ce: torch.Tensor, kd: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The unweighted ``ce``/``kd`` sums to log; ``kd`` only when it was computed (a stage with
+    ``loss.weights.kd=0`` logs ``loss/kd`` as NaN, not as a divergence of 0)."""
+    return {"ce": ce.detach()} if kd is None else {"ce": ce.detach(), "kd": kd.detach()}
 
 
 def _cached_logit_terms(plan: LossPlan, student: CapturedForward, teacher: CachedTopK, positions: torch.Tensor,
@@ -186,7 +192,7 @@ def _cached_logit_terms(plan: LossPlan, student: CapturedForward, teacher: Cache
         terms = {name: value for name, value in (("ce", ce), ("kd", kd)) if plan.active(name)}
     else:
         terms = {"logit": w_ce * ce + w_kd * kd} if w_ce > 0 or w_kd > 0 else {}
-    return terms, {"ce": ce.detach(), "kd": kd.detach()}
+    return terms, _logit_parts(ce, kd if w_kd > 0 else None)
 
 
 def loss_terms(plan: LossPlan, batch: dict[str, torch.Tensor], student: CapturedForward,
