@@ -112,6 +112,30 @@ def test_teacher_is_not_run_when_no_term_needs_it(monkeypatch):
     assert set(terms) == {"logit"} and "kd" not in info
 
 
+def test_balanced_stage_with_ce_weight_zero_runs_no_ce_pass(monkeypatch):
+    # GradNorm/PCGrad keep CE and KD apart, one fused pass each over the lm_head; with weights.ce=0 the
+    # CE pass was still run (a whole chunked pass, its gradients thrown away) only to log loss/ce.
+    teacher, student = _tiny_pair()
+    ids = torch.randint(0, 64, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    calls = []
+    real = module_module.apply_fused_kd
+
+    def counting(options, **kwargs):
+        calls.append((options.ce_weight, options.kd_weight))
+        return real(options, **kwargs)
+
+    monkeypatch.setattr(module_module, "apply_fused_kd", counting)
+    plan = loss_plan({"kd": 0.5, "ce": 0.0}, 64, chunk_size=4, separate_logit_terms=True)
+    terms, info = micro_batch_terms(student, teacher, batch, plan)
+    assert calls == [(0.0, 1.0)] and set(terms) == {"kd"} and info["ce"] > 0 and info["kd"] > 0
+    calls.clear()
+    both, _ = micro_batch_terms(student, teacher, batch, loss_plan({"kd": 0.5, "ce": 0.5}, 64, chunk_size=4,
+                                                                    separate_logit_terms=True))
+    assert sorted(calls) == [(0.0, 1.0), (1.0, 0.0)] and set(both) == {"ce", "kd"}
+    assert float(both["kd"].detach()) == pytest.approx(float(terms["kd"].detach()))
+
+
 @pytest.mark.parametrize("chunk_size", [4, 0], ids=["hidden-state path", "full-logits path"])
 def test_kd_weight_zero_logs_no_divergence(chunk_size):
     # loss/kd of a stage with weights.kd=0 was logged as 0.0, a perfect match that was never computed;

@@ -110,10 +110,11 @@ def _fused_logit_terms(plan: LossPlan, **fused) -> tuple[dict[str, torch.Tensor]
     if not plan.separate_logit_terms:
         logit, parts = apply_fused_kd(plan.kd, **fused)
         return {"logit": logit}, parts
-    ce, parts_ce = apply_fused_kd(dataclasses.replace(plan.kd, ce_weight=1.0, kd_weight=0.0), **fused)
     kd, parts_kd = apply_fused_kd(dataclasses.replace(plan.kd, ce_weight=0.0, kd_weight=1.0), **fused)
-    terms = {name: value for name, value in (("ce", ce), ("kd", kd)) if plan.active(name)}
-    return terms, {"ce": parts_ce["ce"], "kd": parts_kd["kd"]}
+    if not plan.active("ce"):  # weights.ce=0: no CE pass (the KD pass gives the CE value to log)
+        return {"kd": kd}, parts_kd
+    ce, parts_ce = apply_fused_kd(dataclasses.replace(plan.kd, ce_weight=1.0, kd_weight=0.0), **fused)
+    return {"ce": ce, "kd": kd}, {"ce": parts_ce["ce"], "kd": parts_kd["kd"]}
 
 
 def _logit_terms(plan: LossPlan, student: CapturedForward, teacher: CapturedForward | CachedTopK | None,
