@@ -190,6 +190,20 @@ def test_medical_ratio_keys_the_schedule_does_not_read_are_named_for_a_warning()
     assert warnings() == [] and warnings("experiment=smoke") == []
 
 
+def test_a_later_stage_contrastive_projection_dim_is_named_for_a_warning():
+    """One contrastive head serves the run, sized by the first stage that uses it: stage 3's
+    `loss.contrastive.projection_dim=64` after stage 2's 256 trained a 256-wide head without a word."""
+    from qwen_distillation.config.validate import ignored_settings
+
+    warnings = functools.partial(_warned, ignored_settings, "stage3.loss.weights.contrastive=0.1")
+    assert warnings("stage3.loss.contrastive.projection_dim=64") == [
+        "stage3.loss.contrastive.projection_dim=64: ignored, one contrastive head serves the whole run, sized by the "
+        "first stage that uses it (stage2.loss.contrastive.projection_dim=256); give both the same value"]
+    # The same width, or the first contrastive stage of the run: no word.
+    assert warnings() == []
+    assert warnings("stage3.loss.contrastive.projection_dim=64", "start_stage=3") == []
+
+
 def test_a_teacher_cache_of_a_stage_that_runs_the_teacher_online_is_named_for_a_warning():
     """`stage1.teacher.cache=DIR` without `stage1.teacher.source=cache` ran the teacher online without a word."""
     from qwen_distillation.config.validate import ignored_settings

@@ -528,6 +528,7 @@ def ignored_settings(cfg: DistillationConfig) -> list[str]:
             lines.append(f"{key}.teacher.cache={stage.teacher.cache}: ignored, the stage runs the teacher online "
                          f"({key}.teacher.source={stage.teacher.source}); read the cache with "
                          f"{key}.teacher.source=cache")
+    lines += _ignored_projection_dims(cfg)
     if not cfg.eval.agreement and cfg.eval.agreement_top_k != EvalConfig().agreement_top_k:
         lines.append(f"eval.agreement_top_k={cfg.eval.agreement_top_k}: ignored, the agreement with the teacher is "
                      f"off (eval.agreement=false); turn it on with eval.agreement=true")
@@ -540,6 +541,20 @@ def ignored_settings(cfg: DistillationConfig) -> list[str]:
                          f"one process, one device); choose one with distributed=zero2, zero3, zero3_offload or "
                          f"fsdp2, or --deepspeed ds_config.json")
     return lines
+
+
+def _ignored_projection_dims(cfg: DistillationConfig) -> list[str]:
+    """A later stage's ``loss.contrastive.projection_dim`` that differs from the first contrastive stage's: one
+    contrastive head serves the whole run, sized by that first stage (``training.module.build_heads``)."""
+    keys = [f"stage{index}" for index in range(cfg.start_stage, cfg.end_stage + 1)
+            if getattr(cfg, f"stage{index}").enabled and getattr(cfg, f"stage{index}").loss.weights.contrastive > 0]
+    if not keys:
+        return []
+    first, dim = keys[0], getattr(cfg, keys[0]).loss.contrastive.projection_dim
+    return [f"{key}.loss.contrastive.projection_dim={getattr(cfg, key).loss.contrastive.projection_dim}: ignored, one "
+            f"contrastive head serves the whole run, sized by the first stage that uses it "
+            f"({first}.loss.contrastive.projection_dim={dim}); give both the same value"
+            for key in keys[1:] if getattr(cfg, key).loss.contrastive.projection_dim != dim]
 
 
 def faint_settings(cfg: DistillationConfig) -> list[str]:
