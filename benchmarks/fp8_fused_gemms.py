@@ -11,8 +11,8 @@ q/k/v 0.239 -> 0.235 ms (exact accumulation), 0.274 -> 0.272 ms (fast); gate/up 
 (exact: slower), 1.576 -> 1.692 ms (fast: slower). At most about 0.1 ms of a 7B forward: not built.
 """
 
+import argparse
 import json
-import sys
 
 import torch
 
@@ -68,5 +68,16 @@ def main(out: str) -> dict:
     return results
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The output path; ``--help`` prints the docstring. Without CUDA it stops with a usage error, not
+    with torch's traceback from the first ``device="cuda"`` tensor (and ``--help`` is no file name)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="JSON file for the timings")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA GPU with FP8 tensor cores (H100/H200); there is none here")
+    return args
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(parse_args().out)
