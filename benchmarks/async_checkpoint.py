@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides appended to every run")
     args = parser.parse_args()
+    if args.rounds < 1:  # no run to take medians of: statistics.median([]) raised after the parse
+        parser.error(f"--rounds {args.rounds}: must be at least 1 (each round runs both arms once)")
     runs = {arm: [] for arm in ARMS}
     with tempfile.TemporaryDirectory(prefix="async_checkpoint_") as scratch:
         for round_ in range(args.rounds):
