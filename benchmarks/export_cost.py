@@ -28,20 +28,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from qwen_shapes import QWEN  # noqa: E402  (plain dicts: no torch import before the arguments are checked)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--student", default="0.5b", help="a Qwen2.5 shape of benchmarks/qwen_shapes.py")
+    parser.add_argument("--student", default="0.5b", choices=sorted(QWEN),
+                        help="a Qwen2.5 shape of benchmarks/qwen_shapes.py")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="where the temporary exports go")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.repeats < 1:  # checked before the first export: no repeat left statistics.median([]) to fail after it
+        parser.error(f"--repeats {args.repeats}: must be at least 1 (each repeat times both arms once)")
 
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from qwen_distillation.modeling.tokenizer import load_tokenizer
-    from qwen_shapes import QWEN
     from qwen_distillation.training.checkpoint import export_model, link_export
 
     torch.manual_seed(0)

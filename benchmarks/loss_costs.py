@@ -128,10 +128,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--chunk_size", type=int, default=1024)
-    parser.add_argument("--only", default=None, help="run one configuration (used by --isolate)")
+    parser.add_argument("--only", default=None, choices=list(CONFIGS), help="run one configuration (used by --isolate)")
     parser.add_argument("--isolate", action="store_true", help="each configuration in a fresh process")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:  # no timed step left statistics.median([]) to fail after the models built
+        parser.error(f"--steps {args.steps} --warmup {args.warmup}: --steps must be at least 1 and --warmup at least 0")
     names = [args.only] if args.only else list(CONFIGS)
     if args.isolate and not args.only:
         results = []

@@ -1,0 +1,39 @@
+"""The benchmarks' counts and names are checked as they are parsed: ``--rounds``/``--repeats``/``--steps`` that
+leave nothing to time and an unknown shape or configuration are usage errors before any run, not a traceback
+(``statistics.median([])``, a ``KeyError``) after the work, and no results file is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.parametrize("rounds", ["0", "-1"])
+def test_rounds_below_one_is_a_usage_error(rounds, tmp_path):
+    out = tmp_path / "async.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "async_checkpoint.py"), "--rounds", rounds,
+                             "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"--rounds {rounds}: must be at least 1" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("export_cost.py", ["--repeats", "0"], "--repeats 0: must be at least 1"),
+    ("export_cost.py", ["--student", "9b"], "argument --student: invalid choice: '9b'"),
+    ("loss_costs.py", ["--steps", "0"], "--steps must be at least 1"),
+    ("loss_costs.py", ["--only", "nope"], "argument --only: invalid choice: 'nope'"),
+])
+def test_other_benchmarks_refuse_counts_that_leave_nothing_to_time(script, args, message, tmp_path):
+    """export_cost.py built and exported the model, loss_costs.py built the pair, before ``statistics.median([])``
+    (or ``QWEN[name]``, ``CONFIGS[name]``) failed with a traceback; now a usage error comes first."""
+    out = tmp_path / "out.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
