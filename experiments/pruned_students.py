@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "experiments"))
 
-from three_stage_vs_finetune import arm_overrides, arm_row, compose_arm  # noqa: E402
+from three_stage_vs_finetune import ARMS, arm_overrides, arm_row, compose_arm  # noqa: E402
 
 from qwen_distillation.app import run  # noqa: E402
 
@@ -88,6 +88,12 @@ def main() -> None:
     parser.add_argument("--calibration_examples", type=int, default=None,
                         help="model.student.prune.calibration.num_examples (default: the config's, 256)")
     args = parser.parse_args()
+    # Checked before any student runs: an unknown name failed with a KeyError (a ValueError for --arm) traceback,
+    # after the students before it had run.
+    if unknown := [name for name in args.students.split(",") if name not in STUDENTS]:
+        parser.error(f"--students {args.students}: unknown student(s) {unknown}; choose from {','.join(STUDENTS)}")
+    if args.arm not in ARMS:
+        parser.error(f"--arm {args.arm}: unknown arm; choose one of {', '.join(ARMS)}")
     out = Path(args.out)
     results = out / "results.json"
     rows = json.loads(results.read_text()) if results.exists() else []  # students of an earlier call stay

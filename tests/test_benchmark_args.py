@@ -37,3 +37,18 @@ def test_other_benchmarks_refuse_counts_that_leave_nothing_to_time(script, args,
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--students", "even,nope"], "unknown student(s) ['nope']"),
+    (["--arm", "x"], "--arm x: unknown arm"),
+])
+def test_pruned_students_refuses_unknown_names_before_any_student_runs(args, message, tmp_path):
+    """experiments/pruned_students.py ran the students before an unknown one, then failed with a ``KeyError``
+    (an unknown ``--arm``: a ``ValueError``) traceback."""
+    out = tmp_path / "pruned"
+    result = subprocess.run([sys.executable, str(REPO / "experiments" / "pruned_students.py"), *args, "--out",
+                             str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
