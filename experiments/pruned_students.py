@@ -92,6 +92,9 @@ def main() -> None:
     # after the students before it had run.
     if unknown := [name for name in args.students.split(",") if name not in STUDENTS]:
         parser.error(f"--students {args.students}: unknown student(s) {unknown}; choose from {','.join(STUDENTS)}")
+    if args.calibration_examples is not None and args.calibration_examples < 1:  # 0 was taken as "not given"
+        parser.error(f"--calibration_examples {args.calibration_examples}: must be at least 1 (leave it out for the "
+                     f"config's 256)")
     if args.arm not in ARMS:
         parser.error(f"--arm {args.arm}: unknown arm; choose one of {', '.join(ARMS)}")
     out = Path(args.out)
@@ -102,7 +105,7 @@ def main() -> None:
         overrides = arm_overrides(args.arm, args.steps, out / name, args.device, args.mcq_items, args.teacher_path,
                                   args.reduced)
         calibration = ([f"model.student.prune.calibration.num_examples={args.calibration_examples}"]
-                       if args.calibration_examples else [])
+                       if args.calibration_examples is not None else [])
         run(compose_arm(overrides + STUDENTS[name] + calibration))
         rows = [r for r in rows if r["student"] != name]
         rows.append(student_row(name, args.arm, out / name / args.arm, time.perf_counter() - started))

@@ -42,6 +42,7 @@ def test_other_benchmarks_refuse_counts_that_leave_nothing_to_time(script, args,
 @pytest.mark.parametrize("args, message", [
     (["--students", "even,nope"], "unknown student(s) ['nope']"),
     (["--arm", "x"], "--arm x: unknown arm"),
+    (["--calibration_examples", "0"], "--calibration_examples 0: must be at least 1"),  # was taken as not given
 ])
 def test_pruned_students_refuses_unknown_names_before_any_student_runs(args, message, tmp_path):
     """experiments/pruned_students.py ran the students before an unknown one, then failed with a ``KeyError``
