@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 from three_stage_vs_finetune import ARMS, arm_overrides, arm_row, compose_arm  # noqa: E402
 
 from qwen_distillation.app import run  # noqa: E402
+from qwen_distillation.errors import DistillationError  # noqa: E402
 
 STUDENTS = {
     "even": ["model.student.keep_layers=15", "model.student.prune.method=even"],
@@ -106,7 +107,10 @@ def main() -> None:
                                   args.reduced)
         calibration = ([f"model.student.prune.calibration.num_examples={args.calibration_examples}"]
                        if args.calibration_examples is not None else [])
-        run(compose_arm(overrides + STUDENTS[name] + calibration))
+        try:
+            run(compose_arm(overrides + STUDENTS[name] + calibration))
+        except DistillationError as err:  # as run_distillation.py reports it, not a traceback
+            sys.exit(f"error: student {name}: {err}")
         rows = [r for r in rows if r["student"] != name]
         rows.append(student_row(name, args.arm, out / name / args.arm, time.perf_counter() - started))
         results.write_text(json.dumps(rows, indent=2))

@@ -53,3 +53,13 @@ def test_pruned_students_refuses_unknown_names_before_any_student_runs(args, mes
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_pruned_students_reports_a_runs_config_error_in_one_line(tmp_path):
+    """A student's run refused by its config (here a teacher path that does not exist) ended in a traceback."""
+    result = subprocess.run([sys.executable, str(REPO / "experiments" / "pruned_students.py"), "--students", "even",
+                             "--teacher_path", str(tmp_path / "nope"), "--out", str(tmp_path / "pruned")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: student even: model.teacher.path={tmp_path}")
+    assert "Traceback" not in result.stderr
