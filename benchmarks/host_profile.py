@@ -54,6 +54,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -326,6 +327,8 @@ def main() -> None:
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
+    # SIGTERM (`timeout`, a scheduler) exits as an exception does: the run's temporary output_dir is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     # The timed run: on CUDA it counts the synchronisations as well (the hook costs only at a sync).
     steps = run_profiled(args, count="cuda" if cuda and not args.no_count else None)
     report = {"command": " ".join(["python", "benchmarks/host_profile.py", *sys.argv[1:]]),
