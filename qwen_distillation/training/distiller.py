@@ -1027,9 +1027,9 @@ class Distiller:
             if index in (state.get("completed_stages") or []):
                 continue
             found = ckpt.stage_checkpoints(self.output_dir / f"stage{index}")
-            reasons = []
+            kind, reasons = self._engine_kind(index), []
             for target in found:
-                meta, kind = ckpt.checkpoint_meta(target), self._engine_kind(index)
+                meta = ckpt.checkpoint_meta(target)
                 if meta.get("kind") not in (None, kind):
                     reasons.append(f"{target / 'state.pt'}: {other_engine(meta['kind'], kind)}")
                 elif meta.get("world_size", self.topo.world_size) != self.topo.world_size:

@@ -186,10 +186,9 @@ def _changed_identity(output_dir: Path, run_config: dict) -> dict[str, tuple]:
             if before.get(key) != after.get(key)}
 
 
-def changed_keys(output_dir: Path, run_config: dict, limit: int = 6) -> str:
-    """`` (key: old -> new, ...)``: the run-identity keys where ``run_config`` differs from the
-    ``config.yaml`` of the run in ``output_dir``; empty when that file is missing or unreadable."""
-    changed = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in _changed_identity(output_dir, run_config).items()]
+def changed_keys(changes: dict[str, tuple], limit: int = 6) -> str:
+    """`` (key: old -> new, ...)`` of :func:`_changed_identity`'s ``changes``; empty when there are none."""
+    changed = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()]
     if not changed:
         return ""
     more = f", and {len(changed) - limit} more" if len(changed) > limit else ""
@@ -275,15 +274,17 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
         # The flags of a new run that starts from the last finished stage's export (none after stage 3).
         continued = (f"--start_stage {last + 1} --checkpoint_path {output_dir / f'stage{last}' / 'final'} "
                      f"output_dir=NEW_DIR" if 0 < last < 3 else "")
+        # What differs from the run's config.yaml, read once for the refusals below (not on a plain resume).
+        refused = state.get("finished") or state.get("run_hash") != run_id
+        changes = _changed_identity(output_dir, run_config) if run_config and refused else {}
         if state.get("finished"):
             # Continuing from its export applies only changes to the stages after it (and the evaluation).
-            trained = [key for key in (_changed_identity(output_dir, run_config) if run_config else {})
+            trained = [key for key in changes
                        if not key.startswith(tuple(f"stage{i}." for i in range(last + 1, 4)) + ("eval.", "end_stage"))]
             later = (f"; to train the stages after it, start a new run from it: {continued}" if continued and
                      not trained else "")
             # A sweep rerun with another value of a key it does not sweep is refused here: say what differs.
-            other = (f" of another configuration{changed_keys(output_dir, run_config) if run_config else ''}"
-                     if state.get("run_hash") != run_id else "")
+            other = f" of another configuration{changed_keys(changes)}" if state.get("run_hash") != run_id else ""
             raise ConfigError(f"output_dir={output_dir} holds a finished run (stages {done}){other}{later}; choose "
                               f"another output_dir or pass overwrite_output_dir=true to replace it")
         if state.get("run_hash") == run_id and not resume:
@@ -291,7 +292,7 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
                               f"does not resume it; drop resume=false to resume it, choose another output_dir, or "
                               f"pass overwrite_output_dir=true to start over")
         if state.get("run_hash") != run_id:
-            changed = changed_keys(output_dir, run_config) if run_config else ""
+            changed = changed_keys(changes)
             kept = f", start a new run from its finished stage {last} ({continued})" if continued else ""
             raise ConfigError(f"output_dir={output_dir} holds an unfinished run with a different configuration"
                               f"{changed}; rerun its own command to resume it{kept}, choose another output_dir, "
