@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
+from qwen_distillation.config.presets import CONF_DIR, preset_names
 from qwen_distillation.config.schema import register_configs
 from qwen_distillation.config.validate import (faint_settings, ignored_settings, unknown_override_key,
                                               validate_config)
@@ -30,8 +31,6 @@ from qwen_distillation.errors import DistillationError
 register_configs()
 log = logging.getLogger(__name__)
 
-# An absolute path: Hydra resolves a relative one against the package, not the repository.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 KEYS_HINT = "`python run_distillation.py --cfg job` prints every key with its value"
 
 
@@ -162,7 +161,7 @@ def _null_group_message(overrides: list[str]) -> str | None:
         except HydraException:
             continue
         group = parsed.key_or_group
-        options = sorted(path.stem for path in Path(CONF_DIR, group).glob("*.yaml"))
+        options = preset_names(group)
         if parsed.is_delete() or parsed.value() is not None or not (options or "/" in group):
             continue
         fix = (f"use {group}=none" if "none" in options else f"choose one, e.g. {group}={options[0]}" if options

@@ -11,6 +11,7 @@ import typing
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from qwen_distillation.config.presets import preset_names
 from qwen_distillation.config.schema import (RENAMED_KEYS, DistillationConfig, DistributedConfig, EvalConfig,
                                              LoraConfig, MedicalRatioConfig, StageConfig)
 from qwen_distillation.errors import ConfigError, require, require_one_of
@@ -646,10 +647,9 @@ def _group_hint(key: str) -> str:
     """For a value missing under a config group (``stage2.name`` after ``~stage2`` removed the group's preset):
     the presets that fill it."""
     group = key.partition(".")[0]
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf", group)
-    if "." not in key or not os.path.isdir(folder):
+    names = preset_names(group) if "." in key else []
+    if not names:
         return ""
-    names = sorted(name[:-5] for name in os.listdir(folder) if name.endswith(".yaml"))
     return (f", or choose a {group} preset ({group}=NAME, one of {', '.join(names)}; an override ~{group} removes "
             f"it)")
 
