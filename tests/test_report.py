@@ -387,3 +387,30 @@ def test_a_run_in_progress_names_its_unfinished_stage_and_reads_the_run_state(tm
     (tmp_path / "run_state.json").unlink()  # metrics alone (a moved run): each stage's last evaluation
     header = next(line for line in write_report(tmp_path).read_text().splitlines() if line.startswith("| metric |"))
     assert header == "| metric | teacher | student before | after stage 1 | after stage 2 |"
+
+
+def test_an_eval_metric_with_no_finite_value_gets_no_line_and_alone_no_plot(tmp_path, monkeypatch):
+    """A multiple-choice set whose every evaluation is NaN (and with no value before training or for the
+    teacher) draws no mcq.png, not empty axes; in eval.png a metric that is NaN everywhere gets no line."""
+    drawn = []
+    real_plot = report.plot_eval
+
+    def spy(evals, summary, path, frame, kind="eval.png"):
+        from matplotlib.axes import Axes
+        with monkeypatch.context() as m:
+            original = Axes.plot
+            m.setattr(Axes, "plot", lambda ax, *a, **k: drawn.append((kind, k.get("label"))) or original(ax, *a, **k))
+            return real_plot(evals, summary, path, frame, kind)
+
+    monkeypatch.setattr(report, "plot_eval", spy)
+    rows = three_stage_rows()
+    for row in rows:
+        if "eval/general_nll" in row:
+            row.update({"eval/mcq/demo_accuracy": "nan", "eval/extra_nll": "nan"})
+    text = write_report(write_run(tmp_path, rows, summary_for(tmp_path, [1, 2, 3])), None).read_text()
+    images = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert "mcq.png" not in images and "report/mcq.png" not in text
+    assert "eval.png" in images
+    labels = {label for kind, label in drawn if kind == "eval.png"}
+    assert "student general" in labels and "student medical" in labels
+    assert "student extra" not in labels

@@ -349,11 +349,14 @@ def plot_eval(evals: list[dict], summary: dict, path: Path, frame: Frame, kind: 
     """One student trajectory per eval metric of ``EVAL_PLOTS[kind]`` across stages, its value
     before training (open marker) and the teacher's value (dotted) where the teacher has one."""
     prefix, suffix, title, ylabel = EVAL_PLOTS[kind]
+    before, teacher = summary.get("student_before") or {}, summary.get("teacher") or {}
     keys = sorted({k for r in evals for k in r if k.startswith(prefix) and k.endswith(suffix)})
+    # A metric with no finite value anywhere (every evaluation NaN) would be an empty line or axes.
+    keys = [k for k in keys if _has_finite([*series(evals, k, break_stages=False)[1],
+                                            number(before.get(k)), number(teacher.get(k))])]
     if not keys:
         return False
     fig, ax = _axes(title, ylabel)
-    before, teacher = summary.get("student_before") or {}, summary.get("teacher") or {}
     start_x = frame.xlim[0] + 0.5 if frame.xlim else 0.0
     for i, key in enumerate(keys):
         color, name = f"C{i % 10}", key[len(prefix):-len(suffix)]
