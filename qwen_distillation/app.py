@@ -61,6 +61,11 @@ def run(cfg: DictConfig) -> dict:
 
     hf_logging.disable_progress_bar()
     hydra_cfg = _hydra_config()
+    preset = hydra_cfg.runtime.choices.get("experiment") if hydra_cfg is not None else None
+    if config.experiment is None and preset not in (None, "none"):
+        # A preset of the user's that does not name itself (no `experiment: NAME` line): its config.yaml
+        # records the preset chosen, not null ("none").
+        config.experiment = preset
     sweep_job = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
     if sweep_job:  # each sweep job writes into its own output_dir/jobN
         config.output_dir = hydra_cfg.runtime.output_dir

@@ -7,6 +7,7 @@ import io
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
 import qwen_distillation.evaluate as evaluate_module
 from conftest import run_cli as _cli
@@ -277,6 +278,18 @@ def _user_conf(tmp_path):
     (conf / "experiment" / "mine.yaml").write_text("# @package _global_\nexperiment: mine\nstage1: {lr: 7.0e-4}\n")
     (conf / "experiment" / "bad.yaml").write_text("# @package _global_\nend_stage: 5\n")
     return conf
+
+
+def test_a_users_preset_without_an_experiment_line_is_recorded_by_its_name(tmp_path, capsys):
+    """A preset of --config-dir that does not name itself (no `experiment: NAME` line) left `experiment: null` in
+    the run's config.yaml, which reads as experiment=none: the stage options as written."""
+    conf, out = _user_conf(tmp_path), tmp_path / "run"
+    (conf / "experiment" / "quiet.yaml").write_text("# @package _global_\nseed: 7\n")
+    code, output = _cli(["--config-dir", str(conf), "experiment=quiet"] + tiny_overrides(out, steps=1) +
+                        ["end_stage=1"], capsys)
+    assert code == 0, output
+    saved = OmegaConf.load(out / "config.yaml")
+    assert saved.experiment == "quiet" and saved.seed == 7
 
 
 @pytest.mark.parametrize("flag", ["--config-dir {}", "--config-dir={}", "-cd {}"])

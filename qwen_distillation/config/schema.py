@@ -441,7 +441,8 @@ class DistillationConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # The preset (conf/experiment/NAME.yaml) the run was composed with: each preset names
     # itself here, so `--cfg job` and a run's config.yaml say why the stage values differ
-    # from the stage options. null: none.
+    # from the stage options. null: none. A run records a preset of the user's that does not name itself
+    # by the name it was chosen with (`--cfg job` still prints null for it).
     experiment: Optional[str] = None
     output_dir: str = "outputs/run"
     start_stage: int = 1
