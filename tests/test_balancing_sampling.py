@@ -12,7 +12,7 @@ from torch import nn
 
 from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indices
 from qwen_distillation.errors import CheckpointError
-from qwen_distillation.training.balancing import Balancer
+from qwen_distillation.training.balancing import Balancer, step_logs
 
 
 # Tiny tensors: one intra-op thread avoids contention (conftest.single_thread).
@@ -147,6 +147,34 @@ def test_pcgrad_deterministic_under_seed_and_adds_to_existing_grad():
     Balancer("pcgrad", list(WEIGHTS), WEIGHTS, seed=3).backward(_losses(model, x), list(model.parameters()))
     for g, f in zip(_grads(model), fresh):
         torch.testing.assert_close(g, f + 1)
+
+
+def test_a_step_logs_the_mean_cosine_of_the_micro_batches_that_define_it():
+    """A term without gradient (the contrastive term of a one-example micro-batch) has no direction: its cosine
+    was logged as 0.0, a claim of orthogonal gradients, and the step logged only its last micro-batch's values."""
+    model = _mlp()
+    balancer = Balancer("pcgrad", list(WEIGHTS), WEIGHTS)
+    calls = []
+    for x, feature in ((_inputs(seed=1), 1.0), (_inputs(seed=2), 1.0), (_inputs(seed=3), 0.0)):
+        losses = _losses(model, x, factors=(1.0, 1.0, feature))
+        calls.append(balancer.backward(losses, list(model.parameters())))
+    assert math.isnan(calls[2]["cos/kd_feature"]) and math.isnan(calls[2]["cos/ce_feature"])
+    assert math.isfinite(calls[2]["cos/kd_ce"])
+    logs = step_logs(calls)
+    assert logs["cos/kd_feature"] == pytest.approx((calls[0]["cos/kd_feature"] + calls[1]["cos/kd_feature"]) / 2)
+    assert logs["cos/kd_ce"] == pytest.approx(sum(call["cos/kd_ce"] for call in calls) / 3)
+    assert logs["conflicts"] == pytest.approx(sum(call["conflicts"] for call in calls) / 3)
+    assert {k: v for k, v in logs.items() if k.startswith("weight/")} == {f"weight/{n}": w for n, w in WEIGHTS.items()}
+    assert math.isnan(step_logs(calls[2:])["cos/kd_feature"])  # no micro-batch defined it
+    assert step_logs(calls[:1]) == calls[0]  # one micro-batch: its own values
+    # GradNorm's values are those of its last update that had the term.
+    gradnorm = Balancer("gradnorm", list(WEIGHTS), WEIGHTS)
+    without_feature = {n: v for n, v in _losses(model, x).items() if n != "feature"}
+    calls = [gradnorm.backward(_losses(model, x), list(model.parameters())),
+             gradnorm.backward(without_feature, list(model.parameters()))]
+    logs = step_logs(calls)
+    assert logs["grad_norm/feature"] == calls[0]["grad_norm/feature"]
+    assert logs["grad_norm/kd"] == calls[1]["grad_norm/kd"] and logs["weight/kd"] == calls[1]["weight/kd"]
 
 
 def _gradnorm_run(balancer, model, x, calls, factors):
@@ -443,7 +471,7 @@ def test_gradnorm_trains_the_weights_of_the_terms_a_call_gives():
     _zero(model)
     losses = _losses(model, x, (1.0, 1.0, 10.0))
     logs = balancer.backward({"kd": losses["kd"], "ce": losses["ce"]}, list(model.parameters()))
-    assert "grad_norm/feature" not in logs and "grad_norm/kd" in logs
+    assert math.isnan(logs["grad_norm/feature"]) and math.isfinite(logs["grad_norm/kd"])
     assert balancer.initial_losses[2] is None
     trained = balancer.current_weights()
     assert sum(trained.values()) == pytest.approx(2.5)
@@ -468,3 +496,38 @@ def test_gradnorm_trains_the_weights_of_the_terms_a_call_gives():
     assert all(math.isfinite(value) for row in later for value in row.values())
     with pytest.raises(ValueError, match="got none of them"):
         balancer.backward({}, list(model.parameters()))
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "gradnorm"])
+def test_a_training_row_logs_the_balancing_values_of_every_micro_batch_of_its_step(tmp_path, monkeypatch, method):
+    """With a token budget a step's last micro-batch may hold one example, without a contrastive pair: the row
+    logged that micro-batch's values only, PCGrad's cos/*_contrastive as 0.0 and GradNorm without
+    grad_norm/contrastive. It logs the step's (balancing.step_logs) over the micro-batches that define them."""
+    from conftest import compose_config, tiny_overrides, train_rows
+    from qwen_distillation.app import run
+
+    calls, backward = [], Balancer.backward
+
+    def recorded(self, *args, **kwargs):
+        calls.append(backward(self, *args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(Balancer, "backward", recorded)
+    out = tmp_path / "run"
+    # Steps of 3 examples under the budget: micro-batches of 2 and 1 (batch_size 2).
+    run(compose_config(tiny_overrides(out, steps=2) + [
+        "end_stage=1", "stage1.loss.weights.contrastive=0.5", f"stage1.loss.balancing.method={method}",
+        "stage1.tokens_per_step=300"]))
+    rows, first = train_rows(out), 0
+    key = "cos/kd_contrastive" if method == "pcgrad" else "grad_norm/contrastive"
+    for row in rows:
+        step = calls[first:first + math.ceil(row["examples"] / 2)]
+        first += len(step)
+        defined = [call[key] for call in step if not math.isnan(call[key])]
+        assert len(step) == 2 and len(defined) == 1, (row, step)  # the case at hand: one micro-batch without a pair
+        assert row[key] == defined[0] and row[key] != 0.0
+        for name in step[0]:
+            defined = [call[name] for call in step if not math.isnan(call[name])]
+            expected = sum(defined) / len(defined) if name.startswith(("cos/", "conflicts")) else defined[-1]
+            assert row[name] == pytest.approx(expected), (name, row, step)
+    assert first == len(calls) and len(rows) == 2

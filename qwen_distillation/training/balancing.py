@@ -91,7 +91,8 @@ def _backward_pcgrad(balancer: "Balancer", losses, params, shared, scale) -> dic
     for a in range(len(names)):
         for b in range(a + 1, len(names)):
             denom = math.sqrt(sq_norms[a] * sq_norms[b])
-            logs[f"cos/{names[a]}_{names[b]}"] = float(flat[a].dot(flat[b])) / denom if denom > 0 else 0.0
+            # A term without gradient (the contrastive term of a micro-batch without a pair) has no direction: NaN.
+            logs[f"cos/{names[a]}_{names[b]}"] = float(flat[a].dot(flat[b])) / denom if denom > 0 else math.nan
     # One generator per call, seeded by (seed, call): the state to checkpoint is one integer.
     rng = random.Random(f"{balancer.seed}/pcgrad/{balancer.calls}")
     conflicts = 0
@@ -155,9 +156,32 @@ def _backward_gradnorm(balancer: "Balancer", losses, params, shared, scale) -> d
             balancer.log_weights.sub_(torch.logsumexp(balancer.log_weights, 0) - math.log(balancer.total_weight))
     _weighted_sum_backward(losses, {names[k]: float(used[k]) for k in present}, params, scale)
     logs = {f"weight/{name}": float(used[k]) for k, name in enumerate(names)}
+    logs.update({f"grad_norm/{name}": math.nan for name in names})  # NaN for a term left out of this call
     logs.update({f"grad_norm/{names[k]}": float(grad_norms[j].detach()) for j, k in enumerate(present)})
     logs["gradnorm/loss"] = float(gradnorm_loss.detach())
     return logs
+
+
+# The values of a step's calls that step_logs averages: PCGrad measures each micro-batch's gradients afresh.
+AVERAGED = ("cos/", "conflicts")
+
+
+def step_logs(calls: list[dict[str, float]]) -> dict[str, float]:
+    """The balancing values of an optimizer step, from those of its ``Balancer.backward`` calls (one per
+    micro-batch, in order): a key's NaN values (undefined in that call) are left out; of the others, PCGrad's
+    ``cos/*`` and ``conflicts`` (``AVERAGED``) give their mean, every other key (the weights, GradNorm's
+    ``grad_norm/*`` and ``gradnorm/loss``) its last value: the state of the step's last GradNorm update that
+    defined it. A key no call defined is NaN. One call gives its own values."""
+    out = {}
+    for key in dict.fromkeys(key for call in calls for key in call):
+        values = [call[key] for call in calls if key in call and not math.isnan(call[key])]
+        if not values:
+            out[key] = math.nan
+        elif key.startswith(AVERAGED):
+            out[key] = sum(values) / len(values)
+        else:
+            out[key] = values[-1]
+    return out
 
 
 METHODS: dict[str, Callable[..., dict[str, float]]] = {
@@ -219,8 +243,9 @@ class Balancer:
             shared: gradnorm's shared layer (default: ``params[-1]``); unused otherwise.
             scale: multiplies every loss, e.g. ``1 / tokens_in_step``.
         Returns:
-            Values to log: ``weight/<name>``; pcgrad adds ``cos/<a>_<b>`` and ``conflicts``,
-            gradnorm ``grad_norm/<name>`` and ``gradnorm/loss``.
+            Values to log: ``weight/<name>``; pcgrad adds ``cos/<a>_<b>`` (NaN where a term has no
+            gradient) and ``conflicts``, gradnorm ``grad_norm/<name>`` (NaN for a term not given) and
+            ``gradnorm/loss``. ``step_logs`` folds a step's calls into its values.
         """
         unknown = [name for name in losses if name not in self.weights]
         if unknown:

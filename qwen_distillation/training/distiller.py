@@ -59,7 +59,7 @@ from qwen_distillation.modeling.prune import calibration_source_set, needs_calib
 from qwen_distillation.paths import locate
 from qwen_distillation.training import checkpoint as ckpt
 from qwen_distillation.training.allocator import set_cuda_allocator
-from qwen_distillation.training.balancing import Balancer
+from qwen_distillation.training.balancing import Balancer, step_logs
 from qwen_distillation.training import distributed as dist
 from qwen_distillation.training.engine import SingleDeviceEngine, StepOutcome, other_engine
 from qwen_distillation.training.metrics import (METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, NullLogger,
@@ -704,7 +704,7 @@ class Distiller:
         padding = 1 - sum(len(e["input_ids"]) for e in served.examples) / positions
         share = [to_device(batch, self.device) for batch in dist.rank_share(batches, self.topo)]
         sums: dict[str, torch.Tensor | float] = {}
-        balance_log: dict[str, float] = {}
+        balance_logs: list[dict[str, float]] = []  # one per micro-batch, folded into the step's by step_logs
         for batch in share:
             with run.engine.gathered():
                 with self._autocast():
@@ -716,7 +716,7 @@ class Distiller:
                 logs = run.engine.backward(means)
             if logs is None:
                 break
-            balance_log = logs
+            balance_logs.append(logs)
             for name, value in info.items():
                 # Summed in float64 on the device: the same sums as of the values read one by one as
                 # Python floats, read back once for the step.
@@ -752,7 +752,7 @@ class Distiller:
         if self.device.type == "cuda":  # this rank's peak since the stage began
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if run.stage.loss.balancing.method != "none":
-            row.update(balance_log)
+            row.update(step_logs(balance_logs))
         if isinstance(run.sampler, HardExampleSampler):
             row.update(run.sampler.stats())
         return row, outcome
