@@ -88,6 +88,11 @@ def test_presets_do_what_their_names_say():
     ("stage1.temperature=inf", "stage1.temperature=inf: must be a finite number"),
     ("stage2.loss.weights.feature=inf", "stage2.loss.weights.feature=inf: must be a finite number"),
     ("stage3.sampling.temperature=nan", "stage3.sampling.temperature=nan: must be a finite number"),
+    # Hard-example sampling under a mixed ratio: the error named sampling.mode alone, not the ratio that was set.
+    ("stage3.medical_ratio.start=0.5", "stage3.sampling.mode=hard: hard-example sampling draws from one domain"),
+    ("stage3.medical_ratio.start=0.5", "but stage3.medical_ratio.start=0.5; set stage3.medical_ratio.schedule=constant "
+     "stage3.medical_ratio.start=1"),
+    ("stage3.medical_ratio.schedule=linear", "but stage3.medical_ratio.schedule=linear;"),
     ("stage3.weight_decay=-1", "stage3.weight_decay"),
     ("stage2.temperature=1000", "stage2.temperature=1000.0: must be at most 100"),
     ("lora.dropout=1.5", "lora.dropout"),

@@ -144,9 +144,14 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
     _validate_stage_teacher(key, stage)
     if sampling.mode == "hard":
         ratio = stage.medical_ratio
-        require(ratio.schedule == "constant" and ratio.start in (0.0, 1.0), f"{key}.sampling.mode", sampling.mode,
-                "hard-example sampling draws from one domain: it needs medical_ratio constant 0 or 1",
-                f"{key}.sampling.mode=uniform")
+        # Name the ratio the user set (stage3.medical_ratio.start=0.5 was reported as sampling.mode=hard alone).
+        now = (f"{key}.medical_ratio.schedule={ratio.schedule}" if ratio.schedule != "constant"
+               else f"{key}.medical_ratio.start={ratio.start:g}")
+        if not (ratio.schedule == "constant" and ratio.start in (0.0, 1.0)):
+            raise ConfigError(f"{key}.sampling.mode=hard: hard-example sampling draws from one domain, so it needs "
+                              f"{key}.medical_ratio.schedule=constant with {key}.medical_ratio.start 0 (general data) "
+                              f"or 1 (medical data), but {now}; set {key}.medical_ratio.schedule=constant "
+                              f"{key}.medical_ratio.start=1 (or 0), or {key}.sampling.mode=uniform")
 
 
 def _validate_contrastive_batch(key: str, stage: StageConfig, train) -> None:
