@@ -134,3 +134,18 @@ def test_a_non_finite_evaluation_fails_the_stage(tmp_path):
         run(compose_config(overrides))
     assert _outputs(out) == []
     assert json.loads((out / "run_state.json").read_text())["completed_stages"] == []
+
+
+def test_a_non_finite_hard_example_scoring_pass_fails_the_stage(tmp_path):
+    # Step 1 at lr 1e30 leaves huge weights; the scoring pass before step 2 comes before any evaluation. It
+    # stopped the run with a ValueError traceback (update_scores), not the divergence message with its advice.
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, steps=2) + [
+        "start_stage=3", "stage3.lr=1e30", "stage3.warmup_ratio=0", "stage3.sampling.rescore_every=1",
+        "stage3.sampling.max_scored=4"]
+    with pytest.raises(NonFiniteLossError, match=r"stage3 diverged at step 1/2: its hard-example scoring pass gave "
+                                                 r"4 of 4 examples a non-finite loss \(first: medical example \d+, "
+                                                 r"nan\).*Lower stage3\.lr \(now 1e\+30\)"):
+        run(compose_config(overrides))
+    assert _outputs(out) == []
+    assert [r["step"] for r in train_rows(out)] == [1]

@@ -773,6 +773,11 @@ class Distiller:
         with self._autocast(), self._whole_heads():  # the chunks split over the ranks
             scores = [value for part in map_shared(score, chunks, self._shard()) for value in part]
         student.train(was_training)
+        bad = [(i, x) for i, x in zip(indices, scores) if not math.isfinite(x)]
+        if bad:  # weights blown up by the last step: diverged, as a non-finite evaluation is (it was a ValueError)
+            raise self._diverged(run, f"its hard-example scoring pass gave {len(bad)} of {len(scores)} examples a "
+                                      f"non-finite loss (first: {sampler.domain} example "
+                                      f"{bad[0][0]}, {bad[0][1]})")
         sampler.update_scores(indices, scores)
         finite = torch.tensor([x for x in scores if math.isfinite(x)])
         if finite.numel():
