@@ -285,6 +285,27 @@ def test_a_run_with_a_token_budget_logs_steps_within_it(tmp_path, packing):
     assert len({r["examples"] for r in rows}) > 1 or len({r["input_tokens"] for r in rows}) > 1
 
 
+def test_packing_a_budgeted_step_keeps_its_token_terms_and_changes_only_the_contrastive_negatives(tmp_path):
+    """With a token budget, packed micro-batches are cut by tokens (data.max_length x batch_size), so they hold
+    more examples than batch_size: the same examples and token-level terms as unpacked, but the contrastive
+    term's in-batch negatives (and so its value) follow the micro-batches, as docs/configuration.md says."""
+    from qwen_distillation.app import run
+
+    rows = {}
+    for packing in ("false", "true"):
+        out = tmp_path / packing
+        run(compose_config(tiny_overrides(out, steps=1) + [
+            "start_stage=2", "end_stage=2", "data.max_length=256", "stage2.tokens_per_step=1000",
+            "stage2.loss.balancing.method=none", f"train.packing={packing}"]))
+        (rows[packing],) = train_rows(out)
+    unpacked, packed = rows["false"], rows["true"]
+    assert (packed["examples"], packed["input_tokens"], packed["tokens"]) == (
+        unpacked["examples"], unpacked["input_tokens"], unpacked["tokens"])
+    for term in ("loss/ce", "loss/kd", "loss/feature", "loss/attention"):
+        assert packed[term] == pytest.approx(unpacked[term], rel=1e-5), term
+    assert packed["loss/contrastive"] != pytest.approx(unpacked["loss/contrastive"], rel=1e-3)
+
+
 @pytest.mark.slow
 def test_a_killed_run_with_a_token_budget_resumes_with_the_same_steps(tmp_path, monkeypatch):
     """Killed after step 3 of 4 of stage 2 (checkpoint at step 2) and again in stage 3 (hard-example
