@@ -256,6 +256,34 @@ def test_a_step_larger_than_the_whole_pool_is_logged(budget, tmp_path, caplog):
     assert "more than once" not in caplog.text
 
 
+def test_a_mixed_step_whose_share_of_one_domain_outgrows_its_pool_is_logged(tmp_path, caplog):
+    """Stage 2's linear 0.3 -> 0.7 of 8 examples serves up to 6 medical ones a step: with 5 medical examples
+    (and plenty of general ones, so the step fits the two pools together) every such step repeated some
+    of them without a word."""
+    from qwen_distillation.training.distiller import Distiller
+
+    general, medical = _pools(n_medical=5)
+    cfg = validate_config(compose_config(tiny_overrides(tmp_path / "out") + [
+        "stage2.batch_size=4", "stage2.grad_accum=2"]))
+    distiller = Distiller(cfg)
+
+    class Data:
+        pass
+
+    distiller.data = Data()
+    distiller.data.general, distiller.data.medical = general, medical
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.distiller"):
+        distiller._stage_steps("stage2", cfg.stage2)
+    assert ("stage2: a step serves up to 6 medical examples (stage2.medical_ratio 0.3 -> 0.7 of 8) but data.medical "
+            "holds 5 training examples") in caplog.text
+    assert "lower stage2.batch_size or stage2.grad_accum" in caplog.text and "general examples" not in caplog.text
+    caplog.clear()
+    distiller.data.medical = _pools(n_medical=6)[1]  # 6 is enough
+    with caplog.at_level("WARNING", logger="qwen_distillation.training.distiller"):
+        distiller._stage_steps("stage2", cfg.stage2)
+    assert "more than once" not in caplog.text
+
+
 @pytest.mark.parametrize("overrides, key, words", [
     (["stage1.tokens_per_step=0"], "stage1.tokens_per_step=0", "must be >= 1"),
     (["stage2.tokens_per_step=512", "distributed=zero2"], "stage2.tokens_per_step=512", "distributed=none"),

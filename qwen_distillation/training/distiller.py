@@ -497,6 +497,19 @@ class Distiller:
                     f"stage's {size:,} examples", f"lower {key}.batch_size or {key}.grad_accum")
         if step > size:
             log.warning("%s: every step serves some examples more than once (%s, or add data)", *what)
+        elif stage.tokens_per_step is None and len(_domains(stage)) == 2:
+            # A mix: one domain's share of a step can outgrow its pool though the step fits the two pools together
+            # (0.7 of 8 examples from 5 medical ones); its steps then repeat examples without a word.
+            ratio = stage.medical_ratio
+            still = ratio.schedule == "constant" or (ratio.schedule == "step" and ratio.plateaus == 1)
+            end = ratio.start if still else ratio.end  # as stage_domains reads the schedule
+            for domain, share in (("general", 1 - min(ratio.start, end)), ("medical", max(ratio.start, end))):
+                most, held = math.ceil(share * step - 1e-9), len(getattr(self.data, domain))
+                if most > held:
+                    log.warning("%s: a step serves up to %d %s examples (%s.medical_ratio %g -> %g of %d) but data.%s "
+                                "holds %d training examples: those steps serve some of them more than once (add %s "
+                                "data, or lower %s.batch_size or %s.grad_accum)", key, most, domain, key, ratio.start,
+                                end, step, domain, held, domain, key, key)
         if stage.max_steps:
             return stage.max_steps  # an eval_every past it is warned of with the config (ignored_settings)
         steps = max(1, math.ceil(stage.epochs * (size / step if steps_per_pass is None else steps_per_pass)))
