@@ -367,3 +367,34 @@ def test_time_based_saves_follow_the_clock(tmp_path, monkeypatch):
                                                       "train.save_every_minutes=1e-9", "data.max_eval_examples=2",
                                                       "data.max_length=64", "stage1.grad_accum=1"])
     assert saved == [1]
+
+
+def test_a_lora_export_over_a_full_checkpoint_stops_where_the_trained_student_stops(tmp_path):
+    """A full-model checkpoint_path whose generation config lacks the tokenizer's eos (<|im_end|>, which ends
+    every assistant turn trained on) gets it added in memory; it served as the adapters' base as it was on disk,
+    so the adapter export (its generation config is the base's) never stopped at <|im_end|>, while the run's
+    samples and the merged export did."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from qwen_distillation.modeling.tokenizer import build_qwen_tokenizer
+
+    tokenizer = build_qwen_tokenizer()
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert tokenizer.eos_token_id == im_end
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, eos_token_id=endoftext,
+                                 tie_word_embeddings=True)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    assert GenerationConfig.from_pretrained(base).eos_token_id == endoftext
+    before = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()}
+    out = tmp_path / "lora"
+    _run(tiny_overrides(out, steps=1) + ["end_stage=1", "lora.enabled=true", "lora.r=4",
+                                         "lora.target_modules=[q_proj,v_proj]", "lora.merge_on_export=true",
+                                         f"checkpoint_path={base}"])
+    final = out / "stage1" / "final"
+    for export in (final, final / "merged"):
+        eos = AutoModelForCausalLM.from_pretrained(export).generation_config.eos_token_id
+        assert im_end in (eos if isinstance(eos, list) else [eos]), (export, eos)
+    assert {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()} == before  # the checkpoint is untouched

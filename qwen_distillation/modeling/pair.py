@@ -64,28 +64,29 @@ def _eos_ids(eos) -> list[int]:
     return [i for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None]
 
 
-def stop_at_tokenizer_eos(model, tokenizer, *, built_from, name: str) -> None:
+def stop_at_tokenizer_eos(model, tokenizer, *, built_from, name: str) -> bool:
     """Make ``model``'s generation stop at ``tokenizer``'s eos, the token every training example's
     assistant turn ends with (``data.encode``). A model built from a config (``built_from``: its
     ``ModelSpec`` with ``random_init``) takes the tokenizer's eos as its eos (and its pad, if it has none):
     a config's default means nothing for this tokenizer (LlamaConfig's eos 2 is ``#`` in Qwen's, so its
     answers and its exports' stopped at the first ``#``; Qwen2Config has none, so they never stopped).
     A loaded model, or a ``random_init`` that sets ``eos_token_id`` itself, whose eos ids lack the
-    tokenizer's gets it added beside its own."""
+    tokenizer's gets it added beside its own. Returns whether the generation config changed."""
     generation, eos = getattr(model, "generation_config", None), tokenizer.eos_token_id
     if generation is None or eos is None:
-        return
+        return False
     own = _eos_ids(generation.eos_token_id)
     if eos in own:
-        return
+        return False
     if not own or (built_from is not None and built_from.random_init and "eos_token_id" not in built_from.random_init):
         generation.eos_token_id = model.config.eos_token_id = eos
         if generation.pad_token_id is None:
             generation.pad_token_id = pad_token_id(tokenizer)
-        return
+        return True
     generation.eos_token_id = [*own, eos]
     log.info("%s: generation stops at its eos %s and now also at its tokenizer's %r (%d), which ends every "
              "assistant turn it is trained on", name, own, tokenizer.eos_token, eos)
+    return True
 
 
 def qlora_quantization(device: torch.device):
@@ -347,12 +348,19 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
                                    _describe(model_cfg.teacher), student_name)
     # The student built here from a config: its own, or the teacher's it is slimmed from.
     built = None if resume_after_stage or cfg.checkpoint_path else model_cfg.teacher if slimmed else model_cfg.student
-    stop_at_tokenizer_eos(student, student_tok, built_from=built, name=student_name)
+    eos_added = stop_at_tokenizer_eos(student, student_tok, built_from=built, name=student_name)
     stop_at_tokenizer_eos(teacher, teacher_tok, built_from=model_cfg.teacher, name=_describe(model_cfg.teacher))
     if cfg.lora.enabled and not hasattr(student, "peft_config"):
         check_lora_targets(student, cfg.lora.target_modules, merge=cfg.lora.merge_on_export)  # before student_base
         ranked = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if base_model_dir is None or not os.path.exists(os.path.join(base_model_dir, "config.json")):
+        # A full-model checkpoint_path serves as the base as it is on disk, unless its generation now also stops
+        # at the tokenizer's eos: the adapter exports load their generation config from the base, so the base
+        # must hold that one (student_base), or they would not stop where the trained student does.
+        if eos_added and base_model_dir is not None:
+            log.info("the LoRA base is written to %s: the student's generation config differs from "
+                     "checkpoint_path=%s's (its tokenizer's eos was added)", output_dir / "student_base",
+                     cfg.checkpoint_path)
+        if base_model_dir is None or eos_added or not os.path.exists(os.path.join(base_model_dir, "config.json")):
             base_model_dir = str((output_dir / "student_base").resolve())
             # One writer per launch: the ranks of a ZeRO launch build the same student.
             if not meta and (not ranked or torch.distributed.get_rank() == 0):
