@@ -105,6 +105,16 @@ def test_bad_values_name_the_override(override, named):
         validate_config(compose_config(override.split()))
 
 
+def test_all_linear_beside_module_names_is_refused_by_name():
+    """peft's shorthand beside a module name: the run loaded both models, then said the student had no module
+    named ['all-linear'] and suggested lora.target_modules=[all-linear], which it had been given."""
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_config(["lora.enabled=true", "lora.target_modules=[all-linear,lm_head]"]))
+    assert str(err.value).startswith("lora.target_modules=['all-linear', 'lm_head']: all-linear (peft's shorthand")
+    assert "stands alone" in str(err.value) and "lora.target_modules=[all-linear]" in str(err.value)
+    assert validate_config(compose_config(["lora.enabled=true", "lora.target_modules=[all-linear]"])).lora.enabled
+
+
 @pytest.mark.parametrize("override,named", [
     ("lora.merge_on_export=true", "lora.merge_on_export"),
     ("distributed.zero_stage=3", "distributed.zero_stage"),

@@ -726,6 +726,10 @@ def validate_config(cfg: DictConfig | DistillationConfig) -> DistillationConfig:
             "lora.dropout=0.05")
     require(bool(cfg.lora.target_modules) or not cfg.lora.enabled, "lora.target_modules", cfg.lora.target_modules,
             "LoRA needs at least one module to adapt", "lora.target_modules=[q_proj,v_proj]")
+    targets = list(cfg.lora.target_modules)
+    require("all-linear" not in targets or targets == ["all-linear"], "lora.target_modules", targets,
+            "all-linear (peft's shorthand for every linear layer but the output one) stands alone, not beside "
+            "module names", "lora.target_modules=[all-linear]")
     require(bool(cfg.output_dir), "output_dir", cfg.output_dir, "must be a directory path", "output_dir=outputs/run")
     if cfg.checkpoint_path is not None and not cfg.checkpoint_path.strip():  # `checkpoint_path=$UNSET_VARIABLE`
         raise ConfigError("checkpoint_path is empty, which would start from the initial student; give the saved "
