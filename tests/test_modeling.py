@@ -205,6 +205,9 @@ def test_lora_options_that_contradict_an_adapter_checkpoint_are_refused(tmp_path
     with pytest.raises(ConfigError, match=r"lora\.r=8 \(the adapter's: 4\); the adapter is continued as saved"):
         check_adapter_matches_lora(str(tmp_path), LoraConfig(enabled=True, r=8, target_modules=["q_proj", "v_proj"]))
     check_adapter_matches_lora(str(tmp_path / "missing"), LoraConfig(enabled=False))  # not an adapter: no check
+    # A name given twice: peft saves the targets as a set, and the command that trained the adapter was refused.
+    twice = LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj", "q_proj"])
+    check_adapter_matches_lora(str(tmp_path), twice)
     # The dropout too: lora.dropout=0.3 over an adapter saved with 0.05 trained with 0.05, without a word.
     (tmp_path / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 4, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}))

@@ -226,9 +226,9 @@ def check_adapter_matches_lora(path: str, lora) -> None:
         raise ConfigError(f"checkpoint_path={path}: a LoRA adapter (r={saved.get('r')}), which a run continues as "
                           f"an adapter: pass lora.enabled=true (--use_lora), or {merged}")
     wanted = {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
-              "target_modules": sorted(lora.target_modules)}
+              "target_modules": sorted(set(lora.target_modules))}  # peft saves them as a set: no repeats
     found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"), "lora_dropout": saved.get("lora_dropout"),
-             "target_modules": sorted(saved.get("target_modules") or [])}
+             "target_modules": sorted(set(saved.get("target_modules") or []))}
     if isinstance(saved.get("target_modules"), str) or lora_targets(lora.target_modules) == "all-linear":
         del wanted["target_modules"]  # a regular expression, or peft's shorthand saved as the layers it found
     if saved.get("lora_dropout") is None:
