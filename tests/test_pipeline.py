@@ -245,6 +245,30 @@ def test_a_lora_run_overwriting_a_lora_run_keeps_the_base_it_wrote(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out / "stage1" / "final")
 
 
+def test_a_lora_overwrite_refused_after_its_models_load_leaves_the_old_lora_run_as_it_was(tmp_path):
+    """overwrite_output_dir=true promises the old run untouched when a refusal comes after the models load
+    (here stage1.best_metric); a LoRA run had already written its new student_base over the old run's, so the
+    old adapters loaded with plain transformers on another student's weights (and the package refused them)."""
+    from conftest import snapshot
+    from qwen_distillation.errors import ConfigError
+
+    out = tmp_path / "lora"
+    lora = ["end_stage=1", "lora.enabled=true", "lora.r=4", "lora.target_modules=[q_proj,v_proj]"]
+    _run(tiny_overrides(out, steps=1) + lora)
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match="stage1.best_metric=eval/nope_nll"):
+        _run(tiny_overrides(out, steps=1) + lora + ["overwrite_output_dir=true", "seed=3",
+                                                    "stage1.best_metric=eval/nope_nll"])
+    assert snapshot(out) == before and not (out / ".student_base.tmp").exists()
+    # The overwrite that goes through trains on the new base, in place of the old one.
+    _run(tiny_overrides(out, steps=1) + lora + ["overwrite_output_dir=true", "seed=3"])
+    assert snapshot(out)["student_base/model.safetensors"] != before["student_base/model.safetensors"]
+    assert not (out / ".student_base.tmp").exists()
+    assert AutoModelForCausalLM.from_pretrained(out / "stage1" / "final")
+    assert json.loads((out / "stage1" / "final" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str((out / "student_base").resolve())
+
+
 def _tensorboard_points(run_dir) -> dict[str, list[int]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

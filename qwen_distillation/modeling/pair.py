@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,13 @@ class ModelPair:
     base_model_dir: str | None = None
     kept_layers: list[int] | None = None
     pruned: Pruned | None = None  # what the slim-down step chose, when the student was pruned from the teacher
+    # The run's student_base, written here while an earlier run's still stands in its place (overwrite_output_dir=true):
+    # the run swaps it in when it clears the old run (training.outputs.prepare_output_dir), so a refusal found before
+    # then leaves the old run's adapters on their own base.
+    staged_base: str | None = None
+
+
+STAGED_BASE = ".student_base.tmp"  # where a LoRA run writes its student_base while an earlier run's is there
 
 
 def tokenizer_for(spec, role: str):
@@ -299,7 +307,7 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     else:
         teacher = load_causal_lm(model_cfg.teacher, dtype=teacher_dtype, role="teacher", meta=meta)
     kept = pruned = None
-    base_model_dir = None
+    base_model_dir = staged_base = None
     quantization = qlora_quantization(device) if cfg.lora.quantize_4bit else None
     if resume_after_stage:
         stage_dir = output_dir / f"stage{resume_after_stage}"
@@ -360,15 +368,20 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
             log.info("the LoRA base is written to %s: the student's generation config differs from "
                      "checkpoint_path=%s's (its tokenizer's eos was added)", output_dir / "student_base",
                      cfg.checkpoint_path)
+        load_from = base_model_dir
         if base_model_dir is None or eos_added or not os.path.exists(os.path.join(base_model_dir, "config.json")):
-            base_model_dir = str((output_dir / "student_base").resolve())
+            base_model_dir = load_from = str((output_dir / "student_base").resolve())
+            if os.path.exists(base_model_dir):  # an earlier run's: kept until that run is cleared
+                staged_base = load_from = str((output_dir / STAGED_BASE).resolve())
             # One writer per launch: the ranks of a ZeRO launch build the same student.
             if not meta and (not ranked or torch.distributed.get_rank() == 0):
-                student.save_pretrained(base_model_dir, safe_serialization=True)
-                student_tok.save_pretrained(base_model_dir)
+                if staged_base:
+                    shutil.rmtree(staged_base, ignore_errors=True)  # a stale one a stopped run left
+                student.save_pretrained(load_from, safe_serialization=True)
+                student_tok.save_pretrained(load_from)
         if ranked and placement == "device":
             torch.distributed.barrier()  # written before any rank reads it (QLoRA reloads the base)
-        student = apply_lora(student, cfg.lora, device, base_model_dir)
+        student = apply_lora(student, cfg.lora, device, load_from)
     if not load_teacher:
         log.info("the teacher is not loaded: every stage of this run reads its top-k cache%s",
                  " (it was loaded only to build the student from it)" if slimmed else "")
@@ -385,6 +398,7 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
         student = student.to(device)  # a 4-bit model is placed at load time and cannot move
     if cfg.train.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    base_model_dir = adapter_base_dir(student, base_model_dir)
+    if staged_base is None:
+        base_model_dir = adapter_base_dir(student, base_model_dir)
     pad = pad_token_id(student_tok)
-    return ModelPair(teacher, student, student_tok, vocab_size, pad, base_model_dir, kept, pruned)
+    return ModelPair(teacher, student, student_tok, vocab_size, pad, base_model_dir, kept, pruned, staged_base)

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ from qwen_distillation.training.optim import build_optimizer, build_scheduler
 from qwen_distillation.training.outputs import (cache_record, check_output_dir, check_same_caches,
                                                 check_same_checkpoint, check_same_data, check_same_split,
                                                 finished_run, prepare_output_dir, recorded_config, run_hash,
-                                                STUDENT_BASE)
+                                                STAGED_STUDENT_BASE, STUDENT_BASE)
 from qwen_distillation.training.plan import LossPlan, build_plan, loss_weights, shared_parameter, stage_kd_options
 from qwen_distillation.training.teacher import TeacherRunner
 
@@ -958,33 +959,41 @@ class Distiller:
         started = time.perf_counter()
         self.timings = {}
         resume_from = max(state["completed_stages"], default=0) if state else 0
-        with self._timed("build_s"):
-            self._build(resume_from)
-        split_sha256 = examples_digest(self.data)
-        if state is not None:  # before an old run is cleared and anything is written
-            check_same_split(state, split_sha256)
-        # Before an old run is cleared (overwrite_output_dir=true) and before an earlier stage trains: a
-        # best_metric no evaluation gives, a layer map or relation-head count the models do not fit, a
-        # teacher cache that misses examples, a student with nothing to train. (A stage's domain without data
-        # was refused in __init__: a configured source always yields training examples, or build_examples refuses it.)
-        to_run = [i for i in self.stages if i not in (state or {}).get("completed_stages", [])]
-        for index in to_run:
-            self._check_contrastive_pairs(index)
-        self._check_best_metrics(self.evaluator.metric_names(), to_run)
-        self._build_plans(to_run)
-        self._check_trainable()
-        caches = {STAGE_KEYS[i]: cache_record(teacher.reader.identity) for i, teacher in self.cached_teachers.items()}
-        if state is not None:  # a stage resumed from its checkpoints goes on against the cache it started with
-            check_same_caches(state, caches, [STAGE_KEYS[i] for i in self.cached_teachers
-                                              if ckpt.stage_checkpoints(self.output_dir / f"stage{i}")],
-                              {key: getattr(cfg, key).teacher.cache for key in caches})
-        dist.barrier(self.topo)  # every rank has read the old outputs before rank 0 rewrites them
-        if self.topo.is_main:
-            state = prepare_output_dir(self.output_dir, state, run_id=self.run_id, run_config=self.run_config,
-                                       data_sha256=self.data_sha256, split_sha256=split_sha256,
-                                       checkpoint_fingerprint=checkpoint_fingerprint,
-                                       teacher_caches=caches, overwrite=cfg.overwrite_output_dir,
-                                       wrote_student_base=self._own_student_base())
+        try:
+            with self._timed("build_s"):
+                self._build(resume_from)
+            split_sha256 = examples_digest(self.data)
+            if state is not None:  # before an old run is cleared and anything is written
+                check_same_split(state, split_sha256)
+            # Before an old run is cleared (overwrite_output_dir=true) and before an earlier stage trains: a
+            # best_metric no evaluation gives, a layer map or relation-head count the models do not fit, a
+            # teacher cache that misses examples, a student with nothing to train. (A stage's domain without data
+            # was refused in __init__: a configured source always yields training examples, or build_examples
+            # refuses it.)
+            to_run = [i for i in self.stages if i not in (state or {}).get("completed_stages", [])]
+            for index in to_run:
+                self._check_contrastive_pairs(index)
+            self._check_best_metrics(self.evaluator.metric_names(), to_run)
+            self._build_plans(to_run)
+            self._check_trainable()
+            caches = {STAGE_KEYS[i]: cache_record(teacher.reader.identity)
+                      for i, teacher in self.cached_teachers.items()}
+            if state is not None:  # a stage resumed from its checkpoints goes on against the cache it started with
+                check_same_caches(state, caches, [STAGE_KEYS[i] for i in self.cached_teachers
+                                                  if ckpt.stage_checkpoints(self.output_dir / f"stage{i}")],
+                                  {key: getattr(cfg, key).teacher.cache for key in caches})
+            dist.barrier(self.topo)  # every rank has read the old outputs before rank 0 rewrites them
+            if self.topo.is_main:
+                state = prepare_output_dir(self.output_dir, state, run_id=self.run_id, run_config=self.run_config,
+                                           data_sha256=self.data_sha256, split_sha256=split_sha256,
+                                           checkpoint_fingerprint=checkpoint_fingerprint,
+                                           teacher_caches=caches, overwrite=cfg.overwrite_output_dir,
+                                           wrote_student_base=self._own_student_base(),
+                                           staged_student_base=self.pair.staged_base)
+        except BaseException:
+            if self.topo.is_main:  # the student_base written beside an earlier run's, never swapped in
+                shutil.rmtree(self.output_dir / STAGED_STUDENT_BASE, ignore_errors=True)
+            raise
         state = dist.broadcast_object(self.topo, state)
         if self.topo.is_main and self.pair.pruned is not None:
             save_pruning(self.output_dir, self.pair.pruned)

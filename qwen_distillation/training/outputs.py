@@ -89,6 +89,7 @@ def hold_output_dir(output_dir: Path, hold: bool = True):
 
 
 STUDENT_BASE = "student_base"  # the base model a LoRA run's adapters name (modeling.pair)
+STAGED_STUDENT_BASE = ".student_base.tmp"  # a LoRA run's own, written beside an earlier run's (modeling.pair)
 
 
 def entries_to_clear(output_dir: Path, *, student_base: bool = True) -> list[Path]:
@@ -99,7 +100,7 @@ def entries_to_clear(output_dir: Path, *, student_base: bool = True) -> list[Pat
     if not output_dir.is_dir():
         return []
     return sorted(child for child in output_dir.iterdir() if STAGE_ENTRY.match(child.name) or child.name in RUN_FILES
-                  or (student_base and child.name == STUDENT_BASE))
+                  or child.name == STAGED_STUDENT_BASE or (student_base and child.name == STUDENT_BASE))
 
 
 def refuse_output_among_inputs(output: str | Path, key: str, inputs, *, why: str, fix: str,
@@ -299,7 +300,8 @@ def check_output_dir(output_dir: Path, *, run_id: str, resume: bool, overwrite: 
                               f"or pass overwrite_output_dir=true to start over")
     # student_base/ alone is what a LoRA run that stopped before its first record left (an error found once its
     # models had loaded, a Ctrl-C while its data were read): the same command, rerun, writes it again.
-    elif output_dir.exists() and any(e.name not in (LOCK_FILE, STUDENT_BASE) for e in output_dir.iterdir()) and \
+    elif output_dir.exists() and any(e.name not in (LOCK_FILE, STUDENT_BASE, STAGED_STUDENT_BASE)
+                                     for e in output_dir.iterdir()) and \
             not overwrite:
         raise ConfigError(f"output_dir={output_dir} exists, is not empty and holds no qwen_distillation run; "
                           f"choose a new directory or pass overwrite_output_dir=true to write into it")
@@ -385,9 +387,11 @@ def cache_record(identity: dict) -> dict:
 def prepare_output_dir(output_dir: Path, state: dict | None, *, run_id: str, run_config: dict,
                        overwrite: bool, data_sha256: dict[str, str] | None = None,
                        split_sha256: str | None = None, checkpoint_fingerprint: str | None = None,
-                       teacher_caches: dict[str, dict] | None = None, wrote_student_base: bool = False) -> dict:
+                       teacher_caches: dict[str, dict] | None = None, wrote_student_base: bool = False,
+                       staged_student_base: str | None = None) -> dict:
     """Create the output directory (clearing a previous run's files when overwriting, and its
-    ``student_base`` unless this run ``wrote_student_base`` as it built its LoRA student), write
+    ``student_base`` unless this run ``wrote_student_base`` as it built its LoRA student; the one it
+    wrote beside an earlier run's, ``staged_student_base``, then takes its place), write
     its ``config.yaml`` and run state; returns the run state (a fresh one for a new run, recording
     ``data_sha256`` for :func:`check_same_data`, ``split_sha256`` (and the project root) for
     :func:`check_same_split` and ``checkpoint_fingerprint`` for
@@ -395,8 +399,12 @@ def prepare_output_dir(output_dir: Path, state: dict | None, *, run_id: str, run
     :func:`check_same_caches`, on a new run and a resume alike)."""
     if state is None and overwrite:
         for child in entries_to_clear(output_dir, student_base=not wrote_student_base):
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if child.name != STAGED_STUDENT_BASE or not staged_student_base:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
+    if staged_student_base:  # written while the earlier run's stood in its place: that run's base goes now
+        shutil.rmtree(output_dir / STUDENT_BASE, ignore_errors=True)
+        os.replace(staged_student_base, output_dir / STUDENT_BASE)
     if state is None:
         state = {"run_hash": run_id, "finished": False, "completed_stages": [], "initial_eval": None,
                  "data_sha256": data_sha256 or {}}
