@@ -175,6 +175,22 @@ def test_a_mistyped_path_fails_before_any_model_loads(case, monkeypatch, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_qlora_on_the_cpu_fails_before_any_model_loads(monkeypatch, tmp_path, capsys):
+    """--use_qlora needs CUDA and bitsandbytes, which the machine tells at once; it was refused only after the
+    teacher (minutes for a large one) had loaded."""
+    import qwen_distillation.modeling.pair as pair
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before QLoRA was refused")
+
+    monkeypatch.setattr(pair, "load_causal_lm", no_model)
+    code, output = _cli(tiny_overrides(tmp_path / "run", steps=1) + ["end_stage=1", "--use_qlora", "train.device=cpu"],
+                        capsys)
+    assert code == 2 and "lora.quantize_4bit=true (--use_qlora): 4-bit QLoRA needs a CUDA GPU" in output, output
+    assert "Traceback" not in output and "a model was loaded" not in output
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("case", ["missing_field", "not_an_object", "empty_response"])
 def test_a_malformed_record_fails_before_any_model_loads(case, monkeypatch, tmp_path, capsys):
     """A record the data formats cannot read was reported only once the data was encoded, after the

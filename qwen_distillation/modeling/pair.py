@@ -289,6 +289,8 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
                               "over the ranks (DeepSpeed ZeRO-3, FSDP2); use ZeRO stage 1/2 (distributed=zero2) or "
                               "set model.teacher.fp8=false")
         check_fp8_device(device)
+    # QLoRA's machine (CUDA, bitsandbytes) before the teacher loads (minutes for a large one)
+    quantization = qlora_quantization(device) if cfg.lora.quantize_4bit else None
     if not resume_after_stage and cfg.checkpoint_path:  # before the teacher loads (minutes for a large one)
         check_student_checkpoint(cfg.checkpoint_path)
         check_adapter_matches_lora(cfg.checkpoint_path, cfg.lora)
@@ -308,7 +310,6 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
         teacher = load_causal_lm(model_cfg.teacher, dtype=teacher_dtype, role="teacher", meta=meta)
     kept = pruned = None
     base_model_dir = staged_base = None
-    quantization = qlora_quantization(device) if cfg.lora.quantize_4bit else None
     if resume_after_stage:
         stage_dir = output_dir / f"stage{resume_after_stage}"
         # Stage N is complete in the run state, so the run cannot redo it: it starts over, or a new
