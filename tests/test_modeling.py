@@ -204,6 +204,15 @@ def test_lora_options_that_contradict_an_adapter_checkpoint_are_refused(tmp_path
         check_adapter_matches_lora(str(tmp_path), LoraConfig(enabled=False))
     with pytest.raises(ConfigError, match=r"lora\.r=8 \(the adapter's: 4\); the adapter is continued as saved"):
         check_adapter_matches_lora(str(tmp_path), LoraConfig(enabled=True, r=8, target_modules=["q_proj", "v_proj"]))
+    # The merged model it suggested was named whether it existed or not (lora.merge_on_export=false writes none).
+    with pytest.raises(ConfigError) as err:
+        check_adapter_matches_lora(str(tmp_path), LoraConfig(enabled=False))
+    assert f"{tmp_path / 'merged'}" not in str(err.value) and "exported without one" in str(err.value)
+    assert "merge_and_unload()" in str(err.value) and "checkpoint_path=DIR" in str(err.value)
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=rf"its merged model instead \(checkpoint_path={tmp_path / 'merged'}\)"):
+        check_adapter_matches_lora(str(tmp_path), LoraConfig(enabled=False))
     check_adapter_matches_lora(str(tmp_path / "missing"), LoraConfig(enabled=False))  # not an adapter: no check
     # A name given twice: peft saves the targets as a set, and the command that trained the adapter was refused.
     twice = LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj", "q_proj"])

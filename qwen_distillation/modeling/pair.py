@@ -228,8 +228,11 @@ def check_adapter_matches_lora(path: str, lora) -> None:
         saved = json.loads(adapter_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # the loader names a damaged adapter
-    merged = (f"train all weights from its merged model instead (checkpoint_path={Path(path) / 'merged'}, "
-              f"exported with lora.merge_on_export=true)")
+    merged = (f"train all weights from its merged model instead (checkpoint_path={Path(path) / 'merged'})"
+              if (Path(path) / "merged" / "config.json").is_file() else
+              f"train all weights from a merged copy instead (this adapter was exported without one, "
+              f"lora.merge_on_export=false: save peft's AutoPeftModelForCausalLM.from_pretrained('{path}')"
+              f".merge_and_unload() and the tokenizer to a directory DIR, then pass checkpoint_path=DIR)")
     if not lora.enabled:
         raise ConfigError(f"checkpoint_path={path}: a LoRA adapter (r={saved.get('r')}), which a run continues as "
                           f"an adapter: pass lora.enabled=true (--use_lora), or {merged}")
