@@ -223,24 +223,27 @@ def test_examples_longer_than_the_budget_count_one_step_each_and_are_logged(tmp_
     assert "is below the length" not in caplog.text
 
 
+def _distiller_over(cfg, general, medical):
+    """A Distiller of ``cfg`` whose training pools are ``general`` and ``medical`` (no data read): for _stage_steps."""
+    from types import SimpleNamespace
+
+    from qwen_distillation.training.distiller import Distiller
+
+    distiller = Distiller(cfg)
+    distiller.data = SimpleNamespace(general=general, medical=medical)
+    return distiller
+
+
 @pytest.mark.parametrize("budget", [None, "tokens"])
 def test_a_step_larger_than_the_whole_pool_is_logged(budget, tmp_path, caplog):
     """A step that holds more than the stage's whole pool serves examples more than once in every
     step (an epoch then is not one pass): the run says so, with the option to lower."""
-    from qwen_distillation.training.distiller import Distiller
-
     general, medical = _pools()
     tokens = sum(len(e["input_ids"]) for e in general)
     size = ["stage1.batch_size=1", f"stage1.grad_accum={len(general) + 1}"] if budget is None else [
         f"stage1.tokens_per_step={tokens + 1}"]
     cfg = validate_config(compose_config(tiny_overrides(tmp_path / "out") + size))
-    distiller = Distiller(cfg)
-
-    class Data:
-        pass
-
-    distiller.data = Data()
-    distiller.data.general, distiller.data.medical = general, medical
+    distiller = _distiller_over(cfg, general, medical)
     with caplog.at_level("WARNING", logger="qwen_distillation.training.distiller"):
         distiller._stage_steps("stage1", cfg.stage1)
     assert "every step serves some examples more than once" in caplog.text
@@ -260,18 +263,10 @@ def test_a_mixed_step_whose_share_of_one_domain_outgrows_its_pool_is_logged(tmp_
     """Stage 2's linear 0.3 -> 0.7 of 8 examples serves up to 6 medical ones a step: with 5 medical examples
     (and plenty of general ones, so the step fits the two pools together) every such step repeated some
     of them without a word."""
-    from qwen_distillation.training.distiller import Distiller
-
     general, medical = _pools(n_medical=5)
     cfg = validate_config(compose_config(tiny_overrides(tmp_path / "out") + [
         "stage2.batch_size=4", "stage2.grad_accum=2"]))
-    distiller = Distiller(cfg)
-
-    class Data:
-        pass
-
-    distiller.data = Data()
-    distiller.data.general, distiller.data.medical = general, medical
+    distiller = _distiller_over(cfg, general, medical)
     with caplog.at_level("WARNING", logger="qwen_distillation.training.distiller"):
         distiller._stage_steps("stage2", cfg.stage2)
     assert ("stage2: a step serves up to 6 medical examples (stage2.medical_ratio 0.3 -> 0.7 of 8) but data.medical "
