@@ -42,6 +42,7 @@ class ModelPair:
     staged_base: str | None = None
 
 
+STUDENT_BASE = "student_base"  # the base model a LoRA run's adapters name, in its output_dir
 STAGED_BASE = ".student_base.tmp"  # where a LoRA run writes its student_base while an earlier run's is there
 
 
@@ -326,7 +327,7 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
                    f"checkpoint_path={best})"))
         student = load_student_checkpoint(str(stage_dir / "final"), dtype=torch.float32, quantization=quantization,
                                           key=None, fix=fix, meta=meta)
-        base_model_dir = str(output_dir / "student_base") if cfg.lora.enabled else None
+        base_model_dir = str(output_dir / STUDENT_BASE) if cfg.lora.enabled else None
     elif cfg.checkpoint_path:
         if pruned_from_teacher(model_cfg.student):  # the demo config's keep_layers too: a line, not a warning
             log.info("the student is checkpoint_path=%s, with the shape it was saved with: %s not applied (the "
@@ -370,11 +371,11 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
         # must hold that one (student_base), or they would not stop where the trained student does.
         if eos_added and base_model_dir is not None:
             log.info("the LoRA base is written to %s: the student's generation config differs from "
-                     "checkpoint_path=%s's (its tokenizer's eos was added)", output_dir / "student_base",
+                     "checkpoint_path=%s's (its tokenizer's eos was added)", output_dir / STUDENT_BASE,
                      cfg.checkpoint_path)
         load_from = base_model_dir
         if base_model_dir is None or eos_added or not os.path.exists(os.path.join(base_model_dir, "config.json")):
-            base_model_dir = load_from = str((output_dir / "student_base").resolve())
+            base_model_dir = load_from = str((output_dir / STUDENT_BASE).resolve())
             if os.path.exists(base_model_dir):  # an earlier run's: kept until that run is cleared
                 staged_base = load_from = str((output_dir / STAGED_BASE).resolve())
             # One writer per launch: the ranks of a ZeRO launch build the same student.

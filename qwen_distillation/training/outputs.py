@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from qwen_distillation.data.teacher_cache import identity_digest
 from qwen_distillation.errors import CheckpointError, ConfigError
 from qwen_distillation.evaluation.report import REPORT_NAMES
+from qwen_distillation.modeling.pair import STAGED_BASE as STAGED_STUDENT_BASE, STUDENT_BASE
 from qwen_distillation.modeling.prune import PRUNING_FILES
 import qwen_distillation.paths as project_paths
 from qwen_distillation.paths import PACKAGE_PREFIX, locate, refuse_file_in_the_way
@@ -88,8 +89,6 @@ def hold_output_dir(output_dir: Path, hold: bool = True):
         handle.close()  # releases the lock
 
 
-STUDENT_BASE = "student_base"  # the base model a LoRA run's adapters name (modeling.pair)
-STAGED_STUDENT_BASE = ".student_base.tmp"  # a LoRA run's own, written beside an earlier run's (modeling.pair)
 
 
 def entries_to_clear(output_dir: Path, *, student_base: bool = True) -> list[Path]:
