@@ -187,7 +187,7 @@ def test_real_demo_teacher_loads_from_gguf_and_slims_to_15_layers():
     assert "Paris" in pair.tokenizer.decode(answer)  # a real pretrained, instruction-tuned model
 
 
-def test_lora_options_that_contradict_an_adapter_checkpoint_are_refused(tmp_path):
+def test_lora_options_that_contradict_an_adapter_checkpoint_are_refused(tmp_path, caplog):
     """A LoRA adapter as checkpoint_path was continued as saved whatever lora.* said: lora.enabled=false
     (a full fine-tune) and lora.r=8 against the adapter's 4 were ignored without a word."""
     import json
@@ -217,6 +217,11 @@ def test_lora_options_that_contradict_an_adapter_checkpoint_are_refused(tmp_path
     # A name given twice: peft saves the targets as a set, and the command that trained the adapter was refused.
     twice = LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj", "q_proj"])
     check_adapter_matches_lora(str(tmp_path), twice)
+    # all-linear is not compared (peft saves the layers it found); it continued the adapter's targets without a word.
+    with caplog.at_level("INFO", logger="qwen_distillation.modeling.pair"):
+        check_adapter_matches_lora(str(tmp_path), LoraConfig(enabled=True, r=4, target_modules=["all-linear"]))
+    assert (f"checkpoint_path={tmp_path}: lora.target_modules=[all-linear] continues the adapter's own targets "
+            f"['q_proj', 'v_proj']") in caplog.text
     # The dropout too: lora.dropout=0.3 over an adapter saved with 0.05 trained with 0.05, without a word.
     (tmp_path / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 4, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}))

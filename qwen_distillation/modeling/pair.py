@@ -243,6 +243,10 @@ def check_adapter_matches_lora(path: str, lora) -> None:
              "target_modules": sorted(set(saved.get("target_modules") or []))}
     if isinstance(saved.get("target_modules"), str) or lora_targets(lora.target_modules) == "all-linear":
         del wanted["target_modules"]  # a regular expression, or peft's shorthand saved as the layers it found
+        if lora_targets(lora.target_modules) == "all-linear" and found["target_modules"]:
+            log.info("checkpoint_path=%s: lora.target_modules=[all-linear] continues the adapter's own targets %s",
+                     path, saved.get("target_modules") if isinstance(saved.get("target_modules"), str)
+                     else found["target_modules"])
     if saved.get("lora_dropout") is None:
         del wanted["lora_dropout"]  # not recorded: nothing to compare
     names = {"r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
