@@ -144,10 +144,10 @@ def _validate_stage(key: str, stage: StageConfig) -> None:
     _validate_stage_teacher(key, stage)
     if sampling.mode == "hard":
         ratio = stage.medical_ratio
-        # Name the ratio the user set (stage3.medical_ratio.start=0.5 was reported as sampling.mode=hard alone).
-        now = (f"{key}.medical_ratio.schedule={ratio.schedule}" if ratio.schedule != "constant"
-               else f"{key}.medical_ratio.start={ratio.start:g}")
         if not (ratio.schedule == "constant" and ratio.start in (0.0, 1.0)):
+            # Name the ratio the user set (stage3.medical_ratio.start=0.5 was reported as sampling.mode=hard alone).
+            now = (f"{key}.medical_ratio.schedule={ratio.schedule}" if ratio.schedule != "constant"
+                   else f"{key}.medical_ratio.start={ratio.start:g}")
             raise ConfigError(f"{key}.sampling.mode=hard: hard-example sampling draws from one domain, so it needs "
                               f"{key}.medical_ratio.schedule=constant with {key}.medical_ratio.start 0 (general data) "
                               f"or 1 (medical data), but {now}; set {key}.medical_ratio.schedule=constant "

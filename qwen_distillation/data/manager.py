@@ -43,12 +43,18 @@ def medical_ratio_at(step: int, total_steps: int, schedule: str, start: float, e
     raise ValueError(f"unknown medical ratio schedule {schedule!r}")
 
 
+def schedule_end(schedule: str, start: float, end: float, plateaus: int = 5) -> float:
+    """The medical ratio a schedule from ``start`` to ``end`` reaches at its last step: ``start`` for a
+    ``constant`` schedule or a ``step`` one of one plateau (their ``end`` is ignored, as
+    :func:`medical_ratio_at` ignores it), else ``end``."""
+    return start if schedule == "constant" or (schedule == "step" and plateaus == 1) else end
+
+
 def stage_domains(schedule: str, start: float, end: float, plateaus: int = 5) -> tuple[str, ...]:
     """The domains a stage serves when its medical ratio goes from ``start`` to ``end``:
-    general data while the ratio is below 1, medical data while it is above 0. A ``constant``
-    schedule, or a ``step`` one of one plateau, stays at ``start`` (its ``end`` is ignored, as
-    :func:`medical_ratio_at` ignores it)."""
-    end = start if schedule == "constant" or (schedule == "step" and plateaus == 1) else end
+    general data while the ratio is below 1, medical data while it is above 0 (:func:`schedule_end`
+    says where a schedule really ends)."""
+    end = schedule_end(schedule, start, end, plateaus)
     return tuple(domain for domain, serves in (("general", min(start, end) < 1), ("medical", max(start, end) > 0))
                  if serves)
 

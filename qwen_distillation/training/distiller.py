@@ -36,7 +36,7 @@ from qwen_distillation.config.validate import (engine_label, eval_every_past_end
                                                save_every_past_end)
 from qwen_distillation.data.hard_sampling import HardExampleSampler, score_indices
 from qwen_distillation.data.manager import (StageSampler, check_stage_pools, collate, length_grouped_batches,
-                                            micro_batches, stage_domains, to_device)
+                                            micro_batches, schedule_end, stage_domains, to_device)
 from qwen_distillation.data.generated import file_digest, model_fingerprint
 from qwen_distillation.data.loading import check_local_path
 from qwen_distillation.data.sources import (DomainData, build_domain_data, check_records, data_sources,
@@ -502,8 +502,7 @@ class Distiller:
             # A mix: one domain's share of a step can outgrow its pool though the step fits the two pools together
             # (0.7 of 8 examples from 5 medical ones); its steps then repeat examples without a word.
             ratio = stage.medical_ratio
-            still = ratio.schedule == "constant" or (ratio.schedule == "step" and ratio.plateaus == 1)
-            end = ratio.start if still else ratio.end  # as stage_domains reads the schedule
+            end = schedule_end(ratio.schedule, ratio.start, ratio.end, ratio.plateaus)
             for domain, share in (("general", 1 - min(ratio.start, end)), ("medical", max(ratio.start, end))):
                 most, held = math.ceil(share * step - 1e-9), len(getattr(self.data, domain))
                 if most > held:
