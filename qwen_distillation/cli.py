@@ -417,6 +417,12 @@ def sweep_jobs(overrides: list[str], searchpath: list[str] | None = None) -> lis
     return [(list(job), [o for o, sweep in zip(job, swept) if sweep]) for job in itertools.product(*choices)]
 
 
+def sweep_job_label(number: int, swept: list[str]) -> str:
+    """How an error names a sweep's job: ``sweep job 1 (stage1.lr=0.002)``; a ``-m`` command that
+    sweeps no key has one job, named without an empty ``()``."""
+    return f"sweep job {number} ({' '.join(swept)})" if swept else f"sweep job {number}"
+
+
 def check_sweep(overrides: list[str]) -> None:
     """Compose and validate every job of a multirun sweep, its data entries and local data paths
     included, before the first one starts (and before Hydra writes the sweep's ``multirun.yaml``):
@@ -443,7 +449,7 @@ def check_sweep(overrides: list[str]) -> None:
             sweep_dirs.append(str(cfg.output_dir))
             jobs.append((swept, cfg))
             continue
-        raise UsageError(f"sweep job {number} ({' '.join(swept)}): {message}; no job was started")
+        raise UsageError(f"{sweep_job_label(number, swept)}: {message}; no job was started")
     distinct = list(dict.fromkeys(sweep_dirs))
     if len(distinct) > 1:  # output_dir swept (or set from a swept key)
         raise UsageError(f"the sweep's jobs have {len(distinct)} output_dirs ({', '.join(distinct)}): a sweep has "
@@ -461,7 +467,7 @@ def check_sweep(overrides: list[str]) -> None:
         try:
             refuse_sweep_job_over_another_run(directories[0] / f"job{number}", cfg)
         except DistillationError as err:
-            raise UsageError(f"sweep job {number} ({' '.join(swept)}): {err}; no job was started") from None
+            raise UsageError(f"{sweep_job_label(number, swept)}: {err}; no job was started") from None
 
 
 def refuse_sweep_over_a_run(output_dir: str, overrides: list[str]):

@@ -281,6 +281,8 @@ def test_a_sweep_checks_every_job_before_the_first_starts(tmp_path, capsys):
     assert code == 2 and f"sweep job 1 (data.general=[{missing}]): data.general[0]={missing}: file not found" \
         in output, output
     assert not out.exists()
+    code, output = _cli(argv[:-1] + ["stage1.lr=-1"], capsys)  # -m with no swept key: one job, no empty "()"
+    assert code == 2 and "error: sweep job 0: stage1.lr=-1.0: the learning rate must be" in output, output
 
 
 def test_a_sweep_job_refused_as_it_runs_is_named_and_stops_the_sweep(tmp_path, capsys):
