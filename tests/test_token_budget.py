@@ -259,6 +259,39 @@ def test_a_step_larger_than_the_whole_pool_is_logged(budget, tmp_path, caplog):
     assert "more than once" not in caplog.text
 
 
+@pytest.mark.parametrize("budget", [None, "tokens"])
+def test_a_step_of_over_a_hundred_passes_over_the_pool_is_refused(budget, tmp_path):
+    """A mistyped step size (10**8 tokens of a few thousand) only got the warning above and then spent hours
+    building its first step: over MAX_PASSES_PER_STEP passes of the pool, it is refused naming the option."""
+    from qwen_distillation.training.distiller import MAX_PASSES_PER_STEP
+
+    general, medical = _pools()
+    tokens = sum(len(e["input_ids"]) for e in general)
+    most = ["stage1.batch_size=1", f"stage1.grad_accum={MAX_PASSES_PER_STEP * len(general)}"] if budget is None \
+        else [f"stage1.tokens_per_step={MAX_PASSES_PER_STEP * tokens}"]
+    cfg = validate_config(compose_config(tiny_overrides(tmp_path / "out") + most))
+    distiller = _distiller_over(cfg, general, medical)
+    distiller._check_step_size(1)  # exactly a hundred passes: warned of, not refused
+    if budget:
+        cfg.stage1.tokens_per_step += 1
+        named = f"stage1.tokens_per_step={MAX_PASSES_PER_STEP * tokens + 1}: "
+    else:
+        cfg.stage1.grad_accum += 1
+        named = f"stage1.batch_size=1 x stage1.grad_accum={MAX_PASSES_PER_STEP * len(general) + 1}: "
+    with pytest.raises(ConfigError) as err:
+        distiller._check_step_size(1)
+    assert str(err.value).startswith(named) and f"{MAX_PASSES_PER_STEP} times over" in str(err.value), err.value
+
+
+def test_a_later_stages_absurd_token_budget_is_refused_before_the_first_stage_trains(tmp_path, capsys):
+    from tests.conftest import run_cli
+
+    out = tmp_path / "out"
+    code, output = run_cli(tiny_overrides(out, steps=1) + ["end_stage=2", "stage2.tokens_per_step=100000000"], capsys)
+    assert code != 0 and "stage2.tokens_per_step=100000000: a step of 100,000,000 would hold" in output, output
+    assert not (out / "stage1").exists()
+
+
 def test_a_mixed_step_whose_share_of_one_domain_outgrows_its_pool_is_logged(tmp_path, caplog):
     """Stage 2's linear 0.3 -> 0.7 of 8 examples serves up to 6 medical ones a step: with 5 medical examples
     (and plenty of general ones, so the step fits the two pools together) every such step repeated some

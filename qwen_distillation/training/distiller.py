@@ -78,6 +78,8 @@ from qwen_distillation.training.teacher import TeacherRunner
 log = logging.getLogger(__name__)
 
 STAGE_KEYS = {1: "stage1", 2: "stage2", 3: "stage3"}
+# A step holding the stage's whole pool more times than this is refused as a mistyped size (_check_step_size).
+MAX_PASSES_PER_STEP = 100
 
 
 def seed_everything(seed: int) -> None:
@@ -477,10 +479,10 @@ class Distiller:
         steps serve ``epochs`` passes give or take one step; an example longer than the budget takes
         a step of its own and counts as one, and is logged). A step larger than the whole pool is
         logged: each of its steps serves some examples more than once."""
-        pool = [example for domain in _domains(stage) for example in getattr(self.data, domain)]
+        pool = self._pool(stage)
         steps_per_pass = None
+        step, size = self._step_and_pool_size(stage)
         if stage.tokens_per_step is not None:
-            step, size = stage.tokens_per_step, sum(len(example["input_ids"]) for example in pool)
             what = (f"{key}.tokens_per_step={step} is more than the {size:,} input tokens of the stage's "
                     f"{len(pool):,} examples", f"lower {key}.tokens_per_step")
             if stage.grad_accum != 1:
@@ -493,7 +495,6 @@ class Distiller:
                             "raise it to at least %d", key, step, len(longer), len(pool), max(longer), max(longer))
                 steps_per_pass = (size - sum(longer)) / step + len(longer)
         else:
-            step, size = self._examples_per_step(stage), len(pool)
             what = (f"{key}: a step of {step} examples (batch_size x grad_accum x ranks) is more than the "
                     f"stage's {size:,} examples", f"lower {key}.batch_size or {key}.grad_accum")
         if step > size:
@@ -518,6 +519,35 @@ class Distiller:
                      + save_every_past_end(key, stage.save_every, steps, length)):
             log.warning(line)
         return steps
+
+    def _pool(self, stage: StageConfig) -> list[dict]:
+        """The stage's training examples, its domains' pools together."""
+        return [example for domain in _domains(stage) for example in getattr(self.data, domain)]
+
+    def _step_and_pool_size(self, stage: StageConfig) -> tuple[int, int]:
+        """A step's size and the stage's pool in the same unit: input tokens with ``tokens_per_step``,
+        else examples (all ranks together)."""
+        if stage.tokens_per_step is not None:
+            return stage.tokens_per_step, sum(len(example["input_ids"]) for example in self._pool(stage))
+        return self._examples_per_step(stage), len(self._pool(stage))
+
+    def _check_step_size(self, index: int) -> None:
+        """A step over ``MAX_PASSES_PER_STEP`` times the stage's whole pool is a mistyped size (10**8 tokens
+        of 60 examples): building it would take hours before the first step ends. Refused before anything
+        trains; a step merely larger than the pool is warned of by :meth:`_stage_steps`."""
+        key, stage = STAGE_KEYS[index], getattr(self.config, STAGE_KEYS[index])
+        step, size = self._step_and_pool_size(stage)
+        if step <= MAX_PASSES_PER_STEP * size:
+            return
+        if stage.tokens_per_step is not None:
+            given, unit = f"{key}.tokens_per_step={step}", f"{size:,} input tokens"
+        else:
+            given = f"{key}.batch_size={stage.batch_size} x {key}.grad_accum={stage.grad_accum}"
+            given += f" x {self.topo.world_size} ranks" if self.topo.world_size > 1 else ""
+            unit = f"{size:,} examples"
+        raise ConfigError(f"{given}: a step of {step:,} would hold the stage's {unit} {step // size:,} times over "
+                          f"(more than {MAX_PASSES_PER_STEP}); give a step at most the size of the stage's data, or "
+                          f"add data")
 
     def _check_contrastive_pairs(self, index: int) -> None:
         """A contrastive term takes its negatives from the other sequences of a micro-batch. Validation
@@ -971,6 +1001,7 @@ class Distiller:
             # refuses it.)
             to_run = [i for i in self.stages if i not in (state or {}).get("completed_stages", [])]
             for index in to_run:
+                self._check_step_size(index)
                 self._check_contrastive_pairs(index)
             self._check_best_metrics(self.evaluator.metric_names(), to_run)
             self._build_plans(to_run)
