@@ -378,3 +378,48 @@ def test_the_student_stops_at_the_tokenizers_eos(tmp_path, student, expected):
     pair.student.save_pretrained(tmp_path / "export")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "export").generation_config.eos_token_id == expected
     assert pair.teacher.generation_config.eos_token_id == 151645
+
+
+@pytest.mark.parametrize("student", [
+    ["model.student.random_init=null", "model.student.keep_layers=2"],  # slimmed from the teacher, as the demo's
+    [],  # model.student's own config and tokenizer
+], ids=["slimmed", "configured"])
+def test_a_checkpoint_of_another_tokenizer_is_refused(tmp_path, student):
+    """`model=demo_smollm2 --checkpoint_path OUT/stage1/best` of a Qwen run trained the Qwen student on SmolLM2's
+    token ids, and its exports carried SmolLM2's tokenizer: the student's tokenizer was the teacher's (a student
+    slimmed from it) or model.student's, never the one saved with the checkpoint. The checkpoint's is compared."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import compose_config, tiny_overrides
+    from qwen_distillation.config.validate import validate_config
+    from qwen_distillation.modeling.pair import build_pair
+
+    checkpoint = tmp_path / "other_family"
+    vocab = {f"w{i}": i for i in range(200)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="w0")),
+                                        eos_token="w1", pad_token="w2")
+    # More logit columns than Qwen's tokenizer has tokens: only the tokenizers tell the families apart.
+    _tiny(152064, layers=2).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    cfg = validate_config(compose_config(tiny_overrides(tmp_path / "run") + student + [
+        "start_stage=2", f"checkpoint_path={checkpoint}"]))
+    with pytest.raises(ConfigError, match=r"student \(checkpoint_path=.*other_family, its saved tokenizer, \d+ tokens\)"
+                                          r" use different tokenizers"):
+        build_pair(cfg, device=torch.device("cpu"), teacher_dtype=torch.float32, output_dir=tmp_path / "run")
+
+
+def test_a_checkpoint_of_the_teachers_tokenizer_loads(tmp_path):
+    from conftest import compose_config, tiny_overrides
+    from qwen_distillation.config.validate import validate_config
+    from qwen_distillation.modeling.pair import build_pair
+
+    checkpoint = tmp_path / "stage1" / "best"
+    _tiny(151936, layers=2).save_pretrained(checkpoint)
+    build_qwen_tokenizer().save_pretrained(checkpoint)
+    cfg = validate_config(compose_config(tiny_overrides(tmp_path / "run") + [
+        "model.student.random_init=null", "model.student.keep_layers=2", "start_stage=2",
+        f"checkpoint_path={checkpoint}"]))
+    pair = build_pair(cfg, device=torch.device("cpu"), teacher_dtype=torch.float32, output_dir=tmp_path / "run")
+    assert pair.vocab_size == 151665 and pair.student.config.num_hidden_layers == 2

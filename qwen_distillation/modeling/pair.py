@@ -21,7 +21,7 @@ from qwen_distillation.modeling.parts import weight_shape
 from qwen_distillation.modeling.prune import (Pruned, calibration_batches, check_targets_early, ignored_prune_options,
                                               prune_from_teacher)
 from qwen_distillation.modeling.tokenizer import load_tokenizer, pad_token_id
-from qwen_distillation.modeling.vocab import shared_vocab_size
+from qwen_distillation.modeling.vocab import check_same_vocabulary, shared_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,22 @@ def tokenizer_for(spec, role: str):
         raise
     except (OSError, ValueError) as err:
         raise ConfigError(f"{key}={source}: cannot load a tokenizer from it: {err}") from err
+
+
+def check_checkpoint_tokenizer(path: str, teacher_tok, teacher_name: str) -> None:
+    """The student of ``checkpoint_path`` learnt the token ids of the tokenizer saved beside it (a stage's
+    export saves one), while the run encodes its data with the teacher's (a student slimmed from the teacher,
+    the default model's) or ``model.student``'s: a checkpoint of another model family trained on ids it never
+    had, and its exports carried the teacher's tokenizer, without a word. A folder without a tokenizer is
+    left to the vocabulary check of the loaded models."""
+    if not any(os.path.exists(os.path.join(path, name)) for name in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    saved = load_tokenizer(path, fix=f"export or copy {path} again, or pass another saved stage as checkpoint_path")
+    try:
+        check_same_vocabulary(teacher_tok, saved, teacher_name, f"checkpoint_path={path}, its saved tokenizer")
+    except ConfigError as err:
+        raise ConfigError(f"{err}; or start from a stage of a run with this teacher (the checkpoint's run used "
+                          f"another model=...)") from None
 
 
 def _describe(spec) -> str:
@@ -310,6 +326,8 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
             log.warning("%s", line)
     teacher_tok = tokenizer_for(model_cfg.teacher, "teacher")
     student_tok = teacher_tok if slimmed else tokenizer_for(model_cfg.student, "student")
+    if not resume_after_stage and cfg.checkpoint_path:
+        check_checkpoint_tokenizer(cfg.checkpoint_path, teacher_tok, _describe(model_cfg.teacher))
     if not load_teacher and not slimmed and not model_cfg.teacher.random_init:
         teacher = load_causal_lm(model_cfg.teacher, dtype=teacher_dtype, role="teacher", meta=True)
     elif teacher_zero3 is not None and load_teacher and not slimmed:

@@ -17,6 +17,17 @@ def shared_vocab_size(teacher_tokenizer, student_tokenizer, teacher_columns: int
 
     Raises ConfigError naming both models when the vocabularies differ.
     """
+    check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher_name, student_name)
+    size = len(student_tokenizer)
+    for who, name, columns in (("teacher", teacher_name, teacher_columns), ("student", student_name, student_columns)):
+        if columns < size:
+            raise ConfigError(f"the {who} ({name}) has {columns} logit columns but its tokenizer has {size} tokens; "
+                              f"the model and tokenizer do not belong together")
+    return size
+
+
+def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher_name: str, student_name: str) -> None:
+    """Raise ConfigError naming both models when their tokenizers' vocabularies differ."""
     teacher_vocab = teacher_tokenizer.get_vocab()
     student_vocab = student_tokenizer.get_vocab()
     if teacher_vocab != student_vocab:
@@ -27,9 +38,3 @@ def shared_vocab_size(teacher_tokenizer, student_tokenizer, teacher_columns: int
             f"{len(student_vocab)} tokens) use different tokenizers (e.g. teacher {only_teacher} vs student "
             f"{only_student}); logit distillation needs one shared vocabulary: pick a student of the "
             f"teacher's family (e.g. Qwen2.5-7B -> Qwen2.5-1.5B)")
-    size = len(student_tokenizer)
-    for who, name, columns in (("teacher", teacher_name, teacher_columns), ("student", student_name, student_columns)):
-        if columns < size:
-            raise ConfigError(f"the {who} ({name}) has {columns} logit columns but its tokenizer has {size} tokens; "
-                              f"the model and tokenizer do not belong together")
-    return size
