@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from qwen_distillation.config.presets import CONF_DIR, preset_names
 from qwen_distillation.config.schema import register_configs
@@ -215,6 +215,11 @@ def hydra_error_message(err: Exception, overrides: list[str]) -> str:
             (named := unknown_override_key(unknown.group(1))):  # in a preset file: name the key, suggest one
         text = text.split(" raised while composing config")[0].rsplit(":", 1)[0] + f": no such config key: {named}"
         fix = KEYS_HINT
+    elif isinstance(cause, ConfigKeyError) and override and str(key).startswith(_override_key(override) + ".") \
+            and not str(key).startswith("hydra.") and (named := unknown_override_key(str(key))):
+        # A mapping value with an unknown key inside (`stage2.loss.weights={kdd:0.3}`): Hydra's advice, to append
+        # with `+`, fails the same way.
+        text, fix = f"no such config key: {named}", KEYS_HINT
     elif re.search(r"In 'experiment/[^']*': ValidationError.*Cannot convert 'DictConfig'", text):
         # A preset without its package line is read as the value of the `experiment` key.
         text = text.split(": ValidationError")[0] + ": this preset lacks its package line"

@@ -346,3 +346,21 @@ def test_the_tools_name_a_hydra_flag_they_do_not_take(flags, tmp_path, capsys):
         f"error: {flags[0]}: python -m qwen_distillation.prune takes classic flags, Hydra overrides and --config-dir, "
         f"not Hydra's other flags"), output
     assert not (tmp_path / "pruned").exists()
+
+
+@pytest.mark.parametrize("override,named", [
+    ("stage2.loss.weights={kdd:0.3}", "stage2.loss.weights.kdd (did you mean stage2.loss.weights.kd?)"),
+    ("+stage2.loss.weights={kdd:0.3}", "stage2.loss.weights.kdd (did you mean stage2.loss.weights.kd?)"),
+    ("stage2.loss={weights:{kd:0.3},balancng:{method:pcgrad}}", "stage2.loss.balancng (did you mean "
+                                                                "stage2.loss.balancing?)"),
+    ("eval={agreemnt:true}", "eval.agreemnt (did you mean eval.agreement?)"),
+])
+def test_a_mapping_override_with_an_unknown_key_inside_names_it(override, named, tmp_path, capsys):
+    """`stage2.loss.weights={kdd:0.3}` ended with Hydra's "Could not override 'stage2.loss.weights'. To append to
+    your config use +stage2.loss.weights={kdd:0.3}", advice that fails the same way, and no valid key."""
+    code, output = _cli(["--cfg", "job", override], capsys)
+    assert code == 2 and f"error: {override}: no such config key: {named}" in output, output
+    assert "To append" not in output
+    code, output = _cli(["-m", f"output_dir={tmp_path / 'sweep'}", "stage2.temperature=1,2", override], capsys)
+    assert code == 2 and f"): {override}: no such config key: {named}" in output, output
+    assert not (tmp_path / "sweep").exists()
