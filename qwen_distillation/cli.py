@@ -431,6 +431,7 @@ def check_sweep(overrides: list[str]) -> None:
     from qwen_distillation.errors import DistillationError
 
     from qwen_distillation.data.sources import data_sources
+    from qwen_distillation.evaluation.mcq import normalise_mcq_sources
 
     searchpath, overrides = config_dir_override(overrides)  # --config-dir DIR: the user's own presets
     sweep_dirs: list[str] = []
@@ -439,6 +440,7 @@ def check_sweep(overrides: list[str]) -> None:
         try:
             cfg = compose_run_config(searchpath + job)
             data_sources(cfg.data)  # a mistyped data path too, before any job trains
+            normalise_mcq_sources("eval.mcq", cfg.eval.mcq)  # and a multiple-choice set's
         except DistillationError as err:
             message = str(err)
         except COMPOSE_ERRORS as err:

@@ -364,3 +364,17 @@ def test_a_mapping_override_with_an_unknown_key_inside_names_it(override, named,
     code, output = _cli(["-m", f"output_dir={tmp_path / 'sweep'}", "stage2.temperature=1,2", override], capsys)
     assert code == 2 and f"): {override}: no such config key: {named}" in output, output
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("mcq", ["[nothere.jsonl]", "[{path:package:qwen_distillation/data/demo/medical_mcq.jsonl,"
+                                                   "fromat:cmexam}]"])
+def test_a_sweep_over_multiple_choice_sets_is_checked_before_any_job_starts(mcq, tmp_path, capsys, monkeypatch):
+    """`-m eval.mcq=[good.jsonl],[missing.jsonl]` trained job0 before job1 stopped on its missing file: the sweep's
+    checks read the data entries and paths of every job, not those of eval.mcq."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sweep"
+    code, output = _cli(["-m", "eval.mcq=[],[package:qwen_distillation/data/demo/medical_mcq.jsonl]," + mcq]
+                        + [o for o in tiny_overrides(out, steps=1) if o != "eval.mcq=[]"] + ["end_stage=1"], capsys)
+    assert code == 2 and "error: sweep job 2 (eval.mcq=" in output and "eval.mcq[0]" in output, output
+    assert "no job was started" in output
+    assert not out.exists()
