@@ -319,10 +319,15 @@ def _refusal_of_printed_config(overrides: list[str]) -> None:
     """After ``--cfg job`` printed the composed config, the error a run of the same overrides stops with, if
     any (exit status 2): `--cfg job end_stage=5` printed `end_stage: 5` as if a run would take it."""
     from qwen_distillation.app import COMPOSE_ERRORS
+    from qwen_distillation.data.sources import data_sources
     from qwen_distillation.errors import DistillationError
+    from qwen_distillation.evaluation.mcq import normalise_mcq_sources
 
     try:
-        compose_run_config(overrides)
+        cfg = compose_run_config(overrides)
+        # What a run checks next, before any model loads (a missing data file): as a sweep's checks do.
+        data_sources(cfg.data)
+        normalise_mcq_sources("eval.mcq", cfg.eval.mcq)
     except DistillationError as err:
         print(f"error: {err} (the config above is what these overrides compose; a run refuses it)", file=sys.stderr)
         sys.exit(2)

@@ -231,6 +231,20 @@ def test_cfg_job_says_what_a_run_would_refuse_and_refuses_a_sweep(capsys):
     assert code == 2 and output.startswith("error: -m and --cfg cannot go together") and "Traceback" not in output
 
 
+@pytest.mark.parametrize("override,key", [("data.general=[nothere.jsonl]", "data.general[0]"),
+                                          ("eval.mcq=[nothere.jsonl]", "eval.mcq[0]"),
+                                          ("data.medical=[{path:nothere.jsonl,max_record:3}]", "data.medical[0]")])
+def test_cfg_job_says_a_run_would_refuse_its_data(override, key, tmp_path, capsys, monkeypatch):
+    """`--cfg job data.general=[missing.jsonl]` exited 0 without a word, though a run (and a sweep's checks) stop
+    on the missing file before any model loads."""
+    from conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    code, output = run_cli(["--cfg", "job", override], capsys)
+    assert code == 2 and f"error: {key}" in output and "(the config above is what these overrides compose; a run " \
+        "refuses it)" in output, output
+
+
 def test_sigterm_ends_a_run_as_ctrl_c_does_with_its_own_status(monkeypatch, capsys):
     """SIGTERM (a scheduler's stop) killed the process at once: no line saying what is kept, and no wait for a
     checkpoint being written in the background. It now unwinds as Ctrl-C does, with exit status 143."""
