@@ -319,15 +319,10 @@ def _refusal_of_printed_config(overrides: list[str]) -> None:
     """After ``--cfg job`` printed the composed config, the error a run of the same overrides stops with, if
     any (exit status 2): `--cfg job end_stage=5` printed `end_stage: 5` as if a run would take it."""
     from qwen_distillation.app import COMPOSE_ERRORS
-    from qwen_distillation.data.sources import data_sources
     from qwen_distillation.errors import DistillationError
-    from qwen_distillation.evaluation.mcq import normalise_mcq_sources
 
     try:
-        cfg = compose_run_config(overrides)
-        # What a run checks next, before any model loads (a missing data file): as a sweep's checks do.
-        data_sources(cfg.data)
-        normalise_mcq_sources("eval.mcq", cfg.eval.mcq)
+        check_run_inputs(compose_run_config(overrides))  # a missing data file too, as a sweep's checks find it
     except DistillationError as err:
         print(f"error: {err} (the config above is what these overrides compose; a run refuses it)", file=sys.stderr)
         sys.exit(2)
@@ -428,6 +423,18 @@ def sweep_job_label(number: int, swept: list[str]) -> str:
     return f"sweep job {number} ({' '.join(swept)})" if swept else f"sweep job {number}"
 
 
+def check_run_inputs(cfg) -> None:
+    """What a run of the validated ``cfg`` refuses next from its config alone, before any model loads: its data and
+    ``eval.mcq`` entries (a missing local file, an unknown key) and the stages it would train (none, or one
+    whose domain has no data source)."""
+    from qwen_distillation.data.sources import data_sources
+    from qwen_distillation.evaluation.mcq import normalise_mcq_sources
+    from qwen_distillation.training.distiller import stages_to_run
+
+    stages_to_run(cfg, data_sources(cfg.data))
+    normalise_mcq_sources("eval.mcq", cfg.eval.mcq)
+
+
 def check_sweep(overrides: list[str]) -> None:
     """Compose and validate every job of a multirun sweep, its data entries and local data paths
     included, before the first one starts (and before Hydra writes the sweep's ``multirun.yaml``):
@@ -435,17 +442,13 @@ def check_sweep(overrides: list[str]) -> None:
     from qwen_distillation.app import COMPOSE_ERRORS, hydra_error_message, is_config_error
     from qwen_distillation.errors import DistillationError
 
-    from qwen_distillation.data.sources import data_sources
-    from qwen_distillation.evaluation.mcq import normalise_mcq_sources
-
     searchpath, overrides = config_dir_override(overrides)  # --config-dir DIR: the user's own presets
     sweep_dirs: list[str] = []
     jobs = []
     for number, (job, swept) in enumerate(sweep_jobs(overrides, searchpath) or []):
         try:
             cfg = compose_run_config(searchpath + job)
-            data_sources(cfg.data)  # a mistyped data path too, before any job trains
-            normalise_mcq_sources("eval.mcq", cfg.eval.mcq)  # and a multiple-choice set's
+            check_run_inputs(cfg)  # a mistyped data path too, before any job trains
         except DistillationError as err:
             message = str(err)
         except COMPOSE_ERRORS as err:

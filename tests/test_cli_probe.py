@@ -378,3 +378,21 @@ def test_a_sweep_over_multiple_choice_sets_is_checked_before_any_job_starts(mcq,
     assert code == 2 and "error: sweep job 2 (eval.mcq=" in output and "eval.mcq[0]" in output, output
     assert "no job was started" in output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("sweep,job,message", [
+    ("data.medical=[package:qwen_distillation/data/demo/medical.jsonl],[]", "data.medical=[]",
+     "stage2 serves medical data (medical_ratio above 0) but data.medical is empty"),
+    ("stage2.enabled=true,false", "stage2.enabled=False", "no stage to run: stage2.enabled=false"),
+])
+def test_a_sweep_job_without_a_stage_to_run_or_its_data_is_refused_before_any_job_starts(sweep, job, message,
+                                                                                         tmp_path, capsys):
+    """`-m data.medical=[FILE],[]` trained job0 in full, then stopped at job1, refused from its config alone (stage 2
+    serves medical data): the sweep's checks composed and validated each job but left out the Distiller's checks
+    of the stages it trains. `--cfg job` names them too."""
+    out = tmp_path / "sweep"
+    code, output = _cli(["-m"] + tiny_overrides(out, steps=1) + ["start_stage=2", "end_stage=2", sweep], capsys)
+    assert code == 2 and f"error: sweep job 1 ({job}): {message}" in output and "no job was started" in output, output
+    assert not out.exists()
+    code, output = _cli(["--cfg", "job", "start_stage=2", "end_stage=2", job], capsys)
+    assert code == 2 and f"error: {message}" in output and "a run refuses it" in output, output

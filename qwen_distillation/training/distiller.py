@@ -133,6 +133,27 @@ def _domains(stage: StageConfig) -> tuple[str, ...]:
     return stage_domains(ratio.schedule, ratio.start, ratio.end, ratio.plateaus)
 
 
+def stages_to_run(config: DistillationConfig, sources: dict) -> list[int]:
+    """The stages ``config`` trains (enabled, in ``start_stage..end_stage``), ``sources`` (``data_sources``'s)
+    serving each of their domains; known from the config alone, so a run (and a sweep's check of its jobs)
+    refuses them before any model loads.
+
+    Raises:
+        ConfigError: no stage to run, or a stage's domain given no data source at all (``data.medical=[]``
+            with stage 2's medical share).
+    """
+    stages = [i for i in range(config.start_stage, config.end_stage + 1) if getattr(config, STAGE_KEYS[i]).enabled]
+    if not stages:
+        span = range(config.start_stage, config.end_stage + 1)
+        raise ConfigError(f"no stage to run: {', '.join(f'{STAGE_KEYS[i]}.enabled=false' for i in span)} "
+                          f"(start_stage={config.start_stage}, end_stage={config.end_stage}); enable one, "
+                          f"e.g. {STAGE_KEYS[config.start_stage]}.enabled=true")
+    for i in stages:
+        check_stage_pools(STAGE_KEYS[i], _domains(getattr(config, STAGE_KEYS[i])), sources["general"],
+                          sources["medical"])
+    return stages
+
+
 class NonFiniteLossError(DistillationError):
     """A stage diverged: too many skipped (non-finite) steps, or a non-finite evaluation."""
 
@@ -195,18 +216,7 @@ class Distiller:
         # Student master weights stay fp32 and autocast runs the matmuls in low precision;
         # the frozen teacher is stored in the low-precision dtype directly.
         self.teacher_dtype = self.autocast_dtype or torch.float32
-        self.stages = [i for i in range(config.start_stage, config.end_stage + 1)
-                       if getattr(config, STAGE_KEYS[i]).enabled]
-        if not self.stages:
-            span = range(config.start_stage, config.end_stage + 1)
-            raise ConfigError(f"no stage to run: {', '.join(f'{STAGE_KEYS[i]}.enabled=false' for i in span)} "
-                              f"(start_stage={config.start_stage}, end_stage={config.end_stage}); enable one, "
-                              f"e.g. {STAGE_KEYS[config.start_stage]}.enabled=true")
-        # A stage's domain given no data source at all (data.medical=[] with stage 2's medical share) is
-        # known from the config: refused here, not after the models and the data have loaded (minutes).
-        for i in self.stages:
-            check_stage_pools(STAGE_KEYS[i], _domains(getattr(config, STAGE_KEYS[i])), self.sources["general"],
-                              self.sources["medical"])
+        self.stages = stages_to_run(config, self.sources)
         self.kd_options = {}
         for i in self.stages:
             try:
