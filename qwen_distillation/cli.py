@@ -319,10 +319,12 @@ def _refusal_of_printed_config(overrides: list[str]) -> None:
     """After ``--cfg job`` printed the composed config, the error a run of the same overrides stops with, if
     any (exit status 2): `--cfg job end_stage=5` printed `end_stage: 5` as if a run would take it."""
     from qwen_distillation.app import COMPOSE_ERRORS
+    from qwen_distillation.data.sources import data_sources
     from qwen_distillation.errors import DistillationError
 
     try:
-        check_run_inputs(compose_run_config(overrides))  # a missing data file too, as a sweep's checks find it
+        # A missing data file too. (The other checks of check_run_inputs import torch: seconds for a dry run.)
+        data_sources(compose_run_config(overrides).data)
     except DistillationError as err:
         print(f"error: {err} (the config above is what these overrides compose; a run refuses it)", file=sys.stderr)
         sys.exit(2)

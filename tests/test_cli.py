@@ -232,7 +232,6 @@ def test_cfg_job_says_what_a_run_would_refuse_and_refuses_a_sweep(capsys):
 
 
 @pytest.mark.parametrize("override,key", [("data.general=[nothere.jsonl]", "data.general[0]"),
-                                          ("eval.mcq=[nothere.jsonl]", "eval.mcq[0]"),
                                           ("data.medical=[{path:nothere.jsonl,max_record:3}]", "data.medical[0]")])
 def test_cfg_job_says_a_run_would_refuse_its_data(override, key, tmp_path, capsys, monkeypatch):
     """`--cfg job data.general=[missing.jsonl]` exited 0 without a word, though a run (and a sweep's checks) stop

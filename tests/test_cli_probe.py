@@ -389,10 +389,8 @@ def test_a_sweep_job_without_a_stage_to_run_or_its_data_is_refused_before_any_jo
                                                                                          tmp_path, capsys):
     """`-m data.medical=[FILE],[]` trained job0 in full, then stopped at job1, refused from its config alone (stage 2
     serves medical data): the sweep's checks composed and validated each job but left out the Distiller's checks
-    of the stages it trains. `--cfg job` names them too."""
+    of the stages it trains."""
     out = tmp_path / "sweep"
     code, output = _cli(["-m"] + tiny_overrides(out, steps=1) + ["start_stage=2", "end_stage=2", sweep], capsys)
     assert code == 2 and f"error: sweep job 1 ({job}): {message}" in output and "no job was started" in output, output
     assert not out.exists()
-    code, output = _cli(["--cfg", "job", "start_stage=2", "end_stage=2", job], capsys)
-    assert code == 2 and f"error: {message}" in output and "a run refuses it" in output, output
