@@ -163,6 +163,10 @@ def run_config(run: str):
     folder = Path(run).expanduser()
     fix = "give a run's output_dir (it holds config.yaml and run_state.json)"
     if not (folder / "config.yaml").is_file():
+        jobs = sorted((job for job in folder.glob("job*") if (job / "config.yaml").is_file()),
+                      key=lambda job: (len(job.name), job.name)) if folder.is_dir() else []
+        if jobs:  # a multirun's output_dir: its runs are its jobN folders
+            fix = f"it is a sweep's folder: give one of its {len(jobs)} jobs, e.g. --run {jobs[0]}"
         raise ConfigError(f"--run {run}: no config.yaml there; {fix}")
     try:
         return validate_config(OmegaConf.merge(OmegaConf.structured(DistillationConfig),

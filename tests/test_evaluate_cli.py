@@ -326,3 +326,20 @@ def test_the_table_reads_zero_for_a_value_rounded_at_zero_from_below():
     table = evaluate_module.to_markdown({"a": {"eval/kl": -1e-9, "eval/nll": 1.23456, "eval/mcq/x_items": 3},
                                          "b": {"eval/kl": -0.5, "eval/nll": float("nan")}})
     assert table.splitlines()[2:] == ["| a | 0.0000 | 3 | 1.2346 |", "| b | -0.5000 |  | nan |"]
+
+
+def test_a_sweeps_folder_as_run_names_its_jobs(tmp_path):
+    """`--run SWEEP` (a multirun's output_dir, which holds job0/, job1/, ... and multirun.yaml) said only "no
+    config.yaml there; give a run's output_dir"."""
+    from qwen_distillation.errors import ConfigError
+    from qwen_distillation.evaluate import run_config
+
+    for job in ("job0", "job1", "job10", "job2"):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "config.yaml").write_text("seed: 1\n")
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    with pytest.raises(ConfigError, match=rf"--run {tmp_path}: no config.yaml there; it is a sweep's folder: give one "
+                                          rf"of its 4 jobs, e.g. --run {tmp_path / 'job0'}$"):
+        run_config(str(tmp_path))
+    with pytest.raises(ConfigError, match="give a run's output_dir"):
+        run_config(str(tmp_path / "nothing"))
