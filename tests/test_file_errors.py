@@ -153,6 +153,25 @@ def test_a_stage_folders_file_given_as_checkpoint_names_an_export(saved_stage):
         load_student_checkpoint(str(saved_stage / "heads.pt"), dtype=torch.float32)
 
 
+@pytest.mark.parametrize("start_stage,named", [(2, "stage1"), (3, "stage2"), (1, "stage3"), (None, "stage3")])
+def test_a_runs_output_dir_given_as_checkpoint_names_the_stage_before_the_first_it_starts(tmp_path, start_stage, named):
+    """`--start_stage 2 --checkpoint_path OUT` was told to pass OUT/stage3/best, the last stage's export: followed,
+    stage 2 trained on from the model that stage 3 had finished. The hint names the stage before start_stage."""
+    from qwen_distillation.modeling.loading import check_student_checkpoint
+
+    for stage in ("stage1", "stage2", "stage3"):
+        (tmp_path / stage / "best").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"checkpoint_path={tmp_path}: holds no config.json or adapter_config.json; it is a run's output_dir: pass "
+            f"a stage's export, e.g. {tmp_path / named / 'best'}")):
+        check_student_checkpoint(str(tmp_path), start_stage=start_stage)
+    if start_stage == 3:  # as a run names it
+        out = tmp_path.parent / f"{tmp_path.name}_next"
+        with pytest.raises(CheckpointError, match=re.escape(f"e.g. {tmp_path / 'stage2' / 'best'}")):
+            run(compose_config(tiny_overrides(out, steps=1) + ["start_stage=3", f"checkpoint_path={tmp_path}"]))
+        assert not out.exists()
+
+
 def test_a_damaged_lora_adapter_or_its_base_names_the_file(tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -295,8 +295,9 @@ def other_checkpoint(path: str) -> str:
     return "OUTPUT_DIR/stage1/final"
 
 
-def _not_a_stage_hint(path: str) -> str:
-    """What to pass instead of a directory that holds no saved model, by what it holds."""
+def _not_a_stage_hint(path: str, start_stage: int | None = None) -> str:
+    """What to pass instead of a directory that holds no saved model, by what it holds; of a run's output_dir, the
+    export of the stage before ``start_stage`` (the first stage of the run that starts from it) where it has one."""
     name = os.path.basename(os.path.normpath(path))
     if name.startswith("checkpoint-"):
         return ("it is a mid-stage checkpoint (engine state, not an export): to continue that run, rerun its own "
@@ -307,7 +308,9 @@ def _not_a_stage_hint(path: str) -> str:
             return f"it is a stage folder: pass one of its exports, e.g. {os.path.join(path, export)}"
     stages = sorted(d for d in os.listdir(path) if d.startswith("stage") and os.path.isdir(os.path.join(path, d)))
     if stages:
-        return f"it is a run's output_dir: pass a stage's export, e.g. {os.path.join(path, stages[-1], 'best')}"
+        before = f"stage{start_stage - 1}" if start_stage else None
+        stage = before if before in stages else stages[-1]
+        return f"it is a run's output_dir: pass a stage's export, e.g. {os.path.join(path, stage, 'best')}"
     return "is it a stage directory such as OUTPUT_DIR/stage1/final?"
 
 
@@ -316,23 +319,26 @@ def _damaged_fix(path: str, key: str | None) -> str:
     return f"export or copy {path} again, or pass another saved stage, e.g. {key}={other_checkpoint(path)}"
 
 
-def check_student_checkpoint(path: str, *, key: str | None = "checkpoint_path", fix: str | None = None) -> None:
+def check_student_checkpoint(path: str, *, key: str | None = "checkpoint_path", fix: str | None = None,
+                             start_stage: int | None = None) -> None:
     """The checks of :func:`load_student_checkpoint` that read only small files (the directory,
-    its JSON files and safetensors headers): a run makes them before any model loads."""
+    its JSON files and safetensors headers): a run makes them before any model loads. ``start_stage``: the
+    first stage of the run that starts from ``path``, whose previous stage a hint names."""
     where = f"{key}={path}" if key else path
     if os.path.isfile(path):  # a saved stage's model.safetensors or config.json, say
         folder = os.path.dirname(os.path.abspath(path))
         hint = f"pass the folder that holds it, e.g. {key}={folder}" if key else "pass the folder that holds it"
         if not any(os.path.exists(os.path.join(folder, f)) for f in ("config.json", "adapter_config.json")):
             # stageN/heads.pt: its folder is a stage folder, which holds no model either
-            hint = f"its folder {folder} holds no saved model either: {_not_a_stage_hint(folder)}"
+            hint = f"its folder {folder} holds no saved model either: {_not_a_stage_hint(folder, start_stage)}"
         raise CheckpointError(f"{where}: is a file, not the directory of a saved stage (its config.json and weights); "
                               f"{fix or hint}")
     if not os.path.isdir(path):
         raise CheckpointError(f"{where}: no such directory; "
                               f"{fix or f'pass the directory of a saved stage, e.g. {key}=OUTPUT_DIR/stage1/best'}")
     if not any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
-        raise CheckpointError(f"{where}: holds no config.json or adapter_config.json; {_not_a_stage_hint(path)}")
+        raise CheckpointError(f"{where}: holds no config.json or adapter_config.json; "
+                              f"{_not_a_stage_hint(path, start_stage)}")
     check_model_dir(path, fix or _damaged_fix(path, key))
     weights = ("*.safetensors", "*.bin") if os.path.exists(os.path.join(path, "config.json")) else (
         "adapter_model.*",)

@@ -316,7 +316,7 @@ def build_pair(cfg, *, device: torch.device, teacher_dtype: torch.dtype, output_
     # QLoRA's machine (CUDA, bitsandbytes) before the teacher loads (minutes for a large one)
     quantization = qlora_quantization(device) if cfg.lora.quantize_4bit else None
     if not resume_after_stage and cfg.checkpoint_path:  # before the teacher loads (minutes for a large one)
-        check_student_checkpoint(cfg.checkpoint_path)
+        check_student_checkpoint(cfg.checkpoint_path, start_stage=cfg.start_stage)
         check_adapter_matches_lora(cfg.checkpoint_path, cfg.lora)
     slimmed = pruned_from_teacher(model_cfg.student)
     if slimmed:  # width targets beyond the teacher's sizes, before its weights load
