@@ -425,16 +425,17 @@ def sweep_job_label(number: int, swept: list[str]) -> str:
     return f"sweep job {number} ({' '.join(swept)})" if swept else f"sweep job {number}"
 
 
-def check_run_inputs(cfg) -> None:
+def check_run_inputs(cfg) -> list[int]:
     """What a run of the validated ``cfg`` refuses next from its config alone, before any model loads: its data and
     ``eval.mcq`` entries (a missing local file, an unknown key) and the stages it would train (none, or one
-    whose domain has no data source)."""
+    whose domain has no data source); returns those stages."""
     from qwen_distillation.data.sources import data_sources
     from qwen_distillation.evaluation.mcq import normalise_mcq_sources
     from qwen_distillation.training.distiller import stages_to_run
 
-    stages_to_run(cfg, data_sources(cfg.data))
+    stages = stages_to_run(cfg, data_sources(cfg.data))
     normalise_mcq_sources("eval.mcq", cfg.eval.mcq)
+    return stages
 
 
 def check_sweep(overrides: list[str]) -> None:
@@ -450,7 +451,7 @@ def check_sweep(overrides: list[str]) -> None:
     for number, (job, swept) in enumerate(sweep_jobs(overrides, searchpath) or []):
         try:
             cfg = compose_run_config(searchpath + job)
-            check_run_inputs(cfg)  # a mistyped data path too, before any job trains
+            stages = check_run_inputs(cfg)  # a mistyped data path too, before any job trains
         except DistillationError as err:
             message = str(err)
         except COMPOSE_ERRORS as err:
@@ -459,7 +460,7 @@ def check_sweep(overrides: list[str]) -> None:
             message = hydra_error_message(err, job)
         else:
             sweep_dirs.append(str(cfg.output_dir))
-            jobs.append((swept, cfg))
+            jobs.append((swept, cfg, stages))
             continue
         raise UsageError(f"{sweep_job_label(number, swept)}: {message}; no job was started")
     distinct = list(dict.fromkeys(sweep_dirs))
@@ -473,11 +474,16 @@ def check_sweep(overrides: list[str]) -> None:
     if len(directories) != 1 or directories[0] is None or any(
             o.lstrip("+~").startswith("hydra.sweep.subdir=") for o in overrides):
         return  # where each job writes is not known here: each job checks its own folder
-    from qwen_distillation.training.outputs import refuse_sweep_job_over_another_run
+    from qwen_distillation.training.distiller import check_input_files, completed_stages
+    from qwen_distillation.training.outputs import recorded_config, refuse_sweep_job_over_another_run, run_hash
 
-    for number, (swept, cfg) in enumerate(jobs):  # as conf/config.yaml names them: hydra.sweep.subdir=job${...}
+    for number, (swept, cfg, stages) in enumerate(jobs):  # as conf/config.yaml names them: hydra.sweep.subdir=job${...}
+        job_dir = directories[0] / f"job{number}"
         try:
-            refuse_sweep_job_over_another_run(directories[0] / f"job{number}", cfg)
+            refuse_sweep_job_over_another_run(job_dir, cfg)
+            # The other files its stages read (a teacher cache, the sample prompts), but for the stages an earlier
+            # run of this job completed (a rerun sweep does not train them again).
+            check_input_files(cfg, stages, completed_stages(cfg, job_dir, run_hash(recorded_config(cfg))))
         except DistillationError as err:
             raise UsageError(f"{sweep_job_label(number, swept)}: {err}; no job was started") from None
 

@@ -394,3 +394,30 @@ def test_a_sweep_job_without_a_stage_to_run_or_its_data_is_refused_before_any_jo
     code, output = _cli(["-m"] + tiny_overrides(out, steps=1) + ["start_stage=2", "end_stage=2", sweep], capsys)
     assert code == 2 and f"error: sweep job 1 ({job}): {message}" in output and "no job was started" in output, output
     assert not out.exists()
+
+
+def test_a_sweep_checks_the_teacher_caches_and_prompts_of_its_jobs_before_any_job_starts(tmp_path, capsys):
+    """`-m stage2.teacher.source=online,cache stage2.teacher.cache=TYPO` trained job0 (online) in full, then job1
+    stopped on the missing cache; so did a swept eval.prompts. A rerun sweep still skips a job whose earlier run
+    completed the stage that read the cache, though the cache is gone."""
+    from qwen_distillation.cli import compose_run_config
+    from qwen_distillation.training.outputs import recorded_config, run_hash
+
+    out = tmp_path / "sweep"
+    cache = ["end_stage=2", f"stage2.teacher.cache={tmp_path / 'no_cache'}", "stage2.loss.weights.feature=0",
+             "stage2.loss.weights.attention=0", "stage2.loss.weights.contrastive=0"]
+    code, output = _cli(["-m"] + tiny_overrides(out, steps=1) + cache + ["stage2.teacher.source=online,cache"], capsys)
+    assert code == 2 and "error: sweep job 1 (stage2.teacher.source=cache): stage2.teacher.cache=" in output and \
+        "no teacher cache here" in output and "no job was started" in output, output
+    assert not out.exists()
+    prompts = ["eval.samples=true",
+               f"eval.prompts=package:qwen_distillation/data/demo/prompts.jsonl,{tmp_path}/no.jsonl"]
+    code, output = _cli(["-m"] + tiny_overrides(out, steps=1) + prompts, capsys)
+    assert code == 2 and f"error: sweep job 1 (eval.prompts={tmp_path}/no.jsonl): eval.prompts=" in output, output
+    assert not out.exists()
+    # job0 of an earlier sweep finished both stages of the cached config: skipped, its cache not needed
+    job = tiny_overrides(out, steps=1) + cache + ["stage2.teacher.source=cache"]
+    (out / "job0").mkdir(parents=True)
+    (out / "job0" / "run_state.json").write_text(json.dumps({
+        "run_hash": run_hash(recorded_config(compose_run_config(job))), "finished": True, "completed_stages": [1, 2]}))
+    check_sweep(job)

@@ -154,6 +154,44 @@ def stages_to_run(config: DistillationConfig, sources: dict) -> list[int]:
     return stages
 
 
+def check_input_files(config: DistillationConfig, stages: list[int], completed: set[int]) -> None:
+    """A mistyped path fails here, before any model loads (minutes for a large teacher), naming
+    its config entry: the data and MCQ paths were checked as their entries were read
+    (``data_sources``, ``normalise_mcq_sources``); here the calibration set of a student pruned
+    from the teacher, the prompts of the quality samples and the teacher caches the ``stages`` read
+    (their manifests, not the shards), but for the ``completed`` ones (:func:`completed_stages`)."""
+    cfg = config
+    student = cfg.model.student
+    if pruned_from_teacher(student) and needs_calibration(student) and not cfg.checkpoint_path:
+        calibration_source_set(student.prune.calibration, cfg.data)
+    if cfg.eval.samples:
+        check_local_path(locate(cfg.eval.prompts), "eval.prompts")
+        check_prompts_file(locate(cfg.eval.prompts))
+    for key in (STAGE_KEYS[i] for i in stages if i not in completed):
+        teacher = getattr(cfg, key).teacher
+        if teacher.source == "cache":
+            try:
+                read_manifest(Path(teacher.cache))
+            except ConfigError as err:
+                raise ConfigError(f"{key}.teacher.cache={err}") from None
+
+
+def completed_stages(config: DistillationConfig, output_dir: Path, run_id: str) -> set[int]:
+    """The stages this command's resume will not train again: those the run state in ``output_dir``
+    records complete, for a resume of this very run (``resume=true``, no ``overwrite_output_dir``, the
+    same run hash ``run_id``). Their inputs read by those stages alone (a teacher cache) need not be there any
+    more. Empty otherwise, and for a damaged run state (:func:`check_output_dir` names it later)."""
+    if not config.resume or config.overwrite_output_dir:
+        return set()
+    try:
+        state = ckpt.read_run_state(output_dir)
+    except CheckpointError:
+        return set()
+    if not state or state.get("run_hash") != run_id:
+        return set()
+    return set(state.get("completed_stages") or [])
+
+
 class NonFiniteLossError(DistillationError):
     """A stage diverged: too many skipped (non-finite) steps, or a non-finite evaluation."""
 
@@ -226,42 +264,10 @@ class Distiller:
         self._check_input_files()
 
     def _check_input_files(self) -> None:
-        """A mistyped path fails here, before any model loads (minutes for a large teacher), naming
-        its config entry: the data and MCQ paths were checked as their entries were read
-        (``data_sources``, ``normalise_mcq_sources``); here the calibration set of a student pruned
-        from the teacher, the prompts of the quality samples and the teacher caches the stages read
-        (their manifests, not the shards)."""
-        cfg = self.config
-        student = cfg.model.student
-        if pruned_from_teacher(student) and needs_calibration(student) and not cfg.checkpoint_path:
-            calibration_source_set(student.prune.calibration, cfg.data)
-        if cfg.eval.samples:
-            check_local_path(locate(cfg.eval.prompts), "eval.prompts")
-            check_prompts_file(locate(cfg.eval.prompts))
-        completed = self._completed_stages()
-        for key in (STAGE_KEYS[i] for i in self.stages if i not in completed):
-            teacher = getattr(cfg, key).teacher
-            if teacher.source == "cache":
-                try:
-                    read_manifest(Path(teacher.cache))
-                except ConfigError as err:
-                    raise ConfigError(f"{key}.teacher.cache={err}") from None
+        check_input_files(self.config, self.stages, self._completed_stages())
 
     def _completed_stages(self) -> set[int]:
-        """The stages this command's resume will not train again: those the run state in ``output_dir``
-        records complete, for a resume of this very run (``resume=true``, no ``overwrite_output_dir``, the
-        same run hash). Their inputs read by those stages alone (a teacher cache) need not be there any
-        more. Empty otherwise, and for a damaged run state (:func:`check_output_dir` names it later)."""
-        cfg = self.config
-        if not cfg.resume or cfg.overwrite_output_dir:
-            return set()
-        try:
-            state = ckpt.read_run_state(self.output_dir)
-        except CheckpointError:
-            return set()
-        if not state or state.get("run_hash") != self.run_id:
-            return set()
-        return set(state.get("completed_stages") or [])
+        return completed_stages(self.config, self.output_dir, self.run_id)
 
     def _input_paths(self) -> list[tuple[str, str]]:
         """``(config key, path)`` of every file or folder the run reads besides ``checkpoint_path``:
