@@ -172,6 +172,20 @@ def test_a_runs_output_dir_given_as_checkpoint_names_the_stage_before_the_first_
         assert not out.exists()
 
 
+@pytest.mark.parametrize("start_stage,named", [(3, "stage2"), (None, "stage1")])
+def test_a_sweeps_folder_given_as_checkpoint_names_a_jobs_export(tmp_path, start_stage, named):
+    """A multirun's output_dir (job0/, job1/, ... and multirun.yaml) as checkpoint_path or `evaluate --model` was
+    met with "is it a stage directory such as OUTPUT_DIR/stage1/final?"."""
+    from qwen_distillation.modeling.loading import check_student_checkpoint
+
+    for job in ("job0", "job1", "job10"):
+        (tmp_path / job / "stage1" / "best").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"checkpoint_path={tmp_path}: holds no config.json or adapter_config.json; it is a sweep's folder: pass a "
+            f"stage's export of one of its jobs, e.g. {tmp_path / 'job0' / named / 'best'}")):
+        check_student_checkpoint(str(tmp_path), start_stage=start_stage)
+
+
 def test_a_damaged_lora_adapter_or_its_base_names_the_file(tmp_path):
     from peft import LoraConfig, get_peft_model
 
