@@ -68,6 +68,16 @@ def test_presets_do_what_their_names_say():
         config = validate_config(compose_config(["experiment=none", f"data={data}"]))
         assert (config.stage1, config.stage2, config.stage3, config.eval) == (
             plain.stage1, plain.stage2, plain.stage3, plain.eval), data
+    for data in ("shared_kit_small", "shared_kit_arms"):  # the smoke and arms presets' sources, and only sources
+        config = validate_config(compose_config(["experiment=none", f"data={data}"]))
+        assert (config.stage1, config.eval) == (plain.stage1, plain.eval) and config.data.general, data
+    # A preset picks its data with its defaults list, so a data group chosen on the command line replaces its
+    # sources (the smoke preset had set them itself: `experiment=smoke data=demo` trained on the shared kit).
+    smoke_on_demo = validate_config(compose_config(["experiment=smoke", "data=demo"]))
+    assert (smoke_on_demo.data.general, smoke_on_demo.data.medical) == (plain.data.general, plain.data.medical)
+    assert smoke_on_demo.data.max_length == 128 and smoke_on_demo.stage1.max_steps == 6  # the preset's caps stay
+    smoke = validate_config(compose_config(["experiment=smoke"]))
+    assert smoke.data.name == "shared_kit_small" and len(smoke.data.general) == 2 and len(smoke.data.medical) == 3
     demo = validate_config(compose_config([]))
     assert demo.data == plain.data and demo.stage1.max_steps == 5 and plain.stage1.max_steps is None
     assert demo.stage2.loss.balancing.method == "none" != plain.stage2.loss.balancing.method

@@ -652,7 +652,7 @@ def test_random_init_heads_that_do_not_divide_are_refused_before_output_dir(tmp_
     ("sweep", ["-m", "experiment=null,demo"], "error: sweep job 0 (experiment=null): experiment=null: a config group "
                                               "takes an option name; use experiment=none"),
     ("prune", ["data=null"], "error: data=null: a config group takes an option name; choose one, e.g. data=demo "
-                             "(options: demo, shared_kit)"),
+                             "(options: demo, shared_kit, shared_kit_arms, shared_kit_small)"),
 ], ids=["experiment", "model", "sweep", "prune"])
 def test_a_config_group_set_to_null_exits_2_naming_its_options(command, argv, expected, tmp_path, capsys):
     """`experiment=null` (also `model=null`, `data=null`, `eval=null`) was Hydra's ValueError traceback
