@@ -428,13 +428,15 @@ def sweep_job_label(number: int, swept: list[str]) -> str:
 def check_run_inputs(cfg) -> list[int]:
     """What a run of the validated ``cfg`` refuses next from its config alone, before any model loads: its data and
     ``eval.mcq`` entries (a missing local file, an unknown key) and the stages it would train (none, or one
-    whose domain has no data source); returns those stages."""
+    whose domain has no data source), and the device and loss kernel each of them needs (``loss.kernel=triton``
+    or ``train.precision=fp16`` without a GPU); returns those stages."""
     from qwen_distillation.data.sources import data_sources
     from qwen_distillation.evaluation.mcq import normalise_mcq_sources
-    from qwen_distillation.training.distiller import stages_to_run
+    from qwen_distillation.training.distiller import select_device, stage_kernels, stages_to_run
 
     stages = stages_to_run(cfg, data_sources(cfg.data))
     normalise_mcq_sources("eval.mcq", cfg.eval.mcq)
+    stage_kernels(cfg, stages, select_device(cfg.train)[0])
     return stages
 
 

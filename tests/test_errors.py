@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, compose_config, tiny_overrides
 from conftest import run_cli as _cli
@@ -283,6 +284,11 @@ def test_a_sweep_checks_every_job_before_the_first_starts(tmp_path, capsys):
     assert not out.exists()
     code, output = _cli(argv[:-1] + ["stage1.lr=-1"], capsys)  # -m with no swept key: one job, no empty "()"
     assert code == 2 and "error: sweep job 0: stage1.lr=-1.0: the learning rate must be" in output, output
+    if not torch.cuda.is_available():  # a kernel the device cannot run: found before job 0 trains
+        code, output = _cli(argv[:-1] + ["stage1.loss.kernel=auto,triton"], capsys)
+        assert code == 2 and "sweep job 1 (stage1.loss.kernel=triton): stage1.loss.kernel=triton needs a CUDA " \
+            "device" in output, output
+        assert not out.exists()
 
 
 def test_a_sweep_job_refused_as_it_runs_is_named_and_stops_the_sweep(tmp_path, capsys):

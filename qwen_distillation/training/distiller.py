@@ -154,6 +154,23 @@ def stages_to_run(config: DistillationConfig, sources: dict) -> list[int]:
     return stages
 
 
+def stage_kernels(config: DistillationConfig, stages: list[int], device: torch.device) -> dict:
+    """Each of the ``stages``' loss options (:func:`stage_kd_options`) with its ``loss.kernel`` resolved for
+    ``device``; known from the config and the device alone, so a sweep's checks refuse a kernel its device
+    cannot run (``stage2.loss.kernel=triton`` on the CPU) before the first job trains.
+
+    Raises:
+        ConfigError: naming the stage's key (``stage2.loss.kernel=triton needs a CUDA device ...``).
+    """
+    options = {}
+    for i in stages:
+        try:
+            options[i] = stage_kd_options(getattr(config, STAGE_KEYS[i]), device)
+        except ValueError as err:
+            raise ConfigError(f"{STAGE_KEYS[i]}.{err}") from err
+    return options
+
+
 def check_input_files(config: DistillationConfig, stages: list[int], completed: set[int]) -> None:
     """A mistyped path fails here, before any model loads (minutes for a large teacher), naming
     its config entry: the data and MCQ paths were checked as their entries were read
@@ -255,12 +272,7 @@ class Distiller:
         # the frozen teacher is stored in the low-precision dtype directly.
         self.teacher_dtype = self.autocast_dtype or torch.float32
         self.stages = stages_to_run(config, self.sources)
-        self.kd_options = {}
-        for i in self.stages:
-            try:
-                self.kd_options[i] = stage_kd_options(getattr(config, STAGE_KEYS[i]), self.device)
-            except ValueError as err:
-                raise ConfigError(f"{STAGE_KEYS[i]}.{err}") from err
+        self.kd_options = stage_kernels(config, self.stages, self.device)
         self._check_input_files()
 
     def _check_input_files(self) -> None:
