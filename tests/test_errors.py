@@ -688,7 +688,7 @@ def test_a_config_error_names_the_last_override_of_its_key(command, argv, expect
     Could not find 'model/'`, `output_dir=/tmp/a: field 'output_dir' is not Optional`)."""
     out = tmp_path / "out"
     argv = [a.replace("OUT", str(out)) for a in argv] + (["-m"] if command == "sweep" else [])
-    expected = ("error: sweep job 0 (): " if command == "sweep" else "error: ") + expected
+    expected = ("error: sweep job 0: " if command == "sweep" else "error: ") + expected
     if command == "prune":
         from qwen_distillation.prune import main as prune
 
