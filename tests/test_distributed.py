@@ -283,6 +283,31 @@ def test_accelerate_launch_with_classic_flags(pair, tmp_path):
 
 
 
+# Two runs one after another in the same processes of a launch, as the jobs of a Hydra sweep (-m) run.
+_TWO_RUNS = """
+from types import SimpleNamespace
+import qwen_distillation.training.distributed as d
+config = SimpleNamespace(engine="fsdp2", backend="gloo", timeout_minutes=1.0, name="fsdp2", zero_stage=None,
+                         offload=False, deepspeed_config=None)
+for job in range(2):
+    topo = d.setup(config, "cpu")
+    print("job", job, "rank", topo.rank, "sum", d.all_reduce_sum(topo, [topo.rank + 1.0])[0], flush=True)
+    d.shutdown(topo)
+"""
+
+
+def test_a_second_run_in_the_same_launch_meets_the_other_ranks():
+    """A sweep's second job under torchrun: its collectives reach the other rank. (The first run's
+    end destroyed the process group, and the second's, started again on torchrun's store, met the
+    first's entries there: gloo failed to connect, or the sweep hung at its first collective.)"""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), "--no-python", sys.executable, "-c", _TWO_RUNS],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("job")) == [
+        f"job {job} rank {rank} sum 3.0" for job in (0, 1) for rank in (0, 1)]
+
+
 # Stage 1 alone with LoRA adapters, 2 steps of 4 examples (micro-batch 2: one a rank, or 2 in one
 # process), short sequences and a 2-example held-out NLL: the cheapest run that still checks an update.
 # No LoRA dropout: its masks come from each process's RNG stream, which a launch splits differently.

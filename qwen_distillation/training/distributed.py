@@ -15,6 +15,7 @@ ranks serve it.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -144,6 +145,7 @@ def setup(distributed, device_type: str) -> Topology:
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False)
         else:
             dist.init_process_group(backend=backend, timeout=timeout)
+        atexit.register(_destroy)  # once: a later run in this process keeps the group (see shutdown)
     log.info("rank %d of %d (local rank %d), %s", topo.rank, topo.world_size, topo.local_rank,
              engine_label(distributed), extra=ALL_RANKS)
     return topo
@@ -203,7 +205,14 @@ def rank_share(items: list, topo: Topology) -> list:
 
 
 def shutdown(topo: Topology) -> None:
-    """End the process group (at the end of a run, so the launch exits cleanly)."""
-    if topo.active:
-        barrier(topo)
+    """The end of a run: every rank waits for the others. The process group stays up until the
+    process exits (:func:`_destroy`, at exit, so the launch exits cleanly): a Hydra sweep (``-m``)
+    runs its jobs one after another in the same processes, and a group destroyed and started again
+    within one launch meets the first group's entries in the launcher's store (torchrun's) and
+    hangs or fails to connect; the next job's :func:`setup` takes the group as it is."""
+    barrier(topo)
+
+
+def _destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
