@@ -283,29 +283,45 @@ def test_accelerate_launch_with_classic_flags(pair, tmp_path):
 
 
 
-# Two runs one after another in the same processes of a launch, as the jobs of a Hydra sweep (-m) run.
-_TWO_RUNS = """
+# Three runs one after another in the same processes of a launch, as the jobs of a Hydra sweep (-m) run: two
+# under FSDP2, then one under DeepSpeed, whose communication must be up without its shared-memory op.
+_SWEEP_JOBS = """
+import sys
+from pathlib import Path
 from types import SimpleNamespace
+import torch.distributed
 import qwen_distillation.training.distributed as d
-config = SimpleNamespace(engine="fsdp2", backend="gloo", timeout_minutes=1.0, name="fsdp2", zero_stage=None,
-                         offload=False, deepspeed_config=None)
-for job in range(2):
+lines = []
+runs = [("fsdp2", "fsdp2", None), ("fsdp2", "fsdp2", None), ("zero3", "deepspeed", 3)]
+for job, (name, engine, stage) in enumerate(runs):
+    config = SimpleNamespace(engine=engine, backend="gloo", timeout_minutes=1.0, name=name, zero_stage=stage,
+                             offload=False, deepspeed_config=None)
     topo = d.setup(config, "cpu")
-    print("job", job, "rank", topo.rank, "sum", d.all_reduce_sum(topo, [topo.rank + 1.0])[0], flush=True)
+    line = f"job {job} rank {topo.rank} sum {d.all_reduce_sum(topo, [topo.rank + 1.0])[0]}"
+    if engine == "deepspeed":
+        from deepspeed.comm import comm
+        line += " deepspeed " + ("down" if comm.cdb is None else f"shm {comm.cdb.shm_comm_op}")
     d.shutdown(topo)
+    lines.append(line + f" kept {torch.distributed.is_initialized()}")
+Path(sys.argv[1], f"rank{topo.rank}.txt").write_text("\\n".join(lines))
 """
 
 
-def test_a_second_run_in_the_same_launch_meets_the_other_ranks():
-    """A sweep's second job under torchrun: its collectives reach the other rank. (The first run's
-    end destroyed the process group, and the second's, started again on torchrun's store, met the
-    first's entries there: gloo failed to connect, or the sweep hung at its first collective.)"""
+def test_later_runs_in_the_same_launch_meet_the_other_ranks(tmp_path):
+    """A sweep's later jobs under torchrun: their collectives reach the other rank, and a DeepSpeed job
+    after an FSDP2 one starts DeepSpeed's communication on the group as the first job would. (The
+    first run's end destroyed the process group, and the second's, started again on torchrun's store,
+    met the first's entries there: gloo failed to connect, or the sweep hung at its first collective.
+    Kept, the group was not handed to DeepSpeed, whose engine then built its shared-memory op with gcc
+    on both ranks and the sweep hung.)"""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(_free_port()), "--no-python", sys.executable, "-c", _TWO_RUNS],
+                           str(_free_port()), "--no-python", sys.executable, "-c", _SWEEP_JOBS, str(tmp_path)],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(line for line in done.stdout.splitlines() if line.startswith("job")) == [
-        f"job {job} rank {rank} sum 3.0" for job in (0, 1) for rank in (0, 1)]
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text().splitlines() == [
+            f"job 0 rank {rank} sum 3.0 kept True", f"job 1 rank {rank} sum 3.0 kept True",
+            f"job 2 rank {rank} sum 3.0 deepspeed shm None kept True"]
 
 
 # Stage 1 alone with LoRA adapters, 2 steps of 4 examples (micro-batch 2: one a rank, or 2 in one

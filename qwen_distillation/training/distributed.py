@@ -146,6 +146,12 @@ def setup(distributed, device_type: str) -> Topology:
         else:
             dist.init_process_group(backend=backend, timeout=timeout)
         atexit.register(_destroy)  # once: a later run in this process keeps the group (see shutdown)
+    elif distributed.engine == "deepspeed":  # a later run of this process (a sweep's job) after one under FSDP2
+        import deepspeed
+
+        if device_type == "cpu":
+            _no_shm_op()
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)  # takes the group
     log.info("rank %d of %d (local rank %d), %s", topo.rank, topo.world_size, topo.local_rank,
              engine_label(distributed), extra=ALL_RANKS)
     return topo
