@@ -509,7 +509,7 @@ class Distiller:
         logged: each of its steps serves some examples more than once."""
         pool = self._pool(stage)
         steps_per_pass = None
-        step, size = self._step_and_pool_size(stage)
+        step, size = self._step_and_pool_size(stage, pool)
         if stage.tokens_per_step is not None:
             what = (f"{key}.tokens_per_step={step} is more than the {size:,} input tokens of the stage's "
                     f"{len(pool):,} examples", f"lower {key}.tokens_per_step")
@@ -552,19 +552,19 @@ class Distiller:
         """The stage's training examples, its domains' pools together."""
         return [example for domain in _domains(stage) for example in getattr(self.data, domain)]
 
-    def _step_and_pool_size(self, stage: StageConfig) -> tuple[int, int]:
-        """A step's size and the stage's pool in the same unit: input tokens with ``tokens_per_step``,
-        else examples (all ranks together)."""
+    def _step_and_pool_size(self, stage: StageConfig, pool: list[dict]) -> tuple[int, int]:
+        """A step's size and the stage's ``pool`` (:meth:`_pool`) in the same unit: input tokens with
+        ``tokens_per_step``, else examples (all ranks together)."""
         if stage.tokens_per_step is not None:
-            return stage.tokens_per_step, sum(len(example["input_ids"]) for example in self._pool(stage))
-        return self._examples_per_step(stage), len(self._pool(stage))
+            return stage.tokens_per_step, sum(len(example["input_ids"]) for example in pool)
+        return self._examples_per_step(stage), len(pool)
 
     def _check_step_size(self, index: int) -> None:
         """A step over ``MAX_PASSES_PER_STEP`` times the stage's whole pool is a mistyped size (10**8 tokens
         of 60 examples): building it would take hours before the first step ends. Refused before anything
         trains; a step merely larger than the pool is warned of by :meth:`_stage_steps`."""
         key, stage = STAGE_KEYS[index], getattr(self.config, STAGE_KEYS[index])
-        step, size = self._step_and_pool_size(stage)
+        step, size = self._step_and_pool_size(stage, self._pool(stage))
         if step <= MAX_PASSES_PER_STEP * size:
             return
         if stage.tokens_per_step is not None:
@@ -588,8 +588,7 @@ class Distiller:
         weight = stage.loss.weights.contrastive
         if weight <= 0:
             return
-        shortest = sorted(len(example["input_ids"]) for domain in _domains(stage)
-                          for example in getattr(self.data, domain))[:2]
+        shortest = sorted(len(example["input_ids"]) for example in self._pool(stage))[:2]
         if len(shortest) < 2:
             return
         pair, train, max_length = sum(shortest), self.config.train, self.config.data.max_length
