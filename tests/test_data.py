@@ -693,8 +693,12 @@ def test_a_held_out_example_that_is_also_trained_on_is_left_out_and_counted(tmp_
     own, copy = (encode_source(DataSource(path), tokenizer, 64) for path in ("train/own.jsonl", "copy.jsonl"))
     for name, examples in (("general", held), ("own", own), ("copy", copy)):
         assert [tuple(e["input_ids"]) for e in data.eval_sets[name]] == unseen(examples)
-    assert (f"data.general's held-out split: {len(held) - len(unseen(held))} of 8 examples are also training "
-            f"examples") in caplog.text
+    # The split may hold out no copy of a repeated record (about 1 path in 80): then nothing is said of it.
+    repeats = len(held) - len(unseen(held))
+    if repeats:
+        assert f"data.general's held-out split: {repeats} of 8 examples are also training examples" in caplog.text
+    else:
+        assert "data.general's held-out split" not in caplog.text
     assert (f"data.eval[0]={tmp_path / 'train' / 'own.jsonl'}: {20 - len(unseen(own))} of 20 examples are also "
             f"training") in caplog.text
     assert (f"data.eval[1]={tmp_path / 'copy.jsonl'}: {6 - len(unseen(copy))} of 6 examples are also training "
