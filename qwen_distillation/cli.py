@@ -465,6 +465,7 @@ def check_sweep(overrides: list[str]) -> None:
             jobs.append((swept, cfg, stages))
             continue
         raise UsageError(f"{sweep_job_label(number, swept)}: {message}; no job was started")
+    refuse_sweep_over_process_group_settings(jobs)
     distinct = list(dict.fromkeys(sweep_dirs))
     if len(distinct) > 1:  # output_dir swept (or set from a swept key)
         raise UsageError(f"the sweep's jobs have {len(distinct)} output_dirs ({', '.join(distinct)}): a sweep has "
@@ -488,6 +489,29 @@ def check_sweep(overrides: list[str]) -> None:
             check_input_files(cfg, stages, completed_stages(cfg, job_dir, run_hash(recorded_config(cfg))))
         except DistillationError as err:
             raise UsageError(f"{sweep_job_label(number, swept)}: {err}; no job was started") from None
+
+
+def refuse_sweep_over_process_group_settings(jobs: list) -> None:
+    """Refuse a sweep whose jobs under an engine start their process group differently
+    (``distributed.backend``, ``distributed.timeout_minutes``): the jobs run one after another in the
+    same processes, and the group the first one starts lasts until the launch exits (a group started
+    again within one launch hangs on torchrun's store; see ``training.distributed.shutdown``), so the
+    later jobs would run on the first job's group without a word. ``jobs``: ``(swept, cfg, stages)``."""
+    from qwen_distillation.training.distiller import select_device
+    from qwen_distillation.training.distributed import group_backend
+
+    settings = {}
+    for number, (swept, cfg, _) in enumerate(jobs):
+        if cfg.distributed.engine != "none":
+            backend = group_backend(cfg.distributed.backend, select_device(cfg.train)[0].type)
+            settings.setdefault((backend, float(cfg.distributed.timeout_minutes)), (number, swept))
+    if len(settings) > 1:
+        ((backend0, timeout0), (number0, _)), ((backend, timeout), (number, swept)) = list(settings.items())[:2]
+        raise UsageError(f"{sweep_job_label(number, swept)}: its process group (backend {backend}, timeout "
+                         f"{timeout:g} min) is not the one job {number0} starts (backend {backend0}, timeout "
+                         f"{timeout0:g} min): a sweep's jobs share the group the first one starts (it lasts the "
+                         f"launch), so distributed.backend and distributed.timeout_minutes cannot change between "
+                         f"them; run one command per backend or timeout; no job was started")
 
 
 def refuse_sweep_over_a_run(output_dir: str, overrides: list[str]):

@@ -421,3 +421,22 @@ def test_a_sweep_checks_the_teacher_caches_and_prompts_of_its_jobs_before_any_jo
     (out / "job0" / "run_state.json").write_text(json.dumps({
         "run_hash": run_hash(recorded_config(compose_run_config(job))), "finished": True, "completed_stages": [1, 2]}))
     check_sweep(job)
+
+
+def test_a_sweep_whose_jobs_would_start_different_process_groups_is_refused_before_any_job_starts(tmp_path, capsys):
+    """`-m distributed=fsdp2 distributed.timeout_minutes=10,20` (or a swept backend) ran every job on the process
+    group job 0 started, which lasts the launch: the later jobs' values had no effect, without a word. Sweeps whose
+    jobs start the same group (an engine beside distributed=none, `auto` where it means gloo) still run."""
+    out = tmp_path / "sweep"
+    tiny = tiny_overrides(out, steps=1) + ["end_stage=1"]
+    code, output = _cli(["-m"] + tiny + ["distributed=fsdp2", "distributed.timeout_minutes=10,10,20"], capsys)
+    assert code == 2 and ("error: sweep job 2 (distributed.timeout_minutes=20): its process group (backend gloo, "
+                          "timeout 20 min) is not the one job 0 starts (backend gloo, timeout 10 min)") in output, \
+        output
+    assert "no job was started" in output and not out.exists()
+    with pytest.raises(UsageError, match=r"sweep job 1 \(distributed=fsdp2 distributed.backend=nccl\): its process "
+                                         r"group \(backend nccl, timeout 30 min\) is not the one job 0 starts "
+                                         r"\(backend gloo"):
+        check_sweep(tiny + ["distributed=fsdp2,zero2", "distributed.backend=gloo,nccl"])
+    check_sweep(tiny + ["distributed=none,fsdp2,zero2", "distributed.backend=auto,gloo"])
+    assert not out.exists()

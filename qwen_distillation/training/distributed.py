@@ -100,6 +100,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def group_backend(backend: str, device_type: str) -> str:
+    """The process-group backend ``distributed.backend`` names on ``device_type``: ``auto`` is nccl on
+    CUDA and gloo elsewhere."""
+    if backend == "auto":
+        return "nccl" if device_type == "cuda" else "gloo"
+    return backend
+
+
 def setup(distributed, device_type: str) -> Topology:
     """Check the launch against ``distributed`` (a DistributedConfig) and the GPUs, and start the
     process group of an engine. Returns this process's :class:`Topology`.
@@ -124,9 +132,7 @@ def setup(distributed, device_type: str) -> Topology:
                               f"(--nproc_per_node {gpus} / --num_gpus {gpus} / --num_processes {gpus})")
         torch.cuda.set_device(topo.local_rank)
     if not dist.is_initialized():
-        backend = distributed.backend
-        if backend == "auto":
-            backend = "nccl" if device_type == "cuda" else "gloo"
+        backend = group_backend(distributed.backend, device_type)
         if backend == "nccl" and device_type != "cuda":
             raise ConfigError(f"distributed.backend=nccl ({engine_label(distributed)}): NCCL runs on CUDA GPUs only, "
                               f"and this run's device is {device_type}; use distributed.backend=auto (gloo on the "
