@@ -53,7 +53,7 @@ from qwen_distillation.modeling.loading import (check_student_checkpoint, load_c
                                                 require_existing, split_gguf)
 from qwen_distillation.modeling.parts import head_weights, weight_shape
 from qwen_distillation.modeling.tokenizer import load_tokenizer
-from qwen_distillation.paths import locate, refuse_file_in_the_way, resolve_path
+from qwen_distillation.paths import locate, refuse_file_in_the_way, resolve_path, sweep_job_folders
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -163,8 +163,7 @@ def run_config(run: str):
     folder = Path(run).expanduser()
     fix = "give a run's output_dir (it holds config.yaml and run_state.json)"
     if not (folder / "config.yaml").is_file():
-        jobs = sorted((job for job in folder.glob("job*") if (job / "config.yaml").is_file()),
-                      key=lambda job: (len(job.name), job.name)) if folder.is_dir() else []
+        jobs = [job for job in sweep_job_folders(folder) if (job / "config.yaml").is_file()]
         if jobs:  # a multirun's output_dir: its runs are its jobN folders
             fix = f"it is a sweep's folder: give one of its {len(jobs)} jobs, e.g. --run {jobs[0]}"
         raise ConfigError(f"--run {run}: no config.yaml there; {fix}")

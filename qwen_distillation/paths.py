@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from qwen_distillation.errors import ConfigError
@@ -52,6 +53,16 @@ def some_names(names: list[str], shown: int = 3) -> str:
     ``"a, b, c and 2 more"``."""
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
+
+
+def sweep_job_folders(folder: str | Path) -> list[Path]:
+    """The ``jobN`` folders of a sweep's output_dir ``folder`` (Hydra's ``-m`` writes a run into each), in
+    job order (job2 before job10); none when ``folder`` is not a folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    jobs = [d for d in folder.iterdir() if re.fullmatch(r"job\d+", d.name) and d.is_dir()]
+    return sorted(jobs, key=lambda d: int(d.name[3:]))
 
 
 def file_identity(path: str | Path) -> tuple:

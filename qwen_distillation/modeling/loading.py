@@ -21,7 +21,7 @@ from qwen_distillation.modeling.files import StrictDataclassError, check_model_d
 from qwen_distillation.modeling.parts import head_dim
 from qwen_distillation.modeling.varlen import VARLEN
 from qwen_distillation.modeling.varlen import register as register_varlen
-from qwen_distillation.paths import resolve_path
+from qwen_distillation.paths import resolve_path, sweep_job_folders
 
 log = logging.getLogger(__name__)
 
@@ -311,11 +311,10 @@ def _not_a_stage_hint(path: str, start_stage: int | None = None) -> str:
         before = f"stage{start_stage - 1}" if start_stage else None
         stage = before if before in stages else stages[-1]
         return f"it is a run's output_dir: pass a stage's export, e.g. {os.path.join(path, stage, 'best')}"
-    jobs = sorted((d for d in os.listdir(path) if re.fullmatch(r"job\d+", d) and os.path.isdir(os.path.join(path, d))),
-                  key=lambda d: int(d[3:]))
+    jobs = sweep_job_folders(path)
     if jobs:  # a multirun's output_dir: a run in each jobN
         return (f"it is a sweep's folder: pass a stage's export of one of its jobs, e.g. "
-                f"{os.path.join(path, jobs[0], f'stage{max((start_stage or 2) - 1, 1)}', 'best')}")
+                f"{os.path.join(path, jobs[0].name, f'stage{max((start_stage or 2) - 1, 1)}', 'best')}")
     return "is it a stage directory such as OUTPUT_DIR/stage1/final?"
 
 
