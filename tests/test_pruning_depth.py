@@ -198,6 +198,29 @@ def test_calibration_draws_training_examples_of_both_domains_by_seed(tokenizer):
     assert not heldout & {tuple(e["input_ids"]) for e in first}
 
 
+def test_a_calibration_drawn_from_the_run_data_does_not_repeat_the_runs_held_out_warnings(tokenizer, caplog):
+    """A student pruned from the teacher logged each held-out warning of the run's data twice (data.max_eval_examples
+    below a domain's held-out split: once as the run built its data, once as its calibration read it again); the
+    calibration reads only the training pools, and draws them from the same split."""
+    import logging
+
+    from qwen_distillation.data.sources import build_domain_data, data_sources
+    from qwen_distillation.modeling.prune import calibration_examples
+
+    cfg = _validated(PRUNE_RUN + ["model.student.keep_layers=2", "data.max_eval_examples=2"])
+    calibration = cfg.model.student.prune.calibration
+    over_cap = "over data.max_eval_examples=2"
+    with caplog.at_level(logging.WARNING, logger="qwen_distillation.data.sources"):
+        data = build_domain_data(data_sources(cfg.data), tokenizer, max_length=96,
+                                 eval_fraction=cfg.data.eval_fraction, max_eval_examples=2, seed=cfg.data.split_seed)
+        assert over_cap in caplog.text  # from the run's own data
+        caplog.clear()
+        chosen = calibration_examples(calibration, cfg.data, tokenizer, seed=1)
+    assert over_cap not in caplog.text, caplog.text
+    pools = {tuple(e["input_ids"]) for e in data.general + data.medical}
+    assert len(chosen) == 6 and {tuple(e["input_ids"]) for e in chosen} <= pools
+
+
 def test_a_small_pool_lends_its_share_to_the_other_and_a_short_set_is_warned_of(tokenizer, caplog):
     """The demo's pools hold 58 general and 80 medical training examples: the default 256 gave 138 without a
     word, and a pool smaller than its half left the set short even where the other had examples to spare."""

@@ -186,7 +186,8 @@ def _eval_name(source: DataSource, taken: set[str]) -> str:
 
 
 def build_domain_data(sources: dict[str, list[DataSource]], tokenizer, *, max_length: int, eval_fraction: float,
-                      max_eval_examples: int, seed: int, max_length_key: str = "data.max_length") -> DomainData:
+                      max_eval_examples: int, seed: int, max_length_key: str = "data.max_length",
+                      warn_held_out: bool = True) -> DomainData:
     """Load, encode and split every source of ``sources`` (from :func:`data_sources`); ``max_length_key``
     is the option that set ``max_length``, named where examples do not fit in it.
 
@@ -196,6 +197,8 @@ def build_domain_data(sources: dict[str, list[DataSource]], tokenizer, *, max_le
     A held-out example whose tokens are also a training example's (a record repeated in a file or
     across files, an evaluation file that copies training records) is left out of its set, with a
     warning that counts them (:func:`_without_trained`): its score would be a training score.
+    ``warn_held_out=False`` leaves out the warnings about the held-out sets (a caller that reads only the
+    training pools, such as a pruning calibration drawn from the run's data, which the run warns of itself).
     """
     out = DomainData()
     held_by_domain = {}
@@ -211,8 +214,8 @@ def build_domain_data(sources: dict[str, list[DataSource]], tokenizer, *, max_le
         held_by_domain[domain] = heldout
     trained = {tuple(e["input_ids"]) for domain in DOMAINS for e in getattr(out, domain)}
     for domain, heldout in held_by_domain.items():
-        heldout = _without_trained(f"data.{domain}'s held-out split", heldout, trained)
-        if len(heldout) > max_eval_examples:  # kept as documented (docs/data.md): the split stays per source
+        heldout = _without_trained(f"data.{domain}'s held-out split", heldout, trained, warn_held_out)
+        if warn_held_out and len(heldout) > max_eval_examples:  # kept as documented (docs/data.md)
             log.warning("data.%s: its sources hold out %d examples, over data.max_eval_examples=%d; the %d past it "
                         "are neither evaluated nor trained on. Raise data.max_eval_examples to evaluate them, or "
                         "lower data.eval_fraction to train on them", domain, len(heldout), max_eval_examples,
@@ -235,12 +238,12 @@ def build_domain_data(sources: dict[str, list[DataSource]], tokenizer, *, max_le
     return out
 
 
-def _without_trained(what: str, examples: list[dict], trained: set[tuple]) -> list[dict]:
+def _without_trained(what: str, examples: list[dict], trained: set[tuple], warn: bool = True) -> list[dict]:
     """``examples`` without those whose ``input_ids`` are a training example's, with a warning naming ``what``
     and counting them: the same record in a training source and held out (a duplicate line, a file listed
     twice under other names, an evaluation file that copies training records) was scored as held out."""
     kept = [e for e in examples if tuple(e["input_ids"]) not in trained]
-    if len(kept) < len(examples):
+    if warn and len(kept) < len(examples):
         log.warning("%s: %d of %d examples are also training examples (the same tokens: a repeated record, or "
                     "records copied between files); they are left out of its scores, which would be training "
                     "scores. Remove the repeats from the data to hold them out", what, len(examples) - len(kept),

@@ -124,7 +124,7 @@ def calibration_examples(calibration, data_cfg, tokenizer, seed: int) -> list[di
     key = "model.student.prune.calibration.max_length" if calibration.max_length else "data.max_length"
     data = build_domain_data(sources, tokenizer, max_length=max_length, eval_fraction=eval_fraction,
                              max_eval_examples=data_cfg.max_eval_examples, seed=data_cfg.split_seed,
-                             max_length_key=key)
+                             max_length_key=key, warn_held_out=False)  # the run warns of its held-out sets
     pools = [pool for pool in (data.general, data.medical) if pool]
     if not pools:
         raise ConfigError("model.student.prune.calibration: no examples to calibrate on; set data.general / "
