@@ -129,20 +129,74 @@ def config_dir_override(args: list[str]) -> tuple[list[str], list[str]]:
     the compose API the same search path (DIR after conf/, before the schema, as Hydra's flag adds it), and the
     other args. The sweep's checks, ``--cfg job``'s refusal and the prune and cache_teacher commands compose
     with it: without it they ignored the user's own presets (a sweep trained its first jobs before a bad one)."""
-    searchpath, rest, i = [], [], 0
+    directory, rest = config_dir(args)
+    return ([f"hydra.searchpath=[{_quote('file://' + directory)}]"] if directory else []), rest
+
+
+def config_dir(args: list[str]) -> tuple[str | None, list[str]]:
+    """The absolute folder of Hydra's ``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``) among ``args``, or
+    None, and the other args."""
+    directory, rest, i = None, [], 0
     while i < len(args):
         name, eq, inline = args[i].partition("=")
         if name in CONFIG_DIR_FLAGS and (eq or i + 1 < len(args)):
-            directory = inline if eq else args[i + 1]
-            if not os.path.isdir(directory):
-                raise UsageError(f"{name} {directory}: no such directory (give the folder that holds your own "
+            given = inline if eq else args[i + 1]
+            if not os.path.isdir(given):
+                raise UsageError(f"{name} {given}: no such directory (give the folder that holds your own "
                                  f"config groups, e.g. {name} my_conf with my_conf/experiment/NAME.yaml)")
-            searchpath = [f"hydra.searchpath=[{_quote('file://' + os.path.abspath(directory))}]"]
+            directory = os.path.abspath(given)
             i += 1 if eq else 2
             continue
         rest.append(args[i])
         i += 1
-    return searchpath, rest
+    return directory, rest
+
+
+def config_name(args: list[str]) -> tuple[str, list[str]]:
+    """The primary config Hydra's ``--config-name NAME`` (``-cn NAME``, ``--config-name=NAME``) among ``args``
+    names (``config``, conf/config.yaml, without one), and the other args."""
+    name, rest, i = "config", [], 0
+    while i < len(args):
+        flag, eq, inline = args[i].partition("=")
+        if flag in ("--config-name", "-cn") and (eq or i + 1 < len(args)):
+            name = inline if eq else args[i + 1]
+            i += 1 if eq else 2
+            continue
+        rest.append(args[i])
+        i += 1
+    return name, rest
+
+
+def compose_flags(directory: str | None, name: str) -> list[str]:
+    """The flags :func:`compose_run_config` reads a ``--config-dir`` ``directory`` and a primary config ``name``
+    from (:func:`config_dir`, :func:`config_name`)."""
+    return (["--config-dir", directory] if directory else []) + ["--config-name", name]
+
+
+@contextlib.contextmanager
+def hydra_search_path(directory: str | None):
+    """Hydra's compose API over conf/ and, after it, a ``--config-dir`` ``directory``, as a run's ``@hydra.main``
+    searches them: its primary config (``-cn NAME``) too, which an added ``hydra.searchpath`` does not reach."""
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    from qwen_distillation.app import CONF_DIR
+
+    backup = get_gh_backup()  # as hydra.initialize_config_dir does, which takes one folder only
+    version.setbase("1.3")
+    search_path = create_config_search_path(CONF_DIR)
+    if directory:
+        # Where Hydra's --config-dir puts it: after conf/, before the schema.
+        search_path.prepend(provider="command-line", path=f"file://{directory}",
+                            anchor=SearchPathQuery(provider="schema"))
+    Hydra.create_main_hydra2(task_name="app", config_search_path=search_path)
+    try:
+        yield
+    finally:
+        restore_gh_from_backup(backup)
 
 
 class UsageError(ValueError):
@@ -291,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if overrides[:1] in (["-m"], ["--multirun"]):
         try:
-            if not any(a.partition("=")[0] in HYDRA_FLAGS for a in config_dir_override(overrides[1:])[1]):
+            if not any(a.partition("=")[0] in HYDRA_FLAGS for a in config_name(config_dir(overrides[1:])[1])[1]):
                 check_sweep(overrides[1:])
         except UsageError as err:
             print(f"error: {err}", file=sys.stderr)
@@ -308,11 +362,12 @@ def main(argv: list[str] | None = None) -> None:
         app.main()
     if any(a.partition("=")[0] in ("--cfg", "-c") for a in overrides):  # a dry run: say what a run would refuse
         try:
-            searchpath, rest = config_dir_override(overrides)
+            directory, rest = config_dir(overrides)
         except UsageError:
             return  # Hydra reported the missing folder
-        _refusal_of_printed_config(searchpath + [a for a in rest
-                                                 if not a.startswith("-") and ("=" in a or a[:1] == "~")])
+        name, rest = config_name(rest)
+        _refusal_of_printed_config(compose_flags(directory, name) + [
+            a for a in rest if not a.startswith("-") and ("=" in a or a[:1] == "~")])
 
 
 def _refusal_of_printed_config(overrides: list[str]) -> None:
@@ -447,12 +502,14 @@ def check_sweep(overrides: list[str]) -> None:
     from qwen_distillation.app import COMPOSE_ERRORS, hydra_error_message, is_config_error
     from qwen_distillation.errors import DistillationError
 
-    searchpath, overrides = config_dir_override(overrides)  # --config-dir DIR: the user's own presets
+    directory, overrides = config_dir(overrides)  # --config-dir DIR: the user's own presets
+    name, overrides = config_name(overrides)  # -cn NAME: a primary config of the user's own
+    searchpath = config_dir_override(["--config-dir", directory])[0] if directory else []
     sweep_dirs: list[str] = []
     jobs = []
     for number, (job, swept) in enumerate(sweep_jobs(overrides, searchpath) or []):
         try:
-            cfg = compose_run_config(searchpath + job)
+            cfg = compose_run_config(compose_flags(directory, name) + job)
             stages = check_run_inputs(cfg)  # a mistyped data path too, before any job trains
         except DistillationError as err:
             message = str(err)
@@ -565,15 +622,15 @@ def compose_run_config(overrides: list[str], *, one_device: str | None = None):
     ``one_device`` (a command that runs without a training engine): why; a ``distributed`` option
     or ``--deepspeed`` is then refused with that reason, before the training-only checks of
     ``validate_config`` could refuse it for an option the command never uses."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
 
-    from qwen_distillation.app import CONF_DIR
     from qwen_distillation.config.validate import engine_label, validate_config
     from qwen_distillation.errors import ConfigError
 
-    searchpath, overrides = config_dir_override(overrides)  # a --config-dir DIR among them (prune, cache_teacher)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=searchpath + overrides)
+    directory, overrides = config_dir(overrides)  # a --config-dir DIR among them (prune, cache_teacher)
+    name, overrides = config_name(overrides)  # -cn NAME: a primary config of the user's own
+    with hydra_search_path(directory):
+        cfg = compose(config_name=name, overrides=overrides)
     if one_device and (cfg.distributed.engine != "none" or cfg.distributed.deepspeed_config):
         raise ConfigError(f"{engine_label(cfg.distributed)}: {one_device}; leave the training engine unset "
                          f"(distributed=none, no --deepspeed)")

@@ -316,6 +316,34 @@ def test_cfg_job_and_the_tools_compose_with_the_users_config_dir(tmp_path, capsy
         compose_run_config(["--config-dir", str(tmp_path / "missing"), "experiment=mine"])
 
 
+@pytest.mark.parametrize("flag", ["-cn {}", "--config-name {}", "--config-name={}"])
+def test_a_primary_config_of_the_users_own_is_what_the_checks_compose(flag, tmp_path, capsys):
+    """With `-cn NAME` (a primary config of the user's own folder, on conf/config.yaml) a sweep's checks were
+    skipped (`-cn` reached Hydra's override parser) and `--cfg job` checked conf/config.yaml instead: a data file
+    NAME names that is missing was found only as a job started, after the jobs before it had trained."""
+    from qwen_distillation.cli import compose_run_config
+
+    conf = _user_conf(tmp_path)
+    (conf / "mine.yaml").write_text(f"defaults: [config, _self_]\nstage1: {{lr: 3.0e-4}}\n"
+                                    f"data: {{medical: [{{path: {tmp_path / 'missing.jsonl'}}}]}}\n")
+    (conf / "fine.yaml").write_text("defaults: [config, _self_]\nstage1: {lr: 3.0e-4}\nseed: 5\n")
+    name = flag.format("mine").split()
+    missing = f"data.medical[0]={tmp_path / 'missing.jsonl'}: file not found"
+    out = tmp_path / "sweep"
+    code, output = _cli(["-m", "--config-dir", str(conf)] + name + tiny_overrides(out, steps=1) + ["seed=1,2"],
+                        capsys)
+    assert code == 2 and f"error: sweep job 0 (seed=1): {missing}" in output and "no job was started" in output, output
+    assert not out.exists()
+    code, output = _cli(["--config-dir", str(conf)] + name + ["--cfg", "job"], capsys)
+    assert code == 2 and f"error: {missing}" in output, output
+    fine = compose_run_config(["--config-dir", str(conf)] + flag.format("fine").split() + ["stage2.lr=1e-5"])
+    assert (fine.stage1.lr, fine.seed, fine.stage2.lr) == (3.0e-4, 5, 1e-5)
+    # conf/ comes first, as in a run: a primary config named as one of conf/'s is conf/'s.
+    (conf / "config.yaml").write_text("seed: 99\n")
+    assert compose_run_config(["--config-dir", str(conf)]).seed == 42
+    assert compose_run_config(["--config-dir", str(conf), "experiment=mine"]).stage1.lr == 7.0e-4
+
+
 def test_a_sweep_over_a_config_groups_glob_is_checked_before_any_job_starts(tmp_path, capsys):
     """`-m stage1=glob(*)` (Hydra's sweep over a group's options) ended in a `HydraException: ConfigLoader is not
     set` traceback before any job started; its jobs are now listed as Hydra's sweeper lists them, the user's
