@@ -531,15 +531,20 @@ def check_sweep(overrides: list[str]) -> None:
                          f"default); give one output_dir and sweep other keys, or run one command per output_dir; no "
                          f"job was started")
     directories = [refuse_sweep_over_a_run(output_dir, overrides) for output_dir in distinct]
-    if len(directories) != 1 or directories[0] is None or any(
-            o.lstrip("+~").startswith("hydra.sweep.subdir=") for o in overrides):
-        return  # where each job writes is not known here: each job checks its own folder
+    if len(directories) != 1 or directories[0] is None:
+        return  # where the jobs write is not known here: each job checks its own folder
     from qwen_distillation.training.distiller import check_input_files, completed_stages
     from qwen_distillation.training.outputs import recorded_config, refuse_sweep_job_over_another_run, run_hash
 
+    own_subdir = any(o.lstrip("+~").startswith("hydra.sweep.subdir=") for o in overrides)
+    if own_subdir and directories[0].exists():
+        return  # an earlier sweep's jobs, in folders of the user's naming: each job checks its own folder
     for number, (swept, cfg, stages) in enumerate(jobs):  # as conf/config.yaml names them: hydra.sweep.subdir=job${...}
         job_dir = directories[0] / f"job{number}"
         try:
+            if own_subdir:  # a new sweep: no job has completed a stage, wherever it writes
+                check_input_files(cfg, stages, set())
+                continue
             refuse_sweep_job_over_another_run(job_dir, cfg)
             # The other files its stages read (a teacher cache, the sample prompts), but for the stages an earlier
             # run of this job completed (a rerun sweep does not train them again).

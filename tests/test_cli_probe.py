@@ -449,6 +449,13 @@ def test_a_sweep_checks_the_teacher_caches_and_prompts_of_its_jobs_before_any_jo
     (out / "job0" / "run_state.json").write_text(json.dumps({
         "run_hash": run_hash(recorded_config(compose_run_config(job))), "finished": True, "completed_stages": [1, 2]}))
     check_sweep(job)
+    # A new sweep whose jobs write into folders of the user's naming (hydra.sweep.subdir) is checked the same way;
+    # in an earlier sweep's folder, where a job may have completed its stages, each job checks its own.
+    own = ["hydra.sweep.subdir=run_${seed}", "stage2.teacher.source=online,cache"]
+    with pytest.raises(UsageError, match=r"sweep job 1 \(stage2.teacher.source=cache\): stage2.teacher.cache=.*no "
+                                         r"teacher cache here"):
+        check_sweep(tiny_overrides(tmp_path / "new_sweep", steps=1) + cache + own)
+    check_sweep(tiny_overrides(out, steps=1) + cache + own)
 
 
 def test_a_sweep_whose_jobs_would_start_different_process_groups_is_refused_before_any_job_starts(tmp_path, capsys):
