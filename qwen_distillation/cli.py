@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         except UsageError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
-    from qwen_distillation import app
+    import qwen_distillation.app as app
 
     sys.argv = [sys.argv[0] if sys.argv else "run_distillation.py"] + overrides
     overwrite = any(o.partition("=")[0].lstrip("+") == "overwrite_output_dir" and o.partition("=")[2].lower() in
