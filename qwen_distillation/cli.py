@@ -125,10 +125,11 @@ CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
 
 
 def config_dir_override(args: list[str]) -> tuple[list[str], list[str]]:
-    """Hydra's ``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``) among ``args`` as the override that gives
-    the compose API the same search path (DIR after conf/, before the schema, as Hydra's flag adds it), and the
-    other args. The sweep's checks, ``--cfg job``'s refusal and the prune and cache_teacher commands compose
-    with it: without it they ignored the user's own presets (a sweep trained its first jobs before a bad one)."""
+    """Hydra's ``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``) among ``args`` as a ``hydra.searchpath``
+    override, and the other args: for Hydra's own calls that take overrides (a group's options, which a sweep's
+    ``glob(*)`` lists). :func:`compose_run_config` reads the flag itself (:func:`config_dir`), for the sweep's
+    checks, ``--cfg job``'s refusal and the prune and cache_teacher commands: without it they ignored the
+    user's own presets (a sweep trained its first jobs before a bad one)."""
     directory, rest = config_dir(args)
     return ([f"hydra.searchpath=[{_quote('file://' + directory)}]"] if directory else []), rest
 
