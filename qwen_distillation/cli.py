@@ -137,35 +137,36 @@ def config_dir_override(args: list[str]) -> tuple[list[str], list[str]]:
 def config_dir(args: list[str]) -> tuple[str | None, list[str]]:
     """The absolute folder of Hydra's ``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``) among ``args``, or
     None, and the other args."""
-    directory, rest, i = None, [], 0
-    while i < len(args):
-        name, eq, inline = args[i].partition("=")
-        if name in CONFIG_DIR_FLAGS and (eq or i + 1 < len(args)):
-            given = inline if eq else args[i + 1]
-            if not os.path.isdir(given):
-                raise UsageError(f"{name} {given}: no such directory (give the folder that holds your own "
-                                 f"config groups, e.g. {name} my_conf with my_conf/experiment/NAME.yaml)")
-            directory = os.path.abspath(given)
-            i += 1 if eq else 2
-            continue
-        rest.append(args[i])
-        i += 1
-    return directory, rest
+    flag, given, rest = _take_flag(args, CONFIG_DIR_FLAGS)
+    if flag is None:
+        return None, rest
+    if not os.path.isdir(given):
+        raise UsageError(f"{flag} {given}: no such directory (give the folder that holds your own config groups, "
+                         f"e.g. {flag} my_conf with my_conf/experiment/NAME.yaml)")
+    return os.path.abspath(given), rest
 
 
 def config_name(args: list[str]) -> tuple[str, list[str]]:
     """The primary config Hydra's ``--config-name NAME`` (``-cn NAME``, ``--config-name=NAME``) among ``args``
     names (``config``, conf/config.yaml, without one), and the other args."""
-    name, rest, i = "config", [], 0
+    flag, name, rest = _take_flag(args, ("--config-name", "-cn"))
+    return (name if flag else "config"), rest
+
+
+def _take_flag(args: list[str], flags: tuple[str, ...]) -> tuple[str | None, str | None, list[str]]:
+    """The last of Hydra's value flags ``flags`` among ``args`` (``FLAG VALUE`` or ``FLAG=VALUE``, as Hydra's
+    argparse keeps the last), its value, and the other args; ``(None, None, args)`` without one."""
+    flag = value = None
+    rest, i = [], 0
     while i < len(args):
-        flag, eq, inline = args[i].partition("=")
-        if flag in ("--config-name", "-cn") and (eq or i + 1 < len(args)):
-            name = inline if eq else args[i + 1]
+        name, eq, inline = args[i].partition("=")
+        if name in flags and (eq or i + 1 < len(args)):
+            flag, value = name, inline if eq else args[i + 1]
             i += 1 if eq else 2
             continue
         rest.append(args[i])
         i += 1
-    return name, rest
+    return flag, value, rest
 
 
 def compose_flags(directory: str | None, name: str) -> list[str]:
