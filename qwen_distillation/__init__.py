@@ -37,4 +37,4 @@ def distill(*args: str) -> dict:
         if not app.is_config_error(err):
             raise
         raise ConfigError(app.hydra_error_message(err, overrides)) from None
-    return app.run(config)
+    return app.run(config, overrides)

@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from qwen_distillation.config.presets import CONF_DIR, preset_names
+from qwen_distillation.config.presets import CONF_DIR, preset_names, preset_only_keys
 from qwen_distillation.config.schema import register_configs
 from qwen_distillation.config.validate import (faint_settings, ignored_settings, unknown_override_key,
                                               validate_config)
@@ -34,11 +34,20 @@ log = logging.getLogger(__name__)
 KEYS_HINT = "`python run_distillation.py --cfg job` prints every key with its value"
 
 
-def warn_ignored_settings(config) -> None:
+def warn_ignored_settings(config, overrides: list[str] | None = None) -> None:
     """Log :func:`ignored_settings` and :func:`faint_settings` of the validated ``config`` (under a launcher
-    from rank 0 alone: :func:`~qwen_distillation.training.distributed.log_from_main_rank`)."""
+    from rank 0 alone: :func:`~qwen_distillation.training.distributed.log_from_main_rank`). Given the command
+    line's ``overrides``, a line whose every value is the project preset's own (:func:`preset_only_keys`: the
+    demo preset's ``stage3.sampling.max_scored=32`` under a swapped ``stage3=general_kd``) is an info line
+    saying so: the user set nothing it names."""
+    quiet = preset_only_keys(config.experiment, overrides) if overrides is not None else set()
     for line in ignored_settings(config) + faint_settings(config):
-        log.warning(line)
+        keys = {setting.partition("=")[0] for setting in line.partition(": ")[0].split(", ")}
+        if keys <= quiet:
+            log.info("%s (experiment=%s's own value%s; nothing on the command line sets %s)", line,
+                     config.experiment, "s" * (len(keys) > 1), "them" if len(keys) > 1 else "it")
+        else:
+            log.warning(line)
 
 
 def _hydra_config():
@@ -49,18 +58,19 @@ def _hydra_config():
         return None
 
 
-def run(cfg: DictConfig) -> dict:
-    """Validate ``cfg`` and run the stages it asks for; returns the run summary."""
+def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+    """Validate ``cfg`` and run the stages it asks for; returns the run summary. ``overrides``: the
+    command line's, where Hydra does not hold them (a run from Python)."""
     from qwen_distillation.training.distributed import log_from_main_rank
 
     log_from_main_rank()  # every rank of a launch loads the same config and data: one copy of their lines
     config = validate_config(cfg)
-    warn_ignored_settings(config)
+    hydra_cfg = _hydra_config()
+    warn_ignored_settings(config, list(hydra_cfg.overrides.task) if hydra_cfg is not None else overrides)
     # One progress bar per stage is ours; the per-file bars of saves and loads are noise.
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    hydra_cfg = _hydra_config()
     preset = hydra_cfg.runtime.choices.get("experiment") if hydra_cfg is not None else None
     if config.experiment is None and preset not in (None, "none"):
         # A preset of the user's that does not name itself (no `experiment: NAME` line): its config.yaml

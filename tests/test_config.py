@@ -434,3 +434,26 @@ def test_term_options_agreement_k_and_a_save_interval_past_the_stage_are_named_f
                     "eval.agreement_top_k=10", "stage1.max_steps=8", "stage1.save_every=8") == []
     assert ignored_settings(validate_config(compose_config([]))) == []
     assert ignored_settings(validate_config(compose_config(["experiment=none"]))) == []
+
+
+@pytest.mark.parametrize("extra,level", [([], "INFO"), (["stage3.sampling.max_scored=16"], "WARNING"),
+                                         (["stage3.sampling={max_scored:32}"], "WARNING"), (None, "WARNING")])
+def test_a_presets_own_value_that_a_swapped_stage_option_ignores_is_not_warned_of_as_the_users(extra, level, caplog):
+    """`experiment=demo stage3=general_kd` warned `stage3.sampling.max_scored=32: ignored, only hard-example sampling
+    reads it`, a value the demo preset sets for its own stage 3 (medical_ft), as if the user had set it. It is an info
+    line naming the preset; a value the command line sets is warned of as before, and so is every line of a caller
+    that does not pass the command line (None)."""
+    import logging
+
+    from qwen_distillation.app import warn_ignored_settings
+
+    overrides = ["experiment=demo", "stage3=general_kd"] + (extra or [])
+    config = validate_config(compose_config(overrides))
+    with caplog.at_level(logging.INFO, logger="qwen_distillation.app"):
+        warn_ignored_settings(config, None if extra is None else overrides)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if "stage3.sampling.max_scored=" in r.getMessage()]
+    assert len(lines) == 1 and lines[0][0] == level, lines
+    value = 16 if extra and "=16" in extra[0] else 32
+    assert lines[0][1].startswith(f"stage3.sampling.max_scored={value}: ignored, only hard-example sampling reads it")
+    assert lines[0][1].endswith("(experiment=demo's own value; nothing on the command line sets it)") is (
+        level == "INFO")
