@@ -141,16 +141,72 @@ def _culprit(text: str, overrides: list[str]) -> str | None:
 _NULL_GROUP = "Config group override must be a string or a list"
 
 
+# Hydra's own exceptions for a value it cannot parse or merge are HydraException; an override whose key leads
+# into a null value (`model.teacher.random_init.hidden_size=64`, random_init null) or that sets a null mapping
+# of the schema (`model.teacher.random_init={model_type: qwen2}`) fails inside OmegaConf instead, with an
+# AssertionError or an AttributeError (a traceback, exit status 1).
+_OVERRIDE_FAULTS = (AssertionError, AttributeError)
+
 # What composing a config may raise for a fault of the user's (see is_config_error).
-COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError, yaml.YAMLError)
+COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError, yaml.YAMLError) + _OVERRIDE_FAULTS
 
 
 def is_config_error(err: BaseException) -> bool:
     """Whether ``err``, raised while Hydra composed the config, is a config error of the user's:
-    Hydra's and OmegaConf's errors, a config file that is not valid YAML, and Hydra's ValueError
-    for a config group set to null."""
+    Hydra's and OmegaConf's errors, a config file that is not valid YAML, Hydra's ValueError
+    for a config group set to null, and OmegaConf's failure to apply an override into a null value."""
     return isinstance(err, (HydraException, OmegaConfBaseException, yaml.YAMLError)) or (
-        isinstance(err, ValueError) and str(err).startswith(_NULL_GROUP))
+        isinstance(err, ValueError) and str(err).startswith(_NULL_GROUP)) or _is_null_value_override(err)
+
+
+def _is_null_value_override(err: BaseException) -> bool:
+    """Whether ``err`` is OmegaConf's failure (an AssertionError or AttributeError) to apply one of the
+    command line's overrides, raised while Hydra applied them (not by the code of a run)."""
+    if not isinstance(err, _OVERRIDE_FAULTS):
+        return False
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_apply_overrides_to_config":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _null_value_message(overrides: list[str]) -> str:
+    """One line for an override into a null value: the override and the null key, found by applying the
+    overrides one at a time to the config that the others (config groups, top-level keys) compose."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from qwen_distillation.cli import config_dir_override
+
+    fix = ("choose a config option that sets it, or set it in a preset of your own (`--config-dir DIR "
+           "experiment=NAME`, docs/configuration.md); " + KEYS_HINT)
+    culprit = null = None
+    try:
+        searchpath, rest = config_dir_override([o for o in overrides if o not in ("-m", "--multirun")])
+        values = [o for o in rest if not o.startswith("-") and "=" in o]
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config",
+                          overrides=searchpath + [o for o in values if "." not in _override_key(o)])
+        parser = OverridesParser.create()
+        for override in (o for o in values if "." in _override_key(o)):
+            try:
+                ConfigLoaderImpl._apply_overrides_to_config(parser.parse_overrides([override]), cfg)
+            except _OVERRIDE_FAULTS:
+                parts = _override_key(override).split(".")
+                culprit, null = override, next((".".join(parts[:depth]) for depth in range(1, len(parts) + 1)
+                                                if OmegaConf.select(cfg, ".".join(parts[:depth])) is None), None)
+                break
+            except Exception:  # noqa: BLE001 - another fault of this override: Hydra names it once this one is fixed
+                continue
+    except Exception:  # noqa: BLE001 - naming the override is a courtesy; never hide the error behind another
+        pass
+    if culprit is None or null is None:
+        return f"an override sets a value inside a config value that is null, which it cannot ({fix})"
+    return f"{culprit}: {null} is null, and an override cannot set a mapping or keys into a null value ({fix})"
 
 
 def _yaml_message(err: yaml.YAMLError) -> str:
@@ -203,6 +259,8 @@ def hydra_error_message(err: Exception, overrides: list[str]) -> str:
     Hydra's own text (with its list of options) and how to fix it."""
     if isinstance(err, yaml.YAMLError):
         return _yaml_message(err)
+    if isinstance(err, _OVERRIDE_FAULTS):
+        return _null_value_message(overrides)
     if not isinstance(err, (HydraException, OmegaConfBaseException)):  # a config group set to null
         message = _null_group_message(overrides)
         if message is not None:

@@ -678,6 +678,42 @@ def test_a_config_group_set_to_null_exits_2_naming_its_options(command, argv, ex
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command,argv,expected", [
+    ("run", ["model.teacher.random_init.hidden_size=64"],
+     "error: model.teacher.random_init.hidden_size=64: model.teacher.random_init is null, and an override cannot "
+     "set a mapping or keys into a null value (choose a config option that sets it, or set it in a preset of "
+     "your own (`--config-dir DIR experiment=NAME`"),
+    ("run", ["stage1.lr=1e-4", "model.student.random_init={model_type: qwen2}"],
+     "error: model.student.random_init={model_type: qwen2}: model.student.random_init is null, and an override "),
+    ("sweep", ["-m", "model.teacher.random_init.hidden_size=32,64"],
+     "error: sweep job 0 (model.teacher.random_init.hidden_size=32): model.teacher.random_init.hidden_size=32: "
+     "model.teacher.random_init is null, and an override "),
+    ("prune", ["model.teacher.random_init.hidden_size=64"],
+     "error: model.teacher.random_init.hidden_size=64: model.teacher.random_init is null, and an override "),
+], ids=["key-inside", "mapping", "sweep", "prune"])
+def test_an_override_into_a_null_value_exits_2_naming_it(command, argv, expected, tmp_path, capsys):
+    """`model.teacher.random_init.hidden_size=64` under the default model (random_init null) was OmegaConf's
+    traceback 'AssertionError: Unexpected type for root: NoneType', and `model.student.random_init={...}`
+    'AttributeError: 'NoneType' object has no attribute 'get'', both with exit status 1, though a composition
+    error is one `error:` line with exit status 2 (configuration.md); `--cfg job` as well."""
+    out = tmp_path / "out"
+    if command == "prune":
+        from qwen_distillation.prune import main as prune
+
+        with pytest.raises(SystemExit) as exit_:
+            prune(["--out", str(out)] + argv)
+        captured = capsys.readouterr()
+        code, output = exit_.value.code, captured.out + captured.err
+    else:
+        code, output = _cli([f"output_dir={out}"] + argv, capsys)
+    assert code == 2, output
+    assert output.strip().splitlines() == [output.strip()] and output.startswith(expected), output
+    assert not out.exists()
+    if command == "run":
+        code, output = _cli(argv + ["--cfg", "job"], capsys)
+        assert code == 2 and output.strip().splitlines()[-1].startswith(expected), output
+
+
 @pytest.mark.parametrize("command", ["run", "sweep", "prune"])
 @pytest.mark.parametrize("argv,expected", [
     (["model=tiny_qwen2", "model="], "model=: In 'config': Could not find 'model/'"),
