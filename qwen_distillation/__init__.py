@@ -24,8 +24,9 @@ def distill(*args: str) -> dict:
             a missing file, ``-m``); the output_dir is left as the command line leaves it.
     """
     import qwen_distillation.app as app
-    from qwen_distillation.cli import UsageError, compose_run_config, config_name, refuse_hydra_flags, translate
-    from qwen_distillation.errors import ConfigError
+    from qwen_distillation.cli import compose_run_config, refuse_hydra_flags, translate
+    from qwen_distillation.compose import config_name
+    from qwen_distillation.errors import ConfigError, UsageError
 
     try:
         overrides = translate(list(args))

@@ -175,22 +175,22 @@ def _is_null_value_override(err: BaseException) -> bool:
 def _null_value_message(overrides: list[str]) -> str:
     """One line for an override into a null value: the override and the null key, found by applying the
     overrides one at a time to the config that the others (config groups, top-level keys) compose."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from qwen_distillation.cli import config_dir_override
+    from qwen_distillation.compose import config_dir, config_name, hydra_search_path
 
     fix = ("choose a config option that sets it, or set it in a preset of your own (`--config-dir DIR "
            "experiment=NAME`, docs/configuration.md); " + KEYS_HINT)
     culprit = null = None
     try:
-        searchpath, rest = config_dir_override([o for o in overrides if o not in ("-m", "--multirun")])
+        directory, rest = config_dir([o for o in overrides if o not in ("-m", "--multirun")])
+        name, rest = config_name(rest)
         values = [o for o in rest if not o.startswith("-") and "=" in o]
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config",
-                          overrides=searchpath + [o for o in values if "." not in _override_key(o)])
+        with hydra_search_path(directory):
+            cfg = compose(config_name=name, overrides=[o for o in values if "." not in _override_key(o)])
         parser = OverridesParser.create()
         for override in (o for o in values if "." in _override_key(o)):
             try:

@@ -13,7 +13,9 @@ import os
 import re
 import sys
 
+from qwen_distillation.compose import compose_flags, config_dir, config_name, hydra_search_path
 from qwen_distillation.config.validate import renamed_key, unknown_override_key
+from qwen_distillation.errors import UsageError
 
 
 def _value(key: str):
@@ -121,7 +123,6 @@ HYDRA_FLAGS = ("--multirun", "--help", "--hydra-help", "--cfg", "--resolve", "--
 HYDRA_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                      "--config-dir", "-cd", "--experimental-rerun")
 INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
-CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
 
 
 def config_dir_override(args: list[str]) -> tuple[list[str], list[str]]:
@@ -132,77 +133,6 @@ def config_dir_override(args: list[str]) -> tuple[list[str], list[str]]:
     user's own presets (a sweep trained its first jobs before a bad one)."""
     directory, rest = config_dir(args)
     return ([f"hydra.searchpath=[{_quote('file://' + directory)}]"] if directory else []), rest
-
-
-def config_dir(args: list[str]) -> tuple[str | None, list[str]]:
-    """The absolute folder of Hydra's ``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``) among ``args``, or
-    None, and the other args."""
-    flag, given, rest = _take_flag(args, CONFIG_DIR_FLAGS)
-    if flag is None:
-        return None, rest
-    if not os.path.isdir(given):
-        raise UsageError(f"{flag} {given}: no such directory (give the folder that holds your own config groups, "
-                         f"e.g. {flag} my_conf with my_conf/experiment/NAME.yaml)")
-    return os.path.abspath(given), rest
-
-
-def config_name(args: list[str]) -> tuple[str, list[str]]:
-    """The primary config Hydra's ``--config-name NAME`` (``-cn NAME``, ``--config-name=NAME``) among ``args``
-    names (``config``, conf/config.yaml, without one), and the other args."""
-    flag, name, rest = _take_flag(args, ("--config-name", "-cn"))
-    return (name if flag else "config"), rest
-
-
-def _take_flag(args: list[str], flags: tuple[str, ...]) -> tuple[str | None, str | None, list[str]]:
-    """The last of Hydra's value flags ``flags`` among ``args`` (``FLAG VALUE`` or ``FLAG=VALUE``, as Hydra's
-    argparse keeps the last), its value, and the other args; ``(None, None, args)`` without one."""
-    flag = value = None
-    rest, i = [], 0
-    while i < len(args):
-        name, eq, inline = args[i].partition("=")
-        if name in flags and (eq or i + 1 < len(args)):
-            flag, value = name, inline if eq else args[i + 1]
-            i += 1 if eq else 2
-            continue
-        rest.append(args[i])
-        i += 1
-    return flag, value, rest
-
-
-def compose_flags(directory: str | None, name: str) -> list[str]:
-    """The flags :func:`compose_run_config` reads a ``--config-dir`` ``directory`` and a primary config ``name``
-    from (:func:`config_dir`, :func:`config_name`)."""
-    return (["--config-dir", directory] if directory else []) + ["--config-name", name]
-
-
-@contextlib.contextmanager
-def hydra_search_path(directory: str | None):
-    """Hydra's compose API over conf/ and, after it, a ``--config-dir`` ``directory``, as a run's ``@hydra.main``
-    searches them: its primary config (``-cn NAME``) too, which an added ``hydra.searchpath`` does not reach."""
-    from hydra import version
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.config_search_path import SearchPathQuery
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-
-    from qwen_distillation.app import CONF_DIR
-
-    backup = get_gh_backup()  # as hydra.initialize_config_dir does, which takes one folder only
-    version.setbase("1.3")
-    search_path = create_config_search_path(CONF_DIR)
-    if directory:
-        # Where Hydra's --config-dir puts it: after conf/, before the schema.
-        search_path.prepend(provider="command-line", path=f"file://{directory}",
-                            anchor=SearchPathQuery(provider="schema"))
-    Hydra.create_main_hydra2(task_name="app", config_search_path=search_path)
-    try:
-        yield
-    finally:
-        restore_gh_from_backup(backup)
-
-
-class UsageError(ValueError):
-    pass
 
 
 def _check_key(override: str) -> None:

@@ -8,6 +8,11 @@ class DistillationError(ValueError):
     """Base class for every error caused by user input (config, data, checkpoints)."""
 
 
+class UsageError(ValueError):
+    """A command line that cannot run as given (an unknown flag, a flag without its value, a sweep whose jobs
+    cannot run together): printed as ``error: ...`` with exit status 2, before anything runs."""
+
+
 class ConfigError(DistillationError):
     """A configuration value or override is unknown or out of range."""
 
