@@ -650,6 +650,19 @@ def test_random_init_heads_that_do_not_divide_are_refused_before_output_dir(tmp_
     assert not out.exists()
 
 
+def _run_or_prune(command: str, out, argv: list[str], capsys) -> tuple[int, str]:
+    """``python -m qwen_distillation.prune --out OUT ARGV`` for ``command="prune"``, else ``run_distillation.py
+    output_dir=OUT ARGV`` (a run or, with ``-m``, a sweep): (exit status, what it printed)."""
+    if command != "prune":
+        return _cli([f"output_dir={out}"] + argv, capsys)
+    from qwen_distillation.prune import main as prune
+
+    with pytest.raises(SystemExit) as exit_:
+        prune(["--out", str(out)] + argv)
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out + captured.err
+
+
 @pytest.mark.parametrize("command,argv,expected", [
     ("run", ["experiment=null"], "error: experiment=null: a config group takes an option name; use experiment=none "
                                  "(options: arms, demo, none, smoke)"),
@@ -664,15 +677,7 @@ def test_a_config_group_set_to_null_exits_2_naming_its_options(command, argv, ex
     """`experiment=null` (also `model=null`, `data=null`, `eval=null`) was Hydra's ValueError traceback
     'Config group override must be a string or a list. Got NoneType' with exit status 1."""
     out = tmp_path / "out"
-    if command == "prune":
-        from qwen_distillation.prune import main as prune
-
-        with pytest.raises(SystemExit) as exit_:
-            prune(["--out", str(out)] + argv)
-        captured = capsys.readouterr()
-        code, output = exit_.value.code, captured.out + captured.err
-    else:
-        code, output = _cli([f"output_dir={out}"] + argv, capsys)
+    code, output = _run_or_prune(command, out, argv, capsys)
     assert code == 2, output
     assert output.strip().splitlines() == [output.strip()] and output.startswith(expected), output
     assert not out.exists()
@@ -697,15 +702,7 @@ def test_an_override_into_a_null_value_exits_2_naming_it(command, argv, expected
     'AttributeError: 'NoneType' object has no attribute 'get'', both with exit status 1, though a composition
     error is one `error:` line with exit status 2 (configuration.md); `--cfg job` as well."""
     out = tmp_path / "out"
-    if command == "prune":
-        from qwen_distillation.prune import main as prune
-
-        with pytest.raises(SystemExit) as exit_:
-            prune(["--out", str(out)] + argv)
-        captured = capsys.readouterr()
-        code, output = exit_.value.code, captured.out + captured.err
-    else:
-        code, output = _cli([f"output_dir={out}"] + argv, capsys)
+    code, output = _run_or_prune(command, out, argv, capsys)
     assert code == 2, output
     assert output.strip().splitlines() == [output.strip()] and output.startswith(expected), output
     assert not out.exists()
